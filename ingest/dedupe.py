@@ -1,0 +1,112 @@
+"""Dedupe: one trace per call id, one span per distinct attempt.
+
+An attempt is identified by (call key, start time to the millisecond, status): LiteLLM writes one
+record per attempt (a failed try, then its retry or fallback), and the same attempt delivered
+twice (overlapping backfill files, a logger retry, a SpendLogs export of the same call) agrees
+on all three even across formats (SpendLogs keeps milliseconds). When copies differ, the richer
+format wins (StandardLoggingPayload over SpendLogs), then the first one read.
+
+Calls are handed on only when final: a call whose latest attempt failed may still get its retry
+or fallback record, and MLflow keeps a trace's first state and previews on a re-send, so such a
+call is held until the stream has moved ``settle`` past it (or the input ends).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from ingest.schemas import all_schemas
+
+FORMAT_PRIORITY = {"standard_logging_payload": 0}
+DEFAULT_SETTLE_S = 120.0
+
+
+def attempt_key() -> list[pl.Expr]:
+    return [pl.col("call_key"), ((pl.col("start_us") + 500) // 1000).alias("start_ms"), pl.col("status")]
+
+
+class SentIndex:
+    """Attempts already handed to the sink in this run, ~12 bytes each (a 64-bit hash and a priority).
+
+    Lets a later copy of an attempt (the same S3 batch twice, a SpendLogs export of calls already
+    read from payload logs) be dropped instead of re-sent: a poorer copy must not overwrite the
+    richer span MLflow already has. A richer copy arriving later is still sent (it upgrades).
+    """
+
+    def __init__(self) -> None:
+        self.frame = pl.DataFrame(schema={"_h": pl.UInt64, "_prio": pl.Int32})
+
+    @staticmethod
+    def _hash() -> pl.Expr:
+        return pl.struct(*attempt_key()).hash(seed=7).alias("_h")
+
+    def drop_sent(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+        if not frame.height or not self.frame.height:
+            return frame, 0
+        keyed = frame.with_columns(self._hash(), _prio=_priority())
+        seen = keyed.join(self.frame, on="_h", how="left", suffix="_sent")
+        keep = seen.filter(pl.col("_prio_sent").is_null() | (pl.col("_prio") < pl.col("_prio_sent")))
+        return keep.drop("_h", "_prio", "_prio_sent"), frame.height - keep.height
+
+    def add(self, frame: pl.DataFrame) -> None:
+        new = frame.select(self._hash(), _prio=_priority())
+        self.frame = pl.concat([self.frame, new]).group_by("_h").agg(pl.col("_prio").min())
+
+
+@dataclass
+class Deduped:
+    ready: pl.DataFrame
+    held: pl.DataFrame
+    duplicates: int
+
+
+def _priority() -> pl.Expr:
+    names = [s.name for s in all_schemas()]
+    order = {n: FORMAT_PRIORITY.get(n, 1 + i) for i, n in enumerate(names)}
+    return pl.col("format").replace_strict(order, default=len(order), return_dtype=pl.Int32)
+
+
+def dedupe(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Drop re-delivered copies of an attempt; rows come back sorted by call, then attempt start."""
+    if not frame.height:
+        return frame, 0
+    out = (
+        frame.with_columns(*attempt_key(), _prio=_priority(), _seq=pl.int_range(pl.len()))
+        .sort("_prio", "_seq")
+        .unique(subset=["call_key", "start_ms", "status"], keep="first", maintain_order=True)
+        .sort("call_key", "start_us", "_seq")
+        .drop("_prio", "_seq", "start_ms")
+    )
+    return out, frame.height - out.height
+
+
+def split_final(frame: pl.DataFrame, settle_s: float = DEFAULT_SETTLE_S, final: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split deduped rows into calls that are final now and calls to hold for a retry/fallback."""
+    if final or not frame.height:
+        return frame, frame.clear()
+    watermark = frame["end_us"].max()
+    assert isinstance(watermark, int)
+    per_call = frame.group_by("call_key").agg(
+        last_status=pl.col("status").sort_by("start_us").last(),
+        last_end=pl.col("end_us").max(),
+    )
+    hold = per_call.filter(
+        (pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000))
+    )["call_key"]
+    held = pl.col("call_key").is_in(hold.implode())
+    return frame.filter(~held), frame.filter(held)
+
+
+def dedupe_and_split(pending: pl.DataFrame, new: pl.DataFrame, settle_s: float, final: bool, sent: SentIndex | None = None) -> Deduped:
+    """Merge held rows with a new chunk, dedupe (against what was sent too), split into ready and held calls."""
+    resent = 0
+    if sent is not None:
+        new, resent = sent.drop_sent(new)
+    merged = pl.concat([pending, new], how="vertical") if pending.height else new
+    deduped, dups = dedupe(merged)
+    ready, held = split_final(deduped, settle_s, final)
+    if sent is not None and ready.height:
+        sent.add(ready)
+    return Deduped(ready, held, dups + resent)

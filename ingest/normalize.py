@@ -1,0 +1,331 @@
+"""Normalize: raw lines of either input format -> one canonical frame, bad records -> quarantine.
+
+Everything here is polars over the whole chunk. Each format's typed fields are decoded in one
+``json_decode`` pass with the dtype derived from its schema file; a chunk that fails to decode is
+bisected until the bad lines are isolated, so one bad record costs O(log n) extra passes and never
+the good records around it. Nested payloads (messages, response, ...) stay in the raw line and are
+read only when a span is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import orjson
+import polars as pl
+from polars.exceptions import ComputeError, InvalidOperationError
+
+from ingest.quarantine import QuarantineRecord, Reason
+from ingest.schemas import RecordSchema, all_schemas
+
+CANONICAL: dict[str, pl.DataType] = {
+    "source": pl.String(),
+    "line_no": pl.Int64(),
+    "offset": pl.Int64(),
+    "raw": pl.String(),
+    "format": pl.String(),
+    "call_key": pl.String(),
+    "call_key_from": pl.String(),
+    "litellm_call_id": pl.String(),
+    "request_id": pl.String(),
+    "litellm_trace_id": pl.String(),
+    "call_type": pl.String(),
+    "status": pl.String(),
+    "start_us": pl.Int64(),
+    "end_us": pl.Int64(),
+    "first_token_us": pl.Int64(),
+    "stream": pl.Boolean(),
+    "model": pl.String(),
+    "model_group": pl.String(),
+    "model_id": pl.String(),
+    "provider": pl.String(),
+    "api_base": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "total_tokens": pl.Int64(),
+    "cost": pl.Float64(),
+    "saved_cache_cost": pl.Float64(),
+    "cache_hit": pl.Boolean(),
+    "session": pl.String(),
+    "user": pl.String(),
+    "end_user": pl.String(),
+    "key_user_id": pl.String(),
+    "key_alias": pl.String(),
+    "key_hash": pl.String(),
+    "team": pl.String(),
+    "request_tags": pl.List(pl.String()),
+    "error_class": pl.String(),
+    "error_code": pl.String(),
+    "error_message": pl.String(),
+}
+
+UNUSABLE_IDS = ["", "none", "null", "undefined", "nan"]
+
+
+def empty_canonical() -> pl.DataFrame:
+    return pl.DataFrame(schema=CANONICAL)
+
+
+def _field(*path: str) -> pl.Expr:
+    expr = pl.col("rec")
+    for name in path:
+        expr = expr.struct.field(name)
+    return expr
+
+
+def _text(expr: pl.Expr) -> pl.Expr:
+    """A string field with empty strings taken as absent."""
+    return pl.when(expr.str.strip_chars() != "").then(expr)
+
+
+def _usable_id(expr: pl.Expr) -> pl.Expr:
+    return pl.when(expr.is_not_null() & ~expr.str.strip_chars().str.to_lowercase().is_in(UNUSABLE_IDS)).then(expr)
+
+
+def _epoch_seconds_us(expr: pl.Expr) -> pl.Expr:
+    return (expr * 1_000_000).round().cast(pl.Int64)
+
+
+def _iso_us(expr: pl.Expr) -> pl.Expr:
+    """ISO 8601 text -> epoch microseconds, UTC. Naive times are UTC (Prisma stores UTC)."""
+    norm = (
+        expr.str.strip_chars()
+        .str.replace(r"^(\d{4}-\d\d-\d\d)[ ]", "${1}T")
+        .str.replace(r"[Zz]$", "+00:00")
+        .str.replace(r"([+-]\d\d)(\d\d)$", "${1}:${2}")
+        .str.replace(r"([+-]\d\d)$", "${1}:00")
+    )
+    aware = norm.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", strict=False, time_unit="us", time_zone="UTC")
+    naive = norm.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us").dt.replace_time_zone("UTC")
+    return pl.coalesce(aware, naive).dt.epoch("us")
+
+
+def _time_us(schema: RecordSchema, name: str) -> pl.Expr:
+    raw = _field(name)
+    return _iso_us(raw) if schema.time_encoding == "iso8601" else _epoch_seconds_us(raw)
+
+
+def safe_decode(texts: pl.Series, dtype: pl.DataType) -> tuple[pl.Series, dict[int, str]]:
+    """``json_decode`` that isolates failing rows by bisection instead of failing the batch."""
+    try:
+        return texts.str.json_decode(dtype), {}
+    except (ComputeError, InvalidOperationError) as e:
+        if texts.len() == 1:
+            return pl.Series(texts.name, [None], dtype=dtype), {0: str(e).split("\n", 1)[0]}
+    mid = texts.len() // 2
+    left, left_err = safe_decode(texts.slice(0, mid), dtype)
+    right, right_err = safe_decode(texts.slice(mid), dtype)
+    return left.append(right), {**left_err, **{i + mid: m for i, m in right_err.items()}}
+
+
+_JSON_TYPES: dict[type, str] = {str: "string", bool: "boolean", int: "integer", float: "number", dict: "object", list: "array"}
+
+
+def _type_ok(value: object, dtype: pl.DataType) -> bool:
+    if value is None:
+        return True
+    if isinstance(dtype, pl.String):
+        return not isinstance(value, (dict, list))
+    if isinstance(dtype, pl.Boolean):
+        return isinstance(value, bool)
+    if isinstance(dtype, (pl.Int64, pl.Float64)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(dtype, pl.List):
+        return isinstance(value, list) and all(_type_ok(v, dtype.inner) for v in value)
+    if isinstance(dtype, pl.Struct):
+        return isinstance(value, dict) and all(_type_ok(value.get(f.name), f.dtype) for f in dtype.fields)
+    return True
+
+
+def explain_failure(line: str, dtype: pl.Struct, truncated: bool, field_prefix: str = "") -> tuple[Reason, str]:
+    """Why a line did not decode, in words a user can act on (runs only for bad lines)."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        if truncated:
+            return Reason.TRUNCATED_LINE, f"last line has no newline and is not complete JSON ({e})"
+        return Reason.MALFORMED_JSON, str(e)
+    if not isinstance(value, dict):
+        return Reason.NOT_AN_OBJECT, f"a JSON {_JSON_TYPES.get(type(value), 'null')}, not an object"
+    for f in dtype.fields:
+        if not _type_ok(value.get(f.name), f.dtype):
+            got = _JSON_TYPES.get(type(value[f.name]), "value")
+            return Reason.WRONG_TYPE, f"field {field_prefix}{f.name!r}: expected {_dtype_word(f.dtype)}, got {got}"
+    return Reason.WRONG_TYPE, "a field has a type the schema does not allow"
+
+
+def _dtype_word(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.String):
+        return "string"
+    if isinstance(dtype, pl.Boolean):
+        return "boolean"
+    if isinstance(dtype, (pl.Int64, pl.Float64)):
+        return "number"
+    if isinstance(dtype, pl.List):
+        return f"array of {_dtype_word(dtype.inner)}"
+    return "object"
+
+
+def detect_format(raw: pl.Expr) -> pl.Expr:
+    """Which schema a line belongs to, from its top-level keys (a key cannot occur unescaped inside a string)."""
+    schemas = all_schemas()
+    expr: pl.Expr = pl.lit(schemas[-1].name)
+    for schema in reversed(schemas[:-1]):
+        cond = pl.all_horizontal([raw.str.contains(rf'[{{,]\s*"{k}"\s*:') for k in schema.detect_keys])
+        expr = pl.when(cond).then(pl.lit(schema.name)).otherwise(expr)
+    return expr
+
+
+def _quarantine_rows(frame: pl.DataFrame, reason: Reason | None, detail: str | Callable[[dict], tuple[Reason, str]]) -> list[QuarantineRecord]:
+    out = []
+    for row in frame.select("source", "line_no", "offset", "raw", "truncated").iter_rows(named=True):
+        r, d = detail(row) if callable(detail) else (reason, detail)
+        assert r is not None
+        out.append(QuarantineRecord.of(row["source"], row["line_no"], row["offset"], r, d, row["raw"]))
+    return out
+
+
+def _decode_part(part: pl.DataFrame, schema: RecordSchema) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Decode one format's lines; return the decoded rows and the quarantined ones."""
+    decoded, errors = safe_decode(part["raw"], schema.decode_dtype)
+    part = part.with_columns(rec=decoded)
+    bad_idx = set(errors)
+    quarantined: list[QuarantineRecord] = []
+    if errors:
+        bad = part.with_row_index("_i").filter(pl.col("_i").is_in(list(errors)))
+        quarantined += _quarantine_rows(bad, None, lambda row: explain_failure(row["raw"], schema.decode_dtype, row["truncated"]))
+    for key, dtype in schema.json_text.items():
+        text = part["raw"].str.json_path_match(f"$.{key}")
+        values, errs = safe_decode(text, dtype)
+        new_bad = sorted(set(errs) - bad_idx)
+        if new_bad:
+            bad = part.with_row_index("_i").filter(pl.col("_i").is_in(new_bad))
+            quarantined += _quarantine_rows(bad, Reason.WRONG_TYPE, f"field {key!r}: not JSON of the declared shape")
+        bad_idx |= set(errs)
+        part = part.with_columns(pl.col("rec").struct.with_fields(values.alias(key)))
+    keep = part.with_row_index("_i").filter(~pl.col("_i").is_in(sorted(bad_idx))).drop("_i")
+    return keep, quarantined
+
+
+def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
+    """Map one decoded format onto the canonical columns."""
+    has = set(schema.direct) | set(schema.json_text)
+    meta_has = {f.name for f in schema.direct.get("metadata", schema.json_text.get("metadata", pl.Struct({}))).fields} if "metadata" in has else set()
+
+    def opt(name: str, dtype: pl.DataType = pl.String()) -> pl.Expr:
+        return _field(name) if name in has else pl.lit(None, dtype=dtype)
+
+    def meta(name: str) -> pl.Expr:
+        return _text(_field("metadata", name)) if name in meta_has else pl.lit(None, dtype=pl.String)
+
+    def err(name: str) -> pl.Expr:
+        if "error_information" in has:
+            return _text(_field("error_information", name))
+        if "error_information" in meta_has:
+            return _text(_field("metadata", "error_information", name))
+        return pl.lit(None, dtype=pl.String)
+
+    ids = [_usable_id(_field(f)) for f in schema.id_fields]
+    id_present = pl.any_horizontal([_field(f).is_not_null() for f in schema.id_fields])
+    key_from = pl.lit(None, dtype=pl.String)
+    for f in reversed(schema.id_fields):
+        key_from = pl.when(_usable_id(_field(f)).is_not_null()).then(pl.lit(f)).otherwise(key_from)
+    end_user = _text(opt("end_user"))
+    key_user = _text(opt("user")) if "user" in has else meta("user_api_key_user_id")
+    cache_hit = opt("cache_hit", pl.Boolean())
+    if schema.direct.get("cache_hit") == pl.String():
+        cache_hit = cache_hit.str.strip_chars().str.to_lowercase() == "true"
+    session = _text(opt("session_id"))
+    if "trace_id" in has:
+        session = pl.coalesce(session, _text(_field("trace_id")))
+    key_hash = meta("user_api_key_hash") if "user_api_key_hash" in meta_has else _text(opt("api_key"))
+    request_id = opt("request_id") if "request_id" in has else opt("id")
+    cost = opt("response_cost", pl.Float64()) if "response_cost" in has else opt("spend", pl.Float64())
+    return part.select(
+        "source",
+        "line_no",
+        "offset",
+        "raw",
+        "truncated",
+        format=pl.lit(schema.name),
+        call_key=pl.coalesce(ids),
+        call_key_from=pl.when(id_present).then(pl.coalesce(key_from, pl.lit("content_hash"))),
+        litellm_call_id=_usable_id(opt("litellm_call_id")),
+        request_id=request_id,
+        litellm_trace_id=_text(opt("trace_id")),
+        call_type=pl.coalesce(_text(opt("call_type")), pl.lit("completion")),
+        status=pl.coalesce(_text(opt("status")).str.to_lowercase(), pl.lit("success")),
+        start_us=_time_us(schema, "startTime"),
+        end_us=_time_us(schema, "endTime"),
+        first_token_us=_time_us(schema, "completionStartTime") if "completionStartTime" in has else pl.lit(None, dtype=pl.Int64),
+        stream=pl.coalesce(opt("stream", pl.Boolean()), pl.lit(False)),
+        model=_text(opt("model")),
+        model_group=_text(opt("model_group")),
+        model_id=_text(opt("model_id")),
+        provider=_text(opt("custom_llm_provider")),
+        api_base=_text(opt("api_base")),
+        prompt_tokens=opt("prompt_tokens", pl.Int64()),
+        completion_tokens=opt("completion_tokens", pl.Int64()),
+        total_tokens=opt("total_tokens", pl.Int64()),
+        cost=cost,
+        saved_cache_cost=opt("saved_cache_cost", pl.Float64()),
+        cache_hit=pl.coalesce(cache_hit, pl.lit(False)),
+        session=session,
+        user=pl.coalesce(end_user, key_user),
+        end_user=end_user,
+        key_user_id=key_user,
+        key_alias=meta("user_api_key_alias"),
+        key_hash=key_hash,
+        team=pl.coalesce(meta("user_api_key_team_alias"), meta("user_api_key_team_id"), _text(opt("team_id"))),
+        request_tags=opt("request_tags", pl.List(pl.String())),
+        error_class=err("error_class"),
+        error_code=err("error_code"),
+        error_message=pl.coalesce(err("error_message"), _text(opt("error_str"))),
+        _start_raw=_field("startTime").cast(pl.String),
+        _end_raw=_field("endTime").cast(pl.String),
+    )
+
+
+def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Quarantine records without usable times or ids; give id-less-but-present records a content hash."""
+    checks: list[tuple[pl.Expr, Reason, str]] = [
+        (pl.col("_start_raw").is_null(), Reason.MISSING_TIME, "startTime is missing"),
+        (pl.col("_end_raw").is_null(), Reason.MISSING_TIME, "endTime is missing"),
+        (pl.col("start_us").is_null(), Reason.BAD_TIME, "startTime is not a valid time"),
+        (pl.col("end_us").is_null(), Reason.BAD_TIME, "endTime is not a valid time"),
+        (pl.col("call_key_from").is_null(), Reason.MISSING_ID, "no call id: litellm_call_id, id and request_id are all missing"),
+    ]
+    quarantined: list[QuarantineRecord] = []
+    for cond, reason, detail in checks:
+        bad = frame.filter(cond)
+        if bad.height:
+            quarantined += _quarantine_rows(bad, reason, detail)
+            frame = frame.filter(~cond)
+    needs_hash = frame["call_key"].is_null()
+    if needs_hash.any():
+        hashed = frame.filter(needs_hash)["raw"].map_elements(
+            lambda raw: "sha256:" + hashlib.sha256(raw.strip().encode()).hexdigest()[:32], return_dtype=pl.String
+        )
+        frame = pl.concat([frame.filter(~needs_hash), frame.filter(needs_hash).with_columns(call_key=hashed)])
+    return frame.drop("_start_raw", "_end_raw", "truncated"), quarantined
+
+
+def normalize(lines: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Raw line frame (source, line_no, offset, raw, truncated) -> canonical frame + quarantine."""
+    lines = lines.filter(pl.col("raw").str.strip_chars() != "").with_columns(format=detect_format(pl.col("raw")))
+    frames: list[pl.DataFrame] = []
+    quarantined: list[QuarantineRecord] = []
+    for schema in all_schemas():
+        part = lines.filter(pl.col("format") == schema.name).drop("format")
+        if not part.height:
+            continue
+        decoded, bad = _decode_part(part, schema)
+        quarantined += bad
+        canonical, bad = _validate(_canonical(decoded, schema))
+        quarantined += bad
+        frames.append(canonical)
+    if not frames:
+        return empty_canonical(), quarantined
+    out = pl.concat(frames, how="vertical").sort("source", "offset")
+    return out.select(pl.col(name).cast(dtype) for name, dtype in CANONICAL.items()), quarantined

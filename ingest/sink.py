@@ -1,0 +1,285 @@
+"""Sinks: where built spans go, and the experiment they go into.
+
+- An ``http(s)://`` tracking URI: OTLP/HTTP protobuf to the server's ``/v1/traces``, gzip, many
+  traces per request, never a trace split across requests (the server stores a request
+  all-or-nothing). The endpoint answers 200 even for an experiment id that does not exist, so the
+  experiment is resolved and checked through the REST API first.
+- Any other URI MLflow accepts (``sqlite:///``, ``postgresql://``, ...): MLflow's own tracking
+  store ``log_spans``, fed ``Span.from_otel_proto`` of the same protobuf spans, exactly what the
+  server does with an OTLP request. Both paths therefore store the same traces.
+
+A batch counts as written only when MLflow acknowledged it. Transient failures (connection
+errors, 5xx, 429, a locked database) are retried with exponential backoff up to a deadline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import requests
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from ingest.spans import BuiltTrace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT_NAME = "LiteLLM Proxy"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_HEADER = "x-mlflow-experiment-id"
+T = TypeVar("T")
+
+
+class SinkError(Exception):
+    """MLflow could not be reached, refused us, or rejected data: one line for the user."""
+
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Target:
+    tracking_uri: str
+    experiment_id: str
+    experiment_name: str | None
+
+    @property
+    def is_server(self) -> bool:
+        return self.tracking_uri.startswith(("http://", "https://"))
+
+
+class Sink(Protocol):
+    def write(self, traces: list[BuiltTrace]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def with_retries(fn: Callable[[], T], what: str, deadline_s: float, is_transient: Callable[[Exception], bool]) -> T:
+    """Call ``fn`` until it succeeds, a non-transient error, or ``deadline_s`` of trying."""
+    start, delay = time.monotonic(), 0.25
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_transient(e) or time.monotonic() - start + delay > deadline_s:
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, _short(e), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+class _Http:
+    """A requests session that carries MLflow's usual credentials (token, basic auth, TLS settings)."""
+
+    def __init__(self, base: str, timeout_s: float = 30.0) -> None:
+        from mlflow.utils.credentials import get_default_host_creds
+
+        creds = get_default_host_creds(base)
+        self.base = base.rstrip("/")
+        self.timeout = timeout_s
+        self.session = requests.Session()
+        if creds.token:
+            self.session.headers["Authorization"] = f"Bearer {creds.token}"
+        elif creds.username and creds.password:
+            self.session.auth = (creds.username, creds.password)
+        if creds.ignore_tls_verification:
+            self.session.verify = False
+        elif creds.server_cert_path:
+            self.session.verify = creds.server_cert_path
+        if creds.client_cert_path:
+            self.session.cert = creds.client_cert_path
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        try:
+            resp = self.session.request(method, self.base + path, timeout=self.timeout, **kw)
+        except requests.ConnectionError as e:
+            raise SinkError(f"cannot reach MLflow at {self.base}: {_short(e)}") from e
+        except requests.Timeout as e:
+            raise SinkError(f"MLflow at {self.base} did not answer within {self.timeout:.0f}s") from e
+        if resp.status_code in (401, 403):
+            raise SinkError(
+                f"MLflow at {self.base} refused the request ({resp.status_code}): set MLFLOW_TRACKING_TOKEN "
+                "or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD",
+                kind="unauthorized",
+            )
+        return resp
+
+
+def _transient_http(e: Exception) -> bool:
+    return isinstance(e, SinkError) and e.kind in ("unreachable", "server")
+
+
+def _check(resp: requests.Response, what: str) -> requests.Response:
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise SinkError(f"{what}: MLflow answered {resp.status_code}: {resp.text[:200]}", kind="server")
+    if resp.status_code >= 400:
+        raise SinkError(f"{what}: MLflow answered {resp.status_code}: {resp.text[:300]}", kind="rejected")
+    return resp
+
+
+def resolve_target(tracking_uri: str, experiment_name: str | None, experiment_id: str | None, deadline_s: float = 30.0) -> Target:
+    """Find (or create) the experiment, proving on the way that MLflow is there and lets us in."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s)
+    return _resolve_store(tracking_uri, experiment_name, experiment_id)
+
+
+def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: float) -> Target:
+    http = _Http(uri)
+
+    def call(method: str, path: str, what: str, **kw: Any) -> requests.Response:
+        return with_retries(lambda: _check(http.request(method, path, **kw), what), what, deadline_s, _transient_http)
+
+    if exp_id is not None:
+        resp = http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp_id})
+        if resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text):
+            raise SinkError(f"experiment id {exp_id} does not exist on {uri}", kind="rejected")
+        exp = _check(resp, "get experiment").json()["experiment"]
+        _refuse_deleted(exp, uri)
+        return Target(uri, exp["experiment_id"], exp.get("name"))
+    name = name or DEFAULT_EXPERIMENT_NAME
+    resp = with_retries(
+        lambda: http.request("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}),
+        "find experiment",
+        deadline_s,
+        _transient_http,
+    )
+    if resp.status_code == 404 or "RESOURCE_DOES_NOT_EXIST" in resp.text:
+        created = call("POST", "/api/2.0/mlflow/experiments/create", "create experiment", json={"name": name})
+        return Target(uri, created.json()["experiment_id"], name)
+    exp = _check(resp, "find experiment").json()["experiment"]
+    _refuse_deleted(exp, uri)
+    return Target(uri, exp["experiment_id"], name)
+
+
+def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
+    if exp.get("lifecycle_stage") == "deleted":
+        raise SinkError(
+            f"experiment {exp.get('name')!r} (id {exp['experiment_id']}) on {uri} is deleted: restore it or pick another name",
+            kind="rejected",
+        )
+
+
+def _resolve_store(uri: str, name: str | None, exp_id: str | None) -> Target:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        store = _store(uri)
+        if exp_id is not None:
+            exp = store.get_experiment(exp_id)
+        else:
+            name = name or DEFAULT_EXPERIMENT_NAME
+            exp = store.get_experiment_by_name(name)
+            if exp is None:
+                return Target(uri, store.create_experiment(name), name)
+    except MlflowException as e:
+        if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+            raise SinkError(f"experiment id {exp_id} does not exist in {uri}", kind="rejected") from e
+        raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
+    except Exception as e:  # noqa: BLE001 - any driver/IO error is the same thing to the user
+        raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
+    if exp.lifecycle_stage == "deleted":
+        raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {uri} is deleted", kind="rejected")
+    return Target(uri, exp.experiment_id, exp.name)
+
+
+_STORES: dict[str, Any] = {}
+
+
+def _store(uri: str) -> Any:
+    """MLflow's own tracking store for a database URI (one per URI per process: it migrates on open)."""
+    if uri not in _STORES:
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        _STORES[uri] = _get_store(uri)
+    return _STORES[uri]
+
+
+def otlp_request(traces: list[BuiltTrace]) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    scope = req.resource_spans.add().scope_spans.add()
+    scope.scope.name = "litellm-ingest"
+    for t in traces:
+        scope.spans.extend(t.spans)
+    return req
+
+
+class OtlpSink:
+    """POST gzip'd OTLP protobuf batches to an MLflow server."""
+
+    def __init__(self, target: Target, deadline_s: float = 300.0) -> None:
+        self.target = target
+        self.http = _Http(target.tracking_uri, timeout_s=120.0)
+        self.deadline_s = deadline_s
+
+    def write(self, traces: list[BuiltTrace]) -> int:
+        if not traces:
+            return 0
+        body = gzip.compress(otlp_request(traces).SerializeToString(), compresslevel=5)
+        headers = {
+            "Content-Type": "application/x-protobuf",
+            "Content-Encoding": "gzip",
+            EXPERIMENT_HEADER: self.target.experiment_id,
+        }
+        with_retries(
+            lambda: _check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces"),
+            "send traces",
+            self.deadline_s,
+            _transient_http,
+        )
+        return sum(len(t.spans) for t in traces)
+
+    def close(self) -> None:
+        self.http.session.close()
+
+
+def _transient_db(e: Exception) -> bool:
+    text = str(e).lower()
+    return "database is locked" in text or "could not connect" in text or "connection refused" in text or "deadlock" in text
+
+
+class StoreSink:
+    """Write through MLflow's own tracking store (``log_spans``), the server's path minus HTTP."""
+
+    def __init__(self, target: Target, deadline_s: float = 300.0) -> None:
+        self.target = target
+        self.store = _store(target.tracking_uri)
+        self.deadline_s = deadline_s
+
+    def write(self, traces: list[BuiltTrace]) -> int:
+        from mlflow.entities.span import Span
+
+        spans = [Span.from_otel_proto(s) for t in traces for s in t.spans]
+        if not spans:
+            return 0
+        try:
+            with_retries(lambda: self.store.log_spans(self.target.experiment_id, spans), "log spans", self.deadline_s, _transient_db)
+        except Exception as e:  # noqa: BLE001
+            raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}") from e
+        return len(spans)
+
+    def close(self) -> None:
+        pass
+
+
+class NullSink:
+    """--dry-run: everything is built, nothing is written."""
+
+    def write(self, traces: list[BuiltTrace]) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def make_sink(target: Target) -> Sink:
+    return OtlpSink(target) if target.is_server else StoreSink(target)

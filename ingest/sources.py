@@ -1,0 +1,186 @@
+"""Sources: find log files and read them as bounded chunks of complete lines.
+
+Every line keeps its file, 1-based line number and byte offset (of the uncompressed stream),
+so a bad record can be quarantined precisely and a checkpoint can name the byte after the last
+line that was fully handled. Memory is bounded by the chunk size plus one line (capped).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import polars as pl
+
+from ingest.quarantine import QuarantineRecord, Reason
+
+LOG_NAME = re.compile(r"\.(jsonl|ndjson|json|log)(\.\d+)?(\.gz)?$|\.(jsonl|ndjson|log)[.-][\w.-]*$")
+DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class SourceError(Exception):
+    """A path the user named cannot be read (missing, unreadable): a usage error, not bad data."""
+
+
+def is_log_file(name: str) -> bool:
+    """Names LiteLLM loggers and rotation tools produce: x.jsonl, x.jsonl.1, x.jsonl.2.gz, x.log-20260101."""
+    return bool(LOG_NAME.search(name))
+
+
+def discover(paths: list[str]) -> list[Path]:
+    """Expand files, directories (recursively, log-like names only) and globs, in a stable order."""
+    found: dict[Path, None] = {}
+    for spec in paths:
+        p = Path(spec)
+        if p.is_file():
+            found[p] = None
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and is_log_file(f.name):
+                    found[f] = None
+        elif glob.has_magic(spec):
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                raise SourceError(f"no files match {spec!r}")
+            for f in files:
+                found[f] = None
+        elif p.exists():
+            raise SourceError(f"not a regular file or directory: {spec}")
+        else:
+            raise SourceError(f"no such file or directory: {spec}")
+    for f in found:
+        if not os.access(f, os.R_OK):
+            raise SourceError(f"permission denied: {f}")
+    return list(found)
+
+
+def open_log(path: Path) -> BinaryIO:
+    """Open plain or gzip files by content, not by name: rotated copies are often renamed."""
+    f = open(path, "rb")  # noqa: SIM115
+    magic = f.read(2)
+    f.seek(0)
+    if magic == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+    return f
+
+
+@dataclass
+class Chunk:
+    """Complete lines of one file, as a frame: source, line_no, offset, raw."""
+
+    path: str
+    lines: pl.DataFrame
+    quarantined: list[QuarantineRecord] = field(default_factory=list)
+    end_offset: int = 0
+    end_line: int = 0
+
+
+def _frame(path: str, lines: list[str], sizes: pl.Series, start_offset: int, start_line: int) -> pl.DataFrame:
+    offsets = (sizes + 1).cum_sum().shift(1, fill_value=0) + start_offset
+    return pl.DataFrame(
+        {
+            "source": pl.Series([path] * len(lines), dtype=pl.String),
+            "line_no": pl.int_range(start_line, start_line + len(lines), eager=True, dtype=pl.Int64),
+            "offset": offsets.cast(pl.Int64),
+            "raw": pl.Series(lines, dtype=pl.String).str.strip_suffix("\r"),
+            "truncated": pl.Series([False] * len(lines), dtype=pl.Boolean),
+        }
+    )
+
+
+def split_lines(
+    path: str, data: bytes, start_offset: int, start_line: int
+) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Split bytes that end with a newline into a line frame; invalid UTF-8 lines are quarantined."""
+    try:
+        lines = data.decode("utf-8").split("\n")[:-1]
+        return _frame(path, lines, pl.Series(lines, dtype=pl.String).str.len_bytes(), start_offset, start_line), []
+    except UnicodeDecodeError:
+        pass
+    raw_lines = data.split(b"\n")[:-1]
+    sizes = pl.Series([len(b) for b in raw_lines], dtype=pl.UInt32)
+    decoded: list[str] = []
+    bad: list[QuarantineRecord] = []
+    offsets = ((sizes + 1).cum_sum().shift(1, fill_value=0) + start_offset).to_list()
+    for i, b in enumerate(raw_lines):
+        try:
+            decoded.append(b.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            decoded.append("")
+            bad.append(
+                QuarantineRecord.of(path, start_line + i, offsets[i], Reason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", b)
+            )
+    return _frame(path, decoded, sizes, start_offset, start_line), bad
+
+
+def read_chunks(
+    path: Path,
+    start_offset: int = 0,
+    start_line: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    final: bool = True,
+) -> Iterator[Chunk]:
+    """Yield chunks of complete lines from ``start_offset`` (uncompressed bytes).
+
+    With ``final`` the file is taken as complete: an unterminated last line is handed on as a
+    line of its own (flagged ``truncated``, so a parse failure says so). Without it the tail is
+    left for the next read, as a live file's partial line must be. A line over
+    ``max_line_bytes`` is quarantined without ever being held whole in memory.
+    """
+    name = str(path)
+    with open_log(path) as f:
+        _skip_to(f, start_offset, chunk_bytes)
+        offset, line_no = start_offset, start_line
+        carry = b""
+        overlong: tuple[bytes, int] | None = None
+        while block := f.read(chunk_bytes):
+            if overlong is not None:
+                nl = block.find(b"\n")
+                if nl < 0:
+                    overlong = (overlong[0], overlong[1] + len(block))
+                    continue
+                rec = QuarantineRecord.of(name, line_no, offset, Reason.LINE_TOO_LONG, f"line longer than {max_line_bytes} bytes", overlong[0])
+                offset += overlong[1] + nl + 1
+                line_no += 1
+                yield Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset, line_no)
+                block, overlong = block[nl + 1 :], None
+            data = carry + block
+            cut = data.rfind(b"\n")
+            if cut >= 0:
+                complete, carry = data[: cut + 1], data[cut + 1 :]
+                frame, bad = split_lines(name, complete, offset, line_no)
+                offset += len(complete)
+                line_no += frame.height
+                yield Chunk(name, frame, bad, offset, line_no)
+            else:
+                carry = data
+            if len(carry) > max_line_bytes:
+                overlong, carry = (carry, len(carry)), b""
+        if overlong is not None and final:
+            rec = QuarantineRecord.of(name, line_no, offset, Reason.LINE_TOO_LONG, f"line longer than {max_line_bytes} bytes (no newline at end of file)", overlong[0])
+            yield Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset + overlong[1], line_no + 1)
+        elif carry and final:
+            frame, bad = split_lines(name, carry + b"\n", offset, line_no)
+            yield Chunk(name, frame.with_columns(truncated=pl.lit(True)), bad, offset + len(carry), line_no + 1)
+
+
+def _skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> None:
+    """Position at an uncompressed offset: seek in plain files, read through gzip ones."""
+    if not start_offset:
+        return
+    if not isinstance(f, gzip.GzipFile):
+        f.seek(start_offset)
+        return
+    remaining = start_offset
+    while remaining > 0 and (got := f.read(min(remaining, chunk_bytes))):
+        remaining -= len(got)

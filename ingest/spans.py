@@ -1,0 +1,431 @@
+"""Build spans: the record-to-trace mapping, the product's contract (README, "The trace").
+
+Input is the deduped canonical frame, sorted by call then attempt start. This is the one place
+that walks rows in Python: each record's nested payload (messages, response, parameters) is read
+from its raw line here, and turned into OTLP protobuf spans, the format both sinks take (the
+server's ``/v1/traces`` and MLflow's own ``Span.from_otel_proto`` -> ``log_spans``), so the two
+paths store the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import polars as pl
+from mlflow.entities.span import SpanType
+from mlflow.tracing.constant import SpanAttributeKey, TraceTagKey
+from mlflow.tracing.utils.otlp import _set_otel_proto_anyvalue
+from mlflow.utils.validation import MAX_TRACE_TAG_VAL_LENGTH, _validate_trace_tag
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
+
+from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
+
+REDACTED = "[redacted]"
+TAG_PREFIX = "litellm."
+
+_CHAT = {"completion", "acompletion", "anthropic_messages", "responses", "aresponses", "generate_content", "agenerate_content"}
+_TEXT = {"text_completion", "atext_completion"}
+_EMBED = {"embedding", "aembedding"}
+_RERANK = {"rerank", "arerank"}
+
+
+def span_type(call_type: str) -> str:
+    """CHAT_MODEL as MLflow's OpenAI autolog types chat; EMBEDDING for (a)embedding (LiteLLM's callback says LLM)."""
+    if call_type in _CHAT:
+        return SpanType.CHAT_MODEL
+    if call_type in _EMBED:
+        return SpanType.EMBEDDING
+    if call_type in _RERANK:
+        return SpanType.RERANKER
+    return SpanType.LLM
+
+
+@dataclass(frozen=True)
+class Redaction:
+    """What not to copy into MLflow: prompts ("messages"), completions ("responses"), or both."""
+
+    messages: bool = False
+    responses: bool = False
+
+    @classmethod
+    def parse(cls, value: str | None) -> Redaction:
+        if not value:
+            return cls()
+        return cls(messages=value in ("messages", "all"), responses=value in ("responses", "all"))
+
+
+@dataclass
+class BuiltTrace:
+    call_key: str
+    trace_id: str
+    spans: list[OtlpSpan]
+    records: int
+    start_us: int
+    end_us: int
+    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+def _json_value(value: Any) -> Any:
+    """SpendLogs keeps JSON columns as JSON text; decode it, and treat ``{}``/``""`` as absent."""
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value or None
+    return value if value not in ({}, [], "", None) else None
+
+
+def _contents(messages: Any) -> Any:
+    """Embedding/text inputs are logged as user messages; give back what the client sent."""
+    if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
+        items = [m["content"] for m in messages]
+        return items[0] if len(items) == 1 else items
+    return messages
+
+
+@dataclass
+class _Attempt:
+    row: dict[str, Any]
+    payload: dict[str, Any]
+    inputs: dict[str, Any] | None
+    outputs: Any
+    params: dict[str, Any]
+
+
+def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
+    payload = orjson.loads(row["raw"])
+    params: dict[str, Any] = {}
+    request: dict[str, Any] | None = None
+    if row["format"] == "standard_logging_payload":
+        params = payload.get("model_parameters") or {}
+        messages = payload.get("messages")
+    else:
+        request = _json_value(payload.get("proxy_server_request"))
+        request = request if isinstance(request, dict) else None
+        messages = _json_value(payload.get("messages"))
+        if request:
+            params = {k: v for k, v in request.items() if k not in ("messages", "input", "prompt", "model")}
+            messages = messages or request.get("messages") or request.get("input") or request.get("prompt")
+    kind = row["call_type"]
+    inputs: dict[str, Any] = {"model": row["model_group"] or row["model"]}
+    if kind in _EMBED:
+        inputs["input"] = _contents(messages)
+    elif kind in _TEXT:
+        inputs["prompt"] = _contents(messages)
+    else:
+        inputs["messages"] = messages
+    inputs.update({k: v for k, v in params.items() if v is not None})
+    if row["end_user"] and "user" not in inputs:
+        inputs["user"] = row["end_user"]
+    outputs = _json_value(payload.get("response")) if row["status"] == "success" else None
+    if redact.messages:
+        for k in ("messages", "input", "prompt"):
+            if k in inputs:
+                inputs[k] = REDACTED
+    if redact.responses and outputs is not None:
+        outputs = REDACTED
+    return _Attempt(row, payload, inputs, outputs, params)
+
+
+def _set(span: OtlpSpan, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        if value is None:
+            continue
+        kv = span.attributes.add()
+        kv.key = key
+        _set_otel_proto_anyvalue(kv.value, value)
+
+
+def _event(span: OtlpSpan, name: str, time_ns: int, attrs: dict[str, Any]) -> None:
+    ev = span.events.add()
+    ev.name = name
+    ev.time_unix_nano = time_ns
+    for key, value in attrs.items():
+        if value is None:
+            continue
+        kv = ev.attributes.add()
+        kv.key = key
+        _set_otel_proto_anyvalue(kv.value, value)
+
+
+def _token_usage(a: _Attempt) -> dict[str, int] | None:
+    r = a.row
+    if r["prompt_tokens"] is None and r["completion_tokens"] is None and r["total_tokens"] is None:
+        return None
+    usage = {
+        "input_tokens": r["prompt_tokens"] or 0,
+        "output_tokens": r["completion_tokens"] or 0,
+        "total_tokens": r["total_tokens"] if r["total_tokens"] is not None else (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0),
+    }
+    details = None
+    response = _json_value(a.payload.get("response"))
+    if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+        details = response["usage"].get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int) and details["cached_tokens"] > 0:
+        usage["cache_read_input_tokens"] = details["cached_tokens"]
+    return usage
+
+
+def _cost_breakdown(a: _Attempt) -> dict[str, Any] | None:
+    cb = a.payload.get("cost_breakdown")
+    if cb is None and a.row["format"] != "standard_logging_payload":
+        md = _json_value(a.payload.get("metadata"))
+        cb = md.get("cost_breakdown") if isinstance(md, dict) else None
+    return cb if isinstance(cb, dict) else None
+
+
+def _llm_cost(a: _Attempt, breakdown: dict[str, Any] | None) -> dict[str, float] | None:
+    if a.row["cost"] is None:
+        return None
+    cost = {"total_cost": float(a.row["cost"])}
+    for k in ("input_cost", "output_cost"):
+        if breakdown and isinstance(breakdown.get(k), (int, float)):
+            cost[k] = float(breakdown[k])
+    return cost
+
+
+def _headers(a: _Attempt) -> dict[str, Any]:
+    hp = a.payload.get("hidden_params")
+    headers = hp.get("additional_headers") if isinstance(hp, dict) else None
+    return headers if isinstance(headers, dict) else {}
+
+
+def _provider_model(row: dict[str, Any]) -> str | None:
+    model, provider = row["model"], row["provider"]
+    if model and provider and model.startswith(provider + "/"):
+        return model[len(provider) + 1 :]
+    return model
+
+
+def _tools(a: _Attempt) -> list[Any] | None:
+    tools = a.params.get("tools")
+    return tools if isinstance(tools, list) and tools else None
+
+
+def _call_attributes(a: _Attempt) -> dict[str, Any]:
+    """What LiteLLM's own mlflow callback puts on its span, plus what it leaves out."""
+    r = a.row
+    breakdown = _cost_breakdown(a)
+    headers = _headers(a)
+    ttft_ms = (r["first_token_us"] - r["start_us"]) / 1000 if r["stream"] and r["first_token_us"] else None
+    return {
+        "litellm_call_id": r["litellm_call_id"] or r["call_key"],
+        "call_type": r["call_type"],
+        "model": r["model"],
+        "api_base": r["api_base"],
+        "cache_hit": r["cache_hit"],
+        "response_cost": r["cost"],
+        "saved_cache_cost": r["saved_cache_cost"],
+        "request_tags": r["request_tags"] or [],
+        "raw_llm_response": a.outputs,
+        "model_group": r["model_group"],
+        "model_id": r["model_id"],
+        "custom_llm_provider": r["provider"],
+        "status": r["status"],
+        "stream": r["stream"],
+        "request_id": r["request_id"],
+        "litellm_trace_id": r["litellm_trace_id"],
+        "end_user": r["end_user"],
+        "user_api_key_user_id": r["key_user_id"],
+        "user_api_key_alias": r["key_alias"],
+        "user_api_key_hash": _safe_key(r["key_hash"]),
+        "team": r["team"],
+        "cost_breakdown": breakdown,
+        "attempted_retries": headers.get("x-litellm-attempted-retries"),
+        "attempted_fallbacks": headers.get("x-litellm-attempted-fallbacks"),
+        "duration_ms": (r["end_us"] - r["start_us"]) / 1000,
+        "time_to_first_token_ms": ttft_ms,
+        "error_class": r["error_class"],
+        "error_code": r["error_code"],
+        "litellm.log_source": f"{r['source']}:{r['line_no']}",
+        "litellm.log_format": r["format"],
+        SpanAttributeKey.CHAT_USAGE: _token_usage(a),
+        SpanAttributeKey.LLM_COST: _llm_cost(a, breakdown),
+        SpanAttributeKey.MODEL: _provider_model(r),
+        SpanAttributeKey.MODEL_PROVIDER: r["provider"],
+    }
+
+
+def _safe_key(value: str | None) -> str | None:
+    """LiteLLM logs a key's hash; if a raw ``sk-`` key ever shows up, never pass it on."""
+    if value and value.startswith("sk-"):
+        return "sk-…redacted"
+    return value
+
+
+def _io_attributes(a: _Attempt, outputs: Any) -> dict[str, Any]:
+    kind = a.row["call_type"]
+    chat = kind in _CHAT or kind in _TEXT
+    return {
+        SpanAttributeKey.SPAN_TYPE: span_type(kind),
+        SpanAttributeKey.INPUTS: a.inputs,
+        SpanAttributeKey.OUTPUTS: outputs,
+        SpanAttributeKey.MESSAGE_FORMAT: "openai" if chat else None,
+        SpanAttributeKey.CHAT_TOOLS: _tools(a) if chat else None,
+    }
+
+
+def _status_and_events(span: OtlpSpan, a: _Attempt) -> None:
+    r = a.row
+    if r["status"] == "success":
+        span.status.code = OtlpStatus.STATUS_CODE_OK
+    else:
+        span.status.code = OtlpStatus.STATUS_CODE_ERROR
+        message = r["error_message"] or r["status"]
+        span.status.message = f"{r['error_class']}: {message}" if r["error_class"] else message
+        err = a.payload.get("error_information") if isinstance(a.payload.get("error_information"), dict) else {}
+        _event(
+            span,
+            "exception",
+            r["end_us"] * 1000,
+            {
+                "exception.type": r["error_class"] or "Exception",
+                "exception.message": message,
+                "exception.stacktrace": err.get("traceback") or None,
+                "error_code": r["error_code"],
+                "llm_provider": err.get("llm_provider") or None,
+            },
+        )
+    if r["stream"] and r["first_token_us"] and r["first_token_us"] <= r["end_us"]:
+        _event(
+            span,
+            "first_token",
+            r["first_token_us"] * 1000,
+            {"time_to_first_token_ms": (r["first_token_us"] - r["start_us"]) / 1000},
+        )
+
+
+_TAG_BAD_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def _tag(key: str, value: str) -> tuple[str, str] | None:
+    key = _TAG_BAD_CHARS.sub("_", key.strip())[:250] or "_"
+    try:
+        return _validate_trace_tag(key, value[:MAX_TRACE_TAG_VAL_LENGTH])
+    except Exception:
+        return None
+
+
+def trace_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """request_tags ``k:v`` -> tag k=v (repeated keys keep every value, joined by ", "), plus filterable litellm.* tags."""
+    values: dict[str, list[str]] = {}
+    for r in rows:
+        for t in r["request_tags"] or []:
+            k, sep, v = t.partition(":")
+            k, v = (k.strip(), v.strip()) if sep else (t.strip(), "")
+            bucket = values.setdefault(k, [])
+            if v not in bucket:
+                bucket.append(v)
+    tags = {k: ", ".join(v for v in vs if v) if any(vs) else "" for k, vs in values.items()}
+    final = rows[-1]
+    tags.update(
+        {
+            f"{TAG_PREFIX}call_id": final["litellm_call_id"] or final["call_key"],
+            f"{TAG_PREFIX}call_type": final["call_type"],
+            f"{TAG_PREFIX}model": final["model"],
+            f"{TAG_PREFIX}model_group": final["model_group"],
+            f"{TAG_PREFIX}provider": final["provider"],
+            f"{TAG_PREFIX}status": final["status"],
+            f"{TAG_PREFIX}cache_hit": str(bool(final["cache_hit"])).lower(),
+            f"{TAG_PREFIX}key_alias": final["key_alias"],
+            f"{TAG_PREFIX}team": final["team"],
+            f"{TAG_PREFIX}attempts": str(len(rows)) if len(rows) > 1 else None,
+        }
+    )
+    out = {}
+    for k, v in tags.items():
+        if v is None:
+            continue
+        if (kv := _tag(k, v)) is not None:
+            out[kv[0]] = kv[1]
+    return out
+
+
+def _new_span(trace_id: bytes, span_id: bytes, parent: bytes | None, name: str, start_us: int, end_us: int) -> OtlpSpan:
+    s = OtlpSpan(trace_id=trace_id, span_id=span_id, name=name, start_time_unix_nano=start_us * 1000, end_time_unix_nano=end_us * 1000)
+    s.kind = OtlpSpan.SPAN_KIND_CLIENT
+    if parent:
+        s.parent_span_id = parent
+    return s
+
+
+def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redaction = Redaction()) -> BuiltTrace:
+    """One call (its deduped records, in attempt order) -> its spans."""
+    attempts = [_attempt(r, redact) for r in rows]
+    first, final = attempts[0], attempts[-1]
+    call_key = rows[0]["call_key"]
+    tid = otel_trace_id(experiment_id, call_key)
+    root_id = otel_span_id(tid, "root")
+    name = f"litellm-{final.row['call_type']}"
+    start_us = min(r["start_us"] for r in rows)
+    end_us = max(r["end_us"] for r in rows)
+    root = _new_span(tid, root_id, None, name, start_us, end_us)
+    session = next((r["session"] for r in reversed(rows) if r["session"]), None)
+    user = next((r["user"] for r in reversed(rows) if r["user"]), None)
+    root_attrs: dict[str, Any] = {
+        SpanAttributeKey.SESSION_ID: session,
+        SpanAttributeKey.USER_ID: user,
+        **{SpanAttributeKey.TRACE_TAG_PREFIX + k: v for k, v in trace_tags(rows).items()},
+        SpanAttributeKey.TRACE_TAG_PREFIX + TraceTagKey.TRACE_NAME: name,
+    }
+    spans = [root]
+    if len(attempts) == 1:
+        _set(root, {**_io_attributes(first, first.outputs), **_call_attributes(first), **root_attrs})
+        _status_and_events(root, first)
+    else:
+        costs = [r["cost"] for r in rows if r["cost"] is not None]
+        _set(
+            root,
+            {
+                **_io_attributes(first, final.outputs),
+                SpanAttributeKey.SPAN_TYPE: span_type(final.row["call_type"]),
+                "litellm_call_id": final.row["litellm_call_id"] or call_key,
+                "call_type": final.row["call_type"],
+                "model": final.row["model"],
+                "model_group": final.row["model_group"],
+                "status": final.row["status"],
+                "attempts": len(attempts),
+                "response_cost": sum(costs) if costs else None,
+                "request_tags": final.row["request_tags"] or [],
+                **root_attrs,
+            },
+        )
+        _status_and_events_root(root, final)
+        for n, a in enumerate(attempts, start=1):
+            r = a.row
+            child = _new_span(tid, otel_span_id(tid, attempt_identity(r["start_us"], r["status"])), root_id, f"{name} attempt {n}", r["start_us"], r["end_us"])
+            _set(child, {**_io_attributes(a, a.outputs), **_call_attributes(a), "attempt": n})
+            _status_and_events(child, a)
+            spans.append(child)
+    return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows)
+
+
+def _status_and_events_root(root: OtlpSpan, final: _Attempt) -> None:
+    if final.row["status"] == "success":
+        root.status.code = OtlpStatus.STATUS_CODE_OK
+    else:
+        root.status.code = OtlpStatus.STATUS_CODE_ERROR
+        message = final.row["error_message"] or final.row["status"]
+        root.status.message = f"{final.row['error_class']}: {message}" if final.row["error_class"] else message
+
+
+def group_calls(frame: pl.DataFrame) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive rows of one call (the frame is sorted by call, then attempt start)."""
+    batch: list[dict[str, Any]] = []
+    for row in frame.iter_rows(named=True):
+        if batch and row["call_key"] != batch[0]["call_key"]:
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+def build_traces(frame: pl.DataFrame, experiment_id: str, redact: Redaction = Redaction()) -> Iterable[BuiltTrace]:
+    for rows in group_calls(frame):
+        yield build_trace(rows, experiment_id, redact)
