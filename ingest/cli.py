@@ -39,7 +39,9 @@ def _fail(message: str, code: int) -> None:
 
 target_options = [
     click.option("--tracking-uri", envvar=None, help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."),
-    click.option("--experiment-name", help='Experiment to write to (created if missing). Default: $MLFLOW_EXPERIMENT_NAME, else "LiteLLM Proxy".'),
+    click.option(
+        "--experiment-name", help='Experiment to write to (created if missing). Default: $MLFLOW_EXPERIMENT_NAME, else "LiteLLM Proxy".'
+    ),
     click.option("--experiment-id", help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."),
 ]
 
@@ -69,8 +71,14 @@ def main(verbose: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Parse, dedupe and build spans; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (for cron logs).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go (JSONL). Default: <state dir>/quarantine.jsonl.")
-@click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).")
+@click.option(
+    "--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go (JSONL). Default: <state dir>/quarantine.jsonl."
+)
+@click.option(
+    "--redact",
+    type=click.Choice(["messages", "responses", "all"]),
+    help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
+)
 @click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow.")
 def batch(
     paths: tuple[str, ...],

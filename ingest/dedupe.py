@@ -92,9 +92,7 @@ def split_final(frame: pl.DataFrame, settle_s: float = DEFAULT_SETTLE_S, final: 
         last_status=pl.col("status").sort_by("start_us").last(),
         last_end=pl.col("end_us").max(),
     )
-    hold = per_call.filter(
-        (pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000))
-    )["call_key"]
+    hold = per_call.filter((pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000)))["call_key"]
     held = pl.col("call_key").is_in(hold.implode())
     return frame.filter(~held), frame.filter(held)
 

@@ -177,7 +177,9 @@ def detect_format(raw: pl.Expr) -> pl.Expr:
     return expr
 
 
-def _quarantine_rows(frame: pl.DataFrame, reason: Reason | None, detail: str | Callable[[dict], tuple[Reason, str]]) -> list[QuarantineRecord]:
+def _quarantine_rows(
+    frame: pl.DataFrame, reason: Reason | None, detail: str | Callable[[dict], tuple[Reason, str]]
+) -> list[QuarantineRecord]:
     out = []
     for row in frame.select("source", "line_no", "offset", "raw", "truncated").iter_rows(named=True):
         r, d = detail(row) if callable(detail) else (reason, detail)
@@ -211,7 +213,11 @@ def _decode_part(part: pl.DataFrame, schema: RecordSchema) -> tuple[pl.DataFrame
 def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
     """Map one decoded format onto the canonical columns."""
     has = set(schema.direct) | set(schema.json_text)
-    meta_has = {f.name for f in schema.direct.get("metadata", schema.json_text.get("metadata", pl.Struct({}))).fields} if "metadata" in has else set()
+    meta_has = (
+        {f.name for f in schema.direct.get("metadata", schema.json_text.get("metadata", pl.Struct({}))).fields}
+        if "metadata" in has
+        else set()
+    )
 
     def opt(name: str, dtype: pl.DataType = pl.String()) -> pl.Expr:
         return _field(name) if name in has else pl.lit(None, dtype=dtype)

@@ -44,9 +44,7 @@ def dtype_for(node: dict[str, Any]) -> pl.DataType | None:
     types = _types(node)
     shaped_as_text = bool(node.get("x-json-text"))
     if "properties" in node and (types <= {"object"} or shaped_as_text):
-        return pl.Struct(
-            {k: d for k, v in node["properties"].items() if (d := dtype_for(v)) is not None}
-        )
+        return pl.Struct({k: d for k, v in node["properties"].items() if (d := dtype_for(v)) is not None})
     if "items" in node and (types <= {"array"} or shaped_as_text):
         inner = dtype_for(node["items"])
         return pl.List(inner) if inner is not None else None

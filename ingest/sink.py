@@ -65,10 +65,10 @@ def with_retries(fn: Callable[[], T], what: str, deadline_s: float, is_transient
     while True:
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - classified below
+        except Exception as e:
             if not is_transient(e) or time.monotonic() - start + delay > deadline_s:
                 raise
-            log.warning("%s failed (%s); retrying in %.1fs", what, _short(e), delay)
+            log.info("%s failed (%s); retrying in %.1fs", what, _short(e), delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -102,7 +102,8 @@ class _Http:
         try:
             resp = self.session.request(method, self.base + path, timeout=self.timeout, **kw)
         except requests.ConnectionError as e:
-            raise SinkError(f"cannot reach MLflow at {self.base}: {_short(e)}") from e
+            why = "connection refused" if "refused" in str(e).lower() else "connection failed"
+            raise SinkError(f"cannot reach MLflow at {self.base} ({why})") from e
         except requests.Timeout as e:
             raise SinkError(f"MLflow at {self.base} did not answer within {self.timeout:.0f}s") from e
         if resp.status_code in (401, 403):
@@ -126,7 +127,7 @@ def _check(resp: requests.Response, what: str) -> requests.Response:
     return resp
 
 
-def resolve_target(tracking_uri: str, experiment_name: str | None, experiment_id: str | None, deadline_s: float = 30.0) -> Target:
+def resolve_target(tracking_uri: str, experiment_name: str | None, experiment_id: str | None, deadline_s: float = 10.0) -> Target:
     """Find (or create) the experiment, proving on the way that MLflow is there and lets us in."""
     if tracking_uri.startswith(("http://", "https://")):
         return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s)
@@ -185,7 +186,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None) -> Target:
         if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
             raise SinkError(f"experiment id {exp_id} does not exist in {uri}", kind="rejected") from e
         raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
-    except Exception as e:  # noqa: BLE001 - any driver/IO error is the same thing to the user
+    except Exception as e:
         raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
     if exp.lifecycle_stage == "deleted":
         raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {uri} is deleted", kind="rejected")
@@ -263,7 +264,7 @@ class StoreSink:
             return 0
         try:
             with_retries(lambda: self.store.log_spans(self.target.experiment_id, spans), "log spans", self.deadline_s, _transient_db)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}") from e
         return len(spans)
 

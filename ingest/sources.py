@@ -97,9 +97,7 @@ def _frame(path: str, lines: list[str], sizes: pl.Series, start_offset: int, sta
     )
 
 
-def split_lines(
-    path: str, data: bytes, start_offset: int, start_line: int
-) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+def split_lines(path: str, data: bytes, start_offset: int, start_line: int) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
     """Split bytes that end with a newline into a line frame; invalid UTF-8 lines are quarantined."""
     try:
         lines = data.decode("utf-8").split("\n")[:-1]
@@ -116,9 +114,7 @@ def split_lines(
             decoded.append(b.decode("utf-8"))
         except UnicodeDecodeError as e:
             decoded.append("")
-            bad.append(
-                QuarantineRecord.of(path, start_line + i, offsets[i], Reason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", b)
-            )
+            bad.append(QuarantineRecord.of(path, start_line + i, offsets[i], Reason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", b))
     return _frame(path, decoded, sizes, start_offset, start_line), bad
 
 
@@ -149,7 +145,9 @@ def read_chunks(
                 if nl < 0:
                     overlong = (overlong[0], overlong[1] + len(block))
                     continue
-                rec = QuarantineRecord.of(name, line_no, offset, Reason.LINE_TOO_LONG, f"line longer than {max_line_bytes} bytes", overlong[0])
+                rec = QuarantineRecord.of(
+                    name, line_no, offset, Reason.LINE_TOO_LONG, f"line longer than {max_line_bytes} bytes", overlong[0]
+                )
                 offset += overlong[1] + nl + 1
                 line_no += 1
                 yield Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset, line_no)
@@ -167,7 +165,14 @@ def read_chunks(
             if len(carry) > max_line_bytes:
                 overlong, carry = (carry, len(carry)), b""
         if overlong is not None and final:
-            rec = QuarantineRecord.of(name, line_no, offset, Reason.LINE_TOO_LONG, f"line longer than {max_line_bytes} bytes (no newline at end of file)", overlong[0])
+            rec = QuarantineRecord.of(
+                name,
+                line_no,
+                offset,
+                Reason.LINE_TOO_LONG,
+                f"line longer than {max_line_bytes} bytes (no newline at end of file)",
+                overlong[0],
+            )
             yield Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset + overlong[1], line_no + 1)
         elif carry and final:
             frame, bad = split_lines(name, carry + b"\n", offset, line_no)

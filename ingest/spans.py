@@ -270,14 +270,21 @@ def _io_attributes(a: _Attempt, outputs: Any) -> dict[str, Any]:
     }
 
 
+def _status_message(r: dict[str, Any]) -> str:
+    message = r["error_message"] or r["status"]
+    if r["error_class"] and r["error_class"] not in message:
+        return f"{r['error_class']}: {message}"
+    return message
+
+
 def _status_and_events(span: OtlpSpan, a: _Attempt) -> None:
     r = a.row
     if r["status"] == "success":
         span.status.code = OtlpStatus.STATUS_CODE_OK
     else:
         span.status.code = OtlpStatus.STATUS_CODE_ERROR
-        message = r["error_message"] or r["status"]
-        span.status.message = f"{r['error_class']}: {message}" if r["error_class"] else message
+        message = _status_message(r)
+        span.status.message = message
         err = a.payload.get("error_information") if isinstance(a.payload.get("error_information"), dict) else {}
         _event(
             span,
@@ -398,7 +405,14 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
         _status_and_events_root(root, final)
         for n, a in enumerate(attempts, start=1):
             r = a.row
-            child = _new_span(tid, otel_span_id(tid, attempt_identity(r["start_us"], r["status"])), root_id, f"{name} attempt {n}", r["start_us"], r["end_us"])
+            child = _new_span(
+                tid,
+                otel_span_id(tid, attempt_identity(r["start_us"], r["status"])),
+                root_id,
+                f"{name} attempt {n}",
+                r["start_us"],
+                r["end_us"],
+            )
             _set(child, {**_io_attributes(a, a.outputs), **_call_attributes(a), "attempt": n})
             _status_and_events(child, a)
             spans.append(child)
@@ -410,8 +424,7 @@ def _status_and_events_root(root: OtlpSpan, final: _Attempt) -> None:
         root.status.code = OtlpStatus.STATUS_CODE_OK
     else:
         root.status.code = OtlpStatus.STATUS_CODE_ERROR
-        message = final.row["error_message"] or final.row["status"]
-        root.status.message = f"{final.row['error_class']}: {message}" if final.row["error_class"] else message
+        root.status.message = _status_message(final.row)
 
 
 def group_calls(frame: pl.DataFrame) -> Iterator[list[dict[str, Any]]]:

@@ -61,7 +61,7 @@ def spend_row(slp: dict, store_prompts: bool, naive: bool) -> dict:
         "completion_tokens": slp["completion_tokens"],
         "startTime": iso_ms(slp["startTime"], naive),
         "endTime": iso_ms(slp["endTime"], naive),
-        "request_duration_ms": int(round((slp["endTime"] - slp["startTime"]) * 1000)),
+        "request_duration_ms": round((slp["endTime"] - slp["startTime"]) * 1000),
         "completionStartTime": iso_ms(slp.get("completionStartTime"), naive),
         "model": slp["model"],
         "model_id": slp.get("model_id") or "",

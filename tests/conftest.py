@@ -1,0 +1,187 @@
+"""Shared fixtures: the real capture, re-identified records, a real `mlflow server`, a real SQLite store."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_LOGS = ROOT / "sample_logs"
+CAPTURE_FILES = [SAMPLE_LOGS / "proxy_calls.jsonl.1.gz", SAMPLE_LOGS / "proxy_calls.jsonl"]
+
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+    os.environ.pop(var, None)
+
+
+def read_capture() -> list[dict]:
+    """The 49 real StandardLoggingPayload records, in file order (rotated .gz part first)."""
+    import gzip
+
+    out = []
+    for f in CAPTURE_FILES:
+        data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+        out += [json.loads(line) for line in data.splitlines() if line.strip()]
+    return out
+
+
+@pytest.fixture(scope="session")
+def capture() -> list[dict]:
+    return read_capture()
+
+
+def reidentify(records: list[dict], shift_s: float = 0.0, salt: str | None = None) -> list[dict]:
+    """Copies of real records with fresh call ids (attempts of one call stay together) and shifted times."""
+    salt = salt or uuid.uuid4().hex[:8]
+    ids: dict[str, str] = {}
+    out = []
+    for r in records:
+        r = copy.deepcopy(r)
+        old = r["litellm_call_id"]
+        new = ids.setdefault(old, str(uuid.uuid5(uuid.NAMESPACE_URL, f"{salt}/{old}")))
+        r["litellm_call_id"] = new
+        if r["id"] == old:
+            r["id"] = new
+        else:
+            r["id"] = f"{r['id']}-{salt}"
+        for k in ("startTime", "endTime", "completionStartTime"):
+            if r.get(k) is not None:
+                r[k] = round(r[k] + shift_s, 6)
+        out.append(r)
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    backend_uri: str
+    proc: subprocess.Popen
+    workdir: Path
+    port: int
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_mlflow_server(workdir: Path, port: int | None = None, backend_uri: str | None = None, timeout_s: float = 90.0) -> MlflowServer:
+    """A real `mlflow server` (uvicorn, 1 worker, no job runner) on a free localhost port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    log = open(workdir / f"server-{port}.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--default-artifact-root",
+            str(workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(workdir / f'server-{port}.log').read_text()[-2000:]}")
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                return MlflowServer(url, backend_uri, proc, workdir, port)
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("mlflow server did not start in time")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def experiment_name() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+def client_for(uri: str):  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def all_traces(uri: str, experiment_name: str) -> list:
+    """Every trace of an experiment, read back through MLflow's own API (with spans)."""
+    c = client_for(uri)
+    exp = c.get_experiment_by_name(experiment_name)
+    assert exp is not None, f"experiment {experiment_name} not found"
+    out, token = [], None
+    while True:
+        page = c.search_traces(locations=[exp.experiment_id], max_results=500, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the default state dir (quarantine file) inside the test's tmp dir."""
+    monkeypatch.setenv("LITELLM_INGEST_STATE_DIR", str(tmp_path / "state"))
+
+
+def copy_samples(dest: Path) -> Path:
+    shutil.copytree(SAMPLE_LOGS, dest, ignore=shutil.ignore_patterns("*.py", "README*"))
+    return dest
