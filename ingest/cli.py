@@ -80,6 +80,12 @@ def main(verbose: bool) -> None:
     help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
 )
 @click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow.")
+@click.option(
+    "--mlflow-timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds to keep retrying an unreachable or failing MLflow before giving up.",
+)
 def batch(
     paths: tuple[str, ...],
     tracking_uri: str | None,
@@ -91,6 +97,7 @@ def batch(
     quarantine_file: Path | None,
     redact: str | None,
     batch_size: int,
+    mlflow_timeout: float,
 ) -> None:
     """Ingest log files, directories (recursive) or globs into MLflow."""
     from ingest.pipeline import BatchOptions, run_batch
@@ -104,6 +111,7 @@ def batch(
         quarantine_file=quarantine_file or _default_state_dir() / "quarantine.jsonl",
         redact=Redaction.parse(redact),
         batch_traces=batch_size,
+        mlflow_timeout_s=mlflow_timeout,
     )
     try:
         summary = run_batch(opts)

@@ -150,6 +150,7 @@ class BatchOptions:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     batch_traces: int = DEFAULT_BATCH_TRACES
     settle_s: float = DEFAULT_SETTLE_S
+    mlflow_timeout_s: float = 60.0
 
 
 def open_target(opts: BatchOptions) -> tuple[Target, Sink]:
@@ -157,8 +158,8 @@ def open_target(opts: BatchOptions) -> tuple[Target, Sink]:
     name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
     if opts.dry_run:
         return Target(uri, exp_id or "dry-run", name), NullSink()
-    target = resolve_target(uri, name, exp_id)
-    return target, make_sink(target)
+    target = resolve_target(uri, name, exp_id, opts.mlflow_timeout_s)
+    return target, make_sink(target, opts.mlflow_timeout_s)
 
 
 def run_batch(opts: BatchOptions) -> Summary:

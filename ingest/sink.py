@@ -282,5 +282,5 @@ class NullSink:
         pass
 
 
-def make_sink(target: Target) -> Sink:
-    return OtlpSink(target) if target.is_server else StoreSink(target)
+def make_sink(target: Target, deadline_s: float = 300.0) -> Sink:
+    return OtlpSink(target, deadline_s) if target.is_server else StoreSink(target, deadline_s)

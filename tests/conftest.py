@@ -96,7 +96,14 @@ class MlflowServer:
                 self.proc.wait()
 
 
-def start_mlflow_server(workdir: Path, port: int | None = None, backend_uri: str | None = None, timeout_s: float = 90.0) -> MlflowServer:
+def start_mlflow_server(
+    workdir: Path,
+    port: int | None = None,
+    backend_uri: str | None = None,
+    timeout_s: float = 90.0,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> MlflowServer:
     """A real `mlflow server` (uvicorn, 1 worker, no job runner) on a free localhost port."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -118,11 +125,12 @@ def start_mlflow_server(workdir: Path, port: int | None = None, backend_uri: str
             str(port),
             "--workers",
             "1",
+            *extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

@@ -1,0 +1,173 @@
+"""The `litellm-ingest` command as a user runs it: real processes, real exit codes, real stores."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE_LOGS, all_traces, free_port, start_mlflow_server, write_jsonl
+
+EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    full_env.update(env or {})
+    return subprocess.run([EXE, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def nonblank_lines(path: Path) -> int:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return sum(1 for line in data.split(b"\n") if line.strip())
+
+
+def assert_one_clean_error_line(proc: subprocess.CompletedProcess, code: int, needle: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("litellm-ingest: error: ") and needle in lines[0], lines[0]
+
+
+def test_default_store_is_local_sqlite_mlflow_db_that_mlflow_reads(tmp_path: Path, capture: list[dict]) -> None:
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (tmp_path / "mlflow.db").exists()
+    assert summary["tracking_uri"] == "sqlite:///mlflow.db"
+    assert summary["experiment_name"] == "LiteLLM Proxy"
+    traces = all_traces(f"sqlite:///{tmp_path / 'mlflow.db'}", "LiteLLM Proxy")
+    assert len(traces) == summary["traces_written"] == summary["calls"] > 0
+
+
+def test_env_vars_pick_server_and_experiment(mlflow_server, tmp_path: Path) -> None:
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_NAME": "from env var"}
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--json", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(all_traces(mlflow_server.url, "from env var")) == json.loads(proc.stdout)["traces_written"] > 0
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_flags_override_env_vars(mlflow_server, tmp_path: Path) -> None:
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_EXPERIMENT_NAME": "ignored"}
+    proc = run(
+        "batch",
+        str(SAMPLE_LOGS / "proxy_calls.jsonl"),
+        "--tracking-uri",
+        mlflow_server.url,
+        "--experiment-name",
+        "from flag",
+        "--json",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["experiment_name"] == "from flag"
+    assert len(all_traces(mlflow_server.url, "from flag")) > 0
+
+
+def test_json_summary_counts_and_exit_code_for_quarantine(tmp_path: Path) -> None:
+    q = tmp_path / "q.jsonl"
+    proc = run(
+        "batch", str(SAMPLE_LOGS), "--json", "--quarantine-file", str(q), "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path
+    )
+    assert proc.returncode == 3, proc.stderr
+    s = json.loads(proc.stdout)
+    bad_lines = sum(1 for _ in q.open())
+    assert s["quarantined"] == bad_lines == sum(s["quarantined_by_reason"].values()) > 0
+    assert s["records_read"] == sum(nonblank_lines(f) for f in SAMPLE_LOGS.iterdir() if ".json" in f.name)
+    assert s["calls"] == s["traces_written"] == 45
+    for rec in map(json.loads, q.open()):
+        assert {"source", "line", "offset", "reason", "raw"} <= set(rec)
+        assert Path(rec["source"]).name == "bad_input.jsonl"
+
+
+def test_clean_input_exits_zero_and_quiet_prints_nothing(tmp_path: Path) -> None:
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "-q", "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc
+
+
+def test_dry_run_builds_everything_and_writes_nothing(tmp_path: Path) -> None:
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--dry-run", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["calls"] > 0 and s["traces_written"] == 0 and s["dry_run"] is True
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_file_is_one_clear_line_exit_2(tmp_path: Path) -> None:
+    proc = run("batch", str(tmp_path / "nope.jsonl"), cwd=tmp_path)
+    assert_one_clean_error_line(proc, 2, "no such file or directory")
+
+
+def test_glob_with_no_match_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run("batch", str(tmp_path / "*.jsonl"), cwd=tmp_path)
+    assert_one_clean_error_line(proc, 2, "no files match")
+
+
+def test_unreachable_mlflow_is_one_clear_line_exit_4(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", url, "--mlflow-timeout", "1", cwd=tmp_path)
+    assert_one_clean_error_line(proc, 4, "cannot reach MLflow")
+
+
+def test_unknown_experiment_id_is_refused_not_silently_accepted(mlflow_server, tmp_path: Path) -> None:
+    proc = run(
+        "batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", mlflow_server.url, "--experiment-id", "987654", cwd=tmp_path
+    )
+    assert_one_clean_error_line(proc, 4, "experiment id 987654 does not exist")
+
+
+def test_all_good_lines_arrive_around_bad_ones(tmp_path: Path, capture: list[dict]) -> None:
+    from tests.conftest import reidentify
+
+    good = reidentify([r for r in capture if r["status"] == "success" and r["call_type"] == "acompletion"][:10])
+    path = tmp_path / "mixed.jsonl"
+    write_jsonl(path, good)
+    lines = path.read_text().splitlines()
+    mixed = []
+    for i, line in enumerate(lines):
+        mixed.append(line)
+        mixed.append('{"broken": ' if i % 2 else "\x00not json")
+    path.write_text("\n".join(mixed) + "\n")
+    uri = f"sqlite:///{tmp_path / 's.db'}"
+    proc = run("batch", str(path), "--json", "--tracking-uri", uri, "--experiment-name", "mixed", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert json.loads(proc.stdout)["quarantined"] == len(lines)
+    got = {t.info.tags["litellm.call_id"] for t in all_traces(uri, "mixed")}
+    assert got == {r["litellm_call_id"] for r in good}
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    password = "ingest-Test-Pass-123"
+    server = start_mlflow_server(
+        tmp_path_factory.mktemp("auth-server"),
+        extra_args=("--app-name", "basic-auth"),
+        env={"MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"},
+    )
+    yield server.url, "admin", password
+    server.stop()
+
+
+def test_unauthorised_mlflow_is_one_clear_line_and_credentials_from_env_work(auth_server, tmp_path: Path) -> None:
+    url, user, password = auth_server
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", url, "--mlflow-timeout", "2", cwd=tmp_path)
+    assert_one_clean_error_line(proc, 4, "refused the request (401)")
+    env = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+    ok = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", url, "--json", cwd=tmp_path, env=env)
+    assert ok.returncode == 0, ok.stderr
+    os.environ.update(env)
+    try:
+        assert len(all_traces(url, "LiteLLM Proxy")) == json.loads(ok.stdout)["traces_written"] > 0
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
