@@ -167,14 +167,27 @@ def _dtype_word(dtype: pl.DataType) -> str:
     return "object"
 
 
-def detect_format(raw: pl.Expr) -> pl.Expr:
-    """Which schema a line belongs to, from its top-level keys (a key cannot occur unescaped inside a string)."""
+def detect_format(lines: pl.DataFrame) -> pl.Series:
+    """Which schema each line belongs to, from its top-level keys.
+
+    A cheap regex finds candidate lines (a key cannot occur unescaped inside a JSON string); only
+    those are confirmed with a JSON path lookup, since a nested object (client metadata) may hold
+    the same key names.
+    """
     schemas = all_schemas()
-    expr: pl.Expr = pl.lit(schemas[-1].name)
+    fmt = pl.repeat(schemas[-1].name, lines.height, eager=True, dtype=pl.String)
+    raw = pl.col("raw")
     for schema in reversed(schemas[:-1]):
-        cond = pl.all_horizontal([raw.str.contains(rf'[{{,]\s*"{k}"\s*:') for k in schema.detect_keys])
-        expr = pl.when(cond).then(pl.lit(schema.name)).otherwise(expr)
-    return expr
+        candidate = lines.select(pl.all_horizontal([raw.str.contains(rf'[{{,]\s*"{k}"\s*:') for k in schema.detect_keys])).to_series()
+        if not candidate.any():
+            continue
+        confirmed = lines.filter(candidate).select(
+            pl.any_horizontal([raw.str.json_path_match(f"$.{k}").is_not_null() for k in schema.detect_keys])
+        )
+        hit = candidate.clone()
+        hit.scatter(candidate.arg_true(), confirmed.to_series())
+        fmt = pl.select(pl.when(hit).then(pl.lit(schema.name)).otherwise(fmt)).to_series()
+    return fmt
 
 
 def _quarantine_rows(
@@ -191,6 +204,8 @@ def _quarantine_rows(
 def _decode_part(part: pl.DataFrame, schema: RecordSchema) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
     """Decode one format's lines; return the decoded rows and the quarantined ones."""
     decoded, errors = safe_decode(part["raw"], schema.decode_dtype)
+    for i in decoded.is_null().arg_true().to_list():
+        errors.setdefault(i, "not an object")
     part = part.with_columns(rec=decoded)
     bad_idx = set(errors)
     quarantined: list[QuarantineRecord] = []
@@ -319,7 +334,8 @@ def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]
 
 def normalize(lines: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
     """Raw line frame (source, line_no, offset, raw, truncated) -> canonical frame + quarantine."""
-    lines = lines.filter(pl.col("raw").str.strip_chars() != "").with_columns(format=detect_format(pl.col("raw")))
+    lines = lines.filter(pl.col("raw").str.strip_chars() != "")
+    lines = lines.with_columns(format=detect_format(lines))
     frames: list[pl.DataFrame] = []
     quarantined: list[QuarantineRecord] = []
     for schema in all_schemas():

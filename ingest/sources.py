@@ -88,34 +88,48 @@ def _frame(path: str, lines: list[str], sizes: pl.Series, start_offset: int, sta
     offsets = (sizes + 1).cum_sum().shift(1, fill_value=0) + start_offset
     return pl.DataFrame(
         {
-            "source": pl.Series([path] * len(lines), dtype=pl.String),
+            "source": pl.repeat(path, len(lines), eager=True, dtype=pl.String),
             "line_no": pl.int_range(start_line, start_line + len(lines), eager=True, dtype=pl.Int64),
             "offset": offsets.cast(pl.Int64),
             "raw": pl.Series(lines, dtype=pl.String).str.strip_suffix("\r"),
-            "truncated": pl.Series([False] * len(lines), dtype=pl.Boolean),
+            "truncated": pl.repeat(False, len(lines), eager=True, dtype=pl.Boolean),
         }
     )
 
 
-def split_lines(path: str, data: bytes, start_offset: int, start_line: int) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
-    """Split bytes that end with a newline into a line frame; invalid UTF-8 lines are quarantined."""
+def split_lines(
+    path: str, data: bytes, start_offset: int, start_line: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Split bytes that end with a newline into a line frame.
+
+    Invalid UTF-8 and over-long lines are quarantined and left in the frame as blank lines, so
+    line numbers and offsets of the lines after them stay exact.
+    """
+    bad: list[QuarantineRecord] = []
     try:
         lines = data.decode("utf-8").split("\n")[:-1]
-        return _frame(path, lines, pl.Series(lines, dtype=pl.String).str.len_bytes(), start_offset, start_line), []
+        frame = _frame(path, lines, pl.Series(lines, dtype=pl.String).str.len_bytes(), start_offset, start_line)
     except UnicodeDecodeError:
-        pass
-    raw_lines = data.split(b"\n")[:-1]
-    sizes = pl.Series([len(b) for b in raw_lines], dtype=pl.UInt32)
-    decoded: list[str] = []
-    bad: list[QuarantineRecord] = []
-    offsets = ((sizes + 1).cum_sum().shift(1, fill_value=0) + start_offset).to_list()
-    for i, b in enumerate(raw_lines):
-        try:
-            decoded.append(b.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            decoded.append("")
-            bad.append(QuarantineRecord.of(path, start_line + i, offsets[i], Reason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", b))
-    return _frame(path, decoded, sizes, start_offset, start_line), bad
+        raw_lines = data.split(b"\n")[:-1]
+        sizes = pl.Series([len(b) for b in raw_lines], dtype=pl.UInt32)
+        offsets = ((sizes + 1).cum_sum().shift(1, fill_value=0) + start_offset).to_list()
+        decoded: list[str] = []
+        for i, b in enumerate(raw_lines):
+            try:
+                decoded.append(b.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                decoded.append("")
+                bad.append(
+                    QuarantineRecord.of(path, start_line + i, offsets[i], Reason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", b)
+                )
+        frame = _frame(path, decoded, sizes, start_offset, start_line)
+    too_long = frame["raw"].str.len_bytes() > max_line_bytes
+    if too_long.any():
+        for row in frame.filter(too_long).iter_rows(named=True):
+            detail = f"line longer than {max_line_bytes} bytes"
+            bad.append(QuarantineRecord.of(path, row["line_no"], row["offset"], Reason.LINE_TOO_LONG, detail, row["raw"]))
+        frame = frame.with_columns(raw=pl.when(too_long).then(pl.lit("")).otherwise(pl.col("raw")))
+    return frame, bad
 
 
 def read_chunks(
@@ -156,10 +170,10 @@ def read_chunks(
             cut = data.rfind(b"\n")
             if cut >= 0:
                 complete, carry = data[: cut + 1], data[cut + 1 :]
-                frame, bad = split_lines(name, complete, offset, line_no)
+                frame, bad = split_lines(name, complete, offset, line_no, max_line_bytes)
                 offset += len(complete)
                 line_no += frame.height
-                yield Chunk(name, frame, bad, offset, line_no)
+                yield Chunk(name, _drop_blank(frame), bad, offset, line_no)
             else:
                 carry = data
             if len(carry) > max_line_bytes:
@@ -175,8 +189,13 @@ def read_chunks(
             )
             yield Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset + overlong[1], line_no + 1)
         elif carry and final:
-            frame, bad = split_lines(name, carry + b"\n", offset, line_no)
-            yield Chunk(name, frame.with_columns(truncated=pl.lit(True)), bad, offset + len(carry), line_no + 1)
+            frame, bad = split_lines(name, carry + b"\n", offset, line_no, max_line_bytes)
+            yield Chunk(name, _drop_blank(frame.with_columns(truncated=pl.lit(True))), bad, offset + len(carry), line_no + 1)
+
+
+def _drop_blank(frame: pl.DataFrame) -> pl.DataFrame:
+    """Blank lines are not records (quarantined lines were blanked by ``split_lines``)."""
+    return frame.filter(pl.col("raw").str.strip_chars() != "")
 
 
 def _skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> None:

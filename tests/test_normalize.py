@@ -1,0 +1,811 @@
+"""Normalize: raw lines of both input formats -> canonical columns; bad lines -> quarantine, good ones kept."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ingest.normalize import CANONICAL, normalize
+from ingest.quarantine import QuarantineRecord
+from ingest.sources import read_chunks, split_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = "logs/proxy.jsonl"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+SLP = "standard_logging_payload"
+SPEND = "spend_logs"
+
+
+def _load_make_samples():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("make_samples", ROOT / "sample_logs" / "make_samples.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+spend_row = _load_make_samples().spend_row
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def line_of(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def frame_of(
+    items: list[object], source: str = SRC, start_offset: int = 0, start_line: int = 1
+) -> tuple[pl.DataFrame, list[tuple[int, int]]]:
+    """A line frame from records/strings, and the (line_no, offset) of each line computed by hand."""
+    lines = [line_of(x).encode() for x in items]
+    data = b"".join(b + b"\n" for b in lines)
+    frame, bad = split_lines(source, data, start_offset, start_line)
+    assert bad == []
+    pos, off = [], start_offset
+    for i, b in enumerate(lines):
+        pos.append((start_line + i, off))
+        off += len(b) + 1
+    return frame, pos
+
+
+def run(items: list[object], **kw) -> tuple[pl.DataFrame, list[QuarantineRecord], list[tuple[int, int]]]:
+    frame, pos = frame_of(items, **kw)
+    out, q = normalize(frame)
+    return out, q, pos
+
+
+def epoch_us(x: float | int | None) -> int | None:
+    """Float epoch seconds (as JSON writes them: at most 6 decimals) -> exact integer microseconds."""
+    if x is None:
+        return None
+    return int((Decimal(repr(x)) * 1_000_000).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def iso_us(text: str | None) -> int | None:
+    """Independent ISO parse (stdlib); naive means UTC."""
+    if text is None:
+        return None
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return (dt - EPOCH) // timedelta(microseconds=1)
+
+
+def blank(v: str | None) -> str | None:
+    return v if v not in (None, "") else None
+
+
+def by_line(out: pl.DataFrame) -> dict[int, dict]:
+    return {r["line_no"]: r for r in out.to_dicts()}
+
+
+def assert_quarantined(
+    q: list[QuarantineRecord], line_no: int, offset: int, reason: str, raw: str | None = None, source: str = SRC
+) -> None:
+    assert len(q) == 1, q
+    r = q[0]
+    assert (r.source, r.line, r.offset, r.reason) == (source, line_no, offset, reason), r
+    assert r.detail
+    if raw is not None:
+        assert r.raw == raw
+
+
+def assert_kept(out: pl.DataFrame, pos: list[tuple[int, int]], records: dict[int, dict], id_field: str = "litellm_call_id") -> None:
+    """The lines at the given indexes are all in the output, at their own line and offset, with their own call key."""
+    got = by_line(out)
+    assert set(got) == {pos[i][0] for i in records}
+    for i, rec in records.items():
+        row = got[pos[i][0]]
+        assert row["offset"] == pos[i][1]
+        assert row["source"] == SRC
+        assert row["call_key"] == rec[id_field]
+
+
+def spend_rows(capture: list[dict]) -> list[dict]:
+    """Every capture record as an exported SpendLogs row, the way make_samples.py writes them."""
+    return [spend_row(r, store_prompts=i % 3 != 0, naive=i % 4 != 3) for i, r in enumerate(capture)]
+
+
+@pytest.fixture
+def good(capture: list[dict]) -> list[dict]:
+    """Three distinct real records to surround a bad line with."""
+    return [copy.deepcopy(capture[i]) for i in (0, 14, 23)]
+
+
+# --- StandardLoggingPayload ------------------------------------------------------------------------
+
+
+def test_slp_capture_maps_to_canonical(tmp_path: Path, capture: list[dict]) -> None:
+    f = tmp_path / "proxy.jsonl"
+    data = "".join(json.dumps(r) + "\n" for r in capture).encode()
+    f.write_bytes(data)
+    chunks = list(read_chunks(f, chunk_bytes=4096))
+    out, q = normalize(pl.concat([c.lines for c in chunks]))
+    assert q == []
+    assert out.height == len(capture) == 49
+    assert out.schema == pl.Schema(CANONICAL)
+    rows = out.to_dicts()
+    offset = 0
+    for i, (row, r) in enumerate(zip(rows, capture, strict=True)):
+        line = json.dumps(r)
+        md = r["metadata"]
+        ei = r.get("error_information") or {}
+        assert row["source"] == str(f)
+        assert row["line_no"] == i + 1
+        assert row["offset"] == offset
+        assert row["raw"] == line
+        offset += len(line.encode()) + 1
+        assert row["format"] == SLP
+        assert row["call_key"] == r["litellm_call_id"]
+        assert row["call_key_from"] == "litellm_call_id"
+        assert row["litellm_call_id"] == r["litellm_call_id"]
+        assert row["request_id"] == r["id"]
+        assert row["litellm_trace_id"] == r["trace_id"]
+        assert row["call_type"] == r["call_type"]
+        assert row["status"] == r["status"]
+        assert row["start_us"] == epoch_us(r["startTime"]), (i, r["startTime"])
+        assert row["end_us"] == epoch_us(r["endTime"]), (i, r["endTime"])
+        assert row["first_token_us"] == epoch_us(r["completionStartTime"])
+        assert row["stream"] is bool(r["stream"])
+        assert row["model"] == blank(r["model"])
+        assert row["model_group"] == blank(r["model_group"])
+        assert row["model_id"] == blank(r["model_id"])
+        assert row["provider"] == blank(r["custom_llm_provider"])
+        assert row["api_base"] == blank(r["api_base"])
+        assert row["prompt_tokens"] == r["prompt_tokens"]
+        assert row["completion_tokens"] == r["completion_tokens"]
+        assert row["total_tokens"] == r["total_tokens"]
+        assert row["cost"] == r["response_cost"]
+        assert row["saved_cache_cost"] == r["saved_cache_cost"]
+        assert row["cache_hit"] is bool(r["cache_hit"])
+        assert row["session"] == (blank(r["session_id"]) or r["trace_id"])
+        assert row["user"] == (blank(r["end_user"]) or md["user_api_key_user_id"])
+        assert row["end_user"] == blank(r["end_user"])
+        assert row["key_user_id"] == md["user_api_key_user_id"]
+        assert row["key_alias"] == blank(md["user_api_key_alias"])
+        assert row["key_hash"] == md["user_api_key_hash"]
+        assert row["team"] == (blank(md["user_api_key_team_alias"]) or blank(md["user_api_key_team_id"]))
+        assert row["request_tags"] == r["request_tags"]
+        assert row["error_class"] == blank(ei.get("error_class"))
+        assert row["error_code"] == blank(ei.get("error_code"))
+        assert row["error_message"] == (blank(ei.get("error_message")) or blank(r["error_str"]))
+
+
+def test_slp_capture_covers_the_interesting_cases(capture: list[dict]) -> None:
+    """Guard: the mapping test above really sees streams, failures, a cache hit, end users and sessions."""
+    out, q, _ = run(capture)
+    assert q == []
+    assert out["stream"].sum() == sum(1 for r in capture if r["stream"]) > 0
+    assert out["cache_hit"].sum() == 1
+    failures = out.filter(pl.col("status") == "failure")
+    assert failures.height == sum(1 for r in capture if r["status"] == "failure") > 0
+    assert failures["error_class"].null_count() == 0
+    assert failures["error_code"].null_count() == 0
+    assert failures["error_message"].null_count() == 0
+    assert out.filter(pl.col("status") == "success")["error_class"].null_count() == out.filter(pl.col("status") == "success").height
+    assert {"user-123", "user-456", "user-stream-7"} <= set(out["user"])
+    assert {"sess-A", "sess-B", "sess-multiturn-001", "trace-explicit-001"} <= set(out["session"])
+    assert out.filter(pl.col("user") == "user-stream-7")["request_tags"][0].to_list()[:2] == ["team:b", "feature:stream"]
+
+
+def test_slp_session_id_wins_over_trace_id(capture: list[dict]) -> None:
+    r = copy.deepcopy(capture[0])
+    r["session_id"] = "sess-correlated"
+    out, q, _ = run([r, capture[1]])
+    assert q == []
+    assert out["session"].to_list() == ["sess-correlated", capture[1]["trace_id"]]
+
+
+def test_slp_user_falls_back_to_key_user_id(capture: list[dict]) -> None:
+    a = copy.deepcopy(capture[0])
+    a["end_user"] = "end-user-1"
+    a["metadata"]["user_api_key_user_id"] = "key-user-1"
+    b = copy.deepcopy(capture[0])
+    b["end_user"] = ""
+    b["metadata"]["user_api_key_user_id"] = "key-user-2"
+    b["litellm_call_id"] = "other-call"
+    c = copy.deepcopy(b)
+    c["end_user"] = None
+    c["metadata"]["user_api_key_user_id"] = None
+    c["litellm_call_id"] = "third-call"
+    out, q, _ = run([a, b, c])
+    assert q == []
+    assert out["user"].to_list() == ["end-user-1", "key-user-2", None]
+    assert out["end_user"].to_list() == ["end-user-1", None, None]
+    assert out["key_user_id"].to_list() == ["key-user-1", "key-user-2", None]
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [1795788109.313645, 1795788109.000001, 1795788109.999999, 1795788110.0, 1795788110, 1.5e9 + 0.000005, 1795788161.7831693],
+)
+def test_slp_epoch_seconds_to_exact_microseconds(capture: list[dict], seconds: float) -> None:
+    r = copy.deepcopy(capture[0])
+    r["startTime"] = seconds
+    r["endTime"] = seconds
+    r["completionStartTime"] = seconds
+    out, q, _ = run([r])
+    assert q == []
+    expected = int((Decimal(repr(seconds)) * 1_000_000).to_integral_value(rounding=ROUND_HALF_EVEN))
+    assert out["start_us"][0] == out["end_us"][0] == out["first_token_us"][0] == expected
+
+
+def test_slp_stream_true_false_null(capture: list[dict]) -> None:
+    recs = []
+    for i, v in enumerate([True, False, None]):
+        r = copy.deepcopy(capture[0])
+        r["litellm_call_id"] = f"call-{i}"
+        r["stream"] = v
+        recs.append(r)
+    out, q, _ = run(recs)
+    assert q == []
+    assert out["stream"].to_list() == [True, False, False]
+
+
+def test_slp_minimal_record(capture: list[dict]) -> None:
+    """Only the required times and an id: the rest of the canonical columns are empty or defaulted."""
+    r = {"litellm_call_id": "c-1", "startTime": 1795788109.5, "endTime": 1795788110.25}
+    out, q, pos = run([r])
+    assert q == []
+    row = out.to_dicts()[0]
+    assert (row["line_no"], row["offset"]) == pos[0]
+    assert row["call_key"] == "c-1"
+    assert row["start_us"] == 1795788109_500000
+    assert row["end_us"] == 1795788110_250000
+    assert row["first_token_us"] is None
+    assert row["stream"] is False
+    assert row["cache_hit"] is False
+    assert row["status"] == "success"
+    assert row["call_type"] == "completion"
+    assert row["request_tags"] is None
+    assert row["session"] is None
+    assert row["user"] is None
+
+
+# --- SpendLogs -------------------------------------------------------------------------------------
+
+
+def assert_spend_row(row: dict, s: dict) -> None:
+    md = s["metadata"] if isinstance(s["metadata"], dict) else json.loads(s["metadata"])
+    tags = s["request_tags"] if isinstance(s["request_tags"], list) else json.loads(s["request_tags"])
+    ei = md.get("error_information") or {}
+    assert row["format"] == SPEND
+    assert row["call_key"] == s["litellm_call_id"]
+    assert row["call_key_from"] == "litellm_call_id"
+    assert row["litellm_call_id"] == s["litellm_call_id"]
+    assert row["request_id"] == s["request_id"]
+    assert row["call_type"] == s["call_type"]
+    assert row["status"] == s["status"]
+    assert row["start_us"] == iso_us(s["startTime"])
+    assert row["end_us"] == iso_us(s["endTime"])
+    assert row["first_token_us"] == iso_us(s["completionStartTime"])
+    assert row["cost"] == s["spend"]
+    assert row["prompt_tokens"] == s["prompt_tokens"]
+    assert row["completion_tokens"] == s["completion_tokens"]
+    assert row["total_tokens"] == s["total_tokens"]
+    assert row["model"] == blank(s["model"])
+    assert row["model_group"] == blank(s["model_group"])
+    assert row["model_id"] == blank(s["model_id"])
+    assert row["provider"] == blank(s["custom_llm_provider"])
+    assert row["api_base"] == blank(s["api_base"])
+    assert row["cache_hit"] is (str(s["cache_hit"]).lower() == "true")
+    assert row["session"] == blank(s["session_id"])
+    assert row["user"] == (blank(s["end_user"]) or blank(s["user"]))
+    assert row["key_user_id"] == blank(s["user"])
+    assert row["key_hash"] == blank(s["api_key"])
+    assert row["key_alias"] == blank(md["user_api_key_alias"])
+    assert row["team"] == (blank(md["user_api_key_team_alias"]) or blank(md["user_api_key_team_id"]) or blank(s["team_id"]))
+    assert row["request_tags"] == tags
+    assert row["error_class"] == blank(ei.get("error_class"))
+    assert row["error_code"] == blank(ei.get("error_code"))
+    assert row["error_message"] == blank(ei.get("error_message"))
+
+
+def test_spend_logs_capture_maps_to_canonical(capture: list[dict]) -> None:
+    rows = spend_rows(capture)
+    assert any(r["startTime"].endswith("+00:00") for r in rows)
+    assert any(not r["startTime"].endswith("+00:00") for r in rows)
+    out, q, pos = run(rows)
+    assert q == []
+    assert out.height == len(rows)
+    assert out.schema == pl.Schema(CANONICAL)
+    for row, s, (line_no, offset) in zip(out.to_dicts(), rows, pos, strict=True):
+        assert (row["source"], row["line_no"], row["offset"]) == (SRC, line_no, offset)
+        assert row["raw"] == json.dumps(s)
+        assert_spend_row(row, s)
+    # The error columns really are exercised: failures carry error_information in metadata.
+    assert out.filter(pl.col("status") == "failure")["error_class"].null_count() == 0
+    assert out["cache_hit"].sum() == 1
+
+
+def test_spend_logs_json_values_same_as_json_text(capture: list[dict]) -> None:
+    as_text = spend_rows(capture)
+    as_values = []
+    for s in as_text:
+        s = dict(s)
+        s["metadata"] = json.loads(s["metadata"])
+        s["request_tags"] = json.loads(s["request_tags"])
+        as_values.append(s)
+    out_t, q_t, _ = run(as_text)
+    out_v, q_v, _ = run(as_values)
+    assert q_t == [] and q_v == []
+    for row, s in zip(out_v.to_dicts(), as_values, strict=True):
+        assert_spend_row(row, s)
+    skip = {"raw", "offset"}
+    assert out_t.drop(*skip).to_dicts() == out_v.drop(*skip).to_dicts()
+
+
+def test_spend_logs_null_metadata_and_tags(capture: list[dict]) -> None:
+    s = spend_row(capture[0], store_prompts=False, naive=True)
+    s["metadata"] = None
+    s["request_tags"] = None
+    out, q, _ = run([s])
+    assert q == []
+    row = out.to_dicts()[0]
+    assert row["call_key"] == s["litellm_call_id"]
+    assert row["request_tags"] is None
+    assert row["key_alias"] is None
+    assert row["error_class"] is None
+
+
+def _spend_times(capture: list[dict], start: str, end: str, first: str | None = None) -> dict:
+    s = spend_row(capture[0], store_prompts=False, naive=True)
+    s["startTime"], s["endTime"], s["completionStartTime"] = start, end, first
+    return s
+
+
+START = datetime(2026, 11, 27, 10, 11, 12, 345678, tzinfo=timezone.utc)
+END = START + timedelta(seconds=1, microseconds=654321)
+
+
+def _fmt(dt: datetime, sep: str = "T", frac: str = "us", tz: str = "") -> str:
+    base = dt.strftime(f"%Y-%m-%d{sep}%H:%M:%S")
+    if frac == "us":
+        base += dt.strftime(".%f")
+    elif frac == "ms":
+        base += f".{dt.microsecond // 1000:03d}"
+    return base + tz
+
+
+def _local(dt: datetime, hours: int, minutes: int = 0) -> datetime:
+    return dt.astimezone(timezone(timedelta(hours=hours, minutes=minutes)))
+
+
+TIME_FORMS = {
+    "naive_is_utc": lambda dt: _fmt(dt),
+    "naive_ms": lambda dt: _fmt(dt, frac="ms"),
+    "naive_no_fraction": lambda dt: _fmt(dt, frac=""),
+    "Z": lambda dt: _fmt(dt, tz="Z"),
+    "Z_no_fraction": lambda dt: _fmt(dt, frac="", tz="Z"),
+    "plus_00_00": lambda dt: _fmt(dt, tz="+00:00"),
+    "plus_02_00": lambda dt: _fmt(_local(dt, 2), tz="+02:00"),
+    "minus_05_30": lambda dt: _fmt(_local(dt, -5, -30), tz="-05:30"),
+    "plus_0200_compact": lambda dt: _fmt(_local(dt, 2), tz="+0200"),
+    "space_separator": lambda dt: _fmt(dt, sep=" "),
+    "space_separator_offset": lambda dt: _fmt(_local(dt, 2), sep=" ", tz="+02:00"),
+    "short_plus_00": lambda dt: _fmt(dt, tz="+00"),
+    "space_short_plus_00": lambda dt: _fmt(dt, sep=" ", tz="+00"),
+    "short_plus_05": lambda dt: _fmt(_local(dt, 5), tz="+05"),
+    "short_minus_03": lambda dt: _fmt(_local(dt, -3), tz="-03"),
+}
+
+
+def _truncate(dt: datetime, form: str) -> datetime:
+    if "no_fraction" in form:
+        return dt.replace(microsecond=0)
+    if form.endswith("_ms"):
+        return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+    return dt
+
+
+@pytest.mark.parametrize("form", list(TIME_FORMS))
+def test_spend_logs_iso_time_forms(capture: list[dict], form: str) -> None:
+    fmt = TIME_FORMS[form]
+    first = START + timedelta(milliseconds=250)
+    s = _spend_times(capture, fmt(START), fmt(END), fmt(first))
+    out, q, _ = run([s])
+    assert q == []
+    row = out.to_dicts()[0]
+    expect = {k: (_truncate(v, form) - EPOCH) // timedelta(microseconds=1) for k, v in {"s": START, "e": END, "f": first}.items()}
+    assert (row["start_us"], row["end_us"], row["first_token_us"]) == (expect["s"], expect["e"], expect["f"]), s["startTime"]
+
+
+def test_spend_logs_offset_times_are_the_same_instant(capture: list[dict]) -> None:
+    """One instant written four ways gives one start_us."""
+    texts = [_fmt(START), _fmt(START, tz="Z"), _fmt(_local(START, 2), tz="+02:00"), _fmt(_local(START, -7), sep=" ", tz="-07:00")]
+    rows = []
+    for i, t in enumerate(texts):
+        s = _spend_times(capture, t, _fmt(END, tz="Z"))
+        s["litellm_call_id"] = f"call-{i}"
+        rows.append(s)
+    out, q, _ = run(rows)
+    assert q == []
+    assert out["start_us"].to_list() == [(START - EPOCH) // timedelta(microseconds=1)] * 4
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("True", True), ("False", False), ("true", True), (True, True), (False, False), (None, False)]
+)
+def test_spend_logs_cache_hit(capture: list[dict], value: object, expected: bool) -> None:
+    s = spend_row(capture[0], store_prompts=False, naive=True)
+    s["cache_hit"] = value
+    out, q, _ = run([s])
+    assert q == []
+    assert out["cache_hit"].to_list() == [expected]
+
+
+def test_spend_logs_request_id_only(capture: list[dict]) -> None:
+    """Older exports have no litellm_call_id column: request_id is the call key."""
+    s = spend_row(capture[0], store_prompts=False, naive=True)
+    del s["litellm_call_id"]
+    out, q, _ = run([s])
+    assert q == []
+    assert out["call_key"].to_list() == [s["request_id"]]
+    assert out["call_key_from"].to_list() == ["request_id"]
+
+
+# --- format detection ------------------------------------------------------------------------------
+
+
+def test_mixed_formats_detected_per_record(capture: list[dict]) -> None:
+    spend = spend_rows(capture)
+    items: list[dict] = []
+    kinds: list[str] = []
+    for i in range(len(capture)):
+        if i % 2:
+            s = dict(spend[i])
+            s["litellm_call_id"] = f"spend-{i}"
+            items.append(s)
+            kinds.append(SPEND)
+        else:
+            items.append(capture[i])
+            kinds.append(SLP)
+    out, q, pos = run(items)
+    assert q == []
+    assert out.height == len(items)
+    got = by_line(out)
+    for i, (item, kind) in enumerate(zip(items, kinds, strict=True)):
+        row = got[pos[i][0]]
+        assert row["offset"] == pos[i][1]
+        assert row["format"] == kind
+        if kind == SPEND:
+            assert_spend_row(row, item)
+        else:
+            assert row["call_key"] == item["litellm_call_id"]
+            assert row["start_us"] == epoch_us(item["startTime"])
+            assert row["cost"] == item["response_cost"]
+    # Output is in line order, whatever the formats.
+    assert out["line_no"].to_list() == [p[0] for p in pos]
+
+
+def test_slp_with_nested_request_id_and_spend_is_still_slp(capture: list[dict]) -> None:
+    """Clients may send any metadata (a `request_id`, a `spend` budget); nested keys must not flip the format."""
+    r = copy.deepcopy(capture[0])
+    r["metadata"]["requester_metadata"] = {"request_id": "client-req-1", "spend": 1.5}
+    out, q, _ = run([r])
+    assert q == []
+    row = out.to_dicts()[0]
+    assert row["format"] == SLP
+    assert row["call_key"] == r["litellm_call_id"]
+    assert row["start_us"] == epoch_us(r["startTime"])
+
+
+def test_spend_logs_key_order_and_spacing_do_not_matter(capture: list[dict]) -> None:
+    s = spend_row(capture[0], store_prompts=False, naive=True)
+    reordered = {k: s[k] for k in sorted(s, reverse=True)}
+    compact = json.dumps(s, separators=(",", ":"))
+    out, q, _ = run([reordered, compact])
+    assert q == []
+    assert out["format"].to_list() == [SPEND, SPEND]
+    assert out["call_key"].to_list() == [s["litellm_call_id"]] * 2
+
+
+# --- bad input: each quarantined precisely, the good lines around it kept --------------------------
+
+
+def test_malformed_json(good: list[dict]) -> None:
+    bad = '{"id": "chatcmpl-broken", "litellm_call_id": "0000-broken", "startTime": 1795788109.3,'
+    out, q, pos = run([good[0], bad, good[1]])
+    assert_quarantined(q, *pos[1], "malformed_json", raw=bad)
+    assert_kept(out, pos, {0: good[0], 2: good[1]})
+
+
+def test_truncated_last_line(tmp_path: Path, good: list[dict]) -> None:
+    lines = [json.dumps(r) for r in good]
+    cut = lines[2][: len(lines[2]) // 2]
+    f = tmp_path / "proxy.jsonl"
+    f.write_bytes((lines[0] + "\n" + lines[1] + "\n" + cut).encode())
+    frame = pl.concat([c.lines for c in read_chunks(f, chunk_bytes=1000)])
+    out, q = normalize(frame)
+    pos = [(1, 0), (2, len(lines[0]) + 1), (3, len(lines[0]) + len(lines[1]) + 2)]
+    assert_quarantined(q, *pos[2], "truncated_line", raw=cut, source=str(f))
+    assert {r["line_no"]: (r["offset"], r["call_key"]) for r in out.to_dicts()} == {
+        1: (pos[0][1], good[0]["litellm_call_id"]),
+        2: (pos[1][1], good[1]["litellm_call_id"]),
+    }
+
+
+def test_complete_last_line_without_newline_is_kept(tmp_path: Path, good: list[dict]) -> None:
+    f = tmp_path / "proxy.jsonl"
+    f.write_bytes((json.dumps(good[0]) + "\n" + json.dumps(good[1])).encode())
+    out, q = normalize(pl.concat([c.lines for c in read_chunks(f)]))
+    assert q == []
+    assert out["call_key"].to_list() == [good[0]["litellm_call_id"], good[1]["litellm_call_id"]]
+
+
+@pytest.mark.parametrize("bad", ['["not", "an", "object"]', "42", '"a string"', "null", "true", "[]"])
+def test_not_an_object(good: list[dict], bad: str) -> None:
+    out, q, pos = run([good[0], bad, good[1]])
+    assert_quarantined(q, *pos[1], "not_an_object", raw=bad)
+    assert_kept(out, pos, {0: good[0], 2: good[1]})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("startTime", "yesterday"),
+        ("endTime", "tomorrow"),
+        ("prompt_tokens", "many"),
+        ("stream", "yes"),
+        ("response_cost", {"usd": 1}),
+        ("metadata", ["not", "an", "object"]),
+    ],
+)
+def test_slp_wrong_type(good: list[dict], field: str, value: object) -> None:
+    bad = copy.deepcopy(good[1])
+    bad[field] = value
+    out, q, pos = run([good[0], bad, good[2]])
+    assert_quarantined(q, *pos[1], "wrong_type", raw=json.dumps(bad))
+    assert field in q[0].detail
+    assert_kept(out, pos, {0: good[0], 2: good[2]})
+
+
+@pytest.mark.parametrize(("field", "value"), [("prompt_tokens", "many"), ("spend", "lots"), ("completion_tokens", [1])])
+def test_spend_logs_wrong_type(capture: list[dict], field: str, value: object) -> None:
+    rows = spend_rows(capture)[:3]
+    rows[1][field] = value
+    out, q, pos = run(rows)
+    assert_quarantined(q, *pos[1], "wrong_type", raw=json.dumps(rows[1]))
+    assert_kept(out, pos, {0: rows[0], 2: rows[2]})
+
+
+@pytest.mark.parametrize("value", ["{not json", json.dumps(["a", "list"]), json.dumps({"user_api_key_alias": ["x"]})])
+def test_spend_logs_metadata_text_of_wrong_shape(capture: list[dict], value: str) -> None:
+    rows = spend_rows(capture)[:3]
+    rows[1]["metadata"] = value
+    out, q, pos = run(rows)
+    assert_quarantined(q, *pos[1], "wrong_type", raw=json.dumps(rows[1]))
+    assert "metadata" in q[0].detail
+    assert_kept(out, pos, {0: rows[0], 2: rows[2]})
+
+
+@pytest.mark.parametrize("missing", [("startTime",), ("endTime",), ("startTime", "endTime")])
+def test_slp_missing_time(good: list[dict], missing: tuple[str, ...]) -> None:
+    bad = copy.deepcopy(good[1])
+    for k in missing:
+        del bad[k]
+    out, q, pos = run([good[0], bad, good[2]])
+    assert_quarantined(q, *pos[1], "missing_time", raw=json.dumps(bad))
+    assert_kept(out, pos, {0: good[0], 2: good[2]})
+
+
+@pytest.mark.parametrize("field", ["startTime", "endTime"])
+def test_slp_null_time_is_missing(good: list[dict], field: str) -> None:
+    bad = copy.deepcopy(good[1])
+    bad[field] = None
+    out, q, pos = run([good[0], bad, good[2]])
+    assert_quarantined(q, *pos[1], "missing_time")
+    assert_kept(out, pos, {0: good[0], 2: good[2]})
+
+
+@pytest.mark.parametrize("missing", [("startTime",), ("endTime",)])
+def test_spend_logs_missing_time(capture: list[dict], missing: tuple[str, ...]) -> None:
+    rows = spend_rows(capture)[:3]
+    for k in missing:
+        del rows[1][k]
+    out, q, pos = run(rows)
+    assert_quarantined(q, *pos[1], "missing_time")
+    assert_kept(out, pos, {0: rows[0], 2: rows[2]})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("startTime", "not a time"),
+        ("endTime", "yesterday at noon"),
+        ("startTime", "2026-13-45T99:00:00"),
+        ("startTime", "2026-02-30T10:00:00Z"),
+        ("endTime", ""),
+        ("startTime", "1795788109.3"),
+        ("startTime", 1795788109.3),
+    ],
+)
+def test_spend_logs_bad_time(capture: list[dict], field: str, value: object) -> None:
+    """An ISO field that is not an ISO time (numbers decode as their text) is a bad time."""
+    rows = spend_rows(capture)[:3]
+    rows[1][field] = value
+    out, q, pos = run(rows)
+    assert_quarantined(q, *pos[1], "bad_time", raw=json.dumps(rows[1]))
+    assert_kept(out, pos, {0: rows[0], 2: rows[2]})
+
+
+def test_slp_all_ids_null(good: list[dict]) -> None:
+    bad = copy.deepcopy(good[1])
+    bad["litellm_call_id"] = None
+    bad["id"] = None
+    out, q, pos = run([good[0], bad, good[2]])
+    assert_quarantined(q, *pos[1], "missing_id", raw=json.dumps(bad))
+    assert_kept(out, pos, {0: good[0], 2: good[2]})
+
+
+def test_slp_all_ids_absent(good: list[dict]) -> None:
+    bad = copy.deepcopy(good[1])
+    del bad["litellm_call_id"], bad["id"]
+    out, q, pos = run([good[0], bad, good[2]])
+    assert_quarantined(q, *pos[1], "missing_id")
+    assert_kept(out, pos, {0: good[0], 2: good[2]})
+
+
+def test_spend_logs_all_ids_null(capture: list[dict]) -> None:
+    rows = spend_rows(capture)[:3]
+    rows[1]["litellm_call_id"] = None
+    rows[1]["request_id"] = None
+    out, q, pos = run(rows)
+    assert_quarantined(q, *pos[1], "missing_id")
+    assert_kept(out, pos, {0: rows[0], 2: rows[2]})
+
+
+def test_slp_id_used_when_call_id_unusable(good: list[dict]) -> None:
+    r = copy.deepcopy(good[1])
+    r["litellm_call_id"] = "None"
+    out, q, _ = run([r])
+    assert q == []
+    assert out["call_key"].to_list() == [r["id"]]
+    assert out["call_key_from"].to_list() == ["id"]
+    assert out["litellm_call_id"].to_list() == [None]
+
+
+@pytest.mark.parametrize("placeholder", ["None", "none", "null", "", "  ", "undefined", "NaN"])
+def test_placeholder_ids_get_a_content_hash(good: list[dict], placeholder: str) -> None:
+    bad = copy.deepcopy(good[1])
+    bad["litellm_call_id"] = placeholder
+    bad["id"] = placeholder
+    other = copy.deepcopy(bad)
+    other["response_cost"] = 12.5
+    out, q, pos = run([good[0], bad, good[2], other])
+    assert q == []
+    got = by_line(out)
+    assert set(got) == {p[0] for p in pos}
+    key = got[pos[1][0]]["call_key"]
+    assert key.startswith("sha256:")
+    assert len(key) > len("sha256:") + 16
+    assert got[pos[1][0]]["call_key_from"] == "content_hash"
+    assert got[pos[1][0]]["offset"] == pos[1][1]
+    assert got[pos[0][0]]["call_key"] == good[0]["litellm_call_id"]
+    assert got[pos[2][0]]["call_key"] == good[2]["litellm_call_id"]
+    # Another record gets another key.
+    assert got[pos[3][0]]["call_key"].startswith("sha256:")
+    assert got[pos[3][0]]["call_key"] != key
+    # The same line gives the same key: in another frame, another file, at another offset and line.
+    again, q2, _ = run([good[2], good[0], bad], source="elsewhere/other.jsonl", start_offset=12345, start_line=77)
+    assert q2 == []
+    assert again.filter(pl.col("line_no") == 79)["call_key"].to_list() == [key]
+
+
+def test_spend_logs_none_ids_get_a_content_hash(capture: list[dict]) -> None:
+    rows = spend_rows(capture)[:3]
+    rows[1]["litellm_call_id"] = "None"
+    rows[1]["request_id"] = "None"
+    out, q, pos = run(rows)
+    assert q == []
+    key = by_line(out)[pos[1][0]]["call_key"]
+    assert key.startswith("sha256:")
+    out2, _, _ = run([rows[1]])
+    assert out2["call_key"].to_list() == [key]
+
+
+def test_unknown_extra_field_is_ingested_unchanged(good: list[dict]) -> None:
+    r = copy.deepcopy(good[1])
+    r["new_field_2027"] = {"x": [1]}
+    r["another_new_one"] = [{"deep": {"er": None}}, 3, "s"]
+    out, q, pos = run([good[0], r, good[2]])
+    assert q == []
+    row = by_line(out)[pos[1][0]]
+    assert row["raw"] == json.dumps(r)
+    assert json.loads(row["raw"])["new_field_2027"] == {"x": [1]}
+    assert row["call_key"] == r["litellm_call_id"]
+    assert row["start_us"] == epoch_us(r["startTime"])
+    assert row["cost"] == r["response_cost"]
+    assert_kept(out, pos, {0: good[0], 1: r, 2: good[2]})
+
+
+def test_spend_logs_unknown_extra_field_is_ingested_unchanged(capture: list[dict]) -> None:
+    s = spend_row(capture[0], store_prompts=True, naive=True)
+    s["new_field_2027"] = {"x": [1]}
+    out, q, _ = run([s])
+    assert q == []
+    assert out["raw"].to_list() == [json.dumps(s)]
+    assert_spend_row(out.to_dicts()[0], s)
+
+
+def test_blank_lines_are_skipped_silently(good: list[dict]) -> None:
+    items: list[object] = ["", good[0], "   ", "", good[1], "\t", "\r", good[2], ""]
+    out, q, pos = run(items)
+    assert q == []
+    assert_kept(out, pos, {1: good[0], 4: good[1], 7: good[2]})
+
+
+def test_empty_frame() -> None:
+    frame, _ = split_lines(SRC, b"", 0, 1)
+    out, q = normalize(frame)
+    assert q == []
+    assert out.height == 0
+    assert out.schema == pl.Schema(CANONICAL)
+
+
+def test_quarantine_and_output_together_in_one_frame(good: list[dict], capture: list[dict]) -> None:
+    """Several different bad lines and both formats in one frame: each bad line gets its own reason."""
+    spend = spend_rows(capture)[5]
+    no_time = copy.deepcopy(good[1])
+    del no_time["startTime"]
+    no_ids = copy.deepcopy(good[2])
+    no_ids["litellm_call_id"] = no_ids["id"] = None
+    bad_time = dict(spend, startTime="soon", litellm_call_id="x-1")
+    items: list[object] = [good[0], "{oops", spend, '["x"]', no_time, bad_time, no_ids, good[1] | {"litellm_call_id": "ok-2"}]
+    out, q, pos = run(items)
+    assert sorted((r.line, r.offset, r.reason) for r in q) == [
+        (*pos[1], "malformed_json"),
+        (*pos[3], "not_an_object"),
+        (*pos[4], "missing_time"),
+        (*pos[5], "bad_time"),
+        (*pos[6], "missing_id"),
+    ]
+    assert [(r["line_no"], r["offset"], r["call_key"]) for r in out.to_dicts()] == [
+        (*pos[0], good[0]["litellm_call_id"]),
+        (*pos[2], spend["litellm_call_id"]),
+        (*pos[7], "ok-2"),
+    ]
+
+
+# --- a big frame ---------------------------------------------------------------------------------
+
+
+def test_big_frame_three_bad_lines(capture: list[dict]) -> None:
+    light = [{k: v for k, v in r.items() if k not in ("model_map_information", "hidden_params", "messages", "response")} for r in capture]
+    n = 2000
+    items: list[object] = []
+    expected: dict[int, str] = {}
+    for i in range(n):
+        r = dict(light[i % len(light)])
+        r["litellm_call_id"] = f"call-{i:05d}"
+        r["startTime"] = round(r["startTime"] + i, 6)
+        r["endTime"] = round(r["endTime"] + i, 6)
+        items.append(r)
+    bad_at = {3: '{"litellm_call_id": "x", "startTime": 1.0,', 1024: '["array"]', 1999: dict(light[0], startTime="yesterday")}
+    for i, b in bad_at.items():
+        items[i] = b
+    for i in range(n):
+        if i not in bad_at:
+            expected[i] = f"call-{i:05d}"
+    out, q, pos = run(items)
+    assert len(q) == 3
+    assert sorted((r.line, r.offset, r.reason) for r in q) == [
+        (*pos[3], "malformed_json"),
+        (*pos[1024], "not_an_object"),
+        (*pos[1999], "wrong_type"),
+    ]
+    assert out.height == 1997
+    assert [(r["line_no"], r["offset"], r["call_key"]) for r in out.select("line_no", "offset", "call_key").to_dicts()] == [
+        (*pos[i], expected[i]) for i in sorted(expected)
+    ]
+    starts = dict(zip(out["call_key"], out["start_us"], strict=True))
+    for i in (0, 4, 1023, 1025, 1998):
+        assert starts[f"call-{i:05d}"] == epoch_us(items[i]["startTime"])  # type: ignore[index]
