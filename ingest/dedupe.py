@@ -83,13 +83,17 @@ def dedupe(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
 
 
 def split_final(frame: pl.DataFrame, settle_s: float = DEFAULT_SETTLE_S, final: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Split deduped rows into calls that are final now and calls to hold for a retry/fallback."""
+    """Split deduped rows into calls that are final now and calls to hold for a retry/fallback.
+
+    A call's outcome is its attempt that ended last: a fallback's success record carries the
+    original request's start time, earlier than the failed primary it replaced.
+    """
     if final or not frame.height:
         return frame, frame.clear()
     watermark = frame["end_us"].max()
     assert isinstance(watermark, int)
     per_call = frame.group_by("call_key").agg(
-        last_status=pl.col("status").sort_by("start_us").last(),
+        last_status=pl.col("status").sort_by("end_us", "start_us").last(),
         last_end=pl.col("end_us").max(),
     )
     hold = per_call.filter((pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000)))["call_key"]

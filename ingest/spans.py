@@ -80,6 +80,16 @@ def _json_value(value: Any) -> Any:
     return value if value not in ({}, [], "", None) else None
 
 
+def _logged_json(value: Any) -> Any:
+    """A JSON column as logged (JSON text decoded), ``{}`` for nothing, as LiteLLM's callback shows it."""
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return {} if value is None else value
+
+
 def _contents(messages: Any) -> Any:
     """Embedding/text inputs are logged as user messages; give back what the client sent."""
     if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
@@ -95,6 +105,7 @@ class _Attempt:
     inputs: dict[str, Any] | None
     outputs: Any
     params: dict[str, Any]
+    raw_response: Any
 
 
 def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
@@ -127,9 +138,11 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
         for k in ("messages", "input", "prompt"):
             if k in inputs:
                 inputs[k] = REDACTED
-    if redact.responses and outputs is not None:
-        outputs = REDACTED
-    return _Attempt(row, payload, inputs, outputs, params)
+    raw_response = _logged_json(payload.get("response"))
+    if redact.responses:
+        outputs = REDACTED if outputs is not None else None
+        raw_response = REDACTED
+    return _Attempt(row, payload, inputs, outputs, params, raw_response)
 
 
 def _set(span: OtlpSpan, attrs: dict[str, Any]) -> None:
@@ -217,12 +230,12 @@ def _call_attributes(a: _Attempt) -> dict[str, Any]:
         "litellm_call_id": r["litellm_call_id"] or r["call_key"],
         "call_type": r["call_type"],
         "model": r["model"],
-        "api_base": r["api_base"],
+        "api_base": r["api_base"] or "",
         "cache_hit": r["cache_hit"],
         "response_cost": r["cost"],
         "saved_cache_cost": r["saved_cache_cost"],
         "request_tags": r["request_tags"] or [],
-        "raw_llm_response": a.outputs,
+        "raw_llm_response": a.raw_response,
         "model_group": r["model_group"],
         "model_id": r["model_id"],
         "custom_llm_provider": r["provider"],
@@ -319,7 +332,10 @@ def _tag(key: str, value: str) -> tuple[str, str] | None:
 
 
 def trace_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """request_tags ``k:v`` -> tag k=v (repeated keys keep every value, joined by ", "), plus filterable litellm.* tags."""
+    """request_tags ``k:v`` -> tag k=v (repeated keys keep every value, joined by ", "), plus filterable litellm.* tags.
+
+    ``rows`` are in the order the attempts ended: the last one is the call's outcome.
+    """
     values: dict[str, list[str]] = {}
     for r in rows:
         for t in r["request_tags"] or []:
@@ -364,7 +380,8 @@ def _new_span(trace_id: bytes, span_id: bytes, parent: bytes | None, name: str, 
 def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redaction = Redaction()) -> BuiltTrace:
     """One call (its deduped records, in attempt order) -> its spans."""
     attempts = [_attempt(r, redact) for r in rows]
-    first, final = attempts[0], attempts[-1]
+    first = attempts[0]
+    final = max(attempts, key=lambda a: (a.row["end_us"], a.row["start_us"]))
     call_key = rows[0]["call_key"]
     tid = otel_trace_id(experiment_id, call_key)
     root_id = otel_span_id(tid, "root")
@@ -372,12 +389,13 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
     start_us = min(r["start_us"] for r in rows)
     end_us = max(r["end_us"] for r in rows)
     root = _new_span(tid, root_id, None, name, start_us, end_us)
-    session = next((r["session"] for r in reversed(rows) if r["session"]), None)
-    user = next((r["user"] for r in reversed(rows) if r["user"]), None)
+    by_end = sorted(rows, key=lambda r: (r["end_us"], r["start_us"]))
+    session = next((r["session"] for r in reversed(by_end) if r["session"]), None)
+    user = next((r["user"] for r in reversed(by_end) if r["user"]), None)
     root_attrs: dict[str, Any] = {
         SpanAttributeKey.SESSION_ID: session,
         SpanAttributeKey.USER_ID: user,
-        **{SpanAttributeKey.TRACE_TAG_PREFIX + k: v for k, v in trace_tags(rows).items()},
+        **{SpanAttributeKey.TRACE_TAG_PREFIX + k: v for k, v in trace_tags(by_end).items()},
         SpanAttributeKey.TRACE_TAG_PREFIX + TraceTagKey.TRACE_NAME: name,
     }
     spans = [root]

@@ -130,6 +130,7 @@ def start_mlflow_server(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        cwd=workdir,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"

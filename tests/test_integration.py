@@ -55,7 +55,7 @@ def assert_matches_capture(traces: list, capture: list[dict]) -> None:
     assert set(got) == set(calls), "every call exactly one trace, none extra"
     for cid, recs in calls.items():
         t = got[cid]
-        first, final = recs[0], recs[-1]
+        first, final = recs[0], max(recs, key=lambda r: (r["endTime"], r["startTime"]))
         start_us = min(us(r["startTime"]) for r in recs)
         end_us = max(us(r["endTime"]) for r in recs)
         info = t.info
@@ -93,7 +93,7 @@ def assert_matches_capture(traces: list, capture: list[dict]) -> None:
                 assert child.start_time_ns == us(rec["startTime"]) * 1000, cid
                 assert child.status.status_code.value == ("OK" if rec["status"] == "success" else "ERROR"), cid
         if final["stream"] and final["status"] == "success":
-            attempt = spans[-1] if len(recs) > 1 else root
+            attempt = next(s for s in spans if s.start_time_ns == us(final["startTime"]) * 1000 and (len(recs) == 1 or s.parent_id))
             ev = [e for e in attempt.events if e.name == "first_token"]
             assert len(ev) == 1 and ev[0].timestamp == us(final["completionStartTime"]) * 1000, cid
         if first["call_type"] == "acompletion":

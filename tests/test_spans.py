@@ -1,0 +1,652 @@
+"""The record-to-trace mapping (the contract), checked against the real capture record by record.
+
+Every expectation is computed here from the input record dicts; the spans are read back through
+MLflow's own ``Span.from_otel_proto``, as the sinks hand them to MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import polars as pl
+import pytest
+from conftest import read_capture, reidentify
+from mlflow.entities.span import Span, SpanType
+from mlflow.entities.span_status import SpanStatusCode
+
+from ingest.dedupe import dedupe
+from ingest.ids import mlflow_trace_id
+from ingest.normalize import normalize
+from ingest.sources import split_lines
+from ingest.spans import BuiltTrace, Redaction, build_trace, build_traces, span_type
+
+EXP = "17"
+CALLBACK_ATTRIBUTES = [
+    "litellm_call_id",
+    "call_type",
+    "model",
+    "api_base",
+    "cache_hit",
+    "mlflow.chat.tokenUsage",
+    "raw_llm_response",
+    "response_cost",
+    "saved_cache_cost",
+    "request_tags",
+]
+
+CAPTURE = read_capture()
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def frame_of(records: list[dict], source: str = "proxy_calls.jsonl") -> pl.DataFrame:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    lines, bad = split_lines(source, data, 0, 1)
+    frame, quarantined = normalize(lines)
+    assert not bad and not quarantined, (bad, quarantined)
+    return dedupe(frame)[0]
+
+
+def trace_of(records: list[dict], redact: Redaction = Redaction(), experiment: str = EXP) -> BuiltTrace:
+    """Build the one trace of records that all belong to one call."""
+    frame = frame_of(records)
+    assert frame["call_key"].n_unique() == 1
+    return build_trace(list(frame.iter_rows(named=True)), experiment, redact)
+
+
+def spans(trace: BuiltTrace) -> list[Span]:
+    return [Span.from_otel_proto(s) for s in trace.spans]
+
+
+def ns(seconds: float) -> int:
+    """Epoch seconds (as logged, microsecond precision) -> nanoseconds, exact to the microsecond."""
+    return int((Decimal(repr(seconds)) * 1_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP)) * 1000
+
+
+def by_call(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        out[r["litellm_call_id"]].append(r)
+    return out
+
+
+CALLS = by_call(CAPTURE)
+SINGLE = [c for c, rs in CALLS.items() if len(rs) == 1]
+MULTI = [c for c, rs in CALLS.items() if len(rs) > 1]
+
+
+def final_record(records: list[dict]) -> dict:
+    """The attempt that decided the call: the one that ended last (also the one logged last)."""
+    return max(records, key=lambda r: r["endTime"])
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, BuiltTrace]:
+    return {t.call_key: t for t in build_traces(frame_of(CAPTURE), EXP)}
+
+
+def attempt_span(built: dict[str, BuiltTrace], rec: dict) -> Span:
+    """The span that stands for one record: the root of a one-record call, else the matching child."""
+    ss = spans(built[rec["litellm_call_id"]])
+    if len(ss) == 1:
+        return ss[0]
+    want = "OK" if rec["status"] == "success" else "ERROR"
+    matches = [s for s in ss[1:] if s.start_time_ns == ns(rec["startTime"]) and s.status.status_code == want]
+    assert len(matches) == 1, f"no single attempt span for {rec['id']}"
+    return matches[0]
+
+
+def each_record(pred: Any = None) -> list[dict]:
+    return [r for r in CAPTURE if pred is None or pred(r)]
+
+
+def rid(r: dict) -> str:
+    return f"{r['litellm_call_id'][:8]}-{r['status']}"
+
+
+def leaves(value: Any) -> Iterator[str]:
+    """Every string inside a (decoded) attribute value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from leaves(v)
+
+
+def all_strings(span: Span) -> list[str]:
+    out = list(leaves(span.attributes))
+    out.append(span.status.description or "")
+    for ev in span.events:
+        out.append(ev.name)
+        out += list(leaves(ev.attributes))
+    return out
+
+
+def tag_pairs(request_tags: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for t in request_tags:
+        if ":" in t:
+            k, v = t.split(":", 1)
+            out.setdefault(k.strip(), []).append(v.strip())
+        else:
+            out.setdefault(t.strip(), []).append("")
+    return out
+
+
+# --- structure: one trace per call, root span, attempts ------------------------------------
+
+
+def test_one_trace_per_call(built: dict[str, BuiltTrace]) -> None:
+    assert set(built) == set(CALLS)
+    for call, trace in built.items():
+        assert trace.records == len(CALLS[call])
+        otel_ids = {s.trace_id for s in trace.spans}
+        assert len(otel_ids) == 1
+        assert trace.trace_id == mlflow_trace_id(otel_ids.pop())
+
+
+@pytest.mark.parametrize("call", SINGLE)
+def test_one_record_call_is_one_root_span_named_litellm_call_type(built: dict[str, BuiltTrace], call: str) -> None:
+    (rec,) = CALLS[call]
+    (root,) = spans(built[call])
+    assert root.parent_id is None
+    assert root.name == f"litellm-{rec['call_type']}"
+    assert root.attributes["mlflow.traceTag.mlflow.traceName"] == f"litellm-{rec['call_type']}"
+
+
+def test_plain_chat_root_span_is_named_litellm_acompletion(built: dict[str, BuiltTrace]) -> None:
+    rec = CAPTURE[0]
+    assert rec["call_type"] == "acompletion"
+    (root,) = spans(built[rec["litellm_call_id"]])
+    assert root.name == "litellm-acompletion"
+
+
+@pytest.mark.parametrize("call", MULTI)
+def test_multi_attempt_call_is_root_plus_one_child_per_attempt_in_time_order(built: dict[str, BuiltTrace], call: str) -> None:
+    recs = CALLS[call]
+    root, *children = spans(built[call])
+    assert root.parent_id is None
+    assert root.name == f"litellm-{final_record(recs)['call_type']}"
+    assert len(children) == len(recs)
+    assert all(c.parent_id == root.span_id for c in children)
+    assert len({root.span_id, *(c.span_id for c in children)}) == len(recs) + 1
+    by_start = sorted(recs, key=lambda r: r["startTime"])
+    assert [(c.start_time_ns, c.end_time_ns) for c in children] == [(ns(r["startTime"]), ns(r["endTime"])) for r in by_start]
+    assert [c.status.status_code for c in children] == ["OK" if r["status"] == "success" else "ERROR" for r in by_start]
+
+
+@pytest.mark.parametrize("call", MULTI)
+def test_multi_attempt_root_spans_first_start_to_last_end(built: dict[str, BuiltTrace], call: str) -> None:
+    recs = CALLS[call]
+    root = spans(built[call])[0]
+    assert root.start_time_ns == min(ns(r["startTime"]) for r in recs)
+    assert root.end_time_ns == max(ns(r["endTime"]) for r in recs)
+
+
+@pytest.mark.parametrize("call", MULTI)
+def test_multi_attempt_root_status_is_final_attempts(built: dict[str, BuiltTrace], call: str) -> None:
+    """Failure then success (retry / fallback): the call succeeded, so the trace (root status) is OK."""
+    final = final_record(CALLS[call])
+    root = spans(built[call])[0]
+    assert root.status.status_code == ("OK" if final["status"] == "success" else "ERROR"), root.status
+
+
+@pytest.mark.parametrize("call", MULTI)
+def test_multi_attempt_root_outputs_are_final_attempts_response(built: dict[str, BuiltTrace], call: str) -> None:
+    final = final_record(CALLS[call])
+    root = spans(built[call])[0]
+    assert root.outputs == final["response"]
+
+
+# --- span types --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["call_type"] == "acompletion"), ids=rid)
+def test_span_type_acompletion_is_chat_model(built: dict[str, BuiltTrace], rec: dict) -> None:
+    assert attempt_span(built, rec).span_type == SpanType.CHAT_MODEL
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["call_type"] == "aembedding"), ids=rid)
+def test_span_type_aembedding_is_embedding_not_llm(built: dict[str, BuiltTrace], rec: dict) -> None:
+    s = attempt_span(built, rec)
+    assert s.span_type == SpanType.EMBEDDING
+    assert s.span_type != SpanType.LLM
+    assert s.attributes["mlflow.spanType"] == "EMBEDDING"  # a plain string, not JSON-quoted
+
+
+def test_span_type_atext_completion_is_llm() -> None:
+    rec = reidentify([CAPTURE[0]])[0]
+    rec["call_type"] = "atext_completion"
+    (root,) = spans(trace_of([rec]))
+    assert root.name == "litellm-atext_completion"
+    assert root.span_type == SpanType.LLM
+    assert span_type("atext_completion") == SpanType.LLM
+    assert span_type("acompletion") == SpanType.CHAT_MODEL
+    assert span_type("aembedding") == SpanType.EMBEDDING
+
+
+# --- times -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rec", CAPTURE, ids=rid)
+def test_times_exact_to_the_microsecond(built: dict[str, BuiltTrace], rec: dict) -> None:
+    s = attempt_span(built, rec)
+    assert s.start_time_ns == ns(rec["startTime"])
+    assert s.end_time_ns == ns(rec["endTime"])
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["stream"] is True), ids=rid)
+def test_streamed_call_has_first_token_event_at_completion_start_time(built: dict[str, BuiltTrace], rec: dict) -> None:
+    events = [e for e in attempt_span(built, rec).events if e.name == "first_token"]
+    assert len(events) == 1
+    assert events[0].timestamp == ns(rec["completionStartTime"])
+    expected_ms = (ns(rec["completionStartTime"]) - ns(rec["startTime"])) / 1e6
+    assert events[0].attributes["time_to_first_token_ms"] == pytest.approx(expected_ms)
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: not r["stream"]), ids=rid)
+def test_non_streamed_call_has_no_first_token_event(built: dict[str, BuiltTrace], rec: dict) -> None:
+    assert [e for e in attempt_span(built, rec).events if e.name == "first_token"] == []
+
+
+# --- inputs / outputs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["call_type"] == "acompletion"), ids=rid)
+def test_inputs_carry_messages_and_model_parameters(built: dict[str, BuiltTrace], rec: dict) -> None:
+    inputs = attempt_span(built, rec).inputs
+    assert inputs["messages"] == rec["messages"]
+    for k in ("tools", "tool_choice", "stream", "temperature", "max_tokens", "user"):
+        if rec["model_parameters"].get(k) is not None:
+            assert inputs[k] == rec["model_parameters"][k], k
+
+
+def test_tool_call_inputs_carry_tools_tool_choice_and_stream(built: dict[str, BuiltTrace]) -> None:
+    rec = next(r for r in CAPTURE if r["model_parameters"].get("tool_choice"))
+    inputs = attempt_span(built, rec).inputs
+    assert inputs["messages"] == rec["messages"]
+    assert inputs["tools"] == rec["model_parameters"]["tools"]
+    assert inputs["tool_choice"] == rec["model_parameters"]["tool_choice"]
+    assert inputs["stream"] == rec["model_parameters"]["stream"]
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["call_type"] == "aembedding"), ids=rid)
+def test_embedding_inputs_carry_input_text(built: dict[str, BuiltTrace], rec: dict) -> None:
+    texts = [m["content"] for m in rec["messages"]]
+    inputs = attempt_span(built, rec).inputs
+    assert "messages" not in inputs
+    assert inputs["input"] == (texts[0] if len(texts) == 1 else texts)
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["status"] == "success"), ids=rid)
+def test_outputs_are_the_response(built: dict[str, BuiltTrace], rec: dict) -> None:
+    assert attempt_span(built, rec).outputs == rec["response"]
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["call_type"] == "acompletion"), ids=rid)
+def test_chat_message_format_is_openai(built: dict[str, BuiltTrace], rec: dict) -> None:
+    assert attempt_span(built, rec).attributes["mlflow.message.format"] == "openai"
+
+
+def test_tool_call_record_has_chat_tools(built: dict[str, BuiltTrace]) -> None:
+    recs = [r for r in CAPTURE if r["model_parameters"].get("tools")]
+    assert recs
+    for rec in recs:
+        attrs = attempt_span(built, rec).attributes
+        assert attrs["mlflow.message.format"] == "openai"
+        assert attrs["mlflow.chat.tools"] == rec["model_parameters"]["tools"]
+
+
+def test_record_without_tools_has_no_chat_tools(built: dict[str, BuiltTrace]) -> None:
+    assert "mlflow.chat.tools" not in attempt_span(built, CAPTURE[0]).attributes
+
+
+# --- usage and cost ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rec", CAPTURE, ids=rid)
+def test_token_usage_equals_record_tokens(built: dict[str, BuiltTrace], rec: dict) -> None:
+    usage = attempt_span(built, rec).attributes["mlflow.chat.tokenUsage"]
+    assert usage["input_tokens"] == rec["prompt_tokens"]
+    assert usage["output_tokens"] == rec["completion_tokens"]
+    assert usage["total_tokens"] == rec["total_tokens"]
+
+
+@pytest.mark.parametrize("rec", CAPTURE, ids=rid)
+def test_llm_cost_total_is_response_cost_and_parts_from_cost_breakdown(built: dict[str, BuiltTrace], rec: dict) -> None:
+    cost = attempt_span(built, rec).attributes["mlflow.llm.cost"]
+    assert cost["total_cost"] == pytest.approx(rec["response_cost"])
+    cb = rec.get("cost_breakdown") or {}
+    for k in ("input_cost", "output_cost"):
+        if isinstance(cb.get(k), (int, float)):
+            assert cost[k] == pytest.approx(cb[k]), k
+
+
+def test_priced_call_cost_parts(built: dict[str, BuiltTrace]) -> None:
+    rec = next(r for r in CAPTURE if r["status"] == "success" and r["response_cost"] and r["cost_breakdown"]["output_cost"])
+    cb = rec["cost_breakdown"]
+    cost = attempt_span(built, rec).attributes["mlflow.llm.cost"]
+    assert cost == pytest.approx({"total_cost": rec["response_cost"], "input_cost": cb["input_cost"], "output_cost": cb["output_cost"]})
+
+
+# --- failures ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["status"] == "success"), ids=rid)
+def test_success_status_ok(built: dict[str, BuiltTrace], rec: dict) -> None:
+    s = attempt_span(built, rec)
+    assert s.status.status_code == SpanStatusCode.OK
+    assert [e for e in s.events if e.name == "exception"] == []
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["status"] != "success"), ids=rid)
+def test_failure_status_error_with_message_and_exception_event(built: dict[str, BuiltTrace], rec: dict) -> None:
+    err = rec["error_information"]
+    s = attempt_span(built, rec)
+    assert s.status.status_code == SpanStatusCode.ERROR
+    assert err["error_message"] in s.status.description
+    (ev,) = [e for e in s.events if e.name == "exception"]
+    assert ev.timestamp == ns(rec["endTime"])
+    assert ev.attributes["exception.type"] == err["error_class"]
+    assert err["error_message"] in ev.attributes["exception.message"]
+    if err["traceback"]:
+        assert ev.attributes["exception.stacktrace"] == err["traceback"]
+
+
+@pytest.mark.parametrize("call", [c for c in SINGLE if CALLS[c][0]["status"] != "success"])
+def test_failed_one_record_call_root_is_error(built: dict[str, BuiltTrace], call: str) -> None:
+    (root,) = spans(built[call])
+    assert root.status.status_code == SpanStatusCode.ERROR
+    assert root.attributes["mlflow.traceTag.litellm.status"] == CALLS[call][0]["status"]
+
+
+# --- session, user, tags -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_root_session_id_is_session_id_else_trace_id(built: dict[str, BuiltTrace], call: str) -> None:
+    final = final_record(CALLS[call])
+    root = spans(built[call])[0]
+    assert root.attributes["session.id"] == (final["session_id"] or final["trace_id"])
+
+
+def test_capture_sessions_become_session_ids(built: dict[str, BuiltTrace]) -> None:
+    sessions = {spans(t)[0].attributes["session.id"] for t in built.values()}
+    named = {r["trace_id"] for r in CAPTURE if r["trace_id"].startswith("sess-")}
+    assert {"sess-A", "sess-B"} <= named
+    assert named <= sessions
+    sess_a = [c for c, rs in CALLS.items() if rs[0]["trace_id"] == "sess-A"]
+    assert len(sess_a) == 2
+    assert {spans(built[c])[0].attributes["session.id"] for c in sess_a} == {"sess-A"}
+
+
+def test_session_id_field_wins_over_trace_id() -> None:
+    rec = reidentify([CAPTURE[0]])[0]
+    rec["session_id"] = "sess-correlated"
+    (root,) = spans(trace_of([rec]))
+    assert root.attributes["session.id"] == "sess-correlated"
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_root_user_id_is_end_user_else_key_user_id(built: dict[str, BuiltTrace], call: str) -> None:
+    final = final_record(CALLS[call])
+    root = spans(built[call])[0]
+    assert root.attributes["user.id"] == (final["end_user"] or final["metadata"]["user_api_key_user_id"])
+
+
+def test_end_user_becomes_user_id(built: dict[str, BuiltTrace]) -> None:
+    rec = next(r for r in CAPTURE if r["end_user"] == "user-123")
+    assert spans(built[rec["litellm_call_id"]])[0].attributes["user.id"] == "user-123"
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_trace_tags_from_request_tags_keep_every_value(built: dict[str, BuiltTrace], call: str) -> None:
+    root = spans(built[call])[0]
+    tags = tag_pairs([t for r in CALLS[call] for t in r["request_tags"] or []])
+    assert tags
+    for k, values in tags.items():
+        got = root.attributes[f"mlflow.traceTag.{k}"]
+        want = list(dict.fromkeys(v for v in values if v))
+        if want:
+            assert got.split(", ") == want, k
+        else:
+            assert got == "", k
+
+
+def test_repeated_user_agent_tag_keeps_both_values(built: dict[str, BuiltTrace]) -> None:
+    rec = CAPTURE[0]
+    values = [t.split(":", 1)[1].strip() for t in rec["request_tags"] if t.split(":", 1)[0].strip() == "User-Agent"]
+    assert len(set(values)) == 2
+    got = spans(built[rec["litellm_call_id"]])[0].attributes["mlflow.traceTag.User-Agent"]
+    for v in values:
+        assert v in got.split(", ")
+
+
+def test_client_tags_become_trace_tags(built: dict[str, BuiltTrace]) -> None:
+    rec = next(r for r in CAPTURE if "team:b" in (r["request_tags"] or []))
+    attrs = spans(built[rec["litellm_call_id"]])[0].attributes
+    assert attrs["mlflow.traceTag.team"] == "b"
+    assert attrs["mlflow.traceTag.feature"] == "stream"
+
+
+def test_bare_tag_gets_empty_value() -> None:
+    rec = reidentify([CAPTURE[0]])[0]
+    rec["request_tags"] = ["prod", "team:a", *rec["request_tags"]]
+    (root,) = spans(trace_of([rec]))
+    assert root.attributes["mlflow.traceTag.prod"] == ""
+    assert root.attributes["mlflow.traceTag.team"] == "a"
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_litellm_filter_tags(built: dict[str, BuiltTrace], call: str) -> None:
+    final = final_record(CALLS[call])
+    attrs = spans(built[call])[0].attributes
+    expected = {
+        "litellm.model": final["model"],
+        "litellm.model_group": final["model_group"],
+        "litellm.provider": final["custom_llm_provider"],
+        "litellm.status": final["status"],
+        "litellm.cache_hit": "true" if final["cache_hit"] else "false",
+        "litellm.call_id": final["litellm_call_id"],
+    }
+    for k, v in expected.items():
+        if v:
+            assert attrs[f"mlflow.traceTag.{k}"] == v, k
+
+
+def test_cache_hit_record_is_tagged(built: dict[str, BuiltTrace]) -> None:
+    rec = next(r for r in CAPTURE if r["cache_hit"] is True)
+    attrs = spans(built[rec["litellm_call_id"]])[0].attributes
+    assert attrs["mlflow.traceTag.litellm.cache_hit"] == "true"
+    assert attrs["cache_hit"] is True
+    assert attrs["saved_cache_cost"] == pytest.approx(rec["saved_cache_cost"])
+
+
+# --- LiteLLM callback attributes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["status"] == "success"), ids=rid)
+def test_callback_attributes_on_successful_attempt(built: dict[str, BuiltTrace], rec: dict) -> None:
+    attrs = attempt_span(built, rec).attributes
+    missing = [k for k in CALLBACK_ATTRIBUTES if k not in attrs]
+    assert not missing
+    assert attrs["litellm_call_id"] == rec["litellm_call_id"]
+    assert attrs["call_type"] == rec["call_type"]
+    assert attrs["model"] == rec["model"]
+    assert attrs["api_base"] == rec["api_base"]
+    assert attrs["cache_hit"] is bool(rec["cache_hit"])
+    assert attrs["raw_llm_response"] == rec["response"]
+    assert attrs["response_cost"] == pytest.approx(rec["response_cost"])
+    assert attrs["saved_cache_cost"] == pytest.approx(rec["saved_cache_cost"])
+    assert attrs["request_tags"] == rec["request_tags"]
+
+
+def test_callback_attributes_present_on_failed_attempts(built: dict[str, BuiltTrace]) -> None:
+    """LiteLLM's callback sets all of these on every span, failures included (raw_llm_response = the logged response)."""
+    problems = []
+    for rec in each_record(lambda r: r["status"] != "success"):
+        attrs = attempt_span(built, rec).attributes
+        missing = [k for k in CALLBACK_ATTRIBUTES if k not in attrs]
+        if missing:
+            logged = {"raw_llm_response": rec["response"], "api_base": rec["api_base"]}
+            problems.append(f"{rid(rec)}: missing {missing}, the record logs {[logged.get(k) for k in missing]}")
+        for k, want in (("litellm_call_id", rec["litellm_call_id"]), ("call_type", rec["call_type"]), ("model", rec["model"])):
+            if attrs.get(k) != want:
+                problems.append(f"{rid(rec)}: {k}={attrs.get(k)!r}, want {want!r}")
+        if attrs.get("request_tags") != rec["request_tags"]:
+            problems.append(f"{rid(rec)}: request_tags differ")
+    assert not problems, "\n".join(problems)
+
+
+# --- secrets and redaction ---------------------------------------------------------------
+
+RAW_KEY = "sk-Abc123LiveSecretKey0987654321"
+
+
+def test_raw_key_in_payload_hash_field_never_reaches_an_attribute() -> None:
+    rec = reidentify([CAPTURE[18]])[0]
+    rec["metadata"]["user_api_key_hash"] = RAW_KEY
+    trace = trace_of([rec])
+    for proto, s in zip(trace.spans, spans(trace), strict=True):
+        assert RAW_KEY.encode() not in proto.SerializeToString()
+        assert not any(RAW_KEY in v for v in all_strings(s))
+
+
+def test_raw_key_in_spend_logs_api_key_never_reaches_an_attribute() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("make_samples", Path(__file__).resolve().parents[1] / "sample_logs" / "make_samples.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = reidentify([CAPTURE[18]])[0]
+    rec["metadata"]["user_api_key_hash"] = RAW_KEY
+    row = mod.spend_row(rec, store_prompts=True, naive=True)
+    assert row["api_key"] == RAW_KEY
+    trace = trace_of([row])
+    for proto, s in zip(trace.spans, spans(trace), strict=True):
+        assert RAW_KEY.encode() not in proto.SerializeToString()
+        assert not any(RAW_KEY in v for v in all_strings(s))
+
+
+def _message_texts(rec: dict) -> list[str]:
+    out = []
+    for m in rec["messages"] or []:
+        if isinstance(m.get("content"), str):
+            out.append(m["content"])
+    return [t for t in out if len(t) >= 4]
+
+
+def _response_texts(rec: dict) -> list[str]:
+    resp = rec["response"] or {}
+    out = []
+    for c in resp.get("choices") or []:
+        msg = c.get("message") or {}
+        if isinstance(msg.get("content"), str):
+            out.append(msg["content"])
+        for tc in msg.get("tool_calls") or []:
+            out.append(tc["function"]["arguments"])
+    for d in resp.get("data") or []:
+        if isinstance(d.get("embedding"), str):
+            out.append(d["embedding"])
+    return [t for t in out if len(t) >= 4]
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_redaction_removes_messages_and_responses_keeps_usage_and_cost(call: str) -> None:
+    recs = CALLS[call]
+    trace = trace_of(copy.deepcopy(recs), Redaction(messages=True, responses=True))
+    secrets = [t for r in recs for t in _message_texts(r) + _response_texts(r)]
+    ss = spans(trace)
+    for s in ss:
+        strings = all_strings(s)
+        leaked = [t for t in secrets if any(t in v for v in strings)]
+        assert not leaked, f"{s.name}: {leaked}"
+    for rec in recs:
+        s = ss[0] if len(ss) == 1 else next(c for c in ss[1:] if c.start_time_ns == ns(rec["startTime"]))
+        usage = s.attributes["mlflow.chat.tokenUsage"]
+        assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (
+            rec["prompt_tokens"],
+            rec["completion_tokens"],
+            rec["total_tokens"],
+        )
+        assert s.attributes["mlflow.llm.cost"]["total_cost"] == pytest.approx(rec["response_cost"])
+
+
+def test_redaction_of_a_chat_call_replaces_messages_and_response() -> None:
+    rec = next(r for r in CAPTURE if r["model_parameters"].get("tools"))
+    (root,) = spans(trace_of([rec], Redaction(messages=True, responses=True)))
+    assert root.inputs["messages"] != rec["messages"]
+    assert root.outputs != rec["response"]
+    assert root.attributes["raw_llm_response"] != rec["response"]
+    # what is not message text stays
+    assert root.inputs["tools"] == rec["model_parameters"]["tools"]
+
+
+def test_redaction_of_messages_only_keeps_the_response() -> None:
+    rec = CAPTURE[4]
+    (root,) = spans(trace_of([rec], Redaction(messages=True)))
+    # (the fake upstream echoes the prompt in its answer, so look at the inputs only)
+    assert not any(t in v for v in leaves(root.inputs) for t in _message_texts(rec))
+    assert root.outputs == rec["response"]
+
+
+def test_redaction_of_responses_only_keeps_the_messages() -> None:
+    rec = CAPTURE[4]
+    (root,) = spans(trace_of([rec], Redaction(responses=True)))
+    assert not any(t in v for v in all_strings(root) for t in _response_texts(rec))
+    assert root.inputs["messages"] == rec["messages"]
+
+
+def test_no_redaction_by_default_keeps_messages() -> None:
+    rec = CAPTURE[4]
+    (root,) = spans(trace_of([rec]))
+    assert root.inputs["messages"] == rec["messages"]
+
+
+# --- determinism -------------------------------------------------------------------------
+
+
+def _serialized(traces: list[BuiltTrace]) -> list[list[bytes]]:
+    return [[s.SerializeToString(deterministic=True) for s in t.spans] for t in traces]
+
+
+def test_identical_input_gives_byte_identical_spans() -> None:
+    one = list(build_traces(frame_of(CAPTURE), EXP))
+    two = list(build_traces(frame_of(copy.deepcopy(CAPTURE)), EXP))
+    assert [t.trace_id for t in one] == [t.trace_id for t in two]
+    assert _serialized(one) == _serialized(two)
+
+
+def _shape(traces: list[BuiltTrace]) -> dict[str, list[tuple]]:
+    return {
+        t.call_key: [
+            (s.trace_id, s.span_id, s.parent_span_id, s.start_time_unix_nano, s.end_time_unix_nano, s.status.code)
+            for s in t.spans
+        ]
+        for t in traces
+    }
+
+
+def test_input_order_and_redelivery_do_not_change_span_ids_or_times() -> None:
+    one = list(build_traces(frame_of(CAPTURE), EXP))
+    two = list(build_traces(frame_of(CAPTURE[::-1] + CAPTURE[:10]), EXP))
+    assert _shape(two) == _shape(one)
+
+
+def test_other_experiment_gives_other_trace_ids() -> None:
+    a = {t.call_key: t.trace_id for t in build_traces(frame_of(CAPTURE), "1")}
+    b = {t.call_key: t.trace_id for t in build_traces(frame_of(CAPTURE), "2")}
+    assert a.keys() == b.keys()
+    assert all(a[k] != b[k] for k in a)
