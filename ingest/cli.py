@@ -6,10 +6,15 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ingest.checkpoints import LockedError
 from ingest.sink import SinkError
 from ingest.sources import SourceError
 from ingest.spans import Redaction
@@ -24,9 +29,11 @@ class Exit:
     QUARANTINED = 3
     MLFLOW = 4
     LOCKED = 5
+    DIFFERENCES = 6
+    INTERRUPTED = 130
 
 
-def _default_state_dir() -> Path:
+def default_state_dir() -> Path:
     from platformdirs import user_data_dir
 
     return Path(os.environ.get("LITELLM_INGEST_STATE_DIR") or user_data_dir("litellm-ingest"))
@@ -37,27 +44,71 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-target_options = [
-    click.option("--tracking-uri", envvar=None, help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."),
-    click.option(
-        "--experiment-name", help='Experiment to write to (created if missing). Default: $MLFLOW_EXPERIMENT_NAME, else "LiteLLM Proxy".'
-    ),
-    click.option("--experiment-id", help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."),
-]
+def parse_time(value: str | None) -> int | None:
+    """ISO date or datetime -> epoch microseconds; naive means UTC."""
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"not an ISO date or time: {value!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1_000_000)
 
 
-def _apply(options: list) -> callable:  # type: ignore[type-arg]
-    def deco(f):  # type: ignore[no-untyped-def]
-        for o in reversed(options):
+def _options(*opts: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def deco(f: Any) -> Any:
+        for o in reversed(opts):
             f = o(f)
         return f
 
     return deco
 
 
+target_options = _options(
+    click.option("--tracking-uri", help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."),
+    click.option(
+        "--experiment-name", help='Experiment to write to (created if missing). Default: $MLFLOW_EXPERIMENT_NAME, else "LiteLLM Proxy".'
+    ),
+    click.option("--experiment-id", help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."),
+    click.option(
+        "--mlflow-timeout",
+        default=60.0,
+        show_default=True,
+        help="Seconds to keep retrying an unreachable or failing MLflow before giving up.",
+    ),
+)
+
+run_options = _options(
+    click.option("--dry-run", is_flag=True, help="Parse, dedupe and build spans; write nothing (state untouched)."),
+    click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (for cron logs)."),
+    click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+    click.option(
+        "--state-dir",
+        type=click.Path(path_type=Path),
+        help="Where checkpoints, locks and the quarantine file live. Default: $LITELLM_INGEST_STATE_DIR, else the per-user data dir.",
+    ),
+    click.option(
+        "--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go (JSONL). Default: <state dir>/quarantine.jsonl."
+    ),
+    click.option(
+        "--redact",
+        type=click.Choice(["messages", "responses", "all"]),
+        help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
+    ),
+    click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow."),
+)
+
+window_options = _options(
+    click.option("--since", help="Only calls that started at or after this ISO date/time (UTC unless an offset is given)."),
+    click.option("--until", help="Only calls that started before this ISO date/time (half-open: a call at exactly --until is left out)."),
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="litellm-mlflow-ingest")
-@click.option("-v", "--verbose", is_flag=True, help="Log retries and progress details to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Log retries and details to stderr.")
 def main(verbose: bool) -> None:
     """Replay LiteLLM Proxy request logs (StandardLoggingPayload JSONL, SpendLogs exports) into MLflow traces."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,62 +116,40 @@ def main(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
-@main.command()
-@click.argument("paths", nargs=-1, required=True)
-@_apply(target_options)
-@click.option("--dry-run", is_flag=True, help="Parse, dedupe and build spans; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (for cron logs).")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option(
-    "--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go (JSONL). Default: <state dir>/quarantine.jsonl."
-)
-@click.option(
-    "--redact",
-    type=click.Choice(["messages", "responses", "all"]),
-    help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
-)
-@click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow.")
-@click.option(
-    "--mlflow-timeout",
-    default=60.0,
-    show_default=True,
-    help="Seconds to keep retrying an unreachable or failing MLflow before giving up.",
-)
-def batch(
-    paths: tuple[str, ...],
-    tracking_uri: str | None,
-    experiment_name: str | None,
-    experiment_id: str | None,
-    dry_run: bool,
-    as_json: bool,
-    quiet: bool,
-    quarantine_file: Path | None,
-    redact: str | None,
-    batch_size: int,
-    mlflow_timeout: float,
-) -> None:
-    """Ingest log files, directories (recursive) or globs into MLflow."""
-    from ingest.pipeline import BatchOptions, run_batch
+def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
+    from ingest.pipeline import RunOptions
 
-    opts = BatchOptions(
+    state_dir = kw.get("state_dir") or default_state_dir()
+    return RunOptions(
         paths=list(paths),
-        tracking_uri=tracking_uri,
-        experiment_name=experiment_name,
-        experiment_id=experiment_id,
-        dry_run=dry_run,
-        quarantine_file=quarantine_file or _default_state_dir() / "quarantine.jsonl",
-        redact=Redaction.parse(redact),
-        batch_traces=batch_size,
-        mlflow_timeout_s=mlflow_timeout,
+        tracking_uri=kw.get("tracking_uri"),
+        experiment_name=kw.get("experiment_name"),
+        experiment_id=kw.get("experiment_id"),
+        dry_run=kw.get("dry_run", False),
+        quarantine_file=kw.get("quarantine_file") or state_dir / "quarantine.jsonl",
+        redact=Redaction.parse(kw.get("redact")),
+        batch_traces=kw.get("batch_size", 200),
+        mlflow_timeout_s=kw["mlflow_timeout"],
+        state_dir=state_dir,
+        partial_timeout_s=kw.get("partial_timeout", 300.0),
+        since_us=parse_time(kw.get("since")),
+        until_us=parse_time(kw.get("until")),
     )
+
+
+def _guarded(fn: Callable[[], Any]) -> Any:
+    """Known failures become one line on stderr and their exit code; never a traceback."""
     try:
-        summary = run_batch(opts)
+        return fn()
     except SourceError as e:
         _fail(str(e), Exit.USAGE)
     except SinkError as e:
         _fail(str(e), Exit.MLFLOW)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except LockedError as e:
+        _fail(str(e), Exit.LOCKED)
+
+
+def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
     elif not quiet:
@@ -128,30 +157,245 @@ def batch(
     sys.exit(Exit.QUARANTINED if summary.quarantined else Exit.OK)
 
 
-def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@target_options
+@run_options
+@click.option("--no-state", is_flag=True, help="Read everything given, keep no checkpoints (a one-off replay).")
+@click.option(
+    "--partial-timeout",
+    default=300.0,
+    show_default=True,
+    help="An unterminated last line is waited for (the proxy may be mid-write) until its file is this many seconds old, then quarantined.",
+)
+def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Ingest what is new in log files, directories (recursive) or globs: run it from cron.
+
+    Each run continues where the last one stopped (per file, through renames, rotation and
+    compression); a second run started while one is working exits at once with code 5.
+    """
+    from ingest.pipeline import run_batch, run_incremental
+
+    opts = _run_options(paths, kw)
+    try:
+        summary = _guarded(lambda: run_batch(opts) if no_state else run_incremental(opts, "batch"))
+    except KeyboardInterrupt:
+        _fail("interrupted; checkpoints are saved, the next run continues", Exit.INTERRUPTED)
+    _finish(summary, as_json, quiet)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@target_options
+@run_options
+@window_options
+def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Ingest historical logs (many files, gzip, GBs): resumable, with progress.
+
+    Keeps its own resume point, separate from the cron state (a backfill reads archives cron never
+    sees, and must not move the live checkpoints); interrupt it (Ctrl-C, kill) and run the same
+    command again to continue. --since/--until select calls by start time so a backfill can stop
+    exactly where live ingestion began.
+    """
+    from ingest.pipeline import run_incremental
+
+    kw["partial_timeout"] = 0.0
+    opts = _run_options(paths, kw)
+    reporter = _Progress(opts, quiet or as_json)
+    try:
+        summary = _guarded(lambda: run_incremental(opts, "backfill", progress=reporter.update))
+    except KeyboardInterrupt:
+        reporter.close()
+        _fail("interrupted; progress is saved: run the same command again to continue", Exit.INTERRUPTED)
+    reporter.close()
+    if summary.files_resumed and not (quiet or as_json):
+        click.echo(f"resumed {summary.files_resumed} file(s) from the saved position", err=True)
+    _finish(summary, as_json, quiet)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; a plain line every 10 s otherwise."""
+
+    def __init__(self, opts: Any, silent: bool) -> None:
+        from ingest.sources import discover
+
+        self.silent = silent
+        self.total = 0
+        self.bar: Any = None
+        self.last_line = 0.0
+        self.started = time.monotonic()
+        if silent:
+            return
+        try:
+            self.total = sum(p.stat().st_size for p in discover(opts.paths))
+        except (SourceError, OSError):
+            return
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]backfill"),
+                BarColumn(),
+                DownloadColumn(),
+                TextColumn("{task.fields[records]} records, {task.fields[rate]}/s, {task.fields[quarantined]} quarantined"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self.task = self.bar.add_task("backfill", total=self.total, records=0, rate=0, quarantined=0)
+            self.bar.start()
+
+    def update(self, path: str, chunk: Any, summary: Any) -> None:
+        if self.silent:
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = int(summary.records_read / elapsed)
+        quarantined = sum(summary.quarantined_by_reason.values()) if summary.quarantined_by_reason else 0
+        if self.bar is not None:
+            self.bar.update(self.task, completed=summary.bytes_read, records=summary.records_read, rate=rate, quarantined=quarantined)
+        elif time.monotonic() - self.last_line >= 10:
+            self.last_line = time.monotonic()
+            pct = f"{100 * summary.bytes_read / self.total:.1f}%" if self.total else "?"
+            click.echo(
+                f"backfill: {pct} of {self.total} bytes, {summary.records_read} records ({rate}/s), "
+                f"{summary.traces_written} traces written, file {path}",
+                err=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), help="State dir to read (default as for batch).")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+def status(state_dir: Path | None, as_json: bool) -> None:
+    """Show what each mode has ingested: per file, fingerprint, offset/size (lag), last run and result."""
+    from ingest.checkpoints import all_states
+
+    state_dir = state_dir or default_state_dir()
+    states = all_states(state_dir)
+    rows = []
+    for st in states:
+        for ck in st.get("checkpoints", []):
+            p = Path(ck["path"])
+            size = p.stat().st_size if p.exists() else None
+            lag = None if size is None or ck.get("done") else max(size - ck["offset"], 0)
+            rows.append(
+                {
+                    "mode": st["mode"],
+                    "destination": st.get("destination", {}),
+                    "path": ck["path"],
+                    "fingerprint": ck["fingerprint"],
+                    "offset": ck["offset"],
+                    "size": size,
+                    "lag_bytes": lag,
+                    "held_lines": len(ck.get("held", [])),
+                    "updated_at": ck.get("updated_at"),
+                    "exists": size is not None,
+                }
+            )
+    runs = [
+        {
+            "mode": st["mode"],
+            "destination": st.get("destination", {}),
+            "state_file": st["file"],
+            **{k: v for k, v in st.get("last_run", {}).items() if k != "summary"},
+        }
+        for st in states
+    ]
+    if as_json:
+        click.echo(json.dumps({"state_dir": str(state_dir), "runs": runs, "files": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    if not states:
+        console.print(f"no state in {state_dir}")
+        return
+    for r in runs:
+        dest = r["destination"]
+        console.print(
+            f"[bold]{r['mode']}[/bold] -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
+            f"last run {r.get('finished') or r.get('started')} [{r.get('result')}]"
+        )
+    t = Table("mode", "path", "fingerprint", "offset / size", "lag", "held", "updated")
+    for r in rows:
+        t.add_row(
+            r["mode"],
+            r["path"] + ("" if r["exists"] else " (gone)"),
+            r["fingerprint"][7:19],
+            f"{r['offset']} / {r['size'] if r['size'] is not None else '-'}",
+            str(r["lag_bytes"]) if r["lag_bytes"] is not None else "-",
+            str(r["held_lines"]),
+            r["updated_at"] or "-",
+        )
+    console.print(t)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@target_options
+@window_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--limit", default=50, show_default=True, help="How many missing/extra call ids to list (all with --json).")
+def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, **kw: Any) -> None:
+    """Compare the calls in the logs with the traces in MLflow: what is missing, what is extra (by call id).
+
+    Exit 0 when they agree, 6 when something is missing or extra.
+    """
+    from ingest.reconcile import reconcile as run
+
+    opts = _run_options(paths, kw)
+    report = _guarded(lambda: run(opts))
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        click.echo(
+            f"calls in logs: {report.calls_in_logs}  traces in MLflow: {report.traces_in_mlflow}  matched: {report.matched}  "
+            f"missing: {len(report.missing)}  extra: {len(report.extra)}"
+        )
+        for title, ids in (("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)):
+            if ids:
+                click.echo(f"{title}:")
+                for cid in ids[:limit]:
+                    click.echo(f"  {cid}")
+                if len(ids) > limit:
+                    click.echo(f"  ... and {len(ids) - limit} more")
+    sys.exit(Exit.OK if report.ok else Exit.DIFFERENCES)
+
+
+def _print_summary(s: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    verb = "would write" if s.dry_run else "written"
-    rows = [
+    rows: list[tuple[str, Any]] = [
         ("files", s.files),
         ("records read", s.records_read),
         ("quarantined", f"{s.quarantined}" + (f"  {s.quarantined_by_reason} -> {s.quarantine_file}" if s.quarantined else "")),
         ("duplicates dropped", s.duplicates_dropped),
         ("calls", s.calls),
-        (f"traces {verb}", s.traces_written if not s.dry_run else s.calls),
+        ("traces written" if not s.dry_run else "traces (dry run)", s.traces_written if not s.dry_run else s.calls),
         ("spans written", s.spans_written),
         ("time range", f"{s.first_start} .. {s.last_end}" if s.first_start else "-"),
         ("seconds", s.seconds),
         ("records/s", s.records_per_second),
         ("MLflow", f"{s.tracking_uri}  experiment {s.experiment_name!r} (id {s.experiment_id})"),
     ]
+    if s.calls_held:
+        rows.insert(5, ("held for a retry", f"{s.calls_held} call(s) whose last attempt failed in the last minutes"))
+    if s.calls_outside_range:
+        rows.insert(5, ("outside --since/--until", s.calls_outside_range))
+    if s.files_skipped:
+        rows.insert(1, ("files waiting", f"{s.files_skipped} (no complete first line yet)"))
     for k, v in rows:
         t.add_row(k, str(v))
-    Console(stderr=False, highlight=False, soft_wrap=True).print(t)
+    Console(highlight=False, soft_wrap=True).print(t)
 
 
 if __name__ == "__main__":

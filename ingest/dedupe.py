@@ -82,16 +82,19 @@ def dedupe(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     return out, frame.height - out.height
 
 
-def split_final(frame: pl.DataFrame, settle_s: float = DEFAULT_SETTLE_S, final: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+def split_final(
+    frame: pl.DataFrame, settle_s: float = DEFAULT_SETTLE_S, final: bool = False, now_us: int | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split deduped rows into calls that are final now and calls to hold for a retry/fallback.
 
     A call's outcome is its attempt that ended last: a fallback's success record carries the
-    original request's start time, earlier than the failed primary it replaced.
+    original request's start time, earlier than the failed primary it replaced. The watermark is
+    the newest end time read, or ``now_us`` (wall clock) at the end of a run: history older than
+    the settle window is final, a failure from the last minutes may still get its retry.
     """
     if final or not frame.height:
         return frame, frame.clear()
-    watermark = frame["end_us"].max()
-    assert isinstance(watermark, int)
+    watermark = max(int(frame["end_us"].max()), now_us or 0)  # type: ignore[arg-type]
     per_call = frame.group_by("call_key").agg(
         last_status=pl.col("status").sort_by("end_us", "start_us").last(),
         last_end=pl.col("end_us").max(),
@@ -101,14 +104,16 @@ def split_final(frame: pl.DataFrame, settle_s: float = DEFAULT_SETTLE_S, final: 
     return frame.filter(~held), frame.filter(held)
 
 
-def dedupe_and_split(pending: pl.DataFrame, new: pl.DataFrame, settle_s: float, final: bool, sent: SentIndex | None = None) -> Deduped:
+def dedupe_and_split(
+    pending: pl.DataFrame, new: pl.DataFrame, settle_s: float, final: bool, sent: SentIndex | None = None, now_us: int | None = None
+) -> Deduped:
     """Merge held rows with a new chunk, dedupe (against what was sent too), split into ready and held calls."""
     resent = 0
     if sent is not None:
         new, resent = sent.drop_sent(new)
     merged = pl.concat([pending, new], how="vertical") if pending.height else new
     deduped, dups = dedupe(merged)
-    ready, held = split_final(deduped, settle_s, final)
+    ready, held = split_final(deduped, settle_s, final, now_us)
     if sent is not None and ready.height:
         sent.add(ready)
     return Deduped(ready, held, dups + resent)

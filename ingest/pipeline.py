@@ -1,11 +1,15 @@
-"""The engine, top to bottom: sources -> normalize -> dedupe -> spans -> sink.
+"""The engine, top to bottom: sources -> normalize -> dedupe -> spans -> sink, checkpoints beside.
 
-``batch`` and the later modes (backfill, tail) all run through :class:`Pipeline`; they differ only
-in which bytes they feed it and when they call :meth:`Pipeline.finish`.
+``batch`` (cron), ``backfill`` and ``tail`` all run through :class:`Pipeline`; they differ only in
+which bytes they feed it and how they keep checkpoints. A checkpoint moves only after every call
+read up to it was acknowledged by MLflow (or is still held, and then its line is named in the
+checkpoint to be read again): a run killed at any moment and run again loses nothing, and the
+deterministic ids make the little it re-sends harmless.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -16,14 +20,17 @@ from typing import Any
 
 import polars as pl
 
+from ingest.checkpoints import Checkpoint, State, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
+from ingest.fingerprint import fingerprint, tail_check, tail_digest
 from ingest.normalize import empty_canonical, normalize
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, Target, make_sink, resolve_target
-from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
+from ingest.sources import DEFAULT_CHUNK_BYTES, TAIL_BYTES, Chunk, discover, gzip_size_mod32, is_gzip, read_chunks, read_lines_at
 from ingest.spans import BuiltTrace, Redaction, build_traces
 
 DEFAULT_BATCH_TRACES = 200
+DEFAULT_PARTIAL_TIMEOUT_S = 300.0
 
 
 def tracking_uri_from(flag: str | None) -> str:
@@ -36,16 +43,25 @@ def experiment_from(name: str | None, exp_id: str | None) -> tuple[str | None, s
     return os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
 
 
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
 @dataclass
 class Summary:
     files: int = 0
+    files_skipped: int = 0
+    files_resumed: int = 0
     records_read: int = 0
     quarantined: int = 0
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
     duplicates_dropped: int = 0
     calls: int = 0
+    calls_outside_range: int = 0
+    calls_held: int = 0
     traces_written: int = 0
     spans_written: int = 0
+    bytes_read: int = 0
     first_start: str | None = None
     last_end: str | None = None
     seconds: float = 0.0
@@ -54,7 +70,9 @@ class Summary:
     experiment_id: str | None = None
     experiment_name: str | None = None
     quarantine_file: str | None = None
+    state_file: str | None = None
     dry_run: bool = False
+    result: str = "ok"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +83,7 @@ def _iso(us: int | None) -> str | None:
 
 
 class Pipeline:
-    """One engine: feed it chunks, it writes finished calls to the sink and keeps the rest."""
+    """One engine: feed it chunks; it writes finished calls to the sink and holds the rest."""
 
     def __init__(
         self,
@@ -75,7 +93,8 @@ class Pipeline:
         redact: Redaction = Redaction(),
         settle_s: float = DEFAULT_SETTLE_S,
         batch_traces: int = DEFAULT_BATCH_TRACES,
-        on_written: Callable[[list[BuiltTrace]], None] | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
     ) -> None:
         self.sink = sink
         self.experiment_id = experiment_id
@@ -83,7 +102,8 @@ class Pipeline:
         self.redact = redact
         self.settle_s = settle_s
         self.batch_traces = batch_traces
-        self.on_written = on_written
+        self.since_us = since_us
+        self.until_us = until_us
         self.pending = empty_canonical()
         self.sent = SentIndex()
         self.summary = Summary()
@@ -91,27 +111,51 @@ class Pipeline:
         self._last: int | None = None
 
     def feed(self, chunk: Chunk) -> None:
+        """Normalize, dedupe and write what is final; returns once MLflow acknowledged it."""
         self.quarantine.write(chunk.quarantined)
         records, bad = normalize(chunk.lines)
         self.quarantine.write(bad)
         self.summary.records_read += records.height + len(bad) + len(chunk.quarantined)
         self._step(records, final=False)
 
+    def flush(self, final: bool) -> None:
+        """End of input: write held calls that are final by now (all of them with ``final``)."""
+        self._step(empty_canonical(), final=final, at=now_us())
+
+    def held_positions(self, sources: set[str]) -> list[tuple[int, int]]:
+        """(offset, line) of the lines of a file (read under any of ``sources``) whose calls are still held."""
+        rows = self.pending.filter(pl.col("source").is_in(sorted(sources))).select("offset", "line_no").unique().sort("offset")
+        return [(int(o), int(n)) for o, n in rows.iter_rows()]
+
     def finish(self) -> Summary:
-        self._step(empty_canonical(), final=True)
         s = self.summary
+        s.calls_held = int(self.pending["call_key"].n_unique()) if self.pending.height else 0
         s.quarantined = self.quarantine.total
         s.quarantined_by_reason = dict(self.quarantine.counts)
         s.quarantine_file = str(self.quarantine.path) if self.quarantine.total and self.quarantine.path else None
         s.first_start, s.last_end = _iso(self._first), _iso(self._last)
         return s
 
-    def _step(self, records: pl.DataFrame, final: bool) -> None:
-        d = dedupe_and_split(self.pending, records, self.settle_s, final, self.sent)
+    def _step(self, records: pl.DataFrame, final: bool, at: int | None = None) -> None:
+        d = dedupe_and_split(self.pending, records, self.settle_s, final, self.sent, at)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates
         if d.ready.height:
-            self._emit(d.ready)
+            self._emit(self._in_range(d.ready))
+
+    def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
+        """--since/--until select calls by their first attempt's start, half-open: [since, until)."""
+        if self.since_us is None and self.until_us is None:
+            return ready
+        start = pl.col("start_us").min().over("call_key")
+        keep = pl.lit(True)
+        if self.since_us is not None:
+            keep = keep & (start >= self.since_us)
+        if self.until_us is not None:
+            keep = keep & (start < self.until_us)
+        inside = ready.filter(keep)
+        self.summary.calls_outside_range += ready["call_key"].n_unique() - (inside["call_key"].n_unique() if inside.height else 0)
+        return inside
 
     def _emit(self, ready: pl.DataFrame) -> None:
         batch: list[BuiltTrace] = []
@@ -134,12 +178,10 @@ class Pipeline:
         hi = max(t.end_us for t in batch)
         self._first = lo if self._first is None else min(self._first, lo)
         self._last = hi if self._last is None else max(self._last, hi)
-        if self.on_written:
-            self.on_written(batch)
 
 
 @dataclass
-class BatchOptions:
+class RunOptions:
     paths: list[str]
     tracking_uri: str | None = None
     experiment_name: str | None = None
@@ -151,9 +193,16 @@ class BatchOptions:
     batch_traces: int = DEFAULT_BATCH_TRACES
     settle_s: float = DEFAULT_SETTLE_S
     mlflow_timeout_s: float = 60.0
+    state_dir: Path | None = None
+    partial_timeout_s: float = DEFAULT_PARTIAL_TIMEOUT_S
+    since_us: int | None = None
+    until_us: int | None = None
 
 
-def open_target(opts: BatchOptions) -> tuple[Target, Sink]:
+BatchOptions = RunOptions
+
+
+def open_target(opts: RunOptions) -> tuple[Target, Sink]:
     uri = tracking_uri_from(opts.tracking_uri)
     name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
     if opts.dry_run:
@@ -162,22 +211,160 @@ def open_target(opts: BatchOptions) -> tuple[Target, Sink]:
     return target, make_sink(target, opts.mlflow_timeout_s)
 
 
-def run_batch(opts: BatchOptions) -> Summary:
-    """Ingest every record in ``opts.paths`` once (no state: re-running is harmless, ids are deterministic)."""
+Progress = Callable[[str, Chunk | None, Summary], None]
+
+
+def run_batch(opts: RunOptions) -> Summary:
+    """Stateless: ingest every record in ``opts.paths`` (re-running is harmless, ids are deterministic)."""
     started = time.monotonic()
     files = discover(opts.paths)
     target, sink = open_target(opts)
-    pipe = Pipeline(sink, target.experiment_id, QuarantineWriter(opts.quarantine_file), opts.redact, opts.settle_s, opts.batch_traces)
+    pipe = Pipeline(
+        sink,
+        target.experiment_id,
+        QuarantineWriter(opts.quarantine_file),
+        opts.redact,
+        opts.settle_s,
+        opts.batch_traces,
+        opts.since_us,
+        opts.until_us,
+    )
     try:
         for path in files:
             for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):
                 pipe.feed(chunk)
+        pipe.flush(final=True)
         summary = pipe.finish()
     finally:
         sink.close()
+    return _close(summary, files, target, opts, started)
+
+
+def _close(summary: Summary, files: list[Path], target: Target, opts: RunOptions, started: float) -> Summary:
     summary.files = len(files)
     summary.tracking_uri, summary.experiment_id, summary.experiment_name = target.tracking_uri, target.experiment_id, target.experiment_name
     summary.dry_run = opts.dry_run
     summary.seconds = round(time.monotonic() - started, 3)
     summary.records_per_second = round(summary.records_read / summary.seconds, 1) if summary.seconds else 0.0
     return summary
+
+
+def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = None) -> Summary:
+    """Ingest only what is new since the last run of this mode into this destination.
+
+    Per file (by fingerprint): continue after the last acknowledged line, re-reading first the
+    lines of calls the last run held back. An unterminated last line is left for later unless the
+    file is gzip (complete) or has not been written to for ``partial_timeout_s`` (then it is
+    quarantined as truncated). A plain file now shorter than its checkpoint was truncated or
+    replaced and is read again from the start.
+    """
+    started = time.monotonic()
+    files = discover(opts.paths)
+    target, sink = open_target(opts)
+    assert opts.state_dir is not None
+    key: dict[str, Any] = {"tracking_uri": target.tracking_uri, "experiment_id": target.experiment_id}
+    if mode == "backfill":
+        key |= {"paths": sorted(str(Path(p).resolve()) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
+    state = State.load(state_path(opts.state_dir, mode, key), mode, key)
+    pipe = Pipeline(
+        sink,
+        target.experiment_id,
+        QuarantineWriter(opts.quarantine_file),
+        opts.redact,
+        opts.settle_s,
+        opts.batch_traces,
+        opts.since_us,
+        opts.until_us,
+    )
+    touched: dict[str, tuple[Checkpoint, set[str]]] = {}
+
+    def save() -> None:
+        if opts.dry_run:
+            return
+        stamp = now_iso()
+        for ck, sources in touched.values():
+            ck.held = pipe.held_positions(sources)
+            ck.updated_at = stamp
+        state.save()
+
+    try:
+        with state.locked():
+            state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid()}
+            save()
+            try:
+                for path in files:
+                    _ingest_file(path, state, pipe, touched, opts, save, progress)
+                pipe.flush(final=False)
+                summary = pipe.finish()
+                summary.result = "quarantined" if summary.quarantined else "ok"
+            except KeyboardInterrupt:
+                summary = pipe.finish()
+                summary.result = "interrupted"
+                raise
+            except Exception as e:
+                summary = pipe.finish()
+                summary.result = f"failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+                raise
+            finally:
+                _close(summary, files, target, opts, started)
+                summary.state_file = str(state.path)
+                state.last_run = {
+                    "started": state.last_run.get("started"),
+                    "finished": now_iso(),
+                    "result": summary.result,
+                    "summary": summary.as_dict(),
+                }
+                save()
+    finally:
+        sink.close()
+    return summary
+
+
+def _ingest_file(
+    path: Path,
+    state: State,
+    pipe: Pipeline,
+    touched: dict[str, tuple[Checkpoint, set[str]]],
+    opts: RunOptions,
+    save: Callable[[], None],
+    progress: Progress | None,
+) -> None:
+    fp = fingerprint(path)
+    if fp is None:
+        pipe.summary.files_skipped += 1
+        return
+    gz = is_gzip(path)
+    size = os.path.getsize(path)
+    ck = state.checkpoints.get(fp)
+    if ck is not None and ck.offset and ck.tail and tail_check(path, ck.offset) != ck.tail:
+        # Same first line, different file (a diverging copy, or truncated and rewritten): its own checkpoint.
+        fp = f"{fp}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+        ck = state.checkpoints.get(fp)
+        if ck is not None and ck.offset and ck.tail and tail_check(path, ck.offset) != ck.tail:
+            ck.offset, ck.line, ck.held, ck.tail = 0, 1, [], None
+    ck = ck or Checkpoint(fp, str(path.resolve()))
+    state.checkpoints[fp] = ck
+    touched.setdefault(fp, (ck, set()))[1].add(str(path))
+    if not gz and size < ck.offset:
+        ck.offset, ck.line, ck.held = 0, 1, []
+    if ck.offset or ck.held:
+        pipe.summary.files_resumed += 1
+    ck.path, ck.size = str(path.resolve()), size
+    if gz and ck.offset and not ck.held and gzip_size_mod32(path) == ck.offset % 2**32:
+        ck.done = True
+        return
+    if ck.held:
+        pipe.feed(read_lines_at(path, ck.held))
+    final_tail = gz or time.time() - os.path.getmtime(path) > opts.partial_timeout_s
+    disk = 0 if gz else ck.offset
+    for chunk in read_chunks(path, ck.offset, ck.line, chunk_bytes=opts.chunk_bytes, final=final_tail):
+        pipe.feed(chunk)
+        ck.offset, ck.line = chunk.end_offset, chunk.end_line
+        ck.tail = tail_digest(chunk.tail) if len(chunk.tail) >= min(TAIL_BYTES, ck.offset) > 0 else None
+        pipe.summary.bytes_read += max(chunk.disk_offset - disk, 0)
+        disk = chunk.disk_offset
+        save()
+        if progress:
+            progress(str(path), chunk, pipe.summary)
+    ck.done = gz
+    save()

@@ -24,6 +24,7 @@ LOG_NAME = re.compile(r"\.(jsonl|ndjson|json|log)(\.\d+)?(\.gz)?$|\.(jsonl|ndjso
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+TAIL_BYTES = 256
 
 
 class SourceError(Exception):
@@ -82,6 +83,8 @@ class Chunk:
     quarantined: list[QuarantineRecord] = field(default_factory=list)
     end_offset: int = 0
     end_line: int = 0
+    disk_offset: int = 0
+    tail: bytes = b""
 
 
 def _frame(path: str, lines: list[str], sizes: pl.Series, start_offset: int, start_line: int) -> pl.DataFrame:
@@ -149,9 +152,10 @@ def read_chunks(
     """
     name = str(path)
     with open_log(path) as f:
+        raw_file = f.fileobj if isinstance(f, gzip.GzipFile) else f
         _skip_to(f, start_offset, chunk_bytes)
         offset, line_no = start_offset, start_line
-        carry = b""
+        carry = tail = b""
         overlong: tuple[bytes, int] | None = None
         while block := f.read(chunk_bytes):
             if overlong is not None:
@@ -164,7 +168,10 @@ def read_chunks(
                 )
                 offset += overlong[1] + nl + 1
                 line_no += 1
-                yield Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset, line_no)
+                tail = b""
+                yield _at_disk(
+                    Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset, line_no), raw_file, tail
+                )
                 block, overlong = block[nl + 1 :], None
             data = carry + block
             cut = data.rfind(b"\n")
@@ -173,7 +180,8 @@ def read_chunks(
                 frame, bad = split_lines(name, complete, offset, line_no, max_line_bytes)
                 offset += len(complete)
                 line_no += frame.height
-                yield Chunk(name, _drop_blank(frame), bad, offset, line_no)
+                tail = (tail + complete[-TAIL_BYTES:])[-TAIL_BYTES:]
+                yield _at_disk(Chunk(name, _drop_blank(frame), bad, offset, line_no), raw_file, tail)
             else:
                 carry = data
             if len(carry) > max_line_bytes:
@@ -187,10 +195,64 @@ def read_chunks(
                 f"line longer than {max_line_bytes} bytes (no newline at end of file)",
                 overlong[0],
             )
-            yield Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset + overlong[1], line_no + 1)
+            yield _at_disk(
+                Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset + overlong[1], line_no + 1),
+                raw_file,
+                b"",
+            )
         elif carry and final:
             frame, bad = split_lines(name, carry + b"\n", offset, line_no, max_line_bytes)
-            yield Chunk(name, _drop_blank(frame.with_columns(truncated=pl.lit(True))), bad, offset + len(carry), line_no + 1)
+            yield _at_disk(
+                Chunk(name, _drop_blank(frame.with_columns(truncated=pl.lit(True))), bad, offset + len(carry), line_no + 1),
+                raw_file,
+                (tail + carry)[-TAIL_BYTES:],
+            )
+
+
+def _at_disk(chunk: Chunk, raw_file: BinaryIO, tail: bytes) -> Chunk:
+    """Where reading stands on disk (compressed bytes for gzip, for progress) and the bytes just before it."""
+    chunk.disk_offset = raw_file.tell()  # type: ignore[union-attr]
+    chunk.tail = tail
+    return chunk
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def gzip_size_mod32(path: Path) -> int:
+    """Uncompressed size mod 2**32 from the gzip trailer: enough to tell that nothing was added."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
+
+
+def read_lines_at(path: Path, positions: list[tuple[int, int]]) -> Chunk:
+    """The lines starting at the given (offset, line number) positions: calls held back by a previous run."""
+    name = str(path)
+    rows: list[tuple[int, int, str]] = []
+    with open_log(path) as f:
+        pos = 0
+        for offset, line_no in sorted(positions):
+            if isinstance(f, gzip.GzipFile):
+                _skip_to(f, offset - pos, DEFAULT_CHUNK_BYTES)
+            else:
+                f.seek(offset)
+            data = f.readline()
+            pos = offset + len(data)
+            if data.endswith(b"\n"):
+                rows.append((line_no, offset, data.decode("utf-8", "replace").rstrip("\r\n")))
+    frame = pl.DataFrame(
+        {
+            "source": pl.repeat(name, len(rows), eager=True, dtype=pl.String),
+            "line_no": pl.Series([r[0] for r in rows], dtype=pl.Int64),
+            "offset": pl.Series([r[1] for r in rows], dtype=pl.Int64),
+            "raw": pl.Series([r[2] for r in rows], dtype=pl.String),
+            "truncated": pl.repeat(False, len(rows), eager=True, dtype=pl.Boolean),
+        }
+    )
+    return Chunk(name, frame)
 
 
 def _drop_blank(frame: pl.DataFrame) -> pl.DataFrame:

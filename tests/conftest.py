@@ -150,9 +150,21 @@ def start_mlflow_server(
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    """One real server for the session, with Prometheus metrics so tests can count what reached it."""
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    (workdir / "prometheus").mkdir()
+    server = start_mlflow_server(workdir, extra_args=("--expose-prometheus", str(workdir / "prometheus")))
     yield server
     server.stop()
+
+
+def spans_ingested(server: MlflowServer) -> int:
+    """Spans the server has accepted over OTLP since it started (its own counter): what really reached MLflow."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("mlflow_spans_ingested_total{"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
 
 
 @pytest.fixture

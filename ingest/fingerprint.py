@@ -1,0 +1,60 @@
+"""Fingerprints: how a log file is recognised across renames, rotation and compression.
+
+A file is identified by a checksum of its first line (uncompressed), not by inode or name:
+inodes are reused after rotation, names move (``x.jsonl`` -> ``x.jsonl.1`` -> ``x.jsonl.2.gz``),
+and the first record of a LiteLLM log is unique (call ids, timestamps). So a renamed file keeps
+its checkpoint, a gzip copy of a file already read continues where the plain file stopped, and a
+truncated or replaced file (new first line) starts again from 0. A file without a complete first
+line yet has no fingerprint and is left for later.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+from ingest.sources import TAIL_BYTES, open_log
+
+FIRST_LINE_CAP = 64 * 1024
+
+
+def fingerprint(path: Path) -> str | None:
+    """``sha256:<hex>`` of the first line (up to 64 KiB), or None while there is no complete first line."""
+    try:
+        with open_log(path) as f:
+            head = f.read(FIRST_LINE_CAP)
+    except (OSError, EOFError):
+        return None
+    nl = head.find(b"\n")
+    if nl >= 0:
+        head = head[: nl + 1]
+    elif len(head) < FIRST_LINE_CAP:
+        return None
+    return "sha256:" + hashlib.sha256(head).hexdigest()[:32]
+
+
+def tail_digest(data: bytes) -> str:
+    return hashlib.sha256(data[-TAIL_BYTES:]).hexdigest()[:16]
+
+
+def tail_check(path: Path, offset: int) -> str | None:
+    """Checksum of the (uncompressed) bytes just before ``offset``, to tell apart two files that
+    share a first line (copies that diverge): a checkpoint is a file's only if these bytes match."""
+    if offset <= 0:
+        return None
+    start = max(0, offset - TAIL_BYTES)
+    try:
+        with open_log(path) as f:
+            if isinstance(f, gzip.GzipFile):
+                remaining = start
+                while remaining > 0 and (got := f.read(min(remaining, 1 << 20))):
+                    remaining -= len(got)
+            else:
+                f.seek(start)
+            data = f.read(offset - start)
+    except (OSError, EOFError):
+        return None
+    if len(data) != offset - start:
+        return None
+    return tail_digest(data)

@@ -1,0 +1,108 @@
+"""Reconcile: which calls in the logs have no trace in MLflow, and which traces have no call in the logs.
+
+The logs are read through the same normalize/dedupe stages as ingestion (no sink), and each
+call's expected trace id is derived exactly as the ingester derives it; MLflow's traces are
+listed through its own search API (no spans loaded). Calls are compared by call id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import polars as pl
+
+from ingest.dedupe import dedupe
+from ingest.ids import mlflow_trace_id, otel_trace_id
+from ingest.normalize import normalize
+from ingest.pipeline import RunOptions, tracking_uri_from
+from ingest.quarantine import QuarantineWriter
+from ingest.sink import resolve_target
+from ingest.sources import discover, read_chunks
+
+
+@dataclass
+class Report:
+    tracking_uri: str
+    experiment_id: str
+    calls_in_logs: int = 0
+    traces_in_mlflow: int = 0
+    matched: int = 0
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    quarantined: int = 0
+    window: tuple[int | None, int | None] = (None, None)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.extra
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["missing_count"], d["extra_count"] = len(self.missing), len(self.extra)
+        return d
+
+
+def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
+    """(call_key, first start) of every call in the logs within [since, until), and the quarantine count."""
+    calls = pl.DataFrame(schema={"call_key": pl.String, "start_us": pl.Int64})
+    quarantine = QuarantineWriter(None)
+    for path in discover(opts.paths):
+        for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):
+            quarantine.write(chunk.quarantined)
+            records, bad = normalize(chunk.lines)
+            quarantine.write(bad)
+            deduped, _ = dedupe(records)
+            part = deduped.group_by("call_key").agg(pl.col("start_us").min())
+            calls = pl.concat([calls, part]).group_by("call_key").agg(pl.col("start_us").min())
+    if opts.since_us is not None:
+        calls = calls.filter(pl.col("start_us") >= opts.since_us)
+    if opts.until_us is not None:
+        calls = calls.filter(pl.col("start_us") < opts.until_us)
+    return calls, quarantine.total
+
+
+def traces_in_mlflow(uri: str, experiment_id: str, since_us: int | None, until_us: int | None) -> dict[str, str]:
+    """trace id -> litellm call id, for the traces this tool wrote (they carry ``litellm.call_id``)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    clauses = []
+    if since_us is not None:
+        clauses.append(f"trace.timestamp_ms >= {since_us // 1000}")
+    if until_us is not None:
+        clauses.append(f"trace.timestamp_ms < {-(-until_us // 1000)}")
+    out: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_traces(
+            locations=[experiment_id],
+            filter_string=" AND ".join(clauses) or None,
+            max_results=1000,
+            page_token=token,
+            include_spans=False,
+        )
+        for t in page:
+            if (cid := t.info.tags.get("litellm.call_id")) is not None:
+                out[t.info.trace_id] = cid
+        token = page.token
+        if not token:
+            return out
+
+
+def reconcile(opts: RunOptions) -> Report:
+    uri = tracking_uri_from(opts.tracking_uri)
+    target = resolve_target(uri, opts.experiment_name, opts.experiment_id, opts.mlflow_timeout_s)
+    calls, quarantined = calls_in_logs(opts)
+    expected = {mlflow_trace_id(otel_trace_id(target.experiment_id, k)): k for k in calls["call_key"].to_list()}
+    since, until = opts.since_us, opts.until_us
+    if since is None and until is None and calls.height:
+        since, until = int(calls["start_us"].min()), int(calls["start_us"].max()) + 1  # type: ignore[arg-type]
+    actual = traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until)
+    report = Report(target.tracking_uri, target.experiment_id, quarantined=quarantined, window=(since, until))
+    report.calls_in_logs = len(expected)
+    report.traces_in_mlflow = len(actual)
+    report.matched = len(expected.keys() & actual.keys())
+    report.missing = sorted(expected[t] for t in expected.keys() - actual.keys())
+    report.extra = sorted(actual[t] for t in actual.keys() - expected.keys())
+    return report
