@@ -1,0 +1,252 @@
+"""Cron batch: each run sends only what is new, through rotation, truncation and partial lines.
+
+"Sent" is counted by the MLflow server itself (its Prometheus counter of spans received), not by
+what the ingester claims; "present" is read back with MLflow's API.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline import RunOptions, run_incremental
+from tests.conftest import all_traces, reidentify, spans_ingested, write_jsonl
+
+
+def expected_spans(records: list[dict]) -> int:
+    by_call: dict[str, int] = {}
+    for r in records:
+        by_call[r["litellm_call_id"]] = by_call.get(r["litellm_call_id"], 0) + 1
+    return sum(1 if n == 1 else n + 1 for n in by_call.values())
+
+
+def call_ids(records: list[dict]) -> set[str]:
+    return {r["litellm_call_id"] for r in records}
+
+
+def lines(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def whole_calls(capture: list[dict], start: int, stop: int) -> list[dict]:
+    """Records of capture calls start..stop-1 (by first appearance), attempts kept together."""
+    order: list[str] = []
+    for r in capture:
+        if r["litellm_call_id"] not in order:
+            order.append(r["litellm_call_id"])
+    chosen = set(order[start:stop])
+    return [r for r in capture if r["litellm_call_id"] in chosen]
+
+
+class Cron:
+    """Runs `batch` the way cron would: same state dir, same destination, every time."""
+
+    def __init__(self, uri: str, experiment: str, state_dir: Path) -> None:
+        self.uri, self.experiment, self.state_dir = uri, experiment, state_dir
+
+    def run(self, *paths: Path, partial_timeout_s: float = 3600.0):  # type: ignore[no-untyped-def]
+        return run_incremental(
+            RunOptions(
+                paths=[str(p) for p in paths],
+                tracking_uri=self.uri,
+                experiment_name=self.experiment,
+                state_dir=self.state_dir,
+                quarantine_file=self.state_dir / "q.jsonl",
+                partial_timeout_s=partial_timeout_s,
+            ),
+            "batch",
+        )
+
+
+@pytest.fixture
+def cron(mlflow_server, tmp_path: Path) -> Cron:
+    return Cron(mlflow_server.url, f"cron-{uuid.uuid4().hex[:8]}", tmp_path / "state")
+
+
+@pytest.fixture
+def batches(capture: list[dict]) -> list[list[dict]]:
+    """Three disjoint sets of whole calls, fresh ids each test."""
+    salt = uuid.uuid4().hex[:8]
+    return [
+        reidentify(whole_calls(capture, 0, 12), salt=salt),
+        reidentify(whole_calls(capture, 12, 27), salt=salt),
+        reidentify(whole_calls(capture, 27, 45), salt=salt),
+    ]
+
+
+def assert_present_exactly(cron: Cron, records: list[dict]) -> None:
+    traces = all_traces(cron.uri, cron.experiment)
+    got = [t.info.tags["litellm.call_id"] for t in traces]
+    assert sorted(got) == sorted(call_ids(records))
+    assert sum(len(t.data.spans) for t in traces) == expected_spans(records)
+
+
+def test_second_run_sends_only_the_appended_calls(cron: Cron, mlflow_server, batches, tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "proxy.jsonl"
+    write_jsonl(log, batches[0])
+    before = spans_ingested(mlflow_server)
+    first = cron.run(log)
+    assert spans_ingested(mlflow_server) - before == expected_spans(batches[0])
+    assert first.traces_written == len(call_ids(batches[0]))
+
+    with log.open("a") as f:
+        f.write(lines(batches[1]))
+    before = spans_ingested(mlflow_server)
+    second = cron.run(log)
+    assert spans_ingested(mlflow_server) - before == expected_spans(batches[1])
+    assert second.records_read == len(batches[1])
+    assert_present_exactly(cron, batches[0] + batches[1])
+
+    before = spans_ingested(mlflow_server)
+    third = cron.run(log)
+    assert spans_ingested(mlflow_server) == before
+    assert third.records_read == 0 and third.traces_written == 0
+
+
+ROTATIONS = ["rename_create", "copytruncate", "rename_gzip", "rename_delete"]
+NAMING = ["numbered", "timestamped"]
+
+
+def rotate(log: Path, how: str, naming: str) -> Path | None:
+    """Rotate ``log`` as logrotate would; return the rotated file (None if deleted)."""
+    rotated = log.with_name(log.name + (".1" if naming == "numbered" else "-20261127T1400"))
+    if how == "copytruncate":
+        shutil.copyfile(log, rotated)
+        with log.open("r+") as f:
+            f.truncate(0)
+        return rotated
+    log.rename(rotated)
+    if how == "rename_gzip":
+        gz = rotated.with_name(rotated.name + ".gz")
+        with rotated.open("rb") as src, gzip.open(gz, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        rotated.unlink()
+        return gz
+    if how == "rename_delete":
+        rotated.unlink()
+        return None
+    return rotated
+
+
+@pytest.mark.parametrize("naming", NAMING)
+@pytest.mark.parametrize("how", ROTATIONS)
+def test_rotation_between_cron_runs_loses_and_repeats_nothing(
+    cron: Cron, mlflow_server, batches, tmp_path: Path, how: str, naming: str
+) -> None:
+    logdir = tmp_path / "logs"
+    log = write_jsonl(logdir / "proxy.jsonl", batches[0])
+    before = spans_ingested(mlflow_server)
+    cron.run(logdir)
+    if how != "rename_delete":
+        with log.open("a") as f:  # written after the last run, before rotation: still unread
+            f.write(lines(batches[1]))
+    rotate(log, how, naming)
+    with log.open("a") as f:
+        f.write(lines(batches[2]))
+    cron.run(logdir)
+    sent = batches[0] + (batches[1] if how != "rename_delete" else []) + batches[2]
+    assert spans_ingested(mlflow_server) - before == expected_spans(sent), "every span sent exactly once"
+    assert_present_exactly(cron, sent)
+
+
+def test_gzip_copy_of_an_ingested_file_is_recognised(cron: Cron, mlflow_server, batches, tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    log = write_jsonl(logdir / "proxy.jsonl", batches[0])
+    cron.run(logdir)
+    with log.open("rb") as src, gzip.open(logdir / "archive-copy.jsonl.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    before = spans_ingested(mlflow_server)
+    summary = cron.run(logdir)
+    assert spans_ingested(mlflow_server) == before
+    assert summary.records_read == 0
+
+
+def test_replaced_file_with_the_same_first_line_is_read_again(cron: Cron, mlflow_server, batches, tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    first_record = batches[0][:1]
+    log = write_jsonl(logdir / "proxy.jsonl", first_record + batches[1])
+    cron.run(logdir)
+    log.write_text(lines(first_record + batches[2]))  # truncated and rewritten: same first line, shorter
+    os.utime(log, (time.time() + 1, time.time() + 1))
+    summary = cron.run(logdir)
+    assert summary.records_read == 1 + len(batches[2])
+    assert_present_exactly(cron, first_record + batches[1] + batches[2])
+
+
+def test_partial_last_line_waits_for_its_newline(cron: Cron, mlflow_server, batches, tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    log = write_jsonl(logdir / "proxy.jsonl", batches[0])
+    tail = json.dumps(batches[1][0])
+    with log.open("a") as f:
+        f.write(tail[:100])
+    first = cron.run(logdir)
+    assert first.quarantined == 0
+    assert batches[1][0]["litellm_call_id"] not in {t.info.tags["litellm.call_id"] for t in all_traces(cron.uri, cron.experiment)}
+    with log.open("a") as f:
+        f.write(tail[100:] + "\n")
+    second = cron.run(logdir)
+    assert second.records_read == 1
+    assert batches[1][0]["litellm_call_id"] in {t.info.tags["litellm.call_id"] for t in all_traces(cron.uri, cron.experiment)}
+
+
+def test_partial_line_of_a_quiet_file_is_quarantined_after_the_timeout(cron: Cron, batches, tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    log = write_jsonl(logdir / "proxy.jsonl", batches[0])
+    with log.open("a") as f:
+        f.write(json.dumps(batches[1][0])[:100])
+    old = time.time() - 3600
+    os.utime(log, (old, old))
+    summary = cron.run(logdir, partial_timeout_s=600)
+    assert summary.quarantined_by_reason == {"truncated_line": 1}
+    again = cron.run(logdir, partial_timeout_s=600)
+    assert again.quarantined == 0 and again.records_read == 0
+
+
+def test_failed_attempt_is_held_across_runs_until_its_fallback_arrives(cron: Cron, mlflow_server, capture, tmp_path: Path) -> None:
+    pair = [r for r in capture if r["litellm_call_id"].startswith("86f9bb02")]
+    assert [r["status"] for r in pair] == ["failure", "success"]
+    shift = time.time() - pair[1]["endTime"] - 5  # as if it happened seconds ago
+    failure, success = reidentify(pair, shift_s=shift)
+    logdir = tmp_path / "logs"
+    log = write_jsonl(logdir / "proxy.jsonl", [failure])
+    before = spans_ingested(mlflow_server)
+    first = cron.run(logdir)
+    assert first.calls_held == 1 and first.traces_written == 0
+    assert spans_ingested(mlflow_server) == before, "a failure that may still be retried is not written yet"
+    with log.open("a") as f:
+        f.write(json.dumps(success) + "\n")
+    second = cron.run(logdir)
+    assert second.traces_written == 1
+    (trace,) = all_traces(cron.uri, cron.experiment)
+    assert trace.info.state.value == "OK"
+    assert len(trace.data.spans) == 3
+    assert spans_ingested(mlflow_server) - before == 3
+
+
+def test_old_failures_are_not_held(cron: Cron, capture, tmp_path: Path) -> None:
+    failures = reidentify([r for r in capture if r["litellm_call_id"].startswith("dbb95558")])
+    logdir = tmp_path / "logs"
+    write_jsonl(logdir / "proxy.jsonl", failures)
+    summary = cron.run(logdir)
+    assert summary.calls_held == 0 and summary.traces_written == 1
+    (trace,) = all_traces(cron.uri, cron.experiment)
+    assert trace.info.state.value == "ERROR"
+
+
+def test_file_without_a_complete_first_line_waits(cron: Cron, batches, tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    log.write_text(json.dumps(batches[0][0])[:50])
+    first = cron.run(logdir)
+    assert first.files_skipped == 1 and first.records_read == 0
+    log.write_text(lines(batches[0]))
+    second = cron.run(logdir)
+    assert second.records_read == len(batches[0])
