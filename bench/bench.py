@@ -1,0 +1,223 @@
+"""Benchmark: throughput and peak memory of litellm-ingest on generated input, with figures printed.
+
+The input is the real capture in sample_logs/ re-identified N times (fresh call ids, shifted
+times, retries/fallbacks kept together). Each measured run is its own process, so its peak RSS
+(from wait4) is its own.
+
+    python bench/bench.py                      # sizes 5000,50000 records, dry run + SQLite + server
+    python bench/bench.py --sizes 2000 --skip-server --skip-callback
+
+No assertions: these are the figures the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
+
+
+def capture() -> list[dict]:
+    out = []
+    for f in (ROOT / "sample_logs" / "proxy_calls.jsonl.1.gz", ROOT / "sample_logs" / "proxy_calls.jsonl"):
+        data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+        out += [json.loads(line) for line in data.splitlines() if line.strip()]
+    return out
+
+
+def generate(path: Path, records: int) -> tuple[int, int]:
+    """Write ``records`` lines; return (records, calls)."""
+    base = capture()
+    span = max(r["endTime"] for r in base) - min(r["startTime"] for r in base) + 1
+    written = calls = copy = 0
+    with path.open("w") as out:
+        while written < records:
+            salt = uuid.uuid4().hex[:8]
+            ids: dict[str, str] = {}
+            for r in base:
+                if written >= records:
+                    break
+                r = dict(r)
+                old = r["litellm_call_id"]
+                if old not in ids:
+                    ids[old] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{salt}/{old}"))
+                    calls += 1
+                r["litellm_call_id"] = ids[old]
+                r["id"] = ids[old] if r["id"] == old else f"{r['id']}-{salt}"
+                for k in ("startTime", "endTime", "completionStartTime"):
+                    if r.get(k) is not None:
+                        r[k] = round(r[k] + copy * span - 86400 * 30, 6)
+                out.write(json.dumps(r) + "\n")
+                written += 1
+            copy += 1
+    return written, calls
+
+
+def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Run a command; return (seconds, peak RSS in MiB, stdout)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) not in (0, 3):
+        raise RuntimeError(f"{args} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    return seconds, usage.ru_maxrss // 1024, out.decode()
+
+
+def orjson_loop(path: Path) -> float:
+    start = time.monotonic()
+    with path.open("rb") as f:
+        for line in f:
+            orjson.loads(line)
+    return time.monotonic() - start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
+         "--default-artifact-root", str(workdir / "art"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=workdir,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+    import requests
+
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.3)
+    raise RuntimeError("mlflow server did not start")
+
+
+def callback_style(url: str, base: list[dict], n: int) -> float:
+    """LiteLLM's callback way: MlflowClient.start_trace/end_trace per call, synchronous (drops nothing)."""
+    code = f"""
+import json, os, time
+os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
+import mlflow
+from mlflow import MlflowClient
+mlflow.set_tracking_uri({url!r})
+exp = mlflow.set_experiment("bench-callback")
+c = MlflowClient()
+recs = json.load(open({str(Path(tempfile.gettempdir()) / "bench-callback.json")!r}))
+t = time.monotonic()
+for r in recs:
+    s = c.start_trace(name="litellm-" + r["call_type"], span_type="LLM", inputs={{"messages": r["messages"]}},
+                      attributes={{"litellm_call_id": r["litellm_call_id"], "model": r["model"]}},
+                      tags={{"User-Agent": "x"}}, start_time_ns=int(r["startTime"] * 1e9))
+    c.end_trace(s.trace_id, outputs=r["response"], end_time_ns=int(r["endTime"] * 1e9))
+print(time.monotonic() - t)
+"""
+    recs = [base[i % len(base)] for i in range(n)]
+    (Path(tempfile.gettempdir()) / "bench-callback.json").write_text(json.dumps(recs))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="5000,50000", help="records per generated input, comma-separated")
+    ap.add_argument("--sink-records", type=int, default=3000, help="records for the runs that write to MLflow")
+    ap.add_argument("--callback-calls", type=int, default=200)
+    ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--skip-callback", action="store_true")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="litellm-ingest-bench-"))
+    rows: list[tuple[str, str, str, str, str]] = []
+    env = {"LITELLM_INGEST_STATE_DIR": str(work / "state")}
+    print(f"machine: {os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}; workdir {work}", flush=True)
+
+    rss_by_size = []
+    for n in sizes:
+        path = work / f"input-{n}.jsonl"
+        recs, calls = generate(path, n)
+        mb = path.stat().st_size / 1e6
+        t = orjson_loop(path)
+        rows.append((f"orjson loop (parse only), {recs} records", f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-"))
+        t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(path)], env)
+        rows.append((f"ours, no sink (parse+normalize+dedupe+build), {recs} records", f"{recs / t:,.0f}", f"{mb / t:,.1f}", f"{rss}", "-"))
+        rss_by_size.append((n, rss))
+
+    n = args.sink_records
+    path = work / "sink-input.jsonl"
+    recs, calls = generate(path, n)
+    mb = path.stat().st_size / 1e6
+    t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{work / 'bench.db'}", str(path)], env)
+    sqlite_tps = calls / t
+    rows.append(
+        (
+            f"ours, batch into local SQLite, {recs} records / {calls} calls",
+            f"{recs / t:,.0f}",
+            f"{mb / t:,.1f}",
+            f"{rss}",
+            f"{sqlite_tps:,.1f}",
+        )
+    )
+
+    callback_tps = None
+    if not args.skip_server:
+        server, url = start_server(work)
+        try:
+            t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", url, str(path)], env)
+            rows.append(
+                (
+                    f"ours, batch into mlflow server (OTLP), {calls} calls",
+                    f"{recs / t:,.0f}",
+                    f"{mb / t:,.1f}",
+                    f"{rss}",
+                    f"{calls / t:,.1f}",
+                )
+            )
+            if not args.skip_callback:
+                t = callback_style(url, capture(), args.callback_calls)
+                callback_tps = args.callback_calls / t
+                rows.append((f"callback-style start/end_trace (sync), {args.callback_calls} calls", "-", "-", "-", f"{callback_tps:,.1f}"))
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+
+    widths = [max(len(r[i]) for r in [*rows, ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")]) for i in range(5)]
+    header = ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    if len(rss_by_size) > 1:
+        (n0, r0), (n1, r1) = rss_by_size[0], rss_by_size[-1]
+        print(
+            f"memory: peak RSS {r0} MiB at {n0} records, {r1} MiB at {n1} records ({(r1 - r0) / r0 * 100:+.0f}% for {n1 / n0:.0f}x input)"
+        )
+    if callback_tps:
+        print(
+            f"headline: batch into SQLite {sqlite_tps:,.0f} traces/s = {sqlite_tps / callback_tps:.1f}x the callback-style writer ({callback_tps:.1f}/s)"
+        )
+    else:
+        print(f"headline: batch into SQLite {sqlite_tps:,.0f} traces/s")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
