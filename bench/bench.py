@@ -160,7 +160,7 @@ def main() -> None:
         mb = path.stat().st_size / 1e6
         t = orjson_loop(path)
         rows.append((f"orjson loop (parse only), {recs} records", f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-"))
-        t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(path)], env)
+        t, rss, _ = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(path)], env)
         rows.append((f"ours, no sink (parse+normalize+dedupe+build), {recs} records", f"{recs / t:,.0f}", f"{mb / t:,.1f}", f"{rss}", "-"))
         rss_by_size.append((n, rss))
 
@@ -168,7 +168,7 @@ def main() -> None:
     path = work / "sink-input.jsonl"
     recs, calls = generate(path, n)
     mb = path.stat().st_size / 1e6
-    t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{work / 'bench.db'}", str(path)], env)
+    t, rss, _ = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{work / 'bench.db'}", str(path)], env)
     sqlite_tps = calls / t
     rows.append(
         (
@@ -184,7 +184,7 @@ def main() -> None:
     if not args.skip_server:
         server, url = start_server(work)
         try:
-            t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", url, str(path)], env)
+            t, rss, _ = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", url, str(path)], env)
             rows.append(
                 (
                     f"ours, batch into mlflow server (OTLP), {calls} calls",
@@ -212,7 +212,8 @@ def main() -> None:
         )
     if callback_tps:
         print(
-            f"headline: batch into SQLite {sqlite_tps:,.0f} traces/s = {sqlite_tps / callback_tps:.1f}x the callback-style writer ({callback_tps:.1f}/s)"
+            f"headline: batch into SQLite {sqlite_tps:,.0f} traces/s = {sqlite_tps / callback_tps:.1f}x "
+            f"the callback-style writer ({callback_tps:.1f}/s)"
         )
     else:
         print(f"headline: batch into SQLite {sqlite_tps:,.0f} traces/s")
