@@ -107,13 +107,14 @@ def split_final(
 def dedupe_and_split(
     pending: pl.DataFrame, new: pl.DataFrame, settle_s: float, final: bool, sent: SentIndex | None = None, now_us: int | None = None
 ) -> Deduped:
-    """Merge held rows with a new chunk, dedupe (against what was sent too), split into ready and held calls."""
+    """Merge held rows with a new chunk, dedupe (against what was sent too), split into ready and held calls.
+
+    The caller adds ``ready`` to ``sent`` once MLflow acknowledged it, not before.
+    """
     resent = 0
     if sent is not None:
         new, resent = sent.drop_sent(new)
     merged = pl.concat([pending, new], how="vertical") if pending.height else new
     deduped, dups = dedupe(merged)
     ready, held = split_final(deduped, settle_s, final, now_us)
-    if sent is not None and ready.height:
-        sent.add(ready)
     return Deduped(ready, held, dups + resent)

@@ -142,6 +142,7 @@ class Pipeline:
         self.summary.duplicates_dropped += d.duplicates
         if d.ready.height:
             self._emit(self._in_range(d.ready))
+            self.sent.add(d.ready)
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""
