@@ -98,6 +98,9 @@ run_options = _options(
         help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
     ),
     click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow."),
+    click.option(
+        "--settle", default=120.0, show_default=True, help="Seconds a call whose last attempt failed is held for its retry or fallback."
+    ),
 )
 
 window_options = _options(
@@ -112,6 +115,7 @@ window_options = _options(
 def main(verbose: bool) -> None:
     """Replay LiteLLM Proxy request logs (StandardLoggingPayload JSONL, SpendLogs exports) into MLflow traces."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("litellm-ingest").setLevel(logging.INFO if verbose else logging.WARNING)
     for noisy in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
@@ -134,6 +138,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         partial_timeout_s=kw.get("partial_timeout", 300.0),
         since_us=parse_time(kw.get("since")),
         until_us=parse_time(kw.get("until")),
+        settle_s=kw.get("settle", 120.0),
     )
 
 
@@ -265,6 +270,51 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+@main.command()
+@click.argument("directories", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@target_options
+@click.option("--pattern", default="*.jsonl*", show_default=True, help="File names to follow (glob, matched in every subdirectory).")
+@click.option("--polling", is_flag=True, help="Poll the directories instead of inotify (NFS and other filesystems inotify does not see).")
+@click.option("--from-end", is_flag=True, help="On the very first start (no state yet), skip what the files already hold.")
+@click.option(
+    "--state-dir", type=click.Path(path_type=Path), help="Checkpoints, lock, quarantine (shared with `batch` for the same destination)."
+)
+@click.option("--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go. Default: <state dir>/quarantine.jsonl.")
+@click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow.")
+@click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow.")
+@click.option("--batch-wait", default=0.25, show_default=True, help="Seconds to gather lines after a change before sending.")
+@click.option("--partial-timeout", default=60.0, show_default=True, help="Seconds an unterminated last line may wait for its newline.")
+@click.option("--max-line-bytes", default=4 * 1024 * 1024, show_default=True, help="Longer lines are quarantined, never held in memory.")
+@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics and /health on this port (127.0.0.1).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for the metrics endpoint.")
+@click.option("--shutdown-timeout", default=10.0, show_default=True, help="On SIGTERM/SIGINT, seconds to flush before exiting.")
+@click.option(
+    "--settle", default=120.0, show_default=True, help="Seconds a call whose last attempt failed is held for its retry or fallback."
+)
+def tail(directories: tuple[Path, ...], **kw: Any) -> None:
+    """Follow log files as the proxy writes them (a daemon): through rotation, restarts and MLflow outages.
+
+    Logs one line per noteworthy event to stderr. Stop it with SIGTERM or Ctrl-C: it flushes,
+    saves its checkpoints and exits 0.
+    """
+    from ingest.tail import TailOptions, run_tail
+
+    logging.getLogger("litellm-ingest").setLevel(logging.INFO)
+    base = _run_options(tuple(str(d) for d in directories), kw)
+    opts = TailOptions(
+        **{f: getattr(base, f) for f in base.__dataclass_fields__},
+    )
+    opts.pattern = kw["pattern"]
+    opts.polling = kw["polling"]
+    opts.from_end = kw["from_end"]
+    opts.batch_wait_s = kw["batch_wait"]
+    opts.max_line_bytes = kw["max_line_bytes"]
+    opts.metrics_port = kw.get("metrics_port")
+    opts.metrics_host = kw["metrics_host"]
+    opts.shutdown_timeout_s = kw["shutdown_timeout"]
+    _guarded(lambda: run_tail(opts, list(directories)))
 
 
 @main.command()

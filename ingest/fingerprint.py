@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from pathlib import Path
+from typing import BinaryIO
 
 from ingest.sources import TAIL_BYTES, open_log
 
@@ -23,9 +24,14 @@ def fingerprint(path: Path) -> str | None:
     """``sha256:<hex>`` of the first line (up to 64 KiB), or None while there is no complete first line."""
     try:
         with open_log(path) as f:
-            head = f.read(FIRST_LINE_CAP)
+            return fingerprint_of(f)
     except (OSError, EOFError):
         return None
+
+
+def fingerprint_of(f: BinaryIO) -> str | None:
+    """The fingerprint of an open log (read from its start)."""
+    head = f.read(FIRST_LINE_CAP)
     nl = head.find(b"\n")
     if nl >= 0:
         head = head[: nl + 1]

@@ -118,6 +118,22 @@ class Pipeline:
         self.summary.records_read += records.height + len(bad) + len(chunk.quarantined)
         self._step(records, final=False)
 
+    def feed_many(self, chunks: list[Chunk]) -> None:
+        """Several chunks (of several files) as one step: one dedupe, one round of writes."""
+        if len(chunks) == 1:
+            self.feed(chunks[0])
+            return
+        frames = []
+        for chunk in chunks:
+            self.quarantine.write(chunk.quarantined)
+            self.summary.records_read += len(chunk.quarantined)
+            frames.append(chunk.lines)
+        merged = Chunk("", pl.concat(frames, how="vertical") if frames else chunks[0].lines)
+        records, bad = normalize(merged.lines)
+        self.quarantine.write(bad)
+        self.summary.records_read += records.height + len(bad)
+        self._step(records, final=False)
+
     def flush(self, final: bool) -> None:
         """End of input: write held calls that are final by now (all of them with ``final``)."""
         self._step(empty_canonical(), final=final, at=now_us())

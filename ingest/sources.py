@@ -142,16 +142,18 @@ def read_chunks(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     final: bool = True,
+    fileobj: BinaryIO | None = None,
 ) -> Iterator[Chunk]:
     """Yield chunks of complete lines from ``start_offset`` (uncompressed bytes).
 
     With ``final`` the file is taken as complete: an unterminated last line is handed on as a
     line of its own (flagged ``truncated``, so a parse failure says so). Without it the tail is
     left for the next read, as a live file's partial line must be. A line over
-    ``max_line_bytes`` is quarantined without ever being held whole in memory.
+    ``max_line_bytes`` is quarantined without ever being held whole in memory. ``fileobj`` reads
+    an already open file (the tail daemon keeps rotated files open) instead of opening ``path``.
     """
     name = str(path)
-    with open_log(path) as f:
+    with open_log(path) if fileobj is None else fileobj as f:
         raw_file = f.fileobj if isinstance(f, gzip.GzipFile) else f
         _skip_to(f, start_offset, chunk_bytes)
         offset, line_no = start_offset, start_line
@@ -228,11 +230,11 @@ def gzip_size_mod32(path: Path) -> int:
         return int.from_bytes(f.read(4), "little")
 
 
-def read_lines_at(path: Path, positions: list[tuple[int, int]]) -> Chunk:
+def read_lines_at(path: Path, positions: list[tuple[int, int]], fileobj: BinaryIO | None = None) -> Chunk:
     """The lines starting at the given (offset, line number) positions: calls held back by a previous run."""
     name = str(path)
     rows: list[tuple[int, int, str]] = []
-    with open_log(path) as f:
+    with open_log(path) if fileobj is None else fileobj as f:
         pos = 0
         for offset, line_no in sorted(positions):
             if isinstance(f, gzip.GzipFile):
