@@ -1,0 +1,157 @@
+"""Test kit for the tail daemon: a real daemon process, a real writer thread, real rotations."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from tests.conftest import all_traces, free_port, reidentify
+
+EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
+
+
+def fresh_calls(capture: list[dict], copies: int = 1, shift_to_now: bool = True) -> list[list[dict]]:
+    """Whole calls (attempts together) of the capture with fresh ids, times moved to just now."""
+    out: list[list[dict]] = []
+    base_end = max(r["endTime"] for r in capture)
+    for _ in range(copies):
+        shift = (time.time() - base_end - 1) if shift_to_now else 0.0
+        recs = reidentify(capture, shift_s=shift, salt=uuid.uuid4().hex[:8])
+        calls: dict[str, list[dict]] = {}
+        for r in recs:
+            calls.setdefault(r["litellm_call_id"], []).append(r)
+        out += list(calls.values())
+    return out
+
+
+def spans_of(calls: list[list[dict]]) -> int:
+    return sum(1 if len(c) == 1 else len(c) + 1 for c in calls)
+
+
+class Daemon:
+    """`litellm-ingest tail` as a real process."""
+
+    def __init__(self, logdir: Path, uri: str, experiment: str, state_dir: Path, *extra: str) -> None:
+        self.logdir, self.uri, self.experiment, self.state_dir, self.extra = logdir, uri, experiment, state_dir, extra
+        self.proc: subprocess.Popen | None = None
+        self.metrics_port = free_port()
+        self.log = state_dir.parent / f"tail-{uuid.uuid4().hex[:6]}.log"
+
+    def start(self) -> Daemon:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        args = [
+            EXE, "tail", str(self.logdir), "--tracking-uri", self.uri, "--experiment-name", self.experiment,
+            "--state-dir", str(self.state_dir), "--batch-wait", "0.1", "--settle", "3", "--partial-timeout", "3",
+            "--metrics-port", str(self.metrics_port), "--mlflow-timeout", "5", *self.extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env, start_new_session=True)  # noqa: SIM115
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if requests.get(f"http://127.0.0.1:{self.metrics_port}/health", timeout=1).status_code in (200, 503):
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("tail daemon did not come up: " + self.log.read_text())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def metrics(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+
+class Writer:
+    """Appends whole lines like the proxy's logger does; rotation takes the same lock (no line tears)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.lock = threading.Lock()
+        self.written: list[list[dict]] = []
+
+    def write_calls(self, calls: list[list[dict]], pause_s: float = 0.0) -> None:
+        for call in calls:
+            with self.lock, self.log.open("a") as f:
+                for r in call:
+                    f.write(json.dumps(r) + "\n")
+            self.written.append(call)
+            if pause_s:
+                time.sleep(pause_s)
+
+    def in_thread(self, calls: list[list[dict]], pause_s: float) -> threading.Thread:
+        t = threading.Thread(target=self.write_calls, args=(calls, pause_s), daemon=True)
+        t.start()
+        return t
+
+
+def rotate(log: Path, how: str, naming: str, keep: str, n: int = 1) -> Path | None:
+    """logrotate's moves: rename+create or copytruncate; numbered or timestamped; kept, gzipped or deleted.
+
+    Deleted means: right away after a rename (the daemon still holds the file open), but for
+    copytruncate only at the next rotation (logrotate's ``rotate 1``): a copy deleted the moment it
+    is made takes the lines nobody read yet with it, for any reader.
+    """
+    suffix = f".{n}" if naming == "numbered" else time.strftime("-%Y%m%dT%H%M%S") + f"{n}"
+    rotated = log.with_name(log.name + suffix)
+    if how == "copytruncate":
+        shutil.copyfile(log, rotated)
+        with log.open("r+") as f:
+            f.truncate(0)
+    else:
+        log.rename(rotated)
+        log.touch()
+    if keep == "gzipped":
+        with rotated.open("rb") as src, gzip.open(rotated.with_name(rotated.name + ".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        rotated.unlink()
+        return None
+    if keep == "deleted":
+        if how == "copytruncate":
+            return rotated
+        rotated.unlink()
+    return None
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def call_ids_in(uri: str, experiment: str) -> list[str]:
+    try:
+        return [t.info.tags["litellm.call_id"] for t in all_traces(uri, experiment)]
+    except AssertionError:
+        return []
+
+
+def wait_for_calls(uri: str, experiment: str, calls: list[list[dict]], timeout: float = 60) -> list:
+    want = {c[0]["litellm_call_id"] for c in calls}
+    wait_for(lambda: want <= set(call_ids_in(uri, experiment)), timeout, f"{len(want)} calls in MLflow")
+    time.sleep(0.5)
+    return all_traces(uri, experiment)

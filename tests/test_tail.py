@@ -1,0 +1,218 @@
+"""The tail daemon: real files, a real writer thread, real daemon processes, a real mlflow server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import spans_ingested, start_mlflow_server
+from tests.tailkit import Daemon, Writer, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
+
+
+def assert_exactly(traces: list, calls: list[list[dict]]) -> None:
+    got = sorted(t.info.tags["litellm.call_id"] for t in traces)
+    assert got == sorted(c[0]["litellm_call_id"] for c in calls), "every call once, none extra"
+    assert sum(len(t.data.spans) for t in traces) == spans_of(calls)
+
+
+@pytest.fixture
+def setup(mlflow_server, tmp_path: Path):  # type: ignore[no-untyped-def]
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    experiment = f"tail-{uuid.uuid4().hex[:8]}"
+    daemons: list[Daemon] = []
+
+    def daemon(*extra: str) -> Daemon:
+        d = Daemon(logdir, mlflow_server.url, experiment, tmp_path / "state", *extra)
+        daemons.append(d)
+        return d
+
+    yield logdir, experiment, daemon
+    for d in daemons:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("keep", ["kept", "gzipped", "deleted"])
+@pytest.mark.parametrize("naming", ["numbered", "timestamped"])
+@pytest.mark.parametrize("how", ["rename_create", "copytruncate"])
+def test_rotation_matrix_with_a_writer_appending(setup, mlflow_server, capture, how: str, naming: str, keep: str) -> None:
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)
+    writer = Writer(log)
+    writer.write_calls(calls[:5])
+    before = spans_ingested(mlflow_server)
+    d = daemon().start()
+    thread = writer.in_thread(calls[5:], pause_s=0.05)
+    time.sleep(0.3)
+    with writer.lock:
+        previous = rotate(log, how, naming, keep)
+    time.sleep(1.5)
+    with writer.lock:
+        if previous is not None:
+            previous.unlink()
+        rotate(log, how, naming, keep, n=2)
+    thread.join()
+    traces = wait_for_calls(mlflow_server.url, experiment, calls)
+    assert d.stop() == 0
+    assert_exactly(traces, calls)
+    assert spans_ingested(mlflow_server) - before == spans_of(calls[5:]) + spans_of(calls[:5]), "nothing sent twice"
+
+
+def test_restarts_deliver_everything_once(setup, mlflow_server, capture) -> None:
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture, copies=2)
+    parts = [calls[:15], calls[15:35], calls[35:55], calls[55:]]
+    writer = Writer(log)
+    writer.write_calls(parts[0])  # before the first start
+    d = daemon().start()
+    writer.write_calls(parts[1], pause_s=0.01)  # during the run
+    wait_for_calls(mlflow_server.url, experiment, parts[0] + parts[1])
+    assert d.stop(signal.SIGTERM) == 0
+    writer.write_calls(parts[2])  # while the daemon is down
+    before = spans_ingested(mlflow_server)
+    d = daemon().start()
+    writer.write_calls(parts[3], pause_s=0.01)  # after the restart
+    traces = wait_for_calls(mlflow_server.url, experiment, calls)
+    assert d.stop() == 0
+    assert_exactly(traces, calls)
+    assert spans_ingested(mlflow_server) - before == spans_of(parts[2] + parts[3]), "a clean restart re-sends nothing"
+
+
+def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(setup, mlflow_server, capture) -> None:
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture, copies=3)
+    writer = Writer(log)
+    d = daemon().start()
+    thread = writer.in_thread(calls, pause_s=0.01)
+    time.sleep(0.8)
+    d.stop(signal.SIGKILL)
+    thread.join()
+    d = daemon().start()
+    traces = wait_for_calls(mlflow_server.url, experiment, calls)
+    assert d.stop() == 0
+    assert_exactly(traces, calls)
+
+
+def test_partial_line_is_held_then_completed(setup, mlflow_server, capture) -> None:
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)[:6]
+    Writer(log).write_calls(calls[:5])
+    last = json.dumps(calls[5][0])
+    with log.open("a") as f:
+        f.write(last[:200])
+    d = daemon("--partial-timeout", "30").start()
+    wait_for_calls(mlflow_server.url, experiment, calls[:5])
+    time.sleep(1.0)
+    with log.open("a") as f:
+        f.write(last[200:] + "\n")
+    traces = wait_for_calls(mlflow_server.url, experiment, calls)
+    assert d.stop() == 0
+    assert_exactly(traces, calls)
+
+
+def test_never_completed_line_and_overlong_line_go_to_quarantine(setup, mlflow_server, capture, tmp_path: Path) -> None:
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)[:4]
+    writer = Writer(log)
+    writer.write_calls(calls[:2])
+    with log.open("a") as f:
+        f.write('{"litellm_call_id": "x", "padding": "' + "y" * 300_000 + '"}\n')
+    writer.write_calls(calls[2:])
+    with log.open("a") as f:
+        f.write('{"litellm_call_id": "never-finished", ')
+    d = daemon("--max-line-bytes", "100000", "--partial-timeout", "2").start()
+    wait_for_calls(mlflow_server.url, experiment, calls)
+    q = tmp_path / "state" / "quarantine.jsonl"
+    wait_for(lambda: q.exists() and len(q.read_text().splitlines()) == 2, 20, "two quarantine records")
+    assert d.stop() == 0
+    reasons = sorted(json.loads(line)["reason"] for line in q.read_text().splitlines())
+    assert reasons == ["line_too_long", "truncated_line"]
+
+
+def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
+    server = start_mlflow_server(tmp_path / "outage-server")
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    experiment = "outage"
+    calls = fresh_calls(capture, copies=2)
+    d = Daemon(logdir, server.url, experiment, tmp_path / "state").start()
+    try:
+        writer = Writer(log)
+        writer.write_calls(calls[:20], pause_s=0.01)
+        wait_for_calls(server.url, experiment, calls[:20])
+        server.stop()
+        writer.write_calls(calls[20:60], pause_s=0.01)
+        wait_for(lambda: "litellm_ingest_mlflow_up 0" in d.metrics(), 30, "the daemon to notice the outage")
+        assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
+        time.sleep(3)
+        server = start_mlflow_server(tmp_path / "outage-server", port=server.port, backend_uri=server.backend_uri)
+        writer.write_calls(calls[60:], pause_s=0.01)
+        traces = wait_for_calls(server.url, experiment, calls, timeout=120)
+        assert_exactly(traces, calls)
+        assert "litellm_ingest_mlflow_up 1" in d.metrics()
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        server.stop()
+
+
+def test_metrics_health_and_status_while_running(setup, mlflow_server, capture, tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.tailkit import EXE
+
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)[:10]
+    Writer(log).write_calls(calls)
+    d = daemon().start()
+    wait_for_calls(mlflow_server.url, experiment, calls)
+    wait_for(lambda: "litellm_ingest_traces_written_total 10" in d.metrics(), 10, "metrics to count 10 traces")
+    m = d.metrics()
+    assert f"litellm_ingest_records_read_total {sum(len(c) for c in calls)}" in m
+    assert f'litellm_ingest_file_lag_bytes{{path="{log}"}} 0' in m
+    health = requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    status = subprocess.run([EXE, "status", "--state-dir", str(tmp_path / "state"), "--json"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0
+    files = json.loads(status.stdout)["files"]
+    assert [f["offset"] for f in files if f["path"] == str(log.resolve())] == [log.stat().st_size]
+    assert d.stop() == 0
+
+
+def test_from_end_skips_existing_content_on_first_start_only(setup, mlflow_server, capture) -> None:
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)[:12]
+    writer = Writer(log)
+    writer.write_calls(calls[:6])
+    d = daemon("--from-end").start()
+    time.sleep(1)
+    writer.write_calls(calls[6:])
+    traces = wait_for_calls(mlflow_server.url, experiment, calls[6:])
+    assert d.stop() == 0
+    assert_exactly(traces, calls[6:])
+
+
+def test_polling_observer_follows_files_too(setup, mlflow_server, capture) -> None:
+    logdir, experiment, daemon = setup
+    calls = fresh_calls(capture)[:8]
+    d = daemon("--polling").start()
+    Writer(logdir / "sub" / "proxy.jsonl" if (logdir / "sub").mkdir() is None else logdir).write_calls(calls)
+    traces = wait_for_calls(mlflow_server.url, experiment, calls)
+    assert d.stop() == 0
+    assert_exactly(traces, calls)
