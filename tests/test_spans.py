@@ -632,8 +632,7 @@ def test_identical_input_gives_byte_identical_spans() -> None:
 def _shape(traces: list[BuiltTrace]) -> dict[str, list[tuple]]:
     return {
         t.call_key: [
-            (s.trace_id, s.span_id, s.parent_span_id, s.start_time_unix_nano, s.end_time_unix_nano, s.status.code)
-            for s in t.spans
+            (s.trace_id, s.span_id, s.parent_span_id, s.start_time_unix_nano, s.end_time_unix_nano, s.status.code) for s in t.spans
         ]
         for t in traces
     }
