@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -152,6 +154,12 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         _fail(str(e), Exit.MLFLOW)
     except LockedError as e:
         _fail(str(e), Exit.LOCKED)
+    except Exception as e:
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(e, MlflowException):
+            _fail(f"MLflow: {e.message.splitlines()[0][:300]}", Exit.MLFLOW)
+        raise
 
 
 def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
@@ -182,6 +190,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
     from ingest.pipeline import run_batch, run_incremental
 
     opts = _run_options(paths, kw)
+    _stop_gracefully(opts.stop, quiet or as_json)
     try:
         summary = _guarded(lambda: run_batch(opts) if no_state else run_incremental(opts, "batch"))
     except KeyboardInterrupt:
@@ -206,6 +215,7 @@ def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> N
 
     kw["partial_timeout"] = 0.0
     opts = _run_options(paths, kw)
+    _stop_gracefully(opts.stop, quiet or as_json)
     reporter = _Progress(opts, quiet or as_json)
     try:
         summary = _guarded(lambda: run_incremental(opts, "backfill", progress=reporter.update))
@@ -216,6 +226,20 @@ def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> N
     if summary.files_resumed and not (quiet or as_json):
         click.echo(f"resumed {summary.files_resumed} file(s) from the saved position", err=True)
     _finish(summary, as_json, quiet)
+
+
+def _stop_gracefully(stop: threading.Event, quiet: bool) -> None:
+    """First SIGINT/SIGTERM: finish the chunk in hand, save, stop. A second one stops at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        if not quiet:
+            click.echo("litellm-ingest: stopping after the current chunk (again to stop now)", err=True)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 class _Progress:
@@ -359,9 +383,10 @@ def status(state_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps({"state_dir": str(state_dir), "runs": runs, "files": rows}))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
     if not states:
         console.print(f"no state in {state_dir}")
         return
@@ -369,7 +394,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
         dest = r["destination"]
         console.print(
             f"[bold]{r['mode']}[/bold] -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
-            f"last run {r.get('finished') or r.get('started')} [{r.get('result')}]"
+            f"last run {r.get('finished') or r.get('started')} " + escape(f"[{r.get('result')}]")
         )
     t = Table("mode", "path", "fingerprint", "offset / size", "lag", "held", "updated")
     for r in rows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,7 @@ class Pipeline:
         self.since_us = since_us
         self.until_us = until_us
         self.pending = empty_canonical()
+        self.inflight = empty_canonical()
         self.sent = SentIndex()
         self.summary = Summary()
         self._first: int | None = None
@@ -139,8 +141,10 @@ class Pipeline:
         self._step(empty_canonical(), final=final, at=now_us())
 
     def held_positions(self, sources: set[str]) -> list[tuple[int, int]]:
-        """(offset, line) of the lines of a file (read under any of ``sources``) whose calls are still held."""
-        rows = self.pending.filter(pl.col("source").is_in(sorted(sources))).select("offset", "line_no").unique().sort("offset")
+        """(offset, line) of the lines of a file (read under any of ``sources``) whose calls MLflow has not
+        acknowledged: held for a retry, or in flight when a write failed or the run was interrupted."""
+        unacknowledged = pl.concat([self.pending, self.inflight]) if self.inflight.height else self.pending
+        rows = unacknowledged.filter(pl.col("source").is_in(sorted(sources))).select("offset", "line_no").unique().sort("offset")
         return [(int(o), int(n)) for o, n in rows.iter_rows()]
 
     def finish(self) -> Summary:
@@ -157,8 +161,10 @@ class Pipeline:
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates
         if d.ready.height:
+            self.inflight = d.ready
             self._emit(self._in_range(d.ready))
             self.sent.add(d.ready)
+            self.inflight = self.inflight.clear()
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""
@@ -214,6 +220,7 @@ class RunOptions:
     partial_timeout_s: float = DEFAULT_PARTIAL_TIMEOUT_S
     since_us: int | None = None
     until_us: int | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 BatchOptions = RunOptions
@@ -250,6 +257,8 @@ def run_batch(opts: RunOptions) -> Summary:
         for path in files:
             for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):
                 pipe.feed(chunk)
+                if opts.stop.is_set():
+                    raise KeyboardInterrupt
         pipe.flush(final=True)
         summary = pipe.finish()
     finally:
@@ -383,5 +392,7 @@ def _ingest_file(
         save()
         if progress:
             progress(str(path), chunk, pipe.summary)
+        if opts.stop.is_set():
+            raise KeyboardInterrupt
     ck.done = gz
     save()

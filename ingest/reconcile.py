@@ -78,7 +78,7 @@ def traces_in_mlflow(uri: str, experiment_id: str, since_us: int | None, until_u
         page = client.search_traces(
             locations=[experiment_id],
             filter_string=" AND ".join(clauses) or None,
-            max_results=1000,
+            max_results=500,
             page_token=token,
             include_spans=False,
         )

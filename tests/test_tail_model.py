@@ -56,7 +56,8 @@ def test_tail_model(model_server, tmp_path_factory: pytest.TempPathFactory) -> N
             self.daemon = self._daemon().start()
 
         def _daemon(self) -> Daemon:
-            return Daemon(self.logdir, model_server["server"].url, self.experiment, self.root / "state")
+            # Half lines wait as long as a sequence runs: the model completes every line it starts.
+            return Daemon(self.logdir, model_server["server"].url, self.experiment, self.root / "state", "--partial-timeout", "600")
 
         def _take(self, n: int) -> list[list[dict]]:
             out, self.pool = self.pool[:n], self.pool[n:]

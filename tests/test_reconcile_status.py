@@ -1,0 +1,356 @@
+"""`reconcile`, `status`, `--redact` and the state lock, as a user runs them: real `litellm-ingest`
+processes against a real `mlflow server` and real SQLite stores.
+
+Every expected value is computed here from the input records (or the files on disk) with plain
+Python, never taken from the ingester's own output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import all_traces, client_for, reidentify, write_jsonl
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _env() -> dict[str, str]:
+    # As cron or a pipe runs it: no MLflow variables, no terminal size.
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k not in ("COLUMNS", "LINES")}
+
+
+def run(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def no_traceback(proc: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def copies(capture: list[dict], n: int, tag: str, spacing_s: float = 600.0) -> list[list[dict]]:
+    """n re-identified copies of the capture, `spacing_s` apart, 40+ days in the past whatever the clock says."""
+    base = float(round(time.time() - 40 * 86400 - min(r["startTime"] for r in capture)))
+    return [reidentify(capture, base + i * spacing_s, f"{tag}-{i}") for i in range(n)]
+
+
+def write_log(path: Path, records: list[dict]) -> Path:
+    if path.suffix == ".gz":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+        return path
+    return write_jsonl(path, records)
+
+
+def calls_of(records: list[dict]) -> dict[str, list[dict]]:
+    calls: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        calls[r["litellm_call_id"]].append(r)
+    return calls
+
+
+def iso(t: float) -> str:
+    return (EPOCH + timedelta(microseconds=round(t * 1_000_000))).isoformat()
+
+
+def trace_infos(uri: str, experiment_name: str) -> list:
+    c = client_for(uri)
+    exp = c.get_experiment_by_name(experiment_name)
+    assert exp is not None, experiment_name
+    out, token = [], None
+    while True:
+        page = c.search_traces(locations=[exp.experiment_id], max_results=500, page_token=token, include_spans=False)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+@pytest.fixture(params=["server", "sqlite"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The two sinks: a real `mlflow server` (OTLP + REST) and a SQLite tracking store."""
+    if request.param == "server":
+        return request.getfixturevalue("mlflow_server").url
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+# --- reconcile -------------------------------------------------------------------------------------
+
+
+def reconcile(path_args: list[str], uri: str, experiment_name: str, cwd: Path, *extra: str) -> tuple[int, dict]:
+    proc = run("reconcile", *path_args, "--tracking-uri", uri, "--experiment-name", experiment_name, "--json", *extra, cwd=cwd)
+    no_traceback(proc)
+    assert proc.returncode in (0, 6), (proc.returncode, proc.stderr[-3000:])
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_reconcile_finds_a_deleted_trace_missing(tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str) -> None:
+    recs = copies(capture, 1, "rec-missing")[0]
+    path = write_log(tmp_path / "logs" / "calls.jsonl", recs)
+    calls = calls_of(recs)
+    target = ["--tracking-uri", store_uri, "--experiment-name", experiment_name]
+    b = run("batch", str(path), *target, "--state-dir", str(tmp_path / "st"), "-q", cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+
+    code, report = reconcile([str(path)], store_uri, experiment_name, tmp_path)
+    assert code == 0, report
+    assert report["calls_in_logs"] == report["matched"] == report["traces_in_mlflow"] == len(calls)
+    assert report["missing"] == [] and report["extra"] == []
+
+    # Delete one trace (a call with a retry: the trace with several spans) through MLflow's own API.
+    victim = next(cid for cid, rs in calls.items() if len(rs) > 1)
+    client = client_for(store_uri)
+    exp_id = client.get_experiment_by_name(experiment_name).experiment_id
+    infos = trace_infos(store_uri, experiment_name)
+    trace_id = next(t.info.trace_id for t in infos if t.info.tags.get("litellm.call_id") == victim)
+    client.delete_traces(exp_id, trace_ids=[trace_id])
+    assert victim not in {t.info.tags.get("litellm.call_id") for t in trace_infos(store_uri, experiment_name)}
+
+    code, report = reconcile([str(path)], store_uri, experiment_name, tmp_path)
+    assert code == 6, report
+    assert report["missing"] == [victim]
+    assert report["extra"] == []
+    assert report["matched"] == len(calls) - 1 and report["calls_in_logs"] == len(calls)
+
+
+def test_reconcile_reports_traces_of_other_logs_in_the_window_as_extra(
+    tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str
+) -> None:
+    first, second = copies(capture, 2, "rec-extra", spacing_s=3600)
+    f1 = write_log(tmp_path / "logs" / "first.jsonl", first)
+    f2 = write_log(tmp_path / "other" / "second.jsonl", second)
+    args = [str(f1), str(f2), "--tracking-uri", store_uri, "--experiment-name", experiment_name, "--state-dir", str(tmp_path / "st"), "-q"]
+    b = run("batch", *args, cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    both = first + second
+    since, until = iso(min(r["startTime"] for r in both) - 1), iso(max(r["startTime"] for r in both) + 1)
+
+    code, report = reconcile([str(f1)], store_uri, experiment_name, tmp_path, "--since", since, "--until", until)
+    assert code == 6, report
+    assert report["extra"] == sorted(calls_of(second)), "the second file's calls are in MLflow, not in the logs given"
+    assert report["missing"] == []
+    assert report["calls_in_logs"] == report["matched"] == len(calls_of(first))
+    assert report["traces_in_mlflow"] == len(calls_of(both))
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+
+def first_line_digest(path: Path) -> str:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return hashlib.sha256(data[: data.index(b"\n") + 1]).hexdigest()
+
+
+def test_status_after_batch_shows_each_file_its_offset_and_lag(tmp_path: Path, capture: list[dict]) -> None:
+    cs = copies(capture, 3, "status")
+    plain = [write_log(tmp_path / "logs" / "a.jsonl", cs[0]), write_log(tmp_path / "logs" / "b.jsonl", cs[1])]
+    gz = write_log(tmp_path / "logs" / "c.jsonl.1.gz", cs[2])
+    state = tmp_path / "state"
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    b = run("batch", *map(str, [*plain, gz]), "--tracking-uri", store, "--state-dir", str(state), "-q", cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+
+    st = run("status", "--state-dir", str(state), "--json", cwd=tmp_path)
+    assert st.returncode == 0, st.stderr[-3000:]
+    doc = json.loads(st.stdout)
+    rows = {Path(r["path"]): r for r in doc["files"]}
+    assert set(rows) == {p.resolve() for p in [*plain, gz]}
+    for p in [*plain, gz]:
+        fp = rows[p.resolve()]["fingerprint"]
+        assert fp.startswith("sha256:") and len(fp) >= 7 + 16 and first_line_digest(p).startswith(fp[7:]), (p, fp)
+    assert len({r["fingerprint"] for r in rows.values()}) == 3
+    for p in plain:
+        r = rows[p.resolve()]
+        size = p.stat().st_size
+        assert (r["offset"], r["size"], r["lag_bytes"], r["held_lines"]) == (size, size, 0, 0), r
+    assert rows[gz.resolve()]["offset"] == len(gzip.decompress(gz.read_bytes())), "a gzip file's offset counts uncompressed bytes"
+    assert len(doc["runs"]) == 1 and doc["runs"][0]["mode"] == "batch" and doc["runs"][0]["result"] == "ok", doc["runs"]
+
+    # The proxy appends a record: that is the lag.
+    extra = reidentify([cs[0][0]], 3600, "status-appended")
+    line = (json.dumps(extra[0]) + "\n").encode()
+    old = plain[0].stat().st_size
+    with open(plain[0], "ab") as f:
+        f.write(line)
+    doc = json.loads(run("status", "--state-dir", str(state), "--json", cwd=tmp_path).stdout)
+    rows = {Path(r["path"]): r for r in doc["files"]}
+    r = rows[plain[0].resolve()]
+    assert (r["offset"], r["size"], r["lag_bytes"]) == (old, old + len(line), len(line)), r
+    assert rows[plain[1].resolve()]["lag_bytes"] == 0
+
+    # Human output (no terminal): every file named in full, and the last run's result.
+    human = run("status", "--state-dir", str(state), cwd=tmp_path)
+    assert human.returncode == 0, human.stderr[-3000:]
+    no_traceback(human)
+    problems = [f"path {p.resolve()} not shown" for p in [*plain, gz] if str(p.resolve()) not in human.stdout]
+    run_line = next(x for x in human.stdout.splitlines() if x.startswith("batch ->"))
+    if not re.search(r"\bok\b", run_line):
+        problems.append(f"last run result 'ok' not shown: {run_line!r}")
+    assert not problems, "\n".join([*problems, human.stdout])
+
+
+def test_status_with_nothing_ingested_yet(tmp_path: Path) -> None:
+    state = tmp_path / "never-used"
+    js = run("status", "--state-dir", str(state), "--json", cwd=tmp_path)
+    assert js.returncode == 0, js.stderr
+    assert json.loads(js.stdout)["files"] == [] and json.loads(js.stdout)["runs"] == []
+    human = run("status", "--state-dir", str(state), cwd=tmp_path)
+    assert human.returncode == 0 and human.stdout.strip() and human.stderr == "", human
+    no_traceback(human)
+
+
+# --- redact ----------------------------------------------------------------------------------------
+
+
+def message_texts(rec: dict) -> list[str]:
+    out = []
+    for m in rec.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else m
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out += [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return [t for t in out if len(t.strip()) >= 4]
+
+
+def response_texts(rec: dict) -> list[str]:
+    resp = rec.get("response")
+    if not isinstance(resp, dict):
+        return []
+    out = [(c.get("message") or {}).get("content") for c in resp.get("choices") or [] if isinstance(c, dict)]
+    return [t for t in out if isinstance(t, str) and len(t.strip()) >= 4]
+
+
+def strings(obj: Any) -> Iterator[str]:
+    """Every string in a value, JSON text decoded too (attributes hold JSON)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield str(k)
+            yield from strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from strings(v)
+    elif isinstance(obj, str):
+        yield obj
+        if obj[:1] in ("{", "[", '"'):
+            try:
+                decoded = json.loads(obj)
+            except ValueError:
+                return
+            if decoded != obj:
+                yield from strings(decoded)
+    elif obj is not None:
+        yield str(obj)
+
+
+def found(texts: set[str], values: list[str]) -> set[str]:
+    return {t for t in texts if any(t in v for v in values)}
+
+
+def test_redact_keeps_texts_out_but_usage_and_cost_in(tmp_path: Path, capture: list[dict]) -> None:
+    recs = copies(capture, 1, "redact")[0]
+    path = write_log(tmp_path / "logs" / "calls.jsonl", recs)
+    calls = calls_of(recs)
+    prompts = {t for r in recs for t in message_texts(r)}
+    answers = {t for r in recs for t in response_texts(r)}
+    assert len(prompts) > 20 and len(answers) > 20
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+
+    b = run("batch", str(path), "--tracking-uri", uri, "--experiment-name", "all", "--redact", "all", "--no-state", "-q", cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    traces = all_traces(uri, "all")
+    assert {t.info.tags["litellm.call_id"] for t in traces} == set(calls)
+    for t in traces:
+        everything = [*strings(t.info.to_dict()), *(s for span in t.data.spans for s in strings(span.to_dict()))]
+        leaked = found(prompts | answers, everything)
+        assert not leaked, (t.info.tags["litellm.call_id"], sorted(leaked)[:5])
+
+        rs = calls[t.info.tags["litellm.call_id"]]
+        want_usage = {
+            "input_tokens": sum(r["prompt_tokens"] for r in rs),
+            "output_tokens": sum(r["completion_tokens"] for r in rs),
+            "total_tokens": sum(r["total_tokens"] for r in rs),
+        }
+        usage = t.info.token_usage or {}
+        assert {k: usage.get(k) for k in want_usage} == want_usage, (t.info.tags["litellm.call_id"], usage)
+        assert t.info.cost is not None and t.info.cost["total_cost"] == pytest.approx(
+            sum(r["response_cost"] for r in rs), rel=1e-9, abs=1e-15
+        )
+
+    b = run(
+        "batch", str(path), "--tracking-uri", uri, "--experiment-name", "msgs", "--redact", "messages", "--no-state", "-q", cwd=tmp_path
+    )
+    assert b.returncode == 0, b.stderr[-3000:]
+    traces = all_traces(uri, "msgs")
+    assert {t.info.tags["litellm.call_id"] for t in traces} == set(calls)
+    for t in traces:
+        cid = t.info.tags["litellm.call_id"]
+        inputs = [s for span in t.data.spans for s in strings(span.inputs)]
+        outputs = [s for span in t.data.spans for s in strings(span.outputs)]
+        assert inputs, cid
+        leaked = found(prompts, inputs)
+        assert not leaked, (cid, sorted(leaked)[:5])
+        want = {a for r in calls[cid] for a in response_texts(r)}
+        assert found(want, outputs) == want, (cid, sorted(want - found(want, outputs))[:3])
+
+
+# --- lock ------------------------------------------------------------------------------------------
+
+
+def test_second_run_on_the_same_state_exits_5_at_once(tmp_path: Path, capture: list[dict]) -> None:
+    cs = copies(capture, 15, "lock")
+    files = [write_log(tmp_path / "logs" / f"p{i}.jsonl", [r for c in cs[i * 5 : i * 5 + 5] for r in c]) for i in range(3)]
+    db = tmp_path / "store.db"
+    state = tmp_path / "state"
+    args = ["batch", *map(str, files), "--tracking-uri", f"sqlite:///{db}", "--experiment-name", "locked", "--state-dir", str(state), "-q"]
+    first = subprocess.Popen([EXE, *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        # Writing has begun, so the first run holds its lock.
+        while first.poll() is None and _traces_committed(db) == 0:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()
+        t0 = time.monotonic()
+        second = run(*args, cwd=tmp_path, timeout=120)
+        took = time.monotonic() - t0
+        first_still_running = first.poll() is None
+        first_ran = time.monotonic() - started
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)
+        first.communicate(timeout=30)
+
+    no_traceback(second)
+    assert second.returncode == 5, (second.returncode, second.stdout, second.stderr[-3000:])
+    assert first_still_running, f"the second run took {took:.1f}s: it waited for the first ({first_ran:.1f}s) instead of leaving"
+    lines = [x for x in second.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, second.stderr
+    locks = list(state.glob("*.lock"))
+    assert len(locks) == 1, locks
+    assert lines[0].startswith("litellm-ingest: error: ") and str(locks[0]) in lines[0], lines[0]
+    assert f"pid {first.pid}" in lines[0], lines[0]
+    assert second.stdout == ""
+
+
+def _traces_committed(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5) as con:
+            return int(con.execute("SELECT COUNT(*) FROM trace_info").fetchone()[0])
+    except sqlite3.Error:
+        return 0
