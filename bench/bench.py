@@ -139,6 +139,60 @@ print(time.monotonic() - t)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def tail_latency(url: str, work: Path, rate: float, seconds: float) -> tuple[float, float, int]:
+    """Append calls at a steady rate to a followed file; time each until MLflow returns its trace."""
+    import requests
+    from mlflow import MlflowClient
+
+    logdir = work / "tail-logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    log.touch()
+    experiment = f"bench-tail-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    daemon = subprocess.Popen(
+        [EXE, "tail", str(logdir), "--tracking-uri", url, "--experiment-name", experiment, "--state-dir", str(work / "tail-state"),
+         "--metrics-port", str(port), "--settle", "5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(300):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        client = MlflowClient(tracking_uri=url)
+        exp_id = client.get_experiment_by_name(experiment).experiment_id
+        base = [r for r in capture() if r["status"] == "success"]
+        appended: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < seconds or len(seen) < len(appended):
+            if time.monotonic() - start < seconds and i < (time.monotonic() - start) * rate:
+                r = dict(base[i % len(base)])
+                r["litellm_call_id"] = r["id"] = str(uuid.uuid4())
+                r["startTime"], r["endTime"] = time.time() - 0.5, time.time()
+                r["completionStartTime"] = r["endTime"]
+                with log.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                appended[r["litellm_call_id"]] = time.monotonic()
+                i += 1
+            for t in client.search_traces(locations=[exp_id], max_results=500, include_spans=False):
+                cid = t.info.tags.get("litellm.call_id")
+                if cid in appended and cid not in seen:
+                    seen[cid] = time.monotonic()
+            if time.monotonic() - start > seconds + 60:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=30)
+    lat = sorted(seen[c] - appended[c] for c in seen)
+    return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.95))], len(lat)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5000,50000", help="records per generated input, comma-separated")
@@ -146,6 +200,9 @@ def main() -> None:
     ap.add_argument("--callback-calls", type=int, default=200)
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-callback", action="store_true")
+    ap.add_argument("--skip-tail", action="store_true")
+    ap.add_argument("--tail-rate", type=float, default=5.0, help="calls/s appended in the tail latency run")
+    ap.add_argument("--tail-seconds", type=float, default=20.0)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="litellm-ingest-bench-"))
@@ -181,6 +238,7 @@ def main() -> None:
     )
 
     callback_tps = None
+    tail_line = None
     if not args.skip_server:
         server, url = start_server(work)
         try:
@@ -194,6 +252,10 @@ def main() -> None:
                     f"{calls / t:,.1f}",
                 )
             )
+            if not args.skip_tail:
+                p50, p95, n_lat = tail_latency(url, work, args.tail_rate, args.tail_seconds)
+                rows.append((f"tail: append -> visible in MLflow, {n_lat} calls at {args.tail_rate:g}/s", "-", "-", "-", "-"))
+                tail_line = f"tail latency: p50 {p50:.2f} s, p95 {p95:.2f} s over {n_lat} calls at {args.tail_rate:g} calls/s"
             if not args.skip_callback:
                 t = callback_style(url, capture(), args.callback_calls)
                 callback_tps = args.callback_calls / t
@@ -210,6 +272,8 @@ def main() -> None:
         print(
             f"memory: peak RSS {r0} MiB at {n0} records, {r1} MiB at {n1} records ({(r1 - r0) / r0 * 100:+.0f}% for {n1 / n0:.0f}x input)"
         )
+    if tail_line:
+        print(tail_line)
     if callback_tps:
         print(
             f"headline: batch into SQLite {sqlite_tps:,.0f} traces/s = {sqlite_tps / callback_tps:.1f}x "
