@@ -107,6 +107,8 @@ class Pipeline:
         self.until_us = until_us
         self.pending = empty_canonical()
         self.inflight = empty_canonical()
+        self.recent = empty_canonical()
+        self.remember_s = max(600.0, 10 * settle_s)
         self.sent = SentIndex()
         self.summary = Summary()
         self._first: int | None = None
@@ -157,7 +159,12 @@ class Pipeline:
         return s
 
     def _step(self, records: pl.DataFrame, final: bool, at: int | None = None) -> None:
-        d = dedupe_and_split(self.pending, records, self.settle_s, final, self.sent, at)
+        pending = self.pending
+        if self.recent.height and records.height:
+            late = pl.col("call_key").is_in(records["call_key"].implode())
+            pending = pl.concat([pending, self.recent.filter(late)])
+            self.recent = self.recent.filter(~late)
+        d = dedupe_and_split(pending, records, self.settle_s, final, self.sent, at)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates
         if d.ready.height:
@@ -165,6 +172,18 @@ class Pipeline:
             self._emit(self._in_range(d.ready))
             self.sent.add(d.ready)
             self.inflight = self.inflight.clear()
+            self._remember_failures(d.ready)
+
+    def _remember_failures(self, ready: pl.DataFrame) -> None:
+        """Keep the rows of calls written as failed for a while: if a retry or fallback of one still
+        turns up (later than --settle), the call is rewritten whole, with every attempt span."""
+        last = pl.col("status").sort_by("end_us", "start_us").last().over("call_key")
+        failed = ready.filter(last != "success")
+        recent = pl.concat([self.recent, failed]) if failed.height else self.recent
+        if recent.height:
+            horizon = int(recent["end_us"].max()) - int(self.remember_s * 1_000_000)  # type: ignore[arg-type]
+            recent = recent.filter(pl.col("end_us").max().over("call_key") >= horizon)
+        self.recent = recent
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""

@@ -334,3 +334,27 @@ def test_dedupe_and_split_counts_resent_copies(capture: list[dict]) -> None:
     second = dedupe_and_split(first.held, again, DEFAULT_SETTLE_S, final=True, sent=sent)
     assert second.ready.height == 0
     assert second.duplicates == 5
+
+
+def test_late_retry_rewrites_the_call_with_every_attempt(capture: list[dict]) -> None:
+    """A fallback that arrives after its failure was already written (later than --settle) still joins it."""
+    from ingest.pipeline import Pipeline
+    from ingest.quarantine import QuarantineWriter
+    from ingest.sink import NullSink
+    from ingest.sources import split_lines
+
+    written: list[list[int]] = []
+
+    class Recording(NullSink):
+        def write(self, traces):  # type: ignore[no-untyped-def]
+            written.append([len(t.spans) for t in traces])
+            return 0
+
+    fail, ok = [r for r in capture if r["litellm_call_id"].startswith("86f9bb02")]
+    pipe = Pipeline(Recording(), "1", QuarantineWriter(None), settle_s=0.0)
+    for n, rec in enumerate((fail, ok)):
+        frame, _ = split_lines("x.jsonl", (json.dumps(rec) + "\n").encode(), n * 100_000, n + 1)
+        from ingest.sources import Chunk
+
+        pipe.feed(Chunk("x.jsonl", frame))
+    assert written == [[1], [3]], "first the failure alone, then the whole call: root + both attempts"

@@ -1,0 +1,175 @@
+"""A LiteLLM Proxy callback that writes the logs this tool reads: one ``StandardLoggingPayload`` per line.
+
+LiteLLM has no local-file request logger of its own (its S3/GCS/generic-API loggers write the same
+records to remote sinks). In the proxy config::
+
+    litellm_settings:
+      callbacks: ["ingest.proxy_logger.jsonl_logger"]
+
+with this package installed in the proxy's environment (``pip install 'litellm-mlflow-ingest[proxy]'``),
+or, without installing it there, a one-line file next to the config (the proxy resolves
+``module.instance`` relative to the config file's folder first)::
+
+    # litellm_ingest_callback.py
+    from ingest.proxy_logger import JsonlFileLogger
+    logger = JsonlFileLogger()
+
+    callbacks: ["litellm_ingest_callback.logger"]
+
+Settings (constructor arguments, else environment):
+- ``LITELLM_INGEST_LOG_PATH``: the file (default ``./litellm-requests.jsonl``);
+- ``LITELLM_INGEST_LOG_MAX_BYTES``: rotate when the file would grow past this (default 100 MiB;
+  0 disables rotation); ``LITELLM_INGEST_LOG_BACKUPS``: rotated files kept (default 5);
+- ``LITELLM_INGEST_LOG_GZIP``: ``1`` to gzip rotated files (``x.jsonl.1.gz``, in the background).
+
+Each record is one ``write()`` of one whole line on an ``O_APPEND`` descriptor, under a process
+lock and an ``flock`` shared by all proxy workers, so lines never interleave or tear. Rotation
+(``x.jsonl`` -> ``x.jsonl.1`` -> ... ``x.jsonl.N``) happens under the same ``flock``, the way the
+tail daemon expects (rename, then a new file). Nothing here ever raises into the proxy: a failure
+is counted (``errors``) and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import json
+import logging
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+try:
+    from litellm.integrations.custom_logger import CustomLogger
+except ImportError:  # outside a proxy (tests, tools): the same writer, without LiteLLM's base class
+
+    class CustomLogger:  # type: ignore[no-redef]
+        def __init__(self, **kwargs: Any) -> None:
+            pass
+
+
+log = logging.getLogger("litellm-ingest.proxy-logger")
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class JsonlFileLogger(CustomLogger):
+    """Appends ``kwargs["standard_logging_object"]`` of every success and failure event as a JSON line."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        max_bytes: int | None = None,
+        backups: int | None = None,
+        compress: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+        self.path = Path(path or os.environ.get("LITELLM_INGEST_LOG_PATH") or "litellm-requests.jsonl")
+        self.max_bytes = max_bytes if max_bytes is not None else _env_int("LITELLM_INGEST_LOG_MAX_BYTES", 100 * 1024 * 1024)
+        self.backups = max(1, backups if backups is not None else _env_int("LITELLM_INGEST_LOG_BACKUPS", 5))
+        self.compress = compress if compress is not None else os.environ.get("LITELLM_INGEST_LOG_GZIP", "") in ("1", "true", "yes")
+        self.written = 0
+        self.errors = 0
+        self._lock = threading.Lock()
+
+    # LiteLLM's hooks: the proxy calls the async ones; library users may call the sync ones.
+    async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self.write_record(kwargs)
+
+    async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self.write_record(kwargs)
+
+    def log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self.write_record(kwargs)
+
+    def log_failure_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self.write_record(kwargs)
+
+    def write_record(self, kwargs: dict[str, Any]) -> None:
+        """Write one record; never raise."""
+        try:
+            payload = kwargs.get("standard_logging_object")
+            if payload is None:
+                return
+            line = (json.dumps(payload, default=str, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+            self._append(line)
+            self.written += 1
+        except Exception:
+            self.errors += 1
+            log.exception("litellm-ingest: could not write a request log line to %s", self.path)
+
+    def _append(self, line: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.max_bytes:
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.path.getsize(self.path) + len(line) > self.max_bytes:
+                            self._rotate()
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    written = os.write(fd, line)
+                    while written < len(line):  # a short write (full disk, signal): finish the line
+                        written += os.write(fd, line[written:])
+                finally:
+                    os.close(fd)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _rotated(self, n: int, gz: bool = False) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}" + (".gz" if gz else ""))
+
+    def _rotate(self) -> None:
+        """x.jsonl.(N-1) -> x.jsonl.N, ..., x.jsonl -> x.jsonl.1: the new x.jsonl starts empty.
+
+        Runs under the flock, so it costs a few renames; gzip, if asked for, happens afterwards in
+        a background thread, never on the request path.
+        """
+        for gz in (False, True):
+            with contextlib.suppress(FileNotFoundError):
+                self._rotated(self.backups, gz).unlink()
+        for n in range(self.backups - 1, 0, -1):
+            for gz in (False, True):
+                with contextlib.suppress(FileNotFoundError):
+                    self._rotated(n, gz).rename(self._rotated(n + 1, gz))
+        self.path.rename(self._rotated(1))
+        if self.compress:
+            fd = os.open(self._rotated(1), os.O_RDONLY)
+            threading.Thread(target=self._compress, args=(fd,), daemon=True, name="litellm-ingest-gzip").start()
+
+    def _compress(self, fd: int) -> None:
+        """Gzip a rotated file (held open by ``fd``) next to wherever later rotations have moved it."""
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.gz.tmp")
+        try:
+            with os.fdopen(fd, "rb") as src, gzip.open(tmp, "wb") as dst:
+                ino = os.fstat(src.fileno()).st_ino
+                shutil.copyfileobj(src, dst)
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                for n in range(1, self.backups + 1):
+                    plain = self._rotated(n)
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(plain).st_ino == ino:
+                            tmp.rename(self._rotated(n, gz=True))
+                            plain.unlink()
+                            return
+        except Exception:
+            self.errors += 1
+            log.exception("litellm-ingest: could not gzip a rotated log")
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+jsonl_logger = JsonlFileLogger()

@@ -1,0 +1,127 @@
+"""The proxy-side logger: whole lines under concurrency, rotation the tail daemon follows, never raising."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import multiprocessing
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from ingest.proxy_logger import JsonlFileLogger
+from tests.tailkit import Daemon, fresh_calls, spans_of, wait_for, wait_for_calls
+
+
+def read_all_lines(directory: Path, name: str) -> list[bytes]:
+    out: list[bytes] = []
+    for f in sorted(directory.glob(name + "*")):
+        if f.name.endswith((".lock", ".tmp")):
+            continue
+        data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+        out += data.splitlines(keepends=True)
+    return out
+
+
+def _worker(path: str, n: int, tag: str) -> None:
+    logger = JsonlFileLogger(path, max_bytes=20_000, backups=1000)
+    pad = "x" * 900
+    for i in range(n):
+        logger.write_record({"standard_logging_object": {"id": f"{tag}-{i}", "pad": pad}})
+
+
+def test_threads_and_processes_never_interleave_or_tear_lines_across_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "proxy.jsonl"
+    logger = JsonlFileLogger(path, max_bytes=20_000, backups=1000)
+    pad = "y" * 700
+
+    def in_thread(t: int) -> None:
+        for i in range(150):
+            logger.write_record({"standard_logging_object": {"id": f"t{t}-{i}", "pad": pad, "text": "é\u2028\n"}})
+
+    procs = [multiprocessing.get_context("fork").Process(target=_worker, args=(str(path), 150, f"p{p}")) for p in range(3)]
+    for p in procs:
+        p.start()
+    threads = [threading.Thread(target=in_thread, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    lines = read_all_lines(path.parent, "proxy.jsonl")
+    ids = [json.loads(line)["id"] for line in lines]  # every line is whole JSON
+    assert all(line.endswith(b"\n") for line in lines)
+    assert sorted(ids) == sorted([f"t{t}-{i}" for t in range(6) for i in range(150)] + [f"p{p}-{i}" for p in range(3) for i in range(150)])
+    assert len(list(path.parent.glob("proxy.jsonl.*[0-9]"))) > 10, "rotation happened many times"
+    assert all(f.stat().st_size <= 20_000 for f in path.parent.glob("proxy.jsonl*") if not f.name.endswith(".lock"))
+    assert logger.errors == 0
+
+
+def test_async_hooks_write_the_standard_logging_object(tmp_path: Path, capture: list[dict]) -> None:
+    logger = JsonlFileLogger(tmp_path / "a.jsonl", max_bytes=0)
+
+    async def drive() -> None:
+        await asyncio.gather(
+            *(
+                (logger.async_log_success_event if r["status"] == "success" else logger.async_log_failure_event)(
+                    {"standard_logging_object": r}, None, None, None
+                )
+                for r in capture
+            )
+        )
+
+    asyncio.run(drive())
+    got = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert sorted(json.dumps(r, sort_keys=True) for r in got) == sorted(json.dumps(r, sort_keys=True) for r in capture)
+    logger.log_success_event({"no": "payload"}, None, None, None)
+    assert logger.written == len(capture)
+
+
+def test_keeps_n_backups_and_gzips_them_in_the_background(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.jsonl"
+    logger = JsonlFileLogger(path, max_bytes=5_000, backups=3, compress=True)
+    for i in range(60):
+        logger.write_record({"standard_logging_object": {"id": i, "pad": "z" * 400}})
+    wait_for(lambda: not list(tmp_path.glob("proxy.jsonl.[0-9]")), 10, "background gzip")
+    rotated = sorted(f.name for f in tmp_path.glob("proxy.jsonl.*") if not f.name.endswith(".lock"))
+    assert rotated == ["proxy.jsonl.1.gz", "proxy.jsonl.2.gz", "proxy.jsonl.3.gz"]
+    oldest_first = [tmp_path / f"proxy.jsonl.{n}.gz" for n in (3, 2, 1)] + [path]
+    ids = [
+        json.loads(line)["id"]
+        for f in oldest_first
+        for line in (gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()).splitlines()
+    ]
+    assert ids == list(range(ids[0], 60)), "the newest lines are kept, in order, none missing in between"
+
+
+def test_never_raises_into_the_proxy(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    logger = JsonlFileLogger(blocker / "proxy.jsonl")
+    logger.write_record({"standard_logging_object": {"id": 1}})
+    logger.write_record({"standard_logging_object": {"bad": {1, 2}}})
+    assert logger.errors == 2 and logger.written == 0
+
+
+def test_tail_daemon_follows_the_logger_through_its_rotations(mlflow_server, capture, tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    logger = JsonlFileLogger(logdir / "proxy.jsonl", max_bytes=60_000, backups=50, compress=True)
+    experiment = f"logger-{uuid.uuid4().hex[:8]}"
+    calls = fresh_calls(capture, copies=2)
+    logdir.mkdir()
+    daemon = Daemon(logdir, mlflow_server.url, experiment, tmp_path / "state").start()
+    try:
+        for call in calls:
+            for r in call:
+                logger.write_record({"standard_logging_object": r})
+            time.sleep(0.01)
+        traces = wait_for_calls(mlflow_server.url, experiment, calls)
+        assert sorted(t.info.tags["litellm.call_id"] for t in traces) == sorted(c[0]["litellm_call_id"] for c in calls)
+        assert sum(len(t.data.spans) for t in traces) == spans_of(calls)
+        assert len(list(logdir.glob("proxy.jsonl.*.gz"))) >= 5
+    finally:
+        assert daemon.stop() == 0
