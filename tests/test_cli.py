@@ -77,7 +77,16 @@ def test_flags_override_env_vars(mlflow_server, tmp_path: Path) -> None:
 def test_json_summary_counts_and_exit_code_for_quarantine(tmp_path: Path) -> None:
     q = tmp_path / "q.jsonl"
     proc = run(
-        "batch", str(SAMPLE_LOGS), "--json", "--quarantine-file", str(q), "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path
+        "batch",
+        str(SAMPLE_LOGS),
+        "--json",
+        "--partial-timeout",
+        "0",
+        "--quarantine-file",
+        str(q),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 's.db'}",
+        cwd=tmp_path,
     )
     assert proc.returncode == 3, proc.stderr
     s = json.loads(proc.stdout)
