@@ -1,0 +1,140 @@
+"""A deterministic OpenAI-compatible upstream for the end-to-end test (run as its own process).
+
+Chat completions (plain, tool calls, SSE streaming with a final usage chunk), embeddings (float or
+base64), and scripted failures by model name: ``FAIL_500*`` always 500, ``FAIL_429*`` always 429,
+``FLAKY_429*`` 429 on the first attempt of each distinct request, then 200.
+
+    python fake_upstream.py PORT
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import struct
+import sys
+import threading
+import time
+
+_seen: set[str] = set()
+_lock = threading.Lock()
+_counter = [0]
+
+
+def _next_id() -> str:
+    with _lock:
+        _counter[0] += 1
+        return f"chatcmpl-e2e{_counter[0]:05d}"
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _json(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._json(200, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        model = str(body.get("model", ""))
+        if "FAIL_500" in model:
+            return self._json(500, {"error": {"message": f"fake upstream: deterministic internal error ({model})", "type": "server_error"}})
+        if "FAIL_429" in model:
+            return self._json(429, {"error": {"message": "fake upstream: rate limited", "type": "rate_limit_error"}})
+        if "FLAKY_429" in model:
+            key = hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()
+            with _lock:
+                first = key not in _seen
+                _seen.add(key)
+            if first:
+                return self._json(429, {"error": {"message": "fake upstream: rate limited once", "type": "rate_limit_error"}})
+        if self.path.endswith("/embeddings"):
+            return self._embeddings(body, model)
+        if self.path.endswith("/chat/completions"):
+            return self._chat(body, model)
+        return self._json(404, {"error": {"message": f"no route {self.path}"}})
+
+    def _embeddings(self, body: dict, model: str) -> None:
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        data = []
+        for i, text in enumerate(inputs):
+            vec = [((hash(str(text)) >> k) % 100) / 100.0 for k in range(8)]
+            emb = base64.b64encode(struct.pack("<8f", *vec)).decode() if body.get("encoding_format") == "base64" else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = sum(_tokens(str(t)) for t in inputs)
+        self._json(200, {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _chat(self, body: dict, model: str) -> None:
+        messages = body.get("messages") or []
+        last = str(messages[-1].get("content", "")) if messages else ""
+        prompt_tokens = sum(_tokens(str(m.get("content") or "")) for m in messages)
+        if body.get("tools"):
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_e2e",
+                        "type": "function",
+                        "function": {"name": body["tools"][0]["function"]["name"], "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            }
+            finish = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": f"Deterministic answer to: {last}"}
+            finish = "stop"
+        completion_tokens = _tokens(message["content"] or "") + (5 if body.get("tools") else 0)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        cid, created = _next_id(), int(time.time())
+        if not body.get("stream"):
+            time.sleep(0.05)
+            return self._json(
+                200,
+                {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": "fp_e2e",
+                 "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage},
+            )  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(obj: dict | str) -> None:
+            data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n").encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        words = (message["content"] or "").split(" ")
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+        time.sleep(0.1)
+        for i, w in enumerate(words):
+            delta = {"role": "assistant", "content": w} if i == 0 else {"content": " " + w}
+            send({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            time.sleep(0.02)
+        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        send({**base, "choices": [], "usage": usage})
+        send("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+if __name__ == "__main__":
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+    server.serve_forever()
