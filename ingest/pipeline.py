@@ -24,6 +24,7 @@ import polars as pl
 from ingest.checkpoints import Checkpoint, State, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.fingerprint import fingerprint, tail_check, tail_digest
+from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.normalize import empty_canonical, normalize
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, Target, make_sink, resolve_target
@@ -60,6 +61,7 @@ class Summary:
     calls: int = 0
     calls_outside_range: int = 0
     calls_held: int = 0
+    traces_rewritten: int = 0
     traces_written: int = 0
     spans_written: int = 0
     bytes_read: int = 0
@@ -108,6 +110,7 @@ class Pipeline:
         self.pending = empty_canonical()
         self.inflight = empty_canonical()
         self.recent = empty_canonical()
+        self.recent_failed: set[str] = set()
         self.remember_s = max(600.0, 10 * settle_s)
         self.sent = SentIndex()
         self.summary = Summary()
@@ -169,10 +172,24 @@ class Pipeline:
         self.summary.duplicates_dropped += d.duplicates
         if d.ready.height:
             self.inflight = d.ready
+            self._undo_failures_that_succeeded(d.ready)
             self._emit(self._in_range(d.ready))
             self.sent.add(d.ready)
             self.inflight = self.inflight.clear()
             self._remember_failures(d.ready)
+
+    def _undo_failures_that_succeeded(self, ready: pl.DataFrame) -> None:
+        """MLflow keeps a trace's first state on a re-send: a call already written as failed whose
+        retry or fallback succeeded later is deleted first, then written whole."""
+        if not self.recent_failed:
+            return
+        last = pl.col("status").sort_by("end_us", "start_us").last()
+        outcome = ready.group_by("call_key").agg(last.alias("last"))
+        flipped = outcome.filter((pl.col("last") == "success") & pl.col("call_key").is_in(sorted(self.recent_failed)))["call_key"].to_list()
+        if flipped:
+            self.sink.delete([mlflow_trace_id(otel_trace_id(self.experiment_id, k)) for k in flipped])
+            self.summary.traces_rewritten += len(flipped)
+            self.recent_failed.difference_update(flipped)
 
     def _remember_failures(self, ready: pl.DataFrame) -> None:
         """Keep the rows of calls written as failed for a while: if a retry or fallback of one still
@@ -184,6 +201,7 @@ class Pipeline:
             horizon = int(recent["end_us"].max()) - int(self.remember_s * 1_000_000)  # type: ignore[arg-type]
             recent = recent.filter(pl.col("end_us").max().over("call_key") >= horizon)
         self.recent = recent
+        self.recent_failed = set(recent["call_key"].unique().to_list()) if recent.height else set()
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""

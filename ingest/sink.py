@@ -56,6 +56,8 @@ class Target:
 class Sink(Protocol):
     def write(self, traces: list[BuiltTrace]) -> int: ...
 
+    def delete(self, trace_ids: list[str]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -239,8 +241,29 @@ class OtlpSink:
         )
         return sum(len(t.spans) for t in traces)
 
+    def delete(self, trace_ids: list[str]) -> None:
+        """Through MLflow's own REST store (its DeleteTraces call), with MLflow's usual credentials."""
+        from mlflow.store.tracking.rest_store import RestStore
+        from mlflow.utils.credentials import get_default_host_creds
+
+        store = RestStore(lambda: get_default_host_creds(self.target.tracking_uri))
+        try:
+            with_retries(
+                lambda: store.delete_traces(self.target.experiment_id, trace_ids=trace_ids),
+                "delete traces",
+                self.deadline_s,
+                _transient_any,
+            )
+        except Exception as e:
+            raise SinkError(f"deleting traces on {self.target.tracking_uri} failed: {_short(e)}") from e
+
     def close(self) -> None:
         self.http.session.close()
+
+
+def _transient_any(e: Exception) -> bool:
+    text = str(e).lower()
+    return "connection" in text or "timed out" in text or " 50" in text or "429" in text
 
 
 def _transient_db(e: Exception) -> bool:
@@ -268,6 +291,17 @@ class StoreSink:
             raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}") from e
         return len(spans)
 
+    def delete(self, trace_ids: list[str]) -> None:
+        try:
+            with_retries(
+                lambda: self.store.delete_traces(self.target.experiment_id, trace_ids=trace_ids),
+                "delete traces",
+                self.deadline_s,
+                _transient_db,
+            )
+        except Exception as e:
+            raise SinkError(f"deleting traces in {self.target.tracking_uri} failed: {_short(e)}") from e
+
     def close(self) -> None:
         pass
 
@@ -277,6 +311,9 @@ class NullSink:
 
     def write(self, traces: list[BuiltTrace]) -> int:
         return 0
+
+    def delete(self, trace_ids: list[str]) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -216,3 +216,27 @@ def test_polling_observer_follows_files_too(setup, mlflow_server, capture) -> No
     traces = wait_for_calls(mlflow_server.url, experiment, calls)
     assert d.stop() == 0
     assert_exactly(traces, calls)
+
+
+def test_fallback_later_than_settle_rewrites_the_trace_with_its_final_state(setup, mlflow_server, capture) -> None:
+    from tests.conftest import all_traces, reidentify
+
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    pair = [r for r in capture if r["litellm_call_id"].startswith("86f9bb02")]
+    failure, success = reidentify(pair, shift_s=time.time() - pair[1]["endTime"])
+    d = daemon("--settle", "1").start()
+    with log.open("a") as f:
+        f.write(json.dumps(failure) + "\n")
+    wait_for(lambda: [t.info.state.value for t in all_traces(mlflow_server.url, experiment)] == ["ERROR"], 30, "the failure written alone")
+    with log.open("a") as f:
+        f.write(json.dumps(success) + "\n")
+
+    def rewritten() -> bool:
+        traces = all_traces(mlflow_server.url, experiment)
+        return len(traces) == 1 and traces[0].info.state.value == "OK" and len(traces[0].data.spans) == 3
+
+    wait_for(rewritten, 30, "the call rewritten whole, state OK")
+    (trace,) = all_traces(mlflow_server.url, experiment)
+    assert trace.info.tags["litellm.attempts"] == "2" and trace.info.response_preview
+    assert d.stop() == 0
