@@ -117,6 +117,19 @@ class Pipeline:
         self._first: int | None = None
         self._last: int | None = None
 
+    @classmethod
+    def for_run(cls, sink: Sink, target: Target, opts: RunOptions, quarantine: QuarantineWriter | None = None) -> Pipeline:
+        return cls(
+            sink,
+            target.experiment_id,
+            quarantine or QuarantineWriter(opts.quarantine_file),
+            opts.redact,
+            opts.settle_s,
+            opts.batch_traces,
+            opts.since_us,
+            opts.until_us,
+        )
+
     def feed(self, chunk: Chunk) -> None:
         """Normalize, dedupe and write what is final; returns once MLflow acknowledged it."""
         self.quarantine.write(chunk.quarantined)
@@ -280,16 +293,7 @@ def run_batch(opts: RunOptions) -> Summary:
     started = time.monotonic()
     files = discover(opts.paths)
     target, sink = open_target(opts)
-    pipe = Pipeline(
-        sink,
-        target.experiment_id,
-        QuarantineWriter(opts.quarantine_file),
-        opts.redact,
-        opts.settle_s,
-        opts.batch_traces,
-        opts.since_us,
-        opts.until_us,
-    )
+    pipe = Pipeline.for_run(sink, target, opts)
     try:
         for path in files:
             for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):
@@ -329,16 +333,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     if mode == "backfill":
         key |= {"paths": sorted(str(Path(p).resolve()) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
-    pipe = Pipeline(
-        sink,
-        target.experiment_id,
-        QuarantineWriter(opts.quarantine_file),
-        opts.redact,
-        opts.settle_s,
-        opts.batch_traces,
-        opts.since_us,
-        opts.until_us,
-    )
+    pipe = Pipeline.for_run(sink, target, opts)
     touched: dict[str, tuple[Checkpoint, set[str]]] = {}
 
     def save() -> None:

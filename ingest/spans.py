@@ -182,25 +182,20 @@ def set_any(av: AnyValue, value: Any) -> None:
         av.string_value = str(value)
 
 
-def _set(span: OtlpSpan, attrs: dict[str, Any]) -> None:
+def _add_attributes(target: Any, attrs: dict[str, Any]) -> None:
+    """Append ``attrs`` (None values skipped) to a span's or an event's repeated attributes."""
     for key, value in attrs.items():
-        if value is None:
-            continue
-        kv = span.attributes.add()
-        kv.key = key
-        set_any(kv.value, value)
+        if value is not None:
+            set_any(target.add(key=key).value, value)
+
+
+def _set(span: OtlpSpan, attrs: dict[str, Any]) -> None:
+    _add_attributes(span.attributes, attrs)
 
 
 def _event(span: OtlpSpan, name: str, time_ns: int, attrs: dict[str, Any]) -> None:
-    ev = span.events.add()
-    ev.name = name
-    ev.time_unix_nano = time_ns
-    for key, value in attrs.items():
-        if value is None:
-            continue
-        kv = ev.attributes.add()
-        kv.key = key
-        set_any(kv.value, value)
+    ev = span.events.add(name=name, time_unix_nano=time_ns)
+    _add_attributes(ev.attributes, attrs)
 
 
 def _token_usage(a: _Attempt) -> dict[str, int] | None:

@@ -165,8 +165,7 @@ class Tailer:
         self._needs_replay = True
 
     def _new_pipeline(self) -> Pipeline:
-        o = self.opts
-        return Pipeline(self.sink, self.target.experiment_id, self.quarantine, o.redact, o.settle_s, o.batch_traces)
+        return Pipeline.for_run(self.sink, self.target, self.opts, self.quarantine)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
