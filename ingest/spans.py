@@ -9,6 +9,7 @@ paths store the same thing.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -355,12 +356,19 @@ def _status_and_events(span: OtlpSpan, a: _Attempt) -> None:
 _TAG_BAD_CHARS = re.compile(r"[^/\w.\- :]")
 
 
-def _tag(key: str, value: str) -> tuple[str, str] | None:
+@functools.lru_cache(maxsize=4096)
+def _tag_key(key: str) -> str | None:
+    """A tag key MLflow accepts (bad characters replaced), validated once per distinct key."""
     key = _TAG_BAD_CHARS.sub("_", key.strip())[:250] or "_"
     try:
-        return _validate_trace_tag(key, value[:MAX_TRACE_TAG_VAL_LENGTH])
+        return _validate_trace_tag(key, "")[0]
     except Exception:
         return None
+
+
+def _tag(key: str, value: str) -> tuple[str, str] | None:
+    valid = _tag_key(key)
+    return None if valid is None else (valid, value[:MAX_TRACE_TAG_VAL_LENGTH])
 
 
 def trace_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
