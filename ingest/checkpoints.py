@@ -134,6 +134,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc
 
 
+def destination_key(tracking_uri: str, experiment_id: str) -> dict[str, Any]:
+    """What a state belongs to. A relative SQLite path is made absolute: two working directories
+    each with their own ``sqlite:///mlflow.db`` are two destinations, not one."""
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        tracking_uri = "sqlite:///" + str(Path(tracking_uri[len("sqlite:///") :]).resolve())
+    return {"tracking_uri": tracking_uri, "experiment_id": experiment_id}
+
+
 def state_path(state_dir: Path, mode: str, key: dict[str, Any]) -> Path:
     """One state file per mode and destination (and, for backfill, per input selection)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from ingest.checkpoints import Checkpoint, State, now_iso, state_path
+from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.fingerprint import fingerprint, tail_check, tail_digest
 from ingest.ids import mlflow_trace_id, otel_trace_id
@@ -329,7 +329,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     files = discover(opts.paths)
     target, sink = open_target(opts)
     assert opts.state_dir is not None
-    key: dict[str, Any] = {"tracking_uri": target.tracking_uri, "experiment_id": target.experiment_id}
+    key = destination_key(target.tracking_uri, target.experiment_id)
     if mode == "backfill":
         key |= {"paths": sorted(str(Path(p).resolve()) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)

@@ -36,7 +36,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from ingest.checkpoints import Checkpoint, State, now_iso, state_path
+from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
 from ingest.fingerprint import fingerprint, fingerprint_of, tail_digest
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
@@ -150,7 +150,7 @@ class Tailer:
         self.dirs = directories
         self.target, self.sink = open_target(opts)
         assert opts.state_dir is not None
-        key = {"tracking_uri": self.target.tracking_uri, "experiment_id": self.target.experiment_id}
+        key = destination_key(self.target.tracking_uri, self.target.experiment_id)
         self.state = State.load(state_path(opts.state_dir, "batch", key), "tail", key)
         self.quarantine = QuarantineWriter(opts.quarantine_file)
         self.pipeline = self._new_pipeline()

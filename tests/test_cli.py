@@ -180,3 +180,16 @@ def test_unauthorised_mlflow_is_one_clear_line_and_credentials_from_env_work(aut
     finally:
         for k in env:
             os.environ.pop(k, None)
+
+
+def test_two_working_directories_with_the_default_store_keep_separate_state(tmp_path: Path) -> None:
+    """`sqlite:///mlflow.db` in two folders is two stores: the second must not think it ingested already."""
+    state = tmp_path / "shared-state"
+    counts = []
+    for name in ("one", "two"):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--json", "--state-dir", str(state), cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        counts.append(json.loads(proc.stdout)["traces_written"])
+    assert counts[0] == counts[1] > 0
