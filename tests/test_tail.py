@@ -54,7 +54,7 @@ def test_rotation_matrix_with_a_writer_appending(setup, mlflow_server, capture, 
     time.sleep(0.3)
     with writer.lock:
         previous = rotate(log, how, naming, keep)
-    time.sleep(1.5)
+    time.sleep(3.0)
     with writer.lock:
         if previous is not None:
             previous.unlink()

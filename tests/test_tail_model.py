@@ -97,7 +97,7 @@ def test_tail_model(model_server, tmp_path_factory: pytest.TempPathFactory) -> N
             with self.writer.lock:
                 left = rotate(self.log, how, "numbered" if self.rotations % 2 else "timestamped", keep, n=self.rotations)
             if left is not None:
-                time.sleep(1.5)  # a copytruncate copy is deleted only at the next rotation, not the same instant
+                time.sleep(3.0)  # a copytruncate copy is deleted only at the next rotation, not the same instant
                 left.unlink()
 
         @rule(sig=st.sampled_from([signal.SIGTERM, signal.SIGKILL]))
