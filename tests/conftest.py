@@ -72,6 +72,42 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def write_log(path: Path, records: list[dict]) -> Path:
+    """JSON lines; gzip'd when the name ends in .gz."""
+    if path.suffix == ".gz":
+        import gzip
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+        return path
+    return write_jsonl(path, records)
+
+
+def past_shift(capture: list[dict], days: float = 30) -> float:
+    """A whole-second shift that puts the capture's first call `days` ago (history, whatever the clock says)."""
+    return float(round(time.time() - days * 86400 - min(r["startTime"] for r in capture)))
+
+
+def copies(capture: list[dict], n: int, tag: str, spacing_s: float = 600.0) -> list[list[dict]]:
+    """n re-identified copies of the capture, `spacing_s` apart, in time order, 40+ days in the past."""
+    base = past_shift(capture, days=40)
+    return [reidentify(capture, base + i * spacing_s, f"{tag}-{i}") for i in range(n)]
+
+
+def _load_make_samples():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_samples", SAMPLE_LOGS / "make_samples.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+spend_row = _load_make_samples().spend_row
+"""A SpendLogs row built from a payload record the way the proxy fills the table (sample_logs/make_samples.py)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,14 +219,16 @@ def client_for(uri: str):  # type: ignore[no-untyped-def]
     return MlflowClient(tracking_uri=uri)
 
 
-def all_traces(uri: str, experiment_name: str) -> list:
-    """Every trace of an experiment, read back through MLflow's own API (with spans)."""
+def all_traces(uri: str, experiment_name: str, include_spans: bool = True, missing_ok: bool = False) -> list:
+    """Every trace of an experiment, read back through MLflow's own API (spans optional)."""
     c = client_for(uri)
     exp = c.get_experiment_by_name(experiment_name)
+    if exp is None and missing_ok:
+        return []
     assert exp is not None, f"experiment {experiment_name} not found"
     out, token = [], None
     while True:
-        page = c.search_traces(locations=[exp.experiment_id], max_results=500, page_token=token)
+        page = c.search_traces(locations=[exp.experiment_id], max_results=500, page_token=token, include_spans=include_spans)
         out += list(page)
         token = page.token
         if not token:

@@ -9,7 +9,6 @@ input records with plain Python, never taken from the ingester's own output.
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import all_traces, client_for, reidentify, spans_ingested, write_jsonl
+from tests.conftest import all_traces, copies, reidentify, spans_ingested, write_jsonl, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -58,26 +57,6 @@ def no_traceback(proc: subprocess.CompletedProcess | tuple[str, str]) -> None:
 
 def us(t: float) -> int:
     return round(t * 1_000_000)
-
-
-def past_shift(capture: list[dict], days: float = 30) -> float:
-    """A whole-second shift that puts the capture's first call `days` ago (history, whatever the clock says)."""
-    return float(round(time.time() - days * 86400 - min(r["startTime"] for r in capture)))
-
-
-def copies(capture: list[dict], n: int, tag: str, spacing_s: float = 600.0) -> list[list[dict]]:
-    """n re-identified copies of the capture, `spacing_s` apart, in time order, 30+ days in the past."""
-    base = past_shift(capture, days=40)
-    return [reidentify(capture, base + i * spacing_s, f"{tag}-{i}") for i in range(n)]
-
-
-def write_log(path: Path, records: list[dict]) -> Path:
-    """JSON lines; gzip'd when the name ends in .gz."""
-    if path.suffix == ".gz":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
-        return path
-    return write_jsonl(path, records)
 
 
 def big_input(logs: Path, capture: list[dict], tag: str) -> tuple[list[Path], list[list[dict]]]:
@@ -129,18 +108,7 @@ def held_at_end(records: list[dict]) -> set[str]:
 
 
 def trace_infos(uri: str, experiment_name: str) -> list:
-    """Trace infos (no spans) of an experiment; [] while it does not exist."""
-    c = client_for(uri)
-    exp = c.get_experiment_by_name(experiment_name)
-    if exp is None:
-        return []
-    out, token = [], None
-    while True:
-        page = c.search_traces(locations=[exp.experiment_id], max_results=500, page_token=token, include_spans=False)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
+    return all_traces(uri, experiment_name, include_spans=False, missing_ok=True)
 
 
 def call_ids(infos: list) -> list[str]:

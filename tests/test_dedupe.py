@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -16,21 +15,11 @@ from conftest import read_capture, reidentify
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe, dedupe_and_split, split_final
 from ingest.normalize import normalize
 from ingest.sources import split_lines
+from tests.conftest import spend_row
 
 ROOT = Path(__file__).resolve().parent.parent
 SLP = "standard_logging_payload"
 SPEND = "spend_logs"
-
-
-def _load_make_samples():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("make_samples", ROOT / "sample_logs" / "make_samples.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-spend_row = _load_make_samples().spend_row
 
 
 def frame_of(records: list[dict], source: str = "input.jsonl") -> pl.DataFrame:

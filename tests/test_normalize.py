@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -15,23 +14,13 @@ import pytest
 from ingest.normalize import CANONICAL, normalize
 from ingest.quarantine import QuarantineRecord
 from ingest.sources import read_chunks, split_lines
+from tests.conftest import spend_row
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = "logs/proxy.jsonl"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SLP = "standard_logging_payload"
 SPEND = "spend_logs"
-
-
-def _load_make_samples():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("make_samples", ROOT / "sample_logs" / "make_samples.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-spend_row = _load_make_samples().spend_row
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import all_traces, client_for, reidentify, write_jsonl
+from tests.conftest import all_traces, client_for, copies, reidentify, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -44,20 +44,6 @@ def no_traceback(proc: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def copies(capture: list[dict], n: int, tag: str, spacing_s: float = 600.0) -> list[list[dict]]:
-    """n re-identified copies of the capture, `spacing_s` apart, 40+ days in the past whatever the clock says."""
-    base = float(round(time.time() - 40 * 86400 - min(r["startTime"] for r in capture)))
-    return [reidentify(capture, base + i * spacing_s, f"{tag}-{i}") for i in range(n)]
-
-
-def write_log(path: Path, records: list[dict]) -> Path:
-    if path.suffix == ".gz":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
-        return path
-    return write_jsonl(path, records)
-
-
 def calls_of(records: list[dict]) -> dict[str, list[dict]]:
     calls: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -70,16 +56,7 @@ def iso(t: float) -> str:
 
 
 def trace_infos(uri: str, experiment_name: str) -> list:
-    c = client_for(uri)
-    exp = c.get_experiment_by_name(experiment_name)
-    assert exp is not None, experiment_name
-    out, token = [], None
-    while True:
-        page = c.search_traces(locations=[exp.experiment_id], max_results=500, page_token=token, include_spans=False)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
+    return all_traces(uri, experiment_name, include_spans=False, missing_ok=False)
 
 
 @pytest.fixture(params=["server", "sqlite"])
