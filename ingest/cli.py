@@ -80,6 +80,13 @@ target_options = _options(
         show_default=True,
         help="Seconds to keep retrying an unreachable or failing MLflow before giving up.",
     ),
+    click.option(
+        "--sql-writer",
+        type=click.Choice(["bulk", "mlflow"]),
+        default="bulk",
+        show_default=True,
+        help="For a database tracking URI: bulk (set-based inserts, the rows log_spans would write) or mlflow (MLflow's own log_spans).",
+    ),
 )
 
 run_options = _options(
@@ -136,6 +143,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         redact=Redaction.parse(kw.get("redact")),
         batch_traces=kw.get("batch_size", 200),
         mlflow_timeout_s=kw["mlflow_timeout"],
+        sql_writer=kw.get("sql_writer", "bulk"),
         state_dir=state_dir,
         partial_timeout_s=kw.get("partial_timeout", 300.0),
         since_us=parse_time(kw.get("since")),

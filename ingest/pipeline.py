@@ -266,6 +266,7 @@ class RunOptions:
     batch_traces: int = DEFAULT_BATCH_TRACES
     settle_s: float = DEFAULT_SETTLE_S
     mlflow_timeout_s: float = 60.0
+    sql_writer: str = "bulk"
     state_dir: Path | None = None
     partial_timeout_s: float = DEFAULT_PARTIAL_TIMEOUT_S
     since_us: int | None = None
@@ -282,7 +283,7 @@ def open_target(opts: RunOptions) -> tuple[Target, Sink]:
     if opts.dry_run:
         return Target(uri, exp_id or "dry-run", name), NullSink()
     target = resolve_target(uri, name, exp_id, opts.mlflow_timeout_s)
-    return target, make_sink(target, opts.mlflow_timeout_s)
+    return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer)
 
 
 Progress = Callable[[str, Chunk | None, Summary], None]

@@ -272,12 +272,23 @@ def _transient_db(e: Exception) -> bool:
 
 
 class StoreSink:
-    """Write through MLflow's own tracking store (``log_spans``), the server's path minus HTTP."""
+    """Write into a database MLflow store: by default with the bulk writer (``sql_bulk``), which
+    leaves the rows MLflow's own ``log_spans`` would; ``writer="mlflow"`` (or a store the bulk
+    writer was not tested on) uses ``log_spans`` itself, the server's path minus HTTP."""
 
-    def __init__(self, target: Target, deadline_s: float = 300.0) -> None:
+    def __init__(self, target: Target, deadline_s: float = 300.0, writer: str = "bulk") -> None:
+        from ingest.sql_bulk import BulkSpanWriter, unsupported_reason
+
         self.target = target
         self.store = _store(target.tracking_uri)
         self.deadline_s = deadline_s
+        self.bulk: BulkSpanWriter | None = None
+        if writer == "bulk":
+            reason = unsupported_reason(self.store)
+            if reason is None:
+                self.bulk = BulkSpanWriter(self.store, target.experiment_id)
+            else:
+                log.warning("writing through MLflow's log_spans (slower): %s", reason)
 
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span
@@ -285,8 +296,14 @@ class StoreSink:
         spans = [Span.from_otel_proto(s) for t in traces for s in t.spans]
         if not spans:
             return 0
+        def write_once() -> None:
+            if self.bulk is not None:
+                self.bulk.log_spans(spans)
+            else:
+                self.store.log_spans(self.target.experiment_id, spans)
+
         try:
-            with_retries(lambda: self.store.log_spans(self.target.experiment_id, spans), "log spans", self.deadline_s, _transient_db)
+            with_retries(write_once, "log spans", self.deadline_s, _transient_db)
         except Exception as e:
             raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}") from e
         return len(spans)
@@ -319,5 +336,5 @@ class NullSink:
         pass
 
 
-def make_sink(target: Target, deadline_s: float = 300.0) -> Sink:
-    return OtlpSink(target, deadline_s) if target.is_server else StoreSink(target, deadline_s)
+def make_sink(target: Target, deadline_s: float = 300.0, sql_writer: str = "bulk") -> Sink:
+    return OtlpSink(target, deadline_s) if target.is_server else StoreSink(target, deadline_s, sql_writer)
