@@ -62,6 +62,8 @@ def _mlflow_parts() -> Any:
         "MSSQL",
         "rollups_enabled",
         "enqueue_rollup_rebuild_partitions",
+        "_bulk_upsert",
+        "MLFLOW_ARTIFACT_LOCATION",
         "RollupFamily",
     )
     if not all(hasattr(store_module, name) for name in needed):
@@ -132,8 +134,27 @@ class BulkSpanWriter:
                 self.store.log_spans(self.location, [s for t in new_ids for s in by_trace[t]])
         if existing:
             changed = self._changed(sorted(existing), rows)
+            same = [t for t in sorted(existing) if t not in set(changed)]
+            if m.rollups_enabled():
+                changed, same = sorted(existing), []
+            if same:
+                with self.store.ManagedSessionMaker(read_only=False) as session:
+                    self._resend_unchanged(session, same, rows)
             if changed:
                 self.store.log_spans(self.location, [s for t in changed for s in by_trace[t]])
+
+    def _resend_unchanged(self, session: Any, trace_ids: list[str], rows: dict[str, _TraceRows]) -> None:
+        """What ``log_spans`` changes on an identical re-send: the payload generation, and the
+        re-merged tags (the artifact location aside)."""
+        m = self.m
+        self.store._advance_db_payload_generations_for_db_span_writes(session, trace_ids)
+        tags = [
+            {"request_id": t, "key": k, "value": v}
+            for t in trace_ids
+            for k, v in self._tags(t, rows[t]).items()
+            if k != m.MLFLOW_ARTIFACT_LOCATION
+        ]
+        m._bulk_upsert(session, m.SqlTraceTag, tags)
 
     def _changed(self, trace_ids: list[str], rows: dict[str, _TraceRows]) -> list[str]:
         """Existing traces whose stored spans differ from this batch's (an identical re-send changes nothing)."""

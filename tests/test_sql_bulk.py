@@ -1,0 +1,169 @@
+"""The bulk SQL writer leaves exactly the rows MLflow's own ``log_spans`` leaves.
+
+The same input goes into two fresh SQLite stores, one through ``log_spans`` (``--sql-writer
+mlflow``) and one through the bulk writer; every row of every table must match (experiments
+aside, whose creation times differ), and so must what ``MlflowClient.search_traces`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline import RunOptions, run_batch
+from ingest.sink import StoreSink, Target, resolve_target
+from ingest.spans import Redaction, build_traces
+from tests.conftest import all_traces, copy_samples, past_shift, reidentify, spend_row, write_log
+
+EXPERIMENT = "bulk-equivalence"
+
+
+def varied_input(capture: list[dict], tmp_path: Path) -> list[str]:
+    """The sample logs plus copies that carry sessions, users, odd tags and cache hits."""
+    logs = copy_samples(tmp_path / "logs")
+    (logs / "bad_input.jsonl").unlink()
+    shift = past_shift(capture, days=20)
+    extra = reidentify(capture, shift, "bulk")
+    for n, r in enumerate(extra):
+        meta = r.setdefault("metadata", {}) or {}
+        r["metadata"] = meta
+        if n % 3 == 0:
+            r["session_id"] = f"session-{n // 6}"
+        if n % 4 == 0:
+            meta["user_api_key_end_user_id"] = f"user-{n % 5}"
+            r["end_user"] = f"user-{n % 5}"
+        if n % 5 == 0:
+            r["request_tags"] = [*(r.get("request_tags") or []), "team:a", "team:b", "odd key!:é", "plain"]
+        if n % 7 == 0:
+            r["cache_hit"] = True
+    write_log(logs / "varied.jsonl", extra)
+    write_log(logs / "spend_varied.jsonl", [spend_row(r, store_prompts=n % 2 == 0, naive=n % 3 != 0) for n, r in enumerate(reidentify(capture, shift + 3600, "bulk-spend"))])
+    return [str(logs)]
+
+
+def ingest(uri: str, paths: list[str], writer: str, **kw: object) -> None:
+    summary = run_batch(RunOptions(paths=paths, tracking_uri=uri, experiment_name=EXPERIMENT, sql_writer=writer, settle_s=0, **kw))  # type: ignore[arg-type]
+    assert summary.traces_written > 0
+
+
+def table_rows(db: Path) -> dict[str, list[tuple]]:
+    con = sqlite3.connect(db)
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'experiments'")]
+        return {t: sorted(con.execute(f"SELECT * FROM {t}"), key=repr) for t in tables}
+    finally:
+        con.close()
+
+
+def comparable_traces(uri: str) -> list[dict]:
+    out = []
+    for t in all_traces(uri, EXPERIMENT):
+        d = t.to_dict()
+        d["info"].pop("trace_location", None)
+        out.append(d)
+    return sorted(out, key=lambda d: d["info"]["trace_id"])
+
+
+@pytest.fixture
+def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    monkeypatch.chdir(tmp_path)  # both stores get the same artifact root, hence the same artifact-location tags
+    return tmp_path / "via_log_spans.db", tmp_path / "via_bulk.db"
+
+
+def test_bulk_writer_leaves_every_row_log_spans_leaves(capture, tmp_path, stores):
+    paths = varied_input(capture, tmp_path)
+    a, b = stores
+    ingest(f"sqlite:///{a}", paths, "mlflow")
+    ingest(f"sqlite:///{b}", paths, "bulk")
+    rows_a, rows_b = table_rows(a), table_rows(b)
+    assert set(rows_a) == set(rows_b)
+    assert len(rows_a["trace_info"]) > 100
+    con = sqlite3.connect(b)
+    filled = con.execute(
+        "SELECT count(session_id), count(total_cost), count(input_tokens), count(request_preview) FROM trace_info"
+    ).fetchone()
+    users = con.execute("SELECT count(*) FROM trace_request_metadata WHERE key = 'mlflow.trace.user'").fetchone()[0]
+    con.close()
+    assert all(filled) and users, (filled, users)
+    for table in rows_a:
+        assert rows_a[table] == rows_b[table], table
+    assert comparable_traces(f"sqlite:///{a}") == comparable_traces(f"sqlite:///{b}")
+
+
+def test_bulk_rerun_changes_nothing_but_mlflows_write_counter_as_log_spans_does(capture, tmp_path, stores):
+    """A re-run writes no new rows and changes no data; like ``log_spans`` it bumps
+    ``trace_info.db_payload_generation``, MLflow's count of writes to a trace."""
+    paths = varied_input(capture, tmp_path)
+    a, b = stores
+    for _ in range(2):
+        ingest(f"sqlite:///{a}", paths, "mlflow")
+        ingest(f"sqlite:///{b}", paths, "bulk")
+        if _ == 0:
+            before = table_rows(b)
+    after = table_rows(b)
+    assert after == table_rows(a)
+    assert {t: r for t, r in after.items() if t != "trace_info"} == {t: r for t, r in before.items() if t != "trace_info"}
+    assert without_generation(b, after["trace_info"]) == without_generation(b, before["trace_info"])
+    assert after["trace_info"] != before["trace_info"]
+
+
+def without_generation(db: Path, rows: list[tuple]) -> list[tuple]:
+    con = sqlite3.connect(db)
+    columns = [r[1] for r in con.execute("PRAGMA table_info(trace_info)")]
+    con.close()
+    i = columns.index("db_payload_generation")
+    return [r[:i] + r[i + 1 :] for r in rows]
+
+
+def _write_both(uri_a: str, uri_b: str, frame_paths: list[str], redact: Redaction) -> None:
+    """Build the traces once, then hand the same spans to log_spans (a) and the bulk writer (b)."""
+    from ingest.normalize import normalize
+    from ingest.sources import discover, read_chunks
+
+    for uri, writer in ((uri_a, "mlflow"), (uri_b, "bulk")):
+        target = resolve_target(uri, EXPERIMENT, None)
+        sink = StoreSink(target, writer=writer)
+        assert (sink.bulk is not None) == (writer == "bulk")
+        for path in discover(frame_paths):
+            for chunk in read_chunks(path):
+                records, _ = normalize(chunk.lines)
+                records = records.sort("call_key", "start_us")
+                sink.write(list(build_traces(records, target.experiment_id, redact)))
+
+
+def test_a_changed_resend_of_existing_traces_matches_log_spans(capture, tmp_path, stores):
+    """Existing traces take MLflow's own merge rules: a re-send with other content (here, redacted)
+    leaves both stores alike, and different from the first write."""
+    logs = write_log(tmp_path / "logs" / "calls.jsonl", reidentify(capture, past_shift(capture), "resend"))
+    a, b = stores
+    uri_a, uri_b = f"sqlite:///{a}", f"sqlite:///{b}"
+    _write_both(uri_a, uri_b, [str(logs)], Redaction())
+    first = table_rows(b)
+    assert first == table_rows(a)
+    _write_both(uri_a, uri_b, [str(logs)], Redaction(messages=True))
+    assert table_rows(b) == table_rows(a)
+    assert table_rows(b)["spans"] != first["spans"]
+
+
+@pytest.mark.parametrize("guard", ["TESTED_REVISIONS", "TESTED_DIALECTS"])
+def test_untested_schema_or_dialect_falls_back_to_log_spans_with_one_warning(capture, tmp_path, stores, monkeypatch, caplog, guard):
+    import ingest.sql_bulk as sql_bulk
+
+    monkeypatch.setattr(sql_bulk, guard, frozenset())
+    _, b = stores
+    logs = write_log(tmp_path / "logs" / "calls.jsonl", reidentify(capture, past_shift(capture), "fallback"))
+    with caplog.at_level(logging.WARNING, logger="ingest.sink"):
+        ingest(f"sqlite:///{b}", [str(logs)], "bulk", batch_traces=5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "log_spans" in warnings[0], warnings
+    assert len(all_traces(f"sqlite:///{b}", EXPERIMENT, include_spans=False)) == len({r["litellm_call_id"] for r in capture})
+
+
+def test_store_sink_uses_bulk_writer_on_the_tested_store(sqlite_uri):
+    target: Target = resolve_target(sqlite_uri, EXPERIMENT, None)
+    assert StoreSink(target).bulk is not None
+    assert StoreSink(target, writer="mlflow").bulk is None
+
