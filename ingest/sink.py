@@ -296,6 +296,7 @@ class StoreSink:
         spans = [Span.from_otel_proto(s) for t in traces for s in t.spans]
         if not spans:
             return 0
+
         def write_once() -> None:
             if self.bulk is not None:
                 self.bulk.log_spans(spans)

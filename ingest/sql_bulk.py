@@ -17,9 +17,11 @@ with ``log_spans``); anything else falls back to ``log_spans`` with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow.entities.span import Span
@@ -28,6 +30,16 @@ log = logging.getLogger(__name__)
 
 TESTED_REVISIONS = frozenset({"dc11669786a5"})  # MLflow 3.17.x
 TESTED_DIALECTS = frozenset({"sqlite"})
+
+
+_STORE_METHODS = (
+    "_advance_db_payload_generations_for_db_span_writes",
+    "_get_trace_status_from_root_span",
+    "_update_trace_info_attributes",
+    "_get_trace_artifact_location_tag",
+    "_run_with_deadlock_retry",
+    "ManagedSessionMaker",
+)
 
 
 def _mlflow_parts() -> Any:
@@ -91,7 +103,7 @@ def unsupported_reason(store: Any) -> str | None:
     revision = schema_revision(store)
     if revision not in TESTED_REVISIONS:
         return f"schema revision {revision} is not one the bulk writer was tested against"
-    for name in ("_advance_db_payload_generations_for_db_span_writes", "_get_trace_status_from_root_span", "_update_trace_info_attributes", "_get_trace_artifact_location_tag", "_run_with_deadlock_retry", "ManagedSessionMaker"):
+    for name in _STORE_METHODS:
         if not hasattr(store, name):
             return f"this MLflow's store lacks {name}"
     return None
@@ -177,8 +189,9 @@ class BulkSpanWriter:
             for tid in trace_ids:
                 r = rows[tid]
                 ts = r.info["timestamp_ms"]
-                partitions += [(family, int(self.location), [ts, ts]) for family in (m.RollupFamily.TRACE_METRIC, m.RollupFamily.ASSESSMENT)]
-                partitions += [(m.RollupFamily.SPAN_COST, int(self.location), [int(s["start_time_unix_nano"]) // 1_000_000]) for s in r.spans]
+                exp = int(self.location)
+                partitions += [(family, exp, [ts, ts]) for family in (m.RollupFamily.TRACE_METRIC, m.RollupFamily.ASSESSMENT)]
+                partitions += [(m.RollupFamily.SPAN_COST, exp, [int(s["start_time_unix_nano"]) // 1_000_000]) for s in r.spans]
             m.enqueue_rollup_rebuild_partitions(session, partitions)
         tags = [{"request_id": t, "key": k, "value": v} for t in trace_ids for k, v in self._tags(t, rows[t]).items()]
         metadata = [{"request_id": t, "key": k, "value": v} for t in trace_ids for k, v in sorted(rows[t].metadata.items())]
@@ -229,10 +242,8 @@ class BulkSpanWriter:
                 span_cost = attrs.get(ak.LLM_COST)
             cost_values: dict[str, Any] = {}
             if span_cost:
-                try:
+                with contextlib.suppress(TypeError, ValueError):
                     cost_values = json.loads(span_cost)
-                except (TypeError, ValueError):
-                    pass
             span_rows.append(
                 {
                     "trace_id": span.trace_id,
@@ -313,10 +324,10 @@ def _resource_tags(m: Any, spans: list[Span]) -> dict[str, str]:
     return tags
 
 
-
-
+@dataclass(slots=True)
 class _TraceRows:
-    __slots__ = ("info", "spans", "trace_tags", "resource_tags", "metadata")
-
-    def __init__(self, info: dict[str, Any], spans: list[dict[str, Any]], trace_tags: dict[str, str], resource_tags: dict[str, str], metadata: dict[str, str]) -> None:
-        self.info, self.spans, self.trace_tags, self.resource_tags, self.metadata = info, spans, trace_tags, resource_tags, metadata
+    info: dict[str, Any]
+    spans: list[dict[str, Any]]
+    trace_tags: dict[str, str]
+    resource_tags: dict[str, str]
+    metadata: dict[str, str]

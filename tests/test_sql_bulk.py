@@ -40,7 +40,8 @@ def varied_input(capture: list[dict], tmp_path: Path) -> list[str]:
         if n % 7 == 0:
             r["cache_hit"] = True
     write_log(logs / "varied.jsonl", extra)
-    write_log(logs / "spend_varied.jsonl", [spend_row(r, store_prompts=n % 2 == 0, naive=n % 3 != 0) for n, r in enumerate(reidentify(capture, shift + 3600, "bulk-spend"))])
+    spend = reidentify(capture, shift + 3600, "bulk-spend")
+    write_log(logs / "spend_varied.jsonl", [spend_row(r, store_prompts=n % 2 == 0, naive=n % 3 != 0) for n, r in enumerate(spend)])
     return [str(logs)]
 
 
@@ -166,4 +167,3 @@ def test_store_sink_uses_bulk_writer_on_the_tested_store(sqlite_uri):
     target: Target = resolve_target(sqlite_uri, EXPERIMENT, None)
     assert StoreSink(target).bulk is not None
     assert StoreSink(target, writer="mlflow").bulk is None
-
