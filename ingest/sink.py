@@ -293,21 +293,21 @@ class StoreSink:
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span
 
-        spans = [Span.from_otel_proto(s) for t in traces for s in t.spans]
-        if not spans:
+        count = sum(len(t.data) for t in traces)
+        if not count:
             return 0
 
         def write_once() -> None:
             if self.bulk is not None:
-                self.bulk.log_spans(spans)
+                self.bulk.write(traces)
             else:
-                self.store.log_spans(self.target.experiment_id, spans)
+                self.store.log_spans(self.target.experiment_id, [Span.from_otel_proto(s) for t in traces for s in t.spans])
 
         try:
             with_retries(write_once, "log spans", self.deadline_s, _transient_db)
         except Exception as e:
             raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}") from e
-        return len(spans)
+        return count
 
     def delete(self, trace_ids: list[str]) -> None:
         try:

@@ -60,15 +60,60 @@ class Redaction:
         return cls(messages=value in ("messages", "all"), responses=value in ("responses", "all"))
 
 
+@dataclass(slots=True)
+class SpanData:
+    """One span before encoding: the server sink turns it into OTLP protobuf (``to_otlp``), the
+    bulk SQL writer into the JSON MLflow stores. Attributes hold plain values; None is left out."""
+
+    trace_id: bytes
+    span_id: bytes
+    parent_id: bytes | None
+    name: str
+    start_us: int
+    end_us: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_otlp(self) -> OtlpSpan:
+        s = OtlpSpan(
+            trace_id=self.trace_id,
+            span_id=self.span_id,
+            name=self.name,
+            start_time_unix_nano=self.start_us * 1000,
+            end_time_unix_nano=self.end_us * 1000,
+        )
+        s.kind = OtlpSpan.SPAN_KIND_CLIENT
+        if self.parent_id:
+            s.parent_span_id = self.parent_id
+        _add_attributes(s.attributes, self.attributes)
+        if self.error is None:
+            s.status.code = OtlpStatus.STATUS_CODE_OK
+        else:
+            s.status.code = OtlpStatus.STATUS_CODE_ERROR
+            s.status.message = self.error
+        for name, time_ns, attrs in self.events:
+            _add_attributes(s.events.add(name=name, time_unix_nano=time_ns).attributes, attrs)
+        return s
+
+
 @dataclass
 class BuiltTrace:
     call_key: str
     trace_id: str
-    spans: list[OtlpSpan]
+    data: list[SpanData]
     records: int
     start_us: int
     end_us: int
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _otlp: list[OtlpSpan] | None = field(default=None, repr=False)
+
+    @property
+    def spans(self) -> list[OtlpSpan]:
+        """The spans as OTLP protobuf (built on first use)."""
+        if self._otlp is None:
+            self._otlp = [d.to_otlp() for d in self.data]
+        return self._otlp
 
 
 def _json_value(value: Any) -> Any:
@@ -188,15 +233,6 @@ def _add_attributes(target: Any, attrs: dict[str, Any]) -> None:
     for key, value in attrs.items():
         if value is not None:
             set_any(target.add(key=key).value, value)
-
-
-def _set(span: OtlpSpan, attrs: dict[str, Any]) -> None:
-    _add_attributes(span.attributes, attrs)
-
-
-def _event(span: OtlpSpan, name: str, time_ns: int, attrs: dict[str, Any]) -> None:
-    ev = span.events.add(name=name, time_unix_nano=time_ns)
-    _add_attributes(ev.attributes, attrs)
 
 
 def _token_usage(a: _Attempt) -> dict[str, int] | None:
@@ -323,34 +359,23 @@ def _status_message(r: dict[str, Any]) -> str:
     return message
 
 
-def _status_and_events(span: OtlpSpan, a: _Attempt) -> None:
+def _status_and_events(span: SpanData, a: _Attempt) -> None:
     r = a.row
-    if r["status"] == "success":
-        span.status.code = OtlpStatus.STATUS_CODE_OK
-    else:
-        span.status.code = OtlpStatus.STATUS_CODE_ERROR
+    if r["status"] != "success":
         message = _status_message(r)
-        span.status.message = message
+        span.error = message
         err = a.payload.get("error_information") if isinstance(a.payload.get("error_information"), dict) else {}
-        _event(
-            span,
-            "exception",
-            r["end_us"] * 1000,
-            {
-                "exception.type": r["error_class"] or "Exception",
-                "exception.message": message,
-                "exception.stacktrace": err.get("traceback") or None,
-                "error_code": r["error_code"],
-                "llm_provider": err.get("llm_provider") or None,
-            },
-        )
+        exception = {
+            "exception.type": r["error_class"] or "Exception",
+            "exception.message": message,
+            "exception.stacktrace": err.get("traceback") or None,
+            "error_code": r["error_code"],
+            "llm_provider": err.get("llm_provider") or None,
+        }
+        span.events.append(("exception", r["end_us"] * 1000, exception))
     if r["stream"] and r["first_token_us"] and r["first_token_us"] <= r["end_us"]:
-        _event(
-            span,
-            "first_token",
-            r["first_token_us"] * 1000,
-            {"time_to_first_token_ms": (r["first_token_us"] - r["start_us"]) / 1000},
-        )
+        ttft = {"time_to_first_token_ms": (r["first_token_us"] - r["start_us"]) / 1000}
+        span.events.append(("first_token", r["first_token_us"] * 1000, ttft))
 
 
 _TAG_BAD_CHARS = re.compile(r"[^/\w.\- :]")
@@ -409,14 +434,6 @@ def trace_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def _new_span(trace_id: bytes, span_id: bytes, parent: bytes | None, name: str, start_us: int, end_us: int) -> OtlpSpan:
-    s = OtlpSpan(trace_id=trace_id, span_id=span_id, name=name, start_time_unix_nano=start_us * 1000, end_time_unix_nano=end_us * 1000)
-    s.kind = OtlpSpan.SPAN_KIND_CLIENT
-    if parent:
-        s.parent_span_id = parent
-    return s
-
-
 def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redaction = Redaction()) -> BuiltTrace:
     """One call (its deduped records, in attempt order) -> its spans."""
     attempts = [_attempt(r, redact) for r in rows]
@@ -428,7 +445,7 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
     name = f"litellm-{final.row['call_type']}"
     start_us = min(r["start_us"] for r in rows)
     end_us = max(r["end_us"] for r in rows)
-    root = _new_span(tid, root_id, None, name, start_us, end_us)
+    root = SpanData(tid, root_id, None, name, start_us, end_us)
     by_end = sorted(rows, key=lambda r: (r["end_us"], r["start_us"]))
     session = next((r["session"] for r in reversed(by_end) if r["session"]), None)
     user = next((r["user"] for r in reversed(by_end) if r["user"]), None)
@@ -440,30 +457,28 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
     }
     spans = [root]
     if len(attempts) == 1:
-        _set(root, {**_io_attributes(first, first.outputs), **_call_attributes(first), **root_attrs})
+        root.attributes = {**_io_attributes(first, first.outputs), **_call_attributes(first), **root_attrs}
         _status_and_events(root, first)
     else:
         costs = [r["cost"] for r in rows if r["cost"] is not None]
-        _set(
-            root,
-            {
-                **_io_attributes(first, final.outputs),
-                SpanAttributeKey.SPAN_TYPE: span_type(final.row["call_type"]),
-                "litellm_call_id": final.row["litellm_call_id"] or call_key,
-                "call_type": final.row["call_type"],
-                "model": final.row["model"],
-                "model_group": final.row["model_group"],
-                "status": final.row["status"],
-                "attempts": len(attempts),
-                "response_cost": sum(costs) if costs else None,
-                "request_tags": final.row["request_tags"] or [],
-                **root_attrs,
-            },
-        )
-        _status_and_events_root(root, final)
+        root.attributes = {
+            **_io_attributes(first, final.outputs),
+            SpanAttributeKey.SPAN_TYPE: span_type(final.row["call_type"]),
+            "litellm_call_id": final.row["litellm_call_id"] or call_key,
+            "call_type": final.row["call_type"],
+            "model": final.row["model"],
+            "model_group": final.row["model_group"],
+            "status": final.row["status"],
+            "attempts": len(attempts),
+            "response_cost": sum(costs) if costs else None,
+            "request_tags": final.row["request_tags"] or [],
+            **root_attrs,
+        }
+        if final.row["status"] != "success":
+            root.error = _status_message(final.row)
         for n, a in enumerate(attempts, start=1):
             r = a.row
-            child = _new_span(
+            child = SpanData(
                 tid,
                 otel_span_id(tid, attempt_identity(r["start_us"], r["status"])),
                 root_id,
@@ -471,18 +486,10 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
                 r["start_us"],
                 r["end_us"],
             )
-            _set(child, {**_io_attributes(a, a.outputs), **_call_attributes(a), "attempt": n})
+            child.attributes = {**_io_attributes(a, a.outputs), **_call_attributes(a), "attempt": n}
             _status_and_events(child, a)
             spans.append(child)
     return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows)
-
-
-def _status_and_events_root(root: OtlpSpan, final: _Attempt) -> None:
-    if final.row["status"] == "success":
-        root.status.code = OtlpStatus.STATUS_CODE_OK
-    else:
-        root.status.code = OtlpStatus.STATUS_CODE_ERROR
-        root.status.message = _status_message(final.row)
 
 
 def group_calls(frame: pl.DataFrame) -> Iterator[list[dict[str, Any]]]:

@@ -17,14 +17,16 @@ with ``log_spans``); anything else falls back to ``log_spans`` with one warning.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow.entities.span import Span
+from ingest.spans import BuiltTrace, SpanData, set_any
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +119,26 @@ class BulkSpanWriter:
         self.location = location
         self.m = _mlflow_parts()
         self._experiment: Any = None
+        self._encode = self.m.TraceJSONEncoder(ensure_ascii=store.db_type == self.m.MSSQL).encode if self.m else json.dumps
         table = self.m.SqlTraceInfo.__table__ if self.m else None
         self._info_columns = [c.name for c in table.columns if c.server_default is None and c.computed is None] if table is not None else []
 
-    def log_spans(self, spans: list[Span]) -> None:
-        if spans:
-            self.store._run_with_deadlock_retry(self._log_once, spans)
+    def write(self, traces: list[BuiltTrace]) -> None:
+        if not traces:
+            return
+        if len({t.trace_id for t in traces}) < len(traces):
+            self.store.log_spans(self.location, _mlflow_spans(traces))
+            return
+        self.store._run_with_deadlock_retry(self._write_once, traces)
 
-    def _log_once(self, spans: list[Span]) -> None:
+    def _write_once(self, traces: list[BuiltTrace]) -> None:
         from sqlalchemy import select
         from sqlalchemy.exc import IntegrityError
 
         m = self.m
-        by_trace: dict[str, list[Span]] = defaultdict(list)
-        for span in spans:
-            by_trace[span.trace_id].append(span)
-        trace_ids = list(by_trace)
-        rows = {tid: self._derive(tid, by_trace[tid]) for tid in trace_ids}
+        by_id = {t.trace_id: t for t in traces}
+        trace_ids = list(by_id)
+        rows = {tid: self._derive(by_id[tid]) for tid in trace_ids}
         with self.store.ManagedSessionMaker(read_only=False) as session:
             existing = set(session.scalars(select(m.SqlTraceInfo.request_id).where(m.SqlTraceInfo.request_id.in_(trace_ids))))
         new_ids = [t for t in trace_ids if t not in existing]
@@ -143,7 +148,7 @@ class BulkSpanWriter:
                     self._insert(session, new_ids, rows)
             except IntegrityError:
                 log.info("a trace of this batch appeared concurrently; writing the batch through log_spans")
-                self.store.log_spans(self.location, [s for t in new_ids for s in by_trace[t]])
+                self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in new_ids]))
         if existing:
             changed = self._changed(sorted(existing), rows)
             same = [t for t in sorted(existing) if t not in set(changed)]
@@ -153,7 +158,7 @@ class BulkSpanWriter:
                 with self.store.ManagedSessionMaker(read_only=False) as session:
                     self._resend_unchanged(session, same, rows)
             if changed:
-                self.store.log_spans(self.location, [s for t in changed for s in by_trace[t]])
+                self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in changed]))
 
     def _resend_unchanged(self, session: Any, trace_ids: list[str], rows: dict[str, _TraceRows]) -> None:
         """What ``log_spans`` changes on an identical re-send: the payload generation, and the
@@ -217,22 +222,24 @@ class BulkSpanWriter:
         tags.update({k: v for k, v in rows.trace_tags.items() if k != m.TraceTagKey.TRACE_NAME})
         return tags
 
-    def _derive(self, trace_id: str, spans: list[Span]) -> _TraceRows:
+    def _derive(self, trace: BuiltTrace) -> _TraceRows:
         """Every row a new trace ends with, computed as ``_log_spans_once`` computes it."""
         m, store = self.m, self.store
         ak = m.SpanAttributeKey
-        min_start_ms = min(s.start_time_ns for s in spans) // 1_000_000
-        end_times = [s.end_time_ns for s in spans if s.end_time_ns is not None]
-        max_end_ms = (max(end_times) // 1_000_000) if end_times else None
-        root_status = store._get_trace_status_from_root_span(spans)
+        trace_id = trace.trace_id
+        spans = trace.data
+        min_start_ms = min(s.start_us for s in spans) * 1000 // 1_000_000
+        max_end_ms = max(s.end_us for s in spans) * 1000 // 1_000_000
+        root_status = None
         usage_nodes, cost_nodes, span_rows = [], [], []
         session_id = user_id = root_dict = None
         trace_tags: dict[str, str] = {}
         for span in spans:
-            span_dict = m.translate_span_when_storing(span)
-            attrs = span_dict.get("attributes", {})
-            usage_nodes.append(m._span_aggregation_node(span.span_id, span.parent_id, attrs, ak.CHAT_USAGE))
-            cost_nodes.append(m._span_aggregation_node(span.span_id, span.parent_id, attrs, ak.LLM_COST))
+            span_id, parent_id = span.span_id.hex(), span.parent_id.hex() if span.parent_id else None
+            span_dict = self._stored_dict(span, trace_id)
+            attrs = span_dict["attributes"]
+            usage_nodes.append(m._span_aggregation_node(span_id, parent_id, attrs, ak.CHAT_USAGE))
+            cost_nodes.append(m._span_aggregation_node(span_id, parent_id, attrs, ak.LLM_COST))
             span_cost = None
             if attrs:
                 if session_id is None and (sid := attrs.get(ak.SESSION_ID) or attrs.get(m.GenAiSemconvKey.CONVERSATION_ID)):
@@ -246,16 +253,16 @@ class BulkSpanWriter:
                     cost_values = json.loads(span_cost)
             span_rows.append(
                 {
-                    "trace_id": span.trace_id,
+                    "trace_id": trace_id,
                     "experiment_id": self.location,
-                    "span_id": span.span_id,
-                    "parent_span_id": span.parent_id,
+                    "span_id": span_id,
+                    "parent_span_id": parent_id,
                     "name": span.name,
-                    "type": span.span_type,
-                    "status": span.status.status_code,
-                    "start_time_unix_nano": span.start_time_ns,
-                    "end_time_unix_nano": span.end_time_ns,
-                    "content": json.dumps(span_dict, cls=m.TraceJSONEncoder, ensure_ascii=store.db_type == m.MSSQL),
+                    "type": span.attributes.get(ak.SPAN_TYPE),
+                    "status": "OK" if span.error is None else "ERROR",
+                    "start_time_unix_nano": span.start_us * 1000,
+                    "end_time_unix_nano": span.end_us * 1000,
+                    "content": self._encode(span_dict),
                     "input_cost": m.finite_float_or_none(cost_values.get("input_cost")),
                     "output_cost": m.finite_float_or_none(cost_values.get("output_cost")),
                     "total_cost": m.finite_float_or_none(cost_values.get("total_cost")),
@@ -263,7 +270,9 @@ class BulkSpanWriter:
                     "model_provider": m.bounded_model_dimension(m._try_parse_json_string(attrs.get(ak.MODEL_PROVIDER))),
                 }
             )
-            if span.parent_id is None:
+            if parent_id is None:
+                if root_status is None:
+                    root_status = m.TraceState.ERROR.value if span.error is not None else m.TraceState.OK.value
                 root_dict = span_dict
                 trace_tags.update(self._root_tags(attrs))
         info: dict[str, Any] = dict.fromkeys(self._info_columns)
@@ -289,7 +298,39 @@ class BulkSpanWriter:
             if (value := m.finite_float_or_none(cost.get(key))) is not None:
                 info[column] = value
         metadata = {m.TraceMetadataKey.TRACE_USER: user_id} if user_id else {}
-        return _TraceRows(info, span_rows, trace_tags, _resource_tags(m, spans), metadata)
+        return _TraceRows(info, span_rows, trace_tags, {}, metadata)
+
+    def _stored_dict(self, span: SpanData, request_id: str) -> dict[str, Any]:
+        """``translate_span_when_storing(Span.from_otel_proto(span.to_otlp()))`` without the protobuf
+        round trip: attributes JSON-encoded once, then MLflow's storage translation."""
+        ak = self.m.SpanAttributeKey
+        attributes = {k: self._attribute(v) for k, v in span.attributes.items() if v is not None}
+        attributes[ak.REQUEST_ID] = self._encode(request_id)
+        return translate_for_storage(
+            {
+                "trace_id": _b64(span.trace_id),
+                "span_id": _b64(span.span_id),
+                "parent_span_id": _b64(span.parent_id) if span.parent_id else None,
+                "name": span.name,
+                "start_time_unix_nano": span.start_us * 1000,
+                "end_time_unix_nano": span.end_us * 1000,
+                "events": [
+                    {"name": name, "time_unix_nano": t, "attributes": {k: _plain(v) for k, v in attrs.items() if v is not None}}
+                    for name, t, attrs in span.events
+                ],
+                "status": {"code": "STATUS_CODE_OK" if span.error is None else "STATUS_CODE_ERROR", "message": span.error or ""},
+                "attributes": attributes,
+                "links": [],
+            },
+            span.attributes,
+        )
+
+    def _attribute(self, value: Any) -> str:
+        """``dump_span_attribute_value`` of the value as it comes back from OTLP protobuf."""
+        text = self._encode(value)
+        if _LONG_DIGITS.search(text) is None:
+            return text
+        return self._encode(_wire(value))
 
     def _root_tags(self, attrs: dict[str, Any]) -> dict[str, str]:
         m = self.m
@@ -308,20 +349,32 @@ class BulkSpanWriter:
         return tags
 
 
-def _resource_tags(m: Any, spans: list[Span]) -> dict[str, str]:
-    resource = next((r for s in spans if (r := getattr(s._span, "resource", None)) is not None and r.attributes), None)
-    if resource is None:
-        return {}
-    tags: dict[str, str] = {}
-    for key, value in resource.attributes.items():
-        if key.startswith(("telemetry.sdk.", "mlflow.")):
-            continue
-        try:
-            key, value = m._validate_trace_tag(key, value if isinstance(value, str) else json.dumps(value))
-        except Exception:
-            continue
-        tags[key] = value
-    return tags
+def _mlflow_spans(traces: list[BuiltTrace]) -> list[Any]:
+    from mlflow.entities.span import Span
+
+    return [Span.from_otel_proto(s) for t in traces for s in t.spans]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("utf-8")
+
+
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def _plain(value: Any) -> Any:
+    """An event attribute (text or a number) as MLflow decodes it from OTLP."""
+    return value if type(value) is not int or -(2**63) <= value < 2**63 else _wire(value)
+
+
+def _wire(value: Any) -> Any:
+    """A value as MLflow decodes it from an OTLP AnyValue we encoded (integers beyond int64 become text)."""
+    from mlflow.tracing.utils.otlp import _decode_otel_proto_anyvalue
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    av = AnyValue()
+    set_any(av, value)
+    return _decode_otel_proto_anyvalue(av)
 
 
 @dataclass(slots=True)
@@ -331,3 +384,54 @@ class _TraceRows:
     trace_tags: dict[str, str]
     resource_tags: dict[str, str]
     metadata: dict[str, str]
+
+
+def translate_for_storage(span_dict: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """MLflow's ``translate_span_when_storing`` (3.17) for a span dict whose attributes were
+    JSON-encoded once from ``values``. Its first step, ``sanitize_attributes``, JSON-decodes every
+    attribute twice to undo double encoding; only a text value that itself parses as a JSON string,
+    object or array can be affected, so only those are decoded here. The rest is MLflow's own steps."""
+    from mlflow.entities.span import SpanType
+    from mlflow.tracing.constant import SpanAttributeKey
+    from mlflow.tracing.otel import translation as tr
+    from mlflow.tracing.utils import calculate_cost_by_model_and_token_usage, dump_span_attribute_value, try_json_loads
+
+    attributes = span_dict["attributes"]
+    for key, value in values.items():
+        if type(value) is str and value.lstrip(" \t\n\r")[:1] in _JSON_OPENERS:
+            with contextlib.suppress(ValueError):
+                json.loads(value)
+                attributes[key] = value
+    events = span_dict["events"]
+    if mlflow_type := tr.translate_span_type_from_otel(attributes):
+        current_raw = attributes.get(SpanAttributeKey.SPAN_TYPE)
+        current_type = try_json_loads(current_raw) if current_raw else None
+        if current_type in (None, SpanType.UNKNOWN):
+            attributes[SpanAttributeKey.SPAN_TYPE] = dump_span_attribute_value(mlflow_type)
+    if SpanAttributeKey.INPUTS not in attributes and (input_value := tr._get_input_value(attributes, events)):
+        attributes[SpanAttributeKey.INPUTS] = input_value
+    if SpanAttributeKey.OUTPUTS not in attributes and (output_value := tr._get_output_value(attributes, events)):
+        attributes[SpanAttributeKey.OUTPUTS] = output_value
+    if SpanAttributeKey.CHAT_USAGE not in attributes and (token_usage := tr._get_token_usage(attributes)):
+        attributes[SpanAttributeKey.CHAT_USAGE] = dump_span_attribute_value(token_usage)
+    if SpanAttributeKey.MESSAGE_FORMAT not in attributes and (message_format := tr._get_message_format(attributes)):
+        attributes[SpanAttributeKey.MESSAGE_FORMAT] = dump_span_attribute_value(message_format)
+    if SpanAttributeKey.CHAT_TOOLS not in attributes and (tools := tr._get_tool_definitions(attributes)):
+        attributes[SpanAttributeKey.CHAT_TOOLS] = tools
+    if SpanAttributeKey.MODEL not in attributes and (model_name := tr._get_model_name(attributes)):
+        attributes[SpanAttributeKey.MODEL] = dump_span_attribute_value(model_name)
+    if SpanAttributeKey.MODEL_PROVIDER not in attributes and (model_provider := tr._get_model_provider(attributes)):
+        attributes[SpanAttributeKey.MODEL_PROVIDER] = dump_span_attribute_value(model_provider)
+    if SpanAttributeKey.LLM_COST not in attributes and SpanAttributeKey.CHAT_USAGE in attributes and SpanAttributeKey.MODEL in attributes:
+        try:
+            usage = json.loads(attributes[SpanAttributeKey.CHAT_USAGE])
+            model = json.loads(attributes[SpanAttributeKey.MODEL])
+            provider = json.loads(attributes[SpanAttributeKey.MODEL_PROVIDER]) if SpanAttributeKey.MODEL_PROVIDER in attributes else None
+            if cost := calculate_cost_by_model_and_token_usage(model, usage, provider):
+                attributes[SpanAttributeKey.LLM_COST] = dump_span_attribute_value(cost)
+        except Exception:
+            log.debug("cost calculation during storage translation failed", exc_info=True)
+    return span_dict
+
+
+_JSON_OPENERS = ('"', "{", "[")
