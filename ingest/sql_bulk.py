@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -119,6 +120,7 @@ class BulkSpanWriter:
         self.location = location
         self.m = _mlflow_parts()
         self._experiment: Any = None
+        self._valid_tag = functools.lru_cache(maxsize=65536)(self.m._validate_trace_tag) if self.m else None
         self._encode = self.m.TraceJSONEncoder(ensure_ascii=store.db_type == self.m.MSSQL).encode if self.m else json.dumps
         table = self.m.SqlTraceInfo.__table__ if self.m else None
         self._info_columns = [c.name for c in table.columns if c.server_default is None and c.computed is None] if table is not None else []
@@ -139,16 +141,17 @@ class BulkSpanWriter:
         by_id = {t.trace_id: t for t in traces}
         trace_ids = list(by_id)
         rows = {tid: self._derive(by_id[tid]) for tid in trace_ids}
-        with self.store.ManagedSessionMaker(read_only=False) as session:
-            existing = set(session.scalars(select(m.SqlTraceInfo.request_id).where(m.SqlTraceInfo.request_id.in_(trace_ids))))
-        new_ids = [t for t in trace_ids if t not in existing]
-        if new_ids:
-            try:
-                with self.store.ManagedSessionMaker(read_only=False) as session:
+        existing: set[str] = set()
+        new_ids: list[str] = []
+        try:
+            with self.store.ManagedSessionMaker(read_only=False) as session:
+                existing = set(session.scalars(select(m.SqlTraceInfo.request_id).where(m.SqlTraceInfo.request_id.in_(trace_ids))))
+                new_ids = [t for t in trace_ids if t not in existing]
+                if new_ids:
                     self._insert(session, new_ids, rows)
-            except IntegrityError:
-                log.info("a trace of this batch appeared concurrently; writing the batch through log_spans")
-                self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in new_ids]))
+        except IntegrityError:
+            log.info("a trace of this batch appeared concurrently; writing the batch through log_spans")
+            self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in new_ids]))
         if existing:
             changed = self._changed(sorted(existing), rows)
             same = [t for t in sorted(existing) if t not in set(changed)]
@@ -328,7 +331,10 @@ class BulkSpanWriter:
     def _attribute(self, value: Any) -> str:
         """``dump_span_attribute_value`` of the value as it comes back from OTLP protobuf."""
         text = self._encode(value)
-        if _LONG_DIGITS.search(text) is None:
+        t = type(value)
+        if t is str or t is float or t is bool or (t is int and -(2**63) <= value < 2**63):
+            return text
+        if (t is dict or t is list) and _LONG_DIGITS.search(text) is None:
             return text
         return self._encode(_wire(value))
 
@@ -340,7 +346,7 @@ class BulkSpanWriter:
             if not attr_key.startswith(prefix):
                 continue
             try:
-                key, value = m._validate_trace_tag(attr_key[len(prefix) :], str(m._try_parse_json_string(attr_value)))
+                key, value = self._valid_tag(attr_key[len(prefix) :], str(m._try_parse_json_string(attr_value)))
             except Exception:
                 continue
             if key == m.TraceTagKey.TRACE_NAME:

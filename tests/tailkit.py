@@ -151,7 +151,13 @@ def call_ids_in(uri: str, experiment: str) -> list[str]:
 
 
 def wait_for_calls(uri: str, experiment: str, calls: list[list[dict]], timeout: float = 60) -> list:
+    """Every call's trace, once each has all its spans (a call split across two of the daemon's
+    batches is visible before its last attempt's span arrives), or what is there at the timeout."""
     want = {c[0]["litellm_call_id"] for c in calls}
+    deadline = time.monotonic() + timeout
     wait_for(lambda: want <= set(call_ids_in(uri, experiment)), timeout, f"{len(want)} calls in MLflow")
-    time.sleep(0.5)
-    return all_traces(uri, experiment)
+    while True:
+        time.sleep(0.5)
+        traces = all_traces(uri, experiment)
+        if sum(len(t.data.spans) for t in traces) >= spans_of(calls) or time.monotonic() > deadline:
+            return traces

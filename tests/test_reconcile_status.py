@@ -295,7 +295,9 @@ def test_second_run_on_the_same_state_exits_5_at_once(tmp_path: Path, capture: l
     files = [write_log(tmp_path / "logs" / f"p{i}.jsonl", [r for c in cs[i * 5 : i * 5 + 5] for r in c]) for i in range(3)]
     db = tmp_path / "store.db"
     state = tmp_path / "state"
-    args = ["batch", *map(str, files), "--tracking-uri", f"sqlite:///{db}", "--experiment-name", "locked", "--state-dir", str(state), "-q"]
+    # MLflow's own per-row writer keeps the first run busy long enough to be overlapped.
+    args = ["batch", *map(str, files), "--tracking-uri", f"sqlite:///{db}", "--sql-writer", "mlflow", "--experiment-name", "locked"]
+    args += ["--state-dir", str(state), "-q"]
     first = subprocess.Popen([EXE, *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = time.monotonic()
