@@ -68,6 +68,8 @@ def _options(*opts: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return deco
 
 
+BATCH_HELP = "Traces per write to MLflow. Default: 200 per request to a server, 2000 per transaction into a database."
+
 target_options = _options(
     click.option("--tracking-uri", help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."),
     click.option(
@@ -106,7 +108,7 @@ run_options = _options(
         type=click.Choice(["messages", "responses", "all"]),
         help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
     ),
-    click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow."),
+    click.option("--batch-size", type=int, help=BATCH_HELP),
     click.option(
         "--settle", default=120.0, show_default=True, help="Seconds a call whose last attempt failed is held for its retry or fallback."
     ),
@@ -141,7 +143,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         dry_run=kw.get("dry_run", False),
         quarantine_file=kw.get("quarantine_file") or state_dir / "quarantine.jsonl",
         redact=Redaction.parse(kw.get("redact")),
-        batch_traces=kw.get("batch_size", 200),
+        batch_traces=kw.get("batch_size"),
         mlflow_timeout_s=kw["mlflow_timeout"],
         sql_writer=kw.get("sql_writer", "bulk"),
         state_dir=state_dir,
@@ -315,7 +317,7 @@ class _Progress:
 )
 @click.option("--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go. Default: <state dir>/quarantine.jsonl.")
 @click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow.")
-@click.option("--batch-size", default=200, show_default=True, help="Traces per write to MLflow.")
+@click.option("--batch-size", type=int, help=BATCH_HELP)
 @click.option("--batch-wait", default=0.25, show_default=True, help="Seconds to gather lines after a change before sending.")
 @click.option("--partial-timeout", default=60.0, show_default=True, help="Seconds an unterminated last line may wait for its newline.")
 @click.option("--max-line-bytes", default=4 * 1024 * 1024, show_default=True, help="Longer lines are quarantined, never held in memory.")

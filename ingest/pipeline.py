@@ -32,6 +32,7 @@ from ingest.sources import DEFAULT_CHUNK_BYTES, TAIL_BYTES, Chunk, discover, gzi
 from ingest.spans import BuiltTrace, Redaction, build_traces
 
 DEFAULT_BATCH_TRACES = 200
+DEFAULT_BATCH_TRACES_SQL = 2000
 DEFAULT_PARTIAL_TIMEOUT_S = 300.0
 
 
@@ -125,7 +126,7 @@ class Pipeline:
             quarantine or QuarantineWriter(opts.quarantine_file),
             opts.redact,
             opts.settle_s,
-            opts.batch_traces,
+            opts.batch_traces or (DEFAULT_BATCH_TRACES if target.is_server else DEFAULT_BATCH_TRACES_SQL),
             opts.since_us,
             opts.until_us,
         )
@@ -263,7 +264,7 @@ class RunOptions:
     quarantine_file: Path | None = None
     redact: Redaction = field(default_factory=Redaction)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    batch_traces: int = DEFAULT_BATCH_TRACES
+    batch_traces: int | None = None
     settle_s: float = DEFAULT_SETTLE_S
     mlflow_timeout_s: float = 60.0
     sql_writer: str = "bulk"

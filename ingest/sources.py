@@ -21,7 +21,7 @@ import polars as pl
 from ingest.quarantine import QuarantineRecord, Reason
 
 LOG_NAME = re.compile(r"\.(jsonl|ndjson|json|log)(\.\d+)?(\.gz)?$|\.(jsonl|ndjson|log)[.-][\w.-]*$")
-DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 TAIL_BYTES = 256

@@ -22,9 +22,11 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from ingest.spans import BuiltTrace, SpanData, set_any
@@ -120,6 +122,7 @@ class BulkSpanWriter:
         self.location = location
         self.m = _mlflow_parts()
         self._experiment: Any = None
+        self._parse = functools.lru_cache(maxsize=65536)(self.m._try_parse_json_string) if self.m else None
         self._valid_tag = functools.lru_cache(maxsize=65536)(self.m._validate_trace_tag) if self.m else None
         self._encode = self.m.TraceJSONEncoder(ensure_ascii=store.db_type == self.m.MSSQL).encode if self.m else json.dumps
         table = self.m.SqlTraceInfo.__table__ if self.m else None
@@ -269,8 +272,8 @@ class BulkSpanWriter:
                     "input_cost": m.finite_float_or_none(cost_values.get("input_cost")),
                     "output_cost": m.finite_float_or_none(cost_values.get("output_cost")),
                     "total_cost": m.finite_float_or_none(cost_values.get("total_cost")),
-                    "model_name": m.bounded_model_dimension(m._try_parse_json_string(attrs.get(ak.MODEL))),
-                    "model_provider": m.bounded_model_dimension(m._try_parse_json_string(attrs.get(ak.MODEL_PROVIDER))),
+                    "model_name": m.bounded_model_dimension(self._parse(attrs.get(ak.MODEL))),
+                    "model_provider": m.bounded_model_dimension(self._parse(attrs.get(ak.MODEL_PROVIDER))),
                 }
             )
             if parent_id is None:
@@ -288,7 +291,7 @@ class BulkSpanWriter:
             session_id=session_id or None,
         )
         if root_dict is not None:
-            blank = m.SqlTraceInfo(request_preview=None, response_preview=None)
+            blank = SimpleNamespace(request_preview=None, response_preview=None)
             info.update({col.key: v for col, v in store._update_trace_info_attributes(blank, root_dict).items()})
         if m.TraceTagKey.TRACE_NAME in trace_tags:
             info["trace_name"] = trace_tags[m.TraceTagKey.TRACE_NAME]
@@ -330,10 +333,16 @@ class BulkSpanWriter:
 
     def _attribute(self, value: Any) -> str:
         """``dump_span_attribute_value`` of the value as it comes back from OTLP protobuf."""
-        text = self._encode(value)
         t = type(value)
-        if t is str or t is float or t is bool or (t is int and -(2**63) <= value < 2**63):
-            return text
+        if t is str:
+            return self._encode(value)
+        if t is bool:
+            return "true" if value else "false"
+        if t is int and -(2**63) <= value < 2**63:
+            return int.__repr__(value)
+        if t is float and math.isfinite(value):
+            return float.__repr__(value)
+        text = self._encode(value)
         if (t is dict or t is list) and _LONG_DIGITS.search(text) is None:
             return text
         return self._encode(_wire(value))
@@ -346,7 +355,7 @@ class BulkSpanWriter:
             if not attr_key.startswith(prefix):
                 continue
             try:
-                key, value = self._valid_tag(attr_key[len(prefix) :], str(m._try_parse_json_string(attr_value)))
+                key, value = self._valid_tag(attr_key[len(prefix) :], str(self._parse(attr_value)))
             except Exception:
                 continue
             if key == m.TraceTagKey.TRACE_NAME:
