@@ -21,6 +21,7 @@ import base64
 import contextlib
 import functools
 import json
+import json.encoder
 import logging
 import math
 import re
@@ -122,9 +123,12 @@ class BulkSpanWriter:
         self.location = location
         self.m = _mlflow_parts()
         self._experiment: Any = None
+        self._insert_sql: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
         self._parse = functools.lru_cache(maxsize=65536)(self.m._try_parse_json_string) if self.m else None
         self._valid_tag = functools.lru_cache(maxsize=65536)(self.m._validate_trace_tag) if self.m else None
-        self._encode = self.m.TraceJSONEncoder(ensure_ascii=store.db_type == self.m.MSSQL).encode if self.m else json.dumps
+        ascii_only = bool(self.m) and store.db_type == self.m.MSSQL
+        self._encode = self.m.TraceJSONEncoder(ensure_ascii=ascii_only).encode if self.m else json.dumps
+        self._encode_text = json.encoder.encode_basestring_ascii if ascii_only else json.encoder.encode_basestring
         table = self.m.SqlTraceInfo.__table__ if self.m else None
         self._info_columns = [c.name for c in table.columns if c.server_default is None and c.computed is None] if table is not None else []
 
@@ -192,7 +196,6 @@ class BulkSpanWriter:
         return [t for t in trace_ids if stored[t] != {(r["span_id"], r["content"]) for r in rows[t].spans}]
 
     def _insert(self, session: Any, trace_ids: list[str], rows: dict[str, _TraceRows]) -> None:
-        from sqlalchemy import insert
 
         m = self.m
         if m.rollups_enabled():
@@ -213,8 +216,26 @@ class BulkSpanWriter:
             (m.SqlTraceTag, tags),
         ):
             if table_rows:
-                session.execute(insert(model.__table__), table_rows)
+                self._insert_rows(session, model.__table__, table_rows)
         self.store._advance_db_payload_generations_for_db_span_writes(session, trace_ids)
+
+    def _insert_rows(self, session: Any, table: Any, rows: list[dict[str, Any]]) -> None:
+        """One executemany of the table's INSERT (compiled once by SQLAlchemy from MLflow's model);
+        on SQLite the values go to the driver as they are, skipping SQLAlchemy's per-row processing,
+        which costs as much as SQLite itself here."""
+        from sqlalchemy import insert
+
+        conn = session.connection()
+        columns = tuple(rows[0])
+        if conn.dialect.name != "sqlite" or any(c.default is not None for c in table.columns):
+            session.execute(insert(table), rows)
+            return
+        key = (table.name, columns)
+        if (compiled := self._insert_sql.get(key)) is None:
+            statement = insert(table).compile(dialect=conn.dialect, column_keys=list(columns))
+            compiled = self._insert_sql[key] = (str(statement), tuple(statement.positiontup or ()))
+        sql, order = compiled
+        conn.exec_driver_sql(sql, [tuple(r[c] for c in order) for r in rows])
 
     def _tags(self, trace_id: str, rows: _TraceRows) -> dict[str, str]:
         """In the order ``log_spans`` writes them (a later key wins): artifact location, spans
@@ -335,7 +356,7 @@ class BulkSpanWriter:
         """``dump_span_attribute_value`` of the value as it comes back from OTLP protobuf."""
         t = type(value)
         if t is str:
-            return self._encode(value)
+            return self._encode_text(value)
         if t is bool:
             return "true" if value else "false"
         if t is int and -(2**63) <= value < 2**63:
@@ -418,7 +439,8 @@ def translate_for_storage(span_dict: dict[str, Any], values: dict[str, Any]) -> 
                 json.loads(value)
                 attributes[key] = value
     events = span_dict["events"]
-    if mlflow_type := tr.translate_span_type_from_otel(attributes):
+    # Its result is only used for a span without a type (or UNKNOWN); ours always have one.
+    if values.get(SpanAttributeKey.SPAN_TYPE) in (None, SpanType.UNKNOWN) and (mlflow_type := tr.translate_span_type_from_otel(attributes)):
         current_raw = attributes.get(SpanAttributeKey.SPAN_TYPE)
         current_type = try_json_loads(current_raw) if current_raw else None
         if current_type in (None, SpanType.UNKNOWN):
