@@ -35,7 +35,7 @@ from ingest.spans import BuiltTrace, SpanData, set_any
 log = logging.getLogger(__name__)
 
 TESTED_REVISIONS = frozenset({"dc11669786a5"})  # MLflow 3.17.x
-TESTED_DIALECTS = frozenset({"sqlite"})
+TESTED_DIALECTS = frozenset({"sqlite", "postgresql"})
 
 
 _STORE_METHODS = (

@@ -1,14 +1,14 @@
 """The bulk SQL writer leaves exactly the rows MLflow's own ``log_spans`` leaves.
 
-The same input goes into two fresh SQLite stores, one through ``log_spans`` (``--sql-writer
-mlflow``) and one through the bulk writer; every row of every table must match (experiments
-aside, whose creation times differ), and so must what ``MlflowClient.search_traces`` returns.
+The same input goes into two fresh stores (SQLite files, or databases on a real PostgreSQL),
+one through ``log_spans`` (``--sql-writer mlflow``) and one through the bulk writer; every row of
+every table must match (experiments aside, whose creation times differ), and so must what
+``MlflowClient.search_traces`` returns.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -50,13 +50,33 @@ def ingest(uri: str, paths: list[str], writer: str, **kw: object) -> None:
     assert summary.traces_written > 0
 
 
-def table_rows(db: Path) -> dict[str, list[tuple]]:
-    con = sqlite3.connect(db)
+def table_rows(uri: str) -> dict[str, list[tuple]]:
+    """Every row of every table but experiments, sorted, read with SQLAlchemy (any backend)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(uri)
     try:
-        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'experiments'")]
-        return {t: sorted(con.execute(f"SELECT * FROM {t}"), key=repr) for t in tables}
+        meta = sa.MetaData()
+        meta.reflect(engine)
+        with engine.connect() as conn:
+            return {
+                name: sorted((tuple(r) for r in conn.execute(sa.select(table))), key=repr)
+                for name, table in meta.tables.items()
+                if name != "experiments"
+            }
     finally:
-        con.close()
+        engine.dispose()
+
+
+def scalar(uri: str, sql: str) -> tuple:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(uri)
+    try:
+        with engine.connect() as conn:
+            return tuple(conn.execute(sa.text(sql)).one())
+    finally:
+        engine.dispose()
 
 
 def comparable_traces(uri: str) -> list[dict]:
@@ -68,30 +88,30 @@ def comparable_traces(uri: str) -> list[dict]:
     return sorted(out, key=lambda d: d["info"]["trace_id"])
 
 
-@pytest.fixture
-def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """Two fresh stores of one backend: (for log_spans, for the bulk writer)."""
     monkeypatch.chdir(tmp_path)  # both stores get the same artifact root, hence the same artifact-location tags
-    return tmp_path / "via_log_spans.db", tmp_path / "via_bulk.db"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'via_log_spans.db'}", f"sqlite:///{tmp_path / 'via_bulk.db'}"
+    pg = request.getfixturevalue("postgres")
+    return pg.new_database(), pg.new_database()
 
 
 def test_bulk_writer_leaves_every_row_log_spans_leaves(capture, tmp_path, stores):
     paths = varied_input(capture, tmp_path)
     a, b = stores
-    ingest(f"sqlite:///{a}", paths, "mlflow")
-    ingest(f"sqlite:///{b}", paths, "bulk")
+    ingest(a, paths, "mlflow")
+    ingest(b, paths, "bulk")
     rows_a, rows_b = table_rows(a), table_rows(b)
     assert set(rows_a) == set(rows_b)
     assert len(rows_a["trace_info"]) > 100
-    con = sqlite3.connect(b)
-    filled = con.execute(
-        "SELECT count(session_id), count(total_cost), count(input_tokens), count(request_preview) FROM trace_info"
-    ).fetchone()
-    users = con.execute("SELECT count(*) FROM trace_request_metadata WHERE key = 'mlflow.trace.user'").fetchone()[0]
-    con.close()
-    assert all(filled) and users, (filled, users)
+    filled = scalar(b, "SELECT count(session_id), count(total_cost), count(input_tokens), count(request_preview) FROM trace_info")
+    users = scalar(b, "SELECT count(*) FROM trace_request_metadata WHERE key = 'mlflow.trace.user'")
+    assert all(filled) and all(users), (filled, users)
     for table in rows_a:
         assert rows_a[table] == rows_b[table], table
-    assert comparable_traces(f"sqlite:///{a}") == comparable_traces(f"sqlite:///{b}")
+    assert comparable_traces(a) == comparable_traces(b)
 
 
 def test_bulk_rerun_changes_nothing_but_mlflows_write_counter_as_log_spans_does(capture, tmp_path, stores):
@@ -100,8 +120,8 @@ def test_bulk_rerun_changes_nothing_but_mlflows_write_counter_as_log_spans_does(
     paths = varied_input(capture, tmp_path)
     a, b = stores
     for _ in range(2):
-        ingest(f"sqlite:///{a}", paths, "mlflow")
-        ingest(f"sqlite:///{b}", paths, "bulk")
+        ingest(a, paths, "mlflow")
+        ingest(b, paths, "bulk")
         if _ == 0:
             before = table_rows(b)
     after = table_rows(b)
@@ -111,10 +131,12 @@ def test_bulk_rerun_changes_nothing_but_mlflows_write_counter_as_log_spans_does(
     assert after["trace_info"] != before["trace_info"]
 
 
-def without_generation(db: Path, rows: list[tuple]) -> list[tuple]:
-    con = sqlite3.connect(db)
-    columns = [r[1] for r in con.execute("PRAGMA table_info(trace_info)")]
-    con.close()
+def without_generation(uri: str, rows: list[tuple]) -> list[tuple]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(uri)
+    columns = [c["name"] for c in sa.inspect(engine).get_columns("trace_info")]
+    engine.dispose()
     i = columns.index("db_payload_generation")
     return [r[:i] + r[i + 1 :] for r in rows]
 
@@ -140,11 +162,10 @@ def test_a_changed_resend_of_existing_traces_matches_log_spans(capture, tmp_path
     leaves both stores alike, and different from the first write."""
     logs = write_log(tmp_path / "logs" / "calls.jsonl", reidentify(capture, past_shift(capture), "resend"))
     a, b = stores
-    uri_a, uri_b = f"sqlite:///{a}", f"sqlite:///{b}"
-    _write_both(uri_a, uri_b, [str(logs)], Redaction())
+    _write_both(a, b, [str(logs)], Redaction())
     first = table_rows(b)
     assert first == table_rows(a)
-    _write_both(uri_a, uri_b, [str(logs)], Redaction(messages=True))
+    _write_both(a, b, [str(logs)], Redaction(messages=True))
     assert table_rows(b) == table_rows(a)
     assert table_rows(b)["spans"] != first["spans"]
 
@@ -157,13 +178,13 @@ def test_untested_schema_or_dialect_falls_back_to_log_spans_with_one_warning(cap
     _, b = stores
     logs = write_log(tmp_path / "logs" / "calls.jsonl", reidentify(capture, past_shift(capture), "fallback"))
     with caplog.at_level(logging.WARNING, logger="ingest.sink"):
-        ingest(f"sqlite:///{b}", [str(logs)], "bulk", batch_traces=5)
+        ingest(b, [str(logs)], "bulk", batch_traces=5)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "log_spans" in warnings[0], warnings
-    assert len(all_traces(f"sqlite:///{b}", EXPERIMENT, include_spans=False)) == len({r["litellm_call_id"] for r in capture})
+    assert len(all_traces(b, EXPERIMENT, include_spans=False)) == len({r["litellm_call_id"] for r in capture})
 
 
-def test_store_sink_uses_bulk_writer_on_the_tested_store(sqlite_uri):
-    target: Target = resolve_target(sqlite_uri, EXPERIMENT, None)
+def test_store_sink_uses_bulk_writer_on_the_tested_stores(stores):
+    target: Target = resolve_target(stores[1], EXPERIMENT, None)
     assert StoreSink(target).bulk is not None
     assert StoreSink(target, writer="mlflow").bulk is None
