@@ -275,9 +275,6 @@ class RunOptions:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-BatchOptions = RunOptions
-
-
 def open_target(opts: RunOptions) -> tuple[Target, Sink]:
     uri = tracking_uri_from(opts.tracking_uri)
     name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.pipeline import BatchOptions, run_batch
+from ingest.pipeline import RunOptions, run_batch
 from tests.conftest import SAMPLE_LOGS, all_traces, client_for
 
 
@@ -40,7 +40,7 @@ def by_call_id(traces: list) -> dict[str, object]:
 
 def ingest(uri: str, experiment: str, tmp_path: Path, paths: list[str] | None = None):  # type: ignore[no-untyped-def]
     return run_batch(
-        BatchOptions(
+        RunOptions(
             paths=paths or [str(SAMPLE_LOGS)],
             tracking_uri=uri,
             experiment_name=experiment,
@@ -186,7 +186,7 @@ def test_existing_experiment_id_is_used_and_trace_readable_by_get_trace(mlflow_s
     client = client_for(mlflow_server.url)
     exp_id = client.create_experiment("by-id-target")
     s = run_batch(
-        BatchOptions(
+        RunOptions(
             paths=[str(SAMPLE_LOGS / "proxy_calls.jsonl")],
             tracking_uri=mlflow_server.url,
             experiment_id=exp_id,
