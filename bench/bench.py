@@ -302,7 +302,11 @@ def main() -> None:
     if not args.skip_server:
         server, url = start_server(work)
         try:
-            t, rss, _ = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", url, str(path)], env)
+            before, n_ceiling = server_ceiling(url, path)
+            t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", url, str(path)], env)
+            after, _ = server_ceiling(url, path)
+            ceiling = (before + after) / 2
+            in_run = json.loads(out)["seconds"]
             rows.append(
                 (
                     f"ours, batch into mlflow server (OTLP), {calls} calls",
@@ -312,11 +316,30 @@ def main() -> None:
                     f"{calls / t:,.1f}",
                 )
             )
-            server_tps = calls / t
-            ceiling, n_ceiling = server_ceiling(url, path)
-            rows.append((f"server's own OTLP ceiling (pre-encoded, tight loop), {n_ceiling} traces", "-", "-", "-", f"{ceiling:,.1f}"))
+            rows.append(
+                (
+                    f"  same run, without process start-up ({t - in_run:.1f} s of imports)",
+                    f"{recs / in_run:,.0f}",
+                    "-",
+                    "-",
+                    f"{calls / in_run:,.1f}",
+                )
+            )
+            server_tps = calls / in_run
+            rows.append(
+                (
+                    f"server's own OTLP ceiling (pre-encoded, tight loop), {n_ceiling} traces, before/after ours",
+                    "-",
+                    "-",
+                    "-",
+                    f"{before:,.1f} / {after:,.1f}",
+                )
+            )
             share = 100 * server_tps / ceiling
-            ceiling_line = f"server: ours {server_tps:,.1f} traces/s = {share:.0f}% of the server's own ceiling ({ceiling:,.1f}/s)"
+            ceiling_line = (
+                f"server: ours {server_tps:,.1f} traces/s (start-up excluded, as in the ceiling; {calls / t:,.1f} with it) "
+                f"= {share:.0f}% of the server's own ceiling ({ceiling:,.1f}/s, mean of before and after)"
+            )
             if not args.skip_tail:
                 p50, p95, n_lat = tail_latency(url, work, args.tail_rate, args.tail_seconds)
                 rows.append((f"tail: append -> visible in MLflow, {n_lat} calls at {args.tail_rate:g}/s", "-", "-", "-", "-"))

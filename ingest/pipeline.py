@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -232,17 +233,29 @@ class Pipeline:
         return inside
 
     def _emit(self, ready: pl.DataFrame) -> None:
+        """Build and send in batches, a few in flight (building the next overlaps sending the last);
+        returns once every batch is acknowledged, or raises the first failure after all settled."""
+        sent: list[tuple[list[BuiltTrace], Future[int]]] = []
         batch: list[BuiltTrace] = []
-        for trace in build_traces(ready, self.experiment_id, self.redact):
-            batch.append(trace)
-            if len(batch) >= self.batch_traces:
-                self._write(batch)
-                batch = []
-        if batch:
-            self._write(batch)
+        try:
+            for trace in build_traces(ready, self.experiment_id, self.redact):
+                batch.append(trace)
+                if len(batch) >= self.batch_traces:
+                    sent.append((batch, self.sink.submit(batch)))
+                    batch = []
+            if batch:
+                sent.append((batch, self.sink.submit(batch)))
+        finally:
+            failure: BaseException | None = None
+            for written, future in sent:
+                try:
+                    self._account(written, future.result())
+                except BaseException as e:
+                    failure = failure or e
+            if failure is not None:
+                raise failure
 
-    def _write(self, batch: list[BuiltTrace]) -> None:
-        spans = self.sink.write(batch)
+    def _account(self, batch: list[BuiltTrace], spans: int) -> None:
         s = self.summary
         s.calls += len(batch)
         if not isinstance(self.sink, NullSink):

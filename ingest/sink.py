@@ -18,6 +18,7 @@ import gzip
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -55,6 +56,10 @@ class Target:
 
 class Sink(Protocol):
     def write(self, traces: list[BuiltTrace]) -> int: ...
+
+    def submit(self, traces: list[BuiltTrace]) -> Future[int]:
+        """Start writing; the future resolves to the spans written once MLflow acknowledged them."""
+        ...
 
     def delete(self, trace_ids: list[str]) -> None: ...
 
@@ -216,13 +221,30 @@ def otlp_request(traces: list[BuiltTrace]) -> ExportTraceServiceRequest:
     return req
 
 
+class _Synchronous:
+    def submit(self, traces: list[BuiltTrace]) -> Future[int]:
+        done: Future[int] = Future()
+        try:
+            done.set_result(self.write(traces))  # type: ignore[attr-defined]
+        except Exception as e:
+            done.set_exception(e)
+        return done
+
+
 class OtlpSink:
-    """POST gzip'd OTLP protobuf batches to an MLflow server."""
+    """POST gzip'd OTLP protobuf batches to an MLflow server, ``IN_FLIGHT`` requests at a time so
+    that building the next batch overlaps the server's work on the last one."""
+
+    IN_FLIGHT = 2
 
     def __init__(self, target: Target, deadline_s: float = 300.0) -> None:
         self.target = target
         self.http = _Http(target.tracking_uri, timeout_s=120.0)
         self.deadline_s = deadline_s
+        self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
+
+    def submit(self, traces: list[BuiltTrace]) -> Future[int]:
+        return self._senders.submit(self.write, traces)
 
     def write(self, traces: list[BuiltTrace]) -> int:
         if not traces:
@@ -258,6 +280,7 @@ class OtlpSink:
             raise SinkError(f"deleting traces on {self.target.tracking_uri} failed: {_short(e)}") from e
 
     def close(self) -> None:
+        self._senders.shutdown(wait=True)
         self.http.session.close()
 
 
@@ -271,7 +294,7 @@ def _transient_db(e: Exception) -> bool:
     return "database is locked" in text or "could not connect" in text or "connection refused" in text or "deadlock" in text
 
 
-class StoreSink:
+class StoreSink(_Synchronous):
     """Write into a database MLflow store: by default with the bulk writer (``sql_bulk``), which
     leaves the rows MLflow's own ``log_spans`` would; ``writer="mlflow"`` (or a store the bulk
     writer was not tested on) uses ``log_spans`` itself, the server's path minus HTTP."""
@@ -324,7 +347,7 @@ class StoreSink:
         pass
 
 
-class NullSink:
+class NullSink(_Synchronous):
     """--dry-run: everything is built, nothing is written."""
 
     def write(self, traces: list[BuiltTrace]) -> int:
