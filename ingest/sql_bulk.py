@@ -40,7 +40,6 @@ TESTED_DIALECTS = frozenset({"sqlite", "postgresql"})
 
 _STORE_METHODS = (
     "_advance_db_payload_generations_for_db_span_writes",
-    "_get_trace_status_from_root_span",
     "_update_trace_info_attributes",
     "_get_trace_artifact_location_tag",
     "_run_with_deadlock_retry",
@@ -82,6 +81,7 @@ def _mlflow_parts() -> Any:
         "enqueue_rollup_rebuild_partitions",
         "_bulk_upsert",
         "MLFLOW_ARTIFACT_LOCATION",
+        "SqlAlchemyStore",
         "RollupFamily",
     )
     if not all(hasattr(store_module, name) for name in needed):
@@ -122,15 +122,9 @@ class BulkSpanWriter:
         self.store = store
         self.location = location
         self.m = _mlflow_parts()
-        self._experiment: Any = None
         self._insert_sql: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
-        self._parse = functools.lru_cache(maxsize=65536)(self.m._try_parse_json_string) if self.m else None
-        self._valid_tag = functools.lru_cache(maxsize=65536)(self.m._validate_trace_tag) if self.m else None
-        ascii_only = bool(self.m) and store.db_type == self.m.MSSQL
-        self._encode = self.m.TraceJSONEncoder(ensure_ascii=ascii_only).encode if self.m else json.dumps
-        self._encode_text = json.encoder.encode_basestring_ascii if ascii_only else json.encoder.encode_basestring
-        table = self.m.SqlTraceInfo.__table__ if self.m else None
-        self._info_columns = [c.name for c in table.columns if c.server_default is None and c.computed is None] if table is not None else []
+        artifact_location = store.get_experiment(location).artifact_location
+        self.deriver = RowDeriver(location, artifact_location, ascii_only=store.db_type == self.m.MSSQL)
 
     def write(self, traces: list[BuiltTrace]) -> None:
         if not traces:
@@ -147,7 +141,7 @@ class BulkSpanWriter:
         m = self.m
         by_id = {t.trace_id: t for t in traces}
         trace_ids = list(by_id)
-        rows = {tid: self._derive(by_id[tid]) for tid in trace_ids}
+        rows = {tid: by_id[tid].derived or self.deriver.derive(by_id[tid]) for tid in trace_ids}
         existing: set[str] = set()
         new_ids: list[str] = []
         try:
@@ -176,10 +170,7 @@ class BulkSpanWriter:
         m = self.m
         self.store._advance_db_payload_generations_for_db_span_writes(session, trace_ids)
         tags = [
-            {"request_id": t, "key": k, "value": v}
-            for t in trace_ids
-            for k, v in self._tags(t, rows[t]).items()
-            if k != m.MLFLOW_ARTIFACT_LOCATION
+            {"request_id": t, "key": k, "value": v} for t in trace_ids for k, v in rows[t].tags.items() if k != m.MLFLOW_ARTIFACT_LOCATION
         ]
         m._bulk_upsert(session, m.SqlTraceTag, tags)
 
@@ -207,7 +198,7 @@ class BulkSpanWriter:
                 partitions += [(family, exp, [ts, ts]) for family in (m.RollupFamily.TRACE_METRIC, m.RollupFamily.ASSESSMENT)]
                 partitions += [(m.RollupFamily.SPAN_COST, exp, [int(s["start_time_unix_nano"]) // 1_000_000]) for s in r.spans]
             m.enqueue_rollup_rebuild_partitions(session, partitions)
-        tags = [{"request_id": t, "key": k, "value": v} for t in trace_ids for k, v in self._tags(t, rows[t]).items()]
+        tags = [{"request_id": t, "key": k, "value": v} for t in trace_ids for k, v in rows[t].tags.items()]
         metadata = [{"request_id": t, "key": k, "value": v} for t in trace_ids for k, v in sorted(rows[t].metadata.items())]
         for model, table_rows in (
             (m.SqlTraceInfo, [rows[t].info for t in trace_ids]),
@@ -237,21 +228,35 @@ class BulkSpanWriter:
         sql, order = compiled
         conn.exec_driver_sql(sql, [tuple(r[c] for c in order) for r in rows])
 
-    def _tags(self, trace_id: str, rows: _TraceRows) -> dict[str, str]:
-        """In the order ``log_spans`` writes them (a later key wins): artifact location, spans
-        location, resource attributes, then the root span's ``mlflow.traceTag.*``."""
-        m = self.m
-        if self._experiment is None:
-            self._experiment = self.store.get_experiment(self.location)
-        artifact = self.store._get_trace_artifact_location_tag(self._experiment, trace_id)
-        tags = {artifact.key: artifact.value, m.TraceTagKey.SPANS_LOCATION: m.SpansLocation.TRACKING_STORE.value}
-        tags.update(rows.resource_tags)
-        tags.update({k: v for k, v in rows.trace_tags.items() if k != m.TraceTagKey.TRACE_NAME})
-        return tags
 
-    def _derive(self, trace: BuiltTrace) -> _TraceRows:
+class RowDeriver:
+    """The store-free half of the bulk writer: a built trace -> every row ``log_spans`` would leave
+    for it. Pickles to its settings, so worker processes can derive rows in parallel."""
+
+    def __init__(self, location: str, artifact_location: str, ascii_only: bool = False) -> None:
+        self.location, self.artifact_location, self.ascii_only = location, artifact_location, ascii_only
+        self._setup()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"location": self.location, "artifact_location": self.artifact_location, "ascii_only": self.ascii_only}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def _setup(self) -> None:
+        m = self.m = _mlflow_parts()
+        self._parse = functools.lru_cache(maxsize=65536)(m._try_parse_json_string)
+        self._valid_tag = functools.lru_cache(maxsize=65536)(m._validate_trace_tag)
+        self._encode = m.TraceJSONEncoder(ensure_ascii=self.ascii_only).encode
+        self._encode_text = json.encoder.encode_basestring_ascii if self.ascii_only else json.encoder.encode_basestring
+        table = m.SqlTraceInfo.__table__
+        self._info_columns = [c.name for c in table.columns if c.server_default is None and c.computed is None]
+        self._experiment = SimpleNamespace(artifact_location=self.artifact_location)
+
+    def derive(self, trace: BuiltTrace) -> _TraceRows:
         """Every row a new trace ends with, computed as ``_log_spans_once`` computes it."""
-        m, store = self.m, self.store
+        m = self.m
         ak = m.SpanAttributeKey
         trace_id = trace.trace_id
         spans = trace.data
@@ -313,7 +318,8 @@ class BulkSpanWriter:
         )
         if root_dict is not None:
             blank = SimpleNamespace(request_preview=None, response_preview=None)
-            info.update({col.key: v for col, v in store._update_trace_info_attributes(blank, root_dict).items()})
+            previews = m.SqlAlchemyStore._update_trace_info_attributes(None, blank, root_dict)
+            info.update({col.key: v for col, v in previews.items()})
         if m.TraceTagKey.TRACE_NAME in trace_tags:
             info["trace_name"] = trace_tags[m.TraceTagKey.TRACE_NAME]
         usage = m.aggregate_usage_from_span_nodes(usage_nodes) or {}
@@ -325,7 +331,7 @@ class BulkSpanWriter:
             if (value := m.finite_float_or_none(cost.get(key))) is not None:
                 info[column] = value
         metadata = {m.TraceMetadataKey.TRACE_USER: user_id} if user_id else {}
-        return _TraceRows(info, span_rows, trace_tags, {}, metadata)
+        return _TraceRows(info, span_rows, self._tags(trace_id, trace_tags), metadata)
 
     def _stored_dict(self, span: SpanData, request_id: str) -> dict[str, Any]:
         """``translate_span_when_storing(Span.from_otel_proto(span.to_otlp()))`` without the protobuf
@@ -384,6 +390,15 @@ class BulkSpanWriter:
             tags[key] = value
         return tags
 
+    def _tags(self, trace_id: str, trace_tags: dict[str, str]) -> dict[str, str]:
+        """In the order ``log_spans`` writes them (a later key wins): artifact location, spans
+        location, resource attributes (none here), then the root span's ``mlflow.traceTag.*``."""
+        m = self.m
+        artifact = m.SqlAlchemyStore._get_trace_artifact_location_tag(None, self._experiment, trace_id)
+        tags = {artifact.key: artifact.value, m.TraceTagKey.SPANS_LOCATION: m.SpansLocation.TRACKING_STORE.value}
+        tags.update({k: v for k, v in trace_tags.items() if k != m.TraceTagKey.TRACE_NAME})
+        return tags
+
 
 def _mlflow_spans(traces: list[BuiltTrace]) -> list[Any]:
     from mlflow.entities.span import Span
@@ -417,8 +432,7 @@ def _wire(value: Any) -> Any:
 class _TraceRows:
     info: dict[str, Any]
     spans: list[dict[str, Any]]
-    trace_tags: dict[str, str]
-    resource_tags: dict[str, str]
+    tags: dict[str, str]
     metadata: dict[str, str]
 
 
