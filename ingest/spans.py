@@ -106,7 +106,6 @@ class BuiltTrace:
     start_us: int
     end_us: int
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    derived: Any = field(default=None, repr=False)
     _otlp: list[OtlpSpan] | None = field(default=None, repr=False)
 
     @property

@@ -8,11 +8,13 @@ aggregation, previews, tag validation), then inserts trace_info, trace_tags,
 trace_request_metadata and spans with a few multi-row statements in one transaction, on MLflow's
 own table models.
 
-Traces that already exist take MLflow's own path: an identical re-send is skipped (MLflow would
-change nothing), anything else goes through ``log_spans``, whose merge rules for a trace it
-already holds are the contract. The derivation leans on MLflow internals, so it is used only on
-the schema revision and dialects it was tested against (``test_sql_bulk.py`` compares every row
-with ``log_spans``); anything else falls back to ``log_spans`` with one warning.
+Traces that already exist take MLflow's own path: an identical re-send gets what ``log_spans``
+gives one (its write counter bumped, the tags merged again), anything else goes through
+``log_spans``, whose merge rules for a trace it already holds are the contract.
+
+The derivation leans on MLflow internals, so it is used only on the schema revision and dialects
+it was tested against (``test_sql_bulk.py`` compares every row with ``log_spans``, on SQLite and
+PostgreSQL); anything else falls back to ``log_spans`` with one warning.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ TESTED_REVISIONS = frozenset({"dc11669786a5"})  # MLflow 3.17.x
 TESTED_DIALECTS = frozenset({"sqlite", "postgresql"})
 
 
+_TRANSLATION_STEPS = (
+    "translate_span_type_from_otel",
+    "_get_input_value",
+    "_get_output_value",
+    "_get_token_usage",
+    "_get_message_format",
+    "_get_tool_definitions",
+    "_get_model_name",
+    "_get_model_provider",
+)
 _STORE_METHODS = (
     "_advance_db_payload_generations_for_db_span_writes",
     "_update_trace_info_attributes",
@@ -101,7 +113,9 @@ def schema_revision(store: Any) -> str | None:
 
 def unsupported_reason(store: Any) -> str | None:
     """Why the bulk path must not be used on this store (None: it may)."""
-    if _mlflow_parts() is None:
+    from mlflow.tracing.otel import translation
+
+    if _mlflow_parts() is None or not all(hasattr(translation, f) for f in _TRANSLATION_STEPS):
         return "this MLflow lacks internals the bulk writer derives rows with"
     dialect = store.engine.dialect.name
     if dialect not in TESTED_DIALECTS:
@@ -141,7 +155,7 @@ class BulkSpanWriter:
         m = self.m
         by_id = {t.trace_id: t for t in traces}
         trace_ids = list(by_id)
-        rows = {tid: by_id[tid].derived or self.deriver.derive(by_id[tid]) for tid in trace_ids}
+        rows = {tid: self.deriver.derive(by_id[tid]) for tid in trace_ids}
         existing: set[str] = set()
         new_ids: list[str] = []
         try:
@@ -187,7 +201,6 @@ class BulkSpanWriter:
         return [t for t in trace_ids if stored[t] != {(r["span_id"], r["content"]) for r in rows[t].spans}]
 
     def _insert(self, session: Any, trace_ids: list[str], rows: dict[str, _TraceRows]) -> None:
-
         m = self.m
         if m.rollups_enabled():
             partitions: list[Any] = []
@@ -231,20 +244,10 @@ class BulkSpanWriter:
 
 class RowDeriver:
     """The store-free half of the bulk writer: a built trace -> every row ``log_spans`` would leave
-    for it. Pickles to its settings, so worker processes can derive rows in parallel."""
+    for it (no database access, so it is testable and movable on its own)."""
 
     def __init__(self, location: str, artifact_location: str, ascii_only: bool = False) -> None:
         self.location, self.artifact_location, self.ascii_only = location, artifact_location, ascii_only
-        self._setup()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"location": self.location, "artifact_location": self.artifact_location, "ascii_only": self.ascii_only}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._setup()
-
-    def _setup(self) -> None:
         m = self.m = _mlflow_parts()
         self._parse = functools.lru_cache(maxsize=65536)(m._try_parse_json_string)
         self._valid_tag = functools.lru_cache(maxsize=65536)(m._validate_trace_tag)
