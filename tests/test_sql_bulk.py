@@ -188,3 +188,18 @@ def test_store_sink_uses_bulk_writer_on_the_tested_stores(stores):
     target: Target = resolve_target(stores[1], EXPERIMENT, None)
     assert StoreSink(target).bulk is not None
     assert StoreSink(target, writer="mlflow").bulk is None
+
+
+def test_with_sql_trace_rollups_on_the_rebuild_queue_matches_log_spans_too(capture, tmp_path, monkeypatch):
+    """MLflow's opt-in rollups: the bulk writer queues the same partition rebuilds ``log_spans`` does."""
+    monkeypatch.setenv("MLFLOW_SQL_TRACE_ROLLUPS_ENABLED", "true")
+    monkeypatch.chdir(tmp_path)
+    a, b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    logs = write_log(tmp_path / "logs" / "calls.jsonl", reidentify(capture, past_shift(capture), "rollups"))
+    ingest(a, [str(logs)], "mlflow")
+    ingest(b, [str(logs)], "bulk")
+    rows_a, rows_b = table_rows(a), table_rows(b)
+    queued = [t for t in rows_b if "rollup" in t and rows_b[t]]
+    assert queued, sorted(rows_b)
+    for table in rows_a:
+        assert rows_a[table] == rows_b[table], table
