@@ -80,6 +80,15 @@ def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[fl
     return seconds, usage.ru_maxrss // 1024, out.decode()
 
 
+def measured(label: str, recs: int, calls: int, mb: float, t: float, rss: int, in_run: float | None = None) -> list[tuple[str, ...]]:
+    """A table row for a whole-process run, and with ``in_run`` (the run's own seconds) one without Python start-up."""
+    rows = [(label, f"{recs / t:,.0f}", f"{mb / t:,.1f}", f"{rss}", f"{calls / t:,.1f}")]
+    if in_run:
+        label = f"  same run, without process start-up ({t - in_run:.1f} s of imports)"
+        rows.append((label, f"{recs / in_run:,.0f}", "-", "-", f"{calls / in_run:,.1f}"))
+    return rows
+
+
 def orjson_loop(path: Path) -> float:
     start = time.monotonic()
     with path.open("rb") as f:
@@ -255,24 +264,7 @@ def main() -> None:
     t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{work / 'bench.db'}", str(path)], env)
     sqlite_tps = calls / t
     in_run = json.loads(out)["seconds"]
-    rows.append(
-        (
-            f"ours, batch into local SQLite (bulk writer), {recs} records / {calls} calls",
-            f"{recs / t:,.0f}",
-            f"{mb / t:,.1f}",
-            f"{rss}",
-            f"{sqlite_tps:,.1f}",
-        )
-    )
-    rows.append(
-        (
-            f"  same run, without process start-up ({t - in_run:.1f} s of imports)",
-            f"{recs / in_run:,.0f}",
-            "-",
-            "-",
-            f"{calls / in_run:,.1f}",
-        )
-    )
+    rows += measured(f"ours, batch into local SQLite (bulk writer), {recs} records / {calls} calls", recs, calls, mb, t, rss, in_run)
 
     slow = work / "slow-input.jsonl"
     recs, calls = generate(slow, args.slow_records)
@@ -280,15 +272,7 @@ def main() -> None:
     t, rss, _ = run_measured(
         [EXE, "batch", "--no-state", "--json", "--sql-writer", "mlflow", "--tracking-uri", f"sqlite:///{work / 'slow.db'}", str(slow)], env
     )
-    rows.append(
-        (
-            f"ours, batch into local SQLite via MLflow's log_spans, {recs} records / {calls} calls",
-            f"{recs / t:,.0f}",
-            f"{mb / t:,.1f}",
-            f"{rss}",
-            f"{calls / t:,.1f}",
-        )
-    )
+    rows += measured(f"ours, batch into local SQLite via MLflow's log_spans, {recs} records / {calls} calls", recs, calls, mb, t, rss)
     path = slow
 
     callback_tps = None
@@ -307,24 +291,7 @@ def main() -> None:
             after, _ = server_ceiling(url, path)
             ceiling = (before + after) / 2
             in_run = json.loads(out)["seconds"]
-            rows.append(
-                (
-                    f"ours, batch into mlflow server (OTLP), {calls} calls",
-                    f"{recs / t:,.0f}",
-                    f"{mb / t:,.1f}",
-                    f"{rss}",
-                    f"{calls / t:,.1f}",
-                )
-            )
-            rows.append(
-                (
-                    f"  same run, without process start-up ({t - in_run:.1f} s of imports)",
-                    f"{recs / in_run:,.0f}",
-                    "-",
-                    "-",
-                    f"{calls / in_run:,.1f}",
-                )
-            )
+            rows += measured(f"ours, batch into mlflow server (OTLP), {calls} calls", recs, calls, mb, t, rss, in_run)
             server_tps = calls / in_run
             rows.append(
                 (

@@ -256,6 +256,17 @@ def postgres() -> Iterator[Postgres]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def sqlite_trace_count(db: Path) -> int:
+    """Rows in a SQLite store's trace table, read-only (what has been committed so far)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5) as con:
+            return int(con.execute("SELECT COUNT(*) FROM trace_info").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 @pytest.fixture
 def sqlite_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"

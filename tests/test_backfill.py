@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import all_traces, copies, reidentify, spans_ingested, write_jsonl, write_log
+from tests.conftest import all_traces, copies, reidentify, spans_ingested, sqlite_trace_count, write_jsonl, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -113,15 +112,6 @@ def trace_infos(uri: str, experiment_name: str) -> list:
 
 def call_ids(infos: list) -> list[str]:
     return [t.info.tags.get("litellm.call_id") for t in infos]
-
-
-def sqlite_trace_count(db: Path) -> int:
-    """Rows in the store's trace table, read-only (what has been committed so far)."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5) as con:
-            return int(con.execute("SELECT COUNT(*) FROM trace_info").fetchone()[0])
-    except sqlite3.Error:
-        return 0
 
 
 def summary_of(proc: subprocess.CompletedProcess) -> dict:

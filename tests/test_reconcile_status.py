@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import all_traces, client_for, copies, reidentify, write_log
+from tests.conftest import all_traces, client_for, copies, reidentify, sqlite_trace_count, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -302,7 +301,7 @@ def test_second_run_on_the_same_state_exits_5_at_once(tmp_path: Path, capture: l
     try:
         started = time.monotonic()
         # Writing has begun, so the first run holds its lock.
-        while first.poll() is None and _traces_committed(db) == 0:
+        while first.poll() is None and sqlite_trace_count(db) == 0:
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()
         t0 = time.monotonic()
@@ -325,11 +324,3 @@ def test_second_run_on_the_same_state_exits_5_at_once(tmp_path: Path, capture: l
     assert lines[0].startswith("litellm-ingest: error: ") and str(locks[0]) in lines[0], lines[0]
     assert f"pid {first.pid}" in lines[0], lines[0]
     assert second.stdout == ""
-
-
-def _traces_committed(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5) as con:
-            return int(con.execute("SELECT COUNT(*) FROM trace_info").fetchone()[0])
-    except sqlite3.Error:
-        return 0
