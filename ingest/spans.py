@@ -2,8 +2,9 @@
 
 Input is the deduped canonical frame, sorted by call then attempt start. This is the one place
 that walks rows in Python: each record's nested payload (messages, response, parameters) is read
-from its raw line here, and turned into OTLP protobuf spans, the format both sinks take (the
-server's ``/v1/traces`` and MLflow's own ``Span.from_otel_proto`` -> ``log_spans``), so the two
+from its raw line here, and turned into encoding-neutral ``SpanData``. The sinks encode it: OTLP
+protobuf for a server's ``/v1/traces`` (and for MLflow's own ``log_spans`` via
+``Span.from_otel_proto``), or the stored JSON for the bulk SQL writer; tests check that all three
 paths store the same thing.
 """
 

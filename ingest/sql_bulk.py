@@ -69,7 +69,6 @@ def _mlflow_parts() -> Any:
         "SqlTraceMetadata",
         "SqlSpan",
         "TraceJSONEncoder",
-        "translate_span_when_storing",
         "_span_aggregation_node",
         "aggregate_usage_from_span_nodes",
         "aggregate_cost_from_span_nodes",
@@ -168,10 +167,9 @@ class BulkSpanWriter:
             log.info("a trace of this batch appeared concurrently; writing the batch through log_spans")
             self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in new_ids]))
         if existing:
-            changed = self._changed(sorted(existing), rows)
+            # With rollups on, log_spans also queues rebuilds for a re-send: leave all of them to it.
+            changed = sorted(existing) if m.rollups_enabled() else self._changed(sorted(existing), rows)
             same = [t for t in sorted(existing) if t not in set(changed)]
-            if m.rollups_enabled():
-                changed, same = sorted(existing), []
             if same:
                 with self.store.ManagedSessionMaker(read_only=False) as session:
                     self._resend_unchanged(session, same, rows)
