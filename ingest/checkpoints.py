@@ -3,8 +3,11 @@
 One versioned JSON document per (mode, destination), written Vector-style: to a tmp file,
 fsync'd, renamed over the stable file, so a crash leaves one whole state; a surviving tmp file
 is preferred on load if it is complete. A checkpoint names, for a file fingerprint, the byte
-after the last line whose records MLflow acknowledged, plus the few earlier lines still held
-back (calls waiting for a retry/fallback); those are re-read first on the next run.
+after the last line that was fully handled. The lines of calls MLflow has not acknowledged yet
+(held for a retry or fallback, or in flight when the run stopped) are kept in the same document
+by content, with the file, line and offset they came from: a rotation that renames, compresses,
+truncates or deletes their file cannot take them away, and they are fed first on the next run.
+Version 1 named held lines by offset only; it is read and upgraded.
 
 A lock file (``flock``) keeps two runs of the same state from working at once.
 """
@@ -22,7 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 def now_iso() -> str:
@@ -35,11 +39,11 @@ class Checkpoint:
     path: str
     offset: int = 0
     line: int = 1
-    held: list[tuple[int, int]] = field(default_factory=list)
     size: int | None = None
     updated_at: str | None = None
     done: bool = False
     tail: str | None = None
+    legacy_held: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Checkpoint:
@@ -48,12 +52,23 @@ class Checkpoint:
             path=d["path"],
             offset=int(d.get("offset", 0)),
             line=int(d.get("line", 1)),
-            held=[(int(o), int(n)) for o, n in d.get("held", [])],
+            legacy_held=[(int(o), int(n)) for o, n in d.get("held", [])],
             size=d.get("size"),
             updated_at=d.get("updated_at"),
             done=bool(d.get("done", False)),
             tail=d.get("tail"),
         )
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.legacy_held:
+            del d["legacy_held"]
+        else:
+            d["held"] = d.pop("legacy_held")
+        return d
+
+
+HELD_FIELDS = ("file", "source", "line", "offset", "raw")
 
 
 class LockedError(Exception):
@@ -68,6 +83,8 @@ class State:
     mode: str
     destination: dict[str, Any]
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
+    held: list[dict[str, Any]] = field(default_factory=list)
+    recent: list[dict[str, Any]] = field(default_factory=list)
     last_run: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -78,19 +95,26 @@ class State:
         for d in doc.get("checkpoints", []):
             ck = Checkpoint.from_dict(d)
             state.checkpoints[ck.fingerprint] = ck
+        state.held = [h for h in doc.get("held", []) if _is_line(h)]
+        state.recent = [h for h in doc.get("recent", []) if _is_line(h)]
         state.last_run = doc.get("last_run", {})
         state.extra = doc.get("extra", {})
         return state
 
-    def save(self) -> None:
-        doc = {
+    def document(self) -> dict[str, Any]:
+        return {
             "version": STATE_VERSION,
             "mode": self.mode,
             "destination": self.destination,
-            "checkpoints": [asdict(c) for c in self.checkpoints.values()],
+            "checkpoints": [c.as_dict() for c in self.checkpoints.values()],
+            "held": self.held,
+            "recent": self.recent,
             "last_run": self.last_run,
             "extra": self.extra,
         }
+
+    def save(self) -> None:
+        doc = self.document()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with open(tmp, "w") as f:
@@ -129,9 +153,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+    if not isinstance(doc, dict) or doc.get("version") not in READ_VERSIONS:
         return None
     return doc
+
+
+def _is_line(h: Any) -> bool:
+    return isinstance(h, dict) and all(k in h for k in HELD_FIELDS)
 
 
 def destination_key(tracking_uri: str, experiment_id: str) -> dict[str, Any]:

@@ -362,6 +362,9 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     states = all_states(state_dir)
     rows = []
     for st in states:
+        held: dict[str, int] = {}
+        for h in st.get("held", []):
+            held[h.get("file")] = held.get(h.get("file"), 0) + 1
         for ck in st.get("checkpoints", []):
             p = Path(ck["path"])
             size = p.stat().st_size if p.exists() else None
@@ -375,7 +378,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                     "offset": ck["offset"],
                     "size": size,
                     "lag_bytes": lag,
-                    "held_lines": len(ck.get("held", [])),
+                    "held_lines": held.get(ck["fingerprint"], 0) + len(ck.get("held", [])),
                     "updated_at": ck.get("updated_at"),
                     "exists": size is not None,
                 }

@@ -10,7 +10,6 @@ line yet has no fingerprint and is left for later.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 from pathlib import Path
 from typing import BinaryIO
@@ -42,25 +41,3 @@ def fingerprint_of(f: BinaryIO) -> str | None:
 
 def tail_digest(data: bytes) -> str:
     return hashlib.sha256(data[-TAIL_BYTES:]).hexdigest()[:16]
-
-
-def tail_check(path: Path, offset: int) -> str | None:
-    """Checksum of the (uncompressed) bytes just before ``offset``, to tell apart two files that
-    share a first line (copies that diverge): a checkpoint is a file's only if these bytes match."""
-    if offset <= 0:
-        return None
-    start = max(0, offset - TAIL_BYTES)
-    try:
-        with open_log(path) as f:
-            if isinstance(f, gzip.GzipFile):
-                remaining = start
-                while remaining > 0 and (got := f.read(min(remaining, 1 << 20))):
-                    remaining -= len(got)
-            else:
-                f.seek(start)
-            data = f.read(offset - start)
-    except (OSError, EOFError):
-        return None
-    if len(data) != offset - start:
-        return None
-    return tail_digest(data)

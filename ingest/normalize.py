@@ -20,6 +20,7 @@ from ingest.quarantine import QuarantineRecord, Reason
 from ingest.schemas import RecordSchema, all_schemas
 
 CANONICAL: dict[str, pl.DataType] = {
+    "file": pl.String(),
     "source": pl.String(),
     "line_no": pl.Int64(),
     "offset": pl.Int64(),
@@ -264,6 +265,7 @@ def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
     request_id = opt("request_id") if "request_id" in has else opt("id")
     cost = opt("response_cost", pl.Float64()) if "response_cost" in has else opt("spend", pl.Float64())
     return part.select(
+        "file",
         "source",
         "line_no",
         "offset",
@@ -335,6 +337,8 @@ def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]
 def normalize(lines: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
     """Raw line frame (source, line_no, offset, raw, truncated) -> canonical frame + quarantine."""
     lines = lines.filter(pl.col("raw").str.strip_chars() != "")
+    if "file" not in lines.columns:
+        lines = lines.with_columns(file=pl.col("source"))
     lines = lines.with_columns(format=detect_format(lines))
     frames: list[pl.DataFrame] = []
     quarantined: list[QuarantineRecord] = []

@@ -9,7 +9,6 @@ deterministic ids make the little it re-sends harmless.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -18,19 +17,21 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
+from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
-from ingest.fingerprint import fingerprint, tail_check, tail_digest
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.normalize import empty_canonical, normalize
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, Target, make_sink, resolve_target
-from ingest.sources import DEFAULT_CHUNK_BYTES, TAIL_BYTES, Chunk, discover, gzip_size_mod32, is_gzip, read_chunks, read_lines_at
+from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_traces
+
+if TYPE_CHECKING:
+    from ingest.follow import Follower
 
 DEFAULT_BATCH_TRACES = 200
 DEFAULT_BATCH_TRACES_SQL = 2000
@@ -150,7 +151,7 @@ class Pipeline:
             self.quarantine.write(chunk.quarantined)
             self.summary.records_read += len(chunk.quarantined)
             frames.append(chunk.lines)
-        merged = Chunk("", pl.concat(frames, how="vertical") if frames else chunks[0].lines)
+        merged = Chunk("", pl.concat(frames, how="diagonal") if frames else chunks[0].lines)
         records, bad = normalize(merged.lines)
         self.quarantine.write(bad)
         self.summary.records_read += records.height + len(bad)
@@ -160,12 +161,12 @@ class Pipeline:
         """End of input: write held calls that are final by now (all of them with ``final``)."""
         self._step(empty_canonical(), final=final, at=now_us())
 
-    def held_positions(self, sources: set[str]) -> list[tuple[int, int]]:
-        """(offset, line) of the lines of a file (read under any of ``sources``) whose calls MLflow has not
-        acknowledged: held for a retry, or in flight when a write failed or the run was interrupted."""
-        unacknowledged = pl.concat([self.pending, self.inflight]) if self.inflight.height else self.pending
-        rows = unacknowledged.filter(pl.col("source").is_in(sorted(sources))).select("offset", "line_no").unique().sort("offset")
-        return [(int(o), int(n)) for o, n in rows.iter_rows()]
+    def restore_recent(self, lines: pl.DataFrame) -> None:
+        """Calls written as failed by an earlier run (saved lines): a late retry of one still rewrites it whole."""
+        records, bad = normalize(lines)
+        self.quarantine.write(bad)
+        self.recent = pl.concat([self.recent, records])
+        self.recent_failed = set(self.recent["call_key"].unique().to_list()) if self.recent.height else set()
 
     def finish(self) -> Summary:
         s = self.summary
@@ -331,12 +332,13 @@ def _close(summary: Summary, files: list[Path], target: Target, opts: RunOptions
 def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = None) -> Summary:
     """Ingest only what is new since the last run of this mode into this destination.
 
-    Per file (by fingerprint): continue after the last acknowledged line, re-reading first the
-    lines of calls the last run held back. An unterminated last line is left for later unless the
-    file is gzip (complete) or has not been written to for ``partial_timeout_s`` (then it is
-    quarantined as truncated). A plain file now shorter than its checkpoint was truncated or
-    replaced and is read again from the start.
+    Per file (by fingerprint, :mod:`ingest.follow`): continue after the last acknowledged line,
+    after first feeding the lines the last run left unacknowledged. An unterminated last line is
+    left for later unless the file is gzip (complete) or has not been written to for
+    ``partial_timeout_s`` (then it is quarantined as truncated).
     """
+    from ingest.follow import Follower
+
     started = time.monotonic()
     files = discover(opts.paths)
     target, sink = open_target(opts)
@@ -346,24 +348,15 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
         key |= {"paths": sorted(str(Path(p).resolve()) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
     pipe = Pipeline.for_run(sink, target, opts)
-    touched: dict[str, tuple[Checkpoint, set[str]]] = {}
-
-    def save() -> None:
-        if opts.dry_run:
-            return
-        stamp = now_iso()
-        for ck, sources in touched.values():
-            ck.held = pipe.held_positions(sources)
-            ck.updated_at = stamp
-        state.save()
-
+    follower = Follower(state, pipe, chunk_bytes=opts.chunk_bytes, partial_timeout_s=opts.partial_timeout_s, dry_run=opts.dry_run)
     try:
         with state.locked():
             state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid()}
-            save()
             try:
+                follower.restore()
+                follower.save()
                 for path in files:
-                    _ingest_file(path, state, pipe, touched, opts, save, progress)
+                    _ingest_file(path, follower, opts, progress)
                 pipe.flush(final=False)
                 summary = pipe.finish()
                 summary.result = "quarantined" if summary.quarantined else "ok"
@@ -376,6 +369,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 summary.result = f"failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
                 raise
             finally:
+                follower.close()
                 _close(summary, files, target, opts, started)
                 summary.state_file = str(state.path)
                 state.last_run = {
@@ -384,59 +378,36 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                     "result": summary.result,
                     "summary": summary.as_dict(),
                 }
-                save()
+                follower.save()
     finally:
         sink.close()
     return summary
 
 
-def _ingest_file(
-    path: Path,
-    state: State,
-    pipe: Pipeline,
-    touched: dict[str, tuple[Checkpoint, set[str]]],
-    opts: RunOptions,
-    save: Callable[[], None],
-    progress: Progress | None,
-) -> None:
-    fp = fingerprint(path)
-    if fp is None:
+def _ingest_file(path: Path, follower: Follower, opts: RunOptions, progress: Progress | None) -> None:
+    pipe = follower.pipeline
+    f = follower.identify(path)
+    if f is None:
         pipe.summary.files_skipped += 1
         return
-    gz = is_gzip(path)
-    size = os.path.getsize(path)
-    ck = state.checkpoints.get(fp)
-    if ck is not None and ck.offset and ck.tail and tail_check(path, ck.offset) != ck.tail:
-        # Same first line, different file (a diverging copy, or truncated and rewritten): its own checkpoint.
-        fp = f"{fp}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
-        ck = state.checkpoints.get(fp)
-        if ck is not None and ck.offset and ck.tail and tail_check(path, ck.offset) != ck.tail:
-            ck.offset, ck.line, ck.held, ck.tail = 0, 1, [], None
-    ck = ck or Checkpoint(fp, str(path.resolve()))
-    state.checkpoints[fp] = ck
-    touched.setdefault(fp, (ck, set()))[1].add(str(path))
-    if not gz and size < ck.offset:
-        ck.offset, ck.line, ck.held = 0, 1, []
-    if ck.offset or ck.held:
-        pipe.summary.files_resumed += 1
-    ck.path, ck.size = str(path.resolve()), size
-    if gz and ck.offset and not ck.held and gzip_size_mod32(path) == ck.offset % 2**32:
-        ck.done = True
-        return
-    if ck.held:
-        pipe.feed(read_lines_at(path, ck.held))
-    final_tail = gz or time.time() - os.path.getmtime(path) > opts.partial_timeout_s
-    disk = 0 if gz else ck.offset
-    for chunk in read_chunks(path, ck.offset, ck.line, chunk_bytes=opts.chunk_bytes, final=final_tail):
-        pipe.feed(chunk)
-        ck.offset, ck.line = chunk.end_offset, chunk.end_line
-        ck.tail = tail_digest(chunk.tail) if len(chunk.tail) >= min(TAIL_BYTES, ck.offset) > 0 else None
-        pipe.summary.bytes_read += max(chunk.disk_offset - disk, 0)
-        disk = chunk.disk_offset
-        save()
-        if progress:
-            progress(str(path), chunk, pipe.summary)
-        if opts.stop.is_set():
-            raise KeyboardInterrupt
-    ck.done = gz
-    save()
+    follower.follow(f)
+    try:
+        if f.ck.offset:
+            pipe.summary.files_resumed += 1
+        if follower.is_done(f):
+            f.ck.done = True
+            return
+        disk = 0 if f.gz else f.ck.offset
+        for chunk in follower.chunks(f):
+            pipe.feed(chunk)
+            follower.advance(f, chunk)
+            pipe.summary.bytes_read += max(chunk.disk_offset - disk, 0)
+            disk = chunk.disk_offset
+            follower.save()
+            if progress:
+                progress(str(path), chunk, pipe.summary)
+            if opts.stop.is_set():
+                raise KeyboardInterrupt
+        f.ck.done = f.gz
+    finally:
+        follower.forget(f.key)

@@ -55,6 +55,9 @@ class Target:
 
 
 class Sink(Protocol):
+    deadline_s: float
+    on_retry: Callable[[Exception], None] | None
+
     def write(self, traces: list[BuiltTrace]) -> int: ...
 
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:
@@ -63,11 +66,24 @@ class Sink(Protocol):
 
     def delete(self, trace_ids: list[str]) -> None: ...
 
+    def ping(self) -> None:
+        """Raise SinkError unless MLflow answers now (one cheap request, no retries)."""
+        ...
+
     def close(self) -> None: ...
 
 
-def with_retries(fn: Callable[[], T], what: str, deadline_s: float, is_transient: Callable[[Exception], bool]) -> T:
-    """Call ``fn`` until it succeeds, a non-transient error, or ``deadline_s`` of trying."""
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    deadline_s: float,
+    is_transient: Callable[[Exception], bool],
+    on_retry: Callable[[Exception], None] | None = None,
+) -> T:
+    """Call ``fn`` until it succeeds, a non-transient error, or ``deadline_s`` of trying.
+
+    ``on_retry`` hears of every transient failure at once, so a daemon can report an outage at its
+    first failed write rather than when the deadline runs out."""
     start, delay = time.monotonic(), 0.25
     while True:
         try:
@@ -75,6 +91,8 @@ def with_retries(fn: Callable[[], T], what: str, deadline_s: float, is_transient
         except Exception as e:
             if not is_transient(e) or time.monotonic() - start + delay > deadline_s:
                 raise
+            if on_retry is not None:
+                on_retry(e)
             log.info("%s failed (%s); retrying in %.1fs", what, _short(e), delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -105,9 +123,9 @@ class _Http:
         if creds.client_cert_path:
             self.session.cert = creds.client_cert_path
 
-    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+    def request(self, method: str, path: str, timeout_s: float | None = None, **kw: Any) -> requests.Response:
         try:
-            resp = self.session.request(method, self.base + path, timeout=self.timeout, **kw)
+            resp = self.session.request(method, self.base + path, timeout=timeout_s or self.timeout, **kw)
         except requests.ConnectionError as e:
             why = "connection refused" if "refused" in str(e).lower() else "connection failed"
             raise SinkError(f"cannot reach MLflow at {self.base} ({why})") from e
@@ -241,6 +259,7 @@ class OtlpSink:
         self.target = target
         self.http = _Http(target.tracking_uri, timeout_s=120.0)
         self.deadline_s = deadline_s
+        self.on_retry: Callable[[Exception], None] | None = None
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
 
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:
@@ -260,8 +279,12 @@ class OtlpSink:
             "send traces",
             self.deadline_s,
             _transient_http,
+            self.on_retry,
         )
         return sum(len(t.spans) for t in traces)
+
+    def ping(self) -> None:
+        _check(self.http.request("GET", "/health", timeout_s=5.0), "health check")
 
     def delete(self, trace_ids: list[str]) -> None:
         """Through MLflow's own REST store (its DeleteTraces call), with MLflow's usual credentials."""
@@ -275,6 +298,7 @@ class OtlpSink:
                 "delete traces",
                 self.deadline_s,
                 _transient_any,
+                self.on_retry,
             )
         except Exception as e:
             raise SinkError(f"deleting traces on {self.target.tracking_uri} failed: {_short(e)}") from e
@@ -305,6 +329,7 @@ class StoreSink(_Synchronous):
         self.target = target
         self.store = _store(target.tracking_uri)
         self.deadline_s = deadline_s
+        self.on_retry: Callable[[Exception], None] | None = None
         self.bulk: BulkSpanWriter | None = None
         if writer == "bulk":
             reason = unsupported_reason(self.store)
@@ -327,7 +352,7 @@ class StoreSink(_Synchronous):
                 self.store.log_spans(self.target.experiment_id, [Span.from_otel_proto(s) for t in traces for s in t.spans])
 
         try:
-            with_retries(write_once, "log spans", self.deadline_s, _transient_db)
+            with_retries(write_once, "log spans", self.deadline_s, _transient_db, self.on_retry)
         except Exception as e:
             raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}") from e
         return count
@@ -339,9 +364,16 @@ class StoreSink(_Synchronous):
                 "delete traces",
                 self.deadline_s,
                 _transient_db,
+                self.on_retry,
             )
         except Exception as e:
             raise SinkError(f"deleting traces in {self.target.tracking_uri} failed: {_short(e)}") from e
+
+    def ping(self) -> None:
+        try:
+            self.store.get_experiment(self.target.experiment_id)
+        except Exception as e:
+            raise SinkError(f"cannot reach the MLflow store {self.target.tracking_uri}: {_short(e)}") from e
 
     def close(self) -> None:
         pass
@@ -349,6 +381,12 @@ class StoreSink(_Synchronous):
 
 class NullSink(_Synchronous):
     """--dry-run: everything is built, nothing is written."""
+
+    deadline_s = 0.0
+    on_retry = None
+
+    def ping(self) -> None:
+        pass
 
     def write(self, traces: list[BuiltTrace]) -> int:
         return 0

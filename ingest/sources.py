@@ -155,9 +155,9 @@ def read_chunks(
     name = str(path)
     with open_log(path) if fileobj is None else fileobj as f:
         raw_file = f.fileobj if isinstance(f, gzip.GzipFile) else f
-        _skip_to(f, start_offset, chunk_bytes)
+        tail = _skip_to(f, start_offset, chunk_bytes)
         offset, line_no = start_offset, start_line
-        carry = tail = b""
+        carry = b""
         overlong: tuple[bytes, int] | None = None
         while block := f.read(chunk_bytes):
             if overlong is not None:
@@ -218,18 +218,6 @@ def _at_disk(chunk: Chunk, raw_file: BinaryIO, tail: bytes) -> Chunk:
     return chunk
 
 
-def is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP_MAGIC
-
-
-def gzip_size_mod32(path: Path) -> int:
-    """Uncompressed size mod 2**32 from the gzip trailer: enough to tell that nothing was added."""
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        return int.from_bytes(f.read(4), "little")
-
-
 def read_lines_at(path: Path, positions: list[tuple[int, int]], fileobj: BinaryIO | None = None) -> Chunk:
     """The lines starting at the given (offset, line number) positions: calls held back by a previous run."""
     name = str(path)
@@ -238,6 +226,8 @@ def read_lines_at(path: Path, positions: list[tuple[int, int]], fileobj: BinaryI
         pos = 0
         for offset, line_no in sorted(positions):
             if isinstance(f, gzip.GzipFile):
+                if offset < pos:
+                    continue
                 _skip_to(f, offset - pos, DEFAULT_CHUNK_BYTES)
             else:
                 f.seek(offset)
@@ -262,13 +252,17 @@ def _drop_blank(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.filter(pl.col("raw").str.strip_chars() != "")
 
 
-def _skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> None:
-    """Position at an uncompressed offset: seek in plain files, read through gzip ones."""
+def _skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> bytes:
+    """Position at an uncompressed offset (seek in plain files, read through gzip ones); returns the
+    bytes just before it, so every chunk's ``tail`` covers the bytes a checkpoint's digest is taken on."""
     if not start_offset:
-        return
+        return b""
     if not isinstance(f, gzip.GzipFile):
-        f.seek(start_offset)
-        return
-    remaining = start_offset
+        before = max(0, start_offset - TAIL_BYTES)
+        f.seek(before)
+        return f.read(start_offset - before)
+    remaining, last = start_offset, b""
     while remaining > 0 and (got := f.read(min(remaining, chunk_bytes))):
         remaining -= len(got)
+        last = (last + got)[-TAIL_BYTES:]
+    return last

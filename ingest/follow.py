@@ -1,0 +1,336 @@
+"""Follow: the one file-following core under ``batch``, ``backfill`` and ``tail``.
+
+One rule matches a file to its checkpoint (:meth:`Follower.identify`, after OTel's ``newReader``
+and Vector's ``FileWatcher``): the fingerprint of its first line, told apart from a diverging
+copy by the bytes just before the checkpoint, started again when a plain file is now shorter
+than its checkpoint. A :class:`Followed` file is read from its checkpoint through a descriptor
+that survives renames and deletion; the pipeline is fed, and only once it returned (MLflow
+acknowledged every call that was final) does the checkpoint move (:meth:`Follower.advance`).
+
+What the pipeline has not had acknowledged (calls held for a retry or fallback, calls in flight
+when a write failed, calls written as failed whose late retry would rewrite them) is saved in
+the state by content, with the file, line and offset it came from, never by position alone: a
+rotation that renames, compresses, truncates or deletes its file, or a kill at any moment,
+cannot lose it, and a restart feeds it first (:meth:`Follower.restore`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import polars as pl
+
+from ingest.checkpoints import Checkpoint, State, now_iso
+from ingest.fingerprint import fingerprint_of, tail_digest
+from ingest.sources import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, GZIP_MAGIC, TAIL_BYTES, Chunk, read_chunks, read_lines_at
+
+if TYPE_CHECKING:
+    from ingest.pipeline import Pipeline
+
+log = logging.getLogger("litellm-ingest.follow")
+
+RECENT_CAP_ROWS = 5_000
+RECENT_CAP_BYTES = 32 * 1024 * 1024
+LINE_COLUMNS = {"source": pl.String, "line_no": pl.Int64, "offset": pl.Int64, "raw": pl.String}
+
+
+@dataclass
+class Followed:
+    """One file being read: its checkpoint key, checkpoint, where it is now, and an open descriptor."""
+
+    key: str
+    fp: str
+    ck: Checkpoint
+    path: Path
+    fd: int
+    gz: bool
+    gone_since: float | None = None
+    stale: bool = False
+
+    def reader(self) -> BinaryIO:
+        return _reader(self.fd, self.gz)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def mtime(self) -> float:
+        return os.fstat(self.fd).st_mtime
+
+    def first_line(self) -> str | None:
+        """The fingerprint its descriptor shows now (changes when the file was truncated and rewritten in place)."""
+        if self.gz:
+            return self.fp
+        with self.reader() as f:
+            return fingerprint_of(f)
+
+    def same_inode(self, st: os.stat_result) -> bool:
+        mine = os.fstat(self.fd)
+        return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+    def fully_read(self) -> bool:
+        return self.gz or self.stale or self.ck.offset >= self.size()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _reader(fd: int, gz: bool) -> BinaryIO:
+    f = os.fdopen(os.dup(fd), "rb")
+    f.seek(0)
+    return gzip.GzipFile(fileobj=f, mode="rb") if gz else f  # type: ignore[return-value]
+
+
+def _tail_at(fd: int, gz: bool, offset: int) -> str | None:
+    """The digest of the bytes just before ``offset`` as the file holds them now."""
+    start = max(0, offset - TAIL_BYTES)
+    try:
+        with _reader(fd, gz) as f:
+            if gz:
+                remaining = start
+                while remaining > 0 and (got := f.read(min(remaining, 1 << 20))):
+                    remaining -= len(got)
+            else:
+                f.seek(start)
+            data = f.read(offset - start)
+    except (OSError, EOFError):
+        return None
+    return tail_digest(data) if len(data) == offset - start else None
+
+
+def _gzip_size_mod32(fd: int) -> int:
+    size = os.fstat(fd).st_size
+    return int.from_bytes(os.pread(fd, 4, size - 4), "little") if size >= 4 else -1
+
+
+def _last_newline(fd: int) -> int:
+    """Offset just after the last newline (``--from-end`` skips whole lines only)."""
+    pos = os.fstat(fd).st_size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        block = os.pread(fd, pos - start, start)
+        nl = block.rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        pos = start
+    return 0
+
+
+def lines_frame(rows: list[dict]) -> pl.DataFrame:
+    """Saved lines (held or recent) as the line frame the pipeline is fed."""
+    frame = pl.DataFrame(
+        {
+            "source": [r["source"] for r in rows],
+            "line_no": [r["line"] for r in rows],
+            "offset": [r["offset"] for r in rows],
+            "raw": [r["raw"] for r in rows],
+        },
+        schema=LINE_COLUMNS,
+    )
+    return frame.with_columns(truncated=pl.lit(False), file=pl.Series([r["file"] for r in rows], dtype=pl.String))
+
+
+class Follower:
+    """Files, their checkpoints and the unacknowledged lines of one state, fed to one pipeline."""
+
+    def __init__(
+        self,
+        state: State,
+        pipeline: Pipeline,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        partial_timeout_s: float = 300.0,
+        from_end: bool = False,
+        dry_run: bool = False,
+    ) -> None:
+        self.state = state
+        self.pipeline = pipeline
+        self.chunk_bytes = chunk_bytes
+        self.max_line_bytes = max_line_bytes
+        self.partial_timeout_s = partial_timeout_s
+        self.from_end = from_end and not state.checkpoints
+        self.dry_run = dry_run
+        self.files: dict[str, Followed] = {}
+        self._reset: set[str] = set()
+        self._saved: str | None = None
+
+    # --- matching ---------------------------------------------------------------------------------
+
+    def identify(self, path: Path) -> Followed | None:
+        """Open ``path`` and find its checkpoint, without moving any; None while it has no complete first line."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            gz = os.pread(fd, 2, 0) == GZIP_MAGIC
+            with _reader(fd, gz) as f:
+                fp = fingerprint_of(f)
+        except (OSError, EOFError):
+            fp = None
+        if fp is None:
+            os.close(fd)
+            return None
+        key, ck = fp, self.state.checkpoints.get(fp)
+        if ck is not None and not self._continues(ck, fd, gz):
+            key = f"{fp}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+            ck = self.state.checkpoints.get(key)
+            if ck is not None and not self._continues(ck, fd, gz):
+                self._restart(ck)
+        if ck is None:
+            ck = Checkpoint(key, str(path.resolve()))
+            if self.from_end and not gz:
+                ck.offset, ck.line = _last_newline(fd), 1
+        return Followed(key, fp, ck, path, fd, gz)
+
+    def _continues(self, ck: Checkpoint, fd: int, gz: bool) -> bool:
+        """This file holds the bytes the checkpoint was taken on (not a copy that diverged, nor rewritten shorter)."""
+        if not ck.offset:
+            return True
+        if not gz and os.fstat(fd).st_size < ck.offset:
+            return False
+        return ck.tail is None or _tail_at(fd, gz, ck.offset) == ck.tail
+
+    def _restart(self, ck: Checkpoint) -> None:
+        self._reset.add(ck.fingerprint)
+        ck.offset, ck.line, ck.tail, ck.done, ck.legacy_held = 0, 1, None, False, []
+
+    def follow(self, f: Followed) -> Followed:
+        """Take ``f`` on: its checkpoint joins the state, and held lines named by a version-1 state are fed."""
+        if f.key in self.state.checkpoints and not self._continues(f.ck, f.fd, f.gz):
+            log.info("%s was truncated or rewritten; reading it again from the start", f.path)
+            self._restart(f.ck)
+        f.ck.path = str(f.path.resolve())
+        self.state.checkpoints[f.key] = f.ck
+        self.files[f.key] = f
+        if f.ck.legacy_held:
+            with f.reader() as fh:
+                chunk = read_lines_at(f.path, f.ck.legacy_held, fileobj=fh)
+            chunk.lines = chunk.lines.with_columns(file=pl.lit(f.key))
+            f.ck.legacy_held = []
+            self.pipeline.feed(chunk)
+        return f
+
+    def forget(self, key: str) -> None:
+        f = self.files.pop(key, None)
+        if f is not None:
+            f.close()
+
+    def is_done(self, f: Followed) -> bool:
+        """A compressed file read to its end before (its trailer's size is the checkpoint's offset)."""
+        return f.gz and f.ck.offset > 0 and _gzip_size_mod32(f.fd) == f.ck.offset % 2**32
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Feed the lines the last run left unacknowledged, before anything new is read."""
+        if self.state.recent:
+            self.pipeline.restore_recent(lines_frame(self.state.recent))
+        if self.state.held:
+            self.pipeline.feed(Chunk("", lines_frame(self.state.held)))
+
+    def read(self, f: Followed, final: bool | None = None) -> Chunk | None:
+        """The next chunk of complete lines after ``f``'s checkpoint (the checkpoint does not move)."""
+        for chunk in self.chunks(f, final):
+            return chunk
+        return None
+
+    def chunks(self, f: Followed, final: bool | None = None):  # type: ignore[no-untyped-def]
+        """Chunks after ``f``'s checkpoint. An unterminated last line is taken as final when the file is
+        compressed or has not changed for ``partial_timeout_s``."""
+        if f.stale:
+            return
+        if final is None:
+            final = f.gz or time.time() - f.mtime() > self.partial_timeout_s
+        with f.reader() as fh:
+            for chunk in read_chunks(
+                f.path, f.ck.offset, max(f.ck.line, 1), self.chunk_bytes, self.max_line_bytes, final=final, fileobj=fh
+            ):
+                chunk.lines = chunk.lines.with_columns(file=pl.lit(f.key))
+                yield chunk
+
+    def advance(self, f: Followed, chunk: Chunk) -> None:
+        """Move ``f``'s checkpoint past ``chunk``: call only after the pipeline was fed it and returned."""
+        ck = f.ck
+        ck.offset, ck.line = chunk.end_offset, chunk.end_line
+        if len(chunk.tail) >= min(TAIL_BYTES, ck.offset):
+            ck.tail = tail_digest(chunk.tail) if ck.offset > 0 else None
+        else:
+            ck.tail = _tail_at(f.fd, f.gz, ck.offset)
+        ck.updated_at = now_iso()
+        if not f.gz:
+            ck.size = f.size()
+
+    # --- saving ------------------------------------------------------------------------------------
+
+    def _unacknowledged(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """The rows no file read would give back: before their file's checkpoint, or of a file started again."""
+        if not frame.height:
+            return frame
+        offsets = pl.DataFrame(
+            {"file": list(self.state.checkpoints), "_ck": [c.offset for c in self.state.checkpoints.values()]},
+            schema={"file": pl.String, "_ck": pl.Int64},
+        )
+        joined = frame.join(offsets, on="file", how="left")
+        keep = pl.col("_ck").is_null() | (pl.col("offset") < pl.col("_ck")) | pl.col("file").is_in(sorted(self._reset))
+        return joined.filter(keep).drop("_ck")
+
+    def rewind(self) -> None:
+        """After a failed write: what was in flight waits again (what its files will give back is dropped)."""
+        inflight = self.pipeline.inflight
+        self.pipeline.inflight = inflight.clear()
+        self.pipeline.pending = pl.concat([self.pipeline.pending, self._unacknowledged(inflight)])
+
+    def save(self) -> bool:
+        """Write the state if anything in it changed; True when written."""
+        if self.dry_run:
+            return False
+        pipe = self.pipeline
+        unacked = pl.concat([pipe.pending, pipe.inflight]) if pipe.inflight.height else pipe.pending
+        self.state.held = _rows(self._unacknowledged(unacked))
+        self.state.recent = _rows(_capped(pipe.recent))
+        doc = json.dumps(self.state.document(), sort_keys=True)
+        if doc == self._saved:
+            return False
+        self.state.save()
+        self._saved = doc
+        return True
+
+    def held_by_file(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for h in self.state.held:
+            counts[h["file"]] = counts.get(h["file"], 0) + 1
+        return counts
+
+    def close(self) -> None:
+        for key in list(self.files):
+            self.forget(key)
+
+
+def _capped(recent: pl.DataFrame) -> pl.DataFrame:
+    """The newest calls written as failed, within a bound (older late retries are merged, not rewritten)."""
+    if recent.height <= RECENT_CAP_ROWS and (not recent.height or int(recent["raw"].str.len_bytes().sum()) <= RECENT_CAP_BYTES):
+        return recent
+    calls = (
+        recent.group_by("call_key")
+        .agg(pl.col("end_us").max(), rows=pl.len(), size=pl.col("raw").str.len_bytes().sum())
+        .sort("end_us", descending=True)
+        .filter((pl.col("rows").cum_sum() <= RECENT_CAP_ROWS) & (pl.col("size").cum_sum() <= RECENT_CAP_BYTES))
+    )
+    return recent.filter(pl.col("call_key").is_in(calls["call_key"].implode()))
+
+
+def _rows(frame: pl.DataFrame) -> list[dict]:
+    if not frame.height:
+        return []
+    return frame.select("file", "source", pl.col("line_no").alias("line"), "offset", "raw").unique(maintain_order=True).to_dicts()

@@ -1,0 +1,99 @@
+"""Metrics: the tail daemon's Prometheus ``/metrics`` and ``/health``, served apart from its loop.
+
+The counters are plain fields the daemon updates; the HTTP server runs in its own thread and only
+reads them, so a slow scrape never delays ingestion and a stuck loop still answers ``/health``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("litellm-ingest.metrics")
+
+
+@dataclass
+class Metrics:
+    records_read: int = 0
+    traces_written: int = 0
+    spans_written: int = 0
+    quarantined: int = 0
+    send_errors: int = 0
+    send_retries: int = 0
+    buffer_bytes: int = 0
+    held_lines: int = 0
+    files: int = 0
+    last_write: float = 0.0
+    mlflow_up: bool = True
+    down_since: float | None = None
+    lag: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def exposition(self) -> str:
+        out: list[str] = []
+        for name, kind, value in (
+            ("records_read_total", "counter", self.records_read),
+            ("traces_written_total", "counter", self.traces_written),
+            ("spans_written_total", "counter", self.spans_written),
+            ("quarantined_total", "counter", self.quarantined),
+            ("send_errors_total", "counter", self.send_errors),
+            ("send_retries_total", "counter", self.send_retries),
+            ("buffer_bytes", "gauge", self.buffer_bytes),
+            ("held_lines", "gauge", self.held_lines),
+            ("files_followed", "gauge", self.files),
+            ("last_successful_write_timestamp_seconds", "gauge", self.last_write),
+            ("mlflow_up", "gauge", int(self.mlflow_up)),
+        ):
+            out += [f"# TYPE litellm_ingest_{name} {kind}", f"litellm_ingest_{name} {value}"]
+        out.append("# TYPE litellm_ingest_file_lag_bytes gauge")
+        for path, lag in sorted(self.lag.items()):
+            out.append(f'litellm_ingest_file_lag_bytes{{path="{_escape(path)}"}} {lag}')
+        return "\n".join(out) + "\n"
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        doc = {
+            "status": "ok" if self.mlflow_up else "mlflow_unavailable",
+            "files": self.files,
+            "traces_written": self.traces_written,
+            "last_write": self.last_write,
+            "mlflow_down_since": self.down_since,
+        }
+        return (200 if self.mlflow_up else 503), doc
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def serve(metrics: Callable[[], Metrics], host: str, port: int) -> http.server.ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/health`` from a daemon thread; ``shutdown()`` the result to stop."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            m = metrics()
+            if self.path.startswith("/metrics"):
+                body, ctype, code = m.exposition().encode(), "text/plain; version=0.0.4", 200
+            elif self.path.startswith("/health"):
+                code, doc = m.health()
+                body, ctype = json.dumps(doc).encode(), "application/json"
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+    return server
