@@ -117,6 +117,7 @@ class Pipeline:
         self.remember_s = max(600.0, 10 * settle_s)
         self.sent = SentIndex()
         self.summary = Summary()
+        self.clock: Callable[[], int] = now_us
         self._first: int | None = None
         self._last: int | None = None
 
@@ -159,7 +160,7 @@ class Pipeline:
 
     def flush(self, final: bool) -> None:
         """End of input: write held calls that are final by now (all of them with ``final``)."""
-        self._step(empty_canonical(), final=final, at=now_us())
+        self._step(empty_canonical(), final=final, at=self.clock())
 
     def restore_recent(self, lines: pl.DataFrame) -> None:
         """Calls written as failed by an earlier run (saved lines): a late retry of one still rewrites it whole."""

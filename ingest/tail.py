@@ -36,7 +36,7 @@ from ingest.follow import Followed, Follower
 from ingest.metrics import Metrics, serve
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
-from ingest.sink import SinkError
+from ingest.sink import Sink, SinkError, Target
 from ingest.sources import Chunk
 
 log = logging.getLogger("litellm-ingest.tail")
@@ -55,6 +55,7 @@ class TailOptions(RunOptions):
     metrics_host: str = "127.0.0.1"
     shutdown_timeout_s: float = 10.0
     close_after_s: float = 5.0
+    max_backoff_s: float = 30.0
 
 
 class _Wake(FileSystemEventHandler):
@@ -68,10 +69,10 @@ class _Wake(FileSystemEventHandler):
 class Tailer:
     """The daemon's loop around one :class:`~ingest.follow.Follower`; :meth:`step` is one pass of it."""
 
-    def __init__(self, opts: TailOptions, directories: list[Path]) -> None:
+    def __init__(self, opts: TailOptions, directories: list[Path], destination: tuple[Target, Sink] | None = None) -> None:
         self.opts = opts
         self.dirs = directories
-        self.target, self.sink = open_target(opts)
+        self.target, self.sink = destination or open_target(opts)
         assert opts.state_dir is not None
         key = destination_key(self.target.tracking_uri, self.target.experiment_id)
         self.state = State.load(state_path(opts.state_dir, "batch", key), "tail", key)
@@ -187,7 +188,7 @@ class Tailer:
         self.metrics.buffer_bytes = 0
         self._failures += 1
         self.follower.save()
-        self.stopping.wait(min(30.0, 2.0 ** min(self._failures, 5)))
+        self.stopping.wait(min(self.opts.max_backoff_s, 2.0 ** min(self._failures, 5)))
 
     # --- files ----------------------------------------------------------------------------------
 

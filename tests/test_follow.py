@@ -1,0 +1,460 @@
+"""The file-following core in-process: checkpoint format, the matching rule, and a model of everything.
+
+The model (after Vector's file-source model test): Hypothesis drives appends of whole calls and of
+a call's failed attempt alone (its retry comes later), partial lines and their completion,
+rotations of every kind (rename, rename then gzip, copytruncate), deletion of rotated files
+already read, sink outages, clean restarts and kills (the process gone at once: only what was
+saved survives), and the clock moving past ``--settle``. The oracle: once everything is quiet,
+every call written is one trace with one span per attempt (plus the root of several) and its
+final state, and no line was quarantined. CI runs a few hundred sequences in seconds; a soak:
+LITELLM_INGEST_SOAK=20 pytest tests/test_follow.py
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from ingest.checkpoints import STATE_VERSION, Checkpoint, State
+from ingest.follow import Follower
+from ingest.pipeline import Pipeline
+from ingest.quarantine import QuarantineWriter
+from tests.followkit import RecordingSink, line, record, tailer
+
+SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
+
+# --- the checkpoint format ---------------------------------------------------------------------------
+
+PINNED_V2 = {
+    "version": 2,
+    "mode": "batch",
+    "destination": {"tracking_uri": "sqlite:////srv/mlflow.db", "experiment_id": "1"},
+    "checkpoints": [
+        {
+            "fingerprint": "sha256:0123456789abcdef0123456789abcdef",
+            "path": "/var/log/litellm/proxy.jsonl.1.gz",
+            "offset": 5120,
+            "line": 11,
+            "size": None,
+            "updated_at": "2026-11-28T03:00:00+00:00",
+            "done": True,
+            "tail": "fedcba9876543210",
+        }
+    ],
+    "held": [{"file": "sha256:0123456789abcdef0123456789abcdef", "source": "/var/log/proxy.jsonl", "line": 7, "offset": 3001, "raw": "{}"}],
+    "recent": [],
+    "last_run": {"started": "2026-11-28T02:59:00+00:00", "result": "ok"},
+    "extra": {},
+}
+
+
+def test_state_document_of_the_current_version_reads_and_writes_back_byte_for_byte(tmp_path: Path) -> None:
+    path = tmp_path / "batch-x.json"
+    text = json.dumps(PINNED_V2, indent=1)
+    path.write_text(text)
+    state = State.load(path, "batch", PINNED_V2["destination"])
+    assert STATE_VERSION == 2
+    ck = state.checkpoints["sha256:0123456789abcdef0123456789abcdef"]
+    assert (ck.offset, ck.line, ck.done, ck.tail, ck.legacy_held) == (5120, 11, True, "fedcba9876543210", [])
+    assert state.held == PINNED_V2["held"]
+    state.save()
+    assert path.read_text() == text
+
+
+def test_a_version_1_state_is_upgraded_and_its_held_positions_are_replayed_from_the_file(tmp_path: Path) -> None:
+    log = tmp_path / "proxy.jsonl"
+    failed = record("c-1", "failure", 100.0, 101.0)
+    ok = record("c-2", "success", 100.0, 102.0)
+    log.write_text(line(failed) + line(ok))
+    first = len(line(failed))
+    fp = Follower(State(tmp_path / "s.json", "batch", {}), None).identify(log)  # type: ignore[arg-type]
+    assert fp is not None
+    v1 = {
+        "version": 1,
+        "mode": "batch",
+        "destination": {},
+        "checkpoints": [{"fingerprint": fp.key, "path": str(log), "offset": first + len(line(ok)), "line": 3, "held": [[0, 1]]}],
+        "last_run": {},
+        "extra": {},
+    }
+    fp.close()
+    (tmp_path / "s.json").write_text(json.dumps(v1))
+    state = State.load(tmp_path / "s.json", "batch", {})
+    assert state.checkpoints[fp.key].legacy_held == [(0, 1)]
+    pipe = Pipeline(RecordingSink(), "1", QuarantineWriter(None), settle_s=1e9)  # type: ignore[arg-type]
+    follower = Follower(state, pipe)
+    follower.follow(follower.identify(log))  # type: ignore[arg-type]
+    assert pipe.pending["call_key"].to_list() == ["c-1"]
+    follower.save()
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["version"] == 2 and [h["raw"] for h in saved["held"]] == [line(failed).rstrip("\n")]
+    assert "held" not in saved["checkpoints"][0]
+
+
+# --- the matching rule --------------------------------------------------------------------------------
+
+LINES = [line(record(f"m-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(6)]
+
+
+def _gzip(src: Path, dst: Path) -> None:
+    with src.open("rb") as a, gzip.open(dst, "wb") as b:
+        shutil.copyfileobj(a, b)
+
+
+def _rename(log: Path) -> Path:
+    return log.rename(log.with_name("proxy.jsonl.1"))
+
+
+def _gzip_rotated(log: Path) -> Path:
+    _gzip(log, log.with_name("proxy.jsonl.1.gz"))
+    log.unlink()
+    return log.with_name("proxy.jsonl.1.gz")
+
+
+def _copy_then_more(log: Path) -> Path:
+    copy = log.with_name("copy.jsonl")
+    shutil.copyfile(log, copy)
+    with copy.open("a") as f:
+        f.write(LINES[4])
+    return copy
+
+
+def _diverging_copy(log: Path) -> Path:
+    copy = log.with_name("copy.jsonl")
+    copy.write_text(LINES[0] + LINES[5] + LINES[4])
+    return copy
+
+
+def _rewritten_shorter(log: Path) -> Path:
+    log.write_text(LINES[0])
+    return log
+
+
+def _rewritten_same_length(log: Path) -> Path:
+    log.write_text(LINES[0] + LINES[5] + LINES[3])
+    return log
+
+
+MATCHING = [
+    # (what happened after the first three lines were read, its checkpoint: the same one, or its own from the start)
+    ("renamed", _rename, "same", 3),
+    ("renamed then gzipped", lambda log: _gzip_rotated(_rename(log)), "same", 3),
+    ("copied and grown", _copy_then_more, "same", 3),
+    ("a copy that diverged after the first line", _diverging_copy, "own", 0),
+    ("truncated and rewritten shorter", _rewritten_shorter, "own", 0),
+    ("rewritten in place, same length, other lines", _rewritten_same_length, "own", 0),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "match", "resume_line"), MATCHING, ids=[m[0] for m in MATCHING])
+def test_the_matching_rule(tmp_path: Path, case: str, change, match: str, resume_line: int) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "proxy.jsonl"
+    log.write_text("".join(LINES[:3]))
+    state = State(tmp_path / "s.json", "batch", {})
+    pipe = Pipeline(RecordingSink(), "1", QuarantineWriter(None), settle_s=1e9)  # type: ignore[arg-type]
+    follower = Follower(state, pipe)
+    f = follower.follow(follower.identify(log))  # type: ignore[arg-type]
+    for chunk in follower.chunks(f):
+        pipe.feed(chunk)
+        follower.advance(f, chunk)
+    follower.forget(f.key)
+    first_key = f.key
+    moved = change(log)
+    g = follower.identify(moved)
+    assert g is not None
+    follower.follow(g)
+    if match == "same":
+        assert g.key == first_key and g.ck.line == 4
+    else:
+        assert g.key.startswith(first_key + "@") and g.ck.offset == 0
+    lines = [json.loads(c.lines["raw"][i])["id"] for c in follower.chunks(g) for i in range(c.lines.height)]
+    expected = moved.read_bytes() if not g.gz else gzip.decompress(moved.read_bytes())
+    assert lines == [json.loads(x)["id"] for x in expected.decode().splitlines()[resume_line if match == "same" else 0 :]]
+    g.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "known"),
+    [(b"", False), (b'{"id": "x"', False), (b'{"id": "x"}\n', True), (b"x" * (70 * 1024), True)],
+    ids=["empty", "no complete first line", "one line", "first line over 64 KiB without a newline"],
+)
+def test_a_file_is_known_once_it_has_a_complete_first_line(tmp_path: Path, content: bytes, known: bool) -> None:
+    log = tmp_path / "proxy.jsonl"
+    log.write_bytes(content)
+    f = Follower(State(tmp_path / "s.json", "batch", {}), None).identify(log)  # type: ignore[arg-type]
+    assert (f is not None) == known
+    if f is not None:
+        f.close()
+
+
+def test_a_gzip_copy_of_a_file_read_to_its_end_is_done_without_reading(tmp_path: Path) -> None:
+    log = tmp_path / "proxy.jsonl"
+    log.write_text("".join(LINES))
+    state = State(tmp_path / "s.json", "batch", {})
+    follower = Follower(state, Pipeline(RecordingSink(), "1", QuarantineWriter(None)))  # type: ignore[arg-type]
+    f = follower.follow(follower.identify(log))  # type: ignore[arg-type]
+    for chunk in follower.chunks(f):
+        follower.advance(f, chunk)
+    follower.forget(f.key)
+    g = follower.identify(_gzip_rotated(log))
+    assert g is not None and g.gz and follower.is_done(g)
+    g.close()
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+SETTLE_S = 10.0
+
+
+class FollowModel(RuleBasedStateMachine):
+    """Everything that can happen to a daemon and its files, against a recording sink."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    @initialize()
+    def setup(self) -> None:
+        self.dir = self.root / f"run-{time.monotonic_ns()}"
+        self.logdir = self.dir / "logs"
+        self.logdir.mkdir(parents=True)
+        self.log = self.logdir / "proxy.jsonl"
+        self.log.touch()
+        self.state_dir = self.dir / "state"
+        self.sink = RecordingSink()
+        self.clock = 1_800_000_000.0
+        self.calls: dict[str, list[dict]] = {}
+        self.open_calls: list[str] = []
+        self.partial: str | None = None
+        self.rotated: dict[Path, bool] = {}
+        self.n = 0
+        self.rotations = 0
+        self.tailer = self._start()
+
+    def _start(self):  # type: ignore[no-untyped-def]
+        t = tailer(self.logdir, self.state_dir, self.sink, SETTLE_S)
+        t.pipeline.clock = lambda: int(self.clock * 1_000_000)
+        return t
+
+    def _append(self, text: str) -> None:
+        with self.log.open("a") as f:
+            f.write(text)
+
+    def _new_call(self) -> str:
+        self.n += 1
+        return f"call-{self.n}"
+
+    @precondition(lambda self: self.partial is None)
+    @rule(kind=st.sampled_from(["ok", "failed", "retried", "fallback"]), count=st.integers(1, 3))
+    def append_calls(self, kind: str, count: int) -> None:
+        for _ in range(count):
+            cid = self._new_call()
+            t = self.clock
+            if kind == "ok":
+                recs = [record(cid, "success", t - 1, t)]
+            elif kind == "failed":
+                recs = [record(cid, "failure", t - 1, t)]
+            elif kind == "retried":
+                recs = [record(cid, "failure", t - 2, t - 1.5), record(cid, "success", t - 1, t, 1)]
+            else:
+                recs = [record(cid, "failure", t - 2, t - 1), record(cid, "success", t - 2, t, 1)]
+            self.calls[cid] = recs
+            self._append("".join(line(r) for r in recs))
+
+    @precondition(lambda self: self.partial is None)
+    @rule()
+    def append_a_failure_whose_retry_comes_later(self) -> None:
+        cid = self._new_call()
+        rec = record(cid, "failure", self.clock - 1, self.clock)
+        self.calls[cid] = [rec]
+        self.open_calls.append(cid)
+        self._append(line(rec))
+
+    @precondition(lambda self: self.open_calls and self.partial is None)
+    @rule(which=st.integers(0, 100))
+    def append_the_retry(self, which: int) -> None:
+        cid = self.open_calls.pop(which % len(self.open_calls))
+        rec = record(cid, "success", self.clock - 0.5, self.clock + 0.5, 1)
+        self.calls[cid].append(rec)
+        self._append(line(rec))
+
+    @precondition(lambda self: self.partial is None)
+    @rule(cut=st.integers(1, 60))
+    def append_half_a_line(self, cut: int) -> None:
+        cid = self._new_call()
+        rec = record(cid, "success", self.clock - 1, self.clock)
+        self.calls[cid] = [rec]
+        text = line(rec)
+        self.partial = text[cut:]
+        self._append(text[:cut])
+
+    @precondition(lambda self: self.partial is not None)
+    @rule()
+    def complete_the_line(self) -> None:
+        self._append(self.partial)  # type: ignore[arg-type]
+        self.partial = None
+
+    @precondition(lambda self: self.partial is None)
+    @rule(how=st.sampled_from(["rename", "rename+gzip", "copytruncate"]))
+    def rotate(self, how: str) -> None:
+        self.rotations += 1
+        rotated = self.log.with_name(f"proxy.jsonl.{self.rotations}")
+        if how == "copytruncate":
+            shutil.copyfile(self.log, rotated)
+            with self.log.open("r+") as f:
+                f.truncate(0)
+        else:
+            self.log.rename(rotated)
+            self.log.touch()
+        if how == "rename+gzip":
+            _gzip(rotated, rotated.with_name(rotated.name + ".gz"))
+            rotated.unlink()
+            rotated = rotated.with_name(rotated.name + ".gz")
+        self.rotated[rotated] = False
+
+    @precondition(lambda self: any(self.rotated.values()))
+    @rule(which=st.integers(0, 100))
+    def delete_a_rotated_file_already_read(self, which: int) -> None:
+        done = sorted(p for p, read in self.rotated.items() if read)
+        victim = done[which % len(done)]
+        victim.unlink()
+        del self.rotated[victim]
+
+    @rule()
+    def step(self) -> None:
+        self.tailer.step()
+        if self.sink.up:
+            self.rotated = dict.fromkeys(self.rotated, True)
+
+    @rule()
+    def settle_passes(self) -> None:
+        self.clock += SETTLE_S + 1
+
+    @rule()
+    def sink_goes_down(self) -> None:
+        self.sink.up = False
+
+    @rule()
+    def sink_comes_back(self) -> None:
+        self.sink.up = True
+
+    @rule()
+    def restart(self) -> None:
+        self.tailer.shutdown()
+        self.tailer.close()
+        self.tailer = self._start()
+
+    @rule()
+    def kill(self) -> None:
+        self.tailer.close()
+        self.tailer = self._start()
+
+    def teardown(self) -> None:
+        if not hasattr(self, "tailer"):
+            return
+        self.sink.up = True
+        if self.partial is not None:
+            self.complete_the_line()
+        while self.open_calls:
+            self.append_the_retry(0)
+        for _ in range(3):
+            self.step()
+            self.clock += SETTLE_S + 1
+        self.step()
+        self.tailer.close()
+        got = self.sink.calls()
+        missing = sorted(set(self.calls) - set(got), key=lambda c: int(c.split("-")[1]))
+        extra = sorted(set(got) - set(self.calls))
+        assert not missing and not extra, f"missing {missing}, extra {extra}"
+        for cid, recs in self.calls.items():
+            want_spans = 1 if len(recs) == 1 else len(recs) + 1
+            assert len(got[cid]["spans"]) == want_spans, (cid, recs, got[cid])
+            final = max(recs, key=lambda r: (r["endTime"], r["startTime"]))
+            assert got[cid]["state"] == ("OK" if final["status"] == "success" else "ERROR"), (cid, got[cid])
+        quarantine = self.state_dir / "quarantine.jsonl"
+        assert not quarantine.exists() or not quarantine.read_text(), quarantine.read_text()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_every_call_arrives_once_whole_through_rotations_kills_and_outages(tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("follow-model")
+    machine = type("Model", (FollowModel,), {"__init__": lambda self: FollowModel.__init__(self, root)})
+    machine.TestCase.settings = settings(
+        max_examples=200 * max(SOAK, 1),
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    machine.TestCase().runTest()
+
+
+def test_lines_held_for_a_retry_survive_a_rotation_that_reuses_the_name_and_a_restart(tmp_path: Path) -> None:
+    """The issue's reproduction: failed calls held, rename+gzip within --settle, clean restart, retries after."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    sink = RecordingSink()
+    now = 1_800_000_000.0
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.pipeline.clock = lambda: int(now * 1_000_000)
+    failed = [record(f"f-{i}", "failure", now - 1, now) for i in range(4)]
+    log.write_text("".join(line(r) for r in failed) + "".join(line(record(f"ok-{i}", "success", now - 1, now)) for i in range(8)))
+    t.step()
+    assert len(sink.traces) == 8 and len(t.state.held) == 4
+    log.rename(logdir / "proxy.jsonl.1")
+    _gzip(logdir / "proxy.jsonl.1", logdir / "proxy.jsonl.1.gz")
+    (logdir / "proxy.jsonl.1").unlink()
+    log.write_text("".join(line(record(f"new-{i}", "success", now - 1, now)) for i in range(8)))
+    t.step()
+    t.shutdown()
+    t.close()
+    (logdir / "proxy.jsonl.1.gz").unlink()
+    retries = [record(f"f-{i}", "success", now + 1, now + 2, 1) for i in range(4)]
+    with log.open("a") as f:
+        f.write("".join(line(r) for r in retries))
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.pipeline.clock = lambda: int((now + 3) * 1_000_000)
+    t.step()
+    t.close()
+    calls = sink.calls()
+    assert sorted(calls) == sorted([f"f-{i}" for i in range(4)] + [f"ok-{i}" for i in range(8)] + [f"new-{i}" for i in range(8)])
+    assert all(len(calls[f"f-{i}"]["spans"]) == 3 and calls[f"f-{i}"]["state"] == "OK" for i in range(4))
+    assert not (state_dir / "quarantine.jsonl").exists()
+
+
+def test_an_outage_keeps_memory_flat_and_reads_nothing_again_until_mlflow_answers(tmp_path: Path) -> None:
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    log.write_text("".join(line(record(f"c-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(50)))
+    sink.up = False
+    t.step()
+    assert t.metrics.mlflow_up is False and t.metrics.down_since is not None
+    read = t.pipeline.summary.records_read
+    pending = t.pipeline.pending.height
+    for _ in range(5):
+        t.step()
+    assert t.pipeline.summary.records_read == read, "the backlog was parsed again while MLflow was down"
+    assert t.pipeline.pending.height == pending
+    sink.up = True
+    t.step()
+    t.close()
+    assert len(sink.traces) == 50 and t.metrics.mlflow_up
+    assert pl.DataFrame({"c": list(sink.calls())})["c"].n_unique() == 50
+
+
+def test_checkpoint_dataclass_round_trips(tmp_path: Path) -> None:
+    ck = Checkpoint("sha256:ab", "/x", 10, 2, 10, None, False, "t")
+    assert Checkpoint.from_dict(ck.as_dict()) == ck
