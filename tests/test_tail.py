@@ -148,14 +148,16 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
     log = logdir / "proxy.jsonl"
     experiment = "outage"
     calls = fresh_calls(capture, copies=2)
-    d = Daemon(logdir, server.url, experiment, tmp_path / "state").start()
+    d = Daemon(logdir, server.url, experiment, tmp_path / "state", "--mlflow-timeout", "120").start()
     try:
         writer = Writer(log)
         writer.write_calls(calls[:20], pause_s=0.01)
         wait_for_calls(server.url, experiment, calls[:20])
         server.stop()
         writer.write_calls(calls[20:60], pause_s=0.01)
-        wait_for(lambda: "litellm_ingest_mlflow_up 0" in d.metrics(), 30, "the daemon to notice the outage")
+        # Reported at the first failed write, long before the 120 s of retries run out.
+        wait_for(lambda: "litellm_ingest_mlflow_up 0" in d.metrics(), 15, "the daemon to notice the outage")
+        assert "MLflow unavailable" in d.log.read_text()
         assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
         time.sleep(3)
         server = start_mlflow_server(tmp_path / "outage-server", port=server.port, backend_uri=server.backend_uri)
