@@ -92,6 +92,7 @@ class Tailer:
         self.metrics = Metrics()
         self._restored = False
         self._failures = 0
+        self._last_down_log = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class Tailer:
     def _write_failed(self, e: Exception) -> None:
         """A write to MLflow failed and will be retried: say so now, not when the retries run out."""
         if self.metrics.down_since is None:
-            self.metrics.down_since = time.time()
+            self.metrics.down_since = self._last_down_log = time.time()
             log.warning("MLflow unavailable (%s); holding checkpoints and retrying", str(e).splitlines()[0][:200])
         self.metrics.mlflow_up = False
 
@@ -184,6 +185,10 @@ class Tailer:
         self.metrics.send_errors += 1
         self.metrics.send_retries += 1
         self._write_failed(e)
+        if time.time() - self._last_down_log >= 60:
+            self._last_down_log = time.time()
+            assert self.metrics.down_since is not None
+            log.warning("MLflow unavailable for %.0fs (%s); nothing is read until it answers", time.time() - self.metrics.down_since, e)
         self.follower.rewind()
         self.metrics.buffer_bytes = 0
         self._failures += 1
