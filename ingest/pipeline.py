@@ -76,6 +76,7 @@ class Summary:
     experiment_name: str | None = None
     quarantine_file: str | None = None
     state_file: str | None = None
+    state_corrupt_copy: str | None = None
     dry_run: bool = False
     result: str = "ok"
 
@@ -384,6 +385,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
             finally:
                 _close(summary, files, target, opts, started)
                 summary.state_file = str(state.path)
+                summary.state_corrupt_copy = str(state.corrupt_copy) if state.corrupt_copy else None
                 state.last_run = {
                     "started": state.last_run.get("started"),
                     "finished": now_iso(),
