@@ -233,5 +233,5 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def corrupt_copies(state_dir: Path) -> list[Path]:
-    """The corrupt state files runs moved aside (kept for a look; nothing reads them)."""
+    """The copies of corrupt state files that runs kept aside (for a look; nothing reads them)."""
     return sorted(state_dir.glob("*.json.corrupt-*"))
