@@ -9,6 +9,12 @@ by content, with the file, line and offset they came from: a rotation that renam
 truncates or deletes their file cannot take them away, and they are fed first on the next run.
 Version 1 named held lines by offset only; it is read and upgraded.
 
+A state that cannot be trusted is never silently read as empty (that would re-read, and
+re-send, everything): a file from a newer version or one that cannot be read is a
+:class:`StateError` and nothing is overwritten; a corrupt one (unparseable, truncated) is copied
+as ``<file>.corrupt-<UTC time>`` with a warning and the run starts from an empty state
+(harmless, ids are deterministic, but the user is told).
+
 A lock file (``flock``) keeps two runs of the same state from working at once.
 """
 
@@ -18,15 +24,28 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 STATE_VERSION = 2
-READ_VERSIONS = (1, 2)
+
+
+def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 named held lines by offset in each checkpoint; they stay there as ``legacy_held``
+    and are read from their file once, then saved by content."""
+    return {**doc, "version": 2, "held": [], "recent": []}
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+"""Version n -> n + 1, for every n < STATE_VERSION: an older state is upgraded, never discarded."""
+
+log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -75,6 +94,14 @@ class LockedError(Exception):
     """Another run holds this state's lock."""
 
 
+class StateError(Exception):
+    """A state file that must not be replaced: written by a newer version, or unreadable."""
+
+
+class CorruptState(ValueError):
+    """A state file that is not a whole state document (unparseable, truncated, wrong shape)."""
+
+
 @dataclass
 class State:
     """The checkpoints of one mode (batch, backfill) for one destination."""
@@ -87,11 +114,35 @@ class State:
     recent: list[dict[str, Any]] = field(default_factory=list)
     last_run: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    corrupt_copy: Path | None = None
 
     @classmethod
     def load(cls, path: Path, mode: str, destination: dict[str, Any]) -> State:
-        doc = _read_json(path.with_suffix(path.suffix + ".tmp")) or _read_json(path) or {}
+        """The saved state; a surviving whole tmp file wins (the crash came after it was written).
+
+        Raises StateError for a newer or unreadable file; a corrupt one is copied aside (see module doc).
+        """
         state = cls(path, mode, destination)
+        try:
+            doc = read_state(path.with_suffix(path.suffix + ".tmp"))
+        except (StateError, CorruptState):
+            doc = None
+        if doc is None:
+            try:
+                doc = read_state(path) or {}
+            except CorruptState as e:
+                state.corrupt_copy = path.with_name(f"{path.name}.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+                try:
+                    shutil.copy2(path, state.corrupt_copy)
+                except OSError as copy_error:
+                    raise StateError(f"the state file {path} is corrupt ({e}) and cannot be copied aside: {copy_error}") from e
+                log.warning(
+                    "the state file %s is corrupt (%s): a copy is kept as %s; starting from an empty state (every file is read again)",
+                    path,
+                    e,
+                    state.corrupt_copy,
+                )
+                doc = {}
         for d in doc.get("checkpoints", []):
             ck = Checkpoint.from_dict(d)
             state.checkpoints[ck.fingerprint] = ck
@@ -148,13 +199,37 @@ class State:
             os.close(fd)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A state document at the current version (older ones upgraded), None if there is no file.
+
+    Raises StateError (newer version, unreadable) or CorruptState.
+    """
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_bytes()
+    except FileNotFoundError:
         return None
-    if not isinstance(doc, dict) or doc.get("version") not in READ_VERSIONS:
-        return None
+    except OSError as e:
+        raise StateError(f"cannot read the state file {path}: {e.strerror or e}") from e
+    try:
+        doc = json.loads(text)
+        version = doc["version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CorruptState(f"version {version!r}")
+        if version > STATE_VERSION:
+            raise StateError(
+                f"the state file {path} was written by a newer litellm-ingest (state version {version}, this one reads "
+                f"{STATE_VERSION}): upgrade litellm-ingest, or move the file away to start over"
+            )
+        while doc["version"] < STATE_VERSION:
+            doc = _UPGRADES[doc["version"]](doc)
+        if not (isinstance(doc.get("checkpoints", []), list) and all(isinstance(doc.get(k, {}), dict) for k in ("last_run", "extra"))):
+            raise CorruptState("not a state document")
+        for d in doc.get("checkpoints", []):
+            Checkpoint.from_dict(d)
+    except (StateError, CorruptState):
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CorruptState(f"{type(e).__name__}: {str(e)[:120]}") from e
     return doc
 
 
@@ -177,10 +252,21 @@ def state_path(state_dir: Path, mode: str, key: dict[str, Any]) -> Path:
 
 
 def all_states(state_dir: Path) -> list[dict[str, Any]]:
-    """Every state document in a state dir (for ``status``)."""
-    out = []
+    """Every state file in a state dir (for ``status``); one that cannot be used says why in ``problem``."""
+    out: list[dict[str, Any]] = []
     for p in sorted(state_dir.glob("*.json")):
-        doc = _read_json(p)
-        if doc is not None:
-            out.append({"file": str(p), **doc})
+        try:
+            doc = read_state(p)
+        except CorruptState as e:
+            out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": f"corrupt: {e}"})
+        except StateError as e:
+            out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": str(e)})
+        else:
+            if doc is not None:
+                out.append({"file": str(p), **doc})
     return out
+
+
+def corrupt_copies(state_dir: Path) -> list[Path]:
+    """The copies of corrupt state files that runs kept aside (for a look; nothing reads them)."""
+    return sorted(state_dir.glob("*.json.corrupt-*"))

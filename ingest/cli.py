@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from ingest.checkpoints import LockedError
+from ingest.checkpoints import LockedError, StateError
 from ingest.sink import SinkError
 from ingest.sources import SourceError
 from ingest.spans import Redaction
@@ -32,6 +32,7 @@ class Exit:
     MLFLOW = 4
     LOCKED = 5
     DIFFERENCES = 6
+    STATE = 7
     INTERRUPTED = 130
 
 
@@ -73,7 +74,8 @@ BATCH_HELP = "Traces per write to MLflow. Default: 200 per request to a server, 
 target_options = _options(
     click.option("--tracking-uri", help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."),
     click.option(
-        "--experiment-name", help='Experiment to write to (created if missing). Default: $MLFLOW_EXPERIMENT_NAME, else "LiteLLM Proxy".'
+        "--experiment-name",
+        help='Experiment to write to (created if missing, except by reconcile). Default: $MLFLOW_EXPERIMENT_NAME, else "LiteLLM Proxy".',
     ),
     click.option("--experiment-id", help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."),
     click.option(
@@ -164,6 +166,8 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         _fail(str(e), Exit.MLFLOW)
     except LockedError as e:
         _fail(str(e), Exit.LOCKED)
+    except StateError as e:
+        _fail(str(e), Exit.STATE)
     except Exception as e:
         from mlflow.exceptions import MlflowException
 
@@ -355,11 +359,17 @@ def tail(directories: tuple[Path, ...], **kw: Any) -> None:
 @click.option("--state-dir", type=click.Path(path_type=Path), help="State dir to read (default as for batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
 def status(state_dir: Path | None, as_json: bool) -> None:
-    """Show what each mode has ingested: per file, fingerprint, offset/size (lag), last run and result."""
-    from ingest.checkpoints import all_states
+    """Show what each mode has ingested: per file, fingerprint, offset/size (lag), last run and result.
+
+    A state file that cannot be used (corrupt, newer version, unreadable) is shown as such and the
+    exit code is 7; copies of corrupt states that runs kept aside are listed.
+    """
+    from ingest.checkpoints import all_states, corrupt_copies
 
     state_dir = state_dir or default_state_dir()
     states = all_states(state_dir)
+    kept = [str(p) for p in corrupt_copies(state_dir)]
+    code = Exit.STATE if any("problem" in st for st in states) else Exit.OK
     rows = []
     for st in states:
         held: dict[str, int] = {}
@@ -388,22 +398,26 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             "mode": st["mode"],
             "destination": st.get("destination", {}),
             "state_file": st["file"],
+            **({"problem": st["problem"]} if "problem" in st else {}),
             **{k: v for k, v in st.get("last_run", {}).items() if k != "summary"},
         }
         for st in states
     ]
     if as_json:
-        click.echo(json.dumps({"state_dir": str(state_dir), "runs": runs, "files": rows}))
-        return
+        click.echo(json.dumps({"state_dir": str(state_dir), "runs": runs, "files": rows, "corrupt_copies": kept}))
+        sys.exit(code)
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
-    if not states:
+    if not states and not kept:
         console.print(f"no state in {state_dir}")
         return
     for r in runs:
+        if "problem" in r:
+            console.print(f"[bold]{r['mode']}[/bold] {escape(r['state_file'])}: [bold red]unusable[/bold red]: {escape(r['problem'])}")
+            continue
         dest = r["destination"]
         console.print(
             f"[bold]{r['mode']}[/bold] -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
@@ -420,7 +434,11 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             str(r["held_lines"]),
             r["updated_at"] or "-",
         )
-    console.print(t)
+    if rows:
+        console.print(t)
+    for k in kept:
+        console.print(f"corrupt state kept aside: {escape(k)}")
+    sys.exit(code)
 
 
 @main.command()
@@ -481,6 +499,8 @@ def _print_summary(s: Any) -> None:
         rows.insert(5, ("outside --since/--until", s.calls_outside_range))
     if s.files_skipped:
         rows.insert(1, ("files waiting", f"{s.files_skipped} (no complete first line yet)"))
+    if s.state_corrupt_copy:
+        rows.insert(0, ("state", f"was corrupt: started from an empty state, the bad file kept as {s.state_corrupt_copy}"))
     for k, v in rows:
         t.add_row(k, str(v))
     Console(highlight=False, soft_wrap=True).print(t)

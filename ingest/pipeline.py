@@ -77,6 +77,7 @@ class Summary:
     experiment_name: str | None = None
     quarantine_file: str | None = None
     state_file: str | None = None
+    state_corrupt_copy: str | None = None
     dry_run: bool = False
     result: str = "ok"
 
@@ -290,12 +291,18 @@ class RunOptions:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def open_target(opts: RunOptions) -> tuple[Target, Sink]:
-    uri = tracking_uri_from(opts.tracking_uri)
+def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
+    """The one place a command's destination is resolved (flags, then ``MLFLOW_*``), so reconcile
+    checks exactly where batch, backfill and tail write; only writers may ``create`` the experiment."""
     name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
+    return resolve_target(tracking_uri_from(opts.tracking_uri), name, exp_id, opts.mlflow_timeout_s, create=create)
+
+
+def open_target(opts: RunOptions) -> tuple[Target, Sink]:
     if opts.dry_run:
-        return Target(uri, exp_id or "dry-run", name), NullSink()
-    target = resolve_target(uri, name, exp_id, opts.mlflow_timeout_s)
+        name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
+        return Target(tracking_uri_from(opts.tracking_uri), exp_id or "dry-run", name), NullSink()
+    target = resolve_run_target(opts, create=True)
     return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer)
 
 
@@ -373,6 +380,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 follower.close()
                 _close(summary, files, target, opts, started)
                 summary.state_file = str(state.path)
+                summary.state_corrupt_copy = str(state.corrupt_copy) if state.corrupt_copy else None
                 state.last_run = {
                     "started": state.last_run.get("started"),
                     "finished": now_iso(),

@@ -15,9 +15,8 @@ import polars as pl
 from ingest.dedupe import dedupe
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.normalize import normalize
-from ingest.pipeline import RunOptions, tracking_uri_from
+from ingest.pipeline import RunOptions, resolve_run_target
 from ingest.quarantine import QuarantineWriter
-from ingest.sink import resolve_target
 from ingest.sources import discover, read_chunks
 
 
@@ -91,8 +90,8 @@ def traces_in_mlflow(uri: str, experiment_id: str, since_us: int | None, until_u
 
 
 def reconcile(opts: RunOptions) -> Report:
-    uri = tracking_uri_from(opts.tracking_uri)
-    target = resolve_target(uri, opts.experiment_name, opts.experiment_id, opts.mlflow_timeout_s)
+    """Read-only: the destination is resolved as batch resolves it, and nothing is created in it."""
+    target = resolve_run_target(opts, create=False)
     calls, quarantined = calls_in_logs(opts)
     expected = {mlflow_trace_id(otel_trace_id(target.experiment_id, k)): k for k in calls["call_key"].to_list()}
     since, until = opts.since_us, opts.until_us

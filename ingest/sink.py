@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import requests
@@ -152,14 +153,29 @@ def _check(resp: requests.Response, what: str) -> requests.Response:
     return resp
 
 
-def resolve_target(tracking_uri: str, experiment_name: str | None, experiment_id: str | None, deadline_s: float = 10.0) -> Target:
-    """Find (or create) the experiment, proving on the way that MLflow is there and lets us in."""
+def resolve_target(
+    tracking_uri: str, experiment_name: str | None, experiment_id: str | None, deadline_s: float = 10.0, *, create: bool = True
+) -> Target:
+    """Find the experiment, proving on the way that MLflow is there and lets us in.
+
+    ``create``: a missing experiment (by name) is created, as writers want. A reader (reconcile)
+    passes False: it must never change the destination, so a missing experiment, or a SQLite
+    store file that does not exist, is an error naming what is missing.
+    """
     if tracking_uri.startswith(("http://", "https://")):
-        return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s)
-    return _resolve_store(tracking_uri, experiment_name, experiment_id)
+        return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create)
+    return _resolve_store(tracking_uri, experiment_name, experiment_id, create)
 
 
-def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: float) -> Target:
+def _missing_experiment(name: str, uri: str) -> SinkError:
+    return SinkError(
+        f"experiment {name!r} does not exist on {uri} (nothing was ingested there under this name; "
+        "check --experiment-name / MLFLOW_EXPERIMENT_NAME)",
+        kind="rejected",
+    )
+
+
+def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: float, create: bool) -> Target:
     http = _Http(uri)
 
     def call(method: str, path: str, what: str, **kw: Any) -> requests.Response:
@@ -180,6 +196,8 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
         _transient_http,
     )
     if resp.status_code == 404 or "RESOURCE_DOES_NOT_EXIST" in resp.text:
+        if not create:
+            raise _missing_experiment(name, uri)
         created = call("POST", "/api/2.0/mlflow/experiments/create", "create experiment", json={"name": name})
         return Target(uri, created.json()["experiment_id"], name)
     exp = _check(resp, "find experiment").json()["experiment"]
@@ -195,9 +213,11 @@ def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
         )
 
 
-def _resolve_store(uri: str, name: str | None, exp_id: str | None) -> Target:
+def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool) -> Target:
     from mlflow.exceptions import MlflowException
 
+    if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise SinkError(f"no MLflow store at {uri} (the file does not exist)", kind="rejected")
     try:
         store = _store(uri)
         if exp_id is not None:
@@ -205,7 +225,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None) -> Target:
         else:
             name = name or DEFAULT_EXPERIMENT_NAME
             exp = store.get_experiment_by_name(name)
-            if exp is None:
+            if exp is None and create:
                 return Target(uri, store.create_experiment(name), name)
     except MlflowException as e:
         if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
@@ -213,6 +233,8 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None) -> Target:
         raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
     except Exception as e:
         raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
+    if exp is None:
+        raise _missing_experiment(name or DEFAULT_EXPERIMENT_NAME, uri)
     if exp.lifecycle_stage == "deleted":
         raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {uri} is deleted", kind="rejected")
     return Target(uri, exp.experiment_id, exp.name)

@@ -436,10 +436,13 @@ def trace_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redaction = Redaction()) -> BuiltTrace:
-    """One call (its deduped records, in attempt order) -> its spans."""
-    attempts = [_attempt(r, redact) for r in rows]
-    first = attempts[0]
-    final = max(attempts, key=lambda a: (a.row["end_us"], a.row["start_us"]))
+    """One call (its deduped records) -> its spans.
+
+    Attempts are numbered in the order they ran, by end time: LiteLLM stamps a fallback's success
+    with the request's start, so by start it would come before the failed primary it followed.
+    """
+    attempts = sorted((_attempt(r, redact) for r in rows), key=lambda a: (a.row["end_us"], a.row["start_us"]))
+    first, final = attempts[0], attempts[-1]
     call_key = rows[0]["call_key"]
     tid = otel_trace_id(experiment_id, call_key)
     root_id = otel_span_id(tid, "root")

@@ -133,6 +133,78 @@ def first_line_digest(path: Path) -> str:
     return hashlib.sha256(data[: data.index(b"\n") + 1]).hexdigest()
 
 
+def run_with(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """As `run`, with these MLflow variables set (and no flags naming the target)."""
+    proc = subprocess.run([EXE, *args], cwd=cwd, env=_env() | env, capture_output=True, text=True, timeout=240)
+    no_traceback(proc)
+    return proc
+
+
+def experiments(uri: str) -> list[tuple[str, str, str]]:
+    from mlflow.entities import ViewType
+
+    return sorted((e.experiment_id, e.name, e.lifecycle_stage) for e in client_for(uri).search_experiments(view_type=ViewType.ALL))
+
+
+@pytest.mark.parametrize("by", ["MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"])
+def test_reconcile_checks_the_experiment_the_mlflow_variables_name_as_batch_writes_to(
+    tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str, by: str
+) -> None:
+    recs = copies(capture, 1, f"rec-env-{by}")[0]
+    path = write_log(tmp_path / "logs" / "calls.jsonl", recs)
+    written = run_with(
+        "batch", str(path), "-q", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": store_uri, "MLFLOW_EXPERIMENT_NAME": experiment_name}
+    )
+    assert written.returncode == 0, written.stderr[-3000:]
+    exp_id = client_for(store_uri).get_experiment_by_name(experiment_name).experiment_id
+    before = experiments(store_uri)
+
+    env = {"MLFLOW_TRACKING_URI": store_uri, by: experiment_name if by == "MLFLOW_EXPERIMENT_NAME" else exp_id}
+    proc = run_with("reconcile", str(path), "--json", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["experiment_id"] == exp_id
+    assert report["matched"] == report["calls_in_logs"] == len(calls_of(recs))
+    assert experiments(store_uri) == before, "reconcile created an experiment"
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_reconcile_of_an_experiment_that_does_not_exist_fails_with_code_4_and_creates_nothing(
+    tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str, how: str
+) -> None:
+    recs = copies(capture, 1, f"rec-none-{how}")[0]
+    path = write_log(tmp_path / "logs" / "calls.jsonl", recs)
+    written = run("batch", str(path), "--tracking-uri", store_uri, "--experiment-name", experiment_name, "-q", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr[-3000:]
+    before = experiments(store_uri)
+    missing = f"{experiment_name}-typo"
+
+    env = {"MLFLOW_TRACKING_URI": store_uri} | ({"MLFLOW_EXPERIMENT_NAME": missing} if how == "environment" else {})
+    flags = ["--experiment-name", missing] if how == "flag" else []
+    proc = run_with("reconcile", str(path), *flags, cwd=tmp_path, env=env)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("litellm-ingest: error: ") and repr(missing) in lines[0], proc.stderr
+    assert experiments(store_uri) == before, "reconcile created an experiment"
+
+
+def test_reconcile_of_the_default_experiment_creates_nothing_even_when_the_store_is_empty(tmp_path: Path, capture: list[dict]) -> None:
+    """With no experiment given, reconcile looks for "LiteLLM Proxy" as batch would, but never creates it, nor the store."""
+    path = write_log(tmp_path / "logs" / "calls.jsonl", copies(capture, 1, "rec-default")[0])
+    db = tmp_path / "absent.db"
+    proc = run_with("reconcile", str(path), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+    assert proc.returncode == 4 and "does not exist" in proc.stderr, proc.stderr
+    assert not db.exists(), "reconcile created a SQLite store"
+
+    other = run("batch", str(path), "--tracking-uri", f"sqlite:///{db}", "--experiment-name", "something else", "-q", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    before = experiments(f"sqlite:///{db}")
+    proc = run_with("reconcile", str(path), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+    assert proc.returncode == 4 and "'LiteLLM Proxy'" in proc.stderr, proc.stderr
+    assert experiments(f"sqlite:///{db}") == before
+
+
 def test_status_after_batch_shows_each_file_its_offset_and_lag(tmp_path: Path, capture: list[dict]) -> None:
     cs = copies(capture, 3, "status")
     plain = [write_log(tmp_path / "logs" / "a.jsonl", cs[0]), write_log(tmp_path / "logs" / "b.jsonl", cs[1])]

@@ -180,9 +180,30 @@ def test_multi_attempt_call_is_root_plus_one_child_per_attempt_in_time_order(bui
     assert len(children) == len(recs)
     assert all(c.parent_id == root.span_id for c in children)
     assert len({root.span_id, *(c.span_id for c in children)}) == len(recs) + 1
-    by_start = sorted(recs, key=lambda r: r["startTime"])
-    assert [(c.start_time_ns, c.end_time_ns) for c in children] == [(ns(r["startTime"]), ns(r["endTime"])) for r in by_start]
-    assert [c.status.status_code for c in children] == ["OK" if r["status"] == "success" else "ERROR" for r in by_start]
+    ran = sorted(recs, key=lambda r: (r["endTime"], r["startTime"]))
+    assert [(c.start_time_ns, c.end_time_ns) for c in children] == [(ns(r["startTime"]), ns(r["endTime"])) for r in ran]
+    assert [c.status.status_code for c in children] == ["OK" if r["status"] == "success" else "ERROR" for r in ran]
+    assert [(c.name, c.attributes["attempt"]) for c in children] == [(f"{root.name} attempt {n}", n) for n in range(1, len(recs) + 1)]
+
+
+def test_fallback_stamped_with_the_requests_start_is_numbered_after_the_failed_primary_it_followed() -> None:
+    """LiteLLM logs the primary's failure, then the fallback's success with the request's start time (before the primary's)."""
+    (call,) = [c for c, rs in CALLS.items() if len(rs) == 2 and rs[1]["status"] == "success" and rs[1]["startTime"] < rs[0]["startTime"]]
+    primary, fallback = CALLS[call]
+    assert primary["status"] == "failure" and primary["endTime"] < fallback["endTime"]
+    root, *children = spans(trace_of([primary, fallback]))
+    assert [(c.name, c.attributes["attempt"], c.status.status_code) for c in children] == [
+        (f"{root.name} attempt 1", 1, SpanStatusCode.ERROR),
+        (f"{root.name} attempt 2", 2, SpanStatusCode.OK),
+    ]
+    assert [(c.start_time_ns, c.end_time_ns) for c in children] == [
+        (ns(primary["startTime"]), ns(primary["endTime"])),
+        (ns(fallback["startTime"]), ns(fallback["endTime"])),
+    ], "the logged times are kept, the fallback's start before the primary's included"
+    assert root.start_time_ns == ns(fallback["startTime"]) and root.end_time_ns == ns(fallback["endTime"])
+    assert root.status.status_code == SpanStatusCode.OK and root.outputs == fallback["response"]
+    again = spans(trace_of([fallback, primary]))
+    assert [(c.span_id, c.name) for c in again] == [(c.span_id, c.name) for c in [root, *children]], "the read order does not matter"
 
 
 @pytest.mark.parametrize("call", MULTI)

@@ -1,0 +1,200 @@
+"""The state file: its format pinned, and a state that cannot be trusted said so loudly, never
+silently read as empty. Real `litellm-ingest batch` / `status` processes and a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ingest.checkpoints import STATE_VERSION, Checkpoint, State
+from tests.conftest import copies, sqlite_trace_count, write_log
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+
+# A version-1 document exactly as `State.save` wrote it (json.dump, indent=1); the current format is
+# pinned byte for byte in tests/test_follow.py.
+STATE_V1 = """{
+ "version": 1,
+ "mode": "batch",
+ "destination": {
+  "tracking_uri": "sqlite:////var/lib/mlflow.db",
+  "experiment_id": "1"
+ },
+ "checkpoints": [
+  {
+   "fingerprint": "sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+   "path": "/var/log/litellm/requests.jsonl.1",
+   "offset": 48213,
+   "line": 7,
+   "held": [
+    [
+     31000,
+     5
+    ],
+    [
+     40012,
+     6
+    ]
+   ],
+   "size": 52000,
+   "updated_at": "2026-11-27T10:00:00+00:00",
+   "done": false,
+   "tail": "9a8b7c6d5e4f"
+  },
+  {
+   "fingerprint": "sha256:aa@0123456789ab",
+   "path": "/var/log/litellm/requests.jsonl.2.gz",
+   "offset": 9000,
+   "line": 3,
+   "held": [],
+   "size": 2100,
+   "updated_at": null,
+   "done": true,
+   "tail": null
+  }
+ ],
+ "last_run": {
+  "started": "2026-11-27T10:00:00+00:00",
+  "finished": "2026-11-27T10:00:05+00:00",
+  "result": "ok"
+ },
+ "extra": {}
+}"""
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k not in ("COLUMNS", "LINES")}
+    proc = subprocess.run([EXE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def ingested(tmp_path: Path, capture: list[dict]) -> tuple[list[str], Path, Path]:
+    """A batch run done: its arguments (to run again), its state file, its store."""
+    recs = copies(capture, 1, "state")[0]
+    log = write_log(tmp_path / "logs" / "calls.jsonl", recs)
+    db = tmp_path / "store.db"
+    args = [
+        "batch",
+        str(log),
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--experiment-name",
+        "state",
+        "--state-dir",
+        str(tmp_path / "st"),
+        "--json",
+    ]
+    first = run(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (state,) = (tmp_path / "st").glob("batch-*.json")
+    return args, state, db
+
+
+def test_a_version_1_state_reads_back_to_the_same_checkpoints_and_is_written_back_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "batch-000000000000.json"
+    path.write_text(STATE_V1)
+    doc = json.loads(STATE_V1)
+    state = State.load(path, "batch", doc["destination"])
+    assert list(state.checkpoints.values()) == [
+        Checkpoint(
+            fingerprint="sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+            path="/var/log/litellm/requests.jsonl.1",
+            offset=48213,
+            line=7,
+            size=52000,
+            updated_at="2026-11-27T10:00:00+00:00",
+            done=False,
+            tail="9a8b7c6d5e4f",
+            legacy_held=[(31000, 5), (40012, 6)],
+        ),
+        Checkpoint("sha256:aa@0123456789ab", "/var/log/litellm/requests.jsonl.2.gz", 9000, 3, 2100, None, True, None),
+    ]
+    assert state.last_run == doc["last_run"] and state.extra == {} and state.corrupt_copy is None
+    state.save()
+    saved = json.loads(path.read_text())
+    assert saved["version"] == STATE_VERSION == 2 and saved["held"] == [] and saved["recent"] == []
+    assert saved["checkpoints"][0] == doc["checkpoints"][0]
+    assert saved["checkpoints"][1] == {k: v for k, v in doc["checkpoints"][1].items() if k != "held"}
+    assert State.load(path, "batch", doc["destination"]).checkpoints == state.checkpoints
+    assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_a_corrupt_state_is_copied_aside_said_on_stderr_and_in_the_summary_and_the_run_starts_afresh(
+    tmp_path: Path, capture: list[dict]
+) -> None:
+    args, state, db = ingested(tmp_path, capture)
+    traces = sqlite_trace_count(db)
+    bad = state.read_bytes()[: state.stat().st_size // 2]
+    state.write_bytes(bad)
+
+    status = run("status", "--state-dir", str(state.parent), cwd=tmp_path)
+    assert status.returncode == 7, status.stdout + status.stderr
+    assert str(state) in status.stdout and "corrupt" in status.stdout, status.stdout
+
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (copy,) = state.parent.glob(f"{state.name}.corrupt-*")
+    assert copy.read_bytes() == bad
+    assert "corrupt" in again.stderr and str(copy) in again.stderr, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["state_corrupt_copy"] == str(copy)
+    assert summary["records_read"] > 0, "started from an empty state: everything read again"
+    assert sqlite_trace_count(db) == traces, "read again without a duplicate"
+    assert json.loads(state.read_text())["version"] == STATE_VERSION
+
+    status = run("status", "--state-dir", str(state.parent), "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert json.loads(status.stdout)["corrupt_copies"] == [str(copy)]
+
+
+def test_a_state_from_a_newer_version_stops_the_run_with_code_7_and_is_left_as_it_is(tmp_path: Path, capture: list[dict]) -> None:
+    args, state, _ = ingested(tmp_path, capture)
+    newer = json.loads(state.read_text()) | {"version": STATE_VERSION + 1}
+    state.write_text(json.dumps(newer))
+    before = state.read_bytes()
+
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("litellm-ingest: error: ") and "newer" in lines[0] and str(state) in lines[0], lines
+    assert state.read_bytes() == before
+    assert not list(state.parent.glob("*.corrupt-*"))
+
+    status = run("status", "--state-dir", str(state.parent), "--json", cwd=tmp_path)
+    assert status.returncode == 7
+    (shown,) = json.loads(status.stdout)["runs"]
+    assert shown["state_file"] == str(state) and "newer" in shown["problem"]
+
+
+def test_an_unreadable_state_stops_the_run_with_code_7_and_is_left_as_it_is(tmp_path: Path, capture: list[dict]) -> None:
+    """Root reads any file, so unreadable here is a directory where the state file should be."""
+    args, state, _ = ingested(tmp_path, capture)
+    state.unlink()
+    state.mkdir()
+    (state / "keep").write_text("x")
+
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read the state file" in lines[0] and str(state) in lines[0], lines
+    assert (state / "keep").read_text() == "x"
+
+    status = run("status", "--state-dir", str(state.parent), cwd=tmp_path)
+    assert status.returncode == 7 and "cannot read" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_complete_tmp_file_left_by_a_crash_is_preferred_over_a_corrupt_state(tmp_path: Path, capture: list[dict]) -> None:
+    args, state, _ = ingested(tmp_path, capture)
+    shutil.copy(state, state.with_suffix(".json.tmp"))
+    state.write_text('{"version": 1, "checkpoints": [')
+
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["records_read"] == 0, "continued from the tmp file's checkpoints"
+    assert "corrupt" not in again.stderr and not list(state.parent.glob("*.corrupt-*"))
