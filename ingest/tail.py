@@ -75,7 +75,7 @@ class Tailer:
         self.target, self.sink = destination or open_target(opts)
         assert opts.state_dir is not None
         key = destination_key(self.target.tracking_uri, self.target.experiment_id)
-        self.state = State.load(state_path(opts.state_dir, "batch", key), "tail", key)
+        self.state = State.load(state_path(opts.state_dir, "batch", key), "batch", key)
         self.quarantine = QuarantineWriter(opts.quarantine_file)
         self.pipeline = Pipeline.for_run(self.sink, self.target, opts, self.quarantine)
         self.follower = Follower(
