@@ -199,6 +199,8 @@ class Follower:
             return True
         if not gz and os.fstat(fd).st_size < ck.offset:
             return False
+        if gz and _gzip_size_mod32(fd) == ck.offset % 2**32:
+            return True
         return ck.tail is None or _tail_at(fd, gz, ck.offset) == ck.tail
 
     def _restart(self, ck: Checkpoint) -> None:

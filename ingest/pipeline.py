@@ -184,7 +184,6 @@ class Pipeline:
         if self.recent.height and records.height:
             late = pl.col("call_key").is_in(records["call_key"].implode())
             pending = pl.concat([pending, self.recent.filter(late)])
-            self.recent = self.recent.filter(~late)
         d = dedupe_and_split(pending, records, self.settle_s, final, self.sent, at)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates
@@ -194,6 +193,9 @@ class Pipeline:
             self._emit(self._in_range(d.ready))
             self.sent.add(d.ready)
             self.inflight = self.inflight.clear()
+            if self.recent.height:
+                # Forgotten only once rewritten: a failed rewrite (or a kill) must still find them.
+                self.recent = self.recent.filter(~pl.col("call_key").is_in(d.ready["call_key"].implode()))
             self._remember_failures(d.ready)
 
     def _undo_failures_that_succeeded(self, ready: pl.DataFrame) -> None:

@@ -227,6 +227,9 @@ class Tailer:
             if f is None:
                 continue
             known = files.get(f.key)
+            if known is None and self.follower.is_done(f):
+                f.close()
+                continue
             if known is None:
                 self.follower.follow(f)
                 log.info("following %s from byte %d", path, f.ck.offset)
