@@ -163,6 +163,8 @@ class Follower:
         self.files: dict[str, Followed] = {}
         self._reset: set[str] = set()
         self._saved: str | None = None
+        if pipeline is not None:
+            pipeline.before_write = self.save
 
     # --- matching ---------------------------------------------------------------------------------
 

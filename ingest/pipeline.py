@@ -119,6 +119,7 @@ class Pipeline:
         self.sent = SentIndex()
         self.summary = Summary()
         self.clock: Callable[[], int] = now_us
+        self.before_write: Callable[[], None] | None = None
         self._first: int | None = None
         self._last: int | None = None
 
@@ -190,13 +191,11 @@ class Pipeline:
         if d.ready.height:
             self.inflight = d.ready
             self._undo_failures_that_succeeded(d.ready)
+            if self._remember_failures(d.ready) and self.before_write is not None:
+                self.before_write()
             self._emit(self._in_range(d.ready))
             self.sent.add(d.ready)
             self.inflight = self.inflight.clear()
-            if self.recent.height:
-                # Forgotten only once rewritten: a failed rewrite (or a kill) must still find them.
-                self.recent = self.recent.filter(~pl.col("call_key").is_in(d.ready["call_key"].implode()))
-            self._remember_failures(d.ready)
 
     def _undo_failures_that_succeeded(self, ready: pl.DataFrame) -> None:
         """MLflow keeps a trace's first state on a re-send: a call already written as failed whose
@@ -211,17 +210,25 @@ class Pipeline:
             self.summary.traces_rewritten += len(flipped)
             self.recent_failed.difference_update(flipped)
 
-    def _remember_failures(self, ready: pl.DataFrame) -> None:
-        """Keep the rows of calls written as failed for a while: if a retry or fallback of one still
-        turns up (later than --settle), the call is rewritten whole, with every attempt span."""
+    def _remember_failures(self, ready: pl.DataFrame) -> bool:
+        """Keep the rows of calls about to be written as failed for a while: if a retry or fallback of
+        one still turns up (later than --settle), the call is rewritten whole, with every attempt span.
+
+        Done before the write (after any delete), and saved by ``before_write``: a process killed
+        right after MLflow acknowledged the write still knows. True when what is kept changed."""
         last = pl.col("status").sort_by("end_us", "start_us").last().over("call_key")
         failed = ready.filter(last != "success")
-        recent = pl.concat([self.recent, failed]) if failed.height else self.recent
+        before = self.recent.height
+        recent = self.recent.filter(~pl.col("call_key").is_in(ready["call_key"].implode())) if before else self.recent
+        if not failed.height and recent.height == before:
+            return False
+        recent = pl.concat([recent, failed]) if failed.height else recent
         if recent.height:
             horizon = int(recent["end_us"].max()) - int(self.remember_s * 1_000_000)  # type: ignore[arg-type]
             recent = recent.filter(pl.col("end_us").max().over("call_key") >= horizon)
         self.recent = recent
         self.recent_failed = set(recent["call_key"].unique().to_list()) if recent.height else set()
+        return True
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""

@@ -19,6 +19,10 @@ from ingest.tail import Tailer, TailOptions
 TARGET = Target("memory://recording", "1", "recording")
 
 
+class Crash(BaseException):
+    """The process dies right after MLflow acknowledged a write, before anything else happens."""
+
+
 class RecordingSink:
     deadline_s = 0.0
 
@@ -27,6 +31,7 @@ class RecordingSink:
         self.up = True
         self.on_retry = None
         self.writes = 0
+        self.crash_after_write = False
 
     def _check(self) -> None:
         if not self.up:
@@ -41,6 +46,9 @@ class RecordingSink:
                 rec["spans"][d.span_id] = d.name
                 if d.parent_id is None and rec["state"] is None:
                     rec["state"] = "ERROR" if d.error else "OK"
+        if self.crash_after_write:
+            self.crash_after_write = False
+            raise Crash
         return sum(len(t.data) for t in traces)
 
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:

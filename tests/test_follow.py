@@ -4,7 +4,7 @@ The model (after Vector's file-source model test): Hypothesis drives appends of 
 a call's failed attempt alone (its retry comes later), partial lines and their completion,
 rotations of every kind (rename, rename then gzip, copytruncate), deletion of rotated files
 already read, sink outages, clean restarts and kills (the process gone at once: only what was
-saved survives), and the clock moving past ``--settle``. The oracle: once everything is quiet,
+saved survives, also right after MLflow acknowledged a write), and the clock moving past ``--settle``. The oracle: once everything is quiet,
 every call written is one trace with one span per attempt (plus the root of several) and its
 final state, and no line was quarantined. CI runs a few hundred sequences in seconds; a soak:
 LITELLM_INGEST_SOAK=20 pytest tests/test_follow.py
@@ -12,6 +12,7 @@ LITELLM_INGEST_SOAK=20 pytest tests/test_follow.py
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -29,7 +30,7 @@ from ingest.checkpoints import STATE_VERSION, Checkpoint, State
 from ingest.follow import Follower
 from ingest.pipeline import Pipeline
 from ingest.quarantine import QuarantineWriter
-from tests.followkit import RecordingSink, line, record, tailer
+from tests.followkit import Crash, RecordingSink, line, record, tailer
 
 SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
 
@@ -332,9 +333,17 @@ class FollowModel(RuleBasedStateMachine):
 
     @rule()
     def step(self) -> None:
-        self.tailer.step()
+        try:
+            self.tailer.step()
+        except Crash:
+            self.kill()
+            return
         if self.sink.up:
             self.rotated = dict.fromkeys(self.rotated, True)
+
+    @rule()
+    def die_right_after_the_next_acknowledged_write(self) -> None:
+        self.sink.crash_after_write = True
 
     @rule()
     def settle_passes(self) -> None:
@@ -350,7 +359,8 @@ class FollowModel(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        self.tailer.shutdown()
+        with contextlib.suppress(Crash):
+            self.tailer.shutdown()
         self.tailer.close()
         self.tailer = self._start()
 
@@ -363,6 +373,7 @@ class FollowModel(RuleBasedStateMachine):
         if not hasattr(self, "tailer"):
             return
         self.sink.up = True
+        self.sink.crash_after_write = False
         if self.partial is not None:
             self.complete_the_line()
         while self.open_calls:
