@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("litellm-ingest.follow")
 
-RECENT_CAP_ROWS = 5_000
-RECENT_CAP_BYTES = 32 * 1024 * 1024
+RECENT_CAP_ROWS = 2_000
+RECENT_CAP_BYTES = 8 * 1024 * 1024
 LINE_COLUMNS = {"source": pl.String, "line_no": pl.Int64, "offset": pl.Int64, "raw": pl.String}
 
 
