@@ -478,6 +478,8 @@ def _print_summary(s: Any) -> None:
         rows.insert(5, ("outside --since/--until", s.calls_outside_range))
     if s.files_skipped:
         rows.insert(1, ("files waiting", f"{s.files_skipped} (no complete first line yet)"))
+    if s.warnings:
+        rows.insert(3, ("warnings", f"{s.warnings}  {s.warnings_by_kind} (fields dropped or replaced, records kept)"))
     for k, v in rows:
         t.add_row(k, str(v))
     Console(highlight=False, soft_wrap=True).print(t)
