@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -202,6 +203,9 @@ STRICT_FIELDS = frozenset(
 would read ``true`` as 1 and ``5`` as the id "5")."""
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def loads_lenient(text: str) -> Any:
     """JSON as LiteLLM writes it (Python's ``json``: NaN, Infinity, lone surrogates), made safe to
     store: orjson first (fast, strict), Python's ``json`` for what it rejects, then ``clean``."""
@@ -224,7 +228,7 @@ def clean(value: Any, warnings: Warnings | None, field: str = "") -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            value = _SURROGATE.sub("\ufffd", value)
             _warn(warnings, "lone_surrogate")
         return value
     if t is float:

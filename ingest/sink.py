@@ -310,7 +310,8 @@ def _data_error(e: Exception) -> bool:
     if isinstance(e, StatementError) and isinstance(e.orig, (ValueError, TypeError, UnicodeError, OverflowError)):
         return True
     if isinstance(e, MlflowException):
-        return e.error_code == "INVALID_PARAMETER_VALUE"
+        cause = e.__cause__
+        return _data_error(cause) if isinstance(cause, Exception) else e.error_code == "INVALID_PARAMETER_VALUE"
     return isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError, UnicodeError, OverflowError, RecursionError))
 
 
