@@ -151,16 +151,28 @@ def explain_failure(line: str, dtype: pl.Struct, truncated: bool, field_prefix: 
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as e:
-        if truncated:
-            return Reason.TRUNCATED_LINE, f"last line has no newline and is not complete JSON ({e})"
-        return Reason.MALFORMED_JSON, str(e)
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            if truncated:
+                return Reason.TRUNCATED_LINE, f"last line has no newline and is not complete JSON ({e})"
+            return Reason.MALFORMED_JSON, str(e)
+        return Reason.MALFORMED_JSON, f"not strict JSON (Python's json reads it): {e}"
     if not isinstance(value, dict):
         return Reason.NOT_AN_OBJECT, f"a JSON {_JSON_TYPES.get(type(value), 'null')}, not an object"
+    return Reason.WRONG_TYPE, _mismatch(value, dtype, field_prefix) or "a field has a type the schema does not allow"
+
+
+def _mismatch(value: dict[str, Any], dtype: pl.Struct, prefix: str) -> str | None:
+    """The first field (nested ones by their dotted path) whose JSON type the schema does not allow."""
     for f in dtype.fields:
-        if not _type_ok(value.get(f.name), f.dtype):
-            got = _JSON_TYPES.get(type(value[f.name]), "value")
-            return Reason.WRONG_TYPE, f"field {field_prefix}{f.name!r}: expected {_dtype_word(f.dtype)}, got {got}"
-    return Reason.WRONG_TYPE, "a field has a type the schema does not allow"
+        v = value.get(f.name)
+        if _type_ok(v, f.dtype):
+            continue
+        if isinstance(f.dtype, pl.Struct) and isinstance(v, dict) and (inner := _mismatch(v, f.dtype, f"{prefix}{f.name}.")):
+            return inner
+        return f"field {prefix + f.name!r}: expected {_dtype_word(f.dtype)}, got {_JSON_TYPES.get(type(v), 'value')}"
+    return None
 
 
 def _dtype_word(dtype: pl.DataType) -> str:
@@ -177,7 +189,9 @@ def _dtype_word(dtype: pl.DataType) -> str:
 
 Warnings = dict[str, int]
 
-_REPAIR_HINT = r"[:\[,]\s*-?(?:NaN|Infinity|\d+(?:\.\d+)?[eE]\+?\d{3})|\\u0000"
+_REPAIR_HINT = r"NaN|Infinity|\\u0000|\\u[dD][89a-fA-F]"
+"""Lines that may hold what orjson and polars refuse (NaN, Infinity) or misread (polars reads a lone
+surrogate escape as NUL), or what PostgreSQL cannot store (NUL). Literal-led, so the scan is fast."""
 _HIGH = r"\\u[dD][89abAB][0-9a-fA-F]{2}"
 _LOW = r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 
@@ -264,14 +278,14 @@ def _repair(lines: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
     batch; only those lines are parsed one by one, and a line Python's ``json`` rejects too is left for
     the decode step to quarantine."""
     raw = pl.col("raw")
-    suspect = lines.select(
-        raw.str.contains(_REPAIR_HINT)
-        | (raw.str.count_matches(_HIGH) != raw.str.count_matches(_HIGH + _LOW))
-        | (raw.str.count_matches(_LOW) != raw.str.count_matches(_HIGH + _LOW))
-    ).to_series()
-    if not suspect.any():
+    hinted = lines.select(raw.str.contains(_REPAIR_HINT)).to_series()
+    if not hinted.any():
         return lines
-    idx = suspect.arg_true()
+    idx = hinted.arg_true()
+    pairs = raw.str.count_matches(_HIGH + _LOW)
+    only_pairs = (raw.str.count_matches(_HIGH) == pairs) & (raw.str.count_matches(_LOW) == pairs)
+    needed = lines.select(raw.gather(idx)).select(raw.str.contains(r"NaN|Infinity|\\u0000") | ~only_pairs).to_series()
+    idx = idx.filter(needed)
     fixed: list[str] = []
     for text in lines["raw"].gather(idx).to_list():
         try:
@@ -286,12 +300,12 @@ def _repair(lines: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
 def _strict_pattern(schema: RecordSchema) -> str | None:
     """A regex that matches every line where one of the strict fields may hold a value of another
     JSON type (it may also match nested keys of the same name: those lines are only checked)."""
-    bad_start = {"string": r'[^"n\s]', "number": r"[^-0-9n\s]", "integer": r"(?:[^0-9n\s]|\d{19}|\d+[.eE])"}
-    parts = [
-        rf'[{{,]\s*"{name}"\s*:\s*{bad_start[kind]}'
-        for name, kind in schema.scalar_types.items()
-        if name in STRICT_FIELDS and kind in bad_start and not (kind == "string" and name.endswith("Time"))
-    ]
+    bad_start = {"string": r'[^"n \t\r\n]', "number": r"[^-0-9n \t\r\n]", "integer": r"(?:[^0-9n \t\r\n]|[0-9]{19}|[0-9]+[.eE])"}
+    by_kind: dict[str, list[str]] = {}
+    for name, kind in schema.scalar_types.items():
+        if name in STRICT_FIELDS and kind in bad_start and not (kind == "string" and name.endswith("Time")):
+            by_kind.setdefault(kind, []).append(name)
+    parts = [rf'"(?:{"|".join(names)})"[ \t\r\n]*:[ \t\r\n]*{bad_start[kind]}' for kind, names in by_kind.items()]
     return "|".join(parts) or None
 
 
@@ -548,7 +562,9 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None) -> tuple[pl
 
     Fields dropped or replaced on the way (NaN, lone surrogates, NULs, negative token counts) are
     counted in ``warnings``."""
-    lines = lines.with_columns(pl.col("raw").str.strip_prefix("\ufeff")).filter(pl.col("raw").str.strip_chars() != "")
+    if lines.height and lines["raw"].str.starts_with("\ufeff").any():
+        lines = lines.with_columns(pl.col("raw").str.strip_prefix("\ufeff"))
+    lines = lines.filter(pl.col("raw").str.strip_chars() != "")
     lines = _repair(lines, warnings)
     lines = lines.with_columns(format=detect_format(lines))
     frames: list[pl.DataFrame] = []
@@ -567,7 +583,7 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None) -> tuple[pl
         canonical, bad = _validate(canonical)
         quarantined += bad
         unusable_first = pl.col("first_token_us").is_null() & pl.col("_first_raw").is_not_null()
-        if warnings is not None and (dropped := canonical.filter(unusable_first).height):
+        if warnings is not None and (dropped := canonical.select(unusable_first.sum()).item()):
             _warn(warnings, "bad_completionStartTime", dropped)
         frames.append(canonical.drop("_first_raw"))
     if not frames:
