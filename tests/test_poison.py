@@ -45,7 +45,7 @@ def cli_batch(paths: list[Path], uri: str, experiment: str, *extra: str) -> tupl
 
 def quarantine_lines(tmp_path: Path) -> list[dict]:
     q = tmp_path / "state" / "quarantine.jsonl"
-    return [json.loads(line) for line in q.read_text().splitlines()] if q.exists() else []
+    return [json.loads(line) for line in q.read_text().split("\n") if line] if q.exists() else []
 
 
 def write_with_poison(path: Path, good: list[dict], poison: str) -> tuple[Path, int]:
@@ -211,7 +211,7 @@ def test_a_call_whose_spans_cannot_be_built_is_quarantined_and_the_others_writte
     quarantine = QuarantineWriter(tmp_path / "q.jsonl")
     pipe = Pipeline(StoreSink(target), target.experiment_id, quarantine)
     pipe._emit(frame)
-    q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().split("\n") if line]
     assert [(x["line"], x["reason"]) for x in q] == [(2, "unbuildable")]
     assert q[0]["detail"].startswith("build: AttributeError")
     assert pipe.finish().traces_written == len(good) - 1 == len(all_traces(sqlite_uri, experiment_name, include_spans=False))
@@ -236,7 +236,7 @@ def test_a_trace_postgresql_rejects_is_quarantined_and_the_rest_of_its_batch_wri
     traces[2].data[0].attributes[SpanAttributeKey.USER_ID] = "u" * 9000
     written, _ = pipe._write_isolating(traces, SinkError("rejected", "rejected"))
     assert [t.call_key for t in written] == [t.call_key for t in traces if t is not traces[2]]
-    q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().split("\n") if line]
     assert [(x["line"], x["reason"]) for x in q] == [(3, "unwritable")]
     assert q[0]["detail"].startswith("sink: ")
     assert len(all_traces(uri, "reject", include_spans=False)) == len(good) - 1
