@@ -536,9 +536,14 @@ def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]
 
 def normalize_isolating(lines: pl.DataFrame, warnings: Warnings | None = None) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
     """``normalize`` that never raises: a batch it fails on is bisected down to the lines it fails on,
-    which are quarantined as ``unbuildable`` with the error, and the rest is normalized."""
+    which are quarantined as ``unbuildable`` with the error, and the rest is normalized (warnings
+    count only from the attempts that succeeded)."""
+    counted: Warnings = {}
     try:
-        return normalize(lines, warnings)
+        out = normalize(lines, counted)
+        for kind, n in counted.items():
+            _warn(warnings, kind, n)
+        return out
     except Exception as e:
         if lines.height <= 1:
             return empty_canonical(), [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -240,3 +241,32 @@ def test_a_trace_postgresql_rejects_is_quarantined_and_the_rest_of_its_batch_wri
     assert [(x["line"], x["reason"]) for x in q] == [(3, "unwritable")]
     assert q[0]["detail"].startswith("sink: ")
     assert len(all_traces(uri, "reject", include_spans=False)) == len(good) - 1
+
+
+def test_the_tail_daemon_lives_through_poison_records(mlflow_server: Any, capture: list[dict], tmp_path: Path) -> None:
+    """The daemon used to exit 1 on each of these, and again on every restart."""
+    from tests.tailkit import Daemon, Writer, fresh_calls, wait_for, wait_for_calls
+
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    experiment = f"tail-poison-{uuid.uuid4().hex[:8]}"
+    calls = fresh_calls(capture)[:4]
+    log = logdir / "proxy.jsonl"
+    writer = Writer(log)
+    writer.write_calls(calls[:2])
+    base = calls[0][0]
+    with log.open("a") as f:
+        f.write(poisoned(base | {"litellm_call_id": "p1", "id": "p1"}, lambda r: r.update(startTime=1e20)) + "\n")
+        f.write(poisoned(base | {"litellm_call_id": "p2", "id": "p2"}, lambda r: r.update(model_parameters=["x"])) + "\n")
+        f.write(poisoned(base | {"litellm_call_id": "p3", "id": "p3"}, lambda r: r.update(messages=[{"content": "\ud800Hi"}])) + "\n")
+    writer.write_calls(calls[2:])
+    d = Daemon(logdir, mlflow_server.url, experiment, tmp_path / "state").start()
+    try:
+        kept = [[base | {"litellm_call_id": k, "id": k}] for k in ("p2", "p3")]
+        wait_for_calls(mlflow_server.url, experiment, calls + kept)
+        q = tmp_path / "state" / "quarantine.jsonl"
+        wait_for(lambda: q.exists(), 20, "a quarantine record")
+        assert [(x["line"], x["reason"]) for x in quarantine_lines(tmp_path)] == [(sum(len(c) for c in calls[:2]) + 1, "bad_time")]
+        assert d.alive()
+    finally:
+        assert d.stop() == 0
