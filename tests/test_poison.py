@@ -270,3 +270,23 @@ def test_the_tail_daemon_lives_through_poison_records(mlflow_server: Any, captur
         assert d.alive()
     finally:
         assert d.stop() == 0
+
+
+def test_a_payload_nested_200_deep_is_stored_alike_by_the_bulk_writer_and_log_spans(capture: list[dict], tmp_path: Path) -> None:
+    """Past MAX_ATTRIBUTE_DEPTH levels a value goes on as JSON text (protobuf parsers refuse deeper
+    messages); both writers store the same thing."""
+    deep: Any = "bottom"
+    for _ in range(200):
+        deep = {"a": [deep]}
+    r = good_records(capture, "deep")[0]
+    r["model_parameters"] = {"tools": [deep]}
+    path = write_jsonl(tmp_path / "deep.jsonl", [r])
+    stored = []
+    for writer in ("bulk", "mlflow"):
+        uri = f"sqlite:///{tmp_path / writer}.db"
+        code, summary, _ = cli_batch([path], uri, "deep", "--sql-writer", writer)
+        assert code == 0 and summary["traces_written"] == 1
+        (trace,) = all_traces(uri, "deep")
+        stored.append(trace.data.spans[0].inputs)
+    assert stored[0] == stored[1]
+    assert json.dumps(stored[0]).count("bottom") == 1
