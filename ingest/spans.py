@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 from mlflow.entities.span import SpanType
-from mlflow.tracing.constant import SpanAttributeKey, TraceTagKey
+from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, SpanAttributeKey, TraceTagKey
 from mlflow.utils.validation import MAX_TRACE_TAG_VAL_LENGTH, _validate_trace_tag
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
@@ -30,6 +30,9 @@ from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_tra
 from ingest.normalize import loads_lenient
 
 REDACTED = "[redacted]"
+MAX_CALL_TYPE_IN_NAME = 200
+"""Session ids, users and the trace name are cut to what MLflow's columns hold (an over-long one
+otherwise makes the store refuse the whole trace)."""
 MAX_ATTRIBUTE_DEPTH = 24
 """Objects and arrays nested deeper go into OTLP as their JSON text: protobuf parsers (the server's)
 refuse messages nested past 100 levels, and every JSON level is 2-3 protobuf levels."""
@@ -453,13 +456,13 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
     call_key = rows[0]["call_key"]
     tid = otel_trace_id(experiment_id, call_key)
     root_id = otel_span_id(tid, "root")
-    name = f"litellm-{final.row['call_type']}"
+    name = f"litellm-{final.row['call_type'][:MAX_CALL_TYPE_IN_NAME]}"
     start_us = min(r["start_us"] for r in rows)
     end_us = max(r["end_us"] for r in rows)
     root = SpanData(tid, root_id, None, name, start_us, end_us)
     by_end = sorted(rows, key=lambda r: (r["end_us"], r["start_us"]))
-    session = next((r["session"] for r in reversed(by_end) if r["session"]), None)
-    user = next((r["user"] for r in reversed(by_end) if r["user"]), None)
+    session = next((r["session"][:MAX_CHARS_IN_TRACE_INFO_METADATA] for r in reversed(by_end) if r["session"]), None)
+    user = next((r["user"][:MAX_TRACE_TAG_VAL_LENGTH] for r in reversed(by_end) if r["user"]), None)
     root_attrs: dict[str, Any] = {
         SpanAttributeKey.SESSION_ID: session,
         SpanAttributeKey.USER_ID: user,

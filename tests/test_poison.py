@@ -290,3 +290,20 @@ def test_a_payload_nested_200_deep_is_stored_alike_by_the_bulk_writer_and_log_sp
         stored.append(trace.data.spans[0].inputs)
     assert stored[0] == stored[1]
     assert json.dumps(stored[0]).count("bottom") == 1
+
+
+@pytest.mark.parametrize("writer", ["bulk", "mlflow"])
+def test_over_long_session_user_call_type_and_tags_are_cut_to_fit_postgresql(
+    capture: list[dict], tmp_path: Path, postgres: Any, writer: str
+) -> None:
+    """Each of these made PostgreSQL (and MLflow's own validation) refuse the trace."""
+    good = good_records(capture, f"long-{writer}")
+    good[0]["session_id"] = "s" * 300
+    good[1]["call_type"] = "c" * 5000
+    good[2]["model"] = "m" * 10000
+    good[3]["end_user"] = "u" * 9000
+    good[4]["request_tags"] = ["k:" + "v" * 9000]
+    uri = postgres.new_database()
+    code, summary, stderr = cli_batch([write_jsonl(tmp_path / "long.jsonl", good)], uri, "long", "--sql-writer", writer)
+    assert code == 0, (stderr, quarantine_lines(tmp_path))
+    assert summary["traces_written"] == len(good) == len(all_traces(uri, "long", include_spans=False))
