@@ -1,8 +1,8 @@
 """Property: no record, however it is shaped, can raise out of the pipeline.
 
 Real records (the capture's StandardLoggingPayload records and the SpendLogs export) get every JSON
-type (null, bool, int, huge int, float, NaN, Infinity, string, lone surrogate, NUL, list, object,
-nesting 200 deep) at every field the code reads, top level and nested, and go through normalize,
+type (null, bool, int, huge int, float, NaN, Infinity, string, over-long string, lone surrogate, NUL,
+list, object, nesting 200 deep) at every field the code reads, top level and nested, and go through normalize,
 dedupe, span building and a real store: SQLite through the bulk writer and through MLflow's
 ``log_spans``, and a real ``mlflow server``. Oracle: every line read ends in a stored trace (as one of
 its attempts), as a dropped duplicate, or in the quarantine file, and the run never raises.
@@ -80,6 +80,7 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([math.nan, math.inf, -math.inf, 1e20, -1.0, 0.0, 1e308, 2.5]),
     st.text(max_size=12),
+    st.sampled_from(["s" * 300, "v" * 9000]),
     st.sampled_from(["\ud800Hello", "x\udfff", "\udc00\ud800", "a\x00b", "\x00", "", "null", "2026-11-27T14:01:49.314Z", "sk-raw"]),
 )
 
