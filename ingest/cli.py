@@ -501,6 +501,8 @@ def _print_summary(s: Any) -> None:
         rows.insert(1, ("files waiting", f"{s.files_skipped} (no complete first line yet)"))
     if s.state_corrupt_copy:
         rows.insert(0, ("state", f"was corrupt: started from an empty state, the bad file kept as {s.state_corrupt_copy}"))
+    if s.warnings:
+        rows.insert(3, ("warnings", f"{s.warnings}  {s.warnings_by_kind} (fields dropped or replaced, records kept)"))
     for k, v in rows:
         t.add_row(k, str(v))
     Console(highlight=False, soft_wrap=True).print(t)

@@ -10,7 +10,11 @@ read only when a span is built.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import re
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import polars as pl
@@ -84,8 +88,12 @@ def _usable_id(expr: pl.Expr) -> pl.Expr:
     return pl.when(expr.is_not_null() & ~expr.str.strip_chars().str.to_lowercase().is_in(UNUSABLE_IDS)).then(expr)
 
 
+MAX_EPOCH_S = 253402300799
+"""9999-12-31T23:59:59Z: a time past it (or before 1970) is not a time any log holds, and would not fit microseconds."""
+
+
 def _epoch_seconds_us(expr: pl.Expr) -> pl.Expr:
-    return (expr * 1_000_000).round().cast(pl.Int64)
+    return pl.when((expr >= 0) & (expr <= MAX_EPOCH_S)).then((expr * 1_000_000).round().cast(pl.Int64, strict=False))
 
 
 def _iso_us(expr: pl.Expr) -> pl.Expr:
@@ -144,16 +152,28 @@ def explain_failure(line: str, dtype: pl.Struct, truncated: bool, field_prefix: 
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as e:
-        if truncated:
-            return Reason.TRUNCATED_LINE, f"last line has no newline and is not complete JSON ({e})"
-        return Reason.MALFORMED_JSON, str(e)
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            if truncated:
+                return Reason.TRUNCATED_LINE, f"last line has no newline and is not complete JSON ({e})"
+            return Reason.MALFORMED_JSON, str(e)
+        return Reason.MALFORMED_JSON, f"not strict JSON (Python's json reads it): {e}"
     if not isinstance(value, dict):
         return Reason.NOT_AN_OBJECT, f"a JSON {_JSON_TYPES.get(type(value), 'null')}, not an object"
+    return Reason.WRONG_TYPE, _mismatch(value, dtype, field_prefix) or "a field has a type the schema does not allow"
+
+
+def _mismatch(value: dict[str, Any], dtype: pl.Struct, prefix: str) -> str | None:
+    """The first field (nested ones by their dotted path) whose JSON type the schema does not allow."""
     for f in dtype.fields:
-        if not _type_ok(value.get(f.name), f.dtype):
-            got = _JSON_TYPES.get(type(value[f.name]), "value")
-            return Reason.WRONG_TYPE, f"field {field_prefix}{f.name!r}: expected {_dtype_word(f.dtype)}, got {got}"
-    return Reason.WRONG_TYPE, "a field has a type the schema does not allow"
+        v = value.get(f.name)
+        if _type_ok(v, f.dtype):
+            continue
+        if isinstance(f.dtype, pl.Struct) and isinstance(v, dict) and (inner := _mismatch(v, f.dtype, f"{prefix}{f.name}.")):
+            return inner
+        return f"field {prefix + f.name!r}: expected {_dtype_word(f.dtype)}, got {_JSON_TYPES.get(type(v), 'value')}"
+    return None
 
 
 def _dtype_word(dtype: pl.DataType) -> str:
@@ -166,6 +186,187 @@ def _dtype_word(dtype: pl.DataType) -> str:
     if isinstance(dtype, pl.List):
         return f"array of {_dtype_word(dtype.inner)}"
     return "object"
+
+
+Warnings = dict[str, int]
+
+_REPAIR_HINT = r"NaN|Infinity|\\u0000|\\u[dD][89a-fA-F]"
+"""Lines that may hold what orjson and polars refuse (NaN, Infinity) or misread (polars reads a lone
+surrogate escape as NUL), or what PostgreSQL cannot store (NUL). Literal-led, so the scan is fast."""
+_HIGH = r"\\u[dD][89abAB][0-9a-fA-F]{2}"
+_LOW = r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+
+STRICT_FIELDS = frozenset(
+    {
+        "id",
+        "litellm_call_id",
+        "request_id",
+        "trace_id",
+        "session_id",
+        "startTime",
+        "endTime",
+        "completionStartTime",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "response_cost",
+        "saved_cache_cost",
+        "spend",
+    }
+)
+"""Ids, times, token counts and costs: a value of another JSON type must not pass as one (polars
+would read ``true`` as 1 and ``5`` as the id "5")."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def loads_lenient(text: str) -> Any:
+    """JSON as LiteLLM writes it (Python's ``json``: NaN, Infinity, lone surrogates), made safe to
+    store: orjson first (fast, strict), Python's ``json`` for what it rejects, then ``clean``."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = json.loads(text)
+        return clean(value, None)
+    return clean(value, None) if "\\u0000" in text else value
+
+
+def clean(value: Any, warnings: Warnings | None, field: str = "") -> Any:
+    """Lone surrogates and NULs become U+FFFD (no UTF-8 encoder, protobuf or PostgreSQL takes them),
+    NaN and infinities become null; each counted in ``warnings`` by kind and top-level field."""
+    t = type(value)
+    if t is str:
+        if "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
+            _warn(warnings, "nul_char")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = _SURROGATE.sub("\ufffd", value)
+            _warn(warnings, "lone_surrogate")
+        return value
+    if t is float:
+        if math.isfinite(value):
+            return value
+        _warn(warnings, f"nan_{field or 'value'}")
+        return None
+    if t is dict:
+        return {clean(k, warnings, field): clean(v, warnings, field or k) for k, v in value.items()}
+    if t is list:
+        return [clean(v, warnings, field) for v in value]
+    return value
+
+
+def _warn(warnings: Warnings | None, kind: str, n: int = 1) -> None:
+    if warnings is not None:
+        warnings[kind] = warnings.get(kind, 0) + n
+
+
+def _no_nul(frame: pl.DataFrame) -> pl.DataFrame:
+    """Text decoded from JSON-text columns (SpendLogs metadata, request_tags) may hold NULs (polars
+    also reads a lone surrogate escape as one): U+FFFD, as ``clean`` does for the rest."""
+    text = [c for c, t in frame.schema.items() if t == pl.String and c != "raw"]
+    return frame.with_columns(
+        *(pl.col(c).str.replace_all("\x00", "\ufffd", literal=True) for c in text),
+        pl.col("request_tags").list.eval(pl.element().str.replace_all("\x00", "\ufffd", literal=True)),
+    )
+
+
+def _repair(lines: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
+    """Rewrite the few lines orjson and polars cannot take as they are (NaN, Infinity, lone surrogates)
+    or that hold NULs, so everything downstream reads plain, storable JSON. Found by a regex over the
+    batch; only those lines are parsed one by one, and a line Python's ``json`` rejects too is left for
+    the decode step to quarantine."""
+    raw = pl.col("raw")
+    hinted = lines.select(raw.str.contains(_REPAIR_HINT)).to_series()
+    if not hinted.any():
+        return lines
+    idx = hinted.arg_true()
+    pairs = raw.str.count_matches(_HIGH + _LOW)
+    only_pairs = (raw.str.count_matches(_HIGH) == pairs) & (raw.str.count_matches(_LOW) == pairs)
+    needed = lines.select(raw.gather(idx)).select(raw.str.contains(r"NaN|Infinity|\\u0000") | ~only_pairs).to_series()
+    idx = idx.filter(needed)
+    fixed: list[str] = []
+    for text in lines["raw"].gather(idx).to_list():
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            fixed.append(text)
+            continue
+        fixed.append(json.dumps(clean(value, warnings), ensure_ascii=False))
+    return lines.with_columns(raw=lines["raw"].scatter(idx, pl.Series(fixed, dtype=pl.String)))
+
+
+def _strict_pattern(schema: RecordSchema) -> str | None:
+    """A regex that matches every line where one of the strict fields may hold a value of another
+    JSON type (it may also match nested keys of the same name: those lines are only checked)."""
+    bad_start = {"string": r'[^"n \t\r\n]', "number": r"[^-0-9n \t\r\n]", "integer": r"(?:[^0-9n \t\r\n]|[0-9]{19}|[0-9]+[.eE])"}
+    by_kind: dict[str, list[str]] = {}
+    for name, kind in schema.scalar_types.items():
+        if name in STRICT_FIELDS and kind in bad_start and not (kind == "string" and name.endswith("Time")):
+            by_kind.setdefault(kind, []).append(name)
+    parts = [rf'"(?:{"|".join(names)})"[ \t\r\n]*:[ \t\r\n]*{bad_start[kind]}' for kind, names in by_kind.items()]
+    return "|".join(parts) or None
+
+
+def _check_types(value: dict[str, Any], schema: RecordSchema, warnings: Warnings | None) -> tuple[str | None, bool]:
+    """(why a record's strict field has the wrong JSON type, or None; whether a field was dropped)."""
+    dropped = False
+    for name, kind in schema.scalar_types.items():
+        v = value.get(name)
+        if name not in STRICT_FIELDS or v is None:
+            continue
+        if kind == "string" and type(v) is not str:
+            return f"field {name!r}: expected string, got {_JSON_TYPES.get(type(v), 'value')}", dropped
+        if kind == "number" and type(v) not in (int, float):
+            return f"field {name!r}: expected number, got {_JSON_TYPES.get(type(v), 'value')}", dropped
+        if kind == "integer":
+            if type(v) is not int:
+                return f"field {name!r}: expected integer, got {_JSON_TYPES.get(type(v), 'value')}", dropped
+            if v < 0 or v >= 2**63:
+                _warn(warnings, f"{'negative' if v < 0 else 'huge'}_{name}")
+                value[name] = None
+                dropped = True
+    return None, dropped
+
+
+def _strict_types(part: pl.DataFrame, schema: RecordSchema, warnings: Warnings | None) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Quarantine lines whose id, time, token count or cost has another JSON type; drop (with a
+    warning) token counts that are negative or beyond int64."""
+    pattern = _strict_pattern(schema)
+    if pattern is None or not part.height:
+        return part, []
+    suspect = part.select(pl.col("raw").str.contains(pattern)).to_series()
+    if not suspect.any():
+        return part, []
+    idx = suspect.arg_true()
+    texts = part["raw"].gather(idx).to_list()
+    bad: list[int] = []
+    details: dict[int, str] = {}
+    fixed = list(texts)
+    for n, text in enumerate(texts):
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(value, dict):
+            continue
+        why, dropped = _check_types(value, schema, warnings)
+        if why is not None:
+            bad.append(int(idx[n]))
+            details[int(idx[n])] = why
+        elif dropped:
+            fixed[n] = json.dumps(value, ensure_ascii=False)
+    part = part.with_columns(raw=part["raw"].scatter(idx, pl.Series(fixed, dtype=pl.String)))
+    if not bad:
+        return part, []
+    rows = part.with_row_index("_i").filter(pl.col("_i").is_in(bad))
+    quarantined = [
+        QuarantineRecord.of(r["source"], r["line_no"], r["offset"], Reason.WRONG_TYPE, details[r["_i"]], r["raw"])
+        for r in rows.iter_rows(named=True)
+    ]
+    return part.with_row_index("_i").filter(~pl.col("_i").is_in(bad)).drop("_i"), quarantined
 
 
 def detect_format(lines: pl.DataFrame) -> pl.Series:
@@ -306,6 +507,7 @@ def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
         error_code=err("error_code"),
         error_message=pl.coalesce(err("error_message"), _text(opt("error_str"))),
         _start_raw=_field("startTime").cast(pl.String),
+        _first_raw=_field("completionStartTime").cast(pl.String) if "completionStartTime" in has else pl.lit(None, dtype=pl.String),
         _end_raw=_field("endTime").cast(pl.String),
     )
 
@@ -315,8 +517,8 @@ def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]
     checks: list[tuple[pl.Expr, Reason, str]] = [
         (pl.col("_start_raw").is_null(), Reason.MISSING_TIME, "startTime is missing"),
         (pl.col("_end_raw").is_null(), Reason.MISSING_TIME, "endTime is missing"),
-        (pl.col("start_us").is_null(), Reason.BAD_TIME, "startTime is not a valid time"),
-        (pl.col("end_us").is_null(), Reason.BAD_TIME, "endTime is not a valid time"),
+        (pl.col("start_us").is_null(), Reason.BAD_TIME, "startTime is not a valid time (1970 to 9999)"),
+        (pl.col("end_us").is_null(), Reason.BAD_TIME, "endTime is not a valid time (1970 to 9999)"),
         (pl.col("call_key_from").is_null(), Reason.MISSING_ID, "no call id: litellm_call_id, id and request_id are all missing"),
     ]
     quarantined: list[QuarantineRecord] = []
@@ -334,11 +536,45 @@ def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]
     return frame.drop("_start_raw", "_end_raw", "truncated"), quarantined
 
 
-def normalize(lines: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
-    """Raw line frame (source, line_no, offset, raw, truncated) -> canonical frame + quarantine."""
+def normalize_isolating(lines: pl.DataFrame, warnings: Warnings | None = None) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """``normalize`` that never raises: a batch it fails on is bisected down to the lines it fails on,
+    which are quarantined as ``unbuildable`` with the error, and the rest is normalized (warnings
+    count only from the attempts that succeeded)."""
+    counted: Warnings = {}
+    try:
+        out = normalize(lines, counted)
+        for kind, n in counted.items():
+            _warn(warnings, kind, n)
+        return out
+    except Exception as e:
+        if lines.height <= 1:
+            return empty_canonical(), [
+                QuarantineRecord.of(r["source"], r["line_no"], r["offset"], Reason.UNBUILDABLE, f"normalize: {error_text(e)}", r["raw"])
+                for r in lines.iter_rows(named=True)
+            ]
+    mid = lines.height // 2
+    left, left_bad = normalize_isolating(lines.slice(0, mid), warnings)
+    right, right_bad = normalize_isolating(lines.slice(mid), warnings)
+    return pl.concat([left, right]).sort("source", "offset"), left_bad + right_bad
+
+
+def error_text(e: BaseException) -> str:
+    """``ExcClass: first line of the message``, for a quarantine detail."""
+    message = str(e).strip().split("\n", 1)[0][:300]
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def normalize(lines: pl.DataFrame, warnings: Warnings | None = None) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Raw line frame (source, line_no, offset, raw, truncated) -> canonical frame + quarantine.
+
+    Fields dropped or replaced on the way (NaN, lone surrogates, NULs, negative token counts) are
+    counted in ``warnings``."""
+    if lines.height and lines["raw"].str.starts_with("\ufeff").any():
+        lines = lines.with_columns(pl.col("raw").str.strip_prefix("\ufeff"))
     lines = lines.filter(pl.col("raw").str.strip_chars() != "")
     if "file" not in lines.columns:
         lines = lines.with_columns(file=pl.col("source"))
+    lines = _repair(lines, warnings)
     lines = lines.with_columns(format=detect_format(lines))
     frames: list[pl.DataFrame] = []
     quarantined: list[QuarantineRecord] = []
@@ -346,11 +582,19 @@ def normalize(lines: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]
         part = lines.filter(pl.col("format") == schema.name).drop("format")
         if not part.height:
             continue
+        part, bad = _strict_types(part, schema, warnings)
+        quarantined += bad
         decoded, bad = _decode_part(part, schema)
         quarantined += bad
-        canonical, bad = _validate(_canonical(decoded, schema))
+        canonical = _canonical(decoded, schema)
+        if schema.json_text:
+            canonical = _no_nul(canonical)
+        canonical, bad = _validate(canonical)
         quarantined += bad
-        frames.append(canonical)
+        unusable_first = pl.col("first_token_us").is_null() & pl.col("_first_raw").is_not_null()
+        if warnings is not None and (dropped := canonical.select(unusable_first.sum()).item()):
+            _warn(warnings, "bad_completionStartTime", dropped)
+        frames.append(canonical.drop("_first_raw"))
     if not frames:
         return empty_canonical(), quarantined
     out = pl.concat(frames, how="vertical").sort("source", "offset")

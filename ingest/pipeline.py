@@ -24,11 +24,11 @@ import polars as pl
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
-from ingest.normalize import empty_canonical, normalize
-from ingest.quarantine import QuarantineWriter
-from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, Target, make_sink, resolve_target
+from ingest.normalize import empty_canonical, error_text, normalize_isolating
+from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
+from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
-from ingest.spans import BuiltTrace, Redaction, build_traces
+from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 
 if TYPE_CHECKING:
     from ingest.follow import Follower
@@ -60,6 +60,8 @@ class Summary:
     records_read: int = 0
     quarantined: int = 0
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    warnings: int = 0
+    warnings_by_kind: dict[str, int] = field(default_factory=dict)
     duplicates_dropped: int = 0
     calls: int = 0
     calls_outside_range: int = 0
@@ -120,6 +122,7 @@ class Pipeline:
         self.summary = Summary()
         self.clock: Callable[[], int] = now_us
         self.before_write: Callable[[], None] | None = None
+        self.warnings: dict[str, int] = {}
         self._first: int | None = None
         self._last: int | None = None
 
@@ -139,7 +142,7 @@ class Pipeline:
     def feed(self, chunk: Chunk) -> None:
         """Normalize, dedupe and write what is final; returns once MLflow acknowledged it."""
         self.quarantine.write(chunk.quarantined)
-        records, bad = normalize(chunk.lines)
+        records, bad = normalize_isolating(chunk.lines, self.warnings)
         self.quarantine.write(bad)
         self.summary.records_read += records.height + len(bad) + len(chunk.quarantined)
         self._step(records, final=False)
@@ -155,7 +158,7 @@ class Pipeline:
             self.summary.records_read += len(chunk.quarantined)
             frames.append(chunk.lines)
         merged = Chunk("", pl.concat(frames, how="diagonal") if frames else chunks[0].lines)
-        records, bad = normalize(merged.lines)
+        records, bad = normalize_isolating(merged.lines, self.warnings)
         self.quarantine.write(bad)
         self.summary.records_read += records.height + len(bad)
         self._step(records, final=False)
@@ -166,7 +169,7 @@ class Pipeline:
 
     def restore_recent(self, lines: pl.DataFrame) -> None:
         """Calls written as failed by an earlier run (saved lines): a late retry of one still rewrites it whole."""
-        records, bad = normalize(lines)
+        records, bad = normalize_isolating(lines)
         self.quarantine.write(bad)
         self.recent = pl.concat([self.recent, records])
         self.recent_failed = set(self.recent["call_key"].unique().to_list()) if self.recent.height else set()
@@ -177,6 +180,7 @@ class Pipeline:
         s.quarantined = self.quarantine.total
         s.quarantined_by_reason = dict(self.quarantine.counts)
         s.quarantine_file = str(self.quarantine.path) if self.quarantine.total and self.quarantine.path else None
+        s.warnings, s.warnings_by_kind = sum(self.warnings.values()), dict(self.warnings)
         s.first_start, s.last_end = _iso(self._first), _iso(self._last)
         return s
 
@@ -246,11 +250,19 @@ class Pipeline:
 
     def _emit(self, ready: pl.DataFrame) -> None:
         """Build and send in batches, a few in flight (building the next overlaps sending the last);
-        returns once every batch is acknowledged, or raises the first failure after all settled."""
+        returns once every batch is acknowledged, or raises the first failure after all settled.
+
+        A call whose spans cannot be built, or that the store rejects, is quarantined and the rest
+        written: no record can stop the run. Outages still raise (the calls are held for a retry)."""
         sent: list[tuple[list[BuiltTrace], Future[int]]] = []
         batch: list[BuiltTrace] = []
         try:
-            for trace in build_traces(ready, self.experiment_id, self.redact):
+            for rows in group_calls(ready):
+                try:
+                    trace = build_trace(rows, self.experiment_id, self.redact)
+                except Exception as e:
+                    self.quarantine.write(_quarantined(rows, Reason.UNBUILDABLE, f"build: {error_text(e)}"))
+                    continue
                 batch.append(trace)
                 if len(batch) >= self.batch_traces:
                     sent.append((batch, self.sink.submit(batch)))
@@ -261,13 +273,49 @@ class Pipeline:
             failure: BaseException | None = None
             for written, future in sent:
                 try:
-                    self._account(written, future.result())
+                    try:
+                        spans = future.result()
+                    except SinkError as e:
+                        if e.kind != "rejected":
+                            raise
+                        written, spans = self._write_isolating(written, e)
+                    self._account(written, spans)
                 except BaseException as e:
                     failure = failure or e
             if failure is not None:
                 raise failure
 
+    def _write_isolating(self, batch: list[BuiltTrace], error: SinkError) -> tuple[list[BuiltTrace], int]:
+        """A batch the store rejected, written in halves down to the traces it will not take, which are
+        quarantined. If it takes none of them, the store (not the data) is the problem: that raises."""
+        written: list[BuiltTrace] = []
+        refused: list[tuple[BuiltTrace, SinkError]] = []
+        spans = 0
+
+        def attempt(part: list[BuiltTrace], why: SinkError) -> None:
+            nonlocal spans
+            if len(part) == 1:
+                refused.append((part[0], why))
+                return
+            for half in (part[: len(part) // 2], part[len(part) // 2 :]):
+                try:
+                    spans += self.sink.write(half)
+                    written.extend(half)
+                except SinkError as e:
+                    if e.kind != "rejected":
+                        raise
+                    attempt(half, e)
+
+        attempt(batch, error)
+        if len(batch) > 1 and not written:
+            raise error
+        for trace, why in refused:
+            self.quarantine.write(_quarantined(trace.rows, Reason.UNWRITABLE, f"sink: {why}"))
+        return written, spans
+
     def _account(self, batch: list[BuiltTrace], spans: int) -> None:
+        if not batch:
+            return
         s = self.summary
         s.calls += len(batch)
         if not isinstance(self.sink, NullSink):
@@ -277,6 +325,11 @@ class Pipeline:
         hi = max(t.end_us for t in batch)
         self._first = lo if self._first is None else min(self._first, lo)
         self._last = hi if self._last is None else max(self._last, hi)
+
+
+def _quarantined(rows: list[dict[str, Any]], reason: Reason, detail: str) -> list[QuarantineRecord]:
+    """Every record of a call, each with its own file, line and offset."""
+    return [QuarantineRecord.of(r["source"], r["line_no"], r["offset"], reason, detail, r["raw"]) for r in rows]
 
 
 @dataclass

@@ -29,6 +29,8 @@ class Reason(str, enum.Enum):
     BAD_TIME = "bad_time"
     MISSING_ID = "missing_id"
     LINE_TOO_LONG = "line_too_long"
+    UNBUILDABLE = "unbuildable"
+    UNWRITABLE = "unwritable"
 
 
 @dataclass(frozen=True)

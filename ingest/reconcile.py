@@ -14,7 +14,7 @@ import polars as pl
 
 from ingest.dedupe import dedupe
 from ingest.ids import mlflow_trace_id, otel_trace_id
-from ingest.normalize import normalize
+from ingest.normalize import normalize_isolating
 from ingest.pipeline import RunOptions, resolve_run_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sources import discover, read_chunks
@@ -49,7 +49,7 @@ def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
     for path in discover(opts.paths):
         for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):
             quarantine.write(chunk.quarantined)
-            records, bad = normalize(chunk.lines)
+            records, bad = normalize_isolating(chunk.lines)
             quarantine.write(bad)
             deduped, _ = dedupe(records)
             part = deduped.group_by("call_key").agg(pl.col("start_us").min())

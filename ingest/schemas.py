@@ -69,6 +69,8 @@ class RecordSchema:
     id_fields: tuple[str, ...]
     direct: dict[str, pl.DataType] = field(default_factory=dict)
     json_text: dict[str, pl.DataType] = field(default_factory=dict)
+    scalar_types: dict[str, str] = field(default_factory=dict)
+    """Top-level fields declared as exactly one scalar JSON type (or null): name -> that type."""
 
     @property
     def decode_dtype(self) -> pl.Struct:
@@ -88,7 +90,11 @@ def load_schema(path: Path) -> RecordSchema:
     meta = doc.get("x-ingest", {})
     direct: dict[str, pl.DataType] = {}
     json_text: dict[str, pl.DataType] = {}
+    scalar_types: dict[str, str] = {}
     for key, node in doc.get("properties", {}).items():
+        types = _types(node)
+        if len(types) == 1 and (only := next(iter(types))) in _SCALARS:
+            scalar_types[key] = only
         dtype = dtype_for(node)
         if dtype is None:
             continue
@@ -105,6 +111,7 @@ def load_schema(path: Path) -> RecordSchema:
         id_fields=tuple(meta.get("id_fields", [])),
         direct=direct,
         json_text=json_text,
+        scalar_types=scalar_types,
     )
 
 

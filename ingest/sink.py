@@ -290,7 +290,10 @@ class OtlpSink:
     def write(self, traces: list[BuiltTrace]) -> int:
         if not traces:
             return 0
-        body = gzip.compress(otlp_request(traces).SerializeToString(), compresslevel=5)
+        try:
+            body = gzip.compress(otlp_request(traces).SerializeToString(), compresslevel=5)
+        except Exception as e:
+            raise SinkError(f"encoding traces as OTLP failed: {_short(e)}", kind="rejected") from e
         headers = {
             "Content-Type": "application/x-protobuf",
             "Content-Encoding": "gzip",
@@ -340,6 +343,24 @@ def _transient_db(e: Exception) -> bool:
     return "database is locked" in text or "could not connect" in text or "connection refused" in text or "deadlock" in text
 
 
+def _data_error(e: Exception) -> bool:
+    """The database (or the derivation before it) refused this data, as opposed to being unavailable:
+    worth splitting the batch to find the trace it cannot take, never worth retrying."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
+
+    if isinstance(e, (OperationalError, InterfaceError)):
+        return False
+    if isinstance(e, (DataError, IntegrityError)):
+        return True
+    if isinstance(e, StatementError) and isinstance(e.orig, (ValueError, TypeError, UnicodeError, OverflowError)):
+        return True
+    if isinstance(e, MlflowException):
+        cause = e.__cause__
+        return _data_error(cause) if isinstance(cause, Exception) else e.error_code == "INVALID_PARAMETER_VALUE"
+    return isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError, UnicodeError, OverflowError, RecursionError))
+
+
 class StoreSink(_Synchronous):
     """Write into a database MLflow store: by default with the bulk writer (``sql_bulk``), which
     leaves the rows MLflow's own ``log_spans`` would; ``writer="mlflow"`` (or a store the bulk
@@ -376,7 +397,8 @@ class StoreSink(_Synchronous):
         try:
             with_retries(write_once, "log spans", self.deadline_s, _transient_db, self.on_retry)
         except Exception as e:
-            raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}") from e
+            kind = "rejected" if _data_error(e) else "unreachable"
+            raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}", kind=kind) from e
         return count
 
     def delete(self, trace_ids: list[str]) -> None:

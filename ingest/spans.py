@@ -11,23 +11,31 @@ paths store the same thing.
 from __future__ import annotations
 
 import functools
+import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import polars as pl
 from mlflow.entities.span import SpanType
-from mlflow.tracing.constant import SpanAttributeKey, TraceTagKey
+from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, SpanAttributeKey, TraceTagKey
 from mlflow.utils.validation import MAX_TRACE_TAG_VAL_LENGTH, _validate_trace_tag
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
+from ingest.normalize import loads_lenient
 
 REDACTED = "[redacted]"
+MAX_CALL_TYPE_IN_NAME = 200
+"""Session ids, users and the trace name are cut to what MLflow's columns hold (an over-long one
+otherwise makes the store refuse the whole trace)."""
+MAX_ATTRIBUTE_DEPTH = 24
+"""Objects and arrays nested deeper go into OTLP as their JSON text: protobuf parsers (the server's)
+refuse messages nested past 100 levels, and every JSON level is 2-3 protobuf levels."""
 TAG_PREFIX = "litellm."
 
 _CHAT = {"completion", "acompletion", "anthropic_messages", "responses", "aresponses", "generate_content", "agenerate_content"}
@@ -121,8 +129,8 @@ def _json_value(value: Any) -> Any:
     """SpendLogs keeps JSON columns as JSON text; decode it, and treat ``{}``/``""`` as absent."""
     if isinstance(value, str):
         try:
-            value = orjson.loads(value)
-        except orjson.JSONDecodeError:
+            value = loads_lenient(value)
+        except (ValueError, RecursionError):
             return value or None
     return value if value not in ({}, [], "", None) else None
 
@@ -131,8 +139,8 @@ def _logged_json(value: Any) -> Any:
     """A JSON column as logged (JSON text decoded), ``{}`` for nothing, as LiteLLM's callback shows it."""
     if isinstance(value, str):
         try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError:
+            return loads_lenient(value)
+        except (ValueError, RecursionError):
             return value
     return {} if value is None else value
 
@@ -156,11 +164,14 @@ class _Attempt:
 
 
 def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
-    payload = orjson.loads(row["raw"])
+    """One record's span content. Nested fields may hold any JSON shape: one that is not what LiteLLM
+    writes is left out (model_parameters) or passed on as it is (messages, response)."""
+    payload = loads_lenient(row["raw"])
     params: dict[str, Any] = {}
     request: dict[str, Any] | None = None
     if row["format"] == "standard_logging_payload":
-        params = payload.get("model_parameters") or {}
+        mp = payload.get("model_parameters")
+        params = mp if isinstance(mp, dict) else {}
         messages = payload.get("messages")
     else:
         request = _json_value(payload.get("proxy_server_request"))
@@ -192,10 +203,10 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
     return _Attempt(row, payload, inputs, outputs, params, raw_response)
 
 
-def set_any(av: AnyValue, value: Any) -> None:
+def set_any(av: AnyValue, value: Any, depth: int = 0) -> None:
     """Fill an OTLP AnyValue in place, byte-for-byte what MLflow's own exporter writes, but without its
     copy per nesting level (2-3x faster on LiteLLM payloads). Integers beyond int64 become text
-    instead of failing the record."""
+    instead of failing the record, and so do objects nested past ``MAX_ATTRIBUTE_DEPTH``."""
     t = type(value)
     if value is None:
         return
@@ -213,18 +224,20 @@ def set_any(av: AnyValue, value: Any) -> None:
             av.string_value = str(value)
     elif t is float:
         av.double_value = value
+    elif (t is dict or t is list or t is tuple) and depth >= MAX_ATTRIBUTE_DEPTH:
+        av.string_value = json.dumps(value, ensure_ascii=False, default=str)
     elif t is dict:
         kvl = av.kvlist_value
         kvl.SetInParent()
         add = kvl.values.add
         for k, v in value.items():
-            set_any(add(key=k if type(k) is str else str(k)).value, v)
+            set_any(add(key=k if type(k) is str else str(k)).value, v, depth + 1)
     elif t is list or t is tuple:
         arr = av.array_value
         arr.SetInParent()
         add = arr.values.add
         for x in value:
-            set_any(add(), x)
+            set_any(add(), x, depth + 1)
     else:
         av.string_value = str(value)
 
@@ -249,7 +262,7 @@ def _token_usage(a: _Attempt) -> dict[str, int] | None:
     response = _json_value(a.payload.get("response"))
     if isinstance(response, dict) and isinstance(response.get("usage"), dict):
         details = response["usage"].get("prompt_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int) and details["cached_tokens"] > 0:
+    if isinstance(details, dict) and type(details.get("cached_tokens")) is int and 0 < details["cached_tokens"] < 2**63:
         usage["cache_read_input_tokens"] = details["cached_tokens"]
     return usage
 
@@ -267,8 +280,8 @@ def _llm_cost(a: _Attempt, breakdown: dict[str, Any] | None) -> dict[str, float]
         return None
     cost = {"total_cost": float(a.row["cost"])}
     for k in ("input_cost", "output_cost"):
-        if breakdown and isinstance(breakdown.get(k), (int, float)):
-            cost[k] = float(breakdown[k])
+        if breakdown and type(v := breakdown.get(k)) in (int, float) and math.isfinite(v):
+            cost[k] = float(v)
     return cost
 
 
@@ -446,13 +459,13 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
     call_key = rows[0]["call_key"]
     tid = otel_trace_id(experiment_id, call_key)
     root_id = otel_span_id(tid, "root")
-    name = f"litellm-{final.row['call_type']}"
+    name = f"litellm-{final.row['call_type'][:MAX_CALL_TYPE_IN_NAME]}"
     start_us = min(r["start_us"] for r in rows)
     end_us = max(r["end_us"] for r in rows)
     root = SpanData(tid, root_id, None, name, start_us, end_us)
     by_end = sorted(rows, key=lambda r: (r["end_us"], r["start_us"]))
-    session = next((r["session"] for r in reversed(by_end) if r["session"]), None)
-    user = next((r["user"] for r in reversed(by_end) if r["user"]), None)
+    session = next((r["session"][:MAX_CHARS_IN_TRACE_INFO_METADATA] for r in reversed(by_end) if r["session"]), None)
+    user = next((r["user"][:MAX_TRACE_TAG_VAL_LENGTH] for r in reversed(by_end) if r["user"]), None)
     root_attrs: dict[str, Any] = {
         SpanAttributeKey.SESSION_ID: session,
         SpanAttributeKey.USER_ID: user,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from ingest.spans import BuiltTrace, SpanData, set_any
+from ingest.spans import MAX_ATTRIBUTE_DEPTH, BuiltTrace, SpanData, set_any
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class RowDeriver:
         if t is float and math.isfinite(value):
             return float.__repr__(value)
         text = self._encode(value)
-        if (t is dict or t is list) and _LONG_DIGITS.search(text) is None:
+        if (t is dict or t is list) and _LONG_DIGITS.search(text) is None and not _too_deep(text, value):
             return text
         return self._encode(_wire(value))
 
@@ -412,6 +412,23 @@ def _b64(raw: bytes) -> str:
 
 
 _LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def _too_deep(text: str, value: Any) -> bool:
+    """Nested past what ``set_any`` sends as structure (the deeper part goes as JSON text): counted
+    only when the text has enough brackets to be that deep at all."""
+    if text.count("[") + text.count("{") <= MAX_ATTRIBUTE_DEPTH:
+        return False
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth >= MAX_ATTRIBUTE_DEPTH:
+            return True
+        if type(node) is dict:
+            stack.extend((v, depth + 1) for v in node.values() if type(v) is dict or type(v) is list)
+        elif type(node) is list:
+            stack.extend((v, depth + 1) for v in node if type(v) is dict or type(v) is list)
+    return False
 
 
 def _plain(value: Any) -> Any:
