@@ -273,6 +273,10 @@ def _no_nul(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+_ODD_PARAMETERS = r'[{,]\s*"model_parameters"\s*:\s*[^{n\s]'
+"""``model_parameters`` that is not an object (nor null): the span builder leaves it out, the summary says so."""
+
+
 def _repair(lines: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
     """Rewrite the few lines orjson and polars cannot take as they are (NaN, Infinity, lone surrogates)
     or that hold NULs, so everything downstream reads plain, storable JSON. Found by a regex over the
@@ -575,6 +579,10 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None) -> tuple[pl
     if "file" not in lines.columns:
         lines = lines.with_columns(file=pl.col("source"))
     lines = _repair(lines, warnings)
+    if warnings is not None and lines.height:
+        odd = int(lines.select(pl.col("raw").str.contains(_ODD_PARAMETERS).sum()).item())
+        if odd:
+            _warn(warnings, "dropped_model_parameters", odd)
     lines = lines.with_columns(format=detect_format(lines))
     frames: list[pl.DataFrame] = []
     quarantined: list[QuarantineRecord] = []

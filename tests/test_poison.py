@@ -75,8 +75,8 @@ QUARANTINED: dict[str, tuple[Callable[[dict], None], str, str]] = {
 }
 
 KEPT: dict[str, tuple[Callable[[dict], None], str | None]] = {
-    "model_parameters array": (lambda r: r.update(model_parameters=[1, {"a": 2}]), None),
-    "model_parameters string": (lambda r: r.update(model_parameters="temperature=0"), None),
+    "model_parameters array": (lambda r: r.update(model_parameters=[1, {"a": 2}]), "dropped_model_parameters"),
+    "model_parameters string": (lambda r: r.update(model_parameters="temperature=0"), "dropped_model_parameters"),
     "lone surrogate in a prompt": (lambda r: r["messages"][0].update(content="\ud800Hello"), "lone_surrogate"),
     "NaN cost": (lambda r: r.update(response_cost=float("nan")), "nan_response_cost"),
     "negative token count": (lambda r: r.update(completion_tokens=-3), "negative_completion_tokens"),
