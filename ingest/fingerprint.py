@@ -29,8 +29,17 @@ def fingerprint(path: Path) -> str | None:
 
 
 def fingerprint_of(f: BinaryIO) -> str | None:
-    """The fingerprint of an open log (read from its start)."""
-    head = f.read(FIRST_LINE_CAP)
+    """The fingerprint of an open log (read from its start, in small steps: a gzip that ends early
+    still has a fingerprint if its first line is whole)."""
+    head = b""
+    while len(head) < FIRST_LINE_CAP and b"\n" not in head:
+        try:
+            block = f.read1(min(8192, FIRST_LINE_CAP - len(head)))  # type: ignore[attr-defined]
+        except EOFError:
+            break
+        if not block:
+            break
+        head += block
     nl = head.find(b"\n")
     if nl >= 0:
         head = head[: nl + 1]

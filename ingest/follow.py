@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -91,7 +92,9 @@ def _reader(fd: int, gz: bool) -> BinaryIO:
 
 
 def _tail_at(fd: int, gz: bool, offset: int) -> str | None:
-    """The digest of the bytes just before ``offset`` as the file holds them now."""
+    """The digest of the bytes just before ``offset`` as the file holds them now; None if it is shorter.
+
+    Raises EOFError for a compressed stream that ends early: a gzip copy still being written."""
     start = max(0, offset - TAIL_BYTES)
     try:
         with _reader(fd, gz) as f:
@@ -102,7 +105,7 @@ def _tail_at(fd: int, gz: bool, offset: int) -> str | None:
             else:
                 f.seek(start)
             data = f.read(offset - start)
-    except (OSError, EOFError):
+    except (OSError, zlib.error):
         return None
     return tail_digest(data) if len(data) == offset - start else None
 
@@ -184,11 +187,17 @@ class Follower:
             os.close(fd)
             return None
         key, ck = fp, self.state.checkpoints.get(fp)
-        if ck is not None and not self._continues(ck, fd, gz):
+        try:
+            continues = ck is None or self._continues(ck, fd, gz)
+        except EOFError:
+            os.close(fd)
+            return None
+        if not continues:
             key = f"{fp}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
             ck = self.state.checkpoints.get(key)
-            if ck is not None and not self._continues(ck, fd, gz):
-                self._restart(ck)
+            with contextlib.suppress(EOFError):
+                if ck is not None and not self._continues(ck, fd, gz):
+                    self._restart(ck)
         if ck is None:
             ck = Checkpoint(key, str(path.resolve()))
             if self.from_end and not gz:
@@ -211,9 +220,6 @@ class Follower:
 
     def follow(self, f: Followed) -> Followed:
         """Take ``f`` on: its checkpoint joins the state, and held lines named by a version-1 state are fed."""
-        if f.key in self.state.checkpoints and not self._continues(f.ck, f.fd, f.gz):
-            log.info("%s was truncated or rewritten; reading it again from the start", f.path)
-            self._restart(f.ck)
         f.ck.path = str(f.path.resolve())
         self.state.checkpoints[f.key] = f.ck
         self.files[f.key] = f
@@ -256,12 +262,16 @@ class Follower:
             return
         if final is None:
             final = f.gz or time.time() - f.mtime() > self.partial_timeout_s
-        with f.reader() as fh:
-            for chunk in read_chunks(
-                f.path, f.ck.offset, max(f.ck.line, 1), self.chunk_bytes, self.max_line_bytes, final=final, fileobj=fh
-            ):
-                chunk.lines = chunk.lines.with_columns(file=pl.lit(f.key))
-                yield chunk
+        try:
+            with f.reader() as fh:
+                for chunk in read_chunks(
+                    f.path, f.ck.offset, max(f.ck.line, 1), self.chunk_bytes, self.max_line_bytes, final=final, fileobj=fh
+                ):
+                    chunk.lines = chunk.lines.with_columns(file=pl.lit(f.key))
+                    yield chunk
+        except (EOFError, OSError, zlib.error) as e:
+            # A gzip copy still being written, or a damaged one: what could be read is in; the rest waits.
+            log.warning("%s cannot be read past byte %d (%s); reading it again later", f.path, f.ck.offset, e)
 
     def advance(self, f: Followed, chunk: Chunk) -> None:
         """Move ``f``'s checkpoint past ``chunk``: call only after the pipeline was fed it and returned."""
@@ -270,7 +280,10 @@ class Follower:
         if len(chunk.tail) >= min(TAIL_BYTES, ck.offset):
             ck.tail = tail_digest(chunk.tail) if ck.offset > 0 else None
         else:
-            ck.tail = _tail_at(f.fd, f.gz, ck.offset)
+            try:
+                ck.tail = _tail_at(f.fd, f.gz, ck.offset)
+            except EOFError:
+                ck.tail = None
         ck.updated_at = now_iso()
         if not f.gz:
             ck.size = f.size()

@@ -159,7 +159,7 @@ def read_chunks(
         offset, line_no = start_offset, start_line
         carry = b""
         overlong: tuple[bytes, int] | None = None
-        while block := f.read(chunk_bytes):
+        while block := _read_block(f, chunk_bytes):
             if overlong is not None:
                 nl = block.find(b"\n")
                 if nl < 0:
@@ -209,6 +209,28 @@ def read_chunks(
                 raw_file,
                 (tail + carry)[-TAIL_BYTES:],
             )
+
+
+def _read_block(f: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes. From gzip, in the decompressor's own steps: a stream that ends early
+    (a copy still being written, a damaged archive) gives every whole byte before its end, then
+    raises EOFError."""
+    if not isinstance(f, gzip.GzipFile):
+        return f.read(size)
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        try:
+            part = f.read1(size - got)
+        except EOFError:
+            if parts:
+                break
+            raise
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _at_disk(chunk: Chunk, raw_file: BinaryIO, tail: bytes) -> Chunk:

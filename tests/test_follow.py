@@ -469,3 +469,37 @@ def test_an_outage_keeps_memory_flat_and_reads_nothing_again_until_mlflow_answer
 def test_checkpoint_dataclass_round_trips(tmp_path: Path) -> None:
     ck = Checkpoint("sha256:ab", "/x", 10, 2, 10, None, False, "t")
     assert Checkpoint.from_dict(ck.as_dict()) == ck
+
+
+def _noisy_lines(n: int) -> str:
+    """Lines that compress badly, so a cut gzip still holds whole lines at its start."""
+    return "".join(line(record(f"g-{i}", "success", 100.0 + i, 101.0 + i) | {"noise": os.urandom(600).hex()}) for i in range(n))
+
+
+def test_a_gzip_copy_still_being_written_is_left_for_later_then_continues(tmp_path: Path) -> None:
+    log = tmp_path / "proxy.jsonl"
+    log.write_text(_noisy_lines(8))
+    follower = Follower(State(tmp_path / "s.json", "batch", {}), Pipeline(RecordingSink(), "1", QuarantineWriter(None)))  # type: ignore[arg-type]
+    f = follower.follow(follower.identify(log))  # type: ignore[arg-type]
+    for chunk in follower.chunks(f):
+        follower.advance(f, chunk)
+    follower.forget(f.key)
+    whole = gzip.compress(log.read_bytes())
+    gz = tmp_path / "proxy.jsonl.1.gz"
+    gz.write_bytes(whole[: len(whole) * 3 // 4])
+    assert follower.identify(gz) is None, "a half-written gzip copy was taken for another file"
+    gz.write_bytes(whole)
+    g = follower.identify(gz)
+    assert g is not None and g.key == f.key and follower.is_done(g)
+    g.close()
+
+
+def test_a_damaged_gzip_is_read_as_far_as_it_goes_and_never_raises(tmp_path: Path) -> None:
+    gz = tmp_path / "old.jsonl.gz"
+    whole = gzip.compress(_noisy_lines(8).encode())
+    gz.write_bytes(whole[: len(whole) // 2])
+    follower = Follower(State(tmp_path / "s.json", "batch", {}), Pipeline(RecordingSink(), "1", QuarantineWriter(None)))  # type: ignore[arg-type]
+    f = follower.follow(follower.identify(gz))  # type: ignore[arg-type]
+    got = [i for c in follower.chunks(f) for i in c.lines["line_no"].to_list()]
+    assert 1 <= len(got) < 8 and got == list(range(1, len(got) + 1))
+    f.close()
