@@ -479,6 +479,6 @@ def _ingest_file(path: Path, follower: Follower, opts: RunOptions, progress: Pro
                 progress(str(path), chunk, pipe.summary)
             if opts.stop.is_set():
                 raise KeyboardInterrupt
-        f.ck.done = f.gz
+        f.ck.done = follower.is_done(f)
     finally:
         follower.forget(f.key)
