@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import all_traces, client_for, copies, reidentify, sqlite_trace_count, write_log
+from tests.conftest import all_traces, client_for, copies, reidentify, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -362,37 +361,35 @@ def test_redact_keeps_texts_out_but_usage_and_cost_in(tmp_path: Path, capture: l
 
 
 def test_second_run_on_the_same_state_exits_5_at_once(tmp_path: Path, capture: list[dict]) -> None:
-    cs = copies(capture, 15, "lock")
-    files = [write_log(tmp_path / "logs" / f"p{i}.jsonl", [r for c in cs[i * 5 : i * 5 + 5] for r in c]) for i in range(3)]
+    cs = copies(capture, 3, "lock")
+    log = write_log(tmp_path / "logs" / "p.jsonl", [r for c in cs for r in c])
     db = tmp_path / "store.db"
     state = tmp_path / "state"
-    # MLflow's own per-row writer keeps the first run busy long enough to be overlapped.
-    args = ["batch", *map(str, files), "--tracking-uri", f"sqlite:///{db}", "--sql-writer", "mlflow", "--experiment-name", "locked"]
-    args += ["--state-dir", str(state), "-q"]
-    first = subprocess.Popen([EXE, *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["batch", str(log), "--tracking-uri", f"sqlite:///{db}", "--experiment-name", "locked", "--state-dir", str(state), "-q"]
+    assert run(*args, cwd=tmp_path, timeout=120).returncode == 0
+    (state_file,) = state.glob("batch-*.json")
+    # Another run in the middle of its work: a real process holding this state's lock as a run does.
+    holder_code = (
+        "import sys, time; from pathlib import Path; from ingest.checkpoints import State\n"
+        "with State(Path(sys.argv[1]), 'batch', {}).locked():\n    print('locked', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(state_file)], stdout=subprocess.PIPE, text=True, env=_env())
     try:
-        started = time.monotonic()
-        # Writing has begun, so the first run holds its lock.
-        while first.poll() is None and sqlite_trace_count(db) == 0:
-            time.sleep(0.05)
-        assert first.poll() is None, first.communicate()
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         t0 = time.monotonic()
         second = run(*args, cwd=tmp_path, timeout=120)
         took = time.monotonic() - t0
-        first_still_running = first.poll() is None
-        first_ran = time.monotonic() - started
     finally:
-        if first.poll() is None:
-            os.kill(first.pid, signal.SIGKILL)
-        first.communicate(timeout=30)
+        holder.kill()
+        holder.communicate(timeout=30)
 
     no_traceback(second)
     assert second.returncode == 5, (second.returncode, second.stdout, second.stderr[-3000:])
-    assert first_still_running, f"the second run took {took:.1f}s: it waited for the first ({first_ran:.1f}s) instead of leaving"
+    assert took < 60, f"the second run took {took:.1f}s: it waited for the lock instead of leaving"
     lines = [x for x in second.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, second.stderr
     locks = list(state.glob("*.lock"))
     assert len(locks) == 1, locks
     assert lines[0].startswith("litellm-ingest: error: ") and str(locks[0]) in lines[0], lines[0]
-    assert f"pid {first.pid}" in lines[0], lines[0]
+    assert f"pid {holder.pid}" in lines[0], lines[0]
     assert second.stdout == ""
