@@ -11,21 +11,11 @@ line yet has no fingerprint and is left for later.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import BinaryIO
 
-from ingest.sources import TAIL_BYTES, open_log
+from ingest.sources import TAIL_BYTES
 
 FIRST_LINE_CAP = 64 * 1024
-
-
-def fingerprint(path: Path) -> str | None:
-    """``sha256:<hex>`` of the first line (up to 64 KiB), or None while there is no complete first line."""
-    try:
-        with open_log(path) as f:
-            return fingerprint_of(f)
-    except (OSError, EOFError):
-        return None
 
 
 def fingerprint_of(f: BinaryIO) -> str | None:

@@ -32,7 +32,7 @@ import polars as pl
 
 from ingest.checkpoints import Checkpoint, State, now_iso
 from ingest.fingerprint import fingerprint_of, tail_digest
-from ingest.sources import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, GZIP_MAGIC, TAIL_BYTES, Chunk, read_chunks, read_lines_at
+from ingest.sources import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, GZIP_MAGIC, TAIL_BYTES, Chunk, read_chunks, read_lines_at, skip_to
 
 if TYPE_CHECKING:
     from ingest.pipeline import Pipeline
@@ -77,9 +77,6 @@ class Followed:
         mine = os.fstat(self.fd)
         return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
 
-    def fully_read(self) -> bool:
-        return self.gz or self.stale or self.ck.offset >= self.size()
-
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
@@ -95,19 +92,12 @@ def _tail_at(fd: int, gz: bool, offset: int) -> str | None:
     """The digest of the bytes just before ``offset`` as the file holds them now; None if it is shorter.
 
     Raises EOFError for a compressed stream that ends early: a gzip copy still being written."""
-    start = max(0, offset - TAIL_BYTES)
     try:
         with _reader(fd, gz) as f:
-            if gz:
-                remaining = start
-                while remaining > 0 and (got := f.read(min(remaining, 1 << 20))):
-                    remaining -= len(got)
-            else:
-                f.seek(start)
-            data = f.read(offset - start)
+            before = skip_to(f, offset, 1 << 20)
     except (OSError, zlib.error):
         return None
-    return tail_digest(data) if len(data) == offset - start else None
+    return tail_digest(before) if len(before) == min(TAIL_BYTES, offset) else None
 
 
 def _gzip_size_mod32(fd: int) -> int:
@@ -240,6 +230,10 @@ class Follower:
         """A compressed file read to its end before (its trailer's size is the checkpoint's offset)."""
         return f.gz and f.ck.offset > 0 and _gzip_size_mod32(f.fd) == f.ck.offset % 2**32
 
+    def read_to_end(self, f: Followed) -> bool:
+        """Nothing of ``f`` is left to read: its checkpoint is at its end, or its descriptor no longer holds its lines."""
+        return f.stale or (self.is_done(f) if f.gz else f.ck.offset >= f.size())
+
     # --- reading ---------------------------------------------------------------------------------
 
     def restore(self) -> None:
@@ -248,12 +242,6 @@ class Follower:
             self.pipeline.restore_recent(lines_frame(self.state.recent))
         if self.state.held:
             self.pipeline.feed(Chunk("", lines_frame(self.state.held)))
-
-    def read(self, f: Followed, final: bool | None = None) -> Chunk | None:
-        """The next chunk of complete lines after ``f``'s checkpoint (the checkpoint does not move)."""
-        for chunk in self.chunks(f, final):
-            return chunk
-        return None
 
     def chunks(self, f: Followed, final: bool | None = None):  # type: ignore[no-untyped-def]
         """Chunks after ``f``'s checkpoint. An unterminated last line is taken as final when the file is
@@ -322,12 +310,6 @@ class Follower:
         self.state.save()
         self._saved = doc
         return True
-
-    def held_by_file(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for h in self.state.held:
-            counts[h["file"]] = counts.get(h["file"], 0) + 1
-        return counts
 
     def close(self) -> None:
         for key in list(self.files):

@@ -155,7 +155,7 @@ def read_chunks(
     name = str(path)
     with open_log(path) if fileobj is None else fileobj as f:
         raw_file = f.fileobj if isinstance(f, gzip.GzipFile) else f
-        tail = _skip_to(f, start_offset, chunk_bytes)
+        tail = skip_to(f, start_offset, chunk_bytes)
         offset, line_no = start_offset, start_line
         carry = b""
         overlong: tuple[bytes, int] | None = None
@@ -250,7 +250,7 @@ def read_lines_at(path: Path, positions: list[tuple[int, int]], fileobj: BinaryI
             if isinstance(f, gzip.GzipFile):
                 if offset < pos:
                     continue
-                _skip_to(f, offset - pos, DEFAULT_CHUNK_BYTES)
+                skip_to(f, offset - pos, DEFAULT_CHUNK_BYTES)
             else:
                 f.seek(offset)
             data = f.readline()
@@ -274,7 +274,7 @@ def _drop_blank(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.filter(pl.col("raw").str.strip_chars() != "")
 
 
-def _skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> bytes:
+def skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> bytes:
     """Position at an uncompressed offset (seek in plain files, read through gzip ones); returns the
     bytes just before it, so every chunk's ``tail`` covers the bytes a checkpoint's digest is taken on."""
     if not start_offset:

@@ -253,7 +253,7 @@ class Tailer:
         for key, f in list(self.follower.files.items()):
             if f.gone_since is None or time.monotonic() - f.gone_since < self.opts.close_after_s:
                 continue
-            if f.stale or (self.follower.is_done(f) if f.gz else f.ck.offset >= f.size()):
+            if self.follower.read_to_end(f):
                 log.info("closed %s (rotated away, read to its end)", f.path)
                 self.follower.forget(key)
                 self.metrics.lag.pop(str(f.path), None)
