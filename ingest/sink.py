@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -198,8 +199,16 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
     if resp.status_code == 404 or "RESOURCE_DOES_NOT_EXIST" in resp.text:
         if not create:
             raise _missing_experiment(name, uri)
-        created = call("POST", "/api/2.0/mlflow/experiments/create", "create experiment", json={"name": name})
-        return Target(uri, created.json()["experiment_id"], name)
+
+        def create_once() -> requests.Response:
+            resp = http.request("POST", "/api/2.0/mlflow/experiments/create", json={"name": name})
+            return resp if "RESOURCE_ALREADY_EXISTS" in resp.text else _check(resp, "create experiment")
+
+        created = with_retries(create_once, "create experiment", deadline_s, _transient_http)
+        if "RESOURCE_ALREADY_EXISTS" not in created.text:
+            return Target(uri, created.json()["experiment_id"], name)
+        # Another ingester created it a moment ago: use theirs.
+        resp = call("GET", "/api/2.0/mlflow/experiments/get-by-name", "find experiment", params={"experiment_name": name})
     exp = _check(resp, "find experiment").json()["experiment"]
     _refuse_deleted(exp, uri)
     return Target(uri, exp["experiment_id"], name)
@@ -218,15 +227,20 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
 
     if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise SinkError(f"no MLflow store at {uri} (the file does not exist)", kind="rejected")
+    from ingest.stores import StoreSetupError, open_store, setup_lock
+
     try:
-        store = _store(uri)
-        if exp_id is not None:
-            exp = store.get_experiment(exp_id)
-        else:
-            name = name or DEFAULT_EXPERIMENT_NAME
-            exp = store.get_experiment_by_name(name)
-            if exp is None and create:
-                return Target(uri, store.create_experiment(name), name)
+        with setup_lock(uri):
+            store = open_store(uri)
+            if exp_id is not None:
+                exp = store.get_experiment(exp_id)
+            else:
+                name = name or DEFAULT_EXPERIMENT_NAME
+                exp = store.get_experiment_by_name(name)
+                if exp is None and create:
+                    return Target(uri, _create_experiment(store, name), name)
+    except StoreSetupError as e:
+        raise SinkError(str(e)) from e
     except MlflowException as e:
         if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
             raise SinkError(f"experiment id {exp_id} does not exist in {uri}", kind="rejected") from e
@@ -240,16 +254,22 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
     return Target(uri, exp.experiment_id, exp.name)
 
 
-_STORES: dict[str, Any] = {}
+def _create_experiment(store: Any, name: str) -> str:
+    """Create ``name``, or take the one a process outside our lock (``mlflow server``, a notebook) just made."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return store.create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := store.get_experiment_by_name(name)) is None:
+            raise
+        return exp.experiment_id
 
 
 def _store(uri: str) -> Any:
-    """MLflow's own tracking store for a database URI (one per URI per process: it migrates on open)."""
-    if uri not in _STORES:
-        from mlflow.tracking._tracking_service.utils import _get_store
+    from ingest.stores import store_for
 
-        _STORES[uri] = _get_store(uri)
-    return _STORES[uri]
+    return store_for(uri)
 
 
 def otlp_request(traces: list[BuiltTrace]) -> ExportTraceServiceRequest:
@@ -343,6 +363,27 @@ def _transient_db(e: Exception) -> bool:
     return "database is locked" in text or "could not connect" in text or "connection refused" in text or "deadlock" in text
 
 
+CONFLICT_RETRIES = 6
+_CONFLICT_SQLSTATES = frozenset({"23505", "40001", "40P01"})
+"""unique_violation, serialization_failure, deadlock_detected."""
+_CONFLICT_TEXT = ("unique constraint failed", "deadlock detected", "could not serialize access")
+
+
+def is_conflict(e: BaseException) -> bool:
+    """Did another writer's concurrent transaction make this one fail (anywhere in its causes)?"""
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        for candidate in (node, getattr(node, "orig", None)):
+            if getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES or getattr(candidate, "pgcode", None) in _CONFLICT_SQLSTATES:
+                return True
+        if any(t in str(node).lower() for t in _CONFLICT_TEXT):
+            return True
+        node = node.__cause__ or node.__context__
+    return False
+
+
 def _data_error(e: Exception) -> bool:
     """The database (or the derivation before it) refused this data, as opposed to being unavailable:
     worth splitting the batch to find the trace it cannot take, never worth retrying."""
@@ -394,8 +435,20 @@ class StoreSink(_Synchronous):
             else:
                 self.store.log_spans(self.target.experiment_id, [Span.from_otel_proto(s) for t in traces for s in t.spans])
 
+        def write_merging() -> None:
+            """A conflict means another writer stored some of these traces first: writing the batch
+            again finds them and merges, as ``log_spans`` merges spans into a trace it holds."""
+            for attempt in range(CONFLICT_RETRIES + 1):
+                try:
+                    return write_once()
+                except Exception as e:
+                    if attempt == CONFLICT_RETRIES or not is_conflict(e):
+                        raise
+                    log.info("a concurrent writer stored some of this batch first (%s); writing it again", _short(e))
+                    time.sleep(random.uniform(0.02, 0.1) * 2**attempt)
+
         try:
-            with_retries(write_once, "log spans", self.deadline_s, _transient_db, self.on_retry)
+            with_retries(write_merging, "log spans", self.deadline_s, _transient_db, self.on_retry)
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
             raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}", kind=kind) from e

@@ -10,7 +10,9 @@ own table models.
 
 Traces that already exist take MLflow's own path: an identical re-send gets what ``log_spans``
 gives one (its write counter bumped, the tags merged again), anything else goes through
-``log_spans``, whose merge rules for a trace it already holds are the contract.
+``log_spans``, whose merge rules for a trace it already holds are the contract. A trace another
+writer inserts between our check and our insert fails the transaction (a unique violation); the
+sink writes the batch again, and this time it is an existing trace.
 
 The derivation leans on MLflow internals, so it is used only on the schema revision and dialects
 it was tested against (``test_sql_bulk.py`` compares every row with ``log_spans``, on SQLite and
@@ -149,23 +151,16 @@ class BulkSpanWriter:
 
     def _write_once(self, traces: list[BuiltTrace]) -> None:
         from sqlalchemy import select
-        from sqlalchemy.exc import IntegrityError
 
         m = self.m
         by_id = {t.trace_id: t for t in traces}
         trace_ids = list(by_id)
         rows = {tid: self.deriver.derive(by_id[tid]) for tid in trace_ids}
-        existing: set[str] = set()
-        new_ids: list[str] = []
-        try:
-            with self.store.ManagedSessionMaker(read_only=False) as session:
-                existing = set(session.scalars(select(m.SqlTraceInfo.request_id).where(m.SqlTraceInfo.request_id.in_(trace_ids))))
-                new_ids = [t for t in trace_ids if t not in existing]
-                if new_ids:
-                    self._insert(session, new_ids, rows)
-        except IntegrityError:
-            log.info("a trace of this batch appeared concurrently; writing the batch through log_spans")
-            self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in new_ids]))
+        with self.store.ManagedSessionMaker(read_only=False) as session:
+            existing = set(session.scalars(select(m.SqlTraceInfo.request_id).where(m.SqlTraceInfo.request_id.in_(trace_ids))))
+            new_ids = [t for t in trace_ids if t not in existing]
+            if new_ids:
+                self._insert(session, new_ids, rows)
         if existing:
             # With rollups on, log_spans also queues rebuilds for a re-send: leave all of them to it.
             changed = sorted(existing) if m.rollups_enabled() else self._changed(sorted(existing), rows)

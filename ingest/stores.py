@@ -1,0 +1,205 @@
+"""Open a database MLflow store when any number of our processes may open it at once.
+
+MLflow creates a missing schema (``create_all`` then every Alembic migration) in whichever process
+opens the store first, with no lock: two processes doing it at once collide (``table ... already
+exists``, ``UniqueViolation``), and on SQLite, whose migrations are not transactional, a process
+killed halfway leaves a store no later run can open. So setting a store up is serialized here:
+- SQLite: an ``flock`` on a file beside the database, and a fresh schema is built in a temporary
+  file that is renamed into place once complete, so the database either does not exist or is whole.
+  A store left half-created by someone else (no data in it) is moved aside and created anew.
+- PostgreSQL (and other servers): a session-level advisory lock; PostgreSQL's DDL is transactional.
+
+The lock is held while the store is opened and the experiment found or created (``setup_lock``),
+never while writing: concurrent writes are the database's business (and the sink's retries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ADVISORY_LOCK_KEY = zlib.crc32(b"litellm-ingest: mlflow store setup")
+"""One fixed key for every process of ours: setting up stores is rare and short."""
+LOCK_SUFFIX = ".ingest-lock"
+_STORES: dict[str, Any] = {}
+
+
+class StoreSetupError(Exception):
+    """The store cannot be opened or created; one line for the user."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI (None for any other URI, or an in-memory database)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+@contextlib.contextmanager
+def setup_lock(uri: str) -> Iterator[None]:
+    """Serialize setting up the store at ``uri`` among our processes (waits for the holder)."""
+    if uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
+        with _file_lock(path) if path is not None else contextlib.nullcontext():
+            yield
+    elif uri.startswith(("postgresql", "postgres")):
+        with _advisory_lock(uri):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(db: Path) -> Iterator[None]:
+    lock = db.with_name(db.name + LOCK_SUFFIX)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        # A folder we cannot write in: nothing can be created there either, so there is nothing to serialize.
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _advisory_lock(uri: str) -> Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    try:
+        conn = engine.connect()
+    except Exception as e:
+        engine.dispose()
+        raise StoreSetupError(f"cannot connect to {_safe_uri(uri)}: {_first_line(e)}") from e
+    try:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
+        conn.close()
+        engine.dispose()
+
+
+def open_store(uri: str) -> Any:
+    """MLflow's tracking store for ``uri`` (one per URI per process), its schema created if missing.
+
+    Call it inside ``setup_lock(uri)``."""
+    if uri not in _STORES:
+        path = sqlite_path(uri)
+        if path is not None:
+            _prepare_sqlite(path)
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        _STORES[uri] = _get_store(uri)
+    return _STORES[uri]
+
+
+def store_for(uri: str) -> Any:
+    """The store this process already opened for ``uri``, else opened under the setup lock."""
+    if uri in _STORES:
+        return _STORES[uri]
+    with setup_lock(uri):
+        return open_store(uri)
+
+
+def _prepare_sqlite(db: Path) -> None:
+    """Leave ``db`` either absent-and-then-complete or as it was: a fresh schema is built aside."""
+    if db.is_file() and db.stat().st_size > 0:
+        state = _sqlite_schema_state(db)
+        if state == "complete":
+            return
+        if state == "has-data":
+            raise StoreSetupError(
+                f"the MLflow store {db} has an incomplete or outdated schema and holds data: "
+                "take a backup and run `mlflow db upgrade sqlite:///<path>`"
+            )
+        aside = db.with_name(f"{db.name}.incomplete-{time.strftime('%Y%m%dT%H%M%S')}")
+        log.warning("the MLflow store %s was left half-created (it holds no data): moved to %s and created anew", db, aside)
+        db.rename(aside)
+    _create_sqlite_aside(db)
+
+
+def _sqlite_schema_state(db: Path) -> str:
+    """``complete``, ``empty`` (no schema or a half-built one holding nothing) or ``has-data``."""
+    import sqlite3
+
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = None
+        if "alembic_version" in tables:
+            version = next(iter(con.execute("SELECT version_num FROM alembic_version")), (None,))[0]
+        partial = any(t.startswith("_alembic_tmp_") for t in tables)
+        if not partial and version == _get_latest_schema_revision() and set(Base.metadata.tables) <= tables:
+            return "complete"
+        holds = 0
+        for table, where in (("experiments", "experiment_id != 0"), ("runs", "1"), ("trace_info", "1"), ("registered_models", "1")):
+            if table in tables:
+                holds += con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0]
+        return "has-data" if holds else "empty"
+    except sqlite3.DatabaseError:
+        return "has-data"
+    finally:
+        con.close()
+
+
+def _create_sqlite_aside(db: Path) -> None:
+    """MLflow's schema built in a temporary file beside ``db``, renamed into place once complete."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+    from sqlalchemy.pool import NullPool
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    for stale in db.parent.glob(f".{db.name}.creating-*"):
+        stale.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}", poolclass=NullPool)
+    try:
+        _initialize_tables(engine)
+    except Exception as e:
+        raise StoreSetupError(f"creating MLflow's schema in {db} failed: {_first_line(e)}") from e
+    finally:
+        engine.dispose()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, db)
+    dir_fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _safe_uri(uri: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:
+        return uri.split("@")[-1]

@@ -1,0 +1,296 @@
+"""Several of our processes on one MLflow store at the same moment, as a fleet or an overlapping
+backfill runs them: real `litellm-ingest` processes (and real writer processes for the tight races)
+on real SQLite files and a real PostgreSQL.
+
+The promise: any number of ingesters may open, create and write one store at once. Creating the
+schema is serialized (and atomic on SQLite, so a kill cannot break the store), the experiment is
+created once, and two writers storing the same trace merge it. Every store is compared row for row
+with one written by a single process: nothing lost, nothing doubled.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+
+from tests.conftest import Postgres, copies, write_log
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+WRITERS = 3
+EXPERIMENT = "fleet"
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
+def start(uri: str, logs: Path, state: Path, cwd: Path) -> subprocess.Popen:
+    args = [EXE, "batch", str(logs), "--tracking-uri", uri, "--experiment-name", EXPERIMENT, "--state-dir", str(state), "-q"]
+    return subprocess.Popen(args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_together(uri: str, logs: Path, tmp: Path, n: int = WRITERS) -> None:
+    """``n`` batch runs with their own state, started at the same moment; all must succeed."""
+    procs = [start(uri, logs, tmp / f"state-{i}", tmp) for i in range(n)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"exit {p.returncode}: {err[-2000:]}"
+        assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]
+
+
+def store_rows(uri: str) -> dict[str, set[tuple[Any, ...]]]:
+    """What a reader of the store sees, without the per-store parts (the artifact location, and
+    the write counter a re-send bumps)."""
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.connect() as c:
+            q = lambda sql: {tuple(r) for r in c.execute(sqlalchemy.text(sql))}  # noqa: E731
+            return {
+                "info": q(
+                    "SELECT request_id, timestamp_ms, execution_time_ms, status, request_preview, response_preview, trace_name "
+                    "FROM trace_info"
+                ),
+                "spans": q("SELECT trace_id, span_id, parent_span_id, content FROM spans"),
+                "tags": q("SELECT request_id, key, value FROM trace_tags WHERE key != 'mlflow.artifactLocation'"),
+                "metadata": q("SELECT request_id, key, value FROM trace_request_metadata"),
+                "experiments": q("SELECT name FROM experiments"),
+            }
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def fleet_logs(capture: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 600 records of real calls (retries and fallbacks among them) in three proxies' files."""
+    d = tmp_path_factory.mktemp("fleet-logs")
+    batches = copies(capture, 12, "fleet")
+    for i in range(3):
+        write_log(d / f"proxy-{i}.jsonl", [r for b in batches[i::3] for r in b])
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(fleet_logs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[Any, ...]]]:
+    """The same logs written by one process alone."""
+    d = tmp_path_factory.mktemp("fleet-reference")
+    uri = f"sqlite:///{d / 'ref.db'}"
+    p = start(uri, fleet_logs, d / "state", d)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    rows = store_rows(uri)
+    assert len(rows["info"]) > 100 and len(rows["spans"]) > len(rows["info"])
+    return rows
+
+
+def assert_same_as_one_writer(uri: str, reference: dict[str, set[tuple[Any, ...]]]) -> None:
+    rows = store_rows(uri)
+    assert rows["experiments"] == reference["experiments"]
+    for table in ("info", "spans", "tags", "metadata"):
+        assert rows[table] == reference[table], (
+            f"{table}: {len(rows[table] - reference[table])} extra, {len(reference[table] - rows[table])} missing"
+        )
+
+
+def prepare(uri: str, tmp: Path) -> None:
+    """Schema and experiment in place, no traces: an ingest of an empty folder."""
+    (tmp / "empty").mkdir()
+    p = start(uri, tmp / "empty", tmp / "prep-state", tmp)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["fresh", "prepared"])
+def test_writers_at_once_on_one_sqlite_store(fleet_logs: Path, reference: dict, tmp_path: Path, prepared: bool) -> None:
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    if prepared:
+        prepare(uri, tmp_path)
+    run_together(uri, fleet_logs, tmp_path)
+    assert_same_as_one_writer(uri, reference)
+    assert not list(tmp_path.glob(".shared.db.creating-*")), "a finished creation leaves no temporary file"
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["fresh", "prepared"])
+def test_writers_at_once_on_one_postgresql_database(
+    fleet_logs: Path, reference: dict, tmp_path: Path, postgres: Postgres, prepared: bool
+) -> None:
+    uri = postgres.new_database()
+    if prepared:
+        prepare(uri, tmp_path)
+    run_together(uri, fleet_logs, tmp_path)
+    assert_same_as_one_writer(uri, reference)
+
+
+def test_writers_at_once_through_one_server_create_the_experiment_once(fleet_logs: Path, tmp_path: Path, mlflow_server: Any) -> None:
+    from tests.conftest import all_traces
+
+    name = f"fleet-{time.time_ns()}"
+    procs = [
+        subprocess.Popen(
+            [
+                EXE,
+                "batch",
+                str(fleet_logs),
+                "--tracking-uri",
+                mlflow_server.url,
+                "--experiment-name",
+                name,
+                "--state-dir",
+                str(tmp_path / f"s{i}"),
+                "-q",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(WRITERS)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    assert [e.name for e in client.search_experiments(filter_string=f"name = '{name}'")] == [name]
+    traces = all_traces(mlflow_server.url, name, include_spans=False)
+    assert len(traces) == len({t.info.trace_id for t in traces}) > 100
+
+
+# --- kills while the schema is being created ------------------------------------------------------
+
+
+def test_a_kill_while_creating_a_sqlite_store_never_breaks_it(tmp_path: Path, fleet_logs: Path, reference: dict) -> None:
+    """SIGKILL at several moments of MLflow's schema creation (about 5 s of migrations): the next
+    run always opens the store and writes everything."""
+    db = tmp_path / "killed.db"
+    uri = f"sqlite:///{db}"
+    (tmp_path / "empty").mkdir()
+    for delay in (0.0, 0.4, 1.0, 2.0):
+        p = start(uri, tmp_path / "empty", tmp_path / "kill-state", tmp_path)
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".killed.db.creating-*")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, "the run finished before it could be killed"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not db.exists(), "a killed creation leaves no half-made store behind"
+    p = start(uri, fleet_logs, tmp_path / "state", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert_same_as_one_writer(uri, reference)
+    assert not list(tmp_path.glob(".killed.db.creating-*"))
+
+
+def _half_created(db: Path, *, with_experiment: bool) -> None:
+    """What MLflow itself leaves when killed mid-migration: the first tables, and an Alembic
+    scratch table of a migration that never finished."""
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    InitialBase.metadata.create_all(engine)
+    with engine.begin() as c:
+        c.execute(sqlalchemy.text("CREATE TABLE _alembic_tmp_experiments (experiment_id INTEGER)"))
+        if with_experiment:
+            c.execute(sqlalchemy.text("INSERT INTO experiments (experiment_id, name, lifecycle_stage) VALUES (7, 'mine', 'active')"))
+    engine.dispose()
+
+
+def test_a_store_left_half_created_and_empty_is_moved_aside_and_created_anew(tmp_path: Path, fleet_logs: Path, reference: dict) -> None:
+    db = tmp_path / "broken.db"
+    _half_created(db, with_experiment=False)
+    p = start(f"sqlite:///{db}", fleet_logs, tmp_path / "state", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    (aside,) = tmp_path.glob("broken.db.incomplete-*")
+    assert "half-created" in err and str(aside.name) in err
+    assert "_alembic_tmp_experiments" in {r[0] for r in sqlite3.connect(aside).execute("SELECT name FROM sqlite_master")}
+    assert_same_as_one_writer(f"sqlite:///{db}", reference)
+
+
+def test_a_half_created_store_that_holds_data_is_left_alone_with_a_clear_error(tmp_path: Path, fleet_logs: Path) -> None:
+    db = tmp_path / "broken.db"
+    _half_created(db, with_experiment=True)
+    before = db.read_bytes()
+    p = start(f"sqlite:///{db}", fleet_logs, tmp_path / "state", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 4
+    assert "Traceback" not in err and "holds data" in err and "mlflow db upgrade" in err
+    assert db.read_bytes() == before
+    assert not list(tmp_path.glob("broken.db.incomplete-*"))
+
+
+# --- the tight race: the same traces inserted by several writers in the same instant -------------
+
+
+def _race_writer(uri: str, logs: str, batch: int, barrier: Any, results: Any) -> None:
+    """Build the traces, wait for every writer, then write them in small batches at the same time."""
+    import logging
+
+    from ingest.normalize import normalize
+    from ingest.sink import StoreSink, resolve_target
+    from ingest.sources import discover, read_chunks
+    from ingest.spans import build_traces
+
+    conflicts = []
+    handler = logging.Handler()
+    handler.emit = lambda record: conflicts.append(record) if "concurrent writer" in record.getMessage() else None  # type: ignore[method-assign]
+    logging.getLogger("ingest.sink").addHandler(handler)
+    logging.getLogger("ingest.sink").setLevel(logging.INFO)
+    target = resolve_target(uri, EXPERIMENT, None)
+    sink = StoreSink(target, deadline_s=60)
+    traces = []
+    for path in discover([logs]):
+        for chunk in read_chunks(path):
+            records, _ = normalize(chunk.lines)
+            traces += build_traces(records.sort("call_key", "start_us"), target.experiment_id)
+    barrier.wait(timeout=120)
+    failures = []
+    for i in range(0, len(traces), batch):
+        try:
+            sink.write(traces[i : i + batch])
+        except Exception as e:
+            failures.append(f"{type(e).__name__}: {str(e)[:300]}")
+    results.put((len(conflicts), failures))
+
+
+def race(uri: str, logs: Path, writers: int = 4, batch: int = 10) -> int:
+    """Run the writers; return how many conflicts they met (and merged)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(writers), ctx.Queue()
+    procs = [ctx.Process(target=_race_writer, args=(uri, str(logs), batch, barrier, results)) for _ in range(writers)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [f for _, fs in outcomes for f in fs] == []
+    return sum(c for c, _ in outcomes)
+
+
+def test_the_same_traces_inserted_at_the_same_instant_merge_on_postgresql(
+    fleet_logs: Path, reference: dict, postgres: Postgres, tmp_path: Path
+) -> None:
+    uri = postgres.new_database()
+    prepare(uri, tmp_path)
+    conflicts = race(uri, fleet_logs)
+    assert conflicts > 0, "the writers never collided: this test did not test the race"
+    assert_same_as_one_writer(uri, reference)
+
+
+def test_the_same_traces_inserted_at_the_same_instant_on_sqlite(fleet_logs: Path, reference: dict, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'race.db'}"
+    prepare(uri, tmp_path)
+    race(uri, fleet_logs)
+    assert_same_as_one_writer(uri, reference)
