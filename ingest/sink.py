@@ -231,7 +231,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
 
     try:
         with setup_lock(uri):
-            store = open_store(uri)
+            store = open_store(uri, create=create)
             if exp_id is not None:
                 exp = store.get_experiment(exp_id)
             else:
@@ -240,7 +240,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
                 if exp is None and create:
                     return Target(uri, _create_experiment(store, name), name)
     except StoreSetupError as e:
-        raise SinkError(str(e)) from e
+        raise SinkError(str(e), kind=e.kind) from e
     except MlflowException as e:
         if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
             raise SinkError(f"experiment id {exp_id} does not exist in {uri}", kind="rejected") from e

@@ -34,7 +34,12 @@ _STORES: dict[str, Any] = {}
 
 
 class StoreSetupError(Exception):
-    """The store cannot be opened or created; one line for the user."""
+    """The store cannot be opened or created; one line for the user. ``kind`` as ``SinkError``'s:
+    "unreachable" is worth retrying, "rejected" is not."""
+
+    def __init__(self, message: str, kind: str = "rejected") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -87,7 +92,7 @@ def _advisory_lock(uri: str) -> Iterator[None]:
         conn = engine.connect()
     except Exception as e:
         engine.dispose()
-        raise StoreSetupError(f"cannot connect to {_safe_uri(uri)}: {_first_line(e)}") from e
+        raise StoreSetupError(f"cannot open the MLflow store {_safe_uri(uri)}: {_first_line(e)}", kind="unreachable") from e
     try:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
         yield
@@ -98,14 +103,17 @@ def _advisory_lock(uri: str) -> Iterator[None]:
         engine.dispose()
 
 
-def open_store(uri: str) -> Any:
+def open_store(uri: str, *, create: bool = True) -> Any:
     """MLflow's tracking store for ``uri`` (one per URI per process), its schema created if missing.
 
-    Call it inside ``setup_lock(uri)``."""
+    Call it inside ``setup_lock(uri)``. A reader passes ``create=False``: a SQLite store that is not
+    complete is then an error, never repaired or created."""
     if uri not in _STORES:
         path = sqlite_path(uri)
-        if path is not None:
+        if path is not None and create:
             _prepare_sqlite(path)
+        elif path is not None and (not path.is_file() or _sqlite_schema_state(path) != "complete"):
+            raise StoreSetupError(f"{path} is not a complete MLflow store (missing, or its schema is incomplete or outdated)")
         from mlflow.tracking._tracking_service.utils import _get_store
 
         _STORES[uri] = _get_store(uri)
