@@ -246,7 +246,7 @@ class Follower:
     def chunks(self, f: Followed, final: bool | None = None):  # type: ignore[no-untyped-def]
         """Chunks after ``f``'s checkpoint. An unterminated last line is taken as final when the file is
         compressed or has not changed for ``partial_timeout_s``."""
-        if f.stale:
+        if f.stale or not self._still_holds(f):
             return
         if final is None:
             final = f.gz or time.time() - f.mtime() > self.partial_timeout_s
@@ -260,6 +260,21 @@ class Follower:
         except (EOFError, OSError, zlib.error) as e:
             # A gzip copy still being written, or a damaged one: what could be read is in; the rest waits.
             log.warning("%s cannot be read past byte %d (%s); reading it again later", f.path, f.ck.offset, e)
+
+    def _still_holds(self, f: Followed) -> bool:
+        """The descriptor still holds the lines the checkpoint counts. A copytruncate that regrew the
+        file past the checkpoint before anyone looked (no scan runs at shutdown) would otherwise be
+        read from the middle of a line: it is marked stale, and the next scan identifies it anew."""
+        if f.gz or not f.ck.offset:
+            return True
+        try:
+            holds = f.first_line() in (f.fp, None) and self._continues(f.ck, f.fd, False)
+        except (OSError, EOFError):
+            holds = False
+        if not holds:
+            log.info("%s was truncated or rewritten in place", f.path)
+            f.stale = True
+        return holds
 
     def advance(self, f: Followed, chunk: Chunk) -> None:
         """Move ``f``'s checkpoint past ``chunk``: call only after the pipeline was fed it and returned."""

@@ -443,6 +443,38 @@ def test_lines_held_for_a_retry_survive_a_rotation_that_reuses_the_name_and_a_re
     assert not (state_dir / "quarantine.jsonl").exists()
 
 
+def test_a_copytruncate_regrown_past_the_checkpoint_before_a_shutdown_is_never_read_mid_line(tmp_path: Path) -> None:
+    """Found by the model: the file is copied and truncated, then regrows past the old checkpoint
+    before any scan; the shutdown's last read must not start at the old offset in the new lines."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    sink = RecordingSink()
+    now = 1_800_000_000.0
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.pipeline.clock = lambda: int(now * 1_000_000)
+    log.write_text("".join(line(record(f"f-{i}", "failure", now - 1, now)) for i in range(2)))
+    t.step()
+    shutil.copyfile(log, logdir / "proxy.jsonl.1")
+    with log.open("r+") as f:
+        f.truncate(0)
+    log.write_text("".join(line(record(f"new-{i}", "success", now - 1, now)) for i in range(4)))
+    assert log.stat().st_size > t.follower.state.checkpoints[next(iter(t.follower.files))].offset
+    t.shutdown()
+    t.close()
+    with log.open("a") as f:
+        f.write("".join(line(record(f"f-{i}", "success", now + 1, now + 2, 1)) for i in range(2)))
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.pipeline.clock = lambda: int((now + SETTLE_S + 5) * 1_000_000)
+    t.step()
+    t.step()
+    t.close()
+    calls = sink.calls()
+    assert sorted(calls) == ["f-0", "f-1", "new-0", "new-1", "new-2", "new-3"]
+    assert all(len(calls[f"f-{i}"]["spans"]) == 3 and calls[f"f-{i}"]["state"] == "OK" for i in range(2))
+    assert not (state_dir / "quarantine.jsonl").exists()
+
+
 def test_an_outage_keeps_memory_flat_and_reads_nothing_again_until_mlflow_answers(tmp_path: Path) -> None:
     logdir, state_dir = tmp_path / "logs", tmp_path / "state"
     logdir.mkdir()
