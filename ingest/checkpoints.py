@@ -242,7 +242,9 @@ def destination_key(tracking_uri: str, experiment_id: str) -> dict[str, Any]:
     each with their own ``sqlite:///mlflow.db`` are two destinations, not one."""
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         tracking_uri = "sqlite:///" + str(Path(tracking_uri[len("sqlite:///") :]).resolve())
-    return {"tracking_uri": tracking_uri, "experiment_id": experiment_id}
+    from ingest.stores import shown_uri
+
+    return {"tracking_uri": shown_uri(tracking_uri), "experiment_id": experiment_id}
 
 
 def state_path(state_dir: Path, mode: str, key: dict[str, Any]) -> Path:

@@ -392,7 +392,7 @@ def run_batch(opts: RunOptions) -> Summary:
 
 def _close(summary: Summary, files: list[Path], target: Target, opts: RunOptions, started: float) -> Summary:
     summary.files = len(files)
-    summary.tracking_uri, summary.experiment_id, summary.experiment_name = target.tracking_uri, target.experiment_id, target.experiment_name
+    summary.tracking_uri, summary.experiment_id, summary.experiment_name = target.shown_uri, target.experiment_id, target.experiment_name
     summary.dry_run = opts.dry_run
     summary.seconds = round(time.monotonic() - started, 3)
     summary.records_per_second = round(summary.records_read / summary.seconds, 1) if summary.seconds else 0.0

@@ -98,7 +98,7 @@ def reconcile(opts: RunOptions) -> Report:
     if since is None and until is None and calls.height:
         since, until = int(calls["start_us"].min()), int(calls["start_us"].max()) + 1  # type: ignore[arg-type]
     actual = traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until)
-    report = Report(target.tracking_uri, target.experiment_id, quarantined=quarantined, window=(since, until))
+    report = Report(target.shown_uri, target.experiment_id, quarantined=quarantined, window=(since, until))
     report.calls_in_logs = len(expected)
     report.traces_in_mlflow = len(actual)
     report.matched = len(expected.keys() & actual.keys())

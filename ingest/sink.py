@@ -28,6 +28,7 @@ import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from ingest.spans import BuiltTrace
+from ingest.stores import shown_uri
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class Target:
     @property
     def is_server(self) -> bool:
         return self.tracking_uri.startswith(("http://", "https://"))
+
+    @property
+    def shown_uri(self) -> str:
+        return shown_uri(self.tracking_uri)
 
 
 class Sink(Protocol):
@@ -130,12 +135,12 @@ class _Http:
             resp = self.session.request(method, self.base + path, timeout=timeout_s or self.timeout, **kw)
         except requests.ConnectionError as e:
             why = "connection refused" if "refused" in str(e).lower() else "connection failed"
-            raise SinkError(f"cannot reach MLflow at {self.base} ({why})") from e
+            raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)} ({why})") from e
         except requests.Timeout as e:
-            raise SinkError(f"MLflow at {self.base} did not answer within {self.timeout:.0f}s") from e
+            raise SinkError(f"MLflow at {shown_uri(self.base)} did not answer within {self.timeout:.0f}s") from e
         if resp.status_code in (401, 403):
             raise SinkError(
-                f"MLflow at {self.base} refused the request ({resp.status_code}): set MLFLOW_TRACKING_TOKEN "
+                f"MLflow at {shown_uri(self.base)} refused the request ({resp.status_code}): set MLFLOW_TRACKING_TOKEN "
                 "or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD",
                 kind="unauthorized",
             )
@@ -170,7 +175,7 @@ def resolve_target(
 
 def _missing_experiment(name: str, uri: str) -> SinkError:
     return SinkError(
-        f"experiment {name!r} does not exist on {uri} (nothing was ingested there under this name; "
+        f"experiment {name!r} does not exist on {shown_uri(uri)} (nothing was ingested there under this name; "
         "check --experiment-name / MLFLOW_EXPERIMENT_NAME)",
         kind="rejected",
     )
@@ -185,7 +190,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
     if exp_id is not None:
         resp = http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp_id})
         if resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text):
-            raise SinkError(f"experiment id {exp_id} does not exist on {uri}", kind="rejected")
+            raise SinkError(f"experiment id {exp_id} does not exist on {shown_uri(uri)}", kind="rejected")
         exp = _check(resp, "get experiment").json()["experiment"]
         _refuse_deleted(exp, uri)
         return Target(uri, exp["experiment_id"], exp.get("name"))
@@ -217,7 +222,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
 def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
     if exp.get("lifecycle_stage") == "deleted":
         raise SinkError(
-            f"experiment {exp.get('name')!r} (id {exp['experiment_id']}) on {uri} is deleted: restore it or pick another name",
+            f"experiment {exp.get('name')!r} (id {exp['experiment_id']}) on {shown_uri(uri)} is deleted: restore it or pick another name",
             kind="rejected",
         )
 
@@ -226,7 +231,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
     from mlflow.exceptions import MlflowException
 
     if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise SinkError(f"no MLflow store at {uri} (the file does not exist)", kind="rejected")
+        raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
     from ingest.stores import StoreSetupError, open_store, setup_lock
 
     try:
@@ -243,14 +248,14 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
         raise SinkError(str(e), kind=e.kind) from e
     except MlflowException as e:
         if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
-            raise SinkError(f"experiment id {exp_id} does not exist in {uri}", kind="rejected") from e
-        raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
+            raise SinkError(f"experiment id {exp_id} does not exist in {shown_uri(uri)}", kind="rejected") from e
+        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {_short(e)}") from e
     except Exception as e:
-        raise SinkError(f"cannot open the MLflow store {uri}: {_short(e)}") from e
+        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {_short(e)}") from e
     if exp is None:
         raise _missing_experiment(name or DEFAULT_EXPERIMENT_NAME, uri)
     if exp.lifecycle_stage == "deleted":
-        raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {uri} is deleted", kind="rejected")
+        raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {shown_uri(uri)} is deleted", kind="rejected")
     return Target(uri, exp.experiment_id, exp.name)
 
 
@@ -346,7 +351,7 @@ class OtlpSink:
                 self.on_retry,
             )
         except Exception as e:
-            raise SinkError(f"deleting traces on {self.target.tracking_uri} failed: {_short(e)}") from e
+            raise SinkError(f"deleting traces on {self.target.shown_uri} failed: {_short(e)}") from e
 
     def close(self) -> None:
         self._senders.shutdown(wait=True)
@@ -451,7 +456,7 @@ class StoreSink(_Synchronous):
             with_retries(write_merging, "log spans", self.deadline_s, _transient_db, self.on_retry)
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
-            raise SinkError(f"writing to {self.target.tracking_uri} failed: {_short(e)}", kind=kind) from e
+            raise SinkError(f"writing to {self.target.shown_uri} failed: {_short(e)}", kind=kind) from e
         return count
 
     def delete(self, trace_ids: list[str]) -> None:
@@ -464,13 +469,13 @@ class StoreSink(_Synchronous):
                 self.on_retry,
             )
         except Exception as e:
-            raise SinkError(f"deleting traces in {self.target.tracking_uri} failed: {_short(e)}") from e
+            raise SinkError(f"deleting traces in {self.target.shown_uri} failed: {_short(e)}") from e
 
     def ping(self) -> None:
         try:
             self.store.get_experiment(self.target.experiment_id)
         except Exception as e:
-            raise SinkError(f"cannot reach the MLflow store {self.target.tracking_uri}: {_short(e)}") from e
+            raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {_short(e)}") from e
 
     def close(self) -> None:
         pass

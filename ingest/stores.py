@@ -92,7 +92,7 @@ def _advisory_lock(uri: str) -> Iterator[None]:
         conn = engine.connect()
     except Exception as e:
         engine.dispose()
-        raise StoreSetupError(f"cannot open the MLflow store {_safe_uri(uri)}: {_first_line(e)}", kind="unreachable") from e
+        raise StoreSetupError(f"cannot open the MLflow store {shown_uri(uri)}: {_first_line(e)}", kind="unreachable") from e
     try:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
         yield
@@ -199,15 +199,18 @@ def _create_sqlite_aside(db: Path) -> None:
         os.close(dir_fd)
 
 
+def shown_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***``: what messages, summaries and the state file say."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    netloc, slash, path = rest.partition("/")
+    user, at, host = netloc.rpartition("@")
+    if not at or ":" not in user:
+        return uri
+    return f"{scheme}://{user.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e)
     return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def _safe_uri(uri: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(uri).render_as_string(hide_password=True)
-    except Exception:
-        return uri.split("@")[-1]

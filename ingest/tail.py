@@ -108,7 +108,7 @@ class Tailer:
         observer.start()
         server = serve(lambda: self.metrics, self.opts.metrics_host, self.opts.metrics_port) if self.opts.metrics_port is not None else None
         log.info("following %s (pattern %s) -> %s experiment %s", ", ".join(map(str, self.dirs)), self.opts.pattern,
-                 self.target.tracking_uri, self.target.experiment_id)  # fmt: skip
+                 self.target.shown_uri, self.target.experiment_id)  # fmt: skip
         try:
             with self.state.locked():
                 self.state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid(), "mode": "tail"}

@@ -294,3 +294,27 @@ def test_the_same_traces_inserted_at_the_same_instant_on_sqlite(fleet_logs: Path
     prepare(uri, tmp_path)
     race(uri, fleet_logs)
     assert_same_as_one_writer(uri, reference)
+
+
+def test_a_database_password_is_never_printed_or_kept(fleet_logs: Path, postgres: Postgres, tmp_path: Path) -> None:
+    """The store's password (PostgreSQL here trusts 127.0.0.1, so any password opens it) stays out
+    of the summary, the errors and the state file."""
+    password = "pw-" + os.urandom(8).hex()
+    uri = postgres.new_database().replace("postgres@", f"postgres:{password}@")
+    state = tmp_path / "state"
+    ok = subprocess.run(
+        [EXE, "batch", str(fleet_logs), "--tracking-uri", uri, "--state-dir", str(state), "--json"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ":***@" in ok.stdout and password not in ok.stdout + ok.stderr
+    down = uri.replace(f":{postgres.port}/", f":{postgres.port + 1}/")
+    failed = subprocess.run(
+        [EXE, "batch", str(fleet_logs), "--tracking-uri", down, "--state-dir", str(state), "--mlflow-timeout", "1"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert failed.returncode == 4 and ":***@" in failed.stderr and password not in failed.stdout + failed.stderr
+    status = subprocess.run([EXE, "status", "--state-dir", str(state)], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert status.returncode == 0 and password not in status.stdout
+    kept = [p for p in state.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert kept == []
