@@ -192,6 +192,35 @@ def test_a_kill_while_creating_a_sqlite_store_never_breaks_it(tmp_path: Path, fl
     assert not list(tmp_path.glob(".killed.db.creating-*"))
 
 
+def test_a_kill_while_creating_a_postgresql_schema_never_breaks_it(
+    tmp_path: Path, fleet_logs: Path, reference: dict, postgres: Postgres
+) -> None:
+    """SIGKILL once MLflow's first tables exist (its migrations running), at two moments: the next run
+    finishes the schema and writes everything."""
+    uri = postgres.new_database()
+    engine = sqlalchemy.create_engine(uri)
+    (tmp_path / "empty").mkdir()
+    tables = "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+    seen = []
+    for delay in (0.0, 0.5):
+        p = start(uri, tmp_path / "empty", tmp_path / "kill-state", tmp_path)
+        deadline = time.monotonic() + 60
+        with engine.connect() as c:
+            while c.execute(sqlalchemy.text(tables)).scalar() == 0 and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        with engine.connect() as c:
+            seen.append(c.execute(sqlalchemy.text(tables)).scalar())
+    engine.dispose()
+    assert any(n > 0 for n in seen), f"never killed while the schema was being made: {seen}"
+    p = start(uri, fleet_logs, tmp_path / "state", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert_same_as_one_writer(uri, reference)
+
+
 def _half_created(db: Path, *, with_experiment: bool) -> None:
     """What MLflow itself leaves when killed mid-migration: the first tables, and an Alembic
     scratch table of a migration that never finished."""
