@@ -120,9 +120,9 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (
         "pem",
         r"-----BEGIN [A-Z0-9 ]{0,60}PRIVATE KEY-----"
-        r"(?:[\s\S]{0,8192}?-----END [A-Z0-9 ]{0,60}PRIVATE KEY-----|[A-Za-z0-9+/=\s\\]{0,8192})",
+        r"(?:[\s\S]{0,8192}?-----END [A-Z0-9 ]{0,60}PRIVATE KEY-----|[A-Za-z0-9+/=\s\\_\-]{0,8192})",
     ),
-    ("userinfo", r"(?<=://)[^\s/:@\[\]]{0,256}:(?P<userinfo_v>[^\s/@]{1,1024})(?=@)"),
+    ("userinfo", r"(?<=://)(?P<userinfo_u>[^\s/:@\[\]]{0,256}):(?P<userinfo_v>[^\s/@]{1,1024})(?=@)"),
     ("query", rf"(?i:[?&](?:{_QUERY_NAMES})=)(?P<query_v>[^&#\s\"'<>\\\[\]]{{1,4096}})"),
     (
         "pair",
@@ -243,8 +243,12 @@ class Scrubber:
             if value.lower() in _NOT_A_VALUE:
                 return whole
             return whole[:start] + self.marker(value)
-        if kind in ("userinfo", "query", "bearer"):
-            group = {"userinfo": "userinfo_v", "query": "query_v"}.get(kind) or ("bearer_v" if m.group("bearer_v") else "basic_v")
+        if kind == "userinfo":
+            user, value = m.group("userinfo_u"), m.group("userinfo_v")
+            user = self._sub(user, level + 1) if level < 4 else user
+            return f"{user}:{value if MARKER.fullmatch(value) else self.marker(value)}"
+        if kind in ("query", "bearer"):
+            group = "query_v" if kind == "query" else "bearer_v" if m.group("bearer_v") else "basic_v"
             value = m.group(group)
             if MARKER.fullmatch(value) or (kind == "bearer" and not _looks_random(value)):
                 return whole
