@@ -101,11 +101,11 @@ _TOKEN_SHAPES = (
     r"AIza[A-Za-z0-9_\-]{35}(?![A-Za-z0-9_\-])",
     r"ya29\.[A-Za-z0-9_\-]{20,2048}",
     r"eyJ[A-Za-z0-9_\-]{6,4096}\.eyJ[A-Za-z0-9_\-]{2,8192}\.[A-Za-z0-9_\-]{0,4096}",
-    r"gh[pousr]_[A-Za-z0-9]{30,255}",
+    r"gh[pousr]_[A-Za-z0-9]{20,255}",
     r"github_pat_[A-Za-z0-9_]{40,255}",
     r"glpat-[A-Za-z0-9_\-]{20,255}",
     r"xox[abposre]-[A-Za-z0-9\-]{10,255}",
-    r"hf_[A-Za-z0-9]{30,255}",
+    r"hf_[A-Za-z0-9]{20,255}",
     r"gsk_[A-Za-z0-9]{20,255}",
     r"xai-[A-Za-z0-9]{20,255}",
     r"r8_[A-Za-z0-9]{20,255}",
@@ -135,7 +135,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         r"(?<![A-Za-z0-9])(?:[Bb]earer[ \t]{1,3}(?P<bearer_v>[A-Za-z0-9._~+/=\-]{6,4096})"
         r"|Basic[ \t]{1,3}(?P<basic_v>[A-Za-z0-9+/]{6,4096}={0,2}))",
     ),
-    ("sk", rf"(?<![{_KEY}])sk-[{_KEY}]{{3,512}}"),
+    ("sk", rf"(?<![A-Za-z0-9_])sk-[{_KEY}]{{3,512}}"),
     ("aws", r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
     ("shape", rf"(?<![{_KEY}])(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
