@@ -167,6 +167,7 @@ class Scrubber:
         self._mac = hmac.new(salt.encode("utf-8", "surrogatepass"), digestmod=hashlib.sha256)
         self._fingerprints: dict[str, str] = {}
         self._texts: dict[str, str] = {}
+        self._keys: dict[str, tuple[str, int]] = {}
 
     # --- strings ----------------------------------------------------------------------------------
 
@@ -276,31 +277,64 @@ class Scrubber:
         """A JSON-like value, scrubbed (dict keys too) into a new one; what is not text is kept."""
         t = type(value)
         if t is str:
-            return self.text(value)
+            done = self._texts.get(value)
+            return done if done is not None else self.text(value)
         if t is dict or t is list or t is tuple:
             if depth >= max_depth:
                 return self._as_text(value)
             if t is dict:
                 return self._items(value, depth + 1, max_depth)
-            items = [self.value(x, depth + 1, max_depth) for x in value]
-            return items if t is list else tuple(items)
+            return self._list(value, depth + 1, max_depth)
         return value
 
+    def _list(self, values: list[Any] | tuple[Any, ...], depth: int, max_depth: int) -> list[Any] | tuple[Any, ...]:
+        texts = self._texts
+        items = []
+        for x in values:
+            t = type(x)
+            if t is str:
+                done = texts.get(x)
+                items.append(done if done is not None else self.text(x))
+            elif t is dict or t is list or t is tuple:
+                items.append(self.value(x, depth, max_depth))
+            else:
+                items.append(x)
+        return items if type(values) is list else tuple(items)
+
     def _items(self, d: dict[Any, Any], depth: int, max_depth: int, verbatim: frozenset[str] = frozenset()) -> dict[Any, Any]:
+        """The hot loop (a trace has a few hundred values): one cached lookup per key gives its
+        scrubbed text and what its name says, one per short text value its result."""
+        texts, keys = self._texts, self._keys
         logprob = "logprob" in d
         out: dict[Any, Any] = {}
         for k, v in d.items():
-            if type(k) is not str:
-                out[k] = self.value(v, depth, max_depth)
-                continue
-            key = self.text(k)
-            if k in verbatim:
-                out[key] = v
-            elif logprob and k == "token":
-                out[key] = self.value(v, depth, max_depth)
+            if type(k) is str:
+                entry = keys.get(k)
+                if entry is None:
+                    entry = self._key(k)
+                key, kind = entry
             else:
-                out[key] = self._field_at(k, v, depth, max_depth)
+                key, kind = k, _NOT_SECRET
+            if kind != _NOT_SECRET and not (logprob and k == "token"):
+                out[key] = v if k in verbatim else self.field(k, v, depth, max_depth)
+                continue
+            t = type(v)
+            if t is str:
+                done = texts.get(v)
+                out[key] = v if k in verbatim else done if done is not None else self.text(v)
+            elif t is dict or t is list or t is tuple:
+                out[key] = v if k in verbatim else self.value(v, depth, max_depth)
+            else:
+                out[key] = v
         return out
+
+    def _key(self, k: str) -> tuple[str, int]:
+        entry = (self.text(k), name_kind(k))
+        if len(k) <= _CACHED_LENGTH:
+            if len(self._keys) >= _CACHED_STRINGS:
+                self._keys.clear()
+            self._keys[k] = entry
+        return entry
 
     def _field_at(self, name: str, value: Any, depth: int, max_depth: int) -> Any:
         if name_kind(name) == _NOT_SECRET:

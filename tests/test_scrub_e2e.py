@@ -1,6 +1,6 @@
 """Credentials planted in real records never reach MLflow, through every writer, as a user runs it.
 
-32 distinct credentials, each with a fresh random body, are planted in real capture records and
+33 distinct credentials, each with a fresh random body, are planted in real capture records and
 SpendLogs rows at every place LiteLLM or a client can put one (error text, tracebacks, tags, URLs,
 model parameters, key hash and alias, ids, prompts, responses). Real ``litellm-ingest`` processes
 write them into SQLite (bulk writer and ``log_spans``), a real ``mlflow server`` and through the
