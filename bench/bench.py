@@ -6,6 +6,7 @@ times, retries/fallbacks kept together). Each measured run is its own process, s
 
     python bench/bench.py                      # sizes 5000,50000 records, dry run + SQLite + server
     python bench/bench.py --sizes 2000 --skip-server --skip-callback
+    python bench/bench.py --only-scrub        # just the credential scrubber's cost (in-process, seconds)
 
 No assertions: these are the figures the README quotes.
 """
@@ -227,6 +228,51 @@ def server_ceiling(url: str, path: Path, batch: int = 200) -> tuple[float, int]:
     return len(traces) / (time.monotonic() - start), len(traces)
 
 
+def scrub_cost(path: Path, repeat: int = 3) -> tuple[float, float, int]:
+    """Building spans, µs per trace, with the default credential scrubber and with a no-op one: in
+    process, on the normalized and deduped records, best of ``repeat`` (a fresh scrubber each time,
+    as each run starts with one)."""
+    from ingest.dedupe import dedupe
+    from ingest.normalize import normalize
+    from ingest.scrub import Scrubber
+    from ingest.sources import split_lines
+    from ingest.spans import build_trace, group_calls
+
+    class NoScrub(Scrubber):
+        def text(self, s: str) -> str:
+            return s
+
+        def field(self, name: str, value: object, depth: int = 0, max_depth: int = 0) -> object:
+            return value
+
+        def spans(self, spans: object, max_depth: int = 0) -> None:
+            return None
+
+    lines, _ = split_lines(str(path), path.read_bytes(), 0, 1)
+    frame = dedupe(normalize(lines)[0])[0]
+    calls = list(group_calls(frame))
+
+    def best(make: type[Scrubber]) -> float:
+        times = []
+        for _ in range(repeat):
+            scrub = make()
+            t0 = time.perf_counter()
+            for rows in calls:
+                build_trace(rows, "1", scrub=scrub)
+            times.append(time.perf_counter() - t0)
+        return min(times) / len(calls) * 1e6
+
+    return best(Scrubber), best(NoScrub), len(calls)
+
+
+def scrub_line(path: Path) -> str:
+    with_scrub, without, n = scrub_cost(path)
+    return (
+        f"scrubbing: building spans {with_scrub:,.0f} µs/trace with the credential scrubber, {without:,.0f} µs without "
+        f"(+{with_scrub - without:,.0f} µs, +{100 * (with_scrub - without) / without:.0f}%), over {n} traces"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5000,50000", help="records per generated input, comma-separated")
@@ -240,12 +286,19 @@ def main() -> None:
     ap.add_argument("--skip-tail", action="store_true")
     ap.add_argument("--tail-rate", type=float, default=5.0, help="calls/s appended in the tail latency run")
     ap.add_argument("--tail-seconds", type=float, default=20.0)
+    ap.add_argument("--only-scrub", action="store_true", help="print only the credential scrubber's cost and exit")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="litellm-ingest-bench-"))
     rows: list[tuple[str, str, str, str, str]] = []
     env = {"LITELLM_INGEST_STATE_DIR": str(work / "state")}
     print(f"machine: {os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}; workdir {work}", flush=True)
+    if args.only_scrub:
+        path = work / "scrub-input.jsonl"
+        generate(path, sizes[0])
+        print(scrub_line(path))
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     rss_by_size = []
     for n in sizes:
@@ -264,6 +317,7 @@ def main() -> None:
     t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{work / 'bench.db'}", str(path)], env)
     sqlite_tps = calls / t
     in_run = json.loads(out)["seconds"]
+    scrubbing = scrub_line(path)
     rows += measured(f"ours, batch into local SQLite (bulk writer), {recs} records / {calls} calls", recs, calls, mb, t, rss, in_run)
 
     slow = work / "slow-input.jsonl"
@@ -334,6 +388,7 @@ def main() -> None:
         print(
             f"memory: peak RSS {r0} MiB at {n0} records, {r1} MiB at {n1} records ({(r1 - r0) / r0 * 100:+.0f}% for {n1 / n0:.0f}x input)"
         )
+    print(scrubbing)
     if ceiling_line:
         print(ceiling_line)
     if tail_line:

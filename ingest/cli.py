@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 import click
 
 from ingest.checkpoints import LockedError, StateError
+from ingest.scrub import Scrubber
 from ingest.sink import SinkError
 from ingest.sources import SourceError
 from ingest.spans import Redaction
@@ -69,6 +71,37 @@ def _options(*opts: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return deco
 
 
+def _scrub_patterns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    """Compiled here, so a bad one is a usage error naming it, not a traceback mid-run."""
+    out = []
+    for value in values:
+        try:
+            pattern = re.compile(value)
+        except re.error as e:
+            raise click.BadParameter(f"{value!r} is not a valid regular expression: {e}") from None
+        if pattern.search("") is not None:
+            raise click.BadParameter(f"{value!r} matches the empty string")
+        out.append(pattern)
+    return tuple(out)
+
+
+scrub_options = _options(
+    click.option(
+        "--scrub-pattern",
+        "scrub_patterns",
+        multiple=True,
+        metavar="REGEX",
+        callback=_scrub_patterns,
+        help="Also scrub what this regex matches (its first group, if it has one) from every exported string; repeatable. "
+        "Credentials are scrubbed by default.",
+    ),
+    click.option(
+        "--no-scrub-content",
+        is_flag=True,
+        help="Leave prompts and completions verbatim (scrubbed by default); parameters, tags, errors and ids are always scrubbed.",
+    ),
+)
+
 BATCH_HELP = "Traces per write to MLflow. Default: 200 per request to a server, 2000 per transaction into a database."
 
 target_options = _options(
@@ -110,6 +143,7 @@ run_options = _options(
         type=click.Choice(["messages", "responses", "all"]),
         help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
     ),
+    scrub_options,
     click.option("--batch-size", type=int, help=BATCH_HELP),
     click.option(
         "--settle", default=120.0, show_default=True, help="Seconds a call whose last attempt failed is held for its retry or fallback."
@@ -145,6 +179,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         dry_run=kw.get("dry_run", False),
         quarantine_file=kw.get("quarantine_file") or state_dir / "quarantine.jsonl",
         redact=Redaction.parse(kw.get("redact")),
+        scrub=Scrubber(kw.get("scrub_patterns") or (), content=not kw.get("no_scrub_content", False)),
         batch_traces=kw.get("batch_size"),
         mlflow_timeout_s=kw["mlflow_timeout"],
         sql_writer=kw.get("sql_writer", "bulk"),
@@ -321,6 +356,7 @@ class _Progress:
 )
 @click.option("--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go. Default: <state dir>/quarantine.jsonl.")
 @click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow.")
+@scrub_options
 @click.option("--batch-size", type=int, help=BATCH_HELP)
 @click.option("--batch-wait", default=0.25, show_default=True, help="Seconds to gather lines after a change before sending.")
 @click.option("--partial-timeout", default=60.0, show_default=True, help="Seconds an unterminated last line may wait for its newline.")

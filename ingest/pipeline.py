@@ -26,6 +26,7 @@ from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
+from ingest.scrub import Scrubber
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
@@ -104,6 +105,7 @@ class Pipeline:
         batch_traces: int = DEFAULT_BATCH_TRACES,
         since_us: int | None = None,
         until_us: int | None = None,
+        scrub: Scrubber | None = None,
     ) -> None:
         self.sink = sink
         self.experiment_id = experiment_id
@@ -113,6 +115,7 @@ class Pipeline:
         self.batch_traces = batch_traces
         self.since_us = since_us
         self.until_us = until_us
+        self.scrub = scrub or Scrubber()
         self.pending = empty_canonical()
         self.inflight = empty_canonical()
         self.recent = empty_canonical()
@@ -137,6 +140,7 @@ class Pipeline:
             opts.batch_traces or (DEFAULT_BATCH_TRACES if target.is_server else DEFAULT_BATCH_TRACES_SQL),
             opts.since_us,
             opts.until_us,
+            opts.scrub,
         )
 
     def feed(self, chunk: Chunk) -> None:
@@ -259,7 +263,7 @@ class Pipeline:
         try:
             for rows in group_calls(ready):
                 try:
-                    trace = build_trace(rows, self.experiment_id, self.redact)
+                    trace = build_trace(rows, self.experiment_id, self.redact, self.scrub)
                 except Exception as e:
                     self.quarantine.write(_quarantined(rows, Reason.UNBUILDABLE, f"build: {error_text(e)}"))
                     continue
@@ -341,6 +345,7 @@ class RunOptions:
     dry_run: bool = False
     quarantine_file: Path | None = None
     redact: Redaction = field(default_factory=Redaction)
+    scrub: Scrubber = field(default_factory=Scrubber)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     batch_traces: int | None = None
     settle_s: float = DEFAULT_SETTLE_S

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
 from ingest.normalize import loads_lenient
+from ingest.scrub import MARKER, SALT_ENV, Scrubber, default_scrubber
 
 REDACTED = "[redacted]"
+PROMPT_KEYS = ("messages", "input", "prompt")
 MAX_CALL_TYPE_IN_NAME = 200
 """Session ids, users and the trace name are cut to what MLflow's columns hold (an over-long one
 otherwise makes the store refuse the whole trace)."""
@@ -193,14 +196,25 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
         inputs["user"] = row["end_user"]
     outputs = _json_value(payload.get("response")) if row["status"] == "success" else None
     if redact.messages:
-        for k in ("messages", "input", "prompt"):
-            if k in inputs:
-                inputs[k] = REDACTED
+        inputs = _redacted_prompt(inputs)
     raw_response = _logged_json(payload.get("response"))
     if redact.responses:
         outputs = REDACTED if outputs is not None else None
         raw_response = REDACTED
     return _Attempt(row, payload, inputs, outputs, params, raw_response)
+
+
+def _redacted_prompt(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The prompt as one user message saying ``[redacted]``: MLflow's request preview then shows just
+    that (from any other shape it shows the whole inputs, parameters included). A text completion's
+    ``prompt`` becomes ``messages``, the one key the preview reads for it."""
+    out: dict[str, Any] = {}
+    for k, v in inputs.items():
+        if k in PROMPT_KEYS:
+            out["messages" if k == "prompt" else k] = [{"role": "user", "content": REDACTED}]
+        else:
+            out[k] = v
+    return out
 
 
 def set_any(av: AnyValue, value: Any, depth: int = 0) -> None:
@@ -329,7 +343,7 @@ def _call_attributes(a: _Attempt) -> dict[str, Any]:
         "end_user": r["end_user"],
         "user_api_key_user_id": r["key_user_id"],
         "user_api_key_alias": r["key_alias"],
-        "user_api_key_hash": _safe_key(r["key_hash"]),
+        "user_api_key_hash": r["key_hash"],
         "team": r["team"],
         "cost_breakdown": breakdown,
         "attempted_retries": headers.get("x-litellm-attempted-retries"),
@@ -345,13 +359,6 @@ def _call_attributes(a: _Attempt) -> dict[str, Any]:
         SpanAttributeKey.MODEL: _provider_model(r),
         SpanAttributeKey.MODEL_PROVIDER: r["provider"],
     }
-
-
-def _safe_key(value: str | None) -> str | None:
-    """LiteLLM logs a key's hash; if a raw ``sk-`` key ever shows up, never pass it on."""
-    if value and value.startswith("sk-"):
-        return "sk-…redacted"
-    return value
 
 
 def _io_attributes(a: _Attempt, outputs: Any) -> dict[str, Any]:
@@ -410,16 +417,31 @@ def _tag(key: str, value: str) -> tuple[str, str] | None:
     return None if valid is None else (valid, value[:MAX_TRACE_TAG_VAL_LENGTH])
 
 
-def trace_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
+_TAG_SPLIT = re.compile(rf"{MARKER.pattern}|:")
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """``k:v`` at the first colon that is not inside a scrubbing marker."""
+    for m in _TAG_SPLIT.finditer(tag):
+        if m.group(0) == ":":
+            return tag[: m.start()].strip(), tag[m.end() :].strip()
+    return tag.strip(), ""
+
+
+def trace_tags(rows: list[dict[str, Any]], scrub: Scrubber | None = None) -> dict[str, str]:
     """request_tags ``k:v`` -> tag k=v (repeated keys keep every value, joined by ", "), plus filterable litellm.* tags.
 
-    ``rows`` are in the order the attempts ended: the last one is the call's outcome.
+    ``rows`` are in the order the attempts ended: the last one is the call's outcome. A tag is
+    scrubbed whole before it is split (a URL's password sits past a colon), then its value by its
+    key's name (``api_key:...``), and only then is the key made valid: the marker in a key reads
+    ``_REDACTED:<fingerprint>_``.
     """
+    scrub = scrub or _default_scrubber()
     values: dict[str, list[str]] = {}
     for r in rows:
         for t in r["request_tags"] or []:
-            k, sep, v = t.partition(":")
-            k, v = (k.strip(), v.strip()) if sep else (t.strip(), "")
+            k, v = _split_tag(scrub.text(t))
+            v = scrub.field(k, v)
             bucket = values.setdefault(k, [])
             if v not in bucket:
                 bucket.append(v)
@@ -443,33 +465,42 @@ def trace_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
     for k, v in tags.items():
         if v is None:
             continue
-        if (kv := _tag(k, v)) is not None:
+        if (kv := _tag(k, scrub.field(k, v))) is not None:
             out[kv[0]] = kv[1]
     return out
 
 
-def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redaction = Redaction()) -> BuiltTrace:
-    """One call (its deduped records) -> its spans.
+def _default_scrubber() -> Scrubber:
+    return default_scrubber(os.environ.get(SALT_ENV))
+
+
+def build_trace(
+    rows: list[dict[str, Any]], experiment_id: str, redact: Redaction = Redaction(), scrub: Scrubber | None = None
+) -> BuiltTrace:
+    """One call (its deduped records) -> its spans, every string in them scrubbed of credentials.
 
     Attempts are numbered in the order they ran, by end time: LiteLLM stamps a fallback's success
     with the request's start, so by start it would come before the failed primary it followed.
+    Values that are cut to a length are scrubbed before the cut (a marker is longer than a short
+    key), the rest in one pass over the finished spans, which every sink encodes from.
     """
+    scrub = scrub or _default_scrubber()
     attempts = sorted((_attempt(r, redact) for r in rows), key=lambda a: (a.row["end_us"], a.row["start_us"]))
     first, final = attempts[0], attempts[-1]
     call_key = rows[0]["call_key"]
     tid = otel_trace_id(experiment_id, call_key)
     root_id = otel_span_id(tid, "root")
-    name = f"litellm-{final.row['call_type'][:MAX_CALL_TYPE_IN_NAME]}"
+    name = f"litellm-{scrub.text(final.row['call_type'])[:MAX_CALL_TYPE_IN_NAME]}"
     start_us = min(r["start_us"] for r in rows)
     end_us = max(r["end_us"] for r in rows)
     root = SpanData(tid, root_id, None, name, start_us, end_us)
     by_end = sorted(rows, key=lambda r: (r["end_us"], r["start_us"]))
-    session = next((r["session"][:MAX_CHARS_IN_TRACE_INFO_METADATA] for r in reversed(by_end) if r["session"]), None)
-    user = next((r["user"][:MAX_TRACE_TAG_VAL_LENGTH] for r in reversed(by_end) if r["user"]), None)
+    session = next((scrub.text(r["session"])[:MAX_CHARS_IN_TRACE_INFO_METADATA] for r in reversed(by_end) if r["session"]), None)
+    user = next((scrub.text(r["user"])[:MAX_TRACE_TAG_VAL_LENGTH] for r in reversed(by_end) if r["user"]), None)
     root_attrs: dict[str, Any] = {
         SpanAttributeKey.SESSION_ID: session,
         SpanAttributeKey.USER_ID: user,
-        **{SpanAttributeKey.TRACE_TAG_PREFIX + k: v for k, v in trace_tags(by_end).items()},
+        **{SpanAttributeKey.TRACE_TAG_PREFIX + k: v for k, v in trace_tags(by_end, scrub).items()},
         SpanAttributeKey.TRACE_TAG_PREFIX + TraceTagKey.TRACE_NAME: name,
     }
     spans = [root]
@@ -506,6 +537,7 @@ def build_trace(rows: list[dict[str, Any]], experiment_id: str, redact: Redactio
             child.attributes = {**_io_attributes(a, a.outputs), **_call_attributes(a), "attempt": n}
             _status_and_events(child, a)
             spans.append(child)
+    scrub.spans(spans, MAX_ATTRIBUTE_DEPTH)
     return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows)
 
 
@@ -521,6 +553,8 @@ def group_calls(frame: pl.DataFrame) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
-def build_traces(frame: pl.DataFrame, experiment_id: str, redact: Redaction = Redaction()) -> Iterable[BuiltTrace]:
+def build_traces(
+    frame: pl.DataFrame, experiment_id: str, redact: Redaction = Redaction(), scrub: Scrubber | None = None
+) -> Iterable[BuiltTrace]:
     for rows in group_calls(frame):
-        yield build_trace(rows, experiment_id, redact)
+        yield build_trace(rows, experiment_id, redact, scrub)

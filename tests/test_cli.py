@@ -122,6 +122,29 @@ def test_glob_with_no_match_is_a_usage_error(tmp_path: Path) -> None:
     assert_one_clean_error_line(proc, 2, "no files match")
 
 
+@pytest.mark.parametrize(
+    ("command", "pattern", "needle"), [("batch", "(", "not a valid regular expression"), ("tail", "x*", "empty string")]
+)
+def test_a_bad_scrub_pattern_is_a_usage_error_naming_it(tmp_path: Path, command: str, pattern: str, needle: str) -> None:
+    proc = run(command, str(tmp_path), "--scrub-pattern", "EMP-\\d+", "--scrub-pattern", pattern, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--scrub-pattern" in proc.stderr and repr(pattern) in proc.stderr and needle in proc.stderr, proc.stderr
+
+
+def test_an_added_scrub_pattern_is_scrubbed_from_the_traces(tmp_path: Path, capture: list[dict]) -> None:
+    rec = json.loads(json.dumps(capture[18]))
+    rec["request_tags"] = [*rec["request_tags"], "employee:EMP-48213"]
+    log = write_jsonl(tmp_path / "p.jsonl", [rec])
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    proc = run(
+        "batch", str(log), "--tracking-uri", uri, "--experiment-name", "x", "--no-state", "-q", "--scrub-pattern", r"EMP-\d+", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    (trace,) = all_traces(uri, "x")
+    assert trace.info.tags["employee"].startswith("[REDACTED:")
+    assert "EMP-48213" not in json.dumps([trace.info.to_dict(), [s.to_dict() for s in trace.data.spans]])
+
+
 def test_unreachable_mlflow_is_one_clear_line_exit_4(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", url, "--mlflow-timeout", "1", cwd=tmp_path)

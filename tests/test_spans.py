@@ -534,16 +534,30 @@ def test_callback_attributes_present_on_failed_attempts(built: dict[str, BuiltTr
 RAW_KEY = "sk-Abc123LiveSecretKey0987654321"
 
 
-def test_raw_key_in_payload_hash_field_never_reaches_an_attribute() -> None:
+def _marker(secret: str) -> str:
+    import hashlib
+    import hmac
+
+    return f"[REDACTED:{hmac.new(b'litellm-ingest/scrub/v1', secret.encode(), hashlib.sha256).hexdigest()[:8]}]"
+
+
+def test_raw_key_in_payload_hash_field_becomes_its_marker() -> None:
     rec = reidentify([CAPTURE[18]])[0]
     rec["metadata"]["user_api_key_hash"] = RAW_KEY
     trace = trace_of([rec])
     for proto, s in zip(trace.spans, spans(trace), strict=True):
         assert RAW_KEY.encode() not in proto.SerializeToString()
         assert not any(RAW_KEY in v for v in all_strings(s))
+    assert spans(trace)[0].attributes["user_api_key_hash"] == _marker(RAW_KEY)
 
 
-def test_raw_key_in_spend_logs_api_key_never_reaches_an_attribute() -> None:
+def test_a_hex_key_hash_is_kept_as_logged() -> None:
+    rec = reidentify([CAPTURE[18]])[0]
+    rec["metadata"]["user_api_key_hash"] = "88dc28d0f030c55ed4ab77ed8faf098196cb1c05df778539800c9f1243fe6b4b"
+    assert spans(trace_of([rec]))[0].attributes["user_api_key_hash"] == rec["metadata"]["user_api_key_hash"]
+
+
+def test_raw_key_in_spend_logs_api_key_becomes_its_marker() -> None:
     import importlib.util
     from pathlib import Path
 
@@ -559,6 +573,7 @@ def test_raw_key_in_spend_logs_api_key_never_reaches_an_attribute() -> None:
     for proto, s in zip(trace.spans, spans(trace), strict=True):
         assert RAW_KEY.encode() not in proto.SerializeToString()
         assert not any(RAW_KEY in v for v in all_strings(s))
+    assert spans(trace)[0].attributes["user_api_key_hash"] == _marker(RAW_KEY)
 
 
 def _message_texts(rec: dict) -> list[str]:

@@ -1,0 +1,409 @@
+"""Credential scrubbing: no secret a record carries reaches MLflow (README, "Credentials in traces").
+
+LiteLLM logs a key's hash, not the key, yet keys still turn up in what it logs verbatim: an
+upstream 401 quotes the key it was sent, a client tags a request with one, Gemini takes it in the
+URL, model parameters carry ``api_key`` or an ``Authorization`` header, a misconfigured proxy logs
+the key in place of its hash. So every string a trace carries is scrubbed on its way out, found by
+where it sits (a value under a credential-like name, in a dict or as ``name=value`` in text, a URL
+password or query key) and by its shape (``sk-…``, ``AKIA…``, JWTs, PEM blocks, …).
+
+A secret becomes ``[REDACTED:<fingerprint>]``: the first 8 hex digits of an HMAC-SHA256 of the
+secret, so traces that used the same key can still be matched without revealing it. Scrubbing runs
+on attacker-controlled text: it never raises, its regexes have no nested quantifiers, and scrubbing
+a scrubbed value changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from mlflow.tracing.constant import SpanAttributeKey
+
+SALT_ENV = "LITELLM_INGEST_SCRUB_SALT"
+DEFAULT_SALT = "litellm-ingest/scrub/v1"
+"""Domain separation only: anyone can recompute a fingerprint of a guessed key with it. A team that
+sets its own salt (the same on every host, or fingerprints will not match across them) makes short
+keys unguessable from their fingerprint."""
+MARKER = re.compile(r"\[REDACTED:[0-9a-f]{8}\]")
+DEFAULT_MAX_DEPTH = 24
+"""Containers nested deeper are scrubbed as their JSON text (the exporters send them as text anyway)."""
+CONTENT_KEYS = frozenset({"messages", "input", "prompt"})
+"""The prompt inside the inputs attribute; with ``content=False`` it, the outputs and
+``raw_llm_response`` pass verbatim."""
+
+_NOT_SECRET, _SECRET, _HASH = 0, 1, 2
+
+_SECRET_NAMES = frozenset(
+    {
+        "api_key", "apikey", "authorization", "proxy_authorization", "token", "access_token", "refresh_token", "id_token",
+        "session_token", "auth_token", "bearer_token", "secret", "secrets", "client_secret", "secret_key", "password", "passwd",
+        "passphrase", "cookie", "set_cookie", "private_key", "credential", "credentials", "master_key", "access_key",
+        "secret_access_key", "accountkey", "account_key", "sharedaccesskey", "shared_access_key", "subscription_key",
+    }
+)  # fmt: skip
+_SECRET_SUFFIXES = (
+    "_api_key", "_apikey", "_secret", "_secret_key", "_token", "_password", "_passwd", "_passphrase", "_credential",
+    "_credentials", "_private_key", "_master_key", "_access_key", "_account_key", "_cookie", "_authorization", "_subscription_key",
+)  # fmt: skip
+_TOKEN_NAMES_NOT_SECRET = frozenset(
+    f"{p}_token"
+    for p in (
+        "max", "prompt", "completion", "total", "input", "output", "reasoning", "cached", "eos", "bos", "pad", "unk", "sep", "cls",
+        "mask", "stop", "start", "end", "first", "last", "special", "image", "audio", "video", "tool",
+    )
+)  # fmt: skip
+_HASH_NAMES = frozenset({"user_api_key_hash"})
+"""LiteLLM logs a key's sha256 here: kept when it is hex (or LiteLLM's label for the master key),
+else it is taken for the key itself."""
+_KEY_LABELS = frozenset({"litellm_proxy_master_key"})
+_HEX = re.compile(r"[0-9a-fA-F]{16,128}")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+@functools.lru_cache(maxsize=8192)
+def name_kind(name: str) -> int:
+    """What a value under this name is: normalized case-insensitively, ``-`` as ``_``, camelCase
+    split, and only the last dotted part counts (``mlflow.traceTag.api_key`` is ``api_key``)."""
+    n = _CAMEL.sub("_", name.strip().strip("\"'")).lower().replace("-", "_").replace(" ", "_")
+    n = n.rpartition(".")[2]
+    if n in _HASH_NAMES:
+        return _HASH
+    if n in _TOKEN_NAMES_NOT_SECRET:
+        return _NOT_SECRET
+    if n in _SECRET_NAMES or n.endswith(_SECRET_SUFFIXES):
+        return _SECRET
+    return _NOT_SECRET
+
+
+def is_secret_name(name: str) -> bool:
+    return name_kind(name) == _SECRET
+
+
+_KEY = r"A-Za-z0-9_\-"
+_SCHEME = re.compile(r"\s{0,8}(?P<scheme>(?i:bearer|basic|token|digest)[ \t]{1,3})?")
+_PAIR_NAMES = (
+    r"api[_-]?key|secret[_-]?key|secret|access[_-]?key|private[_-]?key|master[_-]?key|account[_-]?key|subscription[_-]?key"
+    r"|token|password|passwd|passphrase|authorization|cookie|credentials?"
+)
+_QUERY_NAMES = (
+    r"key|api[_-]?key|apikey|token|access[_-]?token|id[_-]?token|auth|sig|signature|x-amz-signature|x-amz-security-token"
+    r"|x-amz-credential|x-goog-signature|x-goog-credential|code|client[_-]?secret|password|secret"
+)
+_TOKEN_SHAPES = (
+    r"[sr]k_(?:live|test)_[A-Za-z0-9]{8,255}",
+    r"AIza[A-Za-z0-9_\-]{35}(?![A-Za-z0-9_\-])",
+    r"ya29\.[A-Za-z0-9_\-]{20,2048}",
+    r"eyJ[A-Za-z0-9_\-]{6,4096}\.eyJ[A-Za-z0-9_\-]{2,8192}\.[A-Za-z0-9_\-]{0,4096}",
+    r"gh[pousr]_[A-Za-z0-9]{20,255}",
+    r"github_pat_[A-Za-z0-9_]{40,255}",
+    r"glpat-[A-Za-z0-9_\-]{20,255}",
+    r"xox[abposre]-[A-Za-z0-9\-]{10,255}",
+    r"hf_[A-Za-z0-9]{20,255}",
+    r"gsk_[A-Za-z0-9]{20,255}",
+    r"xai-[A-Za-z0-9]{20,255}",
+    r"r8_[A-Za-z0-9]{20,255}",
+    r"pplx-[A-Za-z0-9]{20,255}",
+    r"tvly-[A-Za-z0-9_\-]{20,255}",
+    r"npm_[A-Za-z0-9]{36}",
+    r"dapi[a-f0-9]{32}",
+    r"lsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}",
+    r"SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}",
+)
+_PATTERNS: tuple[tuple[str, str], ...] = (
+    (
+        "pem",
+        r"-----BEGIN [A-Z0-9 ]{0,60}PRIVATE KEY-----"
+        r"(?:[\s\S]{0,8192}?-----END [A-Z0-9 ]{0,60}PRIVATE KEY-----|[A-Za-z0-9+/=\s\\_\-]{0,8192})",
+    ),
+    ("userinfo", r"(?<=://)(?P<userinfo_u>[^\s/:@\[\]]{0,256}):(?P<userinfo_v>[^\s/@]{1,1024})(?=@)"),
+    ("query", rf"(?i:[?&](?:{_QUERY_NAMES})=)(?P<query_v>[^&#\s\"'<>\\\[\]]{{1,4096}})"),
+    (
+        "pair",
+        rf"(?<![A-Za-z0-9])(?i:{_PAIR_NAMES})(?P<pair_sep>\\?[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}\\?[\"']?)"
+        r"(?P<pair_scheme>(?i:bearer|basic|token|digest)[ \t]{1,3})?"
+        r"(?P<pair_v>(?!(?i:bearer|basic|token|digest)[ \t])[^\s\"',;&<>{}\[\]()\\]{1,4096})",
+    ),
+    (
+        "bearer",
+        r"(?<![A-Za-z0-9])(?:[Bb]earer[ \t]{1,3}(?P<bearer_v>[A-Za-z0-9._~+/=\-]{6,4096})"
+        r"|Basic[ \t]{1,3}(?P<basic_v>[A-Za-z0-9+/]{6,4096}={0,2}))",
+    ),
+    ("sk", rf"(?<![A-Za-z0-9_])sk-[{_KEY}]{{3,512}}"),
+    ("aws", r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    ("shape", rf"(?<![{_KEY}])(?:{'|'.join(_TOKEN_SHAPES)})"),
+)
+_BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
+_CACHED_LENGTH = 512
+_CACHED_STRINGS = 65536
+_NOT_A_VALUE = frozenset({"null", "none", "true", "false", "undefined", "nil"})
+
+
+def _looks_random(token: str) -> bool:
+    """A token, not a word: letters with digits, or capitals after the first letter."""
+    has_digit = any(c.isdigit() for c in token)
+    has_alpha = any(c.isalpha() for c in token)
+    return (has_digit and has_alpha) or any(c.isupper() for c in token[1:]) or token.endswith("=")
+
+
+class Scrubber:
+    """Replaces credentials in strings, JSON-like values and built spans with a fingerprint marker.
+
+    ``patterns`` add regexes whose match (or first group, if they have one) is a secret too;
+    ``content=False`` leaves prompts and completions verbatim (a team that wants its data as sent),
+    while parameters, tags, errors and ids are still scrubbed.
+    """
+
+    def __init__(self, patterns: Iterable[str | re.Pattern[str]] = (), content: bool = True, salt: str | None = None) -> None:
+        self.extra = tuple(re.compile(p) if isinstance(p, str) else p for p in patterns)
+        self.content = content
+        salt = salt if salt is not None else os.environ.get(SALT_ENV) or DEFAULT_SALT
+        self._mac = hmac.new(salt.encode("utf-8", "surrogatepass"), digestmod=hashlib.sha256)
+        self._fingerprints: dict[str, str] = {}
+        self._texts: dict[str, str] = {}
+        self._keys: dict[str, tuple[str, int]] = {}
+
+    # --- strings ----------------------------------------------------------------------------------
+
+    def marker(self, secret: str) -> str:
+        """``[REDACTED:<first 8 hex of HMAC-SHA256(salt, secret)>]``."""
+        fp = self._fingerprints.get(secret)
+        if fp is None:
+            mac = self._mac.copy()
+            mac.update(secret.encode("utf-8", "surrogatepass"))
+            fp = mac.hexdigest()[:8]
+            if len(self._fingerprints) > 65536:
+                self._fingerprints.clear()
+            self._fingerprints[secret] = fp
+        return f"[REDACTED:{fp}]"
+
+    def text(self, s: str) -> str:
+        """Every credential found in free text, by shape or by its name, replaced. Short strings
+        (dict keys, ids, model names: most of a trace's strings, and the same ones trace after
+        trace) are remembered."""
+        short = len(s) <= _CACHED_LENGTH
+        if short and (done := self._texts.get(s)) is not None:
+            return done
+        try:
+            out = s
+            if _BUILTIN.search(out) is not None:
+                out = self._sub(out, 0)
+            for pattern in self.extra:
+                if pattern.search(out) is not None:
+                    out = self._extra(pattern, out)
+        except Exception:
+            out = self.marker(_safe_str(s))
+        if short:
+            if len(self._texts) >= _CACHED_STRINGS:
+                self._texts.clear()
+            self._texts[s] = out
+        return out
+
+    def secret(self, value: str) -> str:
+        """A value known to be a credential (by its name): a leading auth scheme stays visible, and
+        the fingerprint is the credential's own, as for the same key found bare elsewhere."""
+        v = value.strip()
+        if not MARKER.sub("", v).strip(" ,;"):
+            return value
+        m = _SCHEME.match(value)
+        if m and m.group("scheme") and (rest := value[m.end() :].strip()):
+            return m.group("scheme") + (rest if MARKER.fullmatch(rest) else self.marker(rest))
+        return self.marker(v)
+
+    def field(self, name: str, value: Any, depth: int = 0, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+        """``value`` as it sits under ``name`` (a dict key, a tag key)."""
+        kind = name_kind(name) if type(name) is str else _NOT_SECRET
+        if kind == _SECRET:
+            return self._secret_value(value)
+        if kind == _HASH and type(value) is str:
+            v = value.strip()
+            if not v or v in _KEY_LABELS or _HEX.fullmatch(v) or MARKER.fullmatch(v):
+                return value
+            m = _SCHEME.match(v)
+            return self.marker((v[m.end() :].strip() if m else "") or v)
+        return self.value(value, depth, max_depth)
+
+    def _sub(self, s: str, level: int) -> str:
+        return _BUILTIN.sub(functools.partial(self._replace, level=level), s)
+
+    def _replace(self, m: re.Match[str], level: int) -> str:
+        kind = m.lastgroup
+        whole = m.group(0)
+        if kind == "pair":
+            start = m.start("pair_v") - m.start()
+            value = m.group("pair_v")
+            if not is_secret_name(_name_before(m.string, m.start(), whole[: m.start("pair_sep") - m.start()])):
+                # max_token=... is no credential, but what follows it may hold one (nested pairs: a few deep)
+                return whole[:start] + (self._sub(value, level + 1) if level < 4 else value)
+            if value.lower() in _NOT_A_VALUE:
+                return whole
+            return whole[:start] + self.marker(value)
+        if kind == "userinfo":
+            user, value = m.group("userinfo_u"), m.group("userinfo_v")
+            user = self._sub(user, level + 1) if level < 4 else user
+            return f"{user}:{value if MARKER.fullmatch(value) else self.marker(value)}"
+        if kind in ("query", "bearer"):
+            group = "query_v" if kind == "query" else "bearer_v" if m.group("bearer_v") else "basic_v"
+            value = m.group(group)
+            if MARKER.fullmatch(value) or (kind == "bearer" and not _looks_random(value)):
+                return whole
+            return whole[: m.start(group) - m.start()] + self.marker(value)
+        if kind == "sk" and not any(c.isdigit() or c.isupper() for c in whole[3:]):
+            return whole
+        return self.marker(whole)
+
+    def _extra(self, pattern: re.Pattern[str], s: str) -> str:
+        """An added pattern's matches, except where it would match (part of) a marker."""
+        markers = [(m.start(), m.end()) for m in MARKER.finditer(s)] if "[REDACTED:" in s else []
+
+        def replace(m: re.Match[str]) -> str:
+            group = 1 if pattern.groups and m.group(1) is not None else 0
+            start, end = m.span(group)
+            if start == end or any(a < end and start < b for a, b in markers):
+                return m.group(0)
+            return s[m.start() : start] + self.marker(m.group(group)) + s[end : m.end()]
+
+        return pattern.sub(replace, s)
+
+    # --- values -----------------------------------------------------------------------------------
+
+    def value(self, value: Any, depth: int = 0, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+        """A JSON-like value, scrubbed (dict keys too) into a new one; what is not text is kept."""
+        t = type(value)
+        if t is str:
+            done = self._texts.get(value)
+            return done if done is not None else self.text(value)
+        if t is dict or t is list or t is tuple:
+            if depth >= max_depth:
+                return self._as_text(value)
+            if t is dict:
+                return self._items(value, depth + 1, max_depth)
+            return self._list(value, depth + 1, max_depth)
+        return value
+
+    def _list(self, values: list[Any] | tuple[Any, ...], depth: int, max_depth: int) -> list[Any] | tuple[Any, ...]:
+        texts = self._texts
+        items = []
+        for x in values:
+            t = type(x)
+            if t is str:
+                done = texts.get(x)
+                items.append(done if done is not None else self.text(x))
+            elif t is dict or t is list or t is tuple:
+                items.append(self.value(x, depth, max_depth))
+            else:
+                items.append(x)
+        return items if type(values) is list else tuple(items)
+
+    def _items(self, d: dict[Any, Any], depth: int, max_depth: int, verbatim: frozenset[str] = frozenset()) -> dict[Any, Any]:
+        """The hot loop (a trace has a few hundred values): one cached lookup per key gives its
+        scrubbed text and what its name says, one per short text value its result."""
+        texts, keys = self._texts, self._keys
+        logprob = "logprob" in d
+        out: dict[Any, Any] = {}
+        for k, v in d.items():
+            if type(k) is str:
+                entry = keys.get(k)
+                if entry is None:
+                    entry = self._key(k)
+                key, kind = entry
+            else:
+                key, kind = k, _NOT_SECRET
+            if kind != _NOT_SECRET and not (logprob and k == "token"):
+                out[key] = v if k in verbatim else self.field(k, v, depth, max_depth)
+                continue
+            t = type(v)
+            if t is str:
+                done = texts.get(v)
+                out[key] = v if k in verbatim else done if done is not None else self.text(v)
+            elif t is dict or t is list or t is tuple:
+                out[key] = v if k in verbatim else self.value(v, depth, max_depth)
+            else:
+                out[key] = v
+        return out
+
+    def _key(self, k: str) -> tuple[str, int]:
+        entry = (self.text(k), name_kind(k))
+        if len(k) <= _CACHED_LENGTH:
+            if len(self._keys) >= _CACHED_STRINGS:
+                self._keys.clear()
+            self._keys[k] = entry
+        return entry
+
+    def _field_at(self, name: str, value: Any, depth: int, max_depth: int) -> Any:
+        if name_kind(name) == _NOT_SECRET:
+            return self.value(value, depth, max_depth)
+        return self.field(name, value, depth, max_depth)
+
+    def _secret_value(self, value: Any) -> Any:
+        t = type(value)
+        if t is str:
+            return self.secret(value)
+        if t is dict or t is list or t is tuple:
+            return self.marker(_json_text(value)) if value else value
+        return value
+
+    def _as_text(self, value: Any) -> Any:
+        """A container past the depth limit as the exporters send it (JSON text), scrubbed; kept as it
+        was when there is nothing to scrub, so the export is unchanged."""
+        text = _json_text(value)
+        scrubbed = self.text(text)
+        return value if scrubbed == text else scrubbed
+
+    # --- spans ------------------------------------------------------------------------------------
+
+    def spans(self, spans: Iterable[Any], max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        """Scrub built spans in place: names, attributes (keys and values), events, status messages."""
+        for span in spans:
+            span.name = self.text(span.name)
+            span.attributes = self._attributes(span.attributes, max_depth)
+            span.events = [(self.text(name), t, self._items(attrs, 0, max_depth)) for name, t, attrs in span.events]
+            if span.error is not None:
+                span.error = self.text(span.error)
+
+    def _attributes(self, attrs: dict[str, Any], max_depth: int) -> dict[str, Any]:
+        if self.content:
+            return self._items(attrs, 0, max_depth)
+        out: dict[str, Any] = {}
+        for k, v in attrs.items():
+            if k in (SpanAttributeKey.OUTPUTS, "raw_llm_response"):
+                out[k] = v
+            elif k == SpanAttributeKey.INPUTS and type(v) is dict:
+                out[k] = self._items(v, 1, max_depth, verbatim=CONTENT_KEYS)
+            else:
+                out[self.text(k)] = self._field_at(k, v, 0, max_depth)
+        return out
+
+
+def _name_before(text: str, start: int, core: str) -> str:
+    """The whole identifier a name match ends: ``OPENAI_API_KEY`` for a match at ``API_KEY``."""
+    i = start
+    while i > 0 and i > start - 64 and (text[i - 1].isalnum() or text[i - 1] in "_-"):
+        i -= 1
+    return text[i:start] + core
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except Exception:
+        return _safe_str(value)
+
+
+def _safe_str(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return type(value).__name__
+
+
+@functools.lru_cache(maxsize=16)
+def default_scrubber(salt: str | None = None) -> Scrubber:
+    """The scrubber every run uses unless told otherwise (one per salt, so its caches are shared)."""
+    return Scrubber(salt=salt)

@@ -1,0 +1,377 @@
+"""The credential scrubber on its own: every name and shape it promises, what it must leave alone,
+its marker and fingerprint, and (Hypothesis) that it never raises, is idempotent, and lets no
+planted key through, whatever the JSON around it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import string
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest.scrub import DEFAULT_SALT, MARKER, SALT_ENV, Scrubber
+
+S = Scrubber(salt=DEFAULT_SALT)
+
+
+def rand(n: int = 24, alphabet: str = string.ascii_letters + string.digits) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def key() -> str:
+    """A fresh LiteLLM-style virtual key (sk- + 22 url-safe characters, at least one digit)."""
+    return f"sk-{rand(21)}7"
+
+
+def fingerprint(secret: str, salt: str = DEFAULT_SALT) -> str:
+    """Computed here, independently of the scrubber: HMAC-SHA256(salt, secret), first 8 hex digits."""
+    return f"[REDACTED:{hmac.new(salt.encode(), secret.encode(), hashlib.sha256).hexdigest()[:8]}]"
+
+
+# --- names --------------------------------------------------------------------------------------
+
+SECRET_NAMES = [
+    "api_key", "apikey", "API-Key", "apiKey", "Authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+    "token", "access_token", "refresh_token", "id_token", "session_token", "secret", "client_secret", "aws_secret_key",
+    "aws_secret_access_key", "aws_session_token", "password", "passwd", "cookie", "Set-Cookie", "private_key", "vertex_credentials",
+    "OPENAI_API_KEY", "x-litellm-api-key", "Ocp-Apim-Subscription-Key", "mlflow.traceTag.api_key", "credentials",
+]  # fmt: skip
+NOT_SECRET_NAMES = [
+    "max_tokens", "prompt_tokens", "total_tokens", "completion_tokens", "maxTokens", "cache_key", "tokenizer", "eos_token",
+    "api_base", "api_version", "key", "user_api_key_alias", "token_type", "model",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+def test_a_value_under_a_credential_name_becomes_its_marker(name: str) -> None:
+    secret = rand(12, string.ascii_lowercase)  # no shape at all: only the name gives it away
+    out = S.value({name: secret, "nested": [{name: secret}]})
+    assert out[name] == fingerprint(secret)
+    assert out["nested"][0][name] == fingerprint(secret)
+
+
+@pytest.mark.parametrize("name", NOT_SECRET_NAMES)
+def test_a_value_under_an_ordinary_name_is_kept(name: str) -> None:
+    value = {"n": 1024, "s": "hello world"}
+    for v in (4096, "cl100k_base", "plain words here", value):
+        assert S.value({name: v}) == {name: v}
+
+
+def test_a_credential_name_keeps_the_auth_scheme_and_fingerprints_the_key_itself() -> None:
+    k = key()
+    out = S.value({"extra_headers": {"Authorization": f"Bearer {k}", "X-Other": "1"}})
+    assert out == {"extra_headers": {"Authorization": f"Bearer {fingerprint(k)}", "X-Other": "1"}}
+
+
+def test_structured_credentials_become_one_marker() -> None:
+    creds = {"type": "service_account", "private_key_id": rand(), "client_email": "x@y.iam"}
+    out = S.value({"vertex_credentials": creds, "vertex_project": "p"})
+    assert MARKER.fullmatch(out["vertex_credentials"]) and out["vertex_project"] == "p"
+
+
+def test_logprob_tokens_are_text_not_credentials() -> None:
+    logprobs = {"content": [{"token": "Hello", "logprob": -0.1, "top_logprobs": [{"token": " world", "logprob": -2.0}]}]}
+    assert S.value(logprobs) == logprobs
+
+
+def test_numbers_and_nulls_under_credential_names_are_kept() -> None:
+    value = {"api_key": None, "token": 3, "password": "", "secret": True}
+    assert S.value(value) == value
+
+
+# --- the key hash -------------------------------------------------------------------------------
+
+
+def test_a_sha256_hex_under_user_api_key_hash_is_kept_and_anything_else_is_its_marker() -> None:
+    h = hashlib.sha256(b"k").hexdigest()
+    k = key()
+    assert S.field("user_api_key_hash", h) == h
+    assert S.field("user_api_key_hash", "litellm_proxy_master_key") == "litellm_proxy_master_key"
+    for raw in (k, f"Bearer {k}", f" {k}"):
+        assert S.field("user_api_key_hash", raw) == fingerprint(k), raw
+    assert S.field("user_api_key_hash", "opaque-not-hex") == fingerprint("opaque-not-hex")
+
+
+# --- shapes -------------------------------------------------------------------------------------
+
+SHAPES = {
+    "openai": lambda: f"sk-proj-{rand(40)}",
+    "anthropic": lambda: f"sk-ant-api03-{rand(40)}",
+    "openrouter": lambda: f"sk-or-v1-{rand(48, '0123456789abcdef')}",
+    "litellm virtual key": key,
+    "aws access key": lambda: "AKIA" + rand(16, string.ascii_uppercase + string.digits),
+    "aws session key": lambda: "ASIA" + rand(16, string.ascii_uppercase + string.digits),
+    "google": lambda: "AIza" + rand(35),
+    "jwt": lambda: f"eyJ{rand(20)}.eyJ{rand(40)}.{rand(30)}",
+    "github": lambda: f"ghp_{rand(36)}",
+    "github pat": lambda: f"github_pat_{rand(60)}",
+    "slack": lambda: f"xoxb-{rand(12, string.digits)}-{rand(24)}",
+    "hugging face": lambda: f"hf_{rand(34)}",
+    "groq": lambda: f"gsk_{rand(52)}",
+    "xai": lambda: f"xai-{rand(60)}",
+    "stripe": lambda: f"sk_live_{rand(24)}",
+    "stripe restricted": lambda: f"rk_live_{rand(24)}",
+    "pem": lambda: f"-----BEGIN RSA PRIVATE KEY-----\nMIIE{rand(60)}\n{rand(60)}==\n-----END RSA PRIVATE KEY-----",
+    "pem in json text": lambda: f"-----BEGIN PRIVATE KEY-----\\nMIIE{rand(60)}\\n{rand(40)}\\n-----END PRIVATE KEY-----",
+}
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_a_credential_shape_inside_any_text_becomes_its_marker(kind: str) -> None:
+    secret = SHAPES[kind]()
+    for text in (secret, f"upstream said: {secret}.", f"('{secret}')", f'{{"k": "{secret}"}}'):
+        out = S.text(text)
+        assert secret not in out and fingerprint(secret) in out, (text, out)
+
+
+def test_the_docs_master_key_is_a_key_and_prose_is_not() -> None:
+    assert S.text("use sk-1234 as the master key") == f"use {fingerprint('sk-1234')} as the master key"
+    for prose in ("pip install sk-learn", "a task-1234 ticket", "the risk-2 level", "sk-image filters"):
+        assert S.text(prose) == prose
+
+
+def test_bearer_and_basic_tokens_keep_their_scheme() -> None:
+    opaque = rand(32)
+    assert S.text(f"Authorization: Bearer {opaque}") == f"Authorization: Bearer {fingerprint(opaque)}"
+    assert S.text("got header bearer " + opaque) == "got header bearer " + fingerprint(opaque)
+    assert S.text("Basic dXNlcjpwYXNz") == f"Basic {fingerprint('dXNlcjpwYXNz')}"
+    for prose in ("Basic authentication is off", "the Bearer of news", "basic python3 usage"):
+        assert S.text(prose) == prose
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("https://generativelanguage.googleapis.com/v1beta/models/gemini-pro:generateContent?key={s}&alt=sse", "x"),
+        ("https://api.example.com/v1?api_key={s}", "x"),
+        ("https://api.example.com/v1?alt=1&access_token={s}#frag", "x"),
+        ("https://bucket.s3.amazonaws.com/o?X-Amz-Signature={s}&X-Amz-Expires=60", "x"),
+        ("https://a.blob.core.windows.net/c/b?sv=2021&sig={s}", "x"),
+        ("https://oauth.example.com/cb?code={s}&state=1", "x"),
+        ("postgresql://admin:{s}@db.internal:5432/litellm", "x"),
+        ("redis://:{s}@cache:6379/0", "x"),
+    ],
+)
+def test_url_passwords_and_query_credentials_become_markers(url: str, secret: str) -> None:
+    secret = rand(20, string.ascii_lowercase)
+    out = S.text(url.format(s=secret))
+    assert secret not in out and fingerprint(secret) in out, out
+    assert out.split(fingerprint(secret))[0] == url.split("{s}")[0]
+
+
+def test_ordinary_urls_are_untouched() -> None:
+    for url in (
+        "https://api.openai.com/v1/chat/completions",
+        "https://myres.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01",
+        "http://127.0.0.1:4000/v1?model=gpt-4o&stream=true",
+        "https://host:8443/path/to@file",
+    ):
+        assert S.text(url) == url
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "litellm.AuthenticationError: {{'api_key': '{s}', 'model': 'gpt-4o'}}",
+        "call(api_key={s}, max_tokens=10)",
+        'body={{"api_key": "{s}"}}',
+        'escaped {{\\"password\\": \\"{s}\\"}}',
+        "OPENAI_API_KEY={s} python app.py",
+        "AWS_SECRET_ACCESS_KEY={s}",
+        "client_secret: {s}",
+        "Cookie: session={s}",
+        "x-api-key: {s}",
+    ],
+)
+def test_credential_names_inside_free_text_give_their_values_away(template: str) -> None:
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert secret not in out and MARKER.search(out), out
+
+
+def test_token_counts_in_text_are_not_credentials() -> None:
+    text = "usage: prompt_tokens=12, completion_tokens: 5, total_tokens=17, max_tokens=256, max_token=9"
+    assert S.text(text) == text
+
+
+def test_values_litellm_masked_already_are_left_as_they_are() -> None:
+    for masked in ("sk-...abcd", "sk-12****5678", "***REDACTED***", "redacted-by-litellm"):
+        assert S.text(masked) == masked
+
+
+# --- the marker ---------------------------------------------------------------------------------
+
+
+def test_one_key_has_one_fingerprint_wherever_it_is_found() -> None:
+    k = key()
+    found = {
+        S.text(k),
+        S.text(f"Incorrect API key provided: {k}.").split(": ")[1][:-1],
+        S.text(f"Authorization: Bearer {k}").rsplit(" ", 1)[1],
+        S.text(f"https://x/v1?key={k}").split("=")[1],
+        S.text(f"{{'api_key': '{k}'}}").split("'")[3],
+        S.value({"api_key": k})["api_key"],
+        S.value({"Authorization": f"Bearer {k}"})["Authorization"].split(" ")[1],
+        S.field("user_api_key_hash", f"Bearer {k}"),
+        S.field("user_api_key_hash", f" {k}"),
+    }
+    assert found == {fingerprint(k)}
+    assert S.text(key()) != fingerprint(k)
+
+
+def test_the_salt_env_var_changes_every_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    k = key()
+    monkeypatch.setenv(SALT_ENV, "team-salt-1")
+    one = Scrubber().text(k)
+    monkeypatch.setenv(SALT_ENV, "team-salt-2")
+    two = Scrubber().text(k)
+    assert one == fingerprint(k, "team-salt-1") and two == fingerprint(k, "team-salt-2") and one != two
+    monkeypatch.delenv(SALT_ENV)
+    assert Scrubber().text(k) == fingerprint(k)
+
+
+def test_scrubbing_twice_changes_nothing() -> None:
+    k = key()
+    samples = [
+        f"Authorization: Bearer {k}",
+        f"https://{k}:{rand()}@host/x?key={rand()}",
+        f"api_key={k}, token: {rand()} max_token={k}",
+        "-----BEGIN PRIVATE KEY-----\nabc",
+        f"{SHAPES['jwt']()} {SHAPES['pem']()}",
+        "user:pass [REDACTED:0123abcd] api_key=[REDACTED:0123abcd]",
+    ]
+    for text in samples:
+        once = S.text(text)
+        assert S.text(once) == once, (text, once)
+    value = {"api_key": k, "headers": {"Authorization": f"Bearer {k}"}, "tags": [f"api_key:{k}", k], k: 1}
+    once = S.value(value)
+    assert S.value(once) == once
+
+
+# --- added patterns and content -----------------------------------------------------------------
+
+
+def test_added_patterns_scrub_their_match_or_first_group_and_leave_markers_alone() -> None:
+    s = Scrubber([re.compile(r"EMP-\d{6}"), re.compile(r"ticket=(\w+)"), re.compile(r"[0-9a-f]{4}")], salt=DEFAULT_SALT)
+    out = s.text(f"EMP-123456 ticket=T42 {key()}")
+    assert "EMP-123456" not in out and "T42" not in out and "ticket=" in out
+    assert s.text(out) == out
+    assert all(MARKER.fullmatch(m) for m in re.findall(r"\[REDACTED:[^\]]*\]", out))
+
+
+def test_content_off_leaves_prompts_and_completions_but_not_parameters() -> None:
+    from types import SimpleNamespace
+
+    k1, k2, k3, k4 = key(), key(), key(), key()
+    span = SimpleNamespace(
+        name="litellm-completion",
+        attributes={
+            "mlflow.spanInputs": {"messages": [{"role": "user", "content": k1}], "api_key": k2},
+            "mlflow.spanOutputs": {"choices": [{"message": {"content": k3}}]},
+            "raw_llm_response": {"x": k3},
+            "request_tags": [f"api_key:{k4}"],
+        },
+        events=[("exception", 1, {"exception.message": f"401 {k4}"})],
+        error=f"401 {k4}",
+    )
+    Scrubber(content=False).spans([span])
+    text = json.dumps([span.attributes, span.events, span.error])
+    assert k1 in text and k3 in text
+    assert k2 not in text and k4 not in text
+
+
+# --- robustness ---------------------------------------------------------------------------------
+
+
+def test_odd_values_never_raise() -> None:
+    deep: Any = "sk-DEEP1234567"
+    for _ in range(300):
+        deep = {"a": [deep]}
+    odd = {"s": "\ud800 sk-LONE1234\udfff", 1: "x", "n": 2**90, "f": float("nan"), "t": ("sk-TUPLE12345",), "d": deep, "b": b"raw"}
+    out = S.value(odd)
+    assert "sk-LONE1234" not in out["s"] and out["n"] == 2**90 and out["b"] == b"raw"
+    assert "sk-DEEP1234567" not in json.dumps(out, default=str) and "sk-TUPLE12345" not in json.dumps(out, default=str)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "-----BEGIN PRIVATE KEY-----" * 3000,
+        "api_key=" * 20000,
+        "max_token=" * 20000,
+        "https://" + "a:" * 40000,
+        "?key=" * 20000,
+        "sk-" + "a" * 200000,
+        "eyJ" + "a" * 100000 + ".eyJ" * 1000,
+        "Bearer " * 20000,
+        "a" * 1_000_000,
+    ],
+)
+def test_adversarial_text_is_scrubbed_in_bounded_time(attack: str) -> None:
+    t0 = time.monotonic()
+    S.text(attack)
+    assert time.monotonic() - t0 < 3.0
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+FRAGMENTS = [
+    "sk-", "Bearer ", "Basic ", "api_key", "API-KEY", "token", "max_token", "password", "=", ": ", ":", "://", "@", "?key=", "&",
+    "[REDACTED:", "]", "[REDACTED:0123abcd]", "-----BEGIN PRIVATE KEY-----", "-----END PRIVATE KEY-----", "eyJ", ".", "AKIA",
+    "'", '"', "\\", " ", "\n", "abc123XYZ", "ABCDEFGHIJKLMNOP1234", "_", "-", "user", "https",
+]  # fmt: skip
+texts = st.one_of(st.text(max_size=40), st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=12).map("".join))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | texts,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values)
+def test_any_json_is_scrubbed_without_raising_and_idempotently(value: Any) -> None:
+    once = S.value(value)
+    assert S.value(once) == once or _nan_in(once)
+
+
+def _nan_in(value: Any) -> bool:
+    return "NaN" in json.dumps(value, default=str)
+
+
+SEPARATORS = " \n\t,;:='\"()[]{}<>/|"
+
+
+@st.composite
+def planted(draw: st.DrawFn) -> tuple[Any, str]:
+    """Random JSON with a fresh key planted at a random spot: as a value, as a dict key, or inside a
+    string, set off from the text around it by a separator (a key glued to a word is another word)."""
+    k = "sk-" + draw(st.text(string.ascii_letters + string.digits + "_-", min_size=8, max_size=40)) + draw(st.sampled_from("0123456789"))
+    value = draw(json_values)
+    where = draw(st.sampled_from(["value", "key", "text"]))
+    if where == "text":
+        before, after = draw(texts), draw(texts)
+        leaf: Any = before + draw(st.sampled_from(SEPARATORS)) + k + draw(st.sampled_from(SEPARATORS)) + after
+    else:
+        leaf = k
+    path = draw(st.lists(st.sampled_from(["list", "dict"]), max_size=30))
+    node: Any = {leaf: value} if where == "key" else leaf
+    for kind in path:
+        node = [value, node] if kind == "list" else {"x": value, "y": node}
+    return node, k
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(planted())
+def test_a_planted_key_never_survives_anywhere_in_random_json(case: tuple[Any, str]) -> None:
+    node, k = case
+    out = json.dumps(S.value(node), default=str)
+    assert k not in out
