@@ -263,7 +263,7 @@ def test_a_half_created_store_that_holds_data_is_left_alone_with_a_clear_error(t
 
 
 def _race_writer(uri: str, logs: str, batch: int, barrier: Any, results: Any) -> None:
-    """Build the traces, wait for every writer, then write them in small batches at the same time."""
+    """Build the traces, then write them in small batches, each batch by every writer at the same moment."""
     import logging
 
     from ingest.normalize import normalize
@@ -286,6 +286,7 @@ def _race_writer(uri: str, logs: str, batch: int, barrier: Any, results: Any) ->
     barrier.wait(timeout=120)
     failures = []
     for i in range(0, len(traces), batch):
+        barrier.wait(timeout=120)  # every batch raced by every writer at once
         try:
             sink.write(traces[i : i + batch])
         except Exception as e:
