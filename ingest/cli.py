@@ -534,7 +534,8 @@ def _print_summary(s: Any) -> None:
     if s.calls_outside_range:
         rows.insert(5, ("outside --since/--until", s.calls_outside_range))
     if s.files_skipped:
-        rows.insert(1, ("files waiting", f"{s.files_skipped} (no complete first line yet)"))
+        why = "no complete line yet: read once a line ends, or the file is unchanged for --partial-timeout"
+        rows.insert(1, ("files waiting", f"{s.files_skipped} ({why})"))
     if s.state_corrupt_copy:
         rows.insert(0, ("state", f"was corrupt: started from an empty state, the bad file kept as {s.state_corrupt_copy}"))
     if s.warnings:

@@ -13,14 +13,19 @@ from __future__ import annotations
 import hashlib
 from typing import BinaryIO
 
-from ingest.sources import TAIL_BYTES
+from ingest.sources import TAIL_BYTES, is_document
 
 FIRST_LINE_CAP = 64 * 1024
 
 
-def fingerprint_of(f: BinaryIO) -> str | None:
+def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
     """The fingerprint of an open log (read from its start, in small steps: a gzip that ends early
-    still has a fingerprint if its first line is whole)."""
+    still has a fingerprint if its first line is whole).
+
+    A first line without its newline counts as whole when it is a complete JSON document (LiteLLM's
+    bucket loggers write one per object, or join a batch with no final newline) or when the caller
+    knows the file is finished (``unterminated_ok``). It is fingerprinted as if the newline were
+    there, so the fingerprint stays the same if one is appended later."""
     head = b""
     while len(head) < FIRST_LINE_CAP and b"\n" not in head:
         try:
@@ -34,7 +39,9 @@ def fingerprint_of(f: BinaryIO) -> str | None:
     if nl >= 0:
         head = head[: nl + 1]
     elif len(head) < FIRST_LINE_CAP:
-        return None
+        if not head.strip() or not (unterminated_ok or is_document(head)):
+            return None
+        head += b"\n"
     return "sha256:" + hashlib.sha256(head).hexdigest()[:32]
 
 

@@ -162,15 +162,18 @@ class Follower:
     # --- matching ---------------------------------------------------------------------------------
 
     def identify(self, path: Path) -> Followed | None:
-        """Open ``path`` and find its checkpoint, without moving any; None while it has no complete first line."""
+        """Open ``path`` and find its checkpoint, without moving any; None while it has no complete
+        first line (one without a newline is complete when it is a whole JSON object, or when the
+        file has not changed for ``partial_timeout_s``: then it is read, and quarantined if bad)."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return None
         try:
             gz = os.pread(fd, 2, 0) == GZIP_MAGIC
+            finished = not gz and time.time() - os.fstat(fd).st_mtime > self.partial_timeout_s
             with _reader(fd, gz) as f:
-                fp = fingerprint_of(f)
+                fp = fingerprint_of(f, unterminated_ok=finished)
         except (OSError, EOFError):
             fp = None
         if fp is None:

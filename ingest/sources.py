@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import orjson
 import polars as pl
 
 from ingest.quarantine import QuarantineRecord, Reason
@@ -135,6 +136,17 @@ def split_lines(
     return frame, bad
 
 
+def is_document(data: bytes) -> bool:
+    """``data`` is one whole JSON object: a record, newline or not (a half-written line never is)."""
+    stripped = data.strip()
+    if not stripped.startswith(b"{") or not stripped.endswith(b"}"):
+        return False
+    try:
+        return isinstance(orjson.loads(stripped), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def read_chunks(
     path: Path,
     start_offset: int = 0,
@@ -148,7 +160,8 @@ def read_chunks(
 
     With ``final`` the file is taken as complete: an unterminated last line is handed on as a
     line of its own (flagged ``truncated``, so a parse failure says so). Without it the tail is
-    left for the next read, as a live file's partial line must be. A line over
+    left for the next read, as a live file's partial line must be, unless it is a whole JSON
+    object already (bucket loggers write no final newline). A line over
     ``max_line_bytes`` is quarantined without ever being held whole in memory. ``fileobj`` reads
     an already open file (the tail daemon keeps rotated files open) instead of opening ``path``.
     """
@@ -202,13 +215,10 @@ def read_chunks(
                 raw_file,
                 b"",
             )
-        elif carry and final:
+        elif carry and ((whole := is_document(carry)) or final):
             frame, bad = split_lines(name, carry + b"\n", offset, line_no, max_line_bytes)
-            yield _at_disk(
-                Chunk(name, _drop_blank(frame.with_columns(truncated=pl.lit(True))), bad, offset + len(carry), line_no + 1),
-                raw_file,
-                (tail + carry)[-TAIL_BYTES:],
-            )
+            frame = frame.with_columns(truncated=pl.lit(not whole))
+            yield _at_disk(Chunk(name, _drop_blank(frame), bad, offset + len(carry), line_no + 1), raw_file, (tail + carry)[-TAIL_BYTES:])
 
 
 def _read_block(f: BinaryIO, size: int) -> bytes:
