@@ -141,7 +141,8 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 )
 _BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
 _CACHED_LENGTH = 512
-_CACHED_STRINGS = 65536
+_CACHED_STRINGS = 16384
+"""Bounds the caches of scrubbed texts and keys (a daemon runs for months): at most ~16 MB."""
 _NOT_A_VALUE = frozenset({"null", "none", "true", "false", "undefined", "nil"})
 
 
