@@ -28,15 +28,22 @@ def attempt_key() -> list[pl.Expr]:
 
 
 class SentIndex:
-    """Attempts already handed to the sink in this run, ~12 bytes each (a 64-bit hash and a priority).
+    """Attempts already handed to the sink, ~20 bytes each (a 64-bit hash, a priority, an end time).
 
     Lets a later copy of an attempt (the same S3 batch twice, a SpendLogs export of calls already
     read from payload logs) be dropped instead of re-sent: a poorer copy must not overwrite the
     richer span MLflow already has. A richer copy arriving later is still sent (it upgrades).
+
+    A daemon runs for months, so the index keeps the ``cap`` attempts that ended last (cut to three
+    quarters when it grows past it): memory stays flat and each batch's merge stays cheap. A copy of
+    an attempt older than that is sent again, which MLflow merges as any re-send.
     """
 
-    def __init__(self) -> None:
-        self.frame = pl.DataFrame(schema={"_h": pl.UInt64, "_prio": pl.Int32})
+    CAP = 2_000_000
+
+    def __init__(self, cap: int = CAP) -> None:
+        self.cap = cap
+        self.frame = pl.DataFrame(schema={"_h": pl.UInt64, "_prio": pl.Int32, "_end": pl.Int64})
 
     @staticmethod
     def _hash() -> pl.Expr:
@@ -46,13 +53,16 @@ class SentIndex:
         if not frame.height or not self.frame.height:
             return frame, 0
         keyed = frame.with_columns(self._hash(), _prio=_priority())
-        seen = keyed.join(self.frame, on="_h", how="left", suffix="_sent")
+        seen = keyed.join(self.frame.drop("_end"), on="_h", how="left", suffix="_sent")
         keep = seen.filter(pl.col("_prio_sent").is_null() | (pl.col("_prio") < pl.col("_prio_sent")))
         return keep.drop("_h", "_prio", "_prio_sent"), frame.height - keep.height
 
     def add(self, frame: pl.DataFrame) -> None:
-        new = frame.select(self._hash(), _prio=_priority())
-        self.frame = pl.concat([self.frame, new]).group_by("_h").agg(pl.col("_prio").min())
+        new = frame.select(self._hash(), _prio=_priority(), _end=pl.col("end_us").cast(pl.Int64))
+        merged = pl.concat([self.frame, new]).group_by("_h").agg(pl.col("_prio").min(), pl.col("_end").max())
+        if merged.height > self.cap:
+            merged = merged.sort("_end", descending=True).head(self.cap * 3 // 4)
+        self.frame = merged
 
 
 @dataclass

@@ -314,6 +314,17 @@ def test_sent_index_keeps_unsent_attempts_of_a_sent_call(capture: list[dict]) ->
     assert set(kept["call_key"].to_list()) == {ok["litellm_call_id"], capture[0]["litellm_call_id"]}
 
 
+def test_sent_index_stays_bounded_and_keeps_the_attempts_that_ended_last(capture: list[dict]) -> None:
+    """A daemon's index must not grow for months: past its cap it keeps the newest three quarters."""
+    sent = SentIndex(cap=40)
+    batches = [_deduped(reidentify(capture[:10], shift_s=3600.0 * i, salt=f"cap-{i}")) for i in range(12)]
+    for b in batches:
+        sent.add(b)
+        assert sent.frame.height <= 40
+    assert sent.drop_sent(batches[-1])[1] == batches[-1].height, "the newest are still known"
+    assert sent.drop_sent(batches[0])[1] == 0, "the oldest were let go (a copy of them is merged by MLflow)"
+
+
 def test_dedupe_and_split_counts_resent_copies(capture: list[dict]) -> None:
     sent = SentIndex()
     first = dedupe_and_split(frame_of([capture[0]]).clear(), frame_of(capture[:4]), DEFAULT_SETTLE_S, final=True, sent=sent)
