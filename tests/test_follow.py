@@ -30,6 +30,7 @@ from ingest.checkpoints import STATE_VERSION, Checkpoint, State
 from ingest.follow import Follower
 from ingest.pipeline import Pipeline
 from ingest.quarantine import QuarantineWriter
+from ingest.tail import Tailer
 from tests.followkit import Crash, RecordingSink, line, record, tailer
 
 SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
@@ -409,15 +410,20 @@ def test_every_call_arrives_once_whole_through_rotations_kills_and_outages(tmp_p
     machine.TestCase().runTest()
 
 
-def test_lines_held_for_a_retry_survive_a_rotation_that_reuses_the_name_and_a_restart(tmp_path: Path) -> None:
-    """The issue's reproduction: failed calls held, rename+gzip within --settle, clean restart, retries after."""
+def daemon_at(tmp_path: Path, now: float) -> tuple[Path, Path, Path, RecordingSink, Tailer]:
+    """A daemon on an empty log folder, its clock stopped at ``now``."""
     logdir, state_dir = tmp_path / "logs", tmp_path / "state"
     logdir.mkdir()
-    log = logdir / "proxy.jsonl"
     sink = RecordingSink()
-    now = 1_800_000_000.0
     t = tailer(logdir, state_dir, sink, SETTLE_S)
     t.pipeline.clock = lambda: int(now * 1_000_000)
+    return logdir, state_dir, logdir / "proxy.jsonl", sink, t
+
+
+def test_lines_held_for_a_retry_survive_a_rotation_that_reuses_the_name_and_a_restart(tmp_path: Path) -> None:
+    """The issue's reproduction: failed calls held, rename+gzip within --settle, clean restart, retries after."""
+    now = 1_800_000_000.0
+    logdir, state_dir, log, sink, t = daemon_at(tmp_path, now)
     failed = [record(f"f-{i}", "failure", now - 1, now) for i in range(4)]
     log.write_text("".join(line(r) for r in failed) + "".join(line(record(f"ok-{i}", "success", now - 1, now)) for i in range(8)))
     t.step()
@@ -446,13 +452,8 @@ def test_lines_held_for_a_retry_survive_a_rotation_that_reuses_the_name_and_a_re
 def test_a_copytruncate_regrown_past_the_checkpoint_before_a_shutdown_is_never_read_mid_line(tmp_path: Path) -> None:
     """Found by the model: the file is copied and truncated, then regrows past the old checkpoint
     before any scan; the shutdown's last read must not start at the old offset in the new lines."""
-    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
-    logdir.mkdir()
-    log = logdir / "proxy.jsonl"
-    sink = RecordingSink()
     now = 1_800_000_000.0
-    t = tailer(logdir, state_dir, sink, SETTLE_S)
-    t.pipeline.clock = lambda: int(now * 1_000_000)
+    logdir, state_dir, log, sink, t = daemon_at(tmp_path, now)
     log.write_text("".join(line(record(f"f-{i}", "failure", now - 1, now)) for i in range(2)))
     t.step()
     shutil.copyfile(log, logdir / "proxy.jsonl.1")

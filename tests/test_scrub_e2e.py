@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import all_traces, reidentify, spend_row, write_jsonl
+from tests.conftest import all_traces, reidentify, spend_row, sqlite_trace_count, write_jsonl
 from tests.tailkit import Daemon, wait_for
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -311,22 +311,15 @@ def test_no_scrub_content_keeps_prompts_and_responses_but_scrubs_the_rest(plante
 def test_the_tail_daemon_scrubs_as_batch_does(planted: Planted, tmp_path: Path) -> None:
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    db = tmp_path / "store.db"
+    uri = f"sqlite:///{db}"
     daemon = Daemon(logdir, uri, "tailed", tmp_path / "state").start()
     try:
         write_jsonl(logdir / "proxy.jsonl", planted.records)
-        wait_for(lambda: _count(uri) == len(planted.calls()), 60, "the planted calls in MLflow")
+        wait_for(lambda: sqlite_trace_count(db) == len(planted.calls()), 60, "the planted calls in MLflow")
     finally:
         assert daemon.stop() == 0
     traces = all_traces(uri, "tailed")
     assert not leaks(sqlite_dump(uri), planted)
     assert not leaks(api_text(traces), planted)
     assert_nothing_dropped(traces, planted)
-
-
-def _count(uri: str) -> int:
-    try:
-        with sqlite3.connect(f"file:{uri.removeprefix('sqlite:///')}?mode=ro", uri=True, timeout=0.5) as con:
-            return int(con.execute("SELECT COUNT(*) FROM trace_info").fetchone()[0])
-    except sqlite3.Error:
-        return 0
