@@ -26,7 +26,7 @@ from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
-from ingest.scrub import Scrubber
+from ingest.scrub import Scrubber, default_scrubber
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
@@ -115,7 +115,7 @@ class Pipeline:
         self.batch_traces = batch_traces
         self.since_us = since_us
         self.until_us = until_us
-        self.scrub = scrub or Scrubber()
+        self.scrub = scrub or default_scrubber()
         self.pending = empty_canonical()
         self.inflight = empty_canonical()
         self.recent = empty_canonical()
@@ -345,7 +345,7 @@ class RunOptions:
     dry_run: bool = False
     quarantine_file: Path | None = None
     redact: Redaction = field(default_factory=Redaction)
-    scrub: Scrubber = field(default_factory=Scrubber)
+    scrub: Scrubber = field(default_factory=default_scrubber)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     batch_traces: int | None = None
     settle_s: float = DEFAULT_SETTLE_S

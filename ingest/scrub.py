@@ -404,7 +404,12 @@ def _safe_str(value: Any) -> str:
         return type(value).__name__
 
 
+def default_scrubber() -> Scrubber:
+    """The scrubber every run uses unless told otherwise: one per salt in ``LITELLM_INGEST_SCRUB_SALT``
+    (read at each call), so its caches are shared."""
+    return _scrubber_for(os.environ.get(SALT_ENV))
+
+
 @functools.lru_cache(maxsize=16)
-def default_scrubber(salt: str | None = None) -> Scrubber:
-    """The scrubber every run uses unless told otherwise (one per salt, so its caches are shared)."""
+def _scrubber_for(salt: str | None) -> Scrubber:
     return Scrubber(salt=salt)

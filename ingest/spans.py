@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
 from ingest.normalize import loads_lenient
-from ingest.scrub import MARKER, SALT_ENV, Scrubber, default_scrubber
+from ingest.scrub import MARKER, Scrubber, default_scrubber
 
 REDACTED = "[redacted]"
 PROMPT_KEYS = ("messages", "input", "prompt")
@@ -436,7 +435,7 @@ def trace_tags(rows: list[dict[str, Any]], scrub: Scrubber | None = None) -> dic
     key's name (``api_key:...``), and only then is the key made valid: the marker in a key reads
     ``_REDACTED:<fingerprint>_``.
     """
-    scrub = scrub or _default_scrubber()
+    scrub = scrub or default_scrubber()
     values: dict[str, list[str]] = {}
     for r in rows:
         for t in r["request_tags"] or []:
@@ -470,10 +469,6 @@ def trace_tags(rows: list[dict[str, Any]], scrub: Scrubber | None = None) -> dic
     return out
 
 
-def _default_scrubber() -> Scrubber:
-    return default_scrubber(os.environ.get(SALT_ENV))
-
-
 def build_trace(
     rows: list[dict[str, Any]], experiment_id: str, redact: Redaction = Redaction(), scrub: Scrubber | None = None
 ) -> BuiltTrace:
@@ -484,7 +479,7 @@ def build_trace(
     Values that are cut to a length are scrubbed before the cut (a marker is longer than a short
     key), the rest in one pass over the finished spans, which every sink encodes from.
     """
-    scrub = scrub or _default_scrubber()
+    scrub = scrub or default_scrubber()
     attempts = sorted((_attempt(r, redact) for r in rows), key=lambda a: (a.row["end_us"], a.row["start_us"]))
     first, final = attempts[0], attempts[-1]
     call_key = rows[0]["call_key"]
