@@ -28,7 +28,7 @@ import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from ingest.spans import BuiltTrace
-from ingest.stores import shown_uri
+from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, store_for
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,6 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
 
     if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
-    from ingest.stores import StoreSetupError, open_store, setup_lock
-
     try:
         with setup_lock(uri):
             store = open_store(uri, create=create)
@@ -269,12 +267,6 @@ def _create_experiment(store: Any, name: str) -> str:
         if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := store.get_experiment_by_name(name)) is None:
             raise
         return exp.experiment_id
-
-
-def _store(uri: str) -> Any:
-    from ingest.stores import store_for
-
-    return store_for(uri)
 
 
 def otlp_request(traces: list[BuiltTrace]) -> ExportTraceServiceRequest:
@@ -416,7 +408,7 @@ class StoreSink(_Synchronous):
         from ingest.sql_bulk import BulkSpanWriter, unsupported_reason
 
         self.target = target
-        self.store = _store(target.tracking_uri)
+        self.store = store_for(target.tracking_uri)
         self.deadline_s = deadline_s
         self.on_retry: Callable[[Exception], None] | None = None
         self.bulk: BulkSpanWriter | None = None
