@@ -20,7 +20,7 @@ import click
 from ingest.checkpoints import LockedError, StateError
 from ingest.scrub import Scrubber
 from ingest.sink import SinkError
-from ingest.sources import SourceError
+from ingest.sources import SourceError, SourceUnavailable
 from ingest.spans import Redaction
 
 
@@ -35,6 +35,7 @@ class Exit:
     LOCKED = 5
     DIFFERENCES = 6
     STATE = 7
+    SOURCE = 8
     INTERRUPTED = 130
 
 
@@ -195,6 +196,8 @@ def _guarded(fn: Callable[[], Any]) -> Any:
     """Known failures become one line on stderr and their exit code; never a traceback."""
     try:
         return fn()
+    except SourceUnavailable as e:
+        _fail(str(e), Exit.SOURCE)
     except SourceError as e:
         _fail(str(e), Exit.USAGE)
     except SinkError as e:
@@ -216,6 +219,8 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
         click.echo(json.dumps(summary.as_dict()))
     elif not quiet:
         _print_summary(summary)
+    if summary.objects_failed:
+        sys.exit(Exit.SOURCE)
     sys.exit(Exit.QUARANTINED if summary.quarantined else Exit.OK)
 
 
@@ -295,8 +300,6 @@ class _Progress:
     """A rich progress bar on a terminal; a plain line every 10 s otherwise."""
 
     def __init__(self, opts: Any, silent: bool) -> None:
-        from ingest.sources import discover
-
         self.silent = silent
         self.total = 0
         self.bar: Any = None
@@ -304,8 +307,10 @@ class _Progress:
         self.started = time.monotonic()
         if silent:
             return
+        from ingest.pipeline import Inputs
+
         try:
-            self.total = sum(p.stat().st_size for p in discover(opts.paths))
+            self.total = sum(p.stat().st_size for p in Inputs.of(opts.paths).files)
         except (SourceError, OSError):
             return
         if sys.stderr.isatty():
@@ -329,14 +334,18 @@ class _Progress:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = int(summary.records_read / elapsed)
         quarantined = sum(summary.quarantined_by_reason.values()) if summary.quarantined_by_reason else 0
+        total = self.total + summary.bytes_listed
         if self.bar is not None:
-            self.bar.update(self.task, completed=summary.bytes_read, records=summary.records_read, rate=rate, quarantined=quarantined)
+            self.bar.update(
+                self.task, total=total, completed=summary.bytes_read, records=summary.records_read, rate=rate, quarantined=quarantined
+            )
         elif time.monotonic() - self.last_line >= 10:
             self.last_line = time.monotonic()
-            pct = f"{100 * summary.bytes_read / self.total:.1f}%" if self.total else "?"
+            pct = f"{100 * summary.bytes_read / total:.1f}%" if total else "?"
+            objects = f", {summary.objects_read} of {summary.objects} objects" if summary.objects else ""
             click.echo(
-                f"backfill: {pct} of {self.total} bytes, {summary.records_read} records ({rate}/s), "
-                f"{summary.traces_written} traces written, file {path}",
+                f"backfill: {pct} of {total} bytes{objects}, {summary.records_read} records ({rate}/s), "
+                f"{summary.traces_written} traces written, {path}",
                 err=True,
             )
 
@@ -533,6 +542,11 @@ def _print_summary(s: Any) -> None:
         rows.insert(5, ("held for a retry", f"{s.calls_held} call(s) whose last attempt failed in the last minutes"))
     if s.calls_outside_range:
         rows.insert(5, ("outside --since/--until", s.calls_outside_range))
+    if s.objects:
+        failed = f", {s.objects_failed} could not be read (read again next run)" if s.objects_failed else ""
+        rows.insert(1, ("objects", f"{s.objects_read} read of {s.objects} listed (the rest were read before){failed}"))
+    if s.db_rows:
+        rows.insert(1, ("database rows", s.db_rows))
     if s.files_skipped:
         why = "no complete line yet: read once a line ends, or the file is unchanged for --partial-timeout"
         rows.insert(1, ("files waiting", f"{s.files_skipped} ({why})"))

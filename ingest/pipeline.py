@@ -12,18 +12,20 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from ingest.buckets import Bucket, days_window, is_bucket_url
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
+from ingest.ledger import Ledger, Unit
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
 from ingest.scrub import Scrubber, default_scrubber
@@ -58,6 +60,11 @@ class Summary:
     files: int = 0
     files_skipped: int = 0
     files_resumed: int = 0
+    objects: int = 0
+    objects_read: int = 0
+    objects_failed: int = 0
+    bytes_listed: int = 0
+    db_rows: int = 0
     records_read: int = 0
     quarantined: int = 0
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
@@ -376,23 +383,100 @@ def open_target(opts: RunOptions) -> tuple[Target, Sink]:
 Progress = Callable[[str, Chunk | None, Summary], None]
 
 
+@dataclass
+class Inputs:
+    """What the command line named, by kind: local files (discovered), buckets, SpendLogs databases."""
+
+    files: list[Path]
+    buckets: list[Bucket]
+    databases: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, paths: list[str]) -> Inputs:
+        from ingest.spendlogs_db import SpendLogsDB, is_database_url
+
+        local = [p for p in paths if not is_bucket_url(p) and not is_database_url(p)]
+        return cls(
+            discover(local) if local else [],
+            [Bucket.parse(p) for p in paths if is_bucket_url(p)],
+            [SpendLogsDB(p) for p in paths if is_database_url(p)],
+        )
+
+    def check(self) -> None:
+        """Reach every bucket and database before anything is written (one clear line if one cannot be)."""
+        for b in self.buckets:
+            b.check()
+        for db in self.databases:
+            db.check()
+
+
+def input_id(spec: str) -> str:
+    """How a backfill's state names an input: files by absolute path, URLs as given (passwords hidden)."""
+    from ingest.spendlogs_db import is_database_url
+    from ingest.stores import shown_uri
+
+    if is_bucket_url(spec):
+        return spec
+    if is_database_url(spec):
+        return shown_uri(spec)
+    return str(Path(spec).resolve())
+
+
+def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summary, mode: str = "batch") -> Iterator[Unit]:
+    """The new objects of every bucket, then the new rows of every database, as units to feed.
+
+    A cron run lists only date partitions from a day before the newest one it finished;
+    ``--since/--until`` list only the days they cover (with a day of slack)."""
+    from ingest.spendlogs_db import db_units
+
+    lo, hi = days_window(opts.since_us, opts.until_us)
+
+    def listed(objects: int, new: int, size: int) -> None:
+        summary.objects += objects
+        summary.bytes_listed += size
+
+    for b in inputs.buckets:
+        start = lo
+        if mode == "batch" and start is None and (newest := ledger.meta(b.source, "newest_day")):
+            start = date.fromisoformat(newest) - timedelta(days=1)
+        yield from b.units(ledger, start, hi, opts.chunk_bytes, on_listed=listed)
+    for db in inputs.databases:
+        yield from db_units(db, ledger, opts.since_us, opts.until_us)
+
+
+def _count(unit: Unit, summary: Summary) -> None:
+    if unit.source.startswith(("s3://", "gs://")):
+        summary.objects_read += unit.items.height
+        summary.objects_failed += unit.failed
+    else:
+        summary.db_rows += unit.items.height
+    summary.bytes_read += unit.bytes
+
+
 def run_batch(opts: RunOptions) -> Summary:
     """Stateless: ingest every record in ``opts.paths`` (re-running is harmless, ids are deterministic)."""
     started = time.monotonic()
-    files = discover(opts.paths)
+    inputs = Inputs.of(opts.paths)
+    inputs.check()
     target, sink = open_target(opts)
     pipe = Pipeline.for_run(sink, target, opts)
     try:
-        for path in files:
+        for path in inputs.files:
             for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):
                 pipe.feed(chunk)
                 if opts.stop.is_set():
                     raise KeyboardInterrupt
+        for unit in remote_units(inputs, Ledger(None), opts, pipe.summary, mode="backfill"):
+            if unit.chunks:
+                pipe.feed_many(unit.chunks)
+            _count(unit, pipe.summary)
+            if opts.stop.is_set():
+                raise KeyboardInterrupt
         pipe.flush(final=True)
         summary = pipe.finish()
     finally:
         sink.close()
-    return _close(summary, files, target, opts, started)
+    return _close(summary, inputs.files, target, opts, started)
 
 
 def _close(summary: Summary, files: list[Path], target: Target, opts: RunOptions, started: float) -> Summary:
@@ -415,13 +499,16 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     from ingest.follow import Follower
 
     started = time.monotonic()
-    files = discover(opts.paths)
+    inputs = Inputs.of(opts.paths)
+    inputs.check()
+    files = inputs.files
     target, sink = open_target(opts)
     assert opts.state_dir is not None
     key = destination_key(target.tracking_uri, target.experiment_id)
     if mode == "backfill":
-        key |= {"paths": sorted(str(Path(p).resolve()) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
+        key |= {"paths": sorted(input_id(p) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
+    ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
     pipe = Pipeline.for_run(sink, target, opts)
     follower = Follower(state, pipe, chunk_bytes=opts.chunk_bytes, partial_timeout_s=opts.partial_timeout_s, dry_run=opts.dry_run)
     try:
@@ -432,9 +519,13 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 follower.save()
                 for path in files:
                     _ingest_file(path, follower, opts, progress)
+                for unit in remote_units(inputs, ledger, opts, pipe.summary, mode):
+                    _ingest_unit(unit, follower, ledger, opts, progress)
                 pipe.flush(final=False)
                 summary = pipe.finish()
                 summary.result = "quarantined" if summary.quarantined else "ok"
+                if summary.objects_failed:
+                    summary.result = f"incomplete: {summary.objects_failed} object(s) could not be read (read again next run)"
             except KeyboardInterrupt:
                 summary = pipe.finish()
                 summary.result = "interrupted"
@@ -445,6 +536,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 raise
             finally:
                 follower.close()
+                ledger.close()
                 _close(summary, files, target, opts, started)
                 summary.state_file = str(state.path)
                 summary.state_corrupt_copy = str(state.corrupt_copy) if state.corrupt_copy else None
@@ -458,6 +550,21 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     finally:
         sink.close()
     return summary
+
+
+def _ingest_unit(unit: Unit, follower: Follower, ledger: Ledger, opts: RunOptions, progress: Progress | None) -> None:
+    """Feed a unit; once it returned (every final call acknowledged, the rest saved as held lines by
+    content), its items are marked read: a kill at any moment re-reads at most this unit."""
+    pipe = follower.pipeline
+    if unit.chunks:
+        pipe.feed_many(unit.chunks)
+    follower.save()
+    ledger.mark(unit.source, unit.items, unit.meta)
+    _count(unit, pipe.summary)
+    if progress:
+        progress(unit.source, None, pipe.summary)
+    if opts.stop.is_set():
+        raise KeyboardInterrupt
 
 
 def _ingest_file(path: Path, follower: Follower, opts: RunOptions, progress: Progress | None) -> None:

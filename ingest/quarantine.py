@@ -31,6 +31,7 @@ class Reason(str, enum.Enum):
     LINE_TOO_LONG = "line_too_long"
     UNBUILDABLE = "unbuildable"
     UNWRITABLE = "unwritable"
+    UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ listed through its own search API (no spans loaded). Calls are compared by call 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,10 +15,11 @@ import polars as pl
 
 from ingest.dedupe import dedupe
 from ingest.ids import mlflow_trace_id, otel_trace_id
+from ingest.ledger import Ledger
 from ingest.normalize import normalize_isolating
-from ingest.pipeline import RunOptions, resolve_run_target
+from ingest.pipeline import Inputs, RunOptions, Summary, remote_units, resolve_run_target
 from ingest.quarantine import QuarantineWriter
-from ingest.sources import discover, read_chunks
+from ingest.sources import Chunk, read_chunks
 
 
 @dataclass
@@ -46,19 +48,27 @@ def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
     """(call_key, first start) of every call in the logs within [since, until), and the quarantine count."""
     calls = pl.DataFrame(schema={"call_key": pl.String, "start_us": pl.Int64})
     quarantine = QuarantineWriter(None)
-    for path in discover(opts.paths):
-        for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):
-            quarantine.write(chunk.quarantined)
-            records, bad = normalize_isolating(chunk.lines)
-            quarantine.write(bad)
-            deduped, _ = dedupe(records)
-            part = deduped.group_by("call_key").agg(pl.col("start_us").min())
-            calls = pl.concat([calls, part]).group_by("call_key").agg(pl.col("start_us").min())
+    inputs = Inputs.of(opts.paths)
+    inputs.check()
+    for chunk in _chunks(inputs, opts):
+        quarantine.write(chunk.quarantined)
+        records, bad = normalize_isolating(chunk.lines)
+        quarantine.write(bad)
+        deduped, _ = dedupe(records)
+        part = deduped.group_by("call_key").agg(pl.col("start_us").min())
+        calls = pl.concat([calls, part]).group_by("call_key").agg(pl.col("start_us").min())
     if opts.since_us is not None:
         calls = calls.filter(pl.col("start_us") >= opts.since_us)
     if opts.until_us is not None:
         calls = calls.filter(pl.col("start_us") < opts.until_us)
     return calls, quarantine.total
+
+
+def _chunks(inputs: Inputs, opts: RunOptions) -> Iterator[Chunk]:
+    for path in inputs.files:
+        yield from read_chunks(path, chunk_bytes=opts.chunk_bytes)
+    for unit in remote_units(inputs, Ledger(None), opts, Summary(), mode="backfill"):
+        yield from unit.chunks
 
 
 def traces_in_mlflow(uri: str, experiment_id: str, since_us: int | None, until_us: int | None) -> dict[str, str]:

@@ -32,6 +32,11 @@ class SourceError(Exception):
     """A path the user named cannot be read (missing, unreadable): a usage error, not bad data."""
 
 
+class SourceUnavailable(SourceError):
+    """A bucket or database that cannot be reached or read now (network, credentials, access):
+    nothing of it is marked read, so the next run tries again."""
+
+
 def is_log_file(name: str) -> bool:
     """Names LiteLLM loggers and rotation tools produce: x.jsonl, x.jsonl.1, x.jsonl.2.gz, x.log-20260101."""
     return bool(LOG_NAME.search(name))

@@ -1,0 +1,318 @@
+"""Buckets: the objects LiteLLM's ``s3_v2`` and ``gcs_bucket`` loggers write, read where they are.
+
+Read through fsspec (s3fs, gcsfs): one interface for both, each with its provider's standard
+credential chain (botocore: ``AWS_*`` variables, profiles, SSO, instance and task roles, and
+``AWS_ENDPOINT_URL`` for MinIO, R2 and other S3-compatible stores; google-auth:
+``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's default login, the metadata server, and
+``STORAGE_EMULATOR_HOST``), and concurrent fetches from one call (``cat`` of many keys).
+
+Listing walks the prefix one level at a time and takes each date partition (a directory whose
+name ends in ``YYYY-MM-DD``, as both loggers write them, hourly ones beneath) as a unit: it is
+listed whole, only its new objects are fetched, in groups bounded in count and bytes, while the
+next group downloads. Memory is bounded by one partition's listing plus two groups. Partitions
+outside the days asked for are never listed: ``--since/--until`` (with a day of slack either
+side: the loggers date a partition by the proxy's clock), or for a cron run, partitions more
+than a day older than the newest one a previous run finished.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import PurePosixPath
+from typing import Any
+
+import polars as pl
+
+from ingest.ledger import Ledger, Unit, items_frame
+from ingest.quarantine import QuarantineRecord, Reason
+from ingest.sources import GZIP_MAGIC, Chunk, SourceError, SourceUnavailable, read_chunks
+
+log = logging.getLogger("litellm-ingest.buckets")
+
+URL = re.compile(r"^(s3|s3a|gs|gcs)://([^/]+)/?(.*)$")
+DATE_DIR = re.compile(r"(\d{4})-(\d{2})-(\d{2})$")
+SKIPPED_DIRS = {"batch_line_items"}
+"""LiteLLM writes a batch job's output lines under ``<s3_path>/batch_line_items/``: not call records."""
+GROUP_OBJECTS = 256
+GROUP_BYTES = 32 * 1024 * 1024
+MAX_DEPTH = 4
+
+
+def is_bucket_url(spec: str) -> bool:
+    return bool(URL.match(spec))
+
+
+def _day(name: str) -> date | None:
+    m = DATE_DIR.search(name)
+    if not m:
+        return None
+    try:
+        return date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        return None
+
+
+def days_window(since_us: int | None, until_us: int | None) -> tuple[date | None, date | None]:
+    """The partition days that may hold calls in [since, until), with a day of slack either side."""
+
+    def at(us: int) -> date:
+        return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).date()
+
+    lo = at(since_us) - timedelta(days=1) if since_us is not None else None
+    hi = at(until_us) + timedelta(days=1) if until_us is not None else None
+    return lo, hi
+
+
+def filesystem(scheme: str) -> Any:
+    """A fresh filesystem (no cached instance or listing: objects appear between runs)."""
+    if scheme in ("s3", "s3a"):
+        import s3fs
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=endpoint)
+    import gcsfs
+
+    return gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+@dataclass
+class Bucket:
+    """One ``s3://`` or ``gs://`` URL named on the command line."""
+
+    url: str
+    scheme: str
+    bucket: str
+    prefix: str
+    fs: Any = None
+
+    @classmethod
+    def parse(cls, url: str) -> Bucket:
+        m = URL.match(url)
+        if not m:
+            raise SourceError(f"not a bucket URL: {url}")
+        scheme = {"s3a": "s3", "gcs": "gs"}.get(m[1], m[1])
+        return cls(url, scheme, m[2], m[3].strip("/"))
+
+    @property
+    def root(self) -> str:
+        return f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+
+    @property
+    def source(self) -> str:
+        """The ledger's name for this bucket (one per bucket: objects are keyed by full path)."""
+        return f"{self.scheme}://{self.bucket}"
+
+    def open(self) -> Bucket:
+        if self.fs is None:
+            self.fs = filesystem(self.scheme)
+        return self
+
+    def check(self) -> None:
+        """Fail fast, in one line, on what no retry fixes: no credentials, no bucket, no access."""
+        self.open()
+        try:
+            self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            try:
+                self.fs.ls(self.bucket, detail=False)
+            except FileNotFoundError:
+                raise SourceUnavailable(f"no such bucket: {self.url}") from None
+            except Exception as e:
+                raise SourceUnavailable(f"cannot list {self.url}: {_short(e)}") from None
+        except PermissionError as e:
+            raise SourceUnavailable(f"access denied to {self.url}: {_short(e)}") from None
+        except Exception as e:
+            raise SourceUnavailable(f"cannot list {self.url}: {_short(e)}") from None
+
+    def url_of(self, path: str) -> str:
+        return f"{self.scheme}://{path}"
+
+    # --- listing ---------------------------------------------------------------------------------
+
+    def partitions(self, lo: date | None = None, hi: date | None = None) -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
+        """(path, entries): a level's loose objects as listed, or a date partition to ``find`` whole (None)."""
+        self.open()
+        try:
+            single = [self.fs.info(self.root)] if self.prefix and self.fs.isfile(self.root) else None
+        except FileNotFoundError:
+            return
+        except Exception as e:
+            raise SourceUnavailable(f"cannot list {self.url}: {_short(e)}") from e
+        if single:
+            yield self.root, single
+            return
+        yield from self._walk(self.root, lo, hi, 0)
+
+    def _walk(self, path: str, lo: date | None, hi: date | None, depth: int) -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return
+        except Exception as e:
+            raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
+        files = [e for e in entries if e.get("type") != "directory" and not e["name"].endswith("/")]
+        if files:
+            yield path, files
+        for d in sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory"):
+            name = PurePosixPath(d).name
+            if name in SKIPPED_DIRS or d == path:
+                continue
+            day = _day(name)
+            if day is not None:
+                if (lo is None or day >= lo) and (hi is None or day <= hi):
+                    yield d, None
+            elif depth < MAX_DEPTH:
+                yield from self._walk(d, lo, hi, depth + 1)
+            else:
+                yield d, None
+
+    def objects(self, path: str, entries: list[dict[str, Any]] | None) -> pl.DataFrame:
+        """A partition's objects as a frame: key (full path), version (ETag or generation), at, size."""
+        if entries is None:
+            try:
+                found = self.fs.find(path, detail=True)
+            except FileNotFoundError:
+                found = {}
+            except Exception as e:
+                raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
+            entries = [e for name, e in found.items() if f"/{next(iter(SKIPPED_DIRS))}/" not in f"/{name}"]
+        entries = [e for e in entries if not e["name"].endswith("/") and e.get("type", "file") == "file"]
+        frame = items_frame([e["name"] for e in entries], [_version(e) for e in entries], [_modified(e) for e in entries])
+        return frame.with_columns(size=pl.Series([int(e.get("size") or 0) for e in entries], dtype=pl.Int64)).sort("key")
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def fetch(self, keys: list[str]) -> dict[str, bytes | BaseException]:
+        """Many objects at once (fsspec fetches them concurrently); a failure is returned, not raised."""
+        if not keys:
+            return {}
+        try:
+            got = self.fs.cat(keys, on_error="return")
+        except Exception as e:
+            return dict.fromkeys(keys, e)
+        return {k: got.get(k, FileNotFoundError(k)) for k in keys}
+
+    def units(
+        self,
+        ledger: Ledger,
+        lo: date | None = None,
+        hi: date | None = None,
+        chunk_bytes: int = 8 * 1024 * 1024,
+        group_objects: int = GROUP_OBJECTS,
+        group_bytes: int = GROUP_BYTES,
+        on_listed: Callable[[int, int, int], None] | None = None,
+    ) -> Iterator[Unit]:
+        """New objects, a bounded group at a time, the next group downloading while one is fed.
+
+        Each unit's ``items`` are the objects it read (a vanished one too: there is nothing left to
+        read); one that could not be fetched is left out (counted in ``failed``) and read next run."""
+        with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
+            for path, entries in self.partitions(lo, hi):
+                listed = self.objects(path, entries)
+                new = ledger.new(self.source, listed.drop("size"), under=path + "/" if entries is None else "")
+                new = listed.join(new.select("key"), on="key", how="semi", maintain_order="left")
+                if on_listed is not None:
+                    on_listed(listed.height, new.height, int(new["size"].sum()))
+                if not new.height:
+                    continue
+                groups = list(_groups(new, group_objects, group_bytes))
+                ahead: Future[dict[str, bytes | BaseException]] | None = pool.submit(self.fetch, groups[0]["key"].to_list())
+                for i, group in enumerate(groups):
+                    assert ahead is not None
+                    got = ahead.result()
+                    ahead = pool.submit(self.fetch, groups[i + 1]["key"].to_list()) if i + 1 < len(groups) else None
+                    yield self._unit(group, got, chunk_bytes, meta={"newest_day": _newest_day(path)} if entries is None else {})
+
+    def _unit(self, group: pl.DataFrame, got: dict[str, bytes | BaseException], chunk_bytes: int, meta: dict[str, str]) -> Unit:
+        chunks: list[Chunk] = []
+        read: list[str] = []
+        size = failed = 0
+        for key in group["key"].to_list():
+            body = got[key]
+            if isinstance(body, FileNotFoundError):
+                log.info("%s was deleted before it could be read", self.url_of(key))
+                read.append(key)
+                continue
+            if isinstance(body, BaseException):
+                log.warning("cannot read %s (%s); it is read again next run", self.url_of(key), _short(body))
+                failed += 1
+                continue
+            read.append(key)
+            size += len(body)
+            chunks.extend(object_chunks(self.url_of(key), body, chunk_bytes))
+        items = group.filter(pl.col("key").is_in(read)).drop("size")
+        return Unit(self.source, chunks, items, bytes=size, failed=failed, meta={k: v for k, v in meta.items() if v})
+
+
+def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) -> list[Chunk]:
+    """An object's records as chunks (gzip by its magic bytes); a damaged one is quarantined whole,
+    after the records it gave before the damage."""
+    fileobj: Any = io.BytesIO(body)
+    if body[:2] == GZIP_MAGIC:
+        fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    chunks: list[Chunk] = []
+    try:
+        for chunk in read_chunks(PurePosixPath(name), chunk_bytes=chunk_bytes, final=True, fileobj=fileobj):  # type: ignore[arg-type]
+            chunk.lines = chunk.lines.with_columns(file=pl.lit(name))
+            chunks.append(chunk)
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        line = chunks[-1].end_line if chunks else 1
+        offset = chunks[-1].end_offset if chunks else 0
+        bad = QuarantineRecord.of(
+            name, line, offset, Reason.UNREADABLE, f"object cannot be read past byte {offset}: {_short(e)}", body[:4096]
+        )
+        chunks.append(Chunk(name, chunks[-1].lines.clear() if chunks else _empty_lines(name), [bad]))
+    return chunks
+
+
+def _empty_lines(name: str) -> pl.DataFrame:
+    from ingest.sources import _frame
+
+    return _frame(name, [], pl.Series([], dtype=pl.UInt32), 0, 1).with_columns(file=pl.lit(name))
+
+
+def _groups(objects: pl.DataFrame, max_objects: int, max_bytes: int) -> Iterator[pl.DataFrame]:
+    """Consecutive groups of at most ``max_objects`` objects and ``max_bytes`` bytes (at least one object)."""
+    start, total = 0, 0
+    sizes = objects["size"].to_list()
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_objects or total + size > max_bytes):
+            yield objects.slice(start, i - start)
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield objects.slice(start, len(sizes) - start)
+
+
+def _newest_day(path: str) -> str:
+    day = _day(PurePosixPath(path).name)
+    return day.isoformat() if day else ""
+
+
+def _version(e: dict[str, Any]) -> str:
+    for k in ("generation", "ETag", "etag", "md5Hash"):
+        if e.get(k):
+            return str(e[k]).strip('"')
+    return f"size:{e.get('size')}"
+
+
+def _modified(e: dict[str, Any]) -> str:
+    for k in ("LastModified", "updated", "mtime", "timeCreated"):
+        v = e.get(k)
+        if isinstance(v, datetime):
+            return v.astimezone(timezone.utc).isoformat()
+        if v:
+            return str(v)
+    return ""
+
+
+def _short(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200] or type(e).__name__

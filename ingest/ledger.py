@@ -1,0 +1,133 @@
+"""Ledger: which bucket objects and database rows a state has ingested, one row per item.
+
+Files are followed by offset (:mod:`ingest.checkpoints`); objects are immutable and rows are
+keyed, so what they need is a set: (source, key, version). A bucket of a million small objects
+does not fit a JSON document rewritten after every step, so the ledger is a SQLite file beside
+the JSON state, written in one transaction per acknowledged unit (WAL, synchronous=NORMAL: a
+crash can lose the last commits, never corrupt it; losing them means re-reading a few objects,
+and the ids are deterministic). Items are marked only after MLflow acknowledged every call they
+hold, or after those calls were saved as held lines in the JSON state.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from ingest.sources import Chunk
+
+ITEMS = {"key": pl.String, "version": pl.String, "at": pl.String}
+
+
+def items_frame(keys: list[str], versions: list[str], at: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"key": keys, "version": versions, "at": at}, schema=ITEMS)
+
+
+@dataclass
+class Unit:
+    """What one step of a keyed source reads: chunks to feed, and the items they came from."""
+
+    source: str
+    chunks: list[Chunk]
+    items: pl.DataFrame
+    bytes: int = 0
+    failed: int = 0
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class Ledger:
+    """The set of ingested items of one state. ``Ledger(None)`` remembers nothing (``--no-state``, dry runs)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=60, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS items (source TEXT NOT NULL, key TEXT NOT NULL, version TEXT NOT NULL, "
+                "at TEXT NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (source TEXT NOT NULL, name TEXT NOT NULL, value TEXT, PRIMARY KEY (source, name))"
+            )
+
+    @classmethod
+    def beside(cls, state_path: Path, enabled: bool = True) -> Ledger:
+        return cls(state_path.with_suffix(".ledger.sqlite") if enabled else None)
+
+    def new(self, source: str, items: pl.DataFrame, under: str = "") -> pl.DataFrame:
+        """``items`` minus those already ingested at the same version (a changed version is read again).
+        ``under`` (a key prefix all of them share) reads the ledger by range instead of by key."""
+        if self._db is None or not items.height:
+            return items
+        if under and items.height > 1000:
+            hi = under[:-1] + chr(ord(under[-1]) + 1)
+            rows = self._db.execute(
+                "SELECT key, version FROM items WHERE source = ? AND key >= ? AND key < ?", (source, under, hi)
+            ).fetchall()
+        else:
+            keys = items["key"].to_list()
+            rows = []
+            for i in range(0, len(keys), 500):
+                part = keys[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows += self._db.execute(
+                    f"SELECT key, version FROM items WHERE source = ? AND key IN ({marks})", (source, *part)
+                ).fetchall()
+        if not rows:
+            return items
+        done = pl.DataFrame(rows, schema={"key": pl.String, "version": pl.String}, orient="row")
+        return items.join(done, on=["key", "version"], how="anti", maintain_order="left")
+
+    def mark(self, source: str, items: pl.DataFrame, meta: dict[str, str] | None = None) -> None:
+        """Record ``items`` as ingested; each ``meta`` value is kept at the greatest one seen (a high-water mark)."""
+        if self._db is None or (not items.height and not meta):
+            return
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO items (source, key, version, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (source, key) DO UPDATE SET version = excluded.version, at = excluded.at",
+                [(source, k, v, a) for k, v, a in items.select("key", "version", "at").iter_rows()],
+            )
+            for name, value in (meta or {}).items():
+                self._db.execute(
+                    "INSERT INTO meta (source, name, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (source, name) DO UPDATE SET value = max(value, excluded.value)",
+                    (source, name, value),
+                )
+
+    def meta(self, source: str, name: str) -> str | None:
+        if self._db is None:
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE source = ? AND name = ?", (source, name)).fetchone()
+        return row[0] if row else None
+
+    def prune(self, source: str, before: str) -> None:
+        """Forget items whose ``at`` is before ``before`` (database rows older than the re-read window)."""
+        if self._db is not None:
+            with self._db:
+                self._db.execute("DELETE FROM items WHERE source = ? AND at < ?", (source, before))
+
+    def count(self, source: str | None = None) -> int:
+        if self._db is None:
+            return 0
+        if source is None:
+            return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])
+        return int(self._db.execute("SELECT count(*) FROM items WHERE source = ?", (source,)).fetchone()[0])
+
+    def sources(self) -> dict[str, int]:
+        if self._db is None:
+            return {}
+        return dict(self._db.execute("SELECT source, count(*) FROM items GROUP BY source").fetchall())
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
