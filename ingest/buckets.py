@@ -175,7 +175,8 @@ class Bucket:
                 yield d, None
 
     def objects(self, path: str, entries: list[dict[str, Any]] | None) -> pl.DataFrame:
-        """A partition's objects as a frame: key (full path), version (ETag or generation), at, size."""
+        """A partition's objects as a frame: key (full path), version (ETag or generation), at, size;
+        oldest first, so a call's attempts (one object each) are read in about the order they ended."""
         if entries is None:
             try:
                 found = self.fs.find(path, detail=True)
@@ -186,7 +187,8 @@ class Bucket:
             entries = [e for name, e in found.items() if f"/{next(iter(SKIPPED_DIRS))}/" not in f"/{name}"]
         entries = [e for e in entries if not e["name"].endswith("/") and e.get("type", "file") == "file"]
         frame = items_frame([e["name"] for e in entries], [_version(e) for e in entries], [_modified(e) for e in entries])
-        return frame.with_columns(size=pl.Series([int(e.get("size") or 0) for e in entries], dtype=pl.Int64)).sort("key")
+        frame = frame.with_columns(size=pl.Series([int(e.get("size") or 0) for e in entries], dtype=pl.Int64))
+        return frame.sort("at", "key")
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -260,7 +262,7 @@ def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) ->
         fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
     chunks: list[Chunk] = []
     try:
-        for chunk in read_chunks(PurePosixPath(name), chunk_bytes=chunk_bytes, final=True, fileobj=fileobj):  # type: ignore[arg-type]
+        for chunk in read_chunks(name, chunk_bytes=chunk_bytes, final=True, fileobj=fileobj):
             chunk.lines = chunk.lines.with_columns(file=pl.lit(name))
             chunks.append(chunk)
     except (EOFError, OSError, gzip.BadGzipFile) as e:

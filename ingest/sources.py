@@ -153,7 +153,7 @@ def is_document(data: bytes) -> bool:
 
 
 def read_chunks(
-    path: Path,
+    path: Path | str,
     start_offset: int = 0,
     start_line: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -171,7 +171,7 @@ def read_chunks(
     an already open file (the tail daemon keeps rotated files open) instead of opening ``path``.
     """
     name = str(path)
-    with open_log(path) if fileobj is None else fileobj as f:
+    with open_log(Path(path)) if fileobj is None else fileobj as f:
         raw_file = f.fileobj if isinstance(f, gzip.GzipFile) else f
         tail = skip_to(f, start_offset, chunk_bytes)
         offset, line_no = start_offset, start_line

@@ -1,0 +1,151 @@
+"""Bucket listing, grouping, object decoding and the ledger, in process (an fsspec memory filesystem
+stands in for the bucket; the real S3 and GCS servers are in test_buckets_e2e.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import fsspec
+import polars as pl
+import pytest
+
+from ingest.buckets import Bucket, _groups, days_window, is_bucket_url, object_chunks
+from ingest.ledger import Ledger, items_frame
+from ingest.normalize import normalize_isolating
+from ingest.sources import SourceError
+from tests.conftest import read_capture
+
+
+def memory_bucket(files: dict[str, bytes]) -> Bucket:
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+    for key, body in files.items():
+        fs.pipe(f"/bk/{key}", body)
+    b = Bucket.parse("s3://bk/logs/")
+    b.fs = fs
+    b.bucket = "/bk"
+    return b
+
+
+def listed(b: Bucket, lo: date | None = None, hi: date | None = None) -> list[str]:
+    return sorted(k.split("/bk/logs/")[1] for path, entries in b.partitions(lo, hi) for k in b.objects(path, entries)["key"].to_list())
+
+
+LAYOUT = {
+    "logs/2026-11-01/a.json": b"{}",
+    "logs/2026-11-02/b.json": b"{}",
+    "logs/2026-11-05/00/c.json": b"{}",
+    "logs/2026-11-05/13/d.json": b"{}",
+    "logs/team-a/2026-11-03/e.json": b"{}",
+    "logs/batch_2026-11-04_abc.jsonl": b"{}",
+    "logs/batch_line_items/2026-11-03/job/part-00000.jsonl": b"{}",
+    "other/2026-11-03/f.json": b"{}",
+}
+
+
+def test_urls_are_told_from_paths() -> None:
+    assert is_bucket_url("s3://bucket/prefix/") and is_bucket_url("gs://b") and is_bucket_url("gcs://b/x")
+    assert not is_bucket_url("/var/log/x.jsonl") and not is_bucket_url("logs/s3://x")
+    b = Bucket.parse("gcs://my-bucket/litellm/logs/")
+    assert (b.scheme, b.bucket, b.prefix, b.source) == ("gs", "my-bucket", "litellm/logs", "gs://my-bucket")
+    with pytest.raises(SourceError):
+        Bucket.parse("s3:/nope")
+
+
+def test_every_object_under_the_prefix_is_listed_but_batch_line_items() -> None:
+    b = memory_bucket(LAYOUT)
+    assert listed(b) == [
+        "2026-11-01/a.json",
+        "2026-11-02/b.json",
+        "2026-11-05/00/c.json",
+        "2026-11-05/13/d.json",
+        "batch_2026-11-04_abc.jsonl",
+        "team-a/2026-11-03/e.json",
+    ]
+
+
+def test_a_window_lists_only_its_date_partitions_at_any_depth() -> None:
+    b = memory_bucket(LAYOUT)
+    listed_paths: list[str] = []
+    real_find = b.fs.find
+
+    def spy(path: str, **kw):  # type: ignore[no-untyped-def]
+        listed_paths.append(path)
+        return real_find(path, **kw)
+
+    b.fs.find = spy
+    assert listed(b, date(2026, 11, 2), date(2026, 11, 3)) == [
+        "2026-11-02/b.json",
+        "batch_2026-11-04_abc.jsonl",
+        "team-a/2026-11-03/e.json",
+    ]
+    assert sorted(p.rsplit("/", 1)[1] for p in listed_paths) == ["2026-11-02", "2026-11-03"]
+    assert listed(b, date(2026, 11, 5), None) == ["2026-11-05/00/c.json", "2026-11-05/13/d.json", "batch_2026-11-04_abc.jsonl"]
+
+
+def test_days_window_has_a_day_of_slack_for_the_proxy_clock() -> None:
+    since = int(datetime(2026, 11, 3, 0, 30, tzinfo=timezone.utc).timestamp() * 1_000_000)
+    lo, hi = days_window(since, since + 3600 * 1_000_000)
+    assert lo == date(2026, 11, 2) and hi == date(2026, 11, 4)
+    assert days_window(None, None) == (None, None)
+
+
+def test_groups_are_bounded_in_count_and_bytes_and_never_empty() -> None:
+    objects = pl.DataFrame({"key": [f"k{i}" for i in range(10)], "size": [10, 10, 10, 500, 10, 10, 10, 10, 10, 10]})
+    groups = list(_groups(objects, max_objects=4, max_bytes=100))
+    assert [g["key"].to_list() for g in groups] == [["k0", "k1", "k2"], ["k3"], ["k4", "k5", "k6", "k7"], ["k8", "k9"]]
+    assert pl.concat(groups)["key"].to_list() == objects["key"].to_list()
+
+
+def _records(lines: list) -> pl.DataFrame:
+    frames = [c.lines for c in lines]
+    records, bad = normalize_isolating(pl.concat(frames, how="diagonal"))
+    assert not bad
+    return records
+
+
+def test_objects_as_the_loggers_write_them_are_records() -> None:
+    capture = read_capture()
+    one = json.dumps(capture[0]).encode()
+    batch = "\n".join(json.dumps(r) for r in capture[:5]).encode()
+    assert _records(object_chunks("s3://bk/a.json", one)).height == 1
+    assert _records(object_chunks("s3://bk/a.json.gz", gzip.compress(one))).height == 1
+    recs = _records(object_chunks("gs://bk/batch.jsonl", batch))
+    assert recs.height == 5 and recs["source"].unique().to_list() == ["gs://bk/batch.jsonl"]
+    assert object_chunks("s3://bk/empty.json", b"") == []
+
+
+def test_a_damaged_gzip_object_is_quarantined_after_the_records_before_the_damage() -> None:
+    capture = read_capture()
+    body = gzip.compress("".join(json.dumps(r) + "\n" for r in capture[:20]).encode())
+    chunks = object_chunks("s3://bk/cut.jsonl.gz", body[: len(body) * 2 // 3], chunk_bytes=4096)
+    bad = [q for c in chunks for q in c.quarantined]
+    assert len(bad) == 1 and bad[0].reason == "unreadable" and bad[0].source == "s3://bk/cut.jsonl.gz"
+    got = pl.concat([c.lines for c in chunks], how="diagonal")
+    assert 0 < got.height < 20
+
+
+def test_the_ledger_skips_what_was_read_at_the_same_version(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    items = items_frame(["b/x/1", "b/x/2", "b/y/3"], ["e1", "e2", "e3"], ["t"] * 3)
+    assert ledger.new("s3://b", items).height == 3
+    ledger.mark("s3://b", items.head(2), {"newest_day": "2026-11-02"})
+    ledger.mark("s3://b", items.head(0), {"newest_day": "2026-11-01"})
+    assert ledger.new("s3://b", items)["key"].to_list() == ["b/y/3"]
+    assert ledger.new("s3://b", items, under="b/x/")["key"].to_list() == ["b/y/3"]
+    changed = items_frame(["b/x/1"], ["e1-new"], ["t"])
+    assert ledger.new("s3://b", changed).height == 1
+    assert ledger.new("gs://b", items).height == 3
+    assert ledger.meta("s3://b", "newest_day") == "2026-11-02"
+    ledger.close()
+    again = Ledger(tmp_path / "l.sqlite")
+    assert again.count("s3://b") == 2
+    big = items_frame([f"b/x/{i}" for i in range(3000)], ["e"] * 3000, ["t"] * 3000)
+    again.mark("s3://b", big.head(2500))
+    assert again.new("s3://b", big, under="b/x/").height == 500
+    assert Ledger(None).new("s3://b", items).height == 3
