@@ -438,6 +438,13 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                     "exists": size is not None,
                 }
             )
+    from ingest.ledger import Ledger
+
+    remote = [
+        {"mode": st["mode"], "destination": st.get("destination", {}), **item}
+        for st in states
+        for item in Ledger.describe(Path(st["file"]))
+    ]
     runs = [
         {
             "mode": st["mode"],
@@ -449,7 +456,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
         for st in states
     ]
     if as_json:
-        click.echo(json.dumps({"state_dir": str(state_dir), "runs": runs, "files": rows, "corrupt_copies": kept}))
+        click.echo(json.dumps({"state_dir": str(state_dir), "runs": runs, "files": rows, "remote": remote, "corrupt_copies": kept}))
         sys.exit(code)
     from rich.console import Console
     from rich.markup import escape
@@ -481,6 +488,11 @@ def status(state_dir: Path | None, as_json: bool) -> None:
         )
     if rows:
         console.print(t)
+    for r in remote:
+        marks = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("mode", "destination", "source", "items") and v)
+        console.print(
+            f"[bold]{r['mode']}[/bold] {escape(str(r['source']))}: {r.get('items', 0)} read" + (f" ({escape(marks)})" if marks else "")
+        )
     for k in kept:
         console.print(f"corrupt state kept aside: {escape(k)}")
     sys.exit(code)

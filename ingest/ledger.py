@@ -127,6 +127,26 @@ class Ledger:
             return {}
         return dict(self._db.execute("SELECT source, count(*) FROM items GROUP BY source").fetchall())
 
+    @staticmethod
+    def describe(state_path: Path) -> list[dict[str, object]]:
+        """Per source: items read and high-water marks, read-only (for ``status``); [] without a ledger."""
+        path = state_path.with_suffix(".ledger.sqlite")
+        if not path.exists():
+            return []
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                counts = db.execute("SELECT source, count(*), max(at) FROM items GROUP BY source").fetchall()
+                marks = db.execute("SELECT source, name, value FROM meta").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            return [{"source": str(path), "problem": str(e)}]
+        out: dict[str, dict[str, object]] = {src: {"source": src, "items": n, "newest": at} for src, n, at in counts}
+        for src, name, value in marks:
+            out.setdefault(src, {"source": src, "items": 0, "newest": None})[name] = value
+        return list(out.values())
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
