@@ -7,6 +7,7 @@ times, retries/fallbacks kept together). Each measured run is its own process, s
     python bench/bench.py                      # sizes 5000,50000 records, dry run + SQLite + server
     python bench/bench.py --sizes 2000 --skip-server --skip-callback
     python bench/bench.py --only-scrub        # just the credential scrubber's cost (in-process, seconds)
+    python bench/bench.py --only-buckets      # objects/s and traces/s from an S3-compatible server (moto)
 
 No assertions: these are the figures the README quotes.
 """
@@ -265,6 +266,83 @@ def scrub_cost(path: Path, repeat: int = 3) -> tuple[float, float, int]:
     return best(Scrubber), best(NoScrub), len(calls)
 
 
+def bucket_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tuple[str, str, str, str, str]]:
+    """Objects/s and traces/s reading an S3-compatible server on this machine (moto_server): the
+    records once as per-call objects (``s3_v2``'s default, one JSON object each, no newline, in
+    date partitions) and once as batch files (``s3_batch_file_upload``, 500 records each)."""
+    import s3fs
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    s3env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    rows: list[tuple[str, str, str, str, str]] = []
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=s3env["AWS_ENDPOINT_URL"], key="bench", secret="bench")
+        fs.mkdir("bench-logs")
+        path = work / "bucket-input.jsonl"
+        recs, calls = generate(path, n_records)
+        lines = path.read_bytes().splitlines()
+        per_call: dict[str, bytes] = {}
+        for line in lines:
+            r = orjson.loads(line)
+            day = time.strftime("%Y-%m-%d", time.gmtime(r["startTime"]))
+            per_call[f"bench-logs/calls/{day}/{r['id']}.json"] = line
+        batches = {f"bench-logs/batches/{i // 500:05d}/batch_{i}.jsonl": b"\n".join(lines[i : i + 500]) for i in range(0, len(lines), 500)}
+        fs.pipe(per_call)
+        fs.pipe(batches)
+        mb = path.stat().st_size / 1e6
+        for label, url, objects in (
+            ("per-call objects", "s3://bench-logs/calls/", len(per_call)),
+            ("batch files", "s3://bench-logs/batches/", len(batches)),
+        ):
+            t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", url], {**env, **s3env})
+            in_run = json.loads(out)["seconds"]
+            rows.append(
+                (
+                    f"bucket, {objects} {label}, fetch+parse (dry run), {recs} records",
+                    f"{recs / in_run:,.0f}",
+                    f"{mb / in_run:,.1f}",
+                    f"{rss}",
+                    f"objects/s {objects / in_run:,.0f}",
+                )
+            )
+            db = work / f"bucket-{objects}.db"
+            t, rss, out = run_measured([EXE, "batch", "--json", "--tracking-uri", f"sqlite:///{db}", url], {**env, **s3env})
+            in_run = json.loads(out)["seconds"]
+            rows.append(
+                (
+                    f"bucket, {objects} {label}, batch into SQLite (bulk), {calls} calls",
+                    f"{recs / in_run:,.0f}",
+                    f"{mb / in_run:,.1f}",
+                    f"{rss}",
+                    f"{calls / in_run:,.1f}",
+                )
+            )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+    return rows
+
+
+def print_rows(rows: list[tuple[str, str, str, str, str]]) -> None:
+    header = ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+
+
 def scrub_line(path: Path) -> str:
     with_scrub, without, n = scrub_cost(path)
     return (
@@ -287,6 +365,9 @@ def main() -> None:
     ap.add_argument("--tail-rate", type=float, default=5.0, help="calls/s appended in the tail latency run")
     ap.add_argument("--tail-seconds", type=float, default=20.0)
     ap.add_argument("--only-scrub", action="store_true", help="print only the credential scrubber's cost and exit")
+    ap.add_argument("--only-buckets", action="store_true", help="print only the bucket figures (moto S3 server) and exit")
+    ap.add_argument("--skip-buckets", action="store_true")
+    ap.add_argument("--bucket-records", type=int, default=5000, help="records uploaded as objects for the bucket figures")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="litellm-ingest-bench-"))
@@ -297,6 +378,10 @@ def main() -> None:
         path = work / "scrub-input.jsonl"
         generate(path, sizes[0])
         print(scrub_line(path))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.only_buckets:
+        print_rows(bucket_figures(work, args.bucket_records, env))
         shutil.rmtree(work, ignore_errors=True)
         return
 
@@ -379,10 +464,9 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
 
-    widths = [max(len(r[i]) for r in [*rows, ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")]) for i in range(5)]
-    header = ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")
-    for r in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    if not args.skip_buckets:
+        rows += bucket_figures(work, args.bucket_records, env)
+    print_rows(rows)
     if len(rss_by_size) > 1:
         (n0, r0), (n1, r1) = rss_by_size[0], rss_by_size[-1]
         print(

@@ -33,7 +33,7 @@ import polars as pl
 
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import QuarantineRecord, Reason
-from ingest.sources import GZIP_MAGIC, Chunk, SourceError, SourceUnavailable, read_chunks
+from ingest.sources import GZIP_MAGIC, Chunk, SourceError, SourceUnavailable, is_document, read_chunks
 
 log = logging.getLogger("litellm-ingest.buckets")
 
@@ -43,6 +43,7 @@ SKIPPED_DIRS = {"batch_line_items"}
 """LiteLLM writes a batch job's output lines under ``<s3_path>/batch_line_items/``: not call records."""
 GROUP_OBJECTS = 256
 GROUP_BYTES = 32 * 1024 * 1024
+SMALL_OBJECT = 1024 * 1024
 MAX_DEPTH = 4
 
 
@@ -235,6 +236,7 @@ class Bucket:
 
     def _unit(self, group: pl.DataFrame, got: dict[str, bytes | BaseException], chunk_bytes: int, meta: dict[str, str]) -> Unit:
         chunks: list[Chunk] = []
+        small: list[tuple[str, bytes]] = []
         read: list[str] = []
         size = failed = 0
         for key in group["key"].to_list():
@@ -249,7 +251,12 @@ class Bucket:
                 continue
             read.append(key)
             size += len(body)
-            chunks.extend(object_chunks(self.url_of(key), body, chunk_bytes))
+            if len(body) < SMALL_OBJECT and body[:2] != GZIP_MAGIC:
+                small.append((self.url_of(key), body))
+            else:
+                chunks.extend(object_chunks(self.url_of(key), body, chunk_bytes))
+        if small:
+            chunks.extend(small_objects_chunks(small))
         items = group.filter(pl.col("key").is_in(read)).drop("size")
         return Unit(self.source, chunks, items, bytes=size, failed=failed, meta={k: v for k, v in meta.items() if v})
 
@@ -273,6 +280,42 @@ def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) ->
         )
         chunks.append(Chunk(name, chunks[-1].lines.clear() if chunks else _empty_lines(name), [bad]))
     return chunks
+
+
+def small_objects_chunks(objects: list[tuple[str, bytes]]) -> list[Chunk]:
+    """Many small plain objects (a per-call object is a few KB) as one chunk, built in one go: the
+    per-object path costs a frame each, which a bucket of a million objects would feel. An object
+    that is not clean UTF-8 takes the per-object path, which quarantines precisely."""
+    sources: list[str] = []
+    line_nos: list[int] = []
+    offsets: list[int] = []
+    raws: list[str] = []
+    truncated: list[bool] = []
+    out: list[Chunk] = []
+    for name, body in objects:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            out.extend(object_chunks(name, body))
+            continue
+        offset = 0
+        lines = text.split("\n")
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
+            size = len(line.encode()) if not line.isascii() else len(line)
+            if line.strip():
+                sources.append(name)
+                line_nos.append(i + 1)
+                offsets.append(offset)
+                raws.append(line.removesuffix("\r"))
+                truncated.append(i == last and not is_document(line.encode()))
+            offset += size + 1
+    frame = pl.DataFrame(
+        {"source": sources, "line_no": line_nos, "offset": offsets, "raw": raws, "truncated": truncated},
+        schema={"source": pl.String, "line_no": pl.Int64, "offset": pl.Int64, "raw": pl.String, "truncated": pl.Boolean},
+    )
+    out.append(Chunk("", frame.with_columns(file=pl.col("source"))))
+    return out
 
 
 def _empty_lines(name: str) -> pl.DataFrame:

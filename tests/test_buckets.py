@@ -12,7 +12,7 @@ import fsspec
 import polars as pl
 import pytest
 
-from ingest.buckets import Bucket, _groups, days_window, is_bucket_url, object_chunks
+from ingest.buckets import Bucket, _groups, days_window, is_bucket_url, object_chunks, small_objects_chunks
 from ingest.ledger import Ledger, items_frame
 from ingest.normalize import normalize_isolating
 from ingest.sources import SourceError
@@ -149,3 +149,17 @@ def test_the_ledger_skips_what_was_read_at_the_same_version(tmp_path: Path) -> N
     again.mark("s3://b", big.head(2500))
     assert again.new("s3://b", big, under="b/x/").height == 500
     assert Ledger(None).new("s3://b", items).height == 3
+
+
+def test_small_objects_read_in_one_frame_give_what_the_per_object_path_gives() -> None:
+    capture = read_capture()
+    objects = [(f"s3://bk/{i}.json", json.dumps(r).encode()) for i, r in enumerate(capture[:12])]
+    objects.append(("s3://bk/batch.jsonl", "\n".join(json.dumps(r) for r in capture[12:20]).encode() + b"\r\n"))
+    objects.append(("s3://bk/cut.json", json.dumps(capture[20]).encode()[:-40]))
+    objects.append(("s3://bk/bad-utf8.json", b'{"id": "\xff"}'))
+    objects.append(("s3://bk/blank.json", b"\n\n"))
+    one = pl.concat([c.lines for c in small_objects_chunks(objects)], how="diagonal")
+    each = pl.concat([c.lines for name, body in objects for c in object_chunks(name, body)], how="diagonal")
+    cols = ["source", "line_no", "offset", "raw", "truncated", "file"]
+    assert one.select(cols).sort("source", "line_no").equals(each.select(cols).sort("source", "line_no"))
+    assert one.filter(pl.col("truncated"))["source"].to_list() == ["s3://bk/cut.json"]
