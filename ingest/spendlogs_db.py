@@ -55,10 +55,21 @@ def _libpq_url(url: str) -> str:
     return f"{scheme.split('+', 1)[0].lower()}{sep}{rest}"
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+
+
 def _password(url: str) -> str | None:
     netloc = url.partition("://")[2].partition("/")[0]
     user, at, _ = netloc.rpartition("@")
-    return user.split(":", 1)[1] if at and ":" in user else None
+    if at and ":" in user:
+        return user.split(":", 1)[1]
+    found = _QUERY_PASSWORD.search(url)
+    return found.group(2) if found and found.group(2) else None
+
+
+def shown_url(url: str) -> str:
+    """``shown_uri``, and a ``?password=`` libpq also takes hidden as well."""
+    return _QUERY_PASSWORD.sub(r"\1***", shown_uri(url))
 
 
 class _Text(str):
@@ -130,7 +141,7 @@ class SpendLogsDB:
         self.page_rows = max(1, page_rows)
         self.page_bytes = page_bytes
         self.max_row_bytes = DEFAULT_MAX_LINE_BYTES
-        self.shown = shown_uri(url)
+        self.shown = shown_url(url)
         self.source = f"{self.shown}#{table}"
         self.rows_read = 0
         self._secret = _password(url)

@@ -403,6 +403,11 @@ def test_check_says_what_is_wrong_in_one_line_without_the_password(postgres: Pos
         SpendLogsDB(no_db).check()
     assert secret not in str(e.value) and "\n" not in str(e.value)
 
+    in_query = f"postgresql://postgres@127.0.0.1:{port}/litellm?sslmode=disable&password={secret}"
+    with pytest.raises(SourceError, match="cannot connect to") as e:
+        SpendLogsDB(in_query).check()
+    assert secret not in str(e.value) and "password=***" in str(e.value) and secret not in SpendLogsDB(in_query).source
+
     no_role = url.replace("postgres@", f"nobody:{secret}@")
     with pytest.raises(SourceError, match="nobody") as e:
         SpendLogsDB(no_role).check()
