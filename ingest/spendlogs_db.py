@@ -1,22 +1,392 @@
-# temporary stub until the helper's module is merged
+"""Read LiteLLM_SpendLogs straight from the proxy's PostgreSQL database, read-only and incrementally.
+
+Rows are read in keyset order (``"startTime"``, ``request_id``): a page starts after the last key
+of the one before, so a resumed read neither skips nor repeats rows, whatever the table's size, and
+each page is one short read-only transaction (no snapshot held on a busy proxy database). Every row
+becomes one line of a line frame, serialized as the row's JSON export would print it (times as
+naive UTC ISO text, JSON columns as JSON text), so ``normalize`` reads it exactly as an exported row.
+
+The columns are taken from the table as it is (``information_schema.columns``): LiteLLM adds columns
+over versions, and one added later or missing in an older proxy must not break the read.
+"""
+
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-DB_URL = re.compile(r"^postgres(ql)?(\+\w+)?://")
+import orjson
+import polars as pl
+import psycopg
+from psycopg import sql
+from psycopg.adapt import Loader
+
+from ingest.ledger import Ledger, Unit, items_frame
+from ingest.quarantine import QuarantineRecord, Reason
+from ingest.sources import DEFAULT_MAX_LINE_BYTES, Chunk, SourceError, SourceUnavailable
+from ingest.stores import shown_uri
+
+DEFAULT_TABLE = "LiteLLM_SpendLogs"
+DEFAULT_PAGE_ROWS = 5000
+DEFAULT_PAGE_BYTES = 64 * 1024 * 1024
+REQUIRED_COLUMNS = ("request_id", "startTime", "endTime")
+"""The keyset (request_id, startTime) and what normalize cannot do without (endTime)."""
+JSON_COLUMNS_KIND = frozenset({"json", "jsonb"})
+TIME_KINDS = frozenset({"timestamp without time zone", "timestamp with time zone", "date"})
+TEXT_KINDS = frozenset({"text", "character varying", "character", "name", "citext"})
+NATIVE_KINDS = frozenset({"integer", "bigint", "smallint", "double precision", "real", "boolean"})
+CONNECT_TIMEOUT_S = 10
+EPOCH = datetime(1970, 1, 1)
+REREAD = timedelta(hours=1)
+"""How far before the newest row read a cron run reads again. LiteLLM inserts a row after its call
+ended, from a queue flushed in batches (longer while its database was away), so a row can appear
+behind rows already read; rows read before are skipped by request_id (the ledger remembers them
+for twice this long)."""
+
+_URL = re.compile(r"^postgres(?:ql)?(?:\+[A-Za-z0-9_.-]+)?://", re.IGNORECASE)
 
 
 def is_database_url(spec: str) -> bool:
-    return bool(DB_URL.match(spec))
+    """``postgresql://``, ``postgres://`` or a SQLAlchemy ``postgresql+driver://`` URL (what LiteLLM's DATABASE_URL holds)."""
+    return bool(_URL.match(spec.strip()))
+
+
+def _libpq_url(url: str) -> str:
+    """libpq knows ``postgresql://`` and ``postgres://`` only: drop a SQLAlchemy ``+driver``."""
+    scheme, sep, rest = url.strip().partition("://")
+    return f"{scheme.split('+', 1)[0].lower()}{sep}{rest}"
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+
+
+def _password(url: str) -> str | None:
+    netloc = url.partition("://")[2].partition("/")[0]
+    user, at, _ = netloc.rpartition("@")
+    if at and ":" in user:
+        return user.split(":", 1)[1]
+    found = _QUERY_PASSWORD.search(url)
+    return found.group(2) if found and found.group(2) else None
+
+
+def shown_url(url: str) -> str:
+    """``shown_uri``, and a ``?password=`` libpq also takes hidden as well."""
+    return _QUERY_PASSWORD.sub(r"\1***", shown_uri(url))
+
+
+class _Text(str):
+    """Text that was not valid UTF-8 (a SQL_ASCII database): decoded with U+FFFD, and its row quarantined as files' lines are."""
+
+
+class _LenientTextLoader(Loader):
+    """Text as UTF-8 that never raises: a SQL_ASCII database can hold any bytes, and one bad value must not stop the read."""
+
+    def load(self, data: Any) -> str:
+        raw = bytes(data)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _Text(raw.decode("utf-8", "replace"))
+
+
+@dataclass
+class Page:
+    """One page of rows: the line frame, their keys, and the keyset position after the last row.
+
+    ``quarantined`` holds rows that never reach the frame (larger than a line may be, or text that
+    was not UTF-8), as a file chunk's ``quarantined`` does; ``last`` moves past them too."""
+
+    lines: pl.DataFrame
+    keys: pl.DataFrame
+    last: tuple[str, str]
+    quarantined: list[QuarantineRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Column:
+    name: str
+    kind: str
+
+    def select(self) -> sql.Composable:
+        """The column as the page query reads it: text where Python's own types would lose or refuse something."""
+        ident = sql.Identifier(self.name)
+        if self.kind in TIME_KINDS or self.kind in JSON_COLUMNS_KIND or self.kind == "numeric":
+            return sql.SQL("{}::text").format(ident)
+        if self.kind in TEXT_KINDS or self.kind in NATIVE_KINDS:
+            return ident
+        return sql.SQL("to_jsonb({})::text").format(ident)
+
+    def value(self, v: Any) -> Any:
+        """The value as a JSON export of the row holds it."""
+        if v is None:
+            return None
+        if self.kind in TIME_KINDS:
+            return v[:10] + "T" + v[11:] if len(v) > 10 and v[10] == " " else v
+        if self.kind == "numeric" or (self.kind not in TEXT_KINDS and self.kind not in NATIVE_KINDS and self.kind not in JSON_COLUMNS_KIND):
+            return orjson.Fragment(v)
+        if type(v) is float and not math.isfinite(v):
+            return orjson.Fragment("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
+        return v
 
 
 class SpendLogsDB:
-    def __init__(self, url: str) -> None:
+    """LiteLLM's SpendLogs table in the proxy's own database, as a source of line frames.
+
+    The connection is opened on first use and kept; every read is a read-only transaction, and the
+    session itself is read-only, so nothing here can write to the proxy's database."""
+
+    def __init__(
+        self, url: str, table: str = DEFAULT_TABLE, page_rows: int = DEFAULT_PAGE_ROWS, page_bytes: int = DEFAULT_PAGE_BYTES
+    ) -> None:
         self.url = url
+        self.table = table
+        self.page_rows = max(1, page_rows)
+        self.page_bytes = page_bytes
+        self.max_row_bytes = DEFAULT_MAX_LINE_BYTES
+        self.shown = shown_url(url)
+        self.source = f"{self.shown}#{table}"
+        self.rows_read = 0
+        self._secret = _password(url)
+        self._conn: psycopg.Connection | None = None
+        self._schema: str | None = None
+        self._columns: list[_Column] | None = None
 
-    def check(self) -> None: ...
+    # --- connection -----------------------------------------------------------------------------
+
+    def _error(self, what: str, e: BaseException) -> SourceUnavailable:
+        """A one-line message that names the database (password hidden) and never quotes the password."""
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = lines[0] if lines else type(e).__name__
+        if self._secret:
+            detail = detail.replace(self._secret, "***")
+        return SourceUnavailable(f"{what} {self.shown}: {detail}")
+
+    def _connect(self) -> psycopg.Connection:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        try:
+            conn = psycopg.connect(
+                _libpq_url(self.url), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="litellm-ingest"
+            )
+        except psycopg.Error as e:
+            raise self._error("cannot connect to", e) from None
+        conn.read_only = True
+        for kind in ("text", "varchar", "bpchar", "name"):
+            conn.adapters.register_loader(kind, _LenientTextLoader)
+        try:
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        except psycopg.Error as e:
+            conn.close()
+            raise self._error("cannot set up a read-only session on", e) from None
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> SpendLogsDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _begin(self, conn: psycopg.Connection) -> None:
+        """Per transaction, not per session: a transaction-pooling pgbouncer does not keep session settings."""
+        conn.execute("SET LOCAL TimeZone = 'UTC'")
+        conn.execute("SET LOCAL DateStyle = 'ISO, MDY'")
+
+    # --- table ----------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Connect, find the table and its columns, and read nothing: fail early, in one line, on what a user must fix."""
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                self._begin(conn)
+                schema = conn.execute(
+                    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+                    [sql.Identifier(self.table).as_string(conn)],
+                ).fetchone()
+                if schema is None:
+                    raise SourceError(f"no table {self.table!r} in {self.shown} (is this LiteLLM's database, with its migrations applied?)")
+                rows = conn.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns"
+                    " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+                    [schema[0], self.table],
+                ).fetchall()
+                columns = [_Column(str(name), str(kind)) for name, kind in rows]
+                missing = [c for c in REQUIRED_COLUMNS if c not in {col.name for col in columns}]
+                if missing:
+                    raise SourceError(
+                        f"table {self.table!r} in {self.shown} has no column {', '.join(repr(m) for m in missing)} (or it cannot be read)"
+                    )
+                conn.execute(sql.SQL("SELECT 1 FROM {}.{} LIMIT 0").format(sql.Identifier(schema[0]), sql.Identifier(self.table)))
+        except psycopg.Error as e:
+            raise self._error(f"cannot read table {self.table!r} in", e) from None
+        self._schema, self._columns = str(schema[0]), columns
+
+    @property
+    def columns(self) -> list[str]:
+        """The table's column names as read (after ``check``)."""
+        return [c.name for c in self._columns or []]
+
+    # --- pages ----------------------------------------------------------------------------------
+
+    def _query(self, after: tuple[str, str] | None, since_us: int | None, until_us: int | None) -> tuple[sql.Composed, list[Any]]:
+        assert self._columns is not None and self._schema is not None
+        start = sql.Identifier("startTime")
+        where: list[sql.Composable] = []
+        params: list[Any] = []
+        if after is not None:
+            where.append(sql.SQL("({}, request_id) > (%s, %s)").format(start))
+            params += [after[0], after[1]]
+        if since_us is not None:
+            where.append(sql.SQL("{} >= %s").format(start))
+            params.append(_sql_time(since_us))
+        if until_us is not None:
+            where.append(sql.SQL("{} < %s").format(start))
+            params.append(_sql_time(until_us))
+        start_us = sql.SQL(
+            "CASE WHEN {s} >= '1970-01-01' AND {s} < '10000-01-01' THEN (extract(epoch FROM {s}) * 1000000)::bigint END"
+        ).format(s=start)
+        query = sql.SQL("SELECT {s}::text, request_id, {us}, {cols} FROM {schema}.{table}{where} ORDER BY {s}, request_id LIMIT %s").format(
+            s=start,
+            us=start_us,
+            cols=sql.SQL(", ").join(c.select() for c in self._columns),
+            schema=sql.Identifier(self._schema),
+            table=sql.Identifier(self.table),
+            where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+        )
+        return query, [*params, self.page_rows]
+
+    def pages(self, after: tuple[str, str] | None, since_us: int | None = None, until_us: int | None = None) -> Iterator[Page]:
+        """Pages of rows after the keyset position ``after`` (None: from the first row), with ``since_us``
+        <= startTime < ``until_us`` (epoch microseconds, UTC) when given, until the table has no more.
+
+        Odd row content never raises here (it is left for normalize to quarantine or warn about, as for a
+        file's lines); a lost connection or a dropped table does, as ``SourceUnavailable``."""
+        if self._columns is None:
+            self.check()
+        while True:
+            page, full = self._page(after, since_us, until_us)
+            if page is None:
+                return
+            yield page
+            after = page.last
+            if not full:
+                return
+
+    def _page(self, after: tuple[str, str] | None, since_us: int | None, until_us: int | None) -> tuple[Page | None, bool]:
+        """One page in one read-only transaction; whether it stopped for its row limit or byte budget (more may follow)."""
+        conn = self._connect()
+        query, params = self._query(after, since_us, until_us)
+        assert self._columns is not None
+        lines: list[str] = []
+        keys: list[tuple[str, int | None]] = []
+        bad: list[QuarantineRecord] = []
+        last: tuple[str, str] | None = None
+        size = fetched = 0
+        full = False
+        first_line = self.rows_read + 1
+        try:
+            with conn.transaction():
+                self._begin(conn)
+                with conn.cursor(name="litellm_ingest_spendlogs") as cur:
+                    cur.itersize = min(self.page_rows, 500)
+                    cur.execute(query, params)
+                    for row in cur:
+                        fetched += 1
+                        start_text, request_id, start_us = row[0], row[1], row[2]
+                        last = (start_text, request_id)
+                        raw, odd = self._raw(row[3:])
+                        line_no = self.rows_read + 1
+                        self.rows_read += 1
+                        if odd is not None:
+                            bad.append(QuarantineRecord.of(self.source, line_no, line_no - 1, odd[0], odd[1], raw))
+                            continue
+                        lines.append(raw)
+                        keys.append((request_id, start_us))
+                        size += len(raw)
+                        if size >= self.page_bytes:
+                            full = True
+                            break
+        except psycopg.Error as e:
+            self.rows_read = first_line - 1
+            raise self._error(f"cannot read table {self.table!r} in", e) from None
+        if last is None:
+            return None, False
+        full = full or fetched >= self.page_rows
+        n = len(lines)
+        skipped = {r.line for r in bad}
+        numbers = [i for i in range(first_line, self.rows_read + 1) if i not in skipped]
+        frame = pl.DataFrame(
+            {
+                "source": pl.Series([self.source] * n, dtype=pl.String),
+                "line_no": pl.Series(numbers, dtype=pl.Int64),
+                "offset": pl.Series([i - 1 for i in numbers], dtype=pl.Int64),
+                "raw": pl.Series(lines, dtype=pl.String),
+                "truncated": pl.Series([False] * n, dtype=pl.Boolean),
+            }
+        )
+        key_frame = pl.DataFrame(
+            {"request_id": [k[0] for k in keys], "start_us": [k[1] for k in keys]}, schema={"request_id": pl.String, "start_us": pl.Int64}
+        )
+        return Page(frame, key_frame, last, bad), full
+
+    def _raw(self, values: tuple[Any, ...]) -> tuple[str, tuple[Reason, str] | None]:
+        """The row as one JSON object (request_id first, so a quarantine reader sees it first), and why it
+        cannot be a line if it cannot (text that was not UTF-8, larger than a line may be)."""
+        assert self._columns is not None
+        row: dict[str, Any] = {}
+        odd: tuple[Reason, str] | None = None
+        for col, v in zip(self._columns, values, strict=True):
+            if isinstance(v, _Text):
+                odd = (Reason.INVALID_UTF8, f"column {col.name!r} is not valid UTF-8 (shown with U+FFFD)")
+                v = str(v)
+            row[col.name] = col.value(v)
+        ordered = {"request_id": row.pop("request_id"), **row}
+        raw = orjson.dumps(ordered).decode()
+        if odd is None and len(raw) * 4 > self.max_row_bytes and len(raw.encode()) > self.max_row_bytes:
+            odd = (Reason.LINE_TOO_LONG, f"row longer than {self.max_row_bytes} bytes as JSON")
+        return raw, odd
 
 
-def db_units(db: Any, ledger: Any, since_us: Any, until_us: Any):  # type: ignore[no-untyped-def]
-    return iter(())
+def _sql_time(us: int) -> str:
+    """Epoch microseconds as a literal PostgreSQL compares with a UTC ``timestamp`` column (or, in a UTC session, a ``timestamptz``)."""
+    try:
+        at = EPOCH + timedelta(microseconds=us)
+    except OverflowError:
+        return "infinity" if us > 0 else "-infinity"
+    return at.isoformat(sep=" ", timespec="microseconds")
+
+
+def db_units(
+    db: SpendLogsDB, ledger: Ledger, since_us: int | None = None, until_us: int | None = None, reread: timedelta = REREAD
+) -> Iterator[Unit]:
+    """New rows as units, a page each: from ``reread`` before the newest row a previous run read,
+    rows it read already skipped by request_id (rows inserted late are still found)."""
+    after: tuple[str, str] | None = None
+    if newest := ledger.meta(db.source, "newest_start"):
+        start = datetime.fromisoformat(newest.replace(" ", "T")) - reread
+        after = (start.isoformat(sep=" ", timespec="microseconds"), "")
+        ledger.prune(db.source, _at(int((start - reread - EPOCH) / timedelta(microseconds=1))))
+    for page in db.pages(after, since_us, until_us):
+        keys = page.keys
+        items = items_frame(keys["request_id"].to_list(), [""] * keys.height, [_at(us) for us in keys["start_us"].to_list()])
+        new = ledger.new(db.source, items)
+        lines = page.lines
+        if new.height < items.height:
+            lines = lines.filter(keys["request_id"].is_in(new["key"].implode()))
+        chunk = Chunk(db.source, lines.with_columns(file=pl.lit(db.source)), page.quarantined)
+        yield Unit(db.source, [chunk], new, meta={"newest_start": page.last[0]})
+
+
+def _at(us: int | None) -> str:
+    """Start time as ledger text that sorts as it compares (``prune`` compares it)."""
+    return "" if us is None else f"{us:020d}"
