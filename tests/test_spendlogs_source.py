@@ -1,0 +1,113 @@
+"""SpendLogs straight from LiteLLM's PostgreSQL, through the command: cron runs with rows added
+between them (late ones too), rows without prompts, one trace per call across the database and the
+proxy's own log file, and a password that never leaves the URL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Postgres, all_traces, read_capture, reidentify, write_jsonl
+from tests.litellm_db import create_spendlogs_table, insert_rows, row_from_payload
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+EXP = "spendlogs-db"
+
+
+def run(*args: str, state: Path, uri: str, check: bool = True) -> tuple[int, dict[str, Any], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    p = subprocess.run(
+        [EXE, *args, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "Traceback" not in p.stderr, p.stderr
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p.returncode, (json.loads(p.stdout) if p.stdout.strip() else {}), p.stderr
+
+
+@pytest.fixture
+def litellm_db(postgres: Postgres) -> str:
+    url = postgres.new_database()
+    create_spendlogs_table(url)
+    return url
+
+
+def _calls(records: list[dict]) -> set[str]:
+    return {r["litellm_call_id"] for r in records}
+
+
+def test_cron_over_the_database_reads_new_and_late_rows_once(litellm_db: str, tmp_path: Path) -> None:
+    records = reidentify(read_capture(), shift_s=-86400 * 3)
+    first, later = records[:30], records[30:]
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    insert_rows(litellm_db, [row_from_payload(r) for r in first])
+    _, s1, _ = run("batch", litellm_db, state=tmp_path / "st", uri=uri)
+    assert s1["db_rows"] == 30 and s1["traces_written"] == len(_calls(first))
+
+    late = dict(later[-1])
+    late_row = row_from_payload(late)
+    newest = max(r["startTime"] for r in first)
+    late["startTime"], late["endTime"] = newest - 600, newest - 590
+    late_row = row_from_payload(late)
+    insert_rows(litellm_db, [row_from_payload(r) for r in later[:-1]] + [late_row])
+    _, s2, _ = run("batch", litellm_db, state=tmp_path / "st", uri=uri)
+    assert s2["db_rows"] == len(later)
+    traces = all_traces(uri, EXP, include_spans=False)
+    assert {t.info.tags["litellm.call_id"] for t in traces} >= _calls(records) - {None}
+    assert len(traces) == len(_calls(records))
+
+    _, s3, _ = run("batch", litellm_db, state=tmp_path / "st", uri=uri)
+    assert s3["db_rows"] == 0 and s3["traces_written"] == 0
+    assert len(all_traces(uri, EXP, include_spans=False)) == len(_calls(records))
+
+
+def test_rows_without_stored_prompts_become_traces_with_times_tokens_cost_and_status(litellm_db: str, tmp_path: Path) -> None:
+    records = [r for r in reidentify(read_capture(), shift_s=-86400) if r["status"] == "success"][:5]
+    insert_rows(litellm_db, [row_from_payload(r, store_prompts=False) for r in records])
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    run("batch", litellm_db, state=tmp_path / "st", uri=uri)
+    by_call = {t.info.tags["litellm.call_id"]: t for t in all_traces(uri, EXP)}
+    for r in records:
+        t = by_call[r["litellm_call_id"]]
+        assert t.info.state.value == "OK"
+        assert t.info.request_time == int(r["startTime"] * 1000) or abs(t.info.request_time - r["startTime"] * 1000) <= 1
+        usage = t.info.token_usage or {}
+        assert usage.get("input_tokens") == r["prompt_tokens"] and usage.get("output_tokens") == r["completion_tokens"]
+        assert t.info.trace_metadata.get("mlflow.trace.cost") is not None or t.info.cost is not None  # type: ignore[attr-defined]
+
+
+def test_a_call_in_the_log_file_and_the_database_is_one_trace(litellm_db: str, tmp_path: Path) -> None:
+    records = reidentify(read_capture(), shift_s=-86400 * 2)
+    insert_rows(litellm_db, [row_from_payload(r) for r in records])
+    log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    both, alone = f"sqlite:///{tmp_path / 'both.db'}", f"sqlite:///{tmp_path / 'alone.db'}"
+    run("batch", str(log), litellm_db, state=tmp_path / "st", uri=both)
+    run("batch", str(log), state=tmp_path / "st2", uri=alone)
+    ids_both = sorted(t.info.trace_id for t in all_traces(both, EXP, include_spans=False))
+    ids_alone = sorted(t.info.trace_id for t in all_traces(alone, EXP, include_spans=False))
+    assert ids_both == ids_alone and len(ids_both) == len(_calls(records))
+
+
+def test_the_database_password_stays_in_the_url(litellm_db: str, tmp_path: Path) -> None:
+    secret = "pw-7c1d0e55-never-shown"
+    url = litellm_db.replace("postgres@", f"postgres:{secret}@")
+    insert_rows(litellm_db, [row_from_payload(r) for r in reidentify(read_capture()[:3], shift_s=-3600)])
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    _, summary, err = run("batch", url, state=tmp_path / "st", uri=uri)
+    assert summary["db_rows"] == 3
+    status = subprocess.run([EXE, "status", "--state-dir", str(tmp_path / "st"), "--json"], capture_output=True, text=True, timeout=60)
+    kept = b"".join(p.read_bytes() for p in (tmp_path / "st").rglob("*") if p.is_file())
+    assert secret not in json.dumps(summary) + err + status.stdout and secret.encode() not in kept
+    assert "***" in status.stdout
+    db = (tmp_path / "m.db").read_bytes()
+    assert secret.encode() not in db
+
+    code, _, err = run("batch", url.replace(url.split("@")[1].split("/")[0], "127.0.0.1:1"), state=tmp_path / "st3", uri=uri, check=False)
+    assert code == 8 and "cannot connect" in err and secret not in err and len(err.strip().splitlines()) == 1
