@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,22 +18,16 @@ import pytest
 from tests.buckets import (
     BucketServer,
     call_start,
-    gcs_env,
     gcs_response_id,
-    gcs_server,
     put_gcs_batch,
     put_gcs_objects,
     put_s3_v2_batch_file,
     put_s3_v2_objects,
-    s3_env,
-    s3_server,
     s3_v2_key,
     safe_dumps,
     server_env,
 )
 from tests.conftest import ROOT, read_capture, reidentify
-
-__all__ = ["gcs_env", "gcs_server", "s3_env", "s3_server"]  # fixtures, imported to be used
 
 RECORDS = reidentify(read_capture(), 0.0, "buckets")
 BATCH_NAME = re.compile(r"batch_\d\d-\d\d-\d\d_[0-9a-f]{32}")
@@ -196,6 +191,7 @@ def proxy_python() -> Path | None:
 
 ORACLE = """
 import json, sys, types
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from litellm.integrations.s3_v2 import S3Logger
 from litellm.integrations.gcs_bucket.gcs_bucket import GCSBucketLogger
@@ -228,21 +224,41 @@ print(json.dumps({
 """
 
 
-@pytest.mark.skipif(proxy_python() is None, reason="no LiteLLM venv (set LITELLM_PROXY_PYTHON)")
-def test_s3_writers_match_litellm(s3_server: BucketServer) -> None:
-    """LiteLLM's own key, body and header code, run on the same records, gives what the writers put."""
-    records = [*RECORDS[:3], RECORDS[20], {**RECORDS[0], "id": "chatcmpl-ünï/cödé:1", "messages": [{"content": "héllo\x00"}]}]
-    args = {"records": records, "s3_path": "litellm/", "granularity": "hour"}
-    proc = subprocess.run(
-        [str(proxy_python()), "-c", ORACLE],
-        input=json.dumps(args),
-        capture_output=True,
+ORACLE_RECORDS = [*RECORDS[:3], RECORDS[20], {**RECORDS[0], "id": "chatcmpl-ünï/cödé:1", "messages": [{"content": "héllo\x00"}]}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def litellm_oracle() -> Iterator[subprocess.Popen | None]:
+    """LiteLLM's own code run on ORACLE_RECORDS, started with the module (importing litellm takes ~6 s)."""
+    python = proxy_python()
+    if python is None:
+        yield None
+        return
+    proc = subprocess.Popen(
+        [str(python), "-c", ORACLE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
         env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    want = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.stdin
+    proc.stdin.write(json.dumps({"records": ORACLE_RECORDS, "s3_path": "litellm/", "granularity": "hour"}))
+    proc.stdin.close()
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@pytest.mark.skipif(proxy_python() is None, reason="no LiteLLM venv (set LITELLM_PROXY_PYTHON)")
+def test_s3_writers_match_litellm(s3_server: BucketServer, litellm_oracle: subprocess.Popen) -> None:
+    """LiteLLM's own key, body and header code, run on the same records, gives what the writers put."""
+    records = ORACLE_RECORDS
+    assert litellm_oracle.stdout and litellm_oracle.stderr
+    stdout, stderr = litellm_oracle.stdout.read(), litellm_oracle.stderr.read()
+    assert litellm_oracle.wait(timeout=60) == 0, stderr[-4000:]
+    want = json.loads(stdout.strip().splitlines()[-1])
 
     fs = s3_server.fs()
     bucket = s3_server.new_bucket()
