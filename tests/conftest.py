@@ -19,6 +19,10 @@ from pathlib import Path
 import pytest
 import requests
 
+# s3_server, gcs_server, s3_env, gcs_env: one of each per session, for every module (a module that imports them
+# instead gets its own)
+pytest_plugins = ["tests.buckets"]
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_LOGS = ROOT / "sample_logs"
 CAPTURE_FILES = [SAMPLE_LOGS / "proxy_calls.jsonl.1.gz", SAMPLE_LOGS / "proxy_calls.jsonl"]
