@@ -308,7 +308,7 @@ def bucket_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tupl
             ("per-call objects", "s3://bench-logs/calls/", len(per_call)),
             ("batch files", "s3://bench-logs/batches/", len(batches)),
         ):
-            t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", url], {**env, **s3env})
+            _, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", url], {**env, **s3env})
             in_run = json.loads(out)["seconds"]
             rows.append(
                 (
@@ -320,7 +320,7 @@ def bucket_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tupl
                 )
             )
             db = work / f"bucket-{objects}.db"
-            t, rss, out = run_measured([EXE, "batch", "--json", "--tracking-uri", f"sqlite:///{db}", url], {**env, **s3env})
+            _, rss, out = run_measured([EXE, "batch", "--json", "--tracking-uri", f"sqlite:///{db}", url], {**env, **s3env})
             in_run = json.loads(out)["seconds"]
             rows.append(
                 (

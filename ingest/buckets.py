@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,8 +38,8 @@ log = logging.getLogger("litellm-ingest.buckets")
 
 URL = re.compile(r"^(s3|s3a|gs|gcs)://([^/]+)/?(.*)$")
 DATE_DIR = re.compile(r"(\d{4})-(\d{2})-(\d{2})$")
-SKIPPED_DIRS = {"batch_line_items"}
-"""LiteLLM writes a batch job's output lines under ``<s3_path>/batch_line_items/``: not call records."""
+SKIPPED_DIRS = {"batch_line_items", "audit_logs"}
+"""LiteLLM writes batch jobs' output lines and audit logs beside the call logs: not call records."""
 GROUP_OBJECTS = 256
 GROUP_BYTES = 32 * 1024 * 1024
 SMALL_OBJECT = 1024 * 1024
@@ -68,20 +67,22 @@ def days_window(since_us: int | None, until_us: int | None) -> tuple[date | None
         return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).date()
 
     lo = at(since_us) - timedelta(days=1) if since_us is not None else None
-    hi = at(until_us) + timedelta(days=1) if until_us is not None else None
+    hi = at(until_us - 1) + timedelta(days=1) if until_us is not None else None
     return lo, hi
 
 
 def filesystem(scheme: str) -> Any:
-    """A fresh filesystem (no cached instance or listing: objects appear between runs)."""
-    if scheme in ("s3", "s3a"):
+    """A fresh filesystem (no cached instance or listing: objects appear between runs), configured by
+    the environment alone, so each provider's whole credential chain applies. For GCS the plain JSON-API
+    class: gcsfs's default one probes every bucket's layout over gRPC first (a minute per bucket
+    against an emulator, and nothing the listing needs)."""
+    if scheme == "s3":
         import s3fs
 
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=endpoint)
-    import gcsfs
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    from gcsfs.core import GCSFileSystem
 
-    return gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
+    return GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Bucket:
             return
         except Exception as e:
             raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
-        files = [e for e in entries if e.get("type") != "directory" and not e["name"].endswith("/")]
+        files = [e for e in entries if e.get("type") != "directory"]
         if files:
             yield path, files
         for d in sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory"):
@@ -185,8 +186,8 @@ class Bucket:
                 found = {}
             except Exception as e:
                 raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
-            entries = [e for name, e in found.items() if f"/{next(iter(SKIPPED_DIRS))}/" not in f"/{name}"]
-        entries = [e for e in entries if not e["name"].endswith("/") and e.get("type", "file") == "file"]
+            entries = [e for name, e in found.items() if not SKIPPED_DIRS & set(name.split("/"))]
+        entries = [e for e in entries if e.get("type", "file") == "file"]
         frame = items_frame([e["name"] for e in entries], [_version(e) for e in entries], [_modified(e) for e in entries])
         frame = frame.with_columns(size=pl.Series([int(e.get("size") or 0) for e in entries], dtype=pl.Int64))
         return frame.sort("at", "key")

@@ -136,13 +136,28 @@ class BucketServer:
                 self.proc.wait()
             except ProcessLookupError:
                 self.proc.wait()
+        if log := getattr(self.proc, "log_path", None):
+            Path(log).unlink(missing_ok=True)
+
+
+def _server_log(name: str) -> Any:
+    """Where a server's own log goes: a file, never an unread pipe (moto logs every request; a full
+    pipe would stop the server mid-test)."""
+    import tempfile
+
+    return tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+
+
+def _log_of(proc: subprocess.Popen) -> str:
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text(errors="replace")[-4000:] if log else ""
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = _log_of(proc)
             raise RuntimeError(f"{what} exited with {proc.returncode}: {err}")
         try:
             with urllib.request.urlopen(url, timeout=2):
@@ -161,12 +176,14 @@ def start_s3_server() -> BucketServer:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
+    log = _server_log("moto")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         start_new_session=True,
     )
+    proc.log_path = log.name  # type: ignore[attr-defined]
     _wait_http(f"{url}/moto-api/", proc, 30, "moto_server")
     env = {
         "AWS_ENDPOINT_URL": url,
@@ -200,15 +217,17 @@ def start_gcs_server() -> BucketServer:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
+    log = _server_log("fake-gcs")
     proc = subprocess.Popen(
         [
             *(str(fake_gcs_server_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
             *("-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "error"),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         start_new_session=True,
     )
+    proc.log_path = log.name  # type: ignore[attr-defined]
     _wait_http(f"{url}/storage/v1/b", proc, 30, "fake-gcs-server")
     env = {
         "STORAGE_EMULATOR_HOST": url,

@@ -93,6 +93,8 @@ def test_days_window_has_a_day_of_slack_for_the_proxy_clock() -> None:
     lo, hi = days_window(since, since + 3600 * 1_000_000)
     assert lo == date(2026, 11, 2) and hi == date(2026, 11, 4)
     assert days_window(None, None) == (None, None)
+    midnight = int(datetime(2026, 11, 4, tzinfo=timezone.utc).timestamp() * 1_000_000)
+    assert days_window(since, midnight) == (date(2026, 11, 2), date(2026, 11, 4))
 
 
 def test_groups_are_bounded_in_count_and_bytes_and_never_empty() -> None:
