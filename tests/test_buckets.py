@@ -165,3 +165,32 @@ def test_small_objects_read_in_one_frame_give_what_the_per_object_path_gives() -
     cols = ["source", "line_no", "offset", "raw", "truncated", "file"]
     assert one.select(cols).sort("source", "line_no").equals(each.select(cols).sort("source", "line_no"))
     assert one.filter(pl.col("truncated"))["source"].to_list() == ["s3://bk/cut.json"]
+
+
+def test_an_object_that_cannot_be_fetched_is_left_for_the_next_run(tmp_path: Path) -> None:
+    capture = read_capture()
+    b = memory_bucket({f"logs/2026-11-01/{i}.json": json.dumps(r).encode() for i, r in enumerate(capture[:6])})
+    real = b.fetch
+
+    def flaky(keys: list[str]) -> dict:  # type: ignore[type-arg]
+        got = real(keys)
+        got[keys[2]] = PermissionError("AccessDenied")
+        got[keys[3]] = FileNotFoundError(keys[3])
+        return got
+
+    b.fetch = flaky  # type: ignore[method-assign]
+    ledger = Ledger(tmp_path / "l.sqlite")
+    units = list(b.units(ledger))
+    assert sum(u.failed for u in units) == 1
+    read = pl.concat([u.items for u in units])
+    assert read.height == 5, "a vanished object is done (nothing left to read), a refused one is not"
+    for u in units:
+        ledger.mark(u.source, u.items)
+    b.fetch = real  # type: ignore[method-assign]
+    again = list(b.units(ledger))
+    assert [k.rsplit("/", 1)[1] for u in again for k in u.items["key"].to_list()] == [read_key_missing(read, b)]
+
+
+def read_key_missing(read: pl.DataFrame, b: Bucket) -> str:
+    everything = b.objects("/bk/logs/2026-11-01", None)["key"].to_list()
+    return next(k for k in everything if k not in read["key"].to_list()).rsplit("/", 1)[1]
