@@ -217,9 +217,15 @@ class Bucket:
         """New objects, a bounded group at a time, the next group downloading while one is fed.
 
         Each unit's ``items`` are the objects it read (a vanished one too: there is nothing left to
-        read); one that could not be fetched is left out (counted in ``failed``) and read next run."""
+        read); one that could not be fetched is left out (counted in ``failed``) and read next run.
+        A last unit, with no items, carries the newest partition day, only once every partition
+        was read without a failure: a cron run that stopped early must not skip what it never read."""
+        newest: date | None = None
+        failed = 0
         with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
             for path, entries in self.partitions(lo, hi):
+                day = _day(PurePosixPath(path).name) if entries is None else None
+                newest = max(newest, day) if newest and day else (newest or day)
                 listed = self.objects(path, entries)
                 new = ledger.new(self.source, listed.drop("size"), under=path + "/" if entries is None else "")
                 new = listed.join(new.select("key"), on="key", how="semi", maintain_order="left")
@@ -233,9 +239,13 @@ class Bucket:
                     assert ahead is not None
                     got = ahead.result()
                     ahead = pool.submit(self.fetch, groups[i + 1]["key"].to_list()) if i + 1 < len(groups) else None
-                    yield self._unit(group, got, chunk_bytes, meta={"newest_day": _newest_day(path)} if entries is None else {})
+                    unit = self._unit(group, got, chunk_bytes)
+                    failed += unit.failed
+                    yield unit
+        if newest is not None and not failed:
+            yield Unit(self.source, [], items_frame([], [], []), meta={"newest_day": newest.isoformat()})
 
-    def _unit(self, group: pl.DataFrame, got: dict[str, bytes | BaseException], chunk_bytes: int, meta: dict[str, str]) -> Unit:
+    def _unit(self, group: pl.DataFrame, got: dict[str, bytes | BaseException], chunk_bytes: int) -> Unit:
         chunks: list[Chunk] = []
         small: list[tuple[str, bytes]] = []
         read: list[str] = []
@@ -259,7 +269,7 @@ class Bucket:
         if small:
             chunks.extend(small_objects_chunks(small))
         items = group.filter(pl.col("key").is_in(read)).drop("size")
-        return Unit(self.source, chunks, items, bytes=size, failed=failed, meta={k: v for k, v in meta.items() if v})
+        return Unit(self.source, chunks, items, bytes=size, failed=failed)
 
 
 def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) -> list[Chunk]:
@@ -336,11 +346,6 @@ def _groups(objects: pl.DataFrame, max_objects: int, max_bytes: int) -> Iterator
         total += size
     if start < len(sizes):
         yield objects.slice(start, len(sizes) - start)
-
-
-def _newest_day(path: str) -> str:
-    day = _day(PurePosixPath(path).name)
-    return day.isoformat() if day else ""
 
 
 def _version(e: dict[str, Any]) -> str:

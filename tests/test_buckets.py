@@ -194,3 +194,22 @@ def test_an_object_that_cannot_be_fetched_is_left_for_the_next_run(tmp_path: Pat
 def read_key_missing(read: pl.DataFrame, b: Bucket) -> str:
     everything = b.objects("/bk/logs/2026-11-01", None)["key"].to_list()
     return next(k for k in everything if k not in read["key"].to_list()).rsplit("/", 1)[1]
+
+
+def test_the_cron_horizon_moves_only_after_a_whole_run(tmp_path: Path) -> None:
+    capture = read_capture()
+    b = memory_bucket(
+        {
+            "logs/team-a/2026-11-05/a.json": json.dumps(capture[0]).encode(),
+            "logs/team-b/2026-11-01/b.json": json.dumps(capture[1]).encode(),
+        }
+    )
+    ledger = Ledger(tmp_path / "l.sqlite")
+    units = b.units(ledger)
+    first = next(units)
+    ledger.mark(first.source, first.items, first.meta)
+    units.close()
+    assert ledger.meta(b.source, "newest_day") is None, "a run stopped after team-a's partition would skip team-b's for good"
+    for u in b.units(ledger):
+        ledger.mark(u.source, u.items, u.meta)
+    assert ledger.meta(b.source, "newest_day") == "2026-11-05" and ledger.count(b.source) == 2
