@@ -29,6 +29,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import polars as pl
+from fsspec.asyn import sync
 
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import QuarantineRecord, Reason
@@ -42,6 +43,7 @@ SKIPPED_DIRS = {"batch_line_items", "audit_logs"}
 """LiteLLM writes batch jobs' output lines and audit logs beside the call logs: not call records."""
 GROUP_OBJECTS = 256
 GROUP_BYTES = 32 * 1024 * 1024
+LIST_PAGE = 5000
 SMALL_OBJECT = 1024 * 1024
 MAX_DEPTH = 4
 
@@ -176,18 +178,38 @@ class Bucket:
             else:
                 yield d, None
 
-    def objects(self, path: str, entries: list[dict[str, Any]] | None) -> pl.DataFrame:
-        """A partition's objects as a frame: key (full path), version (ETag or generation), at, size;
-        oldest first, so a call's attempts (one object each) are read in about the order they ended."""
-        if entries is None:
-            try:
-                found = self.fs.find(path, detail=True)
-            except FileNotFoundError:
-                found = {}
-            except Exception as e:
-                raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
-            entries = [e for name, e in found.items() if not SKIPPED_DIRS & set(name.split("/"))]
-        entries = [e for e in entries if e.get("type", "file") == "file"]
+    def listing(self, path: str) -> Iterator[list[dict[str, Any]]]:
+        """A partition's objects, a page at a time: a busy proxy's day is a million objects, whose
+        listing must not be held whole. S3 and GCS are paged through their list APIs (s3fs's and
+        gcsfs's own page calls); another fsspec filesystem is listed whole."""
+        self.open()
+        bucket, _, key = path.partition("/")
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        try:
+            if self.scheme == "s3" and hasattr(self.fs, "_iterdir"):
+                pages = self.fs._iterdir(bucket, delimiter="", prefix=prefix)
+                while page := sync(self.fs.loop, _take, pages, LIST_PAGE):
+                    yield page
+            elif self.scheme == "gs" and hasattr(self.fs, "_call_list_objects"):
+                token = None
+                while True:
+                    got = sync(self.fs.loop, self.fs._call_list_objects, bucket, prefix=prefix, maxResults=1000, pageToken=token)
+                    yield [self.fs._process_object(bucket, item) for item in got.get("items", [])]
+                    if not (token := got.get("nextPageToken")):
+                        return
+            else:
+                yield list(self.fs.find(path, detail=True).values())
+        except FileNotFoundError:
+            return
+        except SourceUnavailable:
+            raise
+        except Exception as e:
+            raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
+
+    def objects(self, entries: list[dict[str, Any]]) -> pl.DataFrame:
+        """Listed objects as a frame: key (full path), version (ETag or generation), at, size; oldest
+        first, so a call's attempts (one object each) are read in about the order they ended."""
+        entries = [e for e in entries if e.get("type", "file") == "file" and not SKIPPED_DIRS & set(e["name"].split("/"))]
         frame = items_frame([e["name"] for e in entries], [_version(e) for e in entries], [_modified(e) for e in entries])
         frame = frame.with_columns(size=pl.Series([int(e.get("size") or 0) for e in entries], dtype=pl.Int64))
         return frame.sort("at", "key")
@@ -226,22 +248,23 @@ class Bucket:
             for path, entries in self.partitions(lo, hi):
                 day = _day(PurePosixPath(path).name) if entries is None else None
                 newest = max(newest, day) if newest and day else (newest or day)
-                listed = self.objects(path, entries)
-                new = ledger.new(self.source, listed.drop("size"), under=path + "/" if entries is None else "")
-                new = listed.join(new.select("key"), on="key", how="semi", maintain_order="left")
-                if on_listed is not None:
-                    on_listed(listed.height, new.height, int(new["size"].sum()))
-                if not new.height:
-                    continue
-                groups = list(_groups(new, group_objects, group_bytes))
-                ahead: Future[dict[str, bytes | BaseException]] | None = pool.submit(self.fetch, groups[0]["key"].to_list())
-                for i, group in enumerate(groups):
-                    assert ahead is not None
-                    got = ahead.result()
-                    ahead = pool.submit(self.fetch, groups[i + 1]["key"].to_list()) if i + 1 < len(groups) else None
-                    unit = self._unit(group, got, chunk_bytes)
-                    failed += unit.failed
-                    yield unit
+                for page in [entries] if entries is not None else self.listing(path):
+                    listed = self.objects(page)
+                    new = ledger.new(self.source, listed.drop("size"))
+                    new = listed.join(new.select("key"), on="key", how="semi", maintain_order="left")
+                    if on_listed is not None:
+                        on_listed(listed.height, new.height, int(new["size"].sum()))
+                    if not new.height:
+                        continue
+                    groups = list(_groups(new, group_objects, group_bytes))
+                    ahead: Future[dict[str, bytes | BaseException]] | None = pool.submit(self.fetch, groups[0]["key"].to_list())
+                    for i, group in enumerate(groups):
+                        assert ahead is not None
+                        got = ahead.result()
+                        ahead = pool.submit(self.fetch, groups[i + 1]["key"].to_list()) if i + 1 < len(groups) else None
+                        unit = self._unit(group, got, chunk_bytes)
+                        failed += unit.failed
+                        yield unit
         if newest is not None and not failed:
             yield Unit(self.source, [], items_frame([], [], []), meta={"newest_day": newest.isoformat()})
 
@@ -291,6 +314,17 @@ def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) ->
         )
         chunks.append(Chunk(name, chunks[-1].lines.clear() if chunks else _empty_lines(name), [bad]))
     return chunks
+
+
+async def _take(pages: Any, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` entries from an async listing (the generator is resumed by the next call)."""
+    out: list[dict[str, Any]] = []
+    async for entry in pages:
+        if entry.get("type") == "file":
+            out.append(entry)
+            if len(out) >= n:
+                break
+    return out
 
 
 def small_objects_chunks(objects: list[tuple[str, bytes]]) -> list[Chunk]:

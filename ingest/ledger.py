@@ -61,25 +61,16 @@ class Ledger:
     def beside(cls, state_path: Path, enabled: bool = True) -> Ledger:
         return cls(state_path.with_suffix(".ledger.sqlite") if enabled else None)
 
-    def new(self, source: str, items: pl.DataFrame, under: str = "") -> pl.DataFrame:
-        """``items`` minus those already ingested at the same version (a changed version is read again).
-        ``under`` (a key prefix all of them share) reads the ledger by range instead of by key."""
+    def new(self, source: str, items: pl.DataFrame) -> pl.DataFrame:
+        """``items`` minus those already ingested at the same version (a changed version is read again)."""
         if self._db is None or not items.height:
             return items
-        if under and items.height > 1000:
-            hi = under[:-1] + chr(ord(under[-1]) + 1)
-            rows = self._db.execute(
-                "SELECT key, version FROM items WHERE source = ? AND key >= ? AND key < ?", (source, under, hi)
-            ).fetchall()
-        else:
-            keys = items["key"].to_list()
-            rows = []
-            for i in range(0, len(keys), 500):
-                part = keys[i : i + 500]
-                marks = ",".join("?" * len(part))
-                rows += self._db.execute(
-                    f"SELECT key, version FROM items WHERE source = ? AND key IN ({marks})", (source, *part)
-                ).fetchall()
+        keys = items["key"].to_list()
+        rows: list[tuple[str, str]] = []
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
+            marks = ",".join("?" * len(part))
+            rows += self._db.execute(f"SELECT key, version FROM items WHERE source = ? AND key IN ({marks})", (source, *part)).fetchall()
         if not rows:
             return items
         done = pl.DataFrame(rows, schema={"key": pl.String, "version": pl.String}, orient="row")

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from tests.buckets import BucketServer, put_gcs_batch, put_gcs_objects, put_s3_v2_batch_file, put_s3_v2_objects
+from tests.buckets import BucketServer, put_gcs_batch, put_gcs_objects, put_s3_v2_batch_file, put_s3_v2_objects, server_env
 from tests.conftest import all_traces, read_capture, reidentify, write_jsonl
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -205,3 +205,18 @@ def test_gcs_both_modes(gcs_server: BucketServer, tmp_path: Path) -> None:
     put_gcs_batch(fs, batched, (more := days_ago(1)))
     _, s2, _ = run(gcs_server, "batch", f"gs://{per_call}/proxy/", f"gs://{batched}", state=state, uri=uri)
     assert s2["objects_read"] == 1 and s2["traces_written"] == len(calls_of(more))
+
+
+def test_a_partition_is_listed_a_page_at_a_time(s3_server: BucketServer, gcs_server: BucketServer, monkeypatch: Any) -> None:
+    import ingest.buckets as buckets
+
+    monkeypatch.setattr(buckets, "LIST_PAGE", 700)
+    for server, scheme in ((s3_server, "s3"), (gcs_server, "gs")):
+        fs, bucket = server.fs(), server.new_bucket()
+        fs.pipe({f"{bucket}/logs/2026-11-01/{i:05d}.json": b"{}" for i in range(2100)})
+        with server_env(server):
+            b = buckets.Bucket.parse(f"{scheme}://{bucket}/logs/")
+            pages = list(b.listing(f"{bucket}/logs/2026-11-01"))
+        assert len(pages) >= 3 and max(len(p) for p in pages) <= 1000, scheme
+        keys = [e["name"] for p in pages for e in p]
+        assert len(keys) == len(set(keys)) == 2100, scheme
