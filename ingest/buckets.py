@@ -8,8 +8,8 @@ credential chain (botocore: ``AWS_*`` variables, profiles, SSO, instance and tas
 
 Listing walks the prefix one level at a time and takes each date partition (a directory whose
 name ends in ``YYYY-MM-DD``, as both loggers write them, hourly ones beneath) as a unit: it is
-listed whole, only its new objects are fetched, in groups bounded in count and bytes, while the
-next group downloads. Memory is bounded by one partition's listing plus two groups. Partitions
+listed a page at a time, and only a page's new objects are fetched, in groups bounded in count
+and bytes, while the next group downloads. Memory is bounded by a page plus two groups. Partitions
 outside the days asked for are never listed: ``--since/--until`` (with a day of slack either
 side: the loggers date a partition by the proxy's clock), or for a cron run, partitions more
 than a day older than the newest one a previous run finished.
