@@ -142,7 +142,7 @@ class Bucket:
     # --- listing ---------------------------------------------------------------------------------
 
     def partitions(self, lo: date | None = None, hi: date | None = None) -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
-        """(path, entries): a level's loose objects as listed, or a date partition to ``find`` whole (None)."""
+        """(path, entries): a level's loose objects as listed, or a date partition to list page by page (None)."""
         self.open()
         try:
             single = [self.fs.info(self.root)] if self.prefix and self.fs.isfile(self.root) else None
