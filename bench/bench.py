@@ -303,6 +303,11 @@ def bucket_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tupl
         batches = {f"bench-logs/batches/{i // 500:05d}/batch_{i}.jsonl": b"\n".join(lines[i : i + 500]) for i in range(0, len(lines), 500)}
         fs.pipe(per_call)
         fs.pipe(batches)
+        start = time.monotonic()
+        fs.cat(list(per_call), on_error="return")
+        ceiling = len(per_call) / (time.monotonic() - start)
+        label = f"moto's own GET rate: fs.cat of the {len(per_call)} objects, nothing else"
+        rows.append((label, "-", "-", "-", f"objects/s {ceiling:,.0f}"))
         mb = path.stat().st_size / 1e6
         for label, url, objects in (
             ("per-call objects", "s3://bench-logs/calls/", len(per_call)),
