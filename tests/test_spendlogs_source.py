@@ -111,3 +111,39 @@ def test_the_database_password_stays_in_the_url(litellm_db: str, tmp_path: Path)
 
     code, _, err = run("batch", url.replace(url.split("@")[1].split("/")[0], "127.0.0.1:1"), state=tmp_path / "st3", uri=uri, check=False)
     assert code == 8 and "cannot connect" in err and secret not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_killed_mid_table_resumes_and_loses_and_doubles_nothing(litellm_db: str, tmp_path: Path) -> None:
+    import signal
+    import sqlite3
+    import time
+
+    capture = read_capture()
+    base = -86400 * 20
+    records = [r for i in range(240) for r in reidentify(capture, shift_s=base + i * 120, salt=f"k{i}")]
+    insert_rows(litellm_db, [row_from_payload(r) for r in records])
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, "backfill", litellm_db, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def marked() -> int:
+        for p in state.glob("backfill-*.ledger.sqlite"):
+            try:
+                with sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=1) as db:
+                    return int(db.execute("SELECT count(*) FROM items").fetchone()[0])
+            except sqlite3.Error:
+                return 0
+        return 0
+
+    deadline = time.monotonic() + 300
+    while marked() == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = marked()
+    assert 0 < done < len(records), f"the kill did not land mid-table ({done} of {len(records)} rows)"
+    _, s, _ = run("backfill", litellm_db, state=state, uri=uri)
+    assert s["db_rows"] == len(records) - done
+    got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
+    assert len(got) == len(set(got)) and set(got) == _calls(records)
