@@ -171,20 +171,21 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str) ->
     raise RuntimeError(f"{what} did not answer {url} within {timeout_s} s")
 
 
+def _spawn(name: str, cmd: list[str], ready_url: str) -> tuple[subprocess.Popen, float]:
+    """Start a server in its own process group, its log in a file; return it once ``ready_url`` answers."""
+    t0 = time.monotonic()
+    log = _server_log(name)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    _wait_http(ready_url, proc, 30, name)
+    return proc, time.monotonic() - t0
+
+
 def start_s3_server() -> BucketServer:
     """moto's S3 server (``python -m moto.server``) on a free localhost port, in its own process group."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    log = _server_log("moto")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        start_new_session=True,
-    )
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    _wait_http(f"{url}/moto-api/", proc, 30, "moto_server")
+    proc, took = _spawn("moto_server", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/")
     env = {
         "AWS_ENDPOINT_URL": url,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -192,7 +193,7 @@ def start_s3_server() -> BucketServer:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    return BucketServer("s3", url, proc, env, S3_ENV_CONFLICTS, time.monotonic() - t0)
+    return BucketServer("s3", url, proc, env, S3_ENV_CONFLICTS, took)
 
 
 def fake_gcs_server_binary() -> Path:
@@ -216,19 +217,11 @@ def start_gcs_server() -> BucketServer:
     """fake-gcs-server (in-memory backend, plain HTTP) on a free localhost port, in its own process group."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    log = _server_log("fake-gcs")
-    proc = subprocess.Popen(
-        [
-            *(str(fake_gcs_server_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
-            *("-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "error"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        start_new_session=True,
-    )
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    _wait_http(f"{url}/storage/v1/b", proc, 30, "fake-gcs-server")
+    cmd = [
+        *(str(fake_gcs_server_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
+        *("-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "error"),
+    ]
+    proc, took = _spawn("fake-gcs-server", cmd, f"{url}/storage/v1/b")
     env = {
         "STORAGE_EMULATOR_HOST": url,
         # gcsfs.GCSFileSystem is then the plain JSON-API class (see BucketServer.fs); read at `import gcsfs`.
@@ -236,7 +229,7 @@ def start_gcs_server() -> BucketServer:
         # no GCE metadata probe: gcsfs's chain google_default -> cloud -> anon ends at anon at once.
         "NO_GCE_CHECK": "true",
     }
-    return BucketServer("gcs", url, proc, env, GCS_ENV_CONFLICTS, time.monotonic() - t0)
+    return BucketServer("gcs", url, proc, env, GCS_ENV_CONFLICTS, took)
 
 
 @pytest.fixture(scope="session")
