@@ -538,7 +538,7 @@ def _print_summary(s: Any) -> None:
     t.add_column(style="bold")
     t.add_column()
     rows: list[tuple[str, Any]] = [
-        ("files", s.files),
+        *([("files", s.files)] if s.files or not (s.objects or s.db_rows) else []),
         ("records read", s.records_read),
         ("quarantined", f"{s.quarantined}" + (f"  {s.quarantined_by_reason} -> {s.quarantine_file}" if s.quarantined else "")),
         ("duplicates dropped", s.duplicates_dropped),
