@@ -36,6 +36,8 @@ class Unit:
     bytes: int = 0
     failed: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    kind: str = "objects"
+    """What its items are, for the summary: bucket ``objects`` or database ``rows``."""
 
 
 class Ledger:

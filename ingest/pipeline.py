@@ -445,11 +445,11 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
 
 
 def _count(unit: Unit, summary: Summary) -> None:
-    if unit.source.startswith(("s3://", "gs://")):
+    if unit.kind == "rows":
+        summary.db_rows += unit.items.height
+    else:
         summary.objects_read += unit.items.height
         summary.objects_failed += unit.failed
-    else:
-        summary.db_rows += unit.items.height
     summary.bytes_read += unit.bytes
 
 

@@ -384,7 +384,7 @@ def db_units(
         if new.height < items.height:
             lines = lines.filter(keys["request_id"].is_in(new["key"].implode()))
         chunk = Chunk(db.source, lines.with_columns(file=pl.lit(db.source)), page.quarantined)
-        yield Unit(db.source, [chunk], new, meta={"newest_start": page.last[0]})
+        yield Unit(db.source, [chunk], new, meta={"newest_start": page.last[0]}, kind="rows")
 
 
 def _at(us: int | None) -> str:

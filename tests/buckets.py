@@ -232,24 +232,24 @@ def start_gcs_server() -> BucketServer:
     return BucketServer("gcs", url, proc, env, GCS_ENV_CONFLICTS, took)
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[BucketServer]:
-    """A moto S3 server for the session."""
-    server = start_s3_server()
+def _serving(start: Callable[[], BucketServer]) -> Iterator[BucketServer]:
+    server = start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[BucketServer]:
+    """A moto S3 server for the session."""
+    yield from _serving(start_s3_server)
 
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[BucketServer]:
     """A fake-gcs-server for the session."""
-    server = start_gcs_server()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(start_gcs_server)
 
 
 @contextmanager
