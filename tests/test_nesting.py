@@ -188,7 +188,7 @@ def test_an_app_trace_that_is_not_there_gets_nothing_written_under_its_id(uri: s
     assert len(store_ids) == 2
     left = client_for(uri).search_traces(locations=[app_experiment], include_spans=False)
     assert [t.info.trace_id for t in left] == [unsampled["trace_id"]], "no orphan under the deleted id"
-    with pytest.raises(Exception, match="not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+    with pytest.raises(Exception, match=r"not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
         client_for(uri).get_trace(deleted["trace_id"])
     tags = {t.info.tags["litellm.call_id"]: t.info.tags.get("litellm.app_trace_id") for t in all_traces(uri, proxy_experiment)}
     assert sorted(map(str, tags.values())) == sorted(["None", deleted["trace_id"]]), "an unsampled header links nothing"
@@ -200,22 +200,18 @@ def test_a_call_waits_for_its_app_trace_across_runs_and_then_nests(uri: str, cap
     writes the call standalone and queues it; the next run (no new lines) finds the app trace and nests it."""
     proxy_experiment = f"proxy-{uuid.uuid4().hex[:8]}"
     logs, state = tmp_path / "logs", tmp_path / "state"
-    with app(uri):
-        with app_call() as call:
-            write_jsonl(logs / "proxy.jsonl", proxy_records(capture, call))
-            first = ingest(uri, logs, state, proxy_experiment)
-            assert (first.traces_written, first.nested_calls, first.nest_pending, first.app_traces_missing) == (1, 0, 1, 0)
+    with app(uri), app_call() as call:
+        write_jsonl(logs / "proxy.jsonl", proxy_records(capture, call))
+        first = ingest(uri, logs, state, proxy_experiment)
+        assert (first.traces_written, first.nested_calls, first.nest_pending, first.app_traces_missing) == (1, 0, 1, 0)
     second = ingest(uri, logs, state, proxy_experiment)
     assert (second.traces_written, second.nested_calls, second.nest_pending) == (0, 1, 0)
     assert len(spans_by_id(uri, call["trace_id"])) == 2 + 2, "the proxy span and its one attempt"
 
 
-def test_without_finalized_app_usage_the_attempts_keep_usage_out_of_the_app_totals(
-    uri: str, capture: list[dict], tmp_path: Path
-) -> None:
-    with app(uri):
-        with app_call(usage=False) as call:
-            pass
+def test_without_finalized_app_usage_the_attempts_keep_usage_out_of_the_app_totals(uri: str, capture: list[dict], tmp_path: Path) -> None:
+    with app(uri), app_call(usage=False) as call:
+        pass
     before = info_of(uri, call["trace_id"])
     assert not client_for(uri).get_trace(call["trace_id"]).info.token_usage
     records = proxy_records(capture, call)
@@ -228,9 +224,8 @@ def test_without_finalized_app_usage_the_attempts_keep_usage_out_of_the_app_tota
 
 
 def test_no_nest_and_stateless_runs(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
-    with app(sqlite_uri):
-        with app_call() as call:
-            pass
+    with app(sqlite_uri), app_call() as call:
+        pass
     write_jsonl(tmp_path / "logs" / "proxy.jsonl", proxy_records(capture, call))
     off = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest=False)
     assert (off.traces_written, off.nested_calls) == (1, 0)
