@@ -176,8 +176,9 @@ class Tailer:
         if nester is None:
             return
         nester.poll(force)
-        m, c = self.metrics, nester.counts
-        m.nested_calls, m.app_traces_missing, m.nest_pending = c.nested, c.missing, nester.pending
+        self.pipeline.count_nesting()
+        m, s = self.metrics, self.pipeline.summary
+        m.nested_calls, m.app_traces_missing, m.nest_pending = s.nested_calls, s.app_traces_missing, s.nest_pending
 
     # --- outages ----------------------------------------------------------------------------------
 
