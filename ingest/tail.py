@@ -38,7 +38,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk
+from ingest.sources import SCRATCH_SUFFIXES, Chunk
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -217,7 +217,7 @@ class Tailer:
         for d in self.dirs:
             for root, _, names in os.walk(d):
                 for name in sorted(names):
-                    if fnmatch.fnmatch(name, self.opts.pattern):
+                    if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
                         yield Path(root) / name
 
     def _scan(self) -> None:
