@@ -8,6 +8,7 @@ times, retries/fallbacks kept together). Each measured run is its own process, s
     python bench/bench.py --sizes 2000 --skip-server --skip-callback
     python bench/bench.py --only-scrub        # just the credential scrubber's cost (in-process, seconds)
     python bench/bench.py --only-buckets      # objects/s and traces/s from an S3-compatible server (moto)
+    python bench/bench.py --only-nesting      # traces/s with every call nested into an app's trace, and without
 
 No assertions: these are the figures the README quotes.
 """
@@ -341,6 +342,69 @@ def bucket_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tupl
     return rows
 
 
+def with_traceparents(src: Path, dest: Path) -> dict[str, tuple[str, str, float, float]]:
+    """``src`` with a client ``traceparent`` on every record (one app trace per call, as autolog
+    sends it); returns call id -> (app trace hex, LLM span hex, first start, last end)."""
+    calls: dict[str, tuple[str, str, float, float]] = {}
+    with src.open() as inp, dest.open("w") as out:
+        for line in inp:
+            r = json.loads(line)
+            cid = r["litellm_call_id"]
+            t, sp, lo, hi = calls.get(cid) or (uuid.uuid5(uuid.NAMESPACE_URL, cid).hex, uuid.uuid4().hex[:16], r["startTime"], r["endTime"])
+            calls[cid] = (t, sp, min(lo, r["startTime"]), max(hi, r["endTime"]))
+            md = r.setdefault("metadata", {})
+            md.setdefault("requester_metadata", {}).setdefault("headers", {})["traceparent"] = f"00-{t}-{sp}-03"
+            out.write(json.dumps(r) + "\n")
+    return calls
+
+
+def app_traces(db: str, calls: dict[str, tuple[str, str, float, float]]) -> None:
+    """One finished app trace per call (an agent span and its LLM span), written with MLflow's own log_spans."""
+    from mlflow.entities.span import Span
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
+
+    from ingest.stores import store_for
+
+    store = store_for(db)
+    exp = store.create_experiment("bench-app")
+    spans = []
+    for t, llm, lo, hi in calls.values():
+        root = uuid.uuid4().bytes[:8]
+        for sid, parent, name in ((root, b"", "agent"), (bytes.fromhex(llm), root, "Completions")):
+            s = OtlpSpan(trace_id=bytes.fromhex(t), span_id=sid, parent_span_id=parent, name=name)
+            s.start_time_unix_nano, s.end_time_unix_nano = int((lo - 0.01) * 1e9), int((hi + 0.01) * 1e9)
+            s.status.code = 1
+            spans.append(Span.from_otel_proto(s))
+        if len(spans) >= 1000:
+            store.log_spans(exp, spans)
+            spans = []
+    if spans:
+        store.log_spans(exp, spans)
+
+
+def nesting_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tuple[str, str, str, str, str]]:
+    """Batch into SQLite where every call's app trace exists: nesting on, and off (``--no-nest``)."""
+    plain, traced = work / "nest-plain.jsonl", work / "nest-traced.jsonl"
+    recs, _ = generate(plain, n_records)
+    calls = with_traceparents(plain, traced)
+    mb = traced.stat().st_size / 1e6
+    rows: list[tuple[str, str, str, str, str]] = []
+    t, rss, _ = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(plain)], env)
+    rows.append((f"no sink, {recs} records without a traceparent", f"{recs / t:,.0f}", f"{mb / t:,.1f}", f"{rss}", "-"))
+    t, rss, _ = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(traced)], env)
+    rows.append((f"no sink, {recs} records each with a traceparent", f"{recs / t:,.0f}", f"{mb / t:,.1f}", f"{rss}", "-"))
+    base = work / "nest-base.db"
+    app_traces(f"sqlite:///{base}", calls)
+    for label, extra in (("--no-nest", ["--no-nest"]), ("nesting every call", [])):
+        db = work / f"nest-{len(extra)}.db"
+        shutil.copyfile(base, db)
+        t, rss, out = run_measured([EXE, "batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{db}", *extra, str(traced)], env)
+        summary = json.loads(out)
+        label = f"batch into SQLite, {len(calls)} calls whose app traces exist, {label} ({summary['nested_calls']} nested)"
+        rows += measured(label, recs, len(calls), mb, t, rss, summary["seconds"])
+    return rows
+
+
 def print_rows(rows: list[tuple[str, str, str, str, str]]) -> None:
     header = ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
@@ -372,6 +436,8 @@ def main() -> None:
     ap.add_argument("--only-scrub", action="store_true", help="print only the credential scrubber's cost and exit")
     ap.add_argument("--only-buckets", action="store_true", help="print only the bucket figures (moto S3 server) and exit")
     ap.add_argument("--skip-buckets", action="store_true")
+    ap.add_argument("--only-nesting", action="store_true", help="print only the nesting figures (SQLite) and exit")
+    ap.add_argument("--nesting-records", type=int, default=5000, help="records for the nesting figures")
     ap.add_argument("--bucket-records", type=int, default=5000, help="records uploaded as objects for the bucket figures")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -387,6 +453,10 @@ def main() -> None:
         return
     if args.only_buckets:
         print_rows(bucket_figures(work, args.bucket_records, env))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.only_nesting:
+        print_rows(nesting_figures(work, args.nesting_records, env))
         shutil.rmtree(work, ignore_errors=True)
         return
 

@@ -11,7 +11,9 @@ What MLflow does with spans sent for a trace it holds, and the rule each fact se
 
 - A trace is written into only when it is finished (OK or ERROR) and its spans are in the tracking
   store: ``IN_PROGRESS`` means the app has not exported it yet, and ``log_spans`` marks the trace's
-  spans as being in the tracking store, which would hide spans kept anywhere else.
+  spans as being in the tracking store, which would hide spans kept anywhere else. MLflow's client
+  exports a trace's spans first and its finalized info (usage, cost) a moment later: within the
+  grace a call waits for that too, so the attempts' attributes do not depend on when we looked.
 - A root span sets the trace's state and previews, and session, user and ``mlflow.traceTag.*``
   attributes set its metadata and tags: nested spans are never roots and carry none of those.
 - MLflow recomputes a trace's token usage and cost from its spans unless the app finalized them, and
@@ -60,6 +62,8 @@ class AppTrace:
     experiment_id: str
     start_us: int
     end_us: int
+    finalized: bool
+    """MLflow's client has written the trace's final info (it does so after the spans)."""
     totals_final: bool
     """The app finalized its token usage and cost: MLflow will not recompute them from our spans."""
 
@@ -76,6 +80,7 @@ class AppTrace:
             info.experiment_id,
             start_ms * 1000,
             (start_ms + int(info.execution_duration or 0)) * 1000,
+            finalized,
             finalized and bool(info.token_usage) and bool(getattr(info, "cost", None)),
         )
 
@@ -163,17 +168,21 @@ class NestQueue:
     def app_traces(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT app_trace FROM pending ORDER BY app_trace")]
 
-    def entries(self, app_traces: list[str]) -> list[tuple[str, str, list[SpanData]]]:
-        out: list[tuple[str, str, list[SpanData]]] = []
+    def entries(self, app_traces: list[str]) -> list[tuple[str, str, int, list[SpanData]]]:
+        """(app trace, call key, due time, spans) of the calls waiting for these app traces."""
+        out: list[tuple[str, str, int, list[SpanData]]] = []
         for i in range(0, len(app_traces), LOOKUP_CHUNK):
             part = app_traces[i : i + LOOKUP_CHUNK]
             rows = self._db.execute(
-                f"SELECT app_trace, call_key, spans FROM pending WHERE app_trace IN ({','.join('?' * len(part))})", part
+                f"SELECT app_trace, call_key, due_us, spans FROM pending WHERE app_trace IN ({','.join('?' * len(part))})", part
             ).fetchall()
-            out += [(a, c, [span_from_json(d) for d in json.loads(text)]) for a, c, text in rows]
+            out += [(a, c, due, [span_from_json(d) for d in json.loads(text)]) for a, c, due, text in rows]
         return out
 
     def remove(self, keys: Iterable[tuple[str, str]]) -> None:
+        keys = list(keys)
+        if not keys:
+            return
         with self._db:
             self._db.executemany("DELETE FROM pending WHERE app_trace = ? AND call_key = ?", list(keys))
         self.size = self._count()
@@ -202,6 +211,16 @@ class NestQueue:
 
     def close(self) -> None:
         self._db.close()
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A call's nested spans and the app trace they go into."""
+
+    app_trace: str
+    call_key: str
+    due_us: int
+    spans: list[SpanData]
 
 
 @dataclass
@@ -235,79 +254,97 @@ class Nester:
         return self.queue.size if self.queue is not None else 0
 
     def after_write(self, traces: list[BuiltTrace]) -> None:
-        """Their standalone traces were acknowledged: nest those whose app trace is there, queue the rest."""
+        """Their standalone traces were acknowledged: nest those whose app trace is there, queue the rest.
+
+        A call whose app trace is there but not finalized yet waits too, within its grace."""
         calls = [t for t in traces if t.parent is not None]
         if not calls:
             return
         found = self._find({t.app_trace_id for t in calls if t.app_trace_id})
         now = self.clock()
-        ready: list[tuple[list[SpanData], AppTrace]] = []
-        waiting: list[tuple[str, str, int, list[SpanData]]] = []
+        ready: list[Waiting] = []
+        waiting: list[Waiting] = []
         for t in calls:
             assert t.app_trace_id is not None
             app = found.get(t.app_trace_id)
-            if app is not None:
-                ready.append((nested_spans(t), app))
-            elif self.queue is not None and now < t.end_us + self.grace_us:
-                waiting.append((t.app_trace_id, t.call_key, t.end_us + self.grace_us, nested_spans(t)))
-            else:
+            due = t.end_us + self.grace_us
+            can_wait = self.queue is not None and now < due
+            if app is None and not can_wait:
                 self.counts.missing += 1
-        self._write(ready)
+                continue
+            try:
+                call = Waiting(t.app_trace_id, t.call_key, due, nested_spans(t))
+            except Exception as e:
+                self.counts.failed += 1
+                log.warning("could not build the nested spans of call %s: %s", t.call_key, e)
+                continue
+            (ready if app is not None and (app.finalized or not can_wait) else waiting).append(call)
+        self._write(ready, found)
         if self.queue is not None:
-            self.queue.put(waiting)
+            self.queue.remove((c.app_trace, c.call_key) for c in ready)
+            self.queue.put([(c.app_trace, c.call_key, c.due_us, c.spans) for c in waiting])
 
     def poll(self, force: bool = False) -> None:
         """Look up the app traces the queue waits for (at most every ``poll_s`` unless forced):
-        nest the calls whose trace arrived, give up on those whose wait is over."""
+        nest the calls whose trace arrived (finalized, or finished when their wait is over), give up
+        on those whose wait is over and whose trace did not."""
         if self.queue is None or not self.queue.size or (not force and time.monotonic() - self._polled < self.poll_s):
             return
         self._polled = time.monotonic()
+        now = self.clock()
         found = self._find(set(self.queue.app_traces()))
         if found:
-            entries = self.queue.entries(sorted(found))
-            self._write([(spans, found[a]) for a, _, spans in entries])
-            self.queue.remove((a, c) for a, c, _ in entries)
-        self.counts.missing += self.queue.expire(self.clock())
+            entries = [Waiting(*e) for e in self.queue.entries(sorted(found))]
+            ready = [c for c in entries if found[c.app_trace].finalized or c.due_us <= now]
+            self._write(ready, found)
+            self.queue.remove((c.app_trace, c.call_key) for c in ready)
+        self.counts.missing += self.queue.expire(now)
 
     def _find(self, app_trace_ids: set[str]) -> dict[str, AppTrace]:
         ids = sorted(app_trace_ids)
         found: dict[str, AppTrace] = {}
         for i in range(0, len(ids), LOOKUP_CHUNK):
             for info in self.sink.trace_infos(ids[i : i + LOOKUP_CHUNK]):
-                if (app := AppTrace.of(info)) is not None:
+                try:
+                    app = AppTrace.of(info)
+                except (AttributeError, TypeError, ValueError) as e:
+                    log.warning("app trace %s has a TraceInfo nesting cannot read (%s); its calls stay standalone", info, e)
+                    continue
+                if app is not None:
                     found[app.trace_id] = app
         return found
 
-    def _write(self, ready: list[tuple[list[SpanData], AppTrace]]) -> None:
+    def _write(self, ready: list[Waiting], found: dict[str, AppTrace]) -> None:
         for i in range(0, len(ready), WRITE_CHUNK):
             part = ready[i : i + WRITE_CHUNK]
-            by_experiment: dict[str, list[SpanData]] = {}
-            for spans, app in part:
-                by_experiment.setdefault(app.experiment_id, []).extend(fit(spans, app))
-            for experiment_id, spans in by_experiment.items():
+            by_experiment: dict[str, list[Waiting]] = {}
+            for c in part:
+                by_experiment.setdefault(found[c.app_trace].experiment_id, []).append(c)
+            for experiment_id, group in by_experiment.items():
                 try:
-                    self.sink.write_spans(spans, experiment_id)
+                    self.sink.write_spans([s for c in group for s in fit(c.spans, found[c.app_trace])], experiment_id)
                 except SinkError as e:
                     if e.kind != "rejected":
                         raise
-                    self._write_one_by_one([(s, a) for s, a in part if a.experiment_id == experiment_id])
+                    self._write_one_by_one(group, found)
                     continue
-                self.counts.nested += sum(1 for _, a in part if a.experiment_id == experiment_id)
-            self._remove_orphans({app.trace_id: app for _, app in part})
+                self.counts.nested += len(group)
+            self._remove_orphans({c.app_trace for c in part})
 
-    def _write_one_by_one(self, calls: list[tuple[list[SpanData], AppTrace]]) -> None:
+    def _write_one_by_one(self, calls: list[Waiting], found: dict[str, AppTrace]) -> None:
         """A write the store refused, call by call: the calls it still refuses stay standalone."""
-        for spans, app in calls:
+        for c in calls:
+            app = found[c.app_trace]
             try:
-                self.sink.write_spans(fit(spans, app), app.experiment_id)
+                self.sink.write_spans(fit(c.spans, app), app.experiment_id)
                 self.counts.nested += 1
             except SinkError as e:
                 if e.kind != "rejected":
                     raise
                 self.counts.failed += 1
-                log.warning("could not nest a call into app trace %s: %s", app.trace_id, e)
+                log.warning("could not nest call %s into app trace %s: %s", c.call_key, app.trace_id, e)
 
-    def _remove_orphans(self, written: dict[str, AppTrace]) -> None:
+    def _remove_orphans(self, written: set[str]) -> None:
         """An app trace deleted between lookup and write was recreated by the write: delete it again."""
         orphans: dict[str, list[str]] = {}
         for info in self.sink.trace_infos(sorted(written)):

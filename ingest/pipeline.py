@@ -540,8 +540,6 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
             try:
                 follower.restore()
                 follower.save()
-                if pipe.nester is not None:
-                    pipe.nester.poll(force=True)
                 for path in files:
                     _ingest_file(path, follower, opts, progress)
                 for unit in remote_units(inputs, ledger, opts, pipe.summary, mode):

@@ -287,7 +287,7 @@ def test_fit_moves_spans_into_the_app_window_and_keeps_usage_out_unless_final() 
     usage = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
     span = SpanData(b"\x01" * 16, b"\x02" * 8, b"\x03" * 8, "s", 5_000, 20_000, {SpanAttributeKey.CHAT_USAGE: usage, "x": 1},
                     [("first_token", 19_000_000, {})])  # fmt: skip
-    app = AppTrace("tr-" + "01" * 16, "1", 10_000, 30_000, totals_final=False)
+    app = AppTrace("tr-" + "01" * 16, "1", 10_000, 30_000, finalized=False, totals_final=False)
     (fitted,) = fit([span], app)
     assert (fitted.start_us, fitted.end_us) == (9_000, 20_000), "1 ms of slack, then clamped"
     assert fitted.attributes == {"litellm.token_usage": usage, "x": 1}
@@ -314,7 +314,7 @@ def test_the_queue_survives_a_restart_and_expires_by_due_time(tmp_path: Path) ->
     q = NestQueue(tmp_path / "s.nest.sqlite")
     assert (q.size, q.app_traces()) == (3, ["tr-a", "tr-b"])
     (entry,) = [e for e in q.entries(["tr-a"]) if e[1] == "call-1"]
-    assert entry[2] == spans
+    assert entry[2:] == (150, spans)
     assert q.expire(200) == 2 and q.size == 1
     assert NestQueue.describe(tmp_path / "s.json") == 1
 
@@ -350,3 +350,56 @@ def test_an_app_trace_deleted_between_lookup_and_write_leaves_no_orphan(capture:
     assert (nester.counts.nested, nester.counts.missing) == (0, 1)
     assert not client_for(sqlite_uri).search_traces(locations=[app_experiment], include_spans=False)
     assert len(all_traces(sqlite_uri, "proxy", include_spans=False)) == 1
+
+
+def test_a_call_rewritten_after_it_was_queued_is_nested_whole_once(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
+    """A fallback whose failure was written (and queued: the app trace was not exported yet) before
+    its success arrived: the rewrite nests both attempts, and the stale queued entry never
+    overwrites them."""
+    logs, state = tmp_path / "logs", tmp_path / "state"
+    with app(sqlite_uri), app_call() as call:
+        failure, success = proxy_records(capture, call, "fallback")
+        write_jsonl(logs / "proxy.jsonl", [failure])
+        first = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0)
+        assert (first.traces_written, first.nest_pending) == (1, 1)
+    write_jsonl(logs / "proxy.jsonl", [failure, success])
+    second = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0)
+    assert (second.traces_rewritten, second.nested_calls, second.nest_pending) == (1, 1, 0)
+    third = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0)
+    assert (third.nested_calls, third.nest_pending) == (0, 0)
+    spans = spans_by_id(sqlite_uri, call["trace_id"])
+    proxy = next(s for s in spans.values() if s.parent_id == call["llm_span"])
+    assert proxy.status.status_code.value == "OK" and proxy.get_attribute("attempts") == 2
+    assert len([s for s in spans.values() if s.parent_id == proxy.span_id]) == 2
+
+
+def test_a_trace_whose_info_is_not_finalized_is_waited_for_then_nested_without_mlflow_totals(
+    capture: list[dict], tmp_path: Path, sqlite_uri: str
+) -> None:
+    """MLflow's client writes a trace's spans, then its final info; an app exporting over OTLP never
+    writes the latter. Within the grace a call waits for it; after, it nests with litellm.* totals."""
+    from mlflow.entities.span import Span
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
+
+    from ingest.stores import store_for
+
+    now = time.time()
+    call = {"traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", "t0": now - 0.5, "t1": now - 0.1}
+    trace_hex, span_hex = call["traceparent"].split("-")[1:3]
+    store = store_for(sqlite_uri)
+    experiment = store.create_experiment("otlp-app")
+    root = OtlpSpan(trace_id=bytes.fromhex(trace_hex), span_id=b"\x01" * 8, name="agent")
+    llm = OtlpSpan(trace_id=bytes.fromhex(trace_hex), span_id=bytes.fromhex(span_hex), parent_span_id=b"\x01" * 8, name="LLM")
+    for s in (root, llm):
+        s.start_time_unix_nano, s.end_time_unix_nano, s.status.code = int((now - 1) * 1e9), int(now * 1e9), 1
+    store.log_spans(experiment, [Span.from_otel_proto(root), Span.from_otel_proto(llm)])
+    records = proxy_records(capture, call)
+    write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    first = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=8.0)
+    assert (first.nested_calls, first.nest_pending) == (0, 1)
+    time.sleep(max(0.0, records[0]["endTime"] + 8.5 - time.time()))
+    second = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=8.0)
+    assert (second.nested_calls, second.nest_pending, second.app_traces_missing) == (1, 0, 0)
+    attempt = next(s for s in spans_by_id(sqlite_uri, "tr-" + trace_hex).values() if s.name.endswith("attempt 1"))
+    assert attempt.get_attribute(SpanAttributeKey.CHAT_USAGE) is None
+    assert attempt.get_attribute("litellm.token_usage")["total_tokens"] == records[0]["total_tokens"]

@@ -111,8 +111,9 @@ def test_every_single_scalar_property_maps_to_its_polars_type() -> None:
 def test_slp_metadata_is_struct_of_user_api_key_fields(slp: RecordSchema) -> None:
     md = slp.direct["metadata"]
     assert isinstance(md, pl.Struct)
-    declared = list(doc(SLP_FILE)["properties"]["metadata"]["properties"])
-    assert [f.name for f in md.fields] == declared
+    declared = [k for k in doc(SLP_FILE)["properties"]["metadata"]["properties"] if k != "requester_metadata"]
+    assert [f.name for f in md.fields] == declared, "requester_metadata is documented, read by path, never decoded"
+    assert slp.request_headers == ("metadata", "requester_metadata", "headers")
     assert all(f.name.startswith("user_api_key_") for f in md.fields)
     assert {"user_api_key_hash", "user_api_key_alias", "user_api_key_user_id", "user_api_key_team_id"} <= {f.name for f in md.fields}
     assert all(f.dtype == pl.String() for f in md.fields)
