@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from mlflow.entities import Trace
 
 from tests.conftest import ROOT, free_port
 
@@ -110,6 +111,16 @@ class Proxy:
             data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
             out += [json.loads(line) for line in data.splitlines() if line.strip()]
         return out
+
+
+def by_call(traces: list[Trace]) -> dict[str, Trace]:
+    """The ingester's traces by their call id (tag ``litellm.call_id``); a call with two traces fails."""
+    out: dict[str, Trace] = {}
+    for t in traces:
+        cid = t.info.tags["litellm.call_id"]
+        assert cid not in out, f"{cid} has two traces"
+        out[cid] = t
+    return out
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

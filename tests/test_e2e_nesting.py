@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
 
 from tests.conftest import all_traces, client_for
-from tests.proxykit import E2E, OUR_LOGGER, running_proxy
+from tests.proxykit import E2E, OUR_LOGGER, by_call, running_proxy
 from tests.tailkit import EXE, Daemon, wait_for
 
 pytestmark = pytest.mark.proxy
@@ -64,15 +64,6 @@ class Snapshot:
 
     standalone: dict[str, Trace]
     apps: dict[str, Trace]
-
-
-def by_call(traces: list[Trace]) -> dict[str, Trace]:
-    out: dict[str, Trace] = {}
-    for t in traces:
-        cid = t.info.tags["litellm.call_id"]
-        assert cid not in out, f"{cid} has two traces"
-        out[cid] = t
-    return out
 
 
 def snapshot(uri: str, experiment: str, app_ids: list[str]) -> Snapshot:

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import all_traces
-from tests.proxykit import E2E, OUR_LOGGER, running_proxy
+from tests.proxykit import E2E, OUR_LOGGER, by_call, running_proxy
 from tests.tailkit import Daemon, wait_for
 
 pytestmark = pytest.mark.proxy
@@ -57,15 +57,6 @@ def e2e_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         finally:
             if daemon.alive():
                 assert daemon.stop() == 0
-
-
-def by_call(traces: list) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for t in traces:
-        cid = t.info.tags["litellm.call_id"]
-        assert cid not in out, f"{cid} has two traces"
-        out[cid] = t
-    return out
 
 
 def test_every_call_is_one_trace_across_rotation(e2e_run: dict) -> None:
