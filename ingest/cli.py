@@ -151,6 +151,20 @@ run_options = _options(
     ),
 )
 
+nest_options = _options(
+    click.option(
+        "--no-nest",
+        is_flag=True,
+        help="Do not put calls into the client application's own MLflow trace (from its traceparent); standalone traces only.",
+    ),
+    click.option(
+        "--nest-grace",
+        default=60.0,
+        show_default=True,
+        help="Seconds after a call ended to wait for its app trace to reach MLflow before leaving the call standalone only.",
+    ),
+)
+
 window_options = _options(
     click.option("--since", help="Only calls that started at or after this ISO date/time (UTC unless an offset is given)."),
     click.option("--until", help="Only calls that started before this ISO date/time (half-open: a call at exactly --until is left out)."),
@@ -189,6 +203,8 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         since_us=parse_time(kw.get("since")),
         until_us=parse_time(kw.get("until")),
         settle_s=kw.get("settle", 120.0),
+        nest=not kw.get("no_nest", False),
+        nest_grace_s=kw.get("nest_grace", 60.0),
     )
 
 
@@ -228,6 +244,7 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @target_options
 @run_options
+@nest_options
 @click.option("--no-state", is_flag=True, help="Read everything given, keep no checkpoints (a one-off replay).")
 @click.option(
     "--partial-timeout",
@@ -256,6 +273,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 @click.argument("paths", nargs=-1, required=True)
 @target_options
 @run_options
+@nest_options
 @window_options
 def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> None:
     """Ingest historical logs (many files, gzip, GBs): resumable, with progress.
@@ -366,6 +384,7 @@ class _Progress:
 @click.option("--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go. Default: <state dir>/quarantine.jsonl.")
 @click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow.")
 @scrub_options
+@nest_options
 @click.option("--batch-size", type=int, help=BATCH_HELP)
 @click.option("--batch-wait", default=0.25, show_default=True, help="Seconds to gather lines after a change before sending.")
 @click.option("--partial-timeout", default=60.0, show_default=True, help="Seconds an unterminated last line may wait for its newline.")
@@ -564,6 +583,15 @@ def _print_summary(s: Any) -> None:
         rows.insert(1, ("files waiting", f"{s.files_skipped} ({why})"))
     if s.state_corrupt_copy:
         rows.insert(0, ("state", f"was corrupt: started from an empty state, the bad file kept as {s.state_corrupt_copy}"))
+    if s.nested_calls or s.app_traces_missing or s.nest_pending or s.nest_failed:
+        parts = [f"{s.nested_calls} into their app's own trace"]
+        if s.nest_pending:
+            parts.append(f"{s.nest_pending} waiting for it (--nest-grace)")
+        if s.app_traces_missing:
+            parts.append(f"{s.app_traces_missing} standalone only (app trace not in this MLflow)")
+        if s.nest_failed:
+            parts.append(f"{s.nest_failed} refused by MLflow")
+        rows.insert(rows.index(("spans written", s.spans_written)) + 1, ("nested calls", ", ".join(parts)))
     if s.warnings:
         rows.insert(3, ("warnings", f"{s.warnings}  {s.warnings_by_kind} (fields dropped or replaced, records kept)"))
     for k, v in rows:

@@ -29,6 +29,9 @@ class Metrics:
     buffer_bytes: int = 0
     held_lines: int = 0
     files: int = 0
+    nested_calls: int = 0
+    app_traces_missing: int = 0
+    nest_pending: int = 0
     last_write: float = 0.0
     mlflow_up: bool = True
     down_since: float | None = None
@@ -44,6 +47,9 @@ class Metrics:
             ("quarantined_total", "counter", self.quarantined),
             ("send_errors_total", "counter", self.send_errors),
             ("send_retries_total", "counter", self.send_retries),
+            ("nested_calls_total", "counter", self.nested_calls),
+            ("app_traces_missing_total", "counter", self.app_traces_missing),
+            ("nest_pending", "gauge", self.nest_pending),
             ("buffer_bytes", "gauge", self.buffer_bytes),
             ("held_lines", "gauge", self.held_lines),
             ("files_followed", "gauge", self.files),

@@ -63,6 +63,8 @@ CANONICAL: dict[str, pl.DataType] = {
     "error_class": pl.String(),
     "error_code": pl.String(),
     "error_message": pl.String(),
+    "parent_trace_id": pl.String(),
+    "parent_span_id": pl.String(),
 }
 
 UNUSABLE_IDS = ["", "none", "null", "undefined", "nan"]
@@ -516,6 +518,52 @@ def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
     )
 
 
+TRACEPARENT = r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$"
+"""W3C Trace Context: version-traceid-parentid-flags, lower-case hex; a later version may append fields."""
+_TRACEPARENT_VALUE = r'(?i)"traceparent"\s*:\s*"([^"\\]*)"'
+
+
+def _parent_context(frame: pl.DataFrame, schema: RecordSchema, warnings: Warnings | None) -> pl.DataFrame:
+    """The client's trace context from its ``traceparent`` request header (any case of the name):
+    ``parent_trace_id`` (32 hex) and ``parent_span_id`` (16 hex) when valid and sampled, else null.
+
+    Only lines that mention the header are parsed for it; an invalid value (malformed, all-zero ids,
+    version ff) is counted as a warning, a valid one with the sampled flag off is simply not used."""
+    nulls = frame.with_columns(parent_trace_id=pl.lit(None, dtype=pl.String), parent_span_id=pl.lit(None, dtype=pl.String))
+    if not schema.request_headers or not frame.height:
+        return nulls
+    hinted = frame["raw"].str.contains("(?i)traceparent")
+    if not hinted.any():
+        return nulls
+    idx = hinted.arg_true()
+    headers = frame["raw"].gather(idx).str.json_path_match("$." + ".".join(schema.request_headers))
+    value = headers.str.extract(_TRACEPARENT_VALUE, 1)
+    parts = pl.DataFrame({"v": value}).select(
+        pl.col("v").str.extract(TRACEPARENT, 1).alias("version"),
+        pl.col("v").str.extract(TRACEPARENT, 2).alias("trace"),
+        pl.col("v").str.extract(TRACEPARENT, 3).alias("span"),
+        pl.col("v").str.extract(TRACEPARENT, 4).alias("flags"),
+        pl.col("v").str.extract(TRACEPARENT, 5).alias("rest"),
+        pl.col("v").is_not_null().alias("present"),
+    )
+    valid = (
+        pl.col("trace").is_not_null()
+        & (pl.col("version") != "ff")
+        & (pl.col("trace") != "0" * 32)
+        & (pl.col("span") != "0" * 16)
+        & ((pl.col("version") != "00") | pl.col("rest").is_null())
+    )
+    sampled = (pl.col("flags").str.to_integer(base=16, strict=False) % 2) == 1
+    parts = parts.with_columns(valid=valid.fill_null(False), sampled=sampled.fill_null(False))
+    if warnings is not None and (bad := parts.select((pl.col("present") & ~pl.col("valid")).sum()).item()):
+        _warn(warnings, "invalid_traceparent", bad)
+    use = pl.col("valid") & pl.col("sampled")
+    found = parts.select(pl.when(use).then(pl.col("trace")).alias("t"), pl.when(use).then(pl.col("span")).alias("s"))
+    trace = pl.Series("parent_trace_id", [None] * frame.height, dtype=pl.String).scatter(idx, found["t"])
+    span = pl.Series("parent_span_id", [None] * frame.height, dtype=pl.String).scatter(idx, found["s"])
+    return frame.with_columns(trace, span)
+
+
 def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
     """Quarantine records without usable times or ids; give id-less-but-present records a content hash."""
     checks: list[tuple[pl.Expr, Reason, str]] = [
@@ -599,6 +647,7 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None) -> tuple[pl
             canonical = _no_nul(canonical)
         canonical, bad = _validate(canonical)
         quarantined += bad
+        canonical = _parent_context(canonical, schema, warnings)
         unusable_first = pl.col("first_token_us").is_null() & pl.col("_first_raw").is_not_null()
         if warnings is not None and (dropped := canonical.select(unusable_first.sum()).item()):
             _warn(warnings, "bad_completionStartTime", dropped)

@@ -26,6 +26,7 @@ from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger, Unit
+from ingest.nesting import DEFAULT_GRACE_S, Nester, NestQueue
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
 from ingest.scrub import Scrubber, default_scrubber
@@ -77,6 +78,10 @@ class Summary:
     traces_rewritten: int = 0
     traces_written: int = 0
     spans_written: int = 0
+    nested_calls: int = 0
+    app_traces_missing: int = 0
+    nest_failed: int = 0
+    nest_pending: int = 0
     bytes_read: int = 0
     first_start: str | None = None
     last_end: str | None = None
@@ -113,8 +118,10 @@ class Pipeline:
         since_us: int | None = None,
         until_us: int | None = None,
         scrub: Scrubber | None = None,
+        nester: Nester | None = None,
     ) -> None:
         self.sink = sink
+        self.nester = nester
         self.experiment_id = experiment_id
         self.quarantine = quarantine
         self.redact = redact
@@ -137,7 +144,11 @@ class Pipeline:
         self._last: int | None = None
 
     @classmethod
-    def for_run(cls, sink: Sink, target: Target, opts: RunOptions, quarantine: QuarantineWriter | None = None) -> Pipeline:
+    def for_run(
+        cls, sink: Sink, target: Target, opts: RunOptions, quarantine: QuarantineWriter | None = None, nest_queue: NestQueue | None = None
+    ) -> Pipeline:
+        """``nest_queue``: where calls wait for their app trace between runs (none: looked up once, at write time)."""
+        nester = Nester(sink, nest_queue, opts.nest_grace_s) if opts.nest and not isinstance(sink, NullSink) else None
         return cls(
             sink,
             target.experiment_id,
@@ -148,6 +159,7 @@ class Pipeline:
             opts.since_us,
             opts.until_us,
             opts.scrub,
+            nester,
         )
 
     def feed(self, chunk: Chunk) -> None:
@@ -193,6 +205,9 @@ class Pipeline:
         s.quarantine_file = str(self.quarantine.path) if self.quarantine.total and self.quarantine.path else None
         s.warnings, s.warnings_by_kind = sum(self.warnings.values()), dict(self.warnings)
         s.first_start, s.last_end = _iso(self._first), _iso(self._last)
+        if self.nester is not None:
+            c = self.nester.counts
+            s.nested_calls, s.app_traces_missing, s.nest_failed, s.nest_pending = c.nested, c.missing, c.failed, self.nester.pending
         return s
 
     def _step(self, records: pl.DataFrame, final: bool, at: int | None = None) -> None:
@@ -291,6 +306,8 @@ class Pipeline:
                             raise
                         written, spans = self._write_isolating(written, e)
                     self._account(written, spans)
+                    if self.nester is not None:
+                        self.nester.after_write(written)
                 except BaseException as e:
                     failure = failure or e
             if failure is not None:
@@ -362,6 +379,8 @@ class RunOptions:
     partial_timeout_s: float = DEFAULT_PARTIAL_TIMEOUT_S
     since_us: int | None = None
     until_us: int | None = None
+    nest: bool = True
+    nest_grace_s: float = DEFAULT_GRACE_S
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -509,7 +528,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
         key |= {"paths": sorted(input_id(p) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
     ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
-    pipe = Pipeline.for_run(sink, target, opts)
+    queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
+    pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue)
     follower = Follower(state, pipe, chunk_bytes=opts.chunk_bytes, partial_timeout_s=opts.partial_timeout_s, dry_run=opts.dry_run)
     try:
         with state.locked():
@@ -517,11 +537,15 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
             try:
                 follower.restore()
                 follower.save()
+                if pipe.nester is not None:
+                    pipe.nester.poll(force=True)
                 for path in files:
                     _ingest_file(path, follower, opts, progress)
                 for unit in remote_units(inputs, ledger, opts, pipe.summary, mode):
                     _ingest_unit(unit, follower, ledger, opts, progress)
                 pipe.flush(final=False)
+                if pipe.nester is not None:
+                    pipe.nester.poll(force=True)
                 summary = pipe.finish()
                 summary.result = "quarantined" if summary.quarantined else "ok"
                 if summary.objects_failed:
@@ -537,6 +561,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
             finally:
                 follower.close()
                 ledger.close()
+                if queue is not None:
+                    queue.close()
                 _close(summary, files, target, opts, started)
                 summary.state_file = str(state.path)
                 summary.state_corrupt_copy = str(state.corrupt_copy) if state.corrupt_copy else None

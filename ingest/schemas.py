@@ -71,6 +71,8 @@ class RecordSchema:
     json_text: dict[str, pl.DataType] = field(default_factory=dict)
     scalar_types: dict[str, str] = field(default_factory=dict)
     """Top-level fields declared as exactly one scalar JSON type (or null): name -> that type."""
+    request_headers: tuple[str, ...] = ()
+    """Path to the object of the client's request headers (its W3C ``traceparent``); () if not logged."""
 
     @property
     def decode_dtype(self) -> pl.Struct:
@@ -112,6 +114,7 @@ def load_schema(path: Path) -> RecordSchema:
         direct=direct,
         json_text=json_text,
         scalar_types=scalar_types,
+        request_headers=tuple(meta.get("request_headers", [])),
     )
 
 

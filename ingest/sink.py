@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from ingest.spans import BuiltTrace
+from ingest.spans import BuiltTrace, SpanData
 from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, store_for
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,15 @@ class Sink(Protocol):
         """Start writing; the future resolves to the spans written once MLflow acknowledged them."""
         ...
 
-    def delete(self, trace_ids: list[str]) -> None: ...
+    def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None: ...
+
+    def trace_infos(self, trace_ids: list[str]) -> list[Any]:
+        """MLflow's TraceInfo of those of ``trace_ids`` that exist, in any experiment (one request)."""
+        ...
+
+    def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
+        """Spans into traces that already exist (MLflow files them under each trace's own experiment)."""
+        ...
 
     def ping(self) -> None:
         """Raise SinkError unless MLflow answers now (one cheap request, no retries)."""
@@ -270,11 +278,14 @@ def _create_experiment(store: Any, name: str) -> str:
 
 
 def otlp_request(traces: list[BuiltTrace]) -> ExportTraceServiceRequest:
+    return otlp_request_of([s for t in traces for s in t.spans])
+
+
+def otlp_request_of(spans: list[Any]) -> ExportTraceServiceRequest:
     req = ExportTraceServiceRequest()
     scope = req.resource_spans.add().scope_spans.add()
     scope.scope.name = "litellm-ingest"
-    for t in traces:
-        scope.spans.extend(t.spans)
+    scope.spans.extend(spans)
     return req
 
 
@@ -307,15 +318,20 @@ class OtlpSink:
     def write(self, traces: list[BuiltTrace]) -> int:
         if not traces:
             return 0
+        self._post(lambda: otlp_request(traces), self.target.experiment_id)
+        return sum(len(t.spans) for t in traces)
+
+    def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
+        if spans:
+            self._post(lambda: otlp_request_of([d.to_otlp() for d in spans]), experiment_id)
+        return len(spans)
+
+    def _post(self, request: Callable[[], ExportTraceServiceRequest], experiment_id: str) -> None:
         try:
-            body = gzip.compress(otlp_request(traces).SerializeToString(), compresslevel=5)
+            body = gzip.compress(request().SerializeToString(), compresslevel=5)
         except Exception as e:
             raise SinkError(f"encoding traces as OTLP failed: {_short(e)}", kind="rejected") from e
-        headers = {
-            "Content-Type": "application/x-protobuf",
-            "Content-Encoding": "gzip",
-            EXPERIMENT_HEADER: self.target.experiment_id,
-        }
+        headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip", EXPERIMENT_HEADER: experiment_id}
         with_retries(
             lambda: _check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces"),
             "send traces",
@@ -323,20 +339,32 @@ class OtlpSink:
             _transient_http,
             self.on_retry,
         )
-        return sum(len(t.spans) for t in traces)
+
+    def trace_infos(self, trace_ids: list[str]) -> list[Any]:
+        try:
+            return with_retries(
+                lambda: self._rest().batch_get_trace_infos(trace_ids), "look up traces", self.deadline_s, _transient_any, self.on_retry
+            )
+        except Exception as e:
+            raise SinkError(f"looking up traces on {self.target.shown_uri} failed: {_short(e)}") from e
+
+    def _rest(self) -> Any:
+        """MLflow's own REST store, with MLflow's usual credentials."""
+        from mlflow.store.tracking.rest_store import RestStore
+        from mlflow.utils.credentials import get_default_host_creds
+
+        uri = self.target.tracking_uri
+        return RestStore(lambda: get_default_host_creds(uri))
 
     def ping(self) -> None:
         _check(self.http.request("GET", "/health", timeout_s=5.0), "health check")
 
-    def delete(self, trace_ids: list[str]) -> None:
-        """Through MLflow's own REST store (its DeleteTraces call), with MLflow's usual credentials."""
-        from mlflow.store.tracking.rest_store import RestStore
-        from mlflow.utils.credentials import get_default_host_creds
-
-        store = RestStore(lambda: get_default_host_creds(self.target.tracking_uri))
+    def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
+        """Through MLflow's own REST store (its DeleteTraces call)."""
+        store = self._rest()
         try:
             with_retries(
-                lambda: store.delete_traces(self.target.experiment_id, trace_ids=trace_ids),
+                lambda: store.delete_traces(experiment_id or self.target.experiment_id, trace_ids=trace_ids),
                 "delete traces",
                 self.deadline_s,
                 _transient_any,
@@ -451,10 +479,35 @@ class StoreSink(_Synchronous):
             raise SinkError(f"writing to {self.target.shown_uri} failed: {_short(e)}", kind=kind) from e
         return count
 
-    def delete(self, trace_ids: list[str]) -> None:
+    def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
+        """MLflow's own ``log_spans``: its merge into a trace it holds is the contract."""
+        from mlflow.entities.span import Span
+
+        if not spans:
+            return 0
         try:
             with_retries(
-                lambda: self.store.delete_traces(self.target.experiment_id, trace_ids=trace_ids),
+                lambda: self.store.log_spans(experiment_id, [Span.from_otel_proto(d.to_otlp()) for d in spans]),
+                "log spans",
+                self.deadline_s,
+                lambda e: _transient_db(e) or is_conflict(e),
+                self.on_retry,
+            )
+        except Exception as e:
+            kind = "rejected" if _data_error(e) else "unreachable"
+            raise SinkError(f"writing to {self.target.shown_uri} failed: {_short(e)}", kind=kind) from e
+        return len(spans)
+
+    def trace_infos(self, trace_ids: list[str]) -> list[Any]:
+        try:
+            return with_retries(lambda: self.store.batch_get_trace_infos(trace_ids), "look up traces", self.deadline_s, _transient_db)
+        except Exception as e:
+            raise SinkError(f"looking up traces in {self.target.shown_uri} failed: {_short(e)}") from e
+
+    def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
+        try:
+            with_retries(
+                lambda: self.store.delete_traces(experiment_id or self.target.experiment_id, trace_ids=trace_ids),
                 "delete traces",
                 self.deadline_s,
                 _transient_db,
@@ -485,8 +538,14 @@ class NullSink(_Synchronous):
     def write(self, traces: list[BuiltTrace]) -> int:
         return 0
 
-    def delete(self, trace_ids: list[str]) -> None:
+    def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
         pass
+
+    def trace_infos(self, trace_ids: list[str]) -> list[Any]:
+        return []
+
+    def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
+        return 0
 
     def close(self) -> None:
         pass

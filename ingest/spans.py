@@ -39,6 +39,10 @@ MAX_ATTRIBUTE_DEPTH = 24
 """Objects and arrays nested deeper go into OTLP as their JSON text: protobuf parsers (the server's)
 refuse messages nested past 100 levels, and every JSON level is 2-3 protobuf levels."""
 TAG_PREFIX = "litellm."
+APP_TRACE_TAG = "litellm.app_trace_id"
+"""Trace tag on a standalone trace: the client application's own trace of the call (``tr-...``)."""
+PROXY_TRACE_ATTRIBUTE = "litellm.proxy_trace_id"
+"""Attribute of the proxy span nested in the app's trace: our standalone trace of the call."""
 
 _CHAT = {"completion", "acompletion", "anthropic_messages", "responses", "aresponses", "generate_content", "agenerate_content"}
 _TEXT = {"text_completion", "atext_completion"}
@@ -117,7 +121,14 @@ class BuiltTrace:
     start_us: int
     end_us: int
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    parent: tuple[str, str] | None = None
+    """The client's trace context from its ``traceparent`` (32-hex trace id, 16-hex span id), if any."""
     _otlp: list[OtlpSpan] | None = field(default=None, repr=False)
+
+    @property
+    def app_trace_id(self) -> str | None:
+        """The MLflow id of the client application's own trace of this call."""
+        return None if self.parent is None else "tr-" + self.parent[0]
 
     @property
     def spans(self) -> list[OtlpSpan]:
@@ -490,6 +501,7 @@ def build_trace(
     end_us = max(r["end_us"] for r in rows)
     root = SpanData(tid, root_id, None, name, start_us, end_us)
     by_end = sorted(rows, key=lambda r: (r["end_us"], r["start_us"]))
+    parent = next(((r["parent_trace_id"], r["parent_span_id"]) for r in reversed(by_end) if r.get("parent_trace_id")), None)
     session = next((scrub.text(r["session"])[:MAX_CHARS_IN_TRACE_INFO_METADATA] for r in reversed(by_end) if r["session"]), None)
     user = next((scrub.text(r["user"])[:MAX_TRACE_TAG_VAL_LENGTH] for r in reversed(by_end) if r["user"]), None)
     root_attrs: dict[str, Any] = {
@@ -497,6 +509,7 @@ def build_trace(
         SpanAttributeKey.USER_ID: user,
         **{SpanAttributeKey.TRACE_TAG_PREFIX + k: v for k, v in trace_tags(by_end, scrub).items()},
         SpanAttributeKey.TRACE_TAG_PREFIX + TraceTagKey.TRACE_NAME: name,
+        SpanAttributeKey.TRACE_TAG_PREFIX + APP_TRACE_TAG: None if parent is None else "tr-" + parent[0],
     }
     spans = [root]
     if len(attempts) == 1:
@@ -533,7 +546,56 @@ def build_trace(
             _status_and_events(child, a)
             spans.append(child)
     scrub.spans(spans, MAX_ATTRIBUTE_DEPTH)
-    return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows)
+    return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows, parent)
+
+
+_PROXY_SPAN_KEYS = frozenset(
+    {
+        SpanAttributeKey.SPAN_TYPE,
+        SpanAttributeKey.INPUTS,
+        SpanAttributeKey.OUTPUTS,
+        SpanAttributeKey.MESSAGE_FORMAT,
+        "litellm_call_id",
+        "call_type",
+        "model",
+        "model_group",
+        "status",
+        "attempts",
+        "response_cost",
+        "request_tags",
+    }
+)
+_TRACE_LEVEL_KEYS = (SpanAttributeKey.SESSION_ID, SpanAttributeKey.USER_ID, SpanAttributeKey.TRACE_TAG_PREFIX)
+"""What sets the fields of the trace a span is in: the app's trace keeps its own."""
+
+
+def nested_spans(trace: BuiltTrace) -> list[SpanData]:
+    """The call as spans of the client's own trace: one proxy span, child of the ``traceparent``
+    span and covering the call, and under it one span per attempt with what the standalone trace's
+    attempt carries, minus anything that sets trace-level fields (session, user, tags).
+
+    Ids hash the client's trace id with the call and the attempt (not our experiment): however many
+    runs or ingesters write a call, its spans in the app's trace are the same spans."""
+    assert trace.parent is not None
+    tid, parent_id = bytes.fromhex(trace.parent[0]), bytes.fromhex(trace.parent[1])
+    root = trace.data[0]
+    attempts = trace.data[1:] or [root]
+    by_end = sorted(trace.rows, key=lambda r: (r["end_us"], r["start_us"]))
+    proxy_id = otel_span_id(tid, f"proxy:{trace.call_key}")
+    proxy = SpanData(tid, proxy_id, parent_id, root.name, trace.start_us, trace.end_us, error=root.error)
+    proxy.attributes = {k: v for k, v in root.attributes.items() if k in _PROXY_SPAN_KEYS}
+    proxy.attributes.setdefault("attempts", len(attempts))
+    proxy.attributes[PROXY_TRACE_ATTRIBUTE] = trace.trace_id
+    out = [proxy]
+    for n, (span, row) in enumerate(zip(attempts, by_end, strict=True), start=1):
+        identity = f"proxy:{trace.call_key}:{attempt_identity(row['start_us'], row['status'])}"
+        name = f"{root.name} attempt {n}"
+        child = SpanData(tid, otel_span_id(tid, identity), proxy_id, name, span.start_us, span.end_us, error=span.error)
+        child.attributes = {k: v for k, v in span.attributes.items() if not k.startswith(_TRACE_LEVEL_KEYS)}
+        child.attributes["attempt"] = n
+        child.events = list(span.events)
+        out.append(child)
+    return out
 
 
 def group_calls(frame: pl.DataFrame) -> Iterator[list[dict[str, Any]]]:

@@ -34,6 +34,7 @@ from watchdog.observers.polling import PollingObserver
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower
 from ingest.metrics import Metrics, serve
+from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
@@ -77,7 +78,8 @@ class Tailer:
         key = destination_key(self.target.tracking_uri, self.target.experiment_id)
         self.state = State.load(state_path(opts.state_dir, "batch", key), "batch", key)
         self.quarantine = QuarantineWriter(opts.quarantine_file)
-        self.pipeline = Pipeline.for_run(self.sink, self.target, opts, self.quarantine)
+        self.nest_queue = NestQueue.beside(self.state.path) if opts.nest else None
+        self.pipeline = Pipeline.for_run(self.sink, self.target, opts, self.quarantine, self.nest_queue)
         self.follower = Follower(
             self.state,
             self.pipeline,
@@ -130,6 +132,8 @@ class Tailer:
     def close(self) -> None:
         self.follower.close()
         self.sink.close()
+        if self.nest_queue is not None:
+            self.nest_queue.close()
 
     def shutdown(self) -> None:
         """Flush what is read (bounded by the shutdown timeout), save, and stop."""
@@ -138,6 +142,7 @@ class Tailer:
         try:
             self._restore()
             self._read_and_send(deadline)
+            self._nest(force=True)
         except SinkError as e:
             self.follower.rewind()
             log.warning("MLflow unavailable at shutdown (%s); what it did not acknowledge is saved for the next start", e)
@@ -154,6 +159,7 @@ class Tailer:
             self._restore()
             self._scan()
             self._read_and_send(None)
+            self._nest()
             self._close_idle()
             self._up()
         except SinkError as e:
@@ -163,6 +169,15 @@ class Tailer:
         if not self._restored:
             self._restored = True
             self.follower.restore()
+
+    def _nest(self, force: bool = False) -> None:
+        """Calls waiting for their app trace: nest those that arrived, give up on those past the grace."""
+        nester = self.pipeline.nester
+        if nester is None:
+            return
+        nester.poll(force)
+        m, c = self.metrics, nester.counts
+        m.nested_calls, m.app_traces_missing, m.nest_pending = c.nested, c.missing, nester.pending
 
     # --- outages ----------------------------------------------------------------------------------
 

@@ -1,0 +1,320 @@
+"""Nest: a call's spans under the client application's own MLflow trace, when it has one.
+
+An app traced with ``mlflow.openai.autolog()`` sends a W3C ``traceparent`` with every request, and
+the proxy logs it (``normalize`` reads it into ``parent_trace_id``/``parent_span_id``). Once a
+call's standalone trace is acknowledged, its app trace is looked up (one query per write batch, in
+any experiment); if it is there, the call's proxy span and attempt spans are written into it. If
+not yet (the app exports asynchronously), the call waits in a queue beside the state until
+``grace`` after it ended, looked up again at every poll, and then stays standalone only (counted).
+
+What MLflow does with spans sent for a trace it holds, and the rule each fact sets here:
+
+- A trace is written into only when it is finished (OK or ERROR) and its spans are in the tracking
+  store: ``IN_PROGRESS`` means the app has not exported it yet, and ``log_spans`` marks the trace's
+  spans as being in the tracking store, which would hide spans kept anywhere else.
+- A root span sets the trace's state and previews, and session, user and ``mlflow.traceTag.*``
+  attributes set its metadata and tags: nested spans are never roots and carry none of those.
+- MLflow recomputes a trace's token usage and cost from its spans unless the app finalized them, and
+  prices any span that has usage and a model but no cost: attempts carry MLflow's usage and cost
+  attributes only where the app trace has finalized both, and otherwise the same values as
+  ``litellm.token_usage`` and ``litellm.cost``.
+- A span outside the trace's time window would stretch a trace the app did not finalize: a proxy
+  clock that disagrees with the app's is corrected into the window (1 ms of slack either side).
+- Spans sent for a trace id that does not exist create a trace, stuck ``IN_PROGRESS``. An app trace
+  deleted between the lookup and the write is recreated that way, so every write is followed by a
+  second lookup, and a trace found ``IN_PROGRESS`` then is such an orphan and deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracing.constant import SpanAttributeKey, SpansLocation, TraceMetadataKey, TraceTagKey
+
+from ingest.sink import Sink, SinkError
+from ingest.spans import BuiltTrace, SpanData, nested_spans
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_S = 60.0
+LOOKUP_CHUNK = 500
+WRITE_CHUNK = 500
+"""Calls per lookup query and per write: large enough that a batch is one request, small enough for any server."""
+WINDOW_SLACK_US = 1000
+FINISHED = frozenset({"OK", "ERROR"})
+USAGE_FALLBACK = {SpanAttributeKey.CHAT_USAGE: "litellm.token_usage", SpanAttributeKey.LLM_COST: "litellm.cost"}
+
+
+@dataclass(frozen=True)
+class AppTrace:
+    """What nesting needs to know of the app's trace."""
+
+    trace_id: str
+    experiment_id: str
+    start_us: int
+    end_us: int
+    totals_final: bool
+    """The app finalized its token usage and cost: MLflow will not recompute them from our spans."""
+
+    @classmethod
+    def of(cls, info: Any) -> AppTrace | None:
+        """From MLflow's TraceInfo; None for a trace that must not be written into (yet)."""
+        state = getattr(info.state, "value", str(info.state))
+        if state not in FINISHED or info.tags.get(TraceTagKey.SPANS_LOCATION) != SpansLocation.TRACKING_STORE.value:
+            return None
+        finalized = info.trace_metadata.get(TraceMetadataKey.TRACE_INFO_FINALIZED) == "true"
+        start_ms = int(info.request_time)
+        return cls(
+            info.trace_id,
+            info.experiment_id,
+            start_ms * 1000,
+            (start_ms + int(info.execution_duration or 0)) * 1000,
+            finalized and bool(info.token_usage) and bool(getattr(info, "cost", None)),
+        )
+
+
+def fit(spans: list[SpanData], app: AppTrace) -> list[SpanData]:
+    """The nested spans as they go into this app trace: inside its time window, usage and cost
+    under MLflow's keys only where the app finalized its own."""
+    lo, hi = app.start_us - WINDOW_SLACK_US, app.end_us + WINDOW_SLACK_US
+
+    def clamp(us: int) -> int:
+        return min(max(us, lo), hi)
+
+    renames = {} if app.totals_final else USAGE_FALLBACK
+    out = []
+    for s in spans:
+        attrs = {renames.get(k, k): v for k, v in s.attributes.items()} if renames else s.attributes
+        events = [(name, min(max(t, lo * 1000), hi * 1000), a) for name, t, a in s.events]
+        out.append(replace(s, start_us=clamp(s.start_us), end_us=clamp(s.end_us), attributes=attrs, events=events))
+    return out
+
+
+def span_to_json(s: SpanData) -> dict[str, Any]:
+    return {
+        "trace": s.trace_id.hex(),
+        "span": s.span_id.hex(),
+        "parent": s.parent_id.hex() if s.parent_id else None,
+        "name": s.name,
+        "start": s.start_us,
+        "end": s.end_us,
+        "attributes": s.attributes,
+        "events": s.events,
+        "error": s.error,
+    }
+
+
+def span_from_json(d: dict[str, Any]) -> SpanData:
+    return SpanData(
+        bytes.fromhex(d["trace"]),
+        bytes.fromhex(d["span"]),
+        bytes.fromhex(d["parent"]) if d["parent"] else None,
+        d["name"],
+        d["start"],
+        d["end"],
+        d["attributes"],
+        [(name, t, a) for name, t, a in d["events"]],
+        d["error"],
+    )
+
+
+class NestQueue:
+    """Calls waiting for their app trace, in a SQLite file beside the state: a daemon restarted (or
+    the next cron run) goes on waiting where the last one stopped, until each call's due time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS pending (app_trace TEXT NOT NULL, call_key TEXT NOT NULL, due_us INTEGER NOT NULL, "
+            "spans TEXT NOT NULL, PRIMARY KEY (app_trace, call_key)) WITHOUT ROWID"
+        )
+        self.size = self._count()
+
+    @classmethod
+    def beside(cls, state_path: Path) -> NestQueue:
+        return cls(state_path.with_suffix(".nest.sqlite"))
+
+    def _count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM pending").fetchone()[0])
+
+    def put(self, entries: list[tuple[str, str, int, list[SpanData]]]) -> None:
+        if not entries:
+            return
+        rows = [(a, c, due, json.dumps([span_to_json(s) for s in spans], default=str)) for a, c, due, spans in entries]
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO pending (app_trace, call_key, due_us, spans) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (app_trace, call_key) DO UPDATE SET due_us = excluded.due_us, spans = excluded.spans",
+                rows,
+            )
+        self.size = self._count()
+
+    def app_traces(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT app_trace FROM pending ORDER BY app_trace")]
+
+    def entries(self, app_traces: list[str]) -> list[tuple[str, str, list[SpanData]]]:
+        out: list[tuple[str, str, list[SpanData]]] = []
+        for i in range(0, len(app_traces), LOOKUP_CHUNK):
+            part = app_traces[i : i + LOOKUP_CHUNK]
+            rows = self._db.execute(
+                f"SELECT app_trace, call_key, spans FROM pending WHERE app_trace IN ({','.join('?' * len(part))})", part
+            ).fetchall()
+            out += [(a, c, [span_from_json(d) for d in json.loads(text)]) for a, c, text in rows]
+        return out
+
+    def remove(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._db:
+            self._db.executemany("DELETE FROM pending WHERE app_trace = ? AND call_key = ?", list(keys))
+        self.size = self._count()
+
+    def expire(self, now_us: int) -> int:
+        """Forget the calls whose wait is over; how many."""
+        with self._db:
+            n = self._db.execute("DELETE FROM pending WHERE due_us <= ?", (now_us,)).rowcount
+        self.size = self._count()
+        return n
+
+    @staticmethod
+    def describe(state_path: Path) -> int | None:
+        """Calls waiting, read-only (for ``status``); None without a queue."""
+        path = state_path.with_suffix(".nest.sqlite")
+        if not path.exists():
+            return None
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                return int(db.execute("SELECT count(*) FROM pending").fetchone()[0])
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass
+class NestCounts:
+    nested: int = 0
+    missing: int = 0
+    failed: int = 0
+
+
+class Nester:
+    """Puts each written call into its app trace, now or once the app trace arrives (see the module)."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        queue: NestQueue | None = None,
+        grace_s: float = DEFAULT_GRACE_S,
+        clock: Callable[[], int] = lambda: time.time_ns() // 1000,
+        poll_s: float = 2.0,
+    ) -> None:
+        self.sink = sink
+        self.queue = queue
+        self.grace_us = int(grace_s * 1_000_000)
+        self.clock = clock
+        self.poll_s = poll_s
+        self.counts = NestCounts()
+        self._polled = 0.0
+
+    @property
+    def pending(self) -> int:
+        return self.queue.size if self.queue is not None else 0
+
+    def after_write(self, traces: list[BuiltTrace]) -> None:
+        """Their standalone traces were acknowledged: nest those whose app trace is there, queue the rest."""
+        calls = [t for t in traces if t.parent is not None]
+        if not calls:
+            return
+        found = self._find({t.app_trace_id for t in calls if t.app_trace_id})
+        now = self.clock()
+        ready: list[tuple[list[SpanData], AppTrace]] = []
+        waiting: list[tuple[str, str, int, list[SpanData]]] = []
+        for t in calls:
+            assert t.app_trace_id is not None
+            app = found.get(t.app_trace_id)
+            if app is not None:
+                ready.append((nested_spans(t), app))
+            elif self.queue is not None and now < t.end_us + self.grace_us:
+                waiting.append((t.app_trace_id, t.call_key, t.end_us + self.grace_us, nested_spans(t)))
+            else:
+                self.counts.missing += 1
+        self._write(ready)
+        if self.queue is not None:
+            self.queue.put(waiting)
+
+    def poll(self, force: bool = False) -> None:
+        """Look up the app traces the queue waits for (at most every ``poll_s`` unless forced):
+        nest the calls whose trace arrived, give up on those whose wait is over."""
+        if self.queue is None or not self.queue.size or (not force and time.monotonic() - self._polled < self.poll_s):
+            return
+        self._polled = time.monotonic()
+        found = self._find(set(self.queue.app_traces()))
+        if found:
+            entries = self.queue.entries(sorted(found))
+            self._write([(spans, found[a]) for a, _, spans in entries])
+            self.queue.remove((a, c) for a, c, _ in entries)
+        self.counts.missing += self.queue.expire(self.clock())
+
+    def _find(self, app_trace_ids: set[str]) -> dict[str, AppTrace]:
+        ids = sorted(app_trace_ids)
+        found: dict[str, AppTrace] = {}
+        for i in range(0, len(ids), LOOKUP_CHUNK):
+            for info in self.sink.trace_infos(ids[i : i + LOOKUP_CHUNK]):
+                if (app := AppTrace.of(info)) is not None:
+                    found[app.trace_id] = app
+        return found
+
+    def _write(self, ready: list[tuple[list[SpanData], AppTrace]]) -> None:
+        for i in range(0, len(ready), WRITE_CHUNK):
+            part = ready[i : i + WRITE_CHUNK]
+            by_experiment: dict[str, list[SpanData]] = {}
+            for spans, app in part:
+                by_experiment.setdefault(app.experiment_id, []).extend(fit(spans, app))
+            for experiment_id, spans in by_experiment.items():
+                try:
+                    self.sink.write_spans(spans, experiment_id)
+                except SinkError as e:
+                    if e.kind != "rejected":
+                        raise
+                    self._write_one_by_one([(s, a) for s, a in part if a.experiment_id == experiment_id])
+                    continue
+                self.counts.nested += sum(1 for _, a in part if a.experiment_id == experiment_id)
+            self._remove_orphans({app.trace_id: app for _, app in part})
+
+    def _write_one_by_one(self, calls: list[tuple[list[SpanData], AppTrace]]) -> None:
+        """A write the store refused, call by call: the calls it still refuses stay standalone."""
+        for spans, app in calls:
+            try:
+                self.sink.write_spans(fit(spans, app), app.experiment_id)
+                self.counts.nested += 1
+            except SinkError as e:
+                if e.kind != "rejected":
+                    raise
+                self.counts.failed += 1
+                log.warning("could not nest a call into app trace %s: %s", app.trace_id, e)
+
+    def _remove_orphans(self, written: dict[str, AppTrace]) -> None:
+        """An app trace deleted between lookup and write was recreated by the write: delete it again."""
+        orphans: dict[str, list[str]] = {}
+        for info in self.sink.trace_infos(sorted(written)):
+            if getattr(info.state, "value", str(info.state)) not in FINISHED:
+                orphans.setdefault(info.experiment_id, []).append(info.trace_id)
+        for experiment_id, ids in orphans.items():
+            log.info("%d app trace(s) were deleted while their calls were nested; removed what the write recreated", len(ids))
+            self.sink.delete(ids, experiment_id)
+            self.counts.nested -= len(ids)
+            self.counts.missing += len(ids)

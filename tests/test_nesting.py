@@ -1,0 +1,238 @@
+"""Nesting the proxy's spans under the client application's own trace, against real MLflow.
+
+The app side is MLflow's own client: ``@mlflow.trace``-style spans with an LLM span inside, and the
+``traceparent`` MLflow's autolog would send from it (``get_tracing_context_headers_for_http_request``).
+The proxy side is real capture records carrying that header, timed inside the app's LLM span.
+Both sinks: a real ``mlflow server`` (OTLP) and a SQLite store (the default's kind).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from mlflow.entities.span import SpanType
+from mlflow.tracing import get_tracing_context_headers_for_http_request
+from mlflow.tracing.constant import SpanAttributeKey
+
+from ingest.pipeline import RunOptions, Summary, run_batch, run_incremental
+from tests.conftest import all_traces, client_for, reidentify, write_jsonl
+
+
+@pytest.fixture(params=["server", "sqlite"])
+def uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "server":
+        return request.getfixturevalue("mlflow_server").url
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@contextmanager
+def app(uri: str) -> Iterator[str]:
+    """MLflow's client tracing into ``uri``, in an experiment of its own (not the proxy's)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow.set_experiment(f"app-{uuid.uuid4().hex[:8]}").experiment_id
+    finally:
+        mlflow.flush_trace_async_logging()
+        mlflow.set_tracking_uri(previous)
+
+
+@contextmanager
+def app_call(usage: bool = True) -> Iterator[dict[str, Any]]:
+    """One app trace: ``agent`` > ``Completions`` (an LLM span); yields the header and the call's window."""
+    out: dict[str, Any] = {}
+    with mlflow.start_span("agent") as root:
+        root.set_inputs({"question": "hi"})
+        with mlflow.start_span("Completions", span_type=SpanType.CHAT_MODEL) as llm:
+            llm.set_inputs({"messages": [{"role": "user", "content": "hi"}]})
+            out["traceparent"] = get_tracing_context_headers_for_http_request()["traceparent"]
+            out["llm_span"] = llm.span_id
+            out["t0"] = time.time()
+            time.sleep(0.05)
+            out["t1"] = time.time()
+            time.sleep(0.01)
+            yield out
+            llm.set_outputs({"choices": [{"message": {"role": "assistant", "content": "hello"}}]})
+            if usage:
+                llm.set_attribute(SpanAttributeKey.CHAT_USAGE, {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8})
+        root.set_outputs("hello")
+    out["trace_id"] = root.trace_id
+    mlflow.flush_trace_async_logging()
+
+
+def proxy_records(capture: list[dict], call: dict[str, Any], kind: str = "single", header: str = "traceparent") -> list[dict]:
+    """Real records of one call (``single`` success or a ``fallback`` pair) inside the app's window, with its header."""
+    by_id: dict[str, list[dict]] = {}
+    for r in capture:
+        if r["call_type"] == "acompletion":
+            by_id.setdefault(r["litellm_call_id"], []).append(r)
+    pick = next(rs for rs in by_id.values() if (len(rs) == 1 and rs[0]["status"] == "success") == (kind == "single") and len(rs) <= 2)
+    if kind == "fallback":
+        pick = next(rs for rs in by_id.values() if [r["status"] for r in rs] == ["failure", "success"])
+    records = reidentify(pick)
+    span = (call["t1"] - call["t0"]) / (len(records) + 1)
+    for n, r in enumerate(records):
+        r["startTime"] = round(call["t0"] + n * span * 0.5, 6)
+        r["endTime"] = round(call["t0"] + (n + 1) * span, 6)
+        r["completionStartTime"] = r["endTime"]
+        r["session_id"] = "sess-1"
+        md = r.setdefault("metadata", {}) or {}
+        r["metadata"] = md
+        rm = copy.deepcopy(md.get("requester_metadata") or {})
+        rm.setdefault("headers", {})[header] = call["traceparent"]
+        md["requester_metadata"] = rm
+    return records
+
+
+def ingest(uri: str, logs: Path, state: Path, experiment: str, **kw: Any) -> Summary:
+    opts = RunOptions(paths=[str(logs)], tracking_uri=uri, experiment_name=experiment, state_dir=state,
+                      quarantine_file=state / "q.jsonl", **kw)  # fmt: skip
+    return run_incremental(opts, "batch")
+
+
+def spans_by_id(uri: str, trace_id: str) -> dict[str, Any]:
+    return {s.span_id: s for s in client_for(uri).get_trace(trace_id).data.spans}
+
+
+def info_of(uri: str, trace_id: str) -> dict[str, Any]:
+    """The app trace's TraceInfo, flattened: every field, tag and metadata entry."""
+    d = client_for(uri).get_trace(trace_id).info.to_dict()
+    flat = {k: v for k, v in d.items() if k not in ("tags", "trace_metadata")}
+    flat |= {f"tag:{k}": v for k, v in d.get("tags", {}).items()}
+    flat |= {f"meta:{k}": v for k, v in d.get("trace_metadata", {}).items()}
+    return flat
+
+
+def changed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def test_calls_nest_under_the_app_span_and_nothing_of_the_app_changes(uri: str, capture: list[dict], tmp_path: Path) -> None:
+    with app(uri) as app_experiment:
+        with app_call() as single:
+            pass
+        with app_call() as fallback:
+            pass
+    before = {t: info_of(uri, t) for t in (single["trace_id"], fallback["trace_id"])}
+    app_spans = {t: set(spans_by_id(uri, t)) for t in before}
+    records = {"single": proxy_records(capture, single), "fallback": proxy_records(capture, fallback, "fallback", header="TraceParent")}
+    write_jsonl(tmp_path / "logs" / "proxy.jsonl", records["single"] + records["fallback"])
+    proxy_experiment = f"proxy-{uuid.uuid4().hex[:8]}"
+
+    summary = ingest(uri, tmp_path / "logs", tmp_path / "state", proxy_experiment)
+    assert (summary.traces_written, summary.nested_calls, summary.app_traces_missing, summary.nest_pending) == (2, 2, 0, 0)
+
+    standalone = {t.info.tags["litellm.call_id"]: t for t in all_traces(uri, proxy_experiment)}
+    for name, call in (("single", single), ("fallback", fallback)):
+        recs = records[name]
+        tid = call["trace_id"]
+        assert not changed(before[tid], info_of(uri, tid)), "the app trace's info is untouched"
+        spans = spans_by_id(uri, tid)
+        ours = {k: s for k, s in spans.items() if k not in app_spans[tid]}
+        proxy = next(s for s in ours.values() if s.parent_id == call["llm_span"])
+        attempts = sorted((s for s in ours.values() if s.parent_id == proxy.span_id), key=lambda s: s.start_time_ns)
+        assert len(ours) == 1 + len(recs) and len(attempts) == len(recs)
+        assert proxy.start_time_ns == round(min(r["startTime"] for r in recs) * 1e6) * 1000
+        assert proxy.end_time_ns == round(max(r["endTime"] for r in recs) * 1e6) * 1000
+        for span, rec in zip(attempts, sorted(recs, key=lambda r: r["startTime"]), strict=True):
+            assert (span.start_time_ns, span.end_time_ns) == (round(rec["startTime"] * 1e6) * 1000, round(rec["endTime"] * 1e6) * 1000)
+            assert span.status.status_code.value == ("OK" if rec["status"] == "success" else "ERROR")
+            assert span.get_attribute("litellm_call_id") == rec["litellm_call_id"]
+            assert span.get_attribute(SpanAttributeKey.SESSION_ID) is None, "nothing that sets trace-level fields"
+            if rec["status"] == "success":
+                usage = span.get_attribute(SpanAttributeKey.CHAT_USAGE)
+                if client_for(uri).get_trace(tid).info.cost:
+                    assert usage["total_tokens"] == rec["total_tokens"], "finalized app usage and cost: MLflow's own key"
+                else:
+                    assert usage is None and span.get_attribute("litellm.token_usage")["total_tokens"] == rec["total_tokens"]
+        trace = standalone[recs[0]["litellm_call_id"]]
+        assert trace.info.tags["litellm.app_trace_id"] == tid
+        assert proxy.get_attribute("litellm.proxy_trace_id") == trace.info.trace_id
+        assert proxy.status.status_code.value == "OK"
+        assert client_for(uri).get_trace(tid).info.experiment_id == app_experiment
+
+    again = ingest(uri, tmp_path / "logs", tmp_path / "state-2", proxy_experiment)
+    assert again.nested_calls == 2
+    for tid in before:
+        assert not changed(before[tid], info_of(uri, tid))
+        assert len(spans_by_id(uri, tid)) == len(app_spans[tid]) + (2 if tid == single["trace_id"] else 3), "a re-run adds no span"
+    assert len(all_traces(uri, proxy_experiment, include_spans=False)) == 2
+
+
+def test_an_app_trace_that_is_not_there_gets_nothing_written_under_its_id(uri: str, capture: list[dict], tmp_path: Path) -> None:
+    """Deleted before ingest, never sampled, or never exported: the call is standalone only, and no
+    trace appears under the app's id."""
+    with app(uri) as app_experiment:
+        with app_call() as deleted:
+            pass
+        with app_call() as unsampled:
+            pass
+    client_for(uri).delete_traces(app_experiment, trace_ids=[deleted["trace_id"]])
+    unsampled["traceparent"] = unsampled["traceparent"][:-2] + "00"
+    records = proxy_records(capture, deleted) + proxy_records(capture, unsampled)
+    write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    proxy_experiment = f"proxy-{uuid.uuid4().hex[:8]}"
+
+    summary = ingest(uri, tmp_path / "logs", tmp_path / "state", proxy_experiment, nest_grace_s=0.0)
+    assert (summary.traces_written, summary.nested_calls, summary.app_traces_missing) == (2, 0, 1)
+    store_ids = {t.info.trace_id for t in all_traces(uri, proxy_experiment, include_spans=False)}
+    assert len(store_ids) == 2
+    left = client_for(uri).search_traces(locations=[app_experiment], include_spans=False)
+    assert [t.info.trace_id for t in left] == [unsampled["trace_id"]], "no orphan under the deleted id"
+    with pytest.raises(Exception, match=r"not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+        client_for(uri).get_trace(deleted["trace_id"])
+    tags = {t.info.tags["litellm.call_id"]: t.info.tags.get("litellm.app_trace_id") for t in all_traces(uri, proxy_experiment)}
+    assert sorted(map(str, tags.values())) == sorted(["None", deleted["trace_id"]]), "an unsampled header links nothing"
+    assert len(spans_by_id(uri, unsampled["trace_id"])) == 2, "the unsampled app trace is left alone"
+
+
+def test_a_call_waits_for_its_app_trace_across_runs_and_then_nests(uri: str, capture: list[dict], tmp_path: Path) -> None:
+    """The app exports its trace when its root span ends, after the proxy logged the call: the first run
+    writes the call standalone and queues it; the next run (no new lines) finds the app trace and nests it."""
+    proxy_experiment = f"proxy-{uuid.uuid4().hex[:8]}"
+    logs, state = tmp_path / "logs", tmp_path / "state"
+    with app(uri), app_call() as call:
+        write_jsonl(logs / "proxy.jsonl", proxy_records(capture, call))
+        first = ingest(uri, logs, state, proxy_experiment)
+        assert (first.traces_written, first.nested_calls, first.nest_pending, first.app_traces_missing) == (1, 0, 1, 0)
+    second = ingest(uri, logs, state, proxy_experiment)
+    assert (second.traces_written, second.nested_calls, second.nest_pending) == (0, 1, 0)
+    assert len(spans_by_id(uri, call["trace_id"])) == 2 + 2, "the proxy span and its one attempt"
+
+
+def test_without_finalized_app_usage_the_attempts_keep_usage_out_of_the_app_totals(uri: str, capture: list[dict], tmp_path: Path) -> None:
+    with app(uri), app_call(usage=False) as call:
+        pass
+    before = info_of(uri, call["trace_id"])
+    assert not client_for(uri).get_trace(call["trace_id"]).info.token_usage
+    records = proxy_records(capture, call)
+    write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    assert ingest(uri, tmp_path / "logs", tmp_path / "state", f"proxy-{uuid.uuid4().hex[:8]}").nested_calls == 1
+    assert not changed(before, info_of(uri, call["trace_id"]))
+    attempt = next(s for s in spans_by_id(uri, call["trace_id"]).values() if s.name.endswith("attempt 1"))
+    assert attempt.get_attribute(SpanAttributeKey.CHAT_USAGE) is None
+    assert attempt.get_attribute("litellm.token_usage")["total_tokens"] == records[0]["total_tokens"]
+
+
+def test_no_nest_and_stateless_runs(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
+    with app(sqlite_uri), app_call() as call:
+        pass
+    write_jsonl(tmp_path / "logs" / "proxy.jsonl", proxy_records(capture, call))
+    off = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest=False)
+    assert (off.traces_written, off.nested_calls) == (1, 0)
+    assert len(spans_by_id(sqlite_uri, call["trace_id"])) == 2
+    once = run_batch(RunOptions(paths=[str(tmp_path / "logs")], tracking_uri=sqlite_uri, experiment_name="proxy",
+                                quarantine_file=tmp_path / "q.jsonl"))  # fmt: skip
+    assert (once.nested_calls, once.nest_pending) == (1, 0)
+    assert len(spans_by_id(sqlite_uri, call["trace_id"])) == 4
+    tags = json.dumps([t.info.tags for t in all_traces(sqlite_uri, "proxy", include_spans=False)])
+    assert call["trace_id"] in tags
