@@ -464,6 +464,8 @@ def status(state_dir: Path | None, as_json: bool) -> None:
         for st in states
         for item in Ledger.describe(Path(st["file"]))
     ]
+    from ingest.nesting import NestQueue
+
     runs = [
         {
             "mode": st["mode"],
@@ -471,6 +473,11 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             "state_file": st["file"],
             **({"problem": st["problem"]} if "problem" in st else {}),
             **{k: v for k, v in st.get("last_run", {}).items() if k != "summary"},
+            "nesting": {
+                "nested_calls": st.get("last_run", {}).get("summary", {}).get("nested_calls", 0),
+                "app_traces_missing": st.get("last_run", {}).get("summary", {}).get("app_traces_missing", 0),
+                "nest_pending": NestQueue.describe(Path(st["file"])) or 0,
+            },
         }
         for st in states
     ]
@@ -494,6 +501,12 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             f"[bold]{r['mode']}[/bold] -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
             f"last run {r.get('finished') or r.get('started')} " + escape(f"[{r.get('result')}]")
         )
+        n = r["nesting"]
+        if any(n.values()):
+            console.print(
+                f"  last run nested {n['nested_calls']} call(s) into their app's trace, {n['app_traces_missing']} stayed standalone "
+                f"(app trace not found); {n['nest_pending']} waiting for their app trace now"
+            )
     t = Table("mode", "path", "fingerprint", "offset / size", "lag", "held", "updated")
     for r in rows:
         t.add_row(

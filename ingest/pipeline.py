@@ -205,10 +205,13 @@ class Pipeline:
         s.quarantine_file = str(self.quarantine.path) if self.quarantine.total and self.quarantine.path else None
         s.warnings, s.warnings_by_kind = sum(self.warnings.values()), dict(self.warnings)
         s.first_start, s.last_end = _iso(self._first), _iso(self._last)
-        if self.nester is not None:
-            c = self.nester.counts
-            s.nested_calls, s.app_traces_missing, s.nest_failed, s.nest_pending = c.nested, c.missing, c.failed, self.nester.pending
+        self.count_nesting()
         return s
+
+    def count_nesting(self) -> None:
+        if self.nester is not None:
+            c, s = self.nester.counts, self.summary
+            s.nested_calls, s.app_traces_missing, s.nest_failed, s.nest_pending = c.nested, c.missing, c.failed, self.nester.pending
 
     def _step(self, records: pl.DataFrame, final: bool, at: int | None = None) -> None:
         pending = self.pending

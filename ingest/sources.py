@@ -37,9 +37,13 @@ class SourceUnavailable(SourceError):
     nothing of it is marked read, so the next run tries again."""
 
 
+SCRATCH_SUFFIXES = (".lock", ".tmp")
+"""A logger's lock file and half-written rotation copies (``proxy.jsonl.lock`` of ours): never logs."""
+
+
 def is_log_file(name: str) -> bool:
     """Names LiteLLM loggers and rotation tools produce: x.jsonl, x.jsonl.1, x.jsonl.2.gz, x.log-20260101."""
-    return bool(LOG_NAME.search(name))
+    return bool(LOG_NAME.search(name)) and not name.endswith(SCRATCH_SUFFIXES)
 
 
 def discover(paths: list[str]) -> list[Path]:

@@ -38,7 +38,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk
+from ingest.sources import SCRATCH_SUFFIXES, Chunk
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -176,8 +176,9 @@ class Tailer:
         if nester is None:
             return
         nester.poll(force)
-        m, c = self.metrics, nester.counts
-        m.nested_calls, m.app_traces_missing, m.nest_pending = c.nested, c.missing, nester.pending
+        self.pipeline.count_nesting()
+        m, s = self.metrics, self.pipeline.summary
+        m.nested_calls, m.app_traces_missing, m.nest_pending = s.nested_calls, s.app_traces_missing, s.nest_pending
 
     # --- outages ----------------------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class Tailer:
         for d in self.dirs:
             for root, _, names in os.walk(d):
                 for name in sorted(names):
-                    if fnmatch.fnmatch(name, self.opts.pattern):
+                    if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
                         yield Path(root) / name
 
     def _scan(self) -> None:

@@ -236,3 +236,117 @@ def test_no_nest_and_stateless_runs(capture: list[dict], tmp_path: Path, sqlite_
     assert len(spans_by_id(sqlite_uri, call["trace_id"])) == 4
     tags = json.dumps([t.info.tags for t in all_traces(sqlite_uri, "proxy", include_spans=False)])
     assert call["trace_id"] in tags
+
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("traceparent", TP, ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
+        ("TraceParent", TP, ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
+        ("traceparent", " " + TP, ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
+        ("traceparent", TP[:-2] + "03", ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
+        ("traceparent", "01" + TP[2:] + "-future-field", ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
+        ("traceparent", TP[:-2] + "00", None),
+        ("traceparent", TP[:-2] + "02", None),
+        ("traceparent", TP + "-extra", None),
+        ("traceparent", "00-" + "0" * 32 + "-b7ad6b7169203331-01", None),
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-01", None),
+        ("traceparent", "ff" + TP[2:], None),
+        ("traceparent", TP.upper(), None),
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01", None),
+        ("traceparent", "", None),
+        ("x-traceparent", TP, None),
+    ],
+)
+def test_traceparent_is_read_case_insensitively_and_validated(capture: list[dict], name: str, value: str, expected: Any) -> None:
+    import polars as pl
+
+    from ingest.normalize import normalize
+
+    rec = copy.deepcopy(next(r for r in capture if r["call_type"] == "acompletion"))
+    rec["metadata"].setdefault("requester_metadata", {}).setdefault("headers", {})[name] = value
+    rec["messages"] = [{"role": "user", "content": '{"traceparent": "' + TP + '"}'}]
+    line = json.dumps(rec)
+    frame = pl.DataFrame({"source": ["f"], "line_no": [1], "offset": [0], "raw": [line], "truncated": [False]})
+    warnings: dict[str, int] = {}
+    out, bad = normalize(frame, warnings)
+    assert not bad
+    got = out.select("parent_trace_id", "parent_span_id").row(0)
+    assert got == (expected or (None, None))
+    sampled_out = value.endswith(("-00", "-02")) and value.startswith("00")
+    assert ("invalid_traceparent" in warnings) == (expected is None and name == "traceparent" and not sampled_out)
+
+
+def test_fit_moves_spans_into_the_app_window_and_keeps_usage_out_unless_final() -> None:
+    from ingest.nesting import AppTrace, fit
+    from ingest.spans import SpanData
+
+    usage = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
+    span = SpanData(b"\x01" * 16, b"\x02" * 8, b"\x03" * 8, "s", 5_000, 20_000, {SpanAttributeKey.CHAT_USAGE: usage, "x": 1},
+                    [("first_token", 19_000_000, {})])  # fmt: skip
+    app = AppTrace("tr-" + "01" * 16, "1", 10_000, 30_000, totals_final=False)
+    (fitted,) = fit([span], app)
+    assert (fitted.start_us, fitted.end_us) == (9_000, 20_000), "1 ms of slack, then clamped"
+    assert fitted.attributes == {"litellm.token_usage": usage, "x": 1}
+    assert span.attributes[SpanAttributeKey.CHAT_USAGE] == usage, "the queued spans are not changed"
+    (final,) = fit([span], replace_final(app))
+    assert final.attributes[SpanAttributeKey.CHAT_USAGE] == usage
+
+
+def replace_final(app: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(app, totals_final=True)
+
+
+def test_the_queue_survives_a_restart_and_expires_by_due_time(tmp_path: Path) -> None:
+    from ingest.nesting import NestQueue
+    from ingest.spans import SpanData
+
+    spans = [SpanData(b"\x01" * 16, b"\x02" * 8, None, "proxy", 1, 2, {"a": [1, {"b": None}]}, [("e", 1000, {"k": "v"})], "boom")]
+    q = NestQueue(tmp_path / "s.nest.sqlite")
+    q.put([("tr-a", "call-1", 100, spans), ("tr-a", "call-2", 300, spans), ("tr-b", "call-3", 200, spans)])
+    q.put([("tr-a", "call-1", 150, spans)])
+    q.close()
+    q = NestQueue(tmp_path / "s.nest.sqlite")
+    assert (q.size, q.app_traces()) == (3, ["tr-a", "tr-b"])
+    (entry,) = [e for e in q.entries(["tr-a"]) if e[1] == "call-1"]
+    assert entry[2] == spans
+    assert q.expire(200) == 2 and q.size == 1
+    assert NestQueue.describe(tmp_path / "s.json") == 1
+
+
+def test_an_app_trace_deleted_between_lookup_and_write_leaves_no_orphan(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
+    """The write recreates a trace deleted after the lookup (MLflow creates what it does not hold);
+    the check after the write finds it unfinished and deletes it."""
+    from ingest.nesting import Nester
+    from ingest.pipeline import Pipeline, resolve_run_target
+    from ingest.quarantine import QuarantineWriter
+    from ingest.sink import make_sink
+
+    with app(sqlite_uri) as app_experiment, app_call() as call:
+        pass
+    opts = RunOptions(paths=[], tracking_uri=sqlite_uri, experiment_name="proxy")
+    target = resolve_run_target(opts, create=True)
+    sink = make_sink(target)
+    original = sink.write_spans
+
+    def deleted_first(spans: list, experiment_id: str) -> int:
+        client_for(sqlite_uri).delete_traces(app_experiment, trace_ids=[call["trace_id"]])
+        return original(spans, experiment_id)
+
+    sink.write_spans = deleted_first  # type: ignore[method-assign]
+    nester = Nester(sink)
+    pipe = Pipeline(sink, target.experiment_id, QuarantineWriter(tmp_path / "q.jsonl"), nester=nester)
+    write_jsonl(tmp_path / "logs" / "p.jsonl", proxy_records(capture, call))
+    from ingest.sources import read_chunks
+
+    for chunk in read_chunks(tmp_path / "logs" / "p.jsonl"):
+        pipe.feed(chunk)
+    pipe.flush(final=True)
+    assert (nester.counts.nested, nester.counts.missing) == (0, 1)
+    assert not client_for(sqlite_uri).search_traces(locations=[app_experiment], include_spans=False)
+    assert len(all_traces(sqlite_uri, "proxy", include_spans=False)) == 1

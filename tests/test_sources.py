@@ -61,7 +61,9 @@ def test_is_log_file_yes(name: str) -> None:
     assert is_log_file(name)
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "a.csv", "make_samples.py", "README.md", "jsonl", "a.jsonlx", "a.tar.gz"])
+@pytest.mark.parametrize(
+    "name", ["notes.txt", "a.csv", "make_samples.py", "README.md", "jsonl", "a.jsonlx", "a.tar.gz", "proxy.jsonl.lock", "a.jsonl.1.tmp"]
+)
 def test_is_log_file_no(name: str) -> None:
     assert not is_log_file(name)
 
