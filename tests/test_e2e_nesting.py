@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class Call:
     call_id: str
     traceparent: str | None
     app_trace_id: str | None
-    records: list[dict]
+    records: list[dict] = field(repr=False)
 
     @property
     def parent_span_id(self) -> str:
@@ -87,7 +87,7 @@ def batch(logdir: Path, uri: str, experiment: str, state: Path, *extra: str) -> 
 
 
 def trace_ids_anywhere(uri: str) -> set[str]:
-    """Every trace id on the server, in every experiment (deleted ones included)."""
+    """Every trace id on the server, in every experiment (deleted experiments included)."""
     client = client_for(uri)
     locations = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     out, token = set(), None
@@ -163,7 +163,7 @@ def nest_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 )
 
             wait_for(all_written, GRACE_S + 60, "every call standalone in A and nested into its app trace")
-            time.sleep(3)
+            time.sleep(3)  # past the daemon's next poll of its nest queue (every 2 s): what it writes then counts too
             out.update(app=app, calls=calls, first_seen=first_seen, daemon=snapshot(uri, a, app_ids), metrics=daemon.metrics())
             assert daemon.stop() == 0
         finally:
@@ -309,6 +309,16 @@ def test_the_daemon_writes_the_standalone_at_once_and_nests_a_late_app_trace_wit
     assert metric(m, "litellm_ingest_app_traces_missing_total") == 0
 
 
+def differences(before: Any, after: Any, path: str = "") -> list[str]:
+    """Where two JSON-like values differ, as readable paths (a failed equality of whole snapshots says nothing)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(set(before) | set(after), key=str)
+        return [d for k in keys for d in differences(before.get(k, "<absent>"), after.get(k, "<absent>"), f"{path}/{k}")]
+    if isinstance(before, list | tuple) and isinstance(after, list | tuple) and len(before) == len(after):
+        return [d for i, (x, y) in enumerate(zip(before, after, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if before == after else [f"{path}: {str(before)[:120]} -> {str(after)[:120]}"]
+
+
 def _contents(snap: Snapshot) -> dict[str, Any]:
     return {
         "standalone": {cid: [s.to_dict() for s in t.data.spans] for cid, t in snap.standalone.items()},
@@ -319,14 +329,14 @@ def _contents(snap: Snapshot) -> dict[str, Any]:
 def test_a_replay_into_the_same_experiment_changes_nothing(nest_run: dict) -> None:
     summary = nest_run["replay_summary"]
     assert (summary["nested_calls"], summary["app_traces_missing"], summary["nest_pending"]) == (len(traced(nest_run)), 0, 0), summary
-    assert _contents(nest_run["replay"]) == _contents(nest_run["daemon"])
+    assert not (changed := differences(_contents(nest_run["daemon"]), _contents(nest_run["replay"]))), "\n".join(changed)
 
 
 def test_no_nest_writes_standalone_traces_only(nest_run: dict) -> None:
     summary = nest_run["no_nest_summary"]
     assert summary["nested_calls"] == 0, summary
     assert set(nest_run["no_nest"].standalone) == {c.call_id for c in nest_run["calls"]}
-    assert _contents(nest_run["no_nest"])["apps"] == _contents(nest_run["replay"])["apps"]
+    assert not (changed := differences(_contents(nest_run["replay"])["apps"], _contents(nest_run["no_nest"])["apps"])), "\n".join(changed)
 
 
 def test_a_deleted_app_trace_gets_nothing_and_its_call_stays_standalone(nest_run: dict) -> None:
