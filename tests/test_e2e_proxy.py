@@ -8,105 +8,28 @@ with ``-m "not proxy"``; CI runs it.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
-import os
-import secrets
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import ROOT, all_traces, free_port
+from tests.conftest import all_traces
+from tests.proxykit import E2E, OUR_LOGGER, by_call, running_proxy
 from tests.tailkit import Daemon, wait_for
 
 pytestmark = pytest.mark.proxy
-E2E = ROOT / "tests" / "e2e"
-
-
-def proxy_python() -> Path:
-    """The proxy venv's python: $LITELLM_PROXY_PYTHON, or .proxy-venv built from the pinned requirements."""
-    if env := os.environ.get("LITELLM_PROXY_PYTHON"):
-        return Path(env)
-    venv = ROOT / ".proxy-venv"
-    reqs = E2E / "proxy-requirements.txt"
-    stamp = venv / ".requirements-sha256"
-    digest = hashlib.sha256(reqs.read_bytes()).hexdigest()
-    if not (stamp.exists() and stamp.read_text() == digest):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(reqs)], check=True)
-        stamp.write_text(digest)
-    return venv / "bin" / "python"
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        try:
-            if requests.get(url, timeout=2).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not come up: {log.read_text()[-4000:]}")
-
-
-CONFIG = """
-model_list:
-  - model_name: gpt-4o-mini
-    litellm_params: {{model: openai/gpt-4o-mini, api_base: "{up}", api_key: fake-key}}
-  - model_name: text-embedding-3-small
-    litellm_params: {{model: openai/text-embedding-3-small, api_base: "{up}", api_key: fake-key}}
-  - model_name: broken-primary
-    litellm_params: {{model: openai/FAIL_500-primary, api_base: "{up}", api_key: fake-key}}
-  - model_name: always-500
-    litellm_params: {{model: openai/FAIL_500-nofallback, api_base: "{up}", api_key: fake-key}}
-  - model_name: flaky
-    litellm_params: {{model: openai/FLAKY_429-model, api_base: "{up}", api_key: fake-key}}
-router_settings:
-  num_retries: 2
-  retry_after: 0
-  fallbacks: [{{"broken-primary": ["gpt-4o-mini"]}}]
-litellm_settings:
-  callbacks: ["litellm_ingest_callback.logger", "mlflow"]
-general_settings:
-  master_key: {key}
-"""
-
-SHIM = "from ingest.proxy_logger import JsonlFileLogger\nlogger = JsonlFileLogger()\n"
 
 
 @pytest.fixture(scope="module")
 def e2e_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    py = proxy_python()
     work = tmp_path_factory.mktemp("e2e")
-    logdir, confdir = work / "logs", work / "conf"
-    logdir.mkdir()
-    confdir.mkdir()
-    procs: list[subprocess.Popen] = []
-    up_port, proxy_port = free_port(), free_port()
-    up_log = work / "upstream.log"
-    procs.append(subprocess.Popen([sys.executable, str(E2E / "fake_upstream.py"), str(up_port)], stdout=up_log.open("w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
-    key = "sk-" + secrets.token_hex(16)
-    (confdir / "config.yaml").write_text(CONFIG.format(up=f"http://127.0.0.1:{up_port}/v1", key=key))
-    (confdir / "litellm_ingest_callback.py").write_text(SHIM)
     ours, theirs = f"e2e-ours-{uuid.uuid4().hex[:6]}", f"e2e-callback-{uuid.uuid4().hex[:6]}"
     requests.post(mlflow_server.url + "/api/2.0/mlflow/experiments/create", json={"name": theirs}, timeout=30).raise_for_status()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHON"))},
-        "PYTHONPATH": str(ROOT),
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-        "LITELLM_INGEST_LOG_PATH": str(logdir / "proxy.jsonl"),
         "LITELLM_INGEST_LOG_MAX_BYTES": "60000",
         "LITELLM_INGEST_LOG_BACKUPS": "1000",
         "LITELLM_INGEST_LOG_GZIP": "1",
@@ -114,78 +37,26 @@ def e2e_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "MLFLOW_EXPERIMENT_NAME": theirs,
         "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false",
     }
-    proxy_log = work / "proxy.log"
-    procs.append(
-        subprocess.Popen(
-            [
-                str(py.parent / "litellm"),
-                "--config",
-                str(confdir / "config.yaml"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(proxy_port),
-                "--num_workers",
-                "1",
-            ],
-            stdout=proxy_log.open("w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=work,
-            start_new_session=True,
-        )
-    )
-    daemon = None
-    try:
-        wait_http(f"http://127.0.0.1:{up_port}/v1/models", 30, procs[0], up_log)
-        wait_http(f"http://127.0.0.1:{proxy_port}/health/liveliness", 240, procs[1], proxy_log)
-        daemon = Daemon(logdir, mlflow_server.url, ours, work / "state", "--settle", "30").start()
-        driven = subprocess.run([str(py), str(E2E / "drive_calls.py"), f"http://127.0.0.1:{proxy_port}", key], capture_output=True,
-                                text=True, timeout=600, env={k: v for k, v in env.items() if k != "PYTHONPATH"})  # fmt: skip
-        assert driven.returncode == 0, driven.stderr[-4000:] + proxy_log.read_text()[-4000:]
-        calls = json.loads(driven.stdout)
-        want = {c["call_id"] for c in calls}
-        assert None not in want, [c for c in calls if c["call_id"] is None]
+    with running_proxy(work, [OUR_LOGGER, "mlflow"], env) as proxy:
+        daemon = Daemon(proxy.logdir, mlflow_server.url, ours, work / "state", "--settle", "30").start()
+        try:
+            calls = json.loads(proxy.run_client(E2E / "drive_calls.py", proxy.url, proxy.key))
+            want = {c["call_id"] for c in calls}
+            assert None not in want, [c for c in calls if c["call_id"] is None]
 
-        def ours_complete() -> bool:
-            try:
-                return want <= {t.info.tags.get("litellm.call_id") for t in all_traces(mlflow_server.url, ours)}
-            except AssertionError:
-                return False
-
-        wait_for(ours_complete, 120, "every call in our experiment")
-        time.sleep(3)
-        yield {"calls": calls, "ours": all_traces(mlflow_server.url, ours), "theirs": all_traces(mlflow_server.url, theirs),
-               "logdir": logdir, "records": read_logs(logdir)}  # fmt: skip
-    finally:
-        if daemon is not None and daemon.alive():
-            assert daemon.stop() == 0
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+            def ours_complete() -> bool:
                 try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
+                    return want <= {t.info.tags.get("litellm.call_id") for t in all_traces(mlflow_server.url, ours)}
+                except AssertionError:
+                    return False
 
-
-def read_logs(logdir: Path) -> list[dict]:
-    out = []
-    for f in sorted(logdir.iterdir()):
-        if ".jsonl" not in f.name or f.name.endswith((".lock", ".tmp")):
-            continue
-        data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
-        out += [json.loads(line) for line in data.splitlines() if line.strip()]
-    return out
-
-
-def by_call(traces: list) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for t in traces:
-        cid = t.info.tags["litellm.call_id"]
-        assert cid not in out, f"{cid} has two traces"
-        out[cid] = t
-    return out
+            wait_for(ours_complete, 120, "every call in our experiment")
+            time.sleep(3)
+            yield {"calls": calls, "ours": all_traces(mlflow_server.url, ours), "theirs": all_traces(mlflow_server.url, theirs),
+                   "logdir": proxy.logdir, "records": proxy.records()}  # fmt: skip
+        finally:
+            if daemon.alive():
+                assert daemon.stop() == 0
 
 
 def test_every_call_is_one_trace_across_rotation(e2e_run: dict) -> None:
