@@ -500,9 +500,23 @@ class StoreSink(_Synchronous):
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
         try:
-            return with_retries(lambda: self.store.batch_get_trace_infos(trace_ids), "look up traces", self.deadline_s, _transient_db)
+            return with_retries(lambda: self._trace_infos(trace_ids), "look up traces", self.deadline_s, _transient_db)
         except Exception as e:
             raise SinkError(f"looking up traces in {self.target.shown_uri} failed: {_short(e)}") from e
+
+    def _trace_infos(self, trace_ids: list[str]) -> list[Any]:
+        """``batch_get_trace_infos``, with the tags, metadata and assessments each TraceInfo reads loaded
+        in three queries, not three per trace (MLflow's own query takes 1.5 ms a trace that way)."""
+        from mlflow.store.tracking.dbmodels.models import SqlTraceInfo
+        from sqlalchemy.orm import selectinload
+
+        store = self.store
+        if not hasattr(store, "_query_trace_infos_in_batches") or not hasattr(store, "ManagedSessionMaker"):
+            return store.batch_get_trace_infos(trace_ids)
+        related = (SqlTraceInfo.tags, SqlTraceInfo.request_metadata, SqlTraceInfo.assessments)
+        with store.ManagedSessionMaker() as session:
+            rows = store._query_trace_infos_in_batches(session, trace_ids, None, query_options=tuple(selectinload(r) for r in related))
+            return [row.to_mlflow_entity() for row in rows]
 
     def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
         try:
