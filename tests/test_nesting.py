@@ -99,6 +99,18 @@ def ingest(uri: str, logs: Path, state: Path, experiment: str, **kw: Any) -> Sum
     return run_incremental(opts, "batch")
 
 
+def status_nesting(state: Path) -> dict[str, int]:
+    """What ``litellm-ingest status --json`` says of nesting for the one state in ``state``."""
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+
+    result = CliRunner().invoke(main, ["status", "--state-dir", str(state), "--json"])
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads(result.output)["runs"]
+    return run["nesting"]
+
+
 def spans_by_id(uri: str, trace_id: str) -> dict[str, Any]:
     return {s.span_id: s for s in client_for(uri).get_trace(trace_id).data.spans}
 
@@ -204,8 +216,10 @@ def test_a_call_waits_for_its_app_trace_across_runs_and_then_nests(uri: str, cap
         write_jsonl(logs / "proxy.jsonl", proxy_records(capture, call))
         first = ingest(uri, logs, state, proxy_experiment)
         assert (first.traces_written, first.nested_calls, first.nest_pending, first.app_traces_missing) == (1, 0, 1, 0)
+        assert status_nesting(state) == {"nested_calls": 0, "app_traces_missing": 0, "nest_pending": 1}
     second = ingest(uri, logs, state, proxy_experiment)
     assert (second.traces_written, second.nested_calls, second.nest_pending) == (0, 1, 0)
+    assert status_nesting(state) == {"nested_calls": 1, "app_traces_missing": 0, "nest_pending": 0}
     assert len(spans_by_id(uri, call["trace_id"])) == 2 + 2, "the proxy span and its one attempt"
 
 
