@@ -417,3 +417,28 @@ def test_a_trace_whose_info_is_not_finalized_is_waited_for_then_nested_without_m
     attempt = next(s for s in spans_by_id(sqlite_uri, "tr-" + trace_hex).values() if s.name.endswith("attempt 1"))
     assert attempt.get_attribute(SpanAttributeKey.CHAT_USAGE) is None
     assert attempt.get_attribute("litellm.token_usage")["total_tokens"] == records[0]["total_tokens"]
+
+
+def test_the_sqlite_default_nests_an_app_writing_to_the_same_file(
+    capture: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No tracking URI anywhere: the app and `litellm-ingest batch` (a real process) both use ./mlflow.db."""
+    import os
+    import subprocess
+
+    from tests.tailkit import EXE
+
+    monkeypatch.chdir(tmp_path)
+    with app("sqlite:///mlflow.db") as app_experiment, app_call() as call:
+        pass
+    write_jsonl(tmp_path / "logs" / "proxy.jsonl", proxy_records(capture, call))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([EXE, "batch", "logs", "--json", "--state-dir", "state"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["tracking_uri"], summary["experiment_name"]) == ("sqlite:///mlflow.db", "LiteLLM Proxy")
+    assert (summary["traces_written"], summary["nested_calls"]) == (1, 1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trace = client_for(uri).get_trace(call["trace_id"])
+    assert trace.info.experiment_id == app_experiment
+    assert [s.name for s in trace.data.spans if s.parent_id == call["llm_span"]] == ["litellm-acompletion"]
