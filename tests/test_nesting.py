@@ -442,3 +442,23 @@ def test_the_sqlite_default_nests_an_app_writing_to_the_same_file(
     trace = client_for(uri).get_trace(call["trace_id"])
     assert trace.info.experiment_id == app_experiment
     assert [s.name for s in trace.data.spans if s.parent_id == call["llm_span"]] == ["litellm-acompletion"]
+
+
+def test_nested_span_ids_depend_on_the_app_trace_and_the_call_only(capture: list[dict]) -> None:
+    """Two ingesters (two experiments, either sink) write a call's spans into the app trace as the same spans."""
+    import polars as pl
+
+    from ingest.normalize import normalize
+    from ingest.spans import build_trace, group_calls, nested_spans
+
+    call = {"traceparent": TP, "t0": 1_700_000_000.0, "t1": 1_700_000_001.0}
+    rows = proxy_records(capture, call, "fallback")
+    lines = [json.dumps(r) for r in rows]
+    frame = pl.DataFrame({"source": ["f"] * 2, "line_no": [1, 2], "offset": [0, 1], "raw": lines, "truncated": [False] * 2})
+    (calls,) = list(group_calls(normalize(frame)[0]))
+    a, b = build_trace(calls, "1"), build_trace(calls, "2")
+    assert a.trace_id != b.trace_id, "standalone traces are per experiment"
+    ids = [[(s.trace_id, s.span_id, s.parent_id) for s in nested_spans(t)] for t in (a, b)]
+    assert ids[0] == ids[1]
+    assert {s.trace_id.hex() for s in nested_spans(a)} == {TP.split("-")[1]}
+    assert len({s.span_id for s in nested_spans(a)} | {s.span_id for s in a.data}) == 3 + 3
