@@ -26,6 +26,18 @@ def items_frame(keys: list[str], versions: list[str], at: list[str]) -> pl.DataF
     return pl.DataFrame({"key": keys, "version": versions, "at": at}, schema=ITEMS)
 
 
+def state_db(path: Path, *ddl: str) -> sqlite3.Connection:
+    """A SQLite file beside a state (autocommit, WAL, synchronous=NORMAL: a crash can lose the last
+    commits, never corrupt it), its tables created if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    for statement in ddl:
+        db.execute(statement)
+    return db
+
+
 @dataclass
 class Unit:
     """What one step of a keyed source reads: chunks to feed, and the items they came from."""
@@ -47,16 +59,11 @@ class Ledger:
         self.path = path
         self._db: sqlite3.Connection | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=60, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
+            self._db = state_db(
+                path,
                 "CREATE TABLE IF NOT EXISTS items (source TEXT NOT NULL, key TEXT NOT NULL, version TEXT NOT NULL, "
-                "at TEXT NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID"
-            )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS meta (source TEXT NOT NULL, name TEXT NOT NULL, value TEXT, PRIMARY KEY (source, name))"
+                "at TEXT NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID",
+                "CREATE TABLE IF NOT EXISTS meta (source TEXT NOT NULL, name TEXT NOT NULL, value TEXT, PRIMARY KEY (source, name))",
             )
 
     @classmethod

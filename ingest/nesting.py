@@ -40,6 +40,7 @@ from typing import Any
 
 from mlflow.tracing.constant import SpanAttributeKey, SpansLocation, TraceMetadataKey, TraceTagKey
 
+from ingest.ledger import state_db
 from ingest.sink import Sink, SinkError
 from ingest.spans import BuiltTrace, SpanData, nested_spans
 
@@ -136,13 +137,10 @@ class NestQueue:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=60, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._db = state_db(
+            path,
             "CREATE TABLE IF NOT EXISTS pending (app_trace TEXT NOT NULL, call_key TEXT NOT NULL, due_us INTEGER NOT NULL, "
-            "spans TEXT NOT NULL, PRIMARY KEY (app_trace, call_key)) WITHOUT ROWID"
+            "spans TEXT NOT NULL, PRIMARY KEY (app_trace, call_key)) WITHOUT ROWID",
         )
         self.size = self._count()
 
