@@ -17,7 +17,9 @@ or, without installing it there, a one-line file next to the config (the proxy r
     callbacks: ["litellm_ingest_callback.logger"]
 
 Settings (constructor arguments, else environment):
-- ``LITELLM_INGEST_LOG_PATH``: the file (default ``./litellm-requests.jsonl``);
+- ``LITELLM_INGEST_LOG_PATH``: the file (default ``./litellm-requests.jsonl``); ``{host}`` in it is
+  replaced by the host name (a Kubernetes pod's name), so replicas sharing one volume never write
+  the same file (``flock`` does not hold over NFS): ``/logs/litellm-{host}.jsonl``;
 - ``LITELLM_INGEST_LOG_MAX_BYTES``: rotate when the file would grow past this (default 100 MiB;
   0 disables rotation); ``LITELLM_INGEST_LOG_BACKUPS``: rotated files kept (default 5);
 - ``LITELLM_INGEST_LOG_GZIP``: ``1`` to gzip rotated files (``x.jsonl.1.gz``, in the background).
@@ -37,7 +39,9 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import threading
 import uuid
 from pathlib import Path
@@ -53,6 +57,11 @@ except ImportError:  # outside a proxy (tests, tools): the same writer, without 
 
 
 log = logging.getLogger("litellm-ingest.proxy-logger")
+
+
+def _host() -> str:
+    """The host name as a file-name part: a pod's name in Kubernetes, anything odd replaced."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()).strip(".") or "host"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -74,7 +83,7 @@ class JsonlFileLogger(CustomLogger):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.path = Path(path or os.environ.get("LITELLM_INGEST_LOG_PATH") or "litellm-requests.jsonl")
+        self.path = Path(str(path or os.environ.get("LITELLM_INGEST_LOG_PATH") or "litellm-requests.jsonl").replace("{host}", _host()))
         self.max_bytes = max_bytes if max_bytes is not None else _env_int("LITELLM_INGEST_LOG_MAX_BYTES", 100 * 1024 * 1024)
         self.backups = max(1, backups if backups is not None else _env_int("LITELLM_INGEST_LOG_BACKUPS", 5))
         self.compress = compress if compress is not None else os.environ.get("LITELLM_INGEST_LOG_GZIP", "") in ("1", "true", "yes")

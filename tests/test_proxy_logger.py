@@ -98,6 +98,25 @@ def test_keeps_n_backups_and_gzips_them_in_the_background(tmp_path: Path) -> Non
     assert ids == list(range(ids[0], 60)), "the newest lines are kept, in order, none missing in between"
 
 
+def test_host_in_the_path_gives_each_replica_its_own_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Replicas on one shared volume: ``{host}`` (the pod name) keeps their files apart, rotation included."""
+    import socket
+
+    loggers = []
+    for host in ("litellm-7d9f-abc12", "litellm-7d9f/x y"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        monkeypatch.setenv("LITELLM_INGEST_LOG_PATH", str(tmp_path / "logs" / "requests-{host}.jsonl"))
+        loggers.append(JsonlFileLogger(max_bytes=3_000, backups=10))
+    assert [lg.path.name for lg in loggers] == ["requests-litellm-7d9f-abc12.jsonl", "requests-litellm-7d9f_x_y.jsonl"]
+    for n in range(20):
+        for i, lg in enumerate(loggers):
+            lg.write_record({"standard_logging_object": {"id": f"{i}-{n}", "pad": "z" * 400}})
+    for i, lg in enumerate(loggers):
+        lines = read_all_lines(lg.path.parent, lg.path.name)
+        assert sorted(json.loads(line)["id"] for line in lines) == sorted(f"{i}-{n}" for n in range(20))
+        assert list(lg.path.parent.glob(lg.path.name + ".1")), "rotated under its own name"
+
+
 def test_never_raises_into_the_proxy(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
