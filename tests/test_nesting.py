@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -462,3 +463,45 @@ def test_nested_span_ids_depend_on_the_app_trace_and_the_call_only(capture: list
     assert ids[0] == ids[1]
     assert {s.trace_id.hex() for s in nested_spans(a)} == {TP.split("-")[1]}
     assert len({s.span_id for s in nested_spans(a)} | {s.span_id for s in a.data}) == 3 + 3
+
+
+def test_lookups_are_one_query_per_write_batch_not_one_per_call(capture: list[dict]) -> None:
+    """A batch of calls from many app traces: one lookup before the write, one after (orphans), one write."""
+    import polars as pl
+
+    from ingest.nesting import Nester
+    from ingest.normalize import normalize
+    from ingest.sink import NullSink
+    from ingest.spans import build_trace, group_calls
+
+    class Recording(NullSink):
+        def __init__(self) -> None:
+            self.lookups: list[list[str]] = []
+            self.writes = 0
+
+        def trace_infos(self, trace_ids: list[str]) -> list[Any]:
+            self.lookups.append(trace_ids)
+            now_ms = int(time.time() * 1000)
+            meta = {"mlflow.trace.infoFinalized": "true"}
+            return [
+                SimpleNamespace(trace_id=t, experiment_id="7", state="OK", tags={"mlflow.trace.spansLocation": "TRACKING_STORE"},
+                                trace_metadata=meta, request_time=now_ms - 60_000, execution_duration=120_000, token_usage=None, cost=None)
+                for t in trace_ids
+            ]  # fmt: skip
+
+        def write_spans(self, spans: list, experiment_id: str) -> int:
+            self.writes += 1
+            return len(spans)
+
+    records = []
+    for _ in range(40):
+        call = {"traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", "t0": time.time() - 1, "t1": time.time()}
+        records += proxy_records(capture, call)
+    frame = pl.DataFrame({"source": ["f"] * len(records), "line_no": list(range(len(records))), "offset": list(range(len(records))),
+                          "raw": [json.dumps(r) for r in records], "truncated": [False] * len(records)})  # fmt: skip
+    traces = [build_trace(rows, "1") for rows in group_calls(normalize(frame)[0].sort("call_key", "start_us"))]
+    sink = Recording()
+    nester = Nester(sink)
+    nester.after_write(traces)
+    assert (len(sink.lookups), sink.writes, nester.counts.nested) == (2, 1, 40)
+    assert len(sink.lookups[0]) == 40
