@@ -474,8 +474,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             **({"problem": st["problem"]} if "problem" in st else {}),
             **{k: v for k, v in st.get("last_run", {}).items() if k != "summary"},
             "nesting": {
-                "nested_calls": st.get("last_run", {}).get("summary", {}).get("nested_calls", 0),
-                "app_traces_missing": st.get("last_run", {}).get("summary", {}).get("app_traces_missing", 0),
+                **{k: st.get("last_run", {}).get("summary", {}).get(k, 0) for k in ("nested_calls", "app_traces_missing")},
                 "nest_pending": NestQueue.describe(Path(st["file"])) or 0,
             },
         }
