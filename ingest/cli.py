@@ -205,6 +205,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         settle_s=kw.get("settle", 120.0),
         nest=not kw.get("no_nest", False),
         nest_grace_s=kw.get("nest_grace", 60.0),
+        workers=kw.get("workers") or 1,
     )
 
 
@@ -225,8 +226,12 @@ def _guarded(fn: Callable[[], Any]) -> Any:
     except Exception as e:
         from mlflow.exceptions import MlflowException
 
+        from ingest.workers import WorkerDied
+
         if isinstance(e, MlflowException):
             _fail(f"MLflow: {e.message.splitlines()[0][:300]}", Exit.MLFLOW)
+        if isinstance(e, WorkerDied):
+            _fail(str(e), Exit.FAILURE)
         raise
 
 
@@ -275,6 +280,14 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 @run_options
 @nest_options
 @window_options
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=lambda: os.cpu_count() or 1,
+    show_default="the machine's cores",
+    help="Processes that build (and, on PostgreSQL or a server, write) traces; calls are sharded by call id. "
+    "Into SQLite, workers build and this process writes. The output is the same for any number.",
+)
 def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> None:
     """Ingest historical logs (many files, gzip, GBs): resumable, with progress.
 
@@ -579,6 +592,7 @@ def _print_summary(s: Any) -> None:
         ("time range", f"{s.first_start} .. {s.last_end}" if s.first_start else "-"),
         ("seconds", s.seconds),
         ("records/s", s.records_per_second),
+        *([("workers", f"{s.workers} processes built and wrote the calls")] if s.workers else []),
         ("MLflow", f"{s.tracking_uri}  experiment {s.experiment_name!r} (id {s.experiment_id})"),
     ]
     if s.calls_held:

@@ -9,10 +9,11 @@ deterministic ids make the little it re-sends harmless.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -33,6 +34,7 @@ from ingest.scrub import Scrubber, default_scrubber
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
+from ingest.workers import Built, Emitted, WorkerPool, pool_for, result_of
 
 if TYPE_CHECKING:
     from ingest.follow import Follower
@@ -82,6 +84,7 @@ class Summary:
     app_traces_missing: int = 0
     nest_failed: int = 0
     nest_pending: int = 0
+    workers: int = 0
     bytes_read: int = 0
     first_start: str | None = None
     last_end: str | None = None
@@ -119,9 +122,11 @@ class Pipeline:
         until_us: int | None = None,
         scrub: Scrubber | None = None,
         nester: Nester | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.sink = sink
         self.nester = nester
+        self.pool = pool
         self.experiment_id = experiment_id
         self.quarantine = quarantine
         self.redact = redact
@@ -145,21 +150,30 @@ class Pipeline:
 
     @classmethod
     def for_run(
-        cls, sink: Sink, target: Target, opts: RunOptions, quarantine: QuarantineWriter | None = None, nest_queue: NestQueue | None = None
+        cls,
+        sink: Sink,
+        target: Target,
+        opts: RunOptions,
+        quarantine: QuarantineWriter | None = None,
+        nest_queue: NestQueue | None = None,
+        workers: int = 1,
     ) -> Pipeline:
-        """``nest_queue``: where calls wait for their app trace between runs (none: looked up once, at write time)."""
+        """``nest_queue``: where calls wait for their app trace between runs (none: looked up once, at write time).
+        ``workers``: processes that build and write big steps (a backfill's ``--workers``)."""
         nester = Nester(sink, nest_queue, opts.nest_grace_s) if opts.nest and not isinstance(sink, NullSink) else None
+        batch = opts.batch_traces or (DEFAULT_BATCH_TRACES if target.is_server else DEFAULT_BATCH_TRACES_SQL)
         return cls(
             sink,
             target.experiment_id,
             quarantine or QuarantineWriter(opts.quarantine_file),
             opts.redact,
             opts.settle_s,
-            opts.batch_traces or (DEFAULT_BATCH_TRACES if target.is_server else DEFAULT_BATCH_TRACES_SQL),
+            batch,
             opts.since_us,
             opts.until_us,
             opts.scrub,
             nester,
+            pool_for(workers, sink, target, target.experiment_id, opts, batch),
         )
 
     def feed(self, chunk: Chunk) -> None:
@@ -208,6 +222,11 @@ class Pipeline:
         self.count_nesting()
         return s
 
+    def close_workers(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.summary.workers = self.pool.started
+
     def count_nesting(self) -> None:
         if self.nester is not None:
             c, s = self.nester.counts, self.summary
@@ -226,7 +245,7 @@ class Pipeline:
             self._undo_failures_that_succeeded(d.ready)
             if self._remember_failures(d.ready) and self.before_write is not None:
                 self.before_write()
-            self._emit(self._in_range(d.ready))
+            self.emit(self._in_range(d.ready))
             self.sent.add(d.ready)
             self.inflight = self.inflight.clear()
 
@@ -277,21 +296,62 @@ class Pipeline:
         self.summary.calls_outside_range += ready["call_key"].n_unique() - (inside["call_key"].n_unique() if inside.height else 0)
         return inside
 
-    def _emit(self, ready: pl.DataFrame) -> None:
-        """Build and send in batches, a few in flight (building the next overlaps sending the last);
-        returns once every batch is acknowledged, or raises the first failure after all settled.
+    def emit(self, ready: pl.DataFrame) -> None:
+        """Build and write final calls; returns once every one is acknowledged, or raises the first
+        failure after all settled. With a worker pool, big steps are built (and written) by the
+        workers, except calls that may nest into a client's trace, which stay beside the nester."""
+        pool = self.pool
+        if pool is None or not pool.worth(ready):
+            self._send(self._built(ready))
+            return
+        nests = pl.col("parent_trace_id").is_not_null().any().over("call_key") if self.nester is not None else pl.lit(False)
+        here, there = ready.filter(nests), ready.filter(~nests)
+        if not pool.writes:
+            self._send(itertools.chain(self._built(here), self._built_by(pool.build(there))))
+            return
+        remote = pool.write(there)
+        failure: BaseException | None = None
+        try:
+            self._send(self._built(here))
+        except BaseException as e:
+            failure = e
+        for done in remote:
+            try:
+                self._account_emitted(result_of(done))
+            except BaseException as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
+
+    def _built(self, ready: pl.DataFrame) -> Iterator[BuiltTrace]:
+        return built_traces(ready, self.experiment_id, self.redact, self.scrub, self.quarantine.write)
+
+    def _built_by(self, parts: Iterable[Built]) -> Iterator[BuiltTrace]:
+        for part in parts:
+            self.quarantine.write(part.quarantined)
+            yield from part.traces
+
+    def _account_emitted(self, part: Emitted) -> None:
+        s = self.summary
+        self.quarantine.write(part.quarantined)
+        s.calls, s.traces_written, s.spans_written = (
+            s.calls + part.calls,
+            s.traces_written + part.traces_written,
+            s.spans_written + part.spans_written,
+        )
+        if part.first_us is not None and part.last_us is not None:
+            self._first = part.first_us if self._first is None else min(self._first, part.first_us)
+            self._last = part.last_us if self._last is None else max(self._last, part.last_us)
+
+    def _send(self, traces: Iterable[BuiltTrace]) -> None:
+        """Send in batches, a few in flight (building the next overlaps sending the last).
 
         A call whose spans cannot be built, or that the store rejects, is quarantined and the rest
         written: no record can stop the run. Outages still raise (the calls are held for a retry)."""
         sent: list[tuple[list[BuiltTrace], Future[int]]] = []
         batch: list[BuiltTrace] = []
         try:
-            for rows in group_calls(ready):
-                try:
-                    trace = build_trace(rows, self.experiment_id, self.redact, self.scrub)
-                except Exception as e:
-                    self.quarantine.write(_quarantined(rows, Reason.UNBUILDABLE, f"build: {error_text(e)}"))
-                    continue
+            for trace in traces:
                 batch.append(trace)
                 if len(batch) >= self.batch_traces:
                     sent.append((batch, self.sink.submit(batch)))
@@ -363,6 +423,17 @@ def _quarantined(rows: list[dict[str, Any]], reason: Reason, detail: str) -> lis
     return [QuarantineRecord.of(r["source"], r["line_no"], r["offset"], reason, detail, r["raw"]) for r in rows]
 
 
+def built_traces(
+    ready: pl.DataFrame, experiment_id: str, redact: Redaction, scrub: Scrubber, quarantine: Callable[[list[QuarantineRecord]], None]
+) -> Iterator[BuiltTrace]:
+    """Each call's trace; a call whose spans cannot be built is quarantined, never stops the rest."""
+    for rows in group_calls(ready):
+        try:
+            yield build_trace(rows, experiment_id, redact, scrub)
+        except Exception as e:
+            quarantine(_quarantined(rows, Reason.UNBUILDABLE, f"build: {error_text(e)}"))
+
+
 @dataclass
 class RunOptions:
     paths: list[str]
@@ -384,6 +455,7 @@ class RunOptions:
     until_us: int | None = None
     nest: bool = True
     nest_grace_s: float = DEFAULT_GRACE_S
+    workers: int = 1
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -532,7 +604,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
     ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
     queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
-    pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue)
+    pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1)
     follower = Follower(state, pipe, chunk_bytes=opts.chunk_bytes, partial_timeout_s=opts.partial_timeout_s, dry_run=opts.dry_run)
     try:
         with state.locked():
@@ -560,6 +632,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 summary.result = f"failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
                 raise
             finally:
+                pipe.close_workers()
                 follower.close()
                 ledger.close()
                 if queue is not None:
@@ -575,6 +648,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 }
                 follower.save()
     finally:
+        pipe.close_workers()
         sink.close()
     return summary
 

@@ -164,11 +164,15 @@ class Scrubber:
     def __init__(self, patterns: Iterable[str | re.Pattern[str]] = (), content: bool = True, salt: str | None = None) -> None:
         self.extra = tuple(re.compile(p) if isinstance(p, str) else p for p in patterns)
         self.content = content
-        salt = salt if salt is not None else os.environ.get(SALT_ENV) or DEFAULT_SALT
-        self._mac = hmac.new(salt.encode("utf-8", "surrogatepass"), digestmod=hashlib.sha256)
+        self.salt = salt if salt is not None else os.environ.get(SALT_ENV) or DEFAULT_SALT
+        self._mac = hmac.new(self.salt.encode("utf-8", "surrogatepass"), digestmod=hashlib.sha256)
         self._fingerprints: dict[str, str] = {}
         self._texts: dict[str, str] = {}
         self._keys: dict[str, tuple[str, int]] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """The same scrubber in a backfill worker (same patterns, same salt, so the same markers)."""
+        return (type(self), (self.extra, self.content, self.salt))
 
     # --- strings ----------------------------------------------------------------------------------
 

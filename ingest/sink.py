@@ -45,6 +45,10 @@ class SinkError(Exception):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Keeps ``kind`` across processes (a backfill worker's failure reaches the main process)."""
+        return (SinkError, (str(self), self.kind))
+
 
 @dataclass(frozen=True)
 class Target:

@@ -124,6 +124,8 @@ class BuiltTrace:
     parent: tuple[str, str] | None = None
     """The client's trace context from its ``traceparent`` (32-hex trace id, 16-hex span id), if any."""
     _otlp: list[OtlpSpan] | None = field(default=None, repr=False)
+    derived: Any = field(default=None, repr=False)
+    """The rows the bulk writer inserts for this trace, when a backfill worker derived them already."""
 
     @property
     def app_trace_id(self) -> str | None:

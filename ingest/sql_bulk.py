@@ -155,7 +155,7 @@ class BulkSpanWriter:
         m = self.m
         by_id = {t.trace_id: t for t in traces}
         trace_ids = list(by_id)
-        rows = {tid: self.deriver.derive(by_id[tid]) for tid in trace_ids}
+        rows = {tid: by_id[tid].derived or self.deriver.derive(by_id[tid]) for tid in trace_ids}
         with self.store.ManagedSessionMaker(read_only=False) as session:
             existing = set(session.scalars(select(m.SqlTraceInfo.request_id).where(m.SqlTraceInfo.request_id.in_(trace_ids))))
             new_ids = [t for t in trace_ids if t not in existing]

@@ -211,7 +211,7 @@ def test_a_call_whose_spans_cannot_be_built_is_quarantined_and_the_others_writte
     target = resolve_target(sqlite_uri, experiment_name, None)
     quarantine = QuarantineWriter(tmp_path / "q.jsonl")
     pipe = Pipeline(StoreSink(target), target.experiment_id, quarantine)
-    pipe._emit(frame)
+    pipe.emit(frame)
     q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().split("\n") if line]
     assert [(x["line"], x["reason"]) for x in q] == [(2, "unbuildable")]
     assert q[0]["detail"].startswith("build: AttributeError")

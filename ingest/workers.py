@@ -1,0 +1,252 @@
+"""Backfill on many cores: the build-and-write end of the pipeline spread over worker processes.
+
+Reading, normalizing and dedupe stay in one process (streaming, bounded, checkpointed as ever);
+the calls a step makes final are sharded by their key, so every attempt of a call lands in one
+worker, which builds the call's spans as one process would. What a worker then does depends on
+the store:
+
+- SQLite takes one writer at a time: workers also derive the rows the bulk writer inserts, and
+  this process inserts them, with every rule a write has (conflict merge, rejected-trace isolation).
+- PostgreSQL: each worker writes its shard over its own connection, in parallel.
+- A server: each worker posts its own batches, so N requests are in flight.
+
+A step returns only when every worker acknowledged its part, so checkpoints mean what they mean
+with one process, and the output is that of one process, row for row (deterministic ids, the same
+builder). Calls that may nest into a client's trace stay in this process, beside the nester.
+
+Workers start once a backfill has made a few hundred calls final: a small one never pays for
+starting processes. They ignore SIGINT (this process decides when to stop) and exit when it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from ingest.quarantine import QuarantineRecord
+from ingest.scrub import Scrubber
+from ingest.sink import NullSink, Sink, StoreSink, Target, make_sink
+from ingest.spans import BuiltTrace, Redaction
+
+START_AFTER_CALLS = 256
+"""Workers start once a backfill has this many calls: a small one never pays for starting processes."""
+DERIVE_TASK_CALLS = 250
+"""Calls per task when this process writes: small enough that its inserts overlap the workers' builds."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs to build (and write) exactly what this process would."""
+
+    experiment_id: str
+    redact: Redaction
+    scrub: Scrubber
+    batch_traces: int
+    target: Target | None = None
+    """Where workers write (a database or a server); None: they build, this process writes."""
+    deadline_s: float = 300.0
+    sql_writer: str = "bulk"
+    deriver: tuple[str, str, bool] | None = None
+    """The bulk writer's ``RowDeriver`` arguments, when workers derive rows for this process."""
+    dry_run: bool = False
+
+
+@dataclass
+class Emitted:
+    """A worker's account of a part it wrote."""
+
+    calls: int = 0
+    traces_written: int = 0
+    spans_written: int = 0
+    first_us: int | None = None
+    last_us: int | None = None
+    quarantined: list[QuarantineRecord] = field(default_factory=list)
+
+
+@dataclass
+class Built:
+    """A part a worker built for this process to write."""
+
+    traces: list[BuiltTrace]
+    quarantined: list[QuarantineRecord]
+
+
+def pool_for(n: int, sink: Sink, target: Target, experiment_id: str, opts: Any, batch_traces: int) -> WorkerPool | None:
+    """The pool a backfill with ``n`` workers uses for this sink (None for one worker)."""
+    if n <= 1:
+        return None
+    base = dict(
+        experiment_id=experiment_id, redact=opts.redact, scrub=opts.scrub, batch_traces=batch_traces, deadline_s=opts.mlflow_timeout_s
+    )
+    if isinstance(sink, NullSink):
+        return WorkerPool(n, WorkerConfig(**base, dry_run=True))
+    if isinstance(sink, StoreSink) and sink.store.db_type == "sqlite":
+        d = sink.bulk.deriver if sink.bulk is not None else None
+        return WorkerPool(n, WorkerConfig(**base, deriver=None if d is None else (d.location, d.artifact_location, d.ascii_only)))
+    return WorkerPool(n, WorkerConfig(**base, target=target, sql_writer=opts.sql_writer))
+
+
+class WorkerPool:
+    """N single-process executors, one per shard, so a shard's tasks run in the order given."""
+
+    def __init__(self, n: int, config: WorkerConfig) -> None:
+        self.n = n
+        self.config = config
+        self._shards: list[ProcessPoolExecutor] = []
+        self._closed: list[ProcessPoolExecutor] = []
+        self.calls_seen = 0
+
+    @property
+    def writes(self) -> bool:
+        """Workers write themselves (a database other than SQLite, a server, a dry run)."""
+        return self.config.target is not None or self.config.dry_run
+
+    def worth(self, ready: pl.DataFrame) -> bool:
+        """Whether this step goes to the workers (a step of a call or two is not worth a round trip)."""
+        calls = ready["call_key"].n_unique() if ready.height else 0
+        self.calls_seen += calls
+        return calls >= 2 * self.n and self.calls_seen >= START_AFTER_CALLS
+
+    def write(self, ready: pl.DataFrame) -> list[Future[Emitted]]:
+        """Each shard's calls, written by its worker in tasks of one write batch."""
+        return [self._submit(i, _write_part, part) for i, part in self._parts(ready, self.config.batch_traces)]
+
+    def build(self, ready: pl.DataFrame) -> Iterator[Built]:
+        """Each shard's calls built (and their rows derived) by its worker, as parts finish."""
+        futures = [self._submit(i, _build_part, part) for i, part in self._parts(ready, DERIVE_TASK_CALLS)]
+        try:
+            for done in as_completed(futures):
+                yield result_of(done)
+        finally:
+            for f in futures:
+                f.cancel()
+
+    @property
+    def started(self) -> int:
+        """Worker processes started (0 until a step was worth them)."""
+        return len(self._shards) or len(self._closed)
+
+    def close(self) -> None:
+        for ex in self._shards:
+            ex.shutdown(wait=True, cancel_futures=True)
+        self._closed += self._shards
+        self._shards = []
+
+    def _submit(self, shard: int, fn: Any, part: pl.DataFrame) -> Future[Any]:
+        if not self._shards:
+            context = multiprocessing.get_context("spawn")
+            self._shards = [
+                ProcessPoolExecutor(1, mp_context=context, initializer=_init, initargs=(self.config, os.getpid())) for _ in range(self.n)
+            ]
+        return self._shards[shard].submit(fn, part)
+
+    def _parts(self, ready: pl.DataFrame, calls_per_part: int) -> Iterator[tuple[int, pl.DataFrame]]:
+        """(shard, frame) in the frame's call order: shard by a hash of the call key, then cut each
+        shard into parts of whole calls."""
+        keyed = ready.with_columns(
+            (pl.col("call_key").hash(seed=14) % self.n).alias("_shard"),
+            (pl.col("call_key").rank("dense").over(pl.col("call_key").hash(seed=14) % self.n) // calls_per_part).alias("_part"),
+        )
+        for (shard, _), part in keyed.partition_by("_shard", "_part", maintain_order=True, as_dict=True).items():
+            yield int(shard), part.drop("_shard", "_part")  # type: ignore[call-overload]
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended mid-task (killed, out of memory): the step is not acknowledged."""
+
+
+def result_of(done: Future[Any]) -> Any:
+    try:
+        return done.result()
+    except BrokenProcessPool as e:
+        raise WorkerDied(f"a backfill worker process died ({e}); run the same command again to continue") from None
+
+
+_worker: _Worker | None = None
+
+
+class _Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        from ingest.pipeline import Pipeline
+
+        self.config = config
+        self.deriver = None
+        if config.deriver is not None:
+            from ingest.sql_bulk import RowDeriver
+
+            self.deriver = RowDeriver(*config.deriver)
+        self.pipe: Any = None
+        if config.target is not None or config.dry_run:
+            sink = NullSink() if config.dry_run or config.target is None else make_sink(config.target, config.deadline_s, config.sql_writer)
+            self.quarantine = _Collected()
+            self.pipe = Pipeline(
+                sink, config.experiment_id, self.quarantine, config.redact, batch_traces=config.batch_traces, scrub=config.scrub
+            )  # type: ignore[arg-type]
+
+
+class _Collected:
+    """A quarantine writer that keeps its records, for this process to write to the real file."""
+
+    path = None
+
+    def __init__(self) -> None:
+        self.records: list[QuarantineRecord] = []
+
+    def write(self, records: list[QuarantineRecord]) -> None:
+        self.records.extend(records)
+
+    def take(self) -> list[QuarantineRecord]:
+        out, self.records = self.records, []
+        return out
+
+
+def _init(config: WorkerConfig, parent: int) -> None:
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _worker = _Worker(config)
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True, name="parent-watch").start()
+
+
+def _write_part(part: pl.DataFrame) -> Emitted:
+    assert _worker is not None and _worker.pipe is not None
+    pipe = _worker.pipe
+    s = pipe.summary
+    before = (s.calls, s.traces_written, s.spans_written)
+    pipe._first = pipe._last = None
+    pipe.emit(part)
+    counts = (s.calls - before[0], s.traces_written - before[1], s.spans_written - before[2])
+    return Emitted(*counts, pipe._first, pipe._last, _worker.quarantine.take())
+
+
+def _build_part(part: pl.DataFrame) -> Built:
+    """A trace whose rows cannot be derived goes without: this process derives them again as it
+    writes, and isolates the failure there exactly as one process would."""
+    from ingest.pipeline import built_traces
+
+    assert _worker is not None
+    config = _worker.config
+    quarantined: list[QuarantineRecord] = []
+    traces = list(built_traces(part, config.experiment_id, config.redact, config.scrub, quarantined.extend))
+    if _worker.deriver is not None:
+        for trace in traces:
+            with contextlib.suppress(Exception):
+                trace.derived = _worker.deriver.derive(trace)
+    return Built(traces, quarantined)

@@ -1,0 +1,137 @@
+"""Backfill on many cores (``--workers``): real `litellm-ingest` processes into real SQLite files,
+a real PostgreSQL and a real server. The promise: any number of workers writes what one process
+writes, row for row, and a backfill killed with its workers mid-run leaves no process behind and
+resumes to the same rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Postgres, copies, sqlite_trace_count, write_log
+from tests.test_concurrent_writers import assert_same_as_one_writer, store_rows
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
+def backfill_args(uri: str, logs: Path, state: Path, workers: int) -> list[str]:
+    return [EXE, "backfill", str(logs), "--tracking-uri", uri, "--experiment-name", "fleet", "--state-dir", str(state)]
+
+
+def backfill(uri: str, logs: Path, state: Path, workers: int) -> dict[str, Any]:
+    args = [*backfill_args(uri, logs, state, workers), "--workers", str(workers), "--json"]
+    p = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def archive(capture: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 540 real-shaped calls (retries and fallbacks among them) in three files: the first
+    file's calls are built in-process (workers start after 256 calls), the rest by the workers."""
+    d = tmp_path_factory.mktemp("archive")
+    batches = copies(capture, 12, "workers")
+    for i in range(3):
+        write_log(d / f"proxy-{i}.jsonl", [r for b in batches[i * 4 : i * 4 + 4] for r in b])
+    return d
+
+
+@pytest.fixture(scope="module")
+def one_worker(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[Any, ...]]]:
+    d = tmp_path_factory.mktemp("one-worker")
+    uri = f"sqlite:///{d / 'one.db'}"
+    summary = backfill(uri, archive, d / "state", 1)
+    assert summary["workers"] == 0 and summary["traces_written"] > 400
+    return store_rows(uri)
+
+
+def test_two_workers_write_what_one_writes_row_for_row_into_sqlite(archive: Path, one_worker: dict, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'two.db'}"
+    summary = backfill(uri, archive, tmp_path / "state", 2)
+    assert summary["workers"] == 2, "the workers must have started"
+    assert summary["traces_written"] == len(one_worker["info"]) and summary["spans_written"] == len(one_worker["spans"])
+    assert_same_as_one_writer(uri, one_worker)
+
+
+def test_two_workers_write_what_one_writes_row_for_row_into_postgresql(
+    archive: Path, one_worker: dict, tmp_path: Path, postgres: Postgres
+) -> None:
+    uri = postgres.new_database()
+    summary = backfill(uri, archive, tmp_path / "state", 2)
+    assert summary["workers"] == 2
+    assert_same_as_one_writer(uri, one_worker)
+    again = backfill(uri, archive, tmp_path / "state-again", 2)
+    assert again["traces_written"] == summary["traces_written"]
+    assert_same_as_one_writer(uri, one_worker)
+
+
+def test_two_workers_through_a_server_write_every_call_once(archive: Path, one_worker: dict, tmp_path: Path, mlflow_server: Any) -> None:
+    from tests.conftest import all_traces
+
+    name = f"workers-{os.getpid()}-{time.monotonic_ns()}"
+    args = [*backfill_args(mlflow_server.url, archive, tmp_path / "state", 2), "--workers", "2", "--json"]
+    args[args.index("fleet")] = name
+    p = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["workers"] == 2
+    traces = all_traces(mlflow_server.url, name)
+    assert sorted(t.info.trace_id for t in traces) == sorted(r[0] for r in one_worker["info"])
+    assert sum(len(t.data.spans) for t in traces) == len(one_worker["spans"])
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_a_backfill_killed_with_its_workers_mid_run_leaves_none_behind_and_resumes_to_the_same_rows(
+    capture: list[dict], tmp_path: Path
+) -> None:
+    logs = tmp_path / "logs"
+    batches = copies(capture, 40, "kill")
+    for i in range(8):
+        write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 5 : i * 5 + 5] for r in b])
+    uri = f"sqlite:///{tmp_path / 'killed.db'}"
+    proc = subprocess.Popen([*backfill_args(uri, logs, tmp_path / "state", 2), "--workers", "2", "-q"], env=_env())
+    workers: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = [c for c in _children(proc.pid) if c not in workers] or workers
+        if len(_children(proc.pid)) >= 2 and (tmp_path / "killed.db").exists() and sqlite_trace_count(tmp_path / "killed.db") > 300:
+            workers = _children(proc.pid)
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the backfill ended before it could be killed: give it more input"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert workers and not any(_alive(w) for w in workers), "a worker outlived its killed backfill"
+
+    backfill(uri, logs, tmp_path / "state", 2)
+    reference = f"sqlite:///{tmp_path / 'ref.db'}"
+    backfill(reference, logs, tmp_path / "ref-state", 1)
+    assert_same_as_one_writer(uri, store_rows(reference))
