@@ -63,6 +63,17 @@ def parse_time(value: str | None) -> int | None:
     return int(dt.timestamp() * 1_000_000)
 
 
+def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from ingest.shard import Shard
+
+    if value is None:
+        return None
+    try:
+        return Shard.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _options(*opts: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def deco(f: Any) -> Any:
         for o in reversed(opts):
@@ -206,6 +217,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         nest=not kw.get("no_nest", False),
         nest_grace_s=kw.get("nest_grace", 60.0),
         workers=kw.get("workers") or 1,
+        shard=kw.get("shard"),
     )
 
 
@@ -287,6 +299,14 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
     show_default="the machine's cores",
     help="Processes that build (and, on PostgreSQL or a server, write) traces; calls are sharded by call id. "
     "Into SQLite, workers build and this process writes. The output is the same for any number.",
+)
+@click.option(
+    "--shard",
+    callback=_shard,
+    metavar="I/N",
+    help="Read only shard I of N of the files (by a hash of each file's fingerprint): N machines, one each, "
+    "split one archive into one MLflow; calls straddling files of two shards are written once, whole. "
+    "Buckets and databases are read by shard 1 only.",
 )
 def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> None:
     """Ingest historical logs (many files, gzip, GBs): resumable, with progress.
@@ -604,6 +624,8 @@ def _print_summary(s: Any) -> None:
         rows.insert(1, ("objects", f"{s.objects_read} read of {s.objects} listed (the rest were read before){failed}"))
     if s.db_rows:
         rows.insert(1, ("database rows", s.db_rows))
+    if s.files_other_shards:
+        rows.insert(1, ("files of other shards", f"{s.files_other_shards} (read by the other --shard runs)"))
     if s.files_skipped:
         why = "no complete line yet: read once a line ends, or the file is unchanged for --partial-timeout"
         rows.insert(1, ("files waiting", f"{s.files_skipped} ({why})"))

@@ -31,6 +31,7 @@ from ingest.nesting import DEFAULT_GRACE_S, Nester, NestQueue
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
 from ingest.scrub import Scrubber, default_scrubber
+from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
@@ -63,6 +64,7 @@ class Summary:
     files: int = 0
     files_skipped: int = 0
     files_resumed: int = 0
+    files_other_shards: int = 0
     objects: int = 0
     objects_read: int = 0
     objects_failed: int = 0
@@ -77,6 +79,7 @@ class Summary:
     calls: int = 0
     calls_outside_range: int = 0
     calls_held: int = 0
+    calls_other_shards: int = 0
     traces_rewritten: int = 0
     traces_written: int = 0
     spans_written: int = 0
@@ -144,6 +147,7 @@ class Pipeline:
         self.summary = Summary()
         self.clock: Callable[[], int] = now_us
         self.before_write: Callable[[], None] | None = None
+        self.owns_file: Callable[[str], bool] | None = None
         self.warnings: dict[str, int] = {}
         self._first: int | None = None
         self._last: int | None = None
@@ -200,6 +204,11 @@ class Pipeline:
         self.summary.records_read += records.height + len(bad)
         self._step(records, final=False)
 
+    def feed_context(self, records: pl.DataFrame) -> None:
+        """Normalized records of another shard's file (:mod:`ingest.shard`): they complete calls
+        that straddle into this shard's files, and are neither counted nor quarantined here."""
+        self._step(records, final=False)
+
     def flush(self, final: bool) -> None:
         """End of input: write held calls that are final by now (all of them with ``final``)."""
         self._step(empty_canonical(), final=final, at=self.clock())
@@ -240,13 +249,14 @@ class Pipeline:
         d = dedupe_and_split(pending, records, self.settle_s, final, self.sent, at)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates
-        if d.ready.height:
-            self.inflight = d.ready
-            self._undo_failures_that_succeeded(d.ready)
-            if self._remember_failures(d.ready) and self.before_write is not None:
+        ready = self._in_shard(d.ready)
+        if ready.height:
+            self.inflight = ready
+            self._undo_failures_that_succeeded(ready)
+            if self._remember_failures(ready) and self.before_write is not None:
                 self.before_write()
-            self.emit(self._in_range(d.ready))
-            self.sent.add(d.ready)
+            self.emit(self._in_range(ready))
+            self.sent.add(ready)
             self.inflight = self.inflight.clear()
 
     def _undo_failures_that_succeeded(self, ready: pl.DataFrame) -> None:
@@ -281,6 +291,19 @@ class Pipeline:
         self.recent = recent
         self.recent_failed = set(recent["call_key"].unique().to_list()) if recent.height else set()
         return True
+
+    def _in_shard(self, ready: pl.DataFrame) -> pl.DataFrame:
+        """With ``--shard``: only calls whose earliest record is in one of this shard's files. Dropped
+        before anything else, so a call another shard writes is never remembered, deleted or rewritten here."""
+        if self.owns_file is None or not ready.height:
+            return ready
+        foreign = [f for f in ready["file"].drop_nulls().unique().to_list() if f and not self.owns_file(f)]
+        if not foreign:
+            return ready
+        first = pl.col("file").sort_by("start_us", "file").first().over("call_key")
+        mine = ready.filter(first.is_null() | ~first.is_in(foreign))
+        self.summary.calls_other_shards += ready["call_key"].n_unique() - (mine["call_key"].n_unique() if mine.height else 0)
+        return mine
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""
@@ -456,6 +479,7 @@ class RunOptions:
     nest: bool = True
     nest_grace_s: float = DEFAULT_GRACE_S
     workers: int = 1
+    shard: Shard | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -520,8 +544,13 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
     """The new objects of every bucket, then the new rows of every database, as units to feed.
 
     A cron run lists only date partitions from a day before the newest one it finished;
-    ``--since/--until`` list only the days they cover (with a day of slack)."""
+    ``--since/--until`` list only the days they cover (with a day of slack). With ``--shard``, buckets
+    and databases are read whole by shard 1 (attempts of one call are spread over objects and rows, so
+    splitting them would split calls); the other shards read only their files."""
     from ingest.spendlogs_db import db_units
+
+    if opts.shard is not None and opts.shard.index != 1:
+        return
 
     lo, hi = days_window(opts.since_us, opts.until_us)
 
@@ -601,6 +630,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     key = destination_key(target.tracking_uri, target.experiment_id)
     if mode == "backfill":
         key |= {"paths": sorted(input_id(p) for p in opts.paths), "since": opts.since_us, "until": opts.until_us}
+        if opts.shard is not None:
+            key["shard"] = str(opts.shard)
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
     ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
     queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
@@ -612,8 +643,11 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
             try:
                 follower.restore()
                 follower.save()
-                for path in files:
-                    _ingest_file(path, follower, opts, progress)
+                if opts.shard is None:
+                    for path in files:
+                        _ingest_file(path, follower, opts, progress)
+                else:
+                    files = _ingest_shard(files, opts.shard, follower, opts, progress)
                 for unit in remote_units(inputs, ledger, opts, pipe.summary, mode):
                     _ingest_unit(unit, follower, ledger, opts, progress)
                 pipe.flush(final=False)
@@ -668,21 +702,56 @@ def _ingest_unit(unit: Unit, follower: Follower, ledger: Ledger, opts: RunOption
         raise KeyboardInterrupt
 
 
-def _ingest_file(path: Path, follower: Follower, opts: RunOptions, progress: Progress | None) -> None:
+def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: RunOptions, progress: Progress | None) -> list[Path]:
+    """This shard's files, each between the edges of its neighbours from other shards (:mod:`ingest.shard`);
+    returns the files it read."""
+    pipe = follower.pipeline
+    pipe.owns_file = shard.owns
+    window = int(pipe.remember_s * 1_000_000)
+    fps = [file_fingerprint(p) for p in files]
+    foreign = [fp is not None and not shard.owns(fp) for fp in fps]
+    mine = []
+    for i, path in enumerate(files):
+        if foreign[i]:
+            pipe.summary.files_other_shards += 1
+            continue
+        mine.append(path)
+
+        def before(i: int = i) -> None:
+            if i > 0 and foreign[i - 1] and (tail := edge_tail(files[i - 1], fps[i - 1], window, opts.chunk_bytes)) is not None:  # type: ignore[arg-type]
+                pipe.feed_context(tail)
+
+        key, read = _ingest_file(path, follower, opts, progress, before)
+        held = key is not None and pipe.pending.height and pipe.pending.filter(pl.col("file") == key).height
+        if i + 1 < len(files) and foreign[i + 1] and (read or held):
+            for head in edge_head(files[i + 1], fps[i + 1], window, opts.chunk_bytes):  # type: ignore[arg-type]
+                pipe.feed_context(head)
+    return mine
+
+
+def _ingest_file(
+    path: Path, follower: Follower, opts: RunOptions, progress: Progress | None, before: Callable[[], None] | None = None
+) -> tuple[str | None, bool]:
+    """Returns the file's checkpoint key (None: no fingerprint yet) and whether anything new was read;
+    ``before`` runs just before its first new chunk is fed."""
     pipe = follower.pipeline
     f = follower.identify(path)
     if f is None:
         pipe.summary.files_skipped += 1
-        return
+        return None, False
+    read = False
     follower.follow(f)
     try:
         if f.ck.offset:
             pipe.summary.files_resumed += 1
         if follower.is_done(f):
             f.ck.done = True
-            return
+            return f.key, False
         disk = 0 if f.gz else f.ck.offset
         for chunk in follower.chunks(f):
+            if not read and before is not None:
+                before()
+            read = True
             pipe.feed(chunk)
             follower.advance(f, chunk)
             pipe.summary.bytes_read += max(chunk.disk_offset - disk, 0)
@@ -695,3 +764,4 @@ def _ingest_file(path: Path, follower: Follower, opts: RunOptions, progress: Pro
         f.ck.done = follower.is_done(f)
     finally:
         follower.forget(f.key)
+    return f.key, read

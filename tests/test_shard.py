@@ -1,0 +1,85 @@
+"""`backfill --shard I/N`: N runs (one per machine, each its own state dir) split one archive into
+one MLflow; every file is read by exactly one of them and every call is written once, whole, also
+when its attempts straddle files of two shards. Expected values come from the input records."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from ingest.checkpoints import all_states
+from tests.conftest import all_traces, copies, reidentify, write_log
+from tests.test_backfill import calls_of, expected_spans, run
+
+SHARDS = 3
+
+
+def straddling_archive(logs: Path, capture: list[dict]) -> tuple[list[Path], list[dict], list[str]]:
+    """7 files (one copy of the capture each, the first two gzip); a call across every boundary,
+    its failed first attempt last in one file, its successful retry first in the next."""
+    pair = next(recs for recs in calls_of(capture).values() if len(recs) == 2 and recs[0]["status"] != recs[1]["status"])
+    fail0, ok0 = sorted(pair, key=lambda r: r["startTime"])
+    per_file = copies(capture, 7, "shard")
+    straddles = []
+    for i in range(len(per_file) - 1):
+        last_end = max(r["endTime"] for r in per_file[i])
+        fail, ok = reidentify([fail0, ok0], last_end + 1 - fail0["startTime"], f"straddle-{i}")
+        per_file[i].append(fail)
+        per_file[i + 1].insert(0, ok)
+        straddles.append(ok["litellm_call_id"])
+    names = [f"proxy-{i}.jsonl" + (".gz" if i < 2 else "") for i in range(len(per_file))]
+    files = [write_log(logs / n, recs) for n, recs in zip(names, per_file, strict=True)]
+    return files, [r for recs in per_file for r in recs], straddles
+
+
+def spans_by_call(uri: str) -> dict[str, int]:
+    traces = all_traces(uri, "shard")
+    ids = [t.info.tags["litellm.call_id"] for t in traces]
+    assert len(ids) == len(set(ids)), "a call has two traces"
+    return {t.info.tags["litellm.call_id"]: len(t.data.spans) for t in traces}
+
+
+def test_shard_over_three_runs_covers_every_file_once_and_every_call_once(tmp_path: Path, capture: list[dict]) -> None:
+    files, records, straddles = straddling_archive(tmp_path / "logs", capture)
+    want = expected_spans(records)
+    assert all(want[c] == 3 for c in straddles)
+    sharded, whole = f"sqlite:///{tmp_path / 'sharded.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
+    read_by: dict[str, list[int]] = defaultdict(list)
+    totals = defaultdict(int)
+    for i in range(1, SHARDS + 1):
+        state = tmp_path / f"machine-{i}"
+        p = run("backfill", str(tmp_path / "logs"), "--shard", f"{i}/{SHARDS}", "--tracking-uri", sharded, "--experiment-name", "shard",
+                "--state-dir", str(state), "--json", cwd=tmp_path)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        s = json.loads(p.stdout)
+        assert s["files"] + s["files_other_shards"] == len(files)
+        for k in ("files", "records_read", "traces_written"):
+            totals[k] += s[k]
+        for st in all_states(state):
+            assert st["mode"] == "backfill"
+            for ck in st["checkpoints"]:
+                read_by[Path(ck["path"]).name].append(i)
+    assert read_by == {f.name: read_by[f.name] for f in files} and all(len(v) == 1 for v in read_by.values()), read_by
+    assert len({v[0] for v in read_by.values()}) > 1, "all files fell into one shard"
+    owner = {f.name: read_by[f.name][0] for f in files}
+    crossing = [c for i, c in enumerate(straddles) if owner[files[i].name] != owner[files[i + 1].name]]
+    assert crossing, "no straddling call crosses two shards"
+    assert totals == {"files": len(files), "records_read": len(records), "traces_written": len(want)}
+
+    p = run("backfill", str(tmp_path / "logs"), "--tracking-uri", whole, "--experiment-name", "shard",
+            "--state-dir", str(tmp_path / "one-machine"), "--json", cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = spans_by_call(sharded)
+    assert got == want, {c: (got.get(c), n) for c, n in want.items() if got.get(c) != n}
+    assert got == spans_by_call(whole)
+
+
+@pytest.mark.parametrize("value", ["0/3", "4/3", "1/3x"])
+def test_bad_shard_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    log = write_log(tmp_path / "a.jsonl", [])
+    p = run("backfill", str(log), "--dry-run", "--shard", value, cwd=tmp_path)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Invalid value for '--shard'" in p.stderr and "Traceback" not in p.stderr, p.stderr
