@@ -306,7 +306,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
     metavar="I/N",
     help="Read only shard I of N of the files (by a hash of each file's fingerprint): N machines, one each, "
     "split one archive into one MLflow; calls straddling files of two shards are written once, whole. "
-    "Buckets and databases are read by shard 1 only.",
+    "Buckets and databases are read by every shard, each writing the calls whose id hashes to it.",
 )
 def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> None:
     """Ingest historical logs (many files, gzip, GBs): resumable, with progress.

@@ -147,7 +147,7 @@ class Pipeline:
         self.summary = Summary()
         self.clock: Callable[[], int] = now_us
         self.before_write: Callable[[], None] | None = None
-        self.owns_file: Callable[[str], bool] | None = None
+        self.shard: Shard | None = None
         self.warnings: dict[str, int] = {}
         self._first: int | None = None
         self._last: int | None = None
@@ -293,17 +293,17 @@ class Pipeline:
         return True
 
     def _in_shard(self, ready: pl.DataFrame) -> pl.DataFrame:
-        """With ``--shard``: only calls whose earliest record is in one of this shard's files. Dropped
-        before anything else, so a call another shard writes is never remembered, deleted or rewritten here."""
-        if self.owns_file is None or not ready.height:
+        """With ``--shard``: a call read from files belongs to the shard of the file holding its
+        earliest record; one read from a bucket or a database (every shard reads those whole) to the
+        shard its call id hashes to. Dropped before anything else, so a call another shard writes is
+        never remembered, deleted or rewritten here."""
+        shard = self.shard
+        if shard is None or not ready.height:
             return ready
-        foreign = [f for f in ready["file"].drop_nulls().unique().to_list() if f and not self.owns_file(f)]
-        if not foreign:
-            return ready
-        first = pl.col("file").sort_by("start_us", "file").first().over("call_key")
-        mine = ready.filter(first.is_null() | ~first.is_in(foreign))
-        self.summary.calls_other_shards += ready["call_key"].n_unique() - (mine["call_key"].n_unique() if mine.height else 0)
-        return mine
+        first = ready.group_by("call_key").agg(pl.col("file", "source").sort_by("start_us", "file").first())
+        owned = [k for k, f, src in first.iter_rows() if (shard.owns(k) if "://" in (src or "") else not f or shard.owns(f))]
+        self.summary.calls_other_shards += first.height - len(owned)
+        return ready if len(owned) == first.height else ready.filter(pl.col("call_key").is_in(owned))
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""
@@ -544,13 +544,10 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
     """The new objects of every bucket, then the new rows of every database, as units to feed.
 
     A cron run lists only date partitions from a day before the newest one it finished;
-    ``--since/--until`` list only the days they cover (with a day of slack). With ``--shard``, buckets
-    and databases are read whole by shard 1 (attempts of one call are spread over objects and rows, so
-    splitting them would split calls); the other shards read only their files."""
+    ``--since/--until`` list only the days they cover (with a day of slack). With ``--shard`` every
+    shard reads them whole (attempts of one call are spread over objects and rows) and writes the
+    calls whose id hashes to it."""
     from ingest.spendlogs_db import db_units
-
-    if opts.shard is not None and opts.shard.index != 1:
-        return
 
     lo, hi = days_window(opts.since_us, opts.until_us)
 
@@ -636,6 +633,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
     queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
     pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1)
+    pipe.shard = opts.shard
     follower = Follower(state, pipe, chunk_bytes=opts.chunk_bytes, partial_timeout_s=opts.partial_timeout_s, dry_run=opts.dry_run)
     try:
         with state.locked():
@@ -706,7 +704,6 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
     """This shard's files, each between the edges of its neighbours from other shards (:mod:`ingest.shard`);
     returns the files it read."""
     pipe = follower.pipeline
-    pipe.owns_file = shard.owns
     window = int(pipe.remember_s * 1_000_000)
     fps = [file_fingerprint(p) for p in files]
     foreign = [fp is not None and not shard.owns(fp) for fp in fps]

@@ -11,6 +11,10 @@ Attempts of one call can straddle two files (a retry logged just after a rotatio
 also reads the neighbours of its files in the discovered order, the previous file's tail and the
 next file's head, without checkpointing, counting or quarantining them; a call is written only
 by the shard of the file holding its earliest record, so exactly one machine writes it, whole.
+
+Buckets and databases are read whole by every shard, each writing the calls whose id hashes to
+it: a call's attempts are spread over objects and rows, and writing, not reading, is what N
+machines share.
 """
 
 from __future__ import annotations

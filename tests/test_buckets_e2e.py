@@ -220,3 +220,23 @@ def test_a_partition_is_listed_a_page_at_a_time(s3_server: BucketServer, gcs_ser
         assert len(pages) >= 3 and max(len(p) for p in pages) <= 1000, scheme
         keys = [e["name"] for p in pages for e in p]
         assert len(keys) == len(set(keys)) == 2100, scheme
+
+
+def test_shard_over_three_runs_writes_every_call_of_a_bucket_once(s3_server: BucketServer, tmp_path: Path) -> None:
+    """Every shard reads the bucket whole (a call's attempts are separate objects) and writes the calls
+    whose id hashes to it: together every call once, whole, each shard some."""
+    fs, bucket = s3_server.fs(), s3_server.new_bucket()
+    records = days_ago(3) + days_ago(2)
+    put_s3_v2_objects(fs, bucket, records, s3_path="logs")
+    sharded, whole = f"sqlite:///{tmp_path / 'sharded.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
+    written = []
+    for i in (1, 2, 3):
+        _, s, _ = run(s3_server, "backfill", f"s3://{bucket}/logs/", "--shard", f"{i}/3", state=tmp_path / f"machine-{i}", uri=sharded)
+        assert s["traces_written"] + s["calls_other_shards"] == len(calls_of(records))
+        written.append(s["traces_written"])
+    assert all(written) and sum(written) == len(calls_of(records)), written
+    got = trace_calls(sharded)
+    assert len(got) == len(set(got)) and set(got) == calls_of(records)
+    run(s3_server, "backfill", f"s3://{bucket}/logs/", state=tmp_path / "one-machine", uri=whole)
+    spans = lambda uri: {t.info.tags["litellm.call_id"]: len(t.data.spans) for t in all_traces(uri, EXP)}  # noqa: E731
+    assert spans(sharded) == spans(whole)

@@ -77,9 +77,12 @@ def test_shard_over_three_runs_covers_every_file_once_and_every_call_once(tmp_pa
     assert got == spans_by_call(whole)
 
 
-@pytest.mark.parametrize("value", ["0/3", "4/3", "1/3x"])
+@pytest.mark.parametrize("value", ["0/3", "4/3", "1/3x", "1/0", "abc"])
 def test_bad_shard_is_a_usage_error(tmp_path: Path, value: str) -> None:
-    log = write_log(tmp_path / "a.jsonl", [])
-    p = run("backfill", str(log), "--dry-run", "--shard", value, cwd=tmp_path)
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    assert "Invalid value for '--shard'" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+
+    result = CliRunner().invoke(main, ["backfill", str(write_log(tmp_path / "a.jsonl", [])), "--dry-run", "--shard", value])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--shard'" in result.output and isinstance(result.exception, SystemExit)
