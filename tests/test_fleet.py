@@ -28,9 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 from ingest.proxy_logger import JsonlFileLogger
-from tests.conftest import Postgres, all_traces, copies, start_mlflow_server, write_log
+from tests.conftest import Postgres, copies, start_mlflow_server, write_log
 from tests.storekit import Rows, assert_same_as_one_writer, store_rows, trace_and_span_counts
 from tests.tailkit import EXE, Daemon, spans_of
 
@@ -38,6 +39,8 @@ EXPERIMENT = "fleet"
 REPLICAS = 3
 MAX_BYTES = 250_000  # the capture's records are ~15 KB: a replica's logger rotates every ~16 records
 ASIDE = ("litellm.log_source",)  # file:line of whichever copy of a call was written first
+SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
+LIVE = max(1, SOAK)  # batches each replica's proxy logs while the daemons run, and SIGKILLs among them
 
 
 def calls_of(records: list[dict]) -> list[list[dict]]:
@@ -54,8 +57,9 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def batches(capture: list[dict]) -> list[list[dict]]:
-    """Seven copies of the real capture (45 calls, 53 spans each) with their own call ids."""
-    return copies(capture, 7, "fleet")
+    """Copies of the real capture (45 calls, 53 spans each) with their own call ids: one per replica's
+    file before the run, one only in the archive, LIVE per replica logged during the run."""
+    return copies(capture, 4 + REPLICAS * LIVE, "fleet")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,16 @@ def wait_converged(db: str, want: tuple[int, int], busy: Callable[[], bool], tim
     return last
 
 
+def traces_per_call(db: str) -> Counter:
+    """How many traces each call has, by the call id tag every trace carries."""
+    engine = sqlalchemy.create_engine(db)
+    try:
+        with engine.connect() as c:
+            return Counter(v for (v,) in c.execute(sqlalchemy.text("SELECT value FROM trace_tags WHERE key = 'litellm.call_id'")))
+    finally:
+        engine.dispose()
+
+
 def log_sources(db: str) -> set[str]:
     """The folders of the files the stored attempt spans say they were read from."""
     sources = set()
@@ -98,10 +112,10 @@ def log_sources(db: str) -> set[str]:
     return sources
 
 
-def start_all(daemons: list[Daemon]) -> None:
-    """Start daemons side by side: each start costs a few seconds of imports."""
+def side_by_side(daemons: list[Daemon], action: Callable[[Daemon], object]) -> list:
+    """Start or stop daemons at once: each costs a few seconds (imports, the last flush)."""
     with ThreadPoolExecutor(len(daemons)) as pool:
-        list(pool.map(Daemon.start, daemons))
+        return list(pool.map(action, daemons))
 
 
 def relay(records: list[dict], logger: JsonlFileLogger, pace_s: float) -> None:
@@ -135,7 +149,7 @@ def test_three_daemons_and_a_backfill_at_once_on_one_postgresql(
         relay(b[i], lg, 0.0)
     redeliver(b[0], pods[1] / "litellm-pod-0.jsonl", staging)
     archive = tmp_path / "archive"
-    write_log(archive / "litellm-2025-old.jsonl.gz", b[6])
+    write_log(archive / "litellm-2025-old.jsonl.gz", b[3])
     write_log(archive / "litellm-pod-2.jsonl.1.gz", b[2])
     write_log(archive / "litellm-pod-0.jsonl.gz", b[0])
     backfill = subprocess.Popen(
@@ -145,25 +159,28 @@ def test_three_daemons_and_a_backfill_at_once_on_one_postgresql(
     daemons = [Daemon(p, uri, EXPERIMENT, tmp_path / f"state-{i}") for i, p in enumerate(pods)]
     started = time.monotonic()
     try:
-        start_all(daemons)
-        writers = [threading.Thread(target=relay, args=(b[3 + i], lg, 0.05), daemon=True) for i, lg in enumerate(loggers)]
+        side_by_side(daemons, Daemon.start)
+        live = [[r for x in b[4 + i * LIVE : 4 + (i + 1) * LIVE] for r in x] for i in range(REPLICAS)]
+        writers = [threading.Thread(target=relay, args=(live[i], lg, 0.05), daemon=True) for i, lg in enumerate(loggers)]
         for t in writers:
             t.start()
-        time.sleep(1.0)
-        assert daemons[1].stop(signal.SIGKILL) == -signal.SIGKILL
-        daemons[1] = Daemon(pods[1], uri, EXPERIMENT, tmp_path / "state-1").start()
+        for k in range(LIVE):
+            time.sleep(1.0)
+            victim = (1 + k) % REPLICAS
+            assert daemons[victim].stop(signal.SIGKILL) == -signal.SIGKILL
+            daemons[victim] = Daemon(pods[victim], uri, EXPERIMENT, tmp_path / f"state-{victim}").start()
         for t in writers:
-            t.join(timeout=60)
-        redeliver(b[4], pods[2] / "litellm-pod-1.jsonl.redelivered", staging)
+            t.join(timeout=60 * LIVE)
+        redeliver(live[1], pods[2] / "litellm-pod-1.jsonl.redelivered", staging)
         _, err = backfill.communicate(timeout=300)
         assert backfill.returncode == 0, err[-2000:]
         calls = calls_of([r for x in b for r in x])
         want = (len(calls), spans_of(calls))
         got = wait_converged(db, want, busy=lambda: any(t.is_alive() for t in writers))
         elapsed = time.monotonic() - started
-        assert [d.stop(signal.SIGTERM) for d in daemons] == [0] * REPLICAS, [d.log.read_text()[-2000:] for d in daemons]
+        assert side_by_side(daemons, Daemon.stop) == [0] * REPLICAS, [d.log.read_text()[-2000:] for d in daemons]
         assert got == want, f"{via}: (traces, spans) {got}, want {want}"
-        per_call = Counter(t.info.tags.get("litellm.call_id") for t in all_traces(uri, EXPERIMENT, include_spans=False))
+        per_call = traces_per_call(db)
         assert set(per_call) == {c[0]["litellm_call_id"] for c in calls} and set(per_call.values()) == {1}
         assert_same_as_one_writer(db, reference, ASIDE)
         assert log_sources(db) <= {*map(str, pods), str(archive)}, "every attempt names the file it was read from"
@@ -212,7 +229,7 @@ def test_one_daemon_follows_every_replica_file_on_a_shared_volume(
         got = wait_converged(uri, want, busy=lambda: False)
         assert daemon.stop() == 0
         assert got == want, f"(traces, spans) {got}, want {want}"
-        per_call = Counter(t.info.tags.get("litellm.call_id") for t in all_traces(uri, EXPERIMENT, include_spans=False))
+        per_call = traces_per_call(uri)
         assert set(per_call) == {c[0]["litellm_call_id"] for c in calls} and set(per_call.values()) == {1}
         for pod in pods:
             assert list(shared.glob(f"litellm-{pod}.jsonl.*.gz")), f"{pod}'s file rotated and gzipped under its own name"
