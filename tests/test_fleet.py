@@ -11,6 +11,9 @@ one ``batch`` process wrote from the union of the input.
 
 The README's shared-volume layout (every replica's logger writing ``litellm-{host}.jsonl`` into
 one folder, one daemon for the folder) is the last test.
+
+Soak: ``LITELLM_INGEST_SOAK=N`` has each replica log N batches during the run and SIGKILLs N
+daemons (in turn) instead of one.
 """
 
 from __future__ import annotations
@@ -203,7 +206,7 @@ def test_one_daemon_follows_every_replica_file_on_a_shared_volume(
 ) -> None:
     """The README's Kubernetes example as far as one machine goes: three pods (two proxy workers
     each) log to one shared folder through LITELLM_INGEST_LOG_PATH=/logs/litellm-{host}.jsonl,
-    rotating and gzipping; one `tail` daemon for the folder writes every call once."""
+    rotating and gzipping; one `tail --polling` daemon for the folder writes every call once."""
     shared = tmp_path / "logs"
     shared.mkdir()
     monkeypatch.setenv("LITELLM_INGEST_LOG_PATH", str(shared / "litellm-{host}.jsonl"))
@@ -217,7 +220,7 @@ def test_one_daemon_follows_every_replica_file_on_a_shared_volume(
         workers += [JsonlFileLogger(), JsonlFileLogger()]
     assert len({w.path for w in workers}) == len(pods)
     uri = postgres.new_database()
-    daemon = Daemon(shared, uri, EXPERIMENT, tmp_path / "state").start()
+    daemon = Daemon(shared, uri, EXPERIMENT, tmp_path / "state", "--polling").start()  # as on NFS
     try:
         threads = [threading.Thread(target=relay, args=(b, w, 0.01), daemon=True) for b, w in zip(batches[:6], workers, strict=True)]
         for t in threads:
