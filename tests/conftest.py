@@ -143,8 +143,9 @@ def start_mlflow_server(
     timeout_s: float = 90.0,
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> MlflowServer:
-    """A real `mlflow server` (uvicorn, 1 worker, no job runner) on a free localhost port."""
+    """A real `mlflow server` (uvicorn, `workers` processes, no job runner) on a free localhost port."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
@@ -164,7 +165,7 @@ def start_mlflow_server(
             "--port",
             str(port),
             "--workers",
-            "1",
+            str(workers),
             *extra_args,
         ],
         stdout=log,

@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy
 
 from tests.conftest import Postgres, copies, write_log
+from tests.storekit import assert_same_as_one_writer, store_rows
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 WRITERS = 3
@@ -48,27 +49,6 @@ def run_together(uri: str, logs: Path, tmp: Path, n: int = WRITERS) -> None:
         assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]
 
 
-def store_rows(uri: str) -> dict[str, set[tuple[Any, ...]]]:
-    """What a reader of the store sees, without the per-store parts (the artifact location, and
-    the write counter a re-send bumps)."""
-    engine = sqlalchemy.create_engine(uri)
-    try:
-        with engine.connect() as c:
-            q = lambda sql: {tuple(r) for r in c.execute(sqlalchemy.text(sql))}  # noqa: E731
-            return {
-                "info": q(
-                    "SELECT request_id, timestamp_ms, execution_time_ms, status, request_preview, response_preview, trace_name "
-                    "FROM trace_info"
-                ),
-                "spans": q("SELECT trace_id, span_id, parent_span_id, content FROM spans"),
-                "tags": q("SELECT request_id, key, value FROM trace_tags WHERE key != 'mlflow.artifactLocation'"),
-                "metadata": q("SELECT request_id, key, value FROM trace_request_metadata"),
-                "experiments": q("SELECT name FROM experiments"),
-            }
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def fleet_logs(capture: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 600 records of real calls (retries and fallbacks among them) in three proxies' files."""
@@ -90,15 +70,6 @@ def reference(fleet_logs: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     rows = store_rows(uri)
     assert len(rows["info"]) > 100 and len(rows["spans"]) > len(rows["info"])
     return rows
-
-
-def assert_same_as_one_writer(uri: str, reference: dict[str, set[tuple[Any, ...]]]) -> None:
-    rows = store_rows(uri)
-    assert rows["experiments"] == reference["experiments"]
-    for table in ("info", "spans", "tags", "metadata"):
-        assert rows[table] == reference[table], (
-            f"{table}: {len(rows[table] - reference[table])} extra, {len(reference[table] - rows[table])} missing"
-        )
 
 
 def prepare(uri: str, tmp: Path) -> None:
