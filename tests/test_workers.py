@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Postgres, copies, sqlite_trace_count, write_log
-from tests.test_concurrent_writers import assert_same_as_one_writer, store_rows
+from tests.storekit import assert_same_as_one_writer, store_rows
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -73,9 +73,6 @@ def test_two_workers_write_what_one_writes_row_for_row_into_postgresql(
     summary = backfill(uri, archive, tmp_path / "state", 2)
     assert summary["workers"] == 2
     assert_same_as_one_writer(uri, one_worker)
-    again = backfill(uri, archive, tmp_path / "state-again", 2)
-    assert again["traces_written"] == summary["traces_written"]
-    assert_same_as_one_writer(uri, one_worker)
 
 
 def test_two_workers_through_a_server_write_every_call_once(archive: Path, one_worker: dict, tmp_path: Path, mlflow_server: Any) -> None:
@@ -110,16 +107,16 @@ def test_a_backfill_killed_with_its_workers_mid_run_leaves_none_behind_and_resum
     capture: list[dict], tmp_path: Path
 ) -> None:
     logs = tmp_path / "logs"
-    batches = copies(capture, 40, "kill")
-    for i in range(8):
-        write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 5 : i * 5 + 5] for r in b])
+    batches = copies(capture, 24, "kill")
+    for i in range(6):
+        write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 4 : i * 4 + 4] for r in b])
     uri = f"sqlite:///{tmp_path / 'killed.db'}"
     proc = subprocess.Popen([*backfill_args(uri, logs, tmp_path / "state", 2), "--workers", "2", "-q"], env=_env())
     workers: list[int] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         workers = [c for c in _children(proc.pid) if c not in workers] or workers
-        if len(_children(proc.pid)) >= 2 and (tmp_path / "killed.db").exists() and sqlite_trace_count(tmp_path / "killed.db") > 300:
+        if len(_children(proc.pid)) >= 2 and (tmp_path / "killed.db").exists() and sqlite_trace_count(tmp_path / "killed.db") > 200:
             workers = _children(proc.pid)
             break
         time.sleep(0.05)
