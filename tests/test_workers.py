@@ -89,9 +89,10 @@ def test_two_workers_through_a_server_write_every_call_once(archive: Path, one_w
     assert sum(len(t.data.spans) for t in traces) == len(one_worker["spans"])
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
+def _workers(pid: int) -> list[int]:
+    """The backfill's worker processes (not multiprocessing's resource tracker)."""
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
 
 
 def _alive(pid: int) -> bool:
@@ -107,20 +108,23 @@ def test_a_backfill_killed_with_its_workers_mid_run_leaves_none_behind_and_resum
     capture: list[dict], tmp_path: Path
 ) -> None:
     logs = tmp_path / "logs"
-    batches = copies(capture, 24, "kill")
-    for i in range(6):
+    batches = copies(capture, 36, "kill")
+    for i in range(9):
         write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 4 : i * 4 + 4] for r in b])
     uri = f"sqlite:///{tmp_path / 'killed.db'}"
     proc = subprocess.Popen([*backfill_args(uri, logs, tmp_path / "state", 2), "--workers", "2", "-q"], env=_env())
     workers: list[int] = []
+    before_workers: int | None = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        workers = [c for c in _children(proc.pid) if c not in workers] or workers
-        if len(_children(proc.pid)) >= 2 and (tmp_path / "killed.db").exists() and sqlite_trace_count(tmp_path / "killed.db") > 200:
-            workers = _children(proc.pid)
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the backfill ended before it could be killed: give it more input"
+        workers = _workers(proc.pid)
+        if len(workers) == 2:
+            count = sqlite_trace_count(tmp_path / "killed.db")
+            before_workers = count if before_workers is None else before_workers
+            if count > before_workers:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the backfill ended before it could be killed: give it more input ({workers}, {before_workers})"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10
