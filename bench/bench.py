@@ -9,6 +9,7 @@ times, retries/fallbacks kept together). Each measured run is its own process, s
     python bench/bench.py --only-scrub        # just the credential scrubber's cost (in-process, seconds)
     python bench/bench.py --only-buckets      # objects/s and traces/s from an S3-compatible server (moto)
     python bench/bench.py --only-nesting      # traces/s with every call nested into an app's trace, and without
+    python bench/bench.py --only-parse        # MB/s and records/s: orjson loop, decode, normalize (old/new), --dry-run
 
 No assertions: these are the figures the README quotes.
 """
@@ -405,6 +406,53 @@ def nesting_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tup
     return rows
 
 
+def parse_figures(path: Path, env: dict[str, str], repeat: int = 3) -> list[tuple[str, str, str, str, str]]:
+    """The parse stage alone, in process, best of ``repeat``: the lines are read into chunks first,
+    then decoded (json_decode alone vs read_ndjson bisected) and normalized with each; then the
+    whole no-sink run as a process."""
+    sys.path.insert(0, str(ROOT))
+    from ingest.normalize import fast_decode, normalize_isolating, safe_decode
+    from ingest.schemas import all_schemas
+    from ingest.sources import read_chunks
+
+    mb = path.stat().st_size / 1e6
+    chunks = [c.lines for c in read_chunks(path)]
+    recs = sum(c.height for c in chunks)
+    dtype = all_schemas()[-1].decode_dtype
+
+    def best(run: object) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def row(label: str, t: float) -> tuple[str, str, str, str, str]:
+        return (label, f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-")
+
+    def decode(fn: object) -> None:
+        for c in chunks:
+            fn(c["raw"], dtype)  # type: ignore[operator]
+
+    rows = [row(f"orjson loop over the file's lines, {recs} records", min(orjson_loop(path) for _ in range(repeat)))]
+    by_path: dict[str, tuple[float, float]] = {}
+    for fast in (False, True, False, True):
+        name = "read_ndjson, bisected" if fast else "json_decode alone (before)"
+        t_dec = best(lambda fast=fast: decode(fast_decode if fast else safe_decode))
+        t_norm = best(lambda fast=fast: [normalize_isolating(c, {}, fast) for c in chunks])
+        old = by_path.get(name, (t_dec, t_norm))
+        by_path[name] = (min(old[0], t_dec), min(old[1], t_norm))
+    for name, (t_dec, _) in by_path.items():
+        rows.append(row(f"decode only, {name}, {len(chunks)} chunks", t_dec))
+    for name, (_, t_norm) in by_path.items():
+        rows.append(row(f"normalize in process, {name}", t_norm))
+    t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(path)], env)
+    summary = json.loads(out)
+    rows += measured(f"ours, no sink (batch --dry-run), {recs} records", recs, summary["calls"], mb, t, rss, summary["seconds"])
+    return rows
+
+
 def print_rows(rows: list[tuple[str, str, str, str, str]]) -> None:
     header = ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
@@ -438,6 +486,7 @@ def main() -> None:
     ap.add_argument("--skip-buckets", action="store_true")
     ap.add_argument("--only-nesting", action="store_true", help="print only the nesting figures (SQLite) and exit")
     ap.add_argument("--nesting-records", type=int, default=5000, help="records for the nesting figures")
+    ap.add_argument("--only-parse", action="store_true", help="print only the parse stage figures (first of --sizes) and exit")
     ap.add_argument("--bucket-records", type=int, default=5000, help="records uploaded as objects for the bucket figures")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -457,6 +506,12 @@ def main() -> None:
         return
     if args.only_nesting:
         print_rows(nesting_figures(work, args.nesting_records, env))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.only_parse:
+        path = work / "parse-input.jsonl"
+        generate(path, sizes[0])
+        print_rows(parse_figures(path, env))
         shutil.rmtree(work, ignore_errors=True)
         return
 
