@@ -170,12 +170,15 @@ def fast_decode(texts: pl.Series, dtype: pl.Struct) -> tuple[pl.Series, dict[int
 
 
 def _read_ndjson(texts: pl.Series, dtype: pl.Struct) -> pl.DataFrame | None:
-    """The lines read as NDJSON into ``dtype``'s fields, or None when a line fails (or is not one record)."""
+    """The lines read as NDJSON into ``dtype``'s fields, or None when a line fails (or is not one record).
+    Joined as bytes: through a Python ``str`` the join would cost a third of the read. Rechunked:
+    the reader's pieces would make every later step over the chunk align them (2-3x slower)."""
     try:
-        frame = pl.read_ndjson(texts.str.join("\n").item().encode(), schema={f.name: f.dtype for f in dtype.fields})
+        joined = texts.str.join("\n").cast(pl.Binary).item()
+        frame = pl.read_ndjson(joined, schema={f.name: f.dtype for f in dtype.fields})
     except (Exception, PanicException):
         return None
-    return frame if frame.height == texts.len() else None
+    return frame.rechunk() if frame.height == texts.len() else None
 
 
 _JSONISH = r"^[{\[]"
