@@ -455,15 +455,18 @@ def _strict_types(part: pl.DataFrame, schema: RecordSchema, warnings: Warnings |
 def detect_format(lines: pl.DataFrame) -> pl.Series:
     """Which schema each line belongs to, from its top-level keys.
 
-    A cheap regex finds candidate lines (a key cannot occur unescaped inside a JSON string); only
-    those are confirmed with a JSON path lookup, since a nested object (client metadata) may hold
-    the same key names.
+    A literal search for the keys, then a regex over the lines that have them, finds candidate
+    lines (a key cannot occur unescaped inside a JSON string); only those are confirmed with a JSON
+    path lookup, since a nested object (client metadata) may hold the same key names.
     """
     schemas = all_schemas()
     fmt = pl.repeat(schemas[-1].name, lines.height, eager=True, dtype=pl.String)
     raw = pl.col("raw")
     for schema in reversed(schemas[:-1]):
-        candidate = lines.select(pl.all_horizontal([raw.str.contains(rf'[{{,]\s*"{k}"\s*:') for k in schema.detect_keys])).to_series()
+        candidate = lines.select(pl.all_horizontal([raw.str.contains(f'"{k}"', literal=True) for k in schema.detect_keys])).to_series()
+        if candidate.any():
+            as_keys = pl.all_horizontal([raw.str.contains(rf'[{{,]\s*"{k}"\s*:') for k in schema.detect_keys])
+            candidate.scatter(candidate.arg_true(), lines.filter(candidate).select(as_keys).to_series())
         if not candidate.any():
             continue
         confirmed = lines.filter(candidate).select(
@@ -703,7 +706,7 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool 
     fast path is tested and measured against)."""
     if lines.height and lines["raw"].str.starts_with("\ufeff").any():
         lines = lines.with_columns(pl.col("raw").str.strip_prefix("\ufeff"))
-    lines = lines.filter(pl.col("raw").str.strip_chars() != "")
+    lines = lines.filter(pl.col("raw").str.contains(r"\S"))
     if "file" not in lines.columns:
         lines = lines.with_columns(file=pl.col("source"))
     lines = _repair(lines, warnings)
