@@ -1,10 +1,11 @@
 """Normalize: raw lines of either input format -> one canonical frame, bad records -> quarantine.
 
-Everything here is polars over the whole chunk. Each format's typed fields are decoded in one
-``json_decode`` pass with the dtype derived from its schema file; a chunk that fails to decode is
-bisected until the bad lines are isolated, so one bad record costs O(log n) extra passes and never
-the good records around it. Nested payloads (messages, response, ...) stay in the raw line and are
-read only when a span is built.
+Everything here is polars over the whole chunk. Each format's typed fields (the dtype derived
+from its schema file) are decoded in one ``read_ndjson`` pass over the chunk's joined lines; a
+range that fails is bisected until the bad lines are isolated, and those go through
+``json_decode`` (``safe_decode``), the reference the results must equal, so one bad record costs
+O(log n) extra passes and never the good records around it. Nested payloads (messages,
+response, ...) stay in the raw line and are read only when a span is built.
 """
 
 from __future__ import annotations
