@@ -406,10 +406,11 @@ def nesting_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tup
     return rows
 
 
-def parse_figures(path: Path, env: dict[str, str], repeat: int = 3) -> list[tuple[str, str, str, str, str]]:
-    """The parse stage alone, in process, best of ``repeat``: the lines are read into chunks first,
-    then decoded (json_decode alone vs read_ndjson bisected) and normalized with each; then the
-    whole no-sink run as a process."""
+def parse_figures(path: Path, env: dict[str, str], repeat: int = 7) -> list[tuple[str, str, str, str, str]]:
+    """The parse stage alone, in process: the lines are read into chunks first, then decoded
+    (json_decode alone vs read_ndjson bisected) and normalized with each, the four interleaved and
+    each the best of ``repeat`` (other load on the machine drifts); then the whole no-sink run as a
+    process."""
     sys.path.insert(0, str(ROOT))
     from ingest.normalize import fast_decode, normalize_isolating, safe_decode
     from ingest.schemas import all_schemas
@@ -419,34 +420,21 @@ def parse_figures(path: Path, env: dict[str, str], repeat: int = 3) -> list[tupl
     chunks = [c.lines for c in read_chunks(path)]
     recs = sum(c.height for c in chunks)
     dtype = all_schemas()[-1].decode_dtype
-
-    def best(run: object) -> float:
-        times = []
-        for _ in range(repeat):
+    runs = {
+        f"decode only, json_decode alone (before), {len(chunks)} chunks": lambda: [safe_decode(c["raw"], dtype) for c in chunks],
+        f"decode only, read_ndjson bisected, {len(chunks)} chunks": lambda: [fast_decode(c["raw"], dtype) for c in chunks],
+        "normalize in process, json_decode alone (before)": lambda: [normalize_isolating(c, {}, False) for c in chunks],
+        "normalize in process, read_ndjson bisected": lambda: [normalize_isolating(c, {}, True) for c in chunks],
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeat):
+        for label, run in runs.items():
             start = time.perf_counter()
-            run()  # type: ignore[operator]
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    def row(label: str, t: float) -> tuple[str, str, str, str, str]:
-        return (label, f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-")
-
-    def decode(fn: object) -> None:
-        for c in chunks:
-            fn(c["raw"], dtype)  # type: ignore[operator]
-
-    rows = [row(f"orjson loop over the file's lines, {recs} records", min(orjson_loop(path) for _ in range(repeat)))]
-    by_path: dict[str, tuple[float, float]] = {}
-    for fast in (False, True, False, True):
-        name = "read_ndjson, bisected" if fast else "json_decode alone (before)"
-        t_dec = best(lambda fast=fast: decode(fast_decode if fast else safe_decode))
-        t_norm = best(lambda fast=fast: [normalize_isolating(c, {}, fast) for c in chunks])
-        old = by_path.get(name, (t_dec, t_norm))
-        by_path[name] = (min(old[0], t_dec), min(old[1], t_norm))
-    for name, (t_dec, _) in by_path.items():
-        rows.append(row(f"decode only, {name}, {len(chunks)} chunks", t_dec))
-    for name, (_, t_norm) in by_path.items():
-        rows.append(row(f"normalize in process, {name}", t_norm))
+            run()
+            best[label] = min(best[label], time.perf_counter() - start)
+    t = min(orjson_loop(path) for _ in range(3))
+    rows = [(f"orjson loop over the file's lines, {recs} records", f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-")]
+    rows += [(label, f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-") for label, t in best.items()]
     t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(path)], env)
     summary = json.loads(out)
     rows += measured(f"ours, no sink (batch --dry-run), {recs} records", recs, summary["calls"], mb, t, rss, summary["seconds"])
