@@ -9,6 +9,7 @@ times, retries/fallbacks kept together). Each measured run is its own process, s
     python bench/bench.py --only-scrub        # just the credential scrubber's cost (in-process, seconds)
     python bench/bench.py --only-buckets      # objects/s and traces/s from an S3-compatible server (moto)
     python bench/bench.py --only-nesting      # traces/s with every call nested into an app's trace, and without
+    python bench/bench.py --only-parse        # MB/s and records/s: orjson loop, decode, normalize (old/new), --dry-run
 
 No assertions: these are the figures the README quotes.
 """
@@ -405,6 +406,41 @@ def nesting_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tup
     return rows
 
 
+def parse_figures(path: Path, env: dict[str, str], repeat: int = 7) -> list[tuple[str, str, str, str, str]]:
+    """The parse stage alone, in process: the lines are read into chunks first, then decoded
+    (json_decode alone vs read_ndjson bisected) and normalized with each, the four interleaved and
+    each the best of ``repeat`` (other load on the machine drifts); then the whole no-sink run as a
+    process."""
+    sys.path.insert(0, str(ROOT))
+    from ingest.normalize import fast_decode, normalize_isolating, safe_decode
+    from ingest.schemas import all_schemas
+    from ingest.sources import read_chunks
+
+    mb = path.stat().st_size / 1e6
+    chunks = [c.lines for c in read_chunks(path)]
+    recs = sum(c.height for c in chunks)
+    dtype = all_schemas()[-1].decode_dtype
+    runs = {
+        f"decode only, json_decode alone (before), {len(chunks)} chunks": lambda: [safe_decode(c["raw"], dtype) for c in chunks],
+        f"decode only, read_ndjson bisected, {len(chunks)} chunks": lambda: [fast_decode(c["raw"], dtype) for c in chunks],
+        "normalize in process, json_decode alone (before)": lambda: [normalize_isolating(c, {}, False) for c in chunks],
+        "normalize in process, read_ndjson bisected": lambda: [normalize_isolating(c, {}, True) for c in chunks],
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeat):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[label] = min(best[label], time.perf_counter() - start)
+    t = min(orjson_loop(path) for _ in range(3))
+    rows = [(f"orjson loop over the file's lines, {recs} records", f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-")]
+    rows += [(label, f"{recs / t:,.0f}", f"{mb / t:,.1f}", "-", "-") for label, t in best.items()]
+    t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(path)], env)
+    summary = json.loads(out)
+    rows += measured(f"ours, no sink (batch --dry-run), {recs} records", recs, summary["calls"], mb, t, rss, summary["seconds"])
+    return rows
+
+
 def print_rows(rows: list[tuple[str, str, str, str, str]]) -> None:
     header = ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
@@ -438,6 +474,7 @@ def main() -> None:
     ap.add_argument("--skip-buckets", action="store_true")
     ap.add_argument("--only-nesting", action="store_true", help="print only the nesting figures (SQLite) and exit")
     ap.add_argument("--nesting-records", type=int, default=5000, help="records for the nesting figures")
+    ap.add_argument("--only-parse", action="store_true", help="print only the parse stage figures (first of --sizes) and exit")
     ap.add_argument("--bucket-records", type=int, default=5000, help="records uploaded as objects for the bucket figures")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -457,6 +494,12 @@ def main() -> None:
         return
     if args.only_nesting:
         print_rows(nesting_figures(work, args.nesting_records, env))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.only_parse:
+        path = work / "parse-input.jsonl"
+        generate(path, sizes[0])
+        print_rows(parse_figures(path, env))
         shutil.rmtree(work, ignore_errors=True)
         return
 
