@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -40,6 +40,7 @@ from ingest.workers import Built, Emitted, WorkerPool, pool_for, result_of
 if TYPE_CHECKING:
     from ingest.follow import Follower
 
+Normalized = tuple[pl.DataFrame, list[QuarantineRecord]]
 DEFAULT_BATCH_TRACES = 200
 DEFAULT_BATCH_TRACES_SQL = 2000
 DEFAULT_PARTIAL_TIMEOUT_S = 300.0
@@ -180,10 +181,14 @@ class Pipeline:
             pool_for(workers, sink, target, target.experiment_id, opts, batch),
         )
 
-    def feed(self, chunk: Chunk) -> None:
-        """Normalize, dedupe and write what is final; returns once MLflow acknowledged it."""
+    def normalize(self, chunk: Chunk) -> Normalized:
+        return normalize_isolating(chunk.lines, self.warnings)
+
+    def feed(self, chunk: Chunk, normalized: Normalized | None = None) -> None:
+        """Normalize (unless ``normalized`` already is, see :func:`normalized_ahead`), dedupe and write
+        what is final; returns once MLflow acknowledged it."""
         self.quarantine.write(chunk.quarantined)
-        records, bad = normalize_isolating(chunk.lines, self.warnings)
+        records, bad = normalized or self.normalize(chunk)
         self.quarantine.write(bad)
         self.summary.records_read += records.height + len(bad) + len(chunk.quarantined)
         self._step(records, final=False)
@@ -439,6 +444,23 @@ class Pipeline:
         hi = max(t.end_us for t in batch)
         self._first = lo if self._first is None else min(self._first, lo)
         self._last = hi if self._last is None else max(self._last, hi)
+
+
+def normalized_ahead(pipe: Pipeline, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Normalized]]:
+    """Each chunk with its normalized records, the next one normalized in a thread while the caller
+    writes this one. Normalizing is polars (it leaves the GIL), writing is mostly Python building
+    spans: on two cores they overlap. Only one chunk is read ahead, and only its reading is ahead of
+    the checkpoint, which moves as ever once the caller returns from a chunk."""
+    it = iter(chunks)
+    with ThreadPoolExecutor(1, thread_name_prefix="normalize") as ahead:
+        chunk = next(it, None)
+        pending = ahead.submit(pipe.normalize, chunk) if chunk is not None else None
+        while chunk is not None and pending is not None:
+            normalized = pending.result()
+            following = next(it, None)
+            pending = ahead.submit(pipe.normalize, following) if following is not None else None
+            yield chunk, normalized
+            chunk = following
 
 
 def _quarantined(rows: list[dict[str, Any]], reason: Reason, detail: str) -> list[QuarantineRecord]:
@@ -745,11 +767,11 @@ def _ingest_file(
             f.ck.done = True
             return f.key, False
         disk = 0 if f.gz else f.ck.offset
-        for chunk in follower.chunks(f):
+        for chunk, normalized in normalized_ahead(pipe, follower.chunks(f)):
             if not read and before is not None:
                 before()
             read = True
-            pipe.feed(chunk)
+            pipe.feed(chunk, normalized)
             follower.advance(f, chunk)
             pipe.summary.bytes_read += max(chunk.disk_offset - disk, 0)
             disk = chunk.disk_offset
