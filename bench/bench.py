@@ -29,8 +29,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
@@ -420,37 +424,41 @@ def nesting_figures(work: Path, n_records: int, env: dict[str, str]) -> list[tup
     return rows
 
 
-def store_trace_count(db: str, experiment: str) -> int:
-    """Traces committed so far in a PostgreSQL store's experiment (0 before MLflow made its tables)."""
+def store_trace_count(con: psycopg.Connection, experiment: str) -> int:
+    """Traces committed so far in a PostgreSQL store's experiment (0 before MLflow made its tables);
+    ``con`` in autocommit, so a failed query leaves it usable."""
     import psycopg
 
     sql = "SELECT count(*) FROM trace_info t JOIN experiments e ON t.experiment_id = e.experiment_id WHERE e.name = %s"
     try:
-        with psycopg.connect(db, autocommit=True) as con:
-            row = con.execute(sql, (experiment,)).fetchone()
-            return int(row[0]) if row else 0
+        row = con.execute(sql, (experiment,)).fetchone()
+        return int(row[0]) if row else 0
     except psycopg.Error:
         return 0
 
 
-def daemons_run(uri: str, db: str, dirs: list[Path], calls: int, work: Path) -> tuple[float, float, int, float]:
+def daemons_run(uri: str, db: str, dirs: list[Path], calls: int, work: Path) -> tuple[float, float, int, int]:
     """One ``tail`` daemon per folder (files written whole beforehand), all started at once; the store
     polled until it holds every call. Returns (traces/s from the first trace seen to the last, seconds
     from launch to the first trace, the largest daemon's peak RSS MiB, traces seen at the first poll)."""
+    import psycopg
+
     experiment = f"bench-daemons-{uuid.uuid4().hex[:6]}"
+    logs = [work / f"{experiment}-{i}.log" for i in range(len(dirs))]
     daemons = []
+    con = psycopg.connect(db, autocommit=True)
     launched = time.monotonic()
     for i, d in enumerate(dirs):
-        log = open(work / f"{experiment}-{i}.log", "wb")  # noqa: SIM115
         args = [EXE, "tail", str(d), "--tracking-uri", uri, "--experiment-name", experiment,
                 "--state-dir", str(work / f"{experiment}-state-{i}"), "--settle", "3", "--partial-timeout", "3"]  # fmt: skip
-        daemons.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
+        with logs[i].open("wb") as log:
+            daemons.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
     first = last = None
     first_count = 0
     try:
         deadline = launched + max(300.0, calls / 10)
         while time.monotonic() < deadline:
-            n = store_trace_count(db, experiment)
+            n = store_trace_count(con, experiment)
             now = time.monotonic()
             if n and first is None:
                 first, first_count = now, n
@@ -458,7 +466,7 @@ def daemons_run(uri: str, db: str, dirs: list[Path], calls: int, work: Path) -> 
                 last = now
                 break
             if any(p.poll() is not None for p in daemons):
-                raise RuntimeError(f"a tail daemon exited: {(work / f'{experiment}-0.log').read_text()[-2000:]}")
+                raise RuntimeError(f"a tail daemon exited: {[p.read_text()[-1000:] for p in logs]}")
             time.sleep(0.1)
     finally:
         rss = 0
@@ -467,8 +475,10 @@ def daemons_run(uri: str, db: str, dirs: list[Path], calls: int, work: Path) -> 
                 os.killpg(p.pid, signal.SIGTERM)
                 _, _, usage = os.wait4(p.pid, 0)
                 rss = max(rss, usage.ru_maxrss // 1024)
+    got = store_trace_count(con, experiment)
+    con.close()
     if first is None or last is None:
-        raise RuntimeError(f"daemons wrote {store_trace_count(db, experiment)} of {calls} traces in time")
+        raise RuntimeError(f"daemons wrote {got} of {calls} traces in time")
     rate = (calls - first_count) / (last - first) if last > first else float("nan")
     return rate, first - launched, rss, first_count
 
@@ -498,8 +508,10 @@ def scaling_figures(
         (work / "pg-server").mkdir()
         server, url = start_server(work / "pg-server", server_db, server_workers)
         clients = 2 * server_workers
-        ceiling_path = work / "scaling-ceiling.jsonl"
+        ceiling_path, warm = work / "scaling-ceiling.jsonl", work / "scaling-warm.jsonl"
         generate(ceiling_path, min(n_records, 5000))
+        generate(warm, 100)
+        server_ceiling(url, warm, batch=10, clients=clients)  # every worker's first requests (lazy imports) out of the figures
         before, n_ceiling = server_ceiling(url, ceiling_path, clients=clients)
         per_k: dict[tuple[str, int], float] = {}
         for k in (1, 2, 4):
