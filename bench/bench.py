@@ -4,12 +4,13 @@ The input is the real capture in sample_logs/ re-identified N times (fresh call 
 times, retries/fallbacks kept together). Each measured run is its own process, so its peak RSS
 (from wait4) is its own.
 
-    python bench/bench.py                      # sizes 5000,50000 records, dry run + SQLite + server
+    python bench/bench.py                      # sizes 5000,50000 records, dry run + SQLite + server + scaling out
     python bench/bench.py --sizes 2000 --skip-server --skip-callback
     python bench/bench.py --only-scrub        # just the credential scrubber's cost (in-process, seconds)
     python bench/bench.py --only-buckets      # objects/s and traces/s from an S3-compatible server (moto)
     python bench/bench.py --only-nesting      # traces/s with every call nested into an app's trace, and without
     python bench/bench.py --only-parse        # MB/s and records/s: orjson loop, decode, normalize (old/new), --dry-run
+    python bench/bench.py --only-scaling      # 1/2/4 tail daemons and backfill --workers 1/2 on PostgreSQL, direct and via a server
 
 No assertions: these are the figures the README quotes.
 """
@@ -29,8 +30,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
@@ -107,11 +112,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: Path, backend_uri: str | None = None, workers: int = 1) -> tuple[subprocess.Popen, str]:
+    """An ``mlflow server`` (no job runner) on a free port: on SQLite in ``workdir`` unless ``backend_uri``."""
     port = free_port()
+    backend_uri = backend_uri or f"sqlite:///{workdir / 'server.db'}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
-         "--default-artifact-root", str(workdir / "art"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         "--default-artifact-root", str(workdir / "art"), "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=workdir,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )  # fmt: skip
@@ -119,6 +126,8 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
 
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
+        if proc.poll() is not None:
+            break
         try:
             if requests.get(url + "/health", timeout=1).ok:
                 return proc, url
@@ -206,8 +215,12 @@ def tail_latency(url: str, work: Path, rate: float, seconds: float) -> tuple[flo
     return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.95))], len(lat)
 
 
-def server_ceiling(url: str, path: Path, batch: int = 200) -> tuple[float, int]:
-    """The server's own OTLP ceiling: our spans for the same input, pre-encoded and gzip'd, posted in a tight loop."""
+def server_ceiling(url: str, path: Path, batch: int = 200, clients: int = 1) -> tuple[float, int]:
+    """The server's own OTLP ceiling: our spans for the same input, pre-encoded and gzip'd, posted in a
+    tight loop by ``clients`` concurrent connections (enough to keep a server's workers busy)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     import requests
 
     from ingest.dedupe import dedupe
@@ -224,10 +237,16 @@ def server_ceiling(url: str, path: Path, batch: int = 200) -> tuple[float, int]:
         traces += list(build_traces(dedupe(frame)[0], exp_id))
     bodies = [gzip.compress(otlp_request(traces[i : i + batch]).SerializeToString(), 5) for i in range(0, len(traces), batch)]
     headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip", "x-mlflow-experiment-id": exp_id}
-    session = requests.Session()
+    local = threading.local()
+
+    def post(body: bytes) -> None:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        local.session.post(url + "/v1/traces", data=body, headers=headers, timeout=300).raise_for_status()
+
     start = time.monotonic()
-    for body in bodies:
-        session.post(url + "/v1/traces", data=body, headers=headers, timeout=300).raise_for_status()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(post, bodies))
     return len(traces) / (time.monotonic() - start), len(traces)
 
 
@@ -441,6 +460,175 @@ def parse_figures(path: Path, env: dict[str, str], repeat: int = 7) -> list[tupl
     return rows
 
 
+def store_trace_count(con: psycopg.Connection, experiment: str) -> int:
+    """Traces committed so far in a PostgreSQL store's experiment (0 before MLflow made its tables);
+    ``con`` in autocommit, so a failed query leaves it usable."""
+    import psycopg
+
+    sql = "SELECT count(*) FROM trace_info t JOIN experiments e ON t.experiment_id = e.experiment_id WHERE e.name = %s"
+    try:
+        row = con.execute(sql, (experiment,)).fetchone()
+        return int(row[0]) if row else 0
+    except psycopg.Error:
+        return 0
+
+
+def daemons_run(uri: str, db: str, dirs: list[Path], calls: int, work: Path) -> tuple[float, float, float, int, int]:
+    """One ``tail`` daemon per folder (files written whole beforehand), all started at once; the store
+    polled until it holds every call. Returns (traces/s from the first trace seen to the last, traces/s
+    from launch, seconds from launch to the first trace, the largest daemon's peak RSS MiB, traces seen
+    at the first poll)."""
+    import psycopg
+
+    experiment = f"bench-daemons-{uuid.uuid4().hex[:6]}"
+    logs = [work / f"{experiment}-{i}.log" for i in range(len(dirs))]
+    daemons = []
+    con = psycopg.connect(db, autocommit=True)
+    launched = time.monotonic()
+    for i, d in enumerate(dirs):
+        args = [EXE, "tail", str(d), "--tracking-uri", uri, "--experiment-name", experiment,
+                "--state-dir", str(work / f"{experiment}-state-{i}"), "--settle", "3", "--partial-timeout", "3"]  # fmt: skip
+        with logs[i].open("wb") as log:
+            daemons.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
+    first = last = None
+    first_count = 0
+    try:
+        deadline = launched + max(300.0, calls / 10)
+        while time.monotonic() < deadline:
+            n = store_trace_count(con, experiment)
+            now = time.monotonic()
+            if n and first is None:
+                first, first_count = now, n
+            if n >= calls:
+                last = now
+                break
+            if any(p.poll() is not None for p in daemons):
+                raise RuntimeError(f"a tail daemon exited: {[p.read_text()[-1000:] for p in logs]}")
+            time.sleep(0.1)
+    finally:
+        rss = 0
+        for p in daemons:
+            if p.returncode is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                _, _, usage = os.wait4(p.pid, 0)
+                rss = max(rss, usage.ru_maxrss // 1024)
+    got = store_trace_count(con, experiment)
+    con.close()
+    if first is None or last is None:
+        raise RuntimeError(f"daemons wrote {got} of {calls} traces in time")
+    rate = (calls - first_count) / (last - first) if last > first else float("nan")
+    return rate, calls / (last - launched), first - launched, rss, first_count
+
+
+def rate_cell(rate: float) -> str:
+    return "-" if rate != rate else f"{rate:,.1f}"
+
+
+def scaling_figures(
+    work: Path, n_records: int, env: dict[str, str], server_workers: int = 2, call_rates: tuple[float, ...] = (10, 100, 1000)
+) -> tuple[list[tuple[str, str, str, str, str]], list[str]]:
+    """Scaling out, on one PostgreSQL (fsync=off) on this machine: 1, 2 and 4 ``tail`` daemons at once
+    (the same records split over their files) directly and through an ``mlflow server --workers``
+    on it, with that server's own ceiling; ``backfill --workers`` 1 and 2 into SQLite, PostgreSQL
+    and the server; then what a call rate needs. Returns (rows, summary lines)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.pgkit import start_postgres
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    direct, via_server = "PostgreSQL directly (bulk)", f"server --workers {server_workers}"
+    cluster = start_postgres()
+    server = None
+    try:
+        server_db = cluster.new_database()
+        direct_db = cluster.new_database()
+        (work / "pg-server").mkdir()
+        server, url = start_server(work / "pg-server", server_db, server_workers)
+        clients = 2 * server_workers
+        ceiling_path, warm = work / "scaling-ceiling.jsonl", work / "scaling-warm.jsonl"
+        generate(ceiling_path, min(n_records, 5000))
+        generate(warm, 100)
+        server_ceiling(url, warm, batch=10, clients=clients)  # every worker's first requests (lazy imports) out of the figures
+        before, n_ceiling = server_ceiling(url, ceiling_path, clients=clients)
+        per_k: dict[tuple[str, int], float] = {}
+        for k in (1, 2, 4):
+            dirs = [work / f"daemons-{k}-{i}" for i in range(k)]
+            calls = recs = 0
+            for i, d in enumerate(dirs):
+                d.mkdir()
+                r, c = generate(d / "proxy.jsonl", n_records // k + (i < n_records % k))
+                recs, calls = recs + r, calls + c
+            for via, uri, db in ((direct, direct_db, direct_db), (via_server, url, server_db)):
+                rate, with_startup, startup, rss, first_count = daemons_run(uri, db, dirs, calls, work)
+                per_k[(via, k)] = rate
+                label = (
+                    f"tail x{k} -> {via}, {calls} calls in {k} files: first trace to last / from launch "
+                    f"(launch to first trace {startup:.1f} s, {first_count} by then)"
+                )
+                rows.append((label, "-", "-", f"{rss}", f"{rate_cell(rate)} / {with_startup:,.1f}"))
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        after, _ = server_ceiling(url, ceiling_path, clients=clients)
+        rows.append(
+            (
+                f"server's own OTLP ceiling, --workers {server_workers}, {clients} clients, {n_ceiling} traces, before/after",
+                "-",
+                "-",
+                "-",
+                f"{before:,.1f} / {after:,.1f}",
+            )
+        )
+        path = work / "scaling-backfill.jsonl"
+        recs, calls = generate(path, n_records)
+        mb = path.stat().st_size / 1e6
+        backfill_tps: dict[tuple[str, int], float] = {}
+        for w in (1, 2):
+            for name, uri in (
+                ("SQLite (bulk)", f"sqlite:///{work / f'backfill-{w}.db'}"),
+                ("PostgreSQL (bulk)", cluster.new_database()),
+                (f"server --workers {server_workers}", url),
+            ):
+                tag = uuid.uuid4().hex[:6]
+                args = [EXE, "backfill", str(path), "--workers", str(w), "--json", "--tracking-uri", uri,
+                        "--experiment-name", f"bench-backfill-{tag}", "--state-dir", str(work / f"bf-{tag}")]  # fmt: skip
+                t, rss, out = run_measured(args, env)
+                summary = json.loads(out)
+                written = summary["traces_written"]
+                backfill_tps[(name, w)] = written / summary["seconds"]
+                rows += measured(
+                    f"backfill --workers {w} -> {name}, {recs} records / {written} traces", recs, written, mb, t, rss, summary["seconds"]
+                )
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        cluster.stop()
+
+    import math
+
+    ceiling = (before + after) / 2
+    direct1, via1 = per_k[(direct, 1)], per_k[(via_server, 1)]
+    best = max((r for (v, _), r in per_k.items() if v == direct and r == r), default=float("nan"))
+    lines = [
+        f"scaling: all on this {os.cpu_count()}-core machine (daemons, PostgreSQL with fsync=off, server): one daemon "
+        f"{rate_cell(direct1)} traces/s into PostgreSQL directly, {rate_cell(via1)} through the server; the most daemons together "
+        f"took directly {rate_cell(best)}/s; the server's ceiling {ceiling:,.1f}/s at {server_workers} workers "
+        f"= {ceiling / server_workers:,.1f}/s per worker (mean of before and after)"
+    ]
+    gains = ", ".join(f"{name} x{backfill_tps[(name, 2)] / backfill_tps[(name, 1)]:.2f}" for name, w in backfill_tps if w == 1)
+    lines.append(f"backfill: --workers 2 over --workers 1 (traces_written / the run's own seconds): {gains}")
+    for r in call_rates:
+        if direct1 == direct1 and via1 == via1:
+            lines.append(
+                f"sizing: {r:g} calls/s needs {math.ceil(r / direct1)} daemon(s) into PostgreSQL directly, or "
+                f"{math.ceil(r / via1)} daemon(s) and {math.ceil(r / (ceiling / server_workers))} server worker(s) through a server"
+            )
+        else:
+            lines.append("sizing: every trace landed by the first poll, no rate: use a larger --scaling-records")
+            break
+    return rows, lines
+
+
 def print_rows(rows: list[tuple[str, str, str, str, str]]) -> None:
     header = ("stage", "records/s", "MB/s", "peak RSS MiB", "traces/s")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
@@ -476,6 +664,11 @@ def main() -> None:
     ap.add_argument("--nesting-records", type=int, default=5000, help="records for the nesting figures")
     ap.add_argument("--only-parse", action="store_true", help="print only the parse stage figures (first of --sizes) and exit")
     ap.add_argument("--bucket-records", type=int, default=5000, help="records uploaded as objects for the bucket figures")
+    ap.add_argument("--only-scaling", action="store_true", help="print only the scaling-out figures (PostgreSQL, server) and exit")
+    ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--scaling-records", type=int, default=20000, help="records per daemons run (split over the daemons) and per backfill")
+    ap.add_argument("--scaling-server-workers", type=int, default=2, help="--workers of the PostgreSQL-backed server")
+    ap.add_argument("--call-rates", default="10,100,1000", help="calls/s to size daemons and server workers for")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="litellm-ingest-bench-"))
@@ -500,6 +693,13 @@ def main() -> None:
         path = work / "parse-input.jsonl"
         generate(path, sizes[0])
         print_rows(parse_figures(path, env))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    rates = tuple(float(r) for r in args.call_rates.split(","))
+    if args.only_scaling:
+        scaling_rows, scaling_lines = scaling_figures(work, args.scaling_records, env, args.scaling_server_workers, rates)
+        print_rows(scaling_rows)
+        print("\n".join(scaling_lines))
         shutil.rmtree(work, ignore_errors=True)
         return
 
@@ -584,6 +784,10 @@ def main() -> None:
 
     if not args.skip_buckets:
         rows += bucket_figures(work, args.bucket_records, env)
+    scaling_lines: list[str] = []
+    if not args.skip_scaling:
+        scaling_rows, scaling_lines = scaling_figures(work, args.scaling_records, env, args.scaling_server_workers, rates)
+        rows += scaling_rows
     print_rows(rows)
     if len(rss_by_size) > 1:
         (n0, r0), (n1, r1) = rss_by_size[0], rss_by_size[-1]
@@ -595,6 +799,8 @@ def main() -> None:
         print(ceiling_line)
     if tail_line:
         print(tail_line)
+    for line in scaling_lines:
+        print(line)
     if callback_tps:
         print(
             f"headline: batch into SQLite {sqlite_tps:,.0f} traces/s = {sqlite_tps / callback_tps:.1f}x "

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.pgkit import Postgres, start_postgres
+
 # s3_server, gcs_server, s3_env, gcs_env: one of each per session, for every module (a module that imports them
 # instead gets its own)
 pytest_plugins = ["tests.buckets"]
@@ -208,57 +210,18 @@ def spans_ingested(server: MlflowServer) -> int:
     return 0
 
 
-def _pg_bin(name: str) -> str | None:
-    import glob
-
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
-
-
-@dataclass
-class Postgres:
-    port: int
-
-    def new_database(self) -> str:
-        """A fresh, empty database on the cluster; its SQLAlchemy URI."""
-        import psycopg
-
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True) as con:
-            con.execute(f"CREATE DATABASE {name}")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """A real PostgreSQL cluster for the session (initdb + pg_ctl in a temp dir, trust auth on
-    127.0.0.1). As root it runs as the `postgres` user, since PostgreSQL refuses to run as root."""
-    import tempfile
-
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
-    base = Path(tempfile.mkdtemp(prefix="litellm-ingest-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        import pwd
-
-        pw = pwd.getpwnam("postgres")
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", free_port()
-
-    def pg(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
-
-    pg(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg(pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "server.log"), "-w", "start")
+    127.0.0.1, fsync off; tests/pgkit.py). As root it runs as the `postgres` user."""
     try:
-        yield Postgres(port)
+        cluster = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    try:
+        yield cluster
     finally:
-        pg(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+        cluster.stop()
 
 
 def sqlite_trace_count(db: Path) -> int:

@@ -1,0 +1,77 @@
+"""A throwaway PostgreSQL cluster (initdb + pg_ctl in a temp dir): plain functions, no pytest, for
+the ``postgres`` fixture and for bench/bench.py."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def pg_bin(name: str) -> str | None:
+    """A PostgreSQL program on PATH, else from the newest /usr/lib/postgresql/*/bin."""
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Postgres:
+    port: int
+
+    def new_database(self) -> str:
+        """A fresh, empty database on the cluster; its SQLAlchemy URI."""
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True) as con:
+            con.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@dataclass
+class PgCluster(Postgres):
+    """A running cluster; ``stop()`` ends it and removes its directory."""
+
+    base: Path = field(default_factory=Path)
+    as_user: list[str] = field(default_factory=list)
+
+    def _pg(self, *args: str) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        self._pg(pg_bin("pg_ctl") or "pg_ctl", "-D", str(self.base / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_postgres() -> PgCluster:
+    """initdb + pg_ctl start in a temp dir: trust auth on 127.0.0.1, ``fsync=off``. As root it runs as
+    the ``postgres`` user, since PostgreSQL refuses to run as root. FileNotFoundError if not installed."""
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        raise FileNotFoundError("PostgreSQL (initdb, pg_ctl) is not installed")
+    base = Path(tempfile.mkdtemp(prefix="litellm-ingest-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        pw = pwd.getpwnam("postgres")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    cluster = PgCluster(_free_port(), base, as_user)
+    data = base / "data"
+    cluster._pg(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+    options = f"-p {cluster.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+    cluster._pg(pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "server.log"), "-w", "start")
+    return cluster
