@@ -335,7 +335,7 @@ class Pipeline:
         nests = pl.col("parent_trace_id").is_not_null().any().over("call_key") if self.nester is not None else pl.lit(False)
         here, there = ready.filter(nests), ready.filter(~nests)
         if not pool.writes:
-            self._send(itertools.chain(self._built(here), self._built_by(pool.build(there))))
+            self._send_batches(itertools.chain(_batches(self._built(here), self.batch_traces), self._built_by(pool.build(there))))
             return
         remote = pool.write(there)
         failure: BaseException | None = None
@@ -354,10 +354,12 @@ class Pipeline:
     def _built(self, ready: pl.DataFrame) -> Iterator[BuiltTrace]:
         return built_traces(ready, self.experiment_id, self.redact, self.scrub, self.quarantine.write)
 
-    def _built_by(self, parts: Iterable[Built]) -> Iterator[BuiltTrace]:
+    def _built_by(self, parts: Iterable[Built]) -> Iterator[list[BuiltTrace]]:
+        """Each part as one write, as it arrives: this process inserts one while workers build the next."""
         for part in parts:
             self.quarantine.write(part.quarantined)
-            yield from part.traces
+            if part.traces:
+                yield part.traces
 
     def _account_emitted(self, part: Emitted) -> None:
         s = self.summary
@@ -372,19 +374,16 @@ class Pipeline:
             self._last = part.last_us if self._last is None else max(self._last, part.last_us)
 
     def _send(self, traces: Iterable[BuiltTrace]) -> None:
-        """Send in batches, a few in flight (building the next overlaps sending the last).
+        self._send_batches(_batches(traces, self.batch_traces))
+
+    def _send_batches(self, batches: Iterable[list[BuiltTrace]]) -> None:
+        """Send batches, a few in flight (building the next overlaps sending the last).
 
         A call whose spans cannot be built, or that the store rejects, is quarantined and the rest
         written: no record can stop the run. Outages still raise (the calls are held for a retry)."""
         sent: list[tuple[list[BuiltTrace], Future[int]]] = []
-        batch: list[BuiltTrace] = []
         try:
-            for trace in traces:
-                batch.append(trace)
-                if len(batch) >= self.batch_traces:
-                    sent.append((batch, self.sink.submit(batch)))
-                    batch = []
-            if batch:
+            for batch in batches:
                 sent.append((batch, self.sink.submit(batch)))
         finally:
             failure: BaseException | None = None
@@ -444,6 +443,17 @@ class Pipeline:
         hi = max(t.end_us for t in batch)
         self._first = lo if self._first is None else min(self._first, lo)
         self._last = hi if self._last is None else max(self._last, hi)
+
+
+def _batches(traces: Iterable[BuiltTrace], size: int) -> Iterator[list[BuiltTrace]]:
+    batch: list[BuiltTrace] = []
+    for trace in traces:
+        batch.append(trace)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def normalized_ahead(pipe: Pipeline, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Normalized]]:
@@ -656,7 +666,13 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
     pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1)
     pipe.shard = opts.shard
-    follower = Follower(state, pipe, chunk_bytes=opts.chunk_bytes, partial_timeout_s=opts.partial_timeout_s, dry_run=opts.dry_run)
+    follower = Follower(
+        state,
+        pipe,
+        chunk_bytes=opts.chunk_bytes * (4 if pipe.pool is not None else 1),
+        partial_timeout_s=opts.partial_timeout_s,
+        dry_run=opts.dry_run,
+    )
     try:
         with state.locked():
             state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid()}

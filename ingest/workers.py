@@ -41,7 +41,7 @@ from ingest.spans import BuiltTrace, Redaction
 
 START_AFTER_CALLS = 256
 """Workers start once a backfill has this many calls: a small one never pays for starting processes."""
-DERIVE_TASK_CALLS = 250
+DERIVE_TASK_CALLS = 100
 """Calls per task when this process writes: small enough that its inserts overlap the workers' builds."""
 
 
