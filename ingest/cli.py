@@ -298,7 +298,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
     default=lambda: os.cpu_count() or 1,
     show_default="the machine's cores",
     help="Processes that build (and, on PostgreSQL or a server, write) traces; calls are sharded by call id. "
-    "Into SQLite, workers build and this process writes. The output is the same for any number.",
+    "Into SQLite this process is the one writer and N-1 workers build. The output is the same for any number.",
 )
 @click.option(
     "--shard",
@@ -612,7 +612,7 @@ def _print_summary(s: Any) -> None:
         ("time range", f"{s.first_start} .. {s.last_end}" if s.first_start else "-"),
         ("seconds", s.seconds),
         ("records/s", s.records_per_second),
-        *([("workers", f"{s.workers} processes built and wrote the calls")] if s.workers else []),
+        *([("workers", f"{s.workers} worker processes built (and wrote) the calls")] if s.workers else []),
         ("MLflow", f"{s.tracking_uri}  experiment {s.experiment_name!r} (id {s.experiment_id})"),
     ]
     if s.calls_held:

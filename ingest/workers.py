@@ -6,7 +6,8 @@ worker, which builds the call's spans as one process would. What a worker then d
 the store:
 
 - SQLite takes one writer at a time: workers also derive the rows the bulk writer inserts, and
-  this process inserts them, with every rule a write has (conflict merge, rejected-trace isolation).
+  this process inserts them, with every rule a write has (conflict merge, rejected-trace isolation);
+  it counts as one of the N, so N-1 workers build.
 - PostgreSQL: each worker writes its shard over its own connection, in parallel.
 - A server: each worker posts its own batches, so N requests are in flight.
 
@@ -83,7 +84,9 @@ class Built:
 
 
 def pool_for(n: int, sink: Sink, target: Target, experiment_id: str, opts: Any, batch_traces: int) -> WorkerPool | None:
-    """The pool a backfill with ``n`` workers uses for this sink (None for one worker)."""
+    """The pool a backfill with ``n`` workers uses for this sink (None for one worker). Into SQLite
+    this process is one of the ``n``: it inserts what the other ``n - 1`` build (measured on two
+    cores: two builders beside the writer are slower than one, the writer needs its core)."""
     if n <= 1:
         return None
     base = dict(
@@ -93,7 +96,7 @@ def pool_for(n: int, sink: Sink, target: Target, experiment_id: str, opts: Any, 
         return WorkerPool(n, WorkerConfig(**base, dry_run=True))
     if isinstance(sink, StoreSink) and sink.store.db_type == "sqlite":
         d = sink.bulk.deriver if sink.bulk is not None else None
-        return WorkerPool(n, WorkerConfig(**base, deriver=None if d is None else (d.location, d.artifact_location, d.ascii_only)))
+        return WorkerPool(n - 1, WorkerConfig(**base, deriver=None if d is None else (d.location, d.artifact_location, d.ascii_only)))
     return WorkerPool(n, WorkerConfig(**base, target=target, sql_writer=opts.sql_writer))
 
 

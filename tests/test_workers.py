@@ -58,9 +58,10 @@ def one_worker(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return store_rows(uri)
 
 
-def test_two_workers_write_what_one_writes_row_for_row_into_sqlite(archive: Path, one_worker: dict, tmp_path: Path) -> None:
+def test_workers_write_what_one_writes_row_for_row_into_sqlite(archive: Path, one_worker: dict, tmp_path: Path) -> None:
+    """--workers 3 into SQLite: this process writes, two build (sharded)."""
     uri = f"sqlite:///{tmp_path / 'two.db'}"
-    summary = backfill(uri, archive, tmp_path / "state", 2)
+    summary = backfill(uri, archive, tmp_path / "state", 3)
     assert summary["workers"] == 2, "the workers must have started"
     assert summary["traces_written"] == len(one_worker["info"]) and summary["spans_written"] == len(one_worker["spans"])
     assert_same_as_one_writer(uri, one_worker)
@@ -112,7 +113,7 @@ def test_a_backfill_killed_with_its_workers_mid_run_leaves_none_behind_and_resum
     for i in range(9):
         write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 4 : i * 4 + 4] for r in b])
     uri = f"sqlite:///{tmp_path / 'killed.db'}"
-    proc = subprocess.Popen([*backfill_args(uri, logs, tmp_path / "state", 2), "--workers", "2", "-q"], env=_env())
+    proc = subprocess.Popen([*backfill_args(uri, logs, tmp_path / "state", 2), "--workers", "3", "-q"], env=_env())
     workers: list[int] = []
     before_workers: int | None = None
     deadline = time.monotonic() + 120
