@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.pgkit import Postgres, start_postgres
+from tests.pgkit import Postgres, free_port, start_postgres
 
 # s3_server, gcs_server, s3_env, gcs_env: one of each per session, for every module (a module that imports them
 # instead gets its own)
@@ -112,12 +111,6 @@ def _load_make_samples():  # type: ignore[no-untyped-def]
 
 spend_row = _load_make_samples().spend_row
 """A SpendLogs row built from a payload record the way the proxy fills the table (sample_logs/make_samples.py)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

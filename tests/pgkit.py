@@ -20,7 +20,7 @@ def pg_bin(name: str) -> str | None:
     return found if isinstance(found, str) else (found[-1] if found else None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +69,7 @@ def start_postgres() -> PgCluster:
         pw = pwd.getpwnam("postgres")
         os.chown(base, pw.pw_uid, pw.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    cluster = PgCluster(_free_port(), base, as_user)
+    cluster = PgCluster(free_port(), base, as_user)
     data = base / "data"
     cluster._pg(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
     options = f"-p {cluster.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
