@@ -295,7 +295,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=lambda: os.cpu_count() or 1,
+    default=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
     show_default="the machine's cores",
     help="Processes that build (and, on PostgreSQL or a server, write) traces; calls are sharded by call id. "
     "Into SQLite this process is the one writer and N-1 workers build. The output is the same for any number.",

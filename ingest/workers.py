@@ -152,7 +152,10 @@ class WorkerPool:
             self._shards = [
                 ProcessPoolExecutor(1, mp_context=context, initializer=_init, initargs=(self.config, os.getpid())) for _ in range(self.n)
             ]
-        return self._shards[shard].submit(fn, part)
+        try:
+            return self._shards[shard].submit(fn, part)
+        except BrokenProcessPool as e:
+            raise WorkerDied(f"a backfill worker process died ({e}); run the same command again to continue") from None
 
     def _parts(self, ready: pl.DataFrame, calls_per_part: int) -> Iterator[tuple[int, pl.DataFrame]]:
         """(shard, frame) in the frame's call order: shard by a hash of the call key, then cut each
