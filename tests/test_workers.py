@@ -105,33 +105,50 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-def test_a_backfill_killed_with_its_workers_mid_run_leaves_none_behind_and_resumes_to_the_same_rows(
-    capture: list[dict], tmp_path: Path
-) -> None:
-    logs = tmp_path / "logs"
-    batches = copies(capture, 36, "kill")
-    for i in range(9):
-        write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 4 : i * 4 + 4] for r in b])
-    uri = f"sqlite:///{tmp_path / 'killed.db'}"
-    proc = subprocess.Popen([*backfill_args(uri, logs, tmp_path / "state", 2), "--workers", "3", "-q"], env=_env())
+def _started_with_workers(uri: str, logs: Path, state: Path, db: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A backfill with two building workers, returned once a step they built was committed."""
+    proc = subprocess.Popen([*backfill_args(uri, logs, state, 3), "--workers", "3", "-q"], env=_env(), stderr=subprocess.PIPE, text=True)
     workers: list[int] = []
     before_workers: int | None = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         workers = _workers(proc.pid)
         if len(workers) == 2:
-            count = sqlite_trace_count(tmp_path / "killed.db")
+            count = sqlite_trace_count(db)
             before_workers = count if before_workers is None else before_workers
             if count > before_workers:
                 break
         time.sleep(0.02)
     assert proc.poll() is None, f"the backfill ended before it could be killed: give it more input ({workers}, {before_workers})"
+    return proc, workers
+
+
+def _gone(pids: list[int]) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(w) for w in pids):
+        time.sleep(0.1)
+    return not any(_alive(w) for w in pids)
+
+
+def test_a_backfill_whose_worker_or_itself_is_killed_mid_run_leaves_no_process_behind_and_resumes_to_the_same_rows(
+    capture: list[dict], tmp_path: Path
+) -> None:
+    logs, db = tmp_path / "logs", tmp_path / "killed.db"
+    batches = copies(capture, 36, "kill")
+    for i in range(9):
+        write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 4 : i * 4 + 4] for r in b])
+    uri = f"sqlite:///{db}"
+
+    proc, workers = _started_with_workers(uri, logs, tmp_path / "state", db)
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "worker process died" in err and "Traceback" not in err, err[-2000:]
+    assert _gone(workers), "a worker outlived its backfill"
+
+    proc, workers = _started_with_workers(uri, logs, tmp_path / "state", db)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(w) for w in workers):
-        time.sleep(0.1)
-    assert workers and not any(_alive(w) for w in workers), "a worker outlived its killed backfill"
+    assert workers and _gone(workers), "a worker outlived its killed backfill"
 
     backfill(uri, logs, tmp_path / "state", 2)
     reference = f"sqlite:///{tmp_path / 'ref.db'}"
