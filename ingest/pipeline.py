@@ -362,16 +362,8 @@ class Pipeline:
                 yield part.traces
 
     def _account_emitted(self, part: Emitted) -> None:
-        s = self.summary
         self.quarantine.write(part.quarantined)
-        s.calls, s.traces_written, s.spans_written = (
-            s.calls + part.calls,
-            s.traces_written + part.traces_written,
-            s.spans_written + part.spans_written,
-        )
-        if part.first_us is not None and part.last_us is not None:
-            self._first = part.first_us if self._first is None else min(self._first, part.first_us)
-            self._last = part.last_us if self._last is None else max(self._last, part.last_us)
+        self._count(part.calls, part.traces_written, part.spans_written, part.first_us, part.last_us)
 
     def _send(self, traces: Iterable[BuiltTrace]) -> None:
         self._send_batches(_batches(traces, self.batch_traces))
@@ -432,17 +424,17 @@ class Pipeline:
         return written, spans
 
     def _account(self, batch: list[BuiltTrace], spans: int) -> None:
-        if not batch:
-            return
+        if batch:
+            written = not isinstance(self.sink, NullSink)
+            lo, hi = min(t.start_us for t in batch), max(t.end_us for t in batch)
+            self._count(len(batch), len(batch) if written else 0, spans if written else 0, lo, hi)
+
+    def _count(self, calls: int, traces: int, spans: int, lo: int | None, hi: int | None) -> None:
         s = self.summary
-        s.calls += len(batch)
-        if not isinstance(self.sink, NullSink):
-            s.traces_written += len(batch)
-            s.spans_written += spans
-        lo = min(t.start_us for t in batch)
-        hi = max(t.end_us for t in batch)
-        self._first = lo if self._first is None else min(self._first, lo)
-        self._last = hi if self._last is None else max(self._last, hi)
+        s.calls, s.traces_written, s.spans_written = s.calls + calls, s.traces_written + traces, s.spans_written + spans
+        if lo is not None and hi is not None:
+            self._first = lo if self._first is None else min(self._first, lo)
+            self._last = hi if self._last is None else max(self._last, hi)
 
 
 def _batches(traces: Iterable[BuiltTrace], size: int) -> Iterator[list[BuiltTrace]]:
