@@ -627,7 +627,8 @@ def _print_summary(s: Any) -> None:
     if s.files_other_shards:
         rows.insert(1, ("files of other shards", f"{s.files_other_shards} (read by the other --shard runs)"))
     if s.calls_other_shards:
-        rows.insert(rows.index(("calls", s.calls)) + 1, ("calls of other shards", f"{s.calls_other_shards} (the other --shard runs write them)"))
+        at = rows.index(("calls", s.calls)) + 1
+        rows.insert(at, ("calls of other shards", f"{s.calls_other_shards} (the other --shard runs write them)"))
     if s.files_skipped:
         why = "no complete line yet: read once a line ends, or the file is unchanged for --partial-timeout"
         rows.insert(1, ("files waiting", f"{s.files_skipped} ({why})"))
