@@ -155,14 +155,13 @@ class WorkerPool:
         try:
             return self._shards[shard].submit(fn, part)
         except BrokenProcessPool as e:
-            raise WorkerDied(f"a backfill worker process died ({e}); run the same command again to continue") from None
+            raise WorkerDied.of(e) from None
 
     def _parts(self, ready: pl.DataFrame, calls_per_part: int) -> Iterator[tuple[int, pl.DataFrame]]:
         """(shard, frame) in the frame's call order: shard by a hash of the call key, then cut each
         shard into parts of whole calls."""
-        keyed = ready.with_columns(
-            (pl.col("call_key").hash(seed=14) % self.n).alias("_shard"),
-            (pl.col("call_key").rank("dense").over(pl.col("call_key").hash(seed=14) % self.n) // calls_per_part).alias("_part"),
+        keyed = ready.with_columns((pl.col("call_key").hash(seed=14) % self.n).alias("_shard")).with_columns(
+            (pl.col("call_key").rank("dense").over("_shard") // calls_per_part).alias("_part")
         )
         for (shard, _), part in keyed.partition_by("_shard", "_part", maintain_order=True, as_dict=True).items():
             yield int(shard), part.drop("_shard", "_part")  # type: ignore[call-overload]
@@ -171,12 +170,16 @@ class WorkerPool:
 class WorkerDied(RuntimeError):
     """A worker process ended mid-task (killed, out of memory): the step is not acknowledged."""
 
+    @classmethod
+    def of(cls, e: BrokenProcessPool) -> WorkerDied:
+        return cls(f"a backfill worker process died ({e}); run the same command again to continue")
+
 
 def result_of(done: Future[Any]) -> Any:
     try:
         return done.result()
     except BrokenProcessPool as e:
-        raise WorkerDied(f"a backfill worker process died ({e}); run the same command again to continue") from None
+        raise WorkerDied.of(e) from None
 
 
 _worker: _Worker | None = None
