@@ -9,6 +9,7 @@ deterministic ids make the little it re-sends harmless.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -335,7 +336,8 @@ class Pipeline:
         nests = pl.col("parent_trace_id").is_not_null().any().over("call_key") if self.nester is not None else pl.lit(False)
         here, there = ready.filter(nests), ready.filter(~nests)
         if not pool.writes:
-            self._send_batches(itertools.chain(_batches(self._built(here), self.batch_traces), self._built_by(pool.build(there))))
+            built_there = self._built_by(pool.build(there, self._build_here))
+            self._send_batches(itertools.chain(_batches(self._built(here), self.batch_traces), built_there))
             return
         remote = pool.write(there)
         failure: BaseException | None = None
@@ -354,12 +356,26 @@ class Pipeline:
     def _built(self, ready: pl.DataFrame) -> Iterator[BuiltTrace]:
         return built_traces(ready, self.experiment_id, self.redact, self.scrub, self.quarantine.write)
 
-    def _built_by(self, parts: Iterable[Built]) -> Iterator[list[BuiltTrace]]:
-        """Each part as one write, as it arrives: this process inserts one while workers build the next."""
-        for part in parts:
-            self.quarantine.write(part.quarantined)
-            if part.traces:
-                yield part.traces
+    def _built_by(self, arrivals: Iterable[list[tuple[pl.DataFrame, Built]]]) -> Iterator[list[BuiltTrace]]:
+        """The parts that arrived together as one write: this process inserts them while workers
+        build the next. A slim trace can be built again here from the part's frame."""
+        for parts in arrivals:
+            traces: list[BuiltTrace] = []
+            for frame, part in parts:
+                self.quarantine.write(part.quarantined)
+                for trace in part.traces:
+                    if not trace.data:
+                        trace.restore = functools.partial(self._rebuild, frame, trace.call_key)
+                traces += part.traces
+            if traces:
+                yield traces
+
+    def _build_here(self, part: pl.DataFrame) -> Built:
+        quarantined: list[QuarantineRecord] = []
+        return Built(list(built_traces(part, self.experiment_id, self.redact, self.scrub, quarantined.extend)), quarantined)
+
+    def _rebuild(self, frame: pl.DataFrame, call_key: str) -> BuiltTrace:
+        return build_trace(frame.filter(pl.col("call_key") == call_key).rows(named=True), self.experiment_id, self.redact, self.scrub)
 
     def _account_emitted(self, part: Emitted) -> None:
         self.quarantine.write(part.quarantined)
@@ -420,7 +436,7 @@ class Pipeline:
         if len(batch) > 1 and not written:
             raise error
         for trace, why in refused:
-            self.quarantine.write(_quarantined(trace.rows, Reason.UNWRITABLE, f"sink: {why}"))
+            self.quarantine.write(_quarantined(trace.whole().rows, Reason.UNWRITABLE, f"sink: {why}"))
         return written, spans
 
     def _account(self, batch: list[BuiltTrace], spans: int) -> None:

@@ -140,6 +140,32 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("shape", rf"(?<![{_KEY}])(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
 _BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
+_LITERALS = (
+    "-----BEGIN", "://", "earer", "Basic", "sk-", "AKIA", "ASIA", "ABIA", "ACCA", "k_live_", "k_test_", "AIza", "ya29.", "eyJ",
+    "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "hf_", "gsk_", "xai-", "r8_", "pplx-", "tvly-", "npm_",
+    "dapi", "lsv2_", "SG.",
+)  # fmt: skip
+"""What every alternative of ``_BUILTIN`` but ``query`` and ``pair`` has in it, as plain text."""
+_PAIR_PARTS = ("key", "secret", "token", "pass", "authorization", "cookie", "credential")
+"""What every ``_PAIR_NAMES`` name has in it (any case)."""
+_IGNORECASE_EXTRA = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+"""Non-ASCII letters ``re.IGNORECASE`` takes for ASCII ones (İ ı ſ K)."""
+
+
+def _may_hold_secret(s: str) -> bool:
+    """False only where ``_BUILTIN`` cannot match: a few substring tests instead of trying eight
+    alternatives (lookbehinds first) at every position, ~10x faster on the texts a trace carries,
+    almost none of which hold a credential."""
+    if any(p in s for p in _LITERALS):
+        return True
+    eq = "=" in s
+    if eq and ("?" in s or "&" in s):
+        return True
+    if not eq and ":" not in s:
+        return False
+    low = (s if s.isascii() else s.translate(_IGNORECASE_EXTRA)).lower()
+    return any(p in low for p in _PAIR_PARTS)
+
 _CACHED_LENGTH = 512
 _CACHED_STRINGS = 16384
 """Bounds the caches of scrubbed texts and keys (a daemon runs for months): at most ~16 MB."""
@@ -197,7 +223,7 @@ class Scrubber:
             return done
         try:
             out = s
-            if _BUILTIN.search(out) is not None:
+            if _may_hold_secret(out) and _BUILTIN.search(out) is not None:
                 out = self._sub(out, 0)
             for pattern in self.extra:
                 if pattern.search(out) is not None:

@@ -454,7 +454,7 @@ class StoreSink(_Synchronous):
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span
 
-        count = sum(len(t.data) for t in traces)
+        count = sum(t.span_count for t in traces)
         if not count:
             return 0
 

@@ -14,8 +14,8 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
@@ -126,6 +126,8 @@ class BuiltTrace:
     _otlp: list[OtlpSpan] | None = field(default=None, repr=False)
     derived: Any = field(default=None, repr=False)
     """The rows the bulk writer inserts for this trace, when a backfill worker derived them already."""
+    restore: Callable[[], BuiltTrace] | None = field(default=None, repr=False, compare=False)
+    """Builds this trace again, spans and records, for a :meth:`slim` one that needs them after all."""
 
     @property
     def app_trace_id(self) -> str | None:
@@ -136,8 +138,28 @@ class BuiltTrace:
     def spans(self) -> list[OtlpSpan]:
         """The spans as OTLP protobuf (built on first use)."""
         if self._otlp is None:
-            self._otlp = [d.to_otlp() for d in self.data]
+            self._otlp = [d.to_otlp() for d in self.whole().data]
         return self._otlp
+
+    @property
+    def span_count(self) -> int:
+        return len(self.data) if self.data or self.derived is None else len(self.derived.spans)
+
+    def slim(self, derived: Any) -> BuiltTrace:
+        """This trace as the bulk writer's rows only, for a backfill worker to send back: spans and
+        records are most of its size, and unpickling them cost the writing process more than
+        inserting. The writer restores them (:meth:`whole`) only on the rare paths that need them:
+        a trace the store already holds, or one it refuses."""
+        return replace(self, data=[], rows=[], derived=derived, _otlp=None)
+
+    def whole(self) -> BuiltTrace:
+        """This trace with its spans and records (restored if it was sent :meth:`slim`)."""
+        if not self.data and self.derived is not None:
+            if self.restore is None:
+                raise RuntimeError(f"trace {self.trace_id} was sent without its spans and cannot be built again here")
+            again = self.restore()
+            self.data, self.rows, self.restore = again.data, again.rows, None
+        return self
 
 
 def _json_value(value: Any) -> Any:

@@ -27,8 +27,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,10 @@ from ingest.spans import BuiltTrace, Redaction
 START_AFTER_CALLS = 256
 """Workers start once a backfill has this many calls: a small one never pays for starting processes."""
 DERIVE_TASK_CALLS = 100
-"""Calls per task when this process writes: small enough that its inserts overlap the workers' builds."""
+"""Calls per task when this process writes: small enough that its inserts overlap the workers'
+builds, and that what it builds itself at the end of a step keeps no worker waiting long."""
+MIN_WRITE_CALLS = 400
+"""Calls this process builds itself before it writes them: a commit costs as much as ~100 traces."""
 
 
 @dataclass(frozen=True)
@@ -125,14 +128,33 @@ class WorkerPool:
         """Each shard's calls, written by its worker in tasks of one write batch."""
         return [self._submit(i, _write_part, part) for i, part in self._parts(ready, self.config.batch_traces)]
 
-    def build(self, ready: pl.DataFrame) -> Iterator[Built]:
-        """Each shard's calls built (and their rows derived) by its worker, as parts finish."""
-        futures = [self._submit(i, _build_part, part) for i, part in self._parts(ready, DERIVE_TASK_CALLS)]
+    def build(self, ready: pl.DataFrame, here: Callable[[pl.DataFrame], Built]) -> Iterator[list[tuple[pl.DataFrame, Built]]]:
+        """Each shard's calls built (and their rows derived) by its worker, in parts, each yielded
+        with the frame it was built from, several at a time: this process writes every part done
+        by then in one write (fewer commits when it falls behind). While none is done it builds a
+        part no worker has started yet itself (``here``), from the back of the queue, so neither
+        side idles whatever their speeds on this machine; it writes once it has ``MIN_WRITE_CALLS``
+        or nothing is left to take."""
+        frames = {self._submit(i, _build_part, part): part for i, part in self._parts(ready, DERIVE_TASK_CALLS)}
+        pending = list(frames)
+        own: list[tuple[pl.DataFrame, Built]] = []
         try:
-            for done in as_completed(futures):
-                yield result_of(done)
+            while pending or own:
+                done = [f for f in pending if f.done()]
+                if not done and sum(len(b.traces) for _, b in own) < MIN_WRITE_CALLS:
+                    stolen = next((f for f in reversed(pending) if f.cancel()), None)
+                    if stolen is not None:
+                        pending.remove(stolen)
+                        own.append((frames[stolen], here(frames[stolen])))
+                        continue
+                    if not own:
+                        wait(pending, return_when=FIRST_COMPLETED)
+                        continue
+                pending = [f for f in pending if f not in done]
+                yield own + [(frames[f], result_of(f)) for f in done]
+                own = []
         finally:
-            for f in futures:
+            for f in frames:
                 f.cancel()
 
     @property
@@ -255,7 +277,7 @@ def _build_part(part: pl.DataFrame) -> Built:
     quarantined: list[QuarantineRecord] = []
     traces = list(built_traces(part, config.experiment_id, config.redact, config.scrub, quarantined.extend))
     if _worker.deriver is not None:
-        for trace in traces:
+        for i, trace in enumerate(traces):
             with contextlib.suppress(Exception):
-                trace.derived = _worker.deriver.derive(trace)
+                traces[i] = trace.slim(_worker.deriver.derive(trace))
     return Built(traces, quarantined)

@@ -8,6 +8,7 @@ does not meet the same record again.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import uuid
 from collections.abc import Callable
@@ -218,11 +219,14 @@ def test_a_call_whose_spans_cannot_be_built_is_quarantined_and_the_others_writte
     assert pipe.finish().traces_written == len(good) - 1 == len(all_traces(sqlite_uri, experiment_name, include_spans=False))
 
 
+@pytest.mark.parametrize("sent", ["whole", "slim"])
 def test_a_trace_postgresql_rejects_is_quarantined_and_the_rest_of_its_batch_written(
-    capture: list[dict], tmp_path: Path, postgres: Any
+    capture: list[dict], tmp_path: Path, postgres: Any, sent: str
 ) -> None:
     """Defense in depth at the sink: a batch the store rejects for its data is split down to the trace
-    it will not take (here a user id longer than the metadata column allows)."""
+    it will not take (here a user id longer than the metadata column allows). ``slim``: traces as a
+    backfill worker sends them (derived rows only); the refused one's records, named in the
+    quarantine, are built again from the part they came in."""
     from ingest.normalize import normalize
     from ingest.sources import read_chunks
 
@@ -235,6 +239,13 @@ def test_a_trace_postgresql_rejects_is_quarantined_and_the_rest_of_its_batch_wri
     pipe = Pipeline(StoreSink(target), target.experiment_id, quarantine)
     traces = [build_trace([row], target.experiment_id) for row in frame.iter_rows(named=True)]
     traces[2].data[0].attributes[SpanAttributeKey.USER_ID] = "u" * 9000
+    if sent == "slim":
+        deriver = pipe.sink.bulk.deriver  # type: ignore[attr-defined]
+        rows = list(frame.iter_rows(named=True))
+        traces = [t.slim(deriver.derive(t)) for t in traces]
+        for t, row in zip(traces, rows, strict=True):
+            t.restore = functools.partial(build_trace, [row], target.experiment_id)
+        assert not any(t.rows or t.data for t in traces)
     written, _ = pipe._write_isolating(traces, SinkError("rejected", "rejected"))
     assert [t.call_key for t in written] == [t.call_key for t in traces if t is not traces[2]]
     q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().split("\n") if line]

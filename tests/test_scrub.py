@@ -375,3 +375,45 @@ def test_a_planted_key_never_survives_anywhere_in_random_json(case: tuple[Any, s
     node, k = case
     out = json.dumps(S.value(node), default=str)
     assert k not in out
+
+
+_NAMES = [
+    "api_key", "api-key", "apikey", "secret_key", "secret", "access_key", "private-key", "master_key", "account_key", "subscription-key",
+    "token", "password", "passwd", "passphrase", "authorization", "cookie", "credential", "credentials",
+]  # fmt: skip
+_SHAPES = [
+    "-----BEGIN RSA PRIVATE KEY-----MIIEow", "https://user:hunter2@host", "https://x.io/a?key=abc123", "/v1?x=1&sig=zzz",
+    "Bearer abcdef123456", "bearer\tabcdef123456", "Basic dXNlcjpwYXNz", "sk-abc123XYZ", "AKIAABCDEFGHIJKLMNOP", "ASIA0123456789ABCDEF",
+    "ABIAABCDEFGHIJKLMNOP", "ACCAABCDEFGHIJKLMNOP", "sk_live_abcdefgh1", "rk_test_abcdefgh1", "AIza" + "a" * 35, "ya29." + "b" * 20,
+    "eyJabcdef.eyJab.sig", "ghp_" + "c" * 20, "gho_" + "c" * 20, "ghu_" + "c" * 20, "ghs_" + "c" * 20, "ghr_" + "c" * 20,
+    "github_pat_" + "d" * 40, "glpat-" + "e" * 20, "xoxb-" + "1" * 10, "hf_" + "f" * 20, "gsk_" + "g" * 20, "xai-" + "h" * 20,
+    "r8_" + "i" * 20, "pplx-" + "j" * 20, "tvly-" + "k" * 20, "npm_" + "l" * 36, "dapi" + "a" * 32, "lsv2_pt_" + "a" * 32 + "_" + "b" * 10,
+    "SG." + "m" * 22 + "." + "n" * 43,
+]  # fmt: skip
+_CASED = str.maketrans({"i": "\u0131", "s": "\u017f", "k": "\u212a"})
+
+
+def _pairs() -> list[str]:
+    """Every credential name as ``re.IGNORECASE`` takes it: upper case, and with the non-ASCII letters it folds to i, s and k."""
+    names = [v for n in _NAMES for v in (n, n.upper(), n.title(), n.translate(_CASED), n.replace("i", "\u0130"))]
+    return [f"{n}{sep}v4lue" for n in names for sep in ("=", ": ", '\\"=\\"', "'='")]
+
+
+_MATCHING = _SHAPES + _pairs()
+
+
+def test_every_planted_shape_and_name_is_one_the_patterns_match_and_the_prefilter_passes() -> None:
+    from ingest.scrub import _BUILTIN, _may_hold_secret
+
+    assert [t for t in _MATCHING if _BUILTIN.search(t) is None] == []
+    assert [t for t in _MATCHING if not _may_hold_secret(t)] == []
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(max_size=20), st.sampled_from(_MATCHING), st.text(max_size=20))
+def test_the_prefilter_passes_every_text_the_patterns_match(before: str, planted: str, after: str) -> None:
+    """The cheap test that lets most texts skip the patterns must never skip one they match."""
+    from ingest.scrub import _BUILTIN, _may_hold_secret
+
+    for text in (planted, before + planted + after):
+        assert _BUILTIN.search(text) is None or _may_hold_secret(text), text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,28 @@ def test_workers_write_what_one_writes_row_for_row_into_sqlite(archive: Path, on
     assert summary["workers"] == 2, "the workers must have started"
     assert summary["traces_written"] == len(one_worker["info"]) and summary["spans_written"] == len(one_worker["spans"])
     assert_same_as_one_writer(uri, one_worker)
+
+
+def test_calls_the_store_holds_otherwise_are_merged_by_workers_as_one_process_merges_them(capture: list[dict], tmp_path: Path) -> None:
+    """Workers send this process only the rows a new trace needs; a trace the store already holds
+    with other spans (here: the second file's calls, written before with --redact all) takes
+    MLflow's merge, which needs the spans: they are built again here. Same rows as one process."""
+    logs, late = tmp_path / "logs", tmp_path / "late"
+    batches = copies(capture, 8, "merge")
+    write_log(logs / "proxy-1.jsonl", [r for b in batches[:6] for r in b])
+    write_log(late / "proxy-2.jsonl", [r for b in batches[6:] for r in b])
+    rows = {}
+    for workers in (1, 3):
+        uri = f"sqlite:///{tmp_path / f'w{workers}.db'}"
+        first = [*backfill_args(uri, late, tmp_path / f"redacted-{workers}", 1), "--redact", "all", "-q"]
+        assert subprocess.run(first, env=_env(), capture_output=True, text=True, timeout=300).returncode == 0
+        redacted = store_rows(uri)["spans"]
+        shutil.copy(late / "proxy-2.jsonl", logs)
+        summary = backfill(uri, logs, tmp_path / f"state-{workers}", workers)
+        assert summary["workers"] == (2 if workers == 3 else 0) and summary["traces_written"] > 300
+        rows[workers] = store_rows(uri)
+        assert {s[:2] for s in redacted} <= {s[:2] for s in rows[workers]["spans"]} and not redacted & rows[workers]["spans"]
+    assert rows[3] == rows[1]
 
 
 def test_two_workers_write_what_one_writes_row_for_row_into_postgresql(
