@@ -97,14 +97,15 @@ class Chunk:
     tail: bytes = b""
 
 
-def _frame(path: str, lines: list[str], sizes: pl.Series, start_offset: int, start_line: int) -> pl.DataFrame:
+def _frame(path: str, lines: list[str] | pl.Series, sizes: pl.Series, start_offset: int, start_line: int) -> pl.DataFrame:
     offsets = (sizes + 1).cum_sum().shift(1, fill_value=0) + start_offset
+    raw = lines if isinstance(lines, pl.Series) else pl.Series(lines, dtype=pl.String)
     return pl.DataFrame(
         {
             "source": pl.repeat(path, len(lines), eager=True, dtype=pl.String),
             "line_no": pl.int_range(start_line, start_line + len(lines), eager=True, dtype=pl.Int64),
             "offset": offsets.cast(pl.Int64),
-            "raw": pl.Series(lines, dtype=pl.String).str.strip_suffix("\r"),
+            "raw": raw.str.strip_suffix("\r"),
             "truncated": pl.repeat(False, len(lines), eager=True, dtype=pl.Boolean),
         }
     )
@@ -120,8 +121,8 @@ def split_lines(
     """
     bad: list[QuarantineRecord] = []
     try:
-        lines = data.decode("utf-8").split("\n")[:-1]
-        frame = _frame(path, lines, pl.Series(lines, dtype=pl.String).str.len_bytes(), start_offset, start_line)
+        lines = pl.Series(data.decode("utf-8").split("\n")[:-1], dtype=pl.String)
+        frame = _frame(path, lines, lines.str.len_bytes(), start_offset, start_line)
     except UnicodeDecodeError:
         raw_lines = data.split(b"\n")[:-1]
         sizes = pl.Series([len(b) for b in raw_lines], dtype=pl.UInt32)
