@@ -30,6 +30,9 @@ CAPTURE_FILES = [SAMPLE_LOGS / "proxy_calls.jsonl.1.gz", SAMPLE_LOGS / "proxy_ca
 
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# MLflow prices a span without a cost from its model catalog, first trying a download (3 retries, ~7 s
+# without network, once per process) before its bundled copy: the bundled copy at once, as offline.
+os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
 for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
     os.environ.pop(var, None)
 

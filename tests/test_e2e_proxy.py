@@ -38,7 +38,8 @@ def e2e_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false",
     }
     with running_proxy(work, [OUR_LOGGER, "mlflow"], env) as proxy:
-        daemon = Daemon(proxy.logdir, mlflow_server.url, ours, work / "state", "--settle", "30").start()
+        # --settle: 3 x the router's ~5 s backoff before a retry or fallback, so every call's attempts join in its first write
+        daemon = Daemon(proxy.logdir, mlflow_server.url, ours, work / "state", "--settle", "15").start()
         try:
             calls = json.loads(proxy.run_client(E2E / "drive_calls.py", proxy.url, proxy.key))
             want = {c["call_id"] for c in calls}

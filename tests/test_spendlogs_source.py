@@ -5,6 +5,7 @@ proxy's own log file, and a password that never leaves the URL."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from ingest.spendlogs_db import DEFAULT_PAGE_ROWS
 from tests.conftest import Postgres, all_traces, read_capture, reidentify, write_jsonl
 from tests.litellm_db import create_spendlogs_table, insert_rows, row_from_payload
 
@@ -120,7 +122,9 @@ def test_a_run_killed_mid_table_resumes_and_loses_and_doubles_nothing(litellm_db
 
     capture = read_capture()
     base = -86400 * 20
-    records = [r for i in range(240) for r in reidentify(capture, shift_s=base + i * 120, salt=f"k{i}")]
+    # A first page of rows (marked in the ledger as one) and a quarter page more: the kill lands after the first mark
+    copies = math.ceil(1.25 * DEFAULT_PAGE_ROWS / len(capture))
+    records = [r for i in range(copies) for r in reidentify(capture, shift_s=base + i * 120, salt=f"k{i}")]
     insert_rows(litellm_db, [row_from_payload(r) for r in records])
     uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

@@ -80,7 +80,19 @@ def embed(kind: str, text: str | list[str], encoding: str | None = None) -> dict
     }
 
 
+def backed_off() -> list[dict[str, Any]]:
+    """The calls the proxy's router retries or falls back (each waits out its backoff, ~5 s for a 500), all at once."""
+    jobs = [("retried_429", "flaky", f"flaky {i}") for i in range(2)]
+    jobs += [("fallback", "broken-primary", f"fallback {i}") for i in range(3)]
+    jobs += [("hard_failure", "always-500", f"doomed {i}") for i in range(2)]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: chat(job[0], model=job[1], content=job[2]), jobs))
+
+
 def main() -> None:
+    # First, and beside the others: their backoffs overlap the rest, and the failed-only calls (held for the
+    # daemon's --settle, counted from their end) start their wait at once instead of after everything else.
+    slow = ThreadPoolExecutor(max_workers=1).submit(backed_off)
     calls: list[dict[str, Any]] = []
     for i in range(8):
         calls.append(chat("plain", content=f"plain question {i}"))
@@ -99,16 +111,11 @@ def main() -> None:
         calls.append(embed("embedding", f"embed this {i}"))
     calls.append(embed("embedding", ["first text", "second text"], encoding="float"))
     calls.append(embed("embedding", "base64 please", encoding="base64"))
-    for i in range(2):
-        calls.append(chat("retried_429", model="flaky", content=f"flaky {i}"))
-    for i in range(3):
-        calls.append(chat("fallback", model="broken-primary", content=f"fallback {i}"))
-    for i in range(2):
-        calls.append(chat("hard_failure", model="always-500", content=f"doomed {i}"))
     with ThreadPoolExecutor(max_workers=6) as pool:
         calls += list(pool.map(lambda i: chat("concurrent", content=f"concurrent {i}", session="sess-e2e-concurrent"), range(12)))
     for i in range(4):
         calls.append(chat("plain", content=f"after concurrency {i}"))
+    calls += slow.result()
     print(json.dumps(calls))
 
 
