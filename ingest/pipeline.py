@@ -36,7 +36,7 @@ from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
 from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
-from ingest.workers import Built, Emitted, WorkerPool, pool_for, result_of
+from ingest.workers import PRESTART_BYTES, Built, Emitted, WorkerPool, pool_for, prestart, result_of, shutdown
 
 if TYPE_CHECKING:
     from ingest.follow import Follower
@@ -163,6 +163,7 @@ class Pipeline:
         quarantine: QuarantineWriter | None = None,
         nest_queue: NestQueue | None = None,
         workers: int = 1,
+        warm: list[Any] | None = None,
     ) -> Pipeline:
         """``nest_queue``: where calls wait for their app trace between runs (none: looked up once, at write time).
         ``workers``: processes that build and write big steps (a backfill's ``--workers``)."""
@@ -179,7 +180,7 @@ class Pipeline:
             opts.until_us,
             opts.scrub,
             nester,
-            pool_for(workers, sink, target, target.experiment_id, opts, batch),
+            pool_for(workers, sink, target, target.experiment_id, opts, batch, warm),
         )
 
     def normalize(self, chunk: Chunk) -> Normalized:
@@ -662,7 +663,12 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     inputs = Inputs.of(opts.paths)
     inputs.check()
     files = inputs.files
-    target, sink = open_target(opts)
+    warm = _prestart(opts, files) if mode == "backfill" else []
+    try:
+        target, sink = open_target(opts)
+    except BaseException:
+        shutdown(warm)
+        raise
     assert opts.state_dir is not None
     key = destination_key(target.tracking_uri, target.experiment_id)
     if mode == "backfill":
@@ -672,7 +678,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
     ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
     queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
-    pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1)
+    pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1, warm=warm)
     pipe.shard = opts.shard
     follower = Follower(
         state,
@@ -729,6 +735,21 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
         pipe.close_workers()
         sink.close()
     return summary
+
+
+def _prestart(opts: RunOptions, files: list[Path]) -> list[Any]:
+    """Workers started before the store is opened, for a backfill whose files alone are big enough
+    to use them (buckets and databases start theirs at the first big step)."""
+    if opts.workers <= 1 or opts.dry_run or sum(_size(f) for f in files) < PRESTART_BYTES:
+        return []
+    return prestart(opts.workers, tracking_uri_from(opts.tracking_uri).startswith("sqlite:"))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _ingest_unit(unit: Unit, follower: Follower, ledger: Ledger, opts: RunOptions, progress: Progress | None) -> None:

@@ -166,6 +166,7 @@ def _may_hold_secret(s: str) -> bool:
     low = (s if s.isascii() else s.translate(_IGNORECASE_EXTRA)).lower()
     return any(p in low for p in _PAIR_PARTS)
 
+
 _CACHED_LENGTH = 512
 _CACHED_STRINGS = 16384
 """Bounds the caches of scrubbed texts and keys (a daemon runs for months): at most ~16 MB."""

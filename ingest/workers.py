@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -46,7 +47,11 @@ DERIVE_TASK_CALLS = 100
 """Calls per task when this process writes: small enough that its inserts overlap the workers'
 builds, and that what it builds itself at the end of a step keeps no worker waiting long."""
 MIN_WRITE_CALLS = 400
-"""Calls this process builds itself before it writes them: a commit costs as much as ~100 traces."""
+"""Calls this process gathers (built by workers or itself) before it writes them, unless the step
+has no more: a commit into a big SQLite store costs as much as inserting ~100 traces."""
+PRESTART_BYTES = 4 << 20
+"""Input files this large start the workers before the store is even opened: their start-up (imports,
+a second or two) overlaps this process's instead of holding up the first step."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class WorkerConfig:
     deriver: tuple[str, str, bool] | None = None
     """The bulk writer's ``RowDeriver`` arguments, when workers derive rows for this process."""
     dry_run: bool = False
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+    """Names this configuration in the workers, which keep what they made of it (sinks, caches)."""
 
 
 @dataclass
@@ -86,29 +93,42 @@ class Built:
     quarantined: list[QuarantineRecord]
 
 
-def pool_for(n: int, sink: Sink, target: Target, experiment_id: str, opts: Any, batch_traces: int) -> WorkerPool | None:
+def prestart(n: int, sqlite: bool) -> list[ProcessPoolExecutor]:
+    """The executors of a pool of ``n`` workers (``n - 1`` into SQLite), started now."""
+    warm = [_executor() for _ in range(n - 1 if sqlite else n)]
+    for ex in warm:
+        ex.submit(_ready)
+    return warm
+
+
+def pool_for(
+    n: int, sink: Sink, target: Target, experiment_id: str, opts: Any, batch_traces: int, warm: list[ProcessPoolExecutor] | None = None
+) -> WorkerPool | None:
     """The pool a backfill with ``n`` workers uses for this sink (None for one worker). Into SQLite
     this process is one of the ``n``: it inserts what the other ``n - 1`` build (measured on two
-    cores: two builders beside the writer are slower than one, the writer needs its core)."""
+    cores: two builders beside the writer are slower than one, the writer needs its core).
+    ``warm``: executors :func:`prestart` started, for the pool to use."""
     if n <= 1:
         return None
     base = dict(
         experiment_id=experiment_id, redact=opts.redact, scrub=opts.scrub, batch_traces=batch_traces, deadline_s=opts.mlflow_timeout_s
     )
     if isinstance(sink, NullSink):
-        return WorkerPool(n, WorkerConfig(**base, dry_run=True))
+        return WorkerPool(n, WorkerConfig(**base, dry_run=True), warm)
     if isinstance(sink, StoreSink) and sink.store.db_type == "sqlite":
         d = sink.bulk.deriver if sink.bulk is not None else None
-        return WorkerPool(n - 1, WorkerConfig(**base, deriver=None if d is None else (d.location, d.artifact_location, d.ascii_only)))
-    return WorkerPool(n, WorkerConfig(**base, target=target, sql_writer=opts.sql_writer))
+        deriver = None if d is None else (d.location, d.artifact_location, d.ascii_only)
+        return WorkerPool(n - 1, WorkerConfig(**base, deriver=deriver), warm)
+    return WorkerPool(n, WorkerConfig(**base, target=target, sql_writer=opts.sql_writer), warm)
 
 
 class WorkerPool:
     """N single-process executors, one per shard, so a shard's tasks run in the order given."""
 
-    def __init__(self, n: int, config: WorkerConfig) -> None:
+    def __init__(self, n: int, config: WorkerConfig, warm: list[ProcessPoolExecutor] | None = None) -> None:
         self.n = n
         self.config = config
+        self._warm = list(warm or [])
         self._shards: list[ProcessPoolExecutor] = []
         self._closed: list[ProcessPoolExecutor] = []
         self.calls_seen = 0
@@ -130,29 +150,32 @@ class WorkerPool:
 
     def build(self, ready: pl.DataFrame, here: Callable[[pl.DataFrame], Built]) -> Iterator[list[tuple[pl.DataFrame, Built]]]:
         """Each shard's calls built (and their rows derived) by its worker, in parts, each yielded
-        with the frame it was built from, several at a time: this process writes every part done
-        by then in one write (fewer commits when it falls behind). While none is done it builds a
-        part no worker has started yet itself (``here``), from the back of the queue, so neither
-        side idles whatever their speeds on this machine; it writes once it has ``MIN_WRITE_CALLS``
-        or nothing is left to take."""
-        frames = {self._submit(i, _build_part, part): part for i, part in self._parts(ready, DERIVE_TASK_CALLS)}
+        with the frame it was built from, several at a time: this process writes what is done once
+        it has ``MIN_WRITE_CALLS`` or the step has no more. While it waits and a worker has parts
+        queued behind the one it is building, this process takes the last one and builds it
+        (``here``), so neither side idles, whatever their speeds on this machine."""
+        submitted = [(i, self._submit(i, _build_part, part), part) for i, part in self._parts(ready, DERIVE_TASK_CALLS)]
+        frames = {f: part for _, f, part in submitted}
+        shard_of = {f: i for i, f, _ in submitted}
         pending = list(frames)
-        own: list[tuple[pl.DataFrame, Built]] = []
+        gathered: list[tuple[pl.DataFrame, Built]] = []
         try:
-            while pending or own:
+            while pending:
                 done = [f for f in pending if f.done()]
-                if not done and sum(len(b.traces) for _, b in own) < MIN_WRITE_CALLS:
-                    stolen = next((f for f in reversed(pending) if f.cancel()), None)
-                    if stolen is not None:
-                        pending.remove(stolen)
-                        own.append((frames[stolen], here(frames[stolen])))
-                        continue
-                    if not own:
-                        wait(pending, return_when=FIRST_COMPLETED)
-                        continue
                 pending = [f for f in pending if f not in done]
-                yield own + [(frames[f], result_of(f)) for f in done]
-                own = []
+                gathered += [(frames[f], result_of(f)) for f in done]
+                if gathered and (not pending or sum(len(b.traces) for _, b in gathered) >= MIN_WRITE_CALLS):
+                    yield gathered
+                    gathered = []
+                    continue
+                if not done and (stolen := _backlog_taken(pending, shard_of)) is not None:
+                    pending.remove(stolen)
+                    gathered.append((frames[stolen], here(frames[stolen])))
+                    continue
+                if pending:
+                    wait(pending, return_when=FIRST_COMPLETED)
+            if gathered:
+                yield gathered
         finally:
             for f in frames:
                 f.cancel()
@@ -167,15 +190,16 @@ class WorkerPool:
             ex.shutdown(wait=True, cancel_futures=True)
         self._closed += self._shards
         self._shards = []
+        shutdown(self._warm)
+        self._warm = []
 
     def _submit(self, shard: int, fn: Any, part: pl.DataFrame) -> Future[Any]:
         if not self._shards:
-            context = multiprocessing.get_context("spawn")
-            self._shards = [
-                ProcessPoolExecutor(1, mp_context=context, initializer=_init, initargs=(self.config, os.getpid())) for _ in range(self.n)
-            ]
+            self._shards = [self._warm.pop(0) if self._warm else _executor() for _ in range(self.n)]
+            shutdown(self._warm)
+            self._warm = []
         try:
-            return self._shards[shard].submit(fn, part)
+            return self._shards[shard].submit(fn, self.config, part)
         except BrokenProcessPool as e:
             raise WorkerDied.of(e) from None
 
@@ -204,7 +228,25 @@ def result_of(done: Future[Any]) -> Any:
         raise WorkerDied.of(e) from None
 
 
-_worker: _Worker | None = None
+def _backlog_taken(pending: list[Future[Any]], shard_of: dict[Future[Any], int]) -> Future[Any] | None:
+    """The last pending part queued behind another of its shard, cancelled (None if every worker
+    is on its last part, or already took it)."""
+    first = {}
+    for f in pending:
+        first.setdefault(shard_of[f], f)
+    return next((f for f in reversed(pending) if first[shard_of[f]] is not f and f.cancel()), None)
+
+
+def _executor() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(os.getpid(),))
+
+
+def shutdown(executors: list[ProcessPoolExecutor]) -> None:
+    for ex in executors:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+_workers: dict[str, _Worker] = {}
 
 
 class _Worker:
@@ -242,11 +284,9 @@ class _Collected:
         return out
 
 
-def _init(config: WorkerConfig, parent: int) -> None:
-    global _worker
+def _init(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker = _Worker(config)
 
     def orphaned() -> None:
         while os.getppid() == parent:
@@ -256,28 +296,44 @@ def _init(config: WorkerConfig, parent: int) -> None:
     threading.Thread(target=orphaned, daemon=True, name="parent-watch").start()
 
 
-def _write_part(part: pl.DataFrame) -> Emitted:
-    assert _worker is not None and _worker.pipe is not None
-    pipe = _worker.pipe
+def _ready() -> None:
+    """A prestarted worker's first task: what every task needs, imported while this process opens the store."""
+    import ingest.pipeline  # noqa: F401
+    from ingest.sql_bulk import _mlflow_parts
+
+    _mlflow_parts()
+
+
+def _worker_for(config: WorkerConfig) -> _Worker:
+    worker = _workers.get(config.token)
+    if worker is None:
+        worker = _workers[config.token] = _Worker(config)
+    return worker
+
+
+def _write_part(config: WorkerConfig, part: pl.DataFrame) -> Emitted:
+    worker = _worker_for(config)
+    assert worker.pipe is not None
+    pipe = worker.pipe
     s = pipe.summary
     before = (s.calls, s.traces_written, s.spans_written)
     pipe._first = pipe._last = None
     pipe.emit(part)
     counts = (s.calls - before[0], s.traces_written - before[1], s.spans_written - before[2])
-    return Emitted(*counts, pipe._first, pipe._last, _worker.quarantine.take())
+    return Emitted(*counts, pipe._first, pipe._last, worker.quarantine.take())
 
 
-def _build_part(part: pl.DataFrame) -> Built:
+def _build_part(config: WorkerConfig, part: pl.DataFrame) -> Built:
     """A trace whose rows cannot be derived goes without: this process derives them again as it
     writes, and isolates the failure there exactly as one process would."""
     from ingest.pipeline import built_traces
 
-    assert _worker is not None
-    config = _worker.config
+    worker = _worker_for(config)
+    config = worker.config
     quarantined: list[QuarantineRecord] = []
     traces = list(built_traces(part, config.experiment_id, config.redact, config.scrub, quarantined.extend))
-    if _worker.deriver is not None:
+    if worker.deriver is not None:
         for i, trace in enumerate(traces):
             with contextlib.suppress(Exception):
-                traces[i] = trace.slim(_worker.deriver.derive(trace))
+                traces[i] = trace.slim(worker.deriver.derive(trace))
     return Built(traces, quarantined)

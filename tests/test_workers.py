@@ -178,3 +178,31 @@ def test_a_backfill_whose_worker_or_itself_is_killed_mid_run_leaves_no_process_b
     reference = f"sqlite:///{tmp_path / 'ref.db'}"
     backfill(reference, logs, tmp_path / "ref-state", 1)
     assert_same_as_one_writer(uri, store_rows(reference))
+
+
+def _marked(mark: str) -> list[int]:
+    """Processes whose environment carries ``mark`` (a backfill's workers inherit it)."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"LITELLM_TEST_MARK={mark}".encode() in env.read_bytes() and _alive(int(env.parent.name)):
+                found.append(int(env.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_workers_started_before_a_store_that_cannot_be_opened_are_gone_with_the_run(capture: list[dict], tmp_path: Path) -> None:
+    """A big backfill starts its workers before it opens the store; when that fails it says so in
+    one line and leaves no worker behind."""
+    logs = tmp_path / "logs"
+    write_log(logs / "proxy.jsonl", copies(capture, 1, "prestart")[0])
+    with (logs / "proxy.jsonl").open("a") as f:
+        f.write("x" * (5 << 20) + "\n")  # never read: big enough to start workers at once
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the store's directory should be")
+    args = [*backfill_args(f"sqlite:///{blocked / 'x.db'}", logs, tmp_path / "state", 3), "--workers", "3"]
+    p = subprocess.run(args, env={**_env(), "LITELLM_TEST_MARK": mark}, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    assert _marked(mark) == [], "the run must stop its workers itself (not leave them to notice their parent is gone)"
