@@ -173,15 +173,82 @@ def _sqlite_schema_state(db: Path) -> str:
 
 
 def _create_sqlite_aside(db: Path) -> None:
-    """MLflow's schema built in a temporary file beside ``db``, renamed into place once complete."""
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables
-    from sqlalchemy.pool import NullPool
-
+    """MLflow's schema built (or copied from the cached template) in a temporary file beside
+    ``db``, renamed into place once complete."""
     db.parent.mkdir(parents=True, exist_ok=True)
     for stale in db.parent.glob(f".{db.name}.creating-*"):
         stale.unlink(missing_ok=True)
     tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    template = _schema_template()
+    if not _copied(template, tmp):
+        _build_schema(tmp, db)
+        _keep_template(tmp, template)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, db)
+    dir_fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _schema_template() -> Path:
+    """An empty store of this MLflow's schema, kept in the user's cache: MLflow builds one by running
+    every migration since its first (~2 s), the same file each time for one MLflow version."""
+    import mlflow
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "litellm-ingest"
+    return cache / f"mlflow-{mlflow.__version__}-{_get_latest_schema_revision()}.db"
+
+
+def _copied(template: Path, tmp: Path) -> bool:
+    """``tmp`` is a copy of the template, checked complete and empty (False: build it instead)."""
+    import shutil
+
+    try:
+        shutil.copyfile(template, tmp)
+    except OSError:
+        return False
+    if _sqlite_schema_state(tmp) == "complete" and _holds_nothing(tmp):
+        return True
+    tmp.unlink(missing_ok=True)
+    return False
+
+
+def _keep_template(built: Path, template: Path) -> None:
+    """Best effort: a cache that cannot be written only means the next store is built again."""
+    import shutil
+
+    part = template.with_name(f".{template.name}.{os.getpid()}")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, part)
+        os.replace(part, template)
+    except OSError as e:
+        log.debug("could not keep an empty MLflow schema in %s: %s", template, e)
+        with contextlib.suppress(OSError):
+            part.unlink()
+
+
+def _holds_nothing(db: Path) -> bool:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return all(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] == 0 for t in ("experiments", "runs", "trace_info", "spans"))
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        con.close()
+
+
+def _build_schema(tmp: Path, db: Path) -> None:
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+    from sqlalchemy.pool import NullPool
+
     engine = sqlalchemy.create_engine(f"sqlite:///{tmp}", poolclass=NullPool)
 
     @sqlalchemy.event.listens_for(engine, "connect")
@@ -194,17 +261,11 @@ def _create_sqlite_aside(db: Path) -> None:
     try:
         _initialize_tables(engine)
     except Exception as e:
-        raise StoreSetupError(f"creating MLflow's schema in {db} failed: {_first_line(e)}") from e
+        raise StoreSetupError(
+            f"creating MLflow's schema in {tmp.with_name(tmp.name.split('.creating-')[0][1:])} failed: {_first_line(e)}"
+        ) from e
     finally:
         engine.dispose()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, db)
-    dir_fd = os.open(db.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def shown_uri(uri: str) -> str:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # MLflow prices a span without a cost from its model catalog, first trying a download (3 retries, ~7 s
 # without network, once per process) before its bundled copy: the bundled copy at once, as offline.
 os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="litellm-ingest-tests-cache-")
+"""Tests keep their empty MLflow schema (``ingest.stores``) out of the user's own cache."""
 for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
     os.environ.pop(var, None)
 

@@ -35,9 +35,9 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
 
 
-def start(uri: str, logs: Path, state: Path, cwd: Path) -> subprocess.Popen:
+def start(uri: str, logs: Path, state: Path, cwd: Path, **env: str) -> subprocess.Popen:
     args = [EXE, "batch", str(logs), "--tracking-uri", uri, "--experiment-name", EXPERIMENT, "--state-dir", str(state), "-q"]
-    return subprocess.Popen(args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, cwd=cwd, env={**_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_together(uri: str, logs: Path, tmp: Path, n: int = WRITERS) -> None:
@@ -141,13 +141,13 @@ def test_writers_at_once_through_one_server_create_the_experiment_once(fleet_log
 
 
 def test_a_kill_while_creating_a_sqlite_store_never_breaks_it(tmp_path: Path, fleet_logs: Path, reference: dict) -> None:
-    """SIGKILL at several moments of MLflow's schema creation (about 5 s of migrations): the next
-    run always opens the store and writes everything."""
+    """SIGKILL at several moments of MLflow's schema creation (a few seconds of migrations, with no
+    cached empty schema to copy): the next run always opens the store and writes everything."""
     db = tmp_path / "killed.db"
     uri = f"sqlite:///{db}"
     (tmp_path / "empty").mkdir()
     for delay in (0.0, 0.4, 1.0, 2.0):
-        p = start(uri, tmp_path / "empty", tmp_path / "kill-state", tmp_path)
+        p = start(uri, tmp_path / "empty", tmp_path / "kill-state", tmp_path, XDG_CACHE_HOME="/dev/null")
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".killed.db.creating-*")) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -161,6 +161,43 @@ def test_a_kill_while_creating_a_sqlite_store_never_breaks_it(tmp_path: Path, fl
     assert p.returncode == 0, err
     assert_same_as_one_writer(uri, reference)
     assert not list(tmp_path.glob(".killed.db.creating-*"))
+
+
+def _schema(db: Path) -> tuple[list[tuple[str, str]], list[tuple[str, ...]]]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        tables = sorted(con.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL"))
+        return tables, [tuple(r) for t, _ in tables if t.startswith(("alembic", "workspaces")) for r in con.execute(f"SELECT * FROM {t}")]
+    finally:
+        con.close()
+
+
+def test_new_sqlite_stores_are_copies_of_a_cached_empty_schema_checked_before_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building MLflow's schema runs every migration (seconds); the empty result is kept in the
+    user's cache and copied for the next new store. A damaged copy is never used, and no cache
+    (none writable) only means building each time. (Two builds differ in the order of some
+    constraints, MLflow's migrations iterate sets: a copy is compared with what it copied.)"""
+    from ingest.stores import _create_sqlite_aside, _schema_template, _sqlite_schema_state
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    template = _schema_template()
+    assert not template.exists()
+    _create_sqlite_aside(tmp_path / "built.db")
+    assert template.exists(), "the first new store leaves its empty schema in the cache"
+    _create_sqlite_aside(tmp_path / "copied.db")
+    assert _schema(tmp_path / "copied.db") == _schema(tmp_path / "built.db")
+
+    template.write_bytes(b"not a database" * 100)
+    _create_sqlite_aside(tmp_path / "after-damage.db")
+    assert _sqlite_schema_state(tmp_path / "after-damage.db") == "complete"
+    assert _sqlite_schema_state(template) == "complete", "a damaged template is replaced by a good one"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null")
+    _create_sqlite_aside(tmp_path / "no-cache.db")
+    assert _sqlite_schema_state(tmp_path / "no-cache.db") == "complete"
+    assert not list(tmp_path.glob(".*.creating-*"))
 
 
 def test_a_kill_while_creating_a_postgresql_schema_never_breaks_it(
