@@ -161,11 +161,7 @@ def _sqlite_schema_state(db: Path) -> str:
         partial = any(t.startswith("_alembic_tmp_") for t in tables)
         if not partial and version == _get_latest_schema_revision() and set(Base.metadata.tables) <= tables:
             return "complete"
-        holds = 0
-        for table, where in (("experiments", "experiment_id != 0"), ("runs", "1"), ("trace_info", "1"), ("registered_models", "1")):
-            if table in tables:
-                holds += con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0]
-        return "has-data" if holds else "empty"
+        return "has-data" if _holds(con, tables) else "empty"
     except sqlite3.DatabaseError:
         return "has-data"
     finally:
@@ -232,12 +228,23 @@ def _keep_template(built: Path, template: Path) -> None:
             part.unlink()
 
 
+def _holds(con: Any, tables: set[str], where_experiment: str = "experiment_id != 0") -> int:
+    """Rows a user put in the store (experiments past the default, runs, traces, models)."""
+    holds = 0
+    for table, where in (("experiments", where_experiment), ("runs", "1"), ("trace_info", "1"), ("registered_models", "1")):
+        if table in tables:
+            holds += con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0]
+    return holds
+
+
 def _holds_nothing(db: Path) -> bool:
+    """Not even the default experiment: a template is copied as MLflow's migrations left it."""
     import sqlite3
 
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return all(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] == 0 for t in ("experiments", "runs", "trace_info", "spans"))
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return _holds(con, tables, where_experiment="1") == 0
     except sqlite3.DatabaseError:
         return False
     finally:
@@ -261,9 +268,7 @@ def _build_schema(tmp: Path, db: Path) -> None:
     try:
         _initialize_tables(engine)
     except Exception as e:
-        raise StoreSetupError(
-            f"creating MLflow's schema in {tmp.with_name(tmp.name.split('.creating-')[0][1:])} failed: {_first_line(e)}"
-        ) from e
+        raise StoreSetupError(f"creating MLflow's schema in {db} failed: {_first_line(e)}") from e
     finally:
         engine.dispose()
 
