@@ -1,0 +1,70 @@
+"""The allocator settings a batch or backfill starts with (figures: ``bench/bench.py --only-sqlite``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ingest.__main__ as entry
+from ingest import allocator
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["backfill", "logs/"], "backfill"),
+        (["-v", "batch", "-x"], "batch"),
+        (["--verbose", "tail", "d"], "tail"),
+        (["--help"], None),
+        ([], None),
+    ],
+)
+def test_the_command_is_found_after_the_group_flags(argv: list[str], command: str | None) -> None:
+    assert allocator.command_of(argv) == command
+
+
+TUNED = [(["batch", "x"], True), (["-v", "backfill", "x"], True), (["tail", "d"], False), (["status"], False)]
+
+
+@pytest.mark.parametrize(("argv", "tuned"), TUNED)
+def test_only_batch_and_backfill_are_tuned(monkeypatch: pytest.MonkeyPatch, argv: list[str], tuned: bool) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "tune", lambda: calls.append("tune") or [])
+    monkeypatch.setattr("ingest.cli.run", lambda: calls.append("cli"))
+    monkeypatch.setattr(sys, "argv", ["litellm-ingest", *argv])
+    entry.run()
+    assert calls == (["tune", "cli"] if tuned else ["cli"])
+
+
+def test_a_process_gets_every_setting_before_polars_loads() -> None:
+    """In a fresh process: polars appends ours after its own defaults (so ours wins), glibc takes
+    each value through ``mallopt``, and the environment carries them to the worker processes."""
+    code = (
+        "import json, os; from ingest.allocator import GLIBC, tune; applied = tune(); import polars;"
+        "print(json.dumps([applied, {k: os.environ.get(k) for k in ('_RJEM_MALLOC_CONF', *GLIBC)}]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF" and not k.startswith("MALLOC_")}
+    applied, seen = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+    conf = seen.pop("_RJEM_MALLOC_CONF")
+    assert conf.endswith("," + allocator.JEMALLOC_CONF) and "dirty_decay_ms:500" in conf
+    assert seen == {name: str(value) for name, (_, value) in allocator.GLIBC.items()}
+    assert "_RJEM_MALLOC_CONF" in applied
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert set(allocator.GLIBC) <= set(applied)
+
+
+def test_what_the_user_set_is_kept() -> None:
+    env = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:0", "MALLOC_TOP_PAD_": "0"}
+    applied = allocator.tune(env)
+    assert env["_RJEM_MALLOC_CONF"] == "dirty_decay_ms:0" and env["MALLOC_TOP_PAD_"] == "0"
+    assert "_RJEM_MALLOC_CONF" not in applied and "MALLOC_TOP_PAD_" not in applied
+
+
+def test_too_late_for_jemalloc_once_polars_is_loaded() -> None:
+    env: dict[str, str] = {}
+    allocator.tune(env)
+    assert "polars" in sys.modules and "_RJEM_MALLOC_CONF" not in env
