@@ -1,13 +1,22 @@
-"""``litellm-ingest`` (and ``python -m ingest``): what must come before polars is imported, then the CLI."""
+"""``litellm-ingest`` (and ``python -m ingest``): what must come before polars and MLflow load, then the CLI."""
 
 from __future__ import annotations
 
+import os
 import sys
+
+OFFLINE_DEFAULTS = {"MLFLOW_MODEL_CATALOG_URI": ""}
+"""MLflow prices a span that carries tokens but no cost from its model catalog, and first tries to
+download the provider's price list from GitHub (three retries: about 7 s per provider and process
+without a network). A replay prices from the catalog MLflow ships instead: the same cost on every
+run, nothing fetched from an air-gapped host. Set the variable to a URL to have MLflow fetch it."""
 
 
 def run() -> None:
     from ingest.allocator import COMMANDS, command_of, tune
 
+    for name, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     if command_of(sys.argv[1:]) in COMMANDS:
         tune()
     from ingest.cli import run as cli
