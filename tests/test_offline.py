@@ -63,7 +63,7 @@ def _uncosted(capture: list[dict], tmp_path: Path) -> Path:
 
 
 def _batch(tmp_path: Path, logs: Path, **env: str) -> dict:
-    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_MODEL_CATALOG_URI"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     db = tmp_path / "mlflow.db"
     proc = subprocess.run(
         [EXE, "batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{db}", str(logs)],
