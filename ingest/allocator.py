@@ -3,10 +3,10 @@
 Such a run allocates and frees buffers of a chunk's size (tens of MiB: the lines, their decoded
 frame, each worker's part) again and again. With polars' own jemalloc settings (freed pages given
 back to the system after half a second) and glibc's (its heap trimmed as soon as the top is free),
-every new buffer was faulted in afresh: about 900,000 page faults, a fifth of the CPU time, in a
-20,000-record backfill. Keeping freed memory for a few seconds halves them (``bench/bench.py``
-prints the figures); the price is that the peak resident size can stay a little longer. The
-daemon keeps the defaults: it is long-lived and its batches are small.
+every new buffer was faulted in afresh: about 870,000 page faults in a 20,000-record backfill,
+most of its 5 s of system time. Keeping freed memory for a few seconds nearly halves them and
+takes about 7% off the run (``bench/bench.py --only-sqlite`` prints the figures), for about 10%
+more peak resident memory. The daemon keeps the defaults: it is long-lived and its batches small.
 
 Settings the user gave in the environment are kept as they are.
 """
