@@ -18,10 +18,6 @@ from typing import Any
 import click
 
 from ingest.checkpoints import LockedError, StateError
-from ingest.scrub import Scrubber
-from ingest.sink import SinkError
-from ingest.sources import SourceError, SourceUnavailable
-from ingest.spans import Redaction
 
 
 class Exit:
@@ -195,6 +191,8 @@ def main(verbose: bool) -> None:
 
 def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
     from ingest.pipeline import RunOptions
+    from ingest.scrub import Scrubber
+    from ingest.spans import Redaction
 
     state_dir = kw.get("state_dir") or default_state_dir()
     return RunOptions(
@@ -222,7 +220,11 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
 
 
 def _guarded(fn: Callable[[], Any]) -> Any:
-    """Known failures become one line on stderr and their exit code; never a traceback."""
+    """Known failures become one line on stderr and their exit code; never a traceback. What they
+    are is imported once a command runs: ``--help`` and a usage error need neither MLflow nor polars."""
+    from ingest.sink import SinkError
+    from ingest.sources import SourceError, SourceUnavailable
+
     try:
         return fn()
     except SourceUnavailable as e:
@@ -359,6 +361,7 @@ class _Progress:
         if silent:
             return
         from ingest.pipeline import Inputs
+        from ingest.sources import SourceError
 
         try:
             self.total = sum(p.stat().st_size for p in Inputs.of(opts.paths).files)
@@ -490,15 +493,13 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                     "exists": size is not None,
                 }
             )
-    from ingest.ledger import Ledger
+    from ingest.ledger import Ledger, nest_pending
 
     remote = [
         {"mode": st["mode"], "destination": st.get("destination", {}), **item}
         for st in states
         for item in Ledger.describe(Path(st["file"]))
     ]
-    from ingest.nesting import NestQueue
-
     runs = [
         {
             "mode": st["mode"],
@@ -508,7 +509,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             **{k: v for k, v in st.get("last_run", {}).items() if k != "summary"},
             "nesting": {
                 **{k: st.get("last_run", {}).get("summary", {}).get(k, 0) for k in ("nested_calls", "app_traces_missing")},
-                "nest_pending": NestQueue.describe(Path(st["file"])) or 0,
+                "nest_pending": nest_pending(Path(st["file"])) or 0,
             },
         }
         for st in states

@@ -151,3 +151,22 @@ class Ledger:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+NEST_QUEUE_SUFFIX = ".nest.sqlite"
+
+
+def nest_pending(state_path: Path) -> int | None:
+    """Calls waiting in the nesting queue beside a state, read-only (for ``status``, which should
+    not import MLflow for it); None without a queue."""
+    path = state_path.with_suffix(NEST_QUEUE_SUFFIX)
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return int(db.execute("SELECT count(*) FROM pending").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -40,7 +39,7 @@ from typing import Any
 
 from mlflow.tracing.constant import SpanAttributeKey, SpansLocation, TraceMetadataKey, TraceTagKey
 
-from ingest.ledger import state_db
+from ingest.ledger import NEST_QUEUE_SUFFIX, state_db
 from ingest.sink import Sink, SinkError
 from ingest.spans import BuiltTrace, SpanData, nested_spans
 
@@ -146,7 +145,7 @@ class NestQueue:
 
     @classmethod
     def beside(cls, state_path: Path) -> NestQueue:
-        return cls(state_path.with_suffix(".nest.sqlite"))
+        return cls(state_path.with_suffix(NEST_QUEUE_SUFFIX))
 
     def _count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM pending").fetchone()[0])
@@ -191,21 +190,6 @@ class NestQueue:
             n = self._db.execute("DELETE FROM pending WHERE due_us <= ?", (now_us,)).rowcount
         self.size = self._count()
         return n
-
-    @staticmethod
-    def describe(state_path: Path) -> int | None:
-        """Calls waiting, read-only (for ``status``); None without a queue."""
-        path = state_path.with_suffix(".nest.sqlite")
-        if not path.exists():
-            return None
-        try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-            try:
-                return int(db.execute("SELECT count(*) FROM pending").fetchone()[0])
-            finally:
-                db.close()
-        except sqlite3.Error:
-            return None
 
     def close(self) -> None:
         self._db.close()

@@ -216,3 +216,42 @@ def test_two_working_directories_with_the_default_store_keep_separate_state(tmp_
         assert proc.returncode == 0, proc.stderr
         counts.append(json.loads(proc.stdout)["traces_written"])
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "not_imported"),
+    [
+        (["--help"], 0, ("mlflow", "sqlalchemy", "pandas", "polars")),
+        (["batch", "--help"], 0, ("mlflow", "sqlalchemy", "pandas", "polars")),
+        (["batch", "--no-such-option", "x.jsonl"], 2, ("mlflow", "sqlalchemy", "pandas", "polars")),
+        (["backfill", "--shard", "4/3", "x.jsonl"], 2, ("mlflow", "sqlalchemy", "pandas")),
+        (["status", "--state-dir", "{state}"], 0, ("mlflow", "sqlalchemy", "pandas")),
+    ],
+)
+def test_help_usage_errors_and_status_do_not_import_mlflow(
+    tmp_path: Path, args: list[str], code: int, not_imported: tuple[str, ...]
+) -> None:
+    """``import mlflow`` alone takes ~1.8 s here: a command line that only asks for help, has a typo,
+    or reads the state answers without it (the script's own entry, as installed)."""
+    state = tmp_path / "state"
+    if "{state}" in args:
+        first = run(
+            "batch",
+            str(SAMPLE_LOGS / "proxy_calls.jsonl"),
+            "-q",
+            "--state-dir",
+            str(state),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            cwd=tmp_path,
+        )
+        assert first.returncode == 0, first.stderr
+    argv = [a.replace("{state}", str(state)) for a in args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ingest", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == code, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "ingest" in imported and "click" in imported
+    assert not imported & set(not_imported), sorted(imported & set(not_imported))

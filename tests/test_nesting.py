@@ -318,6 +318,7 @@ def replace_final(app: Any) -> Any:
 
 
 def test_the_queue_survives_a_restart_and_expires_by_due_time(tmp_path: Path) -> None:
+    from ingest.ledger import nest_pending
     from ingest.nesting import NestQueue
     from ingest.spans import SpanData
 
@@ -331,7 +332,7 @@ def test_the_queue_survives_a_restart_and_expires_by_due_time(tmp_path: Path) ->
     (entry,) = [e for e in q.entries(["tr-a"]) if e[1] == "call-1"]
     assert entry[2:] == (150, spans)
     assert q.expire(200) == 2 and q.size == 1
-    assert NestQueue.describe(tmp_path / "s.json") == 1
+    assert nest_pending(tmp_path / "s.json") == 1
 
 
 def test_an_app_trace_deleted_between_lookup_and_write_leaves_no_orphan(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
