@@ -318,17 +318,24 @@ def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> N
     command again to continue. --since/--until select calls by start time so a backfill can stop
     exactly where live ingestion began.
     """
-    from ingest.pipeline import run_incremental
+    from ingest.warm import for_backfill, shutdown
 
-    kw["partial_timeout"] = 0.0
-    opts = _run_options(paths, kw)
-    _stop_gracefully(opts.stop, quiet or as_json)
-    reporter = _Progress(opts, quiet or as_json)
+    warm = for_backfill(list(paths), kw.get("workers") or 1, kw.get("dry_run", False), kw.get("tracking_uri"))
     try:
-        summary = _guarded(lambda: run_incremental(opts, "backfill", progress=reporter.update))
-    except KeyboardInterrupt:
-        reporter.close()
-        _fail("interrupted; progress is saved: run the same command again to continue", Exit.INTERRUPTED)
+        from ingest.pipeline import run_incremental
+
+        kw["partial_timeout"] = 0.0
+        opts = _run_options(paths, kw)
+        opts.warm = warm
+        _stop_gracefully(opts.stop, quiet or as_json)
+        reporter = _Progress(opts, quiet or as_json)
+        try:
+            summary = _guarded(lambda: run_incremental(opts, "backfill", progress=reporter.update))
+        except KeyboardInterrupt:
+            reporter.close()
+            _fail("interrupted; progress is saved: run the same command again to continue", Exit.INTERRUPTED)
+    finally:
+        shutdown(warm)
     reporter.close()
     if summary.files_resumed and not (quiet or as_json):
         click.echo(f"resumed {summary.files_resumed} file(s) from the saved position", err=True)

@@ -33,10 +33,11 @@ from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
 from ingest.scrub import Scrubber, default_scrubber
 from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
-from ingest.sink import DEFAULT_TRACKING_URI, NullSink, Sink, SinkError, Target, make_sink, resolve_target
+from ingest.sink import NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
-from ingest.workers import PRESTART_BYTES, Built, Emitted, WorkerPool, pool_for, prestart, result_of, shutdown
+from ingest.warm import for_files, shutdown, tracking_uri_from
+from ingest.workers import Built, Emitted, WorkerPool, pool_for, result_of
 
 if TYPE_CHECKING:
     from ingest.follow import Follower
@@ -45,10 +46,6 @@ Normalized = tuple[pl.DataFrame, list[QuarantineRecord]]
 DEFAULT_BATCH_TRACES = 200
 DEFAULT_BATCH_TRACES_SQL = 2000
 DEFAULT_PARTIAL_TIMEOUT_S = 300.0
-
-
-def tracking_uri_from(flag: str | None) -> str:
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def experiment_from(name: str | None, exp_id: str | None) -> tuple[str | None, str | None]:
@@ -520,6 +517,9 @@ class RunOptions:
     nest: bool = True
     nest_grace_s: float = DEFAULT_GRACE_S
     workers: int = 1
+    warm: list[Any] | None = None
+    """Worker processes the command line started before it loaded MLflow (``warm.for_backfill``):
+    the run takes them over."""
     shard: Shard | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -738,18 +738,13 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
 
 
 def _prestart(opts: RunOptions, files: list[Path]) -> list[Any]:
-    """Workers started before the store is opened, for a backfill whose files alone are big enough
-    to use them (buckets and databases start theirs at the first big step)."""
-    if opts.workers <= 1 or opts.dry_run or sum(_size(f) for f in files) < PRESTART_BYTES:
-        return []
-    return prestart(opts.workers, tracking_uri_from(opts.tracking_uri).startswith("sqlite:"))
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+    """Workers started before the store is opened: the ones the command line started before it
+    loaded MLflow, else started now if the files alone are big enough to use them (buckets and
+    databases start theirs at the first big step)."""
+    if opts.warm is not None:
+        warm, opts.warm = opts.warm, None
+        return warm
+    return for_files(files, opts.workers, opts.dry_run, opts.tracking_uri)
 
 
 def _ingest_unit(unit: Unit, follower: Follower, ledger: Ledger, opts: RunOptions, progress: Progress | None) -> None:

@@ -33,7 +33,6 @@ from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, st
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT_NAME = "LiteLLM Proxy"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 T = TypeVar("T")
 

@@ -22,11 +22,6 @@ starting processes. They ignore SIGINT (this process decides when to stop) and e
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import os
-import signal
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -40,6 +35,8 @@ from ingest.quarantine import QuarantineRecord
 from ingest.scrub import Scrubber
 from ingest.sink import NullSink, Sink, StoreSink, Target, make_sink
 from ingest.spans import BuiltTrace, Redaction
+from ingest.warm import executor as _executor
+from ingest.warm import shutdown
 
 START_AFTER_CALLS = 256
 """Workers start once a backfill has this many calls: a small one never pays for starting processes."""
@@ -49,9 +46,6 @@ builds, and that what it builds itself at the end of a step keeps no worker wait
 MIN_WRITE_CALLS = 400
 """Calls this process gathers (built by workers or itself) before it writes them, unless the step
 has no more: a commit into a big SQLite store costs as much as inserting ~100 traces."""
-PRESTART_BYTES = 4 << 20
-"""Input files this large start the workers before the store is even opened: their start-up (imports,
-a second or two) overlaps this process's instead of holding up the first step."""
 
 
 @dataclass(frozen=True)
@@ -91,14 +85,6 @@ class Built:
 
     traces: list[BuiltTrace]
     quarantined: list[QuarantineRecord]
-
-
-def prestart(n: int, sqlite: bool) -> list[ProcessPoolExecutor]:
-    """The executors of a pool of ``n`` workers (``n - 1`` into SQLite), started now."""
-    warm = [_executor() for _ in range(n - 1 if sqlite else n)]
-    for ex in warm:
-        ex.submit(_ready)
-    return warm
 
 
 def pool_for(
@@ -237,15 +223,6 @@ def _backlog_taken(pending: list[Future[Any]], shard_of: dict[Future[Any], int])
     return next((f for f in reversed(pending) if first[shard_of[f]] is not f and f.cancel()), None)
 
 
-def _executor() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(os.getpid(),))
-
-
-def shutdown(executors: list[ProcessPoolExecutor]) -> None:
-    for ex in executors:
-        ex.shutdown(wait=True, cancel_futures=True)
-
-
 _workers: dict[str, _Worker] = {}
 
 
@@ -282,26 +259,6 @@ class _Collected:
     def take(self) -> list[QuarantineRecord]:
         out, self.records = self.records, []
         return out
-
-
-def _init(parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    def orphaned() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=orphaned, daemon=True, name="parent-watch").start()
-
-
-def _ready() -> None:
-    """A prestarted worker's first task: what every task needs, imported while this process opens the store."""
-    import ingest.pipeline  # noqa: F401
-    from ingest.sql_bulk import _mlflow_parts
-
-    _mlflow_parts()
 
 
 def _worker_for(config: WorkerConfig) -> _Worker:

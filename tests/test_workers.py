@@ -206,3 +206,54 @@ def test_workers_started_before_a_store_that_cannot_be_opened_are_gone_with_the_
     p = subprocess.run(args, env={**_env(), "LITELLM_TEST_MARK": mark}, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
     assert _marked(mark) == [], "the run must stop its workers itself (not leave them to notice their parent is gone)"
+
+
+_WARM = """
+import json, os, sys
+from ingest.warm import for_backfill, shutdown
+big, small, uri = sys.argv[1:4]
+cases = {
+    "sqlite": ([big], 3, False, uri),
+    "postgresql": ([big, "s3://bucket/logs/"], 3, False, "postgresql://u@localhost/db"),
+    "env": ([big], 2, False, None),
+    "small": ([small], 3, False, uri),
+    "dry_run": ([big], 3, True, uri),
+    "one": ([big], 1, False, uri),
+    "missing": ([big, big + ".missing"], 3, False, uri),
+}
+out = {}
+for name, args in cases.items():
+    warm = for_backfill(*args)
+    out[name] = len({ex.submit(os.getpid).result(timeout=120) for ex in warm} - {os.getpid()})
+    shutdown(warm)
+out["mlflow_loaded_here"] = "mlflow" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_a_big_backfill_starts_its_workers_before_this_process_loads_mlflow(tmp_path: Path) -> None:
+    """The command line starts a big backfill's workers first thing, from a module that loads
+    neither MLflow nor the pipeline, so their start-up (~2 s of imports each) overlaps this
+    process's; only for local files big enough, n-1 of them into SQLite, none for a dry run."""
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_bytes(b"{}\n" * (2 << 20))
+    small.write_bytes(b"{}\n")
+    env = {**_env(), "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}
+    p = subprocess.run(
+        [sys.executable, "-c", _WARM, str(big), str(small), f"sqlite:///{tmp_path / 'm.db'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout) == {
+        "sqlite": 2,
+        "postgresql": 3,
+        "env": 2,
+        "small": 0,
+        "dry_run": 0,
+        "one": 0,
+        "missing": 0,
+        "mlflow_loaded_here": False,
+    }

@@ -1,0 +1,87 @@
+"""Worker processes started before this process loads MLflow: a backfill's workers import for a
+second or two (MLflow, its SQL store), and so does this process. Started first thing, from a module
+that imports nothing heavy, the two start-ups overlap on two cores instead of running one after the
+other. Everything the workers need is imported in them (:func:`_ready`), not here."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+PRESTART_BYTES = 4 << 20
+"""Input files this large start the workers before the store is even opened: their start-up (imports,
+a second or two) overlaps this process's instead of holding up the first step."""
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri_from(flag: str | None) -> str:
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def prestart(n: int, sqlite: bool) -> list[ProcessPoolExecutor]:
+    """The executors of a pool of ``n`` workers (``n - 1`` into SQLite), started now."""
+    warm = [executor() for _ in range(n - 1 if sqlite else n)]
+    for ex in warm:
+        ex.submit(_ready)
+    return warm
+
+
+def for_backfill(paths: list[str], workers: int, dry_run: bool, tracking_uri: str | None) -> list[ProcessPoolExecutor]:
+    """The workers a backfill of ``paths`` will use, started now if its local files alone are big
+    enough to use them (buckets and databases start theirs at the first big step)."""
+    if workers <= 1 or dry_run:
+        return []
+    from ingest.sources import SourceError, discover
+
+    try:
+        files = discover([p for p in paths if "://" not in p])
+    except (SourceError, OSError):
+        return []
+    return for_files(files, workers, dry_run, tracking_uri)
+
+
+def for_files(files: list[Path], workers: int, dry_run: bool, tracking_uri: str | None) -> list[ProcessPoolExecutor]:
+    if workers <= 1 or dry_run or sum(_size(f) for f in files) < PRESTART_BYTES:
+        return []
+    return prestart(workers, tracking_uri_from(tracking_uri).startswith("sqlite:"))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def executor() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(os.getpid(),))
+
+
+def shutdown(executors: list[ProcessPoolExecutor]) -> None:
+    for ex in executors:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _init(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True, name="parent-watch").start()
+
+
+def _ready() -> None:
+    """A prestarted worker's first task: what every task needs, imported while this process opens the store."""
+    import ingest.pipeline  # noqa: F401
+    from ingest.sql_bulk import _mlflow_parts
+
+    _mlflow_parts()
