@@ -5,6 +5,7 @@ other. Everything the workers need is imported in them (:func:`_ready`), not her
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -12,6 +13,8 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PRESTART_BYTES = 4 << 20
 """Input files this large start the workers before the store is even opened: their start-up (imports,
@@ -25,24 +28,32 @@ def tracking_uri_from(flag: str | None) -> str:
 
 def prestart(n: int, sqlite: bool) -> list[ProcessPoolExecutor]:
     """The executors of a pool of ``n`` workers (``n - 1`` into SQLite), started now."""
-    warm = [executor() for _ in range(n - 1 if sqlite else n)]
-    for ex in warm:
-        ex.submit(_ready)
+    warm: list[ProcessPoolExecutor] = []
+    try:
+        for _ in range(n - 1 if sqlite else n):
+            warm.append(executor())
+            warm[-1].submit(_ready)
+    except BaseException:
+        shutdown(warm)
+        raise
     return warm
 
 
 def for_backfill(paths: list[str], workers: int, dry_run: bool, tracking_uri: str | None) -> list[ProcessPoolExecutor]:
     """The workers a backfill of ``paths`` will use, started now if its local files alone are big
-    enough to use them (buckets and databases start theirs at the first big step)."""
+    enough to use them (buckets and databases start theirs at the first big step). Only a head
+    start: whatever goes wrong here, the run goes on and reports it itself."""
     if workers <= 1 or dry_run:
         return []
     from ingest.sources import SourceError, discover
 
     try:
-        files = discover([p for p in paths if "://" not in p])
+        return for_files(discover([p for p in paths if "://" not in p]), workers, dry_run, tracking_uri)
     except (SourceError, OSError):
         return []
-    return for_files(files, workers, dry_run, tracking_uri)
+    except Exception as e:
+        log.warning("could not start the workers early (they start with the first big step): %s", e)
+        return []
 
 
 def for_files(files: list[Path], workers: int, dry_run: bool, tracking_uri: str | None) -> list[ProcessPoolExecutor]:
