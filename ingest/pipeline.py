@@ -36,7 +36,8 @@ from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
 from ingest.sink import NullSink, Sink, SinkError, Target, make_sink, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
-from ingest.warm import for_files, shutdown, tracking_uri_from
+from ingest.stores import tracking_uri_from
+from ingest.warm import for_files, shutdown
 from ingest.workers import Built, Emitted, WorkerPool, pool_for, result_of
 
 if TYPE_CHECKING:

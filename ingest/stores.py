@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY = zlib.crc32(b"litellm-ingest: mlflow store setup")
 """One fixed key for every process of ours: setting up stores is rare and short."""
 LOCK_SUFFIX = ".ingest-lock"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _STORES: dict[str, Any] = {}
 
 
@@ -41,6 +42,11 @@ class StoreSetupError(Exception):
     def __init__(self, message: str, kind: str = "rejected") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def tracking_uri_from(flag: str | None) -> str:
+    """The store a run writes to: the flag, else ``MLFLOW_TRACKING_URI``, else a local ``mlflow.db``."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -14,16 +14,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ingest.stores import tracking_uri_from
+
 log = logging.getLogger(__name__)
 
 PRESTART_BYTES = 4 << 20
 """Input files this large start the workers before the store is even opened: their start-up (imports,
 a second or two) overlaps this process's instead of holding up the first step."""
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def tracking_uri_from(flag: str | None) -> str:
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def prestart(n: int, sqlite: bool) -> list[ProcessPoolExecutor]:
