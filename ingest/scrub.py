@@ -333,9 +333,19 @@ class Scrubber:
                 items.append(x)
         return items if type(values) is list else tuple(items)
 
-    def _items(self, d: dict[Any, Any], depth: int, max_depth: int, verbatim: frozenset[str] = frozenset()) -> dict[Any, Any]:
+    def _items(
+        self,
+        d: dict[Any, Any],
+        depth: int,
+        max_depth: int,
+        verbatim: frozenset[str] = frozenset(),
+        shared: dict[int, tuple[Any, Any]] | None = None,
+    ) -> dict[Any, Any]:
         """The hot loop (a trace has a few hundred values): one cached lookup per key gives its
-        scrubbed text and what its name says, one per short text value its result."""
+        scrubbed text and what its name says, one per short text value its result. ``shared``: the
+        containers already scrubbed at this depth, by identity (a span's outputs and its
+        ``raw_llm_response`` are one object, an attempt's inputs are the root's too), with the
+        original kept so its id stays its own."""
         texts, keys = self._texts, self._keys
         logprob = "logprob" in d
         out: dict[Any, Any] = {}
@@ -355,7 +365,15 @@ class Scrubber:
                 done = texts.get(v)
                 out[key] = v if k in verbatim else done if done is not None else self.text(v)
             elif t is dict or t is list or t is tuple:
-                out[key] = v if k in verbatim else self.value(v, depth, max_depth)
+                if k in verbatim:
+                    out[key] = v
+                elif shared is None:
+                    out[key] = self.value(v, depth, max_depth)
+                elif (seen := shared.get(id(v))) is not None:
+                    out[key] = seen[1]
+                else:
+                    out[key] = self.value(v, depth, max_depth)
+                    shared[id(v)] = (v, out[key])
             else:
                 out[key] = v
         return out
@@ -392,16 +410,17 @@ class Scrubber:
 
     def spans(self, spans: Iterable[Any], max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         """Scrub built spans in place: names, attributes (keys and values), events, status messages."""
+        shared: dict[int, tuple[Any, Any]] = {}
         for span in spans:
             span.name = self.text(span.name)
-            span.attributes = self._attributes(span.attributes, max_depth)
+            span.attributes = self._attributes(span.attributes, max_depth, shared)
             span.events = [(self.text(name), t, self._items(attrs, 0, max_depth)) for name, t, attrs in span.events]
             if span.error is not None:
                 span.error = self.text(span.error)
 
-    def _attributes(self, attrs: dict[str, Any], max_depth: int) -> dict[str, Any]:
+    def _attributes(self, attrs: dict[str, Any], max_depth: int, shared: dict[int, tuple[Any, Any]]) -> dict[str, Any]:
         if self.content:
-            return self._items(attrs, 0, max_depth)
+            return self._items(attrs, 0, max_depth, shared=shared)
         out: dict[str, Any] = {}
         for k, v in attrs.items():
             if k in (SpanAttributeKey.OUTPUTS, "raw_llm_response"):

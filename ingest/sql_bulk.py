@@ -269,9 +269,10 @@ class RowDeriver:
         usage_nodes, cost_nodes, span_rows = [], [], []
         session_id = user_id = root_dict = None
         trace_tags: dict[str, str] = {}
+        encoded: dict[int, tuple[Any, str]] = {}
         for span in spans:
             span_id, parent_id = span.span_id.hex(), span.parent_id.hex() if span.parent_id else None
-            span_dict = self._stored_dict(span, trace_id)
+            span_dict = self._stored_dict(span, trace_id, encoded)
             attrs = span_dict["attributes"]
             usage_nodes.append(m._span_aggregation_node(span_id, parent_id, attrs, ak.CHAT_USAGE))
             cost_nodes.append(m._span_aggregation_node(span_id, parent_id, attrs, ak.LLM_COST))
@@ -336,11 +337,24 @@ class RowDeriver:
         metadata = {m.TraceMetadataKey.TRACE_USER: user_id} if user_id else {}
         return _TraceRows(info, span_rows, self._tags(trace_id, trace_tags), metadata)
 
-    def _stored_dict(self, span: SpanData, request_id: str) -> dict[str, Any]:
+    def _stored_dict(self, span: SpanData, request_id: str, encoded: dict[int, tuple[Any, str]]) -> dict[str, Any]:
         """``translate_span_when_storing(Span.from_otel_proto(span.to_otlp()))`` without the protobuf
-        round trip: attributes JSON-encoded once, then MLflow's storage translation."""
+        round trip: attributes JSON-encoded once, then MLflow's storage translation. ``encoded``: the
+        trace's containers already encoded, by identity (outputs and ``raw_llm_response`` are one
+        object, so are an attempt's inputs and the root's)."""
         ak = self.m.SpanAttributeKey
-        attributes = {k: self._attribute(v) for k, v in span.attributes.items() if v is not None}
+        attributes = {}
+        for k, v in span.attributes.items():
+            if v is None:
+                continue
+            t = type(v)
+            if t is not dict and t is not list:
+                attributes[k] = self._attribute(v)
+            elif (seen := encoded.get(id(v))) is not None:
+                attributes[k] = seen[1]
+            else:
+                attributes[k] = self._attribute(v)
+                encoded[id(v)] = (v, attributes[k])
         attributes[ak.REQUEST_ID] = self._encode(request_id)
         return translate_for_storage(
             {

@@ -288,6 +288,31 @@ def test_content_off_leaves_prompts_and_completions_but_not_parameters() -> None
     assert k2 not in text and k4 not in text
 
 
+def test_one_object_under_several_keys_and_spans_is_scrubbed_wherever_it_is() -> None:
+    """The builder puts one response object under outputs and ``raw_llm_response``, and an attempt's
+    inputs on the root too; the scrubber does such an object once, and each place gets its result,
+    but a credential name above one of the places still decides what that place gets."""
+    from types import SimpleNamespace
+
+    k1, k2 = key(), key()
+    response = {"choices": [{"message": {"content": f"here: {k1}"}}], "usage": {"prompt_tokens": 3}}
+    inputs = {"messages": [{"role": "user", "content": f"Authorization: Bearer {k2}"}]}
+
+    def span(**attrs: Any) -> SimpleNamespace:
+        return SimpleNamespace(name="s", attributes=attrs, events=[], error=None)
+
+    root = span(**{"mlflow.spanInputs": inputs, "mlflow.spanOutputs": response, "raw_llm_response": response})
+    child = span(**{"mlflow.spanInputs": inputs, "raw_llm_response": response, "client_secret": response})
+    Scrubber().spans([root, child])
+    expected = Scrubber().value(response)
+    for place in (root.attributes["mlflow.spanOutputs"], root.attributes["raw_llm_response"], child.attributes["raw_llm_response"]):
+        assert place == expected and k1 not in json.dumps(place)
+    assert MARKER.fullmatch(child.attributes["client_secret"])
+    assert root.attributes["mlflow.spanInputs"] == child.attributes["mlflow.spanInputs"] == Scrubber().value(inputs)
+    assert k2 not in json.dumps([root.attributes, child.attributes])
+    assert k1 in json.dumps(response) and k2 in json.dumps(inputs), "the built values themselves are not changed"
+
+
 # --- robustness ---------------------------------------------------------------------------------
 
 
