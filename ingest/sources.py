@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import gzip
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import BinaryIO
 import orjson
 import polars as pl
 
+from ingest.lognames import is_log_file
 from ingest.quarantine import QuarantineRecord, Reason
 
-LOG_NAME = re.compile(r"\.(jsonl|ndjson|json|log)(\.\d+)?(\.gz)?$|\.(jsonl|ndjson|log)[.-][\w.-]*$")
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
@@ -35,15 +34,6 @@ class SourceError(Exception):
 class SourceUnavailable(SourceError):
     """A bucket or database that cannot be reached or read now (network, credentials, access):
     nothing of it is marked read, so the next run tries again."""
-
-
-SCRATCH_SUFFIXES = (".lock", ".tmp")
-"""A logger's lock file and half-written rotation copies (``proxy.jsonl.lock`` of ours): never logs."""
-
-
-def is_log_file(name: str) -> bool:
-    """Names LiteLLM loggers and rotation tools produce: x.jsonl, x.jsonl.1, x.jsonl.2.gz, x.log-20260101."""
-    return bool(LOG_NAME.search(name)) and not name.endswith(SCRATCH_SUFFIXES)
 
 
 def discover(paths: list[str]) -> list[Path]:

@@ -33,12 +33,13 @@ from watchdog.observers.polling import PollingObserver
 
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower
+from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import SCRATCH_SUFFIXES, Chunk
+from ingest.sources import Chunk
 
 log = logging.getLogger("litellm-ingest.tail")
 

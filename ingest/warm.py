@@ -5,15 +5,20 @@ other. Everything the workers need is imported in them (:func:`_ready`), not her
 
 from __future__ import annotations
 
+import glob
 import logging
 import multiprocessing
 import os
 import signal
+import stat
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
+from itertools import chain
 from pathlib import Path
 
+from ingest.lognames import is_log_file
 from ingest.stores import tracking_uri_from
 
 log = logging.getLogger(__name__)
@@ -42,11 +47,11 @@ def for_backfill(paths: list[str], workers: int, dry_run: bool, tracking_uri: st
     start: whatever goes wrong here, the run goes on and reports it itself."""
     if workers <= 1 or dry_run:
         return []
-    from ingest.sources import SourceError, discover
-
     try:
-        return for_files(discover([p for p in paths if "://" not in p]), workers, dry_run, tracking_uri)
-    except (SourceError, OSError):
+        if _local_bytes(paths, PRESTART_BYTES) < PRESTART_BYTES:
+            return []
+        return prestart(workers, tracking_uri_from(tracking_uri).startswith("sqlite:"))
+    except OSError:
         return []
     except Exception as e:
         log.warning("could not start the workers early (they start with the first big step): %s", e)
@@ -59,11 +64,40 @@ def for_files(files: list[Path], workers: int, dry_run: bool, tracking_uri: str 
     return prestart(workers, tracking_uri_from(tracking_uri).startswith("sqlite:"))
 
 
+def _local_bytes(paths: list[str], enough: int) -> int:
+    """The size of the log files ``paths`` name (as the run will find them), counted only until
+    ``enough``: an archive of many files is listed whole once, by the run, not here as well. 0 when
+    a path names nothing: the run stops at once, and workers would only delay that."""
+    specs = [s for s in paths if "://" not in s]
+    found: list[Iterable[Path]] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found.append(f for f in p.rglob("*") if is_log_file(f.name))
+        elif glob.has_magic(spec):
+            matches = map(Path, glob.iglob(spec, recursive=True))
+            if (first := next(matches, None)) is None:
+                return 0
+            found.append(chain([first], matches))
+        elif p.exists():
+            found.append([p])
+        else:
+            return 0
+    total = 0
+    for f in chain.from_iterable(found):
+        total += _size(f)
+        if total >= enough:
+            break
+    return total
+
+
 def _size(path: Path) -> int:
+    """A regular file's size (0 for anything else, or a file that cannot be read)."""
     try:
-        return path.stat().st_size
+        st = path.stat()
     except OSError:
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def executor() -> ProcessPoolExecutor:

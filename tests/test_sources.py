@@ -10,8 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from ingest.lognames import is_log_file
 from ingest.quarantine import QuarantineRecord
-from ingest.sources import Chunk, SourceError, discover, is_log_file, read_chunks, split_lines
+from ingest.sources import Chunk, SourceError, discover, read_chunks, split_lines
 
 # --- helpers -------------------------------------------------------------------------------------
 

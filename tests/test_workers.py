@@ -257,3 +257,20 @@ def test_a_big_backfill_starts_its_workers_before_this_process_loads_mlflow(tmp_
         "missing": 0,
         "mlflow_loaded_here": False,
     }
+
+
+def test_sizing_a_backfill_for_an_early_start_reads_no_more_of_the_listing_than_it_needs(tmp_path: Path) -> None:
+    """Log names only, directories recursively, globs; a path that names nothing means no early start
+    (the run stops at once); and a big archive is not listed to its end here (the run lists it)."""
+    from ingest.warm import _local_bytes
+
+    mib = 1 << 20
+    for name, size in (("a.jsonl", 3), ("b.jsonl", 3), ("notes.txt", 10), ("sub/c.jsonl.1", 1), ("sub/c.jsonl.lock", 5)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * (size * mib))
+    assert _local_bytes([str(tmp_path)], 100 * mib) == 7 * mib
+    assert _local_bytes([str(tmp_path / "*.jsonl"), "s3://bucket/x/", "postgresql://u@h/db"], 100 * mib) == 6 * mib
+    assert _local_bytes([str(tmp_path / "notes.txt")], 100 * mib) == 10 * mib, "a file named on the command line counts as it is"
+    assert 4 * mib <= _local_bytes([str(tmp_path)], 4 * mib) < 7 * mib
+    assert _local_bytes([str(tmp_path / "a.jsonl"), str(tmp_path / "missing.jsonl")], 1) == 0
+    assert _local_bytes([str(tmp_path / "a.jsonl"), str(tmp_path / "*.gz")], 1) == 0
