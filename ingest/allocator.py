@@ -1,4 +1,5 @@
-"""Allocator settings for a batch or backfill, applied before polars is imported.
+"""Allocator settings for a batch or backfill, applied before polars is imported; and the
+collector's view of the start-up heap (:func:`freeze_startup_heap`), for every long run.
 
 Such a run allocates and frees buffers of a chunk's size (tens of MiB: the lines, their decoded
 frame, each worker's part) again and again. With polars' own jemalloc settings (freed pages given
@@ -14,6 +15,7 @@ Settings the user gave in the environment are kept as they are.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 from collections.abc import MutableMapping
@@ -61,3 +63,20 @@ def _mallopt() -> ctypes._CFuncPtr | None:
         return None
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return fn
+
+
+_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Take what is allocated so far out of the cyclic collector's sight, once per process.
+
+    Once MLflow, SQLAlchemy and polars are imported, a process holds several hundred thousand
+    objects that live as long as it does, and every full collection walks all of them: ~300 ms
+    each, 2.5 s of a 20,000-record backfill's main process (measured with ``gc.callbacks``).
+    Frozen, they are never walked again; what a run allocates is collected as ever. The price: a
+    reference cycle made before this call and dropped later is never freed (start-up's, once)."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.freeze()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from ingest.allocator import freeze_startup_heap
 from ingest.buckets import Bucket, days_window, is_bucket_url
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
@@ -621,6 +622,7 @@ def run_batch(opts: RunOptions) -> Summary:
     inputs = Inputs.of(opts.paths)
     inputs.check()
     target, sink = open_target(opts)
+    freeze_startup_heap()
     pipe = Pipeline.for_run(sink, target, opts)
     try:
         for path in inputs.files:
@@ -670,6 +672,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     except BaseException:
         shutdown(warm)
         raise
+    freeze_startup_heap()
     assert opts.state_dir is not None
     key = destination_key(target.tracking_uri, target.experiment_id)
     if mode == "backfill":

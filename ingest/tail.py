@@ -31,6 +31,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from ingest.allocator import freeze_startup_heap
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower
 from ingest.lognames import SCRATCH_SUFFIXES
@@ -104,6 +105,7 @@ class Tailer:
         self.wake.set()
 
     def run(self) -> None:
+        freeze_startup_heap()
         observer = PollingObserver(timeout=self.opts.rescan_s) if self.opts.polling else Observer()
         handler = _Wake(self.wake)
         for d in self.dirs:

@@ -31,6 +31,7 @@ from typing import Any
 
 import polars as pl
 
+from ingest.allocator import freeze_startup_heap
 from ingest.quarantine import QuarantineRecord
 from ingest.scrub import Scrubber
 from ingest.sink import NullSink, Sink, StoreSink, Target, make_sink
@@ -243,6 +244,7 @@ class _Worker:
             self.pipe = Pipeline(
                 sink, config.experiment_id, self.quarantine, config.redact, batch_traces=config.batch_traces, scrub=config.scrub
             )  # type: ignore[arg-type]
+        freeze_startup_heap()
 
 
 class _Collected:
