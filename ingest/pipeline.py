@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from ingest.allocator import freeze_startup_heap
+from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
@@ -622,7 +622,7 @@ def run_batch(opts: RunOptions) -> Summary:
     inputs = Inputs.of(opts.paths)
     inputs.check()
     target, sink = open_target(opts)
-    freeze_startup_heap()
+    tune_collector()
     pipe = Pipeline.for_run(sink, target, opts)
     try:
         for path in inputs.files:
@@ -672,7 +672,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     except BaseException:
         shutdown(warm)
         raise
-    freeze_startup_heap()
+    tune_collector()
     assert opts.state_dir is not None
     key = destination_key(target.tracking_uri, target.experiment_id)
     if mode == "backfill":

@@ -31,7 +31,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from ingest.allocator import freeze_startup_heap
+from ingest.allocator import tune_collector
 from ingest.checkpoints import State, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower
 from ingest.lognames import SCRATCH_SUFFIXES
@@ -105,7 +105,7 @@ class Tailer:
         self.wake.set()
 
     def run(self) -> None:
-        freeze_startup_heap()
+        tune_collector()
         observer = PollingObserver(timeout=self.opts.rescan_s) if self.opts.polling else Observer()
         handler = _Wake(self.wake)
         for d in self.dirs:

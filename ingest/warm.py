@@ -124,8 +124,8 @@ def _init(parent: int) -> None:
 def _ready() -> None:
     """A prestarted worker's first task: what every task needs, imported while this process opens the store."""
     import ingest.pipeline  # noqa: F401
-    from ingest.allocator import freeze_startup_heap
+    from ingest.allocator import tune_collector
     from ingest.sql_bulk import _mlflow_parts
 
     _mlflow_parts()
-    freeze_startup_heap()
+    tune_collector()

@@ -31,7 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from ingest.allocator import freeze_startup_heap
+from ingest.allocator import tune_collector
 from ingest.quarantine import QuarantineRecord
 from ingest.scrub import Scrubber
 from ingest.sink import NullSink, Sink, StoreSink, Target, make_sink
@@ -244,7 +244,7 @@ class _Worker:
             self.pipe = Pipeline(
                 sink, config.experiment_id, self.quarantine, config.redact, batch_traces=config.batch_traces, scrub=config.scrub
             )  # type: ignore[arg-type]
-        freeze_startup_heap()
+        tune_collector()
 
 
 class _Collected:
