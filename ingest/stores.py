@@ -158,7 +158,10 @@ def _sqlite_schema_state(db: Path) -> str:
 
     from mlflow.store.db.base_sql_model import Base
 
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    # Read-write (never created: mode=rw), so a writer killed mid-commit is rolled back as any
+    # SQLite connection does; read-only, SQLite refuses to read past its hot journal. A file the
+    # system does not let us write is opened read-only all the same.
+    con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)
     try:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         version = None

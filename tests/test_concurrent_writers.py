@@ -267,6 +267,37 @@ def test_a_half_created_store_that_holds_data_is_left_alone_with_a_clear_error(t
     assert not list(tmp_path.glob("broken.db.incomplete-*"))
 
 
+_KILLED_MID_COMMIT = """
+import os, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA cache_size=1")  # pages spill into the store mid-transaction: its journal is hot
+con.execute("BEGIN")
+for i in range(2000):
+    con.execute("INSERT INTO trace_tags(key, value, request_id) VALUES (?, ?, 'tr-killed')", (f"k{i}", "v" * 500))
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_store_whose_writer_was_killed_mid_commit_opens_as_of_its_last_commit(tmp_path: Path, fleet_logs: Path, reference: dict) -> None:
+    """A writer SIGKILLed inside a transaction leaves a hot journal, which only a connection that may
+    write can roll back: the next run (and a reader) must roll it back and go on, not take the store
+    for one with an incomplete schema and refuse it."""
+    db = tmp_path / "store.db"
+    uri = f"sqlite:///{db}"
+    p = start(uri, fleet_logs, tmp_path / "state-1", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_COMMIT, str(db)], capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    journal = db.with_name(db.name + "-journal")
+    assert journal.exists() and journal.stat().st_size > 0, "the kill must leave a hot journal, or this test tests nothing"
+    p = start(uri, fleet_logs, tmp_path / "state-2", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert_same_as_one_writer(uri, reference)
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM trace_tags WHERE request_id = 'tr-killed'").fetchone() == (0,)
+
+
 # --- the tight race: the same traces inserted by several writers in the same instant -------------
 
 
