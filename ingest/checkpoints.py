@@ -115,6 +115,9 @@ class State:
     last_run: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     corrupt_copy: Path | None = None
+    experiment_created: int | None = None
+    """The creation time of the experiment this state's lines were delivered to (see :meth:`bind`)."""
+    replaced: str | None = None
 
     @classmethod
     def load(cls, path: Path, mode: str, destination: dict[str, Any]) -> State:
@@ -150,7 +153,25 @@ class State:
         state.recent = [h for h in doc.get("recent", []) if _is_line(h)]
         state.last_run = doc.get("last_run", {})
         state.extra = doc.get("extra", {})
+        created = doc.get("experiment_created")
+        state.experiment_created = created if isinstance(created, int) and not isinstance(created, bool) else None
         return state
+
+    def bind(self, created_ms: int | None) -> bool:
+        """Tie the state to the experiment it delivers to, by its creation time. A store deleted and
+        made anew at the same address (``rm mlflow.db``, a dropped database) gives its experiment the
+        same id, so the same state file: its checkpoints would skip every line the old store had,
+        and the new one would never get them. Such a state starts over (every file is read again;
+        the traces' ids are fixed, so nothing is doubled where they still exist). True if it did."""
+        old, self.experiment_created = self.experiment_created, created_ms if created_ms is not None else self.experiment_created
+        if old is None or created_ms is None or old == created_ms:
+            return False
+        self.checkpoints.clear()
+        self.held.clear()
+        self.recent.clear()
+        self.replaced = f"the experiment was created anew ({_iso_ms(created_ms)}; this state was for one created {_iso_ms(old)})"
+        log.warning("%s: its checkpoints are dropped and every file is read again", self.replaced)
+        return True
 
     def document(self) -> dict[str, Any]:
         return {
@@ -162,6 +183,7 @@ class State:
             "recent": self.recent,
             "last_run": self.last_run,
             "extra": self.extra,
+            "experiment_created": self.experiment_created,
         }
 
     def save(self) -> None:
@@ -197,6 +219,10 @@ class State:
             yield self
         finally:
             os.close(fd)
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

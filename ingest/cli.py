@@ -640,6 +640,8 @@ def _print_summary(s: Any) -> None:
     if s.files_skipped:
         why = "no complete line yet: read once a line ends, or the file is unchanged for --partial-timeout"
         rows.insert(1, ("files waiting", f"{s.files_skipped} ({why})"))
+    if s.state_replaced:
+        rows.insert(0, ("state", f"started over: {s.state_replaced}; every file was read again"))
     if s.state_corrupt_copy:
         rows.insert(0, ("state", f"was corrupt: started from an empty state, the bad file kept as {s.state_corrupt_copy}"))
     if s.nested_calls or s.app_traces_missing or s.nest_pending or s.nest_failed:

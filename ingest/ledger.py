@@ -103,6 +103,14 @@ class Ledger:
                     (source, name, value),
                 )
 
+    def forget(self) -> None:
+        """Forget every item and mark: they were ingested into a store that is gone (``State.bind``)."""
+        if self._db is not None:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("DELETE FROM items")
+                self._db.execute("DELETE FROM meta")
+
     def meta(self, source: str, name: str) -> str | None:
         if self._db is None:
             return None

@@ -100,6 +100,7 @@ class Summary:
     quarantine_file: str | None = None
     state_file: str | None = None
     state_corrupt_copy: str | None = None
+    state_replaced: str | None = None
     dry_run: bool = False
     result: str = "ok"
 
@@ -695,6 +696,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
         with state.locked():
             state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid()}
             try:
+                if state.bind(target.created_ms):
+                    ledger.forget()
                 follower.restore()
                 follower.save()
                 if opts.shard is None:
@@ -728,6 +731,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 _close(summary, files, target, opts, started)
                 summary.state_file = str(state.path)
                 summary.state_corrupt_copy = str(state.corrupt_copy) if state.corrupt_copy else None
+                summary.state_replaced = state.replaced
                 state.last_run = {
                     "started": state.last_run.get("started"),
                     "finished": now_iso(),

@@ -54,6 +54,9 @@ class Target:
     tracking_uri: str
     experiment_id: str
     experiment_name: str | None
+    created_ms: int | None = None
+    """The experiment's creation time: a store deleted and made anew at the same address gives its
+    experiment the same id, and only this tells the two apart (see ``State.bind``)."""
 
     @property
     def is_server(self) -> bool:
@@ -204,7 +207,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
             raise SinkError(f"experiment id {exp_id} does not exist on {shown_uri(uri)}", kind="rejected")
         exp = _check(resp, "get experiment").json()["experiment"]
         _refuse_deleted(exp, uri)
-        return Target(uri, exp["experiment_id"], exp.get("name"))
+        return Target(uri, exp["experiment_id"], exp.get("name"), _created_ms(exp.get("creation_time")))
     name = name or DEFAULT_EXPERIMENT_NAME
     resp = with_retries(
         lambda: http.request("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}),
@@ -222,12 +225,13 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
 
         created = with_retries(create_once, "create experiment", deadline_s, _transient_http)
         if "RESOURCE_ALREADY_EXISTS" not in created.text:
-            return Target(uri, created.json()["experiment_id"], name)
-        # Another ingester created it a moment ago: use theirs.
-        resp = call("GET", "/api/2.0/mlflow/experiments/get-by-name", "find experiment", params={"experiment_name": name})
+            exp_id = created.json()["experiment_id"]
+            resp = call("GET", "/api/2.0/mlflow/experiments/get", "get experiment", params={"experiment_id": exp_id})
+        else:  # another ingester created it a moment ago: use theirs
+            resp = call("GET", "/api/2.0/mlflow/experiments/get-by-name", "find experiment", params={"experiment_name": name})
     exp = _check(resp, "find experiment").json()["experiment"]
     _refuse_deleted(exp, uri)
-    return Target(uri, exp["experiment_id"], name)
+    return Target(uri, exp["experiment_id"], name, _created_ms(exp.get("creation_time")))
 
 
 def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
@@ -252,7 +256,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
                 name = name or DEFAULT_EXPERIMENT_NAME
                 exp = store.get_experiment_by_name(name)
                 if exp is None and create:
-                    return Target(uri, _create_experiment(store, name), name)
+                    exp = store.get_experiment(_create_experiment(store, name))
     except StoreSetupError as e:
         raise SinkError(str(e), kind=e.kind) from e
     except MlflowException as e:
@@ -265,7 +269,14 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool)
         raise _missing_experiment(name or DEFAULT_EXPERIMENT_NAME, uri)
     if exp.lifecycle_stage == "deleted":
         raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {shown_uri(uri)} is deleted", kind="rejected")
-    return Target(uri, exp.experiment_id, exp.name)
+    return Target(uri, exp.experiment_id, exp.name, _created_ms(exp.creation_time))
+
+
+def _created_ms(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _create_experiment(store: Any, name: str) -> str:

@@ -171,6 +171,7 @@ class Tailer:
     def _restore(self) -> None:
         if not self._restored:
             self._restored = True
+            self.state.bind(self.target.created_ms)
             self.follower.restore()
 
     def _nest(self, force: bool = False) -> None:

@@ -28,8 +28,10 @@ PRESTART_BYTES = 4 << 20
 a second or two) overlaps this process's instead of holding up the first step."""
 
 
-def prestart(n: int, sqlite: bool) -> list[ProcessPoolExecutor]:
-    """The executors of a pool of ``n`` workers (``n - 1`` into SQLite), started now."""
+def prestart(n: int, tracking_uri: str | None) -> list[ProcessPoolExecutor]:
+    """The executors of a pool of ``n`` workers (``n - 1`` into SQLite, where this process writes),
+    started now."""
+    sqlite = tracking_uri_from(tracking_uri).startswith("sqlite:")
     warm: list[ProcessPoolExecutor] = []
     try:
         for _ in range(n - 1 if sqlite else n):
@@ -50,7 +52,7 @@ def for_backfill(paths: list[str], workers: int, dry_run: bool, tracking_uri: st
     try:
         if _local_bytes(paths, PRESTART_BYTES) < PRESTART_BYTES:
             return []
-        return prestart(workers, tracking_uri_from(tracking_uri).startswith("sqlite:"))
+        return prestart(workers, tracking_uri)
     except OSError:
         return []
     except Exception as e:
@@ -61,7 +63,7 @@ def for_backfill(paths: list[str], workers: int, dry_run: bool, tracking_uri: st
 def for_files(files: list[Path], workers: int, dry_run: bool, tracking_uri: str | None) -> list[ProcessPoolExecutor]:
     if workers <= 1 or dry_run or sum(_size(f) for f in files) < PRESTART_BYTES:
         return []
-    return prestart(workers, tracking_uri_from(tracking_uri).startswith("sqlite:"))
+    return prestart(workers, tracking_uri)
 
 
 def _local_bytes(paths: list[str], enough: int) -> int:
@@ -92,7 +94,7 @@ def _local_bytes(paths: list[str], enough: int) -> int:
 
 
 def _size(path: Path) -> int:
-    """A regular file's size (0 for anything else, or a file that cannot be read)."""
+    """A regular file's size (0 for anything else, or a path that cannot be stat'ed)."""
     try:
         st = path.stat()
     except OSError:

@@ -151,6 +151,8 @@ def test_the_ledger_skips_what_was_read_at_the_same_version(tmp_path: Path) -> N
     again.mark("s3://b", big.head(2500))
     assert again.new("s3://b", big).height == 500
     assert Ledger(None).new("s3://b", items).height == 3
+    again.forget()
+    assert again.new("s3://b", big).height == 3000 and again.meta("s3://b", "newest_day") is None, "a store made anew is owed every item"
 
 
 def test_small_objects_read_in_one_frame_give_what_the_per_object_path_gives() -> None:

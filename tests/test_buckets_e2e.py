@@ -72,6 +72,11 @@ def test_s3_cron_reads_only_new_objects_in_every_layout(s3_server: BucketServer,
     code, report, _ = run(s3_server, "reconcile", url, state=state, uri=uri)
     assert code == 0 and report["missing_count"] == 0 and report["matched"] == len(calls_of(everything))
 
+    (tmp_path / "m.db").unlink()
+    _, s4, _ = run(s3_server, "batch", url, state=state, uri=uri)
+    assert s4["state_replaced"] and s4["objects_read"] == len(keys) + len(new), "a new store at the same path gets every object again"
+    assert sorted(trace_calls(uri)) == sorted(calls_of(everything))
+
 
 def test_cron_lists_only_partitions_from_a_day_before_the_newest_it_read(s3_server: BucketServer, tmp_path: Path) -> None:
     fs, bucket = s3_server.fs(), s3_server.new_bucket()

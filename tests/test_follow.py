@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -57,6 +58,7 @@ PINNED_V2 = {
     "recent": [],
     "last_run": {"started": "2026-11-28T02:59:00+00:00", "result": "ok"},
     "extra": {},
+    "experiment_created": 1795000000123,
 }
 
 
@@ -69,8 +71,36 @@ def test_state_document_of_the_current_version_reads_and_writes_back_byte_for_by
     ck = state.checkpoints["sha256:0123456789abcdef0123456789abcdef"]
     assert (ck.offset, ck.line, ck.done, ck.tail, ck.legacy_held) == (5120, 11, True, "fedcba9876543210", [])
     assert state.held == PINNED_V2["held"]
+    assert state.experiment_created == 1795000000123
     state.save()
     assert path.read_text() == text
+
+
+def test_a_state_written_before_it_knew_its_experiment_keeps_its_checkpoints_and_learns_it(tmp_path: Path) -> None:
+    path = tmp_path / "batch-x.json"
+    path.write_text(json.dumps({k: v for k, v in PINNED_V2.items() if k != "experiment_created"}, indent=1))
+    state = State.load(path, "batch", PINNED_V2["destination"])
+    assert state.experiment_created is None
+    assert not state.bind(1795000000123)
+    assert len(state.checkpoints) == 1 and state.held and state.replaced is None
+    state.save()
+    assert json.loads(path.read_text())["experiment_created"] == 1795000000123
+
+
+def test_a_state_for_an_experiment_created_anew_at_the_same_address_starts_over(tmp_path: Path) -> None:
+    """``rm mlflow.db`` and run again: the new store's experiment has the old one's id, so the same
+    state file, whose checkpoints would skip every line the new store never got."""
+    path = tmp_path / "batch-x.json"
+    path.write_text(json.dumps(PINNED_V2 | {"recent": PINNED_V2["held"]}, indent=1))
+    state = State.load(path, "batch", PINNED_V2["destination"])
+    assert not state.bind(None), "a destination that does not say when it was made leaves the state as it is"
+    assert state.checkpoints and state.experiment_created == 1795000000123
+    assert state.bind(1795000999000)
+    assert (state.checkpoints, state.held, state.recent) == ({}, [], [])
+    assert state.replaced and "2026-11-18T11:23:19Z" in state.replaced
+    state.save()
+    again = State.load(path, "batch", PINNED_V2["destination"])
+    assert again.experiment_created == 1795000999000 and not again.bind(1795000999000)
 
 
 def test_a_version_1_state_is_upgraded_and_its_held_positions_are_replayed_from_the_file(tmp_path: Path) -> None:
@@ -536,3 +566,26 @@ def test_a_damaged_gzip_is_read_as_far_as_it_goes_and_never_raises(tmp_path: Pat
     got = [i for c in follower.chunks(f) for i in c.lines["line_no"].to_list()]
     assert 1 <= len(got) < 8 and got == list(range(1, len(got) + 1))
     f.close()
+
+
+def test_a_daemon_restarted_on_a_store_made_anew_sends_every_line_again(tmp_path: Path) -> None:
+    """The daemon's state is the batch state of its destination: a new store at the same address
+    (same experiment id, a later creation time) must get the lines the old one had."""
+    now = 1_800_000_000.0
+    logdir, state_dir, log, sink, t = daemon_at(tmp_path, now)
+    t.target = replace(t.target, created_ms=1_700_000_000_000)
+    log.write_text("".join(line(record(f"ok-{i}", "success", now - 1, now)) for i in range(5)))
+    t.step()
+    t.shutdown()
+    t.close()
+    assert len(sink.traces) == 5
+
+    for created, sent in ((1_700_000_000_000, 0), (1_700_000_500_000, 5)):
+        fresh = RecordingSink()
+        t = tailer(logdir, state_dir, fresh, SETTLE_S)
+        t.target = replace(t.target, created_ms=created)
+        t.pipeline.clock = lambda: int(now * 1_000_000)
+        t.step()
+        t.shutdown()
+        t.close()
+        assert len(fresh.traces) == sent, (created, fresh.calls())

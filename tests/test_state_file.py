@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ingest.checkpoints import STATE_VERSION, Checkpoint, State
-from tests.conftest import copies, sqlite_trace_count, write_log
+from tests.conftest import all_traces, copies, sqlite_trace_count, start_mlflow_server, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -198,3 +198,40 @@ def test_a_complete_tmp_file_left_by_a_crash_is_preferred_over_a_corrupt_state(t
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["records_read"] == 0, "continued from the tmp file's checkpoints"
     assert "corrupt" not in again.stderr and not list(state.parent.glob("*.corrupt-*"))
+
+
+def test_a_store_deleted_and_made_anew_at_the_same_path_gets_every_call_again(tmp_path: Path, capture: list[dict]) -> None:
+    """The quick start run twice with ``rm mlflow.db`` between: the new store's experiment has the
+    old one's id, and a state that only knew the id skipped every line (0 traces, exit 0)."""
+    args, _, db = ingested(tmp_path, capture)
+    traces = sqlite_trace_count(db)
+    assert traces > 0 and json.loads(run(*args, cwd=tmp_path).stdout)["records_read"] == 0
+    db.unlink()
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["state_replaced"] and "created anew" in again.stderr
+    assert sqlite_trace_count(db) == traces == summary["traces_written"]
+    third = json.loads(run(*args, cwd=tmp_path).stdout)
+    assert third["records_read"] == 0 and third["state_replaced"] is None, "the state now belongs to the new store"
+
+
+def test_a_server_whose_store_was_made_anew_gets_every_call_again(tmp_path: Path, capture: list[dict]) -> None:
+    """The same through a real `mlflow server` restarted on an empty store, at the same address."""
+    recs = copies(capture, 1, "server-anew")[0]
+    log = write_log(tmp_path / "logs" / "calls.jsonl", recs)
+    calls = len({r["litellm_call_id"] for r in recs})
+    server = start_mlflow_server(tmp_path / "srv")
+    args = ["batch", str(log), "--tracking-uri", server.url, "--experiment-name", "anew", "--state-dir", str(tmp_path / "st"), "--json"]
+    try:
+        first = run(*args, cwd=tmp_path)
+        assert first.returncode == 0 and json.loads(first.stdout)["traces_written"] == calls, first.stderr[-3000:]
+        server.stop()
+        (tmp_path / "srv" / "mlflow.db").unlink()
+        server = start_mlflow_server(tmp_path / "srv", port=server.port)
+        again = run(*args, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads(again.stdout)["state_replaced"]
+        assert len(all_traces(server.url, "anew", include_spans=False)) == calls
+    finally:
+        server.stop()
