@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from ingest.checkpoints import LockedError, StateError
+from ingest.stores import quiet_caught_store_errors
 
 
 class Exit:
@@ -187,6 +188,8 @@ def main(verbose: bool) -> None:
     logging.getLogger("litellm-ingest").setLevel(logging.INFO if verbose else logging.WARNING)
     for noisy in ("alembic", "mlflow", "urllib3", "psycopg"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    if not verbose:
+        quiet_caught_store_errors()
 
 
 def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:

@@ -35,6 +35,18 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _STORES: dict[str, Any] = {}
 
 
+def quiet_caught_store_errors() -> None:
+    """MLflow's SQL store logs each query that fails for want of the database at ERROR, with its
+    whole traceback (about a hundred lines), then raises it: during a database outage that is one
+    such dump per retry, for a failure the sink already reports in one line and retries. Those
+    records are dropped unless ``--verbose``; every other MLflow log record passes."""
+    logging.getLogger("mlflow.store.db.utils").addFilter(_not_a_caught_db_error)
+
+
+def _not_a_caught_db_error(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("SQLAlchemy database error")
+
+
 class StoreSetupError(Exception):
     """The store cannot be opened or created; one line for the user. ``kind`` as ``SinkError``'s:
     "unreachable" is worth retrying, "rejected" is not."""

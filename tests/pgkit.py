@@ -50,8 +50,17 @@ class PgCluster(Postgres):
     def _pg(self, *args: str) -> None:
         subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=120)
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server as a crash would (``-m immediate``), keeping its data: an outage."""
         self._pg(pg_bin("pg_ctl") or "pg_ctl", "-D", str(self.base / "data"), "-m", "immediate", "stop")
+
+    def resume(self) -> None:
+        """Start it again on the same port and data (crash recovery runs first)."""
+        data, log = str(self.base / "data"), str(self.base / "server.log")
+        self._pg(pg_bin("pg_ctl") or "pg_ctl", "-D", data, "-o", _options(self), "-l", log, "-w", "start")
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -72,6 +81,9 @@ def start_postgres() -> PgCluster:
     cluster = PgCluster(free_port(), base, as_user)
     data = base / "data"
     cluster._pg(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    options = f"-p {cluster.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
-    cluster._pg(pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "server.log"), "-w", "start")
+    cluster._pg(pg_ctl, "-D", str(data), "-o", _options(cluster), "-l", str(base / "server.log"), "-w", "start")
     return cluster
+
+
+def _options(cluster: PgCluster) -> str:
+    return f"-p {cluster.port} -k {cluster.base} -c listen_addresses=127.0.0.1 -c fsync=off"

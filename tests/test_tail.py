@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import spans_ingested, start_mlflow_server
+from tests.pgkit import start_postgres
 from tests.tailkit import Daemon, Writer, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
 
 
@@ -170,6 +171,41 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
         if d.alive():
             d.stop(signal.SIGKILL)
         server.stop()
+
+
+def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path, capture) -> None:
+    """MLflow on PostgreSQL written directly: the database crashes (``pg_ctl -m immediate``) and comes
+    back on the same port while the proxy keeps logging; the daemon waits, then writes every call once."""
+    try:
+        pg = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    uri = pg.new_database()
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    experiment = "pg-outage"
+    calls = fresh_calls(capture, copies=2)
+    d = Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "120").start()
+    try:
+        writer = Writer(logdir / "proxy.jsonl")
+        writer.write_calls(calls[:20], pause_s=0.01)
+        wait_for_calls(uri, experiment, calls[:20])
+        pg.halt()
+        writer.write_calls(calls[20:60], pause_s=0.01)
+        wait_for(lambda: "litellm_ingest_mlflow_up 0" in d.metrics(), 30, "the daemon to notice the outage")
+        time.sleep(2)
+        pg.resume()
+        writer.write_calls(calls[60:], pause_s=0.01)
+        assert_exactly(wait_for_calls(uri, experiment, calls, timeout=120), calls)
+        assert "litellm_ingest_mlflow_up 1" in d.metrics()
+        assert d.stop() == 0
+        log = d.log.read_text()
+        assert "MLflow unavailable" in log and "MLflow is back" in log
+        assert "Traceback" not in log, "the outage is one line, not a traceback per retry"
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        pg.stop()
 
 
 def test_metrics_health_and_status_while_running(setup, mlflow_server, capture, tmp_path: Path) -> None:
