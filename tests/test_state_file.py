@@ -9,10 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ingest.checkpoints import STATE_VERSION, Checkpoint, State
-from tests.conftest import all_traces, copies, sqlite_trace_count, start_mlflow_server, write_log
+from tests.conftest import copies, sqlite_trace_count, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -216,22 +217,15 @@ def test_a_store_deleted_and_made_anew_at_the_same_path_gets_every_call_again(tm
     assert third["records_read"] == 0 and third["state_replaced"] is None, "the state now belongs to the new store"
 
 
-def test_a_server_whose_store_was_made_anew_gets_every_call_again(tmp_path: Path, capture: list[dict]) -> None:
-    """The same through a real `mlflow server` restarted on an empty store, at the same address."""
-    recs = copies(capture, 1, "server-anew")[0]
-    log = write_log(tmp_path / "logs" / "calls.jsonl", recs)
-    calls = len({r["litellm_call_id"] for r in recs})
-    server = start_mlflow_server(tmp_path / "srv")
-    args = ["batch", str(log), "--tracking-uri", server.url, "--experiment-name", "anew", "--state-dir", str(tmp_path / "st"), "--json"]
-    try:
-        first = run(*args, cwd=tmp_path)
-        assert first.returncode == 0 and json.loads(first.stdout)["traces_written"] == calls, first.stderr[-3000:]
-        server.stop()
-        (tmp_path / "srv" / "mlflow.db").unlink()
-        server = start_mlflow_server(tmp_path / "srv", port=server.port)
-        again = run(*args, cwd=tmp_path)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert json.loads(again.stdout)["state_replaced"]
-        assert len(all_traces(server.url, "anew", include_spans=False)) == calls
-    finally:
-        server.stop()
+def test_a_server_tells_when_the_experiment_was_created_whether_it_creates_or_finds_it(mlflow_server) -> None:
+    """What tells a store made anew from the old one through a server: the experiment's creation
+    time, on the path that creates it and on the one that finds it."""
+    from ingest.sink import resolve_target
+
+    name = f"anew-{time.time_ns()}"
+    before = int(time.time() * 1000)
+    created = resolve_target(mlflow_server.url, name, None)
+    found = resolve_target(mlflow_server.url, name, None)
+    by_id = resolve_target(mlflow_server.url, None, created.experiment_id)
+    assert created.created_ms is not None and before - 5_000 <= created.created_ms <= int(time.time() * 1000) + 5_000
+    assert created.created_ms == found.created_ms == by_id.created_ms
