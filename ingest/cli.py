@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from ingest.checkpoints import LockedError, StateError
-from ingest.stores import quiet_caught_store_errors
+from ingest.stores import quiet_dependency_logs
 
 
 class Exit:
@@ -186,10 +186,7 @@ def main(verbose: bool) -> None:
     """Replay LiteLLM Proxy request logs (StandardLoggingPayload JSONL, SpendLogs exports) into MLflow traces."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("litellm-ingest").setLevel(logging.INFO if verbose else logging.WARNING)
-    for noisy in ("alembic", "mlflow", "urllib3", "psycopg"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
-    if not verbose:
-        quiet_caught_store_errors()
+    quiet_dependency_logs(verbose)
 
 
 def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:

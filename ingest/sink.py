@@ -184,7 +184,7 @@ def resolve_target(
     """
     if tracking_uri.startswith(("http://", "https://")):
         return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create)
-    return _resolve_store(tracking_uri, experiment_name, experiment_id, create)
+    return _resolve_store(tracking_uri, experiment_name, experiment_id, create, deadline_s)
 
 
 def _missing_experiment(name: str, uri: str) -> SinkError:
@@ -242,21 +242,24 @@ def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
         )
 
 
-def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool) -> Target:
+def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool, deadline_s: float) -> Target:
     from mlflow.exceptions import MlflowException
 
     if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
-    try:
+
+    def find() -> Any:
         with setup_lock(uri):
             store = open_store(uri, create=create)
             if exp_id is not None:
-                exp = store.get_experiment(exp_id)
-            else:
-                name = name or DEFAULT_EXPERIMENT_NAME
-                exp = store.get_experiment_by_name(name)
-                if exp is None and create:
-                    exp = store.get_experiment(_create_experiment(store, name))
+                return store.get_experiment(exp_id)
+            exp = store.get_experiment_by_name(name or DEFAULT_EXPERIMENT_NAME)
+            if exp is None and create:
+                exp = store.get_experiment(_create_experiment(store, name or DEFAULT_EXPERIMENT_NAME))
+            return exp
+
+    try:
+        exp = with_retries(find, "open the MLflow store", deadline_s, _transient_db)
     except StoreSetupError as e:
         raise SinkError(str(e), kind=e.kind) from e
     except MlflowException as e:
@@ -397,9 +400,29 @@ def _transient_any(e: Exception) -> bool:
     return "connection" in text or "timed out" in text or " 50" in text or "429" in text
 
 
-def _transient_db(e: Exception) -> bool:
-    text = str(e).lower()
-    return "database is locked" in text or "could not connect" in text or "connection refused" in text or "deadlock" in text
+_DB_TRANSIENT_TEXT = (
+    "database is locked", "deadlock", "could not connect", "connection refused", "connection failed", "server closed the connection",
+    "terminating connection", "the database system is", "could not receive data", "connection timed out", "connection is closed",
+    "ssl connection has been closed",
+)  # fmt: skip
+"""A database that is busy, restarting or failing over (PostgreSQL's own messages for a crash, an
+administrator's shutdown, crash recovery): worth retrying until ``--mlflow-timeout`` runs out."""
+
+
+def _transient_db(e: BaseException) -> bool:
+    """Anywhere in its causes: a connection SQLAlchemy found broken, or a message of a database that
+    is not there for now."""
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if getattr(node, "connection_invalidated", False):
+            return True
+        text = str(node).lower()
+        if any(t in text for t in _DB_TRANSIENT_TEXT):
+            return True
+        node = node.__cause__ or node.__context__
+    return False
 
 
 CONFLICT_RETRIES = 6

@@ -35,12 +35,19 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _STORES: dict[str, Any] = {}
 
 
-def quiet_caught_store_errors() -> None:
-    """MLflow's SQL store logs each query that fails for want of the database at ERROR, with its
-    whole traceback (about a hundred lines), then raises it: during a database outage that is one
-    such dump per retry, for a failure the sink already reports in one line and retries. Those
-    records are dropped unless ``--verbose``; every other MLflow log record passes."""
-    logging.getLogger("mlflow.store.db.utils").addFilter(_not_a_caught_db_error)
+def quiet_dependency_logs(verbose: bool) -> None:
+    """Our own one-line reports stand for what the libraries under us log on the way.
+
+    MLflow's SQL store logs each query that fails for want of the database at ERROR, with its whole
+    traceback (about a hundred lines), then raises it: during a database outage that is one such
+    dump per retry, for a failure the sink already reports in one line and retries. Those records
+    are dropped unless ``verbose``; every other MLflow record passes. The drivers' and HTTP
+    library's warnings (a connection lost mid-pipeline, a retried request) show only with
+    ``verbose``."""
+    for noisy in ("alembic", "mlflow", "urllib3", "psycopg"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    if not verbose:
+        logging.getLogger("mlflow.store.db.utils").addFilter(_not_a_caught_db_error)
 
 
 def _not_a_caught_db_error(record: logging.LogRecord) -> bool:

@@ -19,7 +19,7 @@ from itertools import chain
 from pathlib import Path
 
 from ingest.lognames import is_log_file
-from ingest.stores import quiet_caught_store_errors, tracking_uri_from
+from ingest.stores import quiet_dependency_logs, tracking_uri_from
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def shutdown(executors: list[ProcessPoolExecutor]) -> None:
 def _init(parent: int) -> None:
     """A worker ignores Ctrl-C (the main process stops it), dies with its parent, and leaves
     reporting a database outage to the main process, which gets its error."""
-    quiet_caught_store_errors()
+    quiet_dependency_logs(verbose=False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

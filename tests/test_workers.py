@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -274,3 +275,57 @@ def test_sizing_a_backfill_for_an_early_start_reads_no_more_of_the_listing_than_
     assert 4 * mib <= _local_bytes([str(tmp_path)], 4 * mib) < 7 * mib
     assert _local_bytes([str(tmp_path / "a.jsonl"), str(tmp_path / "missing.jsonl")], 1) == 0
     assert _local_bytes([str(tmp_path / "a.jsonl"), str(tmp_path / "*.gz")], 1) == 0
+
+
+def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_middle(capture: list[dict], tmp_path: Path) -> None:
+    """The database is down when the backfill starts, comes back, then crashes (``pg_ctl -m
+    immediate``) while two workers write to it and comes back again, each time within
+    ``--mlflow-timeout``: the backfill waits it out and ends with every call once, exit 0."""
+    from tests.pgkit import start_postgres
+    from tests.tailkit import spans_of
+
+    try:
+        pg = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    try:
+        uri = pg.new_database()
+        records = [r for b in copies(capture, 60, "pg-crash") for r in b]
+        write_log(tmp_path / "logs" / "proxy.jsonl", records)
+        calls: dict[str, list[dict]] = {}
+        for r in records:
+            calls.setdefault(r["litellm_call_id"], []).append(r)
+
+        def counted(sql: str) -> int:
+            import psycopg
+
+            try:
+                with psycopg.connect(uri, connect_timeout=2) as con:
+                    return int(con.execute(sql).fetchone()[0])
+            except psycopg.Error:
+                return 0
+
+        pg.halt()
+        args = [*backfill_args(uri, tmp_path / "logs", tmp_path / "state", 2), "--workers", "2", "--json"]
+        with socket.create_server(("127.0.0.1", pg.port)) as down:  # answers nothing: a database not up yet
+            down.settimeout(120)
+            p = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            down.accept()[0].close()
+            time.sleep(1.5)
+            assert p.poll() is None, "the backfill gave up on a database down at its start: " + p.communicate()[1][-2000:]
+        pg.resume()
+        deadline = time.monotonic() + 120
+        while counted("SELECT count(*) FROM trace_info") < 100 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, "the backfill ended before the crash it was to ride through: " + p.communicate()[1][-2000:]
+        pg.halt()
+        time.sleep(3)
+        pg.resume()
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+        summary = json.loads(out)
+        assert summary["workers"] == 2 and summary["traces_written"] == len(calls)
+        assert counted("SELECT count(*) FROM trace_info") == len(calls)
+        assert counted("SELECT count(*) FROM spans") == spans_of(list(calls.values()))
+    finally:
+        pg.stop()
