@@ -11,7 +11,8 @@ in the copy, batching by time (``--batch-wait``) and size, and outages.
 While MLflow is down the daemon reports it at the first failed write (log line, ``/health`` 503,
 ``mlflow_up`` 0), stops reading, keeps what it had read in memory and its checkpoints where they
 are, and probes MLflow with backoff; when MLflow answers it sends what it holds and reads on. A
-long outage loses nothing and memory stays flat.
+long outage loses nothing and memory stays flat. Started while MLflow is down, it waits for it the
+same way (:func:`wait_for_mlflow`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,9 @@ from ingest.follow import Followed, Follower
 from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
-from ingest.pipeline import Pipeline, RunOptions, open_target
+from ingest.pipeline import Pipeline, RunOptions, open_target, resolve_run_target
 from ingest.quarantine import QuarantineWriter
-from ingest.sink import Sink, SinkError, Target
+from ingest.sink import Sink, SinkError, Target, make_sink
 from ingest.sources import Chunk
 
 log = logging.getLogger("litellm-ingest.tail")
@@ -72,7 +73,14 @@ class _Wake(FileSystemEventHandler):
 class Tailer:
     """The daemon's loop around one :class:`~ingest.follow.Follower`; :meth:`step` is one pass of it."""
 
-    def __init__(self, opts: TailOptions, directories: list[Path], destination: tuple[Target, Sink] | None = None) -> None:
+    def __init__(
+        self,
+        opts: TailOptions,
+        directories: list[Path],
+        destination: tuple[Target, Sink] | None = None,
+        metrics: Metrics | None = None,
+        stopping: threading.Event | None = None,
+    ) -> None:
         self.opts = opts
         self.dirs = directories
         self.target, self.sink = destination or open_target(opts)
@@ -92,8 +100,8 @@ class Tailer:
         )
         self.sink.on_retry = self._write_failed
         self.wake = threading.Event()
-        self.stopping = threading.Event()
-        self.metrics = Metrics()
+        self.stopping = stopping or threading.Event()
+        self.metrics = metrics or Metrics()
         self._restored = False
         self._failures = 0
         self._last_down_log = 0.0
@@ -111,7 +119,6 @@ class Tailer:
         for d in self.dirs:
             observer.schedule(handler, str(d), recursive=True)
         observer.start()
-        server = serve(lambda: self.metrics, self.opts.metrics_host, self.opts.metrics_port) if self.opts.metrics_port is not None else None
         log.info("following %s (pattern %s) -> %s experiment %s", ", ".join(map(str, self.dirs)), self.opts.pattern,
                  self.target.shown_uri, self.target.experiment_id)  # fmt: skip
         try:
@@ -128,8 +135,6 @@ class Tailer:
         finally:
             observer.stop()
             observer.join(timeout=5)
-            if server is not None:
-                server.shutdown()
             self.close()
 
     def close(self) -> None:
@@ -317,8 +322,56 @@ class Tailer:
                 m.lag[str(f.path)] = max(f.size() - f.ck.offset, 0)
 
 
+PROBE_S = 5.0
+"""How long one attempt to reach MLflow at start may retry before the daemon says it waits."""
+
+
 def run_tail(opts: TailOptions, directories: list[Path]) -> None:
-    tailer = Tailer(opts, directories)
-    signal.signal(signal.SIGTERM, tailer.stop)
-    signal.signal(signal.SIGINT, tailer.stop)
-    tailer.run()
+    """The daemon: ``/metrics`` and ``/health`` from the start, MLflow waited for, then the loop."""
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    metrics = Metrics()
+    server = serve(lambda: metrics, opts.metrics_host, opts.metrics_port) if opts.metrics_port is not None else None
+    try:
+        destination = wait_for_mlflow(opts, metrics, stopping)
+        if destination is None:
+            log.info("stopped while waiting for MLflow")
+            return
+        tailer = Tailer(opts, directories, destination, metrics, stopping)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, tailer.stop)
+        tailer.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Event) -> tuple[Target, Sink] | None:
+    """The destination, once MLflow answers. A daemon started while MLflow is down (a reboot that
+    brought the proxy up first, an outage) waits for it, as it waits out an outage once running:
+    said once, then every minute, with ``/health`` 503; nothing is read meanwhile, so nothing is
+    lost. MLflow refusing us (credentials, a deleted experiment, a store it cannot use) is a
+    configuration error, and stops it (exit 4). None: stopped while waiting."""
+    if opts.dry_run:
+        return open_target(opts)
+    failures, said = 0, 0.0
+    while not stopping.is_set():
+        try:
+            target = resolve_run_target(replace(opts, mlflow_timeout_s=min(PROBE_S, opts.mlflow_timeout_s)), create=True)
+            return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer)
+        except SinkError as e:
+            if e.kind != "unreachable":
+                raise
+            now = time.time()
+            if metrics.down_since is None:
+                metrics.down_since = now
+            metrics.mlflow_up = False
+            if now - said >= 60:
+                said = now
+                waited = f" for {now - metrics.down_since:.0f}s" if failures else ""
+                why = str(e).splitlines()[0][:200]
+                log.warning("MLflow unavailable at start%s (%s); waiting for it, nothing is read until it answers", waited, why)
+            failures += 1
+            stopping.wait(min(opts.max_backoff_s, 2.0 ** min(failures, 5)))
+    return None

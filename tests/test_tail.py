@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import spans_ingested, start_mlflow_server
+from tests.conftest import free_port, spans_ingested, start_mlflow_server
 from tests.pgkit import start_postgres
 from tests.tailkit import Daemon, Writer, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
 
@@ -171,6 +171,39 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
         if d.alive():
             d.stop(signal.SIGKILL)
         server.stop()
+
+
+def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capture) -> None:
+    """A reboot that brings the proxy and its daemon up before MLflow: the daemon serves /health
+    (503), says once that it waits, stops cleanly if told to, and sends everything once MLflow answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = fresh_calls(capture)
+    Writer(logdir / "proxy.jsonl").write_calls(calls[:10])
+    d = Daemon(logdir, url, "late", tmp_path / "state").start()
+    wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for MLflow")
+    assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
+    assert d.stop() == 0, "told to stop while it waits: a clean exit"
+    d = Daemon(logdir, url, "late", tmp_path / "state").start()
+    server = None
+    try:
+        wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for MLflow")
+        time.sleep(1)
+        assert d.alive(), d.log.read_text()
+        server = start_mlflow_server(tmp_path / "late-server", port=port)
+        Writer(logdir / "proxy.jsonl").write_calls(calls[10:])
+        assert_exactly(wait_for_calls(url, "late", calls, timeout=120), calls)
+        wait_for(lambda: "litellm_ingest_mlflow_up 1" in d.metrics(), 15, "the daemon to report MLflow up")
+        assert d.stop() == 0
+        log = d.log.read_text()
+        assert log.count("waiting for it") == 1 and "MLflow is back" in log and "Traceback" not in log, log
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        if server is not None:
+            server.stop()
 
 
 def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path, capture) -> None:
