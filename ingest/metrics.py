@@ -35,6 +35,8 @@ class Metrics:
     last_write: float = 0.0
     mlflow_up: bool = True
     down_since: float | None = None
+    ready: bool = True
+    """False from the daemon's start until its first pass over the files (``/health`` says "starting")."""
     lag: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
@@ -63,14 +65,15 @@ class Metrics:
         return "\n".join(out) + "\n"
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        status = "mlflow_unavailable" if not self.mlflow_up else "ok" if self.ready else "starting"
         doc = {
-            "status": "ok" if self.mlflow_up else "mlflow_unavailable",
+            "status": status,
             "files": self.files,
             "traces_written": self.traces_written,
             "last_write": self.last_write,
             "mlflow_down_since": self.down_since,
         }
-        return (200 if self.mlflow_up else 503), doc
+        return (200 if status == "ok" else 503), doc
 
 
 def _escape(value: str) -> str:

@@ -158,12 +158,15 @@ class JsonlFileLogger(CustomLogger):
             threading.Thread(target=self._compress, args=(fd,), daemon=True, name="litellm-ingest-gzip").start()
 
     def _compress(self, fd: int) -> None:
-        """Gzip a rotated file (held open by ``fd``) next to wherever later rotations have moved it."""
+        """Gzip a rotated file (held open by ``fd``) next to wherever later rotations have moved it,
+        keeping its modification time as ``gzip`` does: readers take it for the file's age."""
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.gz.tmp")
         try:
             with os.fdopen(fd, "rb") as src, gzip.open(tmp, "wb") as dst:
-                ino = os.fstat(src.fileno()).st_ino
+                st = os.fstat(src.fileno())
                 shutil.copyfileobj(src, dst)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+            ino = st.st_ino
             with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 for n in range(1, self.backups + 1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -37,7 +37,8 @@ class SourceUnavailable(SourceError):
 
 
 def discover(paths: list[str]) -> list[Path]:
-    """Expand files, directories (recursively, log-like names only) and globs, in a stable order."""
+    """Expand files, directories (recursively, log-like names only) and globs, oldest first
+    (:func:`oldest_first`)."""
     found: dict[Path, None] = {}
     for spec in paths:
         p = Path(spec)
@@ -61,7 +62,24 @@ def discover(paths: list[str]) -> list[Path]:
     for f in found:
         if not os.access(f, os.R_OK):
             raise SourceError(f"permission denied: {f}")
-    return list(found)
+    return oldest_first(found)
+
+
+def oldest_first(paths: Iterable[Path]) -> list[Path]:
+    """Files by last modification, oldest first (then by name). Names do not sort by age
+    (``x.jsonl`` is newer than ``x.jsonl.1``, ``x.jsonl.10.gz`` sorts before ``x.jsonl.2.gz``), and a
+    call whose failed attempt ends one file and whose retry starts the next must have the failed
+    attempt read first: read after the retry's trace was written, it would be a call of its own
+    whose span MLflow merges into the written trace as nothing. Rotation (rename, gzip, ``aws s3 sync``) keeps the time of the
+    last write."""
+
+    def age(path: Path) -> tuple[int, str]:
+        try:
+            return os.stat(path).st_mtime_ns, str(path)
+        except OSError:
+            return 0, str(path)
+
+    return sorted(paths, key=age)
 
 
 def open_log(path: Path) -> BinaryIO:

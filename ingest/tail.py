@@ -23,7 +23,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target, resolve_run_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target, make_sink
-from ingest.sources import Chunk
+from ingest.sources import Chunk, oldest_first
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -172,6 +171,7 @@ class Tailer:
             self._up()
         except SinkError as e:
             self._outage(e)
+        self.metrics.ready = True
 
     def _restore(self) -> None:
         if not self._restored:
@@ -222,12 +222,16 @@ class Tailer:
 
     # --- files ----------------------------------------------------------------------------------
 
-    def _candidates(self) -> Iterator[Path]:
-        for d in self.dirs:
-            for root, _, names in os.walk(d):
-                for name in sorted(names):
-                    if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
-                        yield Path(root) / name
+    def _candidates(self) -> list[Path]:
+        """The files to follow, oldest first: at a start after downtime, the rotated files are read
+        before the current one, so a call's attempts arrive in their order (``oldest_first``)."""
+        return oldest_first(
+            Path(root) / name
+            for d in self.dirs
+            for root, _, names in os.walk(d)
+            for name in names
+            if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES)
+        )
 
     def _scan(self) -> None:
         """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint."""
@@ -331,7 +335,7 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    metrics = Metrics()
+    metrics = Metrics(ready=False)
     server = serve(lambda: metrics, opts.metrics_host, opts.metrics_port) if opts.metrics_port is not None else None
     try:
         destination = wait_for_mlflow(opts, metrics, stopping)

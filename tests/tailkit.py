@@ -62,7 +62,7 @@ class Daemon:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:
-                if requests.get(f"http://127.0.0.1:{self.metrics_port}/health", timeout=1).status_code in (200, 503):
+                if requests.get(f"http://127.0.0.1:{self.metrics_port}/health", timeout=1).json()["status"] != "starting":
                     return self
             except requests.RequestException:
                 pass

@@ -380,3 +380,42 @@ def test_backfill_progress_without_a_terminal_is_plain_text(tmp_path: Path, capt
         assert "\x1b[" not in stream and "\r" not in stream, repr(stream[:500])
     assert any(line.startswith("backfill: ") for line in proc.stderr.splitlines()), proc.stderr
     assert re.search(rf"^records read\s+{len(recs)}\s*$", proc.stdout, re.M), proc.stdout
+
+
+# --- 5. a call across a rotation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["batch", "backfill"])
+def test_a_call_whose_attempts_straddle_rotated_files_is_one_whole_trace(tmp_path: Path, capture: list[dict], mode: str) -> None:
+    """The proxy rotated between a call's failed attempt and its fallback, twice: the attempts sit at
+    the end of one file and the start of the next. Names sort newest first (``proxy.jsonl`` before
+    ``proxy.jsonl.1``), so files are read by age: read in name order, each fallback was written
+    first and its failed attempt, read later, merged into nothing (one span instead of three)."""
+    pair = next(recs for recs in calls_of(capture).values() if len(recs) == 2 and recs[0]["status"] != recs[1]["status"])
+    fail, ok = sorted(pair, key=lambda r: r["startTime"])
+    cs = copies(capture, 3, "straddle")
+    straddles = [reidentify([fail, ok], cs[i][-1]["endTime"] + 5 - fail["startTime"], f"across-rotation-{i}") for i in range(2)]
+    files = {
+        "proxy.jsonl.2.gz": [*cs[0], straddles[0][0]],
+        "proxy.jsonl.1": [straddles[0][1], *cs[1], straddles[1][0]],
+        "proxy.jsonl": [straddles[1][1], *cs[2]],
+    }
+    for age, (name, recs) in enumerate(files.items()):
+        os.utime(write_log(tmp_path / "logs" / name, recs), (time.time() - 300 + age * 60,) * 2)
+    db = tmp_path / "store.db"
+    target = ["--tracking-uri", f"sqlite:///{db}", "--state-dir", str(tmp_path / "st"), "--json"]
+    proc = run(mode, str(tmp_path / "logs"), *target, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    no_traceback(proc)
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "SELECT t.value, count(s.span_id), i.status FROM trace_tags t JOIN trace_info i ON i.request_id = t.request_id "
+        "JOIN spans s ON s.trace_id = t.request_id WHERE t.key = 'litellm.call_id' GROUP BY t.value, i.status"
+    ).fetchall()
+    got = {cid: (spans, status) for cid, spans, status in rows}
+    records = [r for recs in files.values() for r in recs]
+    assert {cid: spans for cid, (spans, _) in got.items()} == expected_spans(records)
+    for s in straddles:
+        assert got[s[0]["litellm_call_id"]] == (3, "OK"), "the failed attempt, the fallback and their root, one trace"

@@ -589,3 +589,26 @@ def test_a_daemon_restarted_on_a_store_made_anew_sends_every_line_again(tmp_path
         t.shutdown()
         t.close()
         assert len(fresh.traces) == sent, (created, fresh.calls())
+
+
+def test_a_daemon_started_after_a_rotation_reads_the_rotated_file_first(tmp_path: Path) -> None:
+    """Down while the proxy rotated between a call's failed attempt and its fallback: at start the
+    daemon finds ``proxy.jsonl`` (newest, the fallback) and ``proxy.jsonl.1`` (the failed attempt).
+    Read by name, the fallback's trace would be written first and the failed attempt lost in it."""
+    now = 1_800_000_000.0
+    logdir, state_dir, log, sink, t = daemon_at(tmp_path, now)
+    t.close()
+    t = tailer(logdir, state_dir, sink, SETTLE_S, max_buffer_bytes=1)  # a backlog: one file per pass
+    t.pipeline.clock = lambda: int(now * 1_000_000)
+    rotated = logdir / "proxy.jsonl.1"
+    rotated.write_text(line(record("c-0", "success", now - 30, now - 29)) + line(record("c-1", "failure", now - 20, now - 19, 0)))
+    log.write_text(line(record("c-1", "success", now - 18, now - 17, 1)) + line(record("c-2", "success", now - 10, now - 9)))
+    os.utime(rotated, (now - 19, now - 19))
+    os.utime(log, (now - 9, now - 9))
+    t.step()
+    t.step()
+    t.shutdown()
+    t.close()
+    calls = sink.calls()
+    assert sorted(calls) == ["c-0", "c-1", "c-2"]
+    assert len(calls["c-1"]["spans"]) == 3 and calls["c-1"]["state"] == "OK", calls["c-1"]

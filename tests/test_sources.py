@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
 from pathlib import Path
 
 import polars as pl
@@ -104,7 +105,19 @@ def test_discover_directory_recursive_log_names_only(tmp_path: Path) -> None:
     assert set(found) == set(logs)
     assert len(found) == len(logs)
     assert not set(found) & set(others)
-    assert found == sorted(found)  # stable order
+    assert found == sorted(found, key=lambda f: (f.stat().st_mtime_ns, str(f))), "oldest first"
+
+
+def test_discover_reads_rotated_files_oldest_first_whatever_their_names(tmp_path: Path) -> None:
+    """``x.jsonl`` is the newest and ``x.jsonl.10.gz`` sorts before ``x.jsonl.2.gz``: age decides."""
+    names = ["x.jsonl.10.gz", "x.jsonl.2.gz", "x.jsonl.1", "x.jsonl"]
+    for age, name in enumerate(names):
+        f = tmp_path / "logs" / name
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"{}\n")
+        os.utime(f, (1_700_000_000 + age, 1_700_000_000 + age))
+    assert [f.name for f in discover([str(tmp_path / "logs")])] == names
+    assert [f.name for f in discover([str(tmp_path / "logs" / n) for n in reversed(names)])] == names
 
 
 def test_discover_is_deterministic_and_deduplicated(tmp_path: Path) -> None:
