@@ -6,12 +6,14 @@ import asyncio
 import gzip
 import json
 import multiprocessing
+import os
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from ingest.proxy_logger import JsonlFileLogger
+from ingest.sources import discover
 from tests.tailkit import Daemon, fresh_calls, spans_of, wait_for, wait_for_calls
 
 
@@ -96,6 +98,19 @@ def test_keeps_n_backups_and_gzips_them_in_the_background(tmp_path: Path) -> Non
         for line in (gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()).splitlines()
     ]
     assert ids == list(range(ids[0], 60)), "the newest lines are kept, in order, none missing in between"
+
+
+def test_a_gzipped_file_keeps_the_time_of_its_last_line(tmp_path: Path) -> None:
+    """As gzip does: readers take a file's modification time for its age (``sources.oldest_first``)."""
+    logger = JsonlFileLogger(tmp_path / "proxy.jsonl", backups=3, compress=True)
+    rotated = tmp_path / "proxy.jsonl.1"
+    rotated.write_text('{"id": 1}\n')
+    os.utime(rotated, (1_700_000_000, 1_700_000_000))
+    logger._compress(os.open(rotated, os.O_RDONLY))
+    gz = tmp_path / "proxy.jsonl.1.gz"
+    assert not rotated.exists() and gz.stat().st_mtime == 1_700_000_000
+    logger.write_record({"standard_logging_object": {"id": 2}})
+    assert discover([str(tmp_path)]) == [gz, tmp_path / "proxy.jsonl"]
 
 
 def test_host_in_the_path_gives_each_replica_its_own_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
