@@ -69,9 +69,9 @@ def oldest_first(paths: Iterable[Path]) -> list[Path]:
     """Files by last modification, oldest first (then by name). Names do not sort by age
     (``x.jsonl`` is newer than ``x.jsonl.1``, ``x.jsonl.10.gz`` sorts before ``x.jsonl.2.gz``), and a
     call whose failed attempt ends one file and whose retry starts the next must have the failed
-    attempt read first: read after the retry's trace was written, it would be a call of its own
-    whose span MLflow merges into the written trace as nothing. Rotation (rename, gzip, ``aws s3 sync``) keeps the time of the
-    last write."""
+    attempt read first: read after the retry's trace was written, it would be a call of its own,
+    whose one span (the same id) replaces the retry's. Rotation (rename, gzip, ``aws s3 sync``)
+    keeps the time of the last write."""
 
     def age(path: Path) -> tuple[int, str]:
         try:

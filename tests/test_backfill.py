@@ -390,7 +390,7 @@ def test_a_call_whose_attempts_straddle_rotated_files_is_one_whole_trace(tmp_pat
     """The proxy rotated between a call's failed attempt and its fallback, twice: the attempts sit at
     the end of one file and the start of the next. Names sort newest first (``proxy.jsonl`` before
     ``proxy.jsonl.1``), so files are read by age: read in name order, each fallback was written
-    first and its failed attempt, read later, merged into nothing (one span instead of three)."""
+    first and its failed attempt, read later, replaced its span (one span instead of three)."""
     pair = next(recs for recs in calls_of(capture).values() if len(recs) == 2 and recs[0]["status"] != recs[1]["status"])
     fail, ok = sorted(pair, key=lambda r: r["startTime"])
     cs = copies(capture, 3, "straddle")

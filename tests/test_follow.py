@@ -594,7 +594,7 @@ def test_a_daemon_restarted_on_a_store_made_anew_sends_every_line_again(tmp_path
 def test_a_daemon_started_after_a_rotation_reads_the_rotated_file_first(tmp_path: Path) -> None:
     """Down while the proxy rotated between a call's failed attempt and its fallback: at start the
     daemon finds ``proxy.jsonl`` (newest, the fallback) and ``proxy.jsonl.1`` (the failed attempt).
-    Read by name, the fallback's trace would be written first and the failed attempt lost in it."""
+    Read by name, the fallback's trace would be written first and its span replaced by the failed attempt's."""
     now = 1_800_000_000.0
     logdir, state_dir, log, sink, t = daemon_at(tmp_path, now)
     t.close()
