@@ -311,3 +311,24 @@ def test_fallback_later_than_settle_rewrites_the_trace_with_its_final_state(setu
     (trace,) = all_traces(mlflow_server.url, experiment)
     assert trace.info.tags["litellm.attempts"] == "2" and trace.info.response_preview
     assert d.stop() == 0
+
+
+def test_an_earlier_attempt_found_late_rewrites_its_call_whole_in_mlflow(setup, mlflow_server) -> None:
+    """A fallback's trace is in MLflow when its failed primary turns up in a file found late: the
+    daemon deletes the trace and writes it whole (root and both attempts, state OK). Sent alone,
+    the failed attempt's one span would have replaced the fallback's (the same span id)."""
+    from tests.followkit import line, record
+
+    logdir, experiment, daemon = setup
+    now = time.time() - 60
+    cid = f"late-{uuid.uuid4().hex[:8]}"
+    fail, ok = record(cid, "failure", now - 4, now - 3, 0), record(cid, "success", now - 2, now - 1, 1)
+    (logdir / "proxy.jsonl").write_text(line(ok))
+    d = daemon().start()
+    wait_for_calls(mlflow_server.url, experiment, [[ok]])
+    (logdir / "proxy.jsonl.1").write_text(line(fail))
+    (trace,) = wait_for_calls(mlflow_server.url, experiment, [[fail, ok]])
+    assert trace.info.state.value == "OK"
+    spans = sorted((s.name, s.status.status_code.value) for s in trace.data.spans)
+    assert spans == [("litellm-acompletion", "OK"), ("litellm-acompletion attempt 1", "ERROR"), ("litellm-acompletion attempt 2", "OK")]
+    assert d.stop() == 0
