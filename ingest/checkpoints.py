@@ -163,8 +163,11 @@ class State:
         same id, so the same state file: its checkpoints would skip every line the old store had,
         and the new one would never get them. Such a state starts over (every file is read again;
         the traces' ids are fixed, so nothing is doubled where they still exist). True if it did."""
-        old, self.experiment_created = self.experiment_created, created_ms if created_ms is not None else self.experiment_created
-        if old is None or created_ms is None or old == created_ms:
+        old = self.experiment_created
+        if created_ms is None:
+            return False
+        self.experiment_created = created_ms
+        if old is None or old == created_ms:
             return False
         self.checkpoints.clear()
         self.held.clear()

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -585,11 +585,14 @@ def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
     return resolve_target(tracking_uri_from(opts.tracking_uri), name, exp_id, opts.mlflow_timeout_s, create=create)
 
 
-def open_target(opts: RunOptions) -> tuple[Target, Sink]:
+def open_target(opts: RunOptions, find_timeout_s: float | None = None) -> tuple[Target, Sink]:
+    """The destination and its sink. ``find_timeout_s``: how long finding it may retry, when shorter
+    than the sink's ``--mlflow-timeout`` (the daemon probing at start)."""
     if opts.dry_run:
         name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
         return Target(tracking_uri_from(opts.tracking_uri), exp_id or "dry-run", name), NullSink()
-    target = resolve_run_target(opts, create=True)
+    finding = opts if find_timeout_s is None else replace(opts, mlflow_timeout_s=find_timeout_s)
+    target = resolve_run_target(finding, create=True)
     return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer)
 
 

@@ -18,7 +18,7 @@ import gzip
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,17 +412,23 @@ administrator's shutdown, crash recovery): worth retrying until ``--mlflow-timeo
 def _transient_db(e: BaseException) -> bool:
     """Anywhere in its causes: a connection SQLAlchemy found broken, or a message of a database that
     is not there for now."""
-    seen: set[int] = set()
-    node: BaseException | None = e
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
+    for node in _causes(e):
         if getattr(node, "connection_invalidated", False):
             return True
         text = str(node).lower()
         if any(t in text for t in _DB_TRANSIENT_TEXT):
             return True
-        node = node.__cause__ or node.__context__
     return False
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and what caused it, each once (MLflow and SQLAlchemy wrap the driver's error)."""
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        yield node
+        node = node.__cause__ or node.__context__
 
 
 CONFLICT_RETRIES = 6
@@ -433,16 +439,12 @@ _CONFLICT_TEXT = ("unique constraint failed", "deadlock detected", "could not se
 
 def is_conflict(e: BaseException) -> bool:
     """Did another writer's concurrent transaction make this one fail (anywhere in its causes)?"""
-    seen: set[int] = set()
-    node: BaseException | None = e
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
+    for node in _causes(e):
         for candidate in (node, getattr(node, "orig", None)):
             if getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES or getattr(candidate, "pgcode", None) in _CONFLICT_SQLSTATES:
                 return True
         if any(t in str(node).lower() for t in _CONFLICT_TEXT):
             return True
-        node = node.__cause__ or node.__context__
     return False
 
 

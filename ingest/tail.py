@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,9 @@ from ingest.follow import Followed, Follower
 from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
-from ingest.pipeline import Pipeline, RunOptions, open_target, resolve_run_target
+from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
-from ingest.sink import Sink, SinkError, Target, make_sink
+from ingest.sink import Sink, SinkError, Target
 from ingest.sources import Chunk, oldest_first
 
 log = logging.getLogger("litellm-ingest.tail")
@@ -357,13 +357,10 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
     said once, then every minute, with ``/health`` 503; nothing is read meanwhile, so nothing is
     lost. MLflow refusing us (credentials, a deleted experiment, a store it cannot use) is a
     configuration error, and stops it (exit 4). None: stopped while waiting."""
-    if opts.dry_run:
-        return open_target(opts)
     failures, said = 0, 0.0
     while not stopping.is_set():
         try:
-            target = resolve_run_target(replace(opts, mlflow_timeout_s=min(PROBE_S, opts.mlflow_timeout_s)), create=True)
-            return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer)
+            return open_target(opts, find_timeout_s=min(PROBE_S, opts.mlflow_timeout_s))
         except SinkError as e:
             if e.kind != "unreachable":
                 raise
