@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,7 +247,15 @@ def _guarded(fn: Callable[[], Any]) -> Any:
             _fail(f"MLflow: {e.message.splitlines()[0][:300]}", Exit.MLFLOW)
         if isinstance(e, WorkerDied):
             _fail(str(e), Exit.FAILURE)
-        raise
+        if _verbose():
+            traceback.print_exc()
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        _fail(f"unexpected {type(e).__name__}: {text} (a bug: please report it with the traceback -v prints)", Exit.FAILURE)
+
+
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
 
 
 def _finish(summary: Any, as_json: bool, quiet: bool) -> None:

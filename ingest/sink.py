@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -184,7 +185,28 @@ def resolve_target(
     """
     if tracking_uri.startswith(("http://", "https://")):
         return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create)
+    _refuse_non_database(tracking_uri)
     return _resolve_store(tracking_uri, experiment_name, experiment_id, create, deadline_s)
+
+
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mssql")
+
+
+def _refuse_non_database(uri: str) -> None:
+    """Only a database store holds spans written from outside: MLflow's file store (``./mlruns``,
+    the default before MLflow 3) has no span storage, and a hosted URI (``databricks``) is no store
+    this process opens. Said in one line, before anything is read."""
+    scheme = urlsplit(uri).scheme.partition("+")[0].lower()
+    if scheme in DATABASE_SCHEMES:
+        return
+    if scheme in ("", "file") and uri not in ("databricks", "databricks-uc", "uc"):
+        raise SinkError(
+            f"{shown_uri(uri)} is MLflow's file store, which cannot hold traces: use a database "
+            "(sqlite:///mlflow.db; MLflow's `mlflow migrate-filestore` moves what the folder holds) "
+            "or an mlflow server (http://...)",
+            kind="rejected",
+        )
+    raise SinkError(f"tracking URI {shown_uri(uri)} is not supported: use an mlflow server (http://...) or a database URI", kind="rejected")
 
 
 def _missing_experiment(name: str, uri: str) -> SinkError:

@@ -151,6 +151,35 @@ def test_unreachable_mlflow_is_one_clear_line_exit_4(tmp_path: Path) -> None:
     assert_one_clean_error_line(proc, 4, "cannot reach MLflow")
 
 
+@pytest.mark.parametrize("uri", ["./mlruns", "databricks"])
+def test_a_file_store_or_a_hosted_uri_is_refused_in_one_line_and_nothing_is_made(tmp_path: Path, uri: str) -> None:
+    """MLflow's file store (the default before MLflow 3, re-enabled by MLFLOW_ALLOW_FILE_STORE) cannot
+    hold spans: it was a traceback from deep in the writer, after the folder had been made."""
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--mlflow-timeout", "2", cwd=tmp_path, env=env)
+    assert_one_clean_error_line(proc, 4, "file store, which cannot hold traces" if uri == "./mlruns" else "is not supported")
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from ingest import pipeline
+    from ingest.cli import main
+
+    def broken(*args: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(pipeline, "run_batch", broken)
+    args = ["batch", "--no-state", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", str(SAMPLE_LOGS / "proxy_calls.jsonl")]
+    quiet = CliRunner().invoke(main, args)
+    assert quiet.exit_code == 1 and "Traceback" not in quiet.stderr, quiet.stderr
+    expected = "litellm-ingest: error: unexpected KeyError: 'a bug' (a bug: please report it with the traceback -v prints)"
+    assert quiet.stderr.strip().splitlines() == [expected]
+    loud = CliRunner().invoke(main, ["-v", *args])
+    assert loud.exit_code == 1 and "Traceback" in loud.stderr and "raise KeyError" in loud.stderr
+
+
 def test_unknown_experiment_id_is_refused_not_silently_accepted(mlflow_server, tmp_path: Path) -> None:
     proc = run(
         "batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", mlflow_server.url, "--experiment-id", "987654", cwd=tmp_path
