@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -95,7 +96,8 @@ class LockedError(Exception):
 
 
 class StateError(Exception):
-    """A state file that must not be replaced: written by a newer version, or unreadable."""
+    """A state file that must not be replaced (written by a newer version, or unreadable), or one
+    that cannot be written."""
 
 
 class CorruptState(ValueError):
@@ -190,14 +192,21 @@ class State:
         }
 
     def save(self) -> None:
+        """Write the state whole or not at all; one that cannot be written (disk full, read-only) is a
+        StateError naming it, the file before it untouched."""
         doc = self.document()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StateError(f"cannot write the state file {self.path}: {e.strerror or e}") from e
         with contextlib.suppress(OSError):
             dir_fd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -208,9 +217,12 @@ class State:
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
         """Hold this state's lock for a run; raise LockedError at once if another run has it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_suffix(".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StateError(f"cannot create the lock file {lock_path}: {e.strerror or e}") from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -234,6 +246,8 @@ def read_state(path: Path) -> dict[str, Any] | None:
     Raises StateError (newer version, unreadable) or CorruptState.
     """
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise StateError(f"cannot read the state file {path}: not a regular file")
         text = path.read_bytes()
     except FileNotFoundError:
         return None

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -238,6 +239,10 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         _fail(str(e), Exit.LOCKED)
     except StateError as e:
         _fail(str(e), Exit.STATE)
+    except sqlite3.Error as e:
+        _fail(f"a state database (ledger or nesting queue) failed: {e}", Exit.STATE)
+    except OSError as e:
+        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), Exit.FAILURE)
     except Exception as e:
         from mlflow.exceptions import MlflowException
 

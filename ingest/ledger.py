@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ingest.checkpoints import StateError
 from ingest.sources import Chunk
 
 ITEMS = {"key": pl.String, "version": pl.String, "at": pl.String}
@@ -29,12 +30,15 @@ def items_frame(keys: list[str], versions: list[str], at: list[str]) -> pl.DataF
 def state_db(path: Path, *ddl: str) -> sqlite3.Connection:
     """A SQLite file beside a state (autocommit, WAL, synchronous=NORMAL: a crash can lose the last
     commits, never corrupt it), its tables created if missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=60, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    for statement in ddl:
-        db.execute(statement)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        for statement in ddl:
+            db.execute(statement)
+    except (OSError, sqlite3.Error) as e:
+        raise StateError(f"cannot open {path}: {e}") from e
     return db
 
 

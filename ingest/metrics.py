@@ -26,6 +26,11 @@ class Metrics:
     quarantined: int = 0
     send_errors: int = 0
     send_retries: int = 0
+    errors: int = 0
+    """Passes that failed for another reason than MLflow (each is retried)."""
+    state_errors: int = 0
+    state_saved: bool = True
+    """False while the state cannot be written (disk full, read-only): ``/health`` says "state_unsaved"."""
     buffer_bytes: int = 0
     held_lines: int = 0
     files: int = 0
@@ -49,6 +54,9 @@ class Metrics:
             ("quarantined_total", "counter", self.quarantined),
             ("send_errors_total", "counter", self.send_errors),
             ("send_retries_total", "counter", self.send_retries),
+            ("errors_total", "counter", self.errors),
+            ("state_save_errors_total", "counter", self.state_errors),
+            ("state_saved", "gauge", int(self.state_saved)),
             ("nested_calls_total", "counter", self.nested_calls),
             ("app_traces_missing_total", "counter", self.app_traces_missing),
             ("nest_pending", "gauge", self.nest_pending),
@@ -65,7 +73,9 @@ class Metrics:
         return "\n".join(out) + "\n"
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        status = "mlflow_unavailable" if not self.mlflow_up else "ok" if self.ready else "starting"
+        status = (
+            "mlflow_unavailable" if not self.mlflow_up else "state_unsaved" if not self.state_saved else "ok" if self.ready else "starting"
+        )
         doc = {
             "status": status,
             "files": self.files,

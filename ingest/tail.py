@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from ingest.allocator import tune_collector
-from ingest.checkpoints import State, destination_key, now_iso, state_path
+from ingest.checkpoints import State, StateError, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower
 from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
@@ -97,13 +98,14 @@ class Tailer:
             partial_timeout_s=opts.partial_timeout_s,
             from_end=opts.from_end,
         )
+        self.pipeline.before_write = self._save
         self.sink.on_retry = self._write_failed
         self.wake = threading.Event()
         self.stopping = stopping or threading.Event()
         self.metrics = metrics or Metrics()
         self._restored = False
         self._failures = 0
-        self._last_down_log = 0.0
+        self._last_down_log = self._last_error_log = self._last_state_log = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class Tailer:
         try:
             with self.state.locked():
                 self.state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid(), "mode": "tail"}
-                self.state.save()
+                self._save(self.state.save)
                 while not self.stopping.is_set():
                     self.step()
                     self.wake.wait(self.opts.rescan_s)
@@ -154,7 +156,7 @@ class Tailer:
             self.follower.rewind()
             log.warning("MLflow unavailable at shutdown (%s); what it did not acknowledge is saved for the next start", e)
         self.state.last_run = {**self.state.last_run, "finished": now_iso(), "result": "stopped"}
-        self.follower.save()
+        self._save()
         log.info("stopped")
 
     def step(self) -> None:
@@ -171,6 +173,8 @@ class Tailer:
             self._up()
         except SinkError as e:
             self._outage(e)
+        except Exception as e:
+            self._failed(e)
         self.metrics.ready = True
 
     def _restore(self) -> None:
@@ -217,8 +221,37 @@ class Tailer:
         self.follower.rewind()
         self.metrics.buffer_bytes = 0
         self._failures += 1
-        self.follower.save()
+        self._save()
         self.stopping.wait(min(self.opts.max_backoff_s, 2.0 ** min(self._failures, 5)))
+
+    def _failed(self, e: Exception) -> None:
+        """Anything else a pass raised (a full disk under the nesting queue, a bug) does not stop the
+        daemon: what was in flight waits again, as in an outage, and the pass is tried again after
+        a back-off; its traceback is logged once a minute."""
+        self.metrics.errors += 1
+        if time.time() - self._last_error_log >= 60:
+            self._last_error_log = time.time()
+            log.error("a pass failed (%s: %s); retrying", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", exc_info=e)
+        self.follower.rewind()
+        self._failures += 1
+        self.stopping.wait(min(self.opts.max_backoff_s, 2.0 ** min(self._failures, 5)))
+
+    def _save(self, save: Callable[[], object] | None = None) -> None:
+        """Save the state. One that cannot be written (disk full, read-only) does not stop the daemon:
+        what it sent stays sent (after a restart it is sent again, which changes nothing), and every
+        pass tries again; said once a minute, and ``/health`` answers 503 ``state_unsaved``."""
+        try:
+            (save or self.follower.save)()
+        except StateError as e:
+            self.metrics.state_errors += 1
+            if self.metrics.state_saved or time.time() - self._last_state_log >= 60:
+                self._last_state_log = time.time()
+                log.warning("%s; ingesting on, and trying again every pass", e)
+            self.metrics.state_saved = False
+            return
+        if not self.metrics.state_saved:
+            log.warning("the state is saved again")
+        self.metrics.state_saved = True
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -319,7 +352,7 @@ class Tailer:
         m.records_read, m.quarantined, m.buffer_bytes = s.records_read, self.quarantine.total, 0
         if batch:
             self.state.last_run = {**self.state.last_run, "updated": now_iso(), "summary": s.as_dict()}
-        self.follower.save()
+        self._save()
         m.held_lines, m.files = len(self.state.held), len(self.follower.files)
         for f in self.follower.files.values():
             if not f.gz and not f.stale:

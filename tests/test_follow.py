@@ -529,6 +529,29 @@ def test_an_outage_keeps_memory_flat_and_reads_nothing_again_until_mlflow_answer
     assert pl.DataFrame({"c": list(sink.calls())})["c"].n_unique() == 50
 
 
+def test_a_pass_that_fails_for_another_reason_than_mlflow_is_retried_and_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    """A write that raises something unforeseen (a full disk under the nesting queue, a bug) mid-pass:
+    the daemon neither stops nor skips what was in flight. It stopped the daemon."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    (logdir / "proxy.jsonl").write_text("".join(line(record(f"c-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(30)))
+    write = sink.write
+
+    def broken(traces: list) -> int:
+        sink.write = write  # type: ignore[method-assign]
+        raise OSError(28, "No space left on device")
+
+    sink.write = broken  # type: ignore[method-assign]
+    t.step()
+    assert t.metrics.errors == 1 and not sink.traces
+    t.step()
+    t.close()
+    assert sorted(sink.calls()) == sorted(f"c-{i}" for i in range(30)) and t.metrics.errors == 1
+    assert sink.writes == 1, "written once, after the failed pass"
+
+
 def test_checkpoint_dataclass_round_trips(tmp_path: Path) -> None:
     ck = Checkpoint("sha256:ab", "/x", 10, 2, 10, None, False, "t")
     assert Checkpoint.from_dict(ck.as_dict()) == ck

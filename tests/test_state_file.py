@@ -190,6 +190,31 @@ def test_an_unreadable_state_stops_the_run_with_code_7_and_is_left_as_it_is(tmp_
     assert status.returncode == 7 and "cannot read" in status.stdout, status.stdout + status.stderr
 
 
+def test_a_state_that_cannot_be_written_stops_the_run_with_code_7_and_the_next_run_loses_and_doubles_nothing(
+    tmp_path: Path, capture: list[dict]
+) -> None:
+    """A full disk under the state dir (its tmp file on /dev/full): one line naming the file and exit 7,
+    never a checkpoint past what MLflow has; what was written meanwhile is sent again later, changing
+    nothing. It was a traceback from deep in the ledger or the JSON writer."""
+    args, state, db = ingested(tmp_path, capture)
+    calls_before = sqlite_trace_count(db)
+    more = copies(capture, 2, "state-more")[1]
+    with (tmp_path / "logs" / "calls.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in more)
+    state.with_suffix(".json.tmp").symlink_to("/dev/full")
+
+    full = run(*args, cwd=tmp_path)
+    assert full.returncode == 7, full.stdout + full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write the state file {state}: No space left on device" in lines[0], lines
+
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    calls = calls_before + len({r["litellm_call_id"] for r in more})
+    assert sqlite_trace_count(db) == calls == calls_before + json.loads(again.stdout)["calls"]
+    assert json.loads(run(*args, cwd=tmp_path).stdout)["records_read"] == 0
+
+
 def test_a_complete_tmp_file_left_by_a_crash_is_preferred_over_a_corrupt_state(tmp_path: Path, capture: list[dict]) -> None:
     args, state, _ = ingested(tmp_path, capture)
     shutil.copy(state, state.with_suffix(".json.tmp"))

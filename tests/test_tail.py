@@ -173,6 +173,72 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
         server.stop()
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs (root only; CI runs as root): a disk that really fills up."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_under_the_state_does_not_stop_the_daemon_and_loses_and_doubles_nothing(
+    tmp_path: Path, capture, small_disk: Path
+) -> None:
+    """The state dir fills up: the daemon goes on sending (what it sent is sent again after a
+    restart, changing nothing), says so once, /health 503 "state_unsaved"; once there is room the
+    state is saved again and a restart reads nothing twice. It was a traceback and an exit."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    calls = fresh_calls(capture, copies=2)
+    writer = Writer(logdir / "proxy.jsonl")
+    d = Daemon(logdir, uri, "full", small_disk / "state").start()
+    try:
+        writer.write_calls(calls[:10])
+        wait_for_calls(uri, "full", calls[:10])
+        filler = fill(small_disk)
+        writer.write_calls(calls[10:30])
+        wait_for_calls(uri, "full", calls[:30])
+        wait_for(lambda: "litellm_ingest_state_saved 0" in d.metrics(), 15, "the daemon to say the state is not saved")
+        health = requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "state_unsaved"
+        assert d.log.read_text().count("No space left on device; ingesting on") == 1, d.log.read_text()
+        filler.unlink()
+        writer.write_calls(calls[30:])
+        assert_exactly(wait_for_calls(uri, "full", calls), calls)
+        wait_for(lambda: "the state is saved again" in d.log.read_text(), 15, "the state to be saved again")
+        assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).json()["status"] == "ok"
+        assert d.stop() == 0
+        d = Daemon(logdir, uri, "full", small_disk / "state").start()
+        time.sleep(2)
+        assert "litellm_ingest_records_read_total 0" in d.metrics(), "a restart reads nothing twice"
+        assert d.stop() == 0
+        assert_exactly(wait_for_calls(uri, "full", calls), calls)
+        assert "Traceback" not in d.log.read_text()
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+
+
 def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capture) -> None:
     """A reboot that brings the proxy and its daemon up before MLflow: the daemon serves /health
     (503), says once that it waits, stops cleanly if told to, and sends everything once MLflow answers."""
