@@ -43,9 +43,12 @@ def quiet_dependency_logs(verbose: bool) -> None:
     dump per retry, for a failure the sink already reports in one line and retries. Those records
     are dropped unless ``verbose``; every other MLflow record passes. The drivers' and HTTP
     library's warnings (a connection lost mid-pipeline, a retried request) show only with
-    ``verbose``."""
+    ``verbose``. MLflow sets its own loggers' level when it is imported (after this), from
+    ``MLFLOW_LOGGING_LEVEL``: that is set too, unless the user set it."""
+    level = logging.WARNING if verbose else logging.ERROR
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     for noisy in ("alembic", "mlflow", "urllib3", "psycopg"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+        logging.getLogger(noisy).setLevel(level)
     if not verbose:
         logging.getLogger("mlflow.store.db.utils").addFilter(_not_a_caught_db_error)
 
@@ -204,12 +207,18 @@ def _create_sqlite_aside(db: Path) -> None:
         stale.unlink(missing_ok=True)
     tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
     template = _schema_template()
-    if not _copied(template, tmp):
-        _build_schema(tmp, db)
-        _keep_template(tmp, template)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, db)
+    try:
+        if not _copied(template, tmp):
+            _build_schema(tmp, db)
+            _keep_template(tmp, template)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, db)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StoreSetupError(f"creating the MLflow store {db} failed: {e.strerror or e}") from e
+        raise
     dir_fd = os.open(db.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

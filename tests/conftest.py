@@ -275,3 +275,28 @@ def _isolated_cwd_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 def copy_samples(dest: Path) -> Path:
     shutil.copytree(SAMPLE_LOGS, dest, ignore=shutil.ignore_patterns("*.py", "README*"))
     return dest
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs (root only; CI runs as root): a disk that really fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler

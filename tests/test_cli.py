@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_LOGS, all_traces, free_port, start_mlflow_server, write_jsonl
+from tests.conftest import SAMPLE_LOGS, all_traces, fill, free_port, start_mlflow_server, write_jsonl
 
 EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -159,6 +159,15 @@ def test_a_file_store_or_a_hosted_uri_is_refused_in_one_line_and_nothing_is_made
     proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--mlflow-timeout", "2", cwd=tmp_path, env=env)
     assert_one_clean_error_line(proc, 4, "file store, which cannot hold traces" if uri == "./mlruns" else "is not supported")
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_store_that_cannot_be_created_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path: Path, small_disk: Path) -> None:
+    """MLflow's schema does not fit: one line, exit 4, and the half-built file is removed at once
+    (it was left taking the disk's last bytes until a later run cleaned it)."""
+    fill(small_disk)
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", f"sqlite:///{small_disk / 'm.db'}", cwd=tmp_path)
+    assert_one_clean_error_line(proc, 4, f"{small_disk / 'm.db'}")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "m.db.ingest-lock"]
 
 
 def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, spans_ingested, start_mlflow_server
+from tests.conftest import fill, free_port, spans_ingested, start_mlflow_server
 from tests.pgkit import start_postgres
 from tests.tailkit import Daemon, Writer, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
 
@@ -171,33 +171,6 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
         if d.alive():
             d.stop(signal.SIGKILL)
         server.stop()
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A 1 MiB tmpfs (root only; CI runs as root): a disk that really fills up."""
-    import subprocess
-
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with filler.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def test_a_full_disk_under_the_state_does_not_stop_the_daemon_and_loses_and_doubles_nothing(
