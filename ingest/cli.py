@@ -124,6 +124,7 @@ target_options = _options(
     click.option("--experiment-id", help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."),
     click.option(
         "--mlflow-timeout",
+        type=click.FloatRange(min=0),
         default=60.0,
         show_default=True,
         help="Seconds to keep retrying an unreachable or failing MLflow before giving up.",
@@ -155,9 +156,13 @@ run_options = _options(
         help="Keep prompts and/or completions out of MLflow (tokens, cost and timing stay).",
     ),
     scrub_options,
-    click.option("--batch-size", type=int, help=BATCH_HELP),
+    click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_HELP),
     click.option(
-        "--settle", default=120.0, show_default=True, help="Seconds a call whose last attempt failed is held for its retry or fallback."
+        "--settle",
+        type=click.FloatRange(min=0),
+        default=120.0,
+        show_default=True,
+        help="Seconds a call whose last attempt failed is held for its retry or fallback.",
     ),
 )
 
@@ -169,6 +174,7 @@ nest_options = _options(
     ),
     click.option(
         "--nest-grace",
+        type=click.FloatRange(min=0),
         default=60.0,
         show_default=True,
         help="Seconds after a call ended to wait for its app trace to reach MLflow before leaving the call standalone only.",
@@ -224,6 +230,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
 def _guarded(fn: Callable[[], Any]) -> Any:
     """Known failures become one line on stderr and their exit code; never a traceback. What they
     are is imported once a command runs: ``--help`` and a usage error need neither MLflow nor polars."""
+    from ingest.metrics import MetricsError
     from ingest.sink import SinkError
     from ingest.sources import SourceError, SourceUnavailable
 
@@ -231,7 +238,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         return fn()
     except SourceUnavailable as e:
         _fail(str(e), Exit.SOURCE)
-    except SourceError as e:
+    except (SourceError, MetricsError) as e:
         _fail(str(e), Exit.USAGE)
     except SinkError as e:
         _fail(str(e), Exit.MLFLOW)
@@ -281,6 +288,7 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
 @click.option("--no-state", is_flag=True, help="Read everything given, keep no checkpoints (a one-off replay).")
 @click.option(
     "--partial-timeout",
+    type=click.FloatRange(min=0),
     default=300.0,
     show_default=True,
     help="An unterminated last line is waited for (the proxy may be mid-write) until its file is this many seconds old, then quarantined.",
@@ -442,15 +450,43 @@ class _Progress:
 @click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow.")
 @scrub_options
 @nest_options
-@click.option("--batch-size", type=int, help=BATCH_HELP)
-@click.option("--batch-wait", default=0.25, show_default=True, help="Seconds to gather lines after a change before sending.")
-@click.option("--partial-timeout", default=60.0, show_default=True, help="Seconds an unterminated last line may wait for its newline.")
-@click.option("--max-line-bytes", default=4 * 1024 * 1024, show_default=True, help="Longer lines are quarantined, never held in memory.")
-@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics and /health on this port (127.0.0.1).")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for the metrics endpoint.")
-@click.option("--shutdown-timeout", default=10.0, show_default=True, help="On SIGTERM/SIGINT, seconds to flush before exiting.")
+@click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_HELP)
 @click.option(
-    "--settle", default=120.0, show_default=True, help="Seconds a call whose last attempt failed is held for its retry or fallback."
+    "--batch-wait",
+    type=click.FloatRange(min=0),
+    default=0.25,
+    show_default=True,
+    help="Seconds to gather lines after a change before sending.",
+)
+@click.option(
+    "--partial-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds an unterminated last line may wait for its newline.",
+)
+@click.option(
+    "--max-line-bytes",
+    type=click.IntRange(min=1),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Longer lines are quarantined, never held in memory.",
+)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /health on this port (127.0.0.1).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for the metrics endpoint.")
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT, seconds to flush before exiting.",
+)
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=120.0,
+    show_default=True,
+    help="Seconds a call whose last attempt failed is held for its retry or fallback.",
 )
 def tail(directories: tuple[Path, ...], **kw: Any) -> None:
     """Follow log files as the proxy writes them (a daemon): through rotation, restarts and MLflow outages.
@@ -589,7 +625,9 @@ def status(state_dir: Path | None, as_json: bool) -> None:
 @target_options
 @window_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--limit", default=50, show_default=True, help="How many missing/extra call ids to list (all with --json).")
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=50, show_default=True, help="How many missing/extra call ids to list (all with --json)."
+)
 def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, **kw: Any) -> None:
     """Compare the calls in the logs with the traces in MLflow: what is missing, what is extra (by call id).
 

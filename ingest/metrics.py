@@ -18,6 +18,10 @@ from typing import Any
 log = logging.getLogger("litellm-ingest.metrics")
 
 
+class MetricsError(Exception):
+    """The metrics endpoint cannot listen where it was told to (a port in use, an unknown host)."""
+
+
 @dataclass
 class Metrics:
     records_read: int = 0
@@ -112,7 +116,10 @@ def serve(metrics: Callable[[], Metrics], host: str, port: int) -> http.server.T
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise MetricsError(f"cannot serve /metrics on {host}:{port}: {e.strerror or e}") from e
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
     return server

@@ -170,6 +170,46 @@ def test_a_store_that_cannot_be_created_on_a_full_disk_is_one_line_and_leaves_no
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "m.db.ingest-lock"]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["batch", "--settle", "-5"],
+        ["batch", "--mlflow-timeout", "-1"],
+        ["batch", "--batch-size", "0"],
+        ["backfill", "--nest-grace", "-1"],
+        ["tail", "--metrics-port", "99999"],
+        ["tail", "--max-line-bytes", "0"],
+        ["tail", "--batch-wait", "-0.5"],
+        ["reconcile", "--limit", "-1"],
+    ],
+)
+def test_an_option_out_of_its_range_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    """A negative settle or timeout was taken as none, a port past 65535 was a traceback."""
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+
+    result = CliRunner().invoke(main, [*args, str(tmp_path)])
+    assert result.exit_code == 2 and "is not in the range" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["tail", "--metrics-port", str(port), "--state-dir", str(tmp_path / "st"), str(tmp_path)])
+    assert result.exit_code == 2, result.stderr
+    expected = f"litellm-ingest: error: cannot serve /metrics on 127.0.0.1:{port}: Address already in use"
+    assert result.stderr.strip().splitlines() == [expected]
+
+
 def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
