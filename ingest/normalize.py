@@ -382,6 +382,26 @@ def _repair(lines: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
     return lines.with_columns(raw=lines["raw"].scatter(idx, pl.Series(fixed, dtype=pl.String)))
 
 
+def _expand_arrays(lines: pl.DataFrame) -> pl.DataFrame:
+    """A line holding a JSON array is one record per element, each at the line's file, line and
+    offset: LiteLLM's generic API logger sends its batches as arrays (``log_format: json_array``, its
+    default), and a receiver that appends each request body as a line keeps them so. An empty array
+    is no record; an element that is not an object is quarantined on its own."""
+    arrays = lines.select(pl.col("raw").str.contains(r"^\s*\[")).to_series()
+    if not arrays.any():
+        return lines
+    idx = arrays.arg_true()
+    elements: list[list[str]] = []
+    for text in lines["raw"].gather(idx).to_list():
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            value = None
+        elements.append([orjson.dumps(v).decode() for v in value] if isinstance(value, list) else [text])
+    expanded = lines[idx].with_columns(raw=pl.Series(elements, dtype=pl.List(pl.String))).explode("raw").drop_nulls("raw")
+    return pl.concat([lines.filter(~arrays), expanded]).sort("source", "offset", maintain_order=True)
+
+
 def _strict_pattern(schema: RecordSchema) -> str | None:
     """A regex that matches every line where one of the strict fields may hold a value of another
     JSON type (it may also match nested keys of the same name: those lines are only checked)."""
@@ -710,7 +730,7 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool 
     lines = lines.filter(pl.col("raw").str.contains(r"\S"))
     if "file" not in lines.columns:
         lines = lines.with_columns(file=pl.col("source"))
-    lines = _repair(lines, warnings)
+    lines = _expand_arrays(_repair(lines, warnings))
     if warnings is not None and lines.height:
         odd = int(lines.select(pl.col("raw").str.contains(_ODD_PARAMETERS).sum()).item())
         if odd:

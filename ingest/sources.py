@@ -155,12 +155,13 @@ def split_lines(
 
 
 def is_document(data: bytes) -> bool:
-    """``data`` is one whole JSON object: a record, newline or not (a half-written line never is)."""
+    """``data`` is one whole JSON object or array (of records, as the generic API logger sends them),
+    newline or not (a half-written line never is)."""
     stripped = data.strip()
-    if not stripped.startswith(b"{") or not stripped.endswith(b"}"):
+    if not (stripped.startswith(b"{") and stripped.endswith(b"}")) and not (stripped.startswith(b"[") and stripped.endswith(b"]")):
         return False
     try:
-        return isinstance(orjson.loads(stripped), dict)
+        return isinstance(orjson.loads(stripped), (dict, list))
     except orjson.JSONDecodeError:
         return False
 

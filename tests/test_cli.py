@@ -236,6 +236,30 @@ def test_unknown_experiment_id_is_refused_not_silently_accepted(mlflow_server, t
     assert_one_clean_error_line(proc, 4, "experiment id 987654 does not exist")
 
 
+def test_the_generic_api_loggers_batches_as_a_receiver_keeps_them_give_the_jsonls_traces(tmp_path: Path, capture: list[dict]) -> None:
+    """LiteLLM's generic API logger POSTs JSON arrays of records: a receiver that appends each body as
+    a line, or keeps one file per body (no final newline), gives the traces the JSONL gives."""
+    bodies = tmp_path / "bodies"
+    bodies.mkdir()
+    with (bodies / "appended.log").open("w") as f:
+        for i in range(0, 24, 6):
+            f.write(json.dumps(capture[i : i + 6]) + "\n")
+    for n, i in enumerate(range(24, len(capture), 4)):
+        (bodies / f"body-{n:04}.json").write_text(json.dumps(capture[i : i + 4]))
+    write_jsonl(tmp_path / "calls.jsonl", capture)
+
+    def ingest(path: Path, db: str) -> list:
+        proc = run("batch", "--no-state", "--json", "--tracking-uri", f"sqlite:///{tmp_path / db}", str(path), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["records_read"] == len(capture)
+        return all_traces(f"sqlite:///{tmp_path / db}", "LiteLLM Proxy")
+
+    from_bodies, from_jsonl = ingest(bodies, "bodies.db"), ingest(tmp_path / "calls.jsonl", "jsonl.db")
+    assert len(from_jsonl) > 0
+    shape = lambda traces: sorted((t.info.trace_id, len(t.data.spans)) for t in traces)  # noqa: E731
+    assert shape(from_bodies) == shape(from_jsonl)
+
+
 def test_all_good_lines_arrive_around_bad_ones(tmp_path: Path, capture: list[dict]) -> None:
     from tests.conftest import reidentify
 
