@@ -628,15 +628,33 @@ def status(state_dir: Path | None, as_json: bool) -> None:
 @click.option(
     "--limit", type=click.IntRange(min=0), default=50, show_default=True, help="How many missing/extra call ids to list (all with --json)."
 )
-def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, **kw: Any) -> None:
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Then write the missing calls (only those; built as batch builds them, so give the same --redact and scrub options).",
+)
+@click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="With --repair: as the batch runs redact.")
+@scrub_options
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=120.0,
+    show_default=True,
+    help="With --repair: calls that ended less than this many seconds ago are left (a daemon may hold them for a retry).",
+)
+def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, **kw: Any) -> None:
     """Compare the calls in the logs with the traces in MLflow: what is missing, what is extra (by call id).
 
-    Exit 0 when they agree, 6 when something is missing or extra.
+    Exit 0 when they agree (after --repair: when every missing call was written), 6 otherwise.
     """
+    from ingest.pipeline import now_us
     from ingest.reconcile import reconcile as run
+    from ingest.reconcile import repair as write_missing
 
     opts = _run_options(paths, kw)
     report = _guarded(lambda: run(opts))
+    if repair and report.missing:
+        _guarded(lambda: write_missing(opts, report, now_us()))
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:
@@ -644,14 +662,19 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, **kw: Any) -> N
             f"calls in logs: {report.calls_in_logs}  traces in MLflow: {report.traces_in_mlflow}  matched: {report.matched}  "
             f"missing: {len(report.missing)}  extra: {len(report.extra)}"
         )
-        for title, ids in (("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)):
+        if report.repaired is not None:
+            left = f"; {len(report.too_recent)} left, they ended less than --settle ago" if report.too_recent else ""
+            click.echo(f"repaired: {report.repaired} written{left}")
+        missing_title = "missing from MLflow" + (" (written by --repair but those left)" if report.repaired is not None else "")
+        for title, ids in ((missing_title, report.missing), ("in MLflow, not in the logs", report.extra)):
             if ids:
                 click.echo(f"{title}:")
                 for cid in ids[:limit]:
                     click.echo(f"  {cid}")
                 if len(ids) > limit:
                     click.echo(f"  ... and {len(ids) - limit} more")
-    sys.exit(Exit.OK if report.ok else Exit.DIFFERENCES)
+    repaired = report.repaired is not None and report.repaired == len(report.missing) and not report.extra
+    sys.exit(Exit.OK if report.ok or repaired else Exit.DIFFERENCES)
 
 
 def _print_summary(s: Any) -> None:

@@ -157,6 +157,7 @@ class Pipeline:
         self.clock: Callable[[], int] = now_us
         self.before_write: Callable[[], None] | None = None
         self.shard: Shard | None = None
+        self.only_calls: frozenset[str] | None = None
         self.warnings: dict[str, int] = {}
         self._first: int | None = None
         self._last: int | None = None
@@ -266,7 +267,7 @@ class Pipeline:
         d = dedupe_and_split(pending, new, self.settle_s, final, None, at)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates + resent
-        ready = self._in_shard(d.ready)
+        ready = self._selected(self._in_shard(d.ready))
         if ready.height:
             self.inflight = ready
             self._delete_before_rewrite(ready)
@@ -362,6 +363,12 @@ class Pipeline:
         owned = [k for k, f, src in first.iter_rows() if (shard.owns(k) if "://" in (src or "") else not f or shard.owns(f))]
         self.summary.calls_other_shards += first.height - len(owned)
         return ready if len(owned) == first.height else ready.filter(pl.col("call_key").is_in(owned))
+
+    def _selected(self, ready: pl.DataFrame) -> pl.DataFrame:
+        """With ``only_calls``: the others are dropped before anything, as another shard's are."""
+        if self.only_calls is None or not ready.height:
+            return ready
+        return ready.filter(pl.col("call_key").is_in(sorted(self.only_calls)))
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until)."""
@@ -576,6 +583,8 @@ class RunOptions:
     the run takes them over."""
     shard: Shard | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    only_calls: frozenset[str] | None = None
+    """Write these calls only (``reconcile --repair``: the ones missing from MLflow)."""
 
 
 def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
@@ -679,6 +688,7 @@ def run_batch(opts: RunOptions) -> Summary:
     target, sink = open_target(opts)
     tune_collector()
     pipe = Pipeline.for_run(sink, target, opts)
+    pipe.only_calls = opts.only_calls
     try:
         for path in inputs.files:
             for chunk in read_chunks(path, chunk_bytes=opts.chunk_bytes):

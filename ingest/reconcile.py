@@ -8,7 +8,7 @@ listed through its own search API (no spans loaded). Calls are compared by call 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import polars as pl
@@ -17,7 +17,7 @@ from ingest.dedupe import dedupe
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger
 from ingest.normalize import normalize_isolating
-from ingest.pipeline import Inputs, RunOptions, Summary, remote_units, resolve_run_target
+from ingest.pipeline import Inputs, RunOptions, Summary, remote_units, resolve_run_target, run_batch
 from ingest.quarantine import QuarantineWriter
 from ingest.sources import Chunk, read_chunks
 
@@ -33,6 +33,12 @@ class Report:
     extra: list[str] = field(default_factory=list)
     quarantined: int = 0
     window: tuple[int | None, int | None] = (None, None)
+    repaired: int | None = None
+    """With ``--repair``: the missing calls written since (None: no repair asked for)."""
+    too_recent: list[str] = field(default_factory=list)
+    """Missing calls that ended within the settle window: a daemon may still hold them for a retry,
+    so ``--repair`` leaves them (written now, a later retry could not change their state)."""
+    ended: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -40,13 +46,16 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("ended")
         d["missing_count"], d["extra_count"] = len(self.missing), len(self.extra)
         return d
 
 
+
 def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
-    """(call_key, first start) of every call in the logs within [since, until), and the quarantine count."""
-    calls = pl.DataFrame(schema={"call_key": pl.String, "start_us": pl.Int64})
+    """(call_key, first start, last end) of every call in the logs within [since, until), and the quarantine count."""
+    calls = pl.DataFrame(schema={"call_key": pl.String, "start_us": pl.Int64, "end_us": pl.Int64})
+    latest = [pl.col("start_us").min(), pl.col("end_us").max()]
     quarantine = QuarantineWriter(None)
     inputs = Inputs.of(opts.paths)
     inputs.check()
@@ -55,8 +64,8 @@ def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
         records, bad = normalize_isolating(chunk.lines)
         quarantine.write(bad)
         deduped, _ = dedupe(records)
-        part = deduped.group_by("call_key").agg(pl.col("start_us").min())
-        calls = pl.concat([calls, part]).group_by("call_key").agg(pl.col("start_us").min())
+        part = deduped.group_by("call_key").agg(latest)
+        calls = pl.concat([calls, part]).group_by("call_key").agg(latest)
     if opts.since_us is not None:
         calls = calls.filter(pl.col("start_us") >= opts.since_us)
     if opts.until_us is not None:
@@ -114,4 +123,19 @@ def reconcile(opts: RunOptions) -> Report:
     report.matched = len(expected.keys() & actual.keys())
     report.missing = sorted(expected[t] for t in expected.keys() - actual.keys())
     report.extra = sorted(actual[t] for t in actual.keys() - expected.keys())
+    missing = set(report.missing)
+    report.ended = {k: e for k, e in calls.select("call_key", "end_us").iter_rows() if k in missing}
     return report
+
+
+def repair(opts: RunOptions, report: Report, now_us: int) -> Summary:
+    """Write the calls ``report`` found missing, read from the same logs and built exactly as batch
+    builds them (so ``opts`` carries the runs' redaction and scrubbing); every other call is dropped
+    before it is built, and bad lines, quarantined by the runs that read them, are only counted.
+    Calls that ended within ``opts.settle_s`` are left (``Report.too_recent``)."""
+    recent_from = now_us - int(opts.settle_s * 1_000_000)
+    report.too_recent = sorted(k for k in report.missing if report.ended.get(k, 0) > recent_from)
+    wanted = frozenset(report.missing) - set(report.too_recent)
+    summary = run_batch(replace(opts, only_calls=wanted, quarantine_file=None)) if wanted else Summary()
+    report.repaired = summary.traces_written
+    return summary

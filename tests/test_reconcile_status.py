@@ -104,6 +104,46 @@ def test_reconcile_finds_a_deleted_trace_missing(tmp_path: Path, capture: list[d
     assert report["matched"] == len(calls) - 1 and report["calls_in_logs"] == len(calls)
 
 
+def test_reconcile_repair_writes_the_missing_calls_only_and_leaves_the_recent_ones(
+    tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str
+) -> None:
+    """Traces deleted from MLflow: ``--repair`` writes them again, as they were, and touches no other;
+    a call that ended less than ``--settle`` ago is left (a daemon may hold it for a retry)."""
+    from tests.tailkit import fresh_calls
+
+    recs = copies(capture, 1, "rec-repair")[0]
+    path = write_log(tmp_path / "logs" / "calls.jsonl", recs)
+    calls = calls_of(recs)
+    target = ["--tracking-uri", store_uri, "--experiment-name", experiment_name]
+    assert run("batch", str(path), *target, "--state-dir", str(tmp_path / "st"), "-q", cwd=tmp_path).returncode == 0
+    client = client_for(store_uri)
+    exp_id = client.get_experiment_by_name(experiment_name).experiment_id
+    before = {t.info.tags["litellm.call_id"]: t for t in all_traces(store_uri, experiment_name)}
+    victims = [next(c for c, rs in calls.items() if len(rs) > 1), next(c for c, rs in calls.items() if len(rs) == 1)]
+    client.delete_traces(exp_id, trace_ids=[before[v].info.trace_id for v in victims])
+
+    code, report = reconcile([str(path)], store_uri, experiment_name, tmp_path, "--repair")
+    assert code == 0, report
+    assert sorted(report["missing"]) == sorted(victims) and report["repaired"] == 2 and report["too_recent"] == []
+    after = {t.info.tags["litellm.call_id"]: t for t in all_traces(store_uri, experiment_name)}
+    assert after.keys() == before.keys()
+
+    def shape(t: Any) -> tuple:
+        spans = sorted((s.span_id, s.name, s.start_time_ns, s.end_time_ns, s.status.status_code) for s in t.data.spans)
+        return t.info.trace_id, t.info.state, t.info.request_time, t.info.execution_duration, spans
+
+    assert {c: shape(t) for c, t in after.items()} == {c: shape(t) for c, t in before.items()}
+
+    recent = fresh_calls(capture)[0]
+    with path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recent)
+    code, report = reconcile([str(path)], store_uri, experiment_name, tmp_path, "--repair")
+    assert code == 6 and report["repaired"] == 0 and report["too_recent"] == [recent[0]["litellm_call_id"]], report
+    code, report = reconcile([str(path)], store_uri, experiment_name, tmp_path, "--repair", "--settle", "0")
+    assert code == 0 and report["repaired"] == 1, report
+    assert reconcile([str(path)], store_uri, experiment_name, tmp_path)[0] == 0
+
+
 def test_reconcile_reports_traces_of_other_logs_in_the_window_as_extra(
     tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str
 ) -> None:
