@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
@@ -35,7 +36,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # without network, once per process) before its bundled copy: the bundled copy at once, as offline.
 os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="litellm-ingest-tests-cache-")
-"""Tests keep their empty MLflow schema (``ingest.stores``) out of the user's own cache."""
+"""Tests keep their empty MLflow schema (``ingest.stores``) out of the user's own cache (removed at exit)."""
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
     os.environ.pop(var, None)
 
