@@ -51,7 +51,6 @@ class Report:
         return d
 
 
-
 def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
     """(call_key, first start, last end) of every call in the logs within [since, until), and the quarantine count."""
     calls = pl.DataFrame(schema={"call_key": pl.String, "start_us": pl.Int64, "end_us": pl.Int64})
