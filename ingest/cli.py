@@ -662,11 +662,12 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
             f"calls in logs: {report.calls_in_logs}  traces in MLflow: {report.traces_in_mlflow}  matched: {report.matched}  "
             f"missing: {len(report.missing)}  extra: {len(report.extra)}"
         )
+        lists = [("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)]
         if report.repaired is not None:
-            left = f"; {len(report.too_recent)} left, they ended less than --settle ago" if report.too_recent else ""
-            click.echo(f"repaired: {report.repaired} written{left}")
-        missing_title = "missing from MLflow" + (" (written by --repair but those left)" if report.repaired is not None else "")
-        for title, ids in ((missing_title, report.missing), ("in MLflow, not in the logs", report.extra)):
+            click.echo(f"repaired: {report.repaired} of the {len(report.missing)} missing written")
+            lists = [("were missing (now written, but for those left below)", report.missing), *lists[1:]]
+            lists.append(("left: they ended less than --settle ago (a daemon may hold them)", report.too_recent))
+        for title, ids in lists:
             if ids:
                 click.echo(f"{title}:")
                 for cid in ids[:limit]:

@@ -212,9 +212,24 @@ def test_a_full_disk_under_the_state_does_not_stop_the_daemon_and_loses_and_doub
             d.stop(signal.SIGKILL)
 
 
+def test_a_daemon_told_to_stop_while_it_waits_for_mlflow_stops_at_once(tmp_path: Path) -> None:
+    import threading
+
+    from ingest.metrics import Metrics
+    from ingest.tail import TailOptions, wait_for_mlflow
+
+    opts = TailOptions(paths=[str(tmp_path)], tracking_uri=f"http://127.0.0.1:{free_port()}", state_dir=tmp_path, mlflow_timeout_s=1)
+    stopping, metrics = threading.Event(), Metrics(ready=False)
+    threading.Timer(3, stopping.set).start()
+    started = time.monotonic()
+    assert wait_for_mlflow(opts, metrics, stopping) is None
+    assert 3 <= time.monotonic() - started < 10 and metrics.mlflow_up is False and metrics.down_since is not None
+
+
 def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capture) -> None:
     """A reboot that brings the proxy and its daemon up before MLflow: the daemon serves /health
-    (503), says once that it waits, stops cleanly if told to, and sends everything once MLflow answers."""
+    (503), says once that it waits, and sends everything once MLflow answers (stopped while it
+    waits: ``test_a_daemon_told_to_stop_while_it_waits_for_mlflow_stops_at_once``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     logdir = tmp_path / "logs"
@@ -222,13 +237,10 @@ def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capt
     calls = fresh_calls(capture)
     Writer(logdir / "proxy.jsonl").write_calls(calls[:10])
     d = Daemon(logdir, url, "late", tmp_path / "state").start()
-    wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for MLflow")
-    assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
-    assert d.stop() == 0, "told to stop while it waits: a clean exit"
-    d = Daemon(logdir, url, "late", tmp_path / "state").start()
     server = None
     try:
         wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for MLflow")
+        assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
         time.sleep(1)
         assert d.alive(), d.log.read_text()
         server = start_mlflow_server(tmp_path / "late-server", port=port)
