@@ -116,7 +116,7 @@ def main() -> None:
         json.dumps(wrong_type),
         json.dumps(no_times),
         json.dumps(no_ids),
-        '["not", "an", "object"]',
+        '"not an object"',
         good,
     ]
     with open(HERE / "bad_input.jsonl", "wb") as out:
