@@ -42,6 +42,13 @@ for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_
     os.environ.pop(var, None)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at most 4. Most tests wait on the processes they start (a
+    daemon, a server, PostgreSQL), about one core per worker; more workers than cores only turn
+    those waits into timeouts."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 def read_capture() -> list[dict]:
     """The 49 real StandardLoggingPayload records, in file order (rotated .gz part first)."""
     import gzip

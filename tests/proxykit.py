@@ -6,6 +6,7 @@ or .proxy-venv built once from the pinned requirements. Our JSONL logger is alwa
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -54,17 +55,20 @@ SHIM = "from ingest.proxy_logger import JsonlFileLogger\nlogger = JsonlFileLogge
 
 
 def proxy_python() -> Path:
-    """The proxy venv's python: $LITELLM_PROXY_PYTHON, or .proxy-venv built from the pinned requirements."""
+    """The proxy venv's python: $LITELLM_PROXY_PYTHON, or .proxy-venv built from the pinned requirements
+    (once: the test workers collect at the same time, and the first builds it while the others wait)."""
     if env := os.environ.get("LITELLM_PROXY_PYTHON"):
         return Path(env)
     venv = ROOT / ".proxy-venv"
     reqs = E2E / "proxy-requirements.txt"
     stamp = venv / ".requirements-sha256"
     digest = hashlib.sha256(reqs.read_bytes()).hexdigest()
-    if not (stamp.exists() and stamp.read_text() == digest):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(reqs)], check=True)
-        stamp.write_text(digest)
+    with (ROOT / ".proxy-venv.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.exists() and stamp.read_text() == digest):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(reqs)], check=True)
+            stamp.write_text(digest)
     return venv / "bin" / "python"
 
 
