@@ -313,5 +313,5 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def corrupt_copies(state_dir: Path) -> list[Path]:
-    """The copies of corrupt state files that runs kept aside (for a look; nothing reads them)."""
-    return sorted(state_dir.glob("*.json.corrupt-*"))
+    """The copies of corrupt state files (and state databases) that runs kept aside (for a look; nothing reads them)."""
+    return sorted(p for p in state_dir.glob("*.corrupt-*") if ".json.corrupt-" in p.name or ".sqlite" in p.name)

@@ -11,14 +11,18 @@ hold, or after those calls were saved as held lines in the JSON state.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
 
 from ingest.checkpoints import StateError
 from ingest.sources import Chunk
+
+log = logging.getLogger(__name__)
 
 ITEMS = {"key": pl.String, "version": pl.String, "at": pl.String}
 
@@ -29,17 +33,61 @@ def items_frame(keys: list[str], versions: list[str], at: list[str]) -> pl.DataF
 
 def state_db(path: Path, *ddl: str) -> sqlite3.Connection:
     """A SQLite file beside a state (autocommit, WAL, synchronous=NORMAL: a crash can lose the last
-    commits, never corrupt it), its tables created if missing."""
+    commits, never corrupt it), its tables created if missing. A file that is not a database or fails
+    SQLite's quick check (a disk fault, a copy taken mid-write) is set aside like a corrupt JSON state
+    and started anew: what it held is re-read (ledger) or left standalone (nesting queue), never
+    doubled, and the cron run or daemon is not stopped by it for good."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        for statement in ddl:
-            db.execute(statement)
+        try:
+            return _open_db(path, ddl)
+        except sqlite3.DatabaseError as e:
+            if not _is_corrupt(e):
+                raise
+            kept = _set_aside(path)
+            log.warning("the state database %s is corrupt (%s): kept as %s; starting it anew", path, e, kept)
+            return _open_db(path, ddl)
     except (OSError, sqlite3.Error) as e:
         raise StateError(f"cannot open {path}: {e}") from e
+
+
+class _Corrupt(sqlite3.DatabaseError):
+    pass
+
+
+def _open_db(path: Path, ddl: tuple[str, ...]) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        if (check := db.execute("PRAGMA quick_check(1)").fetchone()) != ("ok",):
+            raise _Corrupt(f"quick_check: {check[0] if check else 'no answer'}")
+        for statement in ddl:
+            db.execute(statement)
+    except BaseException:
+        db.close()
+        raise
     return db
+
+
+def _is_corrupt(e: sqlite3.DatabaseError) -> bool:
+    if isinstance(e, _Corrupt):
+        return True
+    name = getattr(e, "sqlite_errorname", None)
+    if name is not None:
+        return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+    return "not a database" in str(e) or "malformed" in str(e)
+
+
+def _set_aside(path: Path) -> Path:
+    """The database and its WAL and shared-memory files renamed ``<name>.corrupt-<UTC time>`` (a stale
+    WAL beside a new file would be replayed into it)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for suffix in ("-wal", "-shm", ""):
+        p = path.with_name(path.name + suffix)
+        if p.exists():
+            p.replace(p.with_name(f"{p.name}.corrupt-{stamp}"))
+    return path.with_name(f"{path.name}.corrupt-{stamp}")
 
 
 @dataclass

@@ -154,6 +154,62 @@ def test_a_corrupt_state_is_copied_aside_said_on_stderr_and_in_the_summary_and_t
     assert json.loads(status.stdout)["corrupt_copies"] == [str(copy)]
 
 
+def _damage_pages(path: Path) -> None:
+    """Garbage over every page after the first: the header still says SQLite, the tables do not."""
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    data[page:] = bytes(range(256)) * ((len(data) - page) // 256 + 1)
+    path.write_bytes(bytes(data[: max(len(data), 2 * page)]))
+
+
+def test_a_corrupt_ledger_is_set_aside_and_its_items_are_read_again(tmp_path: Path, caplog) -> None:
+    from ingest.ledger import Ledger, items_frame
+
+    path = tmp_path / "batch-x.ledger.sqlite"
+    ledger = Ledger(path)
+    items = items_frame([f"day={i % 7}/{i:06d}.json" for i in range(3000)], ["v1"] * 3000, ["2026-11-27"] * 3000)
+    ledger.mark("s3://b/logs", items)
+    assert ledger.new("s3://b/logs", items).height == 0
+    ledger.close()
+    _damage_pages(path)
+    damaged = path.read_bytes()
+
+    with caplog.at_level("WARNING", logger="ingest.ledger"):
+        again = Ledger(path)
+    kept = sorted(p.name for p in tmp_path.glob("*.corrupt-*"))
+    assert [n.split(".corrupt-")[0] for n in kept] == ["batch-x.ledger.sqlite"], kept
+    assert (tmp_path / kept[0]).read_bytes() == damaged
+    assert "corrupt" in caplog.text and kept[0] in caplog.text
+    assert again.new("s3://b/logs", items).height == 3000, "a lost ledger re-reads (ids are deterministic), it skips nothing"
+    again.mark("s3://b/logs", items.head(10))
+    assert again.count() == 10
+    again.close()
+    from ingest.checkpoints import corrupt_copies
+
+    assert [p.name for p in corrupt_copies(tmp_path)] == kept
+
+
+def test_corrupt_state_databases_do_not_stop_the_cron_job_for_good(tmp_path: Path, capture: list[dict]) -> None:
+    """The ledger and the nesting queue beside a state: one not a database at all, one with damaged
+    pages; the next run sets both aside, says so, and neither loses nor doubles a trace."""
+    args, state, db = ingested(tmp_path, capture)
+    traces = sqlite_trace_count(db)
+    ledger, queue = state.with_suffix(".ledger.sqlite"), state.with_suffix(".nest.sqlite")
+    assert ledger.exists() and queue.exists()
+    ledger.write_bytes(b"\x00garbage, not SQLite" * 100)
+    _damage_pages(queue)
+
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{ledger} is corrupt" in again.stderr and f"{queue} is corrupt" in again.stderr, again.stderr
+    assert sqlite_trace_count(db) == traces
+    status = run("status", "--state-dir", str(state.parent), "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    kept = json.loads(status.stdout)["corrupt_copies"]
+    assert {Path(k).name.split(".corrupt-")[0] for k in kept} >= {ledger.name, queue.name}, kept
+    assert run(*args, cwd=tmp_path).returncode == 0, "and the run after is quiet"
+
+
 def test_a_state_from_a_newer_version_stops_the_run_with_code_7_and_is_left_as_it_is(tmp_path: Path, capture: list[dict]) -> None:
     args, state, _ = ingested(tmp_path, capture)
     newer = json.loads(state.read_text()) | {"version": STATE_VERSION + 1}
