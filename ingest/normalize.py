@@ -23,6 +23,7 @@ from polars.exceptions import ComputeError, InvalidOperationError, PanicExceptio
 
 from ingest.quarantine import QuarantineRecord, Reason
 from ingest.schemas import RecordSchema, all_schemas
+from ingest.sources import utf16_hint
 
 CANONICAL: dict[str, pl.DataType] = {
     "file": pl.String(),
@@ -237,7 +238,7 @@ def explain_failure(line: str, dtype: pl.Struct, truncated: bool, field_prefix: 
         except (ValueError, RecursionError):
             if truncated:
                 return Reason.TRUNCATED_LINE, f"last line has no newline and is not complete JSON ({e})"
-            return Reason.MALFORMED_JSON, str(e)
+            return Reason.MALFORMED_JSON, f"{e}{utf16_hint(line) if chr(0) in line else ''}"
         return Reason.MALFORMED_JSON, f"not strict JSON (Python's json reads it): {e}"
     if not isinstance(value, dict):
         return Reason.NOT_AN_OBJECT, f"a JSON {_JSON_TYPES.get(type(value), 'null')}, not an object"

@@ -119,6 +119,19 @@ def _frame(path: str, lines: list[str] | pl.Series, sizes: pl.Series, start_offs
     )
 
 
+UTF16_HINT = ": UTF-16 text? LiteLLM writes UTF-8; convert the file (iconv -f UTF-16 -t UTF-8)"
+
+
+def utf16_hint(line: bytes | str) -> str:
+    """What a line of a UTF-16 file (a Windows export) looks like split at its newline bytes: a
+    byte-order mark, or a NUL after every character."""
+    raw = line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line
+    raw = raw.lstrip(b"\x00")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) >= 4 and raw[1:8:2] == b"\x00" * len(raw[1:8:2])):
+        return UTF16_HINT
+    return ""
+
+
 def split_lines(
     path: str, data: bytes, start_offset: int, start_line: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
@@ -141,9 +154,8 @@ def split_lines(
                 decoded.append(b.decode("utf-8"))
             except UnicodeDecodeError as e:
                 decoded.append("")
-                bad.append(
-                    QuarantineRecord.of(path, start_line + i, offsets[i], Reason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", b)
-                )
+                detail = f"invalid UTF-8 at byte {e.start}{utf16_hint(b)}"
+                bad.append(QuarantineRecord.of(path, start_line + i, offsets[i], Reason.INVALID_UTF8, detail, b))
         frame = _frame(path, decoded, sizes, start_offset, start_line)
     too_long = frame["raw"].str.len_bytes() > max_line_bytes
     if too_long.any():

@@ -399,3 +399,24 @@ def test_split_lines_clean() -> None:
     assert frame.schema == pl.Schema(
         {"source": pl.String, "line_no": pl.Int64, "offset": pl.Int64, "raw": pl.String, "truncated": pl.Boolean}
     )
+
+
+def test_a_utf16_file_is_quarantined_with_a_reason_that_names_utf16() -> None:
+    """A Windows export (PowerShell writes UTF-16): split at its newline bytes, the first line fails
+    UTF-8 and the rest are JSON with a NUL after every character; both say what the file is."""
+    from ingest.normalize import explain_failure, utf16_hint
+    from ingest.schemas import all_schemas
+
+    records = ['{"id": "a", "call_type": "acompletion"}', '{"id": "b", "call_type": "acompletion"}']
+    data = "\n".join(records).encode("utf-16") + "\n".encode("utf-16-le")
+    frame, bad = split_lines("x.jsonl", data, 0, 1)
+    assert [(r.line, r.reason) for r in bad] == [(1, "invalid_utf8")]
+    assert "UTF-16" in bad[0].detail and "iconv" in bad[0].detail
+    second = frame.filter(pl.col("line_no") == 2)["raw"][0]
+    reason, detail = explain_failure(second, all_schemas()[-1].decode_dtype, False)
+    assert reason.value == "malformed_json" and "UTF-16" in detail, detail
+
+    assert utf16_hint(b"\xc3\x28 plain latin-1 damage") == ""
+    assert utf16_hint('{"content": "a NUL\u0000 in a prompt"}') == ""
+    _, plain = split_lines("y.jsonl", b'{"a": "caf\xe9"}\n', 0, 1)
+    assert plain[0].detail == "invalid UTF-8 at byte 10"
