@@ -140,3 +140,29 @@ def test_ours_carries_at_least_what_litellms_callback_carries(e2e_run: dict) -> 
                 assert attr in span.attributes, (cid, attr)
         compared += 1
     assert compared == len(theirs)
+
+
+def test_responses_anthropic_messages_and_text_completions_are_traced_like_chat_calls(e2e_run: dict) -> None:
+    """The other routes clients use (the Responses API, Anthropic's Messages API as Claude Code sends
+    it, text completions), streamed or not: MLflow's previews show the question and the answer the
+    client got (its chat parsers read our inputs and outputs), typed as MLflow's own autolog types them."""
+    ours = by_call(e2e_run["ours"])
+    types = {"responses": "CHAT_MODEL", "anthropic_messages": "CHAT_MODEL", "text_completion": "LLM"}
+    seen = set()
+    for c in e2e_run["calls"]:
+        if c["kind"] not in types:
+            continue
+        t = ours[c["call_id"]]
+        root = next(s for s in t.data.spans if s.parent_id is None)
+        assert root.span_type == types[c["kind"]], c
+        assert root.attributes["mlflow.message.format"] == "openai", c
+        assert root.attributes["call_type"].removeprefix("a") == c["kind"].removeprefix("a"), c
+        assert c["answer"] and c["answer"] in t.info.response_preview, (c, t.info.response_preview)
+        question = c["answer"].removeprefix("Deterministic answer to: ")
+        assert question in t.info.request_preview, (c, t.info.request_preview)
+        if c["kind"] != "text_completion":
+            assert t.info.request_preview == question, "the preview is the question alone, as for a chat call"
+            assert t.info.response_preview == c["answer"]
+        seen.add((c["kind"], c["stream"]))
+    assert seen == {("responses", False), ("responses", True), ("anthropic_messages", False), ("anthropic_messages", True),
+                    ("text_completion", False)}  # fmt: skip

@@ -1,4 +1,5 @@
-"""Drive ~50 calls through a LiteLLM proxy with the openai SDK; print what the client saw, as JSON.
+"""Drive ~55 calls through a LiteLLM proxy with the openai SDK (and Anthropic's ``/v1/messages`` over
+httpx, as Claude Code sends it); print what the client saw, as JSON.
 
 Runs in the proxy's venv (it has the openai SDK):  python drive_calls.py BASE_URL API_KEY
 """
@@ -10,6 +11,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import openai
 
 BASE, KEY = sys.argv[1], sys.argv[2]
@@ -80,6 +82,53 @@ def embed(kind: str, text: str | list[str], encoding: str | None = None) -> dict
     }
 
 
+def _other(kind: str, stream: bool, call_id: str | None, usage: dict[str, Any] | None, answer: str) -> dict[str, Any]:
+    """What the client saw of a call made on another route; usage in the chat API's terms."""
+    return {"kind": kind, "model": "gpt-4o-mini", "call_id": call_id, "ok": True, "usage": usage, "user": None, "tags": [],
+            "session": None, "stream": stream, "answer": answer}  # fmt: skip
+
+
+def responses(question: str, stream: bool = False) -> dict[str, Any]:
+    """OpenAI's Responses API (``/v1/responses``)."""
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "input": question, "instructions": "Answer in one line."}
+    if not stream:
+        raw = client.responses.with_raw_response.create(**kw)
+        r = raw.parse()
+        u, text = r.usage, r.output_text
+    else:
+        raw = client.responses.with_raw_response.create(**kw, stream=True)
+        done = [e for e in raw.parse() if e.type == "response.completed"]
+        u, text = done[-1].response.usage, done[-1].response.output_text
+    usage = {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens}
+    return _other("responses", stream, raw.headers.get("x-litellm-call-id"), usage, text)
+
+
+def messages(question: str, stream: bool = False) -> dict[str, Any]:
+    """Anthropic's Messages API (``/v1/messages``), content as blocks."""
+    body = {"model": "gpt-4o-mini", "max_tokens": 200, "stream": stream,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": question}]}]}  # fmt: skip
+    r = httpx.post(BASE.removesuffix("/v1") + "/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=60)
+    r.raise_for_status()
+    if not stream:
+        d = r.json()
+        u, text = d["usage"], "".join(b.get("text", "") for b in d["content"])
+    else:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+        u = {"input_tokens": 0, "output_tokens": 0}
+        for e in events:
+            u.update({k: v for k, v in (e.get("message", {}).get("usage") or e.get("usage") or {}).items() if v})
+        text = "".join(e["delta"].get("text", "") for e in events if e.get("type") == "content_block_delta")
+    n_in, n_out = u["input_tokens"], u["output_tokens"]
+    usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+    return _other("anthropic_messages", stream, r.headers.get("x-litellm-call-id"), usage, text)
+
+
+def text_completion(prompt: str) -> dict[str, Any]:
+    raw = client.completions.with_raw_response.create(model="gpt-4o-mini", prompt=prompt)
+    r = raw.parse()
+    return _other("text_completion", False, raw.headers.get("x-litellm-call-id"), r.usage.model_dump(), r.choices[0].text)
+
+
 def backed_off() -> list[dict[str, Any]]:
     """The calls the proxy's router retries or falls back (each waits out its backoff, ~5 s for a 500), all at once."""
     jobs = [("retried_429", "flaky", f"flaky {i}") for i in range(2)]
@@ -115,6 +164,9 @@ def main() -> None:
         calls += list(pool.map(lambda i: chat("concurrent", content=f"concurrent {i}", session="sess-e2e-concurrent"), range(12)))
     for i in range(4):
         calls.append(chat("plain", content=f"after concurrency {i}"))
+    calls += [responses("what is MLflow?"), responses("stream what LiteLLM is", stream=True)]
+    calls += [messages("what is the capital of France?"), messages("stream a haiku", stream=True)]
+    calls.append(text_completion("Once upon a time"))
     calls += slow.result()
     print(json.dumps(calls))
 

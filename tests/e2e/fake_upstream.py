@@ -1,7 +1,8 @@
 """A deterministic OpenAI-compatible upstream for the end-to-end test (run as its own process).
 
-Chat completions (plain, tool calls, SSE streaming with a final usage chunk), embeddings (float or
-base64), and scripted failures by model name: ``FAIL_500*`` always 500, ``FAIL_429*`` always 429,
+Chat completions (plain, tool calls, SSE streaming with a final usage chunk), the Responses API
+(plain and SSE events; LiteLLM also sends Anthropic ``/v1/messages`` for an OpenAI model there),
+text completions, embeddings (float or base64), and scripted failures by model name: ``FAIL_500*`` always 500, ``FAIL_429*`` always 429,
 ``FLAKY_429*`` 429 on the first attempt of each distinct request, then 200.
 
     python fake_upstream.py PORT
@@ -31,6 +32,13 @@ def _next_id() -> str:
 
 def _tokens(text: str) -> int:
     return max(1, len(text.split()))
+
+
+def _text_of(content: object) -> str:
+    """A message's text: a string, or the text of its content parts."""
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,6 +76,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._embeddings(body, model)
         if self.path.endswith("/chat/completions"):
             return self._chat(body, model)
+        if self.path.endswith("/responses"):
+            return self._responses(body, model)
+        if self.path.endswith("/completions"):
+            return self._text(body, model)
         return self._json(404, {"error": {"message": f"no route {self.path}"}})
 
     def _embeddings(self, body: dict, model: str) -> None:
@@ -80,6 +92,65 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data.append({"object": "embedding", "index": i, "embedding": emb})
         n = sum(_tokens(str(t)) for t in inputs)
         self._json(200, {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _text(self, body: dict, model: str) -> None:
+        prompt = body.get("prompt")
+        prompt = prompt if isinstance(prompt, str) else " ".join(map(str, prompt or []))
+        text = f" and then: {prompt}"
+        usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(text), "total_tokens": _tokens(prompt) + _tokens(text)}
+        self._json(200, {"id": _next_id().replace("chatcmpl", "cmpl"), "object": "text_completion", "created": int(time.time()),
+                         "model": model, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                         "usage": usage})  # fmt: skip
+
+    def _responses(self, body: dict, model: str) -> None:
+        """OpenAI's Responses API: one output message; streamed as its typed SSE events."""
+        given = body.get("input")
+        items = [given] if isinstance(given, str) else [_text_of(i.get("content") if isinstance(i, dict) else i) for i in given or []]
+        last = items[-1] if items else ""
+        text = f"Deterministic answer to: {last}"
+        rid, mid = _next_id().replace("chatcmpl", "resp"), _next_id().replace("chatcmpl", "msg")
+        n_in = sum(_tokens(i) for i in items) + _tokens(str(body.get("instructions") or ""))
+        usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": _tokens(text),
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": n_in + _tokens(text)}  # fmt: skip
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"type": "message", "id": mid, "status": "completed", "role": "assistant", "content": [part]}
+        response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed", "model": model,
+                    "output": [item], "usage": usage, "error": None, "incomplete_details": None,
+                    "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+                    "parallel_tool_calls": True, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+                    "store": True, "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+                    "top_p": 1.0, "truncation": "disabled", "user": None, "metadata": {}}  # fmt: skip
+        if not body.get("stream"):
+            time.sleep(0.05)
+            return self._json(200, response)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        seq = [0]
+
+        def send(kind: str, **fields: object) -> None:
+            event = {"type": kind, "sequence_number": seq[0], **fields}
+            seq[0] += 1
+            data = f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        time.sleep(0.1)
+        send("response.created", response=started)
+        send("response.in_progress", response=started)
+        send("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []})
+        send("response.content_part.added", item_id=mid, output_index=0, content_index=0, part={**part, "text": ""})
+        for i, w in enumerate(text.split(" ")):
+            send("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=w if i == 0 else " " + w)
+            time.sleep(0.02)
+        send("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text)
+        send("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=part)
+        send("response.output_item.done", output_index=0, item=item)
+        send("response.completed", response=response)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
     def _chat(self, body: dict, model: str) -> None:
         messages = body.get("messages") or []
