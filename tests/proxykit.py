@@ -41,6 +41,10 @@ model_list:
     litellm_params: {{model: openai/FAIL_500-nofallback, api_base: "{up}", api_key: fake-key}}
   - model_name: flaky
     litellm_params: {{model: openai/FLAKY_429-model, api_base: "{up}", api_key: fake-key}}
+  - model_name: dall-e-3
+    litellm_params: {{model: openai/dall-e-3, api_base: "{up}", api_key: fake-key}}
+  - model_name: rerank-english
+    litellm_params: {{model: cohere/rerank-english-v3.0, api_base: "{up}", api_key: fake-key}}
 router_settings:
   num_retries: 2
   retry_after: 0

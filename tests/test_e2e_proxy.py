@@ -88,7 +88,7 @@ def test_times_tokens_status_session_user_tags_match(e2e_run: dict) -> None:
         assert (root.start_time_ns, root.end_time_ns) == (start_us * 1000, end_us * 1000), c
         assert t.info.request_time == start_us // 1000
         assert t.info.state.value == ("OK" if c["ok"] else "ERROR"), c
-        if c["ok"]:
+        if c["ok"] and c["usage"]:
             usage = t.info.token_usage
             assert usage["input_tokens"] == c["usage"]["prompt_tokens"], c
             assert usage["total_tokens"] == c["usage"]["total_tokens"], c
@@ -166,3 +166,19 @@ def test_responses_anthropic_messages_and_text_completions_are_traced_like_chat_
         seen.add((c["kind"], c["stream"]))
     assert seen == {("responses", False), ("responses", True), ("anthropic_messages", False), ("anthropic_messages", True),
                     ("text_completion", False)}  # fmt: skip
+
+
+def test_image_generation_and_rerank_calls_are_traced_with_their_prompt_and_span_type(e2e_run: dict) -> None:
+    ours = by_call(e2e_run["ours"])
+    (img,) = [c for c in e2e_run["calls"] if c["kind"] == "image_generation"]
+    t = ours[img["call_id"]]
+    root = next(s for s in t.data.spans if s.parent_id is None)
+    assert (root.span_type, t.info.request_preview) == ("LLM", "a red square on white")
+    assert root.outputs["data"][0]["url"] == img["answer"]
+    (rr,) = [c for c in e2e_run["calls"] if c["kind"] == "rerank"]
+    t = ours[rr["call_id"]]
+    root = next(s for s in t.data.spans if s.parent_id is None)
+    assert (root.span_type, t.info.request_preview) == ("RERANKER", rr["query"])
+    assert root.inputs["query"] == rr["query"] and root.inputs["documents"][0] == "Paris is the capital of France"
+    assert json.dumps(root.outputs["results"]) == rr["answer"]
+    assert t.info.trace_metadata["mlflow.trace.cost"], "LiteLLM prices a rerank per search unit"

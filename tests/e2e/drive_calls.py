@@ -129,6 +129,19 @@ def text_completion(prompt: str) -> dict[str, Any]:
     return _other("text_completion", False, raw.headers.get("x-litellm-call-id"), r.usage.model_dump(), r.choices[0].text)
 
 
+def image(prompt: str) -> dict[str, Any]:
+    raw = client.images.with_raw_response.generate(model="dall-e-3", prompt=prompt)
+    return _other("image_generation", False, raw.headers.get("x-litellm-call-id"), None, raw.parse().data[0].url or "")
+
+
+def rerank(query: str, documents: list[str]) -> dict[str, Any]:
+    """Cohere's rerank route, as LiteLLM serves it (``/v1/rerank``)."""
+    body = {"model": "rerank-english", "query": query, "documents": documents, "top_n": 2}
+    r = httpx.post(BASE.removesuffix("/v1") + "/v1/rerank", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r.raise_for_status()
+    return {**_other("rerank", False, r.headers.get("x-litellm-call-id"), None, json.dumps(r.json()["results"])), "query": query}
+
+
 def backed_off() -> list[dict[str, Any]]:
     """The calls the proxy's router retries or falls back (each waits out its backoff, ~5 s for a 500), all at once."""
     jobs = [("retried_429", "flaky", f"flaky {i}") for i in range(2)]
@@ -167,6 +180,7 @@ def main() -> None:
     calls += [responses("what is MLflow?"), responses("stream what LiteLLM is", stream=True)]
     calls += [messages("what is the capital of France?"), messages("stream a haiku", stream=True)]
     calls.append(text_completion("Once upon a time"))
+    calls += [image("a red square on white"), rerank("capital of France", ["Paris is the capital of France", "Berlin", "Madrid"])]
     calls += slow.result()
     print(json.dumps(calls))
 

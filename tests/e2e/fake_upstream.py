@@ -76,6 +76,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._embeddings(body, model)
         if self.path.endswith("/chat/completions"):
             return self._chat(body, model)
+        if self.path.endswith("/images/generations"):
+            return self._image(body, model)
+        if self.path.endswith("/rerank"):
+            return self._rerank(body, model)
         if self.path.endswith("/responses"):
             return self._responses(body, model)
         if self.path.endswith("/completions"):
@@ -92,6 +96,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data.append({"object": "embedding", "index": i, "embedding": emb})
         n = sum(_tokens(str(t)) for t in inputs)
         self._json(200, {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _image(self, body: dict, model: str) -> None:
+        """A 1x1 PNG per image asked for, as base64 (``response_format: b64_json``) or a URL."""
+        png = base64.b64encode(bytes.fromhex(
+            "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+            "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082"
+        )).decode()  # fmt: skip
+        n = int(body.get("n") or 1)
+        item = {"b64_json": png} if body.get("response_format") == "b64_json" else {"url": "http://127.0.0.1/fake.png"}
+        self._json(200, {"created": int(time.time()), "data": [{**item, "revised_prompt": body.get("prompt")} for _ in range(n)]})
+
+    def _rerank(self, body: dict, model: str) -> None:
+        """Cohere's rerank: the documents by descending relevance (longer first)."""
+        docs = [d if isinstance(d, str) else str(d.get("text", "")) for d in body.get("documents") or []]
+        order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))[: body.get("top_n") or len(docs)]
+        results = [{"index": i, "relevance_score": round(1 - k / (len(docs) + 1), 3)} for k, i in enumerate(order)]
+        self._json(200, {"id": _next_id(), "results": results, "meta": {"billed_units": {"search_units": 1}}})
 
     def _text(self, body: dict, model: str) -> None:
         prompt = body.get("prompt")
