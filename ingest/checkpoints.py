@@ -313,5 +313,6 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def corrupt_copies(state_dir: Path) -> list[Path]:
-    """The copies of corrupt state files (and state databases) that runs kept aside (for a look; nothing reads them)."""
-    return sorted(p for p in state_dir.glob("*.corrupt-*") if ".json.corrupt-" in p.name or ".sqlite" in p.name)
+    """The copies of corrupt state files and state databases that runs kept aside (for a look; nothing
+    reads them). A database's WAL and shared-memory files lie beside its copy, not listed."""
+    return sorted(p for p in state_dir.glob("*.corrupt-*") if ".json.corrupt-" in p.name or ".sqlite.corrupt-" in p.name)
