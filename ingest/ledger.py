@@ -39,13 +39,15 @@ def state_db(path: Path, *ddl: str) -> sqlite3.Connection:
     doubled, and the cron run or daemon is not stopped by it for good."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        checked = _inode(path)
         try:
             return _open_db(path, ddl)
         except sqlite3.DatabaseError as e:
             if not _is_corrupt(e):
                 raise
-            kept = _set_aside(path)
-            log.warning("the state database %s is corrupt (%s): kept as %s; starting it anew", path, e, kept)
+            if _inode(path) == checked:
+                kept = _set_aside(path)
+                log.warning("the state database %s is corrupt (%s): kept as %s; starting it anew", path, e, kept)
             return _open_db(path, ddl)
     except (OSError, sqlite3.Error) as e:
         raise StateError(f"cannot open {path}: {e}") from e
@@ -77,6 +79,14 @@ def _is_corrupt(e: sqlite3.DatabaseError) -> bool:
     if name is not None:
         return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
     return "not a database" in str(e) or "malformed" in str(e)
+
+
+def _inode(path: Path) -> int | None:
+    """Which file ``path`` is: another process may have set a corrupt one aside (and started anew) meanwhile."""
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _set_aside(path: Path) -> Path:

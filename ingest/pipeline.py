@@ -745,19 +745,21 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
         if opts.shard is not None:
             key["shard"] = str(opts.shard)
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
-    ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
-    queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
-    pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1, warm=warm)
-    pipe.shard = opts.shard
-    follower = Follower(
-        state,
-        pipe,
-        chunk_bytes=opts.chunk_bytes * (4 if pipe.pool is not None else 1),
-        partial_timeout_s=opts.partial_timeout_s,
-        dry_run=opts.dry_run,
-    )
+    pipe: Pipeline | None = None
     try:
         with state.locked():
+            # the SQLite files beside the state are opened (and a corrupt one set aside) only under its lock
+            ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
+            queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
+            pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1, warm=warm)
+            pipe.shard = opts.shard
+            follower = Follower(
+                state,
+                pipe,
+                chunk_bytes=opts.chunk_bytes * (4 if pipe.pool is not None else 1),
+                partial_timeout_s=opts.partial_timeout_s,
+                dry_run=opts.dry_run,
+            )
             state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid()}
             try:
                 if state.bind(target.created_ms):
@@ -804,7 +806,10 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 }
                 follower.save()
     finally:
-        pipe.close_workers()
+        if pipe is not None:
+            pipe.close_workers()
+        else:
+            shutdown(warm)
         sink.close()
     return summary
 

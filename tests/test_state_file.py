@@ -210,6 +210,21 @@ def test_corrupt_state_databases_do_not_stop_the_cron_job_for_good(tmp_path: Pat
     assert run(*args, cwd=tmp_path).returncode == 0, "and the run after is quiet"
 
 
+def test_a_run_that_finds_the_state_locked_leaves_its_databases_alone(tmp_path: Path, capture: list[dict]) -> None:
+    """Only the run holding the state's lock may set a corrupt database aside: one that exits with
+    code 5 must not move the file the working run has open."""
+    import fcntl
+
+    args, state, _ = ingested(tmp_path, capture)
+    ledger = state.with_suffix(".ledger.sqlite")
+    ledger.write_bytes(b"not SQLite")
+    with state.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = run(*args, cwd=tmp_path)
+    assert second.returncode == 5, second.stderr
+    assert ledger.read_bytes() == b"not SQLite" and not list(state.parent.glob("*.corrupt-*"))
+
+
 def test_a_state_from_a_newer_version_stops_the_run_with_code_7_and_is_left_as_it_is(tmp_path: Path, capture: list[dict]) -> None:
     args, state, _ = ingested(tmp_path, capture)
     newer = json.loads(state.read_text()) | {"version": STATE_VERSION + 1}
