@@ -93,7 +93,11 @@ def dedupe(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
 
 
 def split_final(
-    frame: pl.DataFrame, settle_s: float = DEFAULT_SETTLE_S, final: bool = False, now_us: int | None = None
+    frame: pl.DataFrame,
+    settle_s: float = DEFAULT_SETTLE_S,
+    final: bool = False,
+    now_us: int | None = None,
+    horizon_us: int | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split deduped rows into calls that are final now and calls to hold for a retry/fallback.
 
@@ -101,21 +105,31 @@ def split_final(
     original request's start time, earlier than the failed primary it replaced. The watermark is
     the newest end time read, or ``now_us`` (wall clock) at the end of a run: history older than
     the settle window is final, a failure from the last minutes may still get its retry.
+    A call that ends past ``horizon_us`` (a proxy clock far ahead of this one, a bogus time) is
+    final at once and moves no watermark: held, it would wait until the wall clock got there, and
+    it would make every other failure final without its wait.
     """
     if final or not frame.height:
         return frame, frame.clear()
-    watermark = max(int(frame["end_us"].max()), now_us or 0)  # type: ignore[arg-type]
     per_call = frame.group_by("call_key").agg(
         last_status=pl.col("status").sort_by("end_us", "start_us").last(),
         last_end=pl.col("end_us").max(),
     )
-    hold = per_call.filter((pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000)))["call_key"]
+    plausible = per_call if horizon_us is None else per_call.filter(pl.col("last_end") <= horizon_us)
+    watermark = max(int(plausible["last_end"].max() or 0), now_us or 0)  # type: ignore[arg-type]
+    hold = plausible.filter((pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000)))["call_key"]
     held = pl.col("call_key").is_in(hold.implode())
     return frame.filter(~held), frame.filter(held)
 
 
 def dedupe_and_split(
-    pending: pl.DataFrame, new: pl.DataFrame, settle_s: float, final: bool, sent: SentIndex | None = None, now_us: int | None = None
+    pending: pl.DataFrame,
+    new: pl.DataFrame,
+    settle_s: float,
+    final: bool,
+    sent: SentIndex | None = None,
+    now_us: int | None = None,
+    horizon_us: int | None = None,
 ) -> Deduped:
     """Merge held rows with a new chunk, dedupe (against what was sent too), split into ready and held calls.
 
@@ -126,5 +140,5 @@ def dedupe_and_split(
         new, resent = sent.drop_sent(new)
     merged = pl.concat([pending, new], how="vertical") if pending.height else new
     deduped, dups = dedupe(merged)
-    ready, held = split_final(deduped, settle_s, final, now_us)
+    ready, held = split_final(deduped, settle_s, final, now_us, horizon_us)
     return Deduped(ready, held, dups + resent)

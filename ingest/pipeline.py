@@ -48,6 +48,10 @@ Normalized = tuple[pl.DataFrame, list[QuarantineRecord]]
 DEFAULT_BATCH_TRACES = 200
 DEFAULT_BATCH_TRACES_SQL = 2000
 DEFAULT_PARTIAL_TIMEOUT_S = 300.0
+FUTURE_TOLERANCE_S = 3600.0
+"""How far past this machine's clock a call may end and still be held for its retry (a proxy clock
+somewhat ahead); beyond it, or beyond ``--settle`` if longer, the call is final at once and counted
+under the ``end_in_future`` warning."""
 
 
 def experiment_from(name: str | None, exp_id: str | None) -> tuple[str | None, str | None]:
@@ -264,7 +268,10 @@ class Pipeline:
         new, resent = self.sent.drop_sent(records)
         if self.written.height and new.height:
             pending = self._written_again(pending, new)
-        d = dedupe_and_split(pending, new, self.settle_s, final, None, at)
+        horizon = self.clock() + int(max(self.settle_s, FUTURE_TOLERANCE_S) * 1_000_000)
+        if new.height and (ahead := int((new["end_us"] > horizon).sum())):
+            self.warnings["end_in_future"] = self.warnings.get("end_in_future", 0) + ahead
+        d = dedupe_and_split(pending, new, self.settle_s, final, None, at, horizon)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates + resent
         ready = self._selected(self._in_shard(d.ready))

@@ -252,6 +252,25 @@ def test_whole_capture_holds_only_recent_failed_calls(capture: list[dict]) -> No
     assert ready.height + held.height == frame.height
 
 
+def test_a_call_ending_past_the_horizon_is_final_at_once_and_moves_no_watermark() -> None:
+    """A failure stamped years ahead (a skewed proxy clock, a bogus time) would be held until the
+    wall clock got there, and as the watermark it would release every other failure unheld."""
+    failed = by_call(CAPTURE)[FAILED_ONLY[0]]
+    fail_end = max(f["endTime"] for f in failed)
+    other = by_call(CAPTURE)[FAILED_ONLY[1]]
+    future = reidentify(other, shift_s=3 * 365 * 86400)
+    frame = _deduped([*failed, *future])
+    horizon = us(fail_end + 3600)
+    ready, held = split_final(frame, horizon_us=horizon)
+    assert held["call_key"].unique().to_list() == [FAILED_ONLY[0]], "the real failure still waits for its retry"
+    assert set(ready["call_key"].to_list()) == {future[0]["litellm_call_id"]}
+    ready, held = split_final(frame)
+    assert held["call_key"].unique().to_list() == [future[0]["litellm_call_id"]], "without a horizon: the old behaviour"
+    within = reidentify(other, shift_s=fail_end + 60 - max(r["endTime"] for r in other))
+    ready, held = split_final(_deduped([*failed, *within]), horizon_us=horizon)
+    assert set(held["call_key"].unique().to_list()) == {FAILED_ONLY[0], within[0]["litellm_call_id"]}
+
+
 # --- dedupe_and_split across chunks ------------------------------------------------------
 
 

@@ -240,6 +240,22 @@ def test_old_failures_are_not_held(cron: Cron, capture, tmp_path: Path) -> None:
     assert trace.info.state.value == "ERROR"
 
 
+def test_a_failure_stamped_years_ahead_is_written_at_once_and_said(cron: Cron, capture, tmp_path: Path) -> None:
+    """A cron run against a proxy whose clock was years ahead: the failed call is not held until
+    then (re-read every run), it is written now, and the summary's warnings say why."""
+    now_shift = time.time() + 3 * 365 * 86400 - max(r["endTime"] for r in capture)
+    failures = reidentify([r for r in capture if r["litellm_call_id"].startswith("dbb95558")], shift_s=now_shift)
+    logdir = tmp_path / "logs"
+    write_jsonl(logdir / "proxy.jsonl", failures)
+    summary = cron.run(logdir)
+    assert (summary.calls_held, summary.traces_written) == (0, 1)
+    assert summary.warnings_by_kind == {"end_in_future": len(failures)}
+    (trace,) = all_traces(cron.uri, cron.experiment)
+    assert trace.info.state.value == "ERROR"
+    again = cron.run(logdir)
+    assert (again.records_read, again.calls_held, again.traces_written) == (0, 0, 0)
+
+
 def test_file_without_a_complete_first_line_waits(cron: Cron, batches, tmp_path: Path) -> None:
     logdir = tmp_path / "logs"
     logdir.mkdir()
