@@ -739,14 +739,17 @@ def _print_summary(s: Any) -> None:
 def run() -> None:
     """The ``litellm-ingest`` script: :func:`main`, then the exit it asks for, without the
     interpreter's teardown of a heap that is about to go anyway (~1 s after a big run). Only once
-    no other thread is left and every ``atexit`` handler ran (stores, logs, workers closed as on
-    any exit); otherwise the usual exit."""
+    no other thread is left (or those left belong to the pool of a worker that died, which would
+    never be joined) and every ``atexit`` handler ran (stores, logs, workers closed as on any exit);
+    otherwise the usual exit."""
     try:
         main()
         code: Any = 0
     except SystemExit as e:
         code = e.code
-        if threading.active_count() > 1 or not (code is None or isinstance(code, int)):
+        from ingest.warm import abandoned
+
+        if (threading.active_count() > 1 and not abandoned()) or not (code is None or isinstance(code, int)):
             raise
     import atexit
 

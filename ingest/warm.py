@@ -5,6 +5,7 @@ other. Everything the workers need is imported in them (:func:`_ready`), not her
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import multiprocessing
@@ -14,7 +15,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import InvalidStateError, ProcessPoolExecutor
 from itertools import chain
 from pathlib import Path
 
@@ -103,12 +104,55 @@ def _size(path: Path) -> int:
 
 
 def executor() -> ProcessPoolExecutor:
+    if threading.excepthook is not _quiet_manager_crash:
+        global _previous_hook
+        _previous_hook = threading.excepthook
+        threading.excepthook = _quiet_manager_crash
     return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(os.getpid(),))
 
 
 def shutdown(executors: list[ProcessPoolExecutor]) -> None:
+    """Stop executors; one whose worker died is not waited for (its manager thread may be stuck
+    reading the half-sent result of the killed worker, or dead): its other workers are killed."""
     for ex in executors:
-        ex.shutdown(wait=True, cancel_futures=True)
+        if dead(ex):
+            for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.kill()
+            with contextlib.suppress(Exception):
+                ex._call_queue.cancel_join_thread()  # type: ignore[attr-defined]
+            ex.shutdown(wait=False, cancel_futures=True)
+            _abandoned.append(ex)
+        else:
+            ex.shutdown(wait=True, cancel_futures=True)
+
+
+_previous_hook = threading.excepthook
+_abandoned: list[ProcessPoolExecutor] = []
+
+
+def abandoned() -> bool:
+    """An executor was left behind after a worker died: its threads may never end (one can be
+    blocked on the dead worker's pipe), so the process must exit without joining them."""
+    return bool(_abandoned)
+
+
+def _quiet_manager_crash(args: threading.ExceptHookArgs) -> None:
+    """CPython < 3.12: a worker that dies while a queued task was cancelled crashes the executor's
+    manager thread (InvalidStateError) with a traceback on stderr. :func:`dead` notices the death
+    itself, so that traceback says nothing the run's own one-line error does not."""
+    if isinstance(args.exc_value, InvalidStateError) and type(args.thread).__name__ == "_ExecutorManagerThread":
+        return
+    _previous_hook(args)
+
+
+def dead(ex: ProcessPoolExecutor) -> bool:
+    """A worker of ``ex`` has ended (killed, out of memory) or the executor knows it is broken.
+    Checked by the process, not left to the executor: Python's own detection hangs when a worker
+    dies while sending a result, and crashes when a queued task was cancelled (CPython < 3.12)."""
+    if getattr(ex, "_broken", False):
+        return True
+    return any(proc.exitcode is not None for proc in list((getattr(ex, "_processes", None) or {}).values()))
 
 
 def _init(parent: int) -> None:

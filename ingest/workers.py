@@ -36,9 +36,11 @@ from ingest.quarantine import QuarantineRecord
 from ingest.scrub import Scrubber
 from ingest.sink import NullSink, Sink, StoreSink, Target, make_sink
 from ingest.spans import BuiltTrace, Redaction
+from ingest.warm import dead, shutdown
 from ingest.warm import executor as _executor
-from ingest.warm import shutdown
 
+LIVENESS_S = 0.5
+"""How often a wait for the workers checks that they are all still alive."""
 START_AFTER_CALLS = 256
 """Workers start once a backfill has this many calls: a small one never pays for starting processes."""
 DERIVE_TASK_CALLS = 100
@@ -160,12 +162,23 @@ class WorkerPool:
                     gathered.append((frames[stolen], here(frames[stolen])))
                     continue
                 if pending:
-                    wait(pending, return_when=FIRST_COMPLETED)
+                    self.wait_any(pending)
             if gathered:
                 yield gathered
         finally:
             for f in frames:
                 f.cancel()
+
+    def wait_any(self, pending: list[Future[Any]]) -> None:
+        """Until one of ``pending`` is done; raises WorkerDied as soon as a worker is gone."""
+        while not wait(pending, timeout=LIVENESS_S, return_when=FIRST_COMPLETED)[0]:
+            if any(dead(ex) for ex in self._shards):
+                raise WorkerDied(f"a backfill worker process died ({_exit_of(self._shards)}); run the same command again to continue")
+
+    def result(self, future: Future[Any]) -> Any:
+        """``future``'s result, checking on the workers while it is not there (see :meth:`wait_any`)."""
+        self.wait_any([future])
+        return result_of(future)
 
     @property
     def started(self) -> int:
@@ -173,8 +186,7 @@ class WorkerPool:
         return len(self._shards) or len(self._closed)
 
     def close(self) -> None:
-        for ex in self._shards:
-            ex.shutdown(wait=True, cancel_futures=True)
+        shutdown(self._shards)
         self._closed += self._shards
         self._shards = []
         shutdown(self._warm)
@@ -206,6 +218,13 @@ class WorkerDied(RuntimeError):
     @classmethod
     def of(cls, e: BrokenProcessPool) -> WorkerDied:
         return cls(f"a backfill worker process died ({e}); run the same command again to continue")
+
+
+def _exit_of(executors: list[ProcessPoolExecutor]) -> str:
+    codes = [p.exitcode for ex in executors for p in list((getattr(ex, "_processes", None) or {}).values()) if p.exitcode is not None]
+    if codes and codes[0] < 0:
+        return f"killed by signal {-codes[0]}"
+    return f"exit code {codes[0]}" if codes else "the pool is broken"
 
 
 def result_of(done: Future[Any]) -> Any:

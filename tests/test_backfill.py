@@ -419,3 +419,54 @@ def test_a_call_whose_attempts_straddle_rotated_files_is_one_whole_trace(tmp_pat
     assert {cid: spans for cid, (spans, _) in got.items()} == expected_spans(records)
     for s in straddles:
         assert got[s[0]["litellm_call_id"]] == (3, "OK"), "the failed attempt, the fallback and their root, one trace"
+
+
+# --- 5. a synced bucket: thousands of small files --------------------------------------------------
+
+
+def test_a_directory_of_per_call_files_is_read_in_groups_killed_and_resumed_once_each(tmp_path: Path, capture: list[dict]) -> None:
+    """``aws s3 sync`` of a per-call logger's bucket: one small file per record, a call's retry or
+    fallback in another file than its first attempt, a gzip one, one without a final newline, one
+    with a bad line. Small files are read as one step per group; a SIGKILL mid-run and a re-run
+    end with every call once, each attempt a span, and the bad line quarantined by file and line."""
+    records = [r for c in copies(capture, 8, "perfile") for r in c]
+    logs = tmp_path / "bucket"
+    for i, r in enumerate(records):
+        name = f"{int(r['startTime'])}-{i:05d}.json" + (".gz" if i == 7 else "")
+        path = logs / f"day={i % 3}" / name
+        if i == 11:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(r))
+        else:
+            write_log(path, [r])
+    bad = logs / "day=0" / "0-bad.json"
+    extra = next(r for r in copies(capture, 1, "perfile-bad")[0] if r["status"] == "success")
+    bad.write_text(json.dumps(extra) + "\n{not json\n")
+    want_spans = expected_spans([*records, extra])
+    db, state = tmp_path / "store.db", tmp_path / "state"
+    args = ["backfill", str(logs), "--tracking-uri", f"sqlite:///{db}", "--experiment-name", "perfile", "--state-dir", str(state)]
+    args += ["--workers", "1", "--batch-size", "20", "--json"]
+
+    p = start(*args, cwd=tmp_path)
+    while p.poll() is None and sqlite_trace_count(db) < 40:
+        time.sleep(0.02)
+    assert p.poll() is None, f"finished before the kill: {p.communicate()}"
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=30)
+    assert 0 < sqlite_trace_count(db) < len(want_spans), "killed mid-run"
+
+    final = run(*args, cwd=tmp_path)
+    no_traceback(final)
+    assert final.returncode == 3, final.stderr[-3000:]
+    summary = summary_of(final)
+    assert summary["files"] == len(records) + 1 and summary["files_skipped"] == 0
+    traces = all_traces(f"sqlite:///{db}", "perfile")
+    got = {t.info.tags["litellm.call_id"]: len(t.data.spans) for t in traces}
+    assert len(got) == len(traces), "a call has two traces"
+    assert got == want_spans
+    assert any(n > 1 for n in got.values()), "some calls had attempts in two files"
+    (q,) = [json.loads(line) for line in (state / "quarantine.jsonl").read_text().splitlines()]
+    assert (q["source"], q["line"], q["reason"]) == (str(bad), 2, "malformed_json")
+
+    again = summary_of(run(*args, cwd=tmp_path))
+    assert (again["records_read"], again["traces_written"], again["files_resumed"]) == (0, 0, len(records) + 1)

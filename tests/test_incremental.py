@@ -266,3 +266,28 @@ def test_file_without_a_complete_first_line_waits(cron: Cron, batches, tmp_path:
     log.write_text(lines(batches[0]))
     second = cron.run(logdir)
     assert second.records_read == len(batches[0])
+
+
+def test_small_files_are_read_a_group_per_step_and_the_state_saved_once_per_group(tmp_path: Path, capture, monkeypatch) -> None:
+    """300 one-record files: a step, a write and a state save each took ~80 ms a file (an hour for a
+    synced bucket of 50,000 calls); grouped, a handful of each."""
+    from ingest.checkpoints import State
+    from ingest.pipeline import GROUP_MAX_FILES, small_file_groups
+
+    records = [r for c in [reidentify(capture, i * 600.0, f"small-{i}") for i in range(7)] for r in c][:300]
+    logs = tmp_path / "logs"
+    for i, r in enumerate(records):
+        write_jsonl(logs / f"{i:04d}.json", [r])
+    big = write_jsonl(logs / "9999-big.jsonl", reidentify(capture, 99999.0, "big") * 30)
+    files = sorted(logs.iterdir())
+    groups = list(small_file_groups(files, 8 << 20))
+    assert [len(g) for g in groups] == [GROUP_MAX_FILES, 300 - GROUP_MAX_FILES, 1] and groups[-1] == [big]
+
+    saves = []
+    real_save = State.save
+    monkeypatch.setattr(State, "save", lambda self: (saves.append(1), real_save(self))[1])
+    opts = RunOptions(paths=[str(logs)], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="small", state_dir=tmp_path / "st")
+    summary = run_incremental(opts, "batch")
+    assert summary.records_read == 300 + len(capture) * 30 and summary.files == 301
+    assert summary.traces_written == len(call_ids(records)) + len(call_ids(capture))
+    assert len(saves) < 20, len(saves)
