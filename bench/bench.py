@@ -11,6 +11,7 @@ times, retries/fallbacks kept together). Each measured run is its own process, s
     python bench/bench.py --only-nesting      # traces/s with every call nested into an app's trace, and without
     python bench/bench.py --only-parse        # MB/s and records/s: orjson loop, decode, normalize (old/new), --dry-run
     python bench/bench.py --only-scaling      # 1/2/4 tail daemons and backfill --workers 1/2 on PostgreSQL, direct and via a server
+    python bench/bench.py --only-files        # a directory of one-record files (a synced per-call bucket): files/s
 
 No assertions: these are the figures the README quotes.
 """
@@ -644,6 +645,31 @@ def scrub_line(path: Path) -> str:
     )
 
 
+def files_figures(work: Path, n_files: int, env: dict[str, str]) -> list[tuple[str, ...]]:
+    """A synced bucket of a per-call logger: ``n_files`` one-record files in date folders, backfilled
+    (default --workers) into a new SQLite store, run again (nothing new: every file is known), and
+    read by ``batch --no-state --dry-run``."""
+    path = work / "files-input.jsonl"
+    recs, calls = generate(path, n_files)
+    root = work / "bucket"
+    for i, line in enumerate(path.read_text().splitlines()):
+        day = root / f"day={i % 30:02d}"
+        day.mkdir(parents=True, exist_ok=True)
+        (day / f"{i:07d}.json").write_text(line)
+    mb = path.stat().st_size / 1e6
+    rows: list[tuple[str, ...]] = []
+    store, state = f"sqlite:///{work / 'files.db'}", str(work / "files-state")
+    backfill = [EXE, "backfill", "--json", "--tracking-uri", store, "--state-dir", state, str(root)]
+    t, rss, out = run_measured(backfill, env)
+    label = f"backfill of {recs} one-record files into SQLite ({calls} calls)"
+    rows += measured(label, recs, calls, mb, t, rss, json.loads(out)["seconds"])
+    t, rss, out = run_measured(backfill, env)
+    rows.append((f"  the same backfill again: {recs} files known, nothing new", f"{recs / t:,.0f} files/s", "-", f"{rss}", "-"))
+    t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(root)], env)
+    rows += measured(f"batch --no-state --dry-run of the {recs} files", recs, calls, mb, t, rss, json.loads(out)["seconds"])
+    return rows
+
+
 def sqlite_figures(work: Path, path: Path, n_records: int, env: dict[str, str]) -> tuple[list[tuple[str, ...]], float, str]:
     """Into a new local SQLite store each: ``batch`` (one process) and ``backfill`` at 1 and at the
     default ``--workers`` (the machine's cores). A throwaway run first, so that every measured
@@ -691,6 +717,8 @@ def main() -> None:
     ap.add_argument("--skip-buckets", action="store_true")
     ap.add_argument("--only-nesting", action="store_true", help="print only the nesting figures (SQLite) and exit")
     ap.add_argument("--nesting-records", type=int, default=5000, help="records for the nesting figures")
+    ap.add_argument("--only-files", action="store_true", help="print only the figures for a directory of one-record files and exit")
+    ap.add_argument("--files", type=int, default=5000, help="one-record files for --only-files")
     ap.add_argument("--only-sqlite", action="store_true", help="print only the runs into local SQLite (--sink-records) and exit")
     ap.add_argument("--only-parse", action="store_true", help="print only the parse stage figures (first of --sizes) and exit")
     ap.add_argument("--bucket-records", type=int, default=5000, help="records uploaded as objects for the bucket figures")
@@ -723,6 +751,10 @@ def main() -> None:
         sqlite_rows, _, sqlite_line = sqlite_figures(work, work / "sink-input.jsonl", args.sink_records, env)
         print_rows(sqlite_rows)
         print(sqlite_line)
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.only_files:
+        print_rows(files_figures(work, args.files, env))
         shutil.rmtree(work, ignore_errors=True)
         return
     if args.only_parse:

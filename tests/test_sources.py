@@ -420,3 +420,18 @@ def test_a_utf16_file_is_quarantined_with_a_reason_that_names_utf16() -> None:
     assert utf16_hint('{"content": "a NUL\u0000 in a prompt"}') == ""
     _, plain = split_lines("y.jsonl", b'{"a": "caf\xe9"}\n', 0, 1)
     assert plain[0].detail == "invalid UTF-8 at byte 10"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\n", b'{"a":1}\n', b'{"a":1}\r\n\n  \n{"b":"caf\xc3\xa9"}\n', "x\u00e9y\r\r\n".encode() * 5, b"{}\n" * 64, b"{}\n" * 65],
+)
+def test_a_few_lines_make_the_same_frame_as_many(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small inputs (a per-call object) build their line frame from Python lists: exactly the frame
+    the polars path builds, offsets, line numbers, CR stripping and blank lines included."""
+    import ingest.sources as sources
+
+    fast, fast_bad = split_lines("f.jsonl", data, 100, 7)
+    monkeypatch.setattr(sources, "FEW_LINES", -1)
+    slow, slow_bad = split_lines("f.jsonl", data, 100, 7)
+    assert fast.schema == slow.schema and fast.equals(slow) and fast_bad == slow_bad == []
