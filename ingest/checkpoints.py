@@ -29,10 +29,12 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 STATE_VERSION = 2
 
@@ -80,11 +82,20 @@ class Checkpoint:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not self.legacy_held:
-            del d["legacy_held"]
-        else:
-            d["held"] = d.pop("legacy_held")
+        """Field by field, not ``dataclasses.asdict`` (its deep copy was most of a save of a state
+        with thousands of files)."""
+        d = {
+            "fingerprint": self.fingerprint,
+            "path": self.path,
+            "offset": self.offset,
+            "line": self.line,
+            "size": self.size,
+            "updated_at": self.updated_at,
+            "done": self.done,
+            "tail": self.tail,
+        }
+        if self.legacy_held:
+            d["held"] = list(self.legacy_held)
         return d
 
 
@@ -191,15 +202,15 @@ class State:
             "experiment_created": self.experiment_created,
         }
 
-    def save(self) -> None:
-        """Write the state whole or not at all; one that cannot be written (disk full, read-only) is a
-        StateError naming it, the file before it untouched."""
-        doc = self.document()
+    def save(self, doc: dict[str, Any] | None = None) -> None:
+        """Write the state (``doc``: its :meth:`document`, if just made) whole or not at all; one that
+        cannot be written (disk full, read-only) is a StateError naming it, the file before it untouched."""
+        data = encode_state(self.document() if doc is None else doc)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(doc, f, indent=1)
+            with open(tmp, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -238,6 +249,16 @@ class State:
 
 def _iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def encode_state(doc: dict[str, Any], sort_keys: bool = False) -> bytes:
+    """The state as JSON (UTF-8, indented): orjson, ~30x faster than ``json`` with an indent (which
+    has no C encoder), for a state of thousands of files or 8 MiB of held lines rewritten each step.
+    Anything orjson refuses (a lone surrogate) goes through ``json``."""
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | (orjson.OPT_SORT_KEYS if sort_keys else 0))
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(doc, indent=1, sort_keys=sort_keys).encode()
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import json
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import polars as pl
 
-from ingest.checkpoints import Checkpoint, State, now_iso
+from ingest.checkpoints import Checkpoint, State, encode_state, now_iso
 from ingest.fingerprint import fingerprint_of, tail_digest
 from ingest.sources import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, GZIP_MAGIC, TAIL_BYTES, Chunk, read_chunks, read_lines_at, skip_to
 
@@ -155,7 +154,7 @@ class Follower:
         self.dry_run = dry_run
         self.files: dict[str, Followed] = {}
         self._reset: set[str] = set()
-        self._saved: str | None = None
+        self._saved: bytes | None = None
         if pipeline is not None:
             pipeline.before_write = self.save
 
@@ -322,11 +321,12 @@ class Follower:
         unacked = pl.concat([pipe.pending, pipe.inflight]) if pipe.inflight.height else pipe.pending
         self.state.held = _rows(self._unacknowledged(unacked))
         self.state.recent = _rows(_capped(pipe.recent))
-        doc = json.dumps(self.state.document(), sort_keys=True)
-        if doc == self._saved:
+        doc = self.state.document()
+        text = encode_state(doc, sort_keys=True)
+        if text == self._saved:
             return False
-        self.state.save()
-        self._saved = doc
+        self.state.save(doc)
+        self._saved = text
         return True
 
     def close(self) -> None:

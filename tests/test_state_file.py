@@ -325,3 +325,23 @@ def test_a_server_tells_when_the_experiment_was_created_whether_it_creates_or_fi
     by_id = resolve_target(mlflow_server.url, None, created.experiment_id)
     assert created.created_ms is not None and before - 5_000 <= created.created_ms <= int(time.time() * 1000) + 5_000
     assert created.created_ms == found.created_ms == by_id.created_ms
+
+
+def test_a_state_naming_a_file_whose_name_is_not_utf8_is_saved_and_read_back(tmp_path: Path) -> None:
+    """A log file name with bytes that are not UTF-8 is a str with surrogates: orjson refuses it, so
+    the state is written by ``json`` instead, and reads back the same."""
+    path = tmp_path / "batch-x.json"
+    state = State(path, "batch", {"tracking_uri": "sqlite:///x.db", "experiment_id": "1"})
+    odd = os.fsdecode(b"/var/log/litellm/caf\xe9.jsonl")
+    state.checkpoints["sha256:ab"] = Checkpoint("sha256:ab", odd, offset=10, line=2)
+    state.held = [{"file": "sha256:ab", "source": odd, "line": 1, "offset": 0, "raw": '{"content": "caf\u00e9 \u2603"}'}]
+    state.save()
+    again = State.load(path, "batch", state.destination)
+    assert again.checkpoints["sha256:ab"].path == odd and again.held == state.held
+    plain = tmp_path / "batch-y.json"
+    state.path = plain
+    state.checkpoints["sha256:ab"].path = "/var/log/litellm/caf\u00e9.jsonl"
+    state.held = [h | {"source": "/var/log/litellm/caf\u00e9.jsonl"} for h in state.held]
+    state.save()
+    assert "caf\u00e9" in plain.read_text(encoding="utf-8"), "written as UTF-8 by orjson"
+    assert State.load(plain, "batch", state.destination).held == state.held
