@@ -202,10 +202,10 @@ class State:
             "experiment_created": self.experiment_created,
         }
 
-    def save(self, doc: dict[str, Any] | None = None) -> None:
-        """Write the state (``doc``: its :meth:`document`, if just made) whole or not at all; one that
-        cannot be written (disk full, read-only) is a StateError naming it, the file before it untouched."""
-        data = encode_state(self.document() if doc is None else doc)
+    def save(self, data: bytes | None = None) -> None:
+        """Write the state (``data``: its :meth:`document` encoded, if just done) whole or not at all; one
+        that cannot be written (disk full, read-only) is a StateError naming it, the file before it untouched."""
+        data = encode_state(self.document()) if data is None else data
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,14 +251,14 @@ def _iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def encode_state(doc: dict[str, Any], sort_keys: bool = False) -> bytes:
+def encode_state(doc: dict[str, Any]) -> bytes:
     """The state as JSON (UTF-8, indented): orjson, ~30x faster than ``json`` with an indent (which
     has no C encoder), for a state of thousands of files or 8 MiB of held lines rewritten each step.
     Anything orjson refuses (a lone surrogate) goes through ``json``."""
     try:
-        return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | (orjson.OPT_SORT_KEYS if sort_keys else 0))
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
     except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(doc, indent=1, sort_keys=sort_keys).encode()
+        return json.dumps(doc, indent=1).encode()
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

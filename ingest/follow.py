@@ -321,12 +321,11 @@ class Follower:
         unacked = pl.concat([pipe.pending, pipe.inflight]) if pipe.inflight.height else pipe.pending
         self.state.held = _rows(self._unacknowledged(unacked))
         self.state.recent = _rows(_capped(pipe.recent))
-        doc = self.state.document()
-        text = encode_state(doc, sort_keys=True)
-        if text == self._saved:
+        data = encode_state(self.state.document())
+        if data == self._saved:
             return False
-        self.state.save(doc)
-        self._saved = text
+        self.state.save(data)
+        self._saved = data
         return True
 
     def close(self) -> None:

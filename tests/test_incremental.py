@@ -285,7 +285,7 @@ def test_small_files_are_read_a_group_per_step_and_the_state_saved_once_per_grou
 
     saves = []
     real_save = State.save
-    monkeypatch.setattr(State, "save", lambda self, doc=None: (saves.append(1), real_save(self, doc))[1])
+    monkeypatch.setattr(State, "save", lambda self, data=None: (saves.append(1), real_save(self, data))[1])
     opts = RunOptions(paths=[str(logs)], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="small", state_dir=tmp_path / "st")
     summary = run_incremental(opts, "batch")
     assert summary.records_read == 300 + len(capture) * 30 and summary.files == 301
