@@ -116,7 +116,7 @@ def shutdown(executors: list[ProcessPoolExecutor]) -> None:
     reading the half-sent result of the killed worker, or dead): its other workers are killed."""
     for ex in executors:
         if dead(ex):
-            for proc in list((getattr(ex, "_processes", None) or {}).values()):
+            for proc in processes(ex):
                 with contextlib.suppress(Exception):
                     proc.kill()
             with contextlib.suppress(Exception):
@@ -152,7 +152,12 @@ def dead(ex: ProcessPoolExecutor) -> bool:
     dies while sending a result, and crashes when a queued task was cancelled (CPython < 3.12)."""
     if getattr(ex, "_broken", False):
         return True
-    return any(proc.exitcode is not None for proc in list((getattr(ex, "_processes", None) or {}).values()))
+    return any(proc.exitcode is not None for proc in processes(ex))
+
+
+def processes(ex: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProcess]:
+    """The executor's worker processes (none before its first task or after its shutdown)."""
+    return list((getattr(ex, "_processes", None) or {}).values())
 
 
 def _init(parent: int) -> None:

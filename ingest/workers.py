@@ -36,7 +36,7 @@ from ingest.quarantine import QuarantineRecord
 from ingest.scrub import Scrubber
 from ingest.sink import NullSink, Sink, StoreSink, Target, make_sink
 from ingest.spans import BuiltTrace, Redaction
-from ingest.warm import dead, shutdown
+from ingest.warm import dead, processes, shutdown
 from ingest.warm import executor as _executor
 
 LIVENESS_S = 0.5
@@ -221,7 +221,7 @@ class WorkerDied(RuntimeError):
 
 
 def _exit_of(executors: list[ProcessPoolExecutor]) -> str:
-    codes = [p.exitcode for ex in executors for p in list((getattr(ex, "_processes", None) or {}).values()) if p.exitcode is not None]
+    codes = [p.exitcode for ex in executors for p in processes(ex) if p.exitcode is not None]
     if codes and codes[0] < 0:
         return f"killed by signal {-codes[0]}"
     return f"exit code {codes[0]}" if codes else "the pool is broken"
