@@ -915,27 +915,18 @@ def _ingest_files(paths: list[Path], follower: Follower, opts: RunOptions, progr
     (what :func:`_ingest_file` does for one file, per chunk). A file that shares a checkpoint with
     one already in the step (the same first line: a copy, or one that continues it) starts the next
     step, so it is read from where the other one left off, as one by one."""
-    pipe = follower.pipeline
     read: list[tuple[Followed, list[Chunk]]] = []
     try:
         for path in paths:
-            f = follower.identify(path)
-            if f is None:
-                pipe.summary.files_skipped += 1
-                continue
-            if any(f.key == g.key for g, _ in read):
+            f = _identified(follower, path)
+            if f is not None and any(f.key == g.key for g, _ in read):
                 f.close()
                 _feed_files(read, follower, opts, progress)
                 read = []
-                f = follower.identify(path)
-                if f is None:
-                    pipe.summary.files_skipped += 1
-                    continue
-            follower.follow(f)
-            if f.ck.offset:
-                pipe.summary.files_resumed += 1
-            if follower.is_done(f):
-                f.ck.done = True
+                f = _identified(follower, path)
+            if f is None:
+                continue
+            if not _taken_on(follower, f):
                 follower.forget(f.key)
                 continue
             read.append((f, list(follower.chunks(f))))
@@ -953,9 +944,7 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
         for f, got in read:
             disk = 0 if f.gz else f.ck.offset
             for chunk in got:
-                follower.advance(f, chunk)
-                pipe.summary.bytes_read += max(chunk.disk_offset - disk, 0)
-                disk = chunk.disk_offset
+                disk = _advanced(follower, f, chunk, disk)
             f.ck.done = follower.is_done(f)
         follower.save()
     finally:
@@ -967,23 +956,44 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
         raise KeyboardInterrupt
 
 
+def _identified(follower: Follower, path: Path) -> Followed | None:
+    """``path`` opened and matched to its checkpoint; None (counted as skipped) until it has a first line."""
+    f = follower.identify(path)
+    if f is None:
+        follower.pipeline.summary.files_skipped += 1
+    return f
+
+
+def _taken_on(follower: Follower, f: Followed) -> bool:
+    """``f`` followed (counted as resumed if it has a checkpoint); False for a compressed file read to its end."""
+    follower.follow(f)
+    if f.ck.offset:
+        follower.pipeline.summary.files_resumed += 1
+    if follower.is_done(f):
+        f.ck.done = True
+        return False
+    return True
+
+
+def _advanced(follower: Follower, f: Followed, chunk: Chunk, disk: int) -> int:
+    """``f``'s checkpoint moved past ``chunk``, its bytes on disk counted; the new position on disk."""
+    follower.advance(f, chunk)
+    follower.pipeline.summary.bytes_read += max(chunk.disk_offset - disk, 0)
+    return chunk.disk_offset
+
+
 def _ingest_file(
     path: Path, follower: Follower, opts: RunOptions, progress: Progress | None, before: Callable[[], None] | None = None
 ) -> tuple[str | None, bool]:
     """Returns the file's checkpoint key (None: no fingerprint yet) and whether anything new was read;
     ``before`` runs just before its first new chunk is fed."""
     pipe = follower.pipeline
-    f = follower.identify(path)
+    f = _identified(follower, path)
     if f is None:
-        pipe.summary.files_skipped += 1
         return None, False
     read = False
-    follower.follow(f)
     try:
-        if f.ck.offset:
-            pipe.summary.files_resumed += 1
-        if follower.is_done(f):
-            f.ck.done = True
+        if not _taken_on(follower, f):
             return f.key, False
         disk = 0 if f.gz else f.ck.offset
         for chunk, normalized in normalized_ahead(pipe, follower.chunks(f)):
@@ -991,9 +1001,7 @@ def _ingest_file(
                 before()
             read = True
             pipe.feed(chunk, normalized)
-            follower.advance(f, chunk)
-            pipe.summary.bytes_read += max(chunk.disk_offset - disk, 0)
-            disk = chunk.disk_offset
+            disk = _advanced(follower, f, chunk, disk)
             follower.save()
             if progress:
                 progress(str(path), chunk, pipe.summary)
