@@ -72,18 +72,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 _seen.add(key)
             if first:
                 return self._json(429, {"error": {"message": "fake upstream: rate limited once", "type": "rate_limit_error"}})
-        if self.path.endswith("/embeddings"):
-            return self._embeddings(body, model)
-        if self.path.endswith("/chat/completions"):
-            return self._chat(body, model)
-        if self.path.endswith("/images/generations"):
-            return self._image(body, model)
-        if self.path.endswith("/rerank"):
-            return self._rerank(body, model)
-        if self.path.endswith("/responses"):
-            return self._responses(body, model)
-        if self.path.endswith("/completions"):
-            return self._text(body, model)
+        for suffix, route in self.ROUTES:
+            if self.path.endswith(suffix):
+                return route(self, body, model)
         return self._json(404, {"error": {"message": f"no route {self.path}"}})
 
     def _embeddings(self, body: dict, model: str) -> None:
@@ -225,6 +216,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         send("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    ROUTES = (  # by path suffix, first match: /chat/completions before /completions
+        ("/embeddings", _embeddings),
+        ("/chat/completions", _chat),
+        ("/images/generations", _image),
+        ("/rerank", _rerank),
+        ("/responses", _responses),
+        ("/completions", _text),
+    )
 
 
 if __name__ == "__main__":
