@@ -472,6 +472,19 @@ class _Progress:
     show_default=True,
     help="Longer lines are quarantined, never held in memory.",
 )
+@click.option(
+    "--max-open-files",
+    type=click.IntRange(min=1),
+    help="Files kept open at once; files read to their end are closed (the longest idle first) and opened again when they change. "
+    "Default: a quarter of the descriptor limit, up to 1,024.",
+)
+@click.option(
+    "--close-inactive",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a file read to its end stays open without changing.",
+)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /health on this port (127.0.0.1).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for the metrics endpoint.")
 @click.option(
@@ -509,6 +522,8 @@ def tail(directories: tuple[Path, ...], **kw: Any) -> None:
     opts.metrics_port = kw.get("metrics_port")
     opts.metrics_host = kw["metrics_host"]
     opts.shutdown_timeout_s = kw["shutdown_timeout"]
+    opts.max_open_files = kw.get("max_open_files")
+    opts.close_inactive_s = kw["close_inactive"]
     _guarded(lambda: run_tail(opts, list(directories)))
 
 

@@ -153,6 +153,7 @@ class Follower:
         self.from_end = from_end and not state.checkpoints
         self.dry_run = dry_run
         self.files: dict[str, Followed] = {}
+        self.parked: dict[tuple[int, int], tuple[int, int]] = {}
         self._reset: set[str] = set()
         self._saved: bytes | None = None
         if pipeline is not None:
@@ -227,6 +228,23 @@ class Follower:
         f = self.files.pop(key, None)
         if f is not None:
             f.close()
+
+    def park(self, f: Followed) -> bool:
+        """Close the descriptor of a file read to its end (Filebeat's ``close_inactive``): a daemon over
+        a directory of thousands of files must not hold one descriptor each (the default limit is
+        1,024). Its (device, inode) is kept with the size and mtime it was read to; a scan that sees
+        either change opens it again, and its checkpoint carries on. False if it grew meanwhile."""
+        st = os.fstat(f.fd)
+        if not f.gz and st.st_size != f.ck.offset:
+            return False
+        self.files.pop(f.key, None)
+        self.parked[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns)
+        f.close()
+        return True
+
+    def still_parked(self, st: os.stat_result) -> bool:
+        """The file under ``st`` is a parked one, unchanged since it was read to its end."""
+        return self.parked.get((st.st_dev, st.st_ino)) == (st.st_size, st.st_mtime_ns)
 
     def is_done(self, f: Followed) -> bool:
         """A compressed file read to its end before (its trailer's size is the checkpoint's offset)."""

@@ -38,6 +38,8 @@ class Metrics:
     buffer_bytes: int = 0
     held_lines: int = 0
     files: int = 0
+    files_open: int = 0
+    """Files with an open descriptor; the rest of ``files`` were read to their end and closed while idle."""
     nested_calls: int = 0
     app_traces_missing: int = 0
     nest_pending: int = 0
@@ -67,6 +69,7 @@ class Metrics:
             ("buffer_bytes", "gauge", self.buffer_bytes),
             ("held_lines", "gauge", self.held_lines),
             ("files_followed", "gauge", self.files),
+            ("files_open", "gauge", self.files_open),
             ("last_successful_write_timestamp_seconds", "gauge", self.last_write),
             ("mlflow_up", "gauge", int(self.mlflow_up)),
         ):

@@ -17,9 +17,11 @@ same way (:func:`wait_for_mlflow`).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polars.exceptions import PanicException
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -41,7 +44,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk, oldest_first
+from ingest.sources import Chunk
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -60,6 +63,22 @@ class TailOptions(RunOptions):
     shutdown_timeout_s: float = 10.0
     close_after_s: float = 5.0
     max_backoff_s: float = 30.0
+    max_open_files: int | None = None
+    close_inactive_s: float = 300.0
+
+
+def open_files_budget(asked: int | None) -> int:
+    """How many files the daemon keeps open at once: ``--max-open-files``, or a quarter of the
+    process's descriptor limit up to 1,024, after raising that limit to its hard ceiling (as Go's
+    runtime does; the soft default is often 1,024)."""
+    soft = 1024
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < ceiling:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+    return asked or max(8, min(1024, soft // 4))
 
 
 class _Wake(FileSystemEventHandler):
@@ -103,6 +122,8 @@ class Tailer:
         self.wake = threading.Event()
         self.stopping = stopping or threading.Event()
         self.metrics = metrics or Metrics()
+        self.max_open = open_files_budget(opts.max_open_files)
+        self._more = False
         self._restored = False
         self._failures = 0
         self._last_down_log = self._last_error_log = self._last_state_log = 0.0
@@ -128,6 +149,8 @@ class Tailer:
                 self._save(self.state.save)
                 while not self.stopping.is_set():
                     self.step()
+                    if self._more:
+                        self.wake.set()
                     self.wake.wait(self.opts.rescan_s)
                     if self.wake.is_set() and not self.stopping.is_set():
                         time.sleep(self.opts.batch_wait_s)
@@ -170,10 +193,11 @@ class Tailer:
             self._read_and_send(None)
             self._nest()
             self._close_idle()
+            self._park_idle()
             self._up()
         except SinkError as e:
             self._outage(e)
-        except Exception as e:
+        except (Exception, PanicException) as e:
             self._failed(e)
         self.metrics.ready = True
 
@@ -255,27 +279,36 @@ class Tailer:
 
     # --- files ----------------------------------------------------------------------------------
 
-    def _candidates(self) -> list[Path]:
-        """The files to follow, oldest first: at a start after downtime, the rotated files are read
-        before the current one, so a call's attempts arrive in their order (``oldest_first``)."""
-        return oldest_first(
-            Path(root) / name
-            for d in self.dirs
-            for root, _, names in os.walk(d)
-            for name in names
-            if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES)
-        )
+    def _candidates(self) -> list[tuple[Path, os.stat_result]]:
+        """The files to follow with their stat, oldest first: at a start after downtime, the rotated
+        files are read before the current one, so a call's attempts arrive in their order (as
+        :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second."""
+        found: list[tuple[Path, os.stat_result]] = []
+        for d in self.dirs:
+            for root, _, names in os.walk(d):
+                for name in names:
+                    if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
+                        path = os.path.join(root, name)
+                        with contextlib.suppress(OSError):
+                            found.append((Path(path), os.stat(path)))
+        found.sort(key=lambda p: (p[1].st_mtime_ns, str(p[0])))
+        return found
 
     def _scan(self) -> None:
         """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint."""
-        files = self.follower.files
+        follower = self.follower
+        files = follower.files
+        by_inode: dict[tuple[int, int], Followed] = {}
+        for f in files.values():
+            if not f.stale:
+                with contextlib.suppress(OSError):
+                    st = os.fstat(f.fd)
+                    by_inode.setdefault((st.st_dev, st.st_ino), f)
         seen: set[str] = set()
-        for path in self._candidates():
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            current = next((f for f in files.values() if not f.stale and f.same_inode(st)), None)
+        parked: set[tuple[int, int]] = set()
+        self._more = False
+        for path, st in self._candidates():
+            current = by_inode.get((st.st_dev, st.st_ino))
             if current is not None:
                 if current.gz or (current.first_line() in (current.fp, None) and st.st_size >= current.ck.offset):
                     seen.add(current.key)
@@ -285,6 +318,12 @@ class Tailer:
                     continue
                 log.info("%s was truncated or rewritten in place", path)
                 current.stale = True
+            elif follower.still_parked(st):
+                parked.add((st.st_dev, st.st_ino))
+                continue
+            if len(files) >= self.max_open:
+                self._more = True
+                continue
             f = self.follower.identify(path)
             if f is None:
                 continue
@@ -303,6 +342,7 @@ class Tailer:
                 f.close()
                 continue
             seen.add(f.key)
+        follower.parked = {k: v for k, v in follower.parked.items() if k in parked}
         now = time.monotonic()
         for key, f in files.items():
             if key in seen:
@@ -318,6 +358,24 @@ class Tailer:
             if self.follower.read_to_end(f):
                 log.info("closed %s (rotated away, read to its end)", f.path)
                 self.follower.forget(key)
+                self.metrics.lag.pop(str(f.path), None)
+
+    def _park_idle(self) -> None:
+        """Close the files read to their end that have not changed for ``close_inactive_s``, and,
+        while more than three quarters of ``max_open`` are open (or files wait for room), the longest
+        unchanged of the rest: the next scan opens one again when it changes (:meth:`Follower.park`)."""
+        idle: list[tuple[float, Followed]] = []
+        for f in self.follower.files.values():
+            with contextlib.suppress(OSError):
+                if f.gone_since is None and not f.stale and self.follower.read_to_end(f):
+                    idle.append((f.mtime(), f))
+        excess = len(self.follower.files) - (0 if self._more else self.max_open * 3 // 4)
+        now = time.time()
+        for mtime, f in sorted(idle, key=lambda x: x[0]):
+            if excess <= 0 and now - mtime < self.opts.close_inactive_s:
+                break
+            if self.follower.park(f):
+                excess -= 1
                 self.metrics.lag.pop(str(f.path), None)
 
     # --- reading and sending --------------------------------------------------------------------
@@ -353,7 +411,8 @@ class Tailer:
         if batch:
             self.state.last_run = {**self.state.last_run, "updated": now_iso(), "summary": s.as_dict()}
         self._save()
-        m.held_lines, m.files = len(self.state.held), len(self.follower.files)
+        m.held_lines, m.files = len(self.state.held), len(self.follower.files) + len(self.follower.parked)
+        m.files_open = len(self.follower.files)
         for f in self.follower.files.values():
             if not f.gz and not f.stale:
                 m.lag[str(f.path)] = max(f.size() - f.ck.offset, 0)

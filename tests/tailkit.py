@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -43,8 +44,9 @@ def spans_of(calls: list[list[dict]]) -> int:
 class Daemon:
     """`litellm-ingest tail` as a real process."""
 
-    def __init__(self, logdir: Path, uri: str, experiment: str, state_dir: Path, *extra: str) -> None:
+    def __init__(self, logdir: Path, uri: str, experiment: str, state_dir: Path, *extra: str, fd_limit: int | None = None) -> None:
         self.logdir, self.uri, self.experiment, self.state_dir, self.extra = logdir, uri, experiment, state_dir, extra
+        self.fd_limit = fd_limit
         self.proc: subprocess.Popen | None = None
         self.metrics_port = free_port()
         self.log = state_dir.parent / f"tail-{uuid.uuid4().hex[:6]}.log"
@@ -57,7 +59,20 @@ class Daemon:
             "--state-dir", str(self.state_dir), "--batch-wait", "0.1", "--settle", "3", "--partial-timeout", "3",
             "--metrics-port", str(self.metrics_port), "--mlflow-timeout", "5", *self.extra,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env, start_new_session=True)  # noqa: SIM115
+        limit = self.fd_limit
+
+        def limited() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"),  # noqa: SIM115
+            env=env,
+            start_new_session=True,
+            preexec_fn=limited,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()

@@ -677,3 +677,71 @@ def test_the_calls_kept_for_a_late_attempt_are_bounded(tmp_path: Path, monkeypat
     assert set(kept["call_key"].to_list()) <= {f"c-{i}" for i in range(30, 40)}, "the newest calls are the ones kept"
     t.shutdown()
     t.close()
+
+
+def test_a_pass_that_panics_inside_polars_is_retried_and_does_not_stop_the_daemon(tmp_path: Path) -> None:
+    """polars reports an internal failure (running out of descriptors, a bug) as PanicException, a
+    BaseException: it went past the daemon's ``except Exception`` and killed it with a traceback."""
+    from polars.exceptions import PanicException
+
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    (logdir / "proxy.jsonl").write_text("".join(line(record(f"c-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(5)))
+    write = sink.write
+
+    def panics(traces: list) -> int:
+        sink.write = write  # type: ignore[method-assign]
+        raise PanicException("Too many open files")
+
+    sink.write = panics  # type: ignore[method-assign]
+    t.step()
+    assert t.metrics.errors == 1 and not sink.traces
+    t.step()
+    t.close()
+    assert sorted(sink.calls()) == [f"c-{i}" for i in range(5)]
+
+
+def test_a_daemon_over_more_files_than_it_keeps_open_reads_each_once_and_still_follows_the_closed_ones(tmp_path: Path) -> None:
+    """A directory of one file per call (a synced bucket, a per-call logger): the daemon held a
+    descriptor per file and died at the process's limit (1,024 by default). Now at most
+    ``--max-open-files`` are open; a file read to its end is closed and opened again when it changes,
+    renamed or not, and a restart reads nothing twice."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    for i in range(40):
+        path = logdir / f"call-{i:02d}.jsonl"
+        path.write_text(line(record(f"c-{i}", "success", 100.0 + i, 101.0 + i)))
+        os.utime(path, (1_000 + i, 1_000 + i))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S, max_open_files=8)
+    opened = []
+    for _ in range(20):
+        t.step()
+        opened.append(len(t.follower.files))
+        if len(sink.traces) == 40 and not t._more:
+            break
+    assert max(opened) <= 8, opened
+    assert sorted(sink.calls()) == sorted(f"c-{i}" for i in range(40)) and sink.writes <= 40 // 8 + 2
+    assert len(t.follower.files) + len(t.follower.parked) == 40 and t.metrics.files == 40
+
+    with (logdir / "call-03.jsonl").open("a") as f:
+        f.write(line(record("c-late-3", "success", 200.0, 201.0)))
+    renamed = (logdir / "call-05.jsonl").rename(logdir / "call-05.jsonl.1")
+    t.step()
+    with renamed.open("a") as f:
+        f.write(line(record("c-late-5", "success", 202.0, 203.0)))
+    (logdir / "call-07.jsonl").unlink()
+    t.step()
+    assert {"c-late-3", "c-late-5"} <= set(sink.calls()) and len(sink.traces) == 42
+    assert len(t.follower.files) == 2 and len(t.follower.parked) == 37, "the deleted file is forgotten"
+    t.shutdown()
+    t.close()
+
+    again = RecordingSink()
+    t2 = tailer(logdir, state_dir, again, SETTLE_S, max_open_files=8)
+    for _ in range(10):
+        t2.step()
+    t2.close()
+    assert not again.traces, "a restart reads nothing twice"

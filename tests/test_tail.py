@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import fill, free_port, spans_ingested, start_mlflow_server
+from tests.conftest import all_traces, fill, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
 from tests.pgkit import start_postgres
 from tests.tailkit import Daemon, Writer, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
 
@@ -383,3 +383,35 @@ def test_an_earlier_attempt_found_late_rewrites_its_call_whole_in_mlflow(setup, 
     spans = sorted((s.name, s.status.status_code.value) for s in trace.data.spans)
     assert spans == [("litellm-acompletion", "OK"), ("litellm-acompletion attempt 1", "ERROR"), ("litellm-acompletion attempt 2", "OK")]
     assert d.stop() == 0
+
+
+def test_a_directory_of_more_files_than_the_descriptor_limit_is_followed_whole(tmp_path: Path, capture) -> None:
+    """One file per call (a per-call logger's bucket synced to a folder), more files than the process
+    may open: the daemon died on "Too many open files" (a polars panic went past its error handling)
+    after about 250 of them. Now it closes files read to their end and opens them when they change."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = fresh_calls(capture, copies=13)
+    for i, call in enumerate(calls):
+        write_jsonl(logdir / f"call-{i:04d}.jsonl", call)
+    uri, experiment = f"sqlite:///{tmp_path / 'store.db'}", f"fds-{uuid.uuid4().hex[:6]}"
+    daemon = Daemon(logdir, uri, experiment, tmp_path / "state", fd_limit=256).start()
+    try:
+        wait_for(lambda: sqlite_trace_count(tmp_path / "store.db") >= len(calls) or not daemon.alive(), 120, "every call")
+        assert daemon.alive(), daemon.log.read_text()[-3000:]
+        later = fresh_calls(capture)[:3]
+        for i, call in enumerate(later):
+            write_jsonl(logdir / f"late-{i}.jsonl", call)
+        with (logdir / "call-0000.jsonl").open("a") as f:
+            f.write(json.dumps(later[0][0] | {"litellm_call_id": "appended-" + uuid.uuid4().hex, "id": uuid.uuid4().hex}) + "\n")
+        wait_for(lambda: sqlite_trace_count(tmp_path / "store.db") >= len(calls) + 4, 60, "the files written later")
+        metrics = daemon.metrics()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.alive():
+            daemon.stop(signal.SIGKILL)
+    log = daemon.log.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]
+    assert f"litellm_ingest_files_followed {len(calls) + 3}" in metrics
+    assert sqlite_trace_count(tmp_path / "store.db") == len(calls) + 4
+    assert_exactly([t for t in all_traces(uri, experiment) if not t.info.tags["litellm.call_id"].startswith("appended-")], calls + later)
