@@ -230,6 +230,8 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
 def _guarded(fn: Callable[[], Any]) -> Any:
     """Known failures become one line on stderr and their exit code; never a traceback. What they
     are is imported once a command runs: ``--help`` and a usage error need neither MLflow nor polars."""
+    from polars.exceptions import PanicException
+
     from ingest.metrics import MetricsError
     from ingest.sink import SinkError
     from ingest.sources import SourceError, SourceUnavailable
@@ -250,7 +252,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         _fail(f"a state database (ledger or nesting queue) failed: {e}", Exit.STATE)
     except OSError as e:
         _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), Exit.FAILURE)
-    except Exception as e:
+    except (Exception, PanicException) as e:
         from mlflow.exceptions import MlflowException
 
         from ingest.workers import WorkerDied

@@ -210,20 +210,27 @@ def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [expected]
 
 
-def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["KeyError", "PanicException"])
+def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """PanicException is polars' report of an internal failure (out of descriptors, a bug): a
+    BaseException, it went past ``except Exception`` as a traceback."""
     from click.testing import CliRunner
+    from polars.exceptions import PanicException
 
     from ingest import pipeline
     from ingest.cli import main
 
     def broken(*args: object) -> None:
-        raise KeyError("a bug")
+        raise KeyError("a bug") if kind == "KeyError" else PanicException("a bug")
 
     monkeypatch.setattr(pipeline, "run_batch", broken)
     args = ["batch", "--no-state", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", str(SAMPLE_LOGS / "proxy_calls.jsonl")]
     quiet = CliRunner().invoke(main, args)
     assert quiet.exit_code == 1 and "Traceback" not in quiet.stderr, quiet.stderr
-    expected = "litellm-ingest: error: unexpected KeyError: 'a bug' (a bug: please report it with the traceback -v prints)"
+    shown = "'a bug'" if kind == "KeyError" else "a bug"
+    expected = f"litellm-ingest: error: unexpected {kind}: {shown} (a bug: please report it with the traceback -v prints)"
     assert quiet.stderr.strip().splitlines() == [expected]
     loud = CliRunner().invoke(main, ["-v", *args])
     assert loud.exit_code == 1 and "Traceback" in loud.stderr and "raise KeyError" in loud.stderr
