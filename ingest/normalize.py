@@ -702,7 +702,7 @@ def normalize_isolating(
         for kind, n in counted.items():
             _warn(warnings, kind, n)
         return out
-    except Exception as e:
+    except (Exception, PanicException) as e:
         if lines.height <= 1:
             return empty_canonical(), [
                 QuarantineRecord.of(r["source"], r["line_no"], r["offset"], Reason.UNBUILDABLE, f"normalize: {error_text(e)}", r["raw"])

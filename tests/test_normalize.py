@@ -824,3 +824,29 @@ def test_an_element_of_an_array_that_is_no_record_is_quarantined_alone_and_a_bro
     got = sorted((r.line, r.offset, r.reason) for r in q)
     assert got == [(pos[0][0], pos[0][1], "not_an_object"), (pos[1][0], pos[1][1], "malformed_json")]
     assert next(r for r in q if r.reason == "not_an_object").raw == "42"
+
+
+def test_a_polars_panic_on_one_line_quarantines_that_line_and_normalizes_the_rest(
+    tmp_path: Path, capture: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """polars reports an internal failure as PanicException, a BaseException: it went past the
+    bisection that isolates a line normalize fails on, and stopped the run."""
+    from polars.exceptions import PanicException
+
+    import ingest.normalize as normalize_module
+
+    real = normalize_module.normalize
+
+    def panics_on_poison(lines: pl.DataFrame, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        if lines["raw"].str.contains("poison-marker").any():
+            raise PanicException("called `Option::unwrap()` on a `None` value")
+        return real(lines, *args, **kw)
+
+    monkeypatch.setattr(normalize_module, "normalize", panics_on_poison)
+    records = [dict(r) for r in capture[:9]]
+    records[4]["litellm_call_id"] = "poison-marker"
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out, bad = normalize_module.normalize_isolating(pl.concat([c.lines for c in read_chunks(f)]))
+    assert out.height == 8 and [(q.line, q.reason) for q in bad] == [(5, "unbuildable")]
+    assert "PanicException" in bad[0].detail
