@@ -279,20 +279,21 @@ class Tailer:
 
     # --- files ----------------------------------------------------------------------------------
 
-    def _candidates(self) -> list[tuple[Path, os.stat_result]]:
+    def _candidates(self) -> list[tuple[str, os.stat_result]]:
         """The files to follow with their stat, oldest first: at a start after downtime, the rotated
         files are read before the current one, so a call's attempts arrive in their order (as
         :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second."""
-        found: list[tuple[Path, os.stat_result]] = []
+        found: list[tuple[int, str, os.stat_result]] = []
         for d in self.dirs:
             for root, _, names in os.walk(d):
                 for name in names:
                     if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
                         path = os.path.join(root, name)
                         with contextlib.suppress(OSError):
-                            found.append((Path(path), os.stat(path)))
-        found.sort(key=lambda p: (p[1].st_mtime_ns, str(p[0])))
-        return found
+                            st = os.stat(path)
+                            found.append((st.st_mtime_ns, path, st))
+        found.sort(key=lambda p: p[:2])
+        return [(path, st) for _, path, st in found]
 
     def _scan(self) -> None:
         """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint."""
@@ -307,7 +308,11 @@ class Tailer:
         seen: set[str] = set()
         parked: set[tuple[int, int]] = set()
         self._more = False
-        for path, st in self._candidates():
+        for name, st in self._candidates():
+            if follower.still_parked(st):
+                parked.add((st.st_dev, st.st_ino))
+                continue
+            path = Path(name)
             current = by_inode.get((st.st_dev, st.st_ino))
             if current is not None:
                 if current.gz or (current.first_line() in (current.fp, None) and st.st_size >= current.ck.offset):
@@ -318,9 +323,6 @@ class Tailer:
                     continue
                 log.info("%s was truncated or rewritten in place", path)
                 current.stale = True
-            elif follower.still_parked(st):
-                parked.add((st.st_dev, st.st_ino))
-                continue
             if len(files) >= self.max_open:
                 self._more = True
                 continue
