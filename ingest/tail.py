@@ -33,6 +33,7 @@ from typing import Any
 from polars.exceptions import PanicException
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from ingest.allocator import tune_collector
@@ -136,11 +137,7 @@ class Tailer:
 
     def run(self) -> None:
         tune_collector()
-        observer = PollingObserver(timeout=self.opts.rescan_s) if self.opts.polling else Observer()
-        handler = _Wake(self.wake)
-        for d in self.dirs:
-            observer.schedule(handler, str(d), recursive=True)
-        observer.start()
+        observer = self._watch()
         log.info("following %s (pattern %s) -> %s experiment %s", ", ".join(map(str, self.dirs)), self.opts.pattern,
                  self.target.shown_uri, self.target.experiment_id)  # fmt: skip
         try:
@@ -157,9 +154,28 @@ class Tailer:
                     self.wake.clear()
                 self.shutdown()
         finally:
-            observer.stop()
-            observer.join(timeout=5)
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
             self.close()
+
+    def _watch(self) -> BaseObserver | None:
+        """The observer that wakes the loop on a change; None when the system refuses one (inotify's
+        per-user instance or watch limit, often reached on a busy Kubernetes node): the rescan every
+        ``rescan_s`` then finds every change on its own, a second later at most."""
+        observer = PollingObserver(timeout=self.opts.rescan_s) if self.opts.polling else Observer()
+        handler = _Wake(self.wake)
+        try:
+            for d in self.dirs:
+                observer.schedule(handler, str(d), recursive=True)
+            observer.start()
+        except OSError as e:
+            log.warning("cannot watch %s for changes (%s); finding them by rescanning every %gs", ", ".join(map(str, self.dirs)), e,
+                        self.opts.rescan_s)  # fmt: skip
+            with contextlib.suppress(Exception):
+                observer.stop()
+            return None
+        return observer
 
     def close(self) -> None:
         self.follower.close()

@@ -745,3 +745,35 @@ def test_a_daemon_over_more_files_than_it_keeps_open_reads_each_once_and_still_f
         t2.step()
     t2.close()
     assert not again.traces, "a restart reads nothing twice"
+
+
+def test_a_daemon_refused_inotify_follows_the_files_by_rescanning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inotify's per-user instance limit (128) is often reached on a busy Kubernetes node; the
+    daemon died at start with "inotify instance limit reached". Now it says so and finds changes
+    by its rescan alone."""
+    import errno
+    import threading
+
+    import ingest.tail as tail_module
+
+    class Refused(tail_module.Observer):  # type: ignore[misc, valid-type]
+        def start(self) -> None:
+            raise OSError(errno.EMFILE, "inotify instance limit reached")
+
+    monkeypatch.setattr(tail_module, "Observer", Refused)
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S, rescan_s=0.1, nest=False)  # its queue is opened in this thread, not the runner's
+    runner = threading.Thread(target=t.run)
+    runner.start()
+    try:
+        (logdir / "proxy.jsonl").write_text("".join(line(record(f"c-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(3)))
+        deadline = time.monotonic() + 20
+        while len(sink.traces) < 3 and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        t.stop()
+        runner.join(timeout=20)
+    assert not runner.is_alive()
+    assert sorted(sink.calls()) == ["c-0", "c-1", "c-2"]
