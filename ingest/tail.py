@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -296,9 +297,10 @@ class Tailer:
     # --- files ----------------------------------------------------------------------------------
 
     def _candidates(self) -> list[tuple[str, os.stat_result]]:
-        """The files to follow with their stat, oldest first: at a start after downtime, the rotated
-        files are read before the current one, so a call's attempts arrive in their order (as
-        :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second."""
+        """The regular files to follow with their stat, oldest first: at a start after downtime, the
+        rotated files are read before the current one, so a call's attempts arrive in their order (as
+        :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second.
+        A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer)."""
         found: list[tuple[int, str, os.stat_result]] = []
         for d in self.dirs:
             for root, _, names in os.walk(d):
@@ -307,7 +309,8 @@ class Tailer:
                         path = os.path.join(root, name)
                         with contextlib.suppress(OSError):
                             st = os.stat(path)
-                            found.append((st.st_mtime_ns, path, st))
+                            if stat.S_ISREG(st.st_mode):
+                                found.append((st.st_mtime_ns, path, st))
         found.sort(key=lambda p: p[:2])
         return [(path, st) for _, path, st in found]
 

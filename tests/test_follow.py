@@ -777,3 +777,26 @@ def test_a_daemon_refused_inotify_follows_the_files_by_rescanning(tmp_path: Path
         runner.join(timeout=20)
     assert not runner.is_alive()
     assert sorted(sink.calls()) == ["c-0", "c-1", "c-2"]
+
+
+def test_a_fifo_or_a_device_under_a_log_name_is_passed_over_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until something writes to it: the daemon hung there, every file with it."""
+    import threading
+
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    os.mkfifo(logdir / "pipe.jsonl")
+    os.symlink("/dev/zero", logdir / "zero.jsonl")
+    (logdir / "proxy.jsonl").write_text(line(record("c-0", "success", 100.0, 101.0)))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    stepping = threading.Thread(target=t.step, daemon=True)
+    stepping.start()
+    stepping.join(timeout=20)
+    if stepping.is_alive():
+        with open(logdir / "pipe.jsonl", "wb"):
+            pass
+        stepping.join(timeout=20)
+        pytest.fail("the pass waited on the FIFO")
+    t.close()
+    assert sorted(sink.calls()) == ["c-0"] and t.metrics.errors == 0
