@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import orjson
 import polars as pl
@@ -257,6 +258,8 @@ SETTLE_S = 10.0
 class FollowModel(RuleBasedStateMachine):
     """Everything that can happen to a daemon and its files, against a recording sink."""
 
+    TAILER: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, root: Path) -> None:
         super().__init__()
         self.root = root
@@ -280,7 +283,7 @@ class FollowModel(RuleBasedStateMachine):
         self.tailer = self._start()
 
     def _start(self):  # type: ignore[no-untyped-def]
-        t = tailer(self.logdir, self.state_dir, self.sink, SETTLE_S)
+        t = tailer(self.logdir, self.state_dir, self.sink, SETTLE_S, **self.TAILER)
         t.pipeline.clock = lambda: int(self.clock * 1_000_000)
         return t
 
@@ -419,6 +422,10 @@ class FollowModel(RuleBasedStateMachine):
             self.step()
             self.clock += SETTLE_S + 1
         self.step()
+        for _ in range(50):
+            if not self.tailer._more:
+                break
+            self.step()
         self.tailer.close()
         got = self.sink.calls()
         missing = sorted(set(self.calls) - set(got), key=lambda c: int(c.split("-")[1]))
@@ -434,11 +441,21 @@ class FollowModel(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_every_call_arrives_once_whole_through_rotations_kills_and_outages(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize(
+    "tailer_kw",
+    [{}, {"max_open_files": 1, "close_inactive_s": 0.0}],
+    ids=["files-kept-open", "idle-files-closed-at-once"],
+)
+def test_every_call_arrives_once_whole_through_rotations_kills_and_outages(
+    tmp_path_factory: pytest.TempPathFactory, tailer_kw: dict[str, Any]
+) -> None:
+    """Also with one file open at a time and every file read to its end closed at once: a rotation,
+    a copytruncate, a kill or an outage then meets files the daemon holds no descriptor of."""
     root = tmp_path_factory.mktemp("follow-model")
-    machine = type("Model", (FollowModel,), {"__init__": lambda self: FollowModel.__init__(self, root)})
+    init = lambda self: FollowModel.__init__(self, root)  # noqa: E731
+    machine = type("Model", (FollowModel,), {"__init__": init, "TAILER": tailer_kw})
     machine.TestCase.settings = settings(
-        max_examples=200 * max(SOAK, 1),
+        max_examples=(200 if not tailer_kw else 100) * max(SOAK, 1),
         stateful_step_count=30,
         deadline=None,
         suppress_health_check=list(HealthCheck),
