@@ -277,7 +277,7 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
         click.echo(json.dumps(summary.as_dict()))
     elif not quiet:
         _print_summary(summary)
-    if summary.objects_failed:
+    if summary.objects_failed or summary.files_unreadable:
         sys.exit(Exit.SOURCE)
     sys.exit(Exit.QUARANTINED if summary.quarantined else Exit.OK)
 
@@ -725,6 +725,8 @@ def _print_summary(s: Any) -> None:
         rows.insert(1, ("objects", f"{s.objects_read} read of {s.objects} listed (the rest were read before){failed}"))
     if s.db_rows:
         rows.insert(1, ("database rows", s.db_rows))
+    if s.files_unreadable:
+        rows.insert(1, ("files unreadable", f"{s.files_unreadable} (permission denied: read once they can be; named on stderr)"))
     if s.files_other_shards:
         rows.insert(1, ("files of other shards", f"{s.files_other_shards} (read by the other --shard runs)"))
     if s.calls_other_shards:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import threading
 import time
@@ -54,6 +55,8 @@ somewhat ahead); beyond it, or beyond ``--settle`` if longer, the call is final 
 under the ``end_in_future`` warning."""
 
 
+log = logging.getLogger("litellm-ingest.pipeline")
+
 def experiment_from(name: str | None, exp_id: str | None) -> tuple[str | None, str | None]:
     if name or exp_id:
         return name, exp_id
@@ -73,6 +76,7 @@ class Summary:
     objects: int = 0
     objects_read: int = 0
     objects_failed: int = 0
+    files_unreadable: int = 0
     bytes_listed: int = 0
     db_rows: int = 0
     records_read: int = 0
@@ -622,17 +626,26 @@ class Inputs:
     files: list[Path]
     buckets: list[Bucket]
     databases: list[Any] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
+    """Files this process may not read (permissions): the others are ingested, these named and read next run."""
 
     @classmethod
     def of(cls, paths: list[str]) -> Inputs:
         from ingest.spendlogs_db import SpendLogsDB, is_database_url
 
         local = [p for p in paths if not is_bucket_url(p) and not is_database_url(p)]
+        unreadable: list[Path] = []
         return cls(
-            discover(local) if local else [],
+            discover(local, unreadable) if local else [],
             [Bucket.parse(p) for p in paths if is_bucket_url(p)],
             [SpendLogsDB(p) for p in paths if is_database_url(p)],
+            unreadable,
         )
+
+    def report_unreadable(self, summary: Summary) -> None:
+        for path in self.unreadable:
+            log.warning("cannot read %s: permission denied (the other files are ingested; this one is read once it can be)", path)
+        summary.files_unreadable = len(self.unreadable)
 
     def check(self) -> None:
         """Reach every bucket and database before anything is written (one clear line if one cannot be)."""
@@ -696,6 +709,7 @@ def run_batch(opts: RunOptions) -> Summary:
     tune_collector()
     pipe = Pipeline.for_run(sink, target, opts)
     pipe.only_calls = opts.only_calls
+    inputs.report_unreadable(pipe.summary)
     try:
         for group in small_file_groups(inputs.files, opts.chunk_bytes):
             if len(group) > 1:
@@ -765,6 +779,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
             queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
             pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1, warm=warm)
             pipe.shard = opts.shard
+            inputs.report_unreadable(pipe.summary)
             follower = Follower(
                 state,
                 pipe,
@@ -793,8 +808,9 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                     pipe.nester.poll(force=True)
                 summary = pipe.finish()
                 summary.result = "quarantined" if summary.quarantined else "ok"
-                if summary.objects_failed:
-                    summary.result = f"incomplete: {summary.objects_failed} object(s) could not be read (read again next run)"
+                if summary.objects_failed or summary.files_unreadable:
+                    what = f"{summary.objects_failed} object(s)" if summary.objects_failed else f"{summary.files_unreadable} file(s)"
+                    summary.result = f"incomplete: {what} could not be read (read again next run)"
             except KeyboardInterrupt:
                 summary = pipe.finish()
                 summary.result = "interrupted"

@@ -36,9 +36,10 @@ class SourceUnavailable(SourceError):
     nothing of it is marked read, so the next run tries again."""
 
 
-def discover(paths: list[str]) -> list[Path]:
+def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Path]:
     """Expand files, directories (recursively, log-like names only) and globs, oldest first
-    (:func:`oldest_first`)."""
+    (:func:`oldest_first`). A file this process may not read is an error, or, given ``unreadable``,
+    put there: one file logrotate made root's must not keep a cron run from the others."""
     found: dict[Path, None] = {}
     for spec in paths:
         p = Path(spec)
@@ -59,9 +60,12 @@ def discover(paths: list[str]) -> list[Path]:
             raise SourceError(f"not a regular file or directory: {spec}")
         else:
             raise SourceError(f"no such file or directory: {spec}")
-    for f in found:
+    for f in list(found):
         if not os.access(f, os.R_OK):
-            raise SourceError(f"permission denied: {f}")
+            if unreadable is None:
+                raise SourceError(f"permission denied: {f}")
+            unreadable.append(f)
+            del found[f]
     return oldest_first(found)
 
 

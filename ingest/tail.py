@@ -126,6 +126,7 @@ class Tailer:
         self.metrics = metrics or Metrics()
         self.max_open = open_files_budget(opts.max_open_files)
         self._more = False
+        self._unreadable: set[str] = set()
         self._restored = False
         self._failures = 0
         self._last_down_log = self._last_error_log = self._last_state_log = 0.0
@@ -347,7 +348,11 @@ class Tailer:
                 continue
             f = self.follower.identify(path)
             if f is None:
+                if not os.access(path, os.R_OK) and name not in self._unreadable:
+                    self._unreadable.add(name)
+                    log.warning("cannot read %s: permission denied; it is read once it can be", path)
                 continue
+            self._unreadable.discard(name)
             known = files.get(f.key)
             if known is None and self.follower.is_done(f):
                 f.close()

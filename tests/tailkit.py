@@ -44,9 +44,12 @@ def spans_of(calls: list[list[dict]]) -> int:
 class Daemon:
     """`litellm-ingest tail` as a real process."""
 
-    def __init__(self, logdir: Path, uri: str, experiment: str, state_dir: Path, *extra: str, fd_limit: int | None = None) -> None:
+    def __init__(
+        self, logdir: Path, uri: str, experiment: str, state_dir: Path, *extra: str, fd_limit: int | None = None, wrap: tuple[str, ...] = ()
+    ) -> None:
+        """``fd_limit``: the process's descriptor limit; ``wrap``: a command it runs under (``setpriv …``)."""
         self.logdir, self.uri, self.experiment, self.state_dir, self.extra = logdir, uri, experiment, state_dir, extra
-        self.fd_limit = fd_limit
+        self.fd_limit, self.wrap = fd_limit, wrap
         self.proc: subprocess.Popen | None = None
         self.metrics_port = free_port()
         self.log = state_dir.parent / f"tail-{uuid.uuid4().hex[:6]}.log"
@@ -55,7 +58,7 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         args = [
-            EXE, "tail", str(self.logdir), "--tracking-uri", self.uri, "--experiment-name", self.experiment,
+            *self.wrap, EXE, "tail", str(self.logdir), "--tracking-uri", self.uri, "--experiment-name", self.experiment,
             "--state-dir", str(self.state_dir), "--batch-wait", "0.1", "--settle", "3", "--partial-timeout", "3",
             "--metrics-port", str(self.metrics_port), "--mlflow-timeout", "5", *self.extra,
         ]  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_LOGS, all_traces, fill, free_port, start_mlflow_server, write_jsonl
+from tests.conftest import SAMPLE_LOGS, all_traces, copies, fill, free_port, start_mlflow_server, write_jsonl
 
 EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -363,3 +363,41 @@ def test_help_usage_errors_and_status_do_not_import_mlflow(
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "ingest" in imported and "click" in imported
     assert not imported & set(not_imported), sorted(imported & set(not_imported))
+
+
+def unprivileged(args: list[str]) -> list[str]:
+    """``args`` run without root's power to read any file (as root: CAP_DAC_OVERRIDE dropped)."""
+    if os.geteuid() != 0:
+        return args
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root without setpriv cannot be kept from reading a file")
+    drop = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", "--", *args]
+
+
+@pytest.mark.parametrize("state", ["incremental", "no-state"])
+def test_a_file_that_may_not_be_read_is_named_and_the_others_are_ingested(tmp_path: Path, capture: list[dict], state: str) -> None:
+    """logrotate's ``create 0600 root root`` makes a rotated file the ingester's user may not read:
+    the whole cron run stopped (exit 2) and ingested nothing, every run. Now the others are
+    ingested, the file is named, exit 8; once readable it is read, and nothing is doubled."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    calls = copies(capture, 3, "perm")
+    files = [write_jsonl(logs / name, calls[i]) for i, name in enumerate(["proxy.jsonl.2", "proxy.jsonl.1", "proxy.jsonl"])]
+    files[1].chmod(0)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    flags = ["--state-dir", str(tmp_path / "st")] if state == "incremental" else ["--no-state"]
+    args = unprivileged([EXE, "batch", str(logs), "--tracking-uri", uri, "--json", *flags])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 8, (first.stdout, first.stderr)
+    assert "Traceback" not in first.stderr and f"cannot read {files[1]}: permission denied" in first.stderr
+    assert json.loads(first.stdout)["files_unreadable"] == 1
+    got = {t.info.tags["litellm.call_id"] for t in all_traces(uri, "LiteLLM Proxy")}
+    assert got == {r["litellm_call_id"] for r in calls[0] + calls[2]}
+    files[1].chmod(0o644)
+    second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr
+    traces = all_traces(uri, "LiteLLM Proxy")
+    assert sorted(t.info.tags["litellm.call_id"] for t in traces) == sorted({r["litellm_call_id"] for c in calls for r in c})
