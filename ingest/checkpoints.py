@@ -66,6 +66,9 @@ class Checkpoint:
     done: bool = False
     tail: str | None = None
     legacy_held: list[tuple[int, int]] = field(default_factory=list)
+    end_stat: str | None = None
+    """``device:inode:size:mtime_ns`` of the file when it was read to its end: a run that finds it
+    so skips it unopened (:meth:`ingest.follow.Follower.unchanged`)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Checkpoint:
@@ -79,6 +82,7 @@ class Checkpoint:
             updated_at=d.get("updated_at"),
             done=bool(d.get("done", False)),
             tail=d.get("tail"),
+            end_stat=d["end_stat"] if isinstance(d.get("end_stat"), str) else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,6 +100,8 @@ class Checkpoint:
         }
         if self.legacy_held:
             d["held"] = list(self.legacy_held)
+        if self.end_stat is not None:
+            d["end_stat"] = self.end_stat
         return d
 
 

@@ -361,8 +361,9 @@ def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> N
     finally:
         shutdown(warm)
     reporter.close()
-    if summary.files_resumed and not (quiet or as_json):
-        click.echo(f"resumed {summary.files_resumed} file(s) from the saved position", err=True)
+    if (summary.files_resumed or summary.files_unchanged) and not (quiet or as_json):
+        read = f"{summary.files_unchanged} file(s) read before, " if summary.files_unchanged else ""
+        click.echo(f"resumed from the saved positions: {read}{summary.files_resumed} continued", err=True)
     _finish(summary, as_json, quiet)
 
 
@@ -702,8 +703,9 @@ def _print_summary(s: Any) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
+    unchanged = f" ({s.files_unchanged} unchanged since they were read)" if s.files_unchanged else ""
     rows: list[tuple[str, Any]] = [
-        *([("files", s.files)] if s.files or not (s.objects or s.db_rows) else []),
+        *([("files", f"{s.files}" + unchanged)] if s.files or not (s.objects or s.db_rows) else []),
         ("records read", s.records_read),
         ("quarantined", f"{s.quarantined}" + (f"  {s.quarantined_by_reason} -> {s.quarantine_file}" if s.quarantined else "")),
         ("duplicates dropped", s.duplicates_dropped),

@@ -81,6 +81,10 @@ class Followed:
             os.close(self.fd)
 
 
+def _stat_key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _reader(fd: int, gz: bool) -> BinaryIO:
     f = os.fdopen(os.dup(fd), "rb")
     f.seek(0)
@@ -209,7 +213,27 @@ class Follower:
 
     def _restart(self, ck: Checkpoint) -> None:
         self._reset.add(ck.fingerprint)
-        ck.offset, ck.line, ck.tail, ck.done, ck.legacy_held = 0, 1, None, False, []
+        ck.offset, ck.line, ck.tail, ck.done, ck.legacy_held, ck.end_stat = 0, 1, None, False, [], None
+
+    def stamp(self, f: Followed) -> None:
+        """Note ``f`` as it is, if read to its end (its checkpoint at its size, or a gzip done)."""
+        st = os.fstat(f.fd)
+        whole = self.is_done(f) if f.gz else f.ck.offset == st.st_size
+        f.ck.end_stat = _stat_key(st) if whole else None
+
+    def unchanged(self, paths: list[Path]) -> set[Path]:
+        """The files read to their end before and untouched since: the same device, inode, size and
+        mtime (Filebeat's "offset equals size", by stat). A cron run over a folder of a per-call
+        logger's files, hundreds of thousands of them, opens only the new ones."""
+        stamps = {c.end_stat for c in self.state.checkpoints.values() if c.end_stat}
+        if not stamps:
+            return set()
+        out: set[Path] = set()
+        for path in paths:
+            with contextlib.suppress(OSError):
+                if _stat_key(os.stat(path)) in stamps:
+                    out.add(path)
+        return out
 
     def follow(self, f: Followed) -> Followed:
         """Take ``f`` on: its checkpoint joins the state, and held lines named by a version-1 state are fed."""
@@ -239,8 +263,17 @@ class Follower:
             return False
         self.files.pop(f.key, None)
         self.parked[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns)
+        f.ck.end_stat = _stat_key(st)
         f.close()
         return True
+
+    def park_stamped(self) -> None:
+        """At a start, the files read to their end by an earlier run count as closed: a daemon over
+        a folder of a hundred thousand files opens only those that changed since."""
+        for ck in self.state.checkpoints.values():
+            if ck.end_stat and ck.fingerprint not in self._reset:
+                dev, ino, size, mtime = (int(v) for v in ck.end_stat.split(":"))
+                self.parked[(dev, ino)] = (size, mtime)
 
     def still_parked(self, st: os.stat_result) -> bool:
         """The file under ``st`` is a parked one, unchanged since it was read to its end."""
@@ -299,7 +332,7 @@ class Follower:
     def advance(self, f: Followed, chunk: Chunk) -> None:
         """Move ``f``'s checkpoint past ``chunk``: call only after the pipeline was fed it and returned."""
         ck = f.ck
-        ck.offset, ck.line = chunk.end_offset, chunk.end_line
+        ck.offset, ck.line, ck.end_stat = chunk.end_offset, chunk.end_line, None
         if len(chunk.tail) >= min(TAIL_BYTES, ck.offset):
             ck.tail = tail_digest(chunk.tail) if ck.offset > 0 else None
         else:

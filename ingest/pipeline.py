@@ -57,6 +57,7 @@ under the ``end_in_future`` warning."""
 
 log = logging.getLogger("litellm-ingest.pipeline")
 
+
 def experiment_from(name: str | None, exp_id: str | None) -> tuple[str | None, str | None]:
     if name or exp_id:
         return name, exp_id
@@ -72,6 +73,7 @@ class Summary:
     files: int = 0
     files_skipped: int = 0
     files_resumed: int = 0
+    files_unchanged: int = 0
     files_other_shards: int = 0
     objects: int = 0
     objects_read: int = 0
@@ -794,7 +796,9 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 follower.restore()
                 follower.save()
                 if opts.shard is None:
-                    for group in small_file_groups(files, follower.chunk_bytes):
+                    unchanged = follower.unchanged(files)
+                    pipe.summary.files_unchanged = len(unchanged)
+                    for group in small_file_groups([p for p in files if p not in unchanged], follower.chunk_bytes):
                         if len(group) == 1:
                             _ingest_file(group[0], follower, opts, progress)
                         else:
@@ -962,6 +966,7 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
             for chunk in got:
                 disk = _advanced(follower, f, chunk, disk)
             f.ck.done = follower.is_done(f)
+            follower.stamp(f)
         follower.save()
     finally:
         for f, _ in read:
@@ -987,6 +992,7 @@ def _taken_on(follower: Follower, f: Followed) -> bool:
         follower.pipeline.summary.files_resumed += 1
     if follower.is_done(f):
         f.ck.done = True
+        follower.stamp(f)
         return False
     return True
 
@@ -1024,6 +1030,7 @@ def _ingest_file(
             if opts.stop.is_set():
                 raise KeyboardInterrupt
         f.ck.done = follower.is_done(f)
+        follower.stamp(f)
     finally:
         follower.forget(f.key)
     return f.key, read

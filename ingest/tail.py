@@ -196,6 +196,10 @@ class Tailer:
         except SinkError as e:
             self.follower.rewind()
             log.warning("MLflow unavailable at shutdown (%s); what it did not acknowledge is saved for the next start", e)
+        for f in self.follower.files.values():
+            if f.gone_since is None and not f.stale:
+                with contextlib.suppress(OSError):
+                    self.follower.stamp(f)
         self.state.last_run = {**self.state.last_run, "finished": now_iso(), "result": "stopped"}
         self._save()
         log.info("stopped")
@@ -224,6 +228,7 @@ class Tailer:
             self._restored = True
             self.state.bind(self.target.created_ms)
             self.follower.restore()
+            self.follower.park_stamped()
 
     def _nest(self, force: bool = False) -> None:
         """Calls waiting for their app trace: nest those that arrived, give up on those past the grace."""

@@ -469,4 +469,4 @@ def test_a_directory_of_per_call_files_is_read_in_groups_killed_and_resumed_once
     assert (q["source"], q["line"], q["reason"]) == (str(bad), 2, "malformed_json")
 
     again = summary_of(run(*args, cwd=tmp_path))
-    assert (again["records_read"], again["traces_written"], again["files_resumed"]) == (0, 0, len(records) + 1)
+    assert (again["records_read"], again["traces_written"], again["files_unchanged"]) == (0, 0, len(records) + 1), "none opened"

@@ -54,6 +54,7 @@ PINNED_V2 = {
             "updated_at": "2026-11-28T03:00:00+00:00",
             "done": True,
             "tail": "fedcba9876543210",
+            "end_stat": "2049:1234567:5120:1795000000123456789",
         }
     ],
     "held": [{"file": "sha256:0123456789abcdef0123456789abcdef", "source": "/var/log/proxy.jsonl", "line": 7, "offset": 3001, "raw": "{}"}],
@@ -378,8 +379,8 @@ class FollowModel(RuleBasedStateMachine):
         except Crash:
             self.kill()
             return
-        if self.sink.up:
-            self.rotated = dict.fromkeys(self.rotated, True)
+        if self.sink.up and not self.tailer._more:
+            self.rotated = dict.fromkeys(self.rotated, True)  # no file waits for room: each one was read
 
     @rule()
     def die_right_after_the_next_acknowledged_write(self) -> None:
@@ -758,10 +759,18 @@ def test_a_daemon_over_more_files_than_it_keeps_open_reads_each_once_and_still_f
 
     again = RecordingSink()
     t2 = tailer(logdir, state_dir, again, SETTLE_S, max_open_files=8)
+    opened: list[str] = []
+    real_identify = t2.follower.identify
+    t2.follower.identify = lambda path: (opened.append(path.name), real_identify(path))[1]  # type: ignore[method-assign]
     for _ in range(10):
         t2.step()
-    t2.close()
     assert not again.traces, "a restart reads nothing twice"
+    assert opened == [] and len(t2.follower.parked) == 39, "nor opens a file unchanged since it was read"
+    with (logdir / "call-09.jsonl").open("a") as f:
+        f.write(line(record("c-after-restart", "success", 300.0, 301.0)))
+    t2.step()
+    t2.close()
+    assert opened == ["call-09.jsonl"] and sorted(again.calls()) == ["c-after-restart"]
 
 
 def test_a_daemon_refused_inotify_follows_the_files_by_rescanning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -291,3 +291,40 @@ def test_small_files_are_read_a_group_per_step_and_the_state_saved_once_per_grou
     assert summary.records_read == 300 + len(capture) * 30 and summary.files == 301
     assert summary.traces_written == len(call_ids(records)) + len(call_ids(capture))
     assert len(saves) < 20, len(saves)
+
+
+def test_a_run_opens_only_the_files_that_changed_since_they_were_read(tmp_path: Path, capture, monkeypatch) -> None:
+    """A folder of a per-call logger's files grows for months: every cron run opened and
+    fingerprinted every file (7 s for 20,000 unchanged files, minutes for a year's). A file read to
+    its end and untouched since (device, inode, size, mtime) is now skipped unopened; appended,
+    touched, rewritten or new ones are read as before, a renamed one is still known."""
+    from ingest.follow import Follower
+
+    sets = [reidentify(whole_calls(capture, i * 9, i * 9 + 9), salt=f"{uuid.uuid4().hex[:6]}-{i}") for i in range(5)]
+    logs = tmp_path / "logs"
+    files = [write_jsonl(logs / f"p{i}.jsonl", recs) for i, recs in enumerate(sets[:3])]
+    with gzip.open(logs / "old.jsonl.gz", "wt") as gz:
+        gz.write(lines(sets[3]))
+    cron = Cron(f"sqlite:///{tmp_path / 'm.db'}", "changed", tmp_path / "st")
+    assert cron.run(logs).files_unchanged == 0
+
+    opened: list[str] = []
+    real_identify = Follower.identify
+    monkeypatch.setattr(Follower, "identify", lambda self, path: (opened.append(path.name), real_identify(self, path))[1])
+    again = cron.run(logs)
+    assert (opened, again.files_unchanged, again.records_read) == ([], 4, 0)
+
+    extra = sets[4][:3]
+    with files[0].open("a") as f:
+        f.write(lines(extra))
+    later = time.time() + 5
+    os.utime(files[1], (later, later))
+    files[2].rename(logs / "p2.jsonl.1")
+    new = write_jsonl(logs / "new.jsonl", sets[4][3:])
+    third = cron.run(logs)
+    assert sorted(opened) == sorted(["p0.jsonl", "p1.jsonl", new.name]) and third.files_unchanged == 2
+    assert third.records_read == len(sets[4])
+    traces = all_traces(cron.uri, cron.experiment)
+    everything = [r for s in sets for r in s]
+    assert sorted(t.info.tags["litellm.call_id"] for t in traces) == sorted(call_ids(everything))
+    assert sum(len(t.data.spans) for t in traces) == expected_spans(everything)
