@@ -5,8 +5,9 @@ One watchdog observer for all watched directories (inotify instances are a limit
 every second the loop also rescans, so a missed event costs at most that. Matching files to
 checkpoints, reading, and saving what is unacknowledged are :mod:`ingest.follow`'s, as for
 ``batch``; this module adds what a daemon needs: an open descriptor per file kept through
-renames and deletion, copytruncate seen on the descriptor (its first line changes) and continued
-in the copy, batching by time (``--batch-wait``) and size, and outages.
+renames and deletion (at most ``--max-open-files`` of them: a file read to its end is closed once
+idle, and opened again when a scan sees it change), copytruncate seen on the descriptor (its first
+line changes) and continued in the copy, batching by time (``--batch-wait``) and size, and outages.
 
 While MLflow is down the daemon reports it at the first failed write (log line, ``/health`` 503,
 ``mlflow_up`` 0), stops reading, keeps what it had read in memory and its checkpoints where they
