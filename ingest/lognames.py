@@ -13,3 +13,20 @@ SCRATCH_SUFFIXES = (".lock", ".tmp")
 def is_log_file(name: str) -> bool:
     """Names LiteLLM loggers and rotation tools produce: x.jsonl, x.jsonl.1, x.jsonl.2.gz, x.log-20260101."""
     return bool(LOG_NAME.search(name)) and not name.endswith(SCRATCH_SUFFIXES)
+
+
+_ROTATED = re.compile(r"\.(?:jsonl|ndjson|json|log)(?P<rest>(?:[.-].*)?)$")
+_NUMBERED = re.compile(r"\.(\d+)(?:\.gz)?$")
+
+
+def rotation_rank(name: str) -> tuple[int, int]:
+    """Orders files of one modification time (timestamps tick every few milliseconds, so a rotation
+    and the first write after it often share one) by rotation age: ``x.jsonl.2.gz`` before
+    ``x.jsonl.1`` before ``x.jsonl-20261201`` before the live ``x.jsonl``. By name alone the live file
+    would come first, and a fallback at the top of it be read before the failed primary that ends
+    the rotated file."""
+    m = _ROTATED.search(name)
+    if m is None or not m.group("rest"):
+        return (1, 0)
+    numbered = _NUMBERED.fullmatch(m.group("rest"))
+    return (0, -int(numbered.group(1))) if numbered else (0, 0)

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import orjson
 import polars as pl
 
-from ingest.lognames import is_log_file
+from ingest.lognames import is_log_file, rotation_rank
 from ingest.quarantine import QuarantineRecord, Reason
 
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
@@ -77,11 +77,11 @@ def oldest_first(paths: Iterable[Path]) -> list[Path]:
     whose one span (the same id) replaces the retry's. Rotation (rename, gzip, ``aws s3 sync``)
     keeps the time of the last write."""
 
-    def age(path: Path) -> tuple[int, str]:
+    def age(path: Path) -> tuple[int, tuple[int, int], str]:
         try:
-            return os.stat(path).st_mtime_ns, str(path)
+            return os.stat(path).st_mtime_ns, rotation_rank(path.name), str(path)
         except OSError:
-            return 0, str(path)
+            return 0, rotation_rank(path.name), str(path)
 
     return sorted(paths, key=age)
 

@@ -41,7 +41,7 @@ from watchdog.observers.polling import PollingObserver
 from ingest.allocator import tune_collector
 from ingest.checkpoints import State, StateError, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower
-from ingest.lognames import SCRATCH_SUFFIXES
+from ingest.lognames import SCRATCH_SUFFIXES, rotation_rank
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
@@ -308,7 +308,7 @@ class Tailer:
         rotated files are read before the current one, so a call's attempts arrive in their order (as
         :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second.
         A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer)."""
-        found: list[tuple[int, str, os.stat_result]] = []
+        found: list[tuple[int, tuple[int, int], str, os.stat_result]] = []
         for d in self.dirs:
             for root, _, names in os.walk(d):
                 for name in names:
@@ -317,9 +317,9 @@ class Tailer:
                         with contextlib.suppress(OSError):
                             st = os.stat(path)
                             if stat.S_ISREG(st.st_mode):
-                                found.append((st.st_mtime_ns, path, st))
-        found.sort(key=lambda p: p[:2])
-        return [(path, st) for _, path, st in found]
+                                found.append((st.st_mtime_ns, rotation_rank(name), path, st))
+        found.sort(key=lambda p: p[:3])
+        return [(path, st) for _, _, path, st in found]
 
     def _scan(self) -> None:
         """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint."""

@@ -120,6 +120,23 @@ def test_discover_reads_rotated_files_oldest_first_whatever_their_names(tmp_path
     assert [f.name for f in discover([str(tmp_path / "logs" / n) for n in reversed(names)])] == names
 
 
+def test_files_of_one_modification_time_are_read_in_rotation_order(tmp_path: Path) -> None:
+    """Timestamps tick every few milliseconds: a rotation and the first write after it often share
+    one. By name the live ``x.jsonl`` came first, and a fallback at its top was read before the
+    failed primary that ends ``x.jsonl.1``."""
+    from ingest.tail import Tailer
+
+    names = ["x.jsonl.10.gz", "x.jsonl.2.gz", "x.jsonl.1", "x.jsonl-20261201", "x.jsonl"]
+    for name in reversed(names):
+        f = tmp_path / "logs" / name
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"{}\n")
+        os.utime(f, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    assert [f.name for f in discover([str(tmp_path / "logs")])] == names
+    tail = type("T", (), {"dirs": [tmp_path / "logs"], "opts": type("O", (), {"pattern": "*.jsonl*"})()})()
+    assert [Path(p).name for p, _ in Tailer._candidates(tail)] == names  # type: ignore[arg-type]
+
+
 def test_discover_is_deterministic_and_deduplicated(tmp_path: Path) -> None:
     logs, _ = make_tree(tmp_path / "logs")
     first = discover([str(tmp_path / "logs")])
