@@ -667,7 +667,55 @@ def files_figures(work: Path, n_files: int, env: dict[str, str]) -> list[tuple[s
     rows.append((f"  the same backfill again: {recs} files known, nothing new", f"{recs / t:,.0f} files/s", "-", f"{rss}", "-"))
     t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(root)], env)
     rows += measured(f"batch --no-state --dry-run of the {recs} files", recs, calls, mb, t, rss, json.loads(out)["seconds"])
+    rows.append(tail_over_files(work, root, recs, calls, env))
     return rows
+
+
+def tail_over_files(work: Path, root: Path, files: int, calls: int, env: dict[str, str]) -> tuple[str, ...]:
+    """A ``tail`` daemon started on the folder (its default descriptor budget): seconds until every
+    call is a trace in a new SQLite store, then its CPU over 10 idle seconds (a scan a second)."""
+    import sqlite3
+
+    db = work / "files-tail.db"
+    args = [
+        EXE,
+        "tail",
+        str(root),
+        "--pattern",
+        "*.json",
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--state-dir",
+        str(work / "files-tail-state"),
+    ]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def traces() -> int:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                return int(con.execute("SELECT count(*) FROM trace_info").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    def cpu_s() -> float:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    started = time.monotonic()
+    try:
+        while traces() < calls:
+            if proc.poll() is not None or time.monotonic() - started > max(600.0, files / 5):
+                raise RuntimeError(f"the tail daemon wrote {traces()} of {calls} traces")
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        before = cpu_s()
+        time.sleep(10)
+        idle = (cpu_s() - before) / 10
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    label = f"tail daemon started on the {files} files (SQLite): all traces in, then idle"
+    return (label, f"{files / took:,.0f} files/s", "-", "-", f"{took:.1f} s; idle: {idle:.1%} of a core")
 
 
 def sqlite_figures(work: Path, path: Path, n_records: int, env: dict[str, str]) -> tuple[list[tuple[str, ...]], float, str]:
