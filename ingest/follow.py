@@ -190,7 +190,7 @@ class Follower:
             os.close(fd)
             return None
         if not continues:
-            key = f"{fp}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+            key = f"{fp}@{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:12]}"
             ck = self.state.checkpoints.get(key)
             with contextlib.suppress(EOFError):
                 if ck is not None and not self._continues(ck, fd, gz):

@@ -36,6 +36,13 @@ class SourceUnavailable(SourceError):
     nothing of it is marked read, so the next run tries again."""
 
 
+def shown(path: Path | str) -> str:
+    """A path as valid UTF-8 text, for the ``source`` of records and quarantine lines: a name in
+    another encoding (bytes Linux allows) shows those bytes as U+FFFD, since polars, JSON and
+    MLflow take no lone surrogates. Files are still opened by their real name."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Path]:
     """Expand files, directories (recursively, log-like names only) and globs, oldest first
     (:func:`oldest_first`). A file this process may not read is an error, or, given ``unreadable``,
@@ -225,7 +232,7 @@ def read_chunks(
     ``max_line_bytes`` is quarantined without ever being held whole in memory. ``fileobj`` reads
     an already open file (the tail daemon keeps rotated files open) instead of opening ``path``.
     """
-    name = str(path)
+    name = shown(path)
     with open_log(Path(path)) if fileobj is None else fileobj as f:
         raw_file = f.fileobj if isinstance(f, gzip.GzipFile) else f
         tail = skip_to(f, start_offset, chunk_bytes)
@@ -313,7 +320,7 @@ def _at_disk(chunk: Chunk, raw_file: BinaryIO, tail: bytes) -> Chunk:
 
 def read_lines_at(path: Path, positions: list[tuple[int, int]], fileobj: BinaryIO | None = None) -> Chunk:
     """The lines starting at the given (offset, line number) positions: calls held back by a previous run."""
-    name = str(path)
+    name = shown(path)
     rows: list[tuple[int, int, str]] = []
     with open_log(path) if fileobj is None else fileobj as f:
         pos = 0

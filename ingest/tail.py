@@ -47,7 +47,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk
+from ingest.sources import Chunk, shown
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -400,7 +400,7 @@ class Tailer:
             if self.follower.read_to_end(f):
                 log.info("closed %s (rotated away, read to its end)", f.path)
                 self.follower.forget(key)
-                self.metrics.lag.pop(str(f.path), None)
+                self.metrics.lag.pop(shown(f.path), None)
 
     def _park_idle(self) -> None:
         """Close the files read to their end that have not changed for ``close_inactive_s``, and,
@@ -418,7 +418,7 @@ class Tailer:
                 break
             if self.follower.park(f):
                 excess -= 1
-                self.metrics.lag.pop(str(f.path), None)
+                self.metrics.lag.pop(shown(f.path), None)
 
     # --- reading and sending --------------------------------------------------------------------
 
@@ -457,7 +457,7 @@ class Tailer:
         m.files_open = len(self.follower.files)
         for f in self.follower.files.values():
             if not f.gz and not f.stale:
-                m.lag[str(f.path)] = max(f.size() - f.ck.offset, 0)
+                m.lag[shown(f.path)] = max(f.size() - f.ck.offset, 0)
 
 
 PROBE_S = 5.0

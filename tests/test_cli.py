@@ -401,3 +401,23 @@ def test_a_file_that_may_not_be_read_is_named_and_the_others_are_ingested(tmp_pa
     assert second.returncode == 0, second.stderr
     traces = all_traces(uri, "LiteLLM Proxy")
     assert sorted(t.info.tags["litellm.call_id"] for t in traces) == sorted({r["litellm_call_id"] for c in calls for r in c})
+
+
+def test_a_file_whose_name_is_not_utf8_is_ingested_and_named_readably(tmp_path: Path, capture: list[dict]) -> None:
+    """Linux allows any bytes in a name (a share mounted from another system): every run failed on
+    it with "surrogates not allowed" (exit 1), the files after it never read."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    name = os.fsdecode(b"proxy-\xff\xfe.jsonl")
+    (logs / name).write_text("".join(json.dumps(r) + "\n" for r in capture) + "not json\n")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["batch", str(logs), "--tracking-uri", uri, "--state-dir", str(tmp_path / "st"), "--json"]
+    first = run(*args, cwd=tmp_path)
+    assert first.returncode == 3 and "Traceback" not in first.stderr, first.stderr
+    (q,) = [json.loads(line) for line in (tmp_path / "st" / "quarantine.jsonl").read_text().splitlines()]
+    assert q["source"] == str(logs / "proxy-\ufffd\ufffd.jsonl") and q["line"] == len(capture) + 1
+    assert len(all_traces(uri, "LiteLLM Proxy")) == len({r["litellm_call_id"] for r in capture})
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 0 and json.loads(again.stdout)["records_read"] == 0, again.stderr
+    status = run("status", "--state-dir", str(tmp_path / "st"), "--json", cwd=tmp_path)
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr

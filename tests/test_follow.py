@@ -826,3 +826,19 @@ def test_a_fifo_or_a_device_under_a_log_name_is_passed_over_not_waited_on(tmp_pa
         pytest.fail("the pass waited on the FIFO")
     t.close()
     assert sorted(sink.calls()) == ["c-0"] and t.metrics.errors == 0
+
+
+def test_a_daemon_follows_a_file_whose_name_is_not_utf8_and_serves_its_metrics(tmp_path: Path) -> None:
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    name = os.fsdecode(b"proxy-\xff.jsonl")
+    (logdir / name).write_text(line(record("c-0", "success", 100.0, 101.0)) + "not json\n")
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.step()
+    t.shutdown()
+    t.close()
+    assert sorted(sink.calls()) == ["c-0"] and t.metrics.errors == 0
+    assert f'path="{logdir}/proxy-\ufffd.jsonl"' in t.metrics.exposition().encode().decode()
+    (q,) = [json.loads(x) for x in (state_dir / "quarantine.jsonl").read_text().splitlines()]
+    assert q["source"] == f"{logdir}/proxy-\ufffd.jsonl"
