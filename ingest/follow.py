@@ -298,8 +298,10 @@ class Follower:
 
     def chunks(self, f: Followed, final: bool | None = None):  # type: ignore[no-untyped-def]
         """Chunks after ``f``'s checkpoint. An unterminated last line is taken as final when the file is
-        compressed or has not changed for ``partial_timeout_s``."""
-        if f.stale or not self._still_holds(f):
+        compressed or has not changed for ``partial_timeout_s``. A plain file at its checkpoint's size
+        has nothing to read: one ``fstat``, not the reads that check it still holds its lines (a
+        daemon keeps up to a thousand files open and passes over them every second)."""
+        if f.stale or (not f.gz and f.size() == f.ck.offset) or not self._still_holds(f):
             return
         if final is None:
             final = f.gz or time.time() - f.mtime() > self.partial_timeout_s

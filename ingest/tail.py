@@ -351,7 +351,8 @@ class Tailer:
             path = Path(name)
             current = by_inode.get((st.st_dev, st.st_ino))
             if current is not None:
-                if current.gz or (current.first_line() in (current.fp, None) and st.st_size >= current.ck.offset):
+                unchanged = st.st_size == current.ck.offset  # a rewrite shows when it grows: chunks() checks then
+                if current.gz or unchanged or (st.st_size > current.ck.offset and current.first_line() in (current.fp, None)):
                     seen.add(current.key)
                     if current.path != path:
                         log.info("rotated: %s -> %s", current.path, path)
