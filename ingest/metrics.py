@@ -38,6 +38,8 @@ class Metrics:
     buffer_bytes: int = 0
     held_lines: int = 0
     files: int = 0
+    quarantine_unwritten: int = 0
+    """Quarantine records the file could not take (disk full), kept in memory: ``/health`` says "quarantine_unwritten"."""
     files_open: int = 0
     """Files with an open descriptor; the rest of ``files`` were read to their end and closed while idle."""
     nested_calls: int = 0
@@ -70,6 +72,7 @@ class Metrics:
             ("held_lines", "gauge", self.held_lines),
             ("files_followed", "gauge", self.files),
             ("files_open", "gauge", self.files_open),
+            ("quarantine_unwritten", "gauge", self.quarantine_unwritten),
             ("last_successful_write_timestamp_seconds", "gauge", self.last_write),
             ("mlflow_up", "gauge", int(self.mlflow_up)),
         ):
@@ -81,7 +84,15 @@ class Metrics:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         status = (
-            "mlflow_unavailable" if not self.mlflow_up else "state_unsaved" if not self.state_saved else "ok" if self.ready else "starting"
+            "mlflow_unavailable"
+            if not self.mlflow_up
+            else "state_unsaved"
+            if not self.state_saved
+            else "quarantine_unwritten"
+            if self.quarantine_unwritten
+            else "ok"
+            if self.ready
+            else "starting"
         )
         doc = {
             "status": status,

@@ -8,8 +8,10 @@ size. The good records around a bad one are never held back by it.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 import orjson
 
 RAW_CAP_BYTES = 64 * 1024
+
+log = logging.getLogger("litellm-ingest.quarantine")
 
 
 class Reason(str, enum.Enum):
@@ -60,11 +64,24 @@ class QuarantineRecord:
 
 
 class QuarantineWriter:
-    """Appends quarantine records; a run that quarantines nothing creates no file."""
+    """Appends quarantine records; a run that quarantines nothing creates no file.
 
-    def __init__(self, path: Path | None) -> None:
+    A file that cannot be written (disk full, read-only) stops a cron run (one line; its checkpoint
+    stays, so the next run quarantines the same lines again). The daemon (``hold``) must not stop
+    sending the good calls for it: what cannot be written is kept in memory, up to
+    ``HOLD_CAP_BYTES``, and written by the next pass that can; every record it has to let go of
+    is named in the log with its file, line and reason, never dropped in silence."""
+
+    HOLD_CAP_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, path: Path | None, hold: bool = False) -> None:
         self.path = path
+        self.hold = hold
         self.counts: dict[str, int] = {}
+        self.unwritten: list[tuple[bytes, QuarantineRecord]] = []
+        self.failing: str | None = None
+        self._torn = False
+        self._said = 0.0
         self._lock = threading.Lock()
 
     @property
@@ -79,11 +96,71 @@ class QuarantineWriter:
                 self.counts[r.reason] = self.counts.get(r.reason, 0) + 1
             if self.path is None:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             at = datetime.now(timezone.utc).isoformat()
-            payload = b"".join(orjson.dumps({**asdict(r), "quarantined_at": at}) + b"\n" for r in records)
+            self.unwritten += [(orjson.dumps({**asdict(r), "quarantined_at": at}) + b"\n", r) for r in records]
+            self._flush()
+
+    def retry(self) -> None:
+        """Write what a full disk kept back (the daemon, every pass)."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.unwritten or self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            done = 0
             try:
-                os.write(fd, payload)
+                if self._torn and _ends_mid_line(self.path):
+                    os.write(fd, b"\n")
+                for line, _ in self.unwritten:
+                    view = memoryview(line)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    done += 1
             finally:
                 os.close(fd)
+                del self.unwritten[:done]
+        except OSError as e:
+            self._torn = True
+            if not self.hold:
+                raise
+            self._held_back(e)
+            return
+        if self.failing is not None:
+            log.warning("the quarantine file %s is written again", self.path)
+        self.unwritten, self.failing, self._torn = [], None, False
+
+    def _held_back(self, e: OSError) -> None:
+        self.failing = f"{e.strerror or e}: {self.path}"
+        size = sum(len(line) for line, _ in self.unwritten)
+        while self.unwritten and size > self.HOLD_CAP_BYTES:
+            line, r = self.unwritten.pop(0)
+            size -= len(line)
+            log.warning("quarantine record not kept (%s): %s line %d, %s: %s", self.failing, r.source, r.line, r.reason, r.detail)
+        if time.monotonic() - self._said >= 60:
+            self._said = time.monotonic()
+            log.warning("cannot write the quarantine file (%s); %d record(s) kept in memory and written when it can be",
+                        self.failing, len(self.unwritten))  # fmt: skip
+
+    def abandon(self) -> None:
+        """At exit: the records still unwritten are named in the log (their lines stay in the logs)."""
+        with self._lock:
+            for _, r in self.unwritten:
+                log.warning("quarantine record not written (%s): %s line %d, %s: %s", self.failing, r.source, r.line, r.reason, r.detail)
+            self.unwritten = []
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """A write cut short by a full disk left part of a line: the next one must not continue it."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False

@@ -115,7 +115,7 @@ class Tailer:
         assert opts.state_dir is not None
         key = destination_key(self.target.tracking_uri, self.target.experiment_id)
         self.state = State.load(state_path(opts.state_dir, "batch", key), "batch", key)
-        self.quarantine = QuarantineWriter(opts.quarantine_file)
+        self.quarantine = QuarantineWriter(opts.quarantine_file, hold=True)
         self.nest_queue = NestQueue.beside(self.state.path) if opts.nest else None
         self.pipeline = Pipeline.for_run(self.sink, self.target, opts, self.quarantine, self.nest_queue)
         self.follower = Follower(
@@ -210,6 +210,8 @@ class Tailer:
                     self.follower.stamp(f)
         self.state.last_run = {**self.state.last_run, "finished": now_iso(), "result": "stopped"}
         self._save()
+        self.quarantine.retry()
+        self.quarantine.abandon()
         log.info("stopped")
 
     def step(self) -> None:
@@ -219,6 +221,7 @@ class Tailer:
             if self.metrics.down_since is not None:
                 self.sink.ping()
             self._restore()
+            self.quarantine.retry()
             self._scan()
             self._read_and_send(None)
             self._nest()
@@ -451,6 +454,7 @@ class Tailer:
         if s.traces_written > before[0]:
             m.last_write = time.time()
         m.records_read, m.quarantined, m.buffer_bytes = s.records_read, self.quarantine.total, 0
+        m.quarantine_unwritten = len(self.quarantine.unwritten)
         if batch:
             self.state.last_run = {**self.state.last_run, "updated": now_iso(), "summary": s.as_dict()}
         self._save()

@@ -823,3 +823,33 @@ def test_a_daemon_follows_a_file_whose_name_is_not_utf8_and_serves_its_metrics(t
     assert f'path="{logdir}/proxy-\ufffd.jsonl"' in t.metrics.exposition().encode().decode()
     (q,) = [json.loads(x) for x in (state_dir / "quarantine.jsonl").read_text().splitlines()]
     assert q["source"] == f"{logdir}/proxy-\ufffd.jsonl"
+
+
+def test_a_quarantine_file_on_a_full_disk_does_not_hold_back_the_good_calls(tmp_path: Path, small_disk: Path) -> None:
+    """The quarantine file sits in the state dir by default: with that disk full, one bad line made
+    every pass fail, and no call reached MLflow until the disk was freed. Now the good calls are
+    sent, the quarantine record waits in memory (``/health`` 503 "quarantine_unwritten") and is
+    written, once and whole, when the disk has room again."""
+    from tests.conftest import fill
+
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.quarantine.path = small_disk / "quarantine.jsonl"
+    filler = fill(small_disk)
+    log = logdir / "proxy.jsonl"
+    log.write_text(line(record("c-0", "success", 100.0, 101.0)) + "not json\n" + line(record("c-1", "success", 102.0, 103.0)))
+    t.step()
+    assert sorted(sink.calls()) == ["c-0", "c-1"] and t.metrics.errors == 0
+    assert t.metrics.health() == (503, {**t.metrics.health()[1], "status": "quarantine_unwritten"})
+    with log.open("a") as f:
+        f.write("{broken\n" + line(record("c-2", "success", 104.0, 105.0)))
+    t.step()
+    assert sorted(sink.calls()) == ["c-0", "c-1", "c-2"] and t.metrics.quarantine_unwritten == 2
+    filler.unlink()
+    t.step()
+    t.close()
+    written = [json.loads(x) for x in (small_disk / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["line"], q["reason"]) for q in written] == [(2, "malformed_json"), (4, "malformed_json")]
+    assert t.metrics.quarantine_unwritten == 0 and t.metrics.health()[0] == 200
