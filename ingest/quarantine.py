@@ -126,7 +126,7 @@ class QuarantineWriter:
         except OSError as e:
             self._torn = True
             if not self.hold:
-                raise
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
             self._held_back(e)
             return
         if self.failing is not None:

@@ -421,3 +421,21 @@ def test_a_file_whose_name_is_not_utf8_is_ingested_and_named_readably(tmp_path: 
     assert again.returncode == 0 and json.loads(again.stdout)["records_read"] == 0, again.stderr
     status = run("status", "--state-dir", str(tmp_path / "st"), "--json", cwd=tmp_path)
     assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+
+
+def test_a_cron_run_whose_quarantine_file_cannot_be_written_stops_and_the_next_one_loses_nothing(
+    tmp_path: Path, small_disk: Path, capture: list[dict]
+) -> None:
+    log = tmp_path / "logs" / "proxy.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(r) + "\n" for r in capture[:20]) + "not json\n" + "".join(json.dumps(r) + "\n" for r in capture[20:]))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["batch", str(log), "--tracking-uri", uri, "--state-dir", str(tmp_path / "st"), "--quarantine-file", str(small_disk / "q.jsonl")]
+    filler = fill(small_disk)
+    assert_one_clean_error_line(run(*args, cwd=tmp_path), 1, f"No space left on device: {small_disk / 'q.jsonl'}")
+    filler.unlink()
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 3, again.stderr
+    (q,) = [json.loads(x) for x in (small_disk / "q.jsonl").read_text().splitlines()]
+    assert (q["line"], q["reason"]) == (21, "malformed_json")
+    assert len(all_traces(uri, "LiteLLM Proxy")) == len({r["litellm_call_id"] for r in capture})
