@@ -72,16 +72,12 @@ class Followed:
         with self.reader() as f:
             return fingerprint_of(f)
 
-    def same_inode(self, st: os.stat_result) -> bool:
-        mine = os.fstat(self.fd)
-        return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
-
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
 
-def _stat_key(st: os.stat_result) -> str:
+def stat_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -157,7 +153,8 @@ class Follower:
         self.from_end = from_end and not state.checkpoints
         self.dry_run = dry_run
         self.files: dict[str, Followed] = {}
-        self.parked: dict[tuple[int, int], tuple[int, int]] = {}
+        self.parked: set[str] = set()
+        """The stat keys (``Checkpoint.end_stat``) of the files the daemon closed, read to their end."""
         self._reset: set[str] = set()
         self._saved: bytes | None = None
         if pipeline is not None:
@@ -216,10 +213,12 @@ class Follower:
         ck.offset, ck.line, ck.tail, ck.done, ck.legacy_held, ck.end_stat = 0, 1, None, False, [], None
 
     def stamp(self, f: Followed) -> None:
-        """Note ``f`` as it is, if read to its end (its checkpoint at its size, or a gzip done)."""
+        """At the end of a read: whether ``f`` is done (a gzip read whole), and its stat key if it is
+        read to its end (its checkpoint at its size, or done), for :meth:`unchanged` and :meth:`park`."""
         st = os.fstat(f.fd)
-        whole = self.is_done(f) if f.gz else f.ck.offset == st.st_size
-        f.ck.end_stat = _stat_key(st) if whole else None
+        f.ck.done = self.is_done(f)
+        whole = f.ck.done if f.gz else f.ck.offset == st.st_size
+        f.ck.end_stat = stat_key(st) if whole else None
 
     def unchanged(self, paths: list[Path]) -> set[Path]:
         """The files read to their end before and untouched since: the same device, inode, size and
@@ -231,7 +230,7 @@ class Follower:
         out: set[Path] = set()
         for path in paths:
             with contextlib.suppress(OSError):
-                if _stat_key(os.stat(path)) in stamps:
+                if stat_key(os.stat(path)) in stamps:
                     out.add(path)
         return out
 
@@ -256,28 +255,24 @@ class Follower:
     def park(self, f: Followed) -> bool:
         """Close the descriptor of a file read to its end (Filebeat's ``close_inactive``): a daemon over
         a directory of thousands of files must not hold one descriptor each (the default limit is
-        1,024). Its (device, inode) is kept with the size and mtime it was read to; a scan that sees
-        either change opens it again, and its checkpoint carries on. False if it grew meanwhile."""
-        st = os.fstat(f.fd)
-        if not f.gz and st.st_size != f.ck.offset:
+        1,024). Its stat key (device, inode, size, mtime) is kept; a scan that sees any of them
+        change opens it again, and its checkpoint carries on. False if it grew meanwhile."""
+        self.stamp(f)
+        if f.ck.end_stat is None:
             return False
         self.files.pop(f.key, None)
-        self.parked[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns)
-        f.ck.end_stat = _stat_key(st)
+        self.parked.add(f.ck.end_stat)
         f.close()
         return True
 
     def park_stamped(self) -> None:
         """At a start, the files read to their end by an earlier run count as closed: a daemon over
         a folder of a hundred thousand files opens only those that changed since."""
-        for ck in self.state.checkpoints.values():
-            if ck.end_stat and ck.fingerprint not in self._reset:
-                dev, ino, size, mtime = (int(v) for v in ck.end_stat.split(":"))
-                self.parked[(dev, ino)] = (size, mtime)
+        self.parked = {c.end_stat for c in self.state.checkpoints.values() if c.end_stat and c.fingerprint not in self._reset}
 
     def still_parked(self, st: os.stat_result) -> bool:
         """The file under ``st`` is a parked one, unchanged since it was read to its end."""
-        return self.parked.get((st.st_dev, st.st_ino)) == (st.st_size, st.st_mtime_ns)
+        return stat_key(st) in self.parked
 
     def is_done(self, f: Followed) -> bool:
         """A compressed file read to its end before (its trailer's size is the checkpoint's offset)."""

@@ -965,7 +965,6 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
             disk = 0 if f.gz else f.ck.offset
             for chunk in got:
                 disk = _advanced(follower, f, chunk, disk)
-            f.ck.done = follower.is_done(f)
             follower.stamp(f)
         follower.save()
     finally:
@@ -991,7 +990,6 @@ def _taken_on(follower: Follower, f: Followed) -> bool:
     if f.ck.offset:
         follower.pipeline.summary.files_resumed += 1
     if follower.is_done(f):
-        f.ck.done = True
         follower.stamp(f)
         return False
     return True
@@ -1029,7 +1027,6 @@ def _ingest_file(
                 progress(str(path), chunk, pipe.summary)
             if opts.stop.is_set():
                 raise KeyboardInterrupt
-        f.ck.done = follower.is_done(f)
         follower.stamp(f)
     finally:
         follower.forget(f.key)

@@ -86,11 +86,17 @@ def oldest_first(paths: Iterable[Path]) -> list[Path]:
 
     def age(path: Path) -> tuple[int, tuple[int, int], str]:
         try:
-            return os.stat(path).st_mtime_ns, rotation_rank(path.name), str(path)
+            return age_order(os.stat(path).st_mtime_ns, str(path))
         except OSError:
-            return 0, rotation_rank(path.name), str(path)
+            return age_order(0, str(path))
 
     return sorted(paths, key=age)
+
+
+def age_order(mtime_ns: int, path: str) -> tuple[int, tuple[int, int], str]:
+    """The sort key of :func:`oldest_first` (and of the daemon's scan, which has the stat already):
+    modification time, then rotation order, then the path."""
+    return mtime_ns, rotation_rank(os.path.basename(path)), path
 
 
 def open_log(path: Path) -> BinaryIO:

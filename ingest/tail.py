@@ -40,14 +40,14 @@ from watchdog.observers.polling import PollingObserver
 
 from ingest.allocator import tune_collector
 from ingest.checkpoints import State, StateError, destination_key, now_iso, state_path
-from ingest.follow import Followed, Follower
-from ingest.lognames import SCRATCH_SUFFIXES, rotation_rank
+from ingest.follow import Followed, Follower, stat_key
+from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk, shown
+from ingest.sources import Chunk, age_order, shown
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -318,7 +318,7 @@ class Tailer:
         rotated files are read before the current one, so a call's attempts arrive in their order (as
         :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second.
         A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer)."""
-        found: list[tuple[int, tuple[int, int], str, os.stat_result]] = []
+        found: list[tuple[str, os.stat_result]] = []
         for d in self.dirs:
             for root, _, names in os.walk(d):
                 for name in names:
@@ -327,9 +327,9 @@ class Tailer:
                         with contextlib.suppress(OSError):
                             st = os.stat(path)
                             if stat.S_ISREG(st.st_mode):
-                                found.append((st.st_mtime_ns, rotation_rank(name), path, st))
-        found.sort(key=lambda p: p[:3])
-        return [(path, st) for _, _, path, st in found]
+                                found.append((path, st))
+        found.sort(key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
+        return found
 
     def _scan(self) -> None:
         """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint."""
@@ -342,14 +342,14 @@ class Tailer:
                     st = os.fstat(f.fd)
                     by_inode.setdefault((st.st_dev, st.st_ino), f)
         seen: set[str] = set()
-        parked: set[tuple[int, int]] = set()
+        parked: set[str] = set()
         self._more = False
         started = time.monotonic()
         candidates = self._candidates()
         self._scan_s = time.monotonic() - started
         for name, st in candidates:
             if follower.still_parked(st):
-                parked.add((st.st_dev, st.st_ino))
+                parked.add(stat_key(st))
                 continue
             path = Path(name)
             current = by_inode.get((st.st_dev, st.st_ino))
@@ -388,7 +388,7 @@ class Tailer:
                 f.close()
                 continue
             seen.add(f.key)
-        follower.parked = {k: v for k, v in follower.parked.items() if k in parked}
+        follower.parked = parked
         now = time.monotonic()
         for key, f in files.items():
             if key in seen:
