@@ -18,6 +18,7 @@ import gzip
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,13 +29,16 @@ from urllib.parse import urlsplit
 import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from ingest.spans import BuiltTrace, SpanData
+from ingest.spans import BuiltTrace, SpanData, stored_span, with_stored_attempts
 from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, store_for
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT_NAME = "LiteLLM Proxy"
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
+LOOKUP_CHUNK = 500
+FETCH_CHUNK = 50
+"""Trace ids per ``batchGet`` (a GET: the ids go in its query string)."""
 T = TypeVar("T")
 
 
@@ -316,6 +320,34 @@ def _create_experiment(store: Any, name: str) -> str:
         return exp.experiment_id
 
 
+def join_held(traces: list[BuiltTrace], held: list[Any]) -> int:
+    """Join to each trace the attempts the store already holds of its call (``held``: MLflow ``Trace``
+    objects), so a call's attempts read in different runs end as one trace with every attempt, not
+    the last one read. Returns how many traces were rebuilt."""
+    by_id = {t.trace_id: t for t in traces}
+    joined = 0
+    for trace in held:
+        if (t := by_id.get(trace.info.trace_id)) is not None:
+            tid = bytes.fromhex(t.trace_id.removeprefix("tr-"))
+            joined += with_stored_attempts(t, [stored_span(s, tid) for s in trace.data.spans])
+    if joined:
+        log.info("%d call(s) joined to the attempts MLflow already held of them", joined)
+    return joined
+
+
+def _covered(trace: BuiltTrace, held: list[tuple[str, int, int, str]]) -> bool:
+    """Whether ``trace`` already has every attempt of the stored spans ``held`` (span id, start ns,
+    end ns, status): attempt spans' ids hash their identity; a stored call of one attempt
+    is that span alone under the root's id, matched by its times and status."""
+    data = trace.whole().data
+    if len(held) > 1:
+        return {h[0] for h in held} <= {d.span_id.hex() for d in data}
+    _, start_ns, end_ns, status = held[0]
+    return any(
+        d.start_us * 1000 == start_ns and d.end_us * 1000 == end_ns and (d.error is None) == (status == "OK") for d in data[1:] or data
+    )
+
+
 def otlp_request(traces: list[BuiltTrace]) -> ExportTraceServiceRequest:
     return otlp_request_of([s for t in traces for s in t.spans])
 
@@ -357,8 +389,30 @@ class OtlpSink:
     def write(self, traces: list[BuiltTrace]) -> int:
         if not traces:
             return 0
+        join_held(traces, self._held(traces))
         self._post(lambda: otlp_request(traces), self.target.experiment_id)
         return sum(len(t.spans) for t in traces)
+
+    def _held(self, traces: list[BuiltTrace]) -> list[Any]:
+        """The traces of this batch the server holds already, with their spans (none, usually: one
+        ``batchGetInfos`` per batch tells)."""
+        ids = [t.trace_id for t in traces]
+        held = [i.trace_id for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
+        store = self._rest()
+        try:
+            return [
+                trace
+                for k in range(0, len(held), FETCH_CHUNK)
+                for trace in with_retries(
+                    lambda k=k: store.batch_get_traces(held[k : k + FETCH_CHUNK]),
+                    "read traces",
+                    self.deadline_s,
+                    _transient_any,
+                    self.on_retry,
+                )
+            ]
+        except Exception as e:
+            raise SinkError(f"reading traces on {self.target.shown_uri} failed: {_short(e)}") from e
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         if spans:
@@ -511,11 +565,11 @@ class StoreSink(_Synchronous):
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span
 
-        count = sum(t.span_count for t in traces)
-        if not count:
+        if not any(t.span_count for t in traces):
             return 0
 
         def write_once() -> None:
+            join_held(traces, self._held(traces))
             if self.bulk is not None:
                 self.bulk.write(traces)
             else:
@@ -538,7 +592,25 @@ class StoreSink(_Synchronous):
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {_short(e)}", kind=kind) from e
-        return count
+        return sum(t.span_count for t in traces)
+
+    def _held(self, traces: list[BuiltTrace]) -> list[Any]:
+        """The traces of this batch the store holds with attempts the batch lacks, read whole through
+        MLflow (``batch_get_traces``). One query on the spans table per batch tells which: none when
+        the calls are new, and none on a re-run that reads the same attempts again."""
+        from mlflow.store.tracking.dbmodels.models import SqlSpan
+        from sqlalchemy import select
+
+        by_id = {t.trace_id: t for t in traces}
+        ids = list(by_id)
+        held: dict[str, list[tuple[str, int, int, str]]] = defaultdict(list)
+        columns = (SqlSpan.trace_id, SqlSpan.span_id, SqlSpan.start_time_unix_nano, SqlSpan.end_time_unix_nano, SqlSpan.status)
+        with self.store.ManagedSessionMaker() as session:
+            for k in range(0, len(ids), LOOKUP_CHUNK):
+                for tid, *span in session.execute(select(*columns).where(SqlSpan.trace_id.in_(ids[k : k + LOOKUP_CHUNK]))):
+                    held[tid].append(tuple(span))
+        lacking = [tid for tid, spans in held.items() if not _covered(by_id[tid], spans)]
+        return self.store.batch_get_traces(lacking) if lacking else []
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         """MLflow's own ``log_spans``: its merge into a trace it holds is the contract."""

@@ -535,42 +535,49 @@ def build_trace(
         SpanAttributeKey.TRACE_TAG_PREFIX + TraceTagKey.TRACE_NAME: name,
         SpanAttributeKey.TRACE_TAG_PREFIX + APP_TRACE_TAG: None if parent is None else "tr-" + parent[0],
     }
-    spans = [root]
     if len(attempts) == 1:
         root.attributes = {**_io_attributes(first, first.outputs), **_call_attributes(first), **root_attrs}
         _status_and_events(root, first)
+        spans = [root]
     else:
-        costs = [r["cost"] for r in rows if r["cost"] is not None]
-        root.attributes = {
-            **_io_attributes(first, final.outputs),
-            SpanAttributeKey.SPAN_TYPE: span_type(final.row["call_type"]),
-            "litellm_call_id": final.row["litellm_call_id"] or call_key,
-            "call_type": final.row["call_type"],
-            "model": final.row["model"],
-            "model_group": final.row["model_group"],
-            "status": final.row["status"],
-            "attempts": len(attempts),
-            "response_cost": sum(costs) if costs else None,
-            "request_tags": final.row["request_tags"] or [],
-            **root_attrs,
-        }
-        if final.row["status"] != "success":
-            root.error = _status_message(final.row)
-        for n, a in enumerate(attempts, start=1):
-            r = a.row
-            child = SpanData(
-                tid,
-                otel_span_id(tid, attempt_identity(r["start_us"], r["status"])),
-                root_id,
-                f"{name} attempt {n}",
-                r["start_us"],
-                r["end_us"],
-            )
-            child.attributes = {**_io_attributes(a, a.outputs), **_call_attributes(a), "attempt": n}
-            _status_and_events(child, a)
-            spans.append(child)
+        spans = _joined(root, [_attempt_span(tid, a) for a in attempts], root_attrs)
     scrub.spans(spans, MAX_ATTRIBUTE_DEPTH)
     return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows, parent)
+
+
+def _attempt_span(tid: bytes, a: _Attempt) -> SpanData:
+    """One attempt as a child span, before it is numbered and put under the root (:func:`_joined`)."""
+    r = a.row
+    span = SpanData(tid, otel_span_id(tid, attempt_identity(r["start_us"], r["status"])), None, "", r["start_us"], r["end_us"])
+    span.attributes = {**_io_attributes(a, a.outputs), **_call_attributes(a)}
+    _status_and_events(span, a)
+    return span
+
+
+def _joined(root: SpanData, attempts: list[SpanData], root_attrs: dict[str, Any]) -> list[SpanData]:
+    """A call of several attempts (in the order they ran): the root sums them up from their spans
+    alone, so attempts read back from MLflow join new ones the same way (:func:`with_stored_attempts`)."""
+    first, final = attempts[0].attributes, attempts[-1].attributes
+    costs = [a.attributes.get("response_cost") for a in attempts]
+    costs = [c for c in costs if c is not None]
+    root.attributes = {
+        SpanAttributeKey.SPAN_TYPE: final.get(SpanAttributeKey.SPAN_TYPE),
+        SpanAttributeKey.INPUTS: first.get(SpanAttributeKey.INPUTS),
+        SpanAttributeKey.OUTPUTS: final.get(SpanAttributeKey.OUTPUTS),
+        SpanAttributeKey.MESSAGE_FORMAT: first.get(SpanAttributeKey.MESSAGE_FORMAT),
+        SpanAttributeKey.CHAT_TOOLS: first.get(SpanAttributeKey.CHAT_TOOLS),
+        **{k: final.get(k) for k in ("litellm_call_id", "call_type", "model", "model_group", "status")},
+        "attempts": len(attempts),
+        "response_cost": sum(costs) if costs else None,
+        "request_tags": final.get("request_tags") or [],
+        **root_attrs,
+    }
+    root.error = attempts[-1].error
+    for n, span in enumerate(attempts, start=1):
+        span.parent_id = root.span_id
+        span.name = f"{root.name} attempt {n}"
+        span.attributes = {**span.attributes, "attempt": n}
+    return [root, *attempts]
 
 
 _PROXY_SPAN_KEYS = frozenset(
@@ -604,15 +611,14 @@ def nested_spans(trace: BuiltTrace) -> list[SpanData]:
     tid, parent_id = bytes.fromhex(trace.parent[0]), bytes.fromhex(trace.parent[1])
     root = trace.data[0]
     attempts = trace.data[1:] or [root]
-    by_end = sorted(trace.rows, key=lambda r: (r["end_us"], r["start_us"]))
     proxy_id = otel_span_id(tid, f"proxy:{trace.call_key}")
     proxy = SpanData(tid, proxy_id, parent_id, root.name, trace.start_us, trace.end_us, error=root.error)
     proxy.attributes = {k: v for k, v in root.attributes.items() if k in _PROXY_SPAN_KEYS}
     proxy.attributes.setdefault("attempts", len(attempts))
     proxy.attributes[PROXY_TRACE_ATTRIBUTE] = trace.trace_id
     out = [proxy]
-    for n, (span, row) in enumerate(zip(attempts, by_end, strict=True), start=1):
-        identity = f"proxy:{trace.call_key}:{attempt_identity(row['start_us'], row['status'])}"
+    for n, span in enumerate(attempts, start=1):
+        identity = f"proxy:{trace.call_key}:{_identity(span)}"
         name = f"{root.name} attempt {n}"
         child = SpanData(tid, otel_span_id(tid, identity), proxy_id, name, span.start_us, span.end_us, error=span.error)
         child.attributes = {k: v for k, v in span.attributes.items() if not k.startswith(_TRACE_LEVEL_KEYS)}
@@ -620,6 +626,78 @@ def nested_spans(trace: BuiltTrace) -> list[SpanData]:
         child.events = list(span.events)
         out.append(child)
     return out
+
+
+def _identity(attempt: SpanData) -> str:
+    """An attempt span's identity, from what the span itself carries (also when read back from MLflow)."""
+    return attempt_identity(attempt.start_us, str(attempt.attributes.get("status")))
+
+
+def stored_span(span: Any, trace_id: bytes) -> SpanData:
+    """A span MLflow holds (``mlflow.entities.Span``) as ``SpanData``, as it would be sent again."""
+    attributes = {k: v for k, v in span.attributes.items() if k != SpanAttributeKey.REQUEST_ID}
+    events = [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events]
+    error = (span.status.description or "ERROR") if span.status.status_code.value == "ERROR" else None
+    parent = bytes.fromhex(span.parent_id) if span.parent_id else None
+    start_us, end_us = span.start_time_ns // 1000, (span.end_time_ns or span.start_time_ns) // 1000
+    return SpanData(trace_id, bytes.fromhex(span.span_id), parent, span.name, start_us, end_us, attributes, events, error)
+
+
+def _attempts_of(spans: list[SpanData], root_id: bytes) -> tuple[SpanData, list[SpanData]]:
+    """(root, attempts) of one standalone trace: the root's children, or the root itself when it is the
+    call's only attempt, each as an unnumbered attempt span keyed by its identity."""
+    root = next(s for s in spans if s.span_id == root_id)
+    children = [s for s in spans if s.parent_id == root_id]
+    if not children:
+        attrs = {k: v for k, v in root.attributes.items() if not k.startswith(_TRACE_LEVEL_KEYS)}
+        children = [replace(root, attributes=attrs, events=list(root.events))]
+    out = []
+    for c in children:
+        attrs = {k: v for k, v in c.attributes.items() if k != "attempt"}
+        out.append(replace(c, span_id=otel_span_id(root.trace_id, _identity(c)), parent_id=None, attributes=attrs, events=list(c.events)))
+    return root, out
+
+
+def _with_attempts_tag(trace_level: dict[str, Any], attempts: int) -> dict[str, Any]:
+    """The root's trace-level attributes with the attempts tag where ``build_trace`` puts it (before
+    the trace name), so a joined call is stored byte for byte as one run over all its attempts stores it."""
+    key, before = SpanAttributeKey.TRACE_TAG_PREFIX + f"{TAG_PREFIX}attempts", SpanAttributeKey.TRACE_TAG_PREFIX + TraceTagKey.TRACE_NAME
+    out: dict[str, Any] = {}
+    for k, v in trace_level.items():
+        if k == before:
+            out[key] = str(attempts)
+        if k != key:
+            out[k] = v
+    out.setdefault(key, str(attempts))
+    return out
+
+
+def with_stored_attempts(trace: BuiltTrace, stored: list[SpanData]) -> bool:
+    """Join a call's attempts that MLflow already holds (written by an earlier run) to the ones being
+    written, so that an attempt read late (an older archive backfilled after today's file) adds its
+    span instead of replacing the call's root with itself. True when ``trace`` was rebuilt.
+
+    An attempt in both keeps the new copy (it may be richer). The trace-level fields (session, user,
+    tags, name) are those of the side holding the call's final attempt, the other side's filling gaps."""
+    data = trace.whole().data
+    tid, root_id = data[0].trace_id, data[0].span_id
+    if not any(s.span_id == root_id for s in stored):
+        return False
+    new_root, new = _attempts_of(data, root_id)
+    old_root, old = _attempts_of(stored, root_id)
+    have = {a.span_id for a in new}
+    missing = [a for a in old if a.span_id not in have]
+    if not missing:
+        return False
+    attempts = sorted(new + missing, key=lambda a: (a.end_us, a.start_us))
+    last, other = (old_root, new_root) if any(attempts[-1] is a for a in missing) else (new_root, old_root)
+    trace_level = [{k: v for k, v in r.attributes.items() if k.startswith(_TRACE_LEVEL_KEYS) and v is not None} for r in (last, other)]
+    root_attrs = _with_attempts_tag(trace_level[1] | trace_level[0], len(attempts))
+    root = SpanData(tid, root_id, None, last.name, min(a.start_us for a in attempts), max(a.end_us for a in attempts))
+    trace.data = _joined(root, attempts, root_attrs)
+    trace.start_us, trace.end_us = root.start_us, root.end_us
+    trace._otlp, trace.derived = None, None
+    return True
 
 
 def group_calls(frame: pl.DataFrame) -> Iterator[list[dict[str, Any]]]:

@@ -23,7 +23,7 @@ from ingest.dedupe import dedupe
 from ingest.ids import mlflow_trace_id
 from ingest.normalize import normalize
 from ingest.sources import split_lines
-from ingest.spans import BuiltTrace, Redaction, build_trace, build_traces, span_type
+from ingest.spans import BuiltTrace, Redaction, SpanData, build_trace, build_traces, span_type, stored_span, with_stored_attempts
 
 EXP = "17"
 CALLBACK_ATTRIBUTES = [
@@ -703,3 +703,68 @@ def test_attribute_encoding_is_byte_identical_to_mlflows_exporter(capture: list[
     big = AnyValue()
     set_any(big, {"n": 2**70})
     assert big.kvlist_value.values[0].value.string_value == str(2**70)
+
+
+# --- joining attempts MLflow already holds ----------------------------------------------------
+
+
+def _held(trace: BuiltTrace) -> list[SpanData]:
+    """The trace's spans as MLflow hands them back (decoded from what the sinks send)."""
+    return [stored_span(s, trace.data[0].trace_id) for s in spans(trace)]
+
+
+def _encoded(trace: BuiltTrace) -> list[bytes]:
+    return [d.to_otlp().SerializeToString(deterministic=True) for d in trace.data]
+
+
+def _parts(call: str) -> tuple[list[dict], BuiltTrace]:
+    """The call's rows (one frame, so each keeps its line) and the trace of all of them."""
+    rows = list(frame_of(CALLS[call]).iter_rows(named=True))
+    return rows, build_trace(rows, EXP)
+
+
+@pytest.mark.parametrize("call", MULTI)
+def test_an_attempt_read_after_the_rest_of_its_call_was_written_joins_it_as_one_build_would(call: str) -> None:
+    """Whichever attempt comes late (a failed primary after its fallback, a success after its failures),
+    the call rebuilt from MLflow's spans and the late attempt is the trace of every attempt, byte for byte."""
+    rows, whole = _parts(call)
+    for late in range(len(rows)):
+        written = build_trace([r for i, r in enumerate(rows) if i != late], EXP)
+        trace = build_trace([rows[late]], EXP)
+        assert with_stored_attempts(trace, _held(written))
+        assert _encoded(trace) == _encoded(whole), f"attempt {late + 1} read late"
+        assert (trace.start_us, trace.end_us) == (whole.start_us, whole.end_us)
+
+
+@pytest.mark.parametrize("call", MULTI[:3] + SINGLE[:3])
+def test_a_trace_that_has_every_attempt_mlflow_holds_is_left_as_built(call: str) -> None:
+    """A re-run, or a richer copy of attempts already written: nothing to join, the new build goes as it is."""
+    rows, whole = _parts(call)
+    for held in (whole, *(build_trace([r], EXP) for r in rows)):
+        trace = build_trace(rows, EXP)
+        assert not with_stored_attempts(trace, _held(held))
+        assert _encoded(trace) == _encoded(whole)
+
+
+def test_a_copy_of_one_attempt_of_a_written_call_rebuilds_the_whole_call_not_its_root() -> None:
+    """Before, a re-delivered copy of a fallback's failed primary replaced the call's root with itself."""
+    (call,) = [c for c, rs in CALLS.items() if len(rs) == 2 and rs[1]["status"] == "success" and rs[1]["startTime"] < rs[0]["startTime"]]
+    rows, whole = _parts(call)
+    copy_of_primary = build_trace([rows[0] if rows[0]["status"] == "failure" else rows[1]], EXP)
+    assert with_stored_attempts(copy_of_primary, _held(whole))
+    assert _encoded(copy_of_primary) == _encoded(whole)
+    root = spans(copy_of_primary)[0]
+    assert root.status.status_code == SpanStatusCode.OK and root.attributes["attempts"] == 2
+
+
+def test_a_joined_call_nests_every_attempt_under_the_app_span() -> None:
+    """The copy nested into the client's trace is made from the joined spans, not from the late rows alone."""
+    from ingest.spans import nested_spans
+
+    rows, whole = _parts(MULTI[0])
+    parent = ("ab" * 16, "cd" * 8)
+    trace = build_trace(rows[:1], EXP)
+    assert with_stored_attempts(trace, _held(build_trace(rows[1:], EXP)))
+    trace.parent = whole.parent = parent
+    assert [d.to_otlp() for d in nested_spans(trace)] == [d.to_otlp() for d in nested_spans(whole)]
+    assert len(nested_spans(trace)) == len(rows) + 1

@@ -1,0 +1,94 @@
+"""An attempt read in a later run than the rest of its call: an older archive backfilled after the
+cron run read today's file, where each retried or fallen-back call's last attempt is. Real
+`litellm-ingest` processes into SQLite, PostgreSQL and a real `mlflow server`.
+
+Before, the late attempt was written as a call of its own: its one span took the root's id and
+replaced the call's root (a fallback's success became the failed primary). Now the store's spans of
+the call are read back and joined: the store ends as one run over both files leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Postgres, copies, start_mlflow_server, write_log
+from tests.storekit import store_rows
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+
+
+def _run(command: str, uri: str, state: Path, *paths: Path) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, command, *map(str, paths), "--tracking-uri", uri, "--experiment-name", "late", "--state-dir", str(state), "--json"]
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def split(capture: list[dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """(archive dir, today dir, calls): every call's last attempt in today's file, its earlier ones in the archive."""
+    d = tmp_path_factory.mktemp("late")
+    records = [r for batch in copies(capture, 3, "late") for r in batch]
+    by_call: dict[str, list[dict]] = {}
+    for r in records:
+        by_call.setdefault(r["litellm_call_id"], []).append(r)
+    last = {id(max(rs, key=lambda r: (r["endTime"], r["startTime"]))) for rs in by_call.values()}
+    archive = write_log(d / "archive" / "proxy.jsonl.1", [r for r in records if id(r) not in last])
+    today = write_log(d / "today" / "proxy.jsonl", [r for r in records if id(r) in last])
+    os.utime(archive, (1_700_000_000, 1_700_000_000))
+    assert sum(len(rs) > 1 for rs in by_call.values()) >= 9, "retries and fallbacks to split"
+    return archive.parent, today.parent, len(by_call)
+
+
+def _stores(store: Any, split: tuple[Path, Path, int], tmp_path: Path) -> tuple[dict, dict]:
+    """The store one run over both files writes, and the one a cron run over today's file and then a
+    backfill of the archive write. ``store(name)``: (tracking URI, the database's URI)."""
+    archive, today, calls = split
+    (one, one_db), (two, two_db) = store("one"), store("two")
+    whole = _run("backfill", one, tmp_path / "state-one", archive, today)
+    assert whole["traces_written"] == calls
+    first = _run("batch", two, tmp_path / "state-two", today)
+    assert first["traces_written"] == calls
+    later = _run("backfill", two, tmp_path / "state-two", archive)
+    assert 0 < later["traces_written"] < calls
+    return store_rows(one_db), store_rows(two_db)
+
+
+def _assert_joined(reference: dict, joined: dict) -> None:
+    """Every row as one run over both files writes it: spans, tags, metadata (token usage, cost) and
+    the trace (state and previews included: the fallbacks here ask what their primaries asked)."""
+    for table in ("info", "spans", "tags", "metadata"):
+        extra, missing = sorted(joined[table] - reference[table]), sorted(reference[table] - joined[table])
+        assert not extra and not missing, (table, extra[:2], missing[:2])
+
+
+def test_an_attempt_read_a_run_later_joins_its_call_in_sqlite(split: tuple[Path, Path, int], tmp_path: Path) -> None:
+    _assert_joined(*_stores(lambda name: (f"sqlite:///{tmp_path / name}.db",) * 2, split, tmp_path))
+
+
+def test_an_attempt_read_a_run_later_joins_its_call_in_postgresql(
+    split: tuple[Path, Path, int], tmp_path: Path, postgres: Postgres
+) -> None:
+    _assert_joined(*_stores(lambda name: (postgres.new_database(),) * 2, split, tmp_path))
+
+
+def test_an_attempt_read_a_run_later_joins_its_call_through_a_server(split: tuple[Path, Path, int], tmp_path: Path) -> None:
+    servers = []
+
+    def server(name: str) -> tuple[str, str]:
+        servers.append(start_mlflow_server(tmp_path / name))
+        return servers[-1].url, servers[-1].backend_uri
+
+    try:
+        _assert_joined(*_stores(server, split, tmp_path))
+    finally:
+        for s in servers:
+            s.stop()
