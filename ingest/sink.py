@@ -382,6 +382,7 @@ class OtlpSink:
         self.deadline_s = deadline_s
         self.on_retry: Callable[[Exception], None] | None = None
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
+        self.joining = True
 
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:
         return self._senders.submit(self.write, traces)
@@ -395,24 +396,31 @@ class OtlpSink:
 
     def _held(self, traces: list[BuiltTrace]) -> list[Any]:
         """The traces of this batch the server holds already, with their spans (none, usually: one
-        ``batchGetInfos`` per batch tells)."""
+        ``batchGetInfos`` per batch tells). A server that does not serve these reads (an MLflow older
+        than this one's API) is named once and written to as before."""
+        if not self.joining:
+            return []
         ids = [t.trace_id for t in traces]
-        held = [i.trace_id for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
         store = self._rest()
         try:
-            return [
-                trace
-                for k in range(0, len(held), FETCH_CHUNK)
-                for trace in with_retries(
-                    lambda k=k: store.batch_get_traces(held[k : k + FETCH_CHUNK]),
-                    "read traces",
-                    self.deadline_s,
-                    _transient_any,
-                    self.on_retry,
-                )
-            ]
+            held = [i.trace_id for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
+
+            def read(part: list[str]) -> list[Any]:
+                return with_retries(lambda: store.batch_get_traces(part), "read traces", self.deadline_s, _transient_any, self.on_retry)
+
+            return [trace for k in range(0, len(held), FETCH_CHUNK) for trace in read(held[k : k + FETCH_CHUNK])]
         except Exception as e:
-            raise SinkError(f"reading traces on {self.target.shown_uri} failed: {_short(e)}") from e
+            cause = e.__cause__ if isinstance(e, SinkError) and e.__cause__ is not None else e
+            if isinstance(cause, Exception) and _transient_any(cause):
+                raise SinkError(f"reading traces on {self.target.shown_uri} failed: {_short(cause)}") from e
+            self.joining = False
+            log.warning(
+                "%s does not serve reading traces back (%s): an attempt read in a later run than the rest of its call "
+                "will replace the call's root instead of joining it",
+                self.target.shown_uri,
+                _short(cause),
+            )
+            return []
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         if spans:

@@ -92,3 +92,36 @@ def test_an_attempt_read_a_run_later_joins_its_call_through_a_server(split: tupl
     finally:
         for s in servers:
             s.stop()
+
+
+def test_a_server_that_does_not_serve_reading_traces_back_is_named_once_and_written_to_as_before(
+    mlflow_server: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older server without ``batchGetInfos`` answers 404: the batch is written (nothing to join
+    then), the log says so once, and no batch waits on a lookup that cannot succeed."""
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    from ingest.sink import OtlpSink, SinkError, resolve_target
+    from tests.conftest import all_traces
+    from tests.followkit import record
+    from tests.test_spans import trace_of
+
+    name = f"no-reads-{uuid.uuid4().hex[:8]}"
+    sink = OtlpSink(resolve_target(mlflow_server.url, name, None))
+    lookups = []
+
+    def not_served(ids: list[str]) -> list[Any]:
+        lookups.append(ids)
+        raise SinkError("looking up traces failed") from MlflowException("Endpoint not found", error_code="ENDPOINT_NOT_FOUND")
+
+    monkeypatch.setattr(sink, "trace_infos", not_served)
+    try:
+        for call in ("a", "b"):
+            trace = trace_of([record(f"{name}-{call}", "success", 100.0, 101.0)], experiment=sink.target.experiment_id)
+            assert sink.write([trace]) == 1
+    finally:
+        sink.close()
+    assert len(lookups) == 1 and [r.levelname for r in caplog.records if "does not serve reading traces back" in r.message] == ["WARNING"]
+    assert len(all_traces(mlflow_server.url, name)) == 2
