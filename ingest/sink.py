@@ -396,31 +396,49 @@ class OtlpSink:
 
     def _held(self, traces: list[BuiltTrace]) -> list[Any]:
         """The traces of this batch the server holds already, with their spans (none, usually: one
-        ``batchGetInfos`` per batch tells). A server that does not serve these reads (an MLflow older
-        than this one's API) is named once and written to as before."""
+        ``batchGetInfos`` per batch tells). Through this sink's own HTTP session, so that an outage is
+        reported at once as for a write, not after the MLflow client's own retries. A server that
+        does not serve these reads (an MLflow older than this one's API) is named once and written
+        to as before."""
+        from google.protobuf.json_format import ParseDict
+        from mlflow.entities import Trace
+        from mlflow.protos.service_pb2 import BatchGetTraces
+
         if not self.joining:
             return []
         ids = [t.trace_id for t in traces]
-        store = self._rest()
         try:
-            held = [i.trace_id for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
-
-            def read(part: list[str]) -> list[Any]:
-                return with_retries(lambda: store.batch_get_traces(part), "read traces", self.deadline_s, _transient_any, self.on_retry)
-
-            return [trace for k in range(0, len(held), FETCH_CHUNK) for trace in read(held[k : k + FETCH_CHUNK])]
-        except Exception as e:
-            cause = e.__cause__ if isinstance(e, SinkError) and e.__cause__ is not None else e
-            if isinstance(cause, Exception) and _transient_any(cause):
-                raise SinkError(f"reading traces on {self.target.shown_uri} failed: {_short(cause)}") from e
+            held = [
+                info["trace_id"]
+                for k in range(0, len(ids), LOOKUP_CHUNK)
+                for info in self._api("POST", "batchGetInfos", json={"trace_ids": ids[k : k + LOOKUP_CHUNK]}).get("trace_infos", [])
+            ]
+            found = [
+                self._api("GET", "batchGet", params={"trace_ids": held[k : k + FETCH_CHUNK]}) for k in range(0, len(held), FETCH_CHUNK)
+            ]
+        except SinkError as e:
+            if e.kind != "rejected":
+                raise
             self.joining = False
             log.warning(
                 "%s does not serve reading traces back (%s): an attempt read in a later run than the rest of its call "
                 "will replace the call's root instead of joining it",
                 self.target.shown_uri,
-                _short(cause),
+                e,
             )
             return []
+        return [
+            Trace.from_proto(t) for answer in found for t in ParseDict(answer, BatchGetTraces.Response(), ignore_unknown_fields=True).traces
+        ]
+
+    def _api(self, method: str, call: str, **kw: Any) -> dict[str, Any]:
+        """One call of MLflow's trace REST API, retried as a write is."""
+        what = f"read traces ({call})"
+        path = f"/api/3.0/mlflow/traces/{call}"
+        resp = with_retries(
+            lambda: _check(self.http.request(method, path, **kw), what), what, self.deadline_s, _transient_http, self.on_retry
+        )
+        return resp.json()
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         if spans:

@@ -95,28 +95,32 @@ def test_an_attempt_read_a_run_later_joins_its_call_through_a_server(split: tupl
 
 
 def test_a_server_that_does_not_serve_reading_traces_back_is_named_once_and_written_to_as_before(
-    mlflow_server: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An older server without ``batchGetInfos`` answers 404: the batch is written (nothing to join
-    then), the log says so once, and no batch waits on a lookup that cannot succeed."""
+    """An older server without ``batchGetInfos`` answers 404 (injected here in front of a real one):
+    the batch is written (nothing to join then), the log says so once, and no later batch asks again."""
     import uuid
 
-    from mlflow.exceptions import MlflowException
+    import requests
 
-    from ingest.sink import OtlpSink, SinkError, resolve_target
+    from ingest.sink import OtlpSink, resolve_target
     from tests.conftest import all_traces
     from tests.followkit import record
     from tests.test_spans import trace_of
 
     name = f"no-reads-{uuid.uuid4().hex[:8]}"
     sink = OtlpSink(resolve_target(mlflow_server.url, name, None))
-    lookups = []
+    real, lookups = sink.http.request, []
 
-    def not_served(ids: list[str]) -> list[Any]:
-        lookups.append(ids)
-        raise SinkError("looking up traces failed") from MlflowException("Endpoint not found", error_code="ENDPOINT_NOT_FOUND")
+    def older_server(method: str, path: str, **kw: Any) -> requests.Response:
+        if "/mlflow/traces/batchGet" not in path:
+            return real(method, path, **kw)
+        lookups.append(path)
+        answer = requests.Response()
+        answer.status_code, answer._content = 404, b'{"error_code": "ENDPOINT_NOT_FOUND"}'
+        return answer
 
-    monkeypatch.setattr(sink, "trace_infos", not_served)
+    sink.http.request = older_server  # type: ignore[method-assign]
     try:
         for call in ("a", "b"):
             trace = trace_of([record(f"{name}-{call}", "success", 100.0, 101.0)], experiment=sink.target.experiment_id)
@@ -125,3 +129,24 @@ def test_a_server_that_does_not_serve_reading_traces_back_is_named_once_and_writ
         sink.close()
     assert len(lookups) == 1 and [r.levelname for r in caplog.records if "does not serve reading traces back" in r.message] == ["WARNING"]
     assert len(all_traces(mlflow_server.url, name)) == 2
+
+
+def test_an_outage_during_the_lookup_is_reported_at_once_as_for_a_write(tmp_path: Path) -> None:
+    """The lookup before a write goes through the sink's own session: a server that is down is
+    reported to the daemon at the first failure (it used to take the MLflow client's own retries)."""
+    import time
+
+    from ingest.sink import OtlpSink, SinkError, resolve_target
+    from tests.followkit import record
+    from tests.test_spans import trace_of
+
+    server = start_mlflow_server(tmp_path / "server")
+    sink = OtlpSink(resolve_target(server.url, "outage", None), deadline_s=1.0)
+    server.stop()
+    failures: list[Exception] = []
+    sink.on_retry = failures.append
+    started = time.monotonic()
+    with pytest.raises(SinkError, match="cannot reach MLflow"):
+        sink.write([trace_of([record("down", "success", 100.0, 101.0)], experiment=sink.target.experiment_id)])
+    assert failures and time.monotonic() - started < 10
+    sink.close()
