@@ -644,18 +644,18 @@ def stored_span(span: Any, trace_id: bytes) -> SpanData:
 
 
 def _attempts_of(spans: list[SpanData], root_id: bytes) -> tuple[SpanData, list[SpanData]]:
-    """(root, attempts) of one standalone trace: the root's children, or the root itself when it is the
-    call's only attempt, each as an unnumbered attempt span keyed by its identity."""
+    """(root, attempts) of one standalone trace, each attempt as an unnumbered span with no parent:
+    the root's children (their ids hash their identity already), or the root itself when it is the
+    call's only attempt, under the id its identity hashes to."""
     root = next(s for s in spans if s.span_id == root_id)
     children = [s for s in spans if s.parent_id == root_id]
     if not children:
         attrs = {k: v for k, v in root.attributes.items() if not k.startswith(_TRACE_LEVEL_KEYS)}
-        children = [replace(root, attributes=attrs, events=list(root.events))]
-    out = []
-    for c in children:
-        attrs = {k: v for k, v in c.attributes.items() if k != "attempt"}
-        out.append(replace(c, span_id=otel_span_id(root.trace_id, _identity(c)), parent_id=None, attributes=attrs, events=list(c.events)))
-    return root, out
+        return root, [replace(root, span_id=otel_span_id(root.trace_id, _identity(root)), attributes=attrs, events=list(root.events))]
+    return root, [
+        replace(c, parent_id=None, attributes={k: v for k, v in c.attributes.items() if k != "attempt"}, events=list(c.events))
+        for c in children
+    ]
 
 
 def _with_attempts_tag(trace_level: dict[str, Any], attempts: int) -> dict[str, Any]:
