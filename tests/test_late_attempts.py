@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from tests.conftest import Postgres, copies, start_mlflow_server, write_log
@@ -150,3 +151,62 @@ def test_an_outage_during_the_lookup_is_reported_at_once_as_for_a_write(tmp_path
         sink.write([trace_of([record("down", "success", 100.0, 101.0)], experiment=sink.target.experiment_id)])
     assert failures and time.monotonic() - started < 10
     sink.close()
+
+
+def test_any_split_of_a_calls_attempts_over_runs_ends_as_one_write_of_them_all(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Property, in-process into real SQLite stores: the attempts of retried and fallen-back calls
+    (the capture's, and a call failing twice before it succeeds, each attempt asking the same) spread
+    over three runs in any way,
+    some read twice, end as one write of every attempt leaves them. Of the trace row, the state and
+    previews are those of the first write (MLflow keeps them on a re-send: README, "Limits"); they
+    are compared where the first write already had the call's outcome."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ingest.sink import make_sink, resolve_target
+    from ingest.spans import build_trace, group_calls
+    from tests.conftest import read_capture
+    from tests.followkit import record
+    from tests.test_spans import frame_of
+
+    capture = read_capture()
+    ids = {r["litellm_call_id"] for r in capture}
+    multi = [r for r in capture if sum(x["litellm_call_id"] == r["litellm_call_id"] for x in capture) > 1]
+    three = [
+        record("thrice", "failure", 100.0, 101.0),
+        record("thrice", "failure", 102.0, 103.0),
+        record("thrice", "success", 104.0, 105.0),
+    ]
+    single = next(r for r in capture if r["litellm_call_id"] in ids and r not in multi)
+    rows = list(frame_of([*multi, *three, single]).iter_rows(named=True))
+    n = 0
+
+    def store(rows_per_run: list[list[dict]]) -> dict:
+        nonlocal n
+        n += 1
+        uri = f"sqlite:///{tmp_path_factory.mktemp('split') / f'{n}.db'}"
+        sink = make_sink(resolve_target(uri, "split", None))
+        try:
+            for run in rows_per_run:
+                by_call = sorted(run, key=lambda r: (r["call_key"], r["start_us"]))
+                traces = [build_trace(c, sink.target.experiment_id) for c in group_calls(pl.DataFrame(by_call, infer_schema_length=None))]
+                sink.write(traces)
+        finally:
+            sink.close()
+        return store_rows(uri)
+
+    reference = store([rows])
+    final_state = {r[0]: r[3] for r in reference["info"]}
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.sets(st.integers(0, 2), min_size=1), min_size=len(rows), max_size=len(rows)))
+    def split(runs_of: list[set[int]]) -> None:
+        got = store([[r for r, runs in zip(rows, runs_of, strict=True) if run in runs] for run in range(3)])
+        for table in ("spans", "tags", "metadata"):
+            assert got[table] == reference[table], table
+        assert {r[:3] for r in got["info"]} == {r[:3] for r in reference["info"]}
+        for info in got["info"]:
+            if info[3] == final_state[info[0]]:
+                assert info in reference["info"]
+
+    split()
