@@ -122,11 +122,6 @@ def _iso(us: int | None) -> str | None:
     return None if us is None else datetime.fromtimestamp(us / 1e6, tz=timezone.utc).isoformat()
 
 
-WRITTEN_WINDOW_BYTES = 8 << 20
-"""Rows of the calls last written as successes kept in memory (~500 real-shaped calls), so an
-attempt of one read a moment late still rewrites the call whole (``Pipeline._written_again``)."""
-
-
 class Pipeline:
     """One engine: feed it chunks; it writes finished calls to the sink and holds the rest."""
 
@@ -160,8 +155,6 @@ class Pipeline:
         self.recent = empty_canonical()
         self.recent_failed: set[str] = set()
         self.remember_s = max(600.0, 10 * settle_s)
-        self.written = empty_canonical()
-        self.rewrite: set[str] = set()
         self.sent = SentIndex()
         self.summary = Summary()
         self.clock: Callable[[], int] = now_us
@@ -272,8 +265,6 @@ class Pipeline:
             late = pl.col("call_key").is_in(records["call_key"].implode())
             pending = pl.concat([pending, self.recent.filter(late)])
         new, resent = self.sent.drop_sent(records)
-        if self.written.height and new.height:
-            pending = self._written_again(pending, new)
         horizon = self.clock() + int(max(self.settle_s, FUTURE_TOLERANCE_S) * 1_000_000)
         if new.height and (ahead := int((new["end_us"] > horizon).sum())):
             self.warnings["end_in_future"] = self.warnings.get("end_in_future", 0) + ahead
@@ -289,60 +280,23 @@ class Pipeline:
             emitted = self._in_range(ready)
             self.emit(emitted)
             self.sent.add(ready)
-            self._remember_written(emitted)
             self.inflight = self.inflight.clear()
 
-    def _written_again(self, pending: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
-        """An attempt of a call written as a success a moment ago (its earlier failed attempt in a
-        file found a directory scan late, or read out of order): the call is rebuilt from the rows
-        it was written from plus the new one, and rewritten whole. Sent alone, the late attempt
-        would be a call of its own whose one span (the same id) replaces the written one."""
-        again = self.written.filter(pl.col("call_key").is_in(new["call_key"].implode()))
-        if not again.height:
-            return pending
-        keys = again["call_key"].unique()
-        self.written = self.written.filter(~pl.col("call_key").is_in(keys.implode()))
-        self.rewrite.update(keys.to_list())
-        return pl.concat([pending, again])
-
-    def _remember_written(self, emitted: pl.DataFrame) -> None:
-        """Keep the rows of the calls just written as successes, the newest ``WRITTEN_WINDOW_BYTES`` of
-        them (in memory only), for :meth:`_written_again`."""
-        if not emitted.height:
-            return
-        last = pl.col("status").sort_by("end_us", "start_us").last().over("call_key")
-        written = pl.concat([self.written, emitted.filter(last == "success")])
-        size = written["raw"].str.len_bytes().sum()
-        if size > WRITTEN_WINDOW_BYTES:
-            per_call = (
-                written.group_by("call_key")
-                .agg(pl.col("end_us").max().alias("_end"), pl.col("raw").str.len_bytes().sum().alias("_bytes"))
-                .sort("_end", descending=True)
-                .filter(pl.col("_bytes").cum_sum() <= WRITTEN_WINDOW_BYTES)
-            )
-            written = written.filter(pl.col("call_key").is_in(per_call["call_key"].implode()))
-        self.written = written
-
     def _delete_before_rewrite(self, ready: pl.DataFrame) -> None:
-        """MLflow keeps a trace's first state on a re-send: a call already written as failed whose
-        retry or fallback succeeded later, and a call written a moment ago that got another attempt
-        (``_written_again``), are deleted first, then written whole."""
-        if not self.recent_failed and not self.rewrite:
+        """MLflow keeps a trace's first state on a re-send: a call written as failed whose retry or
+        fallback succeeded later is deleted first, then written whole (its failed attempts are in
+        ``recent``, saved, so a kill between the two loses nothing). Any other late attempt is
+        joined by the sink to the spans MLflow holds, with no delete."""
+        if not self.recent_failed:
             return
-        keys = ready["call_key"].unique()
-        again = self.rewrite.intersection(keys.to_list()) if self.rewrite else set()
-        flipped: list[str] = []
-        if self.recent_failed:
-            last = pl.col("status").sort_by("end_us", "start_us").last()
-            outcome = ready.group_by("call_key").agg(last.alias("last"))
-            recent = sorted(self.recent_failed)
-            flipped = outcome.filter((pl.col("last") == "success") & pl.col("call_key").is_in(recent))["call_key"].to_list()
-        doomed = sorted(again.union(flipped))
-        if doomed:
-            self.sink.delete([mlflow_trace_id(otel_trace_id(self.experiment_id, k)) for k in doomed])
-            self.summary.traces_rewritten += len(doomed)
+        last = pl.col("status").sort_by("end_us", "start_us").last()
+        outcome = ready.group_by("call_key").agg(last.alias("last"))
+        recent = sorted(self.recent_failed)
+        flipped = outcome.filter((pl.col("last") == "success") & pl.col("call_key").is_in(recent))["call_key"].to_list()
+        if flipped:
+            self.sink.delete([mlflow_trace_id(otel_trace_id(self.experiment_id, k)) for k in flipped])
+            self.summary.traces_rewritten += len(flipped)
             self.recent_failed.difference_update(flipped)
-            self.rewrite.difference_update(again)
 
     def _remember_failures(self, ready: pl.DataFrame) -> bool:
         """Keep the rows of calls about to be written as failed for a while: if a retry or fallback of

@@ -2,7 +2,9 @@
 
 ``RecordingSink`` keeps what MLflow would: traces by id, spans merged by span id on a re-send, a
 trace's first state kept until the trace is deleted (MLflow does not change a trace's state on a
-re-send, which is why a late retry deletes and rewrites). After OTel's ``emittest``.
+re-send, which is why a late retry deletes and rewrites). Like the real sinks, it joins a late
+attempt to the spans it holds of the call (``sink.join_held``, tested against real stores in
+``tests/test_late_attempts.py``). After OTel's ``emittest``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.sink import SinkError, Target
-from ingest.spans import BuiltTrace
+from ingest.spans import BuiltTrace, with_stored_attempts
 from ingest.tail import Tailer, TailOptions
 
 TARGET = Target("memory://recording", "1", "recording")
@@ -41,9 +43,11 @@ class RecordingSink:
         self._check()
         self.writes += 1
         for t in traces:
-            rec = self.traces.setdefault(t.trace_id, {"call": t.call_key, "spans": {}, "state": None})
+            rec = self.traces.setdefault(t.trace_id, {"call": t.call_key, "spans": {}, "state": None, "data": {}})
+            with_stored_attempts(t, list(rec["data"].values()))
             for d in t.data:
                 rec["spans"][d.span_id] = d.name
+                rec["data"][d.span_id] = d
                 if d.parent_id is None and rec["state"] is None:
                     rec["state"] = "ERROR" if d.error else "OK"
         if self.crash_after_write:

@@ -364,10 +364,10 @@ def test_fallback_later_than_settle_rewrites_the_trace_with_its_final_state(setu
     assert d.stop() == 0
 
 
-def test_an_earlier_attempt_found_late_rewrites_its_call_whole_in_mlflow(setup, mlflow_server) -> None:
+def test_an_earlier_attempt_found_late_joins_its_call_in_mlflow(setup, mlflow_server) -> None:
     """A fallback's trace is in MLflow when its failed primary turns up in a file found late: the
-    daemon deletes the trace and writes it whole (root and both attempts, state OK). Sent alone,
-    the failed attempt's one span would have replaced the fallback's (the same span id)."""
+    daemon reads the call's spans back and writes it whole (root and both attempts, state OK).
+    Sent alone, the failed attempt's one span would have replaced the fallback's (the same span id)."""
     from tests.followkit import line, record
 
     logdir, experiment, daemon = setup
