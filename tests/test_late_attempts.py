@@ -23,6 +23,7 @@ from tests.conftest import Postgres, copies, start_mlflow_server, write_log
 from tests.storekit import store_rows
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
+SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
 
 
 def _run(command: str, uri: str, state: Path, *paths: Path) -> dict[str, Any]:
@@ -198,7 +199,7 @@ def test_any_split_of_a_calls_attempts_over_runs_ends_as_one_write_of_them_all(t
     reference = store([rows])
     final_state = {r[0]: r[3] for r in reference["info"]}
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=25 * max(SOAK, 1), deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(st.sets(st.integers(0, 2), min_size=1), min_size=len(rows), max_size=len(rows)))
     def split(runs_of: list[set[int]]) -> None:
         got = store([[r for r, runs in zip(rows, runs_of, strict=True) if run in runs] for run in range(3)])
