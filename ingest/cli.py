@@ -718,6 +718,8 @@ def _print_summary(s: Any) -> None:
         *([("workers", f"{s.workers} worker processes built (and wrote) the calls")] if s.workers else []),
         ("MLflow", f"{s.tracking_uri}  experiment {s.experiment_name!r} (id {s.experiment_id})"),
     ]
+    if s.calls_joined:
+        rows.insert(5, ("joined in MLflow", f"{s.calls_joined} call(s) joined to attempts MLflow held of them (read in an earlier run)"))
     if s.calls_held:
         rows.insert(5, ("held for a retry", f"{s.calls_held} call(s) whose last attempt failed in the last minutes"))
     if s.calls_outside_range:

@@ -27,6 +27,8 @@ class Metrics:
     records_read: int = 0
     traces_written: int = 0
     spans_written: int = 0
+    calls_joined: int = 0
+    """Calls joined to attempts MLflow already held of them (read in an earlier run or pass)."""
     quarantined: int = 0
     send_errors: int = 0
     send_retries: int = 0
@@ -59,6 +61,7 @@ class Metrics:
             ("records_read_total", "counter", self.records_read),
             ("traces_written_total", "counter", self.traces_written),
             ("spans_written_total", "counter", self.spans_written),
+            ("calls_joined_total", "counter", self.calls_joined),
             ("quarantined_total", "counter", self.quarantined),
             ("send_errors_total", "counter", self.send_errors),
             ("send_retries_total", "counter", self.send_retries),

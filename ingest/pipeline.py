@@ -92,6 +92,7 @@ class Summary:
     calls_held: int = 0
     calls_other_shards: int = 0
     traces_rewritten: int = 0
+    calls_joined: int = 0
     traces_written: int = 0
     spans_written: int = 0
     nested_calls: int = 0
@@ -405,7 +406,7 @@ class Pipeline:
 
     def _account_emitted(self, part: Emitted) -> None:
         self.quarantine.write(part.quarantined)
-        self._count(part.calls, part.traces_written, part.spans_written, part.first_us, part.last_us)
+        self._count(part.calls, part.traces_written, part.spans_written, part.first_us, part.last_us, part.calls_joined)
 
     def _send(self, traces: Iterable[BuiltTrace]) -> None:
         self._send_batches(_batches(traces, self.batch_traces))
@@ -469,11 +470,12 @@ class Pipeline:
         if batch:
             written = not isinstance(self.sink, NullSink)
             lo, hi = min(t.start_us for t in batch), max(t.end_us for t in batch)
-            self._count(len(batch), len(batch) if written else 0, spans if written else 0, lo, hi)
+            self._count(len(batch), len(batch) if written else 0, spans if written else 0, lo, hi, sum(t.joined for t in batch))
 
-    def _count(self, calls: int, traces: int, spans: int, lo: int | None, hi: int | None) -> None:
+    def _count(self, calls: int, traces: int, spans: int, lo: int | None, hi: int | None, joined: int = 0) -> None:
         s = self.summary
         s.calls, s.traces_written, s.spans_written = s.calls + calls, s.traces_written + traces, s.spans_written + spans
+        s.calls_joined += joined
         if lo is not None and hi is not None:
             self._first = lo if self._first is None else min(self._first, lo)
             self._last = hi if self._last is None else max(self._last, hi)

@@ -128,6 +128,8 @@ class BuiltTrace:
     """The rows the bulk writer inserts for this trace, when a backfill worker derived them already."""
     restore: Callable[[], BuiltTrace] | None = field(default=None, repr=False, compare=False)
     """Builds this trace again, spans and records, for a :meth:`slim` one that needs them after all."""
+    joined: bool = False
+    """Rebuilt with attempts of its call that MLflow already held (:func:`with_stored_attempts`)."""
 
     @property
     def app_trace_id(self) -> str | None:
@@ -696,7 +698,7 @@ def with_stored_attempts(trace: BuiltTrace, stored: list[SpanData]) -> bool:
     root = SpanData(tid, root_id, None, last.name, min(a.start_us for a in attempts), max(a.end_us for a in attempts))
     trace.data = _joined(root, attempts, root_attrs)
     trace.start_us, trace.end_us = root.start_us, root.end_us
-    trace._otlp, trace.derived = None, None
+    trace._otlp, trace.derived, trace.joined = None, None, True
     return True
 
 

@@ -80,6 +80,7 @@ class Emitted:
     first_us: int | None = None
     last_us: int | None = None
     quarantined: list[QuarantineRecord] = field(default_factory=list)
+    calls_joined: int = 0
 
 
 @dataclass
@@ -294,11 +295,11 @@ def _write_part(config: WorkerConfig, part: pl.DataFrame) -> Emitted:
     assert worker.pipe is not None
     pipe = worker.pipe
     s = pipe.summary
-    before = (s.calls, s.traces_written, s.spans_written)
+    before = (s.calls, s.traces_written, s.spans_written, s.calls_joined)
     pipe._first = pipe._last = None
     pipe.emit(part)
     counts = (s.calls - before[0], s.traces_written - before[1], s.spans_written - before[2])
-    return Emitted(*counts, pipe._first, pipe._last, worker.quarantine.take())
+    return Emitted(*counts, pipe._first, pipe._last, worker.quarantine.take(), s.calls_joined - before[3])
 
 
 def _build_part(config: WorkerConfig, part: pl.DataFrame) -> Built:

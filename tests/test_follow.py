@@ -686,6 +686,7 @@ def test_an_earlier_attempt_read_after_its_call_was_written_joins_the_call(tmp_p
     assert len(calls["c-1"]["spans"]) == 3 and calls["c-1"]["state"] == "OK", calls["c-1"]
     assert len(calls["c-2"]["spans"]) == 1
     assert t.pipeline.summary.traces_rewritten == 0, "nothing was deleted"
+    assert t.pipeline.summary.calls_joined == t.metrics.calls_joined == 1
 
 
 def test_a_daemon_over_more_files_than_it_keeps_open_reads_each_once_and_still_follows_the_closed_ones(tmp_path: Path) -> None:

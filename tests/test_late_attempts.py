@@ -56,11 +56,11 @@ def _stores(store: Any, split: tuple[Path, Path, int], tmp_path: Path) -> tuple[
     archive, today, calls = split
     (one, one_db), (two, two_db) = store("one"), store("two")
     whole = _run("backfill", one, tmp_path / "state-one", archive, today)
-    assert whole["traces_written"] == calls
+    assert (whole["traces_written"], whole["calls_joined"]) == (calls, 0)
     first = _run("batch", two, tmp_path / "state-two", today)
-    assert first["traces_written"] == calls
+    assert (first["traces_written"], first["calls_joined"]) == (calls, 0)
     later = _run("backfill", two, tmp_path / "state-two", archive)
-    assert 0 < later["traces_written"] < calls
+    assert 0 < later["traces_written"] < calls and later["calls_joined"] == later["traces_written"], later
     return store_rows(one_db), store_rows(two_db)
 
 

@@ -382,6 +382,7 @@ def test_an_earlier_attempt_found_late_joins_its_call_in_mlflow(setup, mlflow_se
     assert trace.info.state.value == "OK"
     spans = sorted((s.name, s.status.status_code.value) for s in trace.data.spans)
     assert spans == [("litellm-acompletion", "OK"), ("litellm-acompletion attempt 1", "ERROR"), ("litellm-acompletion attempt 2", "OK")]
+    assert "litellm_ingest_calls_joined_total 1" in d.metrics()
     assert d.stop() == 0
 
 
