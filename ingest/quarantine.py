@@ -131,7 +131,7 @@ class QuarantineWriter:
             return
         if self.failing is not None:
             log.warning("the quarantine file %s is written again", self.path)
-        self.unwritten, self.failing, self._torn = [], None, False
+        self.failing, self._torn = None, False
 
     def _held_back(self, e: OSError) -> None:
         self.failing = f"{e.strerror or e}: {self.path}"

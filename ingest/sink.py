@@ -396,10 +396,8 @@ class OtlpSink:
 
     def _held(self, traces: list[BuiltTrace]) -> list[Any]:
         """The traces of this batch the server holds already, with their spans (none, usually: one
-        ``batchGetInfos`` per batch tells). Through this sink's own HTTP session, so that an outage is
-        reported at once as for a write, not after the MLflow client's own retries. A server that
-        does not serve these reads (an MLflow older than this one's API) is named once and written
-        to as before."""
+        ``batchGetInfos`` per batch tells). A server that does not serve these reads (an MLflow
+        older than this one's API) is named once and written to as before."""
         from google.protobuf.json_format import ParseDict
         from mlflow.entities import Trace
         from mlflow.protos.service_pb2 import BatchGetTraces
@@ -408,14 +406,9 @@ class OtlpSink:
             return []
         ids = [t.trace_id for t in traces]
         try:
-            held = [
-                info["trace_id"]
-                for k in range(0, len(ids), LOOKUP_CHUNK)
-                for info in self._api("POST", "batchGetInfos", json={"trace_ids": ids[k : k + LOOKUP_CHUNK]}).get("trace_infos", [])
-            ]
-            found = [
-                self._api("GET", "batchGet", params={"trace_ids": held[k : k + FETCH_CHUNK]}) for k in range(0, len(held), FETCH_CHUNK)
-            ]
+            held = [i.trace_id for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
+            chunks = [held[k : k + FETCH_CHUNK] for k in range(0, len(held), FETCH_CHUNK)]
+            found = [self._api("GET", "batchGet", "read traces", params={"trace_ids": chunk}) for chunk in chunks]
         except SinkError as e:
             if e.kind != "rejected":
                 raise
@@ -427,18 +420,15 @@ class OtlpSink:
                 e,
             )
             return []
-        return [
-            Trace.from_proto(t) for answer in found for t in ParseDict(answer, BatchGetTraces.Response(), ignore_unknown_fields=True).traces
-        ]
+        answers = [ParseDict(answer, BatchGetTraces.Response(), ignore_unknown_fields=True) for answer in found]
+        return [Trace.from_proto(t) for answer in answers for t in answer.traces]
 
-    def _api(self, method: str, call: str, **kw: Any) -> dict[str, Any]:
-        """One call of MLflow's trace REST API, retried as a write is."""
-        what = f"read traces ({call})"
+    def _api(self, method: str, call: str, what: str, **kw: Any) -> dict[str, Any]:
+        """One call of MLflow's trace REST API through this sink's session, retried as a write is
+        (an outage is reported at its first failure, not after the MLflow client's own retries)."""
         path = f"/api/3.0/mlflow/traces/{call}"
-        resp = with_retries(
-            lambda: _check(self.http.request(method, path, **kw), what), what, self.deadline_s, _transient_http, self.on_retry
-        )
-        return resp.json()
+        send = lambda: _check(self.http.request(method, path, **kw), what)  # noqa: E731
+        return with_retries(send, what, self.deadline_s, _transient_http, self.on_retry).json()
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         if spans:
@@ -460,12 +450,13 @@ class OtlpSink:
         )
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
-        try:
-            return with_retries(
-                lambda: self._rest().batch_get_trace_infos(trace_ids), "look up traces", self.deadline_s, _transient_any, self.on_retry
-            )
-        except Exception as e:
-            raise SinkError(f"looking up traces on {self.target.shown_uri} failed: {_short(e)}") from e
+        """MLflow's ``BatchGetTraceInfos``, decoded as its REST store decodes it."""
+        from google.protobuf.json_format import ParseDict
+        from mlflow.entities import TraceInfo
+        from mlflow.protos.service_pb2 import BatchGetTraceInfos
+
+        answer = self._api("POST", "batchGetInfos", "look up traces", json={"trace_ids": trace_ids})
+        return [TraceInfo.from_proto(i) for i in ParseDict(answer, BatchGetTraceInfos.Response(), ignore_unknown_fields=True).trace_infos]
 
     def _rest(self) -> Any:
         """MLflow's own REST store, with MLflow's usual credentials."""
