@@ -29,6 +29,8 @@ class Metrics:
     spans_written: int = 0
     calls_joined: int = 0
     """Calls joined to attempts MLflow already held of them (read in an earlier run or pass)."""
+    traces_rewritten: int = 0
+    """Calls written as failed, then deleted and written whole when a retry or fallback succeeded later."""
     quarantined: int = 0
     send_errors: int = 0
     send_retries: int = 0
@@ -62,6 +64,7 @@ class Metrics:
             ("traces_written_total", "counter", self.traces_written),
             ("spans_written_total", "counter", self.spans_written),
             ("calls_joined_total", "counter", self.calls_joined),
+            ("traces_rewritten_total", "counter", self.traces_rewritten),
             ("quarantined_total", "counter", self.quarantined),
             ("send_errors_total", "counter", self.send_errors),
             ("send_retries_total", "counter", self.send_retries),

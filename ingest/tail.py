@@ -453,7 +453,8 @@ class Tailer:
         m.spans_written += s.spans_written - before[1]
         if s.traces_written > before[0]:
             m.last_write = time.time()
-        m.records_read, m.quarantined, m.buffer_bytes, m.calls_joined = s.records_read, self.quarantine.total, 0, s.calls_joined
+        m.records_read, m.quarantined, m.buffer_bytes = s.records_read, self.quarantine.total, 0
+        m.calls_joined, m.traces_rewritten = s.calls_joined, s.traces_rewritten
         m.quarantine_unwritten = len(self.quarantine.unwritten)
         if batch:
             self.state.last_run = {**self.state.last_run, "updated": now_iso(), "summary": s.as_dict()}

@@ -41,6 +41,35 @@ def spans_of(calls: list[list[dict]]) -> int:
     return sum(1 if len(c) == 1 else len(c) + 1 for c in calls)
 
 
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics: {text}")
+
+
+def assert_sent_once(d: Daemon, sent: Callable[[], int], calls: list[list[dict]]) -> None:
+    """The daemon read each line of ``calls`` once and sent each span once, but for the attempts
+    it wrote again on purpose: a failure read before its fallback's line was written, with the
+    writer's time past ``--settle``, is written as failed, then deleted and written whole; an attempt
+    read after its call was written is joined to it, the call's spans sent again.
+
+    ``sent`` counts the spans MLflow took in since before this daemon started; read after it stopped,
+    so anything it sent after its last pass counts too."""
+    lines = sum(len(c) for c in calls)
+    wait_for(lambda: metric(d.metrics(), "litellm_ingest_records_read_total") >= lines, 30, f"{lines} lines read")
+    m = d.metrics()
+    assert d.stop() == 0
+    assert metric(m, "litellm_ingest_records_read_total") == lines, "no line read twice"
+    counted = int(metric(m, "litellm_ingest_spans_written_total"))
+    assert sent() == counted, "MLflow took in exactly the spans the daemon counted as sent"
+    redone = int(metric(m, "litellm_ingest_traces_rewritten_total") + metric(m, "litellm_ingest_calls_joined_total"))
+    retried = [c for c in calls if len(c) > 1]
+    assert redone <= len(retried), "only calls of several attempts are written again"
+    most = max((spans_of([c]) - 1 for c in retried), default=0)
+    assert redone <= counted - spans_of(calls) <= redone * most, "nothing sent twice but what was written again"
+
+
 class Daemon:
     """`litellm-ingest tail` as a real process."""
 

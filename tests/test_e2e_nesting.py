@@ -29,7 +29,7 @@ from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
 
 from tests.conftest import all_traces, client_for
 from tests.proxykit import E2E, OUR_LOGGER, by_call, running_proxy
-from tests.tailkit import EXE, Daemon, wait_for
+from tests.tailkit import EXE, Daemon, metric, wait_for
 
 pytestmark = pytest.mark.proxy
 GRACE_S = 60
@@ -109,13 +109,6 @@ def trace_exists(uri: str, trace_id: str) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics: {text}")
 
 
 def calls_of(app: dict, records: list[dict]) -> list[Call]:
