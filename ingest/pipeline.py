@@ -286,8 +286,9 @@ class Pipeline:
     def _delete_before_rewrite(self, ready: pl.DataFrame) -> None:
         """MLflow keeps a trace's first state on a re-send: a call written as failed whose retry or
         fallback succeeded later is deleted first, then written whole (its failed attempts are in
-        ``recent``, saved, so a kill between the two loses nothing). Any other late attempt is
-        joined by the sink to the spans MLflow holds, with no delete."""
+        ``recent``, saved, so a kill between the two loses nothing), unless the sink settles the
+        trace row itself (the bulk writer). Any other late attempt is joined by the sink to the
+        spans MLflow holds, with no delete."""
         if not self.recent_failed:
             return
         last = pl.col("status").sort_by("end_us", "start_us").last()
@@ -295,7 +296,8 @@ class Pipeline:
         recent = sorted(self.recent_failed)
         flipped = outcome.filter((pl.col("last") == "success") & pl.col("call_key").is_in(recent))["call_key"].to_list()
         if flipped:
-            self.sink.delete([mlflow_trace_id(otel_trace_id(self.experiment_id, k)) for k in flipped])
+            if not self.sink.settles:
+                self.sink.delete([mlflow_trace_id(otel_trace_id(self.experiment_id, k)) for k in flipped])
             self.summary.traces_rewritten += len(flipped)
             self.recent_failed.difference_update(flipped)
 

@@ -75,6 +75,9 @@ class Target:
 class Sink(Protocol):
     deadline_s: float
     on_retry: Callable[[Exception], None] | None
+    settles: bool
+    """A trace written again ends with the trace row one write of its spans leaves (state and
+    previews too), so a call written as failed needs no delete before its success is written."""
 
     def write(self, traces: list[BuiltTrace]) -> int: ...
 
@@ -383,6 +386,7 @@ class OtlpSink:
         self.on_retry: Callable[[Exception], None] | None = None
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
         self.joining = True
+        self.settles = False
 
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:
         return self._senders.submit(self.write, traces)
@@ -578,6 +582,7 @@ class StoreSink(_Synchronous):
                 self.bulk = BulkSpanWriter(self.store, target.experiment_id)
             else:
                 log.warning("writing through MLflow's log_spans (slower): %s", reason)
+        self.settles = self.bulk is not None
 
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span
@@ -695,6 +700,7 @@ class NullSink(_Synchronous):
 
     deadline_s = 0.0
     on_retry = None
+    settles = False
 
     def ping(self) -> None:
         pass

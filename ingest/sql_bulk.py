@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 TESTED_REVISIONS = frozenset({"dc11669786a5"})  # MLflow 3.17.x
 TESTED_DIALECTS = frozenset({"sqlite", "postgresql"})
+SETTLED_COLUMNS = ("timestamp_ms", "execution_time_ms", "status", "request_preview", "response_preview", "trace_name", "session_id")
+"""With the token and cost columns: the trace row's columns one write of a call sets from its spans
+(not the client's request id, which is not ours)."""
 SQLITE_CACHE_KIB = 65536
 """Page cache of the writing connection: trace ids are random, so every batch touches index pages
 all over a big store; with SQLite's default 2 MiB most of them are read again from disk each time
@@ -176,6 +179,34 @@ class BulkSpanWriter:
                     self._resend_unchanged(session, same, rows)
             if changed:
                 self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in changed]))
+            with self.store.ManagedSessionMaker(read_only=False) as session:
+                self._settle(session, sorted(existing), rows)
+
+    def _settle(self, session: Any, trace_ids: list[str], rows: dict[str, _TraceRows]) -> None:
+        """Existing traces end with the trace row one write of all their attempts leaves (the batch's
+        trace has them all: the sink joined it to the attempts the store held). ``log_spans`` keeps a
+        held trace's first state, previews and session, so a call first written with its failures
+        alone would stay in state ERROR after its success. Compared with the stored row rather than
+        done only when spans changed, so a run killed between the two steps is settled by the next."""
+        from sqlalchemy import select, update
+
+        m = self.m
+        info = m.SqlTraceInfo
+        columns = sorted({*SETTLED_COLUMNS, *m.TOKEN_COLUMN_BY_KEY.values(), *m.COST_COLUMN_BY_KEY.values()})
+        query = select(info.request_id, *(getattr(info, c) for c in columns)).where(info.request_id.in_(trace_ids))
+        stored = {tid: dict(zip(columns, values, strict=True)) for tid, *values in session.execute(query)}
+        unsettled = []
+        for tid in trace_ids:
+            values = {c: rows[tid].info.get(c) for c in columns}
+            if tid in stored and stored[tid] != values:
+                session.execute(update(info).where(info.request_id == tid).values(**values))
+                unsettled.append(tid)
+        if metadata := [{"request_id": t, "key": k, "value": v} for t in unsettled for k, v in sorted(rows[t].metadata.items())]:
+            m._bulk_upsert(session, m.SqlTraceMetadata, metadata)
+        if unsettled and m.rollups_enabled():
+            families = (m.RollupFamily.TRACE_METRIC, m.RollupFamily.ASSESSMENT)
+            stamps = [rows[t].info["timestamp_ms"] for t in unsettled]
+            m.enqueue_rollup_rebuild_partitions(session, [(f, int(self.location), stamps) for f in families])
 
     def _resend_unchanged(self, session: Any, trace_ids: list[str], rows: dict[str, _TraceRows]) -> None:
         """What ``log_spans`` changes on an identical re-send: the payload generation, and the

@@ -27,6 +27,7 @@ class Crash(BaseException):
 
 class RecordingSink:
     deadline_s = 0.0
+    settles = False
 
     def __init__(self) -> None:
         self.traces: dict[str, dict[str, Any]] = {}

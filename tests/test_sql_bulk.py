@@ -141,33 +141,37 @@ def without_generation(uri: str, rows: list[tuple]) -> list[tuple]:
     return [r[:i] + r[i + 1 :] for r in rows]
 
 
-def _write_both(uri_a: str, uri_b: str, frame_paths: list[str], redact: Redaction) -> None:
-    """Build the traces once, then hand the same spans to log_spans (a) and the bulk writer (b)."""
+def _write(uri: str, writer: str, frame_paths: list[str], redact: Redaction) -> None:
     from ingest.normalize import normalize
     from ingest.sources import discover, read_chunks
 
-    for uri, writer in ((uri_a, "mlflow"), (uri_b, "bulk")):
-        target = resolve_target(uri, EXPERIMENT, None)
-        sink = StoreSink(target, writer=writer)
-        assert (sink.bulk is not None) == (writer == "bulk")
-        for path in discover(frame_paths):
-            for chunk in read_chunks(path):
-                records, _ = normalize(chunk.lines)
-                records = records.sort("call_key", "start_us")
-                sink.write(list(build_traces(records, target.experiment_id, redact)))
+    target = resolve_target(uri, EXPERIMENT, None)
+    sink = StoreSink(target, writer=writer)
+    assert (sink.bulk is not None) == (writer == "bulk")
+    for path in discover(frame_paths):
+        for chunk in read_chunks(path):
+            records, _ = normalize(chunk.lines)
+            records = records.sort("call_key", "start_us")
+            sink.write(list(build_traces(records, target.experiment_id, redact)))
 
 
-def test_a_changed_resend_of_existing_traces_matches_log_spans(capture, tmp_path, stores):
-    """Existing traces take MLflow's own merge rules: a re-send with other content (here, redacted)
-    leaves both stores alike, and different from the first write."""
+def test_a_changed_resend_of_existing_traces_leaves_the_rows_of_one_write_of_it(capture, tmp_path, stores):
+    """Existing traces are merged by ``log_spans``, then their trace row is settled: a re-send with
+    other content (here, redacted) leaves the rows one write of that content leaves, previews
+    included. ``log_spans`` alone keeps the first write's previews: the prompts the re-send
+    redacts stay readable in the trace list."""
     logs = write_log(tmp_path / "logs" / "calls.jsonl", reidentify(capture, past_shift(capture), "resend"))
-    a, b = stores
-    _write_both(a, b, [str(logs)], Redaction())
+    fresh, b = stores
+    _write(b, "bulk", [str(logs)], Redaction())
     first = table_rows(b)
-    assert first == table_rows(a)
-    _write_both(a, b, [str(logs)], Redaction(messages=True))
-    assert table_rows(b) == table_rows(a)
-    assert table_rows(b)["spans"] != first["spans"]
+    _write(b, "bulk", [str(logs)], Redaction(messages=True))
+    _write(fresh, "bulk", [str(logs)], Redaction(messages=True))
+    rows, once = table_rows(b), table_rows(fresh)
+    assert rows["spans"] != first["spans"]
+    assert {t: r for t, r in rows.items() if t != "trace_info"} == {t: r for t, r in once.items() if t != "trace_info"}
+    assert without_generation(b, rows["trace_info"]) == without_generation(fresh, once["trace_info"])
+    redacted = "SELECT count(*) FROM trace_info WHERE request_preview LIKE '%redacted%'"
+    assert scalar(b, redacted)[0] > 0 and scalar(b, redacted) == scalar(fresh, redacted)
 
 
 @pytest.mark.parametrize("guard", ["TESTED_REVISIONS", "TESTED_DIALECTS"])
