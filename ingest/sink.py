@@ -338,6 +338,12 @@ def join_held(traces: list[BuiltTrace], held: list[Any]) -> int:
     return joined
 
 
+def _root_state(trace: BuiltTrace) -> str:
+    """The trace state MLflow gives a trace from its root span's status."""
+    root = next(d for d in trace.whole().data if d.parent_id is None)
+    return "OK" if root.error is None else "ERROR"
+
+
 def _covered(trace: BuiltTrace, held: list[tuple[str, int, int, str]]) -> bool:
     """Whether ``trace`` already has every attempt of the stored spans ``held`` (span id, start ns,
     end ns, status): attempt spans' ids hash their identity; a stored call of one attempt
@@ -386,7 +392,11 @@ class OtlpSink:
         self.on_retry: Callable[[Exception], None] | None = None
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
         self.joining = True
-        self.settles = False
+        self.settling = True
+
+    @property
+    def settles(self) -> bool:
+        return self.joining and self.settling
 
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:
         return self._senders.submit(self.write, traces)
@@ -394,23 +404,55 @@ class OtlpSink:
     def write(self, traces: list[BuiltTrace]) -> int:
         if not traces:
             return 0
-        join_held(traces, self._held(traces))
+        infos, held = self._held(traces)
+        join_held(traces, held)
         self._post(lambda: otlp_request(traces), self.target.experiment_id)
+        self._settle(traces, {i.trace_id: i.state.value for i in infos})
         return sum(len(t.spans) for t in traces)
 
-    def _held(self, traces: list[BuiltTrace]) -> list[Any]:
-        """The traces of this batch the server holds already, with their spans (none, usually: one
-        ``batchGetInfos`` per batch tells). A server that does not serve these reads (an MLflow
-        older than this one's API) is named once and written to as before."""
+    def _settle(self, traces: list[BuiltTrace], held: dict[str, str]) -> None:
+        """A trace the server held in another state than its call's now (written with its failures
+        alone; the batch has the success) gets that state through MLflow's ``StartTraceV3``, which
+        a server applies to a trace it holds (an OTLP re-send keeps the first state). It marks the
+        trace's info final (``mlflow.trace.infoFinalized``): later writes no longer move its times
+        or token totals. Called after the spans are acknowledged, so a run killed in between
+        leaves the state to the next run that reads the call, as the join does."""
+        from mlflow.entities import TraceState
+        from mlflow.protos.service_pb2 import StartTraceV3
+        from mlflow.protos.service_pb2 import Trace as ProtoTrace
+        from mlflow.utils.proto_json_utils import message_to_json
+
+        now = {t.trace_id: _root_state(t) for t in traces if t.trace_id in held}
+        wrong = sorted(tid for tid, state in now.items() if state != held[tid])
+        if not wrong or not self.settles:
+            return
+        try:
+            for info in self.trace_infos(wrong):
+                info.state = TraceState(now[info.trace_id])
+                info.request_preview = info.response_preview = None  # the server keeps the stored ones
+                body = message_to_json(StartTraceV3(trace=ProtoTrace(trace_info=info.to_proto())))
+                self._api("POST", "", "set a trace's state", data=body, headers={"Content-Type": "application/json"})
+        except SinkError as e:
+            if e.kind != "rejected":
+                raise
+            self.settling = False
+            log.warning("%s does not take a trace's final state (%s): calls written as failed are deleted before "
+                        "their success is written", self.target.shown_uri, e)  # fmt: skip
+
+    def _held(self, traces: list[BuiltTrace]) -> tuple[list[Any], list[Any]]:
+        """The trace infos of this batch's traces the server holds already, and those traces with
+        their spans (none, usually: one ``batchGetInfos`` per batch tells). A server that does not
+        serve these reads (an MLflow older than this one's API) is named once and written to as before."""
         from google.protobuf.json_format import ParseDict
         from mlflow.entities import Trace
         from mlflow.protos.service_pb2 import BatchGetTraces
 
         if not self.joining:
-            return []
+            return [], []
         ids = [t.trace_id for t in traces]
         try:
-            held = [i.trace_id for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
+            infos = [i for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
+            held = [i.trace_id for i in infos]
             chunks = [held[k : k + FETCH_CHUNK] for k in range(0, len(held), FETCH_CHUNK)]
             found = [self._api("GET", "batchGet", "read traces", params={"trace_ids": chunk}) for chunk in chunks]
         except SinkError as e:
@@ -423,14 +465,14 @@ class OtlpSink:
                 self.target.shown_uri,
                 e,
             )
-            return []
+            return [], []
         answers = [ParseDict(answer, BatchGetTraces.Response(), ignore_unknown_fields=True) for answer in found]
-        return [Trace.from_proto(t) for answer in answers for t in answer.traces]
+        return infos, [Trace.from_proto(t) for answer in answers for t in answer.traces]
 
     def _api(self, method: str, call: str, what: str, **kw: Any) -> dict[str, Any]:
         """One call of MLflow's trace REST API through this sink's session, retried as a write is
         (an outage is reported at its first failure, not after the MLflow client's own retries)."""
-        path = f"/api/3.0/mlflow/traces/{call}"
+        path = f"/api/3.0/mlflow/traces/{call}".removesuffix("/")
         send = lambda: _check(self.http.request(method, path, **kw), what)  # noqa: E731
         return with_retries(send, what, self.deadline_s, _transient_http, self.on_retry).json()
 

@@ -96,27 +96,40 @@ def test_an_attempt_read_a_run_later_joins_its_call_through_a_server(split: tupl
             s.stop()
 
 
-@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("db", ["sqlite", "postgresql", "server"])
 def test_a_success_read_by_a_run_that_never_saw_its_failure_ends_the_trace_as_one_write(
     db: str, split: tuple[Path, Path, int], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The archive's failed primaries are written first, as failed calls; their fallbacks' successes
     are read by a run with a state of its own (another machine's shard, or a lost state directory),
     which remembers no failure to delete. ``log_spans`` keeps a held trace's first state and previews:
-    the bulk writer settles the trace row, so the store ends as one run over both files, state OK."""
+    the bulk writer settles the trace row, so the store ends as one run over both files, state OK.
+    A server is told the state through ``StartTraceV3``, which also marks those traces' info final."""
     archive, today, calls = split
+    servers = []
     if db == "sqlite":
         one, two = (f"sqlite:///{tmp_path / name}.db" for name in ("one", "two"))
-    else:
+        one_db, two_db = one, two
+    elif db == "postgresql":
         postgres = request.getfixturevalue("postgres")
-        one, two = postgres.new_database(), postgres.new_database()
+        one_db, two_db = one, two = postgres.new_database(), postgres.new_database()
+    else:
+        servers = [start_mlflow_server(tmp_path / name) for name in ("one", "two")]
+        (one, one_db), (two, two_db) = ((s.url, s.backend_uri) for s in servers)
+    request.addfinalizer(lambda: [s.stop() for s in servers])
     _run("backfill", one, tmp_path / "state-one", archive, today)
     first = _run("batch", two, tmp_path / "state-archive", archive)
     assert first["traces_written"] < calls
+    first_info = {r for r in store_rows(two_db)["info"] if r[3] == "ERROR"}
     later = _run("batch", two, tmp_path / "state-today", today)
     assert later["calls_joined"] == first["traces_written"], later
-    reference, joined = store_rows(one), store_rows(two)
-    assert {r[3] for r in joined["info"]} == {r[3] for r in reference["info"]}
+    reference, joined = store_rows(one_db), store_rows(two_db)
+    flipped = {r[0] for r in first_info} - {r[0] for r in reference["info"] if r[3] == "ERROR"}
+    assert flipped and all(r[3] == "OK" for r in joined["info"] if r[0] in flipped)
+    if db == "server":
+        final = {r for r in joined["metadata"] if r[1] == "mlflow.trace.infoFinalized"}
+        assert {r[0] for r in final} == flipped
+        joined["metadata"] -= final
     _assert_joined(reference, joined)
 
 
@@ -178,6 +191,47 @@ def test_a_server_that_does_not_serve_reading_traces_back_is_named_once_and_writ
         sink.close()
     assert len(lookups) == 1 and [r.levelname for r in caplog.records if "does not serve reading traces back" in r.message] == ["WARNING"]
     assert len(all_traces(mlflow_server.url, name)) == 2
+
+
+def test_a_server_that_does_not_take_a_traces_state_is_named_once_and_the_pipeline_deletes_instead(
+    mlflow_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``StartTraceV3`` answered 404 (injected in front of a real server): the spans are written,
+    the log says so once, and the sink no longer says it settles, so the pipeline goes back to
+    deleting a call written as failed before its success."""
+    import uuid
+
+    import requests
+
+    from ingest.sink import OtlpSink, resolve_target
+    from tests.conftest import all_traces
+    from tests.followkit import record
+    from tests.test_spans import trace_of
+
+    name = f"no-state-{uuid.uuid4().hex[:8]}"
+    sink = OtlpSink(resolve_target(mlflow_server.url, name, None))
+    real, refused = sink.http.request, []
+
+    def older_server(method: str, path: str, **kw: Any) -> requests.Response:
+        if method != "POST" or path != "/api/3.0/mlflow/traces":
+            return real(method, path, **kw)
+        refused.append(path)
+        answer = requests.Response()
+        answer.status_code, answer._content = 404, b'{"error_code": "ENDPOINT_NOT_FOUND"}'
+        return answer
+
+    sink.http.request = older_server  # type: ignore[method-assign]
+    fail, ok = record(f"{name}-call", "failure", 100.0, 101.0, 0), record(f"{name}-call", "success", 102.0, 103.0, 1)
+    try:
+        assert sink.settles
+        for rows in ([fail], [fail, ok], [fail, ok]):
+            sink.write([trace_of(rows, experiment=sink.target.experiment_id)])
+    finally:
+        sink.close()
+    assert len(refused) == 1 and not sink.settles
+    assert [r.levelname for r in caplog.records if "does not take a trace's final state" in r.message] == ["WARNING"]
+    (trace,) = all_traces(mlflow_server.url, name)
+    assert (len(trace.data.spans), trace.info.state.value) == (3, "ERROR")
 
 
 def test_an_outage_during_the_lookup_is_reported_at_once_as_for_a_write(tmp_path: Path) -> None:

@@ -339,7 +339,7 @@ def test_polling_observer_follows_files_too(setup, mlflow_server, capture) -> No
 
 
 def test_fallback_later_than_settle_rewrites_the_trace_with_its_final_state(setup, mlflow_server, capture) -> None:
-    from tests.conftest import all_traces, reidentify
+    from tests.conftest import all_traces, client_for, reidentify
 
     logdir, experiment, daemon = setup
     log = logdir / "proxy.jsonl"
@@ -349,6 +349,8 @@ def test_fallback_later_than_settle_rewrites_the_trace_with_its_final_state(setu
     with log.open("a") as f:
         f.write(json.dumps(failure) + "\n")
     wait_for(lambda: [t.info.state.value for t in all_traces(mlflow_server.url, experiment)] == ["ERROR"], 30, "the failure written alone")
+    (failed,) = all_traces(mlflow_server.url, experiment)
+    client_for(mlflow_server.url).set_trace_tag(failed.info.trace_id, "reviewed", "yes")
     with log.open("a") as f:
         f.write(json.dumps(success) + "\n")
 
@@ -359,6 +361,7 @@ def test_fallback_later_than_settle_rewrites_the_trace_with_its_final_state(setu
     wait_for(rewritten, 30, "the call rewritten whole, state OK")
     (trace,) = all_traces(mlflow_server.url, experiment)
     assert trace.info.tags["litellm.attempts"] == "2" and trace.info.response_preview
+    assert trace.info.tags["reviewed"] == "yes", "settled in place: not deleted and written again"
     assert d.stop() == 0
 
 
