@@ -101,7 +101,7 @@ def test_a_success_read_by_a_run_that_never_saw_its_failure_ends_the_trace_as_on
     db: str, split: tuple[Path, Path, int], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The archive's failed primaries are written first, as failed calls; their fallbacks' successes
-    are read by a run with a state of its own (another machine's shard, or a lost state directory),
+    are read by a run with a state of its own (a lost state directory, another host's cron),
     which remembers no failure to delete. ``log_spans`` keeps a held trace's first state and previews:
     the bulk writer settles the trace row, so the store ends as one run over both files, state OK.
     A server is told the state through ``StartTraceV3``, which also marks those traces' info final."""
