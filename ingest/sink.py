@@ -338,9 +338,10 @@ def join_held(traces: list[BuiltTrace], held: list[Any]) -> int:
     return joined
 
 
-def _root_state(trace: BuiltTrace) -> str:
+def _root_state(trace: BuiltTrace) -> str | None:
     """The trace state MLflow gives a trace from its root span's status."""
-    root = next(d for d in trace.whole().data if d.parent_id is None)
+    if (root := next((d for d in trace.whole().data if d.parent_id is None), None)) is None:
+        return None
     return "OK" if root.error is None else "ERROR"
 
 
@@ -423,7 +424,7 @@ class OtlpSink:
         from mlflow.utils.proto_json_utils import message_to_json
 
         now = {t.trace_id: _root_state(t) for t in traces if t.trace_id in held}
-        wrong = sorted(tid for tid, state in now.items() if state != held[tid])
+        wrong = sorted(tid for tid, state in now.items() if state is not None and state != held[tid])
         if not wrong or not self.settles:
             return
         try:
