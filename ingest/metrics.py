@@ -30,7 +30,8 @@ class Metrics:
     calls_joined: int = 0
     """Calls joined to attempts MLflow already held of them (read in an earlier run or pass)."""
     traces_rewritten: int = 0
-    """Calls written as failed, then deleted and written whole when a retry or fallback succeeded later."""
+    """Calls written as failed, then written whole with their state set right when a retry or
+    fallback succeeded later (in place, or after a delete where MLflow cannot set a state)."""
     quarantined: int = 0
     send_errors: int = 0
     send_retries: int = 0

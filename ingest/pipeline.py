@@ -286,9 +286,9 @@ class Pipeline:
     def _delete_before_rewrite(self, ready: pl.DataFrame) -> None:
         """MLflow keeps a trace's first state on a re-send: a call written as failed whose retry or
         fallback succeeded later is deleted first, then written whole (its failed attempts are in
-        ``recent``, saved, so a kill between the two loses nothing), unless the sink settles the
-        trace row itself (the bulk writer). Any other late attempt is joined by the sink to the
-        spans MLflow holds, with no delete."""
+        ``recent``, saved, so a kill between the two loses nothing), unless the sink sets the
+        state itself (the bulk writer settles the trace row; a server takes ``StartTraceV3``).
+        Any other late attempt is joined by the sink to the spans MLflow holds, with no delete."""
         if not self.recent_failed:
             return
         last = pl.col("status").sort_by("end_us", "start_us").last()
