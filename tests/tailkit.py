@@ -51,8 +51,8 @@ def metric(text: str, name: str) -> float:
 def assert_sent_once(d: Daemon, sent: Callable[[], int], calls: list[list[dict]]) -> None:
     """The daemon read each line of ``calls`` once and sent each span once, but for the attempts
     it wrote again on purpose: a failure read before its fallback's line was written, with the
-    writer's time past ``--settle``, is written as failed, then deleted and written whole; an attempt
-    read after its call was written is joined to it, the call's spans sent again.
+    writer's time past ``--settle``, is written as failed, then written whole with its state set; an
+    attempt read after its call was written is joined to it, the call's spans sent again.
 
     ``sent`` counts the spans MLflow took in since before this daemon started; read after it stopped,
     so anything it sent after its last pass counts too."""
