@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,25 @@ def _run(command: str, uri: str, state: Path, *paths: Path) -> dict[str, Any]:
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     return json.loads(p.stdout)
+
+
+def _refusing(sink: Any, refused: Callable[[str, str], bool]) -> list[str]:
+    """Make ``sink``'s server answer 404 to the requests ``refused(method, path)`` picks (an older
+    MLflow, injected in front of a real one); returns the paths it refused, as they come."""
+    import requests
+
+    real, paths = sink.http.request, []
+
+    def older_server(method: str, path: str, **kw: Any) -> requests.Response:
+        if not refused(method, path):
+            return real(method, path, **kw)
+        paths.append(path)
+        answer = requests.Response()
+        answer.status_code, answer._content = 404, b'{"error_code": "ENDPOINT_NOT_FOUND"}'
+        return answer
+
+    sink.http.request = older_server
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +183,6 @@ def test_a_server_that_does_not_serve_reading_traces_back_is_named_once_and_writ
     the batch is written (nothing to join then), the log says so once, and no later batch asks again."""
     import uuid
 
-    import requests
-
     from ingest.sink import OtlpSink, resolve_target
     from tests.conftest import all_traces
     from tests.followkit import record
@@ -172,17 +190,7 @@ def test_a_server_that_does_not_serve_reading_traces_back_is_named_once_and_writ
 
     name = f"no-reads-{uuid.uuid4().hex[:8]}"
     sink = OtlpSink(resolve_target(mlflow_server.url, name, None))
-    real, lookups = sink.http.request, []
-
-    def older_server(method: str, path: str, **kw: Any) -> requests.Response:
-        if "/mlflow/traces/batchGet" not in path:
-            return real(method, path, **kw)
-        lookups.append(path)
-        answer = requests.Response()
-        answer.status_code, answer._content = 404, b'{"error_code": "ENDPOINT_NOT_FOUND"}'
-        return answer
-
-    sink.http.request = older_server  # type: ignore[method-assign]
+    lookups = _refusing(sink, lambda method, path: "/mlflow/traces/batchGet" in path)
     try:
         for call in ("a", "b"):
             trace = trace_of([record(f"{name}-{call}", "success", 100.0, 101.0)], experiment=sink.target.experiment_id)
@@ -201,8 +209,6 @@ def test_a_server_that_does_not_take_a_traces_state_is_named_once_and_the_pipeli
     deleting a call written as failed before its success."""
     import uuid
 
-    import requests
-
     from ingest.sink import OtlpSink, resolve_target
     from tests.conftest import all_traces
     from tests.followkit import record
@@ -210,17 +216,7 @@ def test_a_server_that_does_not_take_a_traces_state_is_named_once_and_the_pipeli
 
     name = f"no-state-{uuid.uuid4().hex[:8]}"
     sink = OtlpSink(resolve_target(mlflow_server.url, name, None))
-    real, refused = sink.http.request, []
-
-    def older_server(method: str, path: str, **kw: Any) -> requests.Response:
-        if method != "POST" or path != "/api/3.0/mlflow/traces":
-            return real(method, path, **kw)
-        refused.append(path)
-        answer = requests.Response()
-        answer.status_code, answer._content = 404, b'{"error_code": "ENDPOINT_NOT_FOUND"}'
-        return answer
-
-    sink.http.request = older_server  # type: ignore[method-assign]
+    refused = _refusing(sink, lambda method, path: method == "POST" and path == "/api/3.0/mlflow/traces")
     fail, ok = record(f"{name}-call", "failure", 100.0, 101.0, 0), record(f"{name}-call", "success", 102.0, 103.0, 1)
     try:
         assert sink.settles
