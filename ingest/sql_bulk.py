@@ -174,12 +174,11 @@ class BulkSpanWriter:
             # With rollups on, log_spans also queues rebuilds for a re-send: leave all of them to it.
             changed = sorted(existing) if m.rollups_enabled() else self._changed(sorted(existing), rows)
             same = [t for t in sorted(existing) if t not in set(changed)]
-            if same:
-                with self.store.ManagedSessionMaker(read_only=False) as session:
-                    self._resend_unchanged(session, same, rows)
             if changed:
                 self.store.log_spans(self.location, _mlflow_spans([by_id[t] for t in changed]))
             with self.store.ManagedSessionMaker(read_only=False) as session:
+                if same:
+                    self._resend_unchanged(session, same, rows)
                 self._settle(session, sorted(existing), rows)
 
     def _settle(self, session: Any, trace_ids: list[str], rows: dict[str, _TraceRows]) -> None:
