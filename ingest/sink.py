@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -345,6 +346,36 @@ def _root_state(trace: BuiltTrace) -> str | None:
     return "OK" if root.error is None else "ERROR"
 
 
+SETTLED_INFO = ("timestamp_ms", "execution_time_ms", "status", "session_id", "request_preview", "response_preview")
+
+
+def _settled(info: Any, want: dict[str, Any]) -> bool:
+    """Set ``info`` (a held TraceInfo) to the trace row ``want`` if they differ in times, state,
+    previews, session or token and cost totals (the columns MLflow takes from its metadata); returns
+    whether they did. A value ``want`` lacks is left as held (MLflow cannot unset it)."""
+    from mlflow.entities import TraceState
+    from mlflow.store.tracking.utils import trace_analytics as ta
+
+    totals = (*ta.TOKEN_COLUMN_BY_KEY.values(), *ta.COST_COLUMN_BY_KEY.values())
+    have = {
+        "timestamp_ms": info.request_time,
+        "execution_time_ms": info.execution_duration,
+        "status": info.state.value,
+        "request_preview": info.request_preview,
+        "response_preview": info.response_preview,
+        **ta.analytics_columns_from_metadata(info.trace_metadata),
+    }
+    if all(v is None or have.get(c) == v for c, v in want.items() if c in SETTLED_INFO or c in totals):
+        return False
+    info.request_time = want.get("timestamp_ms", info.request_time)
+    info.execution_duration = want.get("execution_time_ms", info.execution_duration)
+    info.state = TraceState(want["status"]) if want.get("status") else info.state
+    info.request_preview, info.response_preview = want.get("request_preview"), want.get("response_preview")
+    columns = {c: want.get(c) for c in (*totals, "session_id")}
+    info.trace_metadata.update(ta.compatibility_metadata_from_columns(SimpleNamespace(**columns)))
+    return True
+
+
 def _covered(trace: BuiltTrace, held: list[tuple[str, int, int, str]]) -> bool:
     """Whether ``trace`` already has every attempt of the stored spans ``held`` (span id, start ns,
     end ns, status): attempt spans' ids hash their identity; a stored call of one attempt
@@ -394,6 +425,7 @@ class OtlpSink:
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
         self.joining = True
         self.settling = True
+        self._deriver: Any = None
 
     @property
     def settles(self) -> bool:
@@ -408,37 +440,51 @@ class OtlpSink:
         infos, held = self._held(traces)
         join_held(traces, held)
         self._post(lambda: otlp_request(traces), self.target.experiment_id)
-        self._settle(traces, {i.trace_id: i.state.value for i in infos})
+        self._settle(traces, infos)
         return sum(len(t.spans) for t in traces)
 
-    def _settle(self, traces: list[BuiltTrace], held: dict[str, str]) -> None:
-        """A trace the server held in another state than its call's now (written with its failures
-        alone; the batch has the success) gets that state through MLflow's ``StartTraceV3``, which
-        a server applies to a trace it holds (an OTLP re-send keeps the first state). It marks the
-        trace's info final (``mlflow.trace.infoFinalized``): later writes no longer move its times
-        or token totals. Called after the spans are acknowledged, so a run killed in between
-        leaves the state to the next run that reads the call, as the join does."""
-        from mlflow.entities import TraceState
+    def _settle(self, traces: list[BuiltTrace], held: list[Any]) -> None:
+        """A trace the server held ends with the info one write of all its spans leaves. An OTLP
+        re-send keeps a held trace's first state, and a trace once settled (its info marked final,
+        ``mlflow.trace.infoFinalized``) no longer has its times or token totals moved by new spans;
+        so a trace still off once the spans are acknowledged is sent its info through MLflow's
+        ``StartTraceV3``, which a server applies to a trace it holds. Only traces the batch changed
+        are read again, and a trace the server settled itself is left unmarked. Called after the
+        spans are acknowledged, so a run killed in between leaves it to the next run that reads the call."""
         from mlflow.protos.service_pb2 import StartTraceV3
         from mlflow.protos.service_pb2 import Trace as ProtoTrace
         from mlflow.utils.proto_json_utils import message_to_json
 
-        now = {t.trace_id: _root_state(t) for t in traces if t.trace_id in held}
-        wrong = sorted(tid for tid, state in now.items() if state is not None and state != held[tid])
-        if not wrong or not self.settles:
+        if not held or not self.settles:
+            return
+        by_id = {t.trace_id: t for t in traces}
+        wanted = {i.trace_id: self._wanted(by_id[i.trace_id]) for i in held if i.trace_id in by_id}
+        if not (changed := sorted(i.trace_id for i in held if i.trace_id in wanted and _settled(i, wanted[i.trace_id]))):
             return
         try:
-            for info in self.trace_infos(wrong):
-                info.state = TraceState(now[info.trace_id])
-                info.request_preview = info.response_preview = None  # the server keeps the stored ones
-                body = message_to_json(StartTraceV3(trace=ProtoTrace(trace_info=info.to_proto())))
-                self._api("POST", "", "set a trace's state", data=body, headers={"Content-Type": "application/json"})
+            for info in self.trace_infos(changed):
+                if _settled(info, wanted[info.trace_id]):
+                    body = message_to_json(StartTraceV3(trace=ProtoTrace(trace_info=info.to_proto())))
+                    self._api("POST", "", "set a trace's state", data=body, headers={"Content-Type": "application/json"})
         except SinkError as e:
             if e.kind != "rejected":
                 raise
             self.settling = False
             log.warning("%s does not take a trace's final state (%s): calls written as failed are deleted before "
                         "their success is written", self.target.shown_uri, e)  # fmt: skip
+
+    def _wanted(self, trace: BuiltTrace) -> dict[str, Any]:
+        """The trace row one write of ``trace``'s spans leaves (its state alone if it cannot be derived)."""
+        if self._deriver is None:
+            from ingest.sql_bulk import RowDeriver, _mlflow_parts
+
+            self._deriver = RowDeriver(self.target.experiment_id, "") if _mlflow_parts() is not None else False
+        if self._deriver is not False:
+            try:
+                return self._deriver.derive(trace.whole()).info
+            except Exception as e:  # the spans were taken: their trace's state must still be right
+                log.debug("deriving the trace row of %s failed: %s", trace.trace_id, _short(e))
+        return {"status": _root_state(trace)}
 
     def _held(self, traces: list[BuiltTrace]) -> tuple[list[Any], list[Any]]:
         """The trace infos of this batch's traces the server holds already, and those traces with

@@ -117,6 +117,10 @@ def test_sample_logs_into_server_match_capture_and_rerun_changes_nothing(mlflow_
     assert sum(t.info.token_usage["total_tokens"] for t in again) == tokens
     assert sum(len(t.data.spans) for t in again) == spans
     assert {t.info.trace_id for t in again} == {t.info.trace_id for t in traces}
+    # the re-send's traces all held and unchanged: none is settled (which would mark its info final)
+    seen = lambda t: (t.info.request_time, t.info.execution_duration, t.info.state, t.info.request_preview, t.info.trace_metadata)  # noqa: E731
+    assert {t.info.trace_id: seen(t) for t in again} == {t.info.trace_id: seen(t) for t in traces}
+    assert not any("mlflow.trace.infoFinalized" in t.info.trace_metadata for t in again)
 
 
 def test_sample_logs_into_sqlite_store_match_capture_and_rerun_changes_nothing(sqlite_uri, capture, experiment_name, tmp_path):

@@ -301,3 +301,50 @@ def test_any_split_of_a_calls_attempts_over_runs_ends_as_one_write_of_them_all(t
             assert got[table] == reference[table], table
 
     split()
+
+
+def _seen(trace: Any) -> tuple[Any, ...]:
+    """What a reader sees of a trace, its id aside (ids hash the experiment)."""
+    i = trace.info
+    spans = sorted((s.name, s.start_time_ns, s.end_time_ns, s.status.status_code.value) for s in trace.data.spans)
+    meta = {k: i.trace_metadata.get(k) for k in ("mlflow.trace.tokenUsage", "mlflow.trace.cost", "mlflow.trace.session")}
+    return (i.request_time, i.execution_duration, i.state.value, i.request_preview, i.response_preview, meta, spans)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "server"])
+def test_an_attempt_read_after_its_trace_was_settled_still_moves_its_times_and_tokens(
+    db: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A call failing twice before it succeeds, its attempts read by three runs: the later failure,
+    then the success (the trace is settled to OK; through a server that marks its info final), then
+    the earlier failure. The trace ends as one write of all three: it starts at the earliest
+    attempt and counts its tokens, though a server no longer moves a final trace's times itself."""
+    import uuid
+
+    from ingest.sink import make_sink, resolve_target
+    from tests.conftest import all_traces
+    from tests.followkit import record
+    from tests.test_spans import trace_of
+
+    uri = request.getfixturevalue("mlflow_server").url if db == "server" else f"sqlite:///{tmp_path / 'store.db'}"
+    name = f"settled-{uuid.uuid4().hex[:8]}"
+    call = f"{name}-call"
+    first, second, success = (
+        record(call, "failure", 100.0, 101.0, 0),
+        record(call, "failure", 102.0, 103.0, 1),
+        record(call, "success", 104.0, 105.0, 2),
+    )
+
+    def write(experiment: str, runs: list[list[dict]]) -> tuple[Any, ...]:
+        sink = make_sink(resolve_target(uri, experiment, None))
+        try:
+            for rows in runs:
+                sink.write([trace_of(rows, experiment=sink.target.experiment_id)])
+        finally:
+            sink.close()
+        (trace,) = all_traces(uri, experiment)
+        return _seen(trace)
+
+    reference = write(f"{name}-one", [[first, second, success]])
+    assert reference[2] == "OK" and reference[0] == 100_000
+    assert write(name, [[second], [success], [first]]) == reference

@@ -379,11 +379,13 @@ def test_an_earlier_attempt_found_late_joins_its_call_in_mlflow(setup, mlflow_se
     d = daemon().start()
     wait_for_calls(mlflow_server.url, experiment, [[ok]])
     (logdir / "proxy.jsonl.1").write_text(line(fail))
-    (trace,) = wait_for_calls(mlflow_server.url, experiment, [[fail, ok]])
-    assert trace.info.state.value == "OK"
+    wait_for_calls(mlflow_server.url, experiment, [[fail, ok]])
+    wait_for(lambda: "litellm_ingest_calls_joined_total 1" in d.metrics(), 20, "the batch to be counted (after its trace is settled)")
+    (trace,) = all_traces(mlflow_server.url, experiment)
+    assert (trace.info.state.value, trace.info.request_time) == ("OK", int(fail["startTime"] * 1000))
+    assert trace.info.request_preview == fail["messages"][0]["content"]  # the first attempt's, as one write of both
     spans = sorted((s.name, s.status.status_code.value) for s in trace.data.spans)
     assert spans == [("litellm-acompletion", "OK"), ("litellm-acompletion attempt 1", "ERROR"), ("litellm-acompletion attempt 2", "OK")]
-    assert "litellm_ingest_calls_joined_total 1" in d.metrics()
     assert d.stop() == 0
 
 
