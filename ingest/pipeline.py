@@ -834,10 +834,14 @@ def _ingest_unit(unit: Unit, follower: Follower, ledger: Ledger, opts: RunOption
 
 def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: RunOptions, progress: Progress | None) -> list[Path]:
     """This shard's files, each between the edges of its neighbours from other shards (:mod:`ingest.shard`);
-    returns the files it read."""
+    returns this shard's files. A file it read to its end before and untouched since is neither
+    fingerprinted nor opened (a gzip would be decompressed whole to find its end); only this
+    shard reads a file, so it is this shard's."""
     pipe = follower.pipeline
     window = int(pipe.remember_s * 1_000_000)
-    fps = [file_fingerprint(p) for p in files]
+    unchanged = follower.unchanged(files)
+    pipe.summary.files_unchanged = len(unchanged)
+    fps = [None if p in unchanged else file_fingerprint(p) for p in files]
     foreign = [fp is not None and not shard.owns(fp) for fp in fps]
     mine = []
     for i, path in enumerate(files):
@@ -845,6 +849,8 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
             pipe.summary.files_other_shards += 1
             continue
         mine.append(path)
+        if path in unchanged:
+            continue
 
         def before(i: int = i) -> None:
             if i > 0 and foreign[i - 1] and (tail := edge_tail(files[i - 1], fps[i - 1], window, opts.chunk_bytes)) is not None:  # type: ignore[arg-type]

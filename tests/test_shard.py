@@ -72,6 +72,20 @@ def test_shard_over_three_runs_covers_every_file_once_and_every_call_once(tmp_pa
     got = spans_by_call(sharded)
     assert got == want, {c: (got.get(c), n) for c, n in want.items() if got.get(c) != n}
 
+    # run again (a resumed backfill), a new file in the archive: each machine opens none of the
+    # files it read (a gzip would be decompressed whole), and the new file is read by one of them
+    new = write_log(tmp_path / "logs" / "proxy-7.jsonl", copies(capture, 1, "shard-again")[0])
+    again = defaultdict(int)
+    for i in range(1, SHARDS + 1):
+        p = run("backfill", str(tmp_path / "logs"), "--shard", f"{i}/{SHARDS}", "--tracking-uri", sharded, "--experiment-name", "shard",
+                "--state-dir", str(tmp_path / f"machine-{i}"), "--json", cwd=tmp_path)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        s = json.loads(p.stdout)
+        assert s["files_unchanged"] == sum(o == i for o in owner.values()), s
+        for k in ("files", "records_read", "files_unchanged"):
+            again[k] += s[k]
+    assert again == {"files": len(files) + 1, "records_read": sum(1 for line in new.open() if line.strip()), "files_unchanged": len(files)}
+
 
 @pytest.mark.parametrize("value", ["0/3", "4/3", "1/3x", "1/0", "abc"])
 def test_bad_shard_is_a_usage_error(tmp_path: Path, value: str) -> None:
