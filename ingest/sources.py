@@ -130,7 +130,7 @@ def _frame(path: str, lines: list[str] | pl.Series, sizes: pl.Series, start_offs
             "source": pl.repeat(path, len(lines), eager=True, dtype=pl.String),
             "line_no": pl.int_range(start_line, start_line + len(lines), eager=True, dtype=pl.Int64),
             "offset": offsets.cast(pl.Int64),
-            "raw": raw.str.strip_suffix("\r"),
+            "raw": raw.str.strip_suffix("\r").str.strip_chars_start(HOLE),
             "truncated": pl.repeat(False, len(lines), eager=True, dtype=pl.Boolean),
         }
     )
@@ -149,6 +149,11 @@ def utf16_hint(line: bytes | str) -> str:
     return ""
 
 
+HOLE = "\x00"
+"""What a file holds where it has a hole: a writer without ``O_APPEND`` after a copytruncate (it
+writes on at its old offset), or the zeroed tail a crash leaves before the writer appends again.
+Stripped from the start of a line, so the record written after the hole is read, not quarantined."""
+
 FEW_LINES = 64
 """Up to this many lines (a per-call object, a small file) the line frame is built from Python
 lists: a dozen polars operations on a one-row frame cost ~3 ms, most of reading such a file."""
@@ -161,7 +166,7 @@ def _few(path: str, lines: list[str], sizes: list[int], start_offset: int, start
     for n in sizes:
         offsets.append(at)
         at += n + 1
-    raw = [line[:-1] if line.endswith("\r") else line for line in lines]
+    raw = [(line[:-1] if line.endswith("\r") else line).lstrip(HOLE) for line in lines]
     n = len(lines)
     return pl.DataFrame(
         {"source": [path] * n, "line_no": list(range(start_line, start_line + n)), "offset": offsets, "raw": raw, "truncated": [False] * n},

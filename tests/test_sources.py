@@ -238,6 +238,21 @@ def test_crlf_lines_lose_the_cr(tmp_path: Path) -> None:
     assert_raw_at_offsets(frame, data)
 
 
+@pytest.mark.parametrize("n", [3, 200])  # a few lines and many: the two ways a line frame is built
+def test_a_hole_before_a_line_is_not_part_of_it(tmp_path: Path, n: int) -> None:
+    """NUL bytes where a file has a hole (a writer without O_APPEND after a copytruncate, a crash's
+    zeroed tail): stripped from the line they precede; a line of nothing else is blank."""
+    lines = varied_lines(n)
+    holed = [b"\0" * 4096 + line if i % 2 else line for i, line in enumerate(lines)]
+    data = b"".join(line + b"\n" for line in holed) + b"\0" * 100 + b"\n"
+    f = tmp_path / "holed.jsonl"
+    f.write_bytes(data)
+    frame, q, _ = read_all(f)
+    assert q == []
+    assert frame["raw"].to_list() == [line.decode() for line in lines]
+    assert frame["offset"].to_list() == [o for _, o in expected_positions(holed)]
+
+
 def test_gzip_detected_by_content_not_name(tmp_path: Path) -> None:
     lines = varied_lines(40)
     data = b"".join(line + b"\n" for line in lines)

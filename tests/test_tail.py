@@ -66,6 +66,31 @@ def test_rotation_matrix_with_a_writer_appending(setup, mlflow_server, capture, 
     assert_exactly(traces, calls)
 
 
+def test_copytruncate_under_a_writer_without_append_mode_loses_no_call_to_the_hole(setup, mlflow_server, capture) -> None:
+    """A writer that keeps its file open without ``O_APPEND`` (a shell's ``>``, many loggers) writes
+    on at its old offset after a copytruncate: the file starts with a hole, read as NUL bytes before
+    the next record. That record was quarantined as malformed JSON; now every call lands once."""
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)
+    before = spans_ingested(mlflow_server)
+    d = daemon().start()
+    with log.open("wb") as f:  # O_WRONLY | O_TRUNC, no O_APPEND
+        for i, call in enumerate(calls):
+            f.write("".join(json.dumps(r) + "\n" for r in call).encode())
+            f.flush()
+            if i in (10, 30):
+                time.sleep(1.0)
+                rotate(log, "copytruncate", "numbered", "kept", n=i)
+            time.sleep(0.02)
+    assert log.read_bytes().startswith(b"\0"), "the writer left a hole"
+    traces = wait_for_calls(mlflow_server.url, experiment, calls)
+    assert_sent_once(d, lambda: spans_ingested(mlflow_server) - before, calls)
+    assert_exactly(traces, calls)
+    quarantine = d.state_dir / "quarantine.jsonl"
+    assert not quarantine.exists() or not quarantine.read_text().strip(), quarantine.read_text()[:500]
+
+
 def test_restarts_deliver_everything_once(setup, mlflow_server, capture) -> None:
     logdir, experiment, daemon = setup
     log = logdir / "proxy.jsonl"
