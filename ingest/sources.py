@@ -45,15 +45,17 @@ def shown(path: Path | str) -> str:
 
 def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Path]:
     """Expand files, directories (recursively, log-like names only) and globs, oldest first
-    (:func:`oldest_first`). A file this process may not read is an error, or, given ``unreadable``,
-    put there: one file logrotate made root's must not keep a cron run from the others."""
+    (:func:`oldest_first`). A file this process may not read, or a folder it may not list, is an
+    error, or, given ``unreadable``, put there: one file logrotate made root's must not keep a cron
+    run from the others."""
     found: dict[Path, None] = {}
+    folders: list[Path] = []
     for spec in paths:
         p = Path(spec)
         if p.is_file():
             found[p] = None
         elif p.is_dir():
-            for f in sorted(p.rglob("*")):
+            for f in sorted(walk(p, folders)):
                 if f.is_file() and is_log_file(f.name):
                     found[f] = None
         elif glob.has_magic(spec):
@@ -67,13 +69,26 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
             raise SourceError(f"not a regular file or directory: {spec}")
         else:
             raise SourceError(f"no such file or directory: {spec}")
-    for f in list(found):
-        if not os.access(f, os.R_OK):
-            if unreadable is None:
-                raise SourceError(f"permission denied: {f}")
-            unreadable.append(f)
-            del found[f]
+    for f in [*folders, *(f for f in found if not os.access(f, os.R_OK))]:
+        if unreadable is None:
+            raise SourceError(f"permission denied: {f}")
+        unreadable.append(f)
+        found.pop(f, None)
     return oldest_first(found)
+
+
+def walk(folder: Path, unlisted: list[Path]) -> Iterator[Path]:
+    """Every file under ``folder`` (symlinked folders not entered: a link to a parent loops), and
+    into ``unlisted`` the folders this process may not list, which ``rglob`` passes over in silence:
+    the logs in a folder logrotate made root's ``0700`` would be missed by every run without a word."""
+
+    def unlistable(e: OSError) -> None:
+        if not isinstance(e, FileNotFoundError) and e.filename is not None:
+            unlisted.append(Path(e.filename))
+
+    for root, _, names in os.walk(folder, onerror=unlistable):
+        for name in names:
+            yield Path(root, name)
 
 
 def oldest_first(paths: Iterable[Path]) -> list[Path]:

@@ -135,6 +135,7 @@ class Tailer:
         self._more = False
         self._scan_s = 0.0
         self._unreadable: set[str] = set()
+        self._unlisted: set[str] = set()
         self._restored = False
         self._failures = 0
         self._last_down_log = self._last_error_log = self._last_state_log = 0.0
@@ -317,10 +318,17 @@ class Tailer:
         """The regular files to follow with their stat, oldest first: at a start after downtime, the
         rotated files are read before the current one, so a call's attempts arrive in their order (as
         :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second.
-        A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer)."""
+        A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer); a
+        folder it may not list is named once (until it can be)."""
         found: list[tuple[str, os.stat_result]] = []
+        unlisted: set[str] = set()
+
+        def unlistable(e: OSError) -> None:
+            if not isinstance(e, FileNotFoundError) and e.filename is not None:
+                unlisted.add(str(e.filename))
+
         for d in self.dirs:
-            for root, _, names in os.walk(d):
+            for root, _, names in os.walk(d, onerror=unlistable):
                 for name in names:
                     if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
                         path = os.path.join(root, name)
@@ -328,6 +336,9 @@ class Tailer:
                             st = os.stat(path)
                             if stat.S_ISREG(st.st_mode):
                                 found.append((path, st))
+        for folder in sorted(unlisted - self._unlisted):
+            log.warning("cannot list %s: permission denied; its files are read once it can be", folder)
+        self._unlisted = unlisted
         found.sort(key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
         return found
 

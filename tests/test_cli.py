@@ -376,15 +376,21 @@ def unprivileged(args: list[str]) -> list[str]:
     return [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", "--", *args]
 
 
-@pytest.mark.parametrize("state", ["incremental", "no-state"])
-def test_a_file_that_may_not_be_read_is_named_and_the_others_are_ingested(tmp_path: Path, capture: list[dict], state: str) -> None:
+@pytest.mark.parametrize(("state", "locked"), [("incremental", "file"), ("no-state", "file"), ("incremental", "folder")])
+def test_a_file_that_may_not_be_read_is_named_and_the_others_are_ingested(
+    tmp_path: Path, capture: list[dict], state: str, locked: str
+) -> None:
     """logrotate's ``create 0600 root root`` makes a rotated file the ingester's user may not read:
     the whole cron run stopped (exit 2) and ingested nothing, every run. Now the others are
-    ingested, the file is named, exit 8; once readable it is read, and nothing is doubled."""
+    ingested, the file is named, exit 8; once readable it is read, and nothing is doubled. A folder
+    the run may not list (``olddir`` made ``0700`` by another user) was passed over in silence, exit 0."""
     logs = tmp_path / "logs"
     logs.mkdir()
     calls = copies(capture, 3, "perm")
-    files = [write_jsonl(logs / name, calls[i]) for i, name in enumerate(["proxy.jsonl.2", "proxy.jsonl.1", "proxy.jsonl"])]
+    names = ["proxy.jsonl.2", "old/proxy.jsonl.1" if locked == "folder" else "proxy.jsonl.1", "proxy.jsonl"]
+    files = [write_jsonl(logs / name, calls[i]) for i, name in enumerate(names)]
+    if locked == "folder":
+        files[1] = files[1].parent
     files[1].chmod(0)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     flags = ["--state-dir", str(tmp_path / "st")] if state == "incremental" else ["--no-state"]
@@ -396,7 +402,7 @@ def test_a_file_that_may_not_be_read_is_named_and_the_others_are_ingested(tmp_pa
     assert json.loads(first.stdout)["files_unreadable"] == 1
     got = {t.info.tags["litellm.call_id"] for t in all_traces(uri, "LiteLLM Proxy")}
     assert got == {r["litellm_call_id"] for r in calls[0] + calls[2]}
-    files[1].chmod(0o644)
+    files[1].chmod(0o755 if locked == "folder" else 0o644)
     second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr
     traces = all_traces(uri, "LiteLLM Proxy")

@@ -447,15 +447,17 @@ def test_a_directory_of_more_files_than_the_descriptor_limit_is_followed_whole(t
 
 
 def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tmp_path: Path, capture) -> None:
-    """It was passed over in silence on every scan."""
+    """It was passed over in silence on every scan; so was a folder it may not list."""
     from tests.test_cli import unprivileged
 
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    calls = fresh_calls(capture, copies=2)
+    calls = fresh_calls(capture, copies=3)
     readable, locked = write_jsonl(logdir / "a.jsonl", [r for c in calls[:45] for r in c]), logdir / "b.jsonl"
-    write_jsonl(locked, [r for c in calls[45:] for r in c])
+    write_jsonl(locked, [r for c in calls[45:90] for r in c])
+    folder = write_jsonl(logdir / "old" / "c.jsonl", [r for c in calls[90:] for r in c]).parent
     locked.chmod(0)
+    folder.chmod(0)
     uri, experiment = f"sqlite:///{tmp_path / 'store.db'}", f"perm-{uuid.uuid4().hex[:6]}"
     wrap = tuple(unprivileged([]))
     daemon = Daemon(logdir, uri, experiment, tmp_path / "state", wrap=wrap).start()
@@ -463,7 +465,9 @@ def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tm
         wait_for_calls(uri, experiment, calls[:45])
         time.sleep(2.5)
         assert daemon.log.read_text().count(f"cannot read {locked}: permission denied") == 1
+        assert daemon.log.read_text().count(f"cannot list {folder}: permission denied") == 1
         locked.chmod(0o644)
+        folder.chmod(0o755)
         assert_exactly(wait_for_calls(uri, experiment, calls), calls)
         assert readable.exists() and daemon.stop() == 0
     finally:
