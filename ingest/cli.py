@@ -441,7 +441,7 @@ class _Progress:
 
 
 @main.command()
-@click.argument("directories", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("directories", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @target_options
 @click.option("--pattern", default="*.jsonl*", show_default=True, help="File names to follow (glob, matched in every subdirectory).")
 @click.option("--polling", is_flag=True, help="Poll the directories instead of inotify (NFS and other filesystems inotify does not see).")
@@ -508,7 +508,7 @@ def tail(directories: tuple[Path, ...], **kw: Any) -> None:
     """Follow log files as the proxy writes them (a daemon): through rotation, restarts and MLflow outages.
 
     Logs one line per noteworthy event to stderr. Stop it with SIGTERM or Ctrl-C: it flushes,
-    saves its checkpoints and exits 0.
+    saves its checkpoints and exits 0. A directory that does not exist yet is followed once it does.
     """
     from ingest.tail import TailOptions, run_tail
 

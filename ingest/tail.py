@@ -136,6 +136,7 @@ class Tailer:
         self._scan_s = 0.0
         self._unreadable: set[str] = set()
         self._unlisted: set[str] = set()
+        self._absent: set[str] = set()
         self._restored = False
         self._failures = 0
         self._last_down_log = self._last_error_log = self._last_state_log = 0.0
@@ -178,7 +179,8 @@ class Tailer:
         handler = _Wake(self.wake)
         try:
             for d in self.dirs:
-                observer.schedule(handler, str(d), recursive=True)
+                if d.is_dir():  # one made later is found by the rescan
+                    observer.schedule(handler, str(d), recursive=True)
             observer.start()
         except OSError as e:
             log.warning("cannot watch %s for changes (%s); finding them by rescanning every %gs", ", ".join(map(str, self.dirs)), e,
@@ -328,6 +330,7 @@ class Tailer:
                 unlisted.add(str(e.filename))
 
         for d in self.dirs:
+            self._note_absent(d)
             for root, _, names in os.walk(d, onerror=unlistable):
                 for name in names:
                     if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
@@ -341,6 +344,18 @@ class Tailer:
         self._unlisted = unlisted
         found.sort(key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
         return found
+
+    def _note_absent(self, folder: Path) -> None:
+        """A folder that does not exist (yet: a sidecar started before the proxy made it; or no
+        more: a volume remounted) is followed once it does; said when that changes."""
+        name = str(folder)
+        if not folder.is_dir():
+            if name not in self._absent:
+                self._absent.add(name)
+                log.warning("%s does not exist; its files are followed once it does", folder)
+        elif name in self._absent:
+            self._absent.discard(name)
+            log.info("%s exists now", folder)
 
     def _scan(self) -> None:
         """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint."""

@@ -446,6 +446,30 @@ def test_a_directory_of_more_files_than_the_descriptor_limit_is_followed_whole(t
     assert_exactly([t for t in all_traces(uri, experiment) if not t.info.tags["litellm.call_id"].startswith("appended-")], calls + later)
 
 
+def test_a_folder_made_after_the_daemon_started_or_made_anew_is_followed(tmp_path: Path, capture) -> None:
+    """A sidecar started before the proxy made its log folder exited with a usage error (a restart
+    loop under Kubernetes); a folder deleted and made again is followed on, as it was."""
+    import shutil
+
+    logdir = tmp_path / "logs"
+    calls = fresh_calls(capture)
+    uri, experiment = f"sqlite:///{tmp_path / 'store.db'}", f"later-{uuid.uuid4().hex[:6]}"
+    daemon = Daemon(logdir, uri, experiment, tmp_path / "state").start()
+    try:
+        wait_for(lambda: "does not exist" in daemon.log.read_text() or not daemon.alive(), 30, "the daemon to say so")
+        assert daemon.alive(), daemon.log.read_text()[-3000:]
+        write_jsonl(logdir / "proxy.jsonl", [r for c in calls[:20] for r in c])
+        wait_for_calls(uri, experiment, calls[:20])
+        shutil.rmtree(logdir)
+        wait_for(lambda: daemon.log.read_text().count("does not exist") == 2, 30, "the daemon to see the folder gone")
+        write_jsonl(logdir / "proxy.jsonl", [r for c in calls[20:] for r in c])
+        assert_exactly(wait_for_calls(uri, experiment, calls), calls)
+        assert daemon.log.read_text().count("exists now") == 2 and daemon.stop() == 0
+    finally:
+        if daemon.alive():
+            daemon.stop(signal.SIGKILL)
+
+
 def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tmp_path: Path, capture) -> None:
     """It was passed over in silence on every scan; so was a folder it may not list."""
     from tests.test_cli import unprivileged
