@@ -49,14 +49,14 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
     error, or, given ``unreadable``, put there: one file logrotate made root's must not keep a cron
     run from the others."""
     found: dict[Path, None] = {}
-    folders: list[Path] = []
+    folders: list[str] = []
     for spec in paths:
         p = Path(spec)
         if p.is_file():
             found[p] = None
         elif p.is_dir():
-            for f in sorted(walk(p, folders)):
-                if f.is_file() and is_log_file(f.name):
+            for root, name in sorted(walk(p, folders)):
+                if is_log_file(name) and (f := Path(root, name)).is_file():
                     found[f] = None
         elif glob.has_magic(spec):
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
@@ -69,7 +69,7 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
             raise SourceError(f"not a regular file or directory: {spec}")
         else:
             raise SourceError(f"no such file or directory: {spec}")
-    for f in [*folders, *(f for f in found if not os.access(f, os.R_OK))]:
+    for f in [*map(Path, folders), *(f for f in found if not os.access(f, os.R_OK))]:
         if unreadable is None:
             raise SourceError(f"permission denied: {f}")
         unreadable.append(f)
@@ -77,18 +77,19 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
     return oldest_first(found)
 
 
-def walk(folder: Path, unlisted: list[Path]) -> Iterator[Path]:
-    """Every file under ``folder`` (symlinked folders not entered: a link to a parent loops), and
-    into ``unlisted`` the folders this process may not list, which ``rglob`` passes over in silence:
-    the logs in a folder logrotate made root's ``0700`` would be missed by every run without a word."""
+def walk(folder: Path | str, unlisted: list[str]) -> Iterator[tuple[str, str]]:
+    """(folder, name) of every file under ``folder`` (symlinked folders not entered: a link to a
+    parent loops), and into ``unlisted`` the folders this process may not list, which ``rglob`` and
+    ``os.walk`` pass over in silence: the logs in a folder made another user's ``0700`` would be
+    missed by every run without a word."""
 
     def unlistable(e: OSError) -> None:
         if not isinstance(e, FileNotFoundError) and e.filename is not None:
-            unlisted.append(Path(e.filename))
+            unlisted.append(str(e.filename))
 
     for root, _, names in os.walk(folder, onerror=unlistable):
         for name in names:
-            yield Path(root, name)
+            yield root, name
 
 
 def oldest_first(paths: Iterable[Path]) -> list[Path]:

@@ -47,7 +47,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk, age_order, shown
+from ingest.sources import Chunk, age_order, shown, walk
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -323,25 +323,19 @@ class Tailer:
         A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer); a
         folder it may not list is named once (until it can be)."""
         found: list[tuple[str, os.stat_result]] = []
-        unlisted: set[str] = set()
-
-        def unlistable(e: OSError) -> None:
-            if not isinstance(e, FileNotFoundError) and e.filename is not None:
-                unlisted.add(str(e.filename))
-
+        unlisted: list[str] = []
         for d in self.dirs:
             self._note_absent(d)
-            for root, _, names in os.walk(d, onerror=unlistable):
-                for name in names:
-                    if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
-                        path = os.path.join(root, name)
-                        with contextlib.suppress(OSError):
-                            st = os.stat(path)
-                            if stat.S_ISREG(st.st_mode):
-                                found.append((path, st))
-        for folder in sorted(unlisted - self._unlisted):
+            for root, name in walk(d, unlisted):
+                if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
+                    path = os.path.join(root, name)
+                    with contextlib.suppress(OSError):
+                        st = os.stat(path)
+                        if stat.S_ISREG(st.st_mode):
+                            found.append((path, st))
+        for folder in sorted(set(unlisted) - self._unlisted):
             log.warning("cannot list %s: permission denied; its files are read once it can be", folder)
-        self._unlisted = unlisted
+        self._unlisted = set(unlisted)
         found.sort(key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
         return found
 
