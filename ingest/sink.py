@@ -154,8 +154,10 @@ class _Http:
             self.session.cert = creds.client_cert_path
 
     def request(self, method: str, path: str, timeout_s: float | None = None, **kw: Any) -> requests.Response:
+        """One request, not redirected: a redirected POST comes back a GET, and a login page in front of
+        MLflow answers it 200, which would count spans as written that MLflow never saw."""
         try:
-            resp = self.session.request(method, self.base + path, timeout=timeout_s or self.timeout, **kw)
+            resp = self.session.request(method, self.base + path, timeout=timeout_s or self.timeout, allow_redirects=False, **kw)
         except requests.ConnectionError as e:
             why = "connection refused" if "refused" in str(e).lower() else "connection failed"
             raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)} ({why})") from e
@@ -165,6 +167,20 @@ class _Http:
             raise SinkError(
                 f"MLflow at {shown_uri(self.base)} refused the request ({resp.status_code}): set MLFLOW_TRACKING_TOKEN "
                 "or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD",
+                kind="unauthorized",
+            )
+        if resp.is_redirect:
+            to = urlsplit(resp.headers.get("location", ""))
+            raise SinkError(
+                f"{shown_uri(self.base)} redirected {method} {path} ({resp.status_code}) to {to.scheme + '://' if to.scheme else ''}"
+                f"{to.hostname or ''}{to.path}: a login page or an http-to-https redirect in front of MLflow? Give the "
+                "address MLflow answers at (nothing was written)",
+                kind="unauthorized",
+            )
+        if resp.ok and path != "/health" and "text/html" in resp.headers.get("content-type", ""):
+            raise SinkError(
+                f"{shown_uri(self.base)} answered {method} {path} with a web page, not MLflow's API: a login or proxy page "
+                "in front of MLflow? (nothing was written)",
                 kind="unauthorized",
             )
         return resp

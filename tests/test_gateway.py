@@ -1,0 +1,142 @@
+"""MLflow behind a gateway that does not let the ingester through: a login page, or an ingress that
+redirects some paths. ``requests`` followed a redirect, turning the OTLP POST into a GET that the
+login page answered 200: the spans were counted as written and the checkpoints moved, while
+MLflow never saw them. Now such an answer is an error, and nothing is marked read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import all_traces, copies, write_jsonl
+from tests.tailkit import Daemon, metric, wait_for, wait_for_calls
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+LOGIN = b"<!doctype html><html><body><form action='/login'>Sign in</form></body></html>"
+
+
+class Gateway:
+    """A reverse proxy in front of a real MLflow server; ``blocks(method, path)`` picks the requests
+    it answers itself: redirected to its login page (``how="redirect"``) or answered with it."""
+
+    def __init__(self, upstream: str, how: str, blocks: Callable[[str, str], bool]) -> None:
+        self.upstream, self.how, self.blocks = upstream, how, blocks
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith("/login"):
+                    return self._answer(200, LOGIN, {"Content-Type": "text/html; charset=utf-8"})
+                if gateway.blocks(self.command, self.path):
+                    if gateway.how == "redirect":
+                        return self._answer(302, b"", {"Location": f"{gateway.url}/login?next={self.path}"})
+                    return self._answer(200, LOGIN, {"Content-Type": "text/html; charset=utf-8"})
+                skip = {"host", "content-length", "connection"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                r = requests.request(self.command, gateway.upstream + self.path, data=body, headers=headers, timeout=60)
+                kept = {k: v for k, v in r.headers.items() if k.lower() in ("content-type", "content-encoding")}
+                self._answer(r.status_code, r.content, kept)
+
+            do_GET = do_POST = do_DELETE = do_PATCH = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gateway(mlflow_server: Any) -> Iterator[Callable[..., Gateway]]:
+    made: list[Gateway] = []
+
+    def make(how: str, blocks: Callable[[str, str], bool]) -> Gateway:
+        made.append(Gateway(mlflow_server.url, how, blocks))
+        return made[-1]
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def _batch(uri: str, logs: Path, state: Path, experiment: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, "batch", str(logs), "--tracking-uri", uri, "--experiment-name", experiment, "--state-dir", str(state), "--json"]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [("redirect", "redirected POST /v1/traces (302) to http://127.0.0.1/login"), ("page", "answered POST /v1/traces with a web page")],
+)
+def test_a_gateway_that_keeps_the_spans_from_mlflow_fails_the_run_and_nothing_is_marked_read(
+    gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path, how: str, said: str
+) -> None:
+    """Only the OTLP endpoint is kept from MLflow (an ingress routing it elsewhere, a login for
+    writes): the experiment is found, the lookups go through, the spans do not."""
+    experiment = f"gateway-{uuid.uuid4().hex[:8]}"
+    calls = copies(capture, 1, experiment)[0]
+    logs = write_jsonl(tmp_path / "logs" / "proxy.jsonl", calls).parent
+    blocked = gateway(how, lambda method, path: method == "POST" and path == "/v1/traces")
+    first = _batch(blocked.url, logs, tmp_path / "state", experiment)
+    assert first.returncode == 4 and "Traceback" not in first.stderr, (first.stdout, first.stderr)
+    assert said in first.stderr.replace(f":{blocked.server.server_address[1]}", ""), first.stderr
+    assert all_traces(mlflow_server.url, experiment, missing_ok=True) == []
+    through = gateway("redirect", lambda method, path: False)
+    again = _batch(through.url, logs, tmp_path / "state", experiment)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["records_read"] == len(calls), "the first run marked lines read"
+    assert len(all_traces(mlflow_server.url, experiment)) == len({r["litellm_call_id"] for r in calls})
+
+
+def test_a_daemon_behind_a_gateway_that_redirects_its_writes_holds_them_until_it_lets_them_through(
+    gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path
+) -> None:
+    experiment = f"gateway-{uuid.uuid4().hex[:8]}"
+    by_call: dict[str, list[dict]] = {}
+    for r in copies(capture, 1, experiment)[0]:
+        by_call.setdefault(r["litellm_call_id"], []).append(r)
+    calls = list(by_call.values())
+    requests.post(f"{mlflow_server.url}/api/2.0/mlflow/experiments/create", json={"name": experiment}, timeout=30).raise_for_status()
+    blocking = {"on": True}
+    g = gateway("redirect", lambda method, path: blocking["on"] and method == "POST")
+    logdir = tmp_path / "logs"
+    write_jsonl(logdir / "proxy.jsonl", [r for c in calls for r in c])
+    d = Daemon(logdir, g.url, experiment, tmp_path / "state").start()
+    try:
+        wait_for(lambda: "redirected POST" in d.log.read_text() or not d.alive(), 60, "the daemon to name the redirect")
+        assert d.alive() and metric(d.metrics(), "litellm_ingest_mlflow_up") == 0, d.log.read_text()[-3000:]
+        assert metric(d.metrics(), "litellm_ingest_spans_written_total") == 0
+        assert all_traces(mlflow_server.url, experiment) == []
+        blocking["on"] = False
+        traces = wait_for_calls(mlflow_server.url, experiment, calls)
+        assert sorted(t.info.tags["litellm.call_id"] for t in traces) == sorted({c[0]["litellm_call_id"] for c in calls})
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop()
