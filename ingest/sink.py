@@ -198,6 +198,20 @@ def _check(resp: requests.Response, what: str) -> requests.Response:
     return resp
 
 
+def _otlp_answer(resp: requests.Response) -> requests.Response:
+    """An acknowledgement is what an OTLP endpoint answers (an ``ExportTraceServiceResponse``, as
+    protobuf or JSON): anything else answering 2xx in its place (a catch-all ``OK`` of a gateway)
+    would count spans as written that MLflow never saw."""
+    kind = resp.headers.get("content-type", "")
+    if "protobuf" not in kind and "json" not in kind:
+        raise SinkError(
+            f"{shown_uri(resp.url)} answered the spans {resp.status_code} with {kind or 'no content type'}, not as an OTLP "
+            "endpoint does: is something in front of MLflow? (nothing was written)",
+            kind="unauthorized",
+        )
+    return resp
+
+
 def resolve_target(
     tracking_uri: str, experiment_name: str | None, experiment_id: str | None, deadline_s: float = 10.0, *, create: bool = True
 ) -> Target:
@@ -551,7 +565,7 @@ class OtlpSink:
             raise SinkError(f"encoding traces as OTLP failed: {_short(e)}", kind="rejected") from e
         headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip", EXPERIMENT_HEADER: experiment_id}
         with_retries(
-            lambda: _check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces"),
+            lambda: _otlp_answer(_check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces")),
             "send traces",
             self.deadline_s,
             _transient_http,

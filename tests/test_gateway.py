@@ -28,7 +28,8 @@ LOGIN = b"<!doctype html><html><body><form action='/login'>Sign in</form></body>
 
 class Gateway:
     """A reverse proxy in front of a real MLflow server; ``blocks(method, path)`` picks the requests
-    it answers itself: redirected to its login page (``how="redirect"``) or answered with it."""
+    it answers itself: redirected to its login page (``how="redirect"``), answered with it
+    (``"page"``), or with a plain ``OK`` (``"ok"``)."""
 
     def __init__(self, upstream: str, how: str, blocks: Callable[[str, str], bool]) -> None:
         self.upstream, self.how, self.blocks = upstream, how, blocks
@@ -53,6 +54,8 @@ class Gateway:
                 if gateway.blocks(self.command, self.path):
                     if gateway.how == "redirect":
                         return self._answer(302, b"", {"Location": f"{gateway.url}/login?next={self.path}"})
+                    if gateway.how == "ok":
+                        return self._answer(200, b"OK", {"Content-Type": "text/plain"})
                     return self._answer(200, LOGIN, {"Content-Type": "text/html; charset=utf-8"})
                 skip = {"host", "content-length", "connection"}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
@@ -92,7 +95,11 @@ def _batch(uri: str, logs: Path, state: Path, experiment: str) -> subprocess.Com
 
 @pytest.mark.parametrize(
     ("how", "said"),
-    [("redirect", "redirected POST /v1/traces (302) to http://127.0.0.1/login"), ("page", "answered POST /v1/traces with a web page")],
+    [
+        ("redirect", "redirected POST /v1/traces (302) to http://127.0.0.1/login"),
+        ("page", "answered POST /v1/traces with a web page"),
+        ("ok", "answered the spans 200 with text/plain"),
+    ],
 )
 def test_a_gateway_that_keeps_the_spans_from_mlflow_fails_the_run_and_nothing_is_marked_read(
     gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path, how: str, said: str
