@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
@@ -479,8 +479,10 @@ class OtlpSink:
         ``mlflow.trace.infoFinalized``) no longer has its times or token totals moved by new spans;
         so a trace still off once the spans are acknowledged is sent its info through MLflow's
         ``StartTraceV3``, which a server applies to a trace it holds. Only traces the batch changed
-        are read again, and a trace the server settled itself is left unmarked. Called after the
-        spans are acknowledged, so a run killed in between leaves it to the next run that reads the call."""
+        are read again, whole: attempts another ingester wrote meanwhile count in, so the info set is
+        never one that leaves them out. A trace the server settled itself is left unmarked. Called
+        after the spans are acknowledged, so a run killed in between leaves it to the next run that
+        reads the call."""
         from mlflow.protos.service_pb2 import StartTraceV3
         from mlflow.protos.service_pb2 import Trace as ProtoTrace
         from mlflow.utils.proto_json_utils import message_to_json
@@ -492,7 +494,12 @@ class OtlpSink:
         if not (changed := sorted(i.trace_id for i in held if i.trace_id in wanted and _settled(i, wanted[i.trace_id]))):
             return
         try:
-            for info in self.trace_infos(changed):
+            for stored in self._fetch(changed):
+                info = stored.info
+                whole = replace(by_id[info.trace_id])
+                tid = bytes.fromhex(whole.trace_id.removeprefix("tr-"))
+                if with_stored_attempts(whole, [stored_span(s, tid) for s in stored.data.spans]):
+                    wanted[info.trace_id] = self._wanted(whole)
                 if _settled(info, wanted[info.trace_id]):
                     body = message_to_json(StartTraceV3(trace=ProtoTrace(trace_info=info.to_proto())))
                     self._api("POST", "", "set a trace's state", data=body, headers={"Content-Type": "application/json"})
@@ -520,18 +527,12 @@ class OtlpSink:
         """The trace infos of this batch's traces the server holds already, and those traces with
         their spans (none, usually: one ``batchGetInfos`` per batch tells). A server that does not
         serve these reads (an MLflow older than this one's API) is named once and written to as before."""
-        from google.protobuf.json_format import ParseDict
-        from mlflow.entities import Trace
-        from mlflow.protos.service_pb2 import BatchGetTraces
-
         if not self.joining:
             return [], []
         ids = [t.trace_id for t in traces]
         try:
             infos = [i for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
-            held = [i.trace_id for i in infos]
-            chunks = [held[k : k + FETCH_CHUNK] for k in range(0, len(held), FETCH_CHUNK)]
-            found = [self._api("GET", "batchGet", "read traces", params={"trace_ids": chunk}) for chunk in chunks]
+            return infos, self._fetch([i.trace_id for i in infos])
         except SinkError as e:
             if e.kind != "rejected":
                 raise
@@ -543,8 +544,17 @@ class OtlpSink:
                 e,
             )
             return [], []
+
+    def _fetch(self, ids: list[str]) -> list[Any]:
+        """Those of ``ids`` the server holds, whole (info and spans), ``FETCH_CHUNK`` a request."""
+        from google.protobuf.json_format import ParseDict
+        from mlflow.entities import Trace
+        from mlflow.protos.service_pb2 import BatchGetTraces
+
+        chunks = [ids[k : k + FETCH_CHUNK] for k in range(0, len(ids), FETCH_CHUNK)]
+        found = [self._api("GET", "batchGet", "read traces", params={"trace_ids": chunk}) for chunk in chunks]
         answers = [ParseDict(answer, BatchGetTraces.Response(), ignore_unknown_fields=True) for answer in found]
-        return infos, [Trace.from_proto(t) for answer in answers for t in answer.traces]
+        return [Trace.from_proto(t) for answer in answers for t in answer.traces]
 
     def _api(self, method: str, call: str, what: str, **kw: Any) -> dict[str, Any]:
         """One call of MLflow's trace REST API through this sink's session, retried as a write is

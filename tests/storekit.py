@@ -41,9 +41,13 @@ def store_rows(uri: str, span_attributes_aside: tuple[str, ...] = ()) -> Rows:
         engine.dispose()
 
 
-def assert_same_as_one_writer(uri: str, reference: Rows, span_attributes_aside: tuple[str, ...] = ()) -> None:
-    """``reference``: store_rows of the single-writer store, with the same attributes set aside."""
+def assert_same_as_one_writer(
+    uri: str, reference: Rows, span_attributes_aside: tuple[str, ...] = (), metadata_aside: tuple[str, ...] = ()
+) -> None:
+    """``reference``: store_rows of the single-writer store, with the same attributes set aside;
+    ``metadata_aside``: metadata keys only this store may have."""
     rows = store_rows(uri, span_attributes_aside)
+    rows["metadata"] = {r for r in rows["metadata"] if r[1] not in metadata_aside}
     assert rows["experiments"] == reference["experiments"]
     for table in ("info", "spans", "tags", "metadata"):
         assert rows[table] == reference[table], (

@@ -348,3 +348,43 @@ def test_an_attempt_read_after_its_trace_was_settled_still_moves_its_times_and_t
     reference = write(f"{name}-one", [[first, second, success]])
     assert reference[2] == "OK" and reference[0] == 100_000
     assert write(name, [[second], [success], [first]]) == reference
+
+
+def test_a_server_settle_counts_in_the_attempts_another_ingester_wrote_meanwhile(mlflow_server: Any) -> None:
+    """Two ingesters write attempts of one call at once: B joins the failure it found and posts its
+    success, and A writes the call's first failure right after B's post, before B settles. B's
+    settle then reads the trace whole again, so the info it sets (final, through a server) still
+    starts at A's attempt, as one write of all three."""
+    import uuid
+
+    from ingest.sink import OtlpSink, resolve_target
+    from tests.conftest import all_traces
+    from tests.followkit import record
+    from tests.test_spans import trace_of
+
+    name = f"meanwhile-{uuid.uuid4().hex[:8]}"
+    call = f"{name}-call"
+    first, second, success = (
+        record(call, "failure", 100.0, 101.0, 0),
+        record(call, "failure", 102.0, 103.0, 1),
+        record(call, "success", 104.0, 105.0, 2),
+    )
+    a, b = (OtlpSink(resolve_target(mlflow_server.url, name, None)) for _ in range(2))
+    one = OtlpSink(resolve_target(mlflow_server.url, f"{name}-one", None))
+    exp = a.target.experiment_id
+    try:
+        a.write([trace_of([second], experiment=exp)])
+        post = b._post
+
+        def and_then_a(*args: Any) -> None:
+            post(*args)
+            a.write([trace_of([first], experiment=exp)])
+
+        b._post = and_then_a  # type: ignore[method-assign]
+        b.write([trace_of([success], experiment=exp)])
+        one.write([trace_of([first, second, success], experiment=one.target.experiment_id)])
+    finally:
+        for s in (a, b, one):
+            s.close()
+    (got,), (want,) = all_traces(mlflow_server.url, name), all_traces(mlflow_server.url, f"{name}-one")
+    assert _seen(got) == _seen(want) and _seen(want)[:3] == (100_000, 5_000, "OK")
