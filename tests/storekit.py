@@ -50,9 +50,8 @@ def assert_same_as_one_writer(
     rows["metadata"] = {r for r in rows["metadata"] if r[1] not in metadata_aside}
     assert rows["experiments"] == reference["experiments"]
     for table in ("info", "spans", "tags", "metadata"):
-        assert rows[table] == reference[table], (
-            f"{table}: {len(rows[table] - reference[table])} extra, {len(reference[table] - rows[table])} missing"
-        )
+        extra, missing = sorted(map(str, rows[table] - reference[table])), sorted(map(str, reference[table] - rows[table]))
+        assert not extra and not missing, f"{table}: {len(extra)} extra, {len(missing)} missing: {extra[:2]}, {missing[:2]}"
 
 
 def trace_and_span_counts(uri: str, experiment: str) -> tuple[int, int]:
