@@ -303,6 +303,13 @@ def test_any_split_of_a_calls_attempts_over_runs_ends_as_one_write_of_them_all(t
     split()
 
 
+def _thrice(call: str) -> tuple[dict, dict, dict]:
+    """A call failing twice before it succeeds: its attempts, in the order they ran."""
+    from tests.followkit import record
+
+    return record(call, "failure", 100.0, 101.0, 0), record(call, "failure", 102.0, 103.0, 1), record(call, "success", 104.0, 105.0, 2)
+
+
 def _seen(trace: Any) -> tuple[Any, ...]:
     """What a reader sees of a trace, its id aside (ids hash the experiment)."""
     i = trace.info
@@ -323,17 +330,11 @@ def test_an_attempt_read_after_its_trace_was_settled_still_moves_its_times_and_t
 
     from ingest.sink import make_sink, resolve_target
     from tests.conftest import all_traces
-    from tests.followkit import record
     from tests.test_spans import trace_of
 
     uri = request.getfixturevalue("mlflow_server").url if db == "server" else f"sqlite:///{tmp_path / 'store.db'}"
     name = f"settled-{uuid.uuid4().hex[:8]}"
-    call = f"{name}-call"
-    first, second, success = (
-        record(call, "failure", 100.0, 101.0, 0),
-        record(call, "failure", 102.0, 103.0, 1),
-        record(call, "success", 104.0, 105.0, 2),
-    )
+    first, second, success = _thrice(f"{name}-call")
 
     def write(experiment: str, runs: list[list[dict]]) -> tuple[Any, ...]:
         sink = make_sink(resolve_target(uri, experiment, None))
@@ -359,16 +360,10 @@ def test_a_server_settle_counts_in_the_attempts_another_ingester_wrote_meanwhile
 
     from ingest.sink import OtlpSink, resolve_target
     from tests.conftest import all_traces
-    from tests.followkit import record
     from tests.test_spans import trace_of
 
     name = f"meanwhile-{uuid.uuid4().hex[:8]}"
-    call = f"{name}-call"
-    first, second, success = (
-        record(call, "failure", 100.0, 101.0, 0),
-        record(call, "failure", 102.0, 103.0, 1),
-        record(call, "success", 104.0, 105.0, 2),
-    )
+    first, second, success = _thrice(f"{name}-call")
     a, b = (OtlpSink(resolve_target(mlflow_server.url, name, None)) for _ in range(2))
     one = OtlpSink(resolve_target(mlflow_server.url, f"{name}-one", None))
     exp = a.target.experiment_id
