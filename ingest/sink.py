@@ -14,6 +14,7 @@ errors, 5xx, 429, a locked database) are retried with exponential backoff up to 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import random
@@ -379,14 +380,12 @@ def _root_state(trace: BuiltTrace) -> str | None:
 SETTLED_INFO = ("timestamp_ms", "execution_time_ms", "status", "session_id", "request_preview", "response_preview")
 
 
-def _settled(info: Any, want: dict[str, Any]) -> bool:
-    """Set ``info`` (a held TraceInfo) to the trace row ``want`` if they differ in times, state,
-    previews, session or token and cost totals (the columns MLflow takes from its metadata); returns
-    whether they did. A value ``want`` lacks is left as held (MLflow cannot unset it)."""
-    from mlflow.entities import TraceState
+def _unsettled(info: Any, want: dict[str, Any]) -> bool:
+    """Whether ``info`` (a held TraceInfo) differs from the trace row ``want`` in times, state,
+    previews, session or token and cost totals (the columns MLflow takes from its metadata); a value
+    ``want`` lacks does not count (MLflow cannot unset it)."""
     from mlflow.store.tracking.utils import trace_analytics as ta
 
-    totals = (*ta.TOKEN_COLUMN_BY_KEY.values(), *ta.COST_COLUMN_BY_KEY.values())
     have = {
         "timestamp_ms": info.request_time,
         "execution_time_ms": info.execution_duration,
@@ -395,15 +394,27 @@ def _settled(info: Any, want: dict[str, Any]) -> bool:
         "response_preview": info.response_preview,
         **ta.analytics_columns_from_metadata(info.trace_metadata),
     }
-    if all(v is None or have.get(c) == v for c, v in want.items() if c in SETTLED_INFO or c in totals):
-        return False
+    return any(v is not None and have.get(c) != v for c, v in want.items() if c in SETTLED_INFO or c in _totals())
+
+
+def _settle_info(info: Any, want: dict[str, Any]) -> None:
+    """Set ``info`` to the trace row ``want`` (what it lacks is left as held)."""
+    from mlflow.entities import TraceState
+    from mlflow.store.tracking.utils import trace_analytics as ta
+
     info.request_time = want.get("timestamp_ms", info.request_time)
     info.execution_duration = want.get("execution_time_ms", info.execution_duration)
     info.state = TraceState(want["status"]) if want.get("status") else info.state
     info.request_preview, info.response_preview = want.get("request_preview"), want.get("response_preview")
-    columns = {c: want.get(c) for c in (*totals, "session_id")}
+    columns = {c: want.get(c) for c in (*_totals(), "session_id")}
     info.trace_metadata.update(ta.compatibility_metadata_from_columns(SimpleNamespace(**columns)))
-    return True
+
+
+def _totals() -> tuple[str, ...]:
+    """The trace row's token and cost columns."""
+    from mlflow.store.tracking.utils import trace_analytics as ta
+
+    return (*ta.TOKEN_COLUMN_BY_KEY.values(), *ta.COST_COLUMN_BY_KEY.values())
 
 
 def _covered(trace: BuiltTrace, held: list[tuple[str, int, int, str]]) -> bool:
@@ -455,7 +466,6 @@ class OtlpSink:
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
         self.joining = True
         self.settling = True
-        self._deriver: Any = None
 
     @property
     def settles(self) -> bool:
@@ -491,7 +501,7 @@ class OtlpSink:
             return
         by_id = {t.trace_id: t for t in traces}
         wanted = {i.trace_id: self._wanted(by_id[i.trace_id]) for i in held if i.trace_id in by_id}
-        if not (changed := sorted(i.trace_id for i in held if i.trace_id in wanted and _settled(i, wanted[i.trace_id]))):
+        if not (changed := sorted(i.trace_id for i in held if i.trace_id in wanted and _unsettled(i, wanted[i.trace_id]))):
             return
         try:
             for stored in self._fetch(changed):
@@ -500,7 +510,8 @@ class OtlpSink:
                 tid = bytes.fromhex(whole.trace_id.removeprefix("tr-"))
                 if with_stored_attempts(whole, [stored_span(s, tid) for s in stored.data.spans]):
                     wanted[info.trace_id] = self._wanted(whole)
-                if _settled(info, wanted[info.trace_id]):
+                if _unsettled(info, wanted[info.trace_id]):
+                    _settle_info(info, wanted[info.trace_id])
                     body = message_to_json(StartTraceV3(trace=ProtoTrace(trace_info=info.to_proto())))
                     self._api("POST", "", "set a trace's state", data=body, headers={"Content-Type": "application/json"})
         except SinkError as e:
@@ -510,13 +521,16 @@ class OtlpSink:
             log.warning("%s does not take a trace's final state (%s): calls written as failed are deleted before "
                         "their success is written", self.target.shown_uri, e)  # fmt: skip
 
+    @functools.cached_property
+    def _deriver(self) -> Any:
+        """The bulk writer's ``RowDeriver`` (None if this MLflow lacks what it needs)."""
+        from ingest.sql_bulk import RowDeriver, _mlflow_parts
+
+        return RowDeriver(self.target.experiment_id, "") if _mlflow_parts() is not None else None
+
     def _wanted(self, trace: BuiltTrace) -> dict[str, Any]:
         """The trace row one write of ``trace``'s spans leaves (its state alone if it cannot be derived)."""
-        if self._deriver is None:
-            from ingest.sql_bulk import RowDeriver, _mlflow_parts
-
-            self._deriver = RowDeriver(self.target.experiment_id, "") if _mlflow_parts() is not None else False
-        if self._deriver is not False:
+        if self._deriver is not None:
             try:
                 return self._deriver.derive(trace.whole()).info
             except Exception as e:  # the spans were taken: their trace's state must still be right
