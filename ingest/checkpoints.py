@@ -16,6 +16,14 @@ as ``<file>.corrupt-<UTC time>`` with a warning and the run starts from an empty
 (harmless, ids are deterministic, but the user is told).
 
 A lock file (``flock``) keeps two runs of the same state from working at once.
+
+A state of more than ``SETTLE_ABOVE`` files (a synced bucket of a per-call logger: one file per
+call) would make every step rewrite a document that grows with every file ever read. Its
+checkpoints are settled instead into a SQLite file beside it (``<state>.files.sqlite``), and the
+document keeps only those changed since: it is written first, then they are upserted, so a crash
+between the two finds them in the document, which wins on load. The rows belong to the document
+that names their generation: a state deleted, replaced or bound to a new experiment starts from
+none of them.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import stat
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,6 +47,9 @@ from typing import Any
 import orjson
 
 STATE_VERSION = 2
+SETTLE_ABOVE = 1000
+"""More checkpoints than this are settled into the files database (see the module doc)."""
+FILES_DB_SUFFIX = ".files.sqlite"
 
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +82,17 @@ class Checkpoint:
     end_stat: str | None = None
     """``device:inode:size:mtime_ns`` of the file when it was read to its end: a run that finds it
     so skips it unopened (:meth:`ingest.follow.Follower.unchanged`)."""
+
+    changes = 0
+    """How many times a field was set (not a field itself)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every change is counted, and reported to the state holding this checkpoint (:class:`Checkpoints`)."""
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "changes", self.changes + 1)
+        owner = self.__dict__.get("_owner")
+        if owner is not None and owner.get(self.fingerprint) is self:
+            owner.changed[self.fingerprint] = self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Checkpoint:
@@ -105,6 +129,29 @@ class Checkpoint:
         return d
 
 
+class Checkpoints(dict[str, Checkpoint]):
+    """A state's checkpoints by key, with those set or changed since they were last settled
+    (``changed``): a save finds them without a walk over every file the state knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed: dict[str, Checkpoint] = {}
+
+    def __setitem__(self, key: str, ck: Checkpoint) -> None:
+        super().__setitem__(key, ck)
+        object.__setattr__(ck, "_owner", self)
+        self.changed[key] = ck
+
+    def clear(self) -> None:
+        super().clear()
+        self.changed.clear()
+
+    def settled(self, ck: Checkpoint, changes: int) -> None:
+        """``ck`` as it was at ``changes`` is in the files database: unless it changed since, no document needs it."""
+        if ck.changes == changes and self.changed.get(ck.fingerprint) is ck:
+            del self.changed[ck.fingerprint]
+
+
 HELD_FIELDS = ("file", "source", "line", "offset", "raw")
 
 
@@ -128,7 +175,7 @@ class State:
     path: Path
     mode: str
     destination: dict[str, Any]
-    checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
     held: list[dict[str, Any]] = field(default_factory=list)
     recent: list[dict[str, Any]] = field(default_factory=list)
     last_run: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +184,13 @@ class State:
     experiment_created: int | None = None
     """The creation time of the experiment this state's lines were delivered to (see :meth:`bind`)."""
     replaced: str | None = None
+    files_db: str | None = None
+    """The generation of the settled checkpoints in the files database; None while they are all in the document."""
+    settled_lost: int = 0
+    """Checkpoints the document counted in the files database that it no longer has (their files are read again)."""
+    _pending: list[tuple[Checkpoint, int, dict[str, Any]]] = field(default_factory=list, repr=False)
+    _db: sqlite3.Connection | None = field(default=None, repr=False)
+    _db_generation: str | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: Path, mode: str, destination: dict[str, Any]) -> State:
@@ -165,9 +219,20 @@ class State:
                     state.corrupt_copy,
                 )
                 doc = {}
+        if (generation := _generation(doc)) is not None:
+            state.files_db = generation
+            for d in settled_checkpoints(path, state.files_db):
+                ck = Checkpoint.from_dict(d)
+                state.checkpoints[ck.fingerprint] = ck
+                state.checkpoints.settled(ck, ck.changes)
         for d in doc.get("checkpoints", []):
             ck = Checkpoint.from_dict(d)
             state.checkpoints[ck.fingerprint] = ck
+        if state.files_db is not None:
+            expected = doc["files_db"].get("files")
+            if isinstance(expected, int) and (lost := expected - len(state.checkpoints)) > 0:
+                state.settled_lost = lost
+                log.warning("%s holds %d file checkpoints fewer than its state counts: those files are read again", state.db_path, lost)
         state.held = [h for h in doc.get("held", []) if _is_line(h)]
         state.recent = [h for h in doc.get("recent", []) if _is_line(h)]
         state.last_run = doc.get("last_run", {})
@@ -189,23 +254,39 @@ class State:
         if old is None or old == created_ms:
             return False
         self.checkpoints.clear()
+        self.files_db = None
         self.held.clear()
         self.recent.clear()
         self.replaced = f"the experiment was created anew ({_iso_ms(created_ms)}; this state was for one created {_iso_ms(old)})"
         log.warning("%s: its checkpoints are dropped and every file is read again", self.replaced)
         return True
 
+    @property
+    def db_path(self) -> Path:
+        return self.path.with_suffix(FILES_DB_SUFFIX)
+
     def document(self) -> dict[str, Any]:
+        """The document to write; once settling, with only the checkpoints changed since they were settled."""
+        if self.files_db is None and len(self.checkpoints) > SETTLE_ABOVE:
+            self.files_db = uuid.uuid4().hex
+        if self.files_db is None:
+            checkpoints = [c.as_dict() for c in self.checkpoints.values()]
+            self._pending = []
+        else:
+            changed = list(self.checkpoints.changed.values())
+            checkpoints = [c.as_dict() for c in changed]
+            self._pending = [(c, c.changes, d) for c, d in zip(changed, checkpoints, strict=True)]
         return {
             "version": STATE_VERSION,
             "mode": self.mode,
             "destination": self.destination,
-            "checkpoints": [c.as_dict() for c in self.checkpoints.values()],
+            "checkpoints": checkpoints,
             "held": self.held,
             "recent": self.recent,
             "last_run": self.last_run,
             "extra": self.extra,
             "experiment_created": self.experiment_created,
+            **({"files_db": {"generation": self.files_db, "files": len(self.checkpoints)}} if self.files_db is not None else {}),
         }
 
     def save(self, data: bytes | None = None) -> None:
@@ -230,6 +311,42 @@ class State:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Upsert the checkpoints the document just written holds into the files database, after it:
+        the next document can leave them out. Rows of an older generation are dropped."""
+        pending, self._pending = self._pending, []
+        if self.files_db is None or not pending:
+            return
+        try:
+            if self._db is None:
+                from ingest.ledger import state_db
+
+                self._db = state_db(
+                    self.db_path,
+                    "CREATE TABLE IF NOT EXISTS files "
+                    "(fingerprint TEXT PRIMARY KEY, generation TEXT NOT NULL, doc TEXT NOT NULL) WITHOUT ROWID",
+                )
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                if self._db_generation != self.files_db:
+                    self._db.execute("DELETE FROM files WHERE generation <> ?", (self.files_db,))
+                self._db.executemany(
+                    "INSERT INTO files (fingerprint, generation, doc) VALUES (?, ?, ?) "
+                    "ON CONFLICT (fingerprint) DO UPDATE SET generation = excluded.generation, doc = excluded.doc",
+                    [(c.fingerprint, self.files_db, orjson.dumps(d).decode()) for c, _, d in pending],
+                )
+        except sqlite3.Error as e:
+            raise StateError(f"cannot write the checkpoints database {self.db_path}: {e}") from e
+        self._db_generation = self.files_db
+        for c, changes, _ in pending:
+            self.checkpoints.settled(c, changes)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
@@ -250,6 +367,7 @@ class State:
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield self
         finally:
+            self.close()
             os.close(fd)
 
 
@@ -335,8 +453,45 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
             out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": str(e)})
         else:
             if doc is not None:
+                if isinstance(generation := _generation(doc), str):
+                    inline = {d["fingerprint"] for d in doc["checkpoints"]}
+                    try:
+                        settled = [d for d in settled_checkpoints(p, generation) if d.get("fingerprint") not in inline]
+                    except StateError as e:
+                        out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": str(e)})
+                        continue
+                    doc = {**doc, "checkpoints": settled + doc["checkpoints"]}
                 out.append({"file": str(p), **doc})
     return out
+
+
+def _generation(doc: dict[str, Any]) -> str | None:
+    files_db = doc.get("files_db")
+    generation = files_db.get("generation") if isinstance(files_db, dict) else None
+    return generation if isinstance(generation, str) else None
+
+
+def settled_checkpoints(state_path: Path, generation: str) -> list[dict[str, Any]]:
+    """The checkpoints of this generation in the files database beside a state, read-only: [] if it
+    is missing or corrupt (said as a warning; its files are read again, which doubles nothing),
+    StateError if it cannot be read."""
+    path = state_path.with_suffix(FILES_DB_SUFFIX)
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = db.execute("SELECT doc FROM files WHERE generation = ?", (generation,)).fetchall()
+        finally:
+            db.close()
+        return [d for (text,) in rows if isinstance(d := orjson.loads(text), dict) and "fingerprint" in d and "path" in d]
+    except (sqlite3.DatabaseError, orjson.JSONDecodeError) as e:
+        from ingest.ledger import _is_corrupt
+
+        if isinstance(e, orjson.JSONDecodeError) or _is_corrupt(e) or "no such table" in str(e):
+            log.warning("the checkpoints database %s cannot be used (%s): its files are read again", path, e)
+            return []
+        raise StateError(f"cannot read the checkpoints database {path}: {e}") from e
 
 
 def corrupt_copies(state_dir: Path) -> list[Path]:

@@ -347,10 +347,9 @@ class Follower:
         """The rows no file read would give back: before their file's checkpoint, or of a file started again."""
         if not frame.height:
             return frame
-        offsets = pl.DataFrame(
-            {"file": list(self.state.checkpoints), "_ck": [c.offset for c in self.state.checkpoints.values()]},
-            schema={"file": pl.String, "_ck": pl.Int64},
-        )
+        checkpoints = self.state.checkpoints
+        files = [f for f in frame["file"].unique().to_list() if f in checkpoints]
+        offsets = pl.DataFrame({"file": files, "_ck": [checkpoints[f].offset for f in files]}, schema={"file": pl.String, "_ck": pl.Int64})
         joined = frame.join(offsets, on="file", how="left")
         keep = pl.col("_ck").is_null() | (pl.col("offset") < pl.col("_ck")) | pl.col("file").is_in(sorted(self._reset))
         return joined.filter(keep).drop("_ck")

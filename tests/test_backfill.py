@@ -470,3 +470,50 @@ def test_a_directory_of_per_call_files_is_read_in_groups_killed_and_resumed_once
 
     again = summary_of(run(*args, cwd=tmp_path))
     assert (again["records_read"], again["traces_written"], again["files_unchanged"]) == (0, 0, len(records) + 1), "none opened"
+
+
+def test_a_bucket_of_more_files_than_the_state_document_keeps_is_resumed_and_skipped_through_its_database(
+    tmp_path: Path, capture: list[dict]
+) -> None:
+    """Past ``SETTLE_ABOVE`` files the checkpoints are settled into the SQLite file beside the state
+    (each step writes only what it moved). A SIGKILL after that began and a re-run end with every
+    call once, each attempt a span; a third run opens no file; the document keeps only the last
+    moves; ``status`` lists every file."""
+    import sqlite3
+
+    from ingest.checkpoints import FILES_DB_SUFFIX, SETTLE_ABOVE
+
+    records = [r for c in copies(capture, SETTLE_ABOVE // len(capture) + 12, "settle") for r in c]
+    logs = tmp_path / "bucket"
+    for i, r in enumerate(records):
+        write_log(logs / f"day={i % 7}" / f"{int(r['startTime'])}-{i:05d}.json", [r])
+    db, state = tmp_path / "store.db", tmp_path / "state"
+    args = ["backfill", str(logs), "--tracking-uri", f"sqlite:///{db}", "--state-dir", str(state), "--workers", "1", "--json"]
+
+    p = start(*args, cwd=tmp_path)
+    while p.poll() is None and not list(state.glob(f"*{FILES_DB_SUFFIX}")):
+        time.sleep(0.02)
+    assert p.poll() is None, f"finished before the kill: {p.communicate()}"
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=30)
+    want = expected_spans(records)
+    assert 0 < sqlite_trace_count(db) < len(want), "killed mid-run"
+
+    final = run(*args, cwd=tmp_path)
+    no_traceback(final)
+    assert final.returncode == 0, final.stderr[-3000:]
+    with sqlite3.connect(db) as con:
+        got = con.execute(
+            "SELECT t.value, count(DISTINCT t.request_id), count(s.span_id) FROM trace_tags t "
+            "JOIN spans s ON s.trace_id = t.request_id WHERE t.key = 'litellm.call_id' GROUP BY t.value"
+        ).fetchall()
+    assert {cid: traces for cid, traces, _ in got} == dict.fromkeys(want, 1), "a call lost or doubled"
+    assert {cid: spans for cid, _, spans in got} == want
+
+    again = summary_of(run(*args, cwd=tmp_path))
+    assert (again["records_read"], again["traces_written"], again["files_unchanged"]) == (0, 0, len(records)), "none opened"
+    (doc_path,) = state.glob("backfill-*.json")
+    doc = json.loads(doc_path.read_text())
+    assert doc["files_db"]["files"] == len(records) and len(doc["checkpoints"]) <= 256, "the document keeps only the last moves"
+    status = subprocess.run([EXE, "status", "--state-dir", str(state), "--json"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert sorted(f["path"] for f in json.loads(status.stdout)["files"]) == sorted(str(p.resolve()) for p in logs.rglob("*.json"))

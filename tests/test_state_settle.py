@@ -1,0 +1,186 @@
+"""A state of more files than its document keeps (a synced per-call bucket): their checkpoints are
+settled into the files database beside it, and each save writes only what changed. In process,
+with the threshold lowered; tests/test_backfill.py runs a real backfill past the real one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from ingest import checkpoints
+from ingest.checkpoints import FILES_DB_SUFFIX, Checkpoint, State, StateError, all_states
+
+DESTINATION = {"tracking_uri": "sqlite:////var/lib/mlflow.db", "experiment_id": "1"}
+
+
+@pytest.fixture(autouse=True)
+def few(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoints, "SETTLE_ABOVE", 3)
+
+
+def state_of(path: Path, n: int) -> State:
+    st = State(path, "batch", DESTINATION)
+    for i in range(n):
+        key = f"sha256:{i:02d}"
+        st.checkpoints[key] = Checkpoint(key, f"/logs/day={i}/{i}.json", offset=10 * (i + 1), line=i + 2, size=10 * (i + 1))
+    return st
+
+
+def document(st: State) -> dict:
+    return json.loads(st.path.read_text())
+
+
+def rows(st: State) -> dict[str, tuple[str, int]]:
+    with sqlite3.connect(st.path.with_suffix(FILES_DB_SUFFIX)) as db:
+        return {fp: (gen, json.loads(doc)["offset"]) for fp, gen, doc in db.execute("SELECT fingerprint, generation, doc FROM files")}
+
+
+def load(st: State) -> State:
+    return State.load(st.path, st.mode, st.destination)
+
+
+def test_past_the_threshold_a_save_writes_only_the_checkpoints_that_moved_and_a_load_has_them_all(tmp_path: Path) -> None:
+    small = state_of(tmp_path / "small.json", 3)
+    small.save()
+    assert len(document(small)["checkpoints"]) == 3 and "files_db" not in document(small)
+    assert not small.path.with_suffix(FILES_DB_SUFFIX).exists()
+
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.save()
+    doc = document(st)
+    assert len(doc["checkpoints"]) == 5, "the first document holds them all: the database has none yet"
+    generation = doc["files_db"]["generation"]
+    assert doc["files_db"]["files"] == 5
+    assert rows(st) == {f"sha256:{i:02d}": (generation, 10 * (i + 1)) for i in range(5)}
+
+    st.save()
+    assert document(st)["checkpoints"] == [], "settled: nothing moved since"
+    st.checkpoints["sha256:02"].offset = 999
+    st.checkpoints["sha256:new"] = Checkpoint("sha256:new", "/logs/new.json", offset=5)
+    st.save()
+    assert [c["fingerprint"] for c in document(st)["checkpoints"]] == ["sha256:02", "sha256:new"]
+    assert document(st)["files_db"] == {"generation": generation, "files": 6}
+    assert rows(st)["sha256:02"] == (generation, 999)
+
+    again = load(st)
+    assert again.checkpoints == st.checkpoints
+    assert set(again.checkpoints.changed) == {"sha256:02", "sha256:new"}, "what the document held is settled again"
+    again.save()
+    again.save()
+    assert document(again)["checkpoints"] == [] and load(again).checkpoints == st.checkpoints
+
+
+def test_a_checkpoint_replaced_by_another_of_the_same_key_is_the_one_written(tmp_path: Path) -> None:
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.save()
+    old = st.checkpoints["sha256:01"]
+    st.checkpoints["sha256:01"] = Checkpoint("sha256:01", "/logs/again.json", offset=3)
+    old.offset = 12345
+    st.save()
+    assert [(c["path"], c["offset"]) for c in document(st)["checkpoints"]] == [("/logs/again.json", 3)]
+    assert load(st).checkpoints["sha256:01"].offset == 3
+
+
+def test_a_crash_between_the_document_and_the_database_loses_no_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.save()
+    st.checkpoints["sha256:01"].offset = 777
+    with monkeypatch.context() as m:
+        m.setattr(State, "_settle", lambda self: None)  # the process dies just after the document's rename
+        st.save()
+    assert rows(st)["sha256:01"][1] == 20
+    assert load(st).checkpoints["sha256:01"].offset == 777, "the document is newer than the database, and wins"
+
+    st.checkpoints["sha256:03"].offset = 888
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.State, "_settle", _raising)
+        with pytest.raises(StateError, match="checkpoints database"):
+            st.save()
+    assert load(st).checkpoints["sha256:03"].offset == 888
+    st.save()
+    assert {c["fingerprint"] for c in document(st)["checkpoints"]} == {"sha256:01", "sha256:03"}, "kept until settled"
+    st.save()
+    assert document(st)["checkpoints"] == [] and rows(st)["sha256:03"][1] == 888
+
+
+def _raising(self: State) -> None:
+    raise StateError(f"cannot write the checkpoints database {self.db_path}: disk I/O error")
+
+
+def test_rows_of_another_generation_are_never_read(tmp_path: Path) -> None:
+    """A state file deleted to start over, or a state bound to an experiment made anew: the rows
+    beside it belonged to the old one, and would skip files the new store never got."""
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.experiment_created = 1
+    st.save()
+    st.path.unlink()
+    assert load(st).checkpoints == {}
+
+    st.save()
+    before = document(st)["files_db"]["generation"]
+    fresh = load(st)
+    assert fresh.bind(2) and fresh.checkpoints == {}
+    for i in range(4):
+        fresh.checkpoints[f"sha256:n{i}"] = Checkpoint(f"sha256:n{i}", f"/logs/n{i}.json", offset=1)
+    fresh.save()
+    assert document(fresh)["files_db"]["generation"] != before
+    assert set(load(fresh).checkpoints) == {f"sha256:n{i}" for i in range(4)}
+    assert set(rows(fresh)) == {f"sha256:n{i}" for i in range(4)}, "the old generation's rows are dropped"
+
+    fresh.bind(3)
+    fresh.checkpoints["sha256:one"] = Checkpoint("sha256:one", "/logs/one.json", offset=1)
+    fresh.save()
+    assert "files_db" not in document(fresh) and set(load(fresh).checkpoints) == {"sha256:one"}
+
+
+def test_a_missing_or_corrupt_files_database_is_said_and_its_files_are_read_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.save()
+    st.checkpoints["sha256:00"].offset = 1
+    st.save()
+    st.close()
+    db = st.path.with_suffix(FILES_DB_SUFFIX)
+    for p in tmp_path.glob(db.name + "*"):
+        p.unlink()
+    with caplog.at_level(logging.WARNING):
+        gone = load(st)
+    assert set(gone.checkpoints) == {"sha256:00"} and gone.settled_lost == 4
+    assert "4 file checkpoints fewer" in caplog.text
+
+    db.write_bytes(b"not a database" * 100)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        corrupt = load(st)
+    assert set(corrupt.checkpoints) == {"sha256:00"} and "cannot be used" in caplog.text
+    corrupt.checkpoints["sha256:00"].offset = 2
+    corrupt.save()
+    corrupt.close()
+    assert list(tmp_path.glob(db.name + ".corrupt-*")), "set aside, as a corrupt ledger is"
+    assert load(st).checkpoints["sha256:00"].offset == 2
+
+
+def test_a_files_database_that_cannot_be_read_stops_the_run_and_status_says_so(tmp_path: Path) -> None:
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.save()
+    st.close()
+    db = st.path.with_suffix(FILES_DB_SUFFIX)
+    for p in tmp_path.glob(db.name + "*"):
+        p.unlink()
+    db.mkdir()
+    with pytest.raises(StateError, match="cannot read the checkpoints database"):
+        load(st)
+    (problem,) = all_states(tmp_path)
+    assert "checkpoints database" in problem["problem"]
+
+
+def test_status_lists_the_settled_checkpoints_with_the_document_s_own(tmp_path: Path) -> None:
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.save()
+    st.checkpoints["sha256:04"].offset = 4444
+    st.save()
+    (doc,) = all_states(tmp_path)
+    assert sorted((c["fingerprint"], c["offset"]) for c in doc["checkpoints"]) == sorted((k, c.offset) for k, c in st.checkpoints.items())
