@@ -82,7 +82,14 @@ def stat_key(st: os.stat_result) -> str:
 
 
 def _reader(fd: int, gz: bool) -> BinaryIO:
-    f = os.fdopen(os.dup(fd), "rb")
+    """A reader of the file ``fd`` is open on (renamed or deleted since, still the same), from its
+    start and with an offset of its own: a ``dup`` shares the offset, so reading through one while
+    another reader is mid-file (the chunk reader, a chunk ahead) would move that one."""
+    try:
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    except OSError:
+        own = os.dup(fd)
+    f = os.fdopen(own, "rb")
     f.seek(0)
     return gzip.GzipFile(fileobj=f, mode="rb") if gz else f  # type: ignore[return-value]
 
@@ -91,12 +98,16 @@ def _tail_at(fd: int, gz: bool, offset: int) -> str | None:
     """The digest of the bytes just before ``offset`` as the file holds them now; None if it is shorter.
 
     Raises EOFError for a compressed stream that ends early: a gzip copy still being written."""
+    want = min(TAIL_BYTES, offset)
     try:
-        with _reader(fd, gz) as f:
-            before = skip_to(f, offset, 1 << 20)
+        if gz:
+            with _reader(fd, gz) as f:
+                before = skip_to(f, offset, 1 << 20)
+        else:
+            before = os.pread(fd, want, offset - want)
     except (OSError, zlib.error):
         return None
-    return tail_digest(before) if len(before) == min(TAIL_BYTES, offset) else None
+    return tail_digest(before) if len(before) == want else None
 
 
 def _gzip_size_mod32(fd: int) -> int:

@@ -328,3 +328,26 @@ def test_a_run_opens_only_the_files_that_changed_since_they_were_read(tmp_path: 
     everything = [r for s in sets for r in s]
     assert sorted(t.info.tags["litellm.call_id"] for t in traces) == sorted(call_ids(everything))
     assert sum(len(t.data.spans) for t in traces) == expected_spans(everything)
+
+
+def test_a_line_too_long_is_quarantined_once_and_the_next_run_reads_nothing(tmp_path: Path, capture) -> None:
+    """The checkpoint after a line over the limit (40 MiB) lands at the file's end: its digest was taken
+    through a reader sharing the chunk reader's offset, which then read part of the long line again
+    as a line of its own, and saved a checkpoint past the end that every later run took for a
+    rewritten file (everything read and quarantined again, exit 3, for good)."""
+    before, after = reidentify(whole_calls(capture, 0, 2)), reidentify(whole_calls(capture, 2, 4))
+    big = {**before[0], "litellm_call_id": f"big-{uuid.uuid4().hex[:6]}", "messages": [{"role": "user", "content": "A" * (40 << 20)}]}
+    log = tmp_path / "logs" / "big.jsonl"
+    write_jsonl(log, [*before, big, *after])
+    cron = Cron(f"sqlite:///{tmp_path / 'm.db'}", "long-line", tmp_path / "st")
+
+    first = cron.run(log.parent)
+    assert (first.quarantined_by_reason, first.records_read) == ({"line_too_long": 1}, len(before) + len(after) + 1)
+    (q,) = [json.loads(line) for line in (tmp_path / "st" / "q.jsonl").read_text().splitlines()]
+    assert (q["line"], q["reason"]) == (len(before) + 1, "line_too_long")
+    (doc,) = [json.loads(p.read_text()) for p in (tmp_path / "st").glob("batch-*.json")]
+    assert [c["offset"] for c in doc["checkpoints"]] == [log.stat().st_size]
+
+    again = cron.run(log.parent)
+    assert (again.records_read, again.quarantined, again.files_unchanged) == (0, 0, 1)
+    assert len((tmp_path / "st" / "q.jsonl").read_text().splitlines()) == 1
