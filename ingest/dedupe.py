@@ -72,9 +72,19 @@ class Deduped:
     duplicates: int
 
 
-def _priority() -> pl.Expr:
+def _format_order() -> dict[str, int]:
     names = [s.name for s in all_schemas()]
-    order = {n: FORMAT_PRIORITY.get(n, 1 + i) for i, n in enumerate(names)}
+    return {n: FORMAT_PRIORITY.get(n, 1 + i) for i, n in enumerate(names)}
+
+
+def format_rank(name: object) -> int:
+    """How rich a copy read from this format is: lower is richer, an unknown one is the poorest."""
+    order = _format_order()
+    return order.get(name, len(order)) if isinstance(name, str) else len(order)
+
+
+def _priority() -> pl.Expr:
+    order = _format_order()
     return pl.col("format").replace_strict(order, default=len(order), return_dtype=pl.Int32)
 
 

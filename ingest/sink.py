@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from ingest.dedupe import FORMAT_PRIORITY, format_rank
 from ingest.spans import BuiltTrace, SpanData, stored_span, with_stored_attempts
 from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, store_for
 
@@ -417,17 +418,24 @@ def _totals() -> tuple[str, ...]:
     return (*ta.TOKEN_COLUMN_BY_KEY.values(), *ta.COST_COLUMN_BY_KEY.values())
 
 
-def _covered(trace: BuiltTrace, held: list[tuple[str, int, int, str]]) -> bool:
+RICHEST_FORMAT = min(FORMAT_PRIORITY, key=FORMAT_PRIORITY.__getitem__)
+RICHEST_IN_SPAN = f'\\"{RICHEST_FORMAT}\\"'
+"""How a stored span's content holds the richest format's name, as its ``litellm.log_format``."""
+
+
+def _covered(trace: BuiltTrace, held: list[tuple[str, int, int, str, bool]]) -> bool:
     """Whether ``trace`` already has every attempt of the stored spans ``held`` (span id, start ns,
-    end ns, status): attempt spans' ids hash their identity; a stored call of one attempt
-    is that span alone under the root's id, matched by its times and status."""
+    end ns, status, read from the richest format), each as rich: attempt spans' ids hash their
+    identity; a stored call of one attempt is that span alone under the root's id, matched by its
+    times and status. One of this trace's attempts from a poorer format than a stored one is not."""
     data = trace.whole().data
+    attempts = data[1:] or data
+    if any(h[4] for h in held) and any(format_rank(d.attributes.get("litellm.log_format")) > 0 for d in attempts):
+        return False
     if len(held) > 1:
         return {h[0] for h in held} <= {d.span_id.hex() for d in data}
-    _, start_ns, end_ns, status = held[0]
-    return any(
-        d.start_us * 1000 == start_ns and d.end_us * 1000 == end_ns and (d.error is None) == (status == "OK") for d in data[1:] or data
-    )
+    _, start_ns, end_ns, status, _ = held[0]
+    return any(d.start_us * 1000 == start_ns and d.end_us * 1000 == end_ns and (d.error is None) == (status == "OK") for d in attempts)
 
 
 def otlp_request(traces: list[BuiltTrace]) -> ExportTraceServiceRequest:
@@ -768,8 +776,9 @@ class StoreSink(_Synchronous):
 
         by_id = {t.trace_id: t for t in traces}
         ids = list(by_id)
-        held: dict[str, list[tuple[str, int, int, str]]] = defaultdict(list)
-        columns = (SqlSpan.trace_id, SqlSpan.span_id, SqlSpan.start_time_unix_nano, SqlSpan.end_time_unix_nano, SqlSpan.status)
+        held: dict[str, list[tuple[str, int, int, str, bool]]] = defaultdict(list)
+        rich = SqlSpan.content.contains(RICHEST_IN_SPAN, autoescape=True)
+        columns = (SqlSpan.trace_id, SqlSpan.span_id, SqlSpan.start_time_unix_nano, SqlSpan.end_time_unix_nano, SqlSpan.status, rich)
         with self.store.ManagedSessionMaker() as session:
             for k in range(0, len(ids), LOOKUP_CHUNK):
                 for tid, *span in session.execute(select(*columns).where(SqlSpan.trace_id.in_(ids[k : k + LOOKUP_CHUNK]))):

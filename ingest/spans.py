@@ -26,6 +26,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
+from ingest.dedupe import format_rank
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
 from ingest.normalize import loads_lenient
 from ingest.scrub import MARKER, Scrubber, default_scrubber
@@ -679,19 +680,27 @@ def with_stored_attempts(trace: BuiltTrace, stored: list[SpanData]) -> bool:
     written, so that an attempt read late (an older archive backfilled after today's file) adds its
     span instead of replacing the call's root with itself. True when ``trace`` was rebuilt.
 
-    An attempt in both keeps the new copy (it may be richer). The trace-level fields (session, user,
-    tags, name) are those of the side holding the call's final attempt, the other side's filling gaps."""
+    An attempt in both keeps the richer copy (a payload record's over a SpendLogs row's: a spend
+    export read after the payload logs must not blank the prompt MLflow has), the new one if equal.
+    The trace-level fields (session, user, tags, name) are those of the side holding the call's
+    final attempt, the other side's filling gaps."""
     data = trace.whole().data
     tid, root_id = data[0].trace_id, data[0].span_id
     if not any(s.span_id == root_id for s in stored):
         return False
     new_root, new = _attempts_of(data, root_id)
     old_root, old = _attempts_of(stored, root_id)
-    have = {a.span_id for a in new}
-    missing = [a for a in old if a.span_id not in have]
+    rank = {a.span_id: format_rank(a.attributes.get("litellm.log_format")) for a in new}
+    missing = [a for a in old if a.span_id not in rank or format_rank(a.attributes.get("litellm.log_format")) < rank[a.span_id]]
     if not missing:
         return False
-    attempts = sorted(new + missing, key=lambda a: (a.end_us, a.start_us))
+    kept = {a.span_id for a in missing}
+    attempts = sorted([a for a in new if a.span_id not in kept] + missing, key=lambda a: (a.end_us, a.start_us))
+    if len(attempts) == 1:
+        trace.data = [old_root]
+        trace.start_us, trace.end_us = old_root.start_us, old_root.end_us
+        trace._otlp, trace.derived, trace.joined = None, None, True
+        return True
     last, other = (old_root, new_root) if any(attempts[-1] is a for a in missing) else (new_root, old_root)
     trace_level = [{k: v for k, v in r.attributes.items() if k.startswith(_TRACE_LEVEL_KEYS) and v is not None} for r in (last, other)]
     root_attrs = _with_attempts_tag(trace_level[1] | trace_level[0], len(attempts))

@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tests.conftest import Postgres, copies, start_mlflow_server, write_log
+from tests.conftest import Postgres, copies, spend_row, start_mlflow_server, write_log
 from tests.storekit import store_rows
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -116,6 +116,38 @@ def test_an_attempt_read_a_run_later_joins_its_call_through_a_server(split: tupl
             s.stop()
 
 
+def _two_stores(db: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[tuple[str, str]]:
+    """Two new stores of a kind, each as (tracking URI, the database's URI)."""
+    if db == "sqlite":
+        return [(f"sqlite:///{tmp_path / name}.db",) * 2 for name in ("one", "two")]
+    if db == "postgresql":
+        postgres = request.getfixturevalue("postgres")
+        return [(postgres.new_database(),) * 2 for _ in range(2)]
+    servers = [start_mlflow_server(tmp_path / name) for name in ("one", "two")]
+    request.addfinalizer(lambda: [s.stop() for s in servers])
+    return [(s.url, s.backend_uri) for s in servers]
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql", "server"])
+def test_a_spend_logs_export_read_after_the_payload_logs_keeps_every_prompt_and_response(
+    db: str, capture: list[dict], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A SpendLogs export of calls already read from the payload logs (the README's history
+    backfill after the cron job) holds poorer copies of the same attempts: no prompt unless the
+    proxy stored them, no stream timing, millisecond times. Read in the same run the payload copy
+    wins; read by a later run it replaced the richer spans (prompts and responses blanked). Now the
+    store ends as one run over both leaves it, row for row."""
+    records = [r for batch in copies(capture, 2, "spend-later") for r in batch]
+    payload = write_log(tmp_path / "logs" / "proxy.jsonl", records)
+    export = write_log(tmp_path / "export" / "spend_logs.jsonl", [spend_row(r, store_prompts=False, naive=True) for r in records])
+    (one, one_db), (two, two_db) = _two_stores(db, tmp_path, request)
+    _run("backfill", one, tmp_path / "state-one", payload, export)
+    _run("batch", two, tmp_path / "state-two", payload)
+    later = _run("backfill", two, tmp_path / "state-two", export)
+    assert later["calls"] > 0, later
+    _assert_joined(store_rows(one_db), store_rows(two_db))
+
+
 @pytest.mark.parametrize("db", ["sqlite", "postgresql", "server"])
 def test_a_success_read_by_a_run_that_never_saw_its_failure_ends_the_trace_as_one_write(
     db: str, split: tuple[Path, Path, int], tmp_path: Path, request: pytest.FixtureRequest
@@ -126,17 +158,7 @@ def test_a_success_read_by_a_run_that_never_saw_its_failure_ends_the_trace_as_on
     the bulk writer settles the trace row, so the store ends as one run over both files, state OK.
     A server is told the state through ``StartTraceV3``, which also marks those traces' info final."""
     archive, today, calls = split
-    servers = []
-    if db == "sqlite":
-        one, two = (f"sqlite:///{tmp_path / name}.db" for name in ("one", "two"))
-        one_db, two_db = one, two
-    elif db == "postgresql":
-        postgres = request.getfixturevalue("postgres")
-        one_db, two_db = one, two = postgres.new_database(), postgres.new_database()
-    else:
-        servers = [start_mlflow_server(tmp_path / name) for name in ("one", "two")]
-        (one, one_db), (two, two_db) = ((s.url, s.backend_uri) for s in servers)
-    request.addfinalizer(lambda: [s.stop() for s in servers])
+    (one, one_db), (two, two_db) = _two_stores(db, tmp_path, request)
     _run("backfill", one, tmp_path / "state-one", archive, today)
     first = _run("batch", two, tmp_path / "state-archive", archive)
     assert first["traces_written"] < calls
