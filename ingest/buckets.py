@@ -65,12 +65,16 @@ def _day(name: str) -> date | None:
 def days_window(since_us: int | None, until_us: int | None) -> tuple[date | None, date | None]:
     """The partition days that may hold calls in [since, until), with a day of slack either side."""
 
-    def at(us: int) -> date:
-        return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).date()
+    def at(us: int | None, days: int) -> date | None:
+        """None (no bound) for none, or where the slack runs past the calendar (``--until 9999-12-31``)."""
+        if us is None:
+            return None
+        try:
+            return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).date() + timedelta(days=days)
+        except (OverflowError, OSError, ValueError):
+            return None
 
-    lo = at(since_us) - timedelta(days=1) if since_us is not None else None
-    hi = at(until_us - 1) + timedelta(days=1) if until_us is not None else None
-    return lo, hi
+    return at(since_us, -1), at(None if until_us is None else until_us - 1, 1)
 
 
 def filesystem(scheme: str) -> Any:

@@ -329,6 +329,24 @@ def test_iso_times_with_offsets_name_the_same_instant(tmp_path: Path, window_inp
     assert s["first_start"] is not None and s["first_start"].startswith(iso(w["t_us"])[:26]), s["first_start"]
 
 
+@pytest.mark.parametrize("bound", [("--until", "9999-12-31T23:59:59"), ("--since", "0001-01-01"), ("--until", "0001-01-02")])
+def test_a_window_at_the_ends_of_the_calendar_is_a_window(tmp_path: Path, window_input, bound: tuple[str, str]) -> None:
+    """The bucket partitions a window may hold are its days with one day of slack: past 9999-12-31 or
+    before 0001-01-01 that overflowed after every file was read, so the held calls were never
+    written, every run, and ``reconcile`` failed the same way."""
+    w = window_input
+    calls = len(w["before"]) + len(w["after"])
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--experiment-name", "ends"]
+    proc = run("backfill", str(w["path"]), *store, "--state-dir", str(tmp_path / "st"), "--json", "--workers", "1", *bound, cwd=tmp_path)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inside = 0 if bound[1] == "0001-01-02" else calls
+    assert (summary_of(proc)["traces_written"], sqlite_trace_count(tmp_path / "m.db")) == (inside, inside)
+    check = run("reconcile", str(w["path"]), *store, *bound, cwd=tmp_path)
+    no_traceback(check)
+    assert check.returncode == 0, check.stderr[-3000:]
+
+
 # --- 4. backfill and batch keep separate state -----------------------------------------------------
 
 
