@@ -209,7 +209,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         experiment_name=kw.get("experiment_name"),
         experiment_id=kw.get("experiment_id"),
         dry_run=kw.get("dry_run", False),
-        quarantine_file=kw.get("quarantine_file") or state_dir / "quarantine.jsonl",
+        quarantine_file=kw.get("quarantine_file") or (None if kw.get("dry_run") else state_dir / "quarantine.jsonl"),
         redact=Redaction.parse(kw.get("redact")),
         scrub=Scrubber(kw.get("scrub_patterns") or (), content=not kw.get("no_scrub_content", False)),
         batch_traces=kw.get("batch_size"),

@@ -112,6 +112,28 @@ def test_dry_run_builds_everything_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("command", ["batch", "backfill"])
+def test_a_dry_run_quarantines_into_no_file_unless_given_one(tmp_path: Path, command: str) -> None:
+    """A dry run counts the bad lines and writes no quarantine file of the state's: it appended them
+    there, and the real run after it appended them again (each bad line quarantined twice)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    shutil.copy(SAMPLE_LOGS / "bad_input.jsonl", logs)
+    os.utime(logs / "bad_input.jsonl", (1_700_000_000, 1_700_000_000))
+    store, state = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], ["--state-dir", str(tmp_path / "st")]
+    dry = run(command, str(logs), *store, *state, "--dry-run", "--json", cwd=tmp_path)
+    assert dry.returncode == 3 and "Traceback" not in dry.stderr, dry.stderr
+    bad = json.loads(dry.stdout)["quarantined"]
+    assert bad > 0 and not (tmp_path / "st" / "quarantine.jsonl").exists() and not (tmp_path / "m.db").exists()
+
+    asked = run(command, str(logs), *store, *state, "--dry-run", "--quarantine-file", str(tmp_path / "q.jsonl"), cwd=tmp_path)
+    assert asked.returncode == 3 and len((tmp_path / "q.jsonl").read_text().splitlines()) == bad
+
+    real = run(command, str(logs), *store, *state, "--json", cwd=tmp_path)
+    assert real.returncode == 3, real.stderr
+    assert len((tmp_path / "st" / "quarantine.jsonl").read_text().splitlines()) == json.loads(real.stdout)["quarantined"] == bad
+
+
 def test_missing_file_is_one_clear_line_exit_2(tmp_path: Path) -> None:
     proc = run("batch", str(tmp_path / "nope.jsonl"), cwd=tmp_path)
     assert_one_clean_error_line(proc, 2, "no such file or directory")
