@@ -161,7 +161,13 @@ class Follower:
         self.chunk_bytes = chunk_bytes
         self.max_line_bytes = max_line_bytes
         self.partial_timeout_s = partial_timeout_s
-        self.from_end = from_end and not state.checkpoints
+        self.from_end = from_end and not state.checkpoints and not state.last_run
+        """Start files at their end: only on a state's very first start, and only for the files its
+        first scan finds (the daemon turns it off after it); a file made later is read whole."""
+        self.own_clock = False
+        """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
+        too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
+        self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
         self.dry_run = dry_run
         self.files: dict[str, Followed] = {}
         self.parked: set[str] = set()
@@ -183,7 +189,7 @@ class Follower:
             return None
         try:
             gz = os.pread(fd, 2, 0) == GZIP_MAGIC
-            finished = not gz and time.time() - os.fstat(fd).st_mtime > self.partial_timeout_s
+            finished = not gz and self.quiet(os.fstat(fd))
             with _reader(fd, gz) as f:
                 fp = fingerprint_of(f, unterminated_ok=finished)
         except (OSError, EOFError):
@@ -310,7 +316,7 @@ class Follower:
         if f.stale or (not f.gz and f.size() == f.ck.offset) or not self._still_holds(f):
             return
         if final is None:
-            final = f.gz or time.time() - f.mtime() > self.partial_timeout_s
+            final = f.gz or self.quiet(os.fstat(f.fd))
         try:
             with f.reader() as fh:
                 for chunk in read_chunks(
@@ -321,6 +327,22 @@ class Follower:
         except (EOFError, OSError, zlib.error) as e:
             # A gzip copy still being written, or a damaged one: what could be read is in; the rest waits.
             log.warning("%s cannot be read past byte %d (%s); reading it again later", f.path, f.ck.offset, e)
+
+    def quiet(self, st: os.stat_result) -> bool:
+        """The file has not changed for ``partial_timeout_s``: by its mtime, and with ``own_clock`` by
+        this process's own watch as well."""
+        if time.time() - st.st_mtime <= self.partial_timeout_s:
+            return False
+        if not self.own_clock:
+            return True
+        key, seen, now = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns), time.monotonic()
+        was = self._unchanged.get(key)
+        if was is None or was[0] != seen:
+            if len(self._unchanged) >= 65536:
+                self._unchanged.clear()
+            self._unchanged[key] = (seen, now)
+            return False
+        return now - was[1] > self.partial_timeout_s
 
     def _still_holds(self, f: Followed) -> bool:
         """The descriptor still holds the lines the checkpoint counts. A copytruncate that regrew the

@@ -78,6 +78,7 @@ class Target:
 class Sink(Protocol):
     deadline_s: float
     on_retry: Callable[[Exception], None] | None
+    pause: Callable[[float], object]
     settles: bool
     """A trace written again ends with the trace row one write of its spans leaves (state and
     previews too), so a call written as failed needs no delete before its success is written."""
@@ -111,11 +112,13 @@ def with_retries(
     deadline_s: float,
     is_transient: Callable[[Exception], bool],
     on_retry: Callable[[Exception], None] | None = None,
+    pause: Callable[[float], object] = time.sleep,
 ) -> T:
     """Call ``fn`` until it succeeds, a non-transient error, or ``deadline_s`` of trying.
 
     ``on_retry`` hears of every transient failure at once, so a daemon can report an outage at its
-    first failed write rather than when the deadline runs out."""
+    first failed write rather than when the deadline runs out; ``pause`` waits between tries (a
+    daemon keeps watching its files meanwhile)."""
     start, delay = time.monotonic(), 0.25
     while True:
         try:
@@ -126,7 +129,7 @@ def with_retries(
             if on_retry is not None:
                 on_retry(e)
             log.info("%s failed (%s); retrying in %.1fs", what, _short(e), delay)
-            time.sleep(delay)
+            pause(delay)
             delay = min(delay * 2, 10.0)
 
 
@@ -471,6 +474,7 @@ class OtlpSink:
         self.http = _Http(target.tracking_uri, timeout_s=120.0)
         self.deadline_s = deadline_s
         self.on_retry: Callable[[Exception], None] | None = None
+        self.pause: Callable[[float], object] = time.sleep
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
         self.joining = True
         self.settling = True
@@ -583,7 +587,7 @@ class OtlpSink:
         (an outage is reported at its first failure, not after the MLflow client's own retries)."""
         path = f"/api/3.0/mlflow/traces/{call}".removesuffix("/")
         send = lambda: _check(self.http.request(method, path, **kw), what)  # noqa: E731
-        return with_retries(send, what, self.deadline_s, _transient_http, self.on_retry).json()
+        return with_retries(send, what, self.deadline_s, _transient_http, self.on_retry, self.pause).json()
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         if spans:
@@ -602,6 +606,7 @@ class OtlpSink:
             self.deadline_s,
             _transient_http,
             self.on_retry,
+            self.pause,
         )
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
@@ -634,6 +639,7 @@ class OtlpSink:
                 self.deadline_s,
                 _transient_any,
                 self.on_retry,
+                self.pause,
             )
         except Exception as e:
             raise SinkError(f"deleting traces on {self.target.shown_uri} failed: {_short(e)}") from e
@@ -726,6 +732,7 @@ class StoreSink(_Synchronous):
         self.store = store_for(target.tracking_uri)
         self.deadline_s = deadline_s
         self.on_retry: Callable[[Exception], None] | None = None
+        self.pause: Callable[[float], object] = time.sleep
         self.bulk: BulkSpanWriter | None = None
         if writer == "bulk":
             reason = unsupported_reason(self.store)
@@ -761,7 +768,7 @@ class StoreSink(_Synchronous):
                     time.sleep(random.uniform(0.02, 0.1) * 2**attempt)
 
         try:
-            with_retries(write_merging, "log spans", self.deadline_s, _transient_db, self.on_retry)
+            with_retries(write_merging, "log spans", self.deadline_s, _transient_db, self.on_retry, self.pause)
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {_short(e)}", kind=kind) from e
@@ -799,6 +806,7 @@ class StoreSink(_Synchronous):
                 self.deadline_s,
                 lambda e: _transient_db(e) or is_conflict(e),
                 self.on_retry,
+                self.pause,
             )
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
@@ -833,6 +841,7 @@ class StoreSink(_Synchronous):
                 self.deadline_s,
                 _transient_db,
                 self.on_retry,
+                self.pause,
             )
         except Exception as e:
             raise SinkError(f"deleting traces in {self.target.shown_uri} failed: {_short(e)}") from e
@@ -852,6 +861,7 @@ class NullSink(_Synchronous):
 
     deadline_s = 0.0
     on_retry = None
+    pause = staticmethod(time.sleep)
     settles = False
 
     def ping(self) -> None:

@@ -126,8 +126,10 @@ class Tailer:
             partial_timeout_s=opts.partial_timeout_s,
             from_end=opts.from_end,
         )
+        self.follower.own_clock = True
         self.pipeline.before_write = self._save
         self.sink.on_retry = self._write_failed
+        self.sink.pause = self._pause
         self.wake = threading.Event()
         self.stopping = stopping or threading.Event()
         self.metrics = metrics or Metrics()
@@ -226,6 +228,8 @@ class Tailer:
             self._restore()
             self.quarantine.retry()
             self._scan()
+            if not self._more:
+                self.follower.from_end = False
             self._read_and_send(None)
             self._nest()
             self._close_idle()
@@ -283,7 +287,26 @@ class Tailer:
         self.metrics.buffer_bytes = 0
         self._failures += 1
         self._save()
-        self.stopping.wait(min(self.opts.max_backoff_s, 2.0 ** min(self._failures, 5)))
+        self._hold_files_until(time.monotonic() + min(self.opts.max_backoff_s, 2.0 ** min(self._failures, 5)))
+
+    def _pause(self, delay: float) -> None:
+        """Between a write's retries: wait, holding the files made meanwhile (a plain sleep once stopping)."""
+        if self.stopping.is_set():
+            time.sleep(delay)
+        else:
+            self._hold_files_until(time.monotonic() + delay)
+
+    def _hold_files_until(self, deadline: float) -> None:
+        """Wait out an outage (a write's retries, the back-off after them) scanning every ``rescan_s``:
+        a file made meanwhile is opened, not read, so a rotation that deletes it before MLflow is
+        back cannot take its lines."""
+        while not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.stopping.wait(min(left, self.opts.rescan_s))
+            if self._restored and not self.stopping.is_set():
+                try:
+                    self._scan(hold=True)
+                except Exception as e:
+                    log.debug("a scan during the outage failed: %s", e)
 
     def _failed(self, e: Exception) -> None:
         """Anything else a pass raised (a full disk under the nesting queue, a bug) does not stop the
@@ -351,8 +374,11 @@ class Tailer:
             self._absent.discard(name)
             log.info("%s exists now", folder)
 
-    def _scan(self) -> None:
-        """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint."""
+    def _scan(self, hold: bool = False) -> None:
+        """Match the files on disk to the followed ones: by descriptor (inode) first, then by fingerprint.
+
+        ``hold``: only open the files not followed yet (during an outage, maybe in the middle of a
+        pass's write); what became of the followed ones is for the next whole scan."""
         follower = self.follower
         files = follower.files
         by_inode: dict[tuple[int, int], Followed] = {}
@@ -363,7 +389,7 @@ class Tailer:
                     by_inode.setdefault((st.st_dev, st.st_ino), f)
         seen: set[str] = set()
         parked: set[str] = set()
-        self._more = False
+        self._more = self._more and hold
         started = time.monotonic()
         candidates = self._candidates()
         self._scan_s = time.monotonic() - started
@@ -373,6 +399,8 @@ class Tailer:
                 continue
             path = Path(name)
             current = by_inode.get((st.st_dev, st.st_ino))
+            if current is not None and hold:
+                continue
             if current is not None:
                 unchanged = st.st_size == current.ck.offset  # a rewrite shows when it grows: chunks() checks then
                 if current.gz or unchanged or (st.st_size > current.ck.offset and current.first_line() in (current.fp, None)):
@@ -384,7 +412,7 @@ class Tailer:
                 log.info("%s was truncated or rewritten in place", path)
                 current.stale = True
             if len(files) >= self.max_open:
-                self._more = True
+                self._more = self._more or not hold
                 continue
             f = self.follower.identify(path)
             if f is None:
@@ -394,6 +422,9 @@ class Tailer:
                 continue
             self._unreadable.discard(name)
             known = files.get(f.key)
+            if hold and (known is not None or f.ck.legacy_held):
+                f.close()
+                continue
             if known is None and self.follower.is_done(f):
                 f.close()
                 continue
@@ -408,6 +439,8 @@ class Tailer:
                 f.close()
                 continue
             seen.add(f.key)
+        if hold:
+            return
         follower.parked = parked
         now = time.monotonic()
         for key, f in files.items():

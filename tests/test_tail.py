@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -145,6 +146,32 @@ def test_partial_line_is_held_then_completed(setup, mlflow_server, capture) -> N
     assert_exactly(traces, calls)
 
 
+def test_a_file_server_clock_behind_ours_does_not_cut_a_partial_line_in_two(setup, mlflow_server, capture, tmp_path: Path) -> None:
+    """An NFS server whose clock runs two minutes behind stamps every write two minutes old: by its
+    mtime alone the file had been quiet past --partial-timeout at once, so a line caught half
+    written was quarantined as truncated and its other half as malformed JSON (a call lost).
+    The daemon now also waits that long by its own clock."""
+    logdir, experiment, daemon = setup
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)[:6]
+    behind = lambda: os.utime(log, (time.time() - 120, time.time() - 120))  # noqa: E731
+    Writer(log).write_calls(calls[:5])
+    last = json.dumps(calls[5][0])
+    with log.open("a") as f:
+        f.write(last[:200])
+    behind()
+    d = daemon("--partial-timeout", "30").start()
+    wait_for_calls(mlflow_server.url, experiment, calls[:5])
+    time.sleep(2.0)
+    with log.open("a") as f:
+        f.write(last[200:] + "\n")
+    behind()
+    traces = wait_for_calls(mlflow_server.url, experiment, calls)
+    assert d.stop() == 0
+    assert_exactly(traces, calls)
+    assert not (tmp_path / "state" / "quarantine.jsonl").exists()
+
+
 def test_never_completed_line_and_overlong_line_go_to_quarantine(setup, mlflow_server, capture, tmp_path: Path) -> None:
     logdir, experiment, daemon = setup
     log = logdir / "proxy.jsonl"
@@ -178,12 +205,20 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
         writer.write_calls(calls[:20], pause_s=0.01)
         wait_for_calls(server.url, experiment, calls[:20])
         server.stop()
-        writer.write_calls(calls[20:60], pause_s=0.01)
+        writer.write_calls(calls[20:40], pause_s=0.01)
         # Reported at the first failed write, long before the 120 s of retries run out.
         wait_for(lambda: "litellm_ingest_mlflow_up 0" in d.metrics(), 15, "the daemon to notice the outage")
         assert "MLflow unavailable" in d.log.read_text()
         assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
-        time.sleep(3)
+        # Rotations that delete the rotated file while MLflow is down: the files made meanwhile are
+        # held open (not read) by the daemon, or their lines would be gone when it comes back.
+        for part in (calls[40:50], calls[50:60]):
+            with writer.lock:
+                rotate(log, "rename_create", "numbered", "deleted")
+            writer.write_calls(part, pause_s=0.01)
+            time.sleep(2.5)
+        with writer.lock:
+            rotate(log, "rename_create", "numbered", "deleted")
         server = start_mlflow_server(tmp_path / "outage-server", port=server.port, backend_uri=server.backend_uri)
         writer.write_calls(calls[60:], pause_s=0.01)
         traces = wait_for_calls(server.url, experiment, calls, timeout=120)
@@ -340,17 +375,51 @@ def test_metrics_health_and_status_while_running(setup, mlflow_server, capture, 
 
 
 def test_from_end_skips_existing_content_on_first_start_only(setup, mlflow_server, capture) -> None:
+    """Only what the files held when the daemon first started is skipped: a file empty then, one
+    made later and the file a rotation makes are read whole (they were skipped to their end, for
+    as long as the first run lasted), and so is everything after a restart."""
     logdir, experiment, daemon = setup
-    log = logdir / "proxy.jsonl"
-    calls = fresh_calls(capture)[:12]
+    log, empty = logdir / "proxy.jsonl", logdir / "other.jsonl"
+    calls = fresh_calls(capture)[:30]
     writer = Writer(log)
     writer.write_calls(calls[:6])
+    empty.touch()
     d = daemon("--from-end").start()
-    time.sleep(1)
-    writer.write_calls(calls[6:])
+    time.sleep(1.5)
+    writer.write_calls(calls[6:12])
+    Writer(empty).write_calls(calls[12:16])
+    Writer(logdir / "new.jsonl").write_calls(calls[16:20])
+    with writer.lock:
+        rotate(log, "rename_create", "numbered", "kept")
+    writer.write_calls(calls[20:24])
+    wait_for_calls(mlflow_server.url, experiment, calls[6:24])
+    assert d.stop() == 0
+    writer.write_calls(calls[24:27])
+    d = daemon("--from-end").start()
+    writer.write_calls(calls[27:])
     traces = wait_for_calls(mlflow_server.url, experiment, calls[6:])
     assert d.stop() == 0
     assert_exactly(traces, calls[6:])
+
+
+def test_from_end_after_a_first_start_that_found_no_file_skips_nothing(mlflow_server, capture, tmp_path: Path) -> None:
+    """A daemon first started before the proxy wrote anything saved no checkpoint: restarted with the
+    same flags, it took that start for its first and skipped what had been written meanwhile."""
+    logdir, experiment = tmp_path / "later-logs", f"tail-{uuid.uuid4().hex[:8]}"
+    logdir.mkdir()
+    calls = fresh_calls(capture)[:8]
+    d = Daemon(logdir, mlflow_server.url, experiment, tmp_path / "state-first", "--from-end").start()
+    time.sleep(1.5)
+    assert d.stop() == 0
+    Writer(logdir / "proxy.jsonl").write_calls(calls)
+    d = Daemon(logdir, mlflow_server.url, experiment, tmp_path / "state-first", "--from-end").start()
+    try:
+        traces = wait_for_calls(mlflow_server.url, experiment, calls)
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+    assert_exactly(traces, calls)
 
 
 def test_polling_observer_follows_files_too(setup, mlflow_server, capture) -> None:
