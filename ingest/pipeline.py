@@ -275,10 +275,10 @@ class Pipeline:
         ready = self._selected(self._in_shard(d.ready))
         if ready.height:
             self.inflight = ready
-            self._delete_before_rewrite(ready)
-            if self._remember_failures(ready) and self.before_write is not None:
-                self.before_write()
             emitted = self._in_range(ready)
+            self._delete_before_rewrite(emitted)
+            if self._remember_failures(emitted) and self.before_write is not None:
+                self.before_write()
             self.emit(emitted)
             self.sent.add(ready)
             self.inflight = self.inflight.clear()

@@ -347,6 +347,31 @@ def test_a_window_at_the_ends_of_the_calendar_is_a_window(tmp_path: Path, window
     assert check.returncode == 0, check.stderr[-3000:]
 
 
+def test_a_call_outside_the_window_is_never_deleted_by_the_backfill(tmp_path: Path, capture: list[dict]) -> None:
+    """``--until`` T: the backfill read a failed attempt of a call that started after T (the cron
+    job's, written whole), then its success in the next run. Remembered as written failed though it
+    was outside the window, the call was deleted before its rewrite (``--sql-writer mlflow``) and
+    the rewrite, outside the window, never came: the cron job's trace was gone."""
+    import sqlite3
+
+    records = [r for c in copies(capture, 1, "window-delete") for r in c]
+    by_call = calls_of(records)
+    fail, ok = next(rs for rs in by_call.values() if len(rs) == 2 and rs[0]["status"] != "success" and rs[1]["status"] == "success")
+    write_log(tmp_path / "live" / "proxy.jsonl", [fail, ok])
+    write_log(tmp_path / "archive" / "a.jsonl", [fail])
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--sql-writer", "mlflow", "--json"]
+    assert run("batch", str(tmp_path / "live"), *store, "--state-dir", str(tmp_path / "cron"), cwd=tmp_path).returncode == 0
+    until = ["--until", iso(us(fail["startTime"]) - 60_000_000), "--state-dir", str(tmp_path / "bf"), "--workers", "1"]
+    assert run("backfill", str(tmp_path / "archive"), *store, *until, cwd=tmp_path).returncode == 0
+    write_log(tmp_path / "archive" / "b.jsonl", [ok])
+    later = run("backfill", str(tmp_path / "archive"), *store, *until, cwd=tmp_path)
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert summary_of(later)["calls_outside_range"] == 1
+    with sqlite3.connect(tmp_path / "m.db") as con:
+        assert con.execute("SELECT status FROM trace_info").fetchall() == [("OK",)]
+        assert con.execute("SELECT count(*) FROM spans").fetchone() == (3,)
+
+
 # --- 4. backfill and batch keep separate state -----------------------------------------------------
 
 
