@@ -168,6 +168,8 @@ class Follower:
         """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
         too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
         self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
+        self._damaged: dict[str, str] = {}
+        """The stat keys of the files that could not be read to their end, as they were then."""
         self.dry_run = dry_run
         self.files: dict[str, Followed] = {}
         self.parked: set[str] = set()
@@ -315,8 +317,11 @@ class Follower:
         daemon keeps up to a thousand files open and passes over them every second)."""
         if f.stale or (not f.gz and f.size() == f.ck.offset) or not self._still_holds(f):
             return
+        st = os.fstat(f.fd)
+        if self._damaged.get(f.key) == stat_key(st):
+            return
         if final is None:
-            final = f.gz or self.quiet(os.fstat(f.fd))
+            final = f.gz or self.quiet(st)
         try:
             with f.reader() as fh:
                 for chunk in read_chunks(
@@ -325,8 +330,12 @@ class Follower:
                     chunk.lines = chunk.lines.with_columns(file=pl.lit(f.key))
                     yield chunk
         except (EOFError, OSError, zlib.error) as e:
-            # A gzip copy still being written, or a damaged one: what could be read is in; the rest waits.
-            log.warning("%s cannot be read past byte %d (%s); reading it again later", f.path, f.ck.offset, e)
+            # A gzip copy still being written, or a damaged one: what could be read is in; the rest
+            # waits for the file to change (decompressed again and said again every pass before).
+            self._damaged[f.key] = stat_key(st)
+            log.warning("%s cannot be read past byte %d (%s); reading it again once it changes", f.path, f.ck.offset, e)
+        else:
+            self._damaged.pop(f.key, None)
 
     def quiet(self, st: os.stat_result) -> bool:
         """The file has not changed for ``partial_timeout_s``: by its mtime, and with ``own_clock`` by

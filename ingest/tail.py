@@ -405,7 +405,7 @@ class Tailer:
                 unchanged = st.st_size == current.ck.offset  # a rewrite shows when it grows: chunks() checks then
                 if current.gz or unchanged or (st.st_size > current.ck.offset and current.first_line() in (current.fp, None)):
                     seen.add(current.key)
-                    if current.path != path:
+                    if current.path != path and not _same_file(current.path, st):
                         log.info("rotated: %s -> %s", current.path, path)
                         current.path = path
                     continue
@@ -416,7 +416,7 @@ class Tailer:
                 continue
             f = self.follower.identify(path)
             if f is None:
-                if not os.access(path, os.R_OK) and name not in self._unreadable:
+                if name not in self._unreadable and os.path.lexists(path) and not os.access(path, os.R_OK):
                     self._unreadable.add(name)
                     log.warning("cannot read %s: permission denied; it is read once it can be", path)
                 continue
@@ -517,6 +517,16 @@ class Tailer:
         for f in self.follower.files.values():
             if not f.gz and not f.stale:
                 m.lag[shown(f.path)] = max(f.size() - f.ck.offset, 0)
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    """``path`` still names the file ``st`` describes: a symlink or hard link gives one file two
+    names, which is no rotation (it was logged as one, back and forth, every scan)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 PROBE_S = 5.0

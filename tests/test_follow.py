@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import logging
 import os
 import shutil
 import time
@@ -618,6 +619,66 @@ def test_a_damaged_gzip_is_read_as_far_as_it_goes_and_never_raises(tmp_path: Pat
     got = [i for c in follower.chunks(f) for i in c.lines["line_no"].to_list()]
     assert 1 <= len(got) < 8 and got == list(range(1, len(got) + 1))
     f.close()
+
+
+def test_a_damaged_gzip_is_said_once_and_read_again_only_once_it_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated archive was decompressed again, and warned about, on every pass (once a second)."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = [record(f"gz-{i}", "success", 1_700_000_000 + i, 1_700_000_000.5 + i) | {"noise": os.urandom(600).hex()} for i in range(12)]
+    whole = gzip.compress("".join(line(r) for r in calls).encode())
+    gz = logdir / "old.jsonl.gz"
+    gz.write_bytes(whole[: len(whole) // 2])
+    sink = RecordingSink()
+    t = tailer(logdir, tmp_path / "state", sink, settle_s=0.0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            t.step()
+    assert caplog.text.count("cannot be read past byte") == 1, caplog.text
+    assert 0 < len(sink.calls()) < len(calls)
+    with gz.open("r+b") as f:
+        f.write(whole)
+    t.step()
+    assert sorted(sink.calls()) == sorted(r["litellm_call_id"] for r in calls)
+    t.close()
+
+
+def test_one_file_under_two_names_is_no_rotation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A symlink or a hard link beside the log gave it two names, and every scan logged a rotation
+    from one to the other and back."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    log.write_text(line(record("two-0", "success", 1_700_000_000, 1_700_000_001)))
+    (logdir / "alias.jsonl").symlink_to(log)
+    os.link(log, logdir / "hard.jsonl")
+    sink = RecordingSink()
+    t = tailer(logdir, tmp_path / "state", sink, settle_s=0.0)
+    with caplog.at_level(logging.INFO):
+        for i in range(1, 5):
+            with log.open("a") as f:
+                f.write(line(record(f"two-{i}", "success", 1_700_000_000 + i, 1_700_000_001 + i)))
+            t.step()
+    assert "rotated:" not in caplog.text
+    assert sorted(sink.calls()) == [f"two-{i}" for i in range(5)]
+    t.close()
+
+
+def test_a_file_gone_between_the_listing_and_the_open_is_not_called_unreadable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    gone = logdir / "proxy.jsonl.1"
+    gone.write_text(line(record("gone-0", "success", 1_700_000_000, 1_700_000_001)))
+    t = tailer(logdir, tmp_path / "state", RecordingSink(), settle_s=0.0)
+    listed = t._candidates()
+    gone.rename(logdir / "proxy.jsonl.2")
+    monkeypatch.setattr(t, "_candidates", lambda: listed)
+    with caplog.at_level(logging.WARNING):
+        t.step()
+    assert "permission denied" not in caplog.text
+    t.close()
 
 
 def test_a_daemon_restarted_on_a_store_made_anew_sends_every_line_again(tmp_path: Path) -> None:
