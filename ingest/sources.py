@@ -74,7 +74,24 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
             raise SourceError(f"permission denied: {f}")
         unreadable.append(f)
         found.pop(f, None)
-    return oldest_first(found)
+    return oldest_first(_once(found))
+
+
+def _once(files: Iterable[Path]) -> list[Path]:
+    """Each file once, under the first name it was given: a file named twice (relative and absolute,
+    through a symlink, in a folder given with it) was read twice and its calls counted as written twice."""
+    seen: set[tuple[int, int]] = set()
+    out: list[Path] = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            out.append(f)
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            out.append(f)
+    return out
 
 
 def walk(folder: Path | str, unlisted: list[str]) -> Iterator[tuple[str, str]]:

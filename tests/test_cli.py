@@ -134,6 +134,20 @@ def test_a_dry_run_quarantines_into_no_file_unless_given_one(tmp_path: Path, com
     assert len((tmp_path / "st" / "quarantine.jsonl").read_text().splitlines()) == json.loads(real.stdout)["quarantined"] == bad
 
 
+def test_a_file_named_twice_is_read_once(tmp_path: Path) -> None:
+    """Relative and absolute, through a symlinked folder, and in a folder given with it."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    shutil.copy(SAMPLE_LOGS / "proxy_calls.jsonl", logs)
+    (tmp_path / "alias").symlink_to(logs)
+    names = ["logs/proxy_calls.jsonl", str(logs / "proxy_calls.jsonl"), "alias/proxy_calls.jsonl", "logs"]
+    proc = run("batch", *names, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-state", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["files"] == 1 and s["records_read"] == nonblank_lines(logs / "proxy_calls.jsonl")
+    assert s["traces_written"] == s["calls"] == len(all_traces(f"sqlite:///{tmp_path / 'm.db'}", "LiteLLM Proxy"))
+
+
 def test_missing_file_is_one_clear_line_exit_2(tmp_path: Path) -> None:
     proc = run("batch", str(tmp_path / "nope.jsonl"), cwd=tmp_path)
     assert_one_clean_error_line(proc, 2, "no such file or directory")
