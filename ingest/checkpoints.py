@@ -453,7 +453,7 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
             out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": str(e)})
         else:
             if doc is not None:
-                if isinstance(generation := _generation(doc), str):
+                if (generation := _generation(doc)) is not None:
                     inline = {d["fingerprint"] for d in doc["checkpoints"]}
                     try:
                         settled = [d for d in settled_checkpoints(p, generation) if d.get("fingerprint") not in inline]
@@ -463,6 +463,15 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
                     doc = {**doc, "checkpoints": settled + doc["checkpoints"]}
                 out.append({"file": str(p), **doc})
     return out
+
+
+def _is_checkpoint(d: Any) -> bool:
+    """A row that reads as a checkpoint (one that does not is left out: its file is read again)."""
+    try:
+        Checkpoint.from_dict(d)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return True
 
 
 def _generation(doc: dict[str, Any]) -> str | None:
@@ -484,7 +493,7 @@ def settled_checkpoints(state_path: Path, generation: str) -> list[dict[str, Any
             rows = db.execute("SELECT doc FROM files WHERE generation = ?", (generation,)).fetchall()
         finally:
             db.close()
-        return [d for (text,) in rows if isinstance(d := orjson.loads(text), dict) and "fingerprint" in d and "path" in d]
+        return [d for (text,) in rows if _is_checkpoint(d := orjson.loads(text))]
     except (sqlite3.DatabaseError, orjson.JSONDecodeError) as e:
         from ingest.ledger import _is_corrupt
 

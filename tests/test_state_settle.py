@@ -151,6 +151,16 @@ def test_a_missing_or_corrupt_files_database_is_said_and_its_files_are_read_agai
     assert set(gone.checkpoints) == {"sha256:00"} and gone.settled_lost == 4
     assert "4 file checkpoints fewer" in caplog.text
 
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE files (fingerprint TEXT PRIMARY KEY, generation TEXT NOT NULL, doc TEXT NOT NULL)")
+        gen = document(st)["files_db"]["generation"]
+        rows_in = [("sha256:01", gen, '{"fingerprint": "sha256:01", "path": "/x", "offset": "many"}'), ("sha256:02", gen, "[1]")]
+        con.executemany("INSERT INTO files VALUES (?, ?, ?)", [*rows_in, ("sha256:03", gen, '{"fingerprint": "sha256:03", "path": "/y"}')])
+    odd = load(st)
+    assert set(odd.checkpoints) == {"sha256:00", "sha256:03"} and odd.settled_lost == 3, "rows that are no checkpoint are left out"
+    odd.close()
+    for p in tmp_path.glob(db.name + "*"):
+        p.unlink()
     db.write_bytes(b"not a database" * 100)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
