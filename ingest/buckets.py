@@ -17,6 +17,7 @@ than a day older than the newest one a previous run finished.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import logging
@@ -224,10 +225,17 @@ class Bucket:
         """Many objects at once (fsspec fetches them concurrently); a failure is returned, not raised."""
         if not keys:
             return {}
+        plain = [k for k in keys if not glob.has_magic(k)]
         try:
-            got = self.fs.cat(keys, on_error="return")
+            got: dict[str, Any] = self.fs.cat(plain, on_error="return") if plain else {}
         except Exception as e:
-            return dict.fromkeys(keys, e)
+            got = dict.fromkeys(plain, e)
+        for k in keys:
+            if glob.has_magic(k):  # ``cat`` expands ``*?[``: a key with them (a team alias "ml [eu]") matched nothing, read as gone
+                try:
+                    got[k] = self.fs.cat_file(k)
+                except Exception as e:
+                    got[k] = e
         return {k: got.get(k, FileNotFoundError(k)) for k in keys}
 
     def units(

@@ -245,3 +245,19 @@ def test_shard_over_three_runs_writes_every_call_of_a_bucket_once(s3_server: Buc
     from tests.test_backfill import expected_spans
 
     assert {t.info.tags["litellm.call_id"]: len(t.data.spans) for t in all_traces(sharded, EXP)} == expected_spans(records)
+
+
+def test_keys_with_glob_characters_are_read_not_taken_for_gone(s3_server: BucketServer, tmp_path: Path) -> None:
+    """s3_v2 with the team prefix puts the team alias in every key: ``ml [eu]`` made fsspec's ``cat``
+    take the key for a pattern that matched nothing, and the object was marked read as vanished:
+    its calls silently lost, every run."""
+    fs, bucket = s3_server.fs(), s3_server.new_bucket()
+    records = days_ago(1)[:8]
+    for i, r in enumerate(records):
+        r["metadata"] = {**(r.get("metadata") or {}), "user_api_key_team_alias": ["ml [eu]", "web*", "a?b", "web"][i % 4]}
+    keys = put_s3_v2_objects(fs, bucket, records, s3_path="litellm", use_team_prefix=True)
+    assert any("[" in k for k in keys) and any("*" in k for k in keys)
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    _, s, _ = run(s3_server, "batch", f"s3://{bucket}/litellm/", state=state, uri=uri)
+    assert (s["objects_read"], s["records_read"]) == (len(keys), len(records))
+    assert sorted(trace_calls(uri)) == sorted(calls_of(records))
