@@ -173,6 +173,12 @@ class Ledger:
                 self._db.execute("DELETE FROM items")
                 self._db.execute("DELETE FROM meta")
 
+    def drop_meta(self, source: str, name: str) -> None:
+        """Forget a high-water mark that cannot be used (marks only ever grow otherwise)."""
+        if self._db is not None:
+            with self._db:
+                self._db.execute("DELETE FROM meta WHERE source = ? AND name = ?", (source, name))
+
     def meta(self, source: str, name: str) -> str | None:
         if self._db is None:
             return None
@@ -180,10 +186,11 @@ class Ledger:
         return row[0] if row else None
 
     def prune(self, source: str, before: str) -> None:
-        """Forget items whose ``at`` is before ``before`` (database rows older than the re-read window)."""
+        """Forget items whose ``at`` is before ``before`` (database rows older than the re-read window);
+        those without one (a row whose start is no time, quarantined) are kept, or every run would read them again."""
         if self._db is not None:
             with self._db:
-                self._db.execute("DELETE FROM items WHERE source = ? AND at < ?", (source, before))
+                self._db.execute("DELETE FROM items WHERE source = ? AND at < ? AND at <> ''", (source, before))
 
     def count(self, source: str | None = None) -> int:
         if self._db is None:

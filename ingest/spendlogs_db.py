@@ -12,11 +12,12 @@ over versions, and one added later or missing in an older proxy must not break t
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -40,6 +41,7 @@ TIME_KINDS = frozenset({"timestamp without time zone", "timestamp with time zone
 TEXT_KINDS = frozenset({"text", "character varying", "character", "name", "citext"})
 NATIVE_KINDS = frozenset({"integer", "bigint", "smallint", "double precision", "real", "boolean"})
 CONNECT_TIMEOUT_S = 10
+log = logging.getLogger("litellm-ingest.spendlogs_db")
 EPOCH = datetime(1970, 1, 1)
 REREAD = timedelta(hours=1)
 """How far before the newest row read a cron run reads again. LiteLLM inserts a row after its call
@@ -104,6 +106,8 @@ class Page:
     keys: pl.DataFrame
     last: tuple[str, str]
     quarantined: list[QuarantineRecord] = field(default_factory=list)
+    quarantined_keys: list[tuple[str, int | None]] = field(default_factory=list)
+    """(request_id, start) of each ``quarantined`` row: marked read like the others, so it is quarantined once."""
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,7 @@ class SpendLogsDB:
         lines: list[str] = []
         keys: list[tuple[str, int | None]] = []
         bad: list[QuarantineRecord] = []
+        bad_keys: list[tuple[str, int | None]] = []
         last: tuple[str, str] | None = None
         size = fetched = 0
         full = False
@@ -309,6 +314,7 @@ class SpendLogsDB:
                         self.rows_read += 1
                         if odd is not None:
                             bad.append(QuarantineRecord.of(self.source, line_no, line_no - 1, odd[0], odd[1], raw))
+                            bad_keys.append((request_id, start_us))
                             continue
                         lines.append(raw)
                         keys.append((request_id, start_us))
@@ -337,7 +343,7 @@ class SpendLogsDB:
         key_frame = pl.DataFrame(
             {"request_id": [k[0] for k in keys], "start_us": [k[1] for k in keys]}, schema={"request_id": pl.String, "start_us": pl.Int64}
         )
-        return Page(frame, key_frame, last, bad), full
+        return Page(frame, key_frame, last, bad, bad_keys), full
 
     def _raw(self, values: tuple[Any, ...]) -> tuple[str, tuple[Reason, str] | None]:
         """The row as one JSON object (request_id first, so a quarantine reader sees it first), and why it
@@ -372,19 +378,47 @@ def db_units(
     """New rows as units, a page each: from ``reread`` before the newest row a previous run read,
     rows it read already skipped by request_id (rows inserted late are still found)."""
     after: tuple[str, str] | None = None
+    horizon = datetime.now(timezone.utc).replace(tzinfo=None) + MARK_AHEAD
     if newest := ledger.meta(db.source, "newest_start"):
-        start = datetime.fromisoformat(newest.replace(" ", "T")) - reread
-        after = (start.isoformat(sep=" ", timespec="microseconds"), "")
-        ledger.prune(db.source, _at(int((start - reread - EPOCH) / timedelta(microseconds=1))))
+        mark = _mark_time(newest)
+        if mark is None or mark > horizon:
+            log.warning(
+                "%s: the newest row start a run kept (%s) is no time or in the future; reading the table from its start", db.source, newest
+            )
+            ledger.drop_meta(db.source, "newest_start")
+        else:
+            start = mark - reread
+            after = (start.isoformat(sep=" ", timespec="microseconds"), "")
+            ledger.prune(db.source, _at(int((start - reread - EPOCH) / timedelta(microseconds=1))))
+    limit_us = int((horizon - EPOCH) / timedelta(microseconds=1))
     for page in db.pages(after, since_us, until_us):
         keys = page.keys
-        items = items_frame(keys["request_id"].to_list(), [""] * keys.height, [_at(us) for us in keys["start_us"].to_list()])
+        bad_ids, bad_starts = [k for k, _ in page.quarantined_keys], [us for _, us in page.quarantined_keys]
+        starts = [*keys["start_us"].to_list(), *bad_starts]
+        items = items_frame([*keys["request_id"].to_list(), *bad_ids], [""] * len(starts), [_at(us) for us in starts])
         new = ledger.new(db.source, items)
-        lines = page.lines
+        lines, quarantined = page.lines, page.quarantined
         if new.height < items.height:
+            fresh = set(new["key"].to_list())
             lines = lines.filter(keys["request_id"].is_in(new["key"].implode()))
-        chunk = Chunk(db.source, lines.with_columns(file=pl.lit(db.source)), page.quarantined)
-        yield Unit(db.source, [chunk], new, meta={"newest_start": page.last[0]}, kind="rows")
+            quarantined = [q for q, k in zip(quarantined, bad_ids, strict=True) if k in fresh]
+        chunk = Chunk(db.source, lines.with_columns(file=pl.lit(db.source)), quarantined)
+        sane = [us for us in starts if us is not None and us <= limit_us]
+        yield Unit(db.source, [chunk], new, meta={"newest_start": _sql_time(max(sane))} if sane else {}, kind="rows")
+
+
+MARK_AHEAD = timedelta(days=1)
+"""A row starting further ahead of this machine's clock (a replica's wrong clock, ``'infinity'``)
+does not move where the next run reads from: every row inserted after it would be passed over."""
+
+
+def _mark_time(text: str) -> datetime | None:
+    """The kept newest start as naive UTC (a ``timestamptz`` column gives one with an offset); None if no time."""
+    try:
+        at = datetime.fromisoformat(text.replace(" ", "T"))
+    except ValueError:
+        return None
+    return at.astimezone(timezone.utc).replace(tzinfo=None) if at.tzinfo is not None else at
 
 
 def _at(us: int | None) -> str:

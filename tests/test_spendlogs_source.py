@@ -151,3 +151,70 @@ def test_a_run_killed_mid_table_resumes_and_loses_and_doubles_nothing(litellm_db
     assert s["db_rows"] == len(records) - done
     got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
     assert len(got) == len(set(got)) and set(got) == _calls(records)
+
+
+def _insert_one(url: str, request_id: str, start: str, column_type: str = "timestamp", response: str | None = None) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(
+            'INSERT INTO "LiteLLM_SpendLogs" (request_id, call_type, "startTime", "endTime", litellm_call_id, status, prompt_tokens, '
+            f"completion_tokens, total_tokens, spend, response) VALUES (%s, 'acompletion', %s::{column_type}, %s::{column_type}, %s, "
+            "'success', 10, 20, 30, 0.01, %s)",
+            [request_id, start, start, f"c-{request_id}", response],
+        )
+
+
+@pytest.mark.parametrize("odd", ["2099-01-01 00:00:00", "infinity"])
+def test_a_row_from_a_wrong_clock_neither_hides_the_rows_after_it_nor_stops_the_cron_job(litellm_db: str, tmp_path: Path, odd: str) -> None:
+    """The newest start a run read is where the next one reads from: a replica's clock in 2099 put it
+    there, and every row inserted later was never read (exit 0); ``'infinity'`` made every later run
+    fail. Rows ahead of this machine's clock by more than a day no longer move it."""
+    import psycopg
+
+    with psycopg.connect(litellm_db) as c:
+        now = c.execute("SELECT (now() at time zone 'utc')::timestamp(0)").fetchone()[0]
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    _insert_one(litellm_db, "a", str(now))
+    run("batch", litellm_db, state=state, uri=uri)
+    _insert_one(litellm_db, "skewed", odd)
+    first, _, _ = run("batch", litellm_db, state=state, uri=uri, check=False)
+    assert first in (0, 3)
+    _insert_one(litellm_db, "b", str(now))
+    later, s, _ = run("batch", litellm_db, state=state, uri=uri, check=False)
+    assert later == 0 and s["quarantined"] == 0, "nothing quarantined twice"
+    got = {t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)}
+    assert got == {"c-a", "c-b"} | ({"c-skewed"} if odd != "infinity" else set())
+
+
+def test_a_timestamptz_table_is_read_by_every_cron_run(postgres: Postgres, tmp_path: Path) -> None:
+    """A SpendLogs table whose times are ``timestamp with time zone``: the second run failed on the
+    kept newest start, which then had an offset (exit 1, every run after the first)."""
+    import psycopg
+
+    url = postgres.new_database()
+    create_spendlogs_table(url)
+    with psycopg.connect(url, autocommit=True) as c:
+        for col in ("startTime", "endTime"):
+            c.execute(f'ALTER TABLE "LiteLLM_SpendLogs" ALTER COLUMN "{col}" TYPE timestamptz USING "{col}" AT TIME ZONE \'UTC\'')
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    _insert_one(url, "tz-a", "2026-11-01 10:00:00+00", "timestamptz")
+    run("batch", url, state=state, uri=uri)
+    _insert_one(url, "tz-b", "2026-11-01 11:00:00+00", "timestamptz")
+    run("batch", url, state=state, uri=uri)
+    _, s, _ = run("batch", url, state=state, uri=uri)
+    assert s["db_rows"] == 0
+    assert {t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)} == {"c-tz-a", "c-tz-b"}
+
+
+def test_a_row_too_big_to_read_is_quarantined_once(litellm_db: str, tmp_path: Path) -> None:
+    """Rows quarantined before they reach a line (too big, not UTF-8) were never marked read, so every
+    run within the re-read window quarantined them again (exit 3 each time)."""
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    _insert_one(litellm_db, "big", "2026-11-01 10:00:00", response=json.dumps({"text": "x" * (17 << 20)}))
+    _insert_one(litellm_db, "small", "2026-11-01 10:00:01")
+    code, s, _ = run("batch", litellm_db, state=state, uri=uri, check=False)
+    assert code == 3 and s["quarantined_by_reason"] == {"line_too_long": 1}
+    again, s2, _ = run("batch", litellm_db, state=state, uri=uri, check=False)
+    assert again == 0 and s2["quarantined"] == 0
+    assert len((state / "quarantine.jsonl").read_text().splitlines()) == 1
