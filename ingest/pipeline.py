@@ -843,13 +843,28 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
     pipe.summary.files_unchanged = len(unchanged)
     fps = [None if p in unchanged else file_fingerprint(p) for p in files]
     foreign = [fp is not None and not shard.owns(fp) for fp in fps]
+    edges: dict[str, str] = follower.state.extra.setdefault("shard_edges", {})
     mine = []
     for i, path in enumerate(files):
         if foreign[i]:
             pipe.summary.files_other_shards += 1
             continue
         mine.append(path)
+        after = fps[i + 1] if i + 1 < len(files) and foreign[i + 1] else None
+
+        def rejoin(path: Path = path, after: str | None = after, nxt: Path | None = files[i + 1] if after else None) -> None:
+            """Another shard's file now follows this one (the archive grew): a call whose retry starts
+            it is this shard's (its earliest record is here), so this file's end is read again with it."""
+            if after is not None and nxt is not None and edges.get(str(path)) != after and (own := file_fingerprint(path)) is not None:
+                if (tail := edge_tail(path, own, window, opts.chunk_bytes)) is not None:
+                    pipe.feed_context(tail)
+                for head in edge_head(nxt, after, window, opts.chunk_bytes):
+                    pipe.feed_context(head)
+
         if path in unchanged:
+            rejoin()
+            if after is not None:
+                edges[str(path)] = after
             continue
 
         def before(i: int = i) -> None:
@@ -858,9 +873,13 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
 
         key, read = _ingest_file(path, follower, opts, progress, before)
         held = key is not None and pipe.pending.height and pipe.pending.filter(pl.col("file") == key).height
-        if i + 1 < len(files) and foreign[i + 1] and (read or held):
-            for head in edge_head(files[i + 1], fps[i + 1], window, opts.chunk_bytes):  # type: ignore[arg-type]
+        if after is not None and (read or held):
+            for head in edge_head(files[i + 1], after, window, opts.chunk_bytes):
                 pipe.feed_context(head)
+        else:
+            rejoin()
+        if after is not None:
+            edges[str(path)] = after
     return mine
 
 

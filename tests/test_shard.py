@@ -96,3 +96,43 @@ def test_bad_shard_is_a_usage_error(tmp_path: Path, value: str) -> None:
     result = CliRunner().invoke(main, ["backfill", str(write_log(tmp_path / "a.jsonl", [])), "--dry-run", "--shard", value])
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--shard'" in result.output and isinstance(result.exception, SystemExit)
+
+
+def test_shards_over_an_archive_that_grew_write_the_retry_that_starts_a_new_file(tmp_path: Path, capture: list[dict]) -> None:
+    """Each file ends with a retried call's failure (written as failed: later calls follow it) whose
+    retry starts the next file. The last file of one shard then gets a neighbour of another shard,
+    starting with its retry. The first shard found its file unchanged and read nothing; the second
+    read the retry, but the call is the first's (its earliest record): no shard wrote the retry, and
+    the trace stayed failed. Now a shard whose file gets a new neighbour reads its end again."""
+    import os
+    import time
+
+    from ingest.shard import Shard, file_fingerprint
+
+    staged, logs, t0 = tmp_path / "staged", tmp_path / "logs", time.time() - 10_000
+    for attempt in range(50):
+        cs = copies(capture, 7, f"grow-{attempt}")
+        parts = [cs[0] + cs[1][:27]] + [cs[j][27:] + cs[j + 1][:27] for j in range(1, 5)] + [cs[5][27:] + cs[6]]
+        files = [write_log(staged / f"proxy-{j:03d}.jsonl", recs) for j, recs in enumerate(parts)]
+        if Shard(1, 2).owns(file_fingerprint(files[4])) != Shard(1, 2).owns(file_fingerprint(files[5])):
+            break
+    logs.mkdir()
+    uri = f"sqlite:///{tmp_path / 'sharded.db'}"
+
+    def add(j: int) -> None:
+        f = logs / files[j].name
+        files[j].rename(f)
+        os.utime(f, (t0 + j, t0 + j))
+
+    def both_shards() -> None:
+        for i in (1, 2):
+            p = run("backfill", str(logs), "--shard", f"{i}/2", "--tracking-uri", uri, "--experiment-name", "shard",
+                    "--state-dir", str(tmp_path / f"machine-{i}"), "--json", cwd=tmp_path)  # fmt: skip
+            assert p.returncode == 0, p.stderr[-3000:]
+
+    for j in range(5):
+        add(j)
+    both_shards()
+    add(5)
+    both_shards()
+    assert spans_by_call(uri) == expected_spans([r for recs in parts for r in recs])
