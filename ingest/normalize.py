@@ -524,6 +524,7 @@ def _decode_part(part: pl.DataFrame, schema: RecordSchema, fast: bool = True) ->
         quarantined += _quarantine_rows(bad, None, lambda row: explain_failure(row["raw"], schema.decode_dtype, row["truncated"]))
     for key, dtype in schema.json_text.items():
         text = part["raw"].str.json_path_match(f"$.{key}")
+        text = text.set(text.str.strip_chars() == "", None)  # an empty text column: nothing, as a NULL one
         values, errs = safe_decode(text, dtype)
         new_bad = sorted(set(errs) - bad_idx)
         if new_bad:

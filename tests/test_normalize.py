@@ -315,6 +315,18 @@ def test_spend_logs_capture_maps_to_canonical(capture: list[dict]) -> None:
     assert out["cache_hit"].sum() == 1
 
 
+@pytest.mark.parametrize("column", ["metadata", "request_tags"])
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_spend_logs_empty_text_column_is_no_value(capture: list[dict], column: str, empty: str) -> None:
+    """A SpendLogs text column holding an empty string is nothing, as a NULL one: the row is a
+    trace (it was quarantined whole, ``unbuildable`` by a polars ShapeError)."""
+    rows = spend_rows(capture)[:3]
+    rows[1] = {**rows[1], column: empty}
+    out, q, _ = run(rows)
+    assert q == [] and out.height == 3
+    assert out["call_key"].null_count() == 0
+
+
 def test_spend_logs_json_values_same_as_json_text(capture: list[dict]) -> None:
     as_text = spend_rows(capture)
     as_values = []
