@@ -221,8 +221,7 @@ class State:
                 doc = {}
         if (generation := _generation(doc)) is not None:
             state.files_db = generation
-            for d in settled_checkpoints(path, state.files_db):
-                ck = Checkpoint.from_dict(d)
+            for ck in settled_checkpoints(path, state.files_db):
                 state.checkpoints[ck.fingerprint] = ck
                 state.checkpoints.settled(ck, ck.changes)
         for d in doc.get("checkpoints", []):
@@ -456,7 +455,7 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
                 if (generation := _generation(doc)) is not None:
                     inline = {d["fingerprint"] for d in doc["checkpoints"]}
                     try:
-                        settled = [d for d in settled_checkpoints(p, generation) if d.get("fingerprint") not in inline]
+                        settled = [c.as_dict() for c in settled_checkpoints(p, generation) if c.fingerprint not in inline]
                     except StateError as e:
                         out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": str(e)})
                         continue
@@ -465,13 +464,12 @@ def all_states(state_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _is_checkpoint(d: Any) -> bool:
-    """A row that reads as a checkpoint (one that does not is left out: its file is read again)."""
+def _checkpoint(text: str) -> Checkpoint | None:
+    """A row as a checkpoint; None for one that is not (left out: its file is read again)."""
     try:
-        Checkpoint.from_dict(d)
+        return Checkpoint.from_dict(orjson.loads(text))
     except (TypeError, ValueError, KeyError, AttributeError):
-        return False
-    return True
+        return None
 
 
 def _generation(doc: dict[str, Any]) -> str | None:
@@ -480,7 +478,7 @@ def _generation(doc: dict[str, Any]) -> str | None:
     return generation if isinstance(generation, str) else None
 
 
-def settled_checkpoints(state_path: Path, generation: str) -> list[dict[str, Any]]:
+def settled_checkpoints(state_path: Path, generation: str) -> list[Checkpoint]:
     """The checkpoints of this generation in the files database beside a state, read-only: [] if it
     is missing or corrupt (said as a warning; its files are read again, which doubles nothing),
     StateError if it cannot be read."""
@@ -493,11 +491,11 @@ def settled_checkpoints(state_path: Path, generation: str) -> list[dict[str, Any
             rows = db.execute("SELECT doc FROM files WHERE generation = ?", (generation,)).fetchall()
         finally:
             db.close()
-        return [d for (text,) in rows if _is_checkpoint(d := orjson.loads(text))]
-    except (sqlite3.DatabaseError, orjson.JSONDecodeError) as e:
+        return [ck for (text,) in rows if (ck := _checkpoint(text)) is not None]
+    except sqlite3.DatabaseError as e:
         from ingest.ledger import _is_corrupt
 
-        if isinstance(e, orjson.JSONDecodeError) or _is_corrupt(e) or "no such table" in str(e):
+        if _is_corrupt(e) or "no such table" in str(e):
             log.warning("the checkpoints database %s cannot be used (%s): its files are read again", path, e)
             return []
         raise StateError(f"cannot read the checkpoints database {path}: {e}") from e
