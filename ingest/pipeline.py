@@ -844,6 +844,16 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
     fps = [None if p in unchanged else file_fingerprint(p) for p in files]
     foreign = [fp is not None and not shard.owns(fp) for fp in fps]
     edges: dict[str, str] = follower.state.extra.setdefault("shard_edges", {})
+
+    def rejoin(path: Path, nxt: Path, after: str) -> None:
+        """Another shard's file now follows ``path`` (the archive grew): a call whose retry starts it
+        is this shard's (its earliest record is here), so ``path``'s end is read again with it."""
+        if edges.get(str(path)) != after and (own := file_fingerprint(path)) is not None:
+            if (tail := edge_tail(path, own, window, opts.chunk_bytes)) is not None:
+                pipe.feed_context(tail)
+            for head in edge_head(nxt, after, window, opts.chunk_bytes):
+                pipe.feed_context(head)
+
     mine = []
     for i, path in enumerate(files):
         if foreign[i]:
@@ -851,34 +861,20 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
             continue
         mine.append(path)
         after = fps[i + 1] if i + 1 < len(files) and foreign[i + 1] else None
+        if path not in unchanged:
 
-        def rejoin(path: Path = path, after: str | None = after, nxt: Path | None = files[i + 1] if after else None) -> None:
-            """Another shard's file now follows this one (the archive grew): a call whose retry starts
-            it is this shard's (its earliest record is here), so this file's end is read again with it."""
-            if after is not None and nxt is not None and edges.get(str(path)) != after and (own := file_fingerprint(path)) is not None:
-                if (tail := edge_tail(path, own, window, opts.chunk_bytes)) is not None:
+            def before(i: int = i) -> None:
+                if i > 0 and foreign[i - 1] and (tail := edge_tail(files[i - 1], fps[i - 1], window, opts.chunk_bytes)) is not None:  # type: ignore[arg-type]
                     pipe.feed_context(tail)
-                for head in edge_head(nxt, after, window, opts.chunk_bytes):
+
+            key, read = _ingest_file(path, follower, opts, progress, before)
+            held = key is not None and pipe.pending.height and pipe.pending.filter(pl.col("file") == key).height
+            if after is not None and (read or held):
+                for head in edge_head(files[i + 1], after, window, opts.chunk_bytes):
                     pipe.feed_context(head)
-
-        if path in unchanged:
-            rejoin()
-            if after is not None:
                 edges[str(path)] = after
-            continue
-
-        def before(i: int = i) -> None:
-            if i > 0 and foreign[i - 1] and (tail := edge_tail(files[i - 1], fps[i - 1], window, opts.chunk_bytes)) is not None:  # type: ignore[arg-type]
-                pipe.feed_context(tail)
-
-        key, read = _ingest_file(path, follower, opts, progress, before)
-        held = key is not None and pipe.pending.height and pipe.pending.filter(pl.col("file") == key).height
-        if after is not None and (read or held):
-            for head in edge_head(files[i + 1], after, window, opts.chunk_bytes):
-                pipe.feed_context(head)
-        else:
-            rejoin()
         if after is not None:
+            rejoin(path, files[i + 1], after)
             edges[str(path)] = after
     return mine
 

@@ -389,7 +389,8 @@ class Tailer:
                     by_inode.setdefault((st.st_dev, st.st_ino), f)
         seen: set[str] = set()
         parked: set[str] = set()
-        self._more = self._more and hold
+        if not hold:
+            self._more = False
         started = time.monotonic()
         candidates = self._candidates()
         self._scan_s = time.monotonic() - started
@@ -412,7 +413,8 @@ class Tailer:
                 log.info("%s was truncated or rewritten in place", path)
                 current.stale = True
             if len(files) >= self.max_open:
-                self._more = self._more or not hold
+                if not hold:
+                    self._more = True
                 continue
             f = self.follower.identify(path)
             if f is None:
