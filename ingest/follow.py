@@ -181,14 +181,16 @@ class Follower:
 
     # --- matching ---------------------------------------------------------------------------------
 
-    def identify(self, path: Path) -> Followed | None:
-        """Open ``path`` and find its checkpoint, without moving any; None while it has no complete
-        first line (one without a newline is complete when it is a whole JSON object, or when the
-        file has not changed for ``partial_timeout_s``: then it is read, and quarantined if bad)."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
+    def identify(self, path: Path, fd: int | None = None) -> Followed | None:
+        """Open ``path`` (or take ``fd``, the file once named so) and find its checkpoint, without
+        moving any; None while it has no complete first line (one without a newline is complete when
+        it is a whole JSON object, or when the file has not changed for ``partial_timeout_s``: then it
+        is read, and quarantined if bad)."""
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return None
         try:
             gz = os.pread(fd, 2, 0) == GZIP_MAGIC
             finished = not gz and self.quiet(os.fstat(fd))

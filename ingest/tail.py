@@ -27,7 +27,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,7 @@ class Tailer:
         destination: tuple[Target, Sink] | None = None,
         metrics: Metrics | None = None,
         stopping: threading.Event | None = None,
+        pins: Pins | None = None,
     ) -> None:
         self.opts = opts
         self.dirs = directories
@@ -141,6 +142,7 @@ class Tailer:
         self._absent: set[str] = set()
         self._restored = False
         self._failures = 0
+        self.pins = pins
         self._last_down_log = self._last_error_log = self._last_state_log = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -193,6 +195,8 @@ class Tailer:
         return observer
 
     def close(self) -> None:
+        if self.pins is not None:
+            self.pins.close()
         self.follower.close()
         self.sink.close()
         if self.nest_queue is not None:
@@ -340,26 +344,14 @@ class Tailer:
     # --- files ----------------------------------------------------------------------------------
 
     def _candidates(self) -> list[tuple[str, os.stat_result]]:
-        """The regular files to follow with their stat, oldest first: at a start after downtime, the
-        rotated files are read before the current one, so a call's attempts arrive in their order (as
-        :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second.
-        A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer); a
-        folder it may not list is named once (until it can be)."""
-        found: list[tuple[str, os.stat_result]] = []
-        unlisted: list[str] = []
+        """The files to follow (:func:`log_files`); a folder it may not list is named once (until it can be)."""
         for d in self.dirs:
             self._note_absent(d)
-            for root, name in walk(d, unlisted):
-                if fnmatch.fnmatch(name, self.opts.pattern) and not name.endswith(SCRATCH_SUFFIXES):
-                    path = os.path.join(root, name)
-                    with contextlib.suppress(OSError):
-                        st = os.stat(path)
-                        if stat.S_ISREG(st.st_mode):
-                            found.append((path, st))
+        unlisted: list[str] = []
+        found = log_files(self.dirs, self.opts.pattern, unlisted)
         for folder in sorted(set(unlisted) - self._unlisted):
             log.warning("cannot list %s: permission denied; its files are read once it can be", folder)
         self._unlisted = set(unlisted)
-        found.sort(key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
         return found
 
     def _note_absent(self, folder: Path) -> None:
@@ -394,6 +386,8 @@ class Tailer:
         started = time.monotonic()
         candidates = self._candidates()
         self._scan_s = time.monotonic() - started
+        if self.pins is not None and not hold:
+            self._follow_pinned({(st.st_dev, st.st_ino) for _, st in candidates})
         for name, st in candidates:
             if follower.still_parked(st):
                 parked.add(stat_key(st))
@@ -451,6 +445,33 @@ class Tailer:
             elif f.gone_since is None:
                 f.gone_since = now
                 log.info("%s was rotated away or deleted; reading it to its end", f.path)
+
+    def _follow_pinned(self, listed: set[tuple[int, int]]) -> None:
+        """The files held while MLflow was down at start: those still in a folder are the scan's;
+        those gone (a rotation deleted them) are read through the held descriptor, oldest first."""
+        assert self.pins is not None
+        gone = []
+        for key, (path, fd) in list(self.pins.held.items()):
+            if key in listed:
+                self.pins.release(key)
+            else:
+                with contextlib.suppress(OSError):
+                    gone.append((os.fstat(fd).st_mtime_ns, str(path), key))
+        for *_, key in sorted(gone):
+            path, fd = self.pins.held[key]
+            f = self.follower.identify(path, fd=os.dup(fd))
+            if f is None:
+                if os.fstat(fd).st_size == 0:
+                    self.pins.release(key)
+                continue
+            self.pins.release(key)
+            if f.key in self.follower.files or self.follower.is_done(f):
+                f.close()
+                continue
+            self.follower.follow(f).gone_since = time.monotonic()
+            log.info("following %s (deleted while MLflow was down) from byte %d", path, f.ck.offset)
+        if not self.pins.held:
+            self.pins = None
 
     def _close_idle(self) -> None:
         for key, f in list(self.follower.files.items()):
@@ -521,6 +542,78 @@ class Tailer:
                 m.lag[shown(f.path)] = max(f.size() - f.ck.offset, 0)
 
 
+def log_files(dirs: list[Path], pattern: str, unlisted: list[str]) -> list[tuple[str, os.stat_result]]:
+    """The regular files to follow with their stat, oldest first: at a start after downtime, the
+    rotated files are read before the current one, so a call's attempts arrive in their order (as
+    :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second.
+    A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer); the
+    folders it may not list go into ``unlisted``."""
+    found: list[tuple[str, os.stat_result]] = []
+    for d in dirs:
+        for root, name in walk(d, unlisted):
+            if fnmatch.fnmatch(name, pattern) and not name.endswith(SCRATCH_SUFFIXES):
+                path = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    if stat.S_ISREG(st.st_mode):
+                        found.append((path, st))
+    found.sort(key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
+    return found
+
+
+class Pins:
+    """The log files a daemon started while MLflow is down holds open, unread, until it can load its
+    state (which is named after the experiment MLflow gives): a rotation that deletes one meanwhile
+    cannot take its lines. The first scan reads those gone from their folders through these
+    descriptors (:meth:`Tailer._scan`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[tuple[int, int], tuple[Path, int]] = {}
+
+    def take(self, dirs: list[Path], pattern: str) -> None:
+        for name, st in log_files(dirs, pattern, []):
+            key = (st.st_dev, st.st_ino)
+            if key in self.held or len(self.held) >= self.limit:
+                continue
+            with contextlib.suppress(OSError):
+                fd = os.open(name, os.O_RDONLY)
+                if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == key:
+                    self.held[key] = (Path(name), fd)
+                else:
+                    os.close(fd)
+
+    @contextlib.contextmanager
+    def holding(self, dirs: list[Path], pattern: str, every_s: float) -> Iterator[None]:
+        """Take the files every ``every_s`` in a thread of its own while the block runs (probing
+        MLflow blocks for seconds at a time)."""
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.is_set():
+                try:
+                    self.take(dirs, pattern)
+                except Exception as e:
+                    log.debug("holding the log files failed: %s", e)
+                done.wait(every_s)
+
+        thread = threading.Thread(target=loop, name="pins", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def release(self, key: tuple[int, int]) -> None:
+        _, fd = self.held.pop(key)
+        os.close(fd)
+
+    def close(self) -> None:
+        for key in list(self.held):
+            self.release(key)
+
+
 def _same_file(path: Path, st: os.stat_result) -> bool:
     """``path`` still names the file ``st`` describes: a symlink or hard link gives one file two
     names, which is no rotation (it was logged as one, back and forth, every scan)."""
@@ -543,11 +636,18 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
     metrics = Metrics(ready=False)
     server = serve(lambda: metrics, opts.metrics_host, opts.metrics_port) if opts.metrics_port is not None else None
     try:
-        destination = wait_for_mlflow(opts, metrics, stopping)
+        pins = Pins(open_files_budget(opts.max_open_files))
+        try:
+            with pins.holding(directories, opts.pattern, opts.rescan_s):
+                destination = wait_for_mlflow(opts, metrics, stopping)
+        except BaseException:
+            pins.close()
+            raise
         if destination is None:
+            pins.close()
             log.info("stopped while waiting for MLflow")
             return
-        tailer = Tailer(opts, directories, destination, metrics, stopping)
+        tailer = Tailer(opts, directories, destination, metrics, stopping, pins if pins.held else None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, tailer.stop)
         tailer.run()
@@ -560,8 +660,8 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
     """The destination, once MLflow answers. A daemon started while MLflow is down (a reboot that
     brought the proxy up first, an outage) waits for it, as it waits out an outage once running:
     said once, then every minute, with ``/health`` 503; nothing is read meanwhile, so nothing is
-    lost. MLflow refusing us (credentials, a deleted experiment, a store it cannot use) is a
-    configuration error, and stops it (exit 4). None: stopped while waiting."""
+    lost (:class:`Pins`). MLflow refusing us (credentials, a deleted experiment, a store it cannot
+    use) is a configuration error, and stops it (exit 4). None: stopped while waiting."""
     failures, said = 0, 0.0
     while not stopping.is_set():
         try:

@@ -287,22 +287,29 @@ def test_a_daemon_told_to_stop_while_it_waits_for_mlflow_stops_at_once(tmp_path:
 def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capture) -> None:
     """A reboot that brings the proxy and its daemon up before MLflow: the daemon serves /health
     (503), says once that it waits, and sends everything once MLflow answers (stopped while it
-    waits: ``test_a_daemon_told_to_stop_while_it_waits_for_mlflow_stops_at_once``)."""
+    waits: ``test_a_daemon_told_to_stop_while_it_waits_for_mlflow_stops_at_once``). Rotations that
+    delete the rotated file meanwhile take nothing: the daemon holds the files open while it waits."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    calls = fresh_calls(capture)
-    Writer(logdir / "proxy.jsonl").write_calls(calls[:10])
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture, copies=2)
+    writer = Writer(log)
+    writer.write_calls(calls[:10])
     d = Daemon(logdir, url, "late", tmp_path / "state").start()
     server = None
     try:
         wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for MLflow")
         assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
-        time.sleep(1)
+        for part in (calls[10:20], calls[20:30]):
+            time.sleep(2.5)
+            rotate(log, "rename_create", "numbered", "deleted")
+            writer.write_calls(part)
+        time.sleep(2.5)
         assert d.alive(), d.log.read_text()
         server = start_mlflow_server(tmp_path / "late-server", port=port)
-        Writer(logdir / "proxy.jsonl").write_calls(calls[10:])
+        writer.write_calls(calls[30:])
         assert_exactly(wait_for_calls(url, "late", calls, timeout=120), calls)
         wait_for(lambda: "litellm_ingest_mlflow_up 1" in d.metrics(), 15, "the daemon to report MLflow up")
         assert d.stop() == 0
