@@ -82,6 +82,9 @@ class Checkpoint:
     end_stat: str | None = None
     """``device:inode:size:mtime_ns`` of the file when it was read to its end: a run that finds it
     so skips it unopened (:meth:`ingest.follow.Follower.unchanged`)."""
+    edge: str | None = None
+    """``--shard``: the fingerprint of another shard's file that followed this one when its end was
+    last read with that file's head (:func:`ingest.pipeline._ingest_shard`)."""
 
     changes = 0
     """How many times a field was set (not a field itself)."""
@@ -107,6 +110,7 @@ class Checkpoint:
             done=bool(d.get("done", False)),
             tail=d.get("tail"),
             end_stat=d["end_stat"] if isinstance(d.get("end_stat"), str) else None,
+            edge=d["edge"] if isinstance(d.get("edge"), str) else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -126,6 +130,8 @@ class Checkpoint:
             d["held"] = list(self.legacy_held)
         if self.end_stat is not None:
             d["end_stat"] = self.end_stat
+        if self.edge is not None:
+            d["edge"] = self.edge
         return d
 
 

@@ -241,18 +241,18 @@ class Follower:
         whole = f.ck.done if f.gz else f.ck.offset == st.st_size
         f.ck.end_stat = stat_key(st) if whole else None
 
-    def unchanged(self, paths: list[Path]) -> set[Path]:
-        """The files read to their end before and untouched since: the same device, inode, size and
-        mtime (Filebeat's "offset equals size", by stat). A cron run over a folder of a per-call
-        logger's files, hundreds of thousands of them, opens only the new ones."""
-        stamps = {c.end_stat for c in self.state.checkpoints.values() if c.end_stat}
+    def unchanged(self, paths: list[Path]) -> dict[Path, Checkpoint]:
+        """The files read to their end before and untouched since, with their checkpoints: the same
+        device, inode, size and mtime (Filebeat's "offset equals size", by stat). A cron run over a
+        folder of a per-call logger's files, hundreds of thousands of them, opens only the new ones."""
+        stamps = {c.end_stat: c for c in self.state.checkpoints.values() if c.end_stat}
         if not stamps:
-            return set()
-        out: set[Path] = set()
+            return {}
+        out: dict[Path, Checkpoint] = {}
         for path in paths:
             with contextlib.suppress(OSError):
-                if stat_key(os.stat(path)) in stamps:
-                    out.add(path)
+                if (ck := stamps.get(stat_key(os.stat(path)))) is not None:
+                    out[path] = ck
         return out
 
     def follow(self, f: Followed) -> Followed:

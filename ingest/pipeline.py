@@ -26,7 +26,7 @@ import polars as pl
 
 from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url
-from ingest.checkpoints import State, destination_key, now_iso, state_path
+from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger, Unit
@@ -836,19 +836,21 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
     """This shard's files, each between the edges of its neighbours from other shards (:mod:`ingest.shard`);
     returns this shard's files. A file it read to its end before and untouched since is neither
     fingerprinted nor opened (a gzip would be decompressed whole to find its end); only this
-    shard reads a file, so it is this shard's."""
+    shard reads a file, so it is this shard's. Which foreign file followed each of its files is
+    kept in that file's checkpoint (``edge``), settled with it (a state of an older version kept
+    them all in its document: read once, then dropped)."""
     pipe = follower.pipeline
     window = int(pipe.remember_s * 1_000_000)
     unchanged = follower.unchanged(files)
     pipe.summary.files_unchanged = len(unchanged)
     fps = [None if p in unchanged else file_fingerprint(p) for p in files]
     foreign = [fp is not None and not shard.owns(fp) for fp in fps]
-    edges: dict[str, str] = follower.state.extra.setdefault("shard_edges", {})
+    legacy: dict[str, str] = follower.state.extra.pop("shard_edges", None) or {}
 
-    def rejoin(path: Path, nxt: Path, after: str) -> None:
+    def rejoin(path: Path, ck: Checkpoint, nxt: Path, after: str) -> None:
         """Another shard's file now follows ``path`` (the archive grew): a call whose retry starts it
         is this shard's (its earliest record is here), so ``path``'s end is read again with it."""
-        if edges.get(str(path)) != after and (own := file_fingerprint(path)) is not None:
+        if (ck.edge or legacy.get(str(path))) != after and (own := file_fingerprint(path)) is not None:
             if (tail := edge_tail(path, own, window, opts.chunk_bytes)) is not None:
                 pipe.feed_context(tail)
             for head in edge_head(nxt, after, window, opts.chunk_bytes):
@@ -861,21 +863,24 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
             continue
         mine.append(path)
         after = fps[i + 1] if i + 1 < len(files) and foreign[i + 1] else None
-        if path not in unchanged:
+        ck = unchanged.get(path)
+        if ck is None:
 
             def before(i: int = i) -> None:
                 if i > 0 and foreign[i - 1] and (tail := edge_tail(files[i - 1], fps[i - 1], window, opts.chunk_bytes)) is not None:  # type: ignore[arg-type]
                     pipe.feed_context(tail)
 
             key, read = _ingest_file(path, follower, opts, progress, before)
+            ck = follower.state.checkpoints.get(key) if key is not None else None
             held = key is not None and pipe.pending.height and pipe.pending.filter(pl.col("file") == key).height
-            if after is not None and (read or held):
+            if ck is not None and after is not None and (read or held):
                 for head in edge_head(files[i + 1], after, window, opts.chunk_bytes):
                     pipe.feed_context(head)
-                edges[str(path)] = after
-        if after is not None:
-            rejoin(path, files[i + 1], after)
-            edges[str(path)] = after
+                ck.edge = after
+        if ck is not None and after is not None:
+            rejoin(path, ck, files[i + 1], after)
+            if ck.edge != after:
+                ck.edge = after
     return mine
 
 

@@ -136,3 +136,71 @@ def test_shards_over_an_archive_that_grew_write_the_retry_that_starts_a_new_file
     add(5)
     both_shards()
     assert spans_by_call(uri) == expected_spans([r for recs in parts for r in recs])
+
+
+def test_a_shards_edges_are_settled_with_its_checkpoints_and_its_document_does_not_grow_with_the_archive(
+    tmp_path: Path, capture: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which other shard's file follows each of a shard's files was a map in the state's document,
+    rewritten at every save and growing with the archive (a state past ``SETTLE_ABOVE`` files keeps
+    only its last moves there). It is in each file's checkpoint now, settled with it; a document of
+    the older kind is read once and its map dropped. In process, with the threshold lowered."""
+    import os
+    import sqlite3
+    import time
+
+    from click.testing import CliRunner
+
+    from ingest import checkpoints
+    from ingest.cli import main
+    from ingest.shard import Shard, file_fingerprint
+
+    monkeypatch.setattr(checkpoints, "SETTLE_ABOVE", 3)
+    logs, uri, t0 = tmp_path / "logs", f"sqlite:///{tmp_path / 'store.db'}", time.time() - 100_000
+    one = [r for r in capture if sum(x["litellm_call_id"] == r["litellm_call_id"] for x in capture) == 1][:2]
+    files: list[Path] = []
+    records: list[dict] = []
+
+    def grow(n: int) -> None:
+        for recs in copies(one, n, f"edges-{len(files)}"):
+            files.append(write_log(logs / f"proxy-{len(files):03d}.jsonl", recs))
+            os.utime(files[-1], (t0 + len(files), t0 + len(files)))
+            records.extend(recs)
+
+    def shard_run(i: int) -> dict:
+        args = ["backfill", str(logs), "--shard", f"{i}/2", "--tracking-uri", uri, "--experiment-name", "shard",
+                "--state-dir", str(tmp_path / f"machine-{i}"), "--workers", "1"]  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, (result.output, result.exception)
+        (doc,) = (tmp_path / f"machine-{i}").glob("backfill-*.json")
+        return json.loads(doc.read_text())
+
+    def settled_edges(i: int) -> dict[str, str]:
+        (db,) = (tmp_path / f"machine-{i}").glob(f"backfill-*{checkpoints.FILES_DB_SUFFIX}")
+        with sqlite3.connect(db) as con:
+            docs = [json.loads(d) for (d,) in con.execute("SELECT doc FROM files")]
+        return {d["path"]: d["edge"] for d in docs if "edge" in d}
+
+    def expected_edges(i: int) -> dict[str, str]:
+        fps = [file_fingerprint(f) for f in files]
+        shard = Shard(i, 2)
+        return {str(f.resolve()): fps[j + 1] for j, f in enumerate(files[:-1]) if shard.owns(fps[j]) and not shard.owns(fps[j + 1])}
+
+    sizes = {}
+    for n in (12, 36):
+        grow(n - len(files))
+        for i in (1, 2):
+            shard_run(i)
+            doc = shard_run(i)
+            assert "shard_edges" not in doc["extra"] and len(doc["checkpoints"]) <= 3
+            assert settled_edges(i) == expected_edges(i) != {}
+            sizes[n, i] = len(json.dumps(doc))
+    assert all(sizes[36, i] <= sizes[12, i] + 200 for i in (1, 2)), sizes
+    assert spans_by_call(uri) == expected_spans(records)
+
+    (doc_path,) = (tmp_path / "machine-1").glob("backfill-*.json")
+    doc = json.loads(doc_path.read_text())
+    doc["extra"]["shard_edges"] = {str(f.resolve()): "sha256:old" for f in files}
+    doc_path.write_text(json.dumps(doc))
+    assert "shard_edges" not in shard_run(1)["extra"]
+    assert spans_by_call(uri) == expected_spans(records)
