@@ -1,0 +1,10 @@
+"""Replay LiteLLM Proxy request logs into MLflow traces."""
+
+import sys
+
+RECURSION_LIMIT = 4000
+"""A record is parsed up to orjson's 1,024 levels of nesting; encoding it again (``json``, in C)
+counts each level against Python's recursion limit on top of the caller's own frames, which at
+the default 1,000 refused a prompt nested ~950 deep as unwritable."""
+
+sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))

@@ -35,7 +35,7 @@ from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
 from ingest.scrub import Scrubber, default_scrubber
 from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
-from ingest.sink import NullSink, Sink, SinkError, Target, make_sink, resolve_target
+from ingest.sink import NullSink, Sink, SinkError, Target, make_sink, refused_for_its_data, resolve_target
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 from ingest.stores import tracking_uri_from
@@ -442,7 +442,9 @@ class Pipeline:
 
     def _write_isolating(self, batch: list[BuiltTrace], error: SinkError) -> tuple[list[BuiltTrace], int]:
         """A batch the store rejected, written in halves down to the traces it will not take, which are
-        quarantined. If it takes none of them, the store (not the data) is the problem: that raises."""
+        quarantined. If it takes none of them, the store (not the data) is the problem, and that
+        raises; unless each was refused for what it holds (:func:`~ingest.sink.refused_for_its_data`):
+        a batch of nothing but such traces would otherwise stop every run over them."""
         written: list[BuiltTrace] = []
         refused: list[tuple[BuiltTrace, SinkError]] = []
         spans = 0
@@ -462,7 +464,7 @@ class Pipeline:
                     attempt(half, e)
 
         attempt(batch, error)
-        if len(batch) > 1 and not written:
+        if len(batch) > 1 and not written and not all(refused_for_its_data(why) for _, why in refused):
             raise error
         for trace, why in refused:
             self.quarantine.write(_quarantined(trace.whole().rows, Reason.UNWRITABLE, f"sink: {why}"))

@@ -720,6 +720,25 @@ def _data_error(e: Exception) -> bool:
     return isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError, UnicodeError, OverflowError, RecursionError))
 
 
+def refused_for_its_data(e: BaseException) -> bool:
+    """``e`` (or an error under it) says this very trace cannot be stored (a number past the column's
+    range, nesting past the encoder's, text the database cannot encode), whatever the store: a batch
+    refused whole for such reasons is no sign of a store refusing everything."""
+    from sqlalchemy.exc import DataError, StatementError
+
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, (OverflowError, RecursionError, UnicodeError, DataError)):
+            return True
+        stack += [x.__cause__, x.__context__, x.orig if isinstance(x, StatementError) else None]
+    return False
+
+
 class StoreSink(_Synchronous):
     """Write into a database MLflow store: by default with the bulk writer (``sql_bulk``), which
     leaves the rows MLflow's own ``log_spans`` would; ``writer="mlflow"`` (or a store the bulk

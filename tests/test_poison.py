@@ -254,6 +254,64 @@ def test_a_trace_postgresql_rejects_is_quarantined_and_the_rest_of_its_batch_wri
     assert len(all_traces(uri, "reject", include_spans=False)) == len(good) - 1
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_batch_the_store_refuses_whole_for_its_data_is_quarantined_and_the_run_goes_on(
+    capture: list[dict], tmp_path: Path, postgres: Any, store: str
+) -> None:
+    """Every trace of a batch refused, each for what it holds (a time past the store's integer range on
+    SQLite, a user id past its column on PostgreSQL), was taken for a store refusing everything: the
+    run stopped (exit 4) on every run over them, quarantining nothing. A store that refuses every
+    trace for no reason of the trace's own still stops the run."""
+    from ingest.normalize import normalize
+    from ingest.sink import NullSink
+    from ingest.sources import read_chunks
+
+    good = good_records(capture, f"refused-{store}")[:3]
+    frame, _ = normalize(pl.concat([c.lines for c in read_chunks(write_jsonl(tmp_path / "r.jsonl", good))]))
+    uri = f"sqlite:///{tmp_path / 'store.db'}" if store == "sqlite" else postgres.new_database()
+    target = resolve_target(uri, "refused", None)
+    quarantine = QuarantineWriter(tmp_path / "q.jsonl")
+    pipe = Pipeline(StoreSink(target), target.experiment_id, quarantine)
+    traces = [build_trace([row], target.experiment_id) for row in frame.iter_rows(named=True)]
+    for t in traces:
+        if store == "sqlite":
+            t.data[0].start_us = 2**62
+        else:
+            t.data[0].attributes[SpanAttributeKey.USER_ID] = "u" * 9000
+    written, _ = pipe._write_isolating(traces, SinkError("rejected", "rejected"))
+    assert written == []
+    q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().split("\n") if line]
+    assert sorted((x["line"], x["reason"]) for x in q) == [(1, "unwritable"), (2, "unwritable"), (3, "unwritable")]
+
+    class Refusing(NullSink):
+        def write(self, traces: list) -> int:
+            try:
+                raise TypeError("the store's own fault")
+            except TypeError as e:
+                raise SinkError("refused", "rejected") from e
+
+    with pytest.raises(SinkError):
+        Pipeline(Refusing(), target.experiment_id, QuarantineWriter(tmp_path / "q2.jsonl"))._write_isolating(
+            traces, SinkError("rejected", "rejected")
+        )
+
+
+def test_records_nested_a_thousand_deep_are_stored_not_refused(capture: list[dict], tmp_path: Path) -> None:
+    """orjson parses up to 1,024 levels; encoding such a prompt again in the bulk writer ran past
+    Python's default recursion limit (the caller's frames count too): the record was refused as
+    unwritable, and a batch of nothing but such records stopped every run."""
+    rs = good_records(capture, "thousand")[:2]
+    lines = []
+    for r, depth in zip(rs, (990, 1020), strict=True):
+        lines.append(json.dumps(r | {"messages": "@@"}).replace('"@@"', "[" * depth + '"deep"' + "]" * depth))
+    path = tmp_path / "deep.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    code, summary, _ = cli_batch([path], uri, "deep")
+    assert (code, summary["traces_written"], summary["quarantined"]) == (0, 2, 0)
+    assert len(all_traces(uri, "deep")) == 2
+
+
 def test_the_tail_daemon_lives_through_poison_records(mlflow_server: Any, capture: list[dict], tmp_path: Path) -> None:
     """The daemon used to exit 1 on each of these, and again on every restart."""
     from tests.tailkit import Daemon, Writer, fresh_calls, wait_for, wait_for_calls
