@@ -31,7 +31,18 @@ import polars as pl
 
 from ingest.checkpoints import Checkpoint, State, encode_state, now_iso
 from ingest.fingerprint import fingerprint_of, tail_digest
-from ingest.sources import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_LINE_BYTES, GZIP_MAGIC, TAIL_BYTES, Chunk, read_chunks, read_lines_at, skip_to
+from ingest.quarantine import QuarantineRecord, Reason
+from ingest.sources import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_LINE_BYTES,
+    GZIP_MAGIC,
+    TAIL_BYTES,
+    Chunk,
+    read_chunks,
+    read_lines_at,
+    shown,
+    skip_to,
+)
 
 if TYPE_CHECKING:
     from ingest.pipeline import Pipeline
@@ -168,8 +179,9 @@ class Follower:
         """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
         too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
         self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
-        self._damaged: dict[str, str] = {}
-        """The stat keys of the files that could not be read to their end, as they were then."""
+        self._damaged: dict[str, tuple[str, bool]] = {}
+        """The stat keys of the files that could not be read to their end, as they were then, and
+        whether the rest was given up on (quarantined as unreadable)."""
         self.dry_run = dry_run
         self.files: dict[str, Followed] = {}
         self.parked: set[str] = set()
@@ -238,7 +250,7 @@ class Follower:
         read to its end (its checkpoint at its size, or done), for :meth:`unchanged` and :meth:`park`."""
         st = os.fstat(f.fd)
         f.ck.done = self.is_done(f)
-        whole = f.ck.done if f.gz else f.ck.offset == st.st_size
+        whole = (f.ck.done or self.given_up(f, st)) if f.gz else f.ck.offset == st.st_size
         f.ck.end_stat = stat_key(st) if whole else None
 
     def unchanged(self, paths: list[Path]) -> dict[Path, Checkpoint]:
@@ -301,7 +313,7 @@ class Follower:
 
     def read_to_end(self, f: Followed) -> bool:
         """Nothing of ``f`` is left to read: its checkpoint is at its end, or its descriptor no longer holds its lines."""
-        return f.stale or (self.is_done(f) if f.gz else f.ck.offset >= f.size())
+        return f.stale or ((self.is_done(f) or self.given_up(f, os.fstat(f.fd))) if f.gz else f.ck.offset >= f.size())
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -320,24 +332,39 @@ class Follower:
         if f.stale or (not f.gz and f.size() == f.ck.offset) or not self._still_holds(f):
             return
         st = os.fstat(f.fd)
-        if self._damaged.get(f.key) == stat_key(st):
+        damaged = self._damaged.get(f.key)
+        if damaged is not None and damaged[0] == stat_key(st) and (damaged[1] or not self.quiet(st)):
             return
         if final is None:
             final = f.gz or self.quiet(st)
+        offset, line = f.ck.offset, max(f.ck.line, 1)
         try:
             with f.reader() as fh:
-                for chunk in read_chunks(
-                    f.path, f.ck.offset, max(f.ck.line, 1), self.chunk_bytes, self.max_line_bytes, final=final, fileobj=fh
-                ):
+                for chunk in read_chunks(f.path, offset, line, self.chunk_bytes, self.max_line_bytes, final=final, fileobj=fh):
                     chunk.lines = chunk.lines.with_columns(file=pl.lit(f.key))
+                    offset, line = chunk.end_offset, chunk.end_line
                     yield chunk
         except (EOFError, OSError, zlib.error) as e:
-            # A gzip copy still being written, or a damaged one: what could be read is in; the rest
-            # waits for the file to change (decompressed again and said again every pass before).
-            self._damaged[f.key] = stat_key(st)
-            log.warning("%s cannot be read past byte %d (%s); reading it again once it changes", f.path, f.ck.offset, e)
+            # A gzip copy still being written waits for the file to change (decompressed again and
+            # said again every pass before). One that stays so (a truncated or damaged archive) has
+            # given every record before the damage; the rest is quarantined, once.
+            given_up = f.gz and self.quiet(st)
+            self._damaged[f.key] = (stat_key(st), given_up)
+            if not given_up:
+                log.warning("%s cannot be read past byte %d (%s); reading it again once it changes", f.path, offset, e)
+                return
+            why = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+            log.warning("%s cannot be read past line %d (%s); the rest is quarantined as unreadable", f.path, line, why)
+            name = shown(f.path)
+            detail = f"compressed file cannot be read past line {line} (byte {offset} of its content): {why}"
+            bad = QuarantineRecord.of(name, line, offset, Reason.UNREADABLE, detail, b"")
+            yield Chunk(name, lines_frame([]).with_columns(source=pl.lit(name), file=pl.lit(f.key)), [bad], offset, line)
         else:
             self._damaged.pop(f.key, None)
+
+    def given_up(self, f: Followed, st: os.stat_result) -> bool:
+        """``f``, as ``st`` describes it, is a damaged archive whose unreadable rest was quarantined."""
+        return self._damaged.get(f.key) == (stat_key(st), True)
 
     def quiet(self, st: os.stat_result) -> bool:
         """The file has not changed for ``partial_timeout_s``: by its mtime, and with ``own_clock`` by

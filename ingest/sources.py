@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,8 +336,9 @@ def read_chunks(
 
 def _read_block(f: BinaryIO, size: int) -> bytes:
     """Up to ``size`` bytes. From gzip, in the decompressor's own steps: a stream that ends early
-    (a copy still being written, a damaged archive) gives every whole byte before its end, then
-    raises EOFError."""
+    (a copy still being written) or is damaged (a bad CRC, corrupt data, bytes after its end) gives
+    every byte decompressed before the damage, and the next call raises (EOFError, BadGzipFile,
+    zlib.error): the block read so far is not lost with it."""
     if not isinstance(f, gzip.GzipFile):
         return f.read(size)
     parts: list[bytes] = []
@@ -344,7 +346,7 @@ def _read_block(f: BinaryIO, size: int) -> bytes:
     while got < size:
         try:
             part = f.read1(size - got)
-        except EOFError:
+        except (EOFError, OSError, zlib.error):
             if parts:
                 break
             raise

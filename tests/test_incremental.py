@@ -351,3 +351,50 @@ def test_a_line_too_long_is_quarantined_once_and_the_next_run_reads_nothing(tmp_
     again = cron.run(log.parent)
     assert (again.records_read, again.quarantined, again.files_unchanged) == (0, 0, 1)
     assert len((tmp_path / "st" / "q.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_crc", "trailing_junk"])
+def test_a_damaged_archive_gives_every_record_before_the_damage_and_quarantines_the_rest_once(tmp_path: Path, capture, damage: str) -> None:
+    """A rotated archive cut short (a full disk, an interrupted copy), with a bad checksum, or with
+    bytes after its end: the records that decompress were dropped with the 8 MiB block they came in
+    (every one of them for a bad checksum), and the run said nothing but a log line and exited 0.
+    Now each one is written, the rest is quarantined as unreadable (exit 3) once, and an archive
+    copied again whole is read on from there."""
+    records = [r | {"noise": os.urandom(300).hex()} for r in reidentify(whole_calls(capture, 0, 60))]
+    whole = gzip.compress(lines(records).encode())
+    damaged = {
+        "truncated": whole[: len(whole) * 3 // 4],
+        "bad_crc": whole[:-8] + b"\0\0\0\0" + whole[-4:],
+        "trailing_junk": whole + b"junk",
+    }[damage]
+    readable = gzip.GzipFile(fileobj=__import__("io").BytesIO(damaged))
+    text = b""
+    try:
+        while part := readable.read1(1 << 16):
+            text += part
+    except (EOFError, OSError):
+        pass
+    before = [json.loads(x) for x in text.split(b"\n")[:-1]]
+    assert 0 < len(before) <= len(records) and (damage != "truncated" or len(before) < len(records))
+    archive = tmp_path / "logs" / "proxy.jsonl.1.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(damaged)
+    os.utime(archive, (time.time() - 7200, time.time() - 7200))
+    cron = Cron(f"sqlite:///{tmp_path / 'm.db'}", "damaged", tmp_path / "st")
+
+    first = cron.run(archive.parent)
+    assert first.quarantined_by_reason == {"unreadable": 1} and first.records_read == len(before) + 1, "each record, and the rest"
+    (q,) = [json.loads(x) for x in (tmp_path / "st" / "q.jsonl").read_text().splitlines()]
+    assert (q["source"], q["line"], q["reason"]) == (str(archive), len(before) + 1, "unreadable")
+    by_call = {r["litellm_call_id"] for r in before}
+    assert {t.info.tags["litellm.call_id"] for t in all_traces(cron.uri, cron.experiment, include_spans=False)} == by_call
+
+    again = cron.run(archive.parent)
+    assert (again.records_read, again.quarantined, again.files_unchanged) == (0, 0, 1)
+
+    archive.write_bytes(whole)
+    os.utime(archive, (time.time() - 3600, time.time() - 3600))
+    mended = cron.run(archive.parent)
+    assert (mended.quarantined, mended.records_read) == (0, len(records) - len(before))
+    assert_present_exactly(cron, records)
+    assert len((tmp_path / "st" / "q.jsonl").read_text().splitlines()) == 1
