@@ -33,7 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from ingest.dedupe import FORMAT_PRIORITY, format_rank
 from ingest.spans import BuiltTrace, SpanData, stored_span, with_stored_attempts
-from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, store_for
+from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, sqlite_path, store_for
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,11 @@ def _refuse_non_database(uri: str) -> None:
     the default before MLflow 3) has no span storage, and a hosted URI (``databricks``) is no store
     this process opens. Said in one line, before anything is read."""
     scheme = urlsplit(uri).scheme.partition("+")[0].lower()
+    if scheme == "sqlite" and sqlite_path(uri) is None:
+        raise SinkError(
+            f"{shown_uri(uri)} names no database file: an in-memory SQLite store keeps nothing past this run (sqlite:///mlflow.db)",
+            kind="rejected",
+        )
     if scheme in DATABASE_SCHEMES:
         return
     if scheme in ("", "file") and uri not in ("databricks", "databricks-uc", "uc"):

@@ -187,14 +187,18 @@ def test_unreachable_mlflow_is_one_clear_line_exit_4(tmp_path: Path) -> None:
     assert_one_clean_error_line(proc, 4, "cannot reach MLflow")
 
 
-@pytest.mark.parametrize("uri", ["./mlruns", "databricks"])
+@pytest.mark.parametrize("uri", ["./mlruns", "databricks", "sqlite:///", "sqlite:///:memory:", "sqlite://"])
 def test_a_file_store_or_a_hosted_uri_is_refused_in_one_line_and_nothing_is_made(tmp_path: Path, uri: str) -> None:
     """MLflow's file store (the default before MLflow 3, re-enabled by MLFLOW_ALLOW_FILE_STORE) cannot
-    hold spans: it was a traceback from deep in the writer, after the folder had been made."""
+    hold spans: it was a traceback from deep in the writer, after the folder had been made. A SQLite
+    URI naming no file wrote every trace into an in-memory database, gone at exit, and said exit 0."""
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true"}
-    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--mlflow-timeout", "2", cwd=tmp_path, env=env)
-    assert_one_clean_error_line(proc, 4, "file store, which cannot hold traces" if uri == "./mlruns" else "is not supported")
+    args = ["batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--mlflow-timeout", "2", "--state-dir", str(tmp_path / "st")]
+    proc = run(*args, cwd=tmp_path, env=env)
+    said = {"./mlruns": "file store, which cannot hold traces", "databricks": "is not supported"}.get(uri, "names no database file")
+    assert_one_clean_error_line(proc, 4, said)
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not list((tmp_path / "st").glob("batch-*.json")), "no state says it ingested anything"
 
 
 def test_a_store_that_cannot_be_created_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path: Path, small_disk: Path) -> None:
