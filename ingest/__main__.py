@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from typing import Any
 
 OFFLINE_DEFAULTS = {"MLFLOW_MODEL_CATALOG_URI": ""}
 """MLflow prices a span that carries tokens but no cost from its model catalog, and first tries to
@@ -12,16 +14,32 @@ without a network). A replay prices from the catalog MLflow ships instead: the s
 run, nothing fetched from an air-gapped host. Set the variable to a URL to have MLflow fetch it."""
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM before a command took them over (it loads polars and MLflow first, for
+    seconds): not click's "Aborted!" (exit 1, which says a bug), nor a traceback from an import."""
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 def run() -> None:
-    from ingest.allocator import COMMANDS, command_of, tune
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        from ingest.allocator import COMMANDS, command_of, tune
 
-    for name, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    if command_of(sys.argv[1:]) in COMMANDS:
-        tune()
-    from ingest.cli import run as cli
+        for name, value in OFFLINE_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        if command_of(sys.argv[1:]) in COMMANDS:
+            tune()
+        from ingest.cli import run as cli
 
-    cli()
+        cli()
+    except Interrupted:
+        sys.stderr.write("litellm-ingest: error: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -485,3 +485,29 @@ def test_a_cron_run_whose_quarantine_file_cannot_be_written_stops_and_the_next_o
     (q,) = [json.loads(x) for x in (small_disk / "q.jsonl").read_text().splitlines()]
     assert (q["line"], q["reason"]) == (21, "malformed_json")
     assert len(all_traces(uri, "LiteLLM Proxy")) == len({r["litellm_call_id"] for r in capture})
+
+
+@pytest.mark.parametrize("command", ["batch", "backfill"])
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("after_s", [0.3, 1.2])
+def test_a_signal_while_the_command_starts_is_exit_130_in_one_line(tmp_path: Path, command: str, signum: str, after_s: float) -> None:
+    """The first seconds load polars and MLflow (and a backfill's workers) before the command takes
+    the signals over: a Ctrl-C there was click's "Aborted!" (exit 1, which says a bug) or a
+    traceback from an import, and a SIGTERM killed it without a word."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, command, str(SAMPLE_LOGS), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--state-dir", str(tmp_path / "st")]
+    if command == "backfill":
+        args += ["--workers", "2"]
+    p = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(after_s)
+    p.send_signal(getattr(signal, signum))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err)
+    assert "Traceback" not in err and "Aborted" not in err
+    assert err.strip().splitlines()[-1].startswith("litellm-ingest: error: interrupted"), err
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(p.pid, 0)
