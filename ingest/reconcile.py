@@ -100,11 +100,25 @@ def traces_in_mlflow(uri: str, experiment_id: str, since_us: int | None, until_u
             include_spans=False,
         )
         for t in page:
-            if (cid := t.info.tags.get("litellm.call_id")) is not None:
+            if (cid := t.info.tags.get("litellm.call_id")) is not None and not _past_edge(client, t.info, since_us, until_us):
                 out[t.info.trace_id] = cid
         token = page.token
         if not token:
             return out
+
+
+def _past_edge(client: Any, info: Any, since_us: int | None, until_us: int | None) -> bool:
+    """A trace of the window's first or last millisecond (all MLflow's search can tell) that starts
+    outside the window by its spans' microseconds, as the logs' side is cut: it is not in the window."""
+    ms = info.timestamp_ms
+    edge = (since_us is not None and ms == since_us // 1000) or (until_us is not None and ms == (until_us - 1) // 1000)
+    if not edge:
+        return False
+    spans = client.get_trace(info.trace_id).data.spans
+    if not spans:
+        return False
+    start_us = min(s.start_time_ns for s in spans) // 1000
+    return (since_us is not None and start_us < since_us) or (until_us is not None and start_us >= until_us)
 
 
 def reconcile(opts: RunOptions) -> Report:

@@ -164,6 +164,27 @@ def test_reconcile_reports_traces_of_other_logs_in_the_window_as_extra(
     assert report["traces_in_mlflow"] == len(calls_of(both))
 
 
+def test_a_window_that_cuts_a_millisecond_counts_no_call_on_the_wrong_side_as_extra(tmp_path: Path, capture: list[dict]) -> None:
+    """MLflow searches by the millisecond, the logs are cut by the microsecond: a call starting 1 µs
+    before ``--since``, or at ``--until``, is outside the window on the logs' side, but was in it on
+    MLflow's, and reported extra (exit 6) on a store that holds exactly the logs."""
+    records = copies(capture, 1, "rec-edge")[0]
+    log = write_log(tmp_path / "logs" / "edge.jsonl", records)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    b = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "edge", "--state-dir", str(tmp_path / "st"), "-q", cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    starts: dict[str, int] = {}
+    for r in records:
+        us = round(r["startTime"] * 1_000_000)
+        starts[r["litellm_call_id"]] = min(starts.get(r["litellm_call_id"], us), us)
+    inside = sorted(u for u in starts.values() if u % 1000 not in (0, 999))
+    first, last = inside[1], inside[-2]
+    since, until = (EPOCH + timedelta(microseconds=first + 1)).isoformat(), (EPOCH + timedelta(microseconds=last)).isoformat()
+    code, report = reconcile([str(log)], uri, "edge", tmp_path, "--since", since, "--until", until)
+    assert (code, report["extra"], report["missing"]) == (0, [], []), report
+    assert report["calls_in_logs"] == report["matched"] == sum(first + 1 <= u < last for u in starts.values())
+
+
 # --- status ----------------------------------------------------------------------------------------
 
 
