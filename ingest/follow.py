@@ -105,6 +105,11 @@ def _reader(fd: int, gz: bool) -> BinaryIO:
     return gzip.GzipFile(fileobj=f, mode="rb") if gz else f  # type: ignore[return-value]
 
 
+def _inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def _tail_at(fd: int, gz: bool, offset: int) -> str | None:
     """The digest of the bytes just before ``offset`` as the file holds them now; None if it is shorter.
 
@@ -175,6 +180,9 @@ class Follower:
         self.from_end = from_end and not state.checkpoints and not state.last_run
         """Start files at their end: only on a state's very first start, and only for the files its
         first scan finds (the daemon turns it off after it); a file made later is read whole."""
+        self.from_end_files: set[tuple[int, int]] | None = None
+        """With ``from_end``: the (device, inode) of the files the first scan found, when a daemon's
+        first scan takes several passes (more files than descriptors): only those start at their end."""
         self.own_clock = False
         """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
         too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
@@ -227,7 +235,7 @@ class Follower:
                     self._restart(ck)
         if ck is None:
             ck = Checkpoint(key, str(path.resolve()))
-            if self.from_end and not gz:
+            if self.from_end and not gz and (self.from_end_files is None or _inode(fd) in self.from_end_files):
                 ck.offset, ck.line = _last_newline(fd), 1
         return Followed(key, fp, ck, path, fd, gz)
 

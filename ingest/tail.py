@@ -388,6 +388,8 @@ class Tailer:
         self._scan_s = time.monotonic() - started
         if self.pins is not None and not hold:
             self._follow_pinned({(st.st_dev, st.st_ino) for _, st in candidates})
+        if follower.from_end and follower.from_end_files is None:
+            follower.from_end_files = {(st.st_dev, st.st_ino) for _, st in candidates}
         for name, st in candidates:
             if follower.still_parked(st):
                 parked.add(stat_key(st))

@@ -901,3 +901,22 @@ def test_a_quarantine_file_on_a_full_disk_does_not_hold_back_the_good_calls(tmp_
     written = [json.loads(x) for x in (small_disk / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["reason"]) for q in written] == [(2, "malformed_json"), (4, "malformed_json")]
     assert t.metrics.quarantine_unwritten == 0 and t.metrics.health()[0] == 200
+
+
+def test_from_end_over_more_files_than_descriptors_reads_a_file_made_after_the_first_scan_whole(tmp_path: Path) -> None:
+    """A first scan spread over several passes (more files than ``--max-open-files``) kept
+    ``--from-end`` on for all of them, and applied it to a file made meanwhile (a new replica, a
+    rotation's new file): its lines were skipped, for good."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    for i in range(12):
+        (logdir / f"old-{i:02d}.jsonl").write_text(line(record(f"old-{i}", "success", 100.0 + i, 101.0 + i)))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S, max_open_files=4, from_end=True)
+    t.step()
+    assert t._more, "the first scan takes several passes"
+    (logdir / "new-replica.jsonl").write_text("".join(line(record(f"new-{i}", "success", 200.0 + i, 201.0 + i)) for i in range(3)))
+    for _ in range(12):
+        t.step()
+    assert sorted(sink.calls()) == ["new-0", "new-1", "new-2"], "the old files start at their end, the new one is read whole"
+    t.close()
