@@ -187,6 +187,8 @@ class Follower:
         """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
         too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
         self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
+        self._whole: dict[str, tuple[str, int]] = {}
+        """Compressed files decompressed to a clean end: their stat key then, and the offset of that end."""
         self._damaged: dict[str, tuple[str, bool]] = {}
         """The stat keys of the files that could not be read to their end, as they were then, and
         whether the rest was given up on (quarantined as unreadable)."""
@@ -316,8 +318,15 @@ class Follower:
         return stat_key(st) in self.parked
 
     def is_done(self, f: Followed) -> bool:
-        """A compressed file read to its end before (its trailer's size is the checkpoint's offset)."""
-        return f.gz and f.ck.offset > 0 and _gzip_size_mod32(f.fd) == f.ck.offset % 2**32
+        """A compressed file read to its end before: its trailer's size is the checkpoint's offset, or
+        (several gzip members, whose last trailer counts only the last) it was decompressed to a
+        clean end at the checkpoint's offset, unchanged since."""
+        if not f.gz or f.ck.offset <= 0:
+            return False
+        if _gzip_size_mod32(f.fd) == f.ck.offset % 2**32:
+            return True
+        now = stat_key(os.fstat(f.fd))
+        return self._whole.get(f.key) == (now, f.ck.offset) or (f.ck.done and f.ck.end_stat == now)
 
     def read_to_end(self, f: Followed) -> bool:
         """Nothing of ``f`` is left to read: its checkpoint is at its end, or its descriptor no longer holds its lines."""
@@ -369,6 +378,8 @@ class Follower:
             yield Chunk(name, lines_frame([]).with_columns(source=pl.lit(name), file=pl.lit(f.key)), [bad], offset, line)
         else:
             self._damaged.pop(f.key, None)
+            if f.gz:
+                self._whole[f.key] = (stat_key(st), offset)
 
     def given_up(self, f: Followed, st: os.stat_result) -> bool:
         """``f``, as ``st`` describes it, is a damaged archive whose unreadable rest was quarantined."""

@@ -920,3 +920,40 @@ def test_from_end_over_more_files_than_descriptors_reads_a_file_made_after_the_f
         t.step()
     assert sorted(sink.calls()) == ["new-0", "new-1", "new-2"], "the old files start at their end, the new one is read whole"
     t.close()
+
+
+def test_a_gzip_of_several_members_is_done_once_decompressed_to_its_end(tmp_path: Path) -> None:
+    """A gzip's trailer holds the size of its last member only: an archive of several (a logger
+    appending through ``gzip.open(path, "ab")``, ``cat a.gz b.gz``) was never taken as read to its end,
+    so it was decompressed again every second and held a descriptor for good; enough of them filled
+    ``--max-open-files`` and the live file behind them was never read."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    n = 0
+    for i in range(3):
+        archive = logdir / f"archive-{i}.jsonl.gz"
+        for _ in range(2):
+            with gzip.open(archive, "ab") as g:
+                for _ in range(2):
+                    g.write(line(record(f"gz-{n}", "success", 100.0 + n, 101.0 + n)).encode())
+                    n += 1
+        os.utime(archive, (1_000 + i, 1_000 + i))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S, max_open_files=2, close_inactive_s=0.0)
+    for _ in range(8):
+        t.step()
+    (logdir / "live.jsonl").write_text(line(record("live-0", "success", 300.0, 301.0)))
+    for _ in range(8):
+        t.step()
+    assert sorted(sink.calls()) == sorted([f"gz-{k}" for k in range(n)] + ["live-0"])
+    assert all(t.follower.read_to_end(f) for f in t.follower.files.values())
+    assert len(t.follower.parked) >= 3, "the archives are closed, read to their end"
+    t.shutdown()
+    t.close()
+
+    again = RecordingSink()
+    t2 = tailer(logdir, state_dir, again, SETTLE_S, max_open_files=2)
+    for _ in range(4):
+        t2.step()
+    assert not again.traces and not t2.follower.files, "a restart opens none of them"
+    t2.close()
