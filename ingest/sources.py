@@ -96,16 +96,27 @@ def _once(files: Iterable[Path]) -> list[Path]:
 
 
 def walk(folder: Path | str, unlisted: list[str]) -> Iterator[tuple[str, str]]:
-    """(folder, name) of every file under ``folder`` (symlinked folders not entered: a link to a
-    parent loops), and into ``unlisted`` the folders this process may not list, which ``rglob`` and
-    ``os.walk`` pass over in silence: the logs in a folder made another user's ``0700`` would be
-    missed by every run without a word."""
+    """(folder, name) of every file under ``folder``, symlinked folders entered (a volume mounted
+    elsewhere and linked in), each folder once by its device and inode (a link to a parent or to a
+    sibling loops or doubles nothing), and into ``unlisted`` the folders this process may not list,
+    which ``rglob`` and ``os.walk`` pass over in silence: the logs in a folder made another user's
+    ``0700`` would be missed by every run without a word."""
 
     def unlistable(e: OSError) -> None:
         if not isinstance(e, FileNotFoundError) and e.filename is not None:
             unlisted.append(str(e.filename))
 
-    for root, _, names in os.walk(folder, onerror=unlistable):
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(folder, onerror=unlistable, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         for name in names:
             yield root, name
 

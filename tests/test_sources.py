@@ -14,6 +14,7 @@ import pytest
 from ingest.lognames import is_log_file
 from ingest.quarantine import QuarantineRecord
 from ingest.sources import Chunk, SourceError, discover, read_chunks, split_lines
+from tests.conftest import write_jsonl
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -106,6 +107,22 @@ def test_discover_directory_recursive_log_names_only(tmp_path: Path) -> None:
     assert len(found) == len(logs)
     assert not set(found) & set(others)
     assert found == sorted(found, key=lambda f: (f.stat().st_mtime_ns, str(f))), "oldest first"
+
+
+def test_discover_enters_a_symlinked_folder_once_and_loops_on_none(tmp_path: Path) -> None:
+    """A folder linked into the log folder (a volume mounted elsewhere) was passed over without a
+    word; entered now, each folder once however many links lead to it, a link to a parent looping
+    on nothing."""
+    logs, mounted = tmp_path / "logs", tmp_path / "mnt" / "pod-b"
+    mounted.mkdir(parents=True)
+    write_jsonl(mounted / "proxy.jsonl", [{"x": 1}])
+    write_jsonl(logs / "proxy.jsonl", [{"x": 2}])
+    (logs / "pod-b").symlink_to(mounted)
+    (logs / "again").symlink_to(mounted)
+    (logs / "loop").symlink_to(logs)
+    found = discover([str(logs)])
+    assert sorted(f.name for f in found) == ["proxy.jsonl", "proxy.jsonl"]
+    assert {f.resolve() for f in found} == {(mounted / "proxy.jsonl").resolve(), (logs / "proxy.jsonl").resolve()}
 
 
 def test_discover_reads_rotated_files_oldest_first_whatever_their_names(tmp_path: Path) -> None:
