@@ -92,12 +92,21 @@ def _usable_id(expr: pl.Expr) -> pl.Expr:
     return pl.when(expr.is_not_null() & ~expr.str.strip_chars().str.to_lowercase().is_in(UNUSABLE_IDS)).then(expr)
 
 
-MAX_EPOCH_S = 253402300799
-"""9999-12-31T23:59:59Z: a time past it (or before 1970) is not a time any log holds, and would not fit microseconds."""
+MAX_EPOCH_S = (2**63 - 1) // 10**9
+"""2262-04-11T23:47:16Z, the last whole second int64 epoch nanoseconds (MLflow's and OTel's span
+times) hold: a time past it (or before 1970) could not be stored, so it is a bad time here, not an
+error at the sink."""
+MAX_EPOCH_US = MAX_EPOCH_S * 1_000_000
+MAX_TIME_TEXT = "2262-04-11T23:47:16Z"
 
 
 def _epoch_seconds_us(expr: pl.Expr) -> pl.Expr:
     return pl.when((expr >= 0) & (expr <= MAX_EPOCH_S)).then((expr * 1_000_000).round().cast(pl.Int64, strict=False))
+
+
+def _storable_us(us: pl.Expr) -> pl.Expr:
+    """Epoch microseconds within what the store holds (1970 to ``MAX_EPOCH_S``), else null."""
+    return pl.when((us >= 0) & (us <= MAX_EPOCH_US)).then(us)
 
 
 def _iso_us(expr: pl.Expr) -> pl.Expr:
@@ -111,7 +120,7 @@ def _iso_us(expr: pl.Expr) -> pl.Expr:
     )
     aware = norm.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", strict=False, time_unit="us", time_zone="UTC")
     naive = norm.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us").dt.replace_time_zone("UTC")
-    return pl.coalesce(aware, naive).dt.epoch("us")
+    return _storable_us(pl.coalesce(aware, naive).dt.epoch("us"))
 
 
 def _time_us(schema: RecordSchema, name: str) -> pl.Expr:
@@ -672,8 +681,8 @@ def _validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[QuarantineRecord]
     checks: list[tuple[pl.Expr, Reason, str]] = [
         (pl.col("_start_raw").is_null(), Reason.MISSING_TIME, "startTime is missing"),
         (pl.col("_end_raw").is_null(), Reason.MISSING_TIME, "endTime is missing"),
-        (pl.col("start_us").is_null(), Reason.BAD_TIME, "startTime is not a valid time (1970 to 9999)"),
-        (pl.col("end_us").is_null(), Reason.BAD_TIME, "endTime is not a valid time (1970 to 9999)"),
+        (pl.col("start_us").is_null(), Reason.BAD_TIME, f"startTime is not a valid time (1970 to {MAX_TIME_TEXT})"),
+        (pl.col("end_us").is_null(), Reason.BAD_TIME, f"endTime is not a valid time (1970 to {MAX_TIME_TEXT})"),
         (pl.col("call_key_from").is_null(), Reason.MISSING_ID, "no call id: litellm_call_id, id and request_id are all missing"),
     ]
     quarantined: list[QuarantineRecord] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ingest.normalize import CANONICAL, normalize
+from ingest.normalize import CANONICAL, MAX_EPOCH_S, normalize
 from ingest.quarantine import QuarantineRecord
 from ingest.sources import read_chunks, split_lines
 from tests.conftest import spend_row
@@ -627,6 +627,10 @@ def test_spend_logs_missing_time(capture: list[dict], missing: tuple[str, ...]) 
         ("endTime", ""),
         ("startTime", "1795788109.3"),
         ("startTime", 1795788109.3),
+        ("startTime", "1969-12-31T23:59:59"),
+        ("startTime", "0001-01-01T00:00:00"),
+        ("endTime", "2262-04-11T23:47:17Z"),
+        ("endTime", "9999-12-31T23:59:59"),
     ],
 )
 def test_spend_logs_bad_time(capture: list[dict], field: str, value: object) -> None:
@@ -636,6 +640,25 @@ def test_spend_logs_bad_time(capture: list[dict], field: str, value: object) -> 
     out, q, pos = run(rows)
     assert_quarantined(q, *pos[1], "bad_time", raw=json.dumps(rows[1]))
     assert_kept(out, pos, {0: rows[0], 2: rows[2]})
+
+
+@pytest.mark.parametrize(("field", "value"), [("startTime", -1.0), ("endTime", MAX_EPOCH_S + 1), ("startTime", 10_000_000_000.0)])
+def test_slp_time_outside_what_the_store_holds_is_a_bad_time(good: list[dict], field: str, value: float) -> None:
+    """Span times are int64 epoch nanoseconds: a time past 2262-04-11 (or before 1970) is a bad time, not a sink error."""
+    bad = copy.deepcopy(good[1]) | {field: value, "completionStartTime": None}
+    out, q, pos = run([good[0], bad, good[2]])
+    assert_quarantined(q, *pos[1], "bad_time")
+    assert field in q[0].detail and "2262" in q[0].detail
+    assert_kept(out, pos, {0: good[0], 2: good[2]})
+
+
+def test_the_last_storable_second_is_a_time_in_both_formats(good: list[dict], capture: list[dict]) -> None:
+    slp = copy.deepcopy(good[0]) | {"startTime": MAX_EPOCH_S - 1, "endTime": float(MAX_EPOCH_S), "completionStartTime": None}
+    spend = spend_rows(capture)[1] | {"startTime": "2262-04-11T23:47:15Z", "endTime": "2262-04-11T23:47:16Z", "completionStartTime": None}
+    out, q, _ = run([slp, spend])
+    assert q == []
+    assert out["end_us"].to_list() == [MAX_EPOCH_S * 1_000_000] * 2
+    assert out["end_us"].max() * 1000 < 2**63  # type: ignore[operator]
 
 
 def test_slp_all_ids_null(good: list[dict]) -> None:

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from mlflow.tracing.constant import SpanAttributeKey
 
 from ingest.cli import main
+from ingest.normalize import MAX_EPOCH_S
 from ingest.pipeline import Pipeline
 from ingest.quarantine import QuarantineWriter
 from ingest.sink import SinkError, StoreSink, resolve_target
@@ -69,6 +70,7 @@ def poisoned(base: dict, change: Callable[[dict], None]) -> str:
 QUARANTINED: dict[str, tuple[Callable[[dict], None], str, str]] = {
     "startTime 1e20": (lambda r: r.update(startTime=1e20), "bad_time", "startTime"),
     "endTime 1e20": (lambda r: r.update(endTime=1e20), "bad_time", "endTime"),
+    "endTime in 2286": (lambda r: r.update(endTime=10_000_000_000.0), "bad_time", "endTime"),
     "response_cost true": (lambda r: r.update(response_cost=True), "wrong_type", "response_cost"),
     "prompt_tokens true": (lambda r: r.update(prompt_tokens=True), "wrong_type", "prompt_tokens"),
     "startTime true": (lambda r: r.update(startTime=True), "wrong_type", "startTime"),
@@ -81,6 +83,10 @@ KEPT: dict[str, tuple[Callable[[dict], None], str | None]] = {
     "lone surrogate in a prompt": (lambda r: r["messages"][0].update(content="\ud800Hello"), "lone_surrogate"),
     "NaN cost": (lambda r: r.update(response_cost=float("nan")), "nan_response_cost"),
     "negative token count": (lambda r: r.update(completion_tokens=-3), "negative_completion_tokens"),
+    "times at the last storable second": (
+        lambda r: r.update(startTime=MAX_EPOCH_S - 1.5, endTime=MAX_EPOCH_S, completionStartTime=None),
+        "end_in_future",
+    ),
 }
 
 
