@@ -483,12 +483,34 @@ def _strict_types(part: pl.DataFrame, schema: RecordSchema, warnings: Warnings |
     return part.with_row_index("_i").filter(~pl.col("_i").is_in(bad)).drop("_i"), quarantined
 
 
+_TIME_VALUE = r'"(?:startTime|endTime)"[ \t\r\n]*:[ \t\r\n]*'
+
+
+def _time_json_type(raw: pl.Expr) -> pl.Expr:
+    """The JSON type ("string" or "number") every ``startTime``/``endTime`` key in the line holds,
+    else null. Counted by regex, not read by JSON path: polars' path reader gives up (null) on a
+    line nested over 128 levels, and a nested key of the same name rarely holds another type (if
+    one does, the type is unknown and the keys decide)."""
+    keys = raw.str.count_matches(_TIME_VALUE)
+    return (
+        pl.when(keys == 0)
+        .then(pl.lit(None, dtype=pl.String))
+        .when(raw.str.count_matches(_TIME_VALUE + '"') == keys)
+        .then(pl.lit("string"))
+        .when(raw.str.count_matches(_TIME_VALUE + "-?[0-9]") == keys)
+        .then(pl.lit("number"))
+    )
+
+
 def detect_format(lines: pl.DataFrame) -> pl.Series:
-    """Which schema each line belongs to, from its top-level keys.
+    """Which schema each line belongs to, from its top-level keys and the JSON type of its times.
 
     A literal search for the keys, then a regex over the lines that have them, finds candidate
-    lines (a key cannot occur unescaped inside a JSON string); only those are confirmed with a JSON
-    path lookup, since a nested object (client metadata) may hold the same key names.
+    lines (a key cannot occur unescaped inside a JSON string). A candidate is the schema's when its
+    times have the JSON type the schema declares for ``startTime`` (a payload that gains SpendLogs'
+    key names still has number times). When that type is unknown (times absent, null or of mixed
+    types), a JSON path lookup must find one of the keys at the top level instead, since a nested
+    object (client metadata) may hold the same key names.
     """
     schemas = all_schemas()
     fmt = pl.repeat(schemas[-1].name, lines.height, eager=True, dtype=pl.String)
@@ -500,9 +522,11 @@ def detect_format(lines: pl.DataFrame) -> pl.Series:
             candidate.scatter(candidate.arg_true(), lines.filter(candidate).select(as_keys).to_series())
         if not candidate.any():
             continue
-        confirmed = lines.filter(candidate).select(
-            pl.any_horizontal([raw.str.json_path_match(f"$.{k}").is_not_null() for k in schema.detect_keys])
-        )
+        at_top = pl.any_horizontal([raw.str.json_path_match(f"$.{k}").is_not_null() for k in schema.detect_keys])
+        if (own := schema.scalar_types.get("startTime")) is not None:
+            time_type = _time_json_type(raw)
+            at_top = pl.when(time_type.is_null()).then(at_top).otherwise(time_type == own)
+        confirmed = lines.filter(candidate).select(at_top)
         hit = candidate.clone()
         hit.scatter(candidate.arg_true(), confirmed.to_series())
         fmt = pl.select(pl.when(hit).then(pl.lit(schema.name)).otherwise(fmt)).to_series()

@@ -499,6 +499,34 @@ def test_slp_with_nested_request_id_and_spend_is_still_slp(capture: list[dict]) 
     assert row["start_us"] == epoch_us(r["startTime"])
 
 
+def test_slp_that_gains_top_level_request_id_and_spend_is_still_slp(capture: list[dict]) -> None:
+    """SpendLogs' key names on a payload (a field a later proxy may add) do not make it a SpendLogs row: its times are numbers."""
+    r = copy.deepcopy(capture[0]) | {"request_id": "req-1", "spend": 0.0001}
+    out, q, _ = run([r])
+    assert q == []
+    row = out.to_dicts()[0]
+    assert (row["format"], row["call_key"], row["start_us"]) == (SLP, r["litellm_call_id"], epoch_us(r["startTime"]))
+
+
+def test_spend_logs_nested_deeper_than_polars_json_path_reads_is_still_spend_logs(capture: list[dict]) -> None:
+    """polars' JSON path lookup gives up on a line nested over 128 levels: the ISO times still make it a SpendLogs row."""
+    s = spend_rows(capture)[1] | {"response": "@deep@"}
+    line = json.dumps(s).replace('"@deep@"', "[" * 130 + "1" + "]" * 130)
+    out, q, _ = run([line])
+    assert q == []
+    row = out.to_dicts()[0]
+    assert (row["format"], row["call_key"], row["start_us"]) == (SPEND, s["litellm_call_id"], iso_us(s["startTime"]))
+
+
+def test_a_nested_time_key_of_another_type_leaves_the_format_to_the_keys(capture: list[dict]) -> None:
+    s = spend_rows(capture)[1] | {"response": {"startTime": 5, "endTime": None}}
+    p = copy.deepcopy(capture[0])
+    p["metadata"]["requester_metadata"] = {"startTime": "2026-01-01T00:00:00"}
+    out, q, _ = run([s, p])
+    assert q == []
+    assert out["format"].to_list() == [SPEND, SLP]
+
+
 def test_spend_logs_key_order_and_spacing_do_not_matter(capture: list[dict]) -> None:
     s = spend_row(capture[0], store_prompts=False, naive=True)
     reordered = {k: s[k] for k in sorted(s, reverse=True)}
