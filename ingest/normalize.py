@@ -533,6 +533,31 @@ def detect_format(lines: pl.DataFrame) -> pl.Series:
     return fmt
 
 
+def _path_text(raw: pl.Series, path: tuple[str, ...]) -> pl.Series:
+    """``str.json_path_match`` of a top-level path, also on lines polars' path reader gives up on
+    (nested over 128 levels anywhere: null for every path, even the ``startTime`` each record has).
+    Those few are read with Python's ``json`` instead, so a deep response does not silently drop
+    the record's metadata or trace context."""
+    text = raw.str.json_path_match("$." + ".".join(path))
+    maybe = text.is_null()
+    if not maybe.any():
+        return text
+    idx = maybe.arg_true()
+    idx = idx.filter(raw.gather(idx).str.json_path_match("$.startTime").is_null())
+    if not len(idx):
+        return text
+    found: list[str | None] = []
+    for line in raw.gather(idx).to_list():
+        try:
+            value: Any = json.loads(line)
+        except (ValueError, RecursionError):
+            value = None
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        found.append(value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    return text.scatter(idx, pl.Series(found, dtype=pl.String))
+
+
 def _quarantine_rows(
     frame: pl.DataFrame, reason: Reason | None, detail: str | Callable[[dict], tuple[Reason, str]]
 ) -> list[QuarantineRecord]:
@@ -556,7 +581,7 @@ def _decode_part(part: pl.DataFrame, schema: RecordSchema, fast: bool = True) ->
         bad = part.with_row_index("_i").filter(pl.col("_i").is_in(list(errors)))
         quarantined += _quarantine_rows(bad, None, lambda row: explain_failure(row["raw"], schema.decode_dtype, row["truncated"]))
     for key, dtype in schema.json_text.items():
-        text = part["raw"].str.json_path_match(f"$.{key}")
+        text = _path_text(part["raw"], (key,))
         text = text.set(text.str.strip_chars() == "", None)  # an empty text column: nothing, as a NULL one
         values, errs = safe_decode(text, dtype)
         new_bad = sorted(set(errs) - bad_idx)
@@ -672,7 +697,7 @@ def _parent_context(frame: pl.DataFrame, schema: RecordSchema, warnings: Warning
     if not hinted.any():
         return nulls
     idx = hinted.arg_true()
-    headers = frame["raw"].gather(idx).str.json_path_match("$." + ".".join(schema.request_headers))
+    headers = _path_text(frame["raw"].gather(idx), schema.request_headers)
     value = headers.str.extract(_TRACEPARENT_VALUE, 1)
     parts = pl.DataFrame({"v": value}).select(
         pl.col("v").str.extract(TRACEPARENT, 1).alias("version"),

@@ -516,6 +516,17 @@ def test_spend_logs_nested_deeper_than_polars_json_path_reads_is_still_spend_log
     assert q == []
     row = out.to_dicts()[0]
     assert (row["format"], row["call_key"], row["start_us"]) == (SPEND, s["litellm_call_id"], iso_us(s["startTime"]))
+    assert row["request_tags"] == json.loads(s["request_tags"])
+    assert_spend_row(row, s)
+
+
+def test_slp_nested_deeper_than_polars_json_path_reads_keeps_its_traceparent(capture: list[dict]) -> None:
+    trace, span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    r = copy.deepcopy(capture[0]) | {"some_new_field": "@deep@"}
+    r["metadata"]["requester_metadata"] = {"headers": {"traceparent": f"00-{trace}-{span}-01"}}
+    out, q, _ = run([json.dumps(r).replace('"@deep@"', '{"a": ' * 130 + "1" + "}" * 130)])
+    assert q == []
+    assert out.select("parent_trace_id", "parent_span_id").row(0) == (trace, span)
 
 
 def test_a_nested_time_key_of_another_type_leaves_the_format_to_the_keys(capture: list[dict]) -> None:
