@@ -280,9 +280,15 @@ def _dtype_word(dtype: pl.DataType) -> str:
 
 Warnings = dict[str, int]
 
-_REPAIR_HINT = r"NaN|Infinity|\\u0000|\\u[dD][89a-fA-F]"
-"""Lines that may hold what orjson and polars refuse (NaN, Infinity) or misread (polars reads a lone
-surrogate escape as NUL), or what PostgreSQL cannot store (NUL). Literal-led, so the scan is fast."""
+_OVERFLOW = r"(?-u:[0-9][eE]\+?[0-9]{3,}[ \t\r\n,\]}])"
+"""A number that may overflow a double (``1e400``): valid JSON, which Python's ``json`` reads as
+infinity and orjson and polars refuse. It must end as a number ends, so hex ids (``...1e234...``)
+do not send their lines to be repaired. An integer of 309 digits or more (no exponent) is not
+looked for: a digit-run regex has no literal to seek, and would make this scan over every line
+several times slower."""
+_REPAIR_HINT = rf"NaN|Infinity|\\u0000|\\u[dD][89a-fA-F]|{_OVERFLOW}"
+"""Lines that may hold what orjson and polars refuse (NaN, Infinity, overflowing numbers) or misread
+(polars reads a lone surrogate escape as NUL), or what PostgreSQL cannot store (NUL)."""
 _HIGH = r"\\u[dD][89abAB][0-9a-fA-F]{2}"
 _LOW = r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 
@@ -322,9 +328,14 @@ def loads_lenient(text: str) -> Any:
     return clean(value, None) if "\\u0000" in text else value
 
 
+_DOUBLE_LIMIT = 2**1024 - 2**970
+"""The least integer that rounds to infinity as a double (orjson and polars refuse it)."""
+
+
 def clean(value: Any, warnings: Warnings | None, field: str = "") -> Any:
     """Lone surrogates and NULs become U+FFFD (no UTF-8 encoder, protobuf or PostgreSQL takes them),
-    NaN and infinities become null; each counted in ``warnings`` by kind and top-level field."""
+    NaN, infinities and integers beyond a double become null; each counted in ``warnings`` by kind
+    and top-level field."""
     t = type(value)
     if t is str:
         if "\x00" in value:
@@ -336,9 +347,7 @@ def clean(value: Any, warnings: Warnings | None, field: str = "") -> Any:
             value = _SURROGATE.sub("\ufffd", value)
             _warn(warnings, "lone_surrogate")
         return value
-    if t is float:
-        if math.isfinite(value):
-            return value
+    if (t is float and not math.isfinite(value)) or (t is int and not -_DOUBLE_LIMIT < value < _DOUBLE_LIMIT):
         _warn(warnings, f"nan_{field or 'value'}")
         return None
     if t is dict:
@@ -379,7 +388,7 @@ def _repair(lines: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
     idx = hinted.arg_true()
     pairs = raw.str.count_matches(_HIGH + _LOW)
     only_pairs = (raw.str.count_matches(_HIGH) == pairs) & (raw.str.count_matches(_LOW) == pairs)
-    needed = lines.select(raw.gather(idx)).select(raw.str.contains(r"NaN|Infinity|\\u0000") | ~only_pairs).to_series()
+    needed = lines.select(raw.gather(idx)).select(raw.str.contains(rf"NaN|Infinity|\\u0000|{_OVERFLOW}") | ~only_pairs).to_series()
     idx = idx.filter(needed)
     fixed: list[str] = []
     for text in lines["raw"].gather(idx).to_list():

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ingest.normalize import CANONICAL, MAX_EPOCH_S, normalize
+from ingest.normalize import CANONICAL, MAX_EPOCH_S, clean, normalize
 from ingest.quarantine import QuarantineRecord
 from ingest.sources import read_chunks, split_lines
 from tests.conftest import spend_row
@@ -788,6 +788,45 @@ def test_unknown_extra_field_is_ingested_unchanged(good: list[dict]) -> None:
     assert row["start_us"] == epoch_us(r["startTime"])
     assert row["cost"] == r["response_cost"]
     assert_kept(out, pos, {0: good[0], 1: r, 2: good[2]})
+
+
+@pytest.mark.parametrize(
+    ("path", "number", "warning"),
+    [
+        (("new_field_2027",), "1e400", "nan_new_field_2027"),
+        (("response_cost",), "-1E+400", "nan_response_cost"),
+        (("response", "usage"), "1e0400", "nan_response"),
+        (("spend",), "2.5e999", "nan_spend"),
+    ],
+)
+def test_a_number_beyond_a_double_is_null_with_a_warning_and_the_record_kept(
+    good: list[dict], capture: list[dict], path: tuple[str, ...], number: str, warning: str
+) -> None:
+    """``1e400`` is valid JSON that Python's json reads as infinity: repaired like ``Infinity``, not malformed."""
+    r = spend_rows(capture)[1] if path == ("spend",) else copy.deepcopy(good[1])
+    node = r
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = "@big@"
+    frame, pos = frame_of([good[0], json.dumps(r).replace('"@big@"', number), good[2]])
+    warnings: dict[str, int] = {}
+    out, q = normalize(frame, warnings)
+    assert q == []
+    assert warnings == {warning: 1}
+    row = by_line(out)[pos[1][0]]
+    assert row["call_key"] == r["litellm_call_id"]
+    stored = json.loads(row["raw"])
+    for key in path:
+        stored = stored[key]
+    assert stored is None
+    assert row["cost"] == (None if path[-1] in ("response_cost", "spend") else r["response_cost"])
+
+
+def test_an_integer_beyond_a_double_is_cleaned_to_null() -> None:
+    warnings: dict[str, int] = {}
+    limit = 2**1024 - 2**970
+    assert clean({"a": [limit, -limit, limit - 1, 2**80, 1.5], "b": 1}, warnings) == {"a": [None, None, limit - 1, 2**80, 1.5], "b": 1}
+    assert warnings == {"nan_a": 2}
 
 
 def test_spend_logs_unknown_extra_field_is_ingested_unchanged(capture: list[dict]) -> None:
