@@ -824,6 +824,11 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool 
         unusable_first = pl.col("first_token_us").is_null() & pl.col("_first_raw").is_not_null()
         if warnings is not None and (dropped := canonical.select(unusable_first.sum()).item()):
             _warn(warnings, "bad_completionStartTime", dropped)
+        # An end before the start (a clock stepped back mid-call) is taken as a call of no duration:
+        # the call happened, and a negative duration is no time any store or UI means.
+        if warnings is not None and (backwards := canonical.select((pl.col("end_us") < pl.col("start_us")).sum()).item()):
+            _warn(warnings, "end_before_start", backwards)
+        canonical = canonical.with_columns(end_us=pl.max_horizontal("start_us", "end_us"))
         frames.append(canonical.drop("_first_raw"))
     if not frames:
         return empty_canonical(), quarantined

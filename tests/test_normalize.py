@@ -700,6 +700,20 @@ def test_the_last_storable_second_is_a_time_in_both_formats(good: list[dict], ca
     assert out["end_us"].max() * 1000 < 2**63  # type: ignore[operator]
 
 
+def test_an_end_before_the_start_is_the_start_with_a_warning(good: list[dict], capture: list[dict]) -> None:
+    slp = copy.deepcopy(good[1]) | {"endTime": good[1]["startTime"] - 2.5}
+    spend = spend_rows(capture)[2] | {"startTime": "2026-01-01T10:00:05Z", "endTime": "2026-01-01T10:00:00Z"}
+    frame, pos = frame_of([good[0], slp, spend])
+    warnings: dict[str, int] = {}
+    out, q = normalize(frame, warnings)
+    assert q == []
+    assert warnings == {"end_before_start": 2}
+    got = by_line(out)
+    assert got[pos[0][0]]["end_us"] == epoch_us(good[0]["endTime"])
+    assert got[pos[1][0]]["end_us"] == got[pos[1][0]]["start_us"] == epoch_us(slp["startTime"])
+    assert got[pos[2][0]]["end_us"] == got[pos[2][0]]["start_us"] == iso_us("2026-01-01T10:00:05+00:00")
+
+
 def test_slp_all_ids_null(good: list[dict]) -> None:
     bad = copy.deepcopy(good[1])
     bad["litellm_call_id"] = None

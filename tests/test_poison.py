@@ -83,6 +83,7 @@ KEPT: dict[str, tuple[Callable[[dict], None], str | None]] = {
     "lone surrogate in a prompt": (lambda r: r["messages"][0].update(content="\ud800Hello"), "lone_surrogate"),
     "NaN cost": (lambda r: r.update(response_cost=float("nan")), "nan_response_cost"),
     "negative token count": (lambda r: r.update(completion_tokens=-3), "negative_completion_tokens"),
+    "endTime before startTime": (lambda r: r.update(endTime=r["startTime"] - 5), "end_before_start"),
     "times at the last storable second": (
         lambda r: r.update(startTime=MAX_EPOCH_S - 1.5, endTime=MAX_EPOCH_S, completionStartTime=None),
         "end_in_future",
