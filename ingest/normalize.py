@@ -433,12 +433,30 @@ def _strict_pattern(schema: RecordSchema) -> str | None:
     return "|".join(parts) or None
 
 
-def _check_types(value: dict[str, Any], schema: RecordSchema, warnings: Warnings | None) -> tuple[str | None, bool]:
-    """(why a record's strict field has the wrong JSON type, or None; whether a field was dropped)."""
+def _loads_with_members(text: str) -> tuple[Any, list[tuple[str, Any]]]:
+    """Python's ``json`` of ``text``, and its top-level object's members in order, a key given twice
+    kept twice (the outermost object is the last one the hook sees)."""
+    objects: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(pairs)
+        return dict(pairs)
+
+    value = json.loads(text, object_pairs_hook=keep)
+    return value, objects[-1] if isinstance(value, dict) else []
+
+
+def _check_types(
+    value: dict[str, Any], pairs: list[tuple[str, Any]], schema: RecordSchema, warnings: Warnings | None
+) -> tuple[str | None, bool]:
+    """(why a record's strict field has the wrong JSON type, or None; whether a field was dropped).
+
+    Every value of a key the record gives twice is checked (``pairs``, its top-level members in
+    order): polars reads the first, Python's ``json`` the last, and neither may pass as the other type."""
     dropped = False
-    for name, kind in schema.scalar_types.items():
-        v = value.get(name)
-        if name not in STRICT_FIELDS or v is None:
+    for name, v in pairs:
+        kind = schema.scalar_types.get(name)
+        if name not in STRICT_FIELDS or kind is None or v is None:
             continue
         if kind == "string" and type(v) is not str:
             return f"field {name!r}: expected string, got {_JSON_TYPES.get(type(v), 'value')}", dropped
@@ -470,12 +488,12 @@ def _strict_types(part: pl.DataFrame, schema: RecordSchema, warnings: Warnings |
     fixed = list(texts)
     for n, text in enumerate(texts):
         try:
-            value = json.loads(text)
+            value, members = _loads_with_members(text)
         except (ValueError, RecursionError):
             continue
         if not isinstance(value, dict):
             continue
-        why, dropped = _check_types(value, schema, warnings)
+        why, dropped = _check_types(value, members, schema, warnings)
         if why is not None:
             bad.append(int(idx[n]))
             details[int(idx[n])] = why

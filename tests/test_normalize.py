@@ -608,6 +608,25 @@ def test_slp_wrong_type(good: list[dict], field: str, value: object) -> None:
     assert_kept(out, pos, {0: good[0], 2: good[2]})
 
 
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize(("field", "value"), [("litellm_call_id", "5"), ("startTime", '"2026-01-01"'), ("response_cost", "true")])
+def test_a_strict_field_given_twice_is_checked_at_each_value(good: list[dict], field: str, value: str, first: bool) -> None:
+    """polars reads a key given twice at its first value, Python's json at its last: neither may pass as another type."""
+    text = json.dumps(good[1])
+    line = f'{{"{field}": {value}, {text[1:]}' if first else f'{text[:-1]}, "{field}": {value}}}'
+    out, q, pos = run([good[0], line, good[2]])
+    assert_quarantined(q, *pos[1], "wrong_type", raw=line)
+    assert field in q[0].detail
+    assert_kept(out, pos, {0: good[0], 2: good[2]})
+
+
+def test_an_id_given_twice_with_its_own_type_is_read_at_its_first_value(good: list[dict]) -> None:
+    line = '{"litellm_call_id": "first", ' + json.dumps(good[1] | {"litellm_call_id": "last"})[1:]
+    out, q, _ = run([line])
+    assert q == []
+    assert out["call_key"].to_list() == ["first"]
+
+
 @pytest.mark.parametrize(("field", "value"), [("prompt_tokens", "many"), ("spend", "lots"), ("completion_tokens", [1])])
 def test_spend_logs_wrong_type(capture: list[dict], field: str, value: object) -> None:
     rows = spend_rows(capture)[:3]
