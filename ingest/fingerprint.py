@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import BinaryIO
 
-from ingest.sources import TAIL_BYTES, is_document
+from ingest.sources import HEAD_BYTES, TAIL_BYTES, is_document, line_head
 
 FIRST_LINE_CAP = 64 * 1024
 
@@ -25,16 +25,27 @@ def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
     A first line without its newline counts as whole when it is a complete JSON document (LiteLLM's
     bucket loggers write one per object, or join a batch with no final newline) or when the caller
     knows the file is finished (``unterminated_ok``). It is fingerprinted as if the newline were
-    there, so the fingerprint stays the same if one is appended later."""
+    there, so the fingerprint stays the same if one is appended later.
+
+    Blank lines before it are passed over (up to ``FIRST_LINE_CAP`` bytes of them): they are no
+    record, and a logger that starts every file with one gave every generation of a rotated log one
+    fingerprint, so the new file was taken for the rotated one and not read."""
     head = b""
-    while len(head) < FIRST_LINE_CAP and b"\n" not in head:
-        try:
-            block = f.read1(min(8192, FIRST_LINE_CAP - len(head)))  # type: ignore[attr-defined]
-        except EOFError:
+    skipped = 0
+    while True:
+        while len(head) < FIRST_LINE_CAP and b"\n" not in head:
+            try:
+                block = f.read1(min(8192, FIRST_LINE_CAP - len(head)))  # type: ignore[attr-defined]
+            except EOFError:
+                break
+            if not block:
+                break
+            head += block
+        nl = head.find(b"\n")
+        if nl < 0 or head[:nl].strip() or skipped + nl + 1 > FIRST_LINE_CAP:
             break
-        if not block:
-            break
-        head += block
+        skipped += nl + 1
+        head = head[nl + 1 :]
     nl = head.find(b"\n")
     if nl >= 0:
         head = head[: nl + 1]
@@ -45,5 +56,21 @@ def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
     return "sha256:" + hashlib.sha256(head).hexdigest()[:32]
 
 
-def tail_digest(data: bytes) -> str:
-    return hashlib.sha256(data[-TAIL_BYTES:]).hexdigest()[:16]
+def tail_digest(data: bytes, head: bytes | None = None) -> str:
+    """What a checkpoint checks a file still holds before its offset: the last ``TAIL_BYTES`` and
+    (``head``, written ``2:…``) the start of the line they end. LiteLLM's records end in kilobytes of
+    the same boilerplate and start with their ids: two files with one first line (a copy that went
+    its own way, a header) passed as one on the last bytes alone, and the second was read from the
+    first's offset, its lines before it lost. A digest without the ``2:`` is an older state's."""
+    if head is None:
+        return hashlib.sha256(data[-TAIL_BYTES:]).hexdigest()[:16]
+    return "2:" + hashlib.sha256(head[:HEAD_BYTES] + b"\n" + data[-TAIL_BYTES:]).hexdigest()[:16]
+
+
+def head_before(buf: bytes, at_start: bool) -> bytes:
+    """:func:`line_head` of the line ``buf`` (the ``LINE_WINDOW + 1`` bytes before an offset, or all
+    of them from the file's start: ``at_start``) ends with."""
+    i = buf.rfind(b"\n", 0, len(buf) - 1)
+    if i >= 0:
+        return line_head(buf[i + 1 :])
+    return line_head(buf) if at_start else b""

@@ -30,18 +30,18 @@ from typing import TYPE_CHECKING, BinaryIO
 import polars as pl
 
 from ingest.checkpoints import Checkpoint, State, encode_state, now_iso
-from ingest.fingerprint import fingerprint_of, tail_digest
+from ingest.fingerprint import fingerprint_of, head_before, tail_digest
 from ingest.quarantine import QuarantineRecord, Reason
 from ingest.sources import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
     GZIP_MAGIC,
+    LINE_WINDOW,
     TAIL_BYTES,
     Chunk,
     read_chunks,
     read_lines_at,
     shown,
-    skip_to,
 )
 
 if TYPE_CHECKING:
@@ -110,20 +110,42 @@ def _inode(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _tail_at(fd: int, gz: bool, offset: int) -> str | None:
-    """The digest of the bytes just before ``offset`` as the file holds them now; None if it is shorter.
+def _tail_at(fd: int, gz: bool, offset: int, with_head: bool = True) -> str | None:
+    """The digest of the bytes just before ``offset`` as the file holds them now
+    (:func:`~ingest.fingerprint.tail_digest`; ``with_head`` False: an older state's kind); None if
+    it is shorter.
 
     Raises EOFError for a compressed stream that ends early: a gzip copy still being written."""
-    want = min(TAIL_BYTES, offset)
+    want = min(LINE_WINDOW + 1, offset) if with_head else min(TAIL_BYTES, offset)
     try:
         if gz:
             with _reader(fd, gz) as f:
-                before = skip_to(f, offset, 1 << 20)
+                got = _bytes_before(f, offset, want)
+            if got is None:
+                return None
+            before = got
         else:
-            before = os.pread(fd, want, offset - want)
+            first = min(want, 1 << 16)
+            before = os.pread(fd, first, offset - first)
+            if len(before) < first:
+                return None
+            if first < want and before.rfind(b"\n", 0, first - 1) < 0:
+                before = os.pread(fd, want, offset - want)
     except (OSError, zlib.error):
         return None
-    return tail_digest(before) if len(before) == want else None
+    if not with_head:
+        return tail_digest(before)
+    return tail_digest(before[-TAIL_BYTES:], head_before(before, at_start=len(before) == offset))
+
+
+def _bytes_before(f: BinaryIO, offset: int, want: int) -> bytes | None:
+    """The ``want`` bytes just before ``offset`` of a stream read from its start (a gzip: no
+    seeking); None if it ends before ``offset``."""
+    remaining, last = offset, b""
+    while remaining > 0 and (got := f.read(min(remaining, 1 << 20))):
+        remaining -= len(got)
+        last = (last + got)[-want:]
+    return None if remaining else last
 
 
 def _gzip_size_mod32(fd: int) -> int:
@@ -249,7 +271,7 @@ class Follower:
             return False
         if gz and _gzip_size_mod32(fd) == ck.offset % 2**32:
             return True
-        return ck.tail is None or _tail_at(fd, gz, ck.offset) == ck.tail
+        return ck.tail is None or _tail_at(fd, gz, ck.offset, with_head=ck.tail.startswith("2:")) == ck.tail
 
     def _restart(self, ck: Checkpoint) -> None:
         self._reset.add(ck.fingerprint)
@@ -420,8 +442,8 @@ class Follower:
         """Move ``f``'s checkpoint past ``chunk``: call only after the pipeline was fed it and returned."""
         ck = f.ck
         ck.offset, ck.line, ck.end_stat = chunk.end_offset, chunk.end_line, None
-        if len(chunk.tail) >= min(TAIL_BYTES, ck.offset):
-            ck.tail = tail_digest(chunk.tail) if ck.offset > 0 else None
+        if chunk.head is not None and len(chunk.tail) >= min(TAIL_BYTES, ck.offset):
+            ck.tail = tail_digest(chunk.tail, chunk.head) if ck.offset > 0 else None
         else:
             try:
                 ck.tail = _tail_at(f.fd, f.gz, ck.offset)

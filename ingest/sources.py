@@ -26,6 +26,16 @@ DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 TAIL_BYTES = 256
+HEAD_BYTES = 512
+LINE_WINDOW = 1 << 20
+"""A last line longer than this has no head in its checkpoint's digest (only its last bytes)."""
+
+
+def line_head(line: bytes) -> bytes:
+    """The part of a whole last line (its newline included) a checkpoint's digest covers
+    (:func:`ingest.fingerprint.tail_digest`): none past ``LINE_WINDOW``, so the digest can be taken
+    again from a bounded read before the offset."""
+    return line[:HEAD_BYTES] if len(line) <= LINE_WINDOW else b""
 
 
 class SourceError(Exception):
@@ -165,6 +175,8 @@ class Chunk:
     end_line: int = 0
     disk_offset: int = 0
     tail: bytes = b""
+    head: bytes | None = None
+    """:func:`line_head` of the chunk's last line; None when this read cannot tell where it starts."""
 
 
 def _frame(path: str, lines: list[str] | pl.Series, sizes: pl.Series, start_offset: int, start_line: int) -> pl.DataFrame:
@@ -294,6 +306,7 @@ def read_chunks(
         tail = skip_to(f, start_offset, chunk_bytes)
         offset, line_no = start_offset, start_line
         carry = b""
+        at_line_start = start_offset == 0
         overlong: tuple[bytes, int] | None = None
         while block := _read_block(f, chunk_bytes):
             if overlong is not None:
@@ -306,7 +319,7 @@ def read_chunks(
                 )
                 offset += overlong[1] + nl + 1
                 line_no += 1
-                tail = b""
+                tail, at_line_start = b"", True
                 yield _at_disk(
                     Chunk(name, _frame(name, [], pl.Series([], dtype=pl.UInt32), offset, line_no), [rec], offset, line_no), raw_file, tail
                 )
@@ -319,7 +332,10 @@ def read_chunks(
                 offset += len(complete)
                 line_no += frame.height
                 tail = (tail + complete[-TAIL_BYTES:])[-TAIL_BYTES:]
-                yield _at_disk(Chunk(name, _drop_blank(frame), bad, offset, line_no), raw_file, tail)
+                last = complete.rfind(b"\n", 0, len(complete) - 1)
+                head = line_head(complete[last + 1 :]) if last >= 0 or at_line_start else None
+                at_line_start = True
+                yield _at_disk(Chunk(name, _drop_blank(frame), bad, offset, line_no), raw_file, tail, head)
             else:
                 carry = data
             if len(carry) > max_line_bytes:
@@ -342,7 +358,10 @@ def read_chunks(
             frame, bad = split_lines(name, carry + b"\n", offset, line_no, max_line_bytes)
             if not whole:
                 frame = frame.with_columns(truncated=pl.lit(True))
-            yield _at_disk(Chunk(name, _drop_blank(frame), bad, offset + len(carry), line_no + 1), raw_file, (tail + carry)[-TAIL_BYTES:])
+            head = line_head(carry) if at_line_start else None
+            yield _at_disk(
+                Chunk(name, _drop_blank(frame), bad, offset + len(carry), line_no + 1), raw_file, (tail + carry)[-TAIL_BYTES:], head
+            )
 
 
 def _read_block(f: BinaryIO, size: int) -> bytes:
@@ -368,10 +387,10 @@ def _read_block(f: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _at_disk(chunk: Chunk, raw_file: BinaryIO, tail: bytes) -> Chunk:
+def _at_disk(chunk: Chunk, raw_file: BinaryIO, tail: bytes, head: bytes | None = None) -> Chunk:
     """Where reading stands on disk (compressed bytes for gzip, for progress) and the bytes just before it."""
     chunk.disk_offset = raw_file.tell()  # type: ignore[union-attr]
-    chunk.tail = tail
+    chunk.tail, chunk.head = tail, head
     return chunk
 
 

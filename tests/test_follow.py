@@ -224,6 +224,55 @@ def test_the_matching_rule(tmp_path: Path, case: str, change, match: str, resume
     g.close()
 
 
+ALIKE = [line(record(f"a-{i}", "success", 100.0 + i, 101.0 + i) | {"model_map_information": {"boilerplate": "x" * 2000}}) for i in range(6)]
+"""Records that end in the same kilobytes, as LiteLLM's do (its model map): only their starts differ."""
+
+
+@pytest.mark.parametrize(
+    ("case", "later"),
+    [("a copy that diverged after the first line", "copy.jsonl"), ("rewritten in place, same length, other lines", "proxy.jsonl")],
+)
+def test_records_that_end_alike_do_not_make_two_files_one(tmp_path: Path, case: str, later: str) -> None:
+    """The checkpoint's digest covered the last 256 bytes only, all boilerplate in LiteLLM's records:
+    a file with the same first line and lines of the same lengths (a copy that went its own way, two
+    replicas' logs starting with one record) was read from the other's offset, its lines before it
+    lost for good, by ``batch`` and ``tail`` alike."""
+    log = tmp_path / "proxy.jsonl"
+    log.write_text("".join(ALIKE[:3]))
+    pipe = Pipeline(RecordingSink(), "1", QuarantineWriter(None), settle_s=1e9)  # type: ignore[arg-type]
+    follower = Follower(State(tmp_path / "s.json", "batch", {}), pipe)
+    f = follower.follow(follower.identify(log))  # type: ignore[arg-type]
+    for chunk in follower.chunks(f):
+        follower.advance(f, chunk)
+    follower.forget(f.key)
+    assert len(ALIKE[5]) == len(ALIKE[1])
+    other = tmp_path / later
+    other.write_text(ALIKE[0] + ALIKE[5] + ALIKE[4] + ALIKE[3])
+    g = follower.identify(other)
+    assert g is not None and g.key.startswith(f.key + "@") and g.ck.offset == 0
+    g.close()
+
+
+def test_a_checkpoint_of_an_older_state_is_checked_as_it_was_taken(tmp_path: Path) -> None:
+    """Digests written before the line's start counted (no ``2:``) still match the file they were
+    taken on: an upgrade reads nothing again."""
+    from ingest.fingerprint import tail_digest
+
+    log = tmp_path / "proxy.jsonl"
+    log.write_text("".join(ALIKE[:3]))
+    follower = Follower(State(tmp_path / "s.json", "batch", {}), None)  # type: ignore[arg-type]
+    f = follower.identify(log)
+    assert f is not None
+    data = log.read_bytes()
+    follower.state.checkpoints[f.key] = Checkpoint(f.key, str(log), offset=len(data), line=4, tail=tail_digest(data))
+    f.close()
+    with log.open("a") as out:
+        out.write(ALIKE[3])
+    g = follower.identify(log)
+    assert g is not None and g.key == f.key and g.ck.offset == len(data)
+    g.close()
+
+
 @pytest.mark.parametrize(
     ("content", "known"),
     [(b"", False), (b'{"id": "x"', False), (b'{"id": "x"}\n', True), (b"x" * (70 * 1024), True)],
@@ -957,3 +1006,38 @@ def test_a_gzip_of_several_members_is_done_once_decompressed_to_its_end(tmp_path
         t2.step()
     assert not again.traces and not t2.follower.files, "a restart opens none of them"
     t2.close()
+
+
+def test_files_that_start_with_a_blank_line_are_told_apart_by_their_first_record(tmp_path: Path) -> None:
+    """Every generation of a log whose files start with a blank line had one fingerprint (the blank
+    line's): after a rotation the new file was taken for the rotated one, still open, and not read."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    n = 0
+
+    def write(k: int) -> None:
+        nonlocal n
+        with log.open("a") as f:
+            if f.tell() == 0:
+                f.write("\n")
+            for _ in range(k):
+                f.write(line(record(f"b-{n}", "success", 100.0 + n, 101.0 + n)))
+                n += 1
+
+    write(3)
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.step()
+    for generation in range(1, 4):
+        for k in range(generation, 0, -1):
+            if (older := logdir / f"proxy.jsonl.{k}").exists():
+                older.rename(logdir / f"proxy.jsonl.{k + 1}")
+        log.rename(logdir / "proxy.jsonl.1")
+        write(2)
+        t.step()
+        write(1)
+        t.step()
+    t.step()
+    assert sorted(sink.calls()) == sorted(f"b-{k}" for k in range(n))
+    t.close()
