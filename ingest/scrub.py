@@ -65,14 +65,15 @@ else it is taken for the key itself."""
 _KEY_LABELS = frozenset({"litellm_proxy_master_key"})
 _HEX = re.compile(r"[0-9a-fA-F]{16,128}")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_IGNORECASE_EXTRA = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+"""Non-ASCII letters ``re.IGNORECASE`` takes for ASCII ones (İ ı ſ K)."""
 
 
 @functools.lru_cache(maxsize=8192)
 def name_kind(name: str) -> int:
-    """What a value under this name is: normalized case-insensitively, ``-`` as ``_``, camelCase
-    split, and only the last dotted part counts (``mlflow.traceTag.api_key`` is ``api_key``)."""
-    n = _CAMEL.sub("_", name.strip().strip("\"'")).lower().replace("-", "_").replace(" ", "_")
-    n = n.rpartition(".")[2]
+    """What a value under this name is: normalized case-insensitively, ``-`` and spaces as ``_``,
+    camelCase split, and only the last dotted part counts (``mlflow.traceTag.api_key`` is ``api_key``)."""
+    n = _normalized(name)
     if n in _HASH_NAMES:
         return _HASH
     if n in _TOKEN_NAMES_NOT_SECRET:
@@ -82,16 +83,20 @@ def name_kind(name: str) -> int:
     return _NOT_SECRET
 
 
-def is_secret_name(name: str) -> bool:
-    return name_kind(name) == _SECRET
+def _normalized(name: str) -> str:
+    n = name.strip().strip("\"'")
+    if not n.isascii():
+        n = n.translate(_IGNORECASE_EXTRA)
+    n = _CAMEL.sub("_", n).lower().replace("-", "_").replace(" ", "_")
+    return n.rpartition(".")[2]
 
 
 _KEY = r"A-Za-z0-9_\-"
 _SCHEME = re.compile(r"\s{0,8}(?P<scheme>(?i:bearer|basic|token|digest)[ \t]{1,3})?")
-_PAIR_NAMES = (
-    r"api[_-]?key|secret[_-]?key|secret|access[_-]?key|private[_-]?key|master[_-]?key|account[_-]?key|subscription[_-]?key"
-    r"|token|password|passwd|passphrase|authorization|cookie|credentials?"
-)
+_NAME = r"(?i:[a-z0-9_.\-])"
+"""A character of a name in text: ``re.IGNORECASE`` also takes İ ı ſ K here, as ``name_kind`` does."""
+_PAIR_PARTS = ("key", "secret", "token", "pass", "authorization", "cookie", "credential")
+"""What every credential name has in it (any case): the pattern weighs only the names that do."""
 _QUERY_NAMES = (
     r"key|api[_-]?key|apikey|token|access[_-]?token|id[_-]?token|auth|sig|signature|x-amz-signature|x-amz-security-token"
     r"|x-amz-credential|x-goog-signature|x-goog-credential|code|client[_-]?secret|password|secret"
@@ -126,7 +131,8 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("query", rf"(?i:[?&](?:{_QUERY_NAMES})=)(?P<query_v>[^&#\s\"'<>\\\[\]]{{1,4096}})"),
     (
         "pair",
-        rf"(?<![A-Za-z0-9])(?i:{_PAIR_NAMES})(?P<pair_sep>\\?[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}\\?[\"']?)"
+        rf"(?<!{_NAME})(?P<pair_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
+        r"(?P<pair_sep>\\?[\"']?[ \t]{0,3}[:=][ \t]{0,3}\\?[\"']?)"
         r"(?P<pair_scheme>(?i:bearer|basic|token|digest)[ \t]{1,3})?"
         r"(?P<pair_v>(?!(?i:bearer|basic|token|digest)[ \t])[^\s\"',;&<>{}\[\]()\\]{1,4096})",
     ),
@@ -146,10 +152,6 @@ _LITERALS = (
     "dapi", "lsv2_", "SG.",
 )  # fmt: skip
 """What every alternative of ``_BUILTIN`` but ``query`` and ``pair`` has in it, as plain text."""
-_PAIR_PARTS = ("key", "secret", "token", "pass", "authorization", "cookie", "credential")
-"""What every ``_PAIR_NAMES`` name has in it (any case)."""
-_IGNORECASE_EXTRA = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
-"""Non-ASCII letters ``re.IGNORECASE`` takes for ASCII ones (İ ı ſ K)."""
 
 
 def _may_hold_secret(s: str) -> bool:
@@ -254,12 +256,16 @@ class Scrubber:
         if kind == _SECRET:
             return self._secret_value(value)
         if kind == _HASH and type(value) is str:
-            v = value.strip()
-            if not v or v in _KEY_LABELS or _HEX.fullmatch(v) or MARKER.fullmatch(v):
-                return value
-            m = _SCHEME.match(v)
-            return self.marker((v[m.end() :].strip() if m else "") or v)
+            return self._hash(value)
         return self.value(value, depth, max_depth)
+
+    def _hash(self, value: str) -> str:
+        """A key's hash is kept, anything else under its name is taken for the key."""
+        v = value.strip()
+        if not v or v in _KEY_LABELS or _HEX.fullmatch(v) or MARKER.fullmatch(v):
+            return value
+        m = _SCHEME.match(v)
+        return self.marker((v[m.end() :].strip() if m else "") or v)
 
     def _sub(self, s: str, level: int) -> str:
         return _BUILTIN.sub(functools.partial(self._replace, level=level), s)
@@ -270,9 +276,12 @@ class Scrubber:
         if kind == "pair":
             start = m.start("pair_v") - m.start()
             value = m.group("pair_v")
-            if not is_secret_name(_name_before(m.string, m.start(), whole[: m.start("pair_sep") - m.start()])):
+            name_is = name_kind(m.group("pair_n"))
+            if name_is == _NOT_SECRET:
                 # max_token=... is no credential, but what follows it may hold one (nested pairs: a few deep)
                 return whole[:start] + (self._sub(value, level + 1) if level < 4 else value)
+            if name_is == _HASH:
+                return whole[:start] + self._hash(value)
             if value.lower() in _NOT_A_VALUE:
                 return whole
             return whole[:start] + self.marker(value)
@@ -430,14 +439,6 @@ class Scrubber:
             else:
                 out[self.text(k)] = self._field_at(k, v, 0, max_depth)
         return out
-
-
-def _name_before(text: str, start: int, core: str) -> str:
-    """The whole identifier a name match ends: ``OPENAI_API_KEY`` for a match at ``API_KEY``."""
-    i = start
-    while i > 0 and i > start - 64 and (text[i - 1].isalnum() or text[i - 1] in "_-"):
-        i -= 1
-    return text[i:start] + core
 
 
 def _json_text(value: Any) -> str:

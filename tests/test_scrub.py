@@ -197,6 +197,30 @@ def test_credential_names_inside_free_text_give_their_values_away(template: str)
     assert secret not in out and MARKER.search(out), out
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        'httpx.HTTPStatusError: 401 body={{"error":"invalid_grant","accessToken":"{s}"}}',
+        "AzureException - token request failed: {{'clientSecret': '{s}'}}",
+        "refreshToken={s}",
+        '{{"apiToken": "{s}"}}',
+        "aws_config: secretAccessKey={s}",
+        "x.authToken: {s}",
+    ],
+)
+def test_camel_case_credential_names_in_text_are_credential_names(template: str) -> None:
+    """As dict keys they were split and found; in text the whole identifier is weighed the same way."""
+    secret = rand(18, string.ascii_lowercase)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_key_hash_in_text_is_kept_when_hex_and_taken_for_the_key_otherwise() -> None:
+    h = hashlib.sha256(b"k").hexdigest()
+    k = key()
+    assert S.text(f"user_api_key_hash={h}") == f"user_api_key_hash={h}"
+    assert S.text(f"user_api_key_hash={k}") == f"user_api_key_hash={fingerprint(k)}"
+
+
 def test_token_counts_in_text_are_not_credentials() -> None:
     text = "usage: prompt_tokens=12, completion_tokens: 5, total_tokens=17, max_tokens=256, max_token=9"
     assert S.text(text) == text

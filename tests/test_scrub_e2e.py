@@ -113,6 +113,7 @@ def _plant(capture: list[dict]) -> Planted:
         f"    client = OpenAI(api_key='{p.raw('traceback dict repr')}', base_url=None)\n"
         f"botocore.exceptions.ClientError: {{'aws_access_key_id': 'AKIA{akia}'}}\n"
         f"ValueError: could not load -----BEGIN RSA PRIVATE KEY-----\n{pem}\n-----END RSA PRIVATE KEY-----\n"
+        f'httpx.HTTPStatusError: 401 body={{"error":"invalid_grant","accessToken":"{p.raw("traceback camelCase name")}"}}\n'
     )
     a["request_tags"] = [*a["request_tags"], f"api_key:{p.sk('tag api_key:')}", p.sk("tag bare"), f"token:{p.raw('tag token:')}"]
     g = body(35)
@@ -157,6 +158,7 @@ def _plant(capture: list[dict]) -> Planted:
             "messages": c_slp["messages"],
             "api_key": p.raw("SpendLogs proxy_server_request.api_key"),
             "extra_headers": {"x-api-key": p.raw("SpendLogs proxy_server_request x-api-key")},
+            "metadata": {"aws_config": f"secretAccessKey={p.raw('SpendLogs proxy_server_request camelCase name in text')}"},
         }
     )
     c["api_key"] = p.sk("SpendLogs api_key column (raw, not a hash)")
