@@ -71,8 +71,9 @@ _IGNORECASE_EXTRA = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", 
 
 @functools.lru_cache(maxsize=8192)
 def name_kind(name: str) -> int:
-    """What a value under this name is: normalized case-insensitively, ``-`` and spaces as ``_``,
-    camelCase split, and only the last dotted part counts (``mlflow.traceTag.api_key`` is ``api_key``)."""
+    """What a value under this name is: normalized case-insensitively, ``-``, ``+`` and spaces as
+    ``_``, camelCase split, and only the last dotted part counts (``mlflow.traceTag.api_key`` is
+    ``api_key``)."""
     n = _normalized(name)
     if n in _HASH_NAMES:
         return _HASH
@@ -87,14 +88,15 @@ def _normalized(name: str) -> str:
     n = name.strip().strip("\"'")
     if not n.isascii():
         n = n.translate(_IGNORECASE_EXTRA)
-    n = _CAMEL.sub("_", n).lower().replace("-", "_").replace(" ", "_")
+    n = _CAMEL.sub("_", n).lower().replace("-", "_").replace(" ", "_").replace("+", "_")
     return n.rpartition(".")[2]
 
 
 _KEY = r"A-Za-z0-9_\-"
 _SCHEME = re.compile(r"\s{0,8}(?P<scheme>(?i:bearer|basic|token|digest)[ \t]{1,3})?")
 _NAME = r"(?i:[a-z0-9_.\-])"
-"""A character of a name in text: ``re.IGNORECASE`` also takes İ ı ſ K here, as ``name_kind`` does."""
+"""A character of a name in text: ``re.IGNORECASE`` also takes İ ı ſ K here, as ``name_kind`` does.
+A name is one word, or two joined by a space or ``+`` (``API Key:``, ``secret key=``)."""
 _PAIR_PARTS = ("key", "secret", "token", "pass", "authorization", "cookie", "credential")
 """What every credential name has in it (any case): the pattern weighs only the names that do."""
 _QUERY_NAMES = (
@@ -131,7 +133,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("query", rf"(?i:[?&](?:{_QUERY_NAMES})=)(?P<query_v>[^&#\s\"'<>\\\[\]]{{1,4096}})"),
     (
         "pair",
-        rf"(?<!{_NAME})(?P<pair_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
+        rf"(?<!{_NAME})(?P<pair_n>(?:{_NAME}{{1,32}}[ +])?(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
         r"(?P<pair_sep>\\?[\"']?[ \t]{0,3}[:=][ \t]{0,3}\\?[\"']?)"
         r"(?P<pair_scheme>(?i:bearer|basic|token|digest)[ \t]{1,3})?"
         r"(?P<pair_v>(?!(?i:bearer|basic|token|digest)[ \t])[^\s\"',;&<>{}\[\]()\\]{1,4096})",

@@ -354,7 +354,7 @@ def _tools(a: _Attempt) -> list[Any] | None:
     return tools if isinstance(tools, list) and tools else None
 
 
-def _call_attributes(a: _Attempt) -> dict[str, Any]:
+def _call_attributes(a: _Attempt, scrub: Scrubber) -> dict[str, Any]:
     """What LiteLLM's own mlflow callback puts on its span, plus what it leaves out."""
     r = a.row
     breakdown = _cost_breakdown(a)
@@ -368,7 +368,7 @@ def _call_attributes(a: _Attempt) -> dict[str, Any]:
         "cache_hit": r["cache_hit"],
         "response_cost": r["cost"],
         "saved_cache_cost": r["saved_cache_cost"],
-        "request_tags": r["request_tags"] or [],
+        "request_tags": [tag for _, _, tag in scrubbed_tags(r["request_tags"], scrub)],
         "raw_llm_response": a.raw_response,
         "model_group": r["model_group"],
         "model_id": r["model_id"],
@@ -465,20 +465,27 @@ def _split_tag(tag: str) -> tuple[str, str]:
     return tag.strip(), ""
 
 
+def scrubbed_tags(tags: list[str] | None, scrub: Scrubber) -> Iterator[tuple[str, str, str]]:
+    """(key, value, tag) of each ``k:v`` request tag: scrubbed whole before it is split (a URL's
+    password sits past a colon), then its value by its key's name (``API Key: ...``), as a dict's."""
+    for t in tags or []:
+        text = scrub.text(t)
+        k, v = _split_tag(text)
+        kept = scrub.field(k, v)
+        yield k, kept, text if kept == v else f"{k}:{kept}"
+
+
 def trace_tags(rows: list[dict[str, Any]], scrub: Scrubber | None = None) -> dict[str, str]:
     """request_tags ``k:v`` -> tag k=v (repeated keys keep every value, joined by ", "), plus filterable litellm.* tags.
 
     ``rows`` are in the order the attempts ended: the last one is the call's outcome. A tag is
-    scrubbed whole before it is split (a URL's password sits past a colon), then its value by its
-    key's name (``api_key:...``), and only then is the key made valid: the marker in a key reads
+    scrubbed (:func:`scrubbed_tags`) before its key is made valid: the marker in a key reads
     ``_REDACTED:<fingerprint>_``.
     """
     scrub = scrub or default_scrubber()
     values: dict[str, list[str]] = {}
     for r in rows:
-        for t in r["request_tags"] or []:
-            k, v = _split_tag(scrub.text(t))
-            v = scrub.field(k, v)
+        for k, v, _ in scrubbed_tags(r["request_tags"], scrub):
             bucket = values.setdefault(k, [])
             if v not in bucket:
                 bucket.append(v)
@@ -539,20 +546,20 @@ def build_trace(
         SpanAttributeKey.TRACE_TAG_PREFIX + APP_TRACE_TAG: None if parent is None else "tr-" + parent[0],
     }
     if len(attempts) == 1:
-        root.attributes = {**_io_attributes(first, first.outputs), **_call_attributes(first), **root_attrs}
+        root.attributes = {**_io_attributes(first, first.outputs), **_call_attributes(first, scrub), **root_attrs}
         _status_and_events(root, first)
         spans = [root]
     else:
-        spans = _joined(root, [_attempt_span(tid, a) for a in attempts], root_attrs)
+        spans = _joined(root, [_attempt_span(tid, a, scrub) for a in attempts], root_attrs)
     scrub.spans(spans, MAX_ATTRIBUTE_DEPTH)
     return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows, parent)
 
 
-def _attempt_span(tid: bytes, a: _Attempt) -> SpanData:
+def _attempt_span(tid: bytes, a: _Attempt, scrub: Scrubber) -> SpanData:
     """One attempt as a child span, before it is numbered and put under the root (:func:`_joined`)."""
     r = a.row
     span = SpanData(tid, otel_span_id(tid, attempt_identity(r["start_us"], r["status"])), None, "", r["start_us"], r["end_us"])
-    span.attributes = {**_io_attributes(a, a.outputs), **_call_attributes(a)}
+    span.attributes = {**_io_attributes(a, a.outputs), **_call_attributes(a, scrub)}
     _status_and_events(span, a)
     return span
 

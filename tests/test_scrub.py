@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import read_capture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -214,6 +215,17 @@ def test_camel_case_credential_names_in_text_are_credential_names(template: str)
     assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
 
 
+@pytest.mark.parametrize("template", ["API Key: {s}", "secret key:{s}", "api+key:{s}", "litellm.AuthenticationError: Invalid API Key: {s}"])
+def test_credential_names_of_two_words_in_text_are_credential_names(template: str) -> None:
+    secret = rand(18, string.ascii_lowercase)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_two_words_that_name_no_credential_keep_their_value() -> None:
+    for text in ("the cache key: abc", "max token: 5", "special token: <eos>"):
+        assert S.text(text) == text
+
+
 def test_a_key_hash_in_text_is_kept_when_hex_and_taken_for_the_key_otherwise() -> None:
     h = hashlib.sha256(b"k").hexdigest()
     k = key()
@@ -335,6 +347,30 @@ def test_one_object_under_several_keys_and_spans_is_scrubbed_wherever_it_is() ->
     assert root.attributes["mlflow.spanInputs"] == child.attributes["mlflow.spanInputs"] == Scrubber().value(inputs)
     assert k2 not in json.dumps([root.attributes, child.attributes])
     assert k1 in json.dumps(response) and k2 in json.dumps(inputs), "the built values themselves are not changed"
+
+
+def built(**changes: Any) -> Any:
+    """The trace of one real capture record, changed."""
+    from ingest.dedupe import dedupe
+    from ingest.normalize import normalize
+    from ingest.sources import split_lines
+    from ingest.spans import build_trace
+
+    record = {**next(r for r in read_capture() if r["status"] == "success"), **changes}
+    lines, _ = split_lines("calls.jsonl", (json.dumps(record) + "\n").encode(), 0, 1)
+    frame, bad = normalize(lines)
+    assert not bad
+    return build_trace(list(dedupe(frame)[0].iter_rows(named=True)), "1", scrub=S)
+
+
+def test_the_request_tags_attribute_is_scrubbed_as_the_trace_tags_are() -> None:
+    """A tag's value under a credential name is a secret whole, spaces and all, not only its first word."""
+    secret = "correct horse battery staple"
+    trace = built(request_tags=[f"password: {secret}", "team:a"])
+    attrs = trace.data[0].attributes
+    tag = attrs["mlflow.traceTag.password"]
+    assert MARKER.fullmatch(tag) and attrs["request_tags"] == [f"password:{tag}", "team:a"]
+    assert "horse" not in json.dumps(attrs, default=str)
 
 
 # --- robustness ---------------------------------------------------------------------------------

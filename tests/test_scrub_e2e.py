@@ -115,7 +115,13 @@ def _plant(capture: list[dict]) -> Planted:
         f"ValueError: could not load -----BEGIN RSA PRIVATE KEY-----\n{pem}\n-----END RSA PRIVATE KEY-----\n"
         f'httpx.HTTPStatusError: 401 body={{"error":"invalid_grant","accessToken":"{p.raw("traceback camelCase name")}"}}\n'
     )
-    a["request_tags"] = [*a["request_tags"], f"api_key:{p.sk('tag api_key:')}", p.sk("tag bare"), f"token:{p.raw('tag token:')}"]
+    a["request_tags"] = [
+        *a["request_tags"],
+        f"api_key:{p.sk('tag api_key:')}",
+        p.sk("tag bare"),
+        f"token:{p.raw('tag token:')}",
+        f"API Key: {p.raw('tag API Key:')}",
+    ]
     g = body(35)
     a["api_base"] = (
         f"https://generativelanguage.googleapis.com/v1beta/models/gemini-pro:generateContent?key={p.plant('api_base ?key=', 'AIza' + g, g)}"
