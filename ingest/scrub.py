@@ -99,6 +99,22 @@ _NAME = r"(?i:[a-z0-9_.\-])"
 A name is one word, or two joined by a space or ``+`` (``API Key:``, ``secret key=``)."""
 _PAIR_PARTS = ("key", "secret", "token", "pass", "authorization", "cookie", "credential")
 """What every credential name has in it (any case): the pattern weighs only the names that do."""
+_HEADER_NAMES = frozenset({"cookie", "set_cookie", "authorization", "proxy_authorization"})
+"""Their value is the rest of the line: a cookie list (``a=b; session=…``), an auth scheme and its
+parameters."""
+_VALUE = re.compile(
+    rf"(?P<scheme>(?i:bearer|basic|token|digest)[ \t]{{1,3}})?(?:(?!{MARKER.pattern})[\[({{])?"
+    r"(?P<v>(?!(?i:bearer|basic|token|digest)[ \t])[^\s\"',&<>{}\[\]()\\]{1,4096})"
+)
+"""An unquoted value: one word, ``;`` inside it (``Tr0ub4dor;x``), after an opening bracket if any."""
+_QUOTED = {
+    '"': re.compile(r'(?:[^"\\\n]|\\.){1,4096}'),
+    "'": re.compile(r"(?:[^'\\\n]|\\.){1,4096}"),
+    "\\": re.compile(r"[^\"'\\\n]{1,4096}"),
+}
+"""A quoted value, up to its closing quote (its escapes kept), by its quote; an escaped quote (JSON
+in a string) is closed by the next backslash."""
+_LINE = re.compile(r"[^\r\n\"'\\]{1,4096}")
 _QUERY_NAMES = (
     r"key|api[_-]?key|apikey|token|access[_-]?token|id[_-]?token|auth|sig|signature|x-amz-signature|x-amz-security-token"
     r"|x-amz-credential|x-goog-signature|x-goog-credential|code|client[_-]?secret|password|secret"
@@ -129,14 +145,12 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         r"-----BEGIN [A-Z0-9 ]{0,60}PRIVATE KEY-----"
         r"(?:[\s\S]{0,8192}?-----END [A-Z0-9 ]{0,60}PRIVATE KEY-----|[A-Za-z0-9+/=\s\\_\-]{0,8192})",
     ),
-    ("userinfo", r"(?<=://)(?P<userinfo_u>[^\s/:@\[\]]{0,256}):(?P<userinfo_v>[^\s/@]{1,1024})(?=@)"),
+    ("userinfo", r"(?<=://)(?P<userinfo_u>[^\s/:@\[\]]{0,256}):(?P<userinfo_v>[^\s/?#\"'<>\\]{1,1024})(?=@)"),
     ("query", rf"(?i:[?&](?:{_QUERY_NAMES})=)(?P<query_v>[^&#\s\"'<>\\\[\]]{{1,4096}})"),
     (
         "pair",
         rf"(?<!{_NAME})(?P<pair_n>(?:{_NAME}{{1,32}}[ +])?(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
-        r"(?P<pair_sep>\\?[\"']?[ \t]{0,3}[:=][ \t]{0,3}\\?[\"']?)"
-        r"(?P<pair_scheme>(?i:bearer|basic|token|digest)[ \t]{1,3})?"
-        r"(?P<pair_v>(?!(?i:bearer|basic|token|digest)[ \t])[^\s\"',;&<>{}\[\]()\\]{1,4096})",
+        r"(?P<pair_sep>\\{0,3}[\"']?[ \t]{0,16}[:=][ \t]{0,16})(?P<pair_q>\\{0,3}[\"'])?",
     ),
     (
         "bearer",
@@ -270,36 +284,65 @@ class Scrubber:
         return self.marker((v[m.end() :].strip() if m else "") or v)
 
     def _sub(self, s: str, level: int) -> str:
-        return _BUILTIN.sub(functools.partial(self._replace, level=level), s)
+        """``_BUILTIN.sub``, but a name's value may run past its match (to a closing quote, a line's end)."""
+        out: list[str] = []
+        pos = 0
+        while (m := _BUILTIN.search(s, pos)) is not None:
+            replacement, end = self._replace(m, level)
+            out.append(s[pos : m.start()])
+            out.append(replacement)
+            pos = end
+        out.append(s[pos:])
+        return "".join(out)
 
-    def _replace(self, m: re.Match[str], level: int) -> str:
+    def _replace(self, m: re.Match[str], level: int) -> tuple[str, int]:
         kind = m.lastgroup
         whole = m.group(0)
         if kind == "pair":
-            start = m.start("pair_v") - m.start()
-            value = m.group("pair_v")
-            name_is = name_kind(m.group("pair_n"))
-            if name_is == _NOT_SECRET:
-                # max_token=... is no credential, but what follows it may hold one (nested pairs: a few deep)
-                return whole[:start] + (self._sub(value, level + 1) if level < 4 else value)
-            if name_is == _HASH:
-                return whole[:start] + self._hash(value)
-            if value.lower() in _NOT_A_VALUE:
-                return whole
-            return whole[:start] + self.marker(value)
+            return self._pair(m)
         if kind == "userinfo":
             user, value = m.group("userinfo_u"), m.group("userinfo_v")
             user = self._sub(user, level + 1) if level < 4 else user
-            return f"{user}:{value if MARKER.fullmatch(value) else self.marker(value)}"
+            return f"{user}:{value if MARKER.fullmatch(value) else self.marker(value)}", m.end()
         if kind in ("query", "bearer"):
             group = "query_v" if kind == "query" else "bearer_v" if m.group("bearer_v") else "basic_v"
             value = m.group(group)
             if MARKER.fullmatch(value) or (kind == "bearer" and not _looks_random(value)):
-                return whole
-            return whole[: m.start(group) - m.start()] + self.marker(value)
+                return whole, m.end()
+            return whole[: m.start(group) - m.start()] + self.marker(value), m.end()
         if kind == "sk" and not any(c.isdigit() or c.isupper() for c in whole[3:]):
-            return whole
-        return self.marker(whole)
+            return whole, m.end()
+        return self.marker(whole), m.end()
+
+    def _pair(self, m: re.Match[str]) -> tuple[str, int]:
+        """A value under a name: up to its closing quote if the separator opened one, the rest of the
+        line for a header, else one word. What follows another name is scanned on from the separator."""
+        name = m.group("pair_n")
+        kind = name_kind(name)
+        s, start = m.string, m.end()
+        if kind == _NOT_SECRET:
+            return m.group(0), start
+        if (done := MARKER.match(s, start)) is not None:
+            return s[m.start() : done.end()], done.end()
+        quote = m.group("pair_q")
+        if quote:
+            v = _QUOTED["\\" if len(quote) > 1 else quote].match(s, start)
+        elif _normalized(name) in _HEADER_NAMES or _normalized(name).endswith(("_cookie", "_authorization")):
+            v = _LINE.match(s, start)
+        else:
+            v = _VALUE.match(s, start)
+        if v is None:
+            return m.group(0), start
+        value_start, end = v.span("v") if v.re is _VALUE else v.span()
+        value = s[value_start:end]
+        if v.re is _VALUE:
+            value = value.rstrip(";")
+        elif v.re is _LINE:
+            value = value.rstrip()
+        end = value_start + len(value)
+        if not value or value.lower() in _NOT_A_VALUE:
+            return s[m.start() : end], end
+        return s[m.start() : value_start] + (self._hash(value) if kind == _HASH else self.secret(value)), end
 
     def _extra(self, pattern: re.Pattern[str], s: str) -> str:
         """An added pattern's matches, except where it would match (part of) a marker."""

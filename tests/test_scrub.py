@@ -233,6 +233,36 @@ def test_a_key_hash_in_text_is_kept_when_hex_and_taken_for_the_key_otherwise() -
     assert S.text(f"user_api_key_hash={k}") == f"user_api_key_hash={fingerprint(k)}"
 
 
+@pytest.mark.parametrize(
+    ("template", "value"),
+    [
+        ("Cookie: ai_user=abc; AppServiceAuthSession={s}\nHost: x", "ai_user=abc; AppServiceAuthSession={s}"),
+        ("Set-Cookie: sid={s}; Path=/; HttpOnly", "sid={s}; Path=/; HttpOnly"),
+        ("{{'Authorization': 'Digest username=\"u\", response=\"{s}\"', 'x': 1}}", 'username="u", response="{s}"'),
+        ("connection failed: password: 'correct horse {s}'", "correct horse {s}"),
+        ('{{"client_secret": "two words {s}"}}', "two words {s}"),
+        ("password=Tr0ub4dor;{s} next", "Tr0ub4dor;{s}"),
+        ("https://svc:P@ss{s}@host/v1", "P@ss{s}"),
+        ("password=[{s}]", "{s}"),
+        ("secret=({s})", "{s}"),
+        ("password    =    {s}", "{s}"),
+        ("api_key:\t\t\t\t{s}", "{s}"),
+    ],
+)
+def test_a_value_runs_to_its_closing_quote_its_header_line_end_or_its_last_at(template: str, value: str) -> None:
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=secret).replace(value.format(s=secret), fingerprint(value.format(s=secret)))
+    assert S.text(out) == out
+
+
+def test_a_value_ends_before_a_trailing_semicolon_and_a_header_value_keeps_its_scheme() -> None:
+    k = key()
+    assert S.text(f"api_key={k}; model=gpt-4o") == f"api_key={fingerprint(k)}; model=gpt-4o"
+    assert S.text(f"Authorization: Bearer {k}\r\nHost: x") == f"Authorization: Bearer {fingerprint(k)}\r\nHost: x"
+    assert S.text("{'token': {'a': 1}}") == "{'token': {'a': 1}}"
+
+
 def test_token_counts_in_text_are_not_credentials() -> None:
     text = "usage: prompt_tokens=12, completion_tokens: 5, total_tokens=17, max_tokens=256, max_token=9"
     assert S.text(text) == text

@@ -114,6 +114,8 @@ def _plant(capture: list[dict]) -> Planted:
         f"botocore.exceptions.ClientError: {{'aws_access_key_id': 'AKIA{akia}'}}\n"
         f"ValueError: could not load -----BEGIN RSA PRIVATE KEY-----\n{pem}\n-----END RSA PRIVATE KEY-----\n"
         f'httpx.HTTPStatusError: 401 body={{"error":"invalid_grant","accessToken":"{p.raw("traceback camelCase name")}"}}\n'
+        f"psycopg.OperationalError: connection failed: password: 'correct horse {p.raw('traceback quoted value of words')}'\n"
+        f"request headers: Cookie: ai_user=abc; AppServiceAuthSession={p.raw('traceback cookie after ;')}\n"
     )
     a["request_tags"] = [
         *a["request_tags"],
