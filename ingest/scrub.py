@@ -45,11 +45,11 @@ _SECRET_NAMES = frozenset(
         "api_key", "apikey", "authorization", "proxy_authorization", "token", "access_token", "refresh_token", "id_token",
         "session_token", "auth_token", "bearer_token", "secret", "secrets", "client_secret", "secret_key", "password", "passwd",
         "passphrase", "cookie", "set_cookie", "private_key", "credential", "credentials", "master_key", "access_key",
-        "secret_access_key", "accountkey", "account_key", "sharedaccesskey", "shared_access_key", "subscription_key",
+        "secret_access_key", "accountkey", "account_key", "sharedaccesskey", "shared_access_key", "subscription_key", "pwd",
     }
 )  # fmt: skip
 _SECRET_SUFFIXES = (
-    "_api_key", "_apikey", "_secret", "_secret_key", "_token", "_password", "_passwd", "_passphrase", "_credential",
+    "_api_key", "_apikey", "_secret", "_secret_key", "_token", "password", "passwd", "_pwd", "_passphrase", "_credential",
     "_credentials", "_private_key", "_master_key", "_access_key", "_account_key", "_cookie", "_authorization", "_subscription_key",
 )  # fmt: skip
 _TOKEN_NAMES_NOT_SECRET = frozenset(
@@ -97,7 +97,7 @@ _SCHEME = re.compile(r"\s{0,8}(?P<scheme>(?i:bearer|basic|token|digest)[ \t]{1,3
 _NAME = r"(?i:[a-z0-9_.\-])"
 """A character of a name in text: ``re.IGNORECASE`` also takes İ ı ſ K here, as ``name_kind`` does.
 A name is one word, or two joined by a space or ``+`` (``API Key:``, ``secret key=``)."""
-_PAIR_PARTS = ("key", "secret", "token", "pass", "authorization", "cookie", "credential")
+_PAIR_PARTS = ("key", "secret", "token", "pass", "pwd", "authorization", "cookie", "credential")
 """What every credential name has in it (any case): the pattern weighs only the names that do."""
 _HEADER_NAMES = frozenset({"cookie", "set_cookie", "authorization", "proxy_authorization"})
 """Their value is the rest of the line: a cookie list (``a=b; session=…``), an auth scheme and its
@@ -116,8 +116,9 @@ _QUOTED = {
 in a string) is closed by the next backslash."""
 _LINE = re.compile(r"[^\r\n\"'\\]{1,4096}")
 _QUERY_NAMES = (
-    r"key|api[_-]?key|apikey|token|access[_-]?token|id[_-]?token|auth|sig|signature|x-amz-signature|x-amz-security-token"
-    r"|x-amz-credential|x-goog-signature|x-goog-credential|code|client[_-]?secret|password|secret"
+    r"key|api(?:[_-]|%5[Ff])?key|apikey|token|access(?:[_-]|%5[Ff])?token|id(?:[_-]|%5[Ff])?token|auth|sig|signature"
+    r"|x-amz-signature|x-amz-security-token|x-amz-credential|x-goog-signature|x-goog-credential|code"
+    r"|client(?:[_-]|%5[Ff])?secret|password|secret"
 )
 _TOKEN_SHAPES = (
     r"[sr]k_(?:live|test)_[A-Za-z0-9]{8,255}",
@@ -153,6 +154,10 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         r"(?P<pair_sep>\\{0,3}[\"']?[ \t]{0,16}[:=][ \t]{0,16})(?P<pair_q>\\{0,3}[\"'])?",
     ),
     (
+        "xml",
+        rf"<(?P<xml_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})>(?P<xml_v>[^<\n]{{1,4096}})</(?P=xml_n)>",
+    ),
+    (
         "bearer",
         r"(?<![A-Za-z0-9])(?:[Bb]earer[ \t]{1,3}(?P<bearer_v>[A-Za-z0-9._~+/=\-]{6,4096})"
         r"|Basic[ \t]{1,3}(?P<basic_v>[A-Za-z0-9+/]{6,4096}={0,2}))",
@@ -167,7 +172,7 @@ _LITERALS = (
     "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "hf_", "gsk_", "xai-", "r8_", "pplx-", "tvly-", "npm_",
     "dapi", "lsv2_", "SG.",
 )  # fmt: skip
-"""What every alternative of ``_BUILTIN`` but ``query`` and ``pair`` has in it, as plain text."""
+"""What every alternative of ``_BUILTIN`` but ``query``, ``pair`` and ``xml`` has in it, as plain text."""
 
 
 def _may_hold_secret(s: str) -> bool:
@@ -179,7 +184,7 @@ def _may_hold_secret(s: str) -> bool:
     eq = "=" in s
     if eq and ("?" in s or "&" in s):
         return True
-    if not eq and ":" not in s:
+    if not eq and ":" not in s and "</" not in s:
         return False
     low = (s if s.isascii() else s.translate(_IGNORECASE_EXTRA)).lower()
     return any(p in low for p in _PAIR_PARTS)
@@ -300,6 +305,11 @@ class Scrubber:
         whole = m.group(0)
         if kind == "pair":
             return self._pair(m)
+        if kind == "xml":
+            start, end = m.start("xml_v") - m.start(), m.end("xml_v") - m.start()
+            if name_kind(m.group("xml_n")) != _SECRET:
+                return whole[:start], m.start("xml_v")
+            return whole[:start] + self.secret(m.group("xml_v")) + whole[end:], m.end()
         if kind == "userinfo":
             user, value = m.group("userinfo_u"), m.group("userinfo_v")
             user = self._sub(user, level + 1) if level < 4 else user

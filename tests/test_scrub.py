@@ -44,10 +44,11 @@ SECRET_NAMES = [
     "token", "access_token", "refresh_token", "id_token", "session_token", "secret", "client_secret", "aws_secret_key",
     "aws_secret_access_key", "aws_session_token", "password", "passwd", "cookie", "Set-Cookie", "private_key", "vertex_credentials",
     "OPENAI_API_KEY", "x-litellm-api-key", "Ocp-Apim-Subscription-Key", "mlflow.traceTag.api_key", "credentials",
+    "pwd", "PGPASSWORD", "dbPassword", "MYSQL_PWD",
 ]  # fmt: skip
 NOT_SECRET_NAMES = [
     "max_tokens", "prompt_tokens", "total_tokens", "completion_tokens", "maxTokens", "cache_key", "tokenizer", "eos_token",
-    "api_base", "api_version", "key", "user_api_key_alias", "token_type", "model",
+    "api_base", "api_version", "key", "user_api_key_alias", "token_type", "model", "password_reset_url",
 ]  # fmt: skip
 
 
@@ -261,6 +262,16 @@ def test_a_value_ends_before_a_trailing_semicolon_and_a_header_value_keeps_its_s
     assert S.text(f"api_key={k}; model=gpt-4o") == f"api_key={fingerprint(k)}; model=gpt-4o"
     assert S.text(f"Authorization: Bearer {k}\r\nHost: x") == f"Authorization: Bearer {fingerprint(k)}\r\nHost: x"
     assert S.text("{'token': {'a': 1}}") == "{'token': {'a': 1}}"
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["pwd={s}", "PGPASSWORD={s}", "MYSQL_PWD={s}", "<password>{s}</password>", "<token>{s}</token>", "https://x.io/v1?api%5Fkey={s}"],
+)
+def test_environment_passwords_xml_elements_and_url_encoded_names_give_their_values_away(template: str) -> None:
+    secret = rand(18, string.ascii_lowercase)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+    assert S.text("<name>bob</name> <tokenizer>bpe</tokenizer>") == "<name>bob</name> <tokenizer>bpe</tokenizer>"
 
 
 def test_token_counts_in_text_are_not_credentials() -> None:
