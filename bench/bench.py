@@ -265,10 +265,10 @@ def scrub_cost(path: Path, repeat: int = 3) -> tuple[float, float, int]:
         def text(self, s: str) -> str:
             return s
 
-        def field(self, name: str, value: object, depth: int = 0, max_depth: int = 0) -> object:
+        def field(self, name: str, value: object) -> object:
             return value
 
-        def spans(self, spans: object, max_depth: int = 0) -> None:
+        def spans(self, spans: object) -> None:
             return None
 
     lines, _ = split_lines(str(path), path.read_bytes(), 0, 1)

@@ -32,8 +32,6 @@ DEFAULT_SALT = "litellm-ingest/scrub/v1"
 sets its own salt (the same on every host, or fingerprints will not match across them) makes short
 keys unguessable from their fingerprint."""
 MARKER = re.compile(r"\[REDACTED:[0-9a-f]{8}\]")
-DEFAULT_MAX_DEPTH = 24
-"""Containers nested deeper are scrubbed as their JSON text (the exporters send them as text anyway)."""
 CONTENT_KEYS = frozenset({"messages", "input", "prompt"})
 """The prompt inside the inputs attribute; with ``content=False`` it, the outputs and
 ``raw_llm_response`` pass verbatim."""
@@ -194,6 +192,8 @@ _CACHED_LENGTH = 512
 _CACHED_STRINGS = 16384
 """Bounds the caches of scrubbed texts and keys (a daemon runs for months): at most ~16 MB."""
 _NOT_A_VALUE = frozenset({"null", "none", "true", "false", "undefined", "nil"})
+_TUPLE = object()
+"""On :meth:`Scrubber.value`'s stack: the list below it, now filled, becomes a tuple."""
 
 
 def _looks_random(token: str) -> bool:
@@ -271,14 +271,14 @@ class Scrubber:
             return m.group("scheme") + (rest if MARKER.fullmatch(rest) else self.marker(rest))
         return self.marker(v)
 
-    def field(self, name: str, value: Any, depth: int = 0, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    def field(self, name: str, value: Any) -> Any:
         """``value`` as it sits under ``name`` (a dict key, a tag key)."""
         kind = name_kind(name) if type(name) is str else _NOT_SECRET
         if kind == _SECRET:
             return self._secret_value(value)
         if kind == _HASH and type(value) is str:
             return self._hash(value)
-        return self.value(value, depth, max_depth)
+        return self.value(value)
 
     def _hash(self, value: str) -> str:
         """A key's hash is kept, anything else under its name is taken for the key."""
@@ -369,45 +369,64 @@ class Scrubber:
 
     # --- values -----------------------------------------------------------------------------------
 
-    def value(self, value: Any, depth: int = 0, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-        """A JSON-like value, scrubbed (dict keys too) into a new one; what is not text is kept."""
+    def value(self, value: Any) -> Any:
+        """A JSON-like value, scrubbed (dict keys too) into a new one; what is not text is kept. Walked
+        with a stack, not recursion, so a dict's rules hold at any depth; a container met twice (or
+        inside itself) is scrubbed once."""
         t = type(value)
         if t is str:
             done = self._texts.get(value)
             return done if done is not None else self.text(value)
-        if t is dict or t is list or t is tuple:
-            if depth >= max_depth:
-                return self._as_text(value)
-            if t is dict:
-                return self._items(value, depth + 1, max_depth)
-            return self._list(value, depth + 1, max_depth)
-        return value
+        if not (t is dict or t is list or t is tuple):
+            return value
+        root: list[Any] = [None]
+        stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+        memo: dict[int, Any] = {}
+        while stack:
+            src, dst, slot = stack.pop()
+            if src is _TUPLE:
+                dst[slot] = tuple(dst[slot])
+                continue
+            t = type(src)
+            if t is tuple:
+                stack.append((_TUPLE, dst, slot))
+            elif (done := memo.get(id(src))) is not None:
+                dst[slot] = done
+                continue
+            out = self._items(src, stack) if t is dict else self._list(src, stack)
+            dst[slot] = out
+            if t is not tuple:
+                memo[id(src)] = out
+        return root[0]
 
-    def _list(self, values: list[Any] | tuple[Any, ...], depth: int, max_depth: int) -> list[Any] | tuple[Any, ...]:
+    def _list(self, values: list[Any] | tuple[Any, ...], stack: list[tuple[Any, Any, Any]]) -> list[Any]:
+        """Its strings scrubbed now, its containers pushed on ``stack`` for :meth:`value` (a tuple's
+        list becomes a tuple once they are done)."""
         texts = self._texts
-        items = []
-        for x in values:
+        items: list[Any] = []
+        for i, x in enumerate(values):
             t = type(x)
             if t is str:
                 done = texts.get(x)
                 items.append(done if done is not None else self.text(x))
             elif t is dict or t is list or t is tuple:
-                items.append(self.value(x, depth, max_depth))
+                items.append(None)
+                stack.append((x, items, i))
             else:
                 items.append(x)
-        return items if type(values) is list else tuple(items)
+        return items
 
     def _items(
         self,
         d: dict[Any, Any],
-        depth: int,
-        max_depth: int,
+        stack: list[tuple[Any, Any, Any]] | None = None,
         verbatim: frozenset[str] = frozenset(),
         shared: dict[int, tuple[Any, Any]] | None = None,
     ) -> dict[Any, Any]:
         """The hot loop (a trace has a few hundred values): one cached lookup per key gives its
-        scrubbed text and what its name says, one per short text value its result. ``shared``: the
-        containers already scrubbed at this depth, by identity (a span's outputs and its
+        scrubbed text and what its name says, one per short text value its result. Containers are
+        pushed on ``stack`` for :meth:`value`, or without one scrubbed whole here. ``shared``: the
+        containers already scrubbed among a span's attributes, by identity (a span's outputs and its
         ``raw_llm_response`` are one object, an attempt's inputs are the root's too), with the
         original kept so its id stays its own."""
         texts, keys = self._texts, self._keys
@@ -422,7 +441,7 @@ class Scrubber:
             else:
                 key, kind = k, _NOT_SECRET
             if kind != _NOT_SECRET and not (logprob and k == "token"):
-                out[key] = v if k in verbatim else self.field(k, v, depth, max_depth)
+                out[key] = v if k in verbatim else self.field(k, v)
                 continue
             t = type(v)
             if t is str:
@@ -431,12 +450,15 @@ class Scrubber:
             elif t is dict or t is list or t is tuple:
                 if k in verbatim:
                     out[key] = v
+                elif stack is not None:
+                    out[key] = None
+                    stack.append((v, out, key))
                 elif shared is None:
-                    out[key] = self.value(v, depth, max_depth)
+                    out[key] = self.value(v)
                 elif (seen := shared.get(id(v))) is not None:
                     out[key] = seen[1]
                 else:
-                    out[key] = self.value(v, depth, max_depth)
+                    out[key] = self.value(v)
                     shared[id(v)] = (v, out[key])
             else:
                 out[key] = v
@@ -450,10 +472,10 @@ class Scrubber:
             self._keys[k] = entry
         return entry
 
-    def _field_at(self, name: str, value: Any, depth: int, max_depth: int) -> Any:
+    def _field_at(self, name: str, value: Any) -> Any:
         if name_kind(name) == _NOT_SECRET:
-            return self.value(value, depth, max_depth)
-        return self.field(name, value, depth, max_depth)
+            return self.value(value)
+        return self.field(name, value)
 
     def _secret_value(self, value: Any) -> Any:
         t = type(value)
@@ -463,36 +485,29 @@ class Scrubber:
             return self.marker(_json_text(value)) if value else value
         return value
 
-    def _as_text(self, value: Any) -> Any:
-        """A container past the depth limit as the exporters send it (JSON text), scrubbed; kept as it
-        was when there is nothing to scrub, so the export is unchanged."""
-        text = _json_text(value)
-        scrubbed = self.text(text)
-        return value if scrubbed == text else scrubbed
-
     # --- spans ------------------------------------------------------------------------------------
 
-    def spans(self, spans: Iterable[Any], max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    def spans(self, spans: Iterable[Any]) -> None:
         """Scrub built spans in place: names, attributes (keys and values), events, status messages."""
         shared: dict[int, tuple[Any, Any]] = {}
         for span in spans:
             span.name = self.text(span.name)
-            span.attributes = self._attributes(span.attributes, max_depth, shared)
-            span.events = [(self.text(name), t, self._items(attrs, 0, max_depth)) for name, t, attrs in span.events]
+            span.attributes = self._attributes(span.attributes, shared)
+            span.events = [(self.text(name), t, self._items(attrs)) for name, t, attrs in span.events]
             if span.error is not None:
                 span.error = self.text(span.error)
 
-    def _attributes(self, attrs: dict[str, Any], max_depth: int, shared: dict[int, tuple[Any, Any]]) -> dict[str, Any]:
+    def _attributes(self, attrs: dict[str, Any], shared: dict[int, tuple[Any, Any]]) -> dict[str, Any]:
         if self.content:
-            return self._items(attrs, 0, max_depth, shared=shared)
+            return self._items(attrs, shared=shared)
         out: dict[str, Any] = {}
         for k, v in attrs.items():
             if k in (SpanAttributeKey.OUTPUTS, "raw_llm_response"):
                 out[k] = v
             elif k == SpanAttributeKey.INPUTS and type(v) is dict:
-                out[k] = self._items(v, 1, max_depth, verbatim=CONTENT_KEYS)
+                out[k] = self._items(v, verbatim=CONTENT_KEYS)
             else:
-                out[self.text(k)] = self._field_at(k, v, 0, max_depth)
+                out[self.text(k)] = self._field_at(k, v)
         return out
 
 

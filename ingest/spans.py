@@ -551,7 +551,7 @@ def build_trace(
         spans = [root]
     else:
         spans = _joined(root, [_attempt_span(tid, a, scrub) for a in attempts], root_attrs)
-    scrub.spans(spans, MAX_ATTRIBUTE_DEPTH)
+    scrub.spans(spans)
     return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows, parent)
 
 

@@ -390,6 +390,35 @@ def test_one_object_under_several_keys_and_spans_is_scrubbed_wherever_it_is() ->
     assert k1 in json.dumps(response) and k2 in json.dumps(inputs), "the built values themselves are not changed"
 
 
+def test_a_dict_deeper_than_any_export_limit_is_still_scrubbed_by_its_names() -> None:
+    """Past the nesting the exporters send as JSON text, a value under a credential name is still one,
+    an object (which text rules cannot take whole) as much as a string."""
+    secret, words = rand(18, string.ascii_lowercase), f"correct horse {rand(12, string.ascii_lowercase)}"
+    credentials = {"refresh": rand(18, string.ascii_lowercase)}
+    deep: Any = [{"clientSecret": secret}, {"password": words}, ("sk-TUPLE12345",), {"credentials": credentials}]
+    for _ in range(40):
+        deep = {"a": [deep]}
+    out = S.value(deep)
+    leaf = out
+    for _ in range(40):
+        leaf = leaf["a"][0]
+    assert leaf == [
+        {"clientSecret": fingerprint(secret)},
+        {"password": fingerprint(words)},
+        (fingerprint("sk-TUPLE12345"),),
+        {"credentials": fingerprint(json.dumps(credentials))},
+    ]
+
+
+def test_a_container_met_twice_or_inside_itself_is_scrubbed_once() -> None:
+    k = key()
+    shared = {"api_key": k}
+    loop: list[Any] = [shared, shared]
+    loop.append(loop)
+    out = S.value(loop)
+    assert out[0] is out[1] and out[0] == {"api_key": fingerprint(k)} and out[2] is out
+
+
 def built(**changes: Any) -> Any:
     """The trace of one real capture record, changed."""
     from ingest.dedupe import dedupe

@@ -90,6 +90,12 @@ class Planted:
         return out
 
 
+def _nested(levels: int, leaf: Any) -> Any:
+    for _ in range(levels):
+        leaf = {"a": leaf}
+    return leaf
+
+
 def _plant(capture: list[dict]) -> Planted:
     p = Planted()
     a = reidentify([capture[23]])[0]  # a failed call (upstream 500)
@@ -132,6 +138,7 @@ def _plant(capture: list[dict]) -> Planted:
         **a["model_parameters"],
         "api_key": p.raw("model_parameters.api_key"),
         "extra_headers": {"Authorization": f"Bearer {p.raw('model_parameters.extra_headers.Authorization')}"},
+        "deep": _nested(30, {"credentials": {"refresh": p.raw("model_parameters credentials object 30 levels deep")}}),
     }
     a["metadata"]["user_api_key_hash"] = f"Bearer {p.sk('user_api_key_hash Bearer')}"
     a["metadata"]["user_api_key_alias"] = shared
