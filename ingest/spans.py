@@ -467,8 +467,11 @@ def _split_tag(tag: str) -> tuple[str, str]:
 
 def scrubbed_tags(tags: list[str] | None, scrub: Scrubber) -> Iterator[tuple[str, str, str]]:
     """(key, value, tag) of each ``k:v`` request tag: scrubbed whole before it is split (a URL's
-    password sits past a colon), then its value by its key's name (``API Key: ...``), as a dict's."""
+    password sits past a colon), then its value by its key's name (``API Key: ...``), as a dict's.
+    A tag that is not text (a client's ``null``) is no tag."""
     for t in tags or []:
+        if type(t) is not str:
+            continue
         text = scrub.text(t)
         k, v = _split_tag(text)
         kept = scrub.field(k, v)

@@ -443,6 +443,11 @@ def test_the_request_tags_attribute_is_scrubbed_as_the_trace_tags_are() -> None:
     assert "horse" not in json.dumps(attrs, default=str)
 
 
+def test_a_null_request_tag_is_skipped_not_the_call() -> None:
+    attrs = built(request_tags=[None, "team:a"]).data[0].attributes
+    assert attrs["request_tags"] == ["team:a"] and attrs["mlflow.traceTag.team"] == "a"
+
+
 # --- robustness ---------------------------------------------------------------------------------
 
 
