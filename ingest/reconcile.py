@@ -30,6 +30,7 @@ class Report:
     traces_in_mlflow: int = 0
     matched: int = 0
     missing: list[str] = field(default_factory=list)
+    """Call ids as the ``litellm.call_id`` tag holds them (scrubbed: a client may send its key as the id)."""
     extra: list[str] = field(default_factory=list)
     quarantined: int = 0
     window: tuple[int | None, int | None] = (None, None)
@@ -39,6 +40,9 @@ class Report:
     """Missing calls that ended within the settle window: a daemon may still hold them for a retry,
     so ``--repair`` leaves them (written now, a later retry could not change their state)."""
     ended: dict[str, int] = field(default_factory=dict, repr=False)
+    """End time of each missing call, by its raw call key (what ``--repair`` selects by)."""
+    shown: dict[str, str] = field(default_factory=dict, repr=False)
+    """Raw call key -> as it is shown."""
 
     @property
     def ok(self) -> bool:
@@ -47,6 +51,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("ended")
+        d.pop("shown")
         d["missing_count"], d["extra_count"] = len(self.missing), len(self.extra)
         return d
 
@@ -134,9 +139,10 @@ def reconcile(opts: RunOptions) -> Report:
     report.calls_in_logs = len(expected)
     report.traces_in_mlflow = len(actual)
     report.matched = len(expected.keys() & actual.keys())
-    report.missing = sorted(expected[t] for t in expected.keys() - actual.keys())
+    missing = {expected[t] for t in expected.keys() - actual.keys()}
+    report.shown = {k: opts.scrub.text(k) for k in missing}
+    report.missing = sorted(report.shown.values())
     report.extra = sorted(actual[t] for t in actual.keys() - expected.keys())
-    missing = set(report.missing)
     report.ended = {k: e for k, e in calls.select("call_key", "end_us").iter_rows() if k in missing}
     return report
 
@@ -147,8 +153,9 @@ def repair(opts: RunOptions, report: Report, now_us: int) -> Summary:
     before it is built, and bad lines, quarantined by the runs that read them, are only counted.
     Calls that ended within ``opts.settle_s`` are left (``Report.too_recent``)."""
     recent_from = now_us - int(opts.settle_s * 1_000_000)
-    report.too_recent = sorted(k for k in report.missing if report.ended.get(k, 0) > recent_from)
-    wanted = frozenset(report.missing) - set(report.too_recent)
+    recent = {k for k in report.shown if report.ended.get(k, 0) > recent_from}
+    report.too_recent = sorted(report.shown[k] for k in recent)
+    wanted = frozenset(report.shown.keys() - recent)
     summary = run_batch(replace(opts, only_calls=wanted, quarantine_file=None)) if wanted else Summary()
     report.repaired = summary.traces_written
     return summary

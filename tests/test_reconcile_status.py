@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -142,6 +143,32 @@ def test_reconcile_repair_writes_the_missing_calls_only_and_leaves_the_recent_on
     code, report = reconcile([str(path)], store_uri, experiment_name, tmp_path, "--repair", "--settle", "0")
     assert code == 0 and report["repaired"] == 1, report
     assert reconcile([str(path)], store_uri, experiment_name, tmp_path)[0] == 0
+
+
+def test_reconcile_shows_a_call_id_that_is_a_key_as_its_tag_holds_it_and_repairs_it_by_the_raw_id(
+    tmp_path: Path, capture: list[dict], experiment_name: str
+) -> None:
+    """A client may send its key as the call id: MLflow's ``litellm.call_id`` holds it scrubbed, and
+    so does every list reconcile prints, while ``--repair`` still finds the call by its raw id."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    written, keyed = [r for r in copies(capture, 1, "rec-key")[0] if r["status"] == "success"][:2]
+    k = "sk-proj-" + hashlib.sha256(os.urandom(8)).hexdigest()[:32] + "T3BlbkFJ"
+    keyed = {**keyed, "litellm_call_id": k}
+    marker = f"[REDACTED:{hmac.new(b'litellm-ingest/scrub/v1', k.encode(), hashlib.sha256).hexdigest()[:8]}]"
+    target = ["--tracking-uri", uri, "--experiment-name", experiment_name]
+    batch = run(
+        "batch", str(write_log(tmp_path / "a" / "calls.jsonl", [written])), *target, "--state-dir", str(tmp_path / "st"), cwd=tmp_path
+    )
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    path = str(write_log(tmp_path / "b" / "calls.jsonl", [keyed]))
+
+    text = run("reconcile", path, *target, cwd=tmp_path)
+    code, report = reconcile([path], uri, experiment_name, tmp_path)
+    assert k not in text.stdout + text.stderr and f"  {marker}" in text.stdout
+    assert code == 6 and report["missing"] == [marker], report
+    code, report = reconcile([path], uri, experiment_name, tmp_path, "--repair", "--settle", "0")
+    assert code == 0 and report["repaired"] == 1 and report["missing"] == [marker], report
+    assert marker in {t.info.tags["litellm.call_id"] for t in all_traces(uri, experiment_name)}
 
 
 def test_reconcile_reports_traces_of_other_logs_in_the_window_as_extra(
