@@ -132,7 +132,11 @@ def span_from_json(d: dict[str, Any]) -> SpanData:
 
 class NestQueue:
     """Calls waiting for their app trace, in a SQLite file beside the state: a daemon restarted (or
-    the next cron run) goes on waiting where the last one stopped, until each call's due time."""
+    the next cron run) goes on waiting where the last one stopped, until each call's due time.
+
+    A call is known here by its standalone trace id (column ``call_key``, named before this rule),
+    never by its call id, which a client may set to its key: the file keeps nothing the traces
+    would not show. A queue written before holds call ids until their grace is over."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -200,7 +204,8 @@ class Waiting:
     """A call's nested spans and the app trace they go into."""
 
     app_trace: str
-    call_key: str
+    call: str
+    """The call's standalone trace id: a hash of its call id, which may be a key."""
     due_us: int
     spans: list[SpanData]
 
@@ -255,16 +260,16 @@ class Nester:
                 self.counts.missing += 1
                 continue
             try:
-                call = Waiting(t.app_trace_id, t.call_key, due, nested_spans(t))
+                call = Waiting(t.app_trace_id, t.trace_id, due, nested_spans(t))
             except Exception as e:
                 self.counts.failed += 1
-                log.warning("could not build the nested spans of call %s: %s", t.call_key, e)
+                log.warning("could not build the nested spans of the call of trace %s: %s", t.trace_id, e)
                 continue
             (ready if app is not None and (app.finalized or not can_wait) else waiting).append(call)
         self._write(ready, found)
         if self.queue is not None:
-            self.queue.remove((c.app_trace, c.call_key) for c in ready)
-            self.queue.put([(c.app_trace, c.call_key, c.due_us, c.spans) for c in waiting])
+            self.queue.remove((c.app_trace, c.call) for c in ready)
+            self.queue.put([(c.app_trace, c.call, c.due_us, c.spans) for c in waiting])
 
     def poll(self, force: bool = False) -> None:
         """Look up the app traces the queue waits for (at most every ``poll_s`` unless forced):
@@ -279,7 +284,7 @@ class Nester:
             entries = [Waiting(*e) for e in self.queue.entries(sorted(found))]
             ready = [c for c in entries if found[c.app_trace].finalized or c.due_us <= now]
             self._write(ready, found)
-            self.queue.remove((c.app_trace, c.call_key) for c in ready)
+            self.queue.remove((c.app_trace, c.call) for c in ready)
         self.counts.missing += self.queue.expire(now)
 
     def _find(self, app_trace_ids: set[str]) -> dict[str, AppTrace]:
@@ -324,7 +329,7 @@ class Nester:
                 if e.kind != "rejected":
                     raise
                 self.counts.failed += 1
-                log.warning("could not nest call %s into app trace %s: %s", c.call_key, app.trace_id, e)
+                log.warning("could not nest the call of trace %s into app trace %s: %s", c.call, app.trace_id, e)
 
     def _remove_orphans(self, written: set[str]) -> None:
         """An app trace deleted between lookup and write was recreated by the write: delete it again."""

@@ -335,6 +335,29 @@ def test_the_queue_survives_a_restart_and_expires_by_due_time(tmp_path: Path) ->
     assert nest_pending(tmp_path / "s.json") == 1
 
 
+def test_a_queued_call_is_kept_by_its_trace_id_not_by_a_call_id_that_is_a_key(capture: list[dict], tmp_path: Path) -> None:
+    """A client may send its key as the call id: the queue file keeps the call's trace id instead."""
+    import polars as pl
+
+    from ingest.nesting import Nester, NestQueue
+    from ingest.normalize import normalize
+    from ingest.sink import NullSink
+    from ingest.spans import build_trace, group_calls
+
+    k = "sk-proj-" + uuid.uuid4().hex + "T3BlbkFJ"
+    call = {"traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", "t0": time.time() - 1, "t1": time.time()}
+    records = [{**r, "litellm_call_id": k} for r in proxy_records(capture, call)]
+    frame = pl.DataFrame({"source": ["f"] * len(records), "line_no": list(range(len(records))), "offset": list(range(len(records))),
+                          "raw": [json.dumps(r) for r in records], "truncated": [False] * len(records)})  # fmt: skip
+    (trace,) = [build_trace(rows, "1") for rows in group_calls(normalize(frame)[0])]
+    assert trace.call_key == k
+    queue = NestQueue(tmp_path / "s.nest.sqlite")
+    Nester(NullSink(), queue).after_write([trace])
+    assert queue.size == 1 and [e[1] for e in queue.entries(queue.app_traces())] == [trace.trace_id]
+    queue.close()
+    assert not [f for f in tmp_path.iterdir() if k.encode() in f.read_bytes()]
+
+
 def test_an_app_trace_deleted_between_lookup_and_write_leaves_no_orphan(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
     """The write recreates a trace deleted after the lookup (MLflow creates what it does not hold);
     the check after the write finds it unfinished and deletes it."""
