@@ -296,12 +296,14 @@ class State:
 
     def save(self, data: bytes | None = None) -> None:
         """Write the state (``data``: its :meth:`document` encoded, if just done) whole or not at all; one
-        that cannot be written (disk full, read-only) is a StateError naming it, the file before it untouched."""
+        that cannot be written (disk full, read-only) is a StateError naming it, the file before it untouched.
+        Only its owner may read it: it holds the raw lines of calls not yet settled, an upstream 401
+        quoting the key it was sent among them (MLflow gets them scrubbed)."""
         data = encode_state(self.document()) if data is None else data
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -358,7 +360,7 @@ class State:
         """Hold this state's lock for a run; raise LockedError at once if another run has it."""
         lock_path = self.path.with_suffix(".lock")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise StateError(f"cannot create the lock file {lock_path}: {e.strerror or e}") from e

@@ -38,7 +38,7 @@ def state_db(path: Path, *ddl: str) -> sqlite3.Connection:
     and started anew: what it held is re-read (ledger) or left standalone (nesting queue), never
     doubled, and the cron run or daemon is not stopped by it for good."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         checked = _inode(path)
         try:
             return _open_db(path, ddl)

@@ -340,3 +340,22 @@ def test_the_tail_daemon_scrubs_as_batch_does(planted: Planted, tmp_path: Path) 
     assert not leaks(sqlite_dump(uri), planted)
     assert not leaks(api_text(traces), planted)
     assert_nothing_dropped(traces, planted)
+
+
+def test_what_stays_on_the_host_with_raw_lines_is_readable_by_its_owner_only(planted: Planted, log: Path, tmp_path: Path) -> None:
+    """The state holds the raw lines of calls not settled yet (here every call: ``--settle`` is long),
+    keys quoted by a failure among them, and the quarantine file holds bad lines verbatim: both
+    were written ``0644`` in a folder anyone could list."""
+    state = tmp_path / "fresh" / "state"
+    quarantine = state / "quarantine.jsonl"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"litellm_call_id": "q", "api_key": "sk-' + "Q" * 40 + '", "startTime": "x"\n')
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    args = ["batch", str(log), str(bad), "--tracking-uri", uri, "--state-dir", str(state), "--settle", "1e9", "-q"]
+    proc = subprocess.run([EXE, *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (doc,) = state.glob("batch-*.json")
+    assert json.loads(doc.read_text())["held"] or json.loads(doc.read_text())["recent"], "raw lines are kept"
+    for path in (doc, quarantine):
+        assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
+    assert state.stat().st_mode & 0o077 == 0, oct(state.stat().st_mode)
