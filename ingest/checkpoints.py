@@ -417,8 +417,8 @@ def read_state(path: Path) -> dict[str, Any] | None:
             )
         while doc["version"] < STATE_VERSION:
             doc = _UPGRADES[doc["version"]](doc)
-        if not (isinstance(doc.get("checkpoints", []), list) and all(isinstance(doc.get(k, {}), dict) for k in ("last_run", "extra"))):
-            raise CorruptState("not a state document")
+        if (problem := _shape_problem(doc)) is not None:
+            raise CorruptState(problem)
         for d in doc.get("checkpoints", []):
             Checkpoint.from_dict(d)
     except (StateError, CorruptState):
@@ -428,8 +428,47 @@ def read_state(path: Path) -> dict[str, Any] | None:
     return doc
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "fingerprint": (str,),
+    "path": (str,),
+    "offset": (int,),
+    "line": (int,),
+    "size": (int, type(None)),
+    "updated_at": (str, type(None)),
+    "done": (bool,),
+    "tail": (str, type(None)),
+}
+_LINE_TYPES: dict[str, tuple[type, ...]] = {"file": (str,), "source": (str,), "line": (int,), "offset": (int,), "raw": (str,)}
+
+
+def _typed(d: Any, types: dict[str, tuple[type, ...]], required: tuple[str, ...]) -> bool:
+    """``d`` is an object whose fields have their types (an int is no bool), the ``required`` present."""
+    if not isinstance(d, dict) or any(k not in d for k in required):
+        return False
+    return all(k not in d or (isinstance(d[k], t) and not (isinstance(d[k], bool) and bool not in t)) for k, t in types.items())
+
+
+def _shape_problem(doc: Any) -> str | None:
+    """What makes a parsed document no state (a file edited by hand, or by another program): a field
+    of another type would be a traceback in ``status`` or a run's first save, not a state set aside."""
+    if not isinstance(doc, dict):
+        return "not a state document"
+    for key, kind in (("checkpoints", list), ("held", list), ("recent", list), ("last_run", dict), ("extra", dict), ("destination", dict)):
+        if not isinstance(doc.get(key, kind()), kind):
+            return f"{key!r} is not a {kind.__name__}"
+    if not isinstance(doc.get("mode", ""), str):
+        return "'mode' is not text"
+    for d in doc.get("checkpoints", []):
+        if not _typed(d, _FIELD_TYPES, ("fingerprint", "path")):
+            return f"a checkpoint of another shape: {str(d)[:120]}"
+    for key in ("held", "recent"):
+        if not all(_is_line(h) for h in doc.get(key, [])):
+            return f"a line in {key!r} of another shape"
+    return None
+
+
 def _is_line(h: Any) -> bool:
-    return isinstance(h, dict) and all(k in h for k in HELD_FIELDS)
+    return _typed(h, _LINE_TYPES, HELD_FIELDS)
 
 
 def destination_key(tracking_uri: str, experiment_id: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ingest.checkpoints import STATE_VERSION, Checkpoint, State
 from tests.conftest import copies, sqlite_trace_count, write_log
 
@@ -152,6 +154,36 @@ def test_a_corrupt_state_is_copied_aside_said_on_stderr_and_in_the_summary_and_t
     status = run("status", "--state-dir", str(state.parent), "--json", cwd=tmp_path)
     assert status.returncode == 0, status.stdout + status.stderr
     assert json.loads(status.stdout)["corrupt_copies"] == [str(copy)]
+
+
+SHAPES = {
+    "a checkpoint's path is a number": lambda d: {**d, "checkpoints": [{**c, "path": 5} for c in d["checkpoints"]]},
+    "an offset is text": lambda d: {**d, "checkpoints": [{**c, "offset": "12"} for c in d["checkpoints"]]},
+    "held is an object": lambda d: {**d, "held": {"a": 1}},
+    "destination is text": lambda d: {**d, "destination": "x"},
+    "mode is a number": lambda d: {**d, "mode": 3},
+    "a held line of other types": lambda d: {**d, "held": [{"file": 1, "source": 2, "line": "x", "offset": None, "raw": 5}]},
+}
+
+
+@pytest.mark.parametrize("change", list(SHAPES), ids=list(SHAPES))
+def test_a_state_of_whole_json_but_fields_of_other_types_is_corrupt_for_status_and_set_aside_by_a_run(
+    tmp_path: Path, capture: list[dict], change: str
+) -> None:
+    """Only the top-level shape was checked: ``status`` died in a traceback, a run in "unexpected
+    TypeError" (exit 1), and a held line of other types was dropped without a word."""
+    args, state, db = ingested(tmp_path, capture)
+    traces = sqlite_trace_count(db)
+    state.write_text(json.dumps(SHAPES[change](json.loads(state.read_text()))))
+
+    status = run("status", "--state-dir", str(state.parent), cwd=tmp_path)
+    assert status.returncode == 7 and "Traceback" not in status.stderr, status.stdout + status.stderr
+    assert str(state) in status.stdout and "corrupt" in status.stdout, status.stdout
+
+    again = run(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert json.loads(again.stdout)["state_corrupt_copy"] is not None
+    assert sqlite_trace_count(db) == traces
 
 
 def _damage_pages(path: Path) -> None:
