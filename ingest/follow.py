@@ -105,6 +105,11 @@ def _reader(fd: int, gz: bool) -> BinaryIO:
     return gzip.GzipFile(fileobj=f, mode="rb") if gz else f  # type: ignore[return-value]
 
 
+OTHER_COMPRESSION = {b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
+"""What logrotate's ``compresscmd`` may make instead of gzip: read as text, such a file was a flood
+of ``invalid_utf8`` quarantine lines (its lines were read from the live file before it anyway)."""
+
+
 def _inode(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -209,6 +214,7 @@ class Follower:
         """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
         too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
         self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
+        self._other_compression: set[str] = set()
         self._whole: dict[str, tuple[str, int]] = {}
         """Compressed files decompressed to a clean end: their stat key then, and the offset of that end."""
         self._damaged: dict[str, tuple[str, bool]] = {}
@@ -236,7 +242,14 @@ class Follower:
             except OSError:
                 return None
         try:
-            gz = os.pread(fd, 2, 0) == GZIP_MAGIC
+            magic = os.pread(fd, 6, 0)
+            if (kind := next((k for m, k in OTHER_COMPRESSION.items() if magic.startswith(m)), None)) is not None:
+                os.close(fd)
+                if str(path) not in self._other_compression:
+                    self._other_compression.add(str(path))
+                    log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest its lines", path, kind)
+                return None
+            gz = magic[:2] == GZIP_MAGIC
             finished = not gz and self.quiet(os.fstat(fd))
             with _reader(fd, gz) as f:
                 fp = fingerprint_of(f, unterminated_ok=finished)

@@ -1041,3 +1041,28 @@ def test_files_that_start_with_a_blank_line_are_told_apart_by_their_first_record
     t.step()
     assert sorted(sink.calls()) == sorted(f"b-{k}" for k in range(n))
     t.close()
+
+
+@pytest.mark.parametrize("kind", ["xz", "bzip2"])
+def test_a_rotated_file_compressed_otherwise_than_gzip_is_said_once_and_not_read_as_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """logrotate's ``compresscmd xz`` (or bzip2, zstd) made ``x.jsonl.1.xz``: read as text, it was a
+    flood of invalid_utf8 quarantine lines in the daemon, and exit 3 for every cron run."""
+    import bz2
+    import lzma
+
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    rotated = "".join(line(record(f"r-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(20)).encode()
+    squeeze = lzma.compress if kind == "xz" else bz2.compress
+    (logdir / f"proxy.jsonl.1.{'xz' if kind == 'xz' else 'bz2'}").write_bytes(squeeze(rotated))
+    (logdir / "proxy.jsonl").write_text(line(record("live-0", "success", 200.0, 201.0)))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            t.step()
+    assert list(sink.calls()) == ["live-0"] and t.quarantine.total == 0
+    assert caplog.text.count(f"is compressed with {kind}, which is not read") == 1, caplog.text
+    t.close()
