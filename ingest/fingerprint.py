@@ -11,6 +11,7 @@ line yet has no fingerprint and is left for later.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import BinaryIO
 
 from ingest.sources import HEAD_BYTES, TAIL_BYTES, is_document, line_head
@@ -53,7 +54,23 @@ def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
         if not head.strip() or not (unterminated_ok or is_document(head)):
             return None
         head += b"\n"
-    return "sha256:" + hashlib.sha256(head).hexdigest()[:32]
+    return "sha256:" + hashlib.sha256(_first_record(head)).hexdigest()[:32]
+
+
+def _first_record(line: bytes) -> bytes:
+    """A first line that is one record joined to the next (``{A}{B}``: a writer that died between its
+    record and the newline, and the next one appended its own) is known by the first record, as the
+    file was while it held only that: read as rewritten, its next record was quarantined with it."""
+    if b"}{" not in line or is_document(line):
+        return line
+    text = line.decode("utf-8", "surrogateescape")
+    try:
+        obj, end = json.JSONDecoder().raw_decode(text)
+    except (ValueError, RecursionError):
+        return line
+    if not isinstance(obj, dict) or not text[end:].lstrip().startswith("{"):
+        return line
+    return text[:end].encode("utf-8", "surrogateescape") + b"\n"
 
 
 def tail_digest(data: bytes, head: bytes | None = None) -> str:

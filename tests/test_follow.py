@@ -1066,3 +1066,23 @@ def test_a_rotated_file_compressed_otherwise_than_gzip_is_said_once_and_not_read
     assert list(sink.calls()) == ["live-0"] and t.quarantine.total == 0
     assert caplog.text.count(f"is compressed with {kind}, which is not read") == 1, caplog.text
     t.close()
+
+
+def test_a_first_record_left_without_its_newline_keeps_the_file_known_when_the_next_writer_appends(tmp_path: Path) -> None:
+    """A writer died between its record and the newline on a file's first line, and the next one
+    appended its own: the first line became ``{A}{B}``, a new fingerprint, the file was taken as
+    rewritten and read again from 0, and B was quarantined with A."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    log.write_text(json.dumps(record("u-0", "success", 100.0, 101.0)))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.step()
+    assert list(sink.calls()) == ["u-0"]
+    with log.open("a") as f:
+        f.write(line(record("u-1", "success", 102.0, 103.0)) + line(record("u-2", "success", 104.0, 105.0)))
+    for _ in range(3):
+        t.step()
+    assert sorted(sink.calls()) == ["u-0", "u-1", "u-2"] and t.quarantine.total == 0
+    t.close()
