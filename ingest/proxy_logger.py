@@ -71,6 +71,28 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def encode_line(payload: Any) -> bytes:
+    """One JSON line, UTF-8 as the ingester reads it: a lone surrogate (half an emoji a client cut)
+    stays a ``\\ud83d`` escape (written raw it was invalid UTF-8, and the call was quarantined), and a
+    key that is no string is written as text (``json`` refused the record, and the call was not logged)."""
+    try:
+        text = json.dumps(payload, default=str, ensure_ascii=False)
+    except TypeError:
+        text = json.dumps(_text_keys(payload), default=str, ensure_ascii=False)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text).encode("utf-8") + b"\n"
+
+
+def _text_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _text_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_text_keys(v) for v in value]
+    return value
+
+
 class JsonlFileLogger(CustomLogger):
     """Appends ``kwargs["standard_logging_object"]`` of every success and failure event as a JSON line."""
 
@@ -110,8 +132,7 @@ class JsonlFileLogger(CustomLogger):
             payload = kwargs.get("standard_logging_object")
             if payload is None:
                 return
-            line = (json.dumps(payload, default=str, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
-            self._append(line)
+            self._append(encode_line(payload))
             self.written += 1
         except Exception:
             self.errors += 1
@@ -126,11 +147,18 @@ class JsonlFileLogger(CustomLogger):
                     with contextlib.suppress(FileNotFoundError):
                         if os.path.getsize(self.path) + len(line) > self.max_bytes:
                             self._rotate()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
-                    written = os.write(fd, line)
-                    while written < len(line):  # a short write (full disk, signal): finish the line
-                        written += os.write(fd, line[written:])
+                    start = os.fstat(fd).st_size
+                    if start and os.pread(fd, 1, start - 1) != b"\n":
+                        line = b"\n" + line  # a line a crashed writer left torn ends here, alone
+                    try:
+                        written = os.write(fd, line)
+                        while written < len(line):  # a short write (signal): finish the line
+                            written += os.write(fd, line[written:])
+                    except OSError:
+                        os.ftruncate(fd, start)  # a full disk: no torn line for the next one to join
+                        raise
                 finally:
                     os.close(fd)
             finally:

@@ -159,3 +159,51 @@ def test_tail_daemon_follows_the_logger_through_its_rotations(mlflow_server, cap
         assert len(list(logdir.glob("proxy.jsonl.*.gz"))) >= 5
     finally:
         assert daemon.stop() == 0
+
+
+_FULL_DISK_CHILD = r"""
+import json, os, resource, signal, sys
+from ingest.proxy_logger import JsonlFileLogger
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+records = json.loads(sys.argv[2])
+lg = JsonlFileLogger(sys.argv[1], max_bytes=0)
+lg.write_record({"standard_logging_object": records[0]})
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(sys.argv[1]) + 200, hard))
+lg.write_record({"standard_logging_object": records[1]})
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+lg.write_record({"standard_logging_object": records[2]})
+print(lg.written, lg.errors)
+"""
+
+
+def test_a_full_disk_tears_no_line_for_the_next_record_to_join(tmp_path: Path, capture: list[dict]) -> None:
+    """A write the disk could hold only part of left half a line: the next record, once there was
+    room, was appended to it, and both were one malformed line (the call logged after the outage
+    lost too). The full disk is a file-size limit in a child process: the same short write, then an error."""
+    import subprocess
+    import sys
+
+    records = [dict(r, litellm_call_id=f"full-{i}") for i, r in enumerate(capture[:3])]
+    path = tmp_path / "logs" / "requests.jsonl"
+    args = [sys.executable, "-c", _FULL_DISK_CHILD, str(path), json.dumps(records)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["2", "1"], out.stderr[-2000:]
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(x)["litellm_call_id"] for x in lines] == ["full-0", "full-2"]
+
+
+def test_text_the_ingester_could_not_read_is_written_so_it_can(tmp_path: Path, capture: list[dict]) -> None:
+    """Half an emoji a client cut (a lone surrogate) was written as raw bytes, invalid UTF-8, and the
+    call quarantined; a dict with a key that is no string made ``json`` refuse the record, not logged."""
+    from ingest.normalize import normalize
+    from ingest.sources import read_chunks
+
+    lg = JsonlFileLogger(tmp_path / "requests.jsonl", max_bytes=0)
+    cut = dict(capture[0], litellm_call_id="cut", messages=[{"role": "user", "content": "hi \ud83d"}])
+    keyed = dict(capture[0], litellm_call_id="keyed", metadata={**capture[0]["metadata"], "by_id": {7: "x"}})
+    for r in (cut, keyed):
+        lg.write_record({"standard_logging_object": r})
+    assert (lg.written, lg.errors) == (2, 0)
+    frame, bad = normalize(next(read_chunks(tmp_path / "requests.jsonl")).lines)
+    assert not bad and sorted(frame["call_key"].to_list()) == ["cut", "keyed"]
