@@ -53,6 +53,12 @@ def is_bucket_url(spec: str) -> bool:
     return bool(URL.match(spec))
 
 
+def mark_horizon() -> date:
+    """The latest folder day that may move a cron run's start: a replica whose clock is years ahead
+    writes a folder of that day, and a run that started from it listed nothing of today's again."""
+    return (datetime.now(timezone.utc) + timedelta(days=1)).date()
+
+
 def _day(name: str) -> date | None:
     m = DATE_DIR.search(name)
     if not m:
@@ -256,9 +262,11 @@ class Bucket:
         was read without a failure: a cron run that stopped early must not skip what it never read."""
         newest: date | None = None
         failed = 0
+        latest = mark_horizon()
         with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
             for path, entries in self.partitions(lo, hi):
                 day = _day(PurePosixPath(path).name) if entries is None else None
+                day = day if day is None or day <= latest else None
                 newest = max(newest, day) if newest and day else (newest or day)
                 for page in [entries] if entries is not None else self.listing(path):
                     listed = self.objects(page)

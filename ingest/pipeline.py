@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from ingest.allocator import tune_collector
-from ingest.buckets import Bucket, days_window, is_bucket_url
+from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
 from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
@@ -647,7 +647,10 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
     for b in inputs.buckets:
         start = lo
         if mode == "batch" and start is None and (newest := ledger.meta(b.source, "newest_day")):
-            start = date.fromisoformat(newest) - timedelta(days=1)
+            if date.fromisoformat(newest) > mark_horizon():
+                ledger.drop_meta(b.source, "newest_day")
+            else:
+                start = date.fromisoformat(newest) - timedelta(days=1)
         yield from b.units(ledger, start, hi, opts.chunk_bytes, on_listed=listed)
     for db in inputs.databases:
         yield from db_units(db, ledger, opts.since_us, opts.until_us)

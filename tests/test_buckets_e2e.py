@@ -98,6 +98,31 @@ def test_cron_lists_only_partitions_from_a_day_before_the_newest_it_read(s3_serv
     assert sorted(trace_calls(uri)) == sorted(calls_of(old) | calls_of(recent) | calls_of(late_records))
 
 
+def test_a_folder_dated_years_ahead_does_not_make_cron_runs_skip_todays_objects(s3_server: BucketServer, tmp_path: Path) -> None:
+    """A replica whose clock is years ahead writes a folder of that day: the newest folder's day moved
+    every later cron run's start there, and today's new objects were never listed again (nor was a
+    mark an older run saved that way ever dropped)."""
+    fs, bucket = s3_server.fs(), s3_server.new_bucket()
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    url = f"s3://{bucket}/"
+    today, ahead = days_ago(0.1), days_ago(-3000)
+    put_s3_v2_objects(fs, bucket, today[:3])
+    put_s3_v2_objects(fs, bucket, ahead[:2])
+    run(s3_server, "batch", url, state=state, uri=uri)
+    later = today[3:6]
+    put_s3_v2_objects(fs, bucket, later)
+    run(s3_server, "batch", url, state=state, uri=uri)
+    assert calls_of(later) <= set(trace_calls(uri)), "today's new objects were not listed"
+
+    (ledger,) = state.glob("batch-*.ledger.sqlite")
+    with sqlite3.connect(ledger) as db:
+        db.execute("UPDATE meta SET value = '2099-01-01' WHERE name = 'newest_day'")
+    last = today[6:9]
+    put_s3_v2_objects(fs, bucket, last)
+    run(s3_server, "batch", url, state=state, uri=uri)
+    assert calls_of(last) <= set(trace_calls(uri)), "a mark saved years ahead is dropped"
+
+
 def test_since_until_list_only_the_days_they_cover(s3_server: BucketServer, tmp_path: Path) -> None:
     fs, bucket = s3_server.fs(), s3_server.new_bucket()
     uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
