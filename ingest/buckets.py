@@ -34,7 +34,7 @@ from fsspec.asyn import sync
 
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import QuarantineRecord, Reason
-from ingest.sources import GZIP_MAGIC, Chunk, SourceError, SourceUnavailable, is_document, read_chunks
+from ingest.sources import GZIP_MAGIC, HOLE, Chunk, SourceError, SourceUnavailable, is_document, read_chunks
 
 log = logging.getLogger("litellm-ingest.buckets")
 
@@ -368,12 +368,13 @@ def small_objects_chunks(objects: list[tuple[str, bytes]]) -> list[Chunk]:
         last = len(lines) - 1
         for i, line in enumerate(lines):
             size = len(line.encode()) if not line.isascii() else len(line)
-            if line.strip():
+            raw = line.removesuffix("\r").lstrip(HOLE)  # NULs before a line: a copytruncate's hole, as in files
+            if raw.strip():
                 sources.append(name)
                 line_nos.append(i + 1)
                 offsets.append(offset)
-                raws.append(line.removesuffix("\r"))
-                truncated.append(i == last and not is_document(line.encode()))
+                raws.append(raw)
+                truncated.append(i == last and not is_document(raw.encode()))
             offset += size + 1
     frame = pl.DataFrame(
         {"source": sources, "line_no": line_nos, "offset": offsets, "raw": raws, "truncated": truncated},

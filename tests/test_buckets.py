@@ -162,11 +162,13 @@ def test_small_objects_read_in_one_frame_give_what_the_per_object_path_gives() -
     objects.append(("s3://bk/cut.json", json.dumps(capture[20]).encode()[:-40]))
     objects.append(("s3://bk/bad-utf8.json", b'{"id": "\xff"}'))
     objects.append(("s3://bk/blank.json", b"\n\n"))
+    objects.append(("s3://bk/hole.jsonl", b"\x00" * 64 + json.dumps(capture[21]).encode() + b"\n" + b"\x00" * 8 + b"\n"))
     one = pl.concat([c.lines for c in small_objects_chunks(objects)], how="diagonal")
     each = pl.concat([c.lines for name, body in objects for c in object_chunks(name, body)], how="diagonal")
     cols = ["source", "line_no", "offset", "raw", "truncated", "file"]
     assert one.select(cols).sort("source", "line_no").equals(each.select(cols).sort("source", "line_no"))
     assert one.filter(pl.col("truncated"))["source"].to_list() == ["s3://bk/cut.json"]
+    assert one.filter(pl.col("source") == "s3://bk/hole.jsonl")["raw"].to_list() == [json.dumps(capture[21])], "a copytruncate's hole"
 
 
 def test_an_object_that_cannot_be_fetched_is_left_for_the_next_run(tmp_path: Path) -> None:
