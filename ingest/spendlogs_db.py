@@ -28,7 +28,7 @@ from psycopg.adapt import Loader
 
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import QuarantineRecord, Reason
-from ingest.sources import DEFAULT_MAX_LINE_BYTES, Chunk, SourceError, SourceUnavailable
+from ingest.sources import DEFAULT_MAX_LINE_BYTES, Chunk, SourceUnavailable
 from ingest.stores import shown_uri
 
 DEFAULT_TABLE = "LiteLLM_SpendLogs"
@@ -218,7 +218,9 @@ class SpendLogsDB:
                     [sql.Identifier(self.table).as_string(conn)],
                 ).fetchone()
                 if schema is None:
-                    raise SourceError(f"no table {self.table!r} in {self.shown} (is this LiteLLM's database, with its migrations applied?)")
+                    raise SourceUnavailable(
+                        f"no table {self.table!r} in {self.shown} (is this LiteLLM's database, with its migrations applied?)"
+                    )
                 rows = conn.execute(
                     "SELECT column_name, data_type FROM information_schema.columns"
                     " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
@@ -227,7 +229,7 @@ class SpendLogsDB:
                 columns = [_Column(str(name), str(kind)) for name, kind in rows]
                 missing = [c for c in REQUIRED_COLUMNS if c not in {col.name for col in columns}]
                 if missing:
-                    raise SourceError(
+                    raise SourceUnavailable(
                         f"table {self.table!r} in {self.shown} has no column {', '.join(repr(m) for m in missing)} (or it cannot be read)"
                     )
                 conn.execute(sql.SQL("SELECT 1 FROM {}.{} LIMIT 0").format(sql.Identifier(schema[0]), sql.Identifier(self.table)))
