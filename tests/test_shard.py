@@ -162,7 +162,9 @@ def test_a_shards_edges_are_settled_with_its_checkpoints_and_its_document_does_n
     records: list[dict] = []
 
     def grow(n: int) -> None:
-        for recs in copies(one, n, f"edges-{len(files)}"):
+        """Fixed content (fixed fingerprints, so a fixed split, checked below), a year and more ago."""
+        for k in range(len(files), len(files) + n):
+            recs = reidentify(one, -400 * 86400 + k * 600, f"edges-{k}")
             files.append(write_log(logs / f"proxy-{len(files):03d}.jsonl", recs))
             os.utime(files[-1], (t0 + len(files), t0 + len(files)))
             records.extend(recs)
@@ -189,6 +191,8 @@ def test_a_shards_edges_are_settled_with_its_checkpoints_and_its_document_does_n
     sizes = {}
     for n in (12, 36):
         grow(n - len(files))
+        owned = [sum(Shard(i, 2).owns(file_fingerprint(f)) for f in files) for i in (1, 2)]
+        assert min(owned) > 3, f"the fixed split gives each shard more files than the lowered threshold: {owned}"
         for i in (1, 2):
             shard_run(i)
             doc = shard_run(i)
