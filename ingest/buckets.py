@@ -33,8 +33,8 @@ import polars as pl
 from fsspec.asyn import sync
 
 from ingest.ledger import Ledger, Unit, items_frame
-from ingest.quarantine import QuarantineRecord, Reason
-from ingest.sources import GZIP_MAGIC, HOLE, Chunk, SourceError, SourceUnavailable, is_document, read_chunks
+from ingest.quarantine import first_line
+from ingest.sources import GZIP_MAGIC, HOLE, Chunk, SourceError, SourceUnavailable, is_document, read_chunks, unreadable_chunk
 
 log = logging.getLogger("litellm-ingest.buckets")
 
@@ -141,11 +141,11 @@ class Bucket:
             except FileNotFoundError:
                 raise SourceUnavailable(f"no such bucket: {self.url}") from None
             except Exception as e:
-                raise SourceUnavailable(f"cannot list {self.url}: {_short(e)}") from None
+                raise SourceUnavailable(f"cannot list {self.url}: {first_line(e)}") from None
         except PermissionError as e:
-            raise SourceUnavailable(f"access denied to {self.url}: {_short(e)}") from None
+            raise SourceUnavailable(f"access denied to {self.url}: {first_line(e)}") from None
         except Exception as e:
-            raise SourceUnavailable(f"cannot list {self.url}: {_short(e)}") from None
+            raise SourceUnavailable(f"cannot list {self.url}: {first_line(e)}") from None
 
     def url_of(self, path: str) -> str:
         return f"{self.scheme}://{path}"
@@ -160,7 +160,7 @@ class Bucket:
         except FileNotFoundError:
             return
         except Exception as e:
-            raise SourceUnavailable(f"cannot list {self.url}: {_short(e)}") from e
+            raise SourceUnavailable(f"cannot list {self.url}: {first_line(e)}") from e
         if single:
             yield self.root, single
             return
@@ -172,7 +172,7 @@ class Bucket:
         except FileNotFoundError:
             return
         except Exception as e:
-            raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
+            raise SourceUnavailable(f"cannot list {self.url_of(path)}: {first_line(e)}") from e
         files = [e for e in entries if e.get("type") != "directory"]
         if files:
             yield path, files
@@ -215,7 +215,7 @@ class Bucket:
         except SourceUnavailable:
             raise
         except Exception as e:
-            raise SourceUnavailable(f"cannot list {self.url_of(path)}: {_short(e)}") from e
+            raise SourceUnavailable(f"cannot list {self.url_of(path)}: {first_line(e)}") from e
 
     def objects(self, entries: list[dict[str, Any]]) -> pl.DataFrame:
         """Listed objects as a frame: key (full path), version (ETag or generation), at, size; oldest
@@ -300,7 +300,7 @@ class Bucket:
                 read.append(key)
                 continue
             if isinstance(body, BaseException):
-                log.warning("cannot read %s (%s); it is read again next run", self.url_of(key), _short(body))
+                log.warning("cannot read %s (%s); it is read again next run", self.url_of(key), first_line(body))
                 failed += 1
                 continue
             read.append(key)
@@ -329,10 +329,7 @@ def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) ->
     except (EOFError, OSError, gzip.BadGzipFile) as e:
         line = chunks[-1].end_line if chunks else 1
         offset = chunks[-1].end_offset if chunks else 0
-        bad = QuarantineRecord.of(
-            name, line, offset, Reason.UNREADABLE, f"object cannot be read past byte {offset}: {_short(e)}", body[:4096]
-        )
-        chunks.append(Chunk(name, chunks[-1].lines.clear() if chunks else _empty_lines(name), [bad]))
+        chunks.append(unreadable_chunk(name, name, line, offset, f"object cannot be read past byte {offset}: {first_line(e)}", body[:4096]))
     return chunks
 
 
@@ -384,12 +381,6 @@ def small_objects_chunks(objects: list[tuple[str, bytes]]) -> list[Chunk]:
     return out
 
 
-def _empty_lines(name: str) -> pl.DataFrame:
-    from ingest.sources import _frame
-
-    return _frame(name, [], pl.Series([], dtype=pl.UInt32), 0, 1).with_columns(file=pl.lit(name))
-
-
 def _groups(objects: pl.DataFrame, max_objects: int, max_bytes: int) -> Iterator[pl.DataFrame]:
     """Consecutive groups of at most ``max_objects`` objects and ``max_bytes`` bytes (at least one object)."""
     start, total = 0, 0
@@ -418,7 +409,3 @@ def _modified(e: dict[str, Any]) -> str:
         if v:
             return str(v)
     return ""
-
-
-def _short(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200] or type(e).__name__

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from ingest.checkpoints import LockedError, StateError
+from ingest.quarantine import first_line
 from ingest.stores import quiet_dependency_logs
 
 
@@ -258,12 +259,12 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         from ingest.workers import WorkerDied
 
         if isinstance(e, MlflowException):
-            _fail(f"MLflow: {e.message.splitlines()[0][:300]}", Exit.MLFLOW)
+            _fail(f"MLflow: {first_line(e.message or e, 300)}", Exit.MLFLOW)
         if isinstance(e, WorkerDied):
             _fail(str(e), Exit.FAILURE)
         if _verbose():
             traceback.print_exc()
-        text = str(e).splitlines()[0][:300] if str(e) else ""
+        text = first_line(e, 300)
         _fail(f"unexpected {type(e).__name__}: {text} (a bug: please report it with the traceback -v prints)", Exit.FAILURE)
 
 

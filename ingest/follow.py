@@ -31,7 +31,7 @@ import polars as pl
 
 from ingest.checkpoints import Checkpoint, State, encode_state, now_iso
 from ingest.fingerprint import fingerprint_of, head_before, tail_digest
-from ingest.quarantine import QuarantineRecord, Reason
+from ingest.quarantine import first_line
 from ingest.sources import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
@@ -41,7 +41,9 @@ from ingest.sources import (
     Chunk,
     read_chunks,
     read_lines_at,
+    read_through,
     shown,
+    unreadable_chunk,
 )
 
 if TYPE_CHECKING:
@@ -125,10 +127,9 @@ def _tail_at(fd: int, gz: bool, offset: int, with_head: bool = True) -> str | No
     try:
         if gz:
             with _reader(fd, gz) as f:
-                got = _bytes_before(f, offset, want)
-            if got is None:
+                before, reached = read_through(f, offset, want)
+            if not reached:
                 return None
-            before = got
         else:
             first = min(want, 1 << 16)
             before = os.pread(fd, first, offset - first)
@@ -141,16 +142,6 @@ def _tail_at(fd: int, gz: bool, offset: int, with_head: bool = True) -> str | No
     if not with_head:
         return tail_digest(before)
     return tail_digest(before[-TAIL_BYTES:], head_before(before, at_start=len(before) == offset))
-
-
-def _bytes_before(f: BinaryIO, offset: int, want: int) -> bytes | None:
-    """The ``want`` bytes just before ``offset`` of a stream read from its start (a gzip: no
-    seeking); None if it ends before ``offset``."""
-    remaining, last = offset, b""
-    while remaining > 0 and (got := f.read(min(remaining, 1 << 20))):
-        remaining -= len(got)
-        last = (last + got)[-want:]
-    return None if remaining else last
 
 
 def _gzip_size_mod32(fd: int) -> int:
@@ -405,12 +396,10 @@ class Follower:
             if not given_up:
                 log.warning("%s cannot be read past byte %d (%s); reading it again once it changes", f.path, offset, e)
                 return
-            why = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+            why = first_line(e)
             log.warning("%s cannot be read past line %d (%s); the rest is quarantined as unreadable", f.path, line, why)
-            name = shown(f.path)
             detail = f"compressed file cannot be read past line {line} (byte {offset} of its content): {why}"
-            bad = QuarantineRecord.of(name, line, offset, Reason.UNREADABLE, detail, b"")
-            yield Chunk(name, lines_frame([]).with_columns(source=pl.lit(name), file=pl.lit(f.key)), [bad], offset, line)
+            yield unreadable_chunk(shown(f.path), f.key, line, offset, detail)
         else:
             self._damaged.pop(f.key, None)
             if f.gz:

@@ -32,7 +32,7 @@ from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger, Unit
 from ingest.nesting import DEFAULT_GRACE_S, Nester, NestQueue
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
-from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason
+from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason, first_line
 from ingest.scrub import Scrubber, default_scrubber
 from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
 from ingest.sink import NullSink, Sink, SinkError, Target, make_sink, refused_for_its_data, resolve_target
@@ -784,7 +784,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 raise
             except Exception as e:
                 summary = pipe.finish()
-                summary.result = f"failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+                summary.result = f"failed: {first_line(e)}"
                 raise
             finally:
                 pipe.close_workers()

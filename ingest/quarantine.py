@@ -23,6 +23,13 @@ RAW_CAP_BYTES = 64 * 1024
 log = logging.getLogger("litellm-ingest.quarantine")
 
 
+def first_line(e: BaseException | str, limit: int = 200) -> str:
+    """An error in one line of at most ``limit`` characters (its type's name if it says nothing),
+    for a log line, a quarantine reason or a one-line failure."""
+    text = e if isinstance(e, str) else str(e)
+    return (text.splitlines() or [""])[0][:limit] or type(e).__name__
+
+
 class Reason(str, enum.Enum):
     INVALID_UTF8 = "invalid_utf8"
     MALFORMED_JSON = "malformed_json"

@@ -32,6 +32,7 @@ import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from ingest.dedupe import FORMAT_PRIORITY, format_rank
+from ingest.quarantine import first_line
 from ingest.spans import BuiltTrace, SpanData, stored_span, with_stored_attempts
 from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, sqlite_path, store_for
 
@@ -128,13 +129,9 @@ def with_retries(
                 raise
             if on_retry is not None:
                 on_retry(e)
-            log.info("%s failed (%s); retrying in %.1fs", what, _short(e), delay)
+            log.info("%s failed (%s); retrying in %.1fs", what, first_line(e), delay)
             pause(delay)
             delay = min(delay * 2, 10.0)
-
-
-def _short(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 class _Http:
@@ -335,9 +332,9 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
     except MlflowException as e:
         if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
             raise SinkError(f"experiment id {exp_id} does not exist in {shown_uri(uri)}", kind="rejected") from e
-        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {_short(e)}") from e
+        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}") from e
     except Exception as e:
-        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {_short(e)}") from e
+        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}") from e
     if exp is None:
         raise _missing_experiment(name or DEFAULT_EXPERIMENT_NAME, uri)
     if exp.lifecycle_stage == "deleted":
@@ -551,7 +548,7 @@ class OtlpSink:
             try:
                 return self._deriver.derive(trace.whole()).info
             except Exception as e:  # the spans were taken: their trace's state must still be right
-                log.debug("deriving the trace row of %s failed: %s", trace.trace_id, _short(e))
+                log.debug("deriving the trace row of %s failed: %s", trace.trace_id, first_line(e))
         return {"status": _root_state(trace)}
 
     def _held(self, traces: list[BuiltTrace]) -> tuple[list[Any], list[Any]]:
@@ -603,7 +600,7 @@ class OtlpSink:
         try:
             body = gzip.compress(request().SerializeToString(), compresslevel=5)
         except Exception as e:
-            raise SinkError(f"encoding traces as OTLP failed: {_short(e)}", kind="rejected") from e
+            raise SinkError(f"encoding traces as OTLP failed: {first_line(e)}", kind="rejected") from e
         headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip", EXPERIMENT_HEADER: experiment_id}
         with_retries(
             lambda: _otlp_answer(_check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces")),
@@ -647,7 +644,7 @@ class OtlpSink:
                 self.pause,
             )
         except Exception as e:
-            raise SinkError(f"deleting traces on {self.target.shown_uri} failed: {_short(e)}") from e
+            raise SinkError(f"deleting traces on {self.target.shown_uri} failed: {first_line(e)}") from e
 
     def close(self) -> None:
         self._senders.shutdown(wait=True)
@@ -788,14 +785,14 @@ class StoreSink(_Synchronous):
                 except Exception as e:
                     if attempt == CONFLICT_RETRIES or not is_conflict(e):
                         raise
-                    log.info("a concurrent writer stored some of this batch first (%s); writing it again", _short(e))
+                    log.info("a concurrent writer stored some of this batch first (%s); writing it again", first_line(e))
                     time.sleep(random.uniform(0.02, 0.1) * 2**attempt)
 
         try:
             with_retries(write_merging, "log spans", self.deadline_s, _transient_db, self.on_retry, self.pause)
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
-            raise SinkError(f"writing to {self.target.shown_uri} failed: {_short(e)}", kind=kind) from e
+            raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
         return sum(t.span_count for t in traces)
 
     def _held(self, traces: list[BuiltTrace]) -> list[Any]:
@@ -834,14 +831,14 @@ class StoreSink(_Synchronous):
             )
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
-            raise SinkError(f"writing to {self.target.shown_uri} failed: {_short(e)}", kind=kind) from e
+            raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
         return len(spans)
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
         try:
             return with_retries(lambda: self._trace_infos(trace_ids), "look up traces", self.deadline_s, _transient_db)
         except Exception as e:
-            raise SinkError(f"looking up traces in {self.target.shown_uri} failed: {_short(e)}") from e
+            raise SinkError(f"looking up traces in {self.target.shown_uri} failed: {first_line(e)}") from e
 
     def _trace_infos(self, trace_ids: list[str]) -> list[Any]:
         """``batch_get_trace_infos``, with the tags, metadata and assessments each TraceInfo reads loaded
@@ -868,13 +865,13 @@ class StoreSink(_Synchronous):
                 self.pause,
             )
         except Exception as e:
-            raise SinkError(f"deleting traces in {self.target.shown_uri} failed: {_short(e)}") from e
+            raise SinkError(f"deleting traces in {self.target.shown_uri} failed: {first_line(e)}") from e
 
     def ping(self) -> None:
         try:
             self.store.get_experiment(self.target.experiment_id)
         except Exception as e:
-            raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {_short(e)}") from e
+            raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {first_line(e)}") from e
 
     def close(self) -> None:
         pass

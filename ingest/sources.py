@@ -439,8 +439,26 @@ def skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> bytes:
         before = max(0, start_offset - TAIL_BYTES)
         f.seek(before)
         return f.read(start_offset - before)
-    remaining, last = start_offset, b""
-    while remaining > 0 and (got := f.read(min(remaining, chunk_bytes))):
+    return read_through(f, start_offset, TAIL_BYTES, chunk_bytes)[0]
+
+
+def read_through(f: BinaryIO, offset: int, keep: int, step: int = 1 << 20) -> tuple[bytes, bool]:
+    """Read a stream from where it is to ``offset`` (a gzip cannot seek); returns the last ``keep``
+    bytes before it, and whether the stream reached it."""
+    remaining, last = offset, b""
+    while remaining > 0 and (got := f.read(min(remaining, step))):
         remaining -= len(got)
-        last = (last + got)[-TAIL_BYTES:]
-    return last
+        last = (last + got)[-keep:]
+    return last, not remaining
+
+
+def empty_lines(name: str, file: str) -> pl.DataFrame:
+    """A line frame of no lines, for a chunk that carries only quarantine records."""
+    return _frame(name, [], pl.Series([], dtype=pl.UInt32), 0, 1).with_columns(file=pl.lit(file))
+
+
+def unreadable_chunk(name: str, file: str, line: int, offset: int, detail: str, raw: bytes = b"") -> Chunk:
+    """The rest of a damaged archive or object past its last good line, as one ``unreadable``
+    quarantine record, ending where the good lines end."""
+    bad = QuarantineRecord.of(name, line, offset, Reason.UNREADABLE, detail, raw)
+    return Chunk(name, empty_lines(name, file), [bad], offset, line)

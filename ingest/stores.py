@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ingest.quarantine import first_line
+
 log = logging.getLogger(__name__)
 
 ADVISORY_LOCK_KEY = zlib.crc32(b"litellm-ingest: mlflow store setup")
@@ -121,7 +123,7 @@ def _advisory_lock(uri: str) -> Iterator[None]:
         conn = engine.connect()
     except Exception as e:
         engine.dispose()
-        raise StoreSetupError(f"cannot open the MLflow store {shown_uri(uri)}: {_first_line(e)}", kind="unreachable") from e
+        raise StoreSetupError(f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}", kind="unreachable") from e
     try:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
         yield
@@ -312,7 +314,7 @@ def _build_schema(tmp: Path, db: Path) -> None:
     try:
         _initialize_tables(engine)
     except Exception as e:
-        raise StoreSetupError(f"creating MLflow's schema in {db} failed: {_first_line(e)}") from e
+        raise StoreSetupError(f"creating MLflow's schema in {db} failed: {first_line(e)}") from e
     finally:
         engine.dispose()
 
@@ -327,8 +329,3 @@ def shown_uri(uri: str) -> str:
     if not at or ":" not in user:
         return uri
     return f"{scheme}://{user.split(':', 1)[0]}:***@{host}{slash}{path}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -45,7 +45,7 @@ from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
-from ingest.quarantine import QuarantineWriter
+from ingest.quarantine import QuarantineWriter, first_line
 from ingest.sink import Sink, SinkError, Target
 from ingest.sources import Chunk, age_order, shown, walk
 
@@ -268,7 +268,7 @@ class Tailer:
         """A write to MLflow failed and will be retried: say so now, not when the retries run out."""
         if self.metrics.down_since is None:
             self.metrics.down_since = self._last_down_log = time.time()
-            log.warning("MLflow unavailable (%s); holding checkpoints and retrying", str(e).splitlines()[0][:200])
+            log.warning("MLflow unavailable (%s); holding checkpoints and retrying", first_line(e))
         self.metrics.mlflow_up = False
 
     def _up(self) -> None:
@@ -319,7 +319,7 @@ class Tailer:
         self.metrics.errors += 1
         if time.time() - self._last_error_log >= 60:
             self._last_error_log = time.time()
-            log.error("a pass failed (%s: %s); retrying", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", exc_info=e)
+            log.error("a pass failed (%s: %s); retrying", type(e).__name__, first_line(e), exc_info=e)
         self.follower.rewind()
         self._failures += 1
         self.stopping.wait(min(self.opts.max_backoff_s, 2.0 ** min(self._failures, 5)))
@@ -678,7 +678,7 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
             if now - said >= 60:
                 said = now
                 waited = f" for {now - metrics.down_since:.0f}s" if failures else ""
-                why = str(e).splitlines()[0][:200]
+                why = first_line(e)
                 log.warning("MLflow unavailable at start%s (%s); waiting for it, nothing is read until it answers", waited, why)
             failures += 1
             stopping.wait(min(opts.max_backoff_s, 2.0 ** min(failures, 5)))

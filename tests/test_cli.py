@@ -517,3 +517,21 @@ def test_a_signal_while_the_command_starts_is_exit_130_in_one_line(tmp_path: Pat
         time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.killpg(p.pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (OSError(""), "OSError"),
+        (RuntimeError("\n"), "RuntimeError"),
+        (ValueError("first\nsecond"), "first"),
+        (KeyError("x" * 500), "'" + "x" * 199),
+        ("", "str"),
+    ],
+)
+def test_an_error_is_said_in_one_line_whatever_it_holds(error: BaseException | str, said: str) -> None:
+    """Every log line and one-line failure goes through one helper: an error whose text is empty or
+    starts with a newline was an IndexError inside the handler that was to report it."""
+    from ingest.quarantine import first_line
+
+    assert first_line(error) == said
