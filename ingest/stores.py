@@ -46,11 +46,16 @@ def quiet_dependency_logs(verbose: bool) -> None:
     are dropped unless ``verbose``; every other MLflow record passes. The drivers' and HTTP
     library's warnings (a connection lost mid-pipeline, a retried request) show only with
     ``verbose``. MLflow sets its own loggers' level when it is imported (after this), from
-    ``MLFLOW_LOGGING_LEVEL``: that is set too, unless the user set it."""
+    ``MLFLOW_LOGGING_LEVEL``: that is set too, unless the user set it. The bucket clients log a
+    request that ran out of retries at ERROR with its traceback, then raise it for the source to
+    report in one line (and Google's auth library warns of each fallback it tries): they show only
+    with ``verbose``."""
     level = logging.WARNING if verbose else logging.ERROR
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     for noisy in ("alembic", "mlflow", "urllib3", "psycopg"):
         logging.getLogger(noisy).setLevel(level)
+    for client in ("gcsfs", "s3fs", "aiobotocore", "botocore", "fsspec", "google.auth"):
+        logging.getLogger(client).setLevel(logging.WARNING if verbose else logging.CRITICAL)
     if not verbose:
         logging.getLogger("mlflow.store.db.utils").addFilter(_not_a_caught_db_error)
 

@@ -200,6 +200,19 @@ def test_no_credentials_or_no_bucket_is_one_line_and_exit_8(s3_server: BucketSer
     assert p.returncode == 8 and "credentials" in p.stderr.lower() and "Traceback" not in p.stderr
 
 
+def test_a_bucket_server_that_cannot_be_reached_is_one_line_and_exit_8(gcs_server: BucketServer, tmp_path: Path) -> None:
+    """gcsfs logs a request that ran out of retries at ERROR with two tracebacks (about 50 lines)
+    before raising it: the run's own line is the only one."""
+    closed = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:1"}
+    env = {k: v for k, v in gcs_server.environ().items() if not k.startswith("MLFLOW_")} | closed
+    p = subprocess.run(
+        [EXE, "batch", "gs://bucket/", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--state-dir", str(tmp_path / "st")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 8, p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "cannot list gs://bucket/" in p.stderr
+
+
 def test_a_call_in_a_bucket_and_a_file_is_one_trace(s3_server: BucketServer, tmp_path: Path) -> None:
     fs, bucket = s3_server.fs(), s3_server.new_bucket()
     records = days_ago(4)
