@@ -698,17 +698,13 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
 
 
 def _print_summary(s: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
+    """Two columns of plain lines: a value (a path) is never cut to a terminal's or cron's 80
+    columns, and no line is padded to the longest."""
     unchanged = f" ({s.files_unchanged} unchanged since they were read)" if s.files_unchanged else ""
     rows: list[tuple[str, Any]] = [
         *([("files", f"{s.files}" + unchanged)] if s.files or not (s.objects or s.db_rows) else []),
         ("records read", s.records_read),
-        ("quarantined", f"{s.quarantined}" + (f"  {s.quarantined_by_reason} -> {s.quarantine_file}" if s.quarantined else "")),
+        ("quarantined", f"{s.quarantined}" + (f"  {s.quarantined_by_reason} -> {s.quarantine_file or 'not written (dry run)'}" if s.quarantined else "")),
         ("duplicates dropped", s.duplicates_dropped),
         ("calls", s.calls),
         ("traces written" if not s.dry_run else "traces (dry run)", s.traces_written if not s.dry_run else s.calls),
@@ -755,9 +751,9 @@ def _print_summary(s: Any) -> None:
         rows.insert(rows.index(("spans written", s.spans_written)) + 1, ("nested calls", ", ".join(parts)))
     if s.warnings:
         rows.insert(3, ("warnings", f"{s.warnings}  {s.warnings_by_kind} (fields dropped or replaced, records kept)"))
+    width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        t.add_row(k, str(v))
-    Console(highlight=False, soft_wrap=True).print(t)
+        click.echo(click.style(k.ljust(width), bold=True) + f"  {v}")
 
 
 def run() -> None:

@@ -694,9 +694,18 @@ def run_batch(opts: RunOptions) -> Summary:
                 raise KeyboardInterrupt
         pipe.flush(final=True)
         summary = pipe.finish()
+        summary.result = outcome(summary)
     finally:
         sink.close()
     return _close(summary, inputs.files, target, opts, started)
+
+
+def outcome(summary: Summary) -> str:
+    """What a finished run says it did, in its summary and the state's ``last_run``."""
+    if summary.objects_failed or summary.files_unreadable:
+        what = f"{summary.objects_failed} object(s)" if summary.objects_failed else f"{summary.files_unreadable} file(s)"
+        return f"incomplete: {what} could not be read (read again next run)"
+    return "quarantined" if summary.quarantined else "ok"
 
 
 def _close(summary: Summary, files: list[Path], target: Target, opts: RunOptions, started: float) -> Summary:
@@ -774,10 +783,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 if pipe.nester is not None:
                     pipe.nester.poll(force=True)
                 summary = pipe.finish()
-                summary.result = "quarantined" if summary.quarantined else "ok"
-                if summary.objects_failed or summary.files_unreadable:
-                    what = f"{summary.objects_failed} object(s)" if summary.objects_failed else f"{summary.files_unreadable} file(s)"
-                    summary.result = f"incomplete: {what} could not be read (read again next run)"
+                summary.result = outcome(summary)
             except KeyboardInterrupt:
                 summary = pipe.finish()
                 summary.result = "interrupted"
@@ -793,7 +799,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 if queue is not None:
                     queue.close()
                 _close(summary, files, target, opts, started)
-                summary.state_file = str(state.path)
+                summary.state_file = None if opts.dry_run else str(state.path)
                 summary.state_corrupt_copy = str(state.corrupt_copy) if state.corrupt_copy else None
                 summary.state_replaced = state.replaced
                 state.last_run = {

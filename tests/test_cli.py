@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,18 @@ def test_json_summary_counts_and_exit_code_for_quarantine(tmp_path: Path) -> Non
         assert Path(rec["source"]).name == "bad_input.jsonl"
 
 
+def test_the_summary_names_the_quarantine_file_whole_without_a_terminal(tmp_path: Path) -> None:
+    """Cron and pipes have no terminal: the summary was laid out for 80 columns and the quarantine
+    file's path cut to an ellipsis; with --no-state the JSON result said "ok" beside exit 3."""
+    q = tmp_path / ("a-long-folder-name-as-a-home-under-cron-may-have" * 2) / "quarantine.jsonl"
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 's.db'}", "--partial-timeout", "0"]
+    proc = run("batch", str(SAMPLE_LOGS), *store, "--quarantine-file", str(q), cwd=tmp_path)
+    assert proc.returncode == 3 and q.exists(), proc.stderr
+    assert f"-> {q}\n" in proc.stdout and not any(line != line.rstrip() for line in proc.stdout.splitlines()), proc.stdout
+    stateless = run("batch", str(SAMPLE_LOGS), *store, "--no-state", "--json", cwd=tmp_path)
+    assert stateless.returncode == 3 and json.loads(stateless.stdout)["result"] == "quarantined"
+
+
 def test_clean_input_exits_zero_and_quiet_prints_nothing(tmp_path: Path) -> None:
     proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "-q", "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc
@@ -125,6 +138,9 @@ def test_a_dry_run_quarantines_into_no_file_unless_given_one(tmp_path: Path, com
     assert dry.returncode == 3 and "Traceback" not in dry.stderr, dry.stderr
     bad = json.loads(dry.stdout)["quarantined"]
     assert bad > 0 and not (tmp_path / "st" / "quarantine.jsonl").exists() and not (tmp_path / "m.db").exists()
+    assert json.loads(dry.stdout)["state_file"] is None and json.loads(dry.stdout)["result"] == "quarantined"
+    said = run(command, str(logs), *store, *state, "--dry-run", cwd=tmp_path)
+    assert re.search(r"^quarantined +\d+ .* -> not written \(dry run\)$", said.stdout, re.M), said.stdout
 
     asked = run(command, str(logs), *store, *state, "--dry-run", "--quarantine-file", str(tmp_path / "q.jsonl"), cwd=tmp_path)
     assert asked.returncode == 3 and len((tmp_path / "q.jsonl").read_text().splitlines()) == bad
