@@ -701,10 +701,11 @@ def _print_summary(s: Any) -> None:
     """Two columns of plain lines: a value (a path) is never cut to a terminal's or cron's 80
     columns, and no line is padded to the longest."""
     unchanged = f" ({s.files_unchanged} unchanged since they were read)" if s.files_unchanged else ""
+    kept = s.quarantine_file or "not written (dry run)"
     rows: list[tuple[str, Any]] = [
         *([("files", f"{s.files}" + unchanged)] if s.files or not (s.objects or s.db_rows) else []),
         ("records read", s.records_read),
-        ("quarantined", f"{s.quarantined}" + (f"  {s.quarantined_by_reason} -> {s.quarantine_file or 'not written (dry run)'}" if s.quarantined else "")),
+        ("quarantined", f"{s.quarantined}" + (f"  {s.quarantined_by_reason} -> {kept}" if s.quarantined else "")),
         ("duplicates dropped", s.duplicates_dropped),
         ("calls", s.calls),
         ("traces written" if not s.dry_run else "traces (dry run)", s.traces_written if not s.dry_run else s.calls),

@@ -405,6 +405,10 @@ class Follower:
             if f.gz:
                 self._whole[f.key] = (stat_key(st), offset)
 
+    def not_read(self, path: Path) -> bool:
+        """``path`` is compressed with something other than gzip: never read."""
+        return str(path) in self._other_compression
+
     def given_up(self, f: Followed, st: os.stat_result) -> bool:
         """``f``, as ``st`` describes it, is a damaged archive whose unreadable rest was quarantined."""
         return self._damaged.get(f.key) == (stat_key(st), True)

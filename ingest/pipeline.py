@@ -960,7 +960,7 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
             disk = 0 if f.gz else f.ck.offset
             for chunk in got:
                 disk = _advanced(follower, f, chunk, disk)
-            follower.stamp(f)
+            _stamped(follower, f)
         follower.save()
     finally:
         for f, _ in read:
@@ -972,11 +972,20 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
 
 
 def _identified(follower: Follower, path: Path) -> Followed | None:
-    """``path`` opened and matched to its checkpoint; None (counted as skipped) until it has a first line."""
+    """``path`` opened and matched to its checkpoint; None (counted as waiting) until it has a first
+    line, or for good if it is compressed with something other than gzip (named once, not waiting)."""
     f = follower.identify(path)
-    if f is None:
+    if f is None and not follower.not_read(path):
         follower.pipeline.summary.files_skipped += 1
     return f
+
+
+def _stamped(follower: Follower, f: Followed) -> None:
+    """``f`` read as far as it can be now; one whose last line waits for its newline counts as
+    waiting, as one with no first line does."""
+    follower.stamp(f)
+    if not f.gz and f.ck.offset < f.size():
+        follower.pipeline.summary.files_skipped += 1
 
 
 def _taken_on(follower: Follower, f: Followed) -> bool:
@@ -1022,7 +1031,7 @@ def _ingest_file(
                 progress(str(path), chunk, pipe.summary)
             if opts.stop.is_set():
                 raise KeyboardInterrupt
-        follower.stamp(f)
+        _stamped(follower, f)
     finally:
         follower.forget(f.key)
     return f.key, read

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import os
 import shutil
 import time
@@ -265,7 +266,16 @@ def test_file_without_a_complete_first_line_waits(cron: Cron, batches, tmp_path:
     assert first.files_skipped == 1 and first.records_read == 0
     log.write_text(lines(batches[0]))
     second = cron.run(logdir)
-    assert second.records_read == len(batches[0])
+    assert second.records_read == len(batches[0]) and second.files_skipped == 0
+
+    # a last line waiting for its newline is a file waiting too; one compressed with xz is never read, so not waiting
+    with log.open("a") as f:
+        f.write(json.dumps(batches[1][0])[:50])
+    third = cron.run(logdir)
+    assert (third.files, third.files_skipped, third.records_read) == (1, 1, 0)
+    (logdir / "proxy.jsonl.1.xz").write_bytes(lzma.compress(lines(batches[1]).encode()))
+    fourth = cron.run(logdir)
+    assert (fourth.files, fourth.files_skipped, fourth.records_read) == (2, 1, 0)
 
 
 def test_small_files_are_read_a_group_per_step_and_the_state_saved_once_per_group(tmp_path: Path, capture, monkeypatch) -> None:
