@@ -608,7 +608,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
         dest = r["destination"]
         console.print(
             f"[bold]{r['mode']}[/bold] -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
-            f"last run {r.get('finished') or r.get('started')} " + escape(f"[{r.get('result')}]")
+            f"last run {r.get('started') or '-'} .. {r.get('finished') or '(running or killed)'} " + escape(f"[{r.get('result')}]")
         )
         n = r["nesting"]
         if any(n.values()):

@@ -337,6 +337,9 @@ def test_status_after_batch_shows_each_file_its_offset_and_lag(tmp_path: Path, c
     run_line = next(x for x in human.stdout.splitlines() if x.startswith("batch ->"))
     if not re.search(r"\bok\b", run_line):
         problems.append(f"last run result 'ok' not shown: {run_line!r}")
+    last = json.loads(state_file.read_text())["last_run"] if (state_file := next(state.glob("batch-*.json"), None)) else {}
+    if not (last.get("started") and f"{last['started']} .. {last.get('finished')}" in run_line):
+        problems.append(f"last run's start and end ({last.get('started')}, {last.get('finished')}) not shown: {run_line!r}")
     assert not problems, "\n".join([*problems, human.stdout])
 
 
