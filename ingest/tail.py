@@ -569,9 +569,10 @@ class Pins:
     cannot take its lines. The first scan reads those gone from their folders through these
     descriptors (:meth:`Tailer._scan`)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
         self.limit = limit
         self.held: dict[tuple[int, int], tuple[Path, int]] = {}
+        self.metrics = metrics
 
     def take(self, dirs: list[Path], pattern: str) -> None:
         for name, st in log_files(dirs, pattern, []):
@@ -584,6 +585,8 @@ class Pins:
                     self.held[key] = (Path(name), fd)
                 else:
                     os.close(fd)
+        if self.metrics is not None:
+            self.metrics.files_open = len(self.held)
 
     @contextlib.contextmanager
     def holding(self, dirs: list[Path], pattern: str, every_s: float) -> Iterator[None]:
@@ -638,7 +641,7 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
     metrics = Metrics(ready=False)
     server = serve(lambda: metrics, opts.metrics_host, opts.metrics_port) if opts.metrics_port is not None else None
     try:
-        pins = Pins(open_files_budget(opts.max_open_files))
+        pins = Pins(open_files_budget(opts.max_open_files), metrics)
         try:
             with pins.holding(directories, opts.pattern, opts.rescan_s):
                 destination = wait_for_mlflow(opts, metrics, stopping)

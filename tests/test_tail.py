@@ -302,11 +302,13 @@ def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capt
     try:
         wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for MLflow")
         assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
+        wait_for(lambda: "litellm_ingest_files_open 1\n" in d.metrics(), 15, "the file it holds to be counted open")
         for part in (calls[10:20], calls[20:30]):
             time.sleep(2.5)
             rotate(log, "rename_create", "numbered", "deleted")
             writer.write_calls(part)
         time.sleep(2.5)
+        assert "litellm_ingest_files_open 3\n" in d.metrics(), "the two deleted files are held open too"
         assert d.alive(), d.log.read_text()
         server = start_mlflow_server(tmp_path / "late-server", port=port)
         writer.write_calls(calls[30:])
