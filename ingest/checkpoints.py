@@ -356,6 +356,15 @@ class State:
             self._db = None
 
     @contextlib.contextmanager
+    def read_only(self) -> Iterator[State]:
+        """This state for a dry run: read as it is, without its lock (it writes nothing, so it
+        neither waits for a run nor makes one fail for the lock)."""
+        try:
+            yield self
+        finally:
+            self.close()
+
+    @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
         """Hold this state's lock for a run; raise LockedError at once if another run has it."""
         lock_path = self.path.with_suffix(".lock")

@@ -747,7 +747,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     state = State.load(state_path(opts.state_dir, mode, key), mode, key)
     pipe: Pipeline | None = None
     try:
-        with state.locked():
+        with state.read_only() if opts.dry_run else state.locked():
             # the SQLite files beside the state are opened (and a corrupt one set aside) only under its lock
             ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
             queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None

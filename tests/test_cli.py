@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -138,6 +139,7 @@ def test_a_dry_run_quarantines_into_no_file_unless_given_one(tmp_path: Path, com
     assert dry.returncode == 3 and "Traceback" not in dry.stderr, dry.stderr
     bad = json.loads(dry.stdout)["quarantined"]
     assert bad > 0 and not (tmp_path / "st" / "quarantine.jsonl").exists() and not (tmp_path / "m.db").exists()
+    assert not (tmp_path / "st").exists() or not any((tmp_path / "st").iterdir()), "a dry run leaves nothing in the state dir"
     assert json.loads(dry.stdout)["state_file"] is None and json.loads(dry.stdout)["result"] == "quarantined"
     said = run(command, str(logs), *store, *state, "--dry-run", cwd=tmp_path)
     assert re.search(r"^quarantined +\d+ .* -> not written \(dry run\)$", said.stdout, re.M), said.stdout
@@ -148,6 +150,13 @@ def test_a_dry_run_quarantines_into_no_file_unless_given_one(tmp_path: Path, com
     real = run(command, str(logs), *store, *state, "--json", cwd=tmp_path)
     assert real.returncode == 3, real.stderr
     assert len((tmp_path / "st" / "quarantine.jsonl").read_text().splitlines()) == json.loads(real.stdout)["quarantined"] == bad
+
+    # a dry run takes no lock: it neither fails for a run holding it nor makes a run fail
+    (lock,) = (tmp_path / "st").glob(f"{command}-*.lock")
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run(command, str(logs), *store, *state, "--dry-run", "-q", cwd=tmp_path).returncode == 3
+        assert run(command, str(logs), *store, *state, "-q", cwd=tmp_path).returncode == 5
 
 
 def test_a_file_named_twice_is_read_once(tmp_path: Path) -> None:
