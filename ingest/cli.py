@@ -664,7 +664,8 @@ def status(state_dir: Path | None, as_json: bool) -> None:
 def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, **kw: Any) -> None:
     """Compare the calls in the logs with the traces in MLflow: what is missing, what is extra (by call id).
 
-    Exit 0 when they agree (after --repair: when every missing call was written), 6 otherwise.
+    Exit 0 when they agree (after --repair: when every missing call was written), 6 otherwise;
+    8 when they agree but some files could not be read or folders listed (named on stderr).
     """
     from ingest.pipeline import now_us
     from ingest.reconcile import reconcile as run
@@ -681,6 +682,8 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
             f"calls in logs: {report.calls_in_logs}  traces in MLflow: {report.traces_in_mlflow}  matched: {report.matched}  "
             f"missing: {len(report.missing)}  extra: {len(report.extra)}"
         )
+        if report.unreadable:
+            click.echo(f"not compared: {len(report.unreadable)} file(s) or folder(s) that could not be read (named on stderr)")
         lists = [("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)]
         if report.repaired is not None:
             click.echo(f"repaired: {report.repaired} of the {len(report.missing)} missing written")
@@ -694,7 +697,9 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
                 if len(ids) > limit:
                     click.echo(f"  ... and {len(ids) - limit} more")
     repaired = report.repaired is not None and report.repaired == len(report.missing) and not report.extra
-    sys.exit(Exit.OK if report.ok or repaired else Exit.DIFFERENCES)
+    if not (report.ok or repaired):
+        sys.exit(Exit.DIFFERENCES)
+    sys.exit(Exit.SOURCE if report.unreadable else Exit.OK)
 
 
 def _print_summary(s: Any) -> None:

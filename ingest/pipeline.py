@@ -605,9 +605,13 @@ class Inputs:
         )
 
     def report_unreadable(self, summary: Summary) -> None:
-        for path in self.unreadable:
-            log.warning("cannot read %s: permission denied (the other files are ingested; this one is read once it can be)", path)
+        self.name_unreadable("the other files are ingested; this one is read once it can be")
         summary.files_unreadable = len(self.unreadable)
+
+    def name_unreadable(self, then: str) -> None:
+        """One line on stderr for each file this process may not read or folder it may not list."""
+        for path in self.unreadable:
+            log.warning("cannot read %s: permission denied (%s)", path, then)
 
     def check(self) -> None:
         """Reach every bucket and database before anything is written (one clear line if one cannot be)."""

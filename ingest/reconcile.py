@@ -19,7 +19,7 @@ from ingest.ledger import Ledger
 from ingest.normalize import normalize_isolating
 from ingest.pipeline import Inputs, RunOptions, Summary, remote_units, resolve_run_target, run_batch
 from ingest.quarantine import QuarantineWriter
-from ingest.sources import Chunk, read_chunks
+from ingest.sources import Chunk, read_chunks, shown
 
 
 @dataclass
@@ -34,6 +34,9 @@ class Report:
     extra: list[str] = field(default_factory=list)
     quarantined: int = 0
     window: tuple[int | None, int | None] = (None, None)
+    unreadable: list[str] = field(default_factory=list)
+    """Files this process may not read and folders it may not list (named on stderr): their calls
+    were not compared, so an agreement is not claimed (exit 8)."""
     repaired: int | None = None
     """With ``--repair``: the missing calls written since (None: no repair asked for)."""
     too_recent: list[str] = field(default_factory=list)
@@ -56,13 +59,15 @@ class Report:
         return d
 
 
-def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
-    """(call_key, first start, last end) of every call in the logs within [since, until), and the quarantine count."""
+def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int, list[str]]:
+    """(call_key, first start, last end) of every call in the logs within [since, until), the
+    quarantine count, and the files and folders that may not be read (each named on stderr)."""
     calls = pl.DataFrame(schema={"call_key": pl.String, "start_us": pl.Int64, "end_us": pl.Int64})
     latest = [pl.col("start_us").min(), pl.col("end_us").max()]
     quarantine = QuarantineWriter(None)
     inputs = Inputs.of(opts.paths)
     inputs.check()
+    inputs.name_unreadable("its calls are not compared; reconcile again once it can be read")
     for chunk in _chunks(inputs, opts):
         quarantine.write(chunk.quarantined)
         records, bad = normalize_isolating(chunk.lines)
@@ -74,7 +79,7 @@ def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int]:
         calls = calls.filter(pl.col("start_us") >= opts.since_us)
     if opts.until_us is not None:
         calls = calls.filter(pl.col("start_us") < opts.until_us)
-    return calls, quarantine.total
+    return calls, quarantine.total, [shown(p) for p in inputs.unreadable]
 
 
 def _chunks(inputs: Inputs, opts: RunOptions) -> Iterator[Chunk]:
@@ -129,13 +134,13 @@ def _past_edge(client: Any, info: Any, since_us: int | None, until_us: int | Non
 def reconcile(opts: RunOptions) -> Report:
     """Read-only: the destination is resolved as batch resolves it, and nothing is created in it."""
     target = resolve_run_target(opts, create=False)
-    calls, quarantined = calls_in_logs(opts)
+    calls, quarantined, unreadable = calls_in_logs(opts)
     expected = {mlflow_trace_id(otel_trace_id(target.experiment_id, k)): k for k in calls["call_key"].to_list()}
     since, until = opts.since_us, opts.until_us
     if since is None and until is None and calls.height:
         since, until = int(calls["start_us"].min()), int(calls["start_us"].max()) + 1  # type: ignore[arg-type]
     actual = traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until)
-    report = Report(target.shown_uri, target.experiment_id, quarantined=quarantined, window=(since, until))
+    report = Report(target.shown_uri, target.experiment_id, quarantined=quarantined, window=(since, until), unreadable=unreadable)
     report.calls_in_logs = len(expected)
     report.traces_in_mlflow = len(actual)
     report.matched = len(expected.keys() & actual.keys())

@@ -212,6 +212,47 @@ def test_a_window_that_cuts_a_millisecond_counts_no_call_on_the_wrong_side_as_ex
     assert report["calls_in_logs"] == report["matched"] == sum(first + 1 <= u < last for u in starts.values())
 
 
+@pytest.mark.parametrize("locked", ["file", "folder"])
+def test_reconcile_names_a_file_it_may_not_read_and_claims_no_agreement(tmp_path: Path, capture: list[dict], locked: str) -> None:
+    """A file the run may not read, or a folder it may not list, was passed over in silence: the
+    calls in it were never compared and reconcile reported agreement (exit 0), where batch over the
+    same folder names it and exits 8. Now it is named too: exit 8, or 6 when something differs."""
+    from tests.test_cli import unprivileged
+
+    logs = tmp_path / "logs"
+    calls = copies(capture, 3, f"rec-locked-{locked}")
+    names = ["proxy.jsonl.2", "old/proxy.jsonl.1" if locked == "folder" else "proxy.jsonl.1", "proxy.jsonl"]
+    files = [write_log(logs / name, calls[i]) for i, name in enumerate(names)]
+    hidden = files[1].parent if locked == "folder" else files[1]
+    hidden.chmod(0)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    target = ["--tracking-uri", uri, "--experiment-name", "locked"]
+
+    def as_user(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(unprivileged([EXE, *args]), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+        no_traceback(proc)
+        return proc
+
+    assert as_user("batch", str(logs), *target, "--no-state", "-q").returncode == 8
+    proc = as_user("reconcile", str(logs), *target, "--json")
+    assert proc.returncode == 8, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    named = [line for line in proc.stderr.splitlines() if str(hidden) in line]
+    assert len(named) == 1 and f"cannot read {hidden}: permission denied" in named[0], proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["unreadable"] == [str(hidden)]
+    assert (report["missing"], report["extra"]) == ([], [])
+    assert report["calls_in_logs"] == report["matched"] == len(calls_of(calls[0] + calls[2]))
+
+    victim = sorted(calls_of(calls[2]))[0]
+    trace_id = next(t.info.trace_id for t in trace_infos(uri, "locked") if t.info.tags.get("litellm.call_id") == victim)
+    client = client_for(uri)
+    client.delete_traces(client.get_experiment_by_name("locked").experiment_id, trace_ids=[trace_id])
+    proc = as_user("reconcile", str(logs), *target)
+    assert proc.returncode == 6, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert f"cannot read {hidden}: permission denied" in proc.stderr, "named when something differs as well"
+    assert victim in proc.stdout.split() and "could not be read" in proc.stdout
+
+
 # --- status ----------------------------------------------------------------------------------------
 
 
