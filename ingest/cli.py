@@ -682,6 +682,8 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
             f"calls in logs: {report.calls_in_logs}  traces in MLflow: {report.traces_in_mlflow}  matched: {report.matched}  "
             f"missing: {len(report.missing)}  extra: {len(report.extra)}"
         )
+        if report.window == (None, None):
+            click.echo("the logs hold no call: no time window, so no trace is extra (--since/--until give one)")
         if report.unreadable:
             click.echo(f"not compared: {len(report.unreadable)} file(s) or folder(s) that could not be read (named on stderr)")
         lists = [("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)]

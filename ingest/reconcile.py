@@ -34,6 +34,8 @@ class Report:
     extra: list[str] = field(default_factory=list)
     quarantined: int = 0
     window: tuple[int | None, int | None] = (None, None)
+    """The start times compared: --since/--until, else the logs' calls'; (None, None) when neither
+    was given and the logs hold no call (no window: no trace is extra)."""
     unreadable: list[str] = field(default_factory=list)
     """Files this process may not read and folders it may not list (named on stderr): their calls
     were not compared, so an agreement is not claimed (exit 8)."""
@@ -139,7 +141,9 @@ def reconcile(opts: RunOptions) -> Report:
     since, until = opts.since_us, opts.until_us
     if since is None and until is None and calls.height:
         since, until = int(calls["start_us"].min()), int(calls["start_us"].max()) + 1  # type: ignore[arg-type]
-    actual = traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until)
+    # no call and no --since/--until: no window, and a search without one made every trace extra
+    unbounded = since is None and until is None
+    actual = {} if unbounded else traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until)
     report = Report(target.shown_uri, target.experiment_id, quarantined=quarantined, window=(since, until), unreadable=unreadable)
     report.calls_in_logs = len(expected)
     report.traces_in_mlflow = len(actual)

@@ -253,6 +253,48 @@ def test_reconcile_names_a_file_it_may_not_read_and_claims_no_agreement(tmp_path
     assert victim in proc.stdout.split() and "could not be read" in proc.stdout
 
 
+@pytest.mark.parametrize("logs", ["empty", "bad lines only", "unreadable"])
+def test_reconcile_of_logs_that_hold_no_call_lists_no_trace_extra(tmp_path: Path, capture: list[dict], logs: str) -> None:
+    """Logs with no call (a freshly rotated file, only bad lines, a file it may not read) have no
+    time window: the search went unbounded and every trace of the experiment was listed extra
+    (exit 6). Only --since/--until then give a window, and the traces in it are extra."""
+    from tests.test_cli import unprivileged
+
+    recs = copies(capture, 1, f"rec-nocall-{logs.replace(' ', '-')}")[0]
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    target = ["--tracking-uri", uri, "--experiment-name", "nocall"]
+    written = run("batch", str(write_log(tmp_path / "written" / "calls.jsonl", recs)), *target, "--no-state", "-q", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr[-3000:]
+    log = tmp_path / "logs" / "proxy.jsonl"
+    log.parent.mkdir()
+    if logs == "unreadable":
+        write_log(log, recs).chmod(0)
+    else:
+        log.write_text("" if logs == "empty" else 'not json\n{"id": 1}\n')
+    code = 8 if logs == "unreadable" else 0
+
+    def as_user(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(unprivileged([EXE, *args]), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+        no_traceback(proc)
+        return proc
+
+    text = as_user("reconcile", str(log), *target)
+    assert text.returncode == code, (text.returncode, text.stdout[-2000:], text.stderr[-2000:])
+    assert text.stdout.splitlines()[:2] == [
+        "calls in logs: 0  traces in MLflow: 0  matched: 0  missing: 0  extra: 0",
+        "the logs hold no call: no time window, so no trace is extra (--since/--until give one)",
+    ], text.stdout
+    assert (f"cannot read {log}: permission denied" in text.stderr) == (logs == "unreadable"), text.stderr
+    report = json.loads(as_user("reconcile", str(log), *target, "--json").stdout)
+    assert (report["extra"], report["missing"], report["window"]) == ([], [], [None, None]), report
+    assert report["quarantined"] == (2 if logs == "bad lines only" else 0)
+
+    since, until = iso(min(r["startTime"] for r in recs) - 1), iso(max(r["startTime"] for r in recs) + 1)
+    windowed = as_user("reconcile", str(log), *target, "--json", "--since", since, "--until", until)
+    assert windowed.returncode == 6, (windowed.returncode, windowed.stderr[-2000:])
+    assert json.loads(windowed.stdout)["extra"] == sorted(calls_of(recs)), "a window given: the traces in it match no call"
+
+
 # --- status ----------------------------------------------------------------------------------------
 
 
