@@ -685,7 +685,11 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
         if report.window == (None, None):
             click.echo("the logs hold no call: no time window, so no trace is extra (--since/--until give one)")
         if report.unreadable:
-            click.echo(f"not compared: {len(report.unreadable)} file(s) or folder(s) that could not be read (named on stderr)")
+            click.echo("not compared (could not be read; named on stderr):")
+            for what in report.unreadable[:limit]:
+                click.echo(f"  {what}")
+            if len(report.unreadable) > limit:
+                click.echo(f"  ... and {len(report.unreadable) - limit} more")
         lists = [("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)]
         if report.repaired is not None:
             click.echo(f"repaired: {report.repaired} of the {len(report.missing)} missing written")

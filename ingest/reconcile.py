@@ -70,7 +70,8 @@ def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int, list[str]]:
     inputs = Inputs.of(opts.paths)
     inputs.check()
     inputs.name_unreadable("its calls are not compared; reconcile again once it can be read")
-    for chunk in _chunks(inputs, opts):
+    unread = [shown(p) for p in inputs.unreadable]
+    for chunk in _chunks(inputs, opts, unread):
         quarantine.write(chunk.quarantined)
         records, bad = normalize_isolating(chunk.lines)
         quarantine.write(bad)
@@ -81,13 +82,17 @@ def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int, list[str]]:
         calls = calls.filter(pl.col("start_us") >= opts.since_us)
     if opts.until_us is not None:
         calls = calls.filter(pl.col("start_us") < opts.until_us)
-    return calls, quarantine.total, [shown(p) for p in inputs.unreadable]
+    return calls, quarantine.total, unread
 
 
-def _chunks(inputs: Inputs, opts: RunOptions) -> Iterator[Chunk]:
+def _chunks(inputs: Inputs, opts: RunOptions, unread: list[str]) -> Iterator[Chunk]:
+    """Every chunk of the logs; objects that could not be fetched (each named in a warning) are
+    added to ``unread``, as files that may not be read are."""
     for path in inputs.files:
         yield from read_chunks(path, chunk_bytes=opts.chunk_bytes)
     for unit in remote_units(inputs, Ledger(None), opts, Summary(), mode="backfill"):
+        if unit.failed:
+            unread.append(f"{unit.failed} object(s) of {unit.source}")
         yield from unit.chunks
 
 

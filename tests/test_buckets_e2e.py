@@ -16,6 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.buckets import BucketServer, put_gcs_batch, put_gcs_objects, put_s3_v2_batch_file, put_s3_v2_objects, server_env
 from tests.conftest import all_traces, read_capture, reidentify, write_jsonl
 
@@ -299,3 +301,34 @@ def test_keys_with_glob_characters_are_read_not_taken_for_gone(s3_server: Bucket
     _, s, _ = run(s3_server, "batch", f"s3://{bucket}/litellm/", state=state, uri=uri)
     assert (s["objects_read"], s["records_read"]) == (len(keys), len(records))
     assert sorted(trace_calls(uri)) == sorted(calls_of(records))
+
+
+def test_reconcile_claims_no_agreement_when_objects_could_not_be_fetched(
+    s3_env: BucketServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch that fails (a throttled or refused GET) leaves the object's calls uncompared: batch
+    says exit 8 for it, and reconcile said the logs and MLflow agree (exit 0)."""
+    from click.testing import CliRunner
+
+    from ingest.buckets import Bucket
+    from ingest.cli import main
+
+    fs, bucket = s3_env.fs(), s3_env.new_bucket()
+    records = days_ago(2)
+    put_s3_v2_objects(fs, bucket, records, s3_path="logs")
+    uri, url = f"sqlite:///{tmp_path / 'm.db'}", f"s3://{bucket}/logs/"
+    _, s, _ = run(s3_env, "batch", url, state=tmp_path / "st", uri=uri)
+    assert s["traces_written"] == len(calls_of(records))
+    agree = CliRunner().invoke(main, ["reconcile", url, "--tracking-uri", uri, "--experiment-name", EXP, "--json"])
+    assert agree.exit_code == 0, agree.output
+
+    fetch = Bucket.fetch
+
+    def refused_once(self: Bucket, keys: list[str]) -> dict[str, bytes | BaseException]:
+        got = fetch(self, keys)
+        return {**got, keys[0]: PermissionError("403 Forbidden")}
+
+    monkeypatch.setattr(Bucket, "fetch", refused_once)
+    short = CliRunner().invoke(main, ["reconcile", url, "--tracking-uri", uri, "--experiment-name", EXP, "--json"])
+    report = json.loads(short.output)
+    assert short.exit_code == 8 and report["unreadable"] and all(f"s3://{bucket}" in u for u in report["unreadable"]), short.output
