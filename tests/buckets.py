@@ -175,7 +175,8 @@ def _spawn(name: str, cmd: list[str], ready_url: str) -> tuple[subprocess.Popen,
     """Start a server in its own process group, its log in a file; return it once ``ready_url`` answers."""
     t0 = time.monotonic()
     log = _server_log(name)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    # run from the log's folder: fake-gcs-server writes fsrv.pid into its working directory
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, cwd=Path(log.name).parent)
     proc.log_path = log.name  # type: ignore[attr-defined]
     _wait_http(ready_url, proc, 30, name)
     return proc, time.monotonic() - t0
