@@ -444,7 +444,9 @@ class Pipeline:
         """A batch the store rejected, written in halves down to the traces it will not take, which are
         quarantined. If it takes none of them, the store (not the data) is the problem, and that
         raises; unless each was refused for what it holds (:func:`~ingest.sink.refused_for_its_data`):
-        a batch of nothing but such traces would otherwise stop every run over them."""
+        a batch of nothing but such traces would otherwise stop every run over them. A trace refused
+        alone is first checked against the experiment: one deleted, or gone with a store made anew,
+        refuses every write, and quarantining them one by one (a quiet proxy's calls) lost them all."""
         written: list[BuiltTrace] = []
         refused: list[tuple[BuiltTrace, SinkError]] = []
         spans = 0
@@ -464,8 +466,11 @@ class Pipeline:
                     attempt(half, e)
 
         attempt(batch, error)
-        if len(batch) > 1 and not written and not all(refused_for_its_data(why) for _, why in refused):
-            raise error
+        if not written and not all(refused_for_its_data(why) for _, why in refused):
+            if problem := self.sink.experiment_problem():
+                raise SinkError(problem, kind="refused") from error
+            if len(batch) > 1:
+                raise error
         for trace, why in refused:
             self.quarantine.write(_quarantined(trace.whole().rows, Reason.UNWRITABLE, f"sink: {why}"))
         return written, spans

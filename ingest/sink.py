@@ -47,15 +47,18 @@ T = TypeVar("T")
 
 
 class SinkError(Exception):
-    """MLflow could not be reached, refused us, or rejected data: one line for the user."""
+    """MLflow could not be reached, refused us, or rejected data: one line for the user. ``kind``:
+    "unreachable" and "server" are retried, "rejected" may be the data's fault (a batch is split to
+    find the trace), "unauthorized" and "refused" are the destination's (a route it does not serve)."""
 
-    def __init__(self, message: str, kind: str = "unreachable") -> None:
+    def __init__(self, message: str, kind: str = "unreachable", status: int | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.status = status
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Keeps ``kind`` across processes (a backfill worker's failure reaches the main process)."""
-        return (SinkError, (str(self), self.kind))
+        return (SinkError, (str(self), self.kind, self.status))
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,11 @@ class Sink(Protocol):
 
     def ping(self) -> None:
         """Raise SinkError unless MLflow answers now (one cheap request, no retries)."""
+        ...
+
+    def experiment_problem(self) -> str | None:
+        """Why the experiment cannot be written to any more (deleted, or gone with its store made
+        anew), asked when writes fail; None when it is there or MLflow cannot say now."""
         ...
 
     def close(self) -> None: ...
@@ -193,11 +201,22 @@ def _transient_http(e: Exception) -> bool:
 
 
 def _check(resp: requests.Response, what: str) -> requests.Response:
-    if resp.status_code >= 500 or resp.status_code == 429:
-        raise SinkError(f"{what}: MLflow answered {resp.status_code}: {resp.text[:200]}", kind="server")
+    _answered(resp, what)
     if resp.status_code >= 400:
-        raise SinkError(f"{what}: MLflow answered {resp.status_code}: {resp.text[:300]}", kind="rejected")
+        raise SinkError(f"{what}: MLflow answered {resp.status_code}: {_said(resp, 300)}", kind="rejected", status=resp.status_code)
     return resp
+
+
+def _answered(resp: requests.Response, what: str) -> requests.Response:
+    """``resp``, unless the server failed it (5xx, 429): that is raised to be retried."""
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise SinkError(f"{what}: MLflow answered {resp.status_code}: {_said(resp, 200)}", kind="server", status=resp.status_code)
+    return resp
+
+
+def _said(resp: requests.Response, limit: int) -> str:
+    """The body of an error answer in one line (a proxy's HTML page is many)."""
+    return " ".join(resp.text.split())[:limit]
 
 
 def _otlp_answer(resp: requests.Response) -> requests.Response:
@@ -269,7 +288,12 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
         return with_retries(lambda: _check(http.request(method, path, **kw), what), what, deadline_s, _transient_http)
 
     if exp_id is not None:
-        resp = http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp_id})
+        resp = with_retries(
+            lambda: _answered(http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp_id}), "get experiment"),
+            "get experiment",
+            deadline_s,
+            _transient_http,
+        )
         if resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text):
             raise SinkError(f"experiment id {exp_id} does not exist on {shown_uri(uri)}", kind="rejected")
         exp = _check(resp, "get experiment").json()["experiment"]
@@ -277,7 +301,9 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
         return Target(uri, exp["experiment_id"], exp.get("name"), _created_ms(exp.get("creation_time")))
     name = name or DEFAULT_EXPERIMENT_NAME
     resp = with_retries(
-        lambda: http.request("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}),
+        lambda: _answered(
+            http.request("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}), "find experiment"
+        ),
         "find experiment",
         deadline_s,
         _transient_http,
@@ -299,6 +325,21 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
     exp = _check(resp, "find experiment").json()["experiment"]
     _refuse_deleted(exp, uri)
     return Target(uri, exp["experiment_id"], name, _created_ms(exp.get("creation_time")))
+
+
+def _experiment_problem(resp: requests.Response, target: Target) -> str | None:
+    """What a server's answer to GetExperiment says of the target's experiment, if it is gone."""
+    if resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text):
+        return f"experiment id {target.experiment_id} no longer exists on {target.shown_uri}"
+    if not resp.ok:
+        return None
+    try:
+        exp = resp.json()["experiment"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if exp.get("lifecycle_stage") == "deleted":
+        return f"experiment {exp.get('name')!r} (id {target.experiment_id}) on {target.shown_uri} was deleted"
+    return None
 
 
 def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
@@ -531,6 +572,8 @@ class OtlpSink:
         except SinkError as e:
             if e.kind != "rejected":
                 raise
+            if problem := self.experiment_problem():
+                raise SinkError(problem, kind="refused") from e
             self.settling = False
             log.warning("%s does not take a trace's final state (%s): calls written as failed are deleted before "
                         "their success is written", self.target.shown_uri, e)  # fmt: skip
@@ -602,14 +645,19 @@ class OtlpSink:
         except Exception as e:
             raise SinkError(f"encoding traces as OTLP failed: {first_line(e)}", kind="rejected") from e
         headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip", EXPERIMENT_HEADER: experiment_id}
-        with_retries(
-            lambda: _otlp_answer(_check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces")),
-            "send traces",
-            self.deadline_s,
-            _transient_http,
-            self.on_retry,
-            self.pause,
-        )
+        try:
+            with_retries(
+                lambda: _otlp_answer(_check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces")),
+                "send traces",
+                self.deadline_s,
+                _transient_http,
+                self.on_retry,
+                self.pause,
+            )
+        except SinkError as e:
+            if e.status in (404, 405):  # no route for traces here (or no experiment): no trace's fault
+                raise SinkError(str(e), kind="refused", status=e.status) from e
+            raise
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
         """MLflow's ``BatchGetTraceInfos``, decoded as its REST store decodes it."""
@@ -630,6 +678,13 @@ class OtlpSink:
 
     def ping(self) -> None:
         _check(self.http.request("GET", "/health", timeout_s=5.0), "health check")
+
+    def experiment_problem(self) -> str | None:
+        try:
+            resp = self.http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": self.target.experiment_id})
+        except SinkError:
+            return None
+        return _experiment_problem(resp, self.target)
 
     def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
         """Through MLflow's own REST store (its DeleteTraces call)."""
@@ -873,6 +928,21 @@ class StoreSink(_Synchronous):
         except Exception as e:
             raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {first_line(e)}") from e
 
+    def experiment_problem(self) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        t = self.target
+        try:
+            exp = self.store.get_experiment(t.experiment_id)
+        except MlflowException as e:
+            gone = e.error_code == "RESOURCE_DOES_NOT_EXIST"
+            return f"experiment id {t.experiment_id} no longer exists in {t.shown_uri}" if gone else None
+        except Exception:
+            return None
+        if exp.lifecycle_stage == "deleted":
+            return f"experiment {exp.name!r} (id {exp.experiment_id}) in {t.shown_uri} was deleted"
+        return None
+
     def close(self) -> None:
         pass
 
@@ -887,6 +957,9 @@ class NullSink(_Synchronous):
 
     def ping(self) -> None:
         pass
+
+    def experiment_problem(self) -> str | None:
+        return None
 
     def write(self, traces: list[BuiltTrace]) -> int:
         return 0

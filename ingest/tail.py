@@ -98,6 +98,10 @@ class _Wake(FileSystemEventHandler):
         self.event.set()
 
 
+EXPERIMENT_CHECK_S = 60.0
+"""How often a running daemon asks whether its experiment was deleted (one small request)."""
+
+
 class Tailer:
     """The daemon's loop around one :class:`~ingest.follow.Follower`; :meth:`step` is one pass of it."""
 
@@ -144,6 +148,9 @@ class Tailer:
         self._failures = 0
         self.pins = pins
         self._last_down_log = self._last_error_log = self._last_state_log = 0.0
+        self._experiment_checked = time.monotonic()
+        self.refused: SinkError | None = None
+        """Set when the experiment is gone or deleted: the daemon stops, and :meth:`run` raises it (exit 4)."""
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -174,6 +181,8 @@ class Tailer:
                 observer.stop()
                 observer.join(timeout=5)
             self.close()
+        if self.refused is not None:
+            raise self.refused
 
     def _watch(self) -> BaseObserver | None:
         """The observer that wakes the loop on a change; None when the system refuses one (inotify's
@@ -239,6 +248,8 @@ class Tailer:
             self._close_idle()
             self._park_idle()
             self._up()
+            if time.monotonic() - self._experiment_checked >= EXPERIMENT_CHECK_S:
+                self._check_experiment()
         except SinkError as e:
             self._outage(e)
         except (Exception, PanicException) as e:
@@ -278,8 +289,24 @@ class Tailer:
         self.metrics.mlflow_up = True
         self._failures = 0
 
+    def _check_experiment(self) -> bool:
+        """Stop (exit 4, as at start) if the experiment was deleted, or is gone with its store made
+        anew: MLflow takes traces into a deleted experiment, and refuses them once it is purged or
+        gone, which would otherwise be an outage held for ever. True when it is."""
+        self._experiment_checked = time.monotonic()
+        if (problem := self.sink.experiment_problem()) is None:
+            return False
+        log.error("%s: stopping; what was read and not written is kept for the next start", problem)
+        self.refused = SinkError(f"{problem}: restore it or pick another experiment", kind="rejected")
+        self.stop()
+        return True
+
     def _outage(self, e: SinkError) -> None:
         """Keep what was read in memory (nothing is read again while down), back off, probe again."""
+        if e.kind in ("rejected", "refused") and self._check_experiment():
+            self.follower.rewind()
+            self._save()
+            return
         self.metrics.send_errors += 1
         self.metrics.send_retries += 1
         self._write_failed(e)

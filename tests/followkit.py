@@ -72,6 +72,9 @@ class RecordingSink:
     def ping(self) -> None:
         self._check()
 
+    def experiment_problem(self) -> str | None:
+        return None
+
     def close(self) -> None:
         pass
 

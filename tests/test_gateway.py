@@ -29,7 +29,8 @@ LOGIN = b"<!doctype html><html><body><form action='/login'>Sign in</form></body>
 class Gateway:
     """A reverse proxy in front of a real MLflow server; ``blocks(method, path)`` picks the requests
     it answers itself: redirected to its login page (``how="redirect"``), answered with it
-    (``"page"``), or with a plain ``OK`` (``"ok"``)."""
+    (``"page"``), with a plain ``OK`` (``"ok"``), or ``404`` (a server that does not serve the route,
+    as ``mlflow server --gunicorn-opts`` left /v1/traces)."""
 
     def __init__(self, upstream: str, how: str, blocks: Callable[[str, str], bool]) -> None:
         self.upstream, self.how, self.blocks = upstream, how, blocks
@@ -56,6 +57,8 @@ class Gateway:
                         return self._answer(302, b"", {"Location": f"{gateway.url}/login?next={self.path}"})
                     if gateway.how == "ok":
                         return self._answer(200, b"OK", {"Content-Type": "text/plain"})
+                    if gateway.how == "404":
+                        return self._answer(404, b"<html><body>\n<h1>Not Found</h1>\n</body></html>", {"Content-Type": "text/html"})
                     return self._answer(200, LOGIN, {"Content-Type": "text/html; charset=utf-8"})
                 skip = {"host", "content-length", "connection"}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
@@ -99,6 +102,7 @@ def _batch(uri: str, logs: Path, state: Path, experiment: str) -> subprocess.Com
         ("redirect", "redirected POST /v1/traces (302) to http://127.0.0.1/login"),
         ("page", "answered POST /v1/traces with a web page"),
         ("ok", "answered the spans 200 with text/plain"),
+        ("404", "send traces: MLflow answered 404: <html><body> <h1>Not Found</h1> </body></html>"),
     ],
 )
 def test_a_gateway_that_keeps_the_spans_from_mlflow_fails_the_run_and_nothing_is_marked_read(
@@ -108,12 +112,15 @@ def test_a_gateway_that_keeps_the_spans_from_mlflow_fails_the_run_and_nothing_is
     writes): the experiment is found, the lookups go through, the spans do not."""
     experiment = f"gateway-{uuid.uuid4().hex[:8]}"
     calls = copies(capture, 1, experiment)[0]
+    if how == "404":  # one call, a batch of one trace: it was quarantined as unwritable, exit 3, and lost
+        calls = [r for r in calls if r["litellm_call_id"] == calls[0]["litellm_call_id"]]
     logs = write_jsonl(tmp_path / "logs" / "proxy.jsonl", calls).parent
     blocking = {"on": True}
     blocked = gateway(how, lambda method, path: blocking["on"] and method == "POST" and path == "/v1/traces")
     first = _batch(blocked.url, logs, tmp_path / "state", experiment)
     assert first.returncode == 4 and "Traceback" not in first.stderr, (first.stdout, first.stderr)
     assert said in first.stderr.replace(f":{blocked.server.server_address[1]}", ""), first.stderr
+    assert len(first.stderr.strip().splitlines()) == 1 and not (tmp_path / "state" / "quarantine.jsonl").exists()
     assert all_traces(mlflow_server.url, experiment, missing_ok=True) == []
     blocking["on"] = False  # the same address (the state is per destination), now let through
     again = _batch(blocked.url, logs, tmp_path / "state", experiment)

@@ -324,6 +324,46 @@ def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capt
             server.stop()
 
 
+def test_an_experiment_purged_under_the_daemon_stops_it_and_its_calls_wait_for_the_next_start(tmp_path: Path, capture) -> None:
+    """The experiment deleted and purged (``mlflow gc``) while the daemon writes: each call arriving
+    alone was quarantined as unwritable (no log line, /health ok) and lost; several at once were an
+    outage held for ever. Now it stops, exit 4, as at start, and the next start (the experiment
+    made anew under its name) writes them."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logdir, state = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    calls = fresh_calls(capture)[:4]
+    writer = Writer(logdir / "proxy.jsonl")
+    writer.write_calls(calls[:2])
+    d = Daemon(logdir, uri, "purged", state).start()
+    try:
+        wait_for_calls(uri, "purged", calls[:2])
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("purged")
+        assert exp is not None
+        client.delete_experiment(exp.experiment_id)
+        mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+        gc = [mlflow_cli, "gc", "--backend-store-uri", uri, "--tracking-uri", uri, "--experiment-ids", exp.experiment_id]
+        subprocess.run(gc, check=True, capture_output=True)
+        writer.write_calls(calls[2:3])
+        assert d.proc is not None
+        assert d.proc.wait(timeout=90) == 4, d.log.read_text()[-3000:]
+        assert f"experiment id {exp.experiment_id} no longer exists" in d.log.read_text()
+        assert not (state / "quarantine.jsonl").exists() or not (state / "quarantine.jsonl").read_text().strip()
+        writer.write_calls(calls[3:])
+        d = Daemon(logdir, uri, "purged", state).start()
+        assert_exactly(wait_for_calls(uri, "purged", calls), calls)
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+
+
 def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path, capture) -> None:
     """MLflow on PostgreSQL written directly: the database crashes (``pg_ctl -m immediate``) and comes
     back on the same port while the proxy keeps logging; the daemon waits, then writes every call once."""
