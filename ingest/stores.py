@@ -6,7 +6,8 @@ exists``, ``UniqueViolation``), and on SQLite, whose migrations are not transact
 killed halfway leaves a store no later run can open. So setting a store up is serialized here:
 - SQLite: an ``flock`` on a file beside the database, and a fresh schema is built in a temporary
   file that is renamed into place once complete, so the database either does not exist or is whole.
-  A store left half-created by someone else (no data in it) is moved aside and created anew.
+  A store left half-created by someone else (MLflow's tables only, no data in them) is moved aside
+  and created anew; any other file (another application's database, not a database) is left alone.
 - PostgreSQL (and other servers): a session-level advisory lock; PostgreSQL's DDL is transactional.
 
 The lock is held while the store is opened and the experiment found or created (``setup_lock``),
@@ -148,8 +149,12 @@ def open_store(uri: str, *, create: bool = True) -> Any:
         path = sqlite_path(uri)
         if path is not None and create:
             _prepare_sqlite(path)
-        elif path is not None and (not path.is_file() or _sqlite_schema_state(path) != "complete"):
-            raise StoreSetupError(f"{path} is not a complete MLflow store (missing, or its schema is incomplete or outdated)")
+        elif path is not None:
+            state, foreign = _inspect(path) if path.is_file() else ("missing", [])
+            if state == "foreign":
+                raise StoreSetupError(_not_a_store(path, foreign))
+            if state != "complete":
+                raise StoreSetupError(f"{path} is not a complete MLflow store (missing, or its schema is incomplete or outdated)")
         from mlflow.tracking._tracking_service.utils import _get_store
 
         _STORES[uri] = _get_store(uri)
@@ -167,9 +172,11 @@ def store_for(uri: str) -> Any:
 def _prepare_sqlite(db: Path) -> None:
     """Leave ``db`` either absent-and-then-complete or as it was: a fresh schema is built aside."""
     if db.is_file() and db.stat().st_size > 0:
-        state = _sqlite_schema_state(db)
+        state, foreign = _inspect(db)
         if state == "complete":
             return
+        if state == "foreign":
+            raise StoreSetupError(_not_a_store(db, foreign))
         if state == "has-data":
             raise StoreSetupError(
                 f"the MLflow store {db} has an incomplete or outdated schema and holds data: "
@@ -181,29 +188,61 @@ def _prepare_sqlite(db: Path) -> None:
     _create_sqlite_aside(db)
 
 
+def _not_a_store(db: Path, foreign: list[str]) -> str:
+    """The one line for a file that is no MLflow store (``foreign``): never touched."""
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    what = f"{db} is not an MLflow store: it holds tables MLflow does not make ({shown})"
+    return f"{what}; it was left alone (check --tracking-uri / MLFLOW_TRACKING_URI)"
+
+
 def _sqlite_schema_state(db: Path) -> str:
-    """``complete``, ``empty`` (no schema or a half-built one holding nothing) or ``has-data``."""
+    """``complete``; ``empty`` (no schema, or a half-built one holding nothing); ``has-data`` (an
+    incomplete or outdated schema holding data); ``foreign`` (tables, views or triggers MLflow does
+    not make beside an incomplete schema: another application's database)."""
+    return _inspect(db)[0]
+
+
+def _inspect(db: Path) -> tuple[str, list[str]]:
+    """:func:`_sqlite_schema_state`, and the names of what MLflow does not make in ``db``."""
     import sqlite3
 
-    from mlflow.store.db.base_sql_model import Base
-
+    mlflow_tables = _mlflow_tables()
     # Read-write (never created: mode=rw), so a writer killed mid-commit is rolled back as any
     # SQLite connection does; read-only, SQLite refuses to read past its hot journal. A file the
     # system does not let us write is opened read-only all the same.
     con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)
     try:
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        schema = list(con.execute("SELECT type, name, tbl_name FROM sqlite_master"))
+        tables = {name for kind, name, _ in schema if kind == "table"}
         version = None
         if "alembic_version" in tables:
             version = next(iter(con.execute("SELECT version_num FROM alembic_version")), (None,))[0]
         partial = any(t.startswith("_alembic_tmp_") for t in tables)
-        if not partial and version == _latest_revision() and set(Base.metadata.tables) <= tables:
-            return "complete"
-        return "has-data" if _holds(con, tables) else "empty"
+        if not partial and version == _latest_revision() and mlflow_tables <= tables:
+            return "complete", []
+        # Each table, view, index and trigger belongs to a table (a view to itself).
+        foreign = sorted({table for _, _, table in schema if not _is_mlflow_table(table, mlflow_tables)})
+        if foreign:
+            return "foreign", foreign
+        return ("has-data" if _holds(con, tables) else "empty"), []
     except sqlite3.DatabaseError:
-        return "has-data"
+        return "has-data", []
     finally:
         con.close()
+
+
+@functools.cache
+def _mlflow_tables() -> frozenset[str]:
+    """Every table MLflow's schema has (its migrations create no other), and Alembic's."""
+    import mlflow.store.db.utils  # noqa: F401  (imports MLflow's table definitions)
+    from mlflow.store.db.base_sql_model import Base
+
+    return frozenset(Base.metadata.tables) | {"alembic_version"}
+
+
+def _is_mlflow_table(name: str, mlflow_tables: frozenset[str]) -> bool:
+    """MLflow's, an Alembic migration's scratch copy of one, or SQLite's own (``sqlite_sequence``)."""
+    return name in mlflow_tables or name.startswith(("_alembic_tmp_", "sqlite_"))
 
 
 def _create_sqlite_aside(db: Path) -> None:
@@ -280,11 +319,13 @@ def _keep_template(built: Path, template: Path) -> None:
 
 
 def _holds(con: Any, tables: set[str], where_experiment: str = "experiment_id != 0") -> int:
-    """Rows a user put in the store (experiments past the default, runs, traces, models)."""
+    """Tables of MLflow's holding rows that MLflow's migrations and store do not put there
+    themselves (the schema's version, the default workspace, the default experiment)."""
+    seeded = {"alembic_version": "0", "workspaces": "name != 'default'", "experiments": where_experiment}
     holds = 0
-    for table, where in (("experiments", where_experiment), ("runs", "1"), ("trace_info", "1"), ("registered_models", "1")):
-        if table in tables:
-            holds += con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0]
+    for table in sorted(t for t in tables if t in _mlflow_tables() or t.startswith("_alembic_tmp_")):
+        where = seeded.get(table, "1")
+        holds += con.execute(f'SELECT EXISTS (SELECT 1 FROM "{table}" WHERE {where})').fetchone()[0]
     return holds
 
 

@@ -226,6 +226,42 @@ def test_a_file_store_or_a_hosted_uri_is_refused_in_one_line_and_nothing_is_made
     assert not list((tmp_path / "st").glob("batch-*.json")), "no state says it ingested anything"
 
 
+def _another_apps_database(db: Path, what: str) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    if what == "rows":
+        con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+        con.executemany("INSERT INTO customers VALUES (?, ?)", [(i, f"n{i}") for i in range(1000)])
+    elif what == "empty table":
+        con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    elif what == "view":
+        con.execute("CREATE VIEW customers AS SELECT 1 AS id")
+    elif what == "beside mlflow tables":
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+        con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("what", ["rows", "empty table", "view", "beside mlflow tables"])
+@pytest.mark.parametrize("command", ["batch", "reconcile"])
+def test_a_sqlite_file_that_is_not_an_mlflow_store_is_left_alone_in_one_line(tmp_path: Path, what: str, command: str) -> None:
+    """A mistyped --tracking-uri naming another application's database was taken for a store left
+    half-created (MLflow's tables held no rows): renamed away, replaced by a new store, exit 0."""
+    db = tmp_path / "app.db"
+    _another_apps_database(db, what)
+    before = db.read_bytes()
+    args = [command, str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", f"sqlite:///{db}", "--mlflow-timeout", "2"]
+    proc = run(*args, *(["--state-dir", str(tmp_path / "st")] if command == "batch" else []), cwd=tmp_path)
+    said = f"{db} is not an MLflow store: it holds tables MLflow does not make (customers)"
+    assert_one_clean_error_line(proc, 4, said)
+    assert "left alone" in proc.stderr and "mlflow db upgrade" not in proc.stderr
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("app.db")) == ["app.db", "app.db.ingest-lock"]
+
+
 def test_a_store_that_cannot_be_created_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path: Path, small_disk: Path) -> None:
     """MLflow's schema does not fit: one line, exit 4, and the half-built file is removed at once
     (it was left taking the disk's last bytes until a later run cleaned it)."""

@@ -267,6 +267,27 @@ def test_a_half_created_store_that_holds_data_is_left_alone_with_a_clear_error(t
     assert not list(tmp_path.glob("broken.db.incomplete-*"))
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        "INSERT INTO params (key, value, run_uuid) VALUES ('lr', '0.1', 'r1')",
+        "INSERT INTO experiments (experiment_id, name, lifecycle_stage) VALUES (7, 'mine', 'active')",
+        "INSERT INTO _alembic_tmp_experiments (experiment_id) VALUES (7)",
+    ],
+)
+def test_a_half_created_store_holds_data_in_any_of_mlflows_tables(tmp_path: Path, data: str) -> None:
+    """Only experiments, runs, traces and registered models were counted: rows anywhere else in
+    MLflow's tables were taken for an empty store and moved aside."""
+    from ingest.stores import _sqlite_schema_state
+
+    db = tmp_path / "broken.db"
+    _half_created(db, with_experiment=False)
+    assert _sqlite_schema_state(db) == "empty"
+    with sqlite3.connect(db) as con:
+        con.execute(data)
+    assert _sqlite_schema_state(db) == "has-data"
+
+
 _KILLED_MID_COMMIT = """
 import os, sqlite3, sys
 con = sqlite3.connect(sys.argv[1], isolation_level=None)
