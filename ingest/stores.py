@@ -151,8 +151,8 @@ def open_store(uri: str, *, create: bool = True) -> Any:
             _prepare_sqlite(path)
         elif path is not None:
             state, foreign = _inspect(path) if path.is_file() else ("missing", [])
-            if state == "foreign":
-                raise StoreSetupError(_not_a_store(path, foreign))
+            if state in ("foreign", "not-sqlite"):
+                raise StoreSetupError(_not_a_store(path, state, foreign))
             if state != "complete":
                 raise StoreSetupError(f"{path} is not a complete MLflow store (missing, or its schema is incomplete or outdated)")
         from mlflow.tracking._tracking_service.utils import _get_store
@@ -175,8 +175,8 @@ def _prepare_sqlite(db: Path) -> None:
         state, foreign = _inspect(db)
         if state == "complete":
             return
-        if state == "foreign":
-            raise StoreSetupError(_not_a_store(db, foreign))
+        if state in ("foreign", "not-sqlite"):
+            raise StoreSetupError(_not_a_store(db, state, foreign))
         if state == "has-data":
             raise StoreSetupError(
                 f"the MLflow store {db} has an incomplete or outdated schema and holds data: "
@@ -188,17 +188,20 @@ def _prepare_sqlite(db: Path) -> None:
     _create_sqlite_aside(db)
 
 
-def _not_a_store(db: Path, foreign: list[str]) -> str:
-    """The one line for a file that is no MLflow store (``foreign``): never touched."""
-    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-    what = f"{db} is not an MLflow store: it holds tables MLflow does not make ({shown})"
+def _not_a_store(db: Path, state: str, foreign: list[str]) -> str:
+    """The one line for a file that is no MLflow store (``foreign`` or ``not-sqlite``): never touched."""
+    if state == "not-sqlite":
+        what = f"{db} is not a SQLite database (or is a damaged one)"
+    else:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        what = f"{db} is not an MLflow store: it holds tables MLflow does not make ({shown})"
     return f"{what}; it was left alone (check --tracking-uri / MLFLOW_TRACKING_URI)"
 
 
 def _sqlite_schema_state(db: Path) -> str:
     """``complete``; ``empty`` (no schema, or a half-built one holding nothing); ``has-data`` (an
     incomplete or outdated schema holding data); ``foreign`` (tables, views or triggers MLflow does
-    not make beside an incomplete schema: another application's database)."""
+    not make beside an incomplete schema: another application's database); ``not-sqlite``."""
     return _inspect(db)[0]
 
 
@@ -225,8 +228,10 @@ def _inspect(db: Path) -> tuple[str, list[str]]:
         if foreign:
             return "foreign", foreign
         return ("has-data" if _holds(con, tables) else "empty"), []
-    except sqlite3.DatabaseError:
-        return "has-data", []
+    except sqlite3.DatabaseError as e:
+        if "not a database" in str(e) or "malformed" in str(e):
+            return "not-sqlite", []
+        raise StoreSetupError(f"cannot read the SQLite store {db}: {first_line(e)}") from e
     finally:
         con.close()
 
@@ -297,8 +302,9 @@ def _copied(template: Path, tmp: Path) -> bool:
         shutil.copyfile(template, tmp)
     except OSError:
         return False
-    if _sqlite_schema_state(tmp) == "complete" and _holds_nothing(tmp):
-        return True
+    with contextlib.suppress(StoreSetupError):
+        if _sqlite_schema_state(tmp) == "complete" and _holds_nothing(tmp):
+            return True
     tmp.unlink(missing_ok=True)
     return False
 

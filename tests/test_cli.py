@@ -229,6 +229,9 @@ def test_a_file_store_or_a_hosted_uri_is_refused_in_one_line_and_nothing_is_made
 def _another_apps_database(db: Path, what: str) -> None:
     import sqlite3
 
+    if what == "text":
+        db.write_text("name,email\nada,ada@example.com\n")
+        return
     con = sqlite3.connect(db)
     if what == "rows":
         con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
@@ -245,17 +248,20 @@ def _another_apps_database(db: Path, what: str) -> None:
     con.close()
 
 
-@pytest.mark.parametrize("what", ["rows", "empty table", "view", "beside mlflow tables"])
+@pytest.mark.parametrize("what", ["rows", "empty table", "view", "beside mlflow tables", "text"])
 @pytest.mark.parametrize("command", ["batch", "reconcile"])
 def test_a_sqlite_file_that_is_not_an_mlflow_store_is_left_alone_in_one_line(tmp_path: Path, what: str, command: str) -> None:
     """A mistyped --tracking-uri naming another application's database was taken for a store left
-    half-created (MLflow's tables held no rows): renamed away, replaced by a new store, exit 0."""
+    half-created (MLflow's tables held no rows): renamed away, replaced by a new store, exit 0. A
+    file that is no database at all was told to run `mlflow db upgrade`."""
     db = tmp_path / "app.db"
     _another_apps_database(db, what)
     before = db.read_bytes()
     args = [command, str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", f"sqlite:///{db}", "--mlflow-timeout", "2"]
     proc = run(*args, *(["--state-dir", str(tmp_path / "st")] if command == "batch" else []), cwd=tmp_path)
     said = f"{db} is not an MLflow store: it holds tables MLflow does not make (customers)"
+    if what == "text":
+        said = f"{db} is not a SQLite database"
     assert_one_clean_error_line(proc, 4, said)
     assert "left alone" in proc.stderr and "mlflow db upgrade" not in proc.stderr
     assert db.read_bytes() == before
