@@ -142,6 +142,10 @@ def with_retries(
             delay = min(delay * 2, 10.0)
 
 
+_NOT_AN_ADDRESS = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema)
+"""What requests raises for a URL no request can be sent to."""
+
+
 class _Http:
     """A requests session that carries MLflow's usual credentials (token, basic auth, TLS settings)."""
 
@@ -165,7 +169,8 @@ class _Http:
 
     def request(self, method: str, path: str, timeout_s: float | None = None, **kw: Any) -> requests.Response:
         """One request, not redirected: a redirected POST comes back a GET, and a login page in front of
-        MLflow answers it 200, which would count spans as written that MLflow never saw."""
+        MLflow answers it 200, which would count spans as written that MLflow never saw. An address no
+        request can go to (a space in the host name) is the URI's fault: refused, not retried."""
         try:
             resp = self.session.request(method, self.base + path, timeout=timeout_s or self.timeout, allow_redirects=False, **kw)
         except requests.ConnectionError as e:
@@ -173,6 +178,8 @@ class _Http:
             raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)} ({why})") from e
         except requests.Timeout as e:
             raise SinkError(f"MLflow at {shown_uri(self.base)} did not answer within {self.timeout:.0f}s") from e
+        except _NOT_AN_ADDRESS as e:
+            raise SinkError(f"tracking URI {shown_uri(self.base)} is not a server's address ({first_line(e)})", kind="rejected") from e
         if resp.status_code in (401, 403):
             raise SinkError(
                 f"MLflow at {shown_uri(self.base)} refused the request ({resp.status_code}): set MLFLOW_TRACKING_TOKEN "
@@ -243,6 +250,7 @@ def resolve_target(
     store file that does not exist, is an error naming what is missing.
     """
     if tracking_uri.startswith(("http://", "https://")):
+        _refuse_malformed_server(tracking_uri)
         return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create)
     _refuse_non_database(tracking_uri)
     return _resolve_store(tracking_uri, experiment_name, experiment_id, create, deadline_s)
@@ -271,6 +279,24 @@ def _refuse_non_database(uri: str) -> None:
             kind="rejected",
         )
     raise SinkError(f"tracking URI {shown_uri(uri)} is not supported: use an mlflow server (http://...) or a database URI", kind="rejected")
+
+
+def _refuse_malformed_server(uri: str) -> None:
+    """An ``http(s)://`` URI no request can be sent to (no host, a port that is no port, a host name
+    with an empty label) is refused as any other URI that names no store: one line, before anything
+    is read (it was exit 1, a bug)."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+        (parts.hostname or "").encode("idna")
+    except UnicodeError:
+        why = "a label of the host name is empty or too long"
+    except ValueError as e:
+        why = first_line(e)
+    else:
+        why = "no host" if not parts.hostname else "port 0" if port == 0 else ""
+    if why:
+        raise SinkError(f"tracking URI {shown_uri(uri)} is not a server's address ({why}): use http://<host>[:<port>]", kind="rejected")
 
 
 def _missing_experiment(name: str, uri: str) -> SinkError:

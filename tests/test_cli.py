@@ -226,6 +226,30 @@ def test_a_file_store_or_a_hosted_uri_is_refused_in_one_line_and_nothing_is_made
     assert not list((tmp_path / "st").glob("batch-*.json")), "no state says it ingested anything"
 
 
+@pytest.mark.parametrize(
+    ("command", "uri", "said"),
+    [
+        ("batch", "http://", "(no host)"),
+        ("batch", "http://[::1", "(Invalid IPv6 URL)"),
+        ("batch", "https://:99999", "(Port out of range"),
+        ("batch", "http://mlflow:port", "(Port could not be cast"),
+        ("batch", "http://mlflow..internal:5000", "(a label of the host name is empty or too long)"),
+        ("batch", "http://ml flow:5000", "(Failed to parse: Host 'ml flow' contains invalid character"),
+        ("reconcile", "http://", "(no host)"),
+        ("tail", "http://", "(no host)"),
+    ],
+)
+def test_a_malformed_server_uri_is_refused_in_one_line_as_a_uri_that_names_no_store(
+    tmp_path: Path, command: str, uri: str, said: str
+) -> None:
+    """No host, a port that is no port, a host name no request can go to: exit 1, which says a bug."""
+    args = [command, str(SAMPLE_LOGS if command == "tail" else SAMPLE_LOGS / "proxy_calls.jsonl"), "--mlflow-timeout", "1"]
+    state = ["--state-dir", str(tmp_path / "st")] if command != "reconcile" else []
+    proc = run(*args, *state, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert_one_clean_error_line(proc, 4, f"tracking URI {uri} is not a server's address {said}")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def _another_apps_database(db: Path, what: str) -> None:
     import sqlite3
 
