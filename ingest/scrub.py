@@ -15,6 +15,7 @@ a scrubbed value changes nothing.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import hmac
@@ -113,6 +114,41 @@ _QUOTED = {
 """A quoted value, up to its closing quote (its escapes kept), by its quote; an escaped quote (JSON
 in a string) is closed by the next backslash."""
 _LINE = re.compile(r"[^\r\n\"'\\]{1,4096}")
+_WORD = re.compile(r"[ \t]{1,4}[^\s\"',&<>{}\[\]()\\:=\uff1a\uff1d]{1,4096}(?=[\s\"',&<>{}\[\]()\\]|\Z)")
+"""The next word of a passphrase: one with ``:`` or ``=`` in it is the next name."""
+_NEXT_LINE = re.compile(r"\r?\n[ \t]{0,64}")
+"""A name's line ends after its ``:``: its value may stand alone on the next (YAML)."""
+_LINE_END = re.compile(r"[ \t]{0,64}(?:\r?\n|\Z)")
+_PHRASE_NAMES = ("password", "passwd", "pwd", "passphrase")
+"""A value under such a name (or one ending in it) after ``:`` may be words, ``password: correct horse …``."""
+_PROSE = frozenset(
+    {
+        "is", "are", "was", "were", "be", "been", "being", "has", "have", "had", "do", "does", "did", "will", "would", "can", "cannot",
+        "could", "should", "must", "may", "might", "shall", "not", "required", "missing", "invalid", "incorrect", "expired", "empty",
+        "wrong", "unknown", "unset", "optional", "provided", "needed", "see", "use", "enter",
+    }
+)  # fmt: skip
+"""A value after ``:`` that starts with one of these is prose, not a value: ``the token: is missing``,
+``Password: required``, ``Invalid password: must be …``."""
+_COMMON = frozenset(
+    {
+        "a", "an", "the", "this", "that", "these", "those", "it", "its", "no", "any", "some", "each", "every", "all", "to", "of", "in",
+        "on", "at", "for", "from", "with", "by", "as", "and", "or", "but", "if", "so", "then", "than", "via", "i", "you", "we", "they",
+        "he", "she", "my", "your", "our", "their", "his", "her", "please",
+    }
+)  # fmt: skip
+"""One of these starts prose when it is the value or one of these words is among the next two (``Password:
+the one you chose``); a passphrase may start with one (``password: my pass phrase``)."""
+
+
+def _prose(words: list[str]) -> bool:
+    """Whether a value's first (up to three) words, lowercased, are prose."""
+    first = words[0]
+    if first in _PROSE:
+        return True
+    return first in _COMMON and (len(words) == 1 or any(w in _PROSE or w in _COMMON for w in words[1:]))
+
+
 _QUERY_NAMES = (
     r"key|api(?:[_-]|%5[Ff])?key|apikey|token|access(?:[_-]|%5[Ff])?token|id(?:[_-]|%5[Ff])?token|auth|sig|signature"
     r"|x-amz-signature|x-amz-security-token|x-amz-credential|x-goog-signature|x-goog-credential|code"
@@ -145,11 +181,21 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         r"(?:[\s\S]{0,8192}?-----END [A-Z0-9 ]{0,60}PRIVATE KEY-----|[A-Za-z0-9+/=\s\\_\-]{0,8192})",
     ),
     ("userinfo", r"(?<=://)(?P<userinfo_u>[^\s/:@\[\]]{0,256}):(?P<userinfo_v>[^\s/?#\"'<>\\]{1,1024})(?=@)"),
-    ("query", rf"(?i:[?&](?:{_QUERY_NAMES})=)(?P<query_v>[^&#\s\"'<>\\\[\]]{{1,4096}})"),
+    (
+        "query",
+        rf"(?i:[?&](?:{_QUERY_NAMES})=)(?P<query_v>[^&#\s\"'<>\\\[\]]{{1,4096}})"
+        rf"|;(?!(?i:code)=)(?i:(?:{_QUERY_NAMES}|jsessionid)=)(?P<matrix_v>[^/;?&#\s\"'<>\\\[\]]{{1,4096}})",
+    ),
+    (
+        "auth",
+        r"(?i:auth)(?:\\{0,3}[\"']?[ \t]{0,16}[:=][ \t]{0,16}[(\[]|(?<=Auth)\()[ \t]{0,16}"
+        r"(?:\\{0,3}[\"'][^\"'\\\n]{0,256}\\{0,3}[\"']|[A-Za-z_][A-Za-z0-9_.]{0,64})[ \t]{0,16},[ \t]{0,16}"
+        r"\\{0,3}[\"'](?P<auth_v>[^\"'\\\n]{1,1024})\\{0,3}[\"'](?=[ \t]{0,16}[)\]])",
+    ),
     (
         "pair",
         rf"(?<!{_NAME})(?P<pair_n>(?:{_NAME}{{1,32}}[ +])?(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
-        r"(?P<pair_sep>\\{0,3}[\"']?[ \t]{0,16}[:=][ \t]{0,16})(?P<pair_q>\\{0,3}[\"'])?",
+        r"(?P<pair_sep>\\{0,3}[\"']?[ \t]{0,16}[:=\uff1a\uff1d][ \t]{0,16})(?P<pair_q>\\{0,3}[\"'])?",
     ),
     (
         "xml",
@@ -157,35 +203,98 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "bearer",
-        r"(?<![A-Za-z0-9])(?:[Bb]earer[ \t]{1,3}(?P<bearer_v>[A-Za-z0-9._~+/=\-]{6,4096})"
-        r"|Basic[ \t]{1,3}(?P<basic_v>[A-Za-z0-9+/]{6,4096}={0,2}))",
+        r"[Bb]earer(?:(?<![A-Za-z0-9].{6})|(?<=%20.{6}))(?:[ \t]{1,3}|%20|\+)"
+        r"(?P<bearer_v>(?:[A-Za-z0-9._~+/=\-]|%2[BbFf]|%3[Dd]){6,4096})"
+        r"|Basic(?:(?<![A-Za-z0-9].{5})|(?<=%20.{5}))(?:[ \t]{1,3}|%20|\+)"
+        r"(?P<basic_v>(?:[A-Za-z0-9+/]|%2[BbFf]){6,4096}(?:=|%3[Dd]){0,2})",
     ),
-    ("sk", rf"(?<![A-Za-z0-9_])sk-[{_KEY}]{{3,512}}"),
-    ("aws", r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    ("sk", rf"sk-(?<![A-Za-z0-9_]...)[{_KEY}]{{3,512}}"),
+    ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?<![A-Za-z0-9]....)[A-Z0-9]{16}(?![A-Za-z0-9])"),
     ("shape", rf"(?<![{_KEY}])(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
 _BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
+"""Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
+_VALUE_GROUPS = {"query": ("query_v", "matrix_v"), "auth": ("auth_v",), "bearer": ("bearer_v", "basic_v")}
+"""The alternatives whose secret is one group of their match (the rest of it kept)."""
 _LITERALS = (
     "-----BEGIN", "://", "earer", "Basic", "sk-", "AKIA", "ASIA", "ABIA", "ACCA", "k_live_", "k_test_", "AIza", "ya29.", "eyJ",
     "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "hf_", "gsk_", "xai-", "r8_", "pplx-", "tvly-", "npm_",
-    "dapi", "lsv2_", "SG.",
+    "dapi", "lsv2_", "SG.", "Auth(",
 )  # fmt: skip
-"""What every alternative of ``_BUILTIN`` but ``query``, ``pair`` and ``xml`` has in it, as plain text."""
+"""What every alternative of ``_BUILTIN`` but ``query``, ``pair``, ``xml`` and ``auth`` (after a separator) has
+in it, as plain text."""
+_NAME_PARTS = ("key", "secret", "token", "pass", "pwd", "auth", "cookie", "credential")
+"""``_PAIR_PARTS`` with ``auth`` for ``authorization``: what the names of ``pair``, ``xml`` and ``auth`` have in them."""
+_WIDE_SEPARATORS = ("\uff1a", "\uff1d")
 
 
 def _may_hold_secret(s: str) -> bool:
-    """False only where ``_BUILTIN`` cannot match: a few substring tests instead of trying eight
-    alternatives (lookbehinds first) at every position, ~10x faster on the texts a trace carries,
-    almost none of which hold a credential."""
+    """False only where ``_BUILTIN`` cannot match: a few substring tests instead of trying its ten
+    alternatives at every position, ~10x faster on the texts a trace carries, almost none of which
+    hold a credential."""
     if any(p in s for p in _LITERALS):
         return True
     eq = "=" in s
-    if eq and ("?" in s or "&" in s):
+    if eq and ("?" in s or "&" in s or ";" in s):
         return True
-    if not eq and ":" not in s and "</" not in s:
+    if not eq and ":" not in s and "</" not in s and (s.isascii() or not any(c in s for c in _WIDE_SEPARATORS)):
         return False
     low = (s if s.isascii() else s.translate(_IGNORECASE_EXTRA)).lower()
-    return any(p in low for p in _PAIR_PARTS)
+    return any(p in low for p in _NAME_PARTS)
+
+
+_ESCAPE = re.compile(r"\\(?:u00(?P<hex>[2-7][0-9a-fA-F])|/)")
+"""A JSON escape of a printable ASCII character, or ``\\/``: JSON text inside a string (an error body
+quoted in another) writes ``"`` as ``\\u0022`` and ``_`` may be written ``\\u005f``."""
+
+
+class _Escaped:
+    """A text read with its ``_ESCAPE`` escapes decoded, and the way back: what the scrub of the
+    decoded text leaves as it was is copied from the text as written, escapes kept."""
+
+    __slots__ = ("decoded", "escapes", "shifts", "text")
+
+    def __init__(self, text: str) -> None:
+        parts: list[str] = []
+        self.text, self.escapes, self.shifts = text, [], []
+        pos = length = shift = 0
+        for m in _ESCAPE.finditer(text):
+            c = chr(int(m.group("hex"), 16)) if m.group("hex") else "/"
+            if c in "\\\x7f":
+                continue
+            parts.append(text[pos : m.start()])
+            parts.append(c)
+            length += m.start() - pos
+            shift += m.end() - m.start() - 1
+            self.escapes.append(length)
+            self.shifts.append(shift)
+            length += 1
+            pos = m.end()
+        parts.append(text[pos:])
+        self.decoded = "".join(parts)
+
+    def at(self, i: int) -> int:
+        """Where the decoded text's ``i``-th character starts in the text as written."""
+        n = bisect.bisect_left(self.escapes, i)
+        return i + self.shifts[n - 1] if n else i
+
+    def written(self, start: int, end: int) -> str:
+        return self.text[self.at(start) : self.at(end)]
+
+    def rewritten(self, start: int, end: int, replacement: str) -> str:
+        """``decoded[start:end]`` scrubbed into ``replacement``: its unchanged head and tail as written."""
+        part = self.decoded[start:end]
+        if part == replacement:
+            return self.written(start, end)
+        most = min(len(part), len(replacement))
+        head = 0
+        while head < most and part[head] == replacement[head]:
+            head += 1
+        tail = 0
+        while tail < most - head and part[-1 - tail] == replacement[-1 - tail]:
+            tail += 1
+        middle = replacement[head : len(replacement) - tail]
+        return self.written(start, start + head) + middle + self.written(end - tail, end)
 
 
 _CACHED_LENGTH = 512
@@ -247,7 +356,12 @@ class Scrubber:
             return done
         try:
             out = s
-            if _may_hold_secret(out) and _BUILTIN.search(out) is not None:
+            escaped = _Escaped(s) if "\\" in s and ("\\u00" in s or "\\/" in s) else None
+            if escaped is not None and escaped.escapes:
+                d = escaped.decoded
+                if _may_hold_secret(d) and _BUILTIN.search(d) is not None:
+                    out = self._sub(d, 0, escaped)
+            elif _may_hold_secret(out) and _BUILTIN.search(out) is not None:
                 out = self._sub(out, 0)
             for pattern in self.extra:
                 if pattern.search(out) is not None:
@@ -288,16 +402,21 @@ class Scrubber:
         m = _SCHEME.match(v)
         return self.marker((v[m.end() :].strip() if m else "") or v)
 
-    def _sub(self, s: str, level: int) -> str:
-        """``_BUILTIN.sub``, but a name's value may run past its match (to a closing quote, a line's end)."""
+    def _sub(self, s: str, level: int, escaped: _Escaped | None = None) -> str:
+        """``_BUILTIN.sub``, but a name's value may run past its match (to a closing quote, a line's end).
+        ``escaped``: ``s`` is its decoded text, and what is not replaced is copied as written."""
         out: list[str] = []
         pos = 0
         while (m := _BUILTIN.search(s, pos)) is not None:
             replacement, end = self._replace(m, level)
-            out.append(s[pos : m.start()])
-            out.append(replacement)
+            if escaped is None:
+                out.append(s[pos : m.start()])
+                out.append(replacement)
+            else:
+                out.append(escaped.written(pos, m.start()))
+                out.append(escaped.rewritten(m.start(), end, replacement))
             pos = end
-        out.append(s[pos:])
+        out.append(s[pos:] if escaped is None else escaped.written(pos, len(s)))
         return "".join(out)
 
     def _replace(self, m: re.Match[str], level: int) -> tuple[str, int]:
@@ -314,19 +433,21 @@ class Scrubber:
             user, value = m.group("userinfo_u"), m.group("userinfo_v")
             user = self._sub(user, level + 1) if level < 4 else user
             return f"{user}:{value if MARKER.fullmatch(value) else self.marker(value)}", m.end()
-        if kind in ("query", "bearer"):
-            group = "query_v" if kind == "query" else "bearer_v" if m.group("bearer_v") else "basic_v"
+        if kind in _VALUE_GROUPS:
+            group = next(g for g in _VALUE_GROUPS[kind] if m.group(g) is not None)
             value = m.group(group)
             if MARKER.fullmatch(value) or (kind == "bearer" and not _looks_random(value)):
                 return whole, m.end()
-            return whole[: m.start(group) - m.start()] + self.marker(value), m.end()
+            return whole[: m.start(group) - m.start()] + self.marker(value), m.end(group)
         if kind == "sk" and not any(c.isdigit() or c.isupper() for c in whole[3:]):
             return whole, m.end()
         return self.marker(whole), m.end()
 
     def _pair(self, m: re.Match[str]) -> tuple[str, int]:
         """A value under a name: up to its closing quote if the separator opened one, the rest of the
-        line for a header, else one word. What follows another name is scanned on from the separator."""
+        line for a header, words to the line's end for a password after ``:``, else one word; after a
+        ``:`` that ends its line, on the next line when it is alone there. After ``:``, common words are
+        prose, not a value. What follows another name is scanned on from the separator."""
         name = m.group("pair_n")
         kind = name_kind(name)
         s, start = m.string, m.end()
@@ -335,21 +456,39 @@ class Scrubber:
         if (done := MARKER.match(s, start)) is not None:
             return s[m.start() : done.end()], done.end()
         quote = m.group("pair_q")
+        n = _normalized(name)
+        colon = m.group("pair_sep").rstrip(" \t")[-1] in ":\uff1a"
+        pos, next_line = start, False
+        if not quote and colon and (nl := _NEXT_LINE.match(s, start)) is not None:
+            pos, next_line = nl.end(), True
+            if (done := MARKER.match(s, pos)) is not None:
+                return s[m.start() : done.end()], done.end()
+            if s[pos : pos + 1] in ("'", '"'):
+                quote, pos = s[pos], pos + 1
         if quote:
-            v = _QUOTED["\\" if len(quote) > 1 else quote].match(s, start)
-        elif _normalized(name) in _HEADER_NAMES or _normalized(name).endswith(("_cookie", "_authorization")):
-            v = _LINE.match(s, start)
+            v = _QUOTED["\\" if len(quote) > 1 else quote].match(s, pos)
+        elif n in _HEADER_NAMES or n.endswith(("_cookie", "_authorization")):
+            v = _LINE.match(s, pos)
         else:
-            v = _VALUE.match(s, start)
+            v = _VALUE.match(s, pos)
         if v is None:
             return m.group(0), start
         value_start, end = v.span("v") if v.re is _VALUE else v.span()
+        if v.re is _VALUE and colon and n.endswith(_PHRASE_NAMES):
+            while (w := _WORD.match(s, end)) is not None and w.end() - value_start <= 4096:
+                end = w.end()
         value = s[value_start:end]
         if v.re is _VALUE:
             value = value.rstrip(";")
         elif v.re is _LINE:
             value = value.rstrip()
         end = value_start + len(value)
+        if not quote and colon:
+            words = value.lower().split(None, 3)[:3] or [""]
+            if _prose(words) or (next_line and (words[0].endswith((":", "\uff1a")) or words[0][:1] == "#" or words[0] == "-")):
+                return m.group(0), start
+            if next_line and _LINE_END.match(s, end) is None:
+                return m.group(0), start
         if not value or value.lower() in _NOT_A_VALUE:
             return s[m.start() : end], end
         return s[m.start() : value_start] + (self._hash(value) if kind == _HASH else self.secret(value)), end

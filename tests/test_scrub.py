@@ -284,6 +284,136 @@ def test_values_litellm_masked_already_are_left_as_they_are() -> None:
         assert S.text(masked) == masked
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "requests.get(url, auth=('user', '{s}'))",
+        'auth = ("u", "{s}")',
+        "{{'auth': ('admin', '{s}'), 'timeout': 5}}",
+        'session.auth = ["u", "{s}"]',
+        "HTTPBasicAuth('admin', '{s}')",
+        'httpx.BasicAuth(username, "{s}")',
+    ],
+)
+def test_an_auth_tuple_in_text_gives_its_password_away(template: str) -> None:
+    """requests' ``auth=(user, password)``, as a traceback quotes the line that made the call."""
+    secret = rand(18, string.ascii_lowercase)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "password:\n  {s}",
+        "vertex:\n  api_key:\n    {s}\n  project: p",
+        "Password:\n{s}\nUsername: bob",
+        "client_secret:\r\n  {s}\r\n",
+        "password:\n  '{s}'",
+    ],
+)
+def test_a_value_on_the_line_after_its_name_is_found(template: str) -> None:
+    """YAML puts a value on the next line; it is taken when it stands alone there."""
+    secret = rand(18, string.ascii_lowercase)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'config: {{"api\\u005fkey": "{s}"}}',
+        'body="{{\\u0022api_key\\u0022: \\u0022{s}\\u0022}}"',
+        "api\\u005fkey\\u003d{s} next",
+        "https://x.io/v1?alt=1\\u0026key={s}",
+        "dsn: postgresql:\\/\\/admin:{s}@db\\/litellm",
+    ],
+)
+def test_json_escapes_in_a_text_hide_no_name_and_are_kept(template: str) -> None:
+    """JSON quoted in a string writes ``"`` as ``\\u0022`` (Go writes ``&`` as ``\\u0026``, PHP ``/`` as
+    ``\\/``); the text is read decoded, and what is not a secret is kept as written."""
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=fingerprint(secret))
+    assert S.text(out) == out
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "https://host/v1;api_key={s}/chat/completions",
+        "https://host/v1;key={s}?alt=sse",
+        "https://app.example.com/login;jsessionid={s}",
+        "https://host/o;sig={s};v=1",
+    ],
+)
+def test_matrix_parameters_in_a_url_path_give_their_values_away(template: str) -> None:
+    secret = rand(18, string.ascii_lowercase)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+@pytest.mark.parametrize(
+    ("template", "value"),
+    [
+        ("https://host/v1?h=Basic%20{s}", "{s}"),
+        ("GET /x?headers=Authorization%3A%20Bearer%20{s}&alt=1", "{s}"),
+        ("auth_header=Bearer+{s}", "{s}"),
+        ("q=Basic%20{s}%3D%3D", "{s}%3D%3D"),
+    ],
+)
+def test_url_encoded_auth_schemes_give_their_credentials_away(template: str, value: str) -> None:
+    secret = f"dXNl{rand(16)}7"
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=secret).replace(value.format(s=secret), fingerprint(value.format(s=secret)))
+
+
+@pytest.mark.parametrize("template", ["password\uff1a{s}", "api_key\uff1d{s}", "API Key\uff1a {s}", '"token"\uff1a"{s}"'])
+def test_fullwidth_separators_are_separators(template: str) -> None:
+    secret = rand(18, string.ascii_lowercase)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+@pytest.mark.parametrize(
+    ("template", "value"),
+    [
+        ("password: correct horse {s}", "correct horse {s}"),
+        ("PGPASSWORD: my pass {s}\nnext line", "my pass {s}"),
+        ("db_password: two words {s}, user: bob", "two words {s}"),
+        ("user: bob password: hunter2 {s} ip: 10.0.0.1", "hunter2 {s}"),
+        ("passphrase\uff1a{s} battery staple", "{s} battery staple"),
+        ("password:\n  correct horse {s}\n", "correct horse {s}"),
+    ],
+)
+def test_a_password_after_a_colon_runs_over_its_words_to_the_line_end(template: str, value: str) -> None:
+    """``name: value`` is YAML's (and a log's): a password there may be words. After ``=`` a value is one word."""
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=secret).replace(value.format(s=secret), fingerprint(value.format(s=secret)))
+    assert S.text(out) == out
+
+
+def test_prose_after_a_credential_name_is_not_a_value() -> None:
+    for text in (
+        "the token: is missing",
+        "Password: required",
+        "Invalid password: is too short",
+        "Your password: must be at least 8 characters",
+        "Password: the one you chose",
+        "auth: required",
+        "oauth=(client_id, client_secret)",
+        "scopes: auth=('read', 'write', 'admin')",
+        "password:\nuser: bob",
+        "secrets:\n  - name: x",
+        "Cookie:\nHost: x",
+        "token:\n  two words",
+        "Content-Type: text/plain;charset=utf-8",
+        "error;code=401",
+        "?q=Basic%20authentication%20is%20off",
+        "the%20Bearer%20of%20news",
+        "\\u00e9t\\u00e9 token",
+    ):
+        assert S.text(text) == text
+    assert S.text("token=is") == f"token={fingerprint('is')}", "after = a common word is still a value"
+
+
 # --- the marker ---------------------------------------------------------------------------------
 
 
@@ -439,7 +569,7 @@ def test_the_request_tags_attribute_is_scrubbed_as_the_trace_tags_are() -> None:
     trace = built(request_tags=[f"password: {secret}", "team:a"])
     attrs = trace.data[0].attributes
     tag = attrs["mlflow.traceTag.password"]
-    assert MARKER.fullmatch(tag) and attrs["request_tags"] == [f"password:{tag}", "team:a"]
+    assert MARKER.fullmatch(tag) and attrs["request_tags"] == [f"password: {tag}", "team:a"]
     assert "horse" not in json.dumps(attrs, default=str)
 
 
@@ -473,6 +603,10 @@ def test_odd_values_never_raise() -> None:
         "eyJ" + "a" * 100000 + ".eyJ" * 1000,
         "Bearer " * 20000,
         "a" * 1_000_000,
+        "auth=('a', " * 20000,
+        "\\u0022" * 100000,
+        "password:\n " * 20000,
+        "password: " + "a " * 200000,
     ],
 )
 def test_adversarial_text_is_scrubbed_in_bounded_time(attack: str) -> None:
@@ -548,7 +682,8 @@ _SHAPES = [
     "eyJabcdef.eyJab.sig", "ghp_" + "c" * 20, "gho_" + "c" * 20, "ghu_" + "c" * 20, "ghs_" + "c" * 20, "ghr_" + "c" * 20,
     "github_pat_" + "d" * 40, "glpat-" + "e" * 20, "xoxb-" + "1" * 10, "hf_" + "f" * 20, "gsk_" + "g" * 20, "xai-" + "h" * 20,
     "r8_" + "i" * 20, "pplx-" + "j" * 20, "tvly-" + "k" * 20, "npm_" + "l" * 36, "dapi" + "a" * 32, "lsv2_pt_" + "a" * 32 + "_" + "b" * 10,
-    "SG." + "m" * 22 + "." + "n" * 43,
+    "SG." + "m" * 22 + "." + "n" * 43, "auth=('u', 'p4ss')", "AUTH: [\"u\", \"p4ss\"]", "HTTPBasicAuth('u', 'p4ss')", "/v1;sig=abc",
+    "/x;jsessionid=abc", "?h=Basic%20dXNlcjpwYXNz", "%20Bearer%20abcdef123456",
 ]  # fmt: skip
 _CASED = str.maketrans({"i": "\u0131", "s": "\u017f", "k": "\u212a"})
 
@@ -556,7 +691,7 @@ _CASED = str.maketrans({"i": "\u0131", "s": "\u017f", "k": "\u212a"})
 def _pairs() -> list[str]:
     """Every credential name as ``re.IGNORECASE`` takes it: upper case, and with the non-ASCII letters it folds to i, s and k."""
     names = [v for n in _NAMES for v in (n, n.upper(), n.title(), n.translate(_CASED), n.replace("i", "\u0130"))]
-    return [f"{n}{sep}v4lue" for n in names for sep in ("=", ": ", '\\"=\\"', "'='")]
+    return [f"{n}{sep}v4lue" for n in names for sep in ("=", ": ", '\\"=\\"', "'='", "\uff1a", "\uff1d")]
 
 
 _MATCHING = _SHAPES + _pairs()
