@@ -21,6 +21,7 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -377,7 +378,14 @@ def shown_uri(uri: str) -> str:
     if not sep:
         return uri
     netloc, slash, path = rest.partition("/")
+    if "@" not in netloc and not scheme.startswith("http") and (m := _SQLALCHEMY_USERINFO.match(rest)):
+        return f"{scheme}://{m.group('user')}:***@{rest[m.end() :]}"
     user, at, host = netloc.rpartition("@")
     if not at or ":" not in user:
         return uri
     return f"{scheme}://{user.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
+_SQLALCHEMY_USERINFO = re.compile(r"(?P<user>[^:/@?]*):(?P<password>[^@]*)@")
+"""How SQLAlchemy reads a database URI's user and password: the password runs to the first ``@``,
+``/`` included (``postgresql://u:pa/ss@host/db`` is taken as written, unencoded)."""

@@ -626,3 +626,27 @@ def test_an_error_is_said_in_one_line_whatever_it_holds(error: BaseException | s
     from ingest.quarantine import first_line
 
     assert first_line(error) == said
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("postgresql://ing:pa/SECRET@db.internal/mlflow", "postgresql://ing:***@db.internal/mlflow"),
+        (
+            "postgresql+psycopg://ing:pa/SECRET@db:5432/mlflow?sslmode=require",
+            "postgresql+psycopg://ing:***@db:5432/mlflow?sslmode=require",
+        ),
+        ("postgresql://ing:p@SECRET@db/mlflow", "postgresql://ing:***@db/mlflow"),
+        ("postgresql://ing:SECRET@db/mlflow?options=a@b", "postgresql://ing:***@db/mlflow?options=a@b"),
+        ("https://user:SECRET@mlflow.example.com/", "https://user:***@mlflow.example.com/"),
+        ("postgresql://db/mlflow?x=a@b", "postgresql://db/mlflow?x=a@b"),
+        ("http://mlflow:5000/path@x", "http://mlflow:5000/path@x"),
+        ("sqlite:////var/lib/mlflow.db", "sqlite:////var/lib/mlflow.db"),
+    ],
+)
+def test_a_password_is_never_shown_however_it_is_written(uri: str, shown: str) -> None:
+    """SQLAlchemy takes a password with ``/`` unencoded (it runs to the first ``@``): it was shown
+    whole, in the summary, the state file, status and error lines."""
+    from ingest.stores import shown_uri
+
+    assert shown_uri(uri) == shown and "SECRET" not in shown_uri(uri)
