@@ -569,7 +569,14 @@ def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
     """The one place a command's destination is resolved (flags, then ``MLFLOW_*``), so reconcile
     checks exactly where batch, backfill and tail write; only writers may ``create`` the experiment."""
     name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
-    return resolve_target(tracking_uri_from(opts.tracking_uri), name, exp_id, opts.mlflow_timeout_s, create=create)
+    target = resolve_target(tracking_uri_from(opts.tracking_uri), name, exp_id, opts.mlflow_timeout_s, create=create)
+    if name and exp_id and target.experiment_name != name:
+        raise SinkError(
+            f"experiment id {exp_id} is {target.experiment_name!r}, not {name!r}: the experiment name and id given "
+            "(--experiment-name / MLFLOW_EXPERIMENT_NAME, --experiment-id / MLFLOW_EXPERIMENT_ID) name two experiments; give one",
+            kind="rejected",
+        )
+    return target
 
 
 def open_target(opts: RunOptions, find_timeout_s: float | None = None) -> tuple[Target, Sink]:

@@ -23,7 +23,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -379,7 +378,7 @@ def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
 def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool, deadline_s: float) -> Target:
     from mlflow.exceptions import MlflowException
 
-    if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+    if not create and (db := sqlite_path(uri)) is not None and not db.is_file():
         raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
 
     def find() -> Any:

@@ -76,8 +76,9 @@ class StoreSetupError(Exception):
 
 
 def tracking_uri_from(flag: str | None) -> str:
-    """The store a run writes to: the flag, else ``MLFLOW_TRACKING_URI``, else a local ``mlflow.db``."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The store a run writes to: the flag, else ``MLFLOW_TRACKING_URI``, else a local ``mlflow.db``;
+    without the spaces and newline an env file may leave around it (a file named ``mlflow.db\\n``)."""
+    return (flag or os.environ.get("MLFLOW_TRACKING_URI") or "").strip() or DEFAULT_TRACKING_URI
 
 
 def sqlite_path(uri: str) -> Path | None:

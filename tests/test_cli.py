@@ -374,6 +374,27 @@ def test_unknown_experiment_id_is_refused_not_silently_accepted(mlflow_server, t
     assert_one_clean_error_line(proc, 4, "experiment id 987654 does not exist")
 
 
+def test_an_experiment_name_and_id_that_name_two_experiments_are_refused(tmp_path: Path) -> None:
+    """MLflow's own client (LiteLLM's callback's) refuses the pair; the id won here, without a word,
+    and the calls went to another experiment than the name the user set."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "m.db"
+    uri = f"sqlite:///{db}"
+    logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    first = run("batch", logs, "--no-state", "-q", "--tracking-uri", uri, "--experiment-name", "A", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    other = MlflowClient(uri).create_experiment("B")
+    env = {"MLFLOW_TRACKING_URI": f" {uri}\n", "MLFLOW_EXPERIMENT_NAME": "A", "MLFLOW_EXPERIMENT_ID": other}
+    proc = run("batch", logs, "--no-state", cwd=tmp_path, env=env)
+    assert_one_clean_error_line(proc, 4, f"experiment id {other} is 'B', not 'A'")
+    assert all_traces(uri, "B") == []
+    # the URI's spaces and newline were the env file's; a sqlite URI with a query is still that file
+    agrees = run("reconcile", logs, "--tracking-uri", f"{uri}?timeout=20", "--experiment-name", "A", cwd=tmp_path)
+    assert agrees.returncode == 0, agrees.stdout + agrees.stderr
+    assert not [p.name for p in tmp_path.iterdir() if "\n" in p.name], "no file named after the newline"
+
+
 def test_the_generic_api_loggers_batches_as_a_receiver_keeps_them_give_the_jsonls_traces(tmp_path: Path, capture: list[dict]) -> None:
     """LiteLLM's generic API logger POSTs JSON arrays of records: a receiver that appends each body as
     a line, or keeps one file per body (no final newline), gives the traces the JSONL gives."""
