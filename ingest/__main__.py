@@ -14,32 +14,27 @@ without a network). A replay prices from the catalog MLflow ships instead: the s
 run, nothing fetched from an air-gapped host. Set the variable to a URL to have MLflow fetch it."""
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM before a command took them over (it loads polars and MLflow first, for
-    seconds): not click's "Aborted!" (exit 1, which says a bug), nor a traceback from an import."""
-
-
 def _interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
+    """SIGINT or SIGTERM before a command took them over (it loads polars and MLflow first, for
+    seconds): not click's "Aborted!" (exit 1, which says a bug), nor a traceback from an import.
+    It exits here, as a SIGKILL would (which every run survives): an exception raised from here
+    could land in an import lock's callback, which prints it and swallows it, and the run went on."""
+    os.write(2, b"litellm-ingest: error: interrupted\n")
+    os._exit(130)
 
 
 def run() -> None:
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        from ingest.allocator import COMMANDS, command_of, tune
+    from ingest.allocator import COMMANDS, command_of, tune
 
-        for name, value in OFFLINE_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        if command_of(sys.argv[1:]) in COMMANDS:
-            tune()
-        from ingest.cli import run as cli
+    for name, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if command_of(sys.argv[1:]) in COMMANDS:
+        tune()
+    from ingest.cli import run as cli
 
-        cli()
-    except Interrupted:
-        sys.stderr.write("litellm-ingest: error: interrupted\n")
-        sys.stderr.flush()
-        os._exit(130)
+    cli()
 
 
 if __name__ == "__main__":
