@@ -693,7 +693,9 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
         lists = [("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)]
         if report.repaired is not None:
             click.echo(f"repaired: {report.repaired} of the {len(report.missing)} missing written")
-            lists = [("were missing (now written, but for those left below)", report.missing), *lists[1:]]
+            whole = report.repaired + len(report.too_recent) >= len(report.missing)
+            title = "were missing (now written, but for those left below)" if whole else f"were missing ({report.repaired} of them written)"
+            lists = [(title, report.missing), *lists[1:]]
             lists.append(("left: they ended less than --settle ago (a daemon may hold them)", report.too_recent))
         for title, ids in lists:
             if ids:
