@@ -248,11 +248,18 @@ def resolve_target(
     passes False: it must never change the destination, so a missing experiment, or a SQLite
     store file that does not exist, is an error naming what is missing.
     """
+    check_uri(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create)
+    return _resolve_store(tracking_uri, experiment_name, experiment_id, create, deadline_s)
+
+
+def check_uri(tracking_uri: str) -> None:
+    """Raise SinkError for a URI that can name no destination, by its form alone (nothing is opened)."""
     if tracking_uri.startswith(("http://", "https://")):
         _refuse_malformed_server(tracking_uri)
-        return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create)
-    _refuse_non_database(tracking_uri)
-    return _resolve_store(tracking_uri, experiment_name, experiment_id, create, deadline_s)
+    else:
+        _refuse_non_database(tracking_uri)
 
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mssql")

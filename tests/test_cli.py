@@ -237,13 +237,16 @@ def test_a_file_store_or_a_hosted_uri_is_refused_in_one_line_and_nothing_is_made
         ("batch", "http://ml flow:5000", "(Failed to parse: Host 'ml flow' contains invalid character"),
         ("reconcile", "http://", "(no host)"),
         ("tail", "http://", "(no host)"),
+        ("batch --dry-run", "http://", "(no host)"),
     ],
 )
 def test_a_malformed_server_uri_is_refused_in_one_line_as_a_uri_that_names_no_store(
     tmp_path: Path, command: str, uri: str, said: str
 ) -> None:
-    """No host, a port that is no port, a host name no request can go to: exit 1, which says a bug."""
-    args = [command, str(SAMPLE_LOGS if command == "tail" else SAMPLE_LOGS / "proxy_calls.jsonl"), "--mlflow-timeout", "1"]
+    """No host, a port that is no port, a host name no request can go to: exit 1, which says a bug
+    (and a dry run, which opens no destination, said exit 0 for a URI the real run refuses)."""
+    command, *flags = command.split()
+    args = [command, *flags, str(SAMPLE_LOGS if command == "tail" else SAMPLE_LOGS / "proxy_calls.jsonl"), "--mlflow-timeout", "1"]
     state = ["--state-dir", str(tmp_path / "st")] if command != "reconcile" else []
     proc = run(*args, *state, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
     assert_one_clean_error_line(proc, 4, f"tracking URI {uri} is not a server's address {said}")
