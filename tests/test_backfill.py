@@ -134,12 +134,12 @@ def test_batch_killed_with_sigkill_at_several_points_then_completed_has_every_ca
     n0, n1 = len(calls_of(per_file[0])), len(calls_of(per_file[1]))
 
     # Kill points by what has been committed, so they fall mid-run on any machine: during start-up; after
-    # the first writes of the first file (no checkpoint yet: it is all re-sent); 0.4 s after the next run's
+    # the first writes of the first file (no checkpoint yet: it is all re-sent); 0.15 s after the next run's
     # first new commit (in the middle of building or writing a batch); mid second file; mid third file.
     kill_points: list[tuple[str, str, float]] = [
         ("start-up", "seconds", 1.0),
         ("first file, first batch committed", "traces", 100),
-        ("0.4 s after this run's first new commit", "after-growth", 0.4),
+        ("0.15 s after this run's first new commit", "after-growth", 0.15),
         ("second file", "traces", n0 + 100),
         ("third file", "traces", n0 + n1 + 1),
     ]
