@@ -187,23 +187,26 @@ class JsonlFileLogger(CustomLogger):
 
     def _compress(self, fd: int) -> None:
         """Gzip a rotated file (held open by ``fd``) next to wherever later rotations have moved it,
-        keeping its modification time as ``gzip`` does: readers take it for the file's age."""
+        keeping its modification time as ``gzip`` does: readers take it for the file's age. The file
+        stays open until its copy is in place: closed, a file rotated out meanwhile frees its inode
+        number for a newer file, whose lines the old copy then replaced."""
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.gz.tmp")
         try:
-            with os.fdopen(fd, "rb") as src, gzip.open(tmp, "wb") as dst:
+            with os.fdopen(fd, "rb") as src:
                 st = os.fstat(src.fileno())
-                shutil.copyfileobj(src, dst)
-            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-            ino = st.st_ino
-            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                for n in range(1, self.backups + 1):
-                    plain = self._rotated(n)
-                    with contextlib.suppress(FileNotFoundError):
-                        if os.stat(plain).st_ino == ino:
-                            tmp.rename(self._rotated(n, gz=True))
-                            plain.unlink()
-                            return
+                with gzip.open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+                with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    for n in range(1, self.backups + 1):
+                        plain = self._rotated(n)
+                        with contextlib.suppress(FileNotFoundError):
+                            now = os.stat(plain)
+                            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                                tmp.rename(self._rotated(n, gz=True))
+                                plain.unlink()
+                                return
         except Exception:
             self.errors += 1
             log.exception("litellm-ingest: could not gzip a rotated log")
