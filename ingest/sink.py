@@ -326,7 +326,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
             deadline_s,
             _transient_http,
         )
-        if resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text):
+        if _no_such_experiment(resp):
             raise SinkError(f"experiment id {exp_id} does not exist on {shown_uri(uri)}", kind="rejected")
         exp = _check(resp, "get experiment").json()["experiment"]
         _refuse_deleted(exp, uri)
@@ -359,9 +359,14 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
     return Target(uri, exp["experiment_id"], name, _created_ms(exp.get("creation_time")))
 
 
+def _no_such_experiment(resp: requests.Response) -> bool:
+    """A server's answer to GetExperiment for an id it does not hold."""
+    return resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text)
+
+
 def _experiment_problem(resp: requests.Response, target: Target) -> str | None:
     """What a server's answer to GetExperiment says of the target's experiment, if it is gone."""
-    if resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text):
+    if _no_such_experiment(resp):
         return f"experiment id {target.experiment_id} no longer exists on {target.shown_uri}"
     if not resp.ok:
         return None
