@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
@@ -33,7 +33,17 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from ingest.dedupe import FORMAT_PRIORITY, format_rank
 from ingest.quarantine import first_line
 from ingest.spans import BuiltTrace, SpanData, stored_span, with_stored_attempts
-from ingest.stores import StoreSetupError, open_store, setup_lock, shown_uri, sqlite_path, store_for
+from ingest.stores import (
+    StoreSetupError,
+    causes,
+    locked_sqlite,
+    open_store,
+    refused_by_database,
+    setup_lock,
+    shown_uri,
+    sqlite_path,
+    store_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -388,14 +398,15 @@ def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
 
 
 def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool, deadline_s: float) -> Target:
-    from mlflow.exceptions import MlflowException
-
     if not create and (db := sqlite_path(uri)) is not None and not db.is_file():
         raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
 
+    started = time.monotonic()
+
     def find() -> Any:
         with setup_lock(uri):
-            store = open_store(uri, create=create)
+            busy_s = max(1.0, deadline_s - (time.monotonic() - started))  # a SQLite store locked by another process
+            store = open_store(uri, create=create, busy_s=busy_s)
             if exp_id is not None:
                 return store.get_experiment(exp_id)
             exp = store.get_experiment_by_name(name or DEFAULT_EXPERIMENT_NAME)
@@ -407,17 +418,32 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
         exp = with_retries(find, "open the MLflow store", deadline_s, _transient_db)
     except StoreSetupError as e:
         raise SinkError(str(e), kind=e.kind) from e
-    except MlflowException as e:
-        if "does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
-            raise SinkError(f"experiment id {exp_id} does not exist in {shown_uri(uri)}", kind="rejected") from e
-        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}") from e
     except Exception as e:
-        raise SinkError(f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}") from e
+        raise _store_failure(uri, exp_id, e) from e
     if exp is None:
         raise _missing_experiment(name or DEFAULT_EXPERIMENT_NAME, uri)
     if exp.lifecycle_stage == "deleted":
         raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {shown_uri(uri)} is deleted", kind="rejected")
     return Target(uri, exp.experiment_id, exp.name, _created_ms(exp.creation_time))
+
+
+def _store_failure(uri: str, exp_id: str | None, e: Exception) -> SinkError:
+    """Why a database store could not be opened, and whether waiting helps: a server that refuses the
+    credentials or the database, or MLflow refusing the experiment's name (longer than it takes),
+    is "rejected" (exit 4; a daemon stops); what is down, restarting or locked for now is
+    "unreachable" (retried; a daemon waits)."""
+    from mlflow.exceptions import MlflowException
+
+    said = f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}"
+    if refused_by_database(e):
+        return SinkError(said, kind="rejected")
+    if isinstance(e, MlflowException) and ("does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code)):
+        return SinkError(f"experiment id {exp_id} does not exist in {shown_uri(uri)}", kind="rejected")
+    if locked_sqlite(e):
+        return SinkError(f"the MLflow store {shown_uri(uri)} is locked by another process: {first_line(e)}; nothing was written")
+    if isinstance(e, MlflowException) and e.error_code == "INVALID_PARAMETER_VALUE" and not _transient_db(e):
+        return SinkError(said, kind="rejected")
+    return SinkError(said)
 
 
 def _created_ms(value: Any) -> int | None:
@@ -759,24 +785,17 @@ administrator's shutdown, crash recovery): worth retrying until ``--mlflow-timeo
 
 def _transient_db(e: BaseException) -> bool:
     """Anywhere in its causes: a connection SQLAlchemy found broken, or a message of a database that
-    is not there for now."""
-    for node in _causes(e):
+    is not there for now; never a server that answered to refuse the credentials or the database
+    (psycopg says "connection failed: … password authentication failed")."""
+    if refused_by_database(e):
+        return False
+    for node in causes(e):
         if getattr(node, "connection_invalidated", False):
             return True
         text = str(node).lower()
         if any(t in text for t in _DB_TRANSIENT_TEXT):
             return True
     return False
-
-
-def _causes(e: BaseException) -> Iterator[BaseException]:
-    """``e`` and what caused it, each once (MLflow and SQLAlchemy wrap the driver's error)."""
-    seen: set[int] = set()
-    node: BaseException | None = e
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        yield node
-        node = node.__cause__ or node.__context__
 
 
 CONFLICT_RETRIES = 6
@@ -787,7 +806,7 @@ _CONFLICT_TEXT = ("unique constraint failed", "deadlock detected", "could not se
 
 def is_conflict(e: BaseException) -> bool:
     """Did another writer's concurrent transaction make this one fail (anywhere in its causes)?"""
-    for node in _causes(e):
+    for node in causes(e):
         for candidate in (node, getattr(node, "orig", None)):
             if getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES or getattr(candidate, "pgcode", None) in _CONFLICT_SQLSTATES:
                 return True

@@ -75,6 +75,45 @@ class StoreSetupError(Exception):
         self.kind = kind
 
 
+def causes(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and what caused it, each once (MLflow and SQLAlchemy wrap the driver's error)."""
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        yield node
+        node = node.__cause__ or node.__context__
+
+
+_REFUSAL_SQLSTATES = frozenset({"28000", "28P01", "3D000"})
+"""invalid_authorization_specification (an unknown role, no pg_hba.conf entry), invalid_password,
+invalid_catalog_name (no such database)."""
+_REFUSAL_TEXT = re.compile(
+    r"password authentication failed|authentication failed for user|no password supplied|no pg_hba\.conf entry"
+    r"|\b(role|database) \"[^\"]*\" does not exist|permission denied for database"
+    r"|access denied for user|unknown database|login failed for user",  # MySQL, SQL Server
+    re.IGNORECASE,
+)
+
+
+def refused_by_database(e: BaseException) -> bool:
+    """The database server answered and refuses these credentials or this database (a wrong password,
+    an unknown role or database): no retry changes that, unlike a connection refused, a timeout or
+    a server starting up. psycopg gives no SQLSTATE for a failed connection: its text tells."""
+    for node in causes(e):
+        for err in (node, getattr(node, "orig", None)):
+            if getattr(err, "sqlstate", None) in _REFUSAL_SQLSTATES or getattr(err, "pgcode", None) in _REFUSAL_SQLSTATES:
+                return True
+        if _REFUSAL_TEXT.search(str(node)):
+            return True
+    return False
+
+
+def locked_sqlite(e: BaseException) -> bool:
+    """SQLite's busy answer (another process holds a write lock), anywhere in ``e``'s causes."""
+    return any("database is locked" in str(node) or "database table is locked" in str(node) for node in causes(e))
+
+
 def tracking_uri_from(flag: str | None) -> str:
     """The store a run writes to: the flag, else ``MLFLOW_TRACKING_URI``, else a local ``mlflow.db``;
     without the spaces and newline an env file may leave around it (a file named ``mlflow.db\\n``)."""
@@ -131,7 +170,8 @@ def _advisory_lock(uri: str) -> Iterator[None]:
         conn = engine.connect()
     except Exception as e:
         engine.dispose()
-        raise StoreSetupError(f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}", kind="unreachable") from e
+        kind = "rejected" if refused_by_database(e) else "unreachable"
+        raise StoreSetupError(f"cannot open the MLflow store {shown_uri(uri)}: {first_line(e)}", kind=kind) from e
     try:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
         yield
@@ -142,17 +182,18 @@ def _advisory_lock(uri: str) -> Iterator[None]:
         engine.dispose()
 
 
-def open_store(uri: str, *, create: bool = True) -> Any:
+def open_store(uri: str, *, create: bool = True, busy_s: float = 30.0) -> Any:
     """MLflow's tracking store for ``uri`` (one per URI per process), its schema created if missing.
 
     Call it inside ``setup_lock(uri)``. A reader passes ``create=False``: a SQLite store that is not
-    complete is then an error, never repaired or created."""
+    complete is then an error, never repaired or created. ``busy_s``: how long reading a SQLite
+    store's schema waits for another process's write lock."""
     if uri not in _STORES:
         path = sqlite_path(uri)
         if path is not None and create:
-            _prepare_sqlite(path)
+            _prepare_sqlite(path, busy_s)
         elif path is not None:
-            state, foreign = _inspect(path) if path.is_file() else ("missing", [])
+            state, foreign = _inspect(path, busy_s) if path.is_file() else ("missing", [])
             if state in ("foreign", "not-sqlite"):
                 raise StoreSetupError(_not_a_store(path, state, foreign))
             if state != "complete":
@@ -171,10 +212,10 @@ def store_for(uri: str) -> Any:
         return open_store(uri)
 
 
-def _prepare_sqlite(db: Path) -> None:
+def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
     """Leave ``db`` either absent-and-then-complete or as it was: a fresh schema is built aside."""
     if db.is_file() and db.stat().st_size > 0:
-        state, foreign = _inspect(db)
+        state, foreign = _inspect(db, busy_s)
         if state == "complete":
             return
         if state in ("foreign", "not-sqlite"):
@@ -200,6 +241,11 @@ def _not_a_store(db: Path, state: str, foreign: list[str]) -> str:
     return f"{what}; it was left alone (check --tracking-uri / MLFLOW_TRACKING_URI)"
 
 
+def _locked_message(db: Path | str, e: BaseException) -> str:
+    return (f"the MLflow store {db} is locked by another process (a long write, a backup, `mlflow gc`?): "
+            f"{first_line(e)}; nothing was written")  # fmt: skip
+
+
 def _sqlite_schema_state(db: Path) -> str:
     """``complete``; ``empty`` (no schema, or a half-built one holding nothing); ``has-data`` (an
     incomplete or outdated schema holding data); ``foreign`` (tables, views or triggers MLflow does
@@ -207,7 +253,7 @@ def _sqlite_schema_state(db: Path) -> str:
     return _inspect(db)[0]
 
 
-def _inspect(db: Path) -> tuple[str, list[str]]:
+def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str]]:
     """:func:`_sqlite_schema_state`, and the names of what MLflow does not make in ``db``."""
     import sqlite3
 
@@ -215,7 +261,7 @@ def _inspect(db: Path) -> tuple[str, list[str]]:
     # Read-write (never created: mode=rw), so a writer killed mid-commit is rolled back as any
     # SQLite connection does; read-only, SQLite refuses to read past its hot journal. A file the
     # system does not let us write is opened read-only all the same.
-    con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)
+    con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=busy_s)
     try:
         schema = list(con.execute("SELECT type, name, tbl_name FROM sqlite_master"))
         tables = {name for kind, name, _ in schema if kind == "table"}
@@ -233,6 +279,8 @@ def _inspect(db: Path) -> tuple[str, list[str]]:
     except sqlite3.DatabaseError as e:
         if "not a database" in str(e) or "malformed" in str(e):
             return "not-sqlite", []
+        if locked_sqlite(e):  # never a schema's state: retried, then said so (a daemon waits for it)
+            raise StoreSetupError(_locked_message(db, e), kind="unreachable") from e
         raise StoreSetupError(f"cannot read the SQLite store {db}: {first_line(e)}") from e
     finally:
         con.close()

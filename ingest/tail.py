@@ -692,14 +692,16 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
     """The destination, once MLflow answers. A daemon started while MLflow is down (a reboot that
     brought the proxy up first, an outage) waits for it, as it waits out an outage once running:
     said once, then every minute, with ``/health`` 503; nothing is read meanwhile, so nothing is
-    lost (:class:`Pins`). MLflow refusing us (credentials, a deleted experiment, a store it cannot
-    use) is a configuration error, and stops it (exit 4). None: stopped while waiting."""
+    lost (:class:`Pins`); a server answering 5xx or 429 and a store locked or restarting are waited
+    for the same way. MLflow refusing us (credentials, a database's password, role or name, a
+    deleted experiment, a name it does not take, a store it cannot use) is a configuration error,
+    and stops it (exit 4). None: stopped while waiting."""
     failures, said = 0, 0.0
     while not stopping.is_set():
         try:
             return open_target(opts, find_timeout_s=min(PROBE_S, opts.mlflow_timeout_s))
         except SinkError as e:
-            if e.kind != "unreachable":
+            if e.kind not in ("unreachable", "server"):  # a 5xx, 429 or a locked store: waited for too
                 raise
             now = time.time()
             if metrics.down_since is None:

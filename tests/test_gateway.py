@@ -29,11 +29,13 @@ LOGIN = b"<!doctype html><html><body><form action='/login'>Sign in</form></body>
 class Gateway:
     """A reverse proxy in front of a real MLflow server; ``blocks(method, path)`` picks the requests
     it answers itself: redirected to its login page (``how="redirect"``), answered with it
-    (``"page"``), with a plain ``OK`` (``"ok"``), or ``404`` (a server that does not serve the route,
-    as ``mlflow server --gunicorn-opts`` left /v1/traces)."""
+    (``"page"``), with a plain ``OK`` (``"ok"``), ``404`` (a server that does not serve the route,
+    as ``mlflow server --gunicorn-opts`` left /v1/traces), ``502`` or ``503`` (its upstream down or
+    busy), or not at all (``"stall"``: taken, never answered nor passed on, until ``released``)."""
 
     def __init__(self, upstream: str, how: str, blocks: Callable[[str, str], bool]) -> None:
         self.upstream, self.how, self.blocks = upstream, how, blocks
+        self.stalled, self.released = threading.Event(), threading.Event()
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +59,12 @@ class Gateway:
                         return self._answer(302, b"", {"Location": f"{gateway.url}/login?next={self.path}"})
                     if gateway.how == "ok":
                         return self._answer(200, b"OK", {"Content-Type": "text/plain"})
+                    if gateway.how in ("502", "503"):
+                        return self._answer(int(gateway.how), b"<html><body>Unavailable</body></html>", {"Content-Type": "text/html"})
+                    if gateway.how == "stall":
+                        gateway.stalled.set()
+                        gateway.released.wait(600)
+                        return None
                     if gateway.how == "404":
                         return self._answer(404, b"<html><body>\n<h1>Not Found</h1>\n</body></html>", {"Content-Type": "text/html"})
                     return self._answer(200, LOGIN, {"Content-Type": "text/html; charset=utf-8"})
@@ -73,6 +81,7 @@ class Gateway:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 

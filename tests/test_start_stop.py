@@ -1,0 +1,216 @@
+"""A daemon (and a cron run) at its start and its stop, with real processes: a destination that
+refuses it for good stops it (exit 4) while one that is down, busy or locked for now is waited
+for; SIGTERM ends it within --shutdown-timeout even while MLflow holds a request unanswered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from tests.conftest import free_port, write_jsonl
+from tests.tailkit import EXE, Daemon, Writer, fresh_calls, wait_for, wait_for_calls
+from tests.test_gateway import Gateway
+from tests.test_tail import assert_exactly
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
+def _run(command: str, logs: Path, uri: str, state: Path, *extra: str, timeout: float) -> tuple[int, str, float]:
+    """``litellm-ingest <command>``: its exit code, stderr and seconds taken (a daemon gets a metrics port)."""
+    args = [EXE, command, str(logs), "--tracking-uri", uri, "--state-dir", str(state), *extra]
+    if command == "tail":
+        args += ["--metrics-port", str(free_port())]
+    started = time.monotonic()
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"`{command}` still running after {timeout:.0f}s: {err[-1500:]}")
+    return proc.returncode, err, time.monotonic() - started
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("litellm-ingest: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def password_role(postgres: Any) -> Iterator[str]:
+    """A role that logs in with a password on the session's cluster (every other role: trust); its name."""
+    hba = postgres.base / "data" / "pg_hba.conf"
+    kept = hba.read_text()
+    hba.write_text("host all pw_ingest 127.0.0.1/32 scram-sha-256\n" + kept)
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user="postgres", dbname="postgres", autocommit=True) as con:
+        con.execute("CREATE ROLE pw_ingest LOGIN SUPERUSER PASSWORD 'right'")
+        con.execute("SELECT pg_reload_conf()")
+    yield "pw_ingest"
+    hba.write_text(kept)
+
+
+@pytest.mark.parametrize("wrong", ["password", "role", "database"])
+def test_a_database_that_refuses_the_credentials_or_has_no_such_database_stops_the_daemon_and_the_run_at_once(
+    postgres: Any, password_role: str, tmp_path: Path, capture: list[dict], wrong: str
+) -> None:
+    """A wrong password, role or database name was taken for an outage: the daemon said "MLflow
+    unavailable at start … waiting" for ever (/health 503) and a cron run retried it for
+    --mlflow-timeout. The server answered, and refused: exit 4 in one line, at once."""
+    database = postgres.new_database().rsplit("/", 1)[1]
+    uri = {
+        "password": f"postgresql://{password_role}:wrong@127.0.0.1:{postgres.port}/{database}",
+        "role": f"postgresql://nobody_here@127.0.0.1:{postgres.port}/{database}",
+        "database": f"postgresql://postgres@127.0.0.1:{postgres.port}/no_such_database",
+    }[wrong]
+    logs = tmp_path / "logs"
+    write_jsonl(logs / "proxy.jsonl", capture[:5])
+    said = {"password": "password authentication failed", "role": 'role "nobody_here" does not exist'}
+    said["database"] = 'database "no_such_database" does not exist'
+    for command in ("batch", "tail"):
+        code, err, took = _run(command, logs, uri, tmp_path / f"state-{command}", "--mlflow-timeout", "60", timeout=25)
+        line = _one_error_line(err)
+        assert code == 4 and said[wrong] in line and "wrong" not in line, err
+        assert "unavailable at start" not in err and took < 20, (took, err)
+
+
+def test_database_refusals_are_told_from_outages(postgres: Any, password_role: str) -> None:
+    """The classification under it, on the driver's real errors: a refusal is never retried, a
+    connection refused (a server not up yet) and a server starting up are."""
+    from ingest.sink import _transient_db
+    from ingest.stores import refused_by_database
+
+    def error(**kw: Any) -> Exception:
+        try:
+            psycopg.connect(host="127.0.0.1", dbname="postgres", connect_timeout=5, **kw).close()
+        except psycopg.OperationalError as e:
+            return e
+        raise AssertionError(f"connected with {kw}")
+
+    for refusal in (error(port=postgres.port, user=password_role, password="wrong"), error(port=postgres.port, user="nobody_here")):
+        assert refused_by_database(refusal) and not _transient_db(refusal), refusal
+    starting = psycopg.OperationalError("connection failed: … failed: FATAL:  the database system is starting up")
+    for outage in (error(port=free_port(), user="postgres"), starting):
+        assert not refused_by_database(outage) and _transient_db(outage), outage
+
+
+@pytest.mark.parametrize("where", ["sqlite", "server"])
+def test_an_experiment_name_mlflow_does_not_take_stops_the_daemon(
+    mlflow_server: Any, tmp_path: Path, capture: list[dict], where: str
+) -> None:
+    """MLflow refuses names over 500 characters: that is the configuration's fault (exit 4), not an
+    outage to wait out (the daemon waited for ever on a SQLite store)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if where == "sqlite" else mlflow_server.url
+    logs = tmp_path / "logs"
+    write_jsonl(logs / "proxy.jsonl", capture[:5])
+    code, err, _ = _run("tail", logs, uri, tmp_path / "state", "--experiment-name", "n" * 600, timeout=30)
+    assert code == 4 and "exceeds the maximum length of 500" in _one_error_line(err), err
+    assert "unavailable at start" not in err, err
+
+
+@pytest.mark.parametrize("status", [502, 503])
+def test_a_daemon_started_while_the_server_answers_5xx_waits_for_it(
+    mlflow_server: Any, tmp_path: Path, capture: list[dict], status: int
+) -> None:
+    """A gateway answering 502/503 (MLflow restarting behind it, its store busy) at start: the
+    daemon exited 4 after its 5-second probe; it waits (/health 503), then sends everything."""
+    down = {"on": True}
+    gateway = Gateway(mlflow_server.url, str(status), lambda method, path: down["on"])
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = fresh_calls(capture)[:6]
+    Writer(logdir / "proxy.jsonl").write_calls(calls)
+    experiment = f"5xx-{uuid.uuid4().hex[:8]}"
+    d = Daemon(logdir, gateway.url, experiment, tmp_path / "state").start()
+    try:
+        wait_for(lambda: "waiting for it" in d.log.read_text(), 20, "the daemon to say it waits for MLflow")
+        time.sleep(8)  # past the 5-second probe that used to end in exit 4
+        assert d.alive(), d.log.read_text()
+        assert requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).status_code == 503
+        down["on"] = False
+        assert_exactly(wait_for_calls(mlflow_server.url, experiment, calls, timeout=60), calls)
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        gateway.close()
+
+
+def _hold_sqlite_lock(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the store's write lock (a long write transaction) for ``seconds``."""
+    code = (
+        "import sqlite3, sys, time\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True); time.sleep(float(sys.argv[2]))\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(db), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.fixture
+def locked_store(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A complete SQLite store with the experiment "locked": its URI and file."""
+    from ingest.sink import resolve_target
+
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    resolve_target(uri, "locked", None)
+    yield uri, db
+
+
+def test_a_sqlite_store_locked_past_the_timeout_is_said_so_and_never_given_migration_advice(
+    locked_store: tuple[str, Path], tmp_path: Path, capture: list[dict]
+) -> None:
+    """Another process holding the store: the run waited 30 s whatever --mlflow-timeout said, then
+    exited 4 blaming the schema ("run `mlflow db upgrade`"), later SQLite's own words. Now: retried
+    for --mlflow-timeout, then one line saying another process holds it."""
+    uri, db = locked_store
+    logs = tmp_path / "logs"
+    write_jsonl(logs / "proxy.jsonl", capture[:5])
+    holder = _hold_sqlite_lock(db, 40)
+    try:
+        code, err, took = _run("batch", logs, uri, tmp_path / "state", "--experiment-name", "locked", "--mlflow-timeout", "4", timeout=30)
+    finally:
+        holder.kill()
+        holder.wait()
+    line = _one_error_line(err)
+    assert code == 4 and "locked by another process" in line and "upgrade" not in line, err
+    assert took < 20, (took, err)
+
+
+def test_a_daemon_started_while_its_sqlite_store_is_locked_waits_and_then_writes_everything(
+    locked_store: tuple[str, Path], tmp_path: Path, capture: list[dict]
+) -> None:
+    """A locked store is busy, not refusing: the daemon exited 4 ("cannot read the SQLite store");
+    it waits, and writes every call once the lock is released."""
+    uri, db = locked_store
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = fresh_calls(capture)[:6]
+    Writer(logdir / "proxy.jsonl").write_calls(calls)
+    holder = _hold_sqlite_lock(db, 12)
+    d = Daemon(logdir, uri, "locked", tmp_path / "state").start()
+    try:
+        wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for the store")
+        assert "locked by another process" in d.log.read_text()
+        holder.wait(timeout=30)
+        assert_exactly(wait_for_calls(uri, "locked", calls, timeout=60), calls)
+        assert d.stop() == 0
+    finally:
+        holder.kill()
+        if d.alive():
+            d.stop(signal.SIGKILL)
