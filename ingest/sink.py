@@ -18,6 +18,7 @@ import functools
 import gzip
 import logging
 import random
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -58,7 +59,8 @@ T = TypeVar("T")
 class SinkError(Exception):
     """MLflow could not be reached, refused us, or rejected data: one line for the user. ``kind``:
     "unreachable" and "server" are retried, "rejected" may be the data's fault (a batch is split to
-    find the trace), "unauthorized" and "refused" are the destination's (a route it does not serve)."""
+    find the trace), "unauthorized" and "refused" are the destination's (a route it does not serve),
+    "stopped": a request abandoned at a daemon's shutdown deadline (unacknowledged, not retried)."""
 
     def __init__(self, message: str, kind: str = "unreachable", status: int | None = None) -> None:
         super().__init__(message)
@@ -116,6 +118,11 @@ class Sink(Protocol):
         """Raise SinkError unless MLflow answers now (one cheap request, no retries)."""
         ...
 
+    def give_up_at(self, deadline: float) -> None:
+        """No request to MLflow outlives ``deadline`` (``time.monotonic()``), and none starts after it:
+        one still unanswered then fails as "stopped", unacknowledged (a daemon told to stop)."""
+        ...
+
     def experiment_problem(self) -> str | None:
         """Why the experiment cannot be written to any more (deleted, or gone with its store made
         anew), asked when writes fail; None when it is there or MLflow cannot say now."""
@@ -164,6 +171,8 @@ class _Http:
         creds = get_default_host_creds(base)
         self.base = base.rstrip("/")
         self.timeout = timeout_s
+        self.cutoff: float | None = None
+        """``time.monotonic()`` past which no request waits for its answer (a daemon's shutdown deadline)."""
         self.session = requests.Session()
         if creds.token:
             self.session.headers["Authorization"] = f"Bearer {creds.token}"
@@ -181,7 +190,7 @@ class _Http:
         MLflow answers it 200, which would count spans as written that MLflow never saw. An address no
         request can go to (a space in the host name) is the URI's fault: refused, not retried."""
         try:
-            resp = self.session.request(method, self.base + path, timeout=timeout_s or self.timeout, allow_redirects=False, **kw)
+            resp = self._send(method, path, timeout=timeout_s or self.timeout, allow_redirects=False, **kw)
         except requests.ConnectionError as e:
             why = "connection refused" if "refused" in str(e).lower() else "connection failed"
             raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)} ({why})") from e
@@ -210,6 +219,35 @@ class _Http:
                 kind="unauthorized",
             )
         return resp
+
+    def _send(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """The request, sent from a thread of its own so that waiting for it ends at ``cutoff`` even
+        when it was set while the request was under way (requests cannot cut short a read in
+        progress): a daemon told to stop leaves a server that does not answer, and the request
+        unanswered, unacknowledged. The thread is a daemon: it does not keep the process alive."""
+        if self.cutoff is not None and time.monotonic() >= self.cutoff:
+            raise self._abandoned(method, path)
+        answer: list[Any] = []
+        done = threading.Event()
+
+        def send() -> None:
+            try:
+                answer.append(self.session.request(method, self.base + path, **kw))
+            except BaseException as e:
+                answer.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=send, name="mlflow-request", daemon=True).start()
+        while not done.wait(0.25 if self.cutoff is None else max(0.0, min(0.25, self.cutoff - time.monotonic()))):
+            if self.cutoff is not None and time.monotonic() >= self.cutoff:
+                raise self._abandoned(method, path)
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
+
+    def _abandoned(self, method: str, path: str) -> SinkError:
+        return SinkError(f"{method} {path} to MLflow at {shown_uri(self.base)} left unanswered: stopping", kind="stopped")
 
 
 def _transient_http(e: Exception) -> bool:
@@ -560,6 +598,9 @@ def otlp_request_of(spans: list[Any]) -> ExportTraceServiceRequest:
 
 
 class _Synchronous:
+    def give_up_at(self, deadline: float) -> None:
+        """A database call is not abandoned: its retries end at a stopping daemon's deadline (its ``pause``)."""
+
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:
         done: Future[int] = Future()
         try:
@@ -741,6 +782,9 @@ class OtlpSink:
 
     def ping(self) -> None:
         _check(self.http.request("GET", "/health", timeout_s=5.0), "health check")
+
+    def give_up_at(self, deadline: float) -> None:
+        self.http.cutoff = deadline
 
     def experiment_problem(self) -> str | None:
         try:

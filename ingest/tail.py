@@ -151,12 +151,22 @@ class Tailer:
         self._experiment_checked = time.monotonic()
         self.refused: SinkError | None = None
         """Set when the experiment is gone or deleted: the daemon stops, and :meth:`run` raises it (exit 4)."""
+        self._stop_by: float | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def stop(self, *_: Any) -> None:
+        self._stop_deadline()
         self.stopping.set()
         self.wake.set()
+
+    def _stop_deadline(self) -> float:
+        """``--shutdown-timeout`` from the signal to stop: no request to MLflow outlives it (one under
+        way when the signal came is abandoned then, unacknowledged: its lines wait in the state)."""
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + self.opts.shutdown_timeout_s
+            self.sink.give_up_at(self._stop_by)
+        return self._stop_by
 
     def run(self) -> None:
         tune_collector()
@@ -212,8 +222,8 @@ class Tailer:
             self.nest_queue.close()
 
     def shutdown(self) -> None:
-        """Flush what is read (bounded by the shutdown timeout), save, and stop."""
-        deadline = time.monotonic() + self.opts.shutdown_timeout_s
+        """Flush what is read (bounded by the shutdown timeout, counted from the signal), save, and stop."""
+        deadline = self._stop_deadline()
         self.sink.deadline_s = max(1.0, self.opts.shutdown_timeout_s)
         try:
             self._restore()
@@ -303,6 +313,10 @@ class Tailer:
 
     def _outage(self, e: SinkError) -> None:
         """Keep what was read in memory (nothing is read again while down), back off, probe again."""
+        if e.kind == "stopped":  # told to stop while MLflow did not answer: shutdown() says so
+            self.follower.rewind()
+            self._save()
+            return
         if e.kind in ("rejected", "refused") and self._check_experiment():
             self.follower.rewind()
             self._save()
@@ -321,11 +335,14 @@ class Tailer:
         self._hold_files_until(time.monotonic() + min(self.opts.max_backoff_s, 2.0 ** min(self._failures, 5)))
 
     def _pause(self, delay: float) -> None:
-        """Between a write's retries: wait, holding the files made meanwhile (a plain sleep once stopping)."""
-        if self.stopping.is_set():
-            time.sleep(delay)
-        else:
+        """Between a write's retries: wait, holding the files made meanwhile (once stopping, a plain
+        sleep, and no retry past the shutdown deadline)."""
+        if not self.stopping.is_set():
             self._hold_files_until(time.monotonic() + delay)
+        elif time.monotonic() + delay > self._stop_deadline():
+            raise SinkError("MLflow did not answer before the shutdown deadline", kind="stopped")
+        else:
+            time.sleep(delay)
 
     def _hold_files_until(self, deadline: float) -> None:
         """Wait out an outage (a write's retries, the back-off after them) scanning every ``rescan_s``:

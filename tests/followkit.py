@@ -36,6 +36,9 @@ class RecordingSink:
         self.writes = 0
         self.crash_after_write = False
 
+    def give_up_at(self, deadline: float) -> None:
+        pass
+
     def _check(self) -> None:
         if not self.up:
             raise SinkError("recording sink is down")

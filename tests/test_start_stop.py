@@ -214,3 +214,39 @@ def test_a_daemon_started_while_its_sqlite_store_is_locked_waits_and_then_writes
         holder.kill()
         if d.alive():
             d.stop(signal.SIGKILL)
+
+
+def test_sigterm_ends_the_daemon_within_the_shutdown_timeout_while_mlflow_does_not_answer(
+    mlflow_server: Any, tmp_path: Path, capture: list[dict]
+) -> None:
+    """Each request waited out its 120 s timeout, twice, after SIGTERM (exit ~4 minutes later; systemd's
+    TimeoutStopSec=30 SIGKILLs it first). Now the request is abandoned at --shutdown-timeout after
+    the signal, exit 0, and what it carried waits in the state: the next start writes every call once."""
+    stalling = {"on": False}  # POST /v1/traces taken and never answered: MLflow behind a balancer that lost it
+    gateway = Gateway(mlflow_server.url, "stall", lambda method, path: stalling["on"] and method == "POST" and path == "/v1/traces")
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = fresh_calls(capture, copies=2)[:12]
+    writer = Writer(logdir / "proxy.jsonl")
+    experiment = f"stall-{uuid.uuid4().hex[:8]}"
+    d = Daemon(logdir, gateway.url, experiment, tmp_path / "state", "--shutdown-timeout", "3").start()
+    again = Daemon(logdir, mlflow_server.url, experiment, tmp_path / "state")
+    try:
+        writer.write_calls(calls[:6])
+        wait_for_calls(mlflow_server.url, experiment, calls[:6], timeout=30)
+        stalling["on"] = True
+        writer.write_calls(calls[6:])
+        assert gateway.stalled.wait(30), d.log.read_text()
+        time.sleep(1)
+        started = time.monotonic()
+        assert d.stop(timeout=20) == 0
+        assert time.monotonic() - started < 3 + 3, "out within --shutdown-timeout (and the time to save and exit)"
+        assert "saved for the next start" in d.log.read_text(), d.log.read_text()
+        again.start()
+        assert_exactly(wait_for_calls(mlflow_server.url, experiment, calls, timeout=60), calls)
+        assert again.stop() == 0
+    finally:
+        for daemon in (d, again):
+            if daemon.alive():
+                daemon.stop(signal.SIGKILL)
+        gateway.close()
