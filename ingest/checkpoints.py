@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 SETTLE_ABOVE = 1000
 """More checkpoints than this are settled into the files database (see the module doc)."""
 FILES_DB_SUFFIX = ".files.sqlite"
@@ -58,7 +58,14 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "version": 2, "held": [], "recent": []}
 
 
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 is version 2 as the versions that added digests with a line's start (``2:``),
+    ``end_stat``, ``edge`` and the files database write it: unchanged, the number tells a version
+    that knows none of them to refuse the state rather than read its files again, or whole."""
+    return {**doc, "version": 3}
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 """Version n -> n + 1, for every n < STATE_VERSION: an older state is upgraded, never discarded."""
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,15 @@ FIRST_LINE_CAP = 64 * 1024
 
 
 def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
-    """The fingerprint of an open log (read from its start, in small steps: a gzip that ends early
-    still has a fingerprint if its first line is whole).
+    """The fingerprint of an open log (see :func:`fingerprints_of`)."""
+    return next(iter(fingerprints_of(f, unterminated_ok)), None)
+
+
+def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ...]:
+    """The fingerprint of an open log, read from its start in small steps (a gzip that ends early
+    still has one if its first line is whole), then the one an earlier version gave a first line
+    of two records (:func:`_first_record`), by which a state it wrote knows the file; () without a
+    complete first line.
 
     A first line without its newline counts as whole when it is a complete JSON document (LiteLLM's
     bucket loggers write one per object, or join a batch with no final newline) or when the caller
@@ -52,9 +59,9 @@ def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
         head = head[: nl + 1]
     elif len(head) < FIRST_LINE_CAP:
         if not head.strip() or not (unterminated_ok or is_document(head)):
-            return None
+            return ()
         head += b"\n"
-    return "sha256:" + hashlib.sha256(_first_record(head)).hexdigest()[:32]
+    return tuple(dict.fromkeys("sha256:" + hashlib.sha256(line).hexdigest()[:32] for line in (_first_record(head), head)))
 
 
 def _first_record(line: bytes) -> bytes:

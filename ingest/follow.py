@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import polars as pl
 
 from ingest.checkpoints import Checkpoint, State, encode_state, now_iso
-from ingest.fingerprint import fingerprint_of, head_before, tail_digest
+from ingest.fingerprint import fingerprint_of, fingerprints_of, head_before, tail_digest
 from ingest.quarantine import first_line
 from ingest.sources import (
     DEFAULT_CHUNK_BYTES,
@@ -243,7 +243,7 @@ class Follower:
             gz = magic[:2] == GZIP_MAGIC
             finished = not gz and self.quiet(os.fstat(fd))
             with _reader(fd, gz) as f:
-                fp = fingerprint_of(f, unterminated_ok=finished)
+                fp, *older = fingerprints_of(f, unterminated_ok=finished) or (None,)
         except (OSError, EOFError):
             fp = None
         if fp is None:
@@ -251,6 +251,7 @@ class Follower:
             return None
         key, ck = fp, self.state.checkpoints.get(fp)
         try:
+            ck = self._adopt(fp, older, ck, fd, gz)
             continues = ck is None or self._continues(ck, fd, gz)
         except EOFError:
             os.close(fd)
@@ -266,6 +267,16 @@ class Follower:
             if self.from_end and not gz and (self.from_end_files is None or _inode(fd) in self.from_end_files):
                 ck.offset, ck.line = _last_newline(fd), 1
         return Followed(key, fp, ck, path, fd, gz)
+
+    def _adopt(self, fp: str, older: list[str], ck: Checkpoint | None, fd: int, gz: bool) -> Checkpoint | None:
+        """The checkpoint an earlier version kept for this file under the fingerprint it gave it,
+        taken under ``fp`` when it is further on than ``ck`` and the file holds what it was taken
+        on; else ``ck``. Read from 0 as a new file, its bad first line was quarantined again."""
+        for key in older:
+            prev = self.state.checkpoints.get(key)
+            if prev is not None and prev.offset > (ck.offset if ck is not None else 0) and self._continues(prev, fd, gz):
+                return Checkpoint.from_dict({**prev.as_dict(), "fingerprint": fp})
+        return ck
 
     def _continues(self, ck: Checkpoint, fd: int, gz: bool) -> bool:
         """This file holds the bytes the checkpoint was taken on (not a copy that diverged, nor rewritten shorter)."""

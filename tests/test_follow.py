@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from ingest.checkpoints import STATE_VERSION, Checkpoint, State
+from ingest import checkpoints
+from ingest.checkpoints import STATE_VERSION, Checkpoint, State, StateError
 from ingest.follow import Follower
 from ingest.pipeline import Pipeline
 from ingest.quarantine import QuarantineWriter
@@ -41,8 +43,8 @@ SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
 
 # --- the checkpoint format ---------------------------------------------------------------------------
 
-PINNED_V2 = {
-    "version": 2,
+PINNED = {
+    "version": 3,
     "mode": "batch",
     "destination": {"tracking_uri": "sqlite:////srv/mlflow.db", "experiment_id": "1"},
     "checkpoints": [
@@ -70,25 +72,42 @@ def test_state_document_of_the_current_version_reads_and_writes_back_byte_for_by
     """Pinned as written since orjson writes it (indent 2, UTF-8); the one-space indent of earlier
     releases reads the same and is rewritten in the current layout."""
     path = tmp_path / "batch-x.json"
-    text = orjson.dumps(PINNED_V2, option=orjson.OPT_INDENT_2).decode()
-    assert text.startswith('{\n  "version": 2,\n  "mode": "batch",')
-    path.write_text(json.dumps(PINNED_V2, indent=1))
-    assert State.load(path, "batch", PINNED_V2["destination"]).document() == PINNED_V2
+    text = orjson.dumps(PINNED, option=orjson.OPT_INDENT_2).decode()
+    assert text.startswith('{\n  "version": 3,\n  "mode": "batch",')
+    path.write_text(json.dumps(PINNED, indent=1))
+    assert State.load(path, "batch", PINNED["destination"]).document() == PINNED
     path.write_text(text)
-    state = State.load(path, "batch", PINNED_V2["destination"])
-    assert STATE_VERSION == 2
+    state = State.load(path, "batch", PINNED["destination"])
+    assert STATE_VERSION == 3
     ck = state.checkpoints["sha256:0123456789abcdef0123456789abcdef"]
     assert (ck.offset, ck.line, ck.done, ck.tail, ck.legacy_held) == (5120, 11, True, "fedcba9876543210", [])
-    assert state.held == PINNED_V2["held"]
+    assert state.held == PINNED["held"]
     assert state.experiment_created == 1795000000123
     state.save()
     assert path.read_text() == text
 
 
+def test_a_version_2_state_is_read_as_it_was_and_written_back_as_version_3_which_a_version_2_reader_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 states gained ``2:`` digests, ``end_stat``, ``edge`` and the files database without
+    a new number: a release before them read such a state and read its files again (whole, over a
+    files database). Written as 3 now, that release's reader refuses it instead."""
+    path = tmp_path / "batch-x.json"
+    path.write_text(json.dumps(PINNED | {"version": 2}, indent=1))
+    state = State.load(path, "batch", PINNED["destination"])
+    assert state.document() == PINNED
+    state.save()
+    assert json.loads(path.read_text())["version"] == 3
+    monkeypatch.setattr(checkpoints, "STATE_VERSION", 2)
+    with pytest.raises(StateError, match="newer litellm-ingest"):
+        State.load(path, "batch", PINNED["destination"])
+
+
 def test_a_state_written_before_it_knew_its_experiment_keeps_its_checkpoints_and_learns_it(tmp_path: Path) -> None:
     path = tmp_path / "batch-x.json"
-    path.write_text(json.dumps({k: v for k, v in PINNED_V2.items() if k != "experiment_created"}, indent=1))
-    state = State.load(path, "batch", PINNED_V2["destination"])
+    path.write_text(json.dumps({k: v for k, v in PINNED.items() if k != "experiment_created"}, indent=1))
+    state = State.load(path, "batch", PINNED["destination"])
     assert state.experiment_created is None
     assert not state.bind(1795000000123)
     assert len(state.checkpoints) == 1 and state.held and state.replaced is None
@@ -100,15 +119,15 @@ def test_a_state_for_an_experiment_created_anew_at_the_same_address_starts_over(
     """``rm mlflow.db`` and run again: the new store's experiment has the old one's id, so the same
     state file, whose checkpoints would skip every line the new store never got."""
     path = tmp_path / "batch-x.json"
-    path.write_text(json.dumps(PINNED_V2 | {"recent": PINNED_V2["held"]}, indent=1))
-    state = State.load(path, "batch", PINNED_V2["destination"])
+    path.write_text(json.dumps(PINNED | {"recent": PINNED["held"]}, indent=1))
+    state = State.load(path, "batch", PINNED["destination"])
     assert not state.bind(None), "a destination that does not say when it was made leaves the state as it is"
     assert state.checkpoints and state.experiment_created == 1795000000123
     assert state.bind(1795000999000)
     assert (state.checkpoints, state.held, state.recent) == ({}, [], [])
     assert state.replaced and "2026-11-18T11:23:19Z" in state.replaced
     state.save()
-    again = State.load(path, "batch", PINNED_V2["destination"])
+    again = State.load(path, "batch", PINNED["destination"])
     assert again.experiment_created == 1795000999000 and not again.bind(1795000999000)
 
 
@@ -138,7 +157,7 @@ def test_a_version_1_state_is_upgraded_and_its_held_positions_are_replayed_from_
     assert pipe.pending["call_key"].to_list() == ["c-1"]
     follower.save()
     saved = json.loads((tmp_path / "s.json").read_text())
-    assert saved["version"] == 2 and [h["raw"] for h in saved["held"]] == [line(failed).rstrip("\n")]
+    assert saved["version"] == STATE_VERSION and [h["raw"] for h in saved["held"]] == [line(failed).rstrip("\n")]
     assert "held" not in saved["checkpoints"][0]
 
 
@@ -1085,4 +1104,35 @@ def test_a_first_record_left_without_its_newline_keeps_the_file_known_when_the_n
     for _ in range(3):
         t.step()
     assert sorted(sink.calls()) == ["u-0", "u-1", "u-2"] and t.quarantine.total == 0
+    t.close()
+
+
+def test_a_state_that_knew_a_two_record_first_line_by_the_whole_line_keeps_its_place_in_the_file(tmp_path: Path) -> None:
+    """Before a first line ``{A}{B}`` was known by its first record, a state knew the file by the
+    whole line: read as a new file after the upgrade, it was read again from 0 and its bad first
+    line quarantined a second time."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    joined = json.dumps(record("j-0", "success", 100.0, 101.0)) + line(record("j-1", "success", 102.0, 103.0))
+    log.write_text(joined + line(record("j-2", "success", 104.0, 105.0)))
+    t = tailer(logdir, state_dir, RecordingSink(), SETTLE_S)
+    for _ in range(3):
+        t.step()
+    assert t.quarantine.total == 1
+    t.close()
+    (state,) = state_dir.glob("*.json")
+    now = "sha256:" + hashlib.sha256(joined.encode().split(b"}{")[0] + b"}\n").hexdigest()[:32]
+    before = "sha256:" + hashlib.sha256(joined.encode()).hexdigest()[:32]
+    text = state.read_text()
+    assert now in text
+    state.write_text(text.replace(now, before))
+
+    with log.open("a") as f:
+        f.write(line(record("j-3", "success", 106.0, 107.0)))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    for _ in range(3):
+        t.step()
+    assert list(sink.calls()) == ["j-3"] and t.quarantine.total == 0
     t.close()

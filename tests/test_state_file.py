@@ -121,7 +121,7 @@ def test_a_version_1_state_reads_back_to_the_same_checkpoints_and_is_written_bac
     assert state.last_run == doc["last_run"] and state.extra == {} and state.corrupt_copy is None
     state.save()
     saved = json.loads(path.read_text())
-    assert saved["version"] == STATE_VERSION == 2 and saved["held"] == [] and saved["recent"] == []
+    assert saved["version"] == STATE_VERSION == 3 and saved["held"] == [] and saved["recent"] == []
     assert saved["checkpoints"][0] == doc["checkpoints"][0]
     assert saved["checkpoints"][1] == {k: v for k, v in doc["checkpoints"][1].items() if k != "held"}
     assert State.load(path, "batch", doc["destination"]).checkpoints == state.checkpoints
