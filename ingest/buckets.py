@@ -125,6 +125,13 @@ class Bucket:
         """The ledger's name for this bucket (one per bucket: objects are keyed by full path)."""
         return f"{self.scheme}://{self.bucket}"
 
+    @property
+    def day_mark(self) -> str:
+        """The ledger's name for the newest partition day this URL's listing read whole: one per
+        prefix, as each is listed apart (a mark per bucket started a second prefix's listing from
+        the first's newest day, and its older partitions were never listed)."""
+        return f"newest_day /{self.prefix}"
+
     def open(self) -> Bucket:
         if self.fs is None:
             self.fs = filesystem(self.scheme)
@@ -286,7 +293,7 @@ class Bucket:
                         failed += unit.failed
                         yield unit
         if newest is not None and not failed:
-            yield Unit(self.source, [], items_frame([], [], []), meta={"newest_day": newest.isoformat()})
+            yield Unit(self.source, [], items_frame([], [], []), meta={self.day_mark: newest.isoformat()})
 
     def _unit(self, group: pl.DataFrame, got: dict[str, bytes | BaseException], chunk_bytes: int) -> Unit:
         chunks: list[Chunk] = []

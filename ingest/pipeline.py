@@ -663,9 +663,11 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
 
     for b in inputs.buckets:
         start = lo
-        if mode == "batch" and start is None and (newest := ledger.meta(b.source, "newest_day")):
+        if mode == "batch" and ledger.meta(b.source, "newest_day") is not None:
+            ledger.drop_meta(b.source, "newest_day")  # an older version's mark for the whole bucket, whatever prefix set it
+        if mode == "batch" and start is None and (newest := ledger.meta(b.source, b.day_mark)):
             if date.fromisoformat(newest) > mark_horizon():
-                ledger.drop_meta(b.source, "newest_day")
+                ledger.drop_meta(b.source, b.day_mark)
             else:
                 start = date.fromisoformat(newest) - timedelta(days=1)
         yield from b.units(ledger, start, hi, opts.chunk_bytes, on_listed=listed)

@@ -213,7 +213,7 @@ def test_the_cron_horizon_moves_only_after_a_whole_run(tmp_path: Path) -> None:
     first = next(units)
     ledger.mark(first.source, first.items, first.meta)
     units.close()
-    assert ledger.meta(b.source, "newest_day") is None, "a run stopped after team-a's partition would skip team-b's for good"
+    assert ledger.meta(b.source, b.day_mark) is None, "a run stopped after team-a's partition would skip team-b's for good"
     for u in b.units(ledger):
         ledger.mark(u.source, u.items, u.meta)
-    assert ledger.meta(b.source, "newest_day") == "2026-11-05" and ledger.count(b.source) == 2
+    assert ledger.meta(b.source, b.day_mark) == "2026-11-05" and ledger.count(b.source) == 2

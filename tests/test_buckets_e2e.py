@@ -100,6 +100,31 @@ def test_cron_lists_only_partitions_from_a_day_before_the_newest_it_read(s3_serv
     assert sorted(trace_calls(uri)) == sorted(calls_of(old) | calls_of(recent) | calls_of(late_records))
 
 
+def test_each_prefix_of_one_bucket_keeps_its_own_cron_mark(s3_server: BucketServer, tmp_path: Path) -> None:
+    """The newest day a cron run read was kept per bucket: a second prefix's listing, given on the
+    same command line or added to the job later, started from the first one's newest day, and its
+    older partitions were never listed (exit 0; ``reconcile`` found them missing); one that failed
+    to fetch was said to be read again next run, and never was."""
+    fs, bucket = s3_server.fs(), s3_server.new_bucket()
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    eu, us, team = days_ago(0.2)[:5], days_ago(4)[5:10], days_ago(6)[10:15]
+    put_s3_v2_objects(fs, bucket, eu, s3_path="proxy-eu")
+    put_s3_v2_objects(fs, bucket, us, s3_path="proxy-us")
+    team_keys = put_s3_v2_objects(fs, bucket, team, s3_path="team-b")
+    eu_url, us_url, team_url = (f"s3://{bucket}/{p}/" for p in ("proxy-eu", "proxy-us", "team-b"))
+    code, s1, _ = run(s3_server, "batch", eu_url, us_url, state=state, uri=uri)
+    assert code == 0 and sorted(trace_calls(uri)) == sorted(calls_of(eu) | calls_of(us)), s1
+    code, s2, _ = run(s3_server, "batch", eu_url, us_url, team_url, state=state, uri=uri)
+    assert code == 0 and s2["objects_read"] == len(team_keys) > 0, "a prefix added to the job is read whole"
+    assert sorted(trace_calls(uri)) == sorted(calls_of(eu) | calls_of(us) | calls_of(team))
+    code, s3, _ = run(s3_server, "batch", eu_url, us_url, team_url, state=state, uri=uri)
+    assert code == 0 and s3["objects_read"] == 0
+    (ledger,) = state.glob("batch-*.ledger.sqlite")
+    with sqlite3.connect(ledger) as db:
+        marks = dict(db.execute("SELECT name, value FROM meta").fetchall())
+    assert sorted(marks) == ["newest_day /proxy-eu", "newest_day /proxy-us", "newest_day /team-b"], marks
+
+
 def test_a_folder_dated_years_ahead_does_not_make_cron_runs_skip_todays_objects(s3_server: BucketServer, tmp_path: Path) -> None:
     """A replica whose clock is years ahead writes a folder of that day: the newest folder's day moved
     every later cron run's start there, and today's new objects were never listed again (nor was a
@@ -118,7 +143,7 @@ def test_a_folder_dated_years_ahead_does_not_make_cron_runs_skip_todays_objects(
 
     (ledger,) = state.glob("batch-*.ledger.sqlite")
     with sqlite3.connect(ledger) as db:
-        db.execute("UPDATE meta SET value = '2099-01-01' WHERE name = 'newest_day'")
+        assert db.execute("UPDATE meta SET value = '2099-01-01' WHERE name LIKE 'newest_day%'").rowcount == 1
     last = today[6:9]
     put_s3_v2_objects(fs, bucket, last)
     run(s3_server, "batch", url, state=state, uri=uri)
