@@ -34,7 +34,17 @@ from fsspec.asyn import sync
 
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import first_line
-from ingest.sources import GZIP_MAGIC, HOLE, Chunk, SourceError, SourceUnavailable, is_document, read_chunks, unreadable_chunk
+from ingest.sources import (
+    GZIP_MAGIC,
+    HOLE,
+    Chunk,
+    SourceError,
+    SourceUnavailable,
+    is_document,
+    other_compression,
+    read_chunks,
+    unreadable_chunk,
+)
 
 log = logging.getLogger("litellm-ingest.buckets")
 
@@ -312,6 +322,9 @@ class Bucket:
                 continue
             read.append(key)
             size += len(body)
+            if (kind := other_compression(body[:6])) is not None:
+                log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest it", self.url_of(key), kind)
+                continue
             if len(body) < SMALL_OBJECT and body[:2] != GZIP_MAGIC:
                 small.append((self.url_of(key), body))
             else:

@@ -39,6 +39,7 @@ from ingest.sources import (
     LINE_WINDOW,
     TAIL_BYTES,
     Chunk,
+    other_compression,
     read_chunks,
     read_lines_at,
     read_through,
@@ -105,11 +106,6 @@ def _reader(fd: int, gz: bool) -> BinaryIO:
     f = os.fdopen(own, "rb")
     f.seek(0)
     return gzip.GzipFile(fileobj=f, mode="rb") if gz else f  # type: ignore[return-value]
-
-
-OTHER_COMPRESSION = {b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
-"""What logrotate's ``compresscmd`` may make instead of gzip: read as text, such a file was a flood
-of ``invalid_utf8`` quarantine lines (its lines were read from the live file before it anyway)."""
 
 
 def _inode(fd: int) -> tuple[int, int]:
@@ -234,7 +230,7 @@ class Follower:
                 return None
         try:
             magic = os.pread(fd, 6, 0)
-            if (kind := next((k for m, k in OTHER_COMPRESSION.items() if magic.startswith(m)), None)) is not None:
+            if (kind := other_compression(magic)) is not None:
                 os.close(fd)
                 if str(path) not in self._other_compression:
                     self._other_compression.add(str(path))

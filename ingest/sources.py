@@ -25,10 +25,18 @@ from ingest.quarantine import QuarantineRecord, Reason
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+OTHER_COMPRESSION = {b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
+"""What logrotate's ``compresscmd`` (or an archiving job) may make instead of gzip: read as text,
+such a file or object was a flood of ``invalid_utf8`` quarantine lines."""
 TAIL_BYTES = 256
 HEAD_BYTES = 512
 LINE_WINDOW = 1 << 20
 """A last line longer than this has no head in its checkpoint's digest (only its last bytes)."""
+
+
+def other_compression(head: bytes) -> str | None:
+    """The compression other than gzip that ``head`` (a file's or object's first bytes) starts with."""
+    return next((kind for magic, kind in OTHER_COMPRESSION.items() if head.startswith(magic)), None)
 
 
 def line_head(line: bytes) -> bytes:

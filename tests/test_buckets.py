@@ -3,8 +3,11 @@ stands in for the bucket; the real S3 and GCS servers are in test_buckets_e2e.py
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
+from collections.abc import Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -217,3 +220,25 @@ def test_the_cron_horizon_moves_only_after_a_whole_run(tmp_path: Path) -> None:
     for u in b.units(ledger):
         ledger.mark(u.source, u.items, u.meta)
     assert ledger.meta(b.source, b.day_mark) == "2026-11-05" and ledger.count(b.source) == 2
+
+
+@pytest.mark.parametrize(("kind", "compress"), [("xz", lzma.compress), ("bzip2", bz2.compress)])
+def test_an_object_compressed_otherwise_than_gzip_is_said_once_and_not_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, compress: Callable[[bytes], bytes]
+) -> None:
+    """It was read as text: dozens of ``invalid_utf8`` quarantine lines for one archived object
+    (files were already named once and not read)."""
+    capture = read_capture()
+    body = "".join(json.dumps(r) + "\n" for r in capture[:20]).encode()
+    b = memory_bucket({"logs/2026-11-05/old.jsonl.x": compress(body), "logs/2026-11-05/new.json": json.dumps(capture[20]).encode()})
+    ledger = Ledger(tmp_path / "l.sqlite")
+    caplog.set_level("WARNING")
+    units = [u for u in b.units(ledger) if u.items.height]
+    lines = pl.concat([c.lines for u in units for c in u.chunks])
+    assert lines["raw"].to_list() == [json.dumps(capture[20])], "only the plain object is read"
+    assert not [q for u in units for c in u.chunks for q in c.quarantined], "nothing quarantined"
+    assert sorted(k.rsplit("/", 1)[1] for u in units for k in u.items["key"].to_list()) == ["new.json", "old.jsonl.x"]
+    assert caplog.text.count(f"is compressed with {kind}, which is not read") == 1, caplog.text
+    for u in units:
+        ledger.mark(u.source, u.items)
+    assert not [u for u in b.units(ledger) if u.items.height], "marked read: not said again next run"
