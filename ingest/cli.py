@@ -730,7 +730,8 @@ def _print_summary(s: Any) -> None:
         ("MLflow", f"{s.tracking_uri}  experiment {s.experiment_name!r} (id {s.experiment_id})"),
     ]
     if s.calls_joined:
-        rows.insert(5, ("joined in MLflow", f"{s.calls_joined} call(s) joined to attempts MLflow held of them (read in an earlier run)"))
+        joined = f"{s.calls_joined} call(s) joined to attempts MLflow held of them (counted in calls when first written)"
+        rows.insert(5, ("joined in MLflow", joined))
     if s.calls_held:
         rows.insert(5, ("held for a retry", f"{s.calls_held} call(s) whose last attempt failed in the last minutes"))
     if s.calls_outside_range:

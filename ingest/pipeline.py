@@ -299,6 +299,7 @@ class Pipeline:
             if not self.sink.settles:
                 self.sink.delete([mlflow_trace_id(otel_trace_id(self.experiment_id, k)) for k in flipped])
             self.summary.traces_rewritten += len(flipped)
+            self.summary.calls -= len(flipped)  # counted when written as failed; the write that follows counts them again
             self.recent_failed.difference_update(flipped)
 
     def _remember_failures(self, ready: pl.DataFrame) -> bool:
@@ -482,8 +483,11 @@ class Pipeline:
             self._count(len(batch), len(batch) if written else 0, spans if written else 0, lo, hi, sum(t.joined for t in batch))
 
     def _count(self, calls: int, traces: int, spans: int, lo: int | None, hi: int | None, joined: int = 0) -> None:
+        """``joined`` of the ``calls`` were counted when first written (by this run or an earlier one):
+        ``traces_written`` counts their write again, ``calls`` does not (a call's attempts in two
+        groups of bucket objects of one run were two calls), as for a call rewritten whole."""
         s = self.summary
-        s.calls, s.traces_written, s.spans_written = s.calls + calls, s.traces_written + traces, s.spans_written + spans
+        s.calls, s.traces_written, s.spans_written = s.calls + calls - joined, s.traces_written + traces, s.spans_written + spans
         s.calls_joined += joined
         if lo is not None and hi is not None:
             self._first = lo if self._first is None else min(self._first, lo)

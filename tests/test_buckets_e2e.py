@@ -357,3 +357,29 @@ def test_reconcile_claims_no_agreement_when_objects_could_not_be_fetched(
     short = CliRunner().invoke(main, ["reconcile", url, "--tracking-uri", uri, "--experiment-name", EXP, "--json"])
     report = json.loads(short.output)
     assert short.exit_code == 8 and report["unreadable"] and all(f"s3://{bucket}" in u for u in report["unreadable"]), short.output
+
+
+def test_a_call_whose_attempts_sit_in_two_groups_of_objects_is_counted_once(s3_server: BucketServer, tmp_path: Path) -> None:
+    """A run fetches a bucket's new objects in groups of 256 and feeds them one group at a time: a
+    failed attempt followed by more than ``--settle`` of other calls in its group is written as
+    failed, and its success in the next group rewrites the call. The call was counted twice: the
+    summary said more calls than the store held (as for a late attempt joined to its trace)."""
+    fs, bucket = s3_server.fs(), s3_server.new_bucket()
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    calls: dict[str, list[dict]] = {}
+    for r in days_ago(1):
+        calls.setdefault(r["litellm_call_id"], []).append(r)
+    retried = sorted(
+        next(c for c in calls.values() if c[0]["status"] != "success" and c[-1]["status"] == "success"), key=lambda r: r["startTime"]
+    )
+    single = next(c for c in calls.values() if len(c) == 1)[0]
+    start = retried[0]["startTime"]
+    failed = retried[:-1]
+    fillers = [r for i in range(256 - len(failed)) for r in reidentify([single], shift_s=start + 1 + i - single["startTime"])]
+    late = {**retried[-1], **{k: retried[-1][k] + 400 for k in ("startTime", "endTime", "completionStartTime")}}
+    records = failed + fillers + [late]
+    put_s3_v2_objects(fs, bucket, records, s3_path="litellm")
+    code, s, _ = run(s3_server, "batch", f"s3://{bucket}/litellm/", state=state, uri=uri)
+    assert code == 0 and s["objects_read"] == len(records), s
+    assert s["traces_rewritten"] == 1 and s["traces_written"] == len(calls_of(records)) + 1, "the case is exercised: written again"
+    assert s["calls"] == len(trace_calls(uri)) == len(calls_of(records)), s
