@@ -195,7 +195,7 @@ class _Http:
             why = "connection refused" if "refused" in str(e).lower() else "connection failed"
             raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)} ({why})") from e
         except requests.Timeout as e:
-            raise SinkError(f"MLflow at {shown_uri(self.base)} did not answer within {self.timeout:.0f}s") from e
+            raise SinkError(f"MLflow at {shown_uri(self.base)} did not answer within {timeout_s or self.timeout:.0f}s") from e
         except _NOT_AN_ADDRESS as e:
             raise SinkError(f"tracking URI {shown_uri(self.base)} is not a server's address ({first_line(e)})", kind="rejected") from e
         if resp.status_code in (401, 403):
@@ -221,33 +221,40 @@ class _Http:
         return resp
 
     def _send(self, method: str, path: str, **kw: Any) -> requests.Response:
-        """The request, sent from a thread of its own so that waiting for it ends at ``cutoff`` even
-        when it was set while the request was under way (requests cannot cut short a read in
+        return self.within_cutoff(lambda: self.session.request(method, self.base + path, **kw), f"{method} {path}")
+
+    def within_cutoff(self, call: Callable[[], T], what: str) -> T:
+        """``call`` (a request to MLflow), run in a thread of its own so that waiting for it ends at
+        ``cutoff`` even when that was set while it was under way (requests cannot cut short a read in
         progress): a daemon told to stop leaves a server that does not answer, and the request
-        unanswered, unacknowledged. The thread is a daemon: it does not keep the process alive."""
+        unanswered, unacknowledged. The thread is a daemon: it does not keep the process alive. A
+        thread that cannot start (a pids limit such as systemd's ``TasksMax``) is an outage, waited out."""
         if self.cutoff is not None and time.monotonic() >= self.cutoff:
-            raise self._abandoned(method, path)
+            raise self._abandoned(what)
         answer: list[Any] = []
         done = threading.Event()
 
-        def send() -> None:
+        def run() -> None:
             try:
-                answer.append(self.session.request(method, self.base + path, **kw))
+                answer.append(call())
             except BaseException as e:
                 answer.append(e)
             finally:
                 done.set()
 
-        threading.Thread(target=send, name="mlflow-request", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="mlflow-request", daemon=True).start()
+        except RuntimeError as e:
+            raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)}: {first_line(e)}") from e
         while not done.wait(0.25 if self.cutoff is None else max(0.0, min(0.25, self.cutoff - time.monotonic()))):
             if self.cutoff is not None and time.monotonic() >= self.cutoff:
-                raise self._abandoned(method, path)
+                raise self._abandoned(what)
         if isinstance(answer[0], BaseException):
             raise answer[0]
         return answer[0]
 
-    def _abandoned(self, method: str, path: str) -> SinkError:
-        return SinkError(f"{method} {path} to MLflow at {shown_uri(self.base)} left unanswered: stopping", kind="stopped")
+    def _abandoned(self, what: str) -> SinkError:
+        return SinkError(f"{what} to MLflow at {shown_uri(self.base)} left unanswered: stopping", kind="stopped")
 
 
 def _transient_http(e: Exception) -> bool:
@@ -796,15 +803,18 @@ class OtlpSink:
     def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
         """Through MLflow's own REST store (its DeleteTraces call)."""
         store = self._rest()
+        exp_id = experiment_id or self.target.experiment_id
         try:
             with_retries(
-                lambda: store.delete_traces(experiment_id or self.target.experiment_id, trace_ids=trace_ids),
+                lambda: self.http.within_cutoff(lambda: store.delete_traces(exp_id, trace_ids=trace_ids), "DeleteTraces"),
                 "delete traces",
                 self.deadline_s,
                 _transient_any,
                 self.on_retry,
                 self.pause,
             )
+        except SinkError:
+            raise
         except Exception as e:
             raise SinkError(f"deleting traces on {self.target.shown_uri} failed: {first_line(e)}") from e
 

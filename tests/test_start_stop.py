@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ import psycopg
 import pytest
 import requests
 
+from ingest.sink import OtlpSink, SinkError, Target
 from tests.conftest import free_port, write_jsonl
 from tests.tailkit import EXE, Daemon, Writer, fresh_calls, wait_for, wait_for_calls
 from tests.test_gateway import Gateway
@@ -250,3 +253,33 @@ def test_sigterm_ends_the_daemon_within_the_shutdown_timeout_while_mlflow_does_n
             if daemon.alive():
                 daemon.stop(signal.SIGKILL)
         gateway.close()
+
+
+@pytest.mark.parametrize("request_kind", ["OTLP POST", "DeleteTraces"])
+def test_no_request_outlives_the_shutdown_deadline_a_delete_neither(request_kind: str) -> None:
+    """A server that takes connections and never answers (a stalled ``mlflow server``): once the
+    deadline passes, a request under way is abandoned as "stopped". The delete before a call is
+    rewritten went through MLflow's own REST client and waited out its timeouts and retries."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    sink = OtlpSink(Target(uri, "1", "x"), deadline_s=60.0)
+    sink.give_up_at(time.monotonic() + 1.0)
+    raised: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            if request_kind == "DeleteTraces":
+                sink.delete(["tr-0123456789abcdef0123456789abcdef"])
+            else:
+                sink.http.request("POST", "/v1/traces", data=b"")
+        except BaseException as e:
+            raised.append(e)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sender.join(5.0)
+    listener.close()
+    assert not sender.is_alive(), "still waiting for MLflow 4 s past the deadline"
+    assert isinstance(raised[0], SinkError) and raised[0].kind == "stopped", raised
