@@ -278,7 +278,7 @@ class Bucket:
         A last unit, with no items, carries the newest partition day, only once every partition
         was read without a failure: a cron run that stopped early must not skip what it never read."""
         newest: date | None = None
-        failed = 0
+        failed = seen = 0
         latest = mark_horizon()
         with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
             for path, entries in self.partitions(lo, hi):
@@ -287,6 +287,7 @@ class Bucket:
                 newest = max(newest, day) if newest and day else (newest or day)
                 for page in [entries] if entries is not None else self.listing(path):
                     listed = self.objects(page)
+                    seen += listed.height
                     new = ledger.new(self.source, listed.drop("size"))
                     new = listed.join(new.select("key"), on="key", how="semi", maintain_order="left")
                     if on_listed is not None:
@@ -302,6 +303,8 @@ class Bucket:
                         unit = self._unit(group, got, chunk_bytes)
                         failed += unit.failed
                         yield unit
+        if not seen and lo is None and hi is None:
+            log.warning("%s holds no object: check the bucket and prefix (nothing was read)", self.url)
         if newest is not None and not failed:
             yield Unit(self.source, [], items_frame([], [], []), meta={self.day_mark: newest.isoformat()})
 

@@ -242,3 +242,17 @@ def test_an_object_compressed_otherwise_than_gzip_is_said_once_and_not_read(
     for u in units:
         ledger.mark(u.source, u.items)
     assert not [u for u in b.units(ledger) if u.items.height], "marked read: not said again next run"
+
+
+def test_a_prefix_that_holds_no_object_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A typo in the prefix read nothing and said nothing (exit 0 every cron run), where a missing
+    bucket is exit 8; a prefix the proxy has not written to yet is empty too, so it is a warning."""
+    b = memory_bucket({"logs/2026-11-05/a.json": b"{}"})
+    b.prefix = "lgos"
+    caplog.set_level("WARNING")
+    assert list(b.units(Ledger(tmp_path / "l.sqlite"))) == []
+    assert caplog.text.count("holds no object: check the bucket and prefix") == 1, caplog.text
+    caplog.clear()
+    b.prefix = "logs"
+    assert [u for u in b.units(Ledger(tmp_path / "l.sqlite")) if u.items.height]
+    assert "holds no object" not in caplog.text
