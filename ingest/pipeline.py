@@ -480,14 +480,16 @@ class Pipeline:
         if batch:
             written = not isinstance(self.sink, NullSink)
             lo, hi = min(t.start_us for t in batch), max(t.end_us for t in batch)
-            self._count(len(batch), len(batch) if written else 0, spans if written else 0, lo, hi, sum(t.joined for t in batch))
+            joined = sum(t.joined for t in batch)
+            self._count(len(batch) - joined, len(batch) if written else 0, spans if written else 0, lo, hi, joined)
 
     def _count(self, calls: int, traces: int, spans: int, lo: int | None, hi: int | None, joined: int = 0) -> None:
-        """``joined`` of the ``calls`` were counted when first written (by this run or an earlier one):
-        ``traces_written`` counts their write again, ``calls`` does not (a call's attempts in two
-        groups of bucket objects of one run were two calls), as for a call rewritten whole."""
+        """``calls``: those first written now; a call joined to what MLflow held of it (``joined``) was
+        counted when first written, by this run or an earlier one, as a call rewritten whole was:
+        ``traces_written`` counts its write again (a call's attempts in two groups of bucket objects
+        of one run were two calls)."""
         s = self.summary
-        s.calls, s.traces_written, s.spans_written = s.calls + calls - joined, s.traces_written + traces, s.spans_written + spans
+        s.calls, s.traces_written, s.spans_written = s.calls + calls, s.traces_written + traces, s.spans_written + spans
         s.calls_joined += joined
         if lo is not None and hi is not None:
             self._first = lo if self._first is None else min(self._first, lo)

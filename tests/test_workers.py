@@ -14,11 +14,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from ingest.pipeline import Pipeline
+from ingest.quarantine import QuarantineWriter
+from ingest.workers import Emitted
 from tests.conftest import Postgres, copies, sqlite_trace_count, write_log
+from tests.followkit import RecordingSink
 from tests.storekit import assert_same_as_one_writer, store_rows
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -329,3 +334,16 @@ def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_mid
         assert counted("SELECT count(*) FROM spans") == spans_of(list(calls.values()))
     finally:
         pg.stop()
+
+
+def test_a_workers_account_of_joined_calls_counts_each_call_once() -> None:
+    """A worker reports the calls it first wrote, its joined ones apart (counted when first
+    written): this process adds them as they are, not taking the joined ones off twice."""
+    pipe = Pipeline(RecordingSink(), "1", QuarantineWriter(None), settle_s=1e9)  # type: ignore[arg-type]
+    worker = Pipeline(RecordingSink(), "1", QuarantineWriter(None), settle_s=1e9)  # type: ignore[arg-type]
+    written = [SimpleNamespace(start_us=1, end_us=2, joined=joined) for joined in (False, False, False, True)]
+    worker._account(written, 9)  # type: ignore[arg-type]
+    s = worker.summary
+    assert (s.calls, s.traces_written, s.calls_joined) == (3, 4, 1)
+    pipe._account_emitted(Emitted(s.calls, s.traces_written, s.spans_written, 1, 2, [], s.calls_joined))
+    assert (pipe.summary.calls, pipe.summary.traces_written, pipe.summary.calls_joined) == (3, 4, 1)
