@@ -642,13 +642,12 @@ class Inputs:
 
 def input_id(spec: str) -> str:
     """How a backfill's state names an input: files by absolute path, URLs as given (passwords hidden)."""
-    from ingest.spendlogs_db import is_database_url
-    from ingest.stores import shown_uri
+    from ingest.spendlogs_db import is_database_url, shown_url
 
     if is_bucket_url(spec):
         return spec
     if is_database_url(spec):
-        return shown_uri(spec)
+        return shown_url(spec)
     return str(Path(spec).resolve())
 
 

@@ -146,6 +146,7 @@ def setup_lock(uri: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _file_lock(db: Path) -> Iterator[None]:
+    _refuse_not_a_store(db)
     lock = db.with_name(db.name + LOCK_SUFFIX)
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -229,6 +230,22 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
         log.warning("the MLflow store %s was left half-created (it holds no data): moved to %s and created anew", db, aside)
         db.rename(aside)
     _create_sqlite_aside(db)
+
+
+def _refuse_not_a_store(db: Path) -> None:
+    """Another application's database, or a file that is no database, is refused before our lock file
+    is made beside it: it is left alone, and nothing of ours is left next to it."""
+    try:
+        held = db.is_file() and db.stat().st_size > 0
+    except OSError:
+        return
+    if held:
+        try:
+            state, foreign = _inspect(db, busy_s=0.1)
+        except StoreSetupError:  # locked, or unreadable: told under the lock, with the run's patience
+            return
+        if state in ("foreign", "not-sqlite"):
+            raise StoreSetupError(_not_a_store(db, state, foreign))
 
 
 def _not_a_store(db: Path, state: str, foreign: list[str]) -> str:
@@ -421,8 +438,17 @@ def _build_schema(tmp: Path, db: Path) -> None:
         engine.dispose()
 
 
+QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+"""A password libpq (and SQLAlchemy, for PostgreSQL) also takes from the query string."""
+
+
 def shown_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***``: what messages, summaries and the state file say."""
+    """``uri`` with any password replaced by ``***``, in its user info or its query string: what
+    messages, summaries and the state file say (and a backfill's state key is made of)."""
+    return QUERY_PASSWORD.sub(r"\1***", _userinfo_hidden(uri))
+
+
+def _userinfo_hidden(uri: str) -> str:
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return uri
