@@ -29,7 +29,7 @@ from psycopg.adapt import Loader
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import QuarantineRecord, Reason
 from ingest.sources import DEFAULT_MAX_LINE_BYTES, Chunk, SourceUnavailable
-from ingest.stores import shown_uri
+from ingest.stores import QUERY_PASSWORD, shown_uri
 
 DEFAULT_TABLE = "LiteLLM_SpendLogs"
 DEFAULT_PAGE_ROWS = 5000
@@ -63,21 +63,18 @@ def _libpq_url(url: str) -> str:
     return f"{scheme.split('+', 1)[0].lower()}{sep}{rest}"
 
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
-
-
 def _password(url: str) -> str | None:
     netloc = url.partition("://")[2].partition("/")[0]
     user, at, _ = netloc.rpartition("@")
     if at and ":" in user:
         return user.split(":", 1)[1]
-    found = _QUERY_PASSWORD.search(url)
+    found = QUERY_PASSWORD.search(url)
     return found.group(2) if found and found.group(2) else None
 
 
 def shown_url(url: str) -> str:
-    """``shown_uri``, and a ``?password=`` libpq also takes hidden as well."""
-    return _QUERY_PASSWORD.sub(r"\1***", shown_uri(url))
+    """What a database's URL is shown as (:func:`~ingest.stores.shown_uri`: passwords hidden)."""
+    return shown_uri(url)
 
 
 class _Text(str):
@@ -392,7 +389,7 @@ def db_units(
             start = mark - reread
             after = (start.isoformat(sep=" ", timespec="microseconds"), "")
             ledger.prune(db.source, _at(int((start - reread - EPOCH) / timedelta(microseconds=1))))
-    limit_us = int((horizon - EPOCH) / timedelta(microseconds=1))
+    now_us = int((datetime.now(timezone.utc).replace(tzinfo=None) - EPOCH) / timedelta(microseconds=1))
     for page in db.pages(after, since_us, until_us):
         keys = page.keys
         bad_ids, bad_starts = [k for k, _ in page.quarantined_keys], [us for _, us in page.quarantined_keys]
@@ -405,13 +402,15 @@ def db_units(
             lines = lines.filter(keys["request_id"].is_in(new["key"].implode()))
             quarantined = [q for q, k in zip(quarantined, bad_ids, strict=True) if k in fresh]
         chunk = Chunk(db.source, lines.with_columns(file=pl.lit(db.source)), quarantined)
-        sane = [us for us in starts if us is not None and us <= limit_us]
+        sane = [min(us, now_us) for us in starts if us is not None]  # a replica's clock ahead must not hide the others' rows
         yield Unit(db.source, [chunk], new, meta={"newest_start": _sql_time(max(sane))} if sane else {}, kind="rows")
 
 
 MARK_AHEAD = timedelta(days=1)
-"""A row starting further ahead of this machine's clock (a replica's wrong clock, ``'infinity'``)
-does not move where the next run reads from: every row inserted after it would be passed over."""
+"""A kept newest start further ahead of this machine's clock (saved by an older version, which let a
+row ahead move it) is dropped. A row starting ahead of the clock (a replica's wrong clock,
+``'infinity'``) moves where the next run reads from no further than the clock: the others' rows
+inserted after it would be passed over."""
 
 
 def _mark_time(text: str) -> datetime | None:

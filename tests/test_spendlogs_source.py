@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -165,15 +166,18 @@ def _insert_one(url: str, request_id: str, start: str, column_type: str = "times
         )
 
 
-@pytest.mark.parametrize("odd", ["2099-01-01 00:00:00", "infinity"])
+@pytest.mark.parametrize("odd", ["2099-01-01 00:00:00", "infinity", "two hours ahead"])
 def test_a_row_from_a_wrong_clock_neither_hides_the_rows_after_it_nor_stops_the_cron_job(litellm_db: str, tmp_path: Path, odd: str) -> None:
     """The newest start a run read is where the next one reads from: a replica's clock in 2099 put it
     there, and every row inserted later was never read (exit 0); ``'infinity'`` made every later run
-    fail. Rows ahead of this machine's clock by more than a day no longer move it."""
+    fail; a clock two hours ahead hid the next hour of every other replica's rows. Where the next
+    run reads from moves no further than this machine's clock."""
     import psycopg
 
     with psycopg.connect(litellm_db) as c:
         now = c.execute("SELECT (now() at time zone 'utc')::timestamp(0)").fetchone()[0]
+    if odd == "two hours ahead":
+        odd = str(now + timedelta(hours=2))
     uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
     _insert_one(litellm_db, "a", str(now))
     run("batch", litellm_db, state=state, uri=uri)
