@@ -218,6 +218,8 @@ class SpendLogsDB:
                     raise SourceUnavailable(
                         f"no table {self.table!r} in {self.shown} (is this LiteLLM's database, with its migrations applied?)"
                     )
+                # A role without SELECT sees no column in information_schema: said as the grant it lacks.
+                conn.execute(sql.SQL("SELECT 1 FROM {}.{} LIMIT 0").format(sql.Identifier(schema[0]), sql.Identifier(self.table)))
                 rows = conn.execute(
                     "SELECT column_name, data_type FROM information_schema.columns"
                     " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
@@ -229,7 +231,6 @@ class SpendLogsDB:
                     raise SourceUnavailable(
                         f"table {self.table!r} in {self.shown} has no column {', '.join(repr(m) for m in missing)} (or it cannot be read)"
                     )
-                conn.execute(sql.SQL("SELECT 1 FROM {}.{} LIMIT 0").format(sql.Identifier(schema[0]), sql.Identifier(self.table)))
         except psycopg.Error as e:
             raise self._error(f"cannot read table {self.table!r} in", e) from None
         self._schema, self._columns = str(schema[0]), columns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import polars as pl
@@ -388,6 +389,12 @@ def test_check_says_what_is_wrong_in_one_line_without_the_password(postgres: Pos
     assert secret not in str(e.value) and "postgres:***@" in str(e.value)
     create_spendlogs_table(url)
     SpendLogsDB(with_password).check()
+    role = f"no_grant_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute(f"CREATE ROLE {role} LOGIN")
+    with pytest.raises(SourceError, match="permission denied") as e:  # it was told as missing columns
+        SpendLogsDB(url.replace("postgres@", f"{role}@")).check()
+    assert "no column" not in str(e.value)
     with pytest.raises(SourceUnavailable, match="no table 'Other'"):
         SpendLogsDB(url, table="Other").check()
 
