@@ -596,8 +596,12 @@ def _quarantine_rows(
     return out
 
 
-def _decode_part(part: pl.DataFrame, schema: RecordSchema, fast: bool = True) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
-    """Decode one format's lines; return the decoded rows and the quarantined ones."""
+def _decode_part(
+    part: pl.DataFrame, schema: RecordSchema, fast: bool = True, warnings: Warnings | None = None
+) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
+    """Decode one format's lines; return the decoded rows and the quarantined ones. A field of JSON
+    text that is not JSON of its declared shape (metadata that is a string, tags that are an object)
+    is dropped with a warning: the call's times, tokens and cost are kept."""
     decoded, errors = (fast_decode if fast else safe_decode)(part["raw"], schema.decode_dtype)
     for i in decoded.is_null().arg_true().to_list():
         errors.setdefault(i, "not an object")
@@ -611,11 +615,10 @@ def _decode_part(part: pl.DataFrame, schema: RecordSchema, fast: bool = True) ->
         text = _path_text(part["raw"], (key,))
         text = text.set(text.str.strip_chars() == "", None)  # an empty text column: nothing, as a NULL one
         values, errs = safe_decode(text, dtype)
-        new_bad = sorted(set(errs) - bad_idx)
-        if new_bad:
-            bad = part.with_row_index("_i").filter(pl.col("_i").is_in(new_bad))
-            quarantined += _quarantine_rows(bad, Reason.WRONG_TYPE, f"field {key!r}: not JSON of the declared shape")
-        bad_idx |= set(errs)
+        if dropped := sorted(set(errs) - bad_idx):
+            _warn(warnings, f"dropped_{key}", len(dropped))
+            kept = ~pl.int_range(values.len(), eager=True).is_in(dropped)
+            values = pl.select(pl.when(kept).then(values)).to_series().alias(values.name)
         part = part.with_columns(pl.col("rec").struct.with_fields(values.alias(key)))
     keep = part.with_row_index("_i").filter(~pl.col("_i").is_in(sorted(bad_idx))).drop("_i")
     return keep, quarantined
@@ -831,7 +834,7 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool 
             continue
         part, bad = _strict_types(part, schema, warnings)
         quarantined += bad
-        decoded, bad = _decode_part(part, schema, fast)
+        decoded, bad = _decode_part(part, schema, fast, warnings)
         quarantined += bad
         canonical = _canonical(decoded, schema)
         if schema.json_text:

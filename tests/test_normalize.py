@@ -638,12 +638,14 @@ def test_spend_logs_wrong_type(capture: list[dict], field: str, value: object) -
 
 @pytest.mark.parametrize("value", ["{not json", json.dumps(["a", "list"]), json.dumps({"user_api_key_alias": ["x"]})])
 def test_spend_logs_metadata_text_of_wrong_shape(capture: list[dict], value: str) -> None:
+    """The metadata is dropped with a warning; the row, its times, tokens and cost are kept."""
     rows = spend_rows(capture)[:3]
     rows[1]["metadata"] = value
-    out, q, pos = run(rows)
-    assert_quarantined(q, *pos[1], "wrong_type", raw=json.dumps(rows[1]))
-    assert "metadata" in q[0].detail
-    assert_kept(out, pos, {0: rows[0], 2: rows[2]})
+    frame, _ = frame_of(rows)
+    warnings: dict[str, int] = {}
+    out, q = normalize(frame, warnings)
+    assert q == [] and warnings == {"dropped_metadata": 1}
+    assert out["line_no"].to_list() == [1, 2, 3] and out["key_alias"][1] is None
 
 
 @pytest.mark.parametrize("missing", [("startTime",), ("endTime",), ("startTime", "endTime")])
@@ -996,3 +998,22 @@ def test_a_polars_panic_on_one_line_quarantines_that_line_and_normalizes_the_res
     out, bad = normalize_module.normalize_isolating(pl.concat([c.lines for c in read_chunks(f)]))
     assert out.height == 8 and [(q.line, q.reason) for q in bad] == [(5, "unbuildable")]
     assert "PanicException" in bad[0].detail
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_spend_row_whose_metadata_or_tags_are_not_of_their_shape_keeps_its_call(capture: list[dict], fast: bool) -> None:
+    """Metadata that is a JSON string or no JSON, tags that are an object: the whole row was
+    quarantined, its call's times, tokens and cost lost. The field is dropped with a warning."""
+    rows = spend_rows(capture)[:4]
+    rows[0]["metadata"] = json.dumps("just a string")
+    rows[1]["metadata"] = "not json {"
+    rows[2]["request_tags"] = json.dumps({"team": "a"})
+    frame, _ = frame_of(rows)
+    warnings: dict[str, int] = {}
+    out, quarantined = normalize(frame, warnings, fast)
+    assert quarantined == [] and out.height == 4
+    assert warnings == {"dropped_metadata": 2, "dropped_request_tags": 1}
+    kept, _, _ = run(rows[3:])
+    assert out["total_tokens"].to_list()[:3] == [r["total_tokens"] for r in rows[:3]]
+    place = ("line_no", "offset", "file")
+    assert out.drop(place).row(3, named=True) == kept.drop(place).row(0, named=True), "a good row is read as alone"
