@@ -615,10 +615,8 @@ def _decode_part(
         text = _path_text(part["raw"], (key,))
         text = text.set(text.str.strip_chars() == "", None)  # an empty text column: nothing, as a NULL one
         values, errs = safe_decode(text, dtype)
-        if dropped := sorted(set(errs) - bad_idx):
+        if dropped := set(errs) - bad_idx:  # safe_decode gives them null
             _warn(warnings, f"dropped_{key}", len(dropped))
-            kept = ~pl.int_range(values.len(), eager=True).is_in(dropped)
-            values = pl.select(pl.when(kept).then(values)).to_series().alias(values.name)
         part = part.with_columns(pl.col("rec").struct.with_fields(values.alias(key)))
     keep = part.with_row_index("_i").filter(~pl.col("_i").is_in(sorted(bad_idx))).drop("_i")
     return keep, quarantined

@@ -642,12 +642,13 @@ class Inputs:
 
 def input_id(spec: str) -> str:
     """How a backfill's state names an input: files by absolute path, URLs as given (passwords hidden)."""
-    from ingest.spendlogs_db import is_database_url, shown_url
+    from ingest.spendlogs_db import is_database_url
+    from ingest.stores import shown_uri
 
     if is_bucket_url(spec):
         return spec
     if is_database_url(spec):
-        return shown_url(spec)
+        return shown_uri(spec)
     return str(Path(spec).resolve())
 
 

@@ -37,6 +37,7 @@ from ingest.spans import BuiltTrace, SpanData, stored_span, with_stored_attempts
 from ingest.stores import (
     StoreSetupError,
     causes,
+    locked_message,
     locked_sqlite,
     open_store,
     refused_by_database,
@@ -485,7 +486,7 @@ def _store_failure(uri: str, exp_id: str | None, e: Exception) -> SinkError:
     if isinstance(e, MlflowException) and ("does not exist" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code)):
         return SinkError(f"experiment id {exp_id} does not exist in {shown_uri(uri)}", kind="rejected")
     if locked_sqlite(e):
-        return SinkError(f"the MLflow store {shown_uri(uri)} is locked by another process: {first_line(e)}; nothing was written")
+        return SinkError(locked_message(shown_uri(uri), e))
     if isinstance(e, MlflowException) and e.error_code == "INVALID_PARAMETER_VALUE" and not _transient_db(e):
         return SinkError(said, kind="rejected")
     return SinkError(said)

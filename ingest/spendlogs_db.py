@@ -72,11 +72,6 @@ def _password(url: str) -> str | None:
     return found.group(2) if found and found.group(2) else None
 
 
-def shown_url(url: str) -> str:
-    """What a database's URL is shown as (:func:`~ingest.stores.shown_uri`: passwords hidden)."""
-    return shown_uri(url)
-
-
 class _Text(str):
     """Text that was not valid UTF-8 (a SQL_ASCII database): decoded with U+FFFD, and its row quarantined as files' lines are."""
 
@@ -148,7 +143,7 @@ class SpendLogsDB:
         self.page_rows = max(1, page_rows)
         self.page_bytes = page_bytes
         self.max_row_bytes = DEFAULT_MAX_LINE_BYTES
-        self.shown = shown_url(url)
+        self.shown = shown_uri(url)
         self.source = f"{self.shown}#{table}"
         self.rows_read = 0
         self._secret = _password(url)

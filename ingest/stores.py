@@ -258,7 +258,8 @@ def _not_a_store(db: Path, state: str, foreign: list[str]) -> str:
     return f"{what}; it was left alone (check --tracking-uri / MLFLOW_TRACKING_URI)"
 
 
-def _locked_message(db: Path | str, e: BaseException) -> str:
+def locked_message(db: Path | str, e: BaseException) -> str:
+    """The one line for a SQLite store another process holds locked past our patience."""
     return (f"the MLflow store {db} is locked by another process (a long write, a backup, `mlflow gc`?): "
             f"{first_line(e)}; nothing was written")  # fmt: skip
 
@@ -297,7 +298,7 @@ def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str]]:
         if "not a database" in str(e) or "malformed" in str(e):
             return "not-sqlite", []
         if locked_sqlite(e):  # never a schema's state: retried, then said so (a daemon waits for it)
-            raise StoreSetupError(_locked_message(db, e), kind="unreachable") from e
+            raise StoreSetupError(locked_message(db, e), kind="unreachable") from e
         raise StoreSetupError(f"cannot read the SQLite store {db}: {first_line(e)}") from e
     finally:
         con.close()
