@@ -3,7 +3,8 @@
 One rule matches a file to its checkpoint (:meth:`Follower.identify`, after OTel's ``newReader``
 and Vector's ``FileWatcher``): the fingerprint of its first line, told apart from a diverging
 copy by the bytes just before the checkpoint, started again when a plain file is now shorter
-than its checkpoint. A :class:`Followed` file is read from its checkpoint through a descriptor
+than its checkpoint and has stopped changing (until then it may be a copy still being written:
+copytruncate copies the live file before it truncates it). A :class:`Followed` file is read from its checkpoint through a descriptor
 that survives renames and deletion; the pipeline is fed, and only once it returned (MLflow
 acknowledged every call that was final) does the checkpoint move (:meth:`Follower.advance`).
 
@@ -222,7 +223,8 @@ class Follower:
         """Open ``path`` (or take ``fd``, the file once named so) and find its checkpoint, without
         moving any; None while it has no complete first line (one without a newline is complete when
         it is a whole JSON object, or when the file has not changed for ``partial_timeout_s``: then it
-        is read, and quarantined if bad)."""
+        is read, and quarantined if bad), and while it is shorter than the checkpoint of its first
+        line and still changing (a copy being made: read from 0 now, its lines would be read twice)."""
         if fd is None:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -253,11 +255,17 @@ class Follower:
             os.close(fd)
             return None
         if not continues:
+            shorter = not gz and ck is not None and os.fstat(fd).st_size < ck.offset
             key = f"{fp}@{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:12]}"
             ck = self.state.checkpoints.get(key)
+            stale = False
             with contextlib.suppress(EOFError):
-                if ck is not None and not self._continues(ck, fd, gz):
-                    self._restart(ck)
+                stale = ck is not None and not self._continues(ck, fd, gz)
+            if (ck is None or stale) and shorter and not finished:
+                os.close(fd)
+                return None
+            if stale:
+                self._restart(ck)
         if ck is None:
             ck = Checkpoint(key, str(path.resolve()))
             if self.from_end and not gz and (self.from_end_files is None or _inode(fd) in self.from_end_files):

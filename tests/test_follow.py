@@ -230,6 +230,9 @@ def test_the_matching_rule(tmp_path: Path, case: str, change, match: str, resume
     follower.forget(f.key)
     first_key = f.key
     moved = change(log)
+    if moved.suffix != ".gz" and moved.stat().st_size < f.ck.offset:
+        assert follower.identify(moved) is None, "a shorter file still changing may be a copy being made"
+        os.utime(moved, (time.time() - 301, time.time() - 301))
     g = follower.identify(moved)
     assert g is not None
     follower.follow(g)
@@ -1136,3 +1139,55 @@ def test_a_state_that_knew_a_two_record_first_line_by_the_whole_line_keeps_its_p
         t.step()
     assert list(sink.calls()) == ["j-3"] and t.quarantine.total == 0
     t.close()
+
+
+def test_a_copy_still_being_made_by_copytruncate_is_left_for_later_then_continues(tmp_path: Path) -> None:
+    """copytruncate copies the live log before it truncates it, and the copy grows from nothing: the
+    daemon that saw it part-made (its first line known, shorter than its checkpoint) read it from 0,
+    every line of it a second time."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    lines = [line(record(f"ct-{i}", "success", 1_700_000_000 + i, 1_700_000_000.5 + i)) for i in range(12)]
+    log.write_text("".join(lines[:8]))
+    sink = RecordingSink()
+    t = tailer(logdir, tmp_path / "state", sink, settle_s=0.0)
+    t.step()
+    assert t.pipeline.summary.records_read == 8
+    whole = log.read_bytes()
+    copy = logdir / "proxy.jsonl.1"
+    copy.write_bytes(whole[: len(whole) // 2])
+    t.step()
+    t.step()
+    assert t.pipeline.summary.records_read == 8, "the part-made copy was read from its start"
+    with log.open("a") as f:
+        f.write("".join(lines[8:10]))
+    copy.write_bytes(log.read_bytes())
+    with log.open("r+") as f:
+        f.truncate(0)
+    log.write_text("".join(lines[10:]))
+    for _ in range(3):
+        t.step()
+    assert sorted(sink.calls()) == sorted(f"ct-{i}" for i in range(12))
+    assert t.pipeline.summary.records_read == 12, "a line was read twice"
+    t.close()
+
+
+def test_a_shorter_file_with_a_known_first_line_is_its_own_once_it_stops_changing(tmp_path: Path) -> None:
+    """The wait has an end: a file rewritten shorter (a re-delivery of part of a log) is read whole
+    as its own once it has not changed for the partial timeout."""
+    log = tmp_path / "proxy.jsonl"
+    log.write_text("".join(LINES[:3]))
+    pipe = Pipeline(RecordingSink(), "1", QuarantineWriter(None))  # type: ignore[arg-type]
+    follower = Follower(State(tmp_path / "s.json", "batch", {}), pipe, partial_timeout_s=60.0)
+    f = follower.follow(follower.identify(log))  # type: ignore[arg-type]
+    for chunk in follower.chunks(f):
+        follower.advance(f, chunk)
+    follower.forget(f.key)
+    part = tmp_path / "part.jsonl"
+    part.write_text(LINES[0])
+    assert follower.identify(part) is None
+    os.utime(part, (time.time() - 61, time.time() - 61))
+    g = follower.identify(part)
+    assert g is not None and g.key.startswith(f.key + "@") and g.ck.offset == 0
+    g.close()
