@@ -225,6 +225,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         nest_grace_s=kw.get("nest_grace", 60.0),
         workers=kw.get("workers") or 1,
         shard=kw.get("shard"),
+        reread_s=kw.get("reread_window", 3600.0),
     )
 
 
@@ -295,6 +296,14 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
     default=300.0,
     show_default=True,
     help="An unterminated last line is waited for (the proxy may be mid-write) until its file is this many seconds old, then quarantined.",
+)
+@click.option(
+    "--reread-window",
+    type=click.FloatRange(min=0, max=30 * 86400),
+    default=3600.0,
+    show_default=True,
+    help="The proxy's database: seconds before the newest row start read that the next run reads again, for rows "
+    "LiteLLM inserted late (its database away); rows read already are skipped.",
 )
 def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
     """Ingest what is new in log files, directories (recursive) or globs: run it from cron.

@@ -566,6 +566,8 @@ class RunOptions:
     """Worker processes the command line started before it loaded MLflow (``warm.for_backfill``):
     the run takes them over."""
     shard: Shard | None = None
+    reread_s: float = 3600.0
+    """The proxy's database: how far before the newest row start read a cron run reads again (``--reread-window``)."""
     stop: threading.Event = field(default_factory=threading.Event)
     only_calls: frozenset[str] | None = None
     """Write these calls only (``reconcile --repair``: the ones missing from MLflow)."""
@@ -678,7 +680,7 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
                 start = date.fromisoformat(newest) - timedelta(days=1)
         yield from b.units(ledger, start, hi, opts.chunk_bytes, on_listed=listed)
     for db in inputs.databases:
-        yield from db_units(db, ledger, opts.since_us, opts.until_us)
+        yield from db_units(db, ledger, opts.since_us, opts.until_us, timedelta(seconds=opts.reread_s))
 
 
 def _count(unit: Unit, summary: Summary) -> None:

@@ -381,7 +381,7 @@ def db_units(
                 "%s: the newest row start a run kept (%s) is no time or in the future; reading the table from its start", db.source, newest
             )
             ledger.drop_meta(db.source, "newest_start")
-        else:
+        elif mark - datetime.min > 2 * reread:
             start = mark - reread
             after = (start.isoformat(sep=" ", timespec="microseconds"), "")
             ledger.prune(db.source, _at(int((start - reread - EPOCH) / timedelta(microseconds=1))))

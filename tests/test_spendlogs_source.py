@@ -222,3 +222,26 @@ def test_a_row_too_big_to_read_is_quarantined_once(litellm_db: str, tmp_path: Pa
     again, s2, _ = run("batch", litellm_db, state=state, uri=uri, check=False)
     assert again == 0 and s2["quarantined"] == 0
     assert len((state / "quarantine.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("window", "read"), [(None, False), ("14400", True)], ids=["default hour", "four hours"])
+def test_a_row_inserted_later_than_the_reread_window_is_read_when_the_window_is_widened(
+    litellm_db: str, tmp_path: Path, window: str | None, read: bool
+) -> None:
+    """A proxy whose database was away for hours inserts its queued rows late, behind rows a cron
+    run read already: ``--reread-window`` reaches back as far as that; rows read once stay read once."""
+    records = reidentify(read_capture(), shift_s=-86400 * 3)
+    first, late = records[:30], dict(records[30])
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    widen = ["--reread-window", window] if window else []
+    insert_rows(litellm_db, [row_from_payload(r) for r in first])
+    run("batch", litellm_db, *widen, state=tmp_path / "st", uri=uri)
+    newest = max(r["startTime"] for r in first)
+    late["startTime"], late["endTime"] = newest - 3 * 3600, newest - 3 * 3600 + 10
+    insert_rows(litellm_db, [row_from_payload(late)])
+    _, s2, _ = run("batch", litellm_db, *widen, state=tmp_path / "st", uri=uri)
+    assert s2["db_rows"] == (1 if read else 0)
+    got = {t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)}
+    assert (late["litellm_call_id"] in got) is read
+    _, s3, _ = run("batch", litellm_db, *widen, state=tmp_path / "st", uri=uri)
+    assert s3["db_rows"] == 0 and s3["traces_written"] == 0
