@@ -247,3 +247,23 @@ def nest_pending(state_path: Path) -> int | None:
             db.close()
     except sqlite3.Error:
         return None
+
+
+def drop_nest_queue(state_path: Path) -> None:
+    """A run with ``--no-nest`` empties the queue beside its state: its calls would wait for a
+    lookup no run makes, shown as waiting by ``status`` for ever. They stay standalone, as written."""
+    path = state_path.with_suffix(NEST_QUEUE_SUFFIX)
+    n = nest_pending(state_path)
+    if not n:
+        return
+    try:
+        db = sqlite3.connect(path, timeout=10)
+        try:
+            with db:
+                db.execute("DELETE FROM pending")
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        log.warning("could not empty the nesting queue %s: %s", path, e)
+        return
+    log.info("%d call(s) waiting for their app trace stay standalone only (--no-nest)", n)

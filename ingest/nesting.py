@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,6 +236,9 @@ class Nester:
         self.poll_s = poll_s
         self.counts = NestCounts()
         self._polled = 0.0
+        self.off = False
+        """The destination does not serve looking traces up (an MLflow older than this API): every call
+        stays standalone only, as with ``--no-nest``, and is counted as not nested."""
 
     @property
     def pending(self) -> int:
@@ -248,27 +252,33 @@ class Nester:
         if not calls:
             return
         found = self._find({t.app_trace_id for t in calls if t.app_trace_id})
+        if found is None:
+            self.counts.failed += len(calls)
+            return
         now = self.clock()
         ready: list[Waiting] = []
         waiting: list[Waiting] = []
+        given_up: list[tuple[str, str]] = []
         for t in calls:
             assert t.app_trace_id is not None
             app = found.get(t.app_trace_id)
-            due = t.end_us + self.grace_us
+            due = min(t.end_us, now) + self.grace_us  # a proxy clock ahead of ours does not stretch the wait
             can_wait = self.queue is not None and now < due
             if app is None and not can_wait:
                 self.counts.missing += 1
+                given_up.append((t.app_trace_id, t.trace_id))
                 continue
             try:
                 call = Waiting(t.app_trace_id, t.trace_id, due, nested_spans(t))
             except Exception as e:
                 self.counts.failed += 1
+                given_up.append((t.app_trace_id, t.trace_id))
                 log.warning("could not build the nested spans of the call of trace %s: %s", t.trace_id, e)
                 continue
             (ready if app is not None and (app.finalized or not can_wait) else waiting).append(call)
         self._write(ready, found)
         if self.queue is not None:
-            self.queue.remove((c.app_trace, c.call) for c in ready)
+            self.queue.remove([*given_up, *((c.app_trace, c.call) for c in ready)])  # an earlier write's entry counts no more
             self.queue.put([(c.app_trace, c.call, c.due_us, c.spans) for c in waiting])
 
     def poll(self, force: bool = False) -> None:
@@ -280,6 +290,9 @@ class Nester:
         self._polled = time.monotonic()
         now = self.clock()
         found = self._find(set(self.queue.app_traces()))
+        if found is None:
+            self.counts.failed += self.queue.expire(2**62)
+            return
         if found:
             entries = [Waiting(*e) for e in self.queue.entries(sorted(found))]
             ready = [c for c in entries if found[c.app_trace].finalized or c.due_us <= now]
@@ -287,11 +300,22 @@ class Nester:
             self.queue.remove((c.app_trace, c.call) for c in ready)
         self.counts.missing += self.queue.expire(now)
 
-    def _find(self, app_trace_ids: set[str]) -> dict[str, AppTrace]:
+    def _find(self, app_trace_ids: set[str]) -> dict[str, AppTrace] | None:
+        """The finished app traces among these; None once the destination turned out not to serve the lookup."""
+        if self.off:
+            return None
         ids = sorted(app_trace_ids)
         found: dict[str, AppTrace] = {}
         for i in range(0, len(ids), LOOKUP_CHUNK):
-            for info in self.sink.trace_infos(ids[i : i + LOOKUP_CHUNK]):
+            try:
+                infos = self.sink.trace_infos(ids[i : i + LOOKUP_CHUNK])
+            except SinkError as e:
+                if e.kind not in ("rejected", "refused"):
+                    raise
+                self.off = True
+                log.warning("%s: calls stay standalone, not nested into their app's trace (it cannot be looked up)", e)
+                return None
+            for info in infos:
                 try:
                     app = AppTrace.of(info)
                 except (AttributeError, TypeError, ValueError) as e:
@@ -307,38 +331,46 @@ class Nester:
             by_experiment: dict[str, list[Waiting]] = {}
             for c in part:
                 by_experiment.setdefault(found[c.app_trace].experiment_id, []).append(c)
+            written: list[Waiting] = []
             for experiment_id, group in by_experiment.items():
                 try:
                     self.sink.write_spans([s for c in group for s in fit(c.spans, found[c.app_trace])], experiment_id)
                 except SinkError as e:
                     if e.kind != "rejected":
                         raise
-                    self._write_one_by_one(group, found)
+                    written += self._write_one_by_one(group, found)
                     continue
-                self.counts.nested += len(group)
-            self._remove_orphans({c.app_trace for c in part})
+                written += group
+            self.counts.nested += len(written)
+            self._remove_orphans(Counter(c.app_trace for c in written))
 
-    def _write_one_by_one(self, calls: list[Waiting], found: dict[str, AppTrace]) -> None:
-        """A write the store refused, call by call: the calls it still refuses stay standalone."""
+    def _write_one_by_one(self, calls: list[Waiting], found: dict[str, AppTrace]) -> list[Waiting]:
+        """A write the store refused, call by call: the calls it still refuses stay standalone. The calls written."""
+        written = []
         for c in calls:
             app = found[c.app_trace]
             try:
                 self.sink.write_spans(fit(c.spans, app), app.experiment_id)
-                self.counts.nested += 1
+                written.append(c)
             except SinkError as e:
                 if e.kind != "rejected":
                     raise
                 self.counts.failed += 1
                 log.warning("could not nest the call of trace %s into app trace %s: %s", c.call, app.trace_id, e)
+        return written
 
-    def _remove_orphans(self, written: set[str]) -> None:
-        """An app trace deleted between lookup and write was recreated by the write: delete it again."""
+    def _remove_orphans(self, calls: Counter[str]) -> None:
+        """An app trace deleted between lookup and write was recreated by the write: delete it again.
+        ``calls``: how many calls were just written into each app trace."""
+        if not calls:
+            return
         orphans: dict[str, list[str]] = {}
-        for info in self.sink.trace_infos(sorted(written)):
+        for info in self.sink.trace_infos(sorted(calls)):
             if getattr(info.state, "value", str(info.state)) not in FINISHED:
                 orphans.setdefault(info.experiment_id, []).append(info.trace_id)
         for experiment_id, ids in orphans.items():
             log.info("%d app trace(s) were deleted while their calls were nested; removed what the write recreated", len(ids))
             self.sink.delete(ids, experiment_id)
-            self.counts.nested -= len(ids)
-            self.counts.missing += len(ids)
+            lost = sum(calls[i] for i in ids)
+            self.counts.nested -= lost
+            self.counts.missing += lost

@@ -29,7 +29,7 @@ from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
 from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
-from ingest.ledger import Ledger, Unit
+from ingest.ledger import Ledger, Unit, drop_nest_queue
 from ingest.nesting import DEFAULT_GRACE_S, Nester, NestQueue
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason, first_line
@@ -778,6 +778,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
             # the SQLite files beside the state are opened (and a corrupt one set aside) only under its lock
             ledger = Ledger.beside(state.path, enabled=not opts.dry_run)
             queue = NestQueue.beside(state.path) if opts.nest and not opts.dry_run else None
+            if not opts.nest and not opts.dry_run:
+                drop_nest_queue(state.path)
             pipe = Pipeline.for_run(sink, target, opts, nest_queue=queue, workers=opts.workers if mode == "backfill" else 1, warm=warm)
             pipe.shard = opts.shard
             inputs.report_unreadable(pipe.summary)

@@ -204,6 +204,7 @@ class _Http:
                 f"MLflow at {shown_uri(self.base)} refused the request ({resp.status_code}): set MLFLOW_TRACKING_TOKEN "
                 "or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD",
                 kind="unauthorized",
+                status=resp.status_code,
             )
         if resp.is_redirect:
             to = urlsplit(resp.headers.get("location", ""))
@@ -633,6 +634,9 @@ class OtlpSink:
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
         self.joining = True
         self.settling = True
+        self.one_by_one = False
+        """Traces are looked up one at a time: MLflow's basic auth refuses a lookup naming a trace that
+        does not exist (yet) to all but an admin."""
 
     @property
     def settles(self) -> bool:
@@ -772,7 +776,31 @@ class OtlpSink:
             raise
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
-        """MLflow's ``BatchGetTraceInfos``, decoded as its REST store decodes it."""
+        """MLflow's ``BatchGetTraceInfos``, decoded as its REST store decodes it. A server whose auth
+        refuses (403) a lookup that names a trace it does not hold is asked one trace at a time from
+        then on, a refusal meaning "not there, or not this user's to read"."""
+        if not self.one_by_one:
+            try:
+                return self._trace_infos(trace_ids)
+            except SinkError as e:
+                if e.status != 403 or not trace_ids:
+                    raise
+            self.one_by_one = True
+            log.warning(
+                "%s refuses this user a lookup of traces not written yet (MLflow's basic auth does, but to an admin): "
+                "traces are looked up one at a time, a request each",
+                self.target.shown_uri,
+            )
+        found = []
+        for trace_id in trace_ids:
+            try:
+                found += self._trace_infos([trace_id])
+            except SinkError as e:
+                if e.status != 403:
+                    raise
+        return found
+
+    def _trace_infos(self, trace_ids: list[str]) -> list[Any]:
         from google.protobuf.json_format import ParseDict
         from mlflow.entities import TraceInfo
         from mlflow.protos.service_pb2 import BatchGetTraceInfos

@@ -41,6 +41,7 @@ from watchdog.observers.polling import PollingObserver
 from ingest.allocator import tune_collector
 from ingest.checkpoints import State, StateError, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower, stat_key
+from ingest.ledger import drop_nest_queue
 from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
@@ -122,6 +123,8 @@ class Tailer:
         self.state = State.load(state_path(opts.state_dir, "batch", key), "batch", key)
         self.quarantine = QuarantineWriter(opts.quarantine_file, hold=True)
         self.nest_queue = NestQueue.beside(self.state.path) if opts.nest else None
+        if not opts.nest:
+            drop_nest_queue(self.state.path)
         self.pipeline = Pipeline.for_run(self.sink, self.target, opts, self.quarantine, self.nest_queue)
         self.follower = Follower(
             self.state,

@@ -358,9 +358,13 @@ def test_a_queued_call_is_kept_by_its_trace_id_not_by_a_call_id_that_is_a_key(ca
     assert not [f for f in tmp_path.iterdir() if k.encode() in f.read_bytes()]
 
 
-def test_an_app_trace_deleted_between_lookup_and_write_leaves_no_orphan(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
+@pytest.mark.parametrize("calls", [1, 2])
+def test_an_app_trace_deleted_between_lookup_and_write_leaves_no_orphan(
+    capture: list[dict], tmp_path: Path, sqlite_uri: str, calls: int
+) -> None:
     """The write recreates a trace deleted after the lookup (MLflow creates what it does not hold);
-    the check after the write finds it unfinished and deletes it."""
+    the check after the write finds it unfinished and deletes it. Each call in it is counted missing
+    (two: an SDK's retry of one request, with one traceparent), not each app trace."""
     from ingest.nesting import Nester
     from ingest.pipeline import Pipeline, resolve_run_target
     from ingest.quarantine import QuarantineWriter
@@ -380,15 +384,15 @@ def test_an_app_trace_deleted_between_lookup_and_write_leaves_no_orphan(capture:
     sink.write_spans = deleted_first  # type: ignore[method-assign]
     nester = Nester(sink)
     pipe = Pipeline(sink, target.experiment_id, QuarantineWriter(tmp_path / "q.jsonl"), nester=nester)
-    write_jsonl(tmp_path / "logs" / "p.jsonl", proxy_records(capture, call))
+    write_jsonl(tmp_path / "logs" / "p.jsonl", [r for _ in range(calls) for r in proxy_records(capture, call)])
     from ingest.sources import read_chunks
 
     for chunk in read_chunks(tmp_path / "logs" / "p.jsonl"):
         pipe.feed(chunk)
     pipe.flush(final=True)
-    assert (nester.counts.nested, nester.counts.missing) == (0, 1)
+    assert (nester.counts.nested, nester.counts.missing) == (0, calls)
     assert not client_for(sqlite_uri).search_traces(locations=[app_experiment], include_spans=False)
-    assert len(all_traces(sqlite_uri, "proxy", include_spans=False)) == 1
+    assert len(all_traces(sqlite_uri, "proxy", include_spans=False)) == calls
 
 
 def test_a_call_rewritten_after_it_was_queued_is_nested_whole_once(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
@@ -529,3 +533,71 @@ def test_lookups_are_one_query_per_write_batch_not_one_per_call(capture: list[di
     nester.after_write(traces)
     assert (len(sink.lookups), sink.writes, nester.counts.nested) == (2, 1, 40)
     assert len(sink.lookups[0]) == 40
+
+
+def nowhere_call(offset_s: float = 0.0) -> dict[str, Any]:
+    """A call from an app whose trace never reaches MLflow, ``offset_s`` from now by the proxy's clock."""
+    t0 = time.time() + offset_s
+    return {"traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", "t0": t0, "t1": t0 + 0.05}
+
+
+def test_a_server_that_does_not_serve_trace_lookups_leaves_calls_standalone_and_writes_every_call(
+    mlflow_server: Any, capture: list[dict], tmp_path: Path
+) -> None:
+    """An older server without ``batchGetInfos`` (a 404, from a gateway in front of a real one): the
+    nesting lookup failed the run (exit 4) and the checkpoint never moved, so every call after the
+    first nested one was never written; the dedupe lookup was already named once and passed over."""
+    from tests.test_gateway import Gateway
+
+    gateway = Gateway(mlflow_server.url, "404", lambda method, path: "/mlflow/traces/batchGet" in path)
+    try:
+        with app(mlflow_server.url), app_call() as call:
+            pass
+        records = proxy_records(capture, call) + reidentify([r for r in capture if r["call_type"] == "acompletion"])
+        write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+        experiment = f"proxy-{uuid.uuid4().hex[:8]}"
+        summary = ingest(gateway.url, tmp_path / "logs", tmp_path / "state", experiment)
+    finally:
+        gateway.close()
+    calls = {r["litellm_call_id"] for r in records}
+    assert summary.traces_written == len(calls) and (summary.nested_calls, summary.nest_failed, summary.nest_pending) == (0, 1, 0)
+    assert len(all_traces(mlflow_server.url, experiment, include_spans=False)) == len(calls)
+    assert len(spans_by_id(mlflow_server.url, call["trace_id"])) == 2, "the app trace is left as it was"
+
+
+def test_a_proxy_clock_ahead_does_not_stretch_the_wait_for_an_app_trace(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
+    """The wait was measured from the call's end by the proxy's clock: a day ahead, the call waited
+    (shown as waiting) a day past ``--nest-grace``."""
+    write_jsonl(tmp_path / "logs" / "proxy.jsonl", proxy_records(capture, nowhere_call(offset_s=86400)))
+    first = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=1.0)
+    assert (first.nest_pending, first.app_traces_missing) == (1, 0)
+    time.sleep(1.2)
+    second = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=1.0)
+    assert (second.nest_pending, second.app_traces_missing) == (0, 1)
+
+
+def test_a_call_whose_wait_ends_as_its_success_arrives_is_counted_missing_once(
+    capture: list[dict], tmp_path: Path, sqlite_uri: str
+) -> None:
+    """A fallback's failure queued by one run, its success read by the next after the grace: the call
+    was counted as missing by the write and again when its stale queue entry expired."""
+    failure, success = proxy_records(capture, nowhere_call(), "fallback")
+    logs, state = tmp_path / "logs", tmp_path / "state"
+    write_jsonl(logs / "proxy.jsonl", [failure])
+    first = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0, nest_grace_s=1.0)
+    assert (first.traces_written, first.nest_pending) == (1, 1)
+    time.sleep(1.2)
+    write_jsonl(logs / "proxy.jsonl", [failure, success])
+    second = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0, nest_grace_s=1.0)
+    assert (second.traces_rewritten, second.app_traces_missing, second.nest_pending) == (1, 1, 0)
+
+
+def test_a_run_with_no_nest_leaves_nothing_waiting(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
+    """Calls queued by a run that nested stayed "waiting" in ``status`` for ever once runs went on with
+    ``--no-nest``: no run looked them up or expired them."""
+    logs, state = tmp_path / "logs", tmp_path / "state"
+    write_jsonl(logs / "proxy.jsonl", proxy_records(capture, nowhere_call()))
+    assert ingest(sqlite_uri, logs, state, "proxy", nest_grace_s=60.0).nest_pending == 1
+    assert status_nesting(state)["nest_pending"] == 1
+    ingest(sqlite_uri, logs, state, "proxy", nest=False)
+    assert status_nesting(state)["nest_pending"] == 0
