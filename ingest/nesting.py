@@ -296,9 +296,25 @@ class Nester:
         if found:
             entries = [Waiting(*e) for e in self.queue.entries(sorted(found))]
             ready = [c for c in entries if found[c.app_trace].finalized or c.due_us <= now]
-            self._write(ready, found)
+            self._write(self._current(ready), found)
             self.queue.remove((c.app_trace, c.call) for c in ready)
         self.counts.missing += self.queue.expire(now)
+
+    def _current(self, calls: list[Waiting]) -> list[Waiting]:
+        """Those queued calls whose spans are still the call MLflow holds. Another ingester that read
+        more of a call (its success, after the failure queued here) rewrote its standalone trace and
+        nests it itself: written now, the older spans here would undo that (same span ids)."""
+        held: dict[str, Any] = {}
+        for i in range(0, len(calls), LOOKUP_CHUNK):
+            held |= {info.trace_id: info for info in self.sink.trace_infos([c.call for c in calls[i : i + LOOKUP_CHUNK]])}
+        current = []
+        for c in calls:
+            info = held.get(c.call)
+            if info is None or _holds(info, c.spans[0]):
+                current.append(c)
+            else:
+                log.info("the call of trace %s was rewritten since it was queued (by another ingester): it is nested by that one", c.call)
+        return current
 
     def _find(self, app_trace_ids: set[str]) -> dict[str, AppTrace] | None:
         """The finished app traces among these; None once the destination turned out not to serve the lookup."""
@@ -374,3 +390,13 @@ class Nester:
             lost = sum(calls[i] for i in ids)
             self.counts.nested -= lost
             self.counts.missing += lost
+
+
+def _holds(info: Any, proxy: SpanData) -> bool:
+    """The standalone trace ``info`` is the call whose proxy span this is: the same state and end."""
+    try:
+        state = getattr(info.state, "value", str(info.state))
+        end_ms = int(info.request_time) + int(info.execution_duration or 0)
+    except (AttributeError, TypeError, ValueError):
+        return True
+    return (state == "ERROR") == (proxy.error is not None) and abs(end_ms - proxy.end_us // 1000) <= 1

@@ -601,3 +601,23 @@ def test_a_run_with_no_nest_leaves_nothing_waiting(capture: list[dict], tmp_path
     assert status_nesting(state)["nest_pending"] == 1
     ingest(sqlite_uri, logs, state, "proxy", nest=False)
     assert status_nesting(state)["nest_pending"] == 0
+
+
+def test_a_call_queued_by_an_ingester_that_saw_less_of_it_does_not_undo_a_fuller_nesting(
+    capture: list[dict], tmp_path: Path, sqlite_uri: str
+) -> None:
+    """Two ingesters on overlapping logs: B saw only a fallback's failure (a copy taken mid-write)
+    and queued it while the app trace was not exported; A read the whole call and nested it. B's
+    next poll wrote its older spans over A's (the same span ids): the proxy span ERROR, one attempt."""
+    with app(sqlite_uri), app_call() as call:
+        failure, success = proxy_records(capture, call, "fallback")
+        write_jsonl(tmp_path / "b" / "proxy.jsonl", [failure])
+        assert ingest(sqlite_uri, tmp_path / "b", tmp_path / "state-b", "proxy", settle_s=0.0).nest_pending == 1
+    write_jsonl(tmp_path / "a" / "proxy.jsonl", [failure, success])
+    assert ingest(sqlite_uri, tmp_path / "a", tmp_path / "state-a", "proxy", settle_s=0.0).nested_calls == 1
+    later = ingest(sqlite_uri, tmp_path / "b", tmp_path / "state-b", "proxy", settle_s=0.0)
+    assert (later.nested_calls, later.nest_pending) == (0, 0)
+    spans = spans_by_id(sqlite_uri, call["trace_id"])
+    proxy = next(s for s in spans.values() if s.parent_id == call["llm_span"])
+    assert proxy.status.status_code.value == "OK" and proxy.get_attribute("attempts") == 2
+    assert len([s for s in spans.values() if s.parent_id == proxy.span_id]) == 2
