@@ -59,9 +59,11 @@ log = logging.getLogger("litellm-ingest.pipeline")
 
 
 def experiment_from(name: str | None, exp_id: str | None) -> tuple[str | None, str | None]:
+    """The flags, else the environment; an empty variable is no variable (a compose file's ``${VAR}``
+    with nothing behind it: an empty id was taken for MLflow's "Default" experiment, 0)."""
     if name or exp_id:
         return name, exp_id
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or None, (os.environ.get("MLFLOW_EXPERIMENT_ID") or "").strip() or None
 
 
 def now_us() -> int:

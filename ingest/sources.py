@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -71,29 +72,48 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
     folders: list[str] = []
     for spec in paths:
         p = Path(spec)
-        if p.is_file():
+        kind = _kind(p)
+        if kind == "denied":
+            folders.append(str(p.parent))
+        elif kind == "file":
             found[p] = None
-        elif p.is_dir():
+        elif kind == "dir":
             for root, name in sorted(walk(p, folders)):
-                if is_log_file(name) and (f := Path(root, name)).is_file():
-                    found[f] = None
+                if is_log_file(name) and (k := _kind(f := Path(root, name))) in ("file", "denied"):
+                    if k == "file":
+                        found[f] = None
+                    elif root not in folders:
+                        folders.append(root)
         elif glob.has_magic(spec):
-            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
-            files = [m for m in matches if m.is_file()]
-            if not files:
+            matches = [(m, _kind(m)) for m in sorted(Path(m) for m in glob.glob(spec, recursive=True))]
+            folders += sorted({str(m.parent) for m, k in matches if k == "denied"})
+            files = [m for m, k in matches if k == "file"]
+            if not files and not folders:
                 raise SourceError(f"no files match {spec!r}")
             for f in files:
                 found[f] = None
-        elif p.exists():
+        elif kind is not None:
             raise SourceError(f"not a regular file or directory: {spec}")
         else:
             raise SourceError(f"no such file or directory: {spec}")
-    for f in [*map(Path, folders), *(f for f in found if not os.access(f, os.R_OK))]:
+    for f in [*map(Path, dict.fromkeys(folders)), *(f for f in found if not os.access(f, os.R_OK))]:
         if unreadable is None:
             raise SourceError(f"permission denied: {f}")
         unreadable.append(f)
         found.pop(f, None)
     return oldest_first(_once(found))
+
+
+def _kind(path: Path) -> str | None:
+    """ "file", "dir", "other", "denied" (in a folder this process may list but not enter: ``chmod -R
+    644``), or None where nothing is."""
+    try:
+        st = path.stat()
+    except PermissionError:
+        return "denied"
+    except (OSError, ValueError):
+        return None
+    return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
 
 
 def _once(files: Iterable[Path]) -> list[Path]:

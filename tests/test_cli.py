@@ -398,6 +398,19 @@ def test_an_experiment_name_and_id_that_name_two_experiments_are_refused(tmp_pat
     assert not [p.name for p in tmp_path.iterdir() if "\n" in p.name], "no file named after the newline"
 
 
+def test_an_empty_experiment_variable_is_no_variable(tmp_path: Path) -> None:
+    """``MLFLOW_EXPERIMENT_ID=`` (a compose file's ``${VAR}`` with nothing behind it) was taken for
+    experiment "0", MLflow's Default: every call was written a second time, into another experiment."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    for env in ({}, {"MLFLOW_EXPERIMENT_ID": "", "MLFLOW_EXPERIMENT_NAME": ""}, {"MLFLOW_EXPERIMENT_ID": " "}):
+        proc = run("batch", logs, "--state-dir", str(tmp_path / "st"), "-q", "--tracking-uri", uri, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+    calls = {json.loads(x)["litellm_call_id"] for x in Path(logs).read_text().splitlines()}
+    assert len(all_traces(uri, "LiteLLM Proxy", include_spans=False)) == len(calls)
+    assert all_traces(uri, "Default", include_spans=False) == []
+
+
 def test_the_generic_api_loggers_batches_as_a_receiver_keeps_them_give_the_jsonls_traces(tmp_path: Path, capture: list[dict]) -> None:
     """LiteLLM's generic API logger POSTs JSON arrays of records: a receiver that appends each body as
     a line, or keeps one file per body (no final newline), gives the traces the JSONL gives."""
@@ -531,22 +544,25 @@ def unprivileged(args: list[str]) -> list[str]:
     return [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", "--", *args]
 
 
-@pytest.mark.parametrize(("state", "locked"), [("incremental", "file"), ("no-state", "file"), ("incremental", "folder")])
+@pytest.mark.parametrize(
+    ("state", "locked"), [("incremental", "file"), ("no-state", "file"), ("incremental", "folder"), ("incremental", "searchless folder")]
+)
 def test_a_file_that_may_not_be_read_is_named_and_the_others_are_ingested(
     tmp_path: Path, capture: list[dict], state: str, locked: str
 ) -> None:
     """logrotate's ``create 0600 root root`` makes a rotated file the ingester's user may not read:
     the whole cron run stopped (exit 2) and ingested nothing, every run. Now the others are
     ingested, the file is named, exit 8; once readable it is read, and nothing is doubled. A folder
-    the run may not list (``olddir`` made ``0700`` by another user) was passed over in silence, exit 0."""
+    the run may not list (``olddir`` made ``0700`` by another user) was passed over in silence, exit 0;
+    one it may list but not enter (``chmod -R 644``) stopped the run, nothing ingested, exit 1."""
     logs = tmp_path / "logs"
     logs.mkdir()
     calls = copies(capture, 3, "perm")
-    names = ["proxy.jsonl.2", "old/proxy.jsonl.1" if locked == "folder" else "proxy.jsonl.1", "proxy.jsonl"]
+    names = ["proxy.jsonl.2", "old/proxy.jsonl.1" if locked != "file" else "proxy.jsonl.1", "proxy.jsonl"]
     files = [write_jsonl(logs / name, calls[i]) for i, name in enumerate(names)]
-    if locked == "folder":
+    if locked != "file":
         files[1] = files[1].parent
-    files[1].chmod(0)
+    files[1].chmod(0o644 if locked == "searchless folder" else 0)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     flags = ["--state-dir", str(tmp_path / "st")] if state == "incremental" else ["--no-state"]
     args = unprivileged([EXE, "batch", str(logs), "--tracking-uri", uri, "--json", *flags])
@@ -557,7 +573,7 @@ def test_a_file_that_may_not_be_read_is_named_and_the_others_are_ingested(
     assert json.loads(first.stdout)["files_unreadable"] == 1
     got = {t.info.tags["litellm.call_id"] for t in all_traces(uri, "LiteLLM Proxy")}
     assert got == {r["litellm_call_id"] for r in calls[0] + calls[2]}
-    files[1].chmod(0o755 if locked == "folder" else 0o644)
+    files[1].chmod(0o644 if locked == "file" else 0o755)
     second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr
     traces = all_traces(uri, "LiteLLM Proxy")
