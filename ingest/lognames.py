@@ -30,3 +30,10 @@ def rotation_rank(name: str) -> tuple[int, int]:
         return (1, 0)
     numbered = _NUMBERED.fullmatch(m.group("rest"))
     return (0, -int(numbered.group(1))) if numbered else (0, 0)
+
+
+def stream_of(name: str) -> str:
+    """The log a file is a generation of: ``x.jsonl.2.gz``, ``x.jsonl.1``, ``x.jsonl-20261201`` and
+    ``x.jsonl`` are all ``x.jsonl`` (one writer's, whose retries straddle its rotations)."""
+    m = _ROTATED.search(name)
+    return name if m is None else name[: m.start("rest")]

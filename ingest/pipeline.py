@@ -30,6 +30,7 @@ from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, stat
 from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger, Unit, drop_nest_queue
+from ingest.lognames import stream_of
 from ingest.nesting import DEFAULT_GRACE_S, Nester, NestQueue
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason, first_line
@@ -889,14 +890,25 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
     foreign = [fp is not None and not shard.owns(fp) for fp in fps]
     legacy: dict[str, str] = follower.state.extra.pop("shard_edges", None) or {}
 
-    def rejoin(path: Path, ck: Checkpoint, nxt: Path, after: str) -> None:
+    prev_in_stream, next_in_stream = _stream_neighbours(files)
+
+    def tails(prevs: list[int]) -> None:
+        for j in prevs:
+            if (tail := edge_tail(files[j], fps[j], window, opts.chunk_bytes)) is not None:  # type: ignore[arg-type]
+                pipe.feed_context(tail)
+
+    def heads(nexts: list[int]) -> None:
+        for j in nexts:
+            for head in edge_head(files[j], fps[j], window, opts.chunk_bytes):  # type: ignore[arg-type]
+                pipe.feed_context(head)
+
+    def rejoin(path: Path, ck: Checkpoint, nexts: list[int], after: str) -> None:
         """Another shard's file now follows ``path`` (the archive grew): a call whose retry starts it
         is this shard's (its earliest record is here), so ``path``'s end is read again with it."""
         if (ck.edge or legacy.get(str(path))) != after and (own := file_fingerprint(path)) is not None:
             if (tail := edge_tail(path, own, window, opts.chunk_bytes)) is not None:
                 pipe.feed_context(tail)
-            for head in edge_head(nxt, after, window, opts.chunk_bytes):
-                pipe.feed_context(head)
+            heads(nexts)
 
     mine = []
     for i, path in enumerate(files):
@@ -904,26 +916,37 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
             pipe.summary.files_other_shards += 1
             continue
         mine.append(path)
-        after = fps[i + 1] if i + 1 < len(files) and foreign[i + 1] else None
+        nexts = [j for j in dict.fromkeys((i + 1, next_in_stream[i])) if j is not None and j < len(files) and foreign[j]]
+        prevs = [j for j in dict.fromkeys((i - 1, prev_in_stream[i])) if j is not None and j >= 0 and foreign[j]]
+        after = ",".join(fps[j] for j in nexts) or None  # type: ignore[misc]
         ck = unchanged.get(path)
         if ck is None:
-
-            def before(i: int = i) -> None:
-                if i > 0 and foreign[i - 1] and (tail := edge_tail(files[i - 1], fps[i - 1], window, opts.chunk_bytes)) is not None:  # type: ignore[arg-type]
-                    pipe.feed_context(tail)
-
-            key, read = _ingest_file(path, follower, opts, progress, before)
+            key, read = _ingest_file(path, follower, opts, progress, functools.partial(tails, prevs))
             ck = follower.state.checkpoints.get(key) if key is not None else None
             held = key is not None and pipe.pending.height and pipe.pending.filter(pl.col("file") == key).height
             if ck is not None and after is not None and (read or held):
-                for head in edge_head(files[i + 1], after, window, opts.chunk_bytes):
-                    pipe.feed_context(head)
+                heads(nexts)
                 ck.edge = after
         if ck is not None and after is not None:
-            rejoin(path, ck, files[i + 1], after)
+            rejoin(path, ck, nexts, after)
             if ck.edge != after:
                 ck.edge = after
     return mine
+
+
+def _stream_neighbours(files: list[Path]) -> tuple[list[int | None], list[int | None]]:
+    """For each file (oldest first), the file before and after it of its own log (``stream_of``, in its
+    folder): replicas rotating at about the same time interleave their generations, and a retry that
+    starts ``a.jsonl`` continues a call that ends ``a.jsonl.1``, not the other replica's file between them."""
+    prev: list[int | None] = [None] * len(files)
+    nxt: list[int | None] = [None] * len(files)
+    last: dict[tuple[Path, str], int] = {}
+    for i, path in enumerate(files):
+        stream = (path.parent, stream_of(path.name))
+        if (j := last.get(stream)) is not None:
+            prev[i], nxt[j] = j, i
+        last[stream] = i
+    return prev, nxt
 
 
 GROUP_MAX_FILES = 256

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ingest.checkpoints import all_states
-from tests.conftest import all_traces, copies, reidentify, write_log
+from tests.conftest import all_traces, copies, past_shift, reidentify, write_log
 from tests.test_backfill import calls_of, expected_spans, run
 
 SHARDS = 3
@@ -208,3 +208,34 @@ def test_a_shards_edges_are_settled_with_its_checkpoints_and_its_document_does_n
     doc_path.write_text(json.dumps(doc))
     assert "shard_edges" not in shard_run(1)["extra"]
     assert spans_by_call(uri) == expected_spans(records)
+
+
+def test_a_retry_across_a_rotation_is_joined_when_another_replicas_file_sits_between_the_two(tmp_path: Path, capture: list[dict]) -> None:
+    """Two replicas rotating at about the same time interleave their generations by age (a.1, b.1,
+    a, b). A call whose failure ends ``a.jsonl.1`` and whose retry starts ``a.jsonl`` had only its
+    failure written, ERROR, when ``a.jsonl.1`` fell in one shard and the rest in the other: its shard
+    read the head of its neighbour by age (``b.jsonl.1``), not of the next file of its own log."""
+    import os
+
+    from ingest.shard import Shard, file_fingerprint
+
+    cut = next(k for k in range(1, len(capture)) if capture[k - 1]["litellm_call_id"] == capture[k]["litellm_call_id"]
+               and (capture[k - 1]["status"], capture[k]["status"]) == ("failure", "success"))  # fmt: skip
+    logs = tmp_path / "logs"
+    for attempt in range(64):
+        a, b = (reidentify(capture, past_shift(capture, 10), f"{r}-{attempt}") for r in "ab")
+        files = [write_log(logs / "a.jsonl.1", a[:cut]), write_log(logs / "b.jsonl.1", b[:cut]),
+                 write_log(logs / "a.jsonl", a[cut:]), write_log(logs / "b.jsonl", b[cut:])]  # fmt: skip
+        owners = [Shard(1, 2).owns(file_fingerprint(f) or "") for f in files]
+        if owners[0] != owners[1] == owners[2] == owners[3]:
+            break
+    for age, f in enumerate(files):
+        os.utime(f, (1_700_000_000 + age, 1_700_000_000 + age))
+    uri = f"sqlite:///{tmp_path / 'sharded.db'}"
+    for i in (1, 2) if owners[0] else (2, 1):  # the failure's shard first: the other's late join would mend it
+        p = run("backfill", str(logs), "--shard", f"{i}/2", "--tracking-uri", uri, "--experiment-name", "shard",
+                "--state-dir", str(tmp_path / f"machine-{i}"), "--json", cwd=tmp_path)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+    got = spans_by_call(uri)
+    assert got[a[cut]["litellm_call_id"]] == 3, "the failure and its retry, under one root"
+    assert got == expected_spans(a + b)
