@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import time
 import zlib
 from collections.abc import Iterator
@@ -214,7 +215,11 @@ def store_for(uri: str) -> Any:
 
 
 def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
-    """Leave ``db`` either absent-and-then-complete or as it was: a fresh schema is built aside."""
+    """Leave ``db`` either absent-and-then-complete or as it was: a fresh schema is built aside (beside
+    the file a symlink names, as SQLite itself would open it: not in the link's place)."""
+    if db.is_symlink():
+        db = Path(os.path.realpath(db))
+    _refuse_not_a_file(db)
     if db.is_file() and db.stat().st_size > 0:
         state, foreign = _inspect(db, busy_s)
         if state == "complete":
@@ -235,6 +240,7 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
 def _refuse_not_a_store(db: Path) -> None:
     """Another application's database, or a file that is no database, is refused before our lock file
     is made beside it: it is left alone, and nothing of ours is left next to it."""
+    _refuse_not_a_file(db)
     try:
         held = db.is_file() and db.stat().st_size > 0
     except OSError:
@@ -246,6 +252,18 @@ def _refuse_not_a_store(db: Path) -> None:
             return
         if state in ("foreign", "not-sqlite"):
             raise StoreSetupError(_not_a_store(db, state, foreign))
+
+
+def _refuse_not_a_file(db: Path) -> None:
+    """A device, a pipe, a socket or a folder where the store should be is never replaced by one
+    (``sqlite:////dev/null`` made a store in /dev/null's place)."""
+    try:
+        mode = db.stat().st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a pipe or a socket"
+        raise StoreSetupError(f"{db} is {what}, not a database file; it was left alone (check --tracking-uri / MLFLOW_TRACKING_URI)")
 
 
 def _not_a_store(db: Path, state: str, foreign: list[str]) -> str:

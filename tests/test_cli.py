@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -696,3 +697,34 @@ def test_a_password_is_never_shown_however_it_is_written(uri: str, shown: str) -
     assert shown_uri(uri) == shown and "SECRET" not in shown_uri(uri)
     if uri.startswith("postgresql"):
         assert input_id(uri) == shown
+
+
+@pytest.mark.parametrize("what", ["device", "pipe", "folder", "dangling symlink"])
+def test_a_store_path_that_is_no_regular_file_is_never_replaced(tmp_path: Path, what: str) -> None:
+    """Anything but a file with data counted as no store: a device node (``sqlite:////dev/null`` as
+    root) or a pipe was replaced by a new store, and a symlink to a store not made yet was replaced
+    by a local file, its target never made. Now the first three are left alone in one line (exit 4),
+    and the store is made where the link points, as SQLite itself opens it."""
+    where = tmp_path / "store.db"
+    if what == "device":
+        try:
+            os.mknod(where, 0o644 | stat.S_IFCHR, os.makedev(1, 3))  # a private /dev/null
+        except PermissionError:
+            pytest.skip("mknod needs root")
+    elif what == "pipe":
+        os.mkfifo(where)
+    elif what == "folder":
+        where.mkdir()
+    else:
+        (tmp_path / "vol").mkdir()
+        where.symlink_to(tmp_path / "vol" / "m.db")
+    logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    proc = run("batch", logs, "--no-state", "-q", "--tracking-uri", f"sqlite:///{where}", cwd=tmp_path)
+    if what == "dangling symlink":
+        assert proc.returncode == 0, proc.stderr
+        assert where.is_symlink() and (tmp_path / "vol" / "m.db").is_file()
+        assert all_traces(f"sqlite:///{where}", "LiteLLM Proxy", include_spans=False)
+        return
+    assert_one_clean_error_line(proc, 4, "not a database file; it was left alone")
+    kind = {"device": stat.S_ISCHR, "pipe": stat.S_ISFIFO, "folder": stat.S_ISDIR}[what]
+    assert kind(where.lstat().st_mode), "left as it was"
