@@ -7,9 +7,12 @@ size. The good records around a bad one are never held back by it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -70,6 +73,14 @@ class QuarantineRecord:
         )
 
 
+def _refuse_a_pipe(path: Path) -> None:
+    """A pipe or a socket named as the quarantine file: a write there waits for a reader, for ever."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(path).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise OSError(errno.EINVAL, "a pipe or a socket is no quarantine file", str(path))
+
+
 class QuarantineWriter:
     """Appends quarantine records; a run that quarantines nothing creates no file.
 
@@ -117,7 +128,8 @@ class QuarantineWriter:
             return
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            _refuse_a_pipe(self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
             done = 0
             try:
                 if self._torn and _ends_mid_line(self.path):

@@ -1191,3 +1191,28 @@ def test_a_shorter_file_with_a_known_first_line_is_its_own_once_it_stops_changin
     g = follower.identify(part)
     assert g is not None and g.key.startswith(f.key + "@") and g.ck.offset == 0
     g.close()
+
+
+def test_a_pipe_named_as_the_quarantine_file_holds_back_no_good_call(tmp_path: Path) -> None:
+    """A FIFO with no reader as ``--quarantine-file``: the first bad line blocked the daemon in
+    ``open`` for good (no call ingested, SIGTERM unheard). The bad line's record is held back, as on
+    a full disk, and the good calls go on."""
+    import threading
+
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    (logdir / "proxy.jsonl").write_text(
+        '{"not json\n' + "".join(line(record(f"p-{i}", "success", 1e9 + i, 1e9 + i + 0.5)) for i in range(5))
+    )
+    state = tmp_path / "state"
+    state.mkdir()
+    os.mkfifo(state / "quarantine.jsonl")
+    sink = RecordingSink()
+    t = tailer(logdir, state, sink, settle_s=0.0)
+    stepping = threading.Thread(target=t.step, daemon=True)
+    stepping.start()
+    stepping.join(30)
+    assert not stepping.is_alive(), "the daemon waits for a reader of the pipe"
+    assert sorted(sink.calls()) == [f"p-{i}" for i in range(5)]
+    assert t.quarantine.failing is not None and len(t.quarantine.unwritten) == 1
+    t.close()
