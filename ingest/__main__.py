@@ -24,8 +24,8 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 def run() -> None:
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     from ingest.allocator import COMMANDS, command_of, tune
 
     for name, value in OFFLINE_DEFAULTS.items():

@@ -378,7 +378,7 @@ def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> N
 
 
 def _stop_gracefully(stop: threading.Event, quiet: bool) -> None:
-    """First SIGINT/SIGTERM: finish the chunk in hand, save, stop. A second one stops at once."""
+    """First SIGINT/SIGTERM/SIGHUP: finish the chunk in hand, save, stop. A second one stops at once."""
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
@@ -387,8 +387,8 @@ def _stop_gracefully(stop: threading.Event, quiet: bool) -> None:
         if not quiet:
             click.echo("litellm-ingest: stopping after the current chunk (again to stop now)", err=True)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 class _Progress:

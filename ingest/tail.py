@@ -676,6 +676,10 @@ def _same_file(path: Path, st: os.stat_result) -> bool:
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""SIGHUP too: the terminal of a foreground daemon closed (an ssh session ended) stops it as SIGTERM
+does, flushed and saved; it had died at once, its state unsaved."""
+
 PROBE_S = 5.0
 """How long one attempt to reach MLflow at start may retry before the daemon says it waits."""
 
@@ -683,7 +687,7 @@ PROBE_S = 5.0
 def run_tail(opts: TailOptions, directories: list[Path]) -> None:
     """The daemon: ``/metrics`` and ``/health`` from the start, MLflow waited for, then the loop."""
     stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stopping.set())
     metrics = Metrics(ready=False)
     server = serve(lambda: metrics, opts.metrics_host, opts.metrics_port) if opts.metrics_port is not None else None
@@ -700,7 +704,7 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
             log.info("stopped while waiting for MLflow")
             return
         tailer = Tailer(opts, directories, destination, metrics, stopping, pins if pins.held else None)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, tailer.stop)
         tailer.run()
     finally:

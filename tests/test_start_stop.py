@@ -283,3 +283,33 @@ def test_no_request_outlives_the_shutdown_deadline_a_delete_neither(request_kind
     listener.close()
     assert not sender.is_alive(), "still waiting for MLflow 4 s past the deadline"
     assert isinstance(raised[0], SinkError) and raised[0].kind == "stopped", raised
+
+
+def test_sighup_stops_the_daemon_as_sigterm_does_and_a_restart_reads_nothing_twice(tmp_path: Path, capture: list[dict]) -> None:
+    """The terminal of a daemon run in the foreground closed (an ssh session ended), or ``kill -HUP``:
+    it died at once (exit 129), unflushed and unsaved."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = fresh_calls(capture)[:6]
+    Writer(logdir / "proxy.jsonl").write_calls(calls)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    daemons = [Daemon(logdir, uri, "hup", tmp_path / "state").start()]
+    try:
+        assert_exactly(wait_for_calls(uri, "hup", calls), calls)
+        assert daemons[0].stop(signal.SIGHUP) == 0
+        daemons.append(again := Daemon(logdir, uri, "hup", tmp_path / "state").start())
+        wait_for(lambda: _metric_says(again, "litellm_ingest_mlflow_up 1"), 30, "the restarted daemon")
+        time.sleep(1.0)
+        assert _metric_says(again, "litellm_ingest_records_read_total 0"), "the restart read a line again"
+        assert again.stop(signal.SIGHUP) == 0
+    finally:
+        for d in daemons:
+            if d.alive():
+                d.stop(signal.SIGKILL)
+
+
+def _metric_says(d: Daemon, line: str) -> bool:
+    try:
+        return line in d.metrics()
+    except requests.RequestException:
+        return False
