@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -275,10 +276,15 @@ def _verbose() -> bool:
 
 
 def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(summary.as_dict()))
-    elif not quiet:
-        _print_summary(summary)
+    """The summary, and the exit code of what the run did: a summary that cannot be printed (stdout
+    closed, or a cron log's disk full) changes neither, and is no traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        if as_json:
+            click.echo(json.dumps(summary.as_dict()))
+        elif not quiet:
+            _print_summary(summary)
+        if sys.stdout is not None:
+            sys.stdout.flush()
     if summary.objects_failed or summary.files_unreadable:
         sys.exit(Exit.SOURCE)
     sys.exit(Exit.QUARANTINED if summary.quarantined else Exit.OK)
@@ -800,7 +806,8 @@ def run() -> None:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # closed when the process started (``>&-``)
+                stream.flush()
         except (OSError, ValueError):
             code = code or 1
     os._exit(code or 0)

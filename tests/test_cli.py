@@ -728,3 +728,20 @@ def test_a_store_path_that_is_no_regular_file_is_never_replaced(tmp_path: Path, 
     assert_one_clean_error_line(proc, 4, "not a database file; it was left alone")
     kind = {"device": stat.S_ISCHR, "pipe": stat.S_ISFIFO, "folder": stat.S_ISDIR}[what]
     assert kind(where.lstat().st_mode), "left as it was"
+
+
+@pytest.mark.parametrize("stdout", ["disk full", "closed"])
+def test_a_summary_that_cannot_be_printed_changes_no_exit_code(tmp_path: Path, stdout: str) -> None:
+    """cron's ``>> log 2>&1`` on a full disk, or stdout closed (``>&-``): a traceback and exit 1 (a
+    bug) after a run that did its work; the exit code is the run's (3: a line quarantined)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    shutil.copy(SAMPLE_LOGS / "proxy_calls.jsonl", logs / "a.jsonl")
+    (logs / "bad.jsonl").write_text("not json\n")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    redirect = ">/dev/full" if stdout == "disk full" else ">&-"
+    command = f"exec {EXE} batch {logs} --state-dir {tmp_path / 'st'} --tracking-uri {uri} {redirect}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, timeout=180)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(all_traces(uri, "LiteLLM Proxy", include_spans=False)) > 0
