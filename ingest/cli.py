@@ -238,6 +238,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
     from ingest.metrics import MetricsError
     from ingest.sink import SinkError
     from ingest.sources import SourceError, SourceUnavailable
+    from ingest.stores import StoreSetupError
 
     try:
         return fn()
@@ -245,7 +246,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         _fail(str(e), Exit.SOURCE)
     except (SourceError, MetricsError) as e:
         _fail(str(e), Exit.USAGE)
-    except SinkError as e:
+    except (SinkError, StoreSetupError) as e:
         _fail(str(e), Exit.MLFLOW)
     except LockedError as e:
         _fail(str(e), Exit.LOCKED)

@@ -860,7 +860,8 @@ def _transient_any(e: Exception) -> bool:
 _DB_TRANSIENT_TEXT = (
     "database is locked", "deadlock", "could not connect", "connection refused", "connection failed", "server closed the connection",
     "terminating connection", "the database system is", "could not receive data", "connection timed out", "connection is closed",
-    "ssl connection has been closed",
+    "ssl connection has been closed", "too many clients already", "remaining connection slots are reserved",
+    "canceling statement due to statement timeout",
 )  # fmt: skip
 """A database that is busy, restarting or failing over (PostgreSQL's own messages for a crash, an
 administrator's shutdown, crash recovery): worth retrying until ``--mlflow-timeout`` runs out."""
@@ -944,7 +945,14 @@ class StoreSink(_Synchronous):
         from ingest.sql_bulk import BulkSpanWriter, unsupported_reason
 
         self.target = target
-        self.store = store_for(target.tracking_uri)
+        try:  # a backfill's worker opens its own: a database restarting or full of clients then is waited out too
+            self.store = with_retries(lambda: store_for(target.tracking_uri), "open the MLflow store", deadline_s, _transient_db)
+        except StoreSetupError as e:
+            raise SinkError(str(e), kind=e.kind) from e
+        except SinkError:
+            raise
+        except Exception as e:
+            raise _store_failure(target.tracking_uri, target.experiment_id, e) from e
         self.deadline_s = deadline_s
         self.on_retry: Callable[[Exception], None] | None = None
         self.pause: Callable[[float], object] = time.sleep

@@ -347,3 +347,33 @@ def test_a_workers_account_of_joined_calls_counts_each_call_once() -> None:
     assert (s.calls, s.traces_written, s.calls_joined) == (3, 4, 1)
     pipe._account_emitted(Emitted(s.calls, s.traces_written, s.spans_written, 1, 2, [], s.calls_joined))
     assert (pipe.summary.calls, pipe.summary.traces_written, pipe.summary.calls_joined) == (3, 4, 1)
+
+
+def test_a_workers_store_opened_while_the_database_restarts_is_waited_for() -> None:
+    """Each backfill worker opens its own store after the main process did: a PostgreSQL restarting
+    then (or full of clients) stopped the backfill with exit 1, "a bug", where one process waits."""
+    import threading
+
+    from ingest.sink import SinkError, StoreSink, Target
+    from tests.pgkit import start_postgres
+
+    try:
+        pg = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    try:
+        uri = pg.new_database()
+        StoreSink(Target(uri, "0", None), deadline_s=30).close()
+        pg.halt()
+        threading.Timer(3.0, pg.resume).start()
+        started = time.monotonic()
+        sink = StoreSink(Target(uri + "?application_name=worker", "0", None), deadline_s=60)
+        assert time.monotonic() - started >= 2.5
+        sink.close()
+        pg.halt()
+        with pytest.raises(SinkError) as refused:
+            StoreSink(Target(uri + "?application_name=late", "0", None), deadline_s=1)
+        assert refused.value.kind == "unreachable"
+        pg.resume()
+    finally:
+        pg.stop()
