@@ -18,6 +18,7 @@ cannot lose it, and a restart feeds it first (:meth:`Follower.restore`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import logging
@@ -209,6 +210,9 @@ class Follower:
         """The stat keys of the files that could not be read to their end, as they were then, and
         whether the rest was given up on (quarantined as unreadable)."""
         self.dry_run = dry_run
+        self.out_of_descriptors: OSError | None = None
+        """The last open that failed for want of a descriptor: a file skipped for it is not one waiting
+        for its first line (a cron run stops on it; the daemon opens it on a later pass)."""
         self.files: dict[str, Followed] = {}
         self.parked: set[str] = set()
         """The stat keys (``Checkpoint.end_stat``) of the files the daemon closed, read to their end."""
@@ -228,7 +232,9 @@ class Follower:
         if fd is None:
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except OSError:
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.out_of_descriptors = e
                 return None
         try:
             magic = os.pread(fd, 6, 0)

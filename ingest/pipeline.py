@@ -37,7 +37,7 @@ from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason, first_
 from ingest.scrub import Scrubber, default_scrubber
 from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
 from ingest.sink import NullSink, Sink, SinkError, Target, check_uri, make_sink, refused_for_its_data, resolve_target
-from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, discover, read_chunks
+from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, descriptor_limit, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 from ingest.stores import tracking_uri_from
 from ingest.warm import for_files, shutdown
@@ -706,7 +706,7 @@ def run_batch(opts: RunOptions) -> Summary:
     pipe.only_calls = opts.only_calls
     inputs.report_unreadable(pipe.summary)
     try:
-        for group in small_file_groups(inputs.files, opts.chunk_bytes):
+        for group in small_file_groups(inputs.files, opts.chunk_bytes, group_max_files()):
             if len(group) > 1:
                 pipe.feed_many([c for path in group for c in read_chunks(path, chunk_bytes=opts.chunk_bytes)])
                 if opts.stop.is_set():
@@ -802,7 +802,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 if opts.shard is None:
                     unchanged = follower.unchanged(files)
                     pipe.summary.files_unchanged = len(unchanged)
-                    for group in small_file_groups([p for p in files if p not in unchanged], follower.chunk_bytes):
+                    groups = small_file_groups([p for p in files if p not in unchanged], follower.chunk_bytes, group_max_files())
+                    for group in groups:
                         if len(group) == 1:
                             _ingest_file(group[0], follower, opts, progress)
                         else:
@@ -953,7 +954,13 @@ GROUP_MAX_FILES = 256
 """Small files read as one step at most (each is held open until the step is acknowledged)."""
 
 
-def small_file_groups(files: list[Path], budget: int) -> Iterator[list[Path]]:
+def group_max_files() -> int:
+    """Small files held open at once by one step: within a quarter of the descriptor limit (raised to
+    its ceiling first), whose lack made the files past it count as waiting, exit 0."""
+    return max(1, min(GROUP_MAX_FILES, descriptor_limit() // 4))
+
+
+def small_file_groups(files: list[Path], budget: int, max_files: int = GROUP_MAX_FILES) -> Iterator[list[Path]]:
     """The files in order, consecutive small ones grouped up to ``budget`` bytes (a synced bucket of
     per-call objects is thousands of 15 KB files: one step, one write and one state save each made
     them ~80 ms a file); any other file alone."""
@@ -970,7 +977,7 @@ def small_file_groups(files: list[Path], budget: int) -> Iterator[list[Path]]:
                 group, size = [], 0
             yield [path]
             continue
-        if group and (size + n > budget or len(group) >= GROUP_MAX_FILES):
+        if group and (size + n > budget or len(group) >= max_files):
             yield group
             group, size = [], 0
         group.append(path)
@@ -1029,6 +1036,8 @@ def _identified(follower: Follower, path: Path) -> Followed | None:
     """``path`` opened and matched to its checkpoint; None (counted as waiting) until it has a first
     line, or for good if it is compressed with something other than gzip (named once, not waiting)."""
     f = follower.identify(path)
+    if f is None and (e := follower.out_of_descriptors) is not None:
+        raise OSError(e.errno, f"{e.strerror} (the descriptor limit, ulimit -n, is too low for this run)", str(path))
     if f is None and not follower.not_read(path):
         follower.pipeline.summary.files_skipped += 1
     return f

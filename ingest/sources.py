@@ -7,9 +7,11 @@ line that was fully handled. Memory is bounded by the chunk size plus one line (
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import os
+import resource
 import stat
 import zlib
 from collections.abc import Iterable, Iterator
@@ -102,6 +104,19 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
         unreadable.append(f)
         found.pop(f, None)
     return oldest_first(_once(found))
+
+
+def descriptor_limit() -> int:
+    """The process's descriptor limit, raised first to its hard ceiling (as Go's runtime does; the
+    soft default is often 1,024, a container's or a cron job's lower)."""
+    soft = 1024
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < ceiling:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _kind(path: Path) -> str | None:

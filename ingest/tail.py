@@ -22,7 +22,6 @@ import contextlib
 import fnmatch
 import logging
 import os
-import resource
 import signal
 import stat
 import threading
@@ -48,7 +47,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter, first_line
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk, age_order, shown, walk
+from ingest.sources import Chunk, age_order, descriptor_limit, shown, walk
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -81,14 +80,7 @@ def open_files_budget(asked: int | None) -> int:
     """How many files the daemon keeps open at once: ``--max-open-files``, or a quarter of the
     process's descriptor limit up to 1,024, after raising that limit to its hard ceiling (as Go's
     runtime does; the soft default is often 1,024)."""
-    soft = 1024
-    with contextlib.suppress(ValueError, OSError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
-        if soft != resource.RLIM_INFINITY and soft < ceiling:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
-            soft = ceiling
-    return asked or max(8, min(1024, soft // 4))
+    return asked or max(8, min(1024, descriptor_limit() // 4))
 
 
 class _Wake(FileSystemEventHandler):

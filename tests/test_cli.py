@@ -745,3 +745,26 @@ def test_a_summary_that_cannot_be_printed_changes_no_exit_code(tmp_path: Path, s
     proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, timeout=180)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
     assert len(all_traces(uri, "LiteLLM Proxy", include_spans=False)) > 0
+
+
+def test_a_folder_of_small_files_under_a_low_descriptor_limit_is_read_whole(tmp_path: Path, capture: list[dict]) -> None:
+    """``ulimit -n 64`` (a container's, a cron job's): a step held up to 256 small files open, and the
+    files it could not open counted as waiting for their first line: exit 0, a fifth of them read."""
+    import resource
+
+    logs = tmp_path / "logs"
+    records = [r for batch in copies(capture, 8, "fds") for r in batch]
+    for i, r in enumerate(records):
+        write_jsonl(logs / f"call-{i:05d}.json", [r])
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, "batch", str(logs), "--state-dir", str(tmp_path / "st"), "--tracking-uri", uri, "--json"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["records_read"] == len(records) and summary["files_skipped"] == 0, summary
+    assert len(all_traces(uri, "LiteLLM Proxy", include_spans=False)) == len({r["litellm_call_id"] for r in records})
