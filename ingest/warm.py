@@ -108,7 +108,12 @@ def executor() -> ProcessPoolExecutor:
         global _previous_hook
         _previous_hook = threading.excepthook
         threading.excepthook = _quiet_manager_crash
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(os.getpid(),))
+    return ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init,
+        initargs=(os.getpid(), logging.getLogger("litellm-ingest").getEffectiveLevel() <= logging.INFO),
+    )
 
 
 def shutdown(executors: list[ProcessPoolExecutor]) -> None:
@@ -160,10 +165,13 @@ def processes(ex: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProce
     return list((getattr(ex, "_processes", None) or {}).values())
 
 
-def _init(parent: int) -> None:
+def _init(parent: int, verbose: bool = False) -> None:
     """A worker ignores Ctrl-C (the main process stops it), dies with its parent, and leaves
-    reporting a database outage to the main process, which gets its error."""
+    reporting a database outage to the main process, which gets its error; with ``-v`` it logs its
+    retries as the main process does (a spawned process has no logging set up of its own)."""
     quiet_dependency_logs(verbose=False)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

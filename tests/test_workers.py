@@ -285,7 +285,8 @@ def test_sizing_a_backfill_for_an_early_start_reads_no_more_of_the_listing_than_
 def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_middle(capture: list[dict], tmp_path: Path) -> None:
     """The database is down when the backfill starts, comes back, then crashes (``pg_ctl -m
     immediate``) while two workers write to it and comes back again, each time within
-    ``--mlflow-timeout``: the backfill waits it out and ends with every call once, exit 0."""
+    ``--mlflow-timeout``: the backfill waits it out and ends with every call once, exit 0. With
+    ``-v`` the workers' retries are logged, as one process's are (they were not)."""
     from tests.pgkit import start_postgres
     from tests.tailkit import spans_of
 
@@ -311,7 +312,8 @@ def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_mid
                 return 0
 
         pg.halt()
-        args = [*backfill_args(uri, tmp_path / "logs", tmp_path / "state", 2), "--workers", "2", "--json"]
+        exe, *rest = backfill_args(uri, tmp_path / "logs", tmp_path / "state", 2)
+        args = [exe, "-v", *rest, "--workers", "2", "--json"]
         with socket.create_server(("127.0.0.1", pg.port)) as down:  # answers nothing: a database not up yet
             down.settimeout(120)
             p = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -328,6 +330,7 @@ def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_mid
         pg.resume()
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+        assert any("[worker" in line and "retrying" in line for line in err.splitlines()), err[-3000:]
         summary = json.loads(out)
         assert summary["workers"] == 2 and summary["traces_written"] == len(calls)
         assert counted("SELECT count(*) FROM trace_info") == len(calls)
