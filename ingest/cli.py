@@ -197,6 +197,10 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("litellm-ingest").setLevel(logging.INFO if verbose else logging.WARNING)
     quiet_dependency_logs(verbose)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # MLflow's import fails in it, and was taken for the store's failure
+        _fail("the current folder was deleted: run from one that exists (the default store, ./mlflow.db, is made in it)", Exit.USAGE)
 
 
 def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:

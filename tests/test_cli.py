@@ -768,3 +768,17 @@ def test_a_folder_of_small_files_under_a_low_descriptor_limit_is_read_whole(tmp_
     summary = json.loads(proc.stdout)
     assert summary["records_read"] == len(records) and summary["files_skipped"] == 0, summary
     assert len(all_traces(uri, "LiteLLM Proxy", include_spans=False)) == len({r["litellm_call_id"] for r in records})
+
+
+def test_a_run_from_a_deleted_folder_is_told_so(tmp_path: Path) -> None:
+    """MLflow's import fails in a deleted working folder: a cron run said it could not open the store
+    (exit 4), and the daemon waited for MLflow for ever."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    for command in ("batch", "tail"):
+        script = f"cd {gone} && rmdir {gone} && exec {EXE} {command} {SAMPLE_LOGS} --tracking-uri {uri} --state-dir {tmp_path / 'st'}"
+        proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert_one_clean_error_line(proc, 2, "the current folder was deleted")
+        gone.mkdir()
