@@ -594,10 +594,16 @@ def log_files(dirs: list[Path], pattern: str, unlisted: list[str]) -> list[tuple
         for root, name in walk(d, unlisted):
             if fnmatch.fnmatch(name, pattern) and not name.endswith(SCRATCH_SUFFIXES):
                 path = os.path.join(root, name)
-                with contextlib.suppress(OSError):
+                try:
                     st = os.stat(path)
-                    if stat.S_ISREG(st.st_mode):
-                        found.append((path, st))
+                except PermissionError:  # a folder it may list but not enter (``chmod -R 644``)
+                    if root not in unlisted:
+                        unlisted.append(root)
+                    continue
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append((path, st))
     found.sort(key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
     return found
 

@@ -588,8 +588,9 @@ def test_a_folder_made_after_the_daemon_started_or_made_anew_is_followed(tmp_pat
             daemon.stop(signal.SIGKILL)
 
 
-def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tmp_path: Path, capture) -> None:
-    """It was passed over in silence on every scan; so was a folder it may not list."""
+@pytest.mark.parametrize("folder_mode", [0, 0o644], ids=["folder unlistable", "folder listable, not enterable"])
+def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tmp_path: Path, capture, folder_mode: int) -> None:
+    """It was passed over in silence on every scan; so was a folder it may not list, or not enter."""
     from tests.test_cli import unprivileged
 
     logdir = tmp_path / "logs"
@@ -599,7 +600,7 @@ def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tm
     write_jsonl(locked, [r for c in calls[45:90] for r in c])
     folder = write_jsonl(logdir / "old" / "c.jsonl", [r for c in calls[90:] for r in c]).parent
     locked.chmod(0)
-    folder.chmod(0)
+    folder.chmod(folder_mode)
     uri, experiment = f"sqlite:///{tmp_path / 'store.db'}", f"perm-{uuid.uuid4().hex[:6]}"
     wrap = tuple(unprivileged([]))
     daemon = Daemon(logdir, uri, experiment, tmp_path / "state", wrap=wrap).start()
