@@ -20,7 +20,22 @@ def _interrupted(signum: int, frame: Any) -> None:
     It exits here, as a SIGKILL would (which every run survives): an exception raised from here
     could land in an import lock's callback, which prints it and swallows it, and the run went on."""
     os.write(2, b"litellm-ingest: error: interrupted\n")
+    _quiet_resource_tracker()
     os._exit(130)
+
+
+def _quiet_resource_tracker() -> None:
+    """Backfill workers started already (before MLflow loads) left their semaphores with
+    multiprocessing's resource tracker, which names them "leaked" in a warning once this process is
+    gone: it goes first. The workers end with this process (they watch it)."""
+    if "multiprocessing.resource_tracker" not in sys.modules:
+        return
+    try:
+        pid = sys.modules["multiprocessing.resource_tracker"]._resource_tracker._pid  # type: ignore[attr-defined]
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+    except Exception:
+        pass
 
 
 def run() -> None:
