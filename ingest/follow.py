@@ -26,6 +26,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -400,7 +401,7 @@ class Follower:
         if damaged is not None and damaged[0] == stat_key(st) and (damaged[1] or not self.quiet(st)):
             return
         if final is None:
-            final = f.gz or self.quiet(st)
+            final = f.gz or (self.quiet(st) and not self._seen_changing(f.ck, st))
         offset, line = f.ck.offset, max(f.ck.line, 1)
         try:
             with f.reader() as fh:
@@ -449,6 +450,18 @@ class Follower:
             self._unchanged[key] = (seen, now)
             return False
         return now - was[1] > self.partial_timeout_s
+
+    def _seen_changing(self, ck: Checkpoint, st: os.stat_result) -> bool:
+        """The file changed since its checkpoint last moved (its size then, by this machine's clock),
+        less than ``partial_timeout_s`` ago: its last line may still be being written, whatever its
+        modification time says (a file server whose clock runs behind ours makes it look old)."""
+        if ck.size is None or ck.updated_at is None or st.st_size == ck.size:
+            return False
+        try:
+            seen = datetime.fromisoformat(ck.updated_at).timestamp()
+        except ValueError:
+            return False
+        return time.time() - seen <= self.partial_timeout_s
 
     def _still_holds(self, f: Followed) -> bool:
         """The descriptor still holds the lines the checkpoint counts. A copytruncate that regrew the

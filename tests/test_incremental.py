@@ -210,6 +210,28 @@ def test_partial_line_of_a_quiet_file_is_quarantined_after_the_timeout(cron: Cro
     assert again.quarantined == 0 and again.records_read == 0
 
 
+def test_a_line_being_written_on_a_file_server_whose_clock_runs_behind_waits_for_its_newline(cron: Cron, batches, tmp_path: Path) -> None:
+    """The file's modification time an hour behind this machine's clock (an NFS server's): a cron run
+    that had seen it grow since its last run took the line being written for a cut one, quarantined
+    it as ``truncated_line`` and its rest as ``malformed_json``: the call was lost."""
+    logdir = tmp_path / "logs"
+    log = write_jsonl(logdir / "proxy.jsonl", batches[0])
+    skewed = lambda: os.utime(log, (time.time() - 3600, time.time() - 3600))  # noqa: E731
+    skewed()
+    assert cron.run(logdir, partial_timeout_s=600).quarantined == 0
+    tail = json.dumps(batches[1][0])
+    with log.open("a") as f:
+        f.write(tail[:100])
+    skewed()
+    assert cron.run(logdir, partial_timeout_s=600).quarantined == 0, "the line being written was taken for a cut one"
+    with log.open("a") as f:
+        f.write(tail[100:] + "\n")
+    skewed()
+    later = cron.run(logdir, partial_timeout_s=600)
+    assert later.quarantined == 0 and later.records_read == 1
+    assert_present_exactly(cron, batches[0] + batches[1][:1])
+
+
 def test_failed_attempt_is_held_across_runs_until_its_fallback_arrives(cron: Cron, mlflow_server, capture, tmp_path: Path) -> None:
     pair = [r for r in capture if r["litellm_call_id"].startswith("86f9bb02")]
     assert [r["status"] for r in pair] == ["failure", "success"]
