@@ -51,6 +51,9 @@ _SECRET_SUFFIXES = (
     "_api_key", "_apikey", "_secret", "_secret_key", "_token", "password", "passwd", "_pwd", "_passphrase", "_credential",
     "_credentials", "_private_key", "_master_key", "_access_key", "_account_key", "_cookie", "_authorization", "_subscription_key",
 )  # fmt: skip
+_SQUASHED_SUFFIXES = ("apikey", "secretkey", "accesskey", "privatekey", "password", "passphrase", "credentials")
+"""Suffixes that end a credential name however its words were run together (``OpenAIAPIKey``: two
+acronyms no case change separates)."""
 _TOKEN_NAMES_NOT_SECRET = frozenset(
     f"{p}_token"
     for p in (
@@ -63,7 +66,8 @@ _HASH_NAMES = frozenset({"user_api_key_hash"})
 else it is taken for the key itself."""
 _KEY_LABELS = frozenset({"litellm_proxy_master_key"})
 _HEX = re.compile(r"[0-9a-fA-F]{16,128}")
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+"""Where camelCase words meet, an acronym's end too: ``openAIApiKey`` is ``open_ai_api_key``."""
 _IGNORECASE_EXTRA = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
 """Non-ASCII letters ``re.IGNORECASE`` takes for ASCII ones (İ ı ſ K)."""
 
@@ -78,7 +82,7 @@ def name_kind(name: str) -> int:
         return _HASH
     if n in _TOKEN_NAMES_NOT_SECRET:
         return _NOT_SECRET
-    if n in _SECRET_NAMES or n.endswith(_SECRET_SUFFIXES):
+    if n in _SECRET_NAMES or n.endswith(_SECRET_SUFFIXES) or n.replace("_", "").endswith(_SQUASHED_SUFFIXES):
         return _SECRET
     return _NOT_SECRET
 
@@ -149,6 +153,9 @@ def _prose(words: list[str]) -> bool:
     return first in _COMMON and (len(words) == 1 or any(w in _PROSE or w in _COMMON for w in words[1:]))
 
 
+_GAP_CHARS = " \t\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u200b\u202f\u205f\u3000"
+_GAP = f"[{_GAP_CHARS}]"
+"""Space between a name, its separator and its value: a no-break or wide space too (text pasted from a wiki)."""
 _QUERY_NAMES = (
     r"key|api(?:[_-]|%5[Ff])?key|apikey|token|access(?:[_-]|%5[Ff])?token|id(?:[_-]|%5[Ff])?token|auth|sig|signature"
     r"|x-amz-signature|x-amz-security-token|x-amz-credential|x-goog-signature|x-goog-credential|code"
@@ -195,7 +202,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (
         "pair",
         rf"(?<!{_NAME})(?P<pair_n>(?:{_NAME}{{1,32}}[ +])?(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
-        r"(?P<pair_sep>\\{0,3}[\"']?[ \t]{0,16}[:=\uff1a\uff1d][ \t]{0,16})(?P<pair_q>\\{0,3}[\"'])?",
+        rf"(?P<pair_sep>\\{{0,3}}[\"']?{_GAP}{{0,16}}[:=\uff1a\uff1d]{_GAP}{{0,16}})(?P<pair_q>(?:\[{_GAP}{{0,4}})?(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'])?",
     ),
     (
         "xml",
@@ -208,9 +215,9 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         r"|Basic(?:(?<![A-Za-z0-9].{5})|(?<=%20.{5}))(?:[ \t]{1,3}|%20|\+)"
         r"(?P<basic_v>(?:[A-Za-z0-9+/]|%2[BbFf]){6,4096}(?:=|%3[Dd]){0,2})",
     ),
-    ("sk", rf"sk-(?<![A-Za-z0-9_]...)[{_KEY}]{{3,512}}"),
-    ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?<![A-Za-z0-9]....)[A-Z0-9]{16}(?![A-Za-z0-9])"),
-    ("shape", rf"(?<![{_KEY}])(?:{'|'.join(_TOKEN_SHAPES)})"),
+    ("sk", rf"sk-(?:(?<![A-Za-z0-9_]...)|(?<=%[0-9A-Fa-f]{{2}}sk-))[{_KEY}]{{3,512}}"),
+    ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?:(?<![A-Za-z0-9]....)|(?<=%[0-9A-Fa-f]{2}....))[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    ("shape", rf"(?:(?<![{_KEY}])|(?<=%[0-9A-Fa-f]{{2}}))(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
 _BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
 """Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
@@ -243,9 +250,13 @@ def _may_hold_secret(s: str) -> bool:
     return any(p in low for p in _NAME_PARTS)
 
 
-_ESCAPE = re.compile(r"\\(?:u00(?P<hex>[2-7][0-9a-fA-F])|/)")
-"""A JSON escape of a printable ASCII character, or ``\\/``: JSON text inside a string (an error body
-quoted in another) writes ``"`` as ``\\u0022`` and ``_`` may be written ``\\u005f``."""
+_ESCAPE = re.compile(r"\\(?:u00(?P<hex>[2-7][0-9a-fA-F])|(?P<ws>[nrt])|/)")
+"""A JSON escape of a printable ASCII character, of a line break or tab, or ``\\/``: JSON text inside
+a string (an error body quoted in another, a tool call's arguments) writes ``"`` as ``\\u0022``, ``_``
+may be written ``\\u005f``, and a key on a line of its own follows a ``\\n`` (read as ``nsk-…``, a
+name as ``napi_key``, it was no key)."""
+_WHITESPACE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+_ESCAPE_MARKS = ("\\u00", "\\/", "\\n", "\\r", "\\t")
 
 
 class _Escaped:
@@ -259,7 +270,7 @@ class _Escaped:
         self.text, self.escapes, self.shifts = text, [], []
         pos = length = shift = 0
         for m in _ESCAPE.finditer(text):
-            c = chr(int(m.group("hex"), 16)) if m.group("hex") else "/"
+            c = chr(int(m.group("hex"), 16)) if m.group("hex") else _WHITESPACE_ESCAPES[m.group("ws")] if m.group("ws") else "/"
             if c in "\\\x7f":
                 continue
             parts.append(text[pos : m.start()])
@@ -356,7 +367,7 @@ class Scrubber:
             return done
         try:
             out = s
-            escaped = _Escaped(s) if "\\" in s and ("\\u00" in s or "\\/" in s) else None
+            escaped = _Escaped(s) if "\\" in s and any(e in s for e in _ESCAPE_MARKS) else None
             if escaped is not None and escaped.escapes:
                 d = escaped.decoded
                 if _may_hold_secret(d) and _BUILTIN.search(d) is not None:
@@ -457,7 +468,7 @@ class Scrubber:
             return s[m.start() : done.end()], done.end()
         quote = m.group("pair_q")
         n = _normalized(name)
-        colon = m.group("pair_sep").rstrip(" \t")[-1] in ":\uff1a"
+        colon = m.group("pair_sep").rstrip(_GAP_CHARS)[-1] in ":\uff1a"
         pos, next_line = start, False
         if not quote and colon and (nl := _NEXT_LINE.match(s, start)) is not None:
             pos, next_line = nl.end(), True
@@ -466,6 +477,7 @@ class Scrubber:
             if s[pos : pos + 1] in ("'", '"'):
                 quote, pos = s[pos], pos + 1
         if quote:
+            quote = quote.lstrip("[" + _GAP_CHARS).lstrip("bBuUrRfF")  # a list's first ("X-Api-Key":["…"]), a Python literal (b'…')
             v = _QUOTED["\\" if len(quote) > 1 else quote].match(s, pos)
         elif n in _HEADER_NAMES or n.endswith(("_cookie", "_authorization")):
             v = _LINE.match(s, pos)

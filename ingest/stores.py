@@ -457,8 +457,9 @@ def _build_schema(tmp: Path, db: Path) -> None:
         engine.dispose()
 
 
-QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
-"""A password libpq (and SQLAlchemy, for PostgreSQL) also takes from the query string."""
+QUERY_PASSWORD = re.compile(r"([?&][^=&#]*password=)([^&#]*)", re.IGNORECASE)
+"""A password libpq (and SQLAlchemy, for PostgreSQL) also takes from the query string (``password``,
+``sslpassword`` for a client key)."""
 
 
 def shown_uri(uri: str) -> str:

@@ -685,6 +685,7 @@ def test_an_error_is_said_in_one_line_whatever_it_holds(error: BaseException | s
         ("sqlite:////var/lib/mlflow.db", "sqlite:////var/lib/mlflow.db"),
         ("postgresql://ing@db/mlflow?sslmode=disable&password=SECRET", "postgresql://ing@db/mlflow?sslmode=disable&password=***"),
         ("postgresql+psycopg://db/mlflow?PASSWORD=SECRET&x=1", "postgresql+psycopg://db/mlflow?PASSWORD=***&x=1"),
+        ("postgresql://db/litellm?sslmode=require&sslpassword=SECRET", "postgresql://db/litellm?sslmode=require&sslpassword=***"),
     ],
 )
 def test_a_password_is_never_shown_however_it_is_written(uri: str, shown: str) -> None:
