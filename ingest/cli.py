@@ -572,8 +572,10 @@ def status(state_dir: Path | None, as_json: bool) -> None:
         for h in st.get("held", []):
             held[h.get("file")] = held.get(h.get("file"), 0) + 1
         for ck in st.get("checkpoints", []):
-            p = Path(ck["path"])
-            size = p.stat().st_size if p.exists() else None
+            try:
+                size: int | None = Path(ck["path"]).stat().st_size
+            except OSError:  # gone, or in a folder this user may not enter
+                size = None
             lag = None if size is None or ck.get("done") else max(size - ck["offset"], 0)
             rows.append(
                 {

@@ -37,7 +37,7 @@ from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason, first_
 from ingest.scrub import Scrubber, default_scrubber
 from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
 from ingest.sink import NullSink, Sink, SinkError, Target, check_uri, make_sink, refused_for_its_data, resolve_target
-from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, descriptor_limit, discover, read_chunks
+from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, compressed_otherwise, descriptor_limit, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 from ingest.stores import tracking_uri_from
 from ingest.warm import for_files, shutdown
@@ -706,7 +706,8 @@ def run_batch(opts: RunOptions) -> Summary:
     pipe.only_calls = opts.only_calls
     inputs.report_unreadable(pipe.summary)
     try:
-        for group in small_file_groups(inputs.files, opts.chunk_bytes, group_max_files()):
+        files = [f for f in inputs.files if compressed_otherwise(f) is None]
+        for group in small_file_groups(files, opts.chunk_bytes, group_max_files()):
             if len(group) > 1:
                 pipe.feed_many([c for path in group for c in read_chunks(path, chunk_bytes=opts.chunk_bytes)])
                 if opts.stop.is_set():

@@ -19,7 +19,7 @@ from ingest.ledger import Ledger
 from ingest.normalize import normalize_isolating
 from ingest.pipeline import Inputs, RunOptions, Summary, remote_units, resolve_run_target, run_batch
 from ingest.quarantine import QuarantineWriter
-from ingest.sources import Chunk, read_chunks, shown
+from ingest.sources import Chunk, compressed_otherwise, read_chunks, shown
 
 
 @dataclass
@@ -89,6 +89,9 @@ def _chunks(inputs: Inputs, opts: RunOptions, unread: list[str]) -> Iterator[Chu
     """Every chunk of the logs; objects that could not be fetched (each named in a warning) are
     added to ``unread``, as files that may not be read are."""
     for path in inputs.files:
+        if (kind := compressed_otherwise(path)) is not None:
+            unread.append(f"{shown(path)} ({kind})")
+            continue
         yield from read_chunks(path, chunk_bytes=opts.chunk_bytes)
     for unit in remote_units(inputs, Ledger(None), opts, Summary(), mode="backfill"):
         if unit.failed:
@@ -152,13 +155,39 @@ def reconcile(opts: RunOptions) -> Report:
     report = Report(target.shown_uri, target.experiment_id, quarantined=quarantined, window=(since, until), unreadable=unreadable)
     report.calls_in_logs = len(expected)
     report.traces_in_mlflow = len(actual)
-    report.matched = len(expected.keys() & actual.keys())
-    missing = {expected[t] for t in expected.keys() - actual.keys()}
+    found = _held(target, sorted(expected.keys() - actual.keys()), opts.mlflow_timeout_s)
+    report.traces_in_mlflow += len(found)
+    report.matched = len(expected.keys() & (actual.keys() | found))
+    missing = {expected[t] for t in expected.keys() - actual.keys() - found}
     report.shown = {k: opts.scrub.text(k) for k in missing}
     report.missing = sorted(report.shown.values())
     report.extra = sorted(actual[t] for t in actual.keys() - expected.keys())
     report.ended = {k: e for k, e in calls.select("call_key", "end_us").iter_rows() if k in missing}
     return report
+
+
+def _held(target: Any, trace_ids: list[str], timeout_s: float) -> set[str]:
+    """Those of ``trace_ids`` the experiment holds, looked up by id: a call's trace starts with its
+    earliest attempt, which may lie outside the window the logs given span (a rotated file not given,
+    a SpendLogs export's times rounded to the millisecond), and the window search passed it over."""
+    if not trace_ids:
+        return set()
+    from ingest.sink import SinkError, make_sink
+
+    sink = make_sink(target, timeout_s)
+    try:
+        held: set[str] = set()
+        for k in range(0, len(trace_ids), LOOKUP_CHUNK):
+            infos = sink.trace_infos(trace_ids[k : k + LOOKUP_CHUNK])
+            held |= {info.trace_id for info in infos if str(info.experiment_id) == target.experiment_id}
+        return held
+    except SinkError:  # a server that does not serve the lookup: the window's answer stands
+        return set()
+    finally:
+        sink.close()
+
+
+LOOKUP_CHUNK = 100
 
 
 def repair(opts: RunOptions, report: Report, now_us: int) -> Summary:
@@ -167,9 +196,11 @@ def repair(opts: RunOptions, report: Report, now_us: int) -> Summary:
     before it is built, and bad lines, quarantined by the runs that read them, are only counted.
     Calls that ended within ``opts.settle_s`` are left (``Report.too_recent``)."""
     recent_from = now_us - int(opts.settle_s * 1_000_000)
-    recent = {k for k in report.shown if report.ended.get(k, 0) > recent_from}
+    recent = {
+        k for k in report.shown if recent_from < report.ended.get(k, 0) <= now_us
+    }  # ahead of our clock: written at once, as batch does
     report.too_recent = sorted(report.shown[k] for k in recent)
     wanted = frozenset(report.shown.keys() - recent)
     summary = run_batch(replace(opts, only_calls=wanted, quarantine_file=None)) if wanted else Summary()
-    report.repaired = summary.traces_written
+    report.repaired = summary.calls  # each call once: one written as failed, then rewritten whole with its retry, is one
     return summary

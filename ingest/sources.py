@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
+import logging
 import os
 import resource
 import stat
@@ -27,6 +28,7 @@ from ingest.quarantine import QuarantineRecord, Reason
 
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+log = logging.getLogger("litellm-ingest.sources")
 GZIP_MAGIC = b"\x1f\x8b"
 OTHER_COMPRESSION = {b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
 """What logrotate's ``compresscmd`` (or an archiving job) may make instead of gzip: read as text,
@@ -40,6 +42,19 @@ LINE_WINDOW = 1 << 20
 def other_compression(head: bytes) -> str | None:
     """The compression other than gzip that ``head`` (a file's or object's first bytes) starts with."""
     return next((kind for magic, kind in OTHER_COMPRESSION.items() if head.startswith(magic)), None)
+
+
+def compressed_otherwise(path: Path) -> str | None:
+    """The compression other than gzip ``path`` is in (xz, bzip2, zstd), named in a warning; None
+    for a file that can be read (or cannot be opened: its reader says so)."""
+    try:
+        with open(path, "rb") as f:
+            kind = other_compression(f.read(6))
+    except OSError:
+        return None
+    if kind is not None:
+        log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest its lines", shown(path), kind)
+    return kind
 
 
 def line_head(line: bytes) -> bytes:

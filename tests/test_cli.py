@@ -783,3 +783,29 @@ def test_a_run_from_a_deleted_folder_is_told_so(tmp_path: Path) -> None:
         proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert_one_clean_error_line(proc, 2, "the current folder was deleted")
         gone.mkdir()
+
+
+def test_status_of_a_file_in_a_folder_it_may_not_enter_is_no_traceback(tmp_path: Path) -> None:
+    """``status`` run as a user who may not enter the logs' folder printed a PermissionError traceback."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    shutil.copy(SAMPLE_LOGS / "proxy_calls.jsonl", logs / "a.jsonl")
+    state = tmp_path / "st"
+    assert (
+        run(
+            "batch", str(logs), "--state-dir", str(state), "-q", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    if os.geteuid() == 0:
+        os.chown(logs, 65534, 65534)
+    logs.chmod(0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    try:
+        for extra in ([], ["--json"]):
+            proc = subprocess.run(unprivileged([EXE, "status", "--state-dir", str(state), *extra]), cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert "a.jsonl" in proc.stdout
+    finally:
+        logs.chmod(0o755)

@@ -567,3 +567,90 @@ def test_second_run_on_the_same_state_exits_5_at_once(tmp_path: Path, capture: l
     assert lines[0].startswith("litellm-ingest: error: ") and str(locks[0]) in lines[0], lines[0]
     assert f"pid {holder.pid}" in lines[0], lines[0]
     assert second.stdout == ""
+
+
+def _retried_across(tmp_path: Path, capture: list[dict], gap_s: float) -> tuple[Path, list[dict], dict]:
+    """Two files: a retried call's failure ends ``calls.jsonl.1``, its retry starts ``calls.jsonl``
+    ``gap_s`` later (longer than ``--settle``: a late retry); the rest of a copy of the capture around."""
+    recs, later = copies(capture, 2, f"across-{gap_s}")
+    calls = calls_of(recs)
+    pair = next(rs for rs in calls.values() if [r["status"] for r in rs] == ["failure", "success"])
+    rest = [r for r in recs if r["litellm_call_id"] != pair[0]["litellm_call_id"]]
+    fail, ok = dict(pair[0]), dict(pair[1])
+    shift = max(r["endTime"] for r in rest) + 1 - fail["startTime"]
+    fail["startTime"], fail["endTime"] = fail["startTime"] + shift, fail["endTime"] + shift
+    ok["startTime"], ok["endTime"] = fail["endTime"] + gap_s, fail["endTime"] + gap_s + 1
+    others = [r for r in later if r["startTime"] < later[0]["startTime"] + 5]
+    moved = fail["endTime"] + gap_s / 2 - later[0]["startTime"]
+    for r in others:  # other calls between the two attempts: the input moves on past --settle
+        r["startTime"], r["endTime"] = r["startTime"] + moved, r["endTime"] + moved
+    logs = tmp_path / "logs"
+    older = write_log(logs / "calls.jsonl.1", [*rest, fail, *others])
+    with older.open("a") as f:
+        f.write("\n" * 1_200_000)  # read as a step of its own
+    write_log(logs / "calls.jsonl", [ok])
+    os.utime(older, (time.time() - 60, time.time() - 60))
+    return logs, [*rest, fail, *others, ok], {"failure": fail, "success": ok}
+
+
+def test_reconcile_of_the_newer_file_alone_finds_a_call_begun_in_the_older_one(tmp_path: Path, capture: list[dict]) -> None:
+    """The call's trace starts with its failure, in the rotated file not given: it fell outside the
+    window the given file spans, and was named missing (exit 6) and "repaired" for ever."""
+    logs, _, _ = _retried_across(tmp_path, capture, gap_s=5)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert run("batch", str(logs), "--tracking-uri", uri, "--experiment-name", "E", "--state-dir", str(tmp_path / "st"), "-q",
+               cwd=tmp_path).returncode == 0  # fmt: skip
+    code, report = reconcile([str(logs / "calls.jsonl")], uri, "E", tmp_path)
+    assert (code, report["missing"], report["matched"]) == (0, [], 1), report
+
+
+def test_repair_counts_a_call_once_however_often_it_was_written(tmp_path: Path, capture: list[dict]) -> None:
+    """A deleted call whose retry came later than ``--settle`` is written as failed, then rewritten
+    whole: "repaired: 2 of the 1 missing", exit 6, though the call was back."""
+    logs, _, pair = _retried_across(tmp_path, capture, gap_s=600)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert run("batch", str(logs), "--tracking-uri", uri, "--experiment-name", "E", "--state-dir", str(tmp_path / "st"), "-q",
+               cwd=tmp_path).returncode == 0  # fmt: skip
+    client = client_for(uri)
+    victim = next(t.info.trace_id for t in trace_infos(uri, "E") if t.info.tags["litellm.call_id"] == pair["success"]["litellm_call_id"])
+    client.delete_traces(client.get_experiment_by_name("E").experiment_id, trace_ids=[victim])
+    code, report = reconcile([str(logs)], uri, "E", tmp_path, "--repair")
+    assert (code, report["repaired"]) == (0, 1), report
+    (back,) = [t for t in all_traces(uri, "E") if t.info.trace_id == victim]
+    assert back.info.state.value == "OK" and len(back.data.spans) == 3
+
+
+def test_repair_writes_a_call_from_a_proxy_clock_ahead(tmp_path: Path, capture: list[dict]) -> None:
+    """A call that ends two days ahead of this machine's clock is written at once by batch; repair
+    took it for one that ended "less than --settle ago" and never wrote it back."""
+    recs = reidentify([r for r in capture if r["status"] == "success"][:1], time.time() + 2 * 86400 - capture[0]["startTime"], "ahead")
+    path = write_log(tmp_path / "logs" / "a.jsonl", recs)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert run("batch", str(path), "--tracking-uri", uri, "--experiment-name", "E", "--no-state", "-q", cwd=tmp_path).returncode == 0
+    client = client_for(uri)
+    client.delete_traces(client.get_experiment_by_name("E").experiment_id, trace_ids=[t.info.trace_id for t in trace_infos(uri, "E")])
+    code, report = reconcile([str(path)], uri, "E", tmp_path, "--repair")
+    assert (code, report["repaired"], report["too_recent"]) == (0, 1, []), report
+    assert len(trace_infos(uri, "E")) == 1
+
+
+def test_a_file_compressed_otherwise_is_named_by_reconcile_and_a_stateless_batch_not_read_as_text(
+    tmp_path: Path, capture: list[dict]
+) -> None:
+    """An xz archive was read as text: 30 invalid_utf8 lines quarantined by batch --no-state, and
+    reconcile said "missing 0" without having compared its calls."""
+    import lzma
+
+    logs = tmp_path / "logs"
+    old, new = copies(capture, 2, "xz")
+    (logs).mkdir()
+    (logs / "calls.jsonl.1.xz").write_bytes(lzma.compress("".join(json.dumps(r) + "\n" for r in old).encode()))
+    write_log(logs / "calls.jsonl", new)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = run("batch", str(logs), "--tracking-uri", uri, "--experiment-name", "E", "--no-state", "--json", cwd=tmp_path)
+    no_traceback(proc)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["quarantined"] == 0, proc.stdout
+    assert "is compressed with xz, which is not read" in proc.stderr
+    proc = run("reconcile", str(logs), "--tracking-uri", uri, "--experiment-name", "E", "--json", cwd=tmp_path)
+    no_traceback(proc)
+    assert proc.returncode == 8 and json.loads(proc.stdout)["unreadable"] == [f"{logs / 'calls.jsonl.1.xz'} (xz)"], proc.stdout
