@@ -185,8 +185,9 @@ def test_s3_keys_by_hand() -> None:
 def proxy_python() -> Path | None:
     if env := os.environ.get("LITELLM_PROXY_PYTHON"):
         return Path(env)
-    venv = ROOT / ".proxy-venv" / "bin" / "python"
-    return venv if venv.exists() else None
+    venv = ROOT / ".proxy-venv"
+    # ready once its stamp is written: another test worker may be building it right now
+    return venv / "bin" / "python" if (venv / ".requirements-sha256").exists() else None
 
 
 ORACLE = """
