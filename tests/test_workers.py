@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -282,18 +283,28 @@ def test_sizing_a_backfill_for_an_early_start_reads_no_more_of_the_listing_than_
     assert _local_bytes([str(tmp_path / "a.jsonl"), str(tmp_path / "*.gz")], 1) == 0
 
 
-def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_middle(capture: list[dict], tmp_path: Path) -> None:
-    """The database is down when the backfill starts, comes back, then crashes (``pg_ctl -m
-    immediate``) while two workers write to it and comes back again, each time within
-    ``--mlflow-timeout``: the backfill waits it out and ends with every call once, exit 0. With
-    ``-v`` the workers' retries are logged, as one process's are (they were not)."""
+@pytest.fixture
+def own_postgres() -> Iterator[Any]:
+    """A PostgreSQL of the test's own, to crash and restart (the session's is shared)."""
     from tests.pgkit import start_postgres
-    from tests.tailkit import spans_of
 
     try:
         pg = start_postgres()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+    yield pg
+
+
+def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_middle(
+    capture: list[dict], tmp_path: Path, own_postgres: Any
+) -> None:
+    """The database is down when the backfill starts, comes back, then crashes (``pg_ctl -m
+    immediate``) while two workers write to it and comes back again, each time within
+    ``--mlflow-timeout``: the backfill waits it out and ends with every call once, exit 0. With
+    ``-v`` the workers' retries are logged, as one process's are (they were not)."""
+    from tests.tailkit import spans_of
+
+    pg = own_postgres
     try:
         uri = pg.new_database()
         records = [r for b in copies(capture, 60, "pg-crash") for r in b]
@@ -352,18 +363,14 @@ def test_a_workers_account_of_joined_calls_counts_each_call_once() -> None:
     assert (pipe.summary.calls, pipe.summary.traces_written, pipe.summary.calls_joined) == (3, 4, 1)
 
 
-def test_a_workers_store_opened_while_the_database_restarts_is_waited_for() -> None:
+def test_a_workers_store_opened_while_the_database_restarts_is_waited_for(own_postgres: Any) -> None:
     """Each backfill worker opens its own store after the main process did: a PostgreSQL restarting
     then (or full of clients) stopped the backfill with exit 1, "a bug", where one process waits."""
     import threading
 
     from ingest.sink import SinkError, StoreSink, Target
-    from tests.pgkit import start_postgres
 
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    pg = own_postgres
     try:
         uri = pg.new_database()
         StoreSink(Target(uri, "0", None), deadline_s=30).close()
