@@ -280,6 +280,19 @@ def _verbose() -> bool:
     return bool(ctx and ctx.find_root().params.get("verbose"))
 
 
+def _still_there(path: Path, fingerprint: str) -> bool:
+    """The file at a checkpoint's path is still the one it was taken on (a rotation puts a new one
+    there, whose size said nothing of the lag: 0 while the rotated file had lines unread)."""
+    from ingest.fingerprint import fingerprints_of
+    from ingest.sources import open_log
+
+    try:
+        with open_log(path) as f:
+            return fingerprint.split("@", 1)[0] in fingerprints_of(f, unterminated_ok=True)
+    except (OSError, EOFError):
+        return True
+
+
 def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
     """The summary, and the exit code of what the run did: a summary that cannot be printed (stdout
     closed, or a cron log's disk full) changes neither, and is no traceback."""
@@ -576,6 +589,8 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                 size: int | None = Path(ck["path"]).stat().st_size
             except OSError:  # gone, or in a folder this user may not enter
                 size = None
+            replaced = size is not None and not ck.get("done") and not _still_there(Path(ck["path"]), ck["fingerprint"])
+            size = None if replaced else size
             lag = None if size is None or ck.get("done") else max(size - ck["offset"], 0)
             rows.append(
                 {
@@ -589,6 +604,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                     "held_lines": held.get(ck["fingerprint"], 0) + len(ck.get("held", [])),
                     "updated_at": ck.get("updated_at"),
                     "exists": size is not None,
+                    "replaced": replaced,
                 }
             )
     from ingest.ledger import Ledger, nest_pending
@@ -642,7 +658,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     for r in rows:
         t.add_row(
             r["mode"],
-            r["path"] + ("" if r["exists"] else " (gone)"),
+            r["path"] + (" (another file now: rotated)" if r["replaced"] else "" if r["exists"] else " (gone)"),
             r["fingerprint"][7:19],
             f"{r['offset']} / {r['size'] if r['size'] is not None else '-'}",
             str(r["lag_bytes"]) if r["lag_bytes"] is not None else "-",

@@ -654,3 +654,22 @@ def test_a_file_compressed_otherwise_is_named_by_reconcile_and_a_stateless_batch
     proc = run("reconcile", str(logs), "--tracking-uri", uri, "--experiment-name", "E", "--json", cwd=tmp_path)
     no_traceback(proc)
     assert proc.returncode == 8 and json.loads(proc.stdout)["unreadable"] == [f"{logs / 'calls.jsonl.1.xz'} (xz)"], proc.stdout
+
+
+def test_status_does_not_measure_a_rotated_files_lag_against_the_file_now_at_its_path(tmp_path: Path, capture: list[dict]) -> None:
+    """After a rotation the checkpoint's path holds the new file: its size was shown, and a lag of 0,
+    while the rotated file had lines unread."""
+    first, more, new = copies(capture, 3, "st-rot")
+    log = write_log(tmp_path / "logs" / "calls.jsonl", first)
+    assert run("batch", str(log.parent), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--state-dir", str(tmp_path / "st"), "-q",
+               cwd=tmp_path).returncode == 0  # fmt: skip
+    with log.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in more)
+    log.rename(log.with_name("calls.jsonl.1"))
+    write_log(log, new[:3])
+    proc = run("status", "--state-dir", str(tmp_path / "st"), "--json", cwd=tmp_path)
+    no_traceback(proc)
+    (row,) = [r for r in json.loads(proc.stdout)["files"] if r["path"] == str(log.resolve())]
+    assert row["replaced"] and row["lag_bytes"] is None and row["size"] is None, row
+    table = run("status", "--state-dir", str(tmp_path / "st"), cwd=tmp_path)
+    assert "another file now" in table.stdout, table.stdout
