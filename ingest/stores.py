@@ -461,11 +461,18 @@ QUERY_PASSWORD = re.compile(r"([?&][^=&#]*password=)([^&#]*)", re.IGNORECASE)
 """A password libpq (and SQLAlchemy, for PostgreSQL) also takes from the query string (``password``,
 ``sslpassword`` for a client key)."""
 
+QUERY_SECRET = re.compile(r"([?&][^=&#]*(?:token|secret|key|sig|signature|credential|auth)[^=&#]*=)([^&#]*)", re.IGNORECASE)
+"""What a server's address may carry in its query string behind a gateway (``?token=``, ``?api_key=``,
+a signed URL's ``sig``); for a server only, so a database URI's ``sslkey=`` path (part of a backfill's
+state key) stays as it was."""
+
 
 def shown_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***``, in its user info or its query string: what
-    messages, summaries and the state file say (and a backfill's state key is made of)."""
-    return QUERY_PASSWORD.sub(r"\1***", _userinfo_hidden(uri))
+    """``uri`` with any password replaced by ``***``, in its user info or its query string (for a
+    server, a lone user name and a token too: ``https://TOKEN@host`` is how a token is often given):
+    what messages, summaries and the state file say (and a backfill's state key is made of)."""
+    shown = QUERY_PASSWORD.sub(r"\1***", _userinfo_hidden(uri))
+    return QUERY_SECRET.sub(r"\1***", shown) if shown[:4].lower() == "http" else shown
 
 
 def _userinfo_hidden(uri: str) -> str:
@@ -476,8 +483,10 @@ def _userinfo_hidden(uri: str) -> str:
     if "@" not in netloc and not scheme.startswith("http") and (m := _SQLALCHEMY_USERINFO.match(rest)):
         return f"{scheme}://{m.group('user')}:***@{rest[m.end() :]}"
     user, at, host = netloc.rpartition("@")
-    if not at or ":" not in user:
+    if not at:
         return uri
+    if ":" not in user:
+        return f"{scheme}://***@{host}{slash}{path}" if scheme.lower().startswith("http") else uri
     return f"{scheme}://{user.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 

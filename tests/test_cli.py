@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_LOGS, all_traces, copies, fill, free_port, start_mlflow_server, write_jsonl
+from tests.conftest import SAMPLE_LOGS, MlflowServer, all_traces, copies, fill, free_port, start_mlflow_server, write_jsonl
 
 EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -686,6 +686,11 @@ def test_an_error_is_said_in_one_line_whatever_it_holds(error: BaseException | s
         ("postgresql://ing@db/mlflow?sslmode=disable&password=SECRET", "postgresql://ing@db/mlflow?sslmode=disable&password=***"),
         ("postgresql+psycopg://db/mlflow?PASSWORD=SECRET&x=1", "postgresql+psycopg://db/mlflow?PASSWORD=***&x=1"),
         ("postgresql://db/litellm?sslmode=require&sslpassword=SECRET", "postgresql://db/litellm?sslmode=require&sslpassword=***"),
+        ("https://SECRET@mlflow.example.com/", "https://***@mlflow.example.com/"),
+        ("HTTP://SECRET@mlflow:5000", "HTTP://***@mlflow:5000"),
+        ("https://mlflow.example.com/?access_token=SECRET&x=1", "https://mlflow.example.com/?access_token=***&x=1"),
+        ("http://gw/mlflow?api-key=SECRET", "http://gw/mlflow?api-key=***"),
+        ("postgresql://ing@db/mlflow?sslkey=/etc/k.pem", "postgresql://ing@db/mlflow?sslkey=/etc/k.pem"),
     ],
 )
 def test_a_password_is_never_shown_however_it_is_written(uri: str, shown: str) -> None:
@@ -698,6 +703,23 @@ def test_a_password_is_never_shown_however_it_is_written(uri: str, shown: str) -
     assert shown_uri(uri) == shown and "SECRET" not in shown_uri(uri)
     if uri.startswith("postgresql"):
         assert input_id(uri) == shown
+
+
+def test_a_token_given_as_the_servers_user_name_is_never_said(tmp_path: Path, mlflow_server: MlflowServer, experiment_name: str) -> None:
+    """``https://TOKEN@host`` (how a gateway's token is often written) was shown whole in every line
+    about the server with ``-v``, and kept in the state file, whose key names the destination."""
+    log = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    down = run("-v", "batch", log, "--mlflow-timeout", "2", "--tracking-uri", "http://tok-SECRET1@127.0.0.1:9/?token=SECRET2", cwd=tmp_path)
+    assert down.returncode == 4, (down.returncode, down.stderr)
+    assert "retrying" in down.stderr and "***@127.0.0.1:9" in down.stderr, down.stderr
+    up_uri = mlflow_server.url.replace("://", "://tok-SECRET3@")
+    up = run(
+        "-v", "batch", log, "--tracking-uri", up_uri, "--experiment-name", experiment_name, "--state-dir", "st", "--json", cwd=tmp_path
+    )
+    assert up.returncode in (0, 3) and json.loads(up.stdout)["traces_written"], (up.returncode, up.stderr)
+    state = "".join(p.read_text(errors="replace") for p in (tmp_path / "st").rglob("*") if p.is_file())
+    assert "***@127.0.0.1" in state
+    assert "SECRET" not in down.stdout + down.stderr + up.stdout + up.stderr + state
 
 
 @pytest.mark.parametrize("what", ["device", "pipe", "folder", "dangling symlink"])
