@@ -1,5 +1,6 @@
 """Replay LiteLLM Proxy request logs into MLflow traces."""
 
+import signal
 import sys
 
 RECURSION_LIMIT = 4000
@@ -8,3 +9,7 @@ counts each level against Python's recursion limit on top of the caller's own fr
 the default 1,000 refused a prompt nested ~950 deep as unwritable."""
 
 sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""What stops every command, flushed and saved as far as it got. SIGHUP too: the terminal of a
+foreground daemon closed (an ssh session ended); it had died at once, its state unsaved."""

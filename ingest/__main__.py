@@ -7,6 +7,8 @@ import signal
 import sys
 from typing import Any
 
+from ingest import STOP_SIGNALS
+
 OFFLINE_DEFAULTS = {"MLFLOW_MODEL_CATALOG_URI": ""}
 """MLflow prices a span that carries tokens but no cost from its model catalog, and first tries to
 download the provider's price list from GitHub (three retries: about 7 s per provider and process
@@ -39,7 +41,7 @@ def _quiet_resource_tracker() -> None:
 
 
 def run() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupted)
     from ingest.allocator import COMMANDS, command_of, tune
 

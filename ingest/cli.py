@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from ingest import STOP_SIGNALS
 from ingest.checkpoints import LockedError, StateError
 from ingest.quarantine import first_line
 from ingest.stores import quiet_dependency_logs
@@ -411,7 +412,7 @@ def _stop_gracefully(stop: threading.Event, quiet: bool) -> None:
         if not quiet:
             click.echo("litellm-ingest: stopping after the current chunk (again to stop now)", err=True)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
 
 

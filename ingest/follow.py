@@ -239,11 +239,9 @@ class Follower:
                 return None
         try:
             magic = os.pread(fd, 6, 0)
-            if (kind := other_compression(magic)) is not None:
+            if other_compression(magic, None if str(path) in self._other_compression else str(path)) is not None:
                 os.close(fd)
-                if str(path) not in self._other_compression:
-                    self._other_compression.add(str(path))
-                    log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest its lines", path, kind)
+                self._other_compression.add(str(path))
                 return None
             gz = magic[:2] == GZIP_MAGIC
             finished = not gz and self.quiet(os.fstat(fd))

@@ -41,15 +41,14 @@ from typing import Any
 from mlflow.tracing.constant import SpanAttributeKey, SpansLocation, TraceMetadataKey, TraceTagKey
 
 from ingest.ledger import NEST_QUEUE_SUFFIX, state_db
-from ingest.sink import Sink, SinkError
+from ingest.sink import LOOKUP_CHUNK, Sink, SinkError, looked_up
 from ingest.spans import BuiltTrace, SpanData, nested_spans
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 60.0
-LOOKUP_CHUNK = 500
 WRITE_CHUNK = 500
-"""Calls per lookup query and per write: large enough that a batch is one request, small enough for any server."""
+"""Calls per write: large enough that a batch is one request, small enough for any server."""
 WINDOW_SLACK_US = 1000
 FINISHED = frozenset({"OK", "ERROR"})
 USAGE_FALLBACK = {SpanAttributeKey.CHAT_USAGE: "litellm.token_usage", SpanAttributeKey.LLM_COST: "litellm.cost"}
@@ -304,9 +303,7 @@ class Nester:
         """Those queued calls whose spans are still the call MLflow holds. Another ingester that read
         more of a call (its success, after the failure queued here) rewrote its standalone trace and
         nests it itself: written now, the older spans here would undo that (same span ids)."""
-        held: dict[str, Any] = {}
-        for i in range(0, len(calls), LOOKUP_CHUNK):
-            held |= {info.trace_id: info for info in self.sink.trace_infos([c.call for c in calls[i : i + LOOKUP_CHUNK]])}
+        held = {info.trace_id: info for info in looked_up(self.sink, [c.call for c in calls])}
         current = []
         for c in calls:
             info = held.get(c.call)
@@ -320,25 +317,23 @@ class Nester:
         """The finished app traces among these; None once the destination turned out not to serve the lookup."""
         if self.off:
             return None
-        ids = sorted(app_trace_ids)
+        try:
+            infos = looked_up(self.sink, sorted(app_trace_ids))
+        except SinkError as e:
+            if e.kind not in ("rejected", "refused"):
+                raise
+            self.off = True
+            log.warning("%s: calls stay standalone, not nested into their app's trace (it cannot be looked up)", e)
+            return None
         found: dict[str, AppTrace] = {}
-        for i in range(0, len(ids), LOOKUP_CHUNK):
+        for info in infos:
             try:
-                infos = self.sink.trace_infos(ids[i : i + LOOKUP_CHUNK])
-            except SinkError as e:
-                if e.kind not in ("rejected", "refused"):
-                    raise
-                self.off = True
-                log.warning("%s: calls stay standalone, not nested into their app's trace (it cannot be looked up)", e)
-                return None
-            for info in infos:
-                try:
-                    app = AppTrace.of(info)
-                except (AttributeError, TypeError, ValueError) as e:
-                    log.warning("app trace %s has a TraceInfo nesting cannot read (%s); its calls stay standalone", info, e)
-                    continue
-                if app is not None:
-                    found[app.trace_id] = app
+                app = AppTrace.of(info)
+            except (AttributeError, TypeError, ValueError) as e:
+                log.warning("app trace %s has a TraceInfo nesting cannot read (%s); its calls stay standalone", info, e)
+                continue
+            if app is not None:
+                found[app.trace_id] = app
         return found
 
     def _write(self, ready: list[Waiting], found: dict[str, AppTrace]) -> None:

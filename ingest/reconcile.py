@@ -172,22 +172,15 @@ def _held(target: Any, trace_ids: list[str], timeout_s: float) -> set[str]:
     a SpendLogs export's times rounded to the millisecond), and the window search passed it over."""
     if not trace_ids:
         return set()
-    from ingest.sink import SinkError, make_sink
+    from ingest.sink import SinkError, looked_up, make_sink
 
     sink = make_sink(target, timeout_s)
     try:
-        held: set[str] = set()
-        for k in range(0, len(trace_ids), LOOKUP_CHUNK):
-            infos = sink.trace_infos(trace_ids[k : k + LOOKUP_CHUNK])
-            held |= {info.trace_id for info in infos if str(info.experiment_id) == target.experiment_id}
-        return held
+        return {info.trace_id for info in looked_up(sink, trace_ids) if str(info.experiment_id) == target.experiment_id}
     except SinkError:  # a server that does not serve the lookup: the window's answer stands
         return set()
     finally:
         sink.close()
-
-
-LOOKUP_CHUNK = 100
 
 
 def repair(opts: RunOptions, report: Report, now_us: int) -> Summary:

@@ -718,7 +718,7 @@ class OtlpSink:
             return [], []
         ids = [t.trace_id for t in traces]
         try:
-            infos = [i for k in range(0, len(ids), LOOKUP_CHUNK) for i in self.trace_infos(ids[k : k + LOOKUP_CHUNK])]
+            infos = looked_up(self, ids)
             return infos, self._fetch([i.trace_id for i in infos])
         except SinkError as e:
             if e.kind != "rejected":
@@ -1122,6 +1122,11 @@ class NullSink(_Synchronous):
 
     def close(self) -> None:
         pass
+
+
+def looked_up(sink: Sink, trace_ids: list[str]) -> list[Any]:
+    """The TraceInfos of those of ``trace_ids`` the destination holds, a request per ``LOOKUP_CHUNK``."""
+    return [info for i in range(0, len(trace_ids), LOOKUP_CHUNK) for info in sink.trace_infos(trace_ids[i : i + LOOKUP_CHUNK])]
 
 
 def make_sink(target: Target, deadline_s: float = 300.0, sql_writer: str = "bulk") -> Sink:

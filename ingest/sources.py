@@ -39,9 +39,13 @@ LINE_WINDOW = 1 << 20
 """A last line longer than this has no head in its checkpoint's digest (only its last bytes)."""
 
 
-def other_compression(head: bytes) -> str | None:
-    """The compression other than gzip that ``head`` (a file's or object's first bytes) starts with."""
-    return next((kind for magic, kind in OTHER_COMPRESSION.items() if head.startswith(magic)), None)
+def other_compression(head: bytes, name: str | None = None) -> str | None:
+    """The compression other than gzip that ``head`` (a file's or object's first bytes) starts with;
+    with ``name``, the file or object so compressed is named in a warning."""
+    kind = next((kind for magic, kind in OTHER_COMPRESSION.items() if head.startswith(magic)), None)
+    if kind is not None and name is not None:
+        log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest it", name, kind)
+    return kind
 
 
 def compressed_otherwise(path: Path) -> str | None:
@@ -49,12 +53,10 @@ def compressed_otherwise(path: Path) -> str | None:
     for a file that can be read (or cannot be opened: its reader says so)."""
     try:
         with open(path, "rb") as f:
-            kind = other_compression(f.read(6))
+            head = f.read(6)
     except OSError:
         return None
-    if kind is not None:
-        log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest its lines", shown(path), kind)
-    return kind
+    return other_compression(head, shown(path))
 
 
 def line_head(line: bytes) -> bytes:
@@ -89,20 +91,20 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
     folders: list[str] = []
     for spec in paths:
         p = Path(spec)
-        kind = _kind(p)
+        kind = path_kind(p)
         if kind == "denied":
             folders.append(str(p.parent))
         elif kind == "file":
             found[p] = None
         elif kind == "dir":
             for root, name in sorted(walk(p, folders)):
-                if is_log_file(name) and (k := _kind(f := Path(root, name))) in ("file", "denied"):
+                if is_log_file(name) and (k := path_kind(f := Path(root, name))) in ("file", "denied"):
                     if k == "file":
                         found[f] = None
                     elif root not in folders:
                         folders.append(root)
         elif glob.has_magic(spec):
-            matches = [(m, _kind(m)) for m in sorted(Path(m) for m in glob.glob(spec, recursive=True))]
+            matches = [(m, path_kind(m)) for m in sorted(Path(m) for m in glob.glob(spec, recursive=True))]
             folders += sorted({str(m.parent) for m, k in matches if k == "denied"})
             files = [m for m, k in matches if k == "file"]
             if not files and not folders:
@@ -110,7 +112,7 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
             for f in files:
                 found[f] = None
         elif kind is not None:
-            raise SourceError(f"not a regular file or directory: {spec}")
+            raise SourceError(f"not a regular file or directory (a {kind}): {spec}")
         else:
             raise SourceError(f"no such file or directory: {spec}")
     for f in [*map(Path, dict.fromkeys(folders)), *(f for f in found if not os.access(f, os.R_OK))]:
@@ -134,16 +136,20 @@ def descriptor_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def _kind(path: Path) -> str | None:
-    """ "file", "dir", "other", "denied" (in a folder this process may list but not enter: ``chmod -R
-    644``), or None where nothing is."""
+def path_kind(path: Path) -> str | None:
+    """ "file", "dir", "pipe", "socket", "device", "denied" (in a folder this process may list but not
+    enter: ``chmod -R 644``), or None where nothing is."""
     try:
-        st = path.stat()
+        mode = path.stat().st_mode
     except PermissionError:
         return "denied"
     except (OSError, ValueError):
         return None
-    return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "pipe" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
 
 
 def _once(files: Iterable[Path]) -> list[Path]:

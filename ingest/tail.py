@@ -37,6 +37,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from ingest import STOP_SIGNALS
 from ingest.allocator import tune_collector
 from ingest.checkpoints import State, StateError, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower, stat_key
@@ -47,7 +48,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter, first_line
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk, age_order, descriptor_limit, shown, walk
+from ingest.sources import Chunk, age_order, descriptor_limit, path_kind, shown, walk
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -388,7 +389,7 @@ class Tailer:
             self._note_absent(d)
         unlisted: list[str] = []
         found = log_files(self.dirs, self.opts.pattern, unlisted)
-        for folder in sorted(set(unlisted) - self._unlisted):
+        for folder in sorted(set(unlisted) - self._unlisted - self._absent):
             log.warning("cannot list %s: permission denied; its files are read once it can be", folder)
         self._unlisted = set(unlisted)
         return found
@@ -397,10 +398,16 @@ class Tailer:
         """A folder that does not exist (yet: a sidecar started before the proxy made it; or no
         more: a volume remounted) is followed once it does; said when that changes."""
         name = str(folder)
-        if not folder.is_dir():
+        kind = path_kind(folder)
+        if kind == "denied":
+            self._absent.discard(name)
+        elif kind != "dir":
             if name not in self._absent:
                 self._absent.add(name)
-                log.warning("%s does not exist; its files are followed once it does", folder)
+                if kind is None:
+                    log.warning("%s does not exist; its files are followed once it does", folder)
+                else:
+                    log.warning("%s is no folder (a %s); the files of a folder there will be followed", folder, kind)
         elif name in self._absent:
             self._absent.discard(name)
             log.info("%s exists now", folder)
@@ -673,10 +680,6 @@ def _same_file(path: Path, st: os.stat_result) -> bool:
         return False
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-"""SIGHUP too: the terminal of a foreground daemon closed (an ssh session ended) stops it as SIGTERM
-does, flushed and saved; it had died at once, its state unsaved."""
 
 PROBE_S = 5.0
 """How long one attempt to reach MLflow at start may retry before the daemon says it waits."""

@@ -588,6 +588,38 @@ def test_a_folder_made_after_the_daemon_started_or_made_anew_is_followed(tmp_pat
             daemon.stop(signal.SIGKILL)
 
 
+@pytest.mark.parametrize("there", ["pipe", "file"])
+def test_a_followed_path_that_is_no_folder_is_said_to_be_none_and_followed_once_it_is(tmp_path: Path, capture, there: str) -> None:
+    """A FIFO given as the folder, or a folder replaced by a file while followed, was "does not exist"
+    and "cannot list: permission denied" at once, neither true. (A file given as the folder at start
+    is click's usage error.)"""
+    logdir = tmp_path / "logs"
+    if there == "pipe":
+        os.mkfifo(logdir)
+    else:
+        logdir.mkdir()
+    calls = fresh_calls(capture)
+    uri, experiment = f"sqlite:///{tmp_path / 'store.db'}", f"nofolder-{uuid.uuid4().hex[:6]}"
+    daemon = Daemon(logdir, uri, experiment, tmp_path / "state").start()
+    try:
+        if there == "file":
+            wait_for(lambda: "following" in daemon.log.read_text() or not daemon.alive(), 30, "the daemon to start")
+            logdir.rmdir()
+            logdir.write_text("not a folder\n")
+        wait_for(lambda: "is no folder" in daemon.log.read_text() or not daemon.alive(), 30, "the daemon to say so")
+        time.sleep(1.5)
+        said = daemon.log.read_text()
+        assert daemon.alive() and f"{logdir} is no folder (a {there})" in said, said[-3000:]
+        assert "permission denied" not in said and "does not exist" not in said, said[-3000:]
+        logdir.unlink()
+        write_jsonl(logdir / "proxy.jsonl", [r for c in calls for r in c])
+        assert_exactly(wait_for_calls(uri, experiment, calls), calls)
+        assert daemon.log.read_text().count("exists now") == 1 and daemon.stop() == 0
+    finally:
+        if daemon.alive():
+            daemon.stop(signal.SIGKILL)
+
+
 @pytest.mark.parametrize("folder_mode", [0, 0o644], ids=["folder unlistable", "folder listable, not enterable"])
 def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tmp_path: Path, capture, folder_mode: int) -> None:
     """It was passed over in silence on every scan; so was a folder it may not list, or not enter."""
