@@ -248,6 +248,8 @@ def explain_failure(line: str, dtype: pl.Struct, truncated: bool, field_prefix: 
             if truncated:
                 return Reason.TRUNCATED_LINE, f"last line has no newline and is not complete JSON ({e})"
             return Reason.MALFORMED_JSON, f"{e}{utf16_hint(line) if chr(0) in line else ''}"
+        if str(e).startswith("depth limit exceeded"):
+            return Reason.TOO_DEEP, f"nested deeper than the 1,024 levels a record is read to (LiteLLM's own loggers write none such): {e}"
         return Reason.MALFORMED_JSON, f"not strict JSON (Python's json reads it): {e}"
     if not isinstance(value, dict):
         return Reason.NOT_AN_OBJECT, f"a JSON {_JSON_TYPES.get(type(value), 'null')}, not an object"
@@ -709,7 +711,9 @@ def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
 
 TRACEPARENT = r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$"
 """W3C Trace Context: version-traceid-parentid-flags, lower-case hex; a later version may append fields."""
-_TRACEPARENT_VALUE = r'(?i)"traceparent"\s*:\s*"([^"\\]*)"'
+_TRACEPARENT_VALUE = r'(?i)"traceparent"\s*:\s*"((?:[^"\\]|\\.)*)"'
+"""The header's JSON string, escapes and all: HTTP drops a value's surrounding spaces and tabs, and a
+tab is ``\\t`` in JSON (such a value was taken for no header, silently)."""
 
 
 def _parent_context(frame: pl.DataFrame, schema: RecordSchema, warnings: Warnings | None) -> pl.DataFrame:
@@ -726,7 +730,7 @@ def _parent_context(frame: pl.DataFrame, schema: RecordSchema, warnings: Warning
         return nulls
     idx = hinted.arg_true()
     headers = _path_text(frame["raw"].gather(idx), schema.request_headers)
-    value = headers.str.extract(_TRACEPARENT_VALUE, 1)
+    value = headers.str.extract(_TRACEPARENT_VALUE, 1).str.replace_all(r"\t", "\t", literal=True).str.strip_chars(" \t")
     parts = pl.DataFrame({"v": value}).select(
         pl.col("v").str.extract(TRACEPARENT, 1).alias("version"),
         pl.col("v").str.extract(TRACEPARENT, 2).alias("trace"),

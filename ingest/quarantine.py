@@ -46,6 +46,8 @@ class Reason(str, enum.Enum):
     UNBUILDABLE = "unbuildable"
     UNWRITABLE = "unwritable"
     UNREADABLE = "unreadable"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    TOO_DEEP = "too_deep"
 
 
 @dataclass(frozen=True)

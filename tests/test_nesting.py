@@ -262,6 +262,8 @@ TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         ("traceparent", TP, ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
         ("TraceParent", TP, ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
         ("traceparent", " " + TP, ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
+        ("traceparent", "\t" + TP + " \t", ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
+        ("traceparent", '"' + TP, None),
         ("traceparent", TP[:-2] + "03", ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
         ("traceparent", "01" + TP[2:] + "-future-field", ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")),
         ("traceparent", TP[:-2] + "00", None),

@@ -551,6 +551,16 @@ def test_spend_logs_key_order_and_spacing_do_not_matter(capture: list[dict]) -> 
 # --- bad input: each quarantined precisely, the good lines around it kept --------------------------
 
 
+def test_json_nested_deeper_than_a_record_is_read_to_says_so(good: list[dict]) -> None:
+    """It was ``malformed_json``, "not strict JSON (Python's json reads it)": valid, and no fix offered."""
+    deep = dict(good[0], litellm_call_id="0000-deep", messages=[{"role": "user", "content": "x"}])
+    bad = json.dumps(deep).replace('"x"', '{"a": [' * 600 + '"x"' + "]}" * 600)
+    out, q, pos = run([good[0], bad, good[1]])
+    assert_quarantined(q, *pos[1], "too_deep", raw=bad)
+    assert "1,024 levels" in q[0].detail
+    assert_kept(out, pos, {0: good[0], 2: good[1]})
+
+
 def test_malformed_json(good: list[dict]) -> None:
     bad = '{"id": "chatcmpl-broken", "litellm_call_id": "0000-broken", "startTime": 1795788109.3,'
     out, q, pos = run([good[0], bad, good[1]])
