@@ -79,15 +79,21 @@ def _day(name: str) -> date | None:
         return None
 
 
-def days_window(since_us: int | None, until_us: int | None) -> tuple[date | None, date | None]:
-    """The partition days that may hold calls in [since, until), with a day of slack either side."""
+WINDOW_SLACK = timedelta(days=1)
+"""How far outside ``--since/--until`` a source is read: a call's attempts straddle a bound (the
+pipeline selects whole calls by their first attempt's start), and a folder is dated by a clock
+that may not be the call's."""
 
-    def at(us: int | None, days: int) -> date | None:
+
+def days_window(since_us: int | None, until_us: int | None) -> tuple[date | None, date | None]:
+    """The partition days that may hold calls in [since, until), with ``WINDOW_SLACK`` either side."""
+
+    def at(us: int | None, side: int) -> date | None:
         """None (no bound) for none, or where the slack runs past the calendar (``--until 9999-12-31``)."""
         if us is None:
             return None
         try:
-            return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).date() + timedelta(days=days)
+            return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).date() + side * WINDOW_SLACK
         except (OverflowError, OSError, ValueError):
             return None
 
@@ -325,8 +331,7 @@ class Bucket:
                 continue
             read.append(key)
             size += len(body)
-            if (kind := other_compression(body[:6])) is not None:
-                log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest it", self.url_of(key), kind)
+            if other_compression(body[:6], self.url_of(key)) is not None:
                 continue
             if len(body) < SMALL_OBJECT and body[:2] != GZIP_MAGIC:
                 small.append((self.url_of(key), body))

@@ -21,6 +21,11 @@ from ingest.schemas import all_schemas
 
 FORMAT_PRIORITY = {"standard_logging_payload": 0}
 DEFAULT_SETTLE_S = 120.0
+MAX_ATTEMPTS = 100
+"""Attempts one call keeps: LiteLLM's retries and fallbacks make a handful. An id on thousands of
+records is an id reused (a client's own ``x-litellm-call-id``, a retry storm of one request), and
+such a "call" was held whole in memory while it kept failing, or read back and rewritten whole
+at every chunk while it kept succeeding."""
 
 
 def attempt_key() -> list[pl.Expr]:
@@ -70,6 +75,8 @@ class Deduped:
     ready: pl.DataFrame
     held: pl.DataFrame
     duplicates: int
+    excess: pl.DataFrame
+    """Attempts of calls past their first ``MAX_ATTEMPTS`` (in the order they ran): not written."""
 
 
 def _format_order() -> dict[str, int]:
@@ -102,6 +109,16 @@ def dedupe(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     return out, frame.height - out.height
 
 
+def cut_attempts(frame: pl.DataFrame, max_attempts: int = MAX_ATTEMPTS) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Deduped rows as each call's first ``max_attempts`` attempts, by end time, and the rest."""
+    big = frame.group_by("call_key").len().filter(pl.col("len") > max_attempts)["call_key"] if frame.height else None
+    if big is None or not big.len():
+        return frame, frame.clear()
+    order = frame.sort("call_key", "end_us", "start_us").with_columns(_n=pl.int_range(pl.len()).over("call_key"))
+    keep = pl.col("_n") < max_attempts
+    return order.filter(keep).drop("_n").sort("call_key", "start_us", maintain_order=True), order.filter(~keep).drop("_n")
+
+
 def split_final(
     frame: pl.DataFrame,
     settle_s: float = DEFAULT_SETTLE_S,
@@ -114,7 +131,8 @@ def split_final(
     A call's outcome is its attempt that ended last: a fallback's success record carries the
     original request's start time, earlier than the failed primary it replaced. The watermark is
     the newest end time read, or ``now_us`` (wall clock) at the end of a run: history older than
-    the settle window is final, a failure from the last minutes may still get its retry.
+    the settle window is final, a failure from the last minutes may still get its retry (unless it
+    has all the attempts a call keeps).
     A call that ends past ``horizon_us`` (a proxy clock far ahead of this one, a bogus time) is
     final at once and moves no watermark: held, it would wait until the wall clock got there, and
     it would make every other failure final without its wait.
@@ -124,10 +142,12 @@ def split_final(
     per_call = frame.group_by("call_key").agg(
         last_status=pl.col("status").sort_by("end_us", "start_us").last(),
         last_end=pl.col("end_us").max(),
+        attempts=pl.len(),
     )
     plausible = per_call if horizon_us is None else per_call.filter(pl.col("last_end") <= horizon_us)
     watermark = max(int(plausible["last_end"].max() or 0), now_us or 0)  # type: ignore[arg-type]
-    hold = plausible.filter((pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000)))["call_key"]
+    waits = (pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000))
+    hold = plausible.filter(waits & (pl.col("attempts") < MAX_ATTEMPTS))["call_key"]
     held = pl.col("call_key").is_in(hold.implode())
     return frame.filter(~held), frame.filter(held)
 
@@ -150,5 +170,6 @@ def dedupe_and_split(
         new, resent = sent.drop_sent(new)
     merged = pl.concat([pending, new], how="vertical") if pending.height else new
     deduped, dups = dedupe(merged)
+    deduped, excess = cut_attempts(deduped)
     ready, held = split_final(deduped, settle_s, final, now_us, horizon_us)
-    return Deduped(ready, held, dups + resent)
+    return Deduped(ready, held, dups + resent, excess)

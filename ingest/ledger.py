@@ -112,6 +112,8 @@ class Unit:
     meta: dict[str, str] = field(default_factory=dict)
     kind: str = "objects"
     """What its items are, for the summary: bucket ``objects`` or database ``rows``."""
+    read: int | None = None
+    """Items read, when not all of them are marked (database rows read only as a window's slack)."""
 
 
 class Ledger:

@@ -27,7 +27,7 @@ import polars as pl
 from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
 from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
-from ingest.dedupe import DEFAULT_SETTLE_S, SentIndex, dedupe_and_split
+from ingest.dedupe import DEFAULT_SETTLE_S, MAX_ATTEMPTS, SentIndex, dedupe_and_split
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger, Unit, drop_nest_queue
 from ingest.lognames import stream_of
@@ -50,6 +50,8 @@ Normalized = tuple[pl.DataFrame, list[QuarantineRecord]]
 DEFAULT_BATCH_TRACES = 200
 DEFAULT_BATCH_TRACES_SQL = 2000
 DEFAULT_PARTIAL_TIMEOUT_S = 300.0
+FULL_CALLS_KEPT = 100_000
+"""Ids of calls that reached ``MAX_ATTEMPTS`` a run remembers (their later attempts are quarantined)."""
 FUTURE_TOLERANCE_S = 3600.0
 """How far past this machine's clock a call may end and still be held for its retry (a proxy clock
 somewhat ahead); beyond it, or beyond ``--settle`` if longer, the call is final at once and counted
@@ -159,6 +161,8 @@ class Pipeline:
         self.recent = empty_canonical()
         self.recent_failed: set[str] = set()
         self.remember_s = max(600.0, 10 * settle_s)
+        self.before_since: set[str] = set()
+        self.full_calls: set[str] = set()
         self.sent = SentIndex()
         self.summary = Summary()
         self.clock: Callable[[], int] = now_us
@@ -264,17 +268,24 @@ class Pipeline:
             s.nested_calls, s.app_traces_missing, s.nest_failed, s.nest_pending = c.nested, c.missing, c.failed, self.nester.pending
 
     def _step(self, records: pl.DataFrame, final: bool, at: int | None = None) -> None:
-        pending = self.pending
-        if self.recent.height and records.height:
-            late = pl.col("call_key").is_in(records["call_key"].implode())
-            pending = pl.concat([pending, self.recent.filter(late)])
         new, resent = self.sent.drop_sent(records)
+        excess = None
+        if self.full_calls and new.height:
+            full = pl.col("call_key").is_in(sorted(self.full_calls))
+            excess, new = new.filter(full), new.filter(~full)
+        pending = self.pending
+        if self.recent.height and new.height:
+            late = pl.col("call_key").is_in(new["call_key"].implode())
+            pending = pl.concat([pending, self.recent.filter(late)])
         horizon = self.clock() + int(max(self.settle_s, FUTURE_TOLERANCE_S) * 1_000_000)
         if new.height and (ahead := int((new["end_us"] > horizon).sum())):
             self.warnings["end_in_future"] = self.warnings.get("end_in_future", 0) + ahead
         d = dedupe_and_split(pending, new, self.settle_s, final, None, at, horizon)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates + resent
+        self._quarantine_excess(pl.concat([excess, d.excess]) if excess is not None else d.excess)
+        if d.ready.height and (full := d.ready.group_by("call_key").len().filter(pl.col("len") >= MAX_ATTEMPTS)).height:
+            self.full_calls.update(full["call_key"].to_list())
         ready = self._selected(self._in_shard(d.ready))
         if ready.height:
             self.inflight = ready
@@ -285,6 +296,20 @@ class Pipeline:
             self.emit(emitted)
             self.sent.add(ready)
             self.inflight = self.inflight.clear()
+
+    def _quarantine_excess(self, excess: pl.DataFrame | list[dict[str, Any]]) -> None:
+        """Attempts of a call past the ``MAX_ATTEMPTS`` it keeps (read together, or joined to what
+        MLflow holds), and every later one this run reads: quarantined (this shard's), the call's
+        trace its first attempts."""
+        if isinstance(excess, pl.DataFrame):
+            excess = list(self._in_shard(excess, count=False).iter_rows(named=True)) if excess.height else []
+        if not excess:
+            return
+        if len(self.full_calls) > FULL_CALLS_KEPT:
+            self.full_calls.clear()
+        self.full_calls.update(r["call_key"] for r in excess)
+        detail = f"its call id is on more than {MAX_ATTEMPTS} attempts (an id reused, not retries): its trace is the first {MAX_ATTEMPTS}"
+        self.quarantine.write(_quarantined(excess, Reason.TOO_MANY_ATTEMPTS, detail))
 
     def _delete_before_rewrite(self, ready: pl.DataFrame) -> None:
         """MLflow keeps a trace's first state on a re-send: a call written as failed whose retry or
@@ -325,7 +350,7 @@ class Pipeline:
         self.recent_failed = set(recent["call_key"].unique().to_list()) if recent.height else set()
         return True
 
-    def _in_shard(self, ready: pl.DataFrame) -> pl.DataFrame:
+    def _in_shard(self, ready: pl.DataFrame, count: bool = True) -> pl.DataFrame:
         """With ``--shard``: a call read from files belongs to the shard of the file holding its
         earliest record; one read from a bucket or a database (every shard reads those whole) to the
         shard its call id hashes to. Dropped before anything else, so a call another shard writes is
@@ -335,7 +360,8 @@ class Pipeline:
             return ready
         first = ready.group_by("call_key").agg(pl.col("file", "source").sort_by("start_us", "file").first())
         owned = [k for k, f, src in first.iter_rows() if (shard.owns(k) if "://" in (src or "") else not f or shard.owns(f))]
-        self.summary.calls_other_shards += first.height - len(owned)
+        if count:
+            self.summary.calls_other_shards += first.height - len(owned)
         return ready if len(owned) == first.height else ready.filter(pl.col("call_key").is_in(owned))
 
     def _selected(self, ready: pl.DataFrame) -> pl.DataFrame:
@@ -345,18 +371,26 @@ class Pipeline:
         return ready.filter(pl.col("call_key").is_in(sorted(self.only_calls)))
 
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
-        """--since/--until select calls by their first attempt's start, half-open: [since, until)."""
+        """--since/--until select calls by their first attempt's start, half-open: [since, until).
+
+        A call left out as started before --since is remembered while a late attempt of it may still
+        come (one that ended within ``remember_s`` of --since, as long as a late retry rejoins a call
+        written as failed): read after the call was final, that attempt alone starts inside the
+        window, and was written as the call (and counted in and out of it)."""
         if self.since_us is None and self.until_us is None:
             return ready
-        start = pl.col("start_us").min().over("call_key")
-        keep = pl.lit(True)
+        calls = ready.group_by("call_key").agg(pl.col("start_us").min(), pl.col("end_us").max())
+        met = pl.col("call_key").is_in(sorted(self.before_since)) if self.before_since else pl.lit(False)
+        early = pl.lit(False) if self.since_us is None else pl.col("start_us") < self.since_us
+        late = pl.lit(False) if self.until_us is None else pl.col("start_us") >= self.until_us
+        out = calls.filter(met | early | late)
+        if not out.height:
+            return ready
+        self.summary.calls_outside_range += out.filter(~met).height
         if self.since_us is not None:
-            keep = keep & (start >= self.since_us)
-        if self.until_us is not None:
-            keep = keep & (start < self.until_us)
-        inside = ready.filter(keep)
-        self.summary.calls_outside_range += ready["call_key"].n_unique() - (inside["call_key"].n_unique() if inside.height else 0)
-        return inside
+            again = out.filter(early & ~met & (pl.col("end_us") >= self.since_us - int(self.remember_s * 1_000_000)))
+            self.before_since.update(again["call_key"].to_list())
+        return ready.filter(~pl.col("call_key").is_in(out["call_key"].implode()))
 
     def emit(self, ready: pl.DataFrame) -> None:
         """Build and write final calls; returns once every one is acknowledged, or raises the first
@@ -480,6 +514,7 @@ class Pipeline:
         return written, spans
 
     def _account(self, batch: list[BuiltTrace], spans: int) -> None:
+        self._quarantine_excess([r for t in batch for r in t.excess])
         if batch:
             written = not isinstance(self.sink, NullSink)
             lo, hi = min(t.start_us for t in batch), max(t.end_us for t in batch)
@@ -661,7 +696,8 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
     """The new objects of every bucket, then the new rows of every database, as units to feed.
 
     A cron run lists only date partitions from a day before the newest one it finished;
-    ``--since/--until`` list only the days they cover (with a day of slack). With ``--shard`` every
+    ``--since/--until`` list only the days they cover, and read only the rows that start in them,
+    with ``WINDOW_SLACK`` either side (the pipeline selects the calls). With ``--shard`` every
     shard reads them whole (attempts of one call are spread over objects and rows) and writes the
     calls whose id hashes to it."""
     from ingest.spendlogs_db import db_units
@@ -688,7 +724,7 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
 
 def _count(unit: Unit, summary: Summary) -> None:
     if unit.kind == "rows":
-        summary.db_rows += unit.items.height
+        summary.db_rows += unit.items.height if unit.read is None else unit.read
     else:
         summary.objects_read += unit.items.height
         summary.objects_failed += unit.failed

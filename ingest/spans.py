@@ -20,13 +20,13 @@ from typing import Any
 
 import polars as pl
 from mlflow.entities.span import SpanType
-from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, SpanAttributeKey, TraceTagKey
+from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, SpanAttributeKey, TokenUsageKey, TraceTagKey
 from mlflow.utils.validation import MAX_TRACE_TAG_VAL_LENGTH, _validate_trace_tag
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
-from ingest.dedupe import format_rank
+from ingest.dedupe import MAX_ATTEMPTS, format_rank
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
 from ingest.normalize import loads_lenient
 from ingest.scrub import MARKER, Scrubber, default_scrubber
@@ -131,6 +131,8 @@ class BuiltTrace:
     """Builds this trace again, spans and records, for a :meth:`slim` one that needs them after all."""
     joined: bool = False
     """Rebuilt with attempts of its call that MLflow already held (:func:`with_stored_attempts`)."""
+    excess: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """Records of attempts a join left out, past the ``MAX_ATTEMPTS`` a call keeps."""
 
     @property
     def app_trace_id(self) -> str | None:
@@ -202,6 +204,25 @@ class _Attempt:
     params: dict[str, Any]
     raw_response: Any
 
+    @property
+    def stream(self) -> bool:
+        """Streamed: LiteLLM's flag, or the request's when it logged none (a failure's is null). A
+        SpendLogs row has no flag, and the request only where the proxy stores prompts; without it,
+        a first token before the end says so (LiteLLM stamps a whole answer's with its end)."""
+        r = self.row
+        if r["stream"] or self.params.get("stream") is True:
+            return True
+        return r["format"] == "spend_logs" and "stream" not in self.params and (r["first_token_us"] or r["end_us"]) < r["end_us"]
+
+    @property
+    def first_token_us(self) -> int | None:
+        """When a streamed answer's first token came; none for a failure LiteLLM stamps with its end."""
+        r = self.row
+        first = r["first_token_us"]
+        if not self.stream or not first or first > r["end_us"] or (first == r["end_us"] and r["status"] != "success"):
+            return None
+        return first
+
 
 def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
     """One record's span content. Nested fields may hold any JSON shape: one that is not what LiteLLM
@@ -222,12 +243,13 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
             messages = messages or request.get("messages") or request.get("input") or request.get("prompt")
     kind = row["call_type"]
     inputs: dict[str, Any] = {"model": row["model_group"] or row["model"]}
-    if kind in _EMBED:
-        inputs["input"] = _contents(messages)
-    elif kind in _TEXT:
-        inputs["prompt"] = _contents(messages)
-    else:
-        inputs["messages"] = messages
+    if messages is not None or redact.messages:  # no prompt logged: a null under its key was the whole request preview
+        if kind in _EMBED:
+            inputs["input"] = _contents(messages)
+        elif kind in _TEXT:
+            inputs["prompt"] = _contents(messages)
+        else:
+            inputs["messages"] = messages
     inputs.update({k: v for k, v in params.items() if v is not None})
     if row["end_user"] and "user" not in inputs:
         inputs["user"] = row["end_user"]
@@ -309,13 +331,38 @@ def _token_usage(a: _Attempt) -> dict[str, int] | None:
         "output_tokens": r["completion_tokens"] or 0,
         "total_tokens": r["total_tokens"] if r["total_tokens"] is not None else (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0),
     }
-    details = None
+    logged = _usage_logged(a)
+    details = logged.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    for key, places in _CACHE_TOKENS.items():
+        for in_details, name in places:
+            if _count(v := (details if in_details else logged).get(name)):
+                usage[key] = v
+                break
+    return usage
+
+
+_CACHE_TOKENS = {
+    TokenUsageKey.CACHE_READ_INPUT_TOKENS: ((True, "cached_tokens"), (False, "cache_read_input_tokens")),
+    TokenUsageKey.CACHE_CREATION_INPUT_TOKENS: ((False, "cache_creation_input_tokens"), (True, "cache_creation_tokens")),
+}
+"""Prompt-cache counts, where LiteLLM's ``Usage`` puts them: OpenAI's in ``prompt_tokens_details``
+(True), Anthropic's also at the top of the usage (False)."""
+
+
+def _count(v: Any) -> bool:
+    return type(v) is int and 0 < v < 2**63
+
+
+def _usage_logged(a: _Attempt) -> dict[str, Any]:
+    """The provider's usage as logged: the response's, or (a SpendLogs row of a proxy that stores no
+    responses, ``'{}'``) the copy LiteLLM keeps in ``metadata.usage_object``."""
     response = _json_value(a.payload.get("response"))
     if isinstance(response, dict) and isinstance(response.get("usage"), dict):
-        details = response["usage"].get("prompt_tokens_details")
-    if isinstance(details, dict) and type(details.get("cached_tokens")) is int and 0 < details["cached_tokens"] < 2**63:
-        usage["cache_read_input_tokens"] = details["cached_tokens"]
-    return usage
+        return response["usage"]
+    md = _json_value(a.payload.get("metadata"))
+    usage = md.get("usage_object") if isinstance(md, dict) else None
+    return usage if isinstance(usage, dict) else {}
 
 
 def _cost_breakdown(a: _Attempt) -> dict[str, Any] | None:
@@ -359,7 +406,7 @@ def _call_attributes(a: _Attempt, scrub: Scrubber) -> dict[str, Any]:
     r = a.row
     breakdown = _cost_breakdown(a)
     headers = _headers(a)
-    ttft_ms = (r["first_token_us"] - r["start_us"]) / 1000 if r["stream"] and r["first_token_us"] else None
+    ttft_ms = (first - r["start_us"]) / 1000 if (first := a.first_token_us) is not None else None
     return {
         "litellm_call_id": r["litellm_call_id"] or r["call_key"],
         "call_type": r["call_type"],
@@ -374,7 +421,7 @@ def _call_attributes(a: _Attempt, scrub: Scrubber) -> dict[str, Any]:
         "model_id": r["model_id"],
         "custom_llm_provider": r["provider"],
         "status": r["status"],
-        "stream": r["stream"],
+        "stream": a.stream,
         "request_id": r["request_id"],
         "litellm_trace_id": r["litellm_trace_id"],
         "end_user": r["end_user"],
@@ -431,9 +478,8 @@ def _status_and_events(span: SpanData, a: _Attempt) -> None:
             "llm_provider": err.get("llm_provider") or None,
         }
         span.events.append(("exception", r["end_us"] * 1000, exception))
-    if r["stream"] and r["first_token_us"] and r["first_token_us"] <= r["end_us"]:
-        ttft = {"time_to_first_token_ms": (r["first_token_us"] - r["start_us"]) / 1000}
-        span.events.append(("first_token", r["first_token_us"] * 1000, ttft))
+    if (first := a.first_token_us) is not None:
+        span.events.append(("first_token", first * 1000, {"time_to_first_token_ms": (first - r["start_us"]) / 1000}))
 
 
 _TAG_BAD_CHARS = re.compile(r"[^/\w.\- :]")
@@ -579,6 +625,8 @@ def _joined(root: SpanData, attempts: list[SpanData], root_attrs: dict[str, Any]
         SpanAttributeKey.OUTPUTS: final.get(SpanAttributeKey.OUTPUTS),
         SpanAttributeKey.MESSAGE_FORMAT: first.get(SpanAttributeKey.MESSAGE_FORMAT),
         SpanAttributeKey.CHAT_TOOLS: first.get(SpanAttributeKey.CHAT_TOOLS),
+        SpanAttributeKey.MODEL: final.get(SpanAttributeKey.MODEL),
+        SpanAttributeKey.MODEL_PROVIDER: final.get(SpanAttributeKey.MODEL_PROVIDER),
         **{k: final.get(k) for k in ("litellm_call_id", "call_type", "model", "model_group", "status")},
         "attempts": len(attempts),
         "response_cost": sum(costs) if costs else None,
@@ -599,6 +647,8 @@ _PROXY_SPAN_KEYS = frozenset(
         SpanAttributeKey.INPUTS,
         SpanAttributeKey.OUTPUTS,
         SpanAttributeKey.MESSAGE_FORMAT,
+        SpanAttributeKey.MODEL,
+        SpanAttributeKey.MODEL_PROVIDER,
         "litellm_call_id",
         "call_type",
         "model",
@@ -706,6 +756,10 @@ def with_stored_attempts(trace: BuiltTrace, stored: list[SpanData]) -> bool:
         return False
     kept = {a.span_id for a in missing}
     attempts = sorted([a for a in new if a.span_id not in kept] + missing, key=lambda a: (a.end_us, a.start_us))
+    if len(attempts) > MAX_ATTEMPTS:  # an id reused: each join read back and rewrote a trace that only grew
+        left = {a.span_id for a in attempts[MAX_ATTEMPTS:]}
+        attempts = attempts[:MAX_ATTEMPTS]
+        trace.excess = [r for r in trace.rows if otel_span_id(tid, attempt_identity(r["start_us"], r["status"])) in left]
     if len(attempts) == 1:
         trace.data = [old_root]
         trace.start_us, trace.end_us = old_root.start_us, old_root.end_us

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.adapt import Loader
 
+from ingest.buckets import WINDOW_SLACK
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import QuarantineRecord, Reason
 from ingest.sources import DEFAULT_MAX_LINE_BYTES, Chunk, SourceUnavailable
@@ -371,7 +372,13 @@ def db_units(
     db: SpendLogsDB, ledger: Ledger, since_us: int | None = None, until_us: int | None = None, reread: timedelta = REREAD
 ) -> Iterator[Unit]:
     """New rows as units, a page each: from ``reread`` before the newest row a previous run read,
-    rows it read already skipped by request_id (rows inserted late are still found)."""
+    rows it read already skipped by request_id (rows inserted late are still found).
+
+    ``since_us``/``until_us`` bound calls, not rows (the pipeline selects a call by its first
+    attempt's start): rows are read ``WINDOW_SLACK`` either side, so a retry across a bound stays
+    with its call, and only rows starting inside are marked read. One read as slack is read again by
+    the window's next run (within ``reread``): a call it dropped as started before ``since`` is still
+    whole there when its retry has been inserted since, not that retry alone."""
     after: tuple[str, str] | None = None
     horizon = datetime.now(timezone.utc).replace(tzinfo=None) + MARK_AHEAD
     if newest := ledger.meta(db.source, "newest_start"):
@@ -386,7 +393,10 @@ def db_units(
             after = (start.isoformat(sep=" ", timespec="microseconds"), "")
             ledger.prune(db.source, _at(int((start - reread - EPOCH) / timedelta(microseconds=1))))
     now_us = int((datetime.now(timezone.utc).replace(tzinfo=None) - EPOCH) / timedelta(microseconds=1))
-    for page in db.pages(after, since_us, until_us):
+    slack_us = WINDOW_SLACK // timedelta(microseconds=1)
+    lo = None if since_us is None else since_us - slack_us
+    hi = None if until_us is None else until_us + slack_us
+    for page in db.pages(after, lo, hi):
         keys = page.keys
         bad_ids, bad_starts = [k for k, _ in page.quarantined_keys], [us for _, us in page.quarantined_keys]
         starts = [*keys["start_us"].to_list(), *bad_starts]
@@ -399,7 +409,8 @@ def db_units(
             quarantined = [q for q, k in zip(quarantined, bad_ids, strict=True) if k in fresh]
         chunk = Chunk(db.source, lines.with_columns(file=pl.lit(db.source)), quarantined)
         sane = [min(us, now_us) for us in starts if us is not None]  # a replica's clock ahead must not hide the others' rows
-        yield Unit(db.source, [chunk], new, meta={"newest_start": _sql_time(max(sane))} if sane else {}, kind="rows")
+        meta = {"newest_start": _sql_time(max(sane))} if sane else {}
+        yield Unit(db.source, [chunk], _inside(new, since_us, until_us), meta=meta, kind="rows", read=new.height)
 
 
 MARK_AHEAD = timedelta(days=1)
@@ -416,6 +427,19 @@ def _mark_time(text: str) -> datetime | None:
     except ValueError:
         return None
     return at.astimezone(timezone.utc).replace(tzinfo=None) if at.tzinfo is not None else at
+
+
+def _inside(items: pl.DataFrame, since_us: int | None, until_us: int | None) -> pl.DataFrame:
+    """The rows starting in [since, until), and those with no start (quarantined: marked, so quarantined once)."""
+    if since_us is None and until_us is None:
+        return items
+    start = pl.col("at").cast(pl.Int64, strict=False)
+    inside = pl.lit(True)
+    if since_us is not None:
+        inside = inside & (start >= since_us)
+    if until_us is not None:
+        inside = inside & (start < until_us)
+    return items.filter(start.is_null() | inside)
 
 
 def _at(us: int | None) -> str:

@@ -405,3 +405,29 @@ def test_a_server_settle_counts_in_the_attempts_another_ingester_wrote_meanwhile
             s.close()
     (got,), (want,) = all_traces(mlflow_server.url, name), all_traces(mlflow_server.url, f"{name}-one")
     assert _seen(got) == _seen(want) and _seen(want)[:3] == (100_000, 5_000, "OK")
+
+
+@pytest.mark.parametrize("bound", ["since", "until"])
+def test_a_retry_later_than_settle_across_a_bound_stays_in_the_window_of_its_first_attempt(bound: str) -> None:
+    """``--since`` between a failure and a retry read after the failure was final (a Retry-After
+    longer than --settle): the failure was left out, then the retry alone was written as the call
+    and counted both in and out of the window. It is left out with its call, counted once; across
+    ``--until`` the call keeps its retry (rewritten whole, as any late retry of a failed call)."""
+    from ingest.pipeline import Pipeline
+    from ingest.quarantine import QuarantineWriter
+    from ingest.sources import Chunk, split_lines
+    from tests.followkit import RecordingSink, line, record
+
+    sink = RecordingSink()
+    pipe = Pipeline(sink, "1", QuarantineWriter(None), settle_s=120.0, **{f"{bound}_us": 100_500_000})  # type: ignore[arg-type]
+    attempts = (record("c", "failure", 100.0, 101.0), record("o", "success", 300.0, 301.0), record("c", "success", 400.0, 401.0, 1))
+    for n, rec in enumerate(attempts):
+        frame, _ = split_lines("x.jsonl", line(rec).encode(), n * 10_000, n + 1)
+        pipe.feed(Chunk("x.jsonl", frame))
+    pipe.flush(final=True)
+    calls = sink.calls()
+    if bound == "since":
+        assert set(calls) == {"o"}
+    else:
+        assert set(calls) == {"c"} and (calls["c"]["state"], len(calls["c"]["spans"])) == ("OK", 3)
+    assert (pipe.summary.calls, pipe.summary.calls_outside_range) == (1, 1)

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import read_capture, reidentify
+from conftest import SAMPLE_LOGS, read_capture, reidentify
 from mlflow.entities.span import Span, SpanType
 from mlflow.entities.span_status import SpanStatusCode
 
@@ -286,7 +286,7 @@ def test_non_streamed_call_has_no_first_token_event(built: dict[str, BuiltTrace]
 @pytest.mark.parametrize("rec", each_record(lambda r: r["call_type"] == "acompletion"), ids=rid)
 def test_inputs_carry_messages_and_model_parameters(built: dict[str, BuiltTrace], rec: dict) -> None:
     inputs = attempt_span(built, rec).inputs
-    assert inputs["messages"] == rec["messages"]
+    assert inputs.get("messages") == rec["messages"], "a prompt not logged is no key: a null was the whole request preview"
     for k in ("tools", "tool_choice", "stream", "temperature", "max_tokens", "user"):
         if rec["model_parameters"].get(k) is not None:
             assert inputs[k] == rec["model_parameters"][k], k
@@ -332,6 +332,47 @@ def test_record_without_tools_has_no_chat_tools(built: dict[str, BuiltTrace]) ->
     assert "mlflow.chat.tools" not in attempt_span(built, CAPTURE[0]).attributes
 
 
+SPEND_ROWS = [json.loads(line) for line in (SAMPLE_LOGS / "spend_logs_export.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("row", SPEND_ROWS, ids=lambda r: r["request_id"][:20])
+def test_a_spend_logs_row_of_a_streamed_call_has_its_first_token_as_the_payload_does(row: dict) -> None:
+    """A SpendLogs row has no stream flag (and, where the proxy stores no prompts, no request): its
+    streamed calls had no first token event and ``stream`` false, the promised stream timing lost on
+    a backfill from the proxy's database. A first token before the end says it was streamed."""
+    (root,) = spans(trace_of([row]))
+    payload = [r for r in CAPTURE if r["litellm_call_id"] == row.get("litellm_call_id") and r["status"] == row["status"]]
+    if not payload:
+        pytest.skip("no payload copy of this row")
+    streamed = payload[0]["stream"] is True
+    events = [e for e in root.events if e.name == "first_token"]
+    assert root.attributes["stream"] is streamed
+    assert len(events) == streamed
+    if streamed:
+        assert abs(events[0].timestamp - ns(payload[0]["completionStartTime"])) < 1_000_000, "to the millisecond SpendLogs keeps"
+
+
+@pytest.mark.parametrize("rec", each_record(lambda r: r["status"] == "failure" and r["model_parameters"].get("stream")), ids=rid)
+def test_a_streamed_request_that_failed_is_streamed_with_no_first_token(built: dict[str, BuiltTrace], rec: dict) -> None:
+    """LiteLLM logs a failure's stream flag as null and its first token time as its end: the span
+    said ``stream`` false while its inputs said true."""
+    span = attempt_span(built, rec)
+    assert rec["stream"] is None and rec["completionStartTime"] == rec["endTime"]
+    assert span.attributes["stream"] is True and span.inputs["stream"] is True
+    assert "time_to_first_token_ms" not in span.attributes and not [e for e in span.events if e.name == "first_token"]
+
+
+@pytest.mark.parametrize("call", MULTI)
+def test_a_joined_calls_root_names_the_model_that_served_it(built: dict[str, BuiltTrace], call: str) -> None:
+    """Without its own model the root took the one MLflow reads from its inputs (the first attempt's:
+    the fallback's failed primary); a count by model saw the failed one twice."""
+    root, *children = spans(built[call])
+    for key in ("mlflow.llm.model", "mlflow.llm.provider"):
+        assert root.attributes[key] == children[-1].attributes[key], key
+    if call.startswith("da446ac3"):
+        assert root.attributes["mlflow.llm.model"] != children[0].attributes["mlflow.llm.model"]
+
+
 # --- usage and cost ----------------------------------------------------------------------
 
 
@@ -351,6 +392,35 @@ def test_llm_cost_total_is_response_cost_and_parts_from_cost_breakdown(built: di
     for k in ("input_cost", "output_cost"):
         if isinstance(cb.get(k), (int, float)):
             assert cost[k] == pytest.approx(cb[k]), k
+
+
+@pytest.mark.parametrize(
+    ("usage", "where", "expected"),
+    [
+        ({"prompt_tokens_details": {"cached_tokens": 1920}}, "response", {"cache_read_input_tokens": 1920}),
+        ({"prompt_tokens_details": {"cached_tokens": 1920}}, "usage_object", {"cache_read_input_tokens": 1920}),
+        (
+            {"cache_creation_input_tokens": 2048, "cache_read_input_tokens": 64, "prompt_tokens_details": {"cached_tokens": 0}},
+            "response",
+            {"cache_creation_input_tokens": 2048, "cache_read_input_tokens": 64},
+        ),
+        ({"prompt_tokens_details": {"cache_creation_tokens": 512}}, "usage_object", {"cache_creation_input_tokens": 512}),
+        ({"prompt_tokens_details": {"cached_tokens": -1, "cache_creation_tokens": "9"}}, "response", {}),
+    ],
+    ids=["openai", "spend logs without responses", "anthropic", "creation in details", "not counts"],
+)
+def test_prompt_cache_tokens_are_kept_wherever_litellm_logs_them(usage: dict, where: str, expected: dict) -> None:
+    """Anthropic's cache writes (MLflow has a key for them) were dropped, and so was every cache count
+    of a SpendLogs row whose proxy stores no responses (``'{}'``; LiteLLM keeps ``usage_object``)."""
+    row = copy.deepcopy(next(r for r in SPEND_ROWS if r["response"] == "{}" and r["status"] == "success"))
+    md = json.loads(row["metadata"])
+    md["usage_object"] = {"prompt_tokens": 2100, "total_tokens": 2130, **(usage if where == "usage_object" else {})}
+    row["metadata"] = json.dumps(md)
+    if where == "response":
+        row["response"] = json.dumps({"id": "x", "choices": [], "usage": usage})
+    (root,) = spans(trace_of([row]))
+    got = root.attributes["mlflow.chat.tokenUsage"]
+    assert {k: v for k, v in got.items() if k.startswith("cache")} == expected
 
 
 def test_priced_call_cost_parts(built: dict[str, BuiltTrace]) -> None:

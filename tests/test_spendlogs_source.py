@@ -245,3 +245,58 @@ def test_a_row_inserted_later_than_the_reread_window_is_read_when_the_window_is_
     assert (late["litellm_call_id"] in got) is read
     _, s3, _ = run("batch", litellm_db, *widen, state=tmp_path / "st", uri=uri)
     assert s3["db_rows"] == 0 and s3["traces_written"] == 0
+
+
+def _retried(records: list[dict]) -> tuple[dict, dict]:
+    """The first call of ``records`` whose first attempt failed and whose retry succeeded."""
+    fail = next(r for r in records if r["status"] == "failure" and sum(x["litellm_call_id"] == r["litellm_call_id"] for x in records) == 2)
+    return fail, next(r for r in records if r["litellm_call_id"] == fail["litellm_call_id"] and r is not fail)
+
+
+def _iso(epoch_s: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat()
+
+
+def test_a_retry_across_since_or_until_is_one_call_in_the_window_of_its_first_attempt(litellm_db: str, tmp_path: Path) -> None:
+    """The window was applied to rows in SQL: with the cut between a failure and its retry, ``--until``
+    wrote the failure alone (ERROR), ``--since`` the retry alone (joined to it, counted in both), and
+    reconcile agreed with both. Rows are read with a day of slack either side, and the pipeline
+    selects the calls, as for files."""
+    records = reidentify(read_capture(), shift_s=-86400 * 4)
+    insert_rows(litellm_db, [row_from_payload(r) for r in records])
+    fail, retry = _retried(records)
+    assert fail["startTime"] + 0.5 < retry["startTime"]
+    cut = _iso(fail["startTime"] + 0.5)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    _, before, _ = run("backfill", litellm_db, "--until", cut, "--workers", "1", state=tmp_path / "st", uri=uri)
+    (trace,) = [t for t in all_traces(uri, EXP) if t.info.tags["litellm.call_id"] == fail["litellm_call_id"]]
+    assert (trace.info.state.value, trace.info.tags.get("litellm.attempts"), len(trace.data.spans)) == ("OK", "2", 3)
+    _, after, _ = run("backfill", litellm_db, "--since", cut, "--workers", "1", state=tmp_path / "st", uri=uri)
+    calls = _calls(records)
+    assert before["calls"] + after["calls"] == len(calls) and after["calls_joined"] == 0
+    assert (before["calls_outside_range"], after["calls_outside_range"]) == (after["calls"], before["calls"])
+    assert len(all_traces(uri, EXP, include_spans=False)) == len(calls)
+    assert before["db_rows"] == after["db_rows"] == len(records)
+
+
+def test_a_call_started_before_since_stays_out_when_its_retry_is_inserted_after_a_run_read_its_failure(
+    litellm_db: str, tmp_path: Path
+) -> None:
+    """Rows read only as a window's slack are not marked read: the window's next run reads the
+    failure again beside its retry (inserted since, after a long Retry-After), and the call stays
+    out of the window; marked, the retry alone was written as a call of it."""
+    records = reidentify(read_capture(), shift_s=-86400 * 5)
+    fail, retry = _retried(records)
+    retry["startTime"], retry["endTime"] = retry["startTime"] + 300, retry["endTime"] + 300
+    later = reidentify(read_capture(), shift_s=-86400 * 5 + 200)  # the input moves past --settle: the failure is final
+    since = ["--since", _iso(fail["startTime"] + 0.5), "--workers", "1"]
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    insert_rows(litellm_db, [row_from_payload(r) for r in records + later if r is not retry])
+    _, first, _ = run("backfill", litellm_db, *since, state=tmp_path / "st", uri=uri)
+    assert first["calls_outside_range"] > 0
+    insert_rows(litellm_db, [row_from_payload(retry)])
+    _, second, _ = run("backfill", litellm_db, *since, state=tmp_path / "st", uri=uri)
+    assert second["traces_written"] == 0
+    assert fail["litellm_call_id"] not in {t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)}

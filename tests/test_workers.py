@@ -355,7 +355,7 @@ def test_a_workers_account_of_joined_calls_counts_each_call_once() -> None:
     written): this process adds them as they are, not taking the joined ones off twice."""
     pipe = Pipeline(RecordingSink(), "1", QuarantineWriter(None), settle_s=1e9)  # type: ignore[arg-type]
     worker = Pipeline(RecordingSink(), "1", QuarantineWriter(None), settle_s=1e9)  # type: ignore[arg-type]
-    written = [SimpleNamespace(start_us=1, end_us=2, joined=joined) for joined in (False, False, False, True)]
+    written = [SimpleNamespace(start_us=1, end_us=2, joined=joined, excess=[]) for joined in (False, False, False, True)]
     worker._account(written, 9)  # type: ignore[arg-type]
     s = worker.summary
     assert (s.calls, s.traces_written, s.calls_joined) == (3, 4, 1)
