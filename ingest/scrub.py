@@ -113,6 +113,7 @@ _VALUE = re.compile(
 _QUOTED = {
     '"': re.compile(r'(?:[^"\\\n]|\\.){1,4096}'),
     "'": re.compile(r"(?:[^'\\\n]|\\.){1,4096}"),
+    "`": re.compile(r"(?:[^`\\\n]|\\.){1,4096}"),
     "\\": re.compile(r"[^\"'\\\n]{1,4096}"),
 }
 """A quoted value, up to its closing quote (its escapes kept), by its quote; an escaped quote (JSON
@@ -156,6 +157,14 @@ def _prose(words: list[str]) -> bool:
 _GAP_CHARS = " \t\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u200b\u202f\u205f\u3000"
 _GAP = f"[{_GAP_CHARS}]"
 """Space between a name, its separator and its value: a no-break or wide space too (text pasted from a wiki)."""
+_TYPE = (
+    r"&?(?:'[a-z]{1,16}[ \t]{1,4})?(?:mut[ \t]{1,4})?[A-Za-z_][A-Za-z0-9_.<>&\[\]]{0,64}"
+    r"(?:[ \t]{0,4}\|[ \t]{0,4}[A-Za-z_][A-Za-z0-9_.<>\[\]]{0,32})?"
+)
+_ANNOTATION = rf"(?::{_GAP}{{0,4}}{_TYPE}|string)(?:{_GAP}{{1,16}}=|=(?={_GAP}{{0,16}}[bBuUrRfF]{{0,2}}\\{{0,3}}[\"']))(?!=)"
+"""A type between a name and its ``=`` in code (``apiKey: string =``, ``api_key: &'static str =``, ``api_key:
+str | None =``, Go's ``var apiKey string =``): the value is after the ``=``, the type is no value. Taken
+before a ``=`` after space, or before a quoted value (``token: abc=def`` is a value with ``=`` in it)."""
 _QUERY_NAMES = (
     r"key|api(?:[_-]|%5[Ff])?key|apikey|token|access(?:[_-]|%5[Ff])?token|id(?:[_-]|%5[Ff])?token|auth|sig|signature"
     r"|x-amz-signature|x-amz-security-token|x-amz-credential|x-goog-signature|x-goog-credential|code"
@@ -200,9 +209,20 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         r"\\{0,3}[\"'](?P<auth_v>[^\"'\\\n]{1,1024})\\{0,3}[\"'](?=[ \t]{0,16}[)\]])",
     ),
     (
+        "env",
+        rf"ENV(?<![^\n \t]ENV)[ \t]{{1,16}}(?P<env_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
+        r"(?P<env_sep>[ \t]{1,16})(?P<env_q>\\{0,3}[\"'])?",
+    ),
+    (
+        "call",
+        r"(?i:setdefault|putenv|setenv|set_var|setenvironmentvariable|getenv|environ\.get|env\.fetch|setproperty|getproperty)\("
+        rf"{_GAP}{{0,4}}\\{{0,3}}[\"'](?P<call_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
+        rf"(?P<call_sep>\\{{0,3}}[\"']{_GAP}{{0,4}},{_GAP}{{0,16}})(?P<call_q>(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'])",
+    ),
+    (
         "pair",
         rf"(?<!{_NAME})(?P<pair_n>(?:{_NAME}{{1,32}}[ +])?(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
-        rf"(?P<pair_sep>\\{{0,3}}[\"']?{_GAP}{{0,16}}[:=\uff1a\uff1d]{_GAP}{{0,16}})(?P<pair_q>(?:\[{_GAP}{{0,4}})?(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'])?",
+        rf"(?P<pair_sep>\\{{0,3}}[\"']?(?:{_GAP}{{0,4}}\])?{_GAP}{{0,16}}(?:{_ANNOTATION}|:=|={{2,3}}|<<?-|[:=\uff1a\uff1d]){_GAP}{{0,16}})(?P<pair_q>(?:\[{_GAP}{{0,4}})?(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"']|`)?",
     ),
     (
         "xml",
@@ -219,7 +239,8 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?:(?<![A-Za-z0-9]....)|(?<=%[0-9A-Fa-f]{2}....))[A-Z0-9]{16}(?![A-Za-z0-9])"),
     ("shape", rf"(?:(?<![{_KEY}])|(?<=%[0-9A-Fa-f]{{2}}))(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
-_BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
+_BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS if name != "env"))
+_BUILTIN_ENV = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
 """Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
 _VALUE_GROUPS = {"query": ("query_v", "matrix_v"), "auth": ("auth_v",), "bearer": ("bearer_v", "basic_v")}
 """The alternatives whose secret is one group of their match (the rest of it kept)."""
@@ -235,6 +256,12 @@ _NAME_PARTS = ("key", "secret", "token", "pass", "pwd", "auth", "cookie", "crede
 _WIDE_SEPARATORS = ("\uff1a", "\uff1d")
 
 
+def _builtin(s: str) -> re.Pattern[str]:
+    """``_BUILTIN``, with ``env`` where the text has ``ENV`` in it: one more alternative tried at every
+    position cost every text's pass ~10%."""
+    return _BUILTIN_ENV if "ENV" in s else _BUILTIN
+
+
 def _may_hold_secret(s: str) -> bool:
     """False only where ``_BUILTIN`` cannot match: a few substring tests instead of trying its ten
     alternatives at every position, ~10x faster on the texts a trace carries, almost none of which
@@ -244,7 +271,15 @@ def _may_hold_secret(s: str) -> bool:
     eq = "=" in s
     if eq and ("?" in s or "&" in s or ";" in s):
         return True
-    if not eq and ":" not in s and "</" not in s and (s.isascii() or not any(c in s for c in _WIDE_SEPARATORS)):
+    if (
+        not eq
+        and ":" not in s
+        and "</" not in s
+        and "(" not in s
+        and "<-" not in s
+        and "ENV" not in s
+        and (s.isascii() or not any(c in s for c in _WIDE_SEPARATORS))
+    ):
         return False
     low = (s if s.isascii() else s.translate(_IGNORECASE_EXTRA)).lower()
     return any(p in low for p in _NAME_PARTS)
@@ -311,9 +346,29 @@ class _Escaped:
 _CACHED_LENGTH = 512
 _CACHED_STRINGS = 16384
 """Bounds the caches of scrubbed texts and keys (a daemon runs for months): at most ~16 MB."""
+_KEY_AS_NAME = 8
+"""A name this long before a separator may be a key with a credential word in it (``sk-…Key…:``)."""
 _NOT_A_VALUE = frozenset({"null", "none", "true", "false", "undefined", "nil"})
+_CODE_PATH = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.:]{0,4095}")
+_READ_OPENERS = ('("', "('", '["', "['", "()", '(\\"', '[\\"')
+_ENV_READS = ("process.env.", "import.meta.env.", "os.environ/")
+"""What code that reads a key puts after its name: a qualified call or subscript of a quoted name
+(``os.environ["OPENAI_API_KEY"]``, ``os.getenv("…")``, ``System.getenv("…")``, ``env::var("…")``),
+Node's environment, or LiteLLM's own ``api_key: os.environ/AZURE_API_KEY``; the name it reads is no
+value, and stays readable."""
 _TUPLE = object()
 """On :meth:`Scrubber.value`'s stack: the list below it, now filled, becomes a tuple."""
+
+
+def _reads_a_key(s: str, start: int, end: int) -> bool:
+    """Whether the word ``s[start:end]`` after a credential name is code reading one, not a value."""
+    if s.startswith(_ENV_READS, start):
+        return True
+    return (
+        s.startswith(_READ_OPENERS, end)
+        and _CODE_PATH.fullmatch(s, start, end) is not None
+        and ("." in s[start:end] or "::" in s[start:end])
+    )
 
 
 def _looks_random(token: str) -> bool:
@@ -370,9 +425,9 @@ class Scrubber:
             escaped = _Escaped(s) if "\\" in s and any(e in s for e in _ESCAPE_MARKS) else None
             if escaped is not None and escaped.escapes:
                 d = escaped.decoded
-                if _may_hold_secret(d) and _BUILTIN.search(d) is not None:
+                if _may_hold_secret(d) and _builtin(d).search(d) is not None:
                     out = self._sub(d, 0, escaped)
-            elif _may_hold_secret(out) and _BUILTIN.search(out) is not None:
+            elif _may_hold_secret(out) and _builtin(out).search(out) is not None:
                 out = self._sub(out, 0)
             for pattern in self.extra:
                 if pattern.search(out) is not None:
@@ -418,7 +473,8 @@ class Scrubber:
         ``escaped``: ``s`` is its decoded text, and what is not replaced is copied as written."""
         out: list[str] = []
         pos = 0
-        while (m := _BUILTIN.search(s, pos)) is not None:
+        builtin = _builtin(s)
+        while (m := builtin.search(s, pos)) is not None:
             replacement, end = self._replace(m, level)
             if escaped is None:
                 out.append(s[pos : m.start()])
@@ -433,8 +489,16 @@ class Scrubber:
     def _replace(self, m: re.Match[str], level: int) -> tuple[str, int]:
         kind = m.lastgroup
         whole = m.group(0)
-        if kind == "pair":
-            return self._pair(m)
+        if kind == "env" and m.string[m.string.rfind("\n", 0, m.start()) + 1 : m.start()].strip(" \t"):
+            return whole[:3], m.start() + 3  # ENV not at a line's start: no Dockerfile's
+        if kind == "pair" or kind == "call" or kind == "env":
+            out, end = self._pair(m, kind)
+            group = kind + "_n"
+            a, b = m.span(group)
+            a, b = a - m.start(), b - m.start()
+            if b - a >= _KEY_AS_NAME and out[a:b] == whole[a:b] and (name := self.text(whole[a:b])) != whole[a:b]:
+                out = out[:a] + name + out[b:]  # a key that reads as a name (``sk-…PWD…:``): its shape still counts
+            return out, end
         if kind == "xml":
             start, end = m.start("xml_v") - m.start(), m.end("xml_v") - m.start()
             if name_kind(m.group("xml_n")) != _SECRET:
@@ -454,21 +518,28 @@ class Scrubber:
             return whole, m.end()
         return self.marker(whole), m.end()
 
-    def _pair(self, m: re.Match[str]) -> tuple[str, int]:
+    def _pair(self, m: re.Match[str], kind: str = "pair") -> tuple[str, int]:
         """A value under a name: up to its closing quote if the separator opened one, the rest of the
         line for a header, words to the line's end for a password after ``:``, else one word; after a
         ``:`` that ends its line, on the next line when it is alone there. After ``:``, common words are
-        prose, not a value. What follows another name is scanned on from the separator."""
-        name = m.group("pair_n")
+        prose, not a value. What follows another name is scanned on from the separator. ``kind``
+        ``call``: the name and its value are a setter's arguments (``os.putenv("NAME", "…")``), a dotted
+        property's name read by its last two parts (``System.setProperty("openai.api.key", "…")``); ``env``:
+        a Dockerfile's legacy ``ENV NAME value``, its value the rest of the line."""
+        n_group, sep_group, q_group = kind + "_n", kind + "_sep", kind + "_q"
+        env, call = kind == "env", kind == "call"
+        name = m.group(n_group)
         kind = name_kind(name)
+        if kind == _NOT_SECRET and call and "." in name:
+            kind = name_kind("_".join(name.rsplit(".", 2)[-2:]))  # a property's last two parts: openai.api.key, db.password
         s, start = m.string, m.end()
         if kind == _NOT_SECRET:
             return m.group(0), start
         if (done := MARKER.match(s, start)) is not None:
             return s[m.start() : done.end()], done.end()
-        quote = m.group("pair_q")
+        quote = m.group(q_group)
         n = _normalized(name)
-        colon = m.group("pair_sep").rstrip(_GAP_CHARS)[-1] in ":\uff1a"
+        colon = m.group(sep_group).rstrip(_GAP_CHARS).endswith((":", "\uff1a"))
         pos, next_line = start, False
         if not quote and colon and (nl := _NEXT_LINE.match(s, start)) is not None:
             pos, next_line = nl.end(), True
@@ -479,23 +550,27 @@ class Scrubber:
         if quote:
             quote = quote.lstrip("[" + _GAP_CHARS).lstrip("bBuUrRfF")  # a list's first ("X-Api-Key":["…"]), a Python literal (b'…')
             v = _QUOTED["\\" if len(quote) > 1 else quote].match(s, pos)
-        elif n in _HEADER_NAMES or n.endswith(("_cookie", "_authorization")):
+        elif env or n in _HEADER_NAMES or n.endswith(("_cookie", "_authorization")):
             v = _LINE.match(s, pos)
         else:
             v = _VALUE.match(s, pos)
         if v is None:
             return m.group(0), start
         value_start, end = v.span("v") if v.re is _VALUE else v.span()
+        if v.re is _VALUE and _reads_a_key(s, value_start, end):
+            return s[m.start() : value_start], value_start  # scanned on: os.getenv("NAME", "<a key as its default>")
         if v.re is _VALUE and colon and n.endswith(_PHRASE_NAMES):
             while (w := _WORD.match(s, end)) is not None and w.end() - value_start <= 4096:
                 end = w.end()
         value = s[value_start:end]
+        if quote == "`" and "${" in value:
+            return m.group(0), start  # a template literal that reads its value: `Bearer ${token}`
         if v.re is _VALUE:
-            value = value.rstrip(";")
+            value = value.rstrip(";:" if "==" in m.group(sep_group) else ";")  # if token == None:
         elif v.re is _LINE:
             value = value.rstrip()
         end = value_start + len(value)
-        if not quote and colon:
+        if not quote and (colon or env):
             words = value.lower().split(None, 3)[:3] or [""]
             if _prose(words) or (next_line and (words[0].endswith((":", "\uff1a")) or words[0][:1] == "#" or words[0] == "-")):
                 return m.group(0), start

@@ -693,16 +693,21 @@ _CASED = str.maketrans({"i": "\u0131", "s": "\u017f", "k": "\u212a"})
 def _pairs() -> list[str]:
     """Every credential name as ``re.IGNORECASE`` takes it: upper case, and with the non-ASCII letters it folds to i, s and k."""
     names = [v for n in _NAMES for v in (n, n.upper(), n.title(), n.translate(_CASED), n.replace("i", "\u0130"))]
-    return [f"{n}{sep}v4lue" for n in names for sep in ("=", ": ", '\\"=\\"', "'='", "\uff1a", "\uff1d")]
+    pairs = [f"{n}{sep}v4lue" for n in names for sep in ("=", ": ", '\\"=\\"', "'='", "\uff1a", "\uff1d")]
+    pairs += [f"{n} <- 'v4lue'" for n in names]
+    pairs += [f"const {n} = `v4lue`" for n in names]
+    pairs += [f'System.setProperty("openai.{n}", "v4lue")' for n in names]
+    pairs += [f"ENV {n} v4lue" for n in names] + [f'\tENV {n} \\"v4lue\\"' for n in names]
+    return pairs + [f'os.putenv("{n}", "v4lue")' for n in names] + [f"SetEnv( \\'{n}\\',\tb\\'v4lue\\'" for n in names]
 
 
 _MATCHING = _SHAPES + _pairs()
 
 
 def test_every_planted_shape_and_name_is_one_the_patterns_match_and_the_prefilter_passes() -> None:
-    from ingest.scrub import _BUILTIN, _may_hold_secret
+    from ingest.scrub import _builtin, _may_hold_secret
 
-    assert [t for t in _MATCHING if _BUILTIN.search(t) is None] == []
+    assert [t for t in _MATCHING if _builtin(t).search(t) is None] == []
     assert [t for t in _MATCHING if not _may_hold_secret(t)] == []
 
 
@@ -710,10 +715,10 @@ def test_every_planted_shape_and_name_is_one_the_patterns_match_and_the_prefilte
 @given(st.text(max_size=20), st.sampled_from(_MATCHING), st.text(max_size=20))
 def test_the_prefilter_passes_every_text_the_patterns_match(before: str, planted: str, after: str) -> None:
     """The cheap test that lets most texts skip the patterns must never skip one they match."""
-    from ingest.scrub import _BUILTIN, _may_hold_secret
+    from ingest.scrub import _builtin, _may_hold_secret
 
     for text in (planted, before + planted + after):
-        assert _BUILTIN.search(text) is None or _may_hold_secret(text), text
+        assert _builtin(text).search(text) is None or _may_hold_secret(text), text
 
 
 HUNTED = {
@@ -751,3 +756,253 @@ def test_a_camel_case_name_with_an_acronym_is_a_credential_name(name: str) -> No
 @pytest.mark.parametrize("name", ["maxTokens", "promptTokens", "GPTTokenizer", "totalTokenCount", "XMLParser"])
 def test_a_camel_case_name_that_is_no_credential_keeps_its_value(name: str) -> None:
     assert S.value({name: "visible-value"}) == {name: "visible-value"}
+
+
+# --- keys assigned in program code (a user pastes code into a prompt, a model answers with code) ---
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'const apiKey: string = "{s}";',
+        "let token: string = '{s}';",
+        'private readonly apiKey: string | undefined = "{s}";',
+        'let api_key: &str = "{s}";',
+        'const API_KEY: &\'static str = "{s}";',
+        'api_key: str = "{s}"',
+        'val apiKey: String = "{s}"',
+        'apiKey := "{s}"',
+        'var apiKey string = "{s}"',
+        'api_key:="{s}"',
+    ],
+)
+def test_a_key_assigned_to_a_typed_name_or_with_go_s_walrus_is_its_marker(template: str) -> None:
+    """The type (or the ``=`` of ``:=``) was taken for the value after ``:``, and the key kept."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+@pytest.mark.parametrize("template", ["{s}:", " {s}: denied", "x {s}:y", "{s} = 1", "{s}\t:\t"])
+def test_a_key_with_a_credential_word_in_it_before_a_separator_is_its_marker(template: str) -> None:
+    """Read as the name of a pair (``…PWD…``, ``…Key…`` in a random key) whose value was none, the
+    key itself was kept: Hypothesis found ``sk-0000PWD00:``."""
+    for secret in ("sk-0000PWD00", "sk-proj-" + rand(12) + "Key" + rand(12)):
+        assert secret not in S.text(template.format(s=secret)), template
+
+
+def test_a_typed_name_or_walrus_that_holds_no_key_keeps_its_code() -> None:
+    for text in (
+        "token_count := 5",
+        "tokenCount := len(tokens)",
+        "const tokenizer: Tokenizer = new Tokenizer();",
+        "def f(api_key: str = None, token: str = '', max_tokens: int = 256):",
+        "api_key: Optional[str] = None",
+        "let token: string | undefined = undefined;",
+    ):
+        assert S.text(text) == text
+    k = rand(32)
+    assert S.text(f"token: {k}=") == f"token: {fingerprint(k + '=')}", "a value ending in = is no type"
+    assert S.text(f"token: abc={k}") == f"token: {fingerprint('abc=' + k)}"
+
+
+def test_code_that_reads_a_key_keeps_what_it_reads() -> None:
+    """A qualified call or subscript of a quoted name after a credential name reads the key from
+    elsewhere: there is no secret, and the name of the variable it reads stays readable."""
+    for text in (
+        'api_key = os.environ["OPENAI_API_KEY"]',
+        "api_key=os.environ['OPENAI_API_KEY']",
+        'api_key = os.getenv("OPENAI_API_KEY")',
+        'client = OpenAI(api_key=os.environ.get("OPENAI_API_KEY"))',
+        'apiKey := os.Getenv("OPENAI_API_KEY")',
+        'let api_key = env::var("OPENAI_API_KEY").unwrap();',
+        'String apiKey = System.getenv("OPENAI_API_KEY");',
+        "const apiKey = process.env.OPENAI_API_KEY;",
+        "model_list:\n  - litellm_params:\n      api_key: os.environ/AZURE_API_KEY\n",
+        "api_key = settings.load_key()",
+    ):
+        assert S.text(text) == text
+    secret = rand(18, string.ascii_lowercase)
+    for template in ("password=my.{s}(1)", "token={s}(x)", "api_key={s}.x"):
+        assert secret not in S.text(template.format(s=secret)), "a word with a bracket after it is still a value"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'os.environ["AZURE_API_KEY"] = "{s}"',
+        "os.environ['OPENAI_API_KEY']='{s}'",
+        'headers["x-api-key"] = "{s}"',
+        "config[ 'api_key' ] = '{s}'",
+        'process.env["OPENAI_API_KEY"] = "{s}";',
+        'ENV["ANTHROPIC_API_KEY"] = "{s}"',
+        "$_ENV['DB_PASSWORD'] = '{s}';",
+        'code: os.environ[\\"AZURE_API_KEY\\"] = \\"{s}\\"',
+        '```python\nimport os\nos.environ["AZURE_API_KEY"] = "{s}"\n```',
+    ],
+)
+def test_a_key_assigned_to_a_subscripted_credential_name_is_its_marker(template: str) -> None:
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_subscripted_credential_name_given_no_key_keeps_its_code() -> None:
+    for text in (
+        'os.environ["OPENAI_API_KEY"] = os.getenv("AZURE_OPENAI_API_KEY")',
+        'os.environ["OPENAI_API_KEY"] = ""',
+        "os.environ['OPENAI_API_KEY'] = None",
+        'del os.environ["OPENAI_API_KEY"]',
+        'keys = ["api_key", "model"]',
+        'print(config["api_key"])',
+    ):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'os.environ.setdefault("X_API_KEY", "{s}")',
+        "os.putenv('OPENAI_API_KEY', '{s}')",
+        'monkeypatch.setenv("ANTHROPIC_API_KEY", "{s}")',
+        'os.Setenv("OPENAI_API_KEY", "{s}")',
+        'std::env::set_var("MISTRAL_API_KEY", "{s}");',
+        'Environment.SetEnvironmentVariable("AZURE_OPENAI_API_KEY", "{s}");',
+        'api_key = os.getenv("OPENAI_API_KEY", "{s}")',
+        'token = os.environ.get("HF_TOKEN", "{s}")',
+        'key = ENV.fetch("OPENAI_API_KEY", "{s}")',
+        'tool call: {{"code": "os.putenv(\\"DB_PASSWORD\\", \\"{s}\\")"}}',
+    ],
+)
+def test_a_key_given_to_an_environment_setter_or_as_a_getter_s_default_is_its_marker(template: str) -> None:
+    """The name and the key are a call's two arguments, not ``name = value``; the key was kept."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_call_with_no_key_after_a_credential_name_keeps_its_arguments() -> None:
+    for text in (
+        'os.environ.setdefault("OPENAI_API_KEY", "")',
+        'os.environ.setdefault("MODEL_NAME", "gpt-4o")',
+        'os.getenv("OPENAI_API_KEY", None)',
+        'api_key = os.getenv("OPENAI_API_KEY", default_key)',
+        'tokens = tokenizer.encode("hello", "world")',
+        'print("api_key", "missing")',
+        'keys = ("api_key", "token")',
+    ):
+        assert S.text(text) == text
+
+
+def test_a_credential_name_compared_with_a_literal_keeps_its_operator() -> None:
+    """``==`` was read as ``=`` and a value ``=``: the second ``=`` became a marker, the literal kept."""
+    secret = rand(32)
+    for template in ('if api_key == "{s}":', "if (token === '{s}') {{", 'assert os.environ["OPENAI_API_KEY"] == "{s}"'):
+        assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+    for text in ('if api_key == "":', "if token == None:", "if (apiKey === undefined) {"):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    ['api_key <- "{s}"', "OPENAI_API_KEY <- '{s}'", "token <- {s}", 'Sys.setenv(x = 1); db_password<-"{s}"', 'api_key <<- "{s}"'],
+)
+def test_a_key_assigned_with_r_s_arrow_is_its_marker(template: str) -> None:
+    """R's ``<-`` was no separator: the name had no value and the key was kept."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_an_arrow_that_assigns_no_key_keeps_its_code() -> None:
+    for text in (
+        "tokens <- ch",
+        "tokenCount <- length(tokens)",
+        'api_key <- Sys.getenv("OPENAI_API_KEY")',
+        'api_key <- ""',
+        "api_key <- NULL",
+        "if (n_tokens <-1) stop()",
+    ):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'ENV OPENAI_API_KEY "{s}"',
+        "ENV OPENAI_API_KEY {s}",
+        "FROM python:3.12\n  ENV ANTHROPIC_API_KEY '{s}'\nRUN pip install litellm",
+        'dockerfile: {{"text": "FROM python:3.12\\nENV HF_TOKEN \\"{s}\\"\\n"}}',
+    ],
+)
+def test_a_key_set_by_a_dockerfile_s_legacy_env_is_its_marker(template: str) -> None:
+    """``ENV NAME value`` (a space, no ``=``) was no pair: the key was kept."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_dockerfile_s_legacy_env_value_is_the_rest_of_its_line() -> None:
+    assert S.text("ENV DB_PASSWORD correct horse battery\nRUN x") == f"ENV DB_PASSWORD {fingerprint('correct horse battery')}\nRUN x"
+
+
+def test_a_legacy_env_that_sets_no_key_keeps_its_text() -> None:
+    for text in (
+        "ENV MAX_TOKENS 4096",
+        'ENV OPENAI_API_KEY ""',
+        "ENV TOKEN must be set at run time",
+        "RUN echo ENV OPENAI_API_KEY is read at run time",
+        "the ENV OPENAI_API_KEY abc123 line",
+        "env OPENAI_API_KEY",
+    ):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'System.setProperty("openai.api.key", "{s}");',
+        'System.setProperty("auth.token", "{s}");',
+        'props.setProperty("spring.datasource.db.password", "{s}");',
+        'String key = System.getProperty("anthropic.api.key", "{s}");',
+        'System.setProperty("OPENAI_API_KEY", "{s}");',
+    ],
+)
+def test_a_key_given_to_a_property_setter_is_its_marker(template: str) -> None:
+    """A dotted property's name read by its last part only (``key``) was no credential name: the key was kept."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_property_that_holds_no_key_keeps_its_code() -> None:
+    for text in (
+        'System.setProperty("http.keepAlive", "false");',
+        'System.setProperty("max.tokens", "4096");',
+        'System.setProperty("openai.api.key", "");',
+        'String key = System.getProperty("openai.api.key");',
+        'props.setProperty("tokenizer.name", "cl100k_base");',
+    ):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "const apiKey = `{s}`;",
+        "let token: string = `{s}`",
+        "const OPENAI_API_KEY=`{s}`",
+        "password: `{s}`",
+        "api_key = `{s}` + suffix",
+    ],
+)
+def test_a_key_in_a_template_literal_is_its_marker_and_its_backticks_kept(template: str) -> None:
+    """The backticks were read as part of one word: the marker replaced them, and fingerprinted `key`, not the key."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_template_literal_that_reads_its_value_keeps_its_code() -> None:
+    for text in (
+        "const apiKey = `${process.env.OPENAI_API_KEY}`;",
+        "const authorization = `Bearer ${token}`;",
+        "const token = `${prefix}-${id}`;",
+        "const apiKey = ``;",
+        "Set `api_key` to your key",
+        "token: `None`",
+    ):
+        assert S.text(text) == text
