@@ -155,7 +155,10 @@ def test_a_kill_while_creating_a_sqlite_store_never_breaks_it(tmp_path: Path, fl
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        assert not db.exists(), "a killed creation leaves no half-made store behind"
+        if db.exists():  # the migrations ended within the delay (an idle, fast machine): only a whole store is put in place
+            tables, versions = _schema(db)
+            assert any(name == "alembic_version" for name, _ in tables) and versions, "a killed creation leaves no half-made store behind"
+            break
     p = start(uri, fleet_logs, tmp_path / "state", tmp_path)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
