@@ -77,6 +77,8 @@ class Deduped:
     duplicates: int
     excess: pl.DataFrame
     """Attempts of calls past their first ``MAX_ATTEMPTS`` (in the order they ran): not written."""
+    full: list[str]
+    """Ready calls with all the attempts a call keeps: any later attempt of theirs is excess."""
 
 
 def _format_order() -> dict[str, int]:
@@ -109,10 +111,21 @@ def dedupe(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     return out, frame.height - out.height
 
 
-def cut_attempts(frame: pl.DataFrame, max_attempts: int = MAX_ATTEMPTS) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Deduped rows as each call's first ``max_attempts`` attempts, by end time, and the rest."""
-    big = frame.group_by("call_key").len().filter(pl.col("len") > max_attempts)["call_key"] if frame.height else None
-    if big is None or not big.len():
+def per_call(frame: pl.DataFrame) -> pl.DataFrame:
+    """A row per call of deduped rows: its outcome (the attempt that ended last), its end, its attempts."""
+    return frame.group_by("call_key").agg(
+        last_status=pl.col("status").sort_by("end_us", "start_us").last(),
+        last_end=pl.col("end_us").max(),
+        attempts=pl.len(),
+    )
+
+
+def cut_attempts(
+    frame: pl.DataFrame, max_attempts: int = MAX_ATTEMPTS, calls: pl.DataFrame | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Deduped rows as each call's first ``max_attempts`` attempts, by end time, and the rest
+    (``calls``: their :func:`per_call`, when known)."""
+    if not frame.height or int((per_call(frame) if calls is None else calls)["attempts"].max()) <= max_attempts:  # type: ignore[arg-type]
         return frame, frame.clear()
     order = frame.sort("call_key", "end_us", "start_us").with_columns(_n=pl.int_range(pl.len()).over("call_key"))
     keep = pl.col("_n") < max_attempts
@@ -125,6 +138,7 @@ def split_final(
     final: bool = False,
     now_us: int | None = None,
     horizon_us: int | None = None,
+    calls: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split deduped rows into calls that are final now and calls to hold for a retry/fallback.
 
@@ -135,16 +149,13 @@ def split_final(
     has all the attempts a call keeps).
     A call that ends past ``horizon_us`` (a proxy clock far ahead of this one, a bogus time) is
     final at once and moves no watermark: held, it would wait until the wall clock got there, and
-    it would make every other failure final without its wait.
+    it would make every other failure final without its wait. ``calls``: the rows' :func:`per_call`,
+    when known.
     """
     if final or not frame.height:
         return frame, frame.clear()
-    per_call = frame.group_by("call_key").agg(
-        last_status=pl.col("status").sort_by("end_us", "start_us").last(),
-        last_end=pl.col("end_us").max(),
-        attempts=pl.len(),
-    )
-    plausible = per_call if horizon_us is None else per_call.filter(pl.col("last_end") <= horizon_us)
+    calls = per_call(frame) if calls is None else calls
+    plausible = calls if horizon_us is None else calls.filter(pl.col("last_end") <= horizon_us)
     watermark = max(int(plausible["last_end"].max() or 0), now_us or 0)  # type: ignore[arg-type]
     waits = (pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000))
     hold = plausible.filter(waits & (pl.col("attempts") < MAX_ATTEMPTS))["call_key"]
@@ -170,6 +181,10 @@ def dedupe_and_split(
         new, resent = sent.drop_sent(new)
     merged = pl.concat([pending, new], how="vertical") if pending.height else new
     deduped, dups = dedupe(merged)
-    deduped, excess = cut_attempts(deduped)
-    ready, held = split_final(deduped, settle_s, final, now_us, horizon_us)
-    return Deduped(ready, held, dups + resent, excess)
+    calls = per_call(deduped)
+    deduped, excess = cut_attempts(deduped, calls=calls)
+    if excess.height:
+        calls = per_call(deduped)
+    ready, held = split_final(deduped, settle_s, final, now_us, horizon_us, calls)
+    full = calls.filter(pl.col("attempts") >= MAX_ATTEMPTS, ~pl.col("call_key").is_in(held["call_key"].implode()))["call_key"]
+    return Deduped(ready, held, dups + resent, excess, full.to_list())

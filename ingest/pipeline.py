@@ -283,9 +283,9 @@ class Pipeline:
         d = dedupe_and_split(pending, new, self.settle_s, final, None, at, horizon)
         self.pending = d.held
         self.summary.duplicates_dropped += d.duplicates + resent
-        self._quarantine_excess(pl.concat([excess, d.excess]) if excess is not None else d.excess)
-        if d.ready.height and (full := d.ready.group_by("call_key").len().filter(pl.col("len") >= MAX_ATTEMPTS)).height:
-            self.full_calls.update(full["call_key"].to_list())
+        excess = pl.concat([excess, d.excess]) if excess is not None else d.excess
+        self._quarantine_excess(list(self._in_shard(excess, count=False).iter_rows(named=True)) if excess.height else [])
+        self._remember_full(d.full)
         ready = self._selected(self._in_shard(d.ready))
         if ready.height:
             self.inflight = ready
@@ -297,17 +297,18 @@ class Pipeline:
             self.sent.add(ready)
             self.inflight = self.inflight.clear()
 
-    def _quarantine_excess(self, excess: pl.DataFrame | list[dict[str, Any]]) -> None:
+    def _remember_full(self, calls: Iterable[str]) -> None:
+        if len(self.full_calls) > FULL_CALLS_KEPT:
+            self.full_calls.clear()
+        self.full_calls.update(calls)
+
+    def _quarantine_excess(self, excess: list[dict[str, Any]]) -> None:
         """Attempts of a call past the ``MAX_ATTEMPTS`` it keeps (read together, or joined to what
         MLflow holds), and every later one this run reads: quarantined (this shard's), the call's
         trace its first attempts."""
-        if isinstance(excess, pl.DataFrame):
-            excess = list(self._in_shard(excess, count=False).iter_rows(named=True)) if excess.height else []
         if not excess:
             return
-        if len(self.full_calls) > FULL_CALLS_KEPT:
-            self.full_calls.clear()
-        self.full_calls.update(r["call_key"] for r in excess)
+        self._remember_full(r["call_key"] for r in excess)
         detail = f"its call id is on more than {MAX_ATTEMPTS} attempts (an id reused, not retries): its trace is the first {MAX_ATTEMPTS}"
         self.quarantine.write(_quarantined(excess, Reason.TOO_MANY_ATTEMPTS, detail))
 

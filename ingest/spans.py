@@ -204,7 +204,7 @@ class _Attempt:
     params: dict[str, Any]
     raw_response: Any
 
-    @property
+    @functools.cached_property
     def stream(self) -> bool:
         """Streamed: LiteLLM's flag, or the request's when it logged none (a failure's is null). A
         SpendLogs row has no flag, and the request only where the proxy stores prompts; without it,
@@ -214,7 +214,7 @@ class _Attempt:
             return True
         return r["format"] == "spend_logs" and "stream" not in self.params and (r["first_token_us"] or r["end_us"]) < r["end_us"]
 
-    @property
+    @functools.cached_property
     def first_token_us(self) -> int | None:
         """When a streamed answer's first token came; none for a failure LiteLLM stamps with its end."""
         r = self.row
