@@ -7,7 +7,7 @@
   as `SELECT row_to_json(t) FROM "LiteLLM_SpendLogs" t` prints it (naive UTC times at millisecond
   precision, JSON columns as JSON text). The proxy's default stores no prompts ("{}"), which every
   third row keeps; the others carry messages and response as with store_prompts_in_spend_logs.
-- bad_input.jsonl: one example of every kind of bad line, between two re-delivered good lines.
+- bad_input.jsonl: one example of each common kind of bad line, between re-delivered good lines.
 
 Run: python sample_logs/make_samples.py [path/to/proxy_calls.jsonl]
 """
