@@ -76,8 +76,14 @@ _IGNORECASE_EXTRA = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", 
 def name_kind(name: str) -> int:
     """What a value under this name is: normalized case-insensitively, ``-``, ``+`` and spaces as
     ``_``, camelCase split, and only the last dotted part counts (``mlflow.traceTag.api_key`` is
-    ``api_key``)."""
-    n = _normalized(name)
+    ``api_key``), or the last two where the last says nothing (``openai.api.key``, a Java property)."""
+    kind = _kind(_normalized(name))
+    if kind == _NOT_SECRET and "." in name:
+        kind = _kind(_normalized("_".join(name.rsplit(".", 2)[-2:])))
+    return kind
+
+
+def _kind(n: str) -> int:
     if n in _HASH_NAMES:
         return _HASH
     if n in _TOKEN_NAMES_NOT_SECRET:
@@ -215,7 +221,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "call",
-        r"(?i:setdefault|putenv|setenv|set_var|setenvironmentvariable|getenv|environ\.get|env\.fetch|setproperty|getproperty)\("
+        r"(?i:setdefault|putenv|setenv|set_var|setenvironmentvariable|getenv|environ\.get|env\.fetch|setproperty|getproperty|(?<![A-Za-z0-9_])put)\("
         rf"{_GAP}{{0,4}}\\{{0,3}}[\"'](?P<call_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
         rf"(?P<call_sep>\\{{0,3}}[\"']{_GAP}{{0,4}},{_GAP}{{0,16}})(?P<call_q>(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'])",
     ),
@@ -523,15 +529,13 @@ class Scrubber:
         line for a header, words to the line's end for a password after ``:``, else one word; after a
         ``:`` that ends its line, on the next line when it is alone there. After ``:``, common words are
         prose, not a value. What follows another name is scanned on from the separator. ``kind``
-        ``call``: the name and its value are a setter's arguments (``os.putenv("NAME", "…")``), a dotted
-        property's name read by its last two parts (``System.setProperty("openai.api.key", "…")``); ``env``:
+        ``call``: the name and its value are a setter's
+        arguments (``os.putenv("NAME", "…")``, ``props.put("api.key", "…")``); ``env``:
         a Dockerfile's legacy ``ENV NAME value``, its value the rest of the line."""
         n_group, sep_group, q_group = kind + "_n", kind + "_sep", kind + "_q"
-        env, call = kind == "env", kind == "call"
+        env = kind == "env"
         name = m.group(n_group)
         kind = name_kind(name)
-        if kind == _NOT_SECRET and call and "." in name:
-            kind = name_kind("_".join(name.rsplit(".", 2)[-2:]))  # a property's last two parts: openai.api.key, db.password
         s, start = m.string, m.end()
         if kind == _NOT_SECRET:
             return m.group(0), start

@@ -961,12 +961,25 @@ def test_a_legacy_env_that_sets_no_key_keeps_its_text() -> None:
         'props.setProperty("spring.datasource.db.password", "{s}");',
         'String key = System.getProperty("anthropic.api.key", "{s}");',
         'System.setProperty("OPENAI_API_KEY", "{s}");',
+        'props.put("api.key", "{s}");',
+        'Map.of().put("openai.api.key", "{s}")',
+        "openai.api.key={s}",
+        "azure.openai.subscription.key = {s}",
+        '"anthropic.api.key": "{s}"',
     ],
 )
 def test_a_key_given_to_a_property_setter_is_its_marker(template: str) -> None:
-    """A dotted property's name read by its last part only (``key``) was no credential name: the key was kept."""
+    """A dotted property's name read by its last part only (``key``) was no credential name: the key
+    was kept, in a setter, a ``put``, a Java properties file and JSON."""
     secret = rand(32)
     assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_dotted_name_is_a_credential_name_in_a_dict_too() -> None:
+    secret = rand(32)
+    got = S.value({"openai.api.key": secret, "headers": {"x.access.key": secret}, "cache.key": "users", "sort.key": "ts"})
+    marker = fingerprint(secret)
+    assert got == {"openai.api.key": marker, "headers": {"x.access.key": marker}, "cache.key": "users", "sort.key": "ts"}
 
 
 def test_a_property_that_holds_no_key_keeps_its_code() -> None:
@@ -976,6 +989,9 @@ def test_a_property_that_holds_no_key_keeps_its_code() -> None:
         'System.setProperty("openai.api.key", "");',
         'String key = System.getProperty("openai.api.key");',
         'props.setProperty("tokenizer.name", "cl100k_base");',
+        'cache.put("cache.key", "users");',
+        "spring.cache.key=users",
+        'input("api_key", "default")',
     ):
         assert S.text(text) == text
 
