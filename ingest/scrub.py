@@ -355,6 +355,8 @@ _CACHED_STRINGS = 16384
 _KEY_AS_NAME = 8
 """A name this long before a separator may be a key with a credential word in it (``sk-…Key…:``)."""
 _NOT_A_VALUE = frozenset({"null", "none", "true", "false", "undefined", "nil"})
+_TYPE_NAMES = frozenset({"str", "&str", "string", "bytes", "int", "bool", "secretstr", "secretbytes", "optional", "any", "object"})
+"""A type after a name and ``:`` (a parameter, a field), never a credential."""
 _CODE_PATH = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.:]{0,4095}")
 _READ_OPENERS = ('("', "('", '["', "['", "()", '(\\"', '[\\"')
 _ENV_READS = ("process.env.", "import.meta.env.", "os.environ/")
@@ -582,6 +584,8 @@ class Scrubber:
                 return m.group(0), start
         if not value or value.lower() in _NOT_A_VALUE:
             return s[m.start() : end], end
+        if colon and v.re is _VALUE and value.lower() in _TYPE_NAMES:
+            return m.group(0), start  # a parameter's or a field's type: def f(token: str), password: String
         return s[m.start() : value_start] + (self._hash(value) if kind == _HASH else self.secret(value)), end
 
     def _extra(self, pattern: re.Pattern[str], s: str) -> str:

@@ -1022,3 +1022,13 @@ def test_a_template_literal_that_reads_its_value_keeps_its_code() -> None:
         "token: `None`",
     ):
         assert S.text(text) == text
+
+
+def test_a_credential_names_type_is_no_value() -> None:
+    """``def f(token: str)`` and a dataclass's ``password: str`` had their type replaced by a marker
+    (a prompt with code in it came back unreadable); a value after ``:`` still is one."""
+    for text in ("def f(token: str) -> None:", "    password: str\n", "token: Optional[str],", "apiKey: String,", "fn f(api_key: &str) {"):
+        assert S.text(text) == text
+    secret = rand(32)
+    for template in ("token: {s}", "password: {s}\n", 'token: "{s}",'):
+        assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
