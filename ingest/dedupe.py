@@ -13,6 +13,7 @@ call is held until the stream has moved ``settle`` past it (or the input ends).
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import polars as pl
@@ -109,6 +110,42 @@ def dedupe(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
         .drop("_prio", "_seq", "start_ms")
     )
     return out, frame.height - out.height
+
+
+def detached(frame: pl.DataFrame) -> pl.DataFrame:
+    """A copy of ``frame`` that owns its data (see :class:`Kept`)."""
+    if not frame.height:
+        return frame
+    buf = io.BytesIO()
+    frame.write_ipc(buf)
+    buf.seek(0)
+    return pl.read_ipc(buf)
+
+
+def text_bytes(frame: pl.DataFrame) -> int:
+    """The bytes of the records' lines: what a frame of them holds, near enough."""
+    return int(frame["raw"].str.len_bytes().sum()) if frame.height else 0  # type: ignore[arg-type]
+
+
+class Kept:
+    """Rows kept from step to step (calls held for their retry, failures remembered for a late one).
+
+    A filtered frame's strings still point into the buffers of the whole chunk they were read in
+    (Polars' string views): a few rows kept from each chunk kept every chunk alive, and a backfill
+    of shuffled history grew by the size of its input (1.4 GB for 900 MB read). They are copied out
+    once what they may point into is more than twice their own size: each byte read is copied at
+    most about once."""
+
+    def __init__(self) -> None:
+        self.pinned = 0
+
+    def keep(self, frame: pl.DataFrame, added: int) -> pl.DataFrame:
+        """``frame``, to be kept, now that it may also point into ``added`` bytes of new chunks."""
+        live = text_bytes(frame)
+        self.pinned += added
+        if live * 2 < self.pinned:
+            frame, self.pinned = detached(frame), live
+        return frame
 
 
 def per_call(frame: pl.DataFrame) -> pl.DataFrame:

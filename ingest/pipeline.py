@@ -27,7 +27,7 @@ import polars as pl
 from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
 from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
-from ingest.dedupe import DEFAULT_SETTLE_S, MAX_ATTEMPTS, SentIndex, dedupe_and_split
+from ingest.dedupe import DEFAULT_SETTLE_S, MAX_ATTEMPTS, Kept, SentIndex, dedupe_and_split, text_bytes
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger, Unit, drop_nest_queue
 from ingest.lognames import stream_of
@@ -159,6 +159,7 @@ class Pipeline:
         self.pending = empty_canonical()
         self.inflight = empty_canonical()
         self.recent = empty_canonical()
+        self._pending_kept, self._recent_kept = Kept(), Kept()
         self.recent_failed: set[str] = set()
         self.remember_s = max(600.0, 10 * settle_s)
         self.before_since: set[str] = set()
@@ -281,7 +282,7 @@ class Pipeline:
         if new.height and (ahead := int((new["end_us"] > horizon).sum())):
             self.warnings["end_in_future"] = self.warnings.get("end_in_future", 0) + ahead
         d = dedupe_and_split(pending, new, self.settle_s, final, None, at, horizon)
-        self.pending = d.held
+        self.pending = self._pending_kept.keep(d.held, text_bytes(new))
         self.summary.duplicates_dropped += d.duplicates + resent
         excess = pl.concat([excess, d.excess]) if excess is not None else d.excess
         self._quarantine_excess(list(self._in_shard(excess, count=False).iter_rows(named=True)) if excess.height else [])
@@ -347,7 +348,7 @@ class Pipeline:
         if recent.height:
             horizon = int(recent["end_us"].max()) - int(self.remember_s * 1_000_000)  # type: ignore[arg-type]
             recent = recent.filter(pl.col("end_us").max().over("call_key") >= horizon)
-        self.recent = recent
+        self.recent = self._recent_kept.keep(recent, text_bytes(ready) if failed.height else 0)
         self.recent_failed = set(recent["call_key"].unique().to_list()) if recent.height else set()
         return True
 
