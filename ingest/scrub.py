@@ -531,9 +531,9 @@ class Scrubber:
         line for a header, words to the line's end for a password after ``:``, else one word; after a
         ``:`` that ends its line, on the next line when it is alone there. After ``:``, common words are
         prose, not a value. What follows another name is scanned on from the separator. ``kind``
-        ``call``: the name and its value are a setter's
-        arguments (``os.putenv("NAME", "…")``, ``props.put("api.key", "…")``); ``env``:
-        a Dockerfile's legacy ``ENV NAME value``, its value the rest of the line."""
+        ``call``: the name and its value are a setter's arguments (``os.putenv("NAME", "…")``,
+        ``props.put("api.key", "…")``); ``env``: a Dockerfile's legacy ``ENV NAME value``, its value
+        the rest of the line."""
         n_group, sep_group, q_group = kind + "_n", kind + "_sep", kind + "_q"
         env = kind == "env"
         name = m.group(n_group)
