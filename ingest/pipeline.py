@@ -51,7 +51,8 @@ DEFAULT_BATCH_TRACES = 200
 DEFAULT_BATCH_TRACES_SQL = 2000
 DEFAULT_PARTIAL_TIMEOUT_S = 300.0
 FULL_CALLS_KEPT = 100_000
-"""Ids of calls that reached ``MAX_ATTEMPTS`` a run remembers (their later attempts are quarantined)."""
+"""Ids of calls a run remembers in each set that only grows: calls that reached ``MAX_ATTEMPTS``
+(their later attempts are quarantined), calls left out of ``--since/--until`` that may come back."""
 FUTURE_TOLERANCE_S = 3600.0
 """How far past this machine's clock a call may end and still be held for its retry (a proxy clock
 somewhat ahead); beyond it, or beyond ``--settle`` if longer, the call is final at once and counted
@@ -162,7 +163,7 @@ class Pipeline:
         self._pending_kept, self._recent_kept = Kept(), Kept()
         self.recent_failed: set[str] = set()
         self.remember_s = max(600.0, 10 * settle_s)
-        self.before_since: set[str] = set()
+        self.left_out: set[str] = set()
         self.full_calls: set[str] = set()
         self.sent = SentIndex()
         self.summary = Summary()
@@ -375,23 +376,30 @@ class Pipeline:
     def _in_range(self, ready: pl.DataFrame) -> pl.DataFrame:
         """--since/--until select calls by their first attempt's start, half-open: [since, until).
 
-        A call left out as started before --since is remembered while a late attempt of it may still
-        come (one that ended within ``remember_s`` of --since, as long as a late retry rejoins a call
-        written as failed): read after the call was final, that attempt alone starts inside the
-        window, and was written as the call (and counted in and out of it)."""
+        A call left out is remembered while a late attempt of it may still come, so that it stays
+        out and is counted once: one that started before --since and ended within ``remember_s`` of
+        it (as long as a late retry rejoins a call written as failed; read after the call was final,
+        that attempt alone starts inside the window, and was written as the call), and one after
+        --until whose last attempt failed (its late retry was counted out again)."""
         if self.since_us is None and self.until_us is None:
             return ready
-        calls = ready.group_by("call_key").agg(pl.col("start_us").min(), pl.col("end_us").max())
-        met = pl.col("call_key").is_in(sorted(self.before_since)) if self.before_since else pl.lit(False)
+        calls = ready.group_by("call_key").agg(
+            pl.col("start_us").min(), pl.col("end_us").max(), last_status=pl.col("status").sort_by("end_us", "start_us").last()
+        )
+        met = pl.col("call_key").is_in(sorted(self.left_out)) if self.left_out else pl.lit(False)
         early = pl.lit(False) if self.since_us is None else pl.col("start_us") < self.since_us
         late = pl.lit(False) if self.until_us is None else pl.col("start_us") >= self.until_us
         out = calls.filter(met | early | late)
         if not out.height:
             return ready
         self.summary.calls_outside_range += out.filter(~met).height
+        may_return = late & (pl.col("last_status") != "success")
         if self.since_us is not None:
-            again = out.filter(early & ~met & (pl.col("end_us") >= self.since_us - int(self.remember_s * 1_000_000)))
-            self.before_since.update(again["call_key"].to_list())
+            may_return = may_return | (early & (pl.col("end_us") >= self.since_us - int(self.remember_s * 1_000_000)))
+        again = out.filter(~met & may_return)["call_key"].to_list()
+        if len(self.left_out) + len(again) > FULL_CALLS_KEPT:
+            self.left_out.clear()
+        self.left_out.update(again)
         return ready.filter(~pl.col("call_key").is_in(out["call_key"].implode()))
 
     def emit(self, ready: pl.DataFrame) -> None:

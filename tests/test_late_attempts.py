@@ -431,3 +431,22 @@ def test_a_retry_later_than_settle_across_a_bound_stays_in_the_window_of_its_fir
     else:
         assert set(calls) == {"c"} and (calls["c"]["state"], len(calls["c"]["spans"])) == ("OK", 3)
     assert (pipe.summary.calls, pipe.summary.calls_outside_range) == (1, 1)
+
+
+def test_a_call_after_until_whose_retry_comes_late_is_counted_out_once() -> None:
+    """A failure after ``--until`` was counted outside the window, then its retry (read after the
+    call was final) counted it again."""
+    from ingest.pipeline import Pipeline
+    from ingest.quarantine import QuarantineWriter
+    from ingest.sources import Chunk, split_lines
+    from tests.followkit import RecordingSink, line, record
+
+    sink = RecordingSink()
+    pipe = Pipeline(sink, "1", QuarantineWriter(None), settle_s=120.0, until_us=150_000_000)  # type: ignore[arg-type]
+    attempts = (record("in", "success", 100.0, 101.0), record("d", "failure", 200.0, 201.0), record("x", "success", 500.0, 501.0))
+    for n, rec in enumerate((*attempts, record("d", "success", 600.0, 601.0, 1))):
+        frame, _ = split_lines("x.jsonl", line(rec).encode(), n * 10_000, n + 1)
+        pipe.feed(Chunk("x.jsonl", frame))
+    pipe.flush(final=True)
+    assert set(sink.calls()) == {"in"}
+    assert (pipe.summary.calls, pipe.summary.calls_outside_range) == (1, 2)
