@@ -607,6 +607,8 @@ def _decode_part(
     decoded, errors = (fast_decode if fast else safe_decode)(part["raw"], schema.decode_dtype)
     for i in decoded.is_null().arg_true().to_list():
         errors.setdefault(i, "not an object")
+    if errors:
+        decoded, errors = _without_odd_fields(part["raw"], decoded, errors, schema, warnings)
     part = part.with_columns(rec=decoded)
     bad_idx = set(errors)
     quarantined: list[QuarantineRecord] = []
@@ -622,6 +624,66 @@ def _decode_part(
         part = part.with_columns(pl.col("rec").struct.with_fields(values.alias(key)))
     keep = part.with_row_index("_i").filter(~pl.col("_i").is_in(sorted(bad_idx))).drop("_i")
     return keep, quarantined
+
+
+def _odd_fields_dropped(text: str, schema: RecordSchema) -> tuple[str, list[str]] | None:
+    """A line that failed to decode, with each top-level field of the wrong shape that the call can
+    do without left out (metadata, error_information, request_tags; one given as JSON text of its
+    shape, as SpendLogs exports write them, is decoded instead): the new text and the fields left
+    out, or None when the line is no object or an id, time, token count or cost is wrong."""
+    try:
+        value = loads_lenient(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    dropped: list[str] = []
+    for f in schema.decode_dtype.fields:
+        v = value.get(f.name)
+        if _type_ok(v, f.dtype):
+            continue
+        if f.name in STRICT_FIELDS or f.name in schema.required or not isinstance(f.dtype, (pl.Struct, pl.List)):
+            return None
+        try:
+            inner = loads_lenient(v) if isinstance(v, str) else None
+        except (ValueError, RecursionError):
+            inner = None
+        if inner is not None and _type_ok(inner, f.dtype):
+            value[f.name] = inner
+        else:
+            value[f.name] = None
+            dropped.append(f.name)
+    return json.dumps(value, ensure_ascii=False), dropped
+
+
+def _without_odd_fields(
+    raw: pl.Series, decoded: pl.Series, errors: dict[int, str], schema: RecordSchema, warnings: Warnings | None
+) -> tuple[pl.Series, dict[int, str]]:
+    """Decode again the failed lines whose only fault is a field the call can do without (see
+    ``_odd_fields_dropped``), that field left out with a ``dropped_<field>`` warning: the call's
+    times, tokens and cost are kept rather than the whole record quarantined."""
+    fixed: dict[int, tuple[str, list[str]]] = {}
+    for i in sorted(errors):
+        if (found := _odd_fields_dropped(raw[i], schema)) is not None:
+            fixed[i] = found
+    if not fixed:
+        return decoded, errors
+    idx = pl.Series("i", list(fixed), dtype=pl.UInt32)
+    redone, still = safe_decode(pl.Series(raw.name, [t for t, _ in fixed.values()], dtype=pl.String), schema.decode_dtype)
+    errors = {i: m for i, m in errors.items() if i not in fixed}
+    for n, (i, (_, dropped)) in enumerate(fixed.items()):
+        if n in still or redone[n] is None:
+            errors[i] = still.get(n, "not an object")
+            continue
+        for name in dropped:
+            _warn(warnings, f"dropped_{name}")
+    merged = pl.concat(
+        [
+            pl.DataFrame({"i": pl.int_range(0, raw.len(), eager=True, dtype=pl.UInt32), "v": decoded}).filter(~pl.col("i").is_in(idx)),
+            pl.DataFrame({"i": idx, "v": redone}),
+        ]
+    )
+    return merged.sort("i")["v"].alias(decoded.name), errors
 
 
 def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:

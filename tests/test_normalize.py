@@ -606,7 +606,6 @@ def test_not_an_object(good: list[dict], bad: str) -> None:
         ("prompt_tokens", "many"),
         ("stream", "yes"),
         ("response_cost", {"usd": 1}),
-        ("metadata", ["not", "an", "object"]),
     ],
 )
 def test_slp_wrong_type(good: list[dict], field: str, value: object) -> None:
@@ -1027,3 +1026,28 @@ def test_a_spend_row_whose_metadata_or_tags_are_not_of_their_shape_keeps_its_cal
     assert out["total_tokens"].to_list()[:3] == [r["total_tokens"] for r in rows[:3]]
     place = ("line_no", "offset", "file")
     assert out.drop(place).row(3, named=True) == kept.drop(place).row(0, named=True), "a good row is read as alone"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_slp_metadata_or_error_information_of_another_shape_keeps_the_call(capture: list[dict], fast: bool) -> None:
+    """metadata as JSON text (as SpendLogs exports write it), error_information as a plain string,
+    metadata as an array or with a key field holding an object: the whole record was quarantined,
+    its call's times, tokens and cost lost. JSON text of the shape is decoded; another shape is
+    left out with a warning."""
+    base = [r for r in capture if r["status"] == "success"][:5]
+    rows = copy.deepcopy(base)
+    rows[0]["metadata"] = json.dumps(rows[0]["metadata"])
+    rows[1]["error_information"] = "upstream said no"
+    rows[2]["metadata"] = ["not", "an", "object"]
+    rows[3]["metadata"]["user_api_key_alias"] = {"nested": 1}
+    frame, _ = frame_of(rows)
+    warnings: dict[str, int] = {}
+    out, quarantined = normalize(frame, warnings, fast)
+    assert quarantined == [] and out.height == 5
+    assert warnings == {"dropped_error_information": 1, "dropped_metadata": 2}
+    assert out["total_tokens"].to_list() == [r["total_tokens"] for r in base]
+    assert out["cost"].to_list() == [r["response_cost"] for r in base]
+    alone, _, _ = run(base[:1])
+    place = ("line_no", "offset", "raw")
+    assert out.drop(place).row(0, named=True) == alone.drop(place).row(0, named=True), "metadata text read as the object"
+    assert out["key_hash"].to_list()[2:4] == [None, None]
