@@ -628,9 +628,10 @@ def _decode_part(
 
 def _odd_fields_dropped(text: str, schema: RecordSchema) -> tuple[str, list[str]] | None:
     """A line that failed to decode, with each top-level field of the wrong shape that the call can
-    do without left out (metadata, error_information, request_tags; one given as JSON text of its
-    shape, as SpendLogs exports write them, is decoded instead): the new text and the fields left
-    out, or None when the line is no object or an id, time, token count or cost is wrong."""
+    do without left out (metadata, error_information, request_tags, stream, request_duration_ms;
+    one given as JSON text of its type, as SpendLogs exports write objects and CSV-made exports
+    every value, is decoded instead): the new text and the fields left out, or None when the line
+    is no object or an id, time, token count or cost is wrong."""
     try:
         value = loads_lenient(text)
     except (ValueError, RecursionError):
@@ -642,7 +643,7 @@ def _odd_fields_dropped(text: str, schema: RecordSchema) -> tuple[str, list[str]
         v = value.get(f.name)
         if _type_ok(v, f.dtype):
             continue
-        if f.name in STRICT_FIELDS or f.name in schema.required or not isinstance(f.dtype, (pl.Struct, pl.List)):
+        if f.name in STRICT_FIELDS or f.name in schema.required:
             return None
         try:
             inner = loads_lenient(v) if isinstance(v, str) else None
@@ -677,9 +678,10 @@ def _without_odd_fields(
             continue
         for name in dropped:
             _warn(warnings, f"dropped_{name}")
+    unchanged = ~pl.col("i").is_in(list(fixed))
     merged = pl.concat(
         [
-            pl.DataFrame({"i": pl.int_range(0, raw.len(), eager=True, dtype=pl.UInt32), "v": decoded}).filter(~pl.col("i").is_in(idx)),
+            pl.DataFrame({"i": pl.int_range(0, raw.len(), eager=True, dtype=pl.UInt32), "v": decoded}).filter(unchanged),
             pl.DataFrame({"i": idx, "v": redone}),
         ]
     )

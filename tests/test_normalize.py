@@ -604,7 +604,6 @@ def test_not_an_object(good: list[dict], bad: str) -> None:
         ("startTime", "yesterday"),
         ("endTime", "tomorrow"),
         ("prompt_tokens", "many"),
-        ("stream", "yes"),
         ("response_cost", {"usd": 1}),
     ],
 )
@@ -1051,3 +1050,24 @@ def test_slp_metadata_or_error_information_of_another_shape_keeps_the_call(captu
     place = ("line_no", "offset", "raw")
     assert out.drop(place).row(0, named=True) == alone.drop(place).row(0, named=True), "metadata text read as the object"
     assert out["key_hash"].to_list()[2:4] == [None, None]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_field_the_call_does_without_of_another_type_keeps_the_call(capture: list[dict], fast: bool) -> None:
+    """A SpendLogs row whose ``request_duration_ms`` (never read) is text, as in an export made
+    from CSV, was quarantined whole; so was a payload whose ``stream`` or ``cache_hit`` is the text
+    ``"true"``. Text of the field's type is read as that value; other text is left out with a warning."""
+    spend = spend_rows(capture)[:2]
+    spend[0]["request_duration_ms"] = str(spend[0]["request_duration_ms"])
+    slp = copy.deepcopy([r for r in capture if r["status"] == "success" and r["stream"]][:3])
+    slp[0]["stream"] = "true"
+    slp[1]["cache_hit"] = "false"
+    slp[2]["stream"] = "yes"
+    frame, _ = frame_of([*spend, *slp])
+    warnings: dict[str, int] = {}
+    out, quarantined = normalize(frame, warnings, fast)
+    assert quarantined == [] and out.height == 5
+    assert warnings == {"dropped_stream": 1}
+    assert out["stream"].to_list()[2:] == [True, True, False]
+    assert out["cache_hit"].to_list()[3] is False
+    assert out["total_tokens"].to_list() == [r["total_tokens"] for r in [*spend, *slp]]
