@@ -451,7 +451,8 @@ def _loads_with_members(text: str) -> tuple[Any, list[tuple[str, Any]]]:
 def _check_types(
     value: dict[str, Any], pairs: list[tuple[str, Any]], schema: RecordSchema, warnings: Warnings | None
 ) -> tuple[str | None, bool]:
-    """(why a record's strict field has the wrong JSON type, or None; whether a field was dropped).
+    """(why a record's strict field has the wrong JSON type, or None; whether a field was dropped or
+    rewritten: a whole-number float count is read as the integer).
 
     Every value of a key the record gives twice is checked (``pairs``, its top-level members in
     order): polars reads the first, Python's ``json`` the last, and neither may pass as the other type."""
@@ -465,6 +466,9 @@ def _check_types(
         if kind == "number" and type(v) not in (int, float):
             return f"field {name!r}: expected number, got {_JSON_TYPES.get(type(v), 'value')}", dropped
         if kind == "integer":
+            if type(v) is float and v.is_integer():  # 44.0: how pandas and JavaScript write a count
+                v = value[name] = int(v)
+                dropped = True
             if type(v) is not int:
                 return f"field {name!r}: expected integer, got {_JSON_TYPES.get(type(v), 'value')}", dropped
             if v < 0 or v >= 2**63:

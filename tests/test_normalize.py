@@ -1071,3 +1071,21 @@ def test_a_field_the_call_does_without_of_another_type_keeps_the_call(capture: l
     assert out["stream"].to_list()[2:] == [True, True, False]
     assert out["cache_hit"].to_list()[3] is False
     assert out["total_tokens"].to_list() == [r["total_tokens"] for r in [*spend, *slp]]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_token_count_written_as_a_whole_float_is_the_count(capture: list[dict], fast: bool) -> None:
+    """``"prompt_tokens": 12.0`` (pandas writes an integer column with a null that way, JavaScript
+    may too) quarantined the whole record as not an integer. It is the count; 12.5 is still refused."""
+    base = [r for r in capture if r["status"] == "success"][:3]
+    rows = copy.deepcopy(base)
+    rows[0]["prompt_tokens"] = float(rows[0]["prompt_tokens"])
+    rows[0]["total_tokens"] = float(rows[0]["total_tokens"])
+    rows[1]["completion_tokens"] = rows[1]["completion_tokens"] + 0.5
+    spend = spend_rows(capture)[:1]
+    spend[0]["total_tokens"] = float(spend[0]["total_tokens"])
+    frame, _ = frame_of([*rows, *spend])
+    out, quarantined = normalize(frame, None, fast)
+    assert [(q.line, q.reason) for q in quarantined] == [(2, "wrong_type")]
+    assert out["prompt_tokens"].to_list()[0] == base[0]["prompt_tokens"]
+    assert out["total_tokens"].to_list() == [base[0]["total_tokens"], base[2]["total_tokens"], spend_rows(capture)[0]["total_tokens"]]
