@@ -463,6 +463,11 @@ def _check_types(
             continue
         if kind == "string" and type(v) is not str:
             return f"field {name!r}: expected string, got {_JSON_TYPES.get(type(v), 'value')}", dropped
+        if kind == "number" and type(v) not in (int, float) and name == "completionStartTime":
+            _warn(warnings, "bad_completionStartTime")  # the call without its first-token time, as for an unparsable one
+            value[name] = None
+            dropped = True
+            continue
         if kind == "number" and type(v) not in (int, float):
             return f"field {name!r}: expected number, got {_JSON_TYPES.get(type(v), 'value')}", dropped
         if kind == "integer":

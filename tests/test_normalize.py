@@ -1089,3 +1089,17 @@ def test_a_token_count_written_as_a_whole_float_is_the_count(capture: list[dict]
     assert [(q.line, q.reason) for q in quarantined] == [(2, "wrong_type")]
     assert out["prompt_tokens"].to_list()[0] == base[0]["prompt_tokens"]
     assert out["total_tokens"].to_list() == [base[0]["total_tokens"], base[2]["total_tokens"], spend_rows(capture)[0]["total_tokens"]]
+
+
+@pytest.mark.parametrize("value", ["1795788117.5", "2026-11-27T14:01:55Z", True])
+def test_a_first_token_time_of_another_type_keeps_the_call_without_it(good: list[dict], value: object) -> None:
+    """A payload's completionStartTime as text quarantined the whole call, while an unparsable one
+    in a SpendLogs row only loses the first-token time with a warning: the same now, both ways."""
+    r = copy.deepcopy(good[1]) | {"completionStartTime": value}
+    frame, _ = frame_of([good[0], r])
+    warnings: dict[str, int] = {}
+    out, quarantined = normalize(frame, warnings)
+    assert quarantined == [] and out.height == 2
+    assert warnings == {"bad_completionStartTime": 1}
+    row = out.to_dicts()[1]
+    assert (row["first_token_us"], row["start_us"], row["total_tokens"]) == (None, epoch_us(r["startTime"]), r["total_tokens"])
