@@ -65,6 +65,11 @@ def parse_time(value: str | None) -> int | None:
     return int(dt.timestamp() * 1_000_000)
 
 
+def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Parsed as click reads the option, so a bad value's error names it (``--since`` or ``--until``)."""
+    return parse_time(value)
+
+
 def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     from ingest.shard import Shard
 
@@ -185,8 +190,12 @@ nest_options = _options(
 )
 
 window_options = _options(
-    click.option("--since", help="Only calls that started at or after this ISO date/time (UTC unless an offset is given)."),
-    click.option("--until", help="Only calls that started before this ISO date/time (half-open: a call at exactly --until is left out)."),
+    click.option("--since", callback=_time, help="Only calls that started at or after this ISO date/time (UTC unless an offset is given)."),
+    click.option(
+        "--until",
+        callback=_time,
+        help="Only calls that started before this ISO date/time (half-open: a call at exactly --until is left out).",
+    ),
 )
 
 
@@ -224,8 +233,8 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         sql_writer=kw.get("sql_writer", "bulk"),
         state_dir=state_dir,
         partial_timeout_s=kw.get("partial_timeout", 300.0),
-        since_us=parse_time(kw.get("since")),
-        until_us=parse_time(kw.get("until")),
+        since_us=kw.get("since"),
+        until_us=kw.get("until"),
         settle_s=kw.get("settle", 120.0),
         nest=not kw.get("no_nest", False),
         nest_grace_s=kw.get("nest_grace", 60.0),

@@ -328,6 +328,14 @@ def test_an_option_out_of_its_range_is_a_usage_error(tmp_path: Path, args: list[
     assert result.exit_code == 2 and "is not in the range" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("command", ["backfill", "reconcile"])
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_bad_time_is_a_usage_error_naming_its_option(tmp_path: Path, command: str, option: str) -> None:
+    """It said only "Invalid value": which of --since and --until was wrong was left to guess."""
+    proc = run(command, str(SAMPLE_LOGS), option, "yesterday", cwd=tmp_path)
+    assert proc.returncode == 2 and f"Invalid value for '{option}': not an ISO date or time: 'yesterday'" in proc.stderr, proc.stderr
+
+
 def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
     import socket
 
