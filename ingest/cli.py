@@ -218,6 +218,10 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
     from ingest.scrub import Scrubber
     from ingest.spans import Redaction
 
+    since, until = kw.get("since"), kw.get("until")
+    if since is not None and until is not None and since >= until:
+        # an empty window: a backfill wrote nothing, a reconcile said the logs and MLflow agree
+        raise click.UsageError("--since must be before --until (the window is half-open: [since, until) holds no time)")
     state_dir = kw.get("state_dir") or default_state_dir()
     return RunOptions(
         paths=list(paths),
@@ -233,8 +237,8 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         sql_writer=kw.get("sql_writer", "bulk"),
         state_dir=state_dir,
         partial_timeout_s=kw.get("partial_timeout", 300.0),
-        since_us=kw.get("since"),
-        until_us=kw.get("until"),
+        since_us=since,
+        until_us=until,
         settle_s=kw.get("settle", 120.0),
         nest=not kw.get("no_nest", False),
         nest_grace_s=kw.get("nest_grace", 60.0),

@@ -336,6 +336,17 @@ def test_a_bad_time_is_a_usage_error_naming_its_option(tmp_path: Path, command: 
     assert proc.returncode == 2 and f"Invalid value for '{option}': not an ISO date or time: 'yesterday'" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("command", ["backfill", "reconcile"])
+@pytest.mark.parametrize("window", [("2026-12-01", "2026-11-01"), ("2026-11-27T14:02:00Z", "2026-11-27T15:02:00+01:00")])
+def test_a_window_that_holds_no_time_is_a_usage_error(tmp_path: Path, command: str, window: tuple[str, str]) -> None:
+    """--since at or after --until was taken: a backfill counted every call outside the window and
+    wrote none (exit 0), a reconcile reported that the logs and MLflow agree."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = run(command, str(SAMPLE_LOGS), "--since", window[0], "--until", window[1], "--tracking-uri", uri, cwd=tmp_path)
+    assert proc.returncode == 2 and "--since must be before --until" in proc.stderr, (proc.returncode, proc.stdout, proc.stderr)
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
     import socket
 
