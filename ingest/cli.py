@@ -65,6 +65,13 @@ def parse_time(value: str | None) -> int | None:
     return int(dt.timestamp() * 1_000_000)
 
 
+def _paths(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """An empty PATH (a shell variable that was not set) was read as the current folder."""
+    if any(v == "" for v in values):
+        raise click.BadParameter("an empty path names nothing (was a variable left unset?)")
+    return values
+
+
 def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """Parsed as click reads the option, so a bad value's error names it (``--since`` or ``--until``)."""
     return parse_time(value)
@@ -323,7 +330,7 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1, required=True, callback=_paths)
 @target_options
 @run_options
 @nest_options
@@ -361,7 +368,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1, required=True, callback=_paths)
 @target_options
 @run_options
 @nest_options
@@ -489,7 +496,13 @@ class _Progress:
 
 
 @main.command()
-@click.argument("directories", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.argument(
+    "directories",
+    nargs=-1,
+    required=True,
+    type=click.Path(file_okay=False),
+    callback=lambda ctx, param, values: tuple(Path(v) for v in _paths(ctx, param, values)),
+)
 @target_options
 @click.option("--pattern", default="*.jsonl*", show_default=True, help="File names to follow (glob, matched in every subdirectory).")
 @click.option("--polling", is_flag=True, help="Poll the directories instead of inotify (NFS and other filesystems inotify does not see).")
@@ -692,7 +705,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1, required=True, callback=_paths)
 @target_options
 @window_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

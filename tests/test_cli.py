@@ -347,6 +347,17 @@ def test_a_window_that_holds_no_time_is_a_usage_error(tmp_path: Path, command: s
     assert not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.parametrize("command", ["batch", "backfill", "reconcile", "tail"])
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(tmp_path: Path, command: str) -> None:
+    """``litellm-ingest batch "$LOG_DIR"`` with the variable unset read the current folder: its state
+    files and anything else there were taken for logs (and quarantined), or tail followed it."""
+    (tmp_path / "stray.jsonl").write_text("not a log\n")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = run(command, "", "--tracking-uri", uri, cwd=tmp_path, timeout=20)
+    assert proc.returncode == 2 and "an empty path names nothing" in proc.stderr, (proc.returncode, proc.stdout, proc.stderr)
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
     import socket
 
