@@ -36,7 +36,17 @@ from ingest.normalize import empty_canonical, error_text, normalize_isolating
 from ingest.quarantine import QuarantineRecord, QuarantineWriter, Reason, first_line
 from ingest.scrub import Scrubber, default_scrubber
 from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
-from ingest.sink import NullSink, Sink, SinkError, Target, check_uri, make_sink, refused_for_its_data, resolve_target
+from ingest.sink import (
+    DEFAULT_EXPERIMENT_NAME,
+    NullSink,
+    Sink,
+    SinkError,
+    Target,
+    check_uri,
+    make_sink,
+    refused_for_its_data,
+    resolve_target,
+)
 from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, compressed_otherwise, descriptor_limit, discover, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 from ingest.stores import tracking_uri_from
@@ -641,7 +651,8 @@ def open_target(opts: RunOptions, find_timeout_s: float | None = None) -> tuple[
     if opts.dry_run:
         name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
         check_uri(uri := tracking_uri_from(opts.tracking_uri))
-        return Target(uri, exp_id or "dry-run", name), NullSink()
+        # the experiment a real run would write to, not None: the summary names it
+        return Target(uri, exp_id or "dry-run", name or (None if exp_id else DEFAULT_EXPERIMENT_NAME)), NullSink()
     finding = opts if find_timeout_s is None else replace(opts, mlflow_timeout_s=find_timeout_s)
     target = resolve_run_target(finding, create=True)
     return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer)

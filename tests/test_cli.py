@@ -127,6 +127,15 @@ def test_dry_run_builds_everything_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_dry_run_names_the_experiment_a_run_would_write_to(tmp_path: Path) -> None:
+    """Without --experiment-name its summary said ``experiment None``, not the default a real run takes."""
+    logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    proc = run("batch", logs, "--dry-run", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["experiment_name"] == "LiteLLM Proxy", proc.stdout + proc.stderr
+    proc = run("batch", logs, "--dry-run", cwd=tmp_path, env={"MLFLOW_EXPERIMENT_NAME": "from env"})
+    assert proc.returncode == 0 and "experiment 'from env'" in proc.stdout, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("command", ["batch", "backfill"])
 def test_a_dry_run_quarantines_into_no_file_unless_given_one(tmp_path: Path, command: str) -> None:
     """A dry run counts the bad lines and writes no quarantine file of the state's: it appended them
