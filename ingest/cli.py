@@ -72,6 +72,16 @@ def _paths(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
     return values
 
 
+def _pattern(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Matched against file names only: an empty one, or one with a folder in it (``**/*.jsonl``),
+    matched no file ever, and the daemon followed nothing without a word."""
+    if not value or "/" in value:
+        raise click.BadParameter(
+            f"{value!r} can match no file name: give a name glob such as '*.jsonl*' (it is matched in every subdirectory)"
+        )
+    return value
+
+
 def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """Parsed as click reads the option, so a bad value's error names it (``--since`` or ``--until``)."""
     return parse_time(value)
@@ -504,7 +514,13 @@ class _Progress:
     callback=lambda ctx, param, values: tuple(Path(v) for v in _paths(ctx, param, values)),
 )
 @target_options
-@click.option("--pattern", default="*.jsonl*", show_default=True, help="File names to follow (glob, matched in every subdirectory).")
+@click.option(
+    "--pattern",
+    default="*.jsonl*",
+    show_default=True,
+    callback=_pattern,
+    help="File names to follow (glob, matched in every subdirectory).",
+)
 @click.option("--polling", is_flag=True, help="Poll the directories instead of inotify (NFS and other filesystems inotify does not see).")
 @click.option("--from-end", is_flag=True, help="On the very first start (no state yet), skip what the files already hold.")
 @click.option(

@@ -367,6 +367,13 @@ def test_an_empty_path_is_a_usage_error_not_the_current_folder(tmp_path: Path, c
     assert not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.parametrize("pattern", ["", "**/*.jsonl", "litellm/*.jsonl"])
+def test_a_tail_pattern_that_can_match_no_file_name_is_a_usage_error(tmp_path: Path, pattern: str) -> None:
+    """The pattern is matched against names: one with a folder in it, or an empty one, followed nothing, silently."""
+    proc = run("tail", str(SAMPLE_LOGS), "--pattern", pattern, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path, timeout=20)
+    assert proc.returncode == 2 and "can match no file name" in proc.stderr, (proc.returncode, proc.stderr)
+
+
 def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
     import socket
 
