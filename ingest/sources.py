@@ -89,6 +89,15 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
     run from the others."""
     found: dict[Path, None] = {}
     folders: list[str] = []
+
+    def read_folder(p: Path) -> None:
+        for root, name in sorted(walk(p, folders)):
+            if is_log_file(name) and (k := path_kind(f := Path(root, name))) in ("file", "denied"):
+                if k == "file":
+                    found[f] = None
+                elif root not in folders:
+                    folders.append(root)
+
     for spec in paths:
         p = Path(spec)
         kind = path_kind(p)
@@ -97,20 +106,18 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
         elif kind == "file":
             found[p] = None
         elif kind == "dir":
-            for root, name in sorted(walk(p, folders)):
-                if is_log_file(name) and (k := path_kind(f := Path(root, name))) in ("file", "denied"):
-                    if k == "file":
-                        found[f] = None
-                    elif root not in folders:
-                        folders.append(root)
+            read_folder(p)
         elif glob.has_magic(spec):
             matches = [(m, path_kind(m)) for m in sorted(Path(m) for m in glob.glob(spec, recursive=True))]
             folders += sorted({str(m.parent) for m, k in matches if k == "denied"})
             files = [m for m, k in matches if k == "file"]
-            if not files and not folders:
+            dirs = [m for m, k in matches if k == "dir"]  # read as a folder given by name is (they were skipped)
+            if not files and not dirs and not folders:
                 raise SourceError(f"no files match {spec!r}")
             for f in files:
                 found[f] = None
+            for d in dirs:
+                read_folder(d)
         elif kind is not None:
             raise SourceError(f"not a regular file or directory (a {kind}): {spec}")
         else:

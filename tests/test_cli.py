@@ -193,6 +193,26 @@ def test_glob_with_no_match_is_a_usage_error(tmp_path: Path) -> None:
     assert_one_clean_error_line(proc, 2, "no files match")
 
 
+@pytest.mark.parametrize("command", ["batch", "reconcile"])
+def test_a_glob_that_matches_folders_reads_them_as_folders(tmp_path: Path, command: str) -> None:
+    """``/var/log/litellm-*`` over one folder per pod said "no files match" (it matched two folders),
+    and ``logs/*`` read the files beside the folders and skipped the folders, without a word."""
+    logs = tmp_path / "logs"
+    for pod, name in (("pod-a", "proxy_calls.jsonl"), ("pod-b", "spend_logs_export.jsonl")):
+        (logs / pod).mkdir(parents=True)
+        shutil.copy(SAMPLE_LOGS / name, logs / pod)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert run("batch", str(logs), "--tracking-uri", uri, "--no-state", "-q", cwd=tmp_path).returncode == 0
+    for spec in (str(logs / "pod-*"), str(logs / "*")):
+        if command == "batch":
+            proc = run("batch", spec, "--dry-run", "--json", cwd=tmp_path)
+            assert proc.returncode == 0 and json.loads(proc.stdout)["files"] == 2, (spec, proc.stdout, proc.stderr)
+        else:
+            proc = run("reconcile", spec, "--tracking-uri", uri, "--json", cwd=tmp_path)
+            report = json.loads(proc.stdout or "{}")
+            assert proc.returncode == 0 and report["calls_in_logs"] == report["matched"] > 0, (spec, proc.stdout, proc.stderr)
+
+
 @pytest.mark.parametrize(
     ("command", "pattern", "needle"), [("batch", "(", "not a valid regular expression"), ("tail", "x*", "empty string")]
 )
