@@ -461,7 +461,7 @@ class _Progress:
         from ingest.sources import SourceError
 
         try:
-            self.total = sum(p.stat().st_size for p in Inputs.of(opts.paths).files)
+            self.total = sum(p.stat().st_size for p in Inputs.of(opts.paths, opts.own()).files)
         except (SourceError, OSError):
             return
         if sys.stderr.isatty():

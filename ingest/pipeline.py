@@ -47,7 +47,7 @@ from ingest.sink import (
     refused_for_its_data,
     resolve_target,
 )
-from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, compressed_otherwise, descriptor_limit, discover, read_chunks
+from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, compressed_otherwise, descriptor_limit, discover, own_paths, read_chunks
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 from ingest.stores import tracking_uri_from
 from ingest.warm import for_files, shutdown
@@ -630,6 +630,10 @@ class RunOptions:
     only_calls: frozenset[str] | None = None
     """Write these calls only (``reconcile --repair``: the ones missing from MLflow)."""
 
+    def own(self) -> tuple[Path, ...]:
+        """This run's own files, never read as logs: its state dir and quarantine file."""
+        return own_paths(self.state_dir, self.quarantine_file)
+
 
 def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
     """The one place a command's destination is resolved (flags, then ``MLFLOW_*``), so reconcile
@@ -672,13 +676,14 @@ class Inputs:
     """Files this process may not read (permissions): the others are ingested, these named and read next run."""
 
     @classmethod
-    def of(cls, paths: list[str]) -> Inputs:
+    def of(cls, paths: list[str], own: tuple[Path, ...] = ()) -> Inputs:
+        """``own``: this run's state dir and quarantine file, never read as logs (:func:`~ingest.sources.is_own`)."""
         from ingest.spendlogs_db import SpendLogsDB, is_database_url
 
         local = [p for p in paths if not is_bucket_url(p) and not is_database_url(p)]
         unreadable: list[Path] = []
         return cls(
-            discover(local, unreadable) if local else [],
+            discover(local, unreadable, own) if local else [],
             [Bucket.parse(p) for p in paths if is_bucket_url(p)],
             [SpendLogsDB(p) for p in paths if is_database_url(p)],
             unreadable,
@@ -755,7 +760,7 @@ def _count(unit: Unit, summary: Summary) -> None:
 def run_batch(opts: RunOptions) -> Summary:
     """Stateless: ingest every record in ``opts.paths`` (re-running is harmless, ids are deterministic)."""
     started = time.monotonic()
-    inputs = Inputs.of(opts.paths)
+    inputs = Inputs.of(opts.paths, opts.own())
     inputs.check()
     target, sink = open_target(opts)
     tune_collector()
@@ -816,7 +821,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     from ingest.follow import Follower
 
     started = time.monotonic()
-    inputs = Inputs.of(opts.paths)
+    inputs = Inputs.of(opts.paths, opts.own())
     inputs.check()
     files = inputs.files
     warm = _prestart(opts, files) if mode == "backfill" else []

@@ -67,7 +67,7 @@ def calls_in_logs(opts: RunOptions) -> tuple[pl.DataFrame, int, list[str]]:
     calls = pl.DataFrame(schema={"call_key": pl.String, "start_us": pl.Int64, "end_us": pl.Int64})
     latest = [pl.col("start_us").min(), pl.col("end_us").max()]
     quarantine = QuarantineWriter(None)
-    inputs = Inputs.of(opts.paths)
+    inputs = Inputs.of(opts.paths, opts.own())
     inputs.check()
     inputs.name_unreadable("its calls are not compared; reconcile again once it can be read")
     unread = [shown(p) for p in inputs.unreadable]

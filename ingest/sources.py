@@ -82,17 +82,32 @@ def shown(path: Path | str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
 
 
-def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Path]:
+def is_own(path: Path | str, own: tuple[Path, ...]) -> bool:
+    """``path`` is one of this tool's own files: in its state dir or its quarantine file (``own``,
+    resolved). A state dir kept under the log folder had the quarantine file read as logs and
+    quarantined again, more each run."""
+    if not own:
+        return False
+    p = Path(os.path.realpath(path))
+    return any(p == o or o in p.parents for o in own)
+
+
+def own_paths(*paths: Path | None) -> tuple[Path, ...]:
+    """The state dir and quarantine file, resolved, for :func:`is_own`."""
+    return tuple(Path(os.path.realpath(p)) for p in paths if p is not None)
+
+
+def discover(paths: list[str], unreadable: list[Path] | None = None, own: tuple[Path, ...] = ()) -> list[Path]:
     """Expand files, directories (recursively, log-like names only) and globs, oldest first
     (:func:`oldest_first`). A file this process may not read, or a folder it may not list, is an
     error, or, given ``unreadable``, put there: one file logrotate made root's must not keep a cron
-    run from the others."""
+    run from the others. This tool's own files (``own``) are passed over unless named one by one."""
     found: dict[Path, None] = {}
     folders: list[str] = []
 
     def read_folder(p: Path) -> None:
         for root, name in sorted(walk(p, folders)):
-            if is_log_file(name) and (k := path_kind(f := Path(root, name))) in ("file", "denied"):
+            if is_log_file(name) and (k := path_kind(f := Path(root, name))) in ("file", "denied") and not is_own(f, own):
                 if k == "file":
                     found[f] = None
                 elif root not in folders:
@@ -110,7 +125,7 @@ def discover(paths: list[str], unreadable: list[Path] | None = None) -> list[Pat
         elif glob.has_magic(spec):
             matches = [(m, path_kind(m)) for m in sorted(Path(m) for m in glob.glob(spec, recursive=True))]
             folders += sorted({str(m.parent) for m, k in matches if k == "denied"})
-            files = [m for m, k in matches if k == "file"]
+            files = [m for m, k in matches if k == "file" and not is_own(m, own)]
             dirs = [m for m, k in matches if k == "dir"]  # read as a folder given by name is (they were skipped)
             if not files and not dirs and not folders:
                 raise SourceError(f"no files match {spec!r}")

@@ -48,7 +48,7 @@ from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter, first_line
 from ingest.sink import Sink, SinkError, Target
-from ingest.sources import Chunk, age_order, descriptor_limit, path_kind, shown, walk
+from ingest.sources import Chunk, age_order, descriptor_limit, is_own, path_kind, shown, walk
 
 log = logging.getLogger("litellm-ingest.tail")
 
@@ -388,7 +388,7 @@ class Tailer:
         for d in self.dirs:
             self._note_absent(d)
         unlisted: list[str] = []
-        found = log_files(self.dirs, self.opts.pattern, unlisted)
+        found = log_files(self.dirs, self.opts.pattern, unlisted, self.opts.own())
         for folder in sorted(set(unlisted) - self._unlisted - self._absent):
             log.warning("cannot list %s: permission denied; its files are read once it can be", folder)
         self._unlisted = set(unlisted)
@@ -590,17 +590,19 @@ class Tailer:
                 m.lag[shown(f.path)] = max(f.size() - f.ck.offset, 0)
 
 
-def log_files(dirs: list[Path], pattern: str, unlisted: list[str]) -> list[tuple[str, os.stat_result]]:
+def log_files(dirs: list[Path], pattern: str, unlisted: list[str], own: tuple[Path, ...] = ()) -> list[tuple[str, os.stat_result]]:
     """The regular files to follow with their stat, oldest first: at a start after downtime, the
     rotated files are read before the current one, so a call's attempts arrive in their order (as
     :func:`~ingest.sources.oldest_first`). One stat per file per scan: a scan runs every second.
     A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer); the
-    folders it may not list go into ``unlisted``."""
+    folders it may not list go into ``unlisted``; the daemon's own files (``own``: its quarantine file) are passed over."""
     found: list[tuple[str, os.stat_result]] = []
     for d in dirs:
         for root, name in walk(d, unlisted):
             if fnmatch.fnmatch(name, pattern) and not name.endswith(SCRATCH_SUFFIXES):
                 path = os.path.join(root, name)
+                if is_own(path, own):
+                    continue
                 try:
                     st = os.stat(path)
                 except PermissionError:  # a folder it may list but not enter (``chmod -R 644``)
@@ -626,8 +628,8 @@ class Pins:
         self.held: dict[tuple[int, int], tuple[Path, int]] = {}
         self.metrics = metrics
 
-    def take(self, dirs: list[Path], pattern: str) -> None:
-        for name, st in log_files(dirs, pattern, []):
+    def take(self, dirs: list[Path], pattern: str, own: tuple[Path, ...] = ()) -> None:
+        for name, st in log_files(dirs, pattern, [], own):
             key = (st.st_dev, st.st_ino)
             if key in self.held or len(self.held) >= self.limit:
                 continue
@@ -641,7 +643,7 @@ class Pins:
             self.metrics.files_open = len(self.held)
 
     @contextlib.contextmanager
-    def holding(self, dirs: list[Path], pattern: str, every_s: float) -> Iterator[None]:
+    def holding(self, dirs: list[Path], pattern: str, every_s: float, own: tuple[Path, ...] = ()) -> Iterator[None]:
         """Take the files every ``every_s`` in a thread of its own while the block runs (probing
         MLflow blocks for seconds at a time)."""
         done = threading.Event()
@@ -649,7 +651,7 @@ class Pins:
         def loop() -> None:
             while not done.is_set():
                 try:
-                    self.take(dirs, pattern)
+                    self.take(dirs, pattern, own)
                 except Exception as e:
                     log.debug("holding the log files failed: %s", e)
                 done.wait(every_s)
@@ -695,7 +697,7 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
     try:
         pins = Pins(open_files_budget(opts.max_open_files), metrics)
         try:
-            with pins.holding(directories, opts.pattern, opts.rescan_s):
+            with pins.holding(directories, opts.pattern, opts.rescan_s, opts.own()):
                 destination = wait_for_mlflow(opts, metrics, stopping)
         except BaseException:
             pins.close()

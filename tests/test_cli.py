@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,6 +182,34 @@ def test_a_file_named_twice_is_read_once(tmp_path: Path) -> None:
     s = json.loads(proc.stdout)
     assert s["files"] == 1 and s["records_read"] == nonblank_lines(logs / "proxy_calls.jsonl")
     assert s["traces_written"] == s["calls"] == len(all_traces(f"sqlite:///{tmp_path / 'm.db'}", "LiteLLM Proxy"))
+
+
+def test_a_state_dir_under_the_log_folder_is_never_read_as_logs(tmp_path: Path) -> None:
+    """Its quarantine file was read as logs: every run quarantined it again (exit 3), more each time;
+    reconcile counted it, and tail followed it (each line it wrote came back as another)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for name in ("proxy_calls.jsonl", "bad_input.jsonl"):
+        shutil.copy(SAMPLE_LOGS / name, logs)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {"LITELLM_INGEST_STATE_DIR": str(logs / ".ingest")}
+    first = run("batch", str(logs), "--tracking-uri", uri, "--partial-timeout", "0", "--json", cwd=tmp_path, env=env)
+    assert first.returncode == 3 and json.loads(first.stdout)["quarantined"] > 0, first.stderr
+    quarantined = (logs / ".ingest" / "quarantine.jsonl").read_text()
+    again = run("batch", str(logs), "--tracking-uri", uri, "--json", cwd=tmp_path, env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["records_read"] == 0, again.stdout + again.stderr
+    check = run("reconcile", str(logs / "*"), "--tracking-uri", uri, cwd=tmp_path, env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.Popen(
+        [EXE, "tail", str(logs), "--tracking-uri", uri], cwd=tmp_path, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(6)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "quarantine.jsonl" not in err, err
+    assert (logs / ".ingest" / "quarantine.jsonl").read_text() == quarantined
 
 
 def test_missing_file_is_one_clear_line_exit_2(tmp_path: Path) -> None:
