@@ -619,6 +619,8 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     from ingest.checkpoints import all_states, corrupt_copies
 
     state_dir = state_dir or default_state_dir()
+    if state_dir.exists() and not state_dir.is_dir():  # said "no state in" it, exit 0; batch refuses it (7)
+        _fail(f"the state dir {state_dir} is not a folder (--state-dir / LITELLM_INGEST_STATE_DIR)", Exit.STATE)
     states = all_states(state_dir)
     kept = [str(p) for p in corrupt_copies(state_dir)]
     code = Exit.STATE if any("problem" in st for st in states) else Exit.OK

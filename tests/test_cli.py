@@ -902,6 +902,14 @@ def test_a_run_from_a_deleted_folder_is_told_so(tmp_path: Path) -> None:
         gone.mkdir()
 
 
+def test_status_of_a_state_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
+    """It said "no state in" the file, exit 0, while batch refuses the same state dir with exit 7."""
+    (tmp_path / "f").write_text("x")
+    for args, env in ((["--state-dir", str(tmp_path / "f")], {}), ([], {"LITELLM_INGEST_STATE_DIR": str(tmp_path / "f")})):
+        proc = run("status", *args, cwd=tmp_path, env=env)
+        assert_one_clean_error_line(proc, 7, "is not a folder")
+
+
 def test_status_of_a_file_in_a_folder_it_may_not_enter_is_no_traceback(tmp_path: Path) -> None:
     """``status`` run as a user who may not enter the logs' folder printed a PermissionError traceback."""
     logs = tmp_path / "logs"
