@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -39,6 +40,17 @@ class Exit:
     STATE = 7
     SOURCE = 8
     INTERRUPTED = 130
+
+
+class _Finite(click.FloatRange):
+    """A ``FloatRange`` without nan or inf: nan passed every bound (no comparison with it holds) and
+    was a traceback, as inf was (``--settle``), or a retry with no end (``--mlflow-timeout nan``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
 
 
 def default_state_dir() -> Path:
@@ -149,7 +161,7 @@ target_options = _options(
     click.option("--experiment-id", help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."),
     click.option(
         "--mlflow-timeout",
-        type=click.FloatRange(min=0),
+        type=_Finite(min=0),
         default=60.0,
         show_default=True,
         help="Seconds to keep retrying an unreachable or failing MLflow before giving up.",
@@ -184,7 +196,7 @@ run_options = _options(
     click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_HELP),
     click.option(
         "--settle",
-        type=click.FloatRange(min=0),
+        type=_Finite(min=0),
         default=120.0,
         show_default=True,
         help="Seconds a call whose last attempt failed is held for its retry or fallback.",
@@ -199,7 +211,7 @@ nest_options = _options(
     ),
     click.option(
         "--nest-grace",
-        type=click.FloatRange(min=0),
+        type=_Finite(min=0),
         default=60.0,
         show_default=True,
         help="Seconds after a call ended to wait for its app trace to reach MLflow before leaving the call standalone only.",
@@ -347,14 +359,14 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
 @click.option("--no-state", is_flag=True, help="Read everything given, keep no checkpoints (a one-off replay).")
 @click.option(
     "--partial-timeout",
-    type=click.FloatRange(min=0),
+    type=_Finite(min=0),
     default=300.0,
     show_default=True,
     help="An unterminated last line is waited for (the proxy may be mid-write) until its file is this many seconds old, then quarantined.",
 )
 @click.option(
     "--reread-window",
-    type=click.FloatRange(min=0, max=30 * 86400),
+    type=_Finite(min=0, max=30 * 86400),
     default=3600.0,
     show_default=True,
     help="The proxy's database: seconds before the newest row start read that the next run reads again, for rows "
@@ -533,14 +545,14 @@ class _Progress:
 @click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_HELP)
 @click.option(
     "--batch-wait",
-    type=click.FloatRange(min=0),
+    type=_Finite(min=0),
     default=0.25,
     show_default=True,
     help="Seconds to gather lines after a change before sending.",
 )
 @click.option(
     "--partial-timeout",
-    type=click.FloatRange(min=0),
+    type=_Finite(min=0),
     default=60.0,
     show_default=True,
     help="Seconds an unterminated last line may wait for its newline.",
@@ -560,7 +572,7 @@ class _Progress:
 )
 @click.option(
     "--close-inactive",
-    type=click.FloatRange(min=0),
+    type=_Finite(min=0),
     default=300.0,
     show_default=True,
     help="Seconds a file read to its end stays open without changing.",
@@ -569,14 +581,14 @@ class _Progress:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for the metrics endpoint.")
 @click.option(
     "--shutdown-timeout",
-    type=click.FloatRange(min=0),
+    type=_Finite(min=0),
     default=10.0,
     show_default=True,
     help="On SIGTERM/SIGINT, seconds to flush before exiting.",
 )
 @click.option(
     "--settle",
-    type=click.FloatRange(min=0),
+    type=_Finite(min=0),
     default=120.0,
     show_default=True,
     help="Seconds a call whose last attempt failed is held for its retry or fallback.",
@@ -739,7 +751,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
 @scrub_options
 @click.option(
     "--settle",
-    type=click.FloatRange(min=0),
+    type=_Finite(min=0),
     default=120.0,
     show_default=True,
     help="With --repair: calls that ended less than this many seconds ago are left (a daemon may hold them for a retry).",

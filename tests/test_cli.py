@@ -423,6 +423,25 @@ def test_a_tail_pattern_that_can_match_no_file_name_is_a_usage_error(tmp_path: P
     assert proc.returncode == 2 and "can match no file name" in proc.stderr, (proc.returncode, proc.stderr)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["batch", "--settle", "nan"],
+        ["batch", "--settle", "inf"],
+        ["batch", "--mlflow-timeout", "nan", "--tracking-uri", "http://127.0.0.1:9"],
+        ["backfill", "--nest-grace", "nan"],
+        ["batch", "--reread-window", "nan"],
+        ["reconcile", "--until", "2026-01-01", "--settle", "inf"],
+        ["tail", "--batch-wait", "nan"],
+    ],
+)
+def test_a_number_that_is_not_finite_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    """nan passed every range check: --settle nan or inf was a traceback's one line (exit 1, "a bug"),
+    --mlflow-timeout nan retried an unreachable server forever."""
+    proc = run(*args[:1], str(SAMPLE_LOGS), *args[1:], cwd=tmp_path, timeout=30)
+    assert proc.returncode == 2 and "is not a finite number" in proc.stderr, (proc.returncode, proc.stderr)
+
+
 def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
     import socket
 
