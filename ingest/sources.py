@@ -82,14 +82,21 @@ def shown(path: Path | str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
 
 
-def is_own(path: Path | str, own: tuple[Path, ...]) -> bool:
+def is_own(path: Path | str, own: tuple[Path, ...], folders: dict[str, str] | None = None) -> bool:
     """``path`` is one of this tool's own files: in its state dir or its quarantine file (``own``,
     resolved). A state dir kept under the log folder had the quarantine file read as logs and
-    quarantined again, more each run."""
+    quarantined again, more each run. ``folders``: the folders resolved so far in this scan, so a
+    daemon's scan each second resolves a folder once, not each file's every component."""
     if not own:
         return False
-    p = Path(os.path.realpath(path))
-    return any(p == o or o in p.parents for o in own)
+    head, name = os.path.split(path)
+    if folders is None or os.path.islink(path):
+        real = os.path.realpath(path)
+    else:
+        if (folder := folders.get(head)) is None:
+            folder = folders[head] = os.path.realpath(head)
+        real = os.path.join(folder, name)
+    return any(real == o or real.startswith(o.rstrip(os.sep) + os.sep) for o in map(str, own))
 
 
 def own_paths(*paths: Path | None) -> tuple[Path, ...]:
@@ -104,10 +111,11 @@ def discover(paths: list[str], unreadable: list[Path] | None = None, own: tuple[
     run from the others. This tool's own files (``own``) are passed over unless named one by one."""
     found: dict[Path, None] = {}
     folders: list[str] = []
+    resolved: dict[str, str] = {}
 
     def read_folder(p: Path) -> None:
         for root, name in sorted(walk(p, folders)):
-            if is_log_file(name) and (k := path_kind(f := Path(root, name))) in ("file", "denied") and not is_own(f, own):
+            if is_log_file(name) and (k := path_kind(f := Path(root, name))) in ("file", "denied") and not is_own(f, own, resolved):
                 if k == "file":
                     found[f] = None
                 elif root not in folders:
@@ -125,7 +133,7 @@ def discover(paths: list[str], unreadable: list[Path] | None = None, own: tuple[
         elif glob.has_magic(spec):
             matches = [(m, path_kind(m)) for m in sorted(Path(m) for m in glob.glob(spec, recursive=True))]
             folders += sorted({str(m.parent) for m, k in matches if k == "denied"})
-            files = [m for m, k in matches if k == "file" and not is_own(m, own)]
+            files = [m for m, k in matches if k == "file" and not is_own(m, own, resolved)]
             dirs = [m for m, k in matches if k == "dir"]  # read as a folder given by name is (they were skipped)
             if not files and not dirs and not folders:
                 raise SourceError(f"no files match {spec!r}")

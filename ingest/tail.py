@@ -597,11 +597,12 @@ def log_files(dirs: list[Path], pattern: str, unlisted: list[str], own: tuple[Pa
     A FIFO or a device under a log name is passed over (opening a FIFO waits for a writer); the
     folders it may not list go into ``unlisted``; the daemon's own files (``own``: its quarantine file) are passed over."""
     found: list[tuple[str, os.stat_result]] = []
+    resolved: dict[str, str] = {}
     for d in dirs:
         for root, name in walk(d, unlisted):
             if fnmatch.fnmatch(name, pattern) and not name.endswith(SCRATCH_SUFFIXES):
                 path = os.path.join(root, name)
-                if is_own(path, own):
+                if is_own(path, own, resolved):
                     continue
                 try:
                     st = os.stat(path)
