@@ -53,6 +53,14 @@ class _Finite(click.FloatRange):
         return rv
 
 
+class _PathOrUnset(click.Path):
+    """An empty value (``--state-dir "$DIR"``, the variable unset) is no value: the default, as for
+    an empty environment variable. It was the current folder."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return None if value == "" else super().convert(value, param, ctx)
+
+
 def default_state_dir() -> Path:
     from platformdirs import user_data_dir
 
@@ -69,7 +77,7 @@ def parse_time(value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", value.strip()))
     except ValueError:
         raise click.BadParameter(f"not an ISO date or time: {value!r}") from None
     if dt.tzinfo is None:
@@ -181,11 +189,11 @@ run_options = _options(
     click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
     click.option(
         "--state-dir",
-        type=click.Path(path_type=Path),
+        type=_PathOrUnset(path_type=Path),
         help="Where checkpoints, locks and the quarantine file live. Default: $LITELLM_INGEST_STATE_DIR, else the per-user data dir.",
     ),
     click.option(
-        "--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go (JSONL). Default: <state dir>/quarantine.jsonl."
+        "--quarantine-file", type=_PathOrUnset(path_type=Path), help="Where bad records go (JSONL). Default: <state dir>/quarantine.jsonl."
     ),
     click.option(
         "--redact",
@@ -536,9 +544,9 @@ class _Progress:
 @click.option("--polling", is_flag=True, help="Poll the directories instead of inotify (NFS and other filesystems inotify does not see).")
 @click.option("--from-end", is_flag=True, help="On the very first start (no state yet), skip what the files already hold.")
 @click.option(
-    "--state-dir", type=click.Path(path_type=Path), help="Checkpoints, lock, quarantine (shared with `batch` for the same destination)."
+    "--state-dir", type=_PathOrUnset(path_type=Path), help="Checkpoints, lock, quarantine (shared with `batch` for the same destination)."
 )
-@click.option("--quarantine-file", type=click.Path(path_type=Path), help="Where bad records go. Default: <state dir>/quarantine.jsonl.")
+@click.option("--quarantine-file", type=_PathOrUnset(path_type=Path), help="Where bad records go. Default: <state dir>/quarantine.jsonl.")
 @click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow.")
 @scrub_options
 @nest_options
@@ -620,7 +628,7 @@ def tail(directories: tuple[Path, ...], **kw: Any) -> None:
 
 
 @main.command()
-@click.option("--state-dir", type=click.Path(path_type=Path), help="State dir to read (default as for batch).")
+@click.option("--state-dir", type=_PathOrUnset(path_type=Path), help="State dir to read (default as for batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
 def status(state_dir: Path | None, as_json: bool) -> None:
     """Show what each mode has ingested: per file, fingerprint, offset/size (lag), last run and result.

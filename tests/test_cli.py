@@ -953,3 +953,26 @@ def test_status_of_a_file_in_a_folder_it_may_not_enter_is_no_traceback(tmp_path:
             assert "a.jsonl" in proc.stdout
     finally:
         logs.chmod(0o755)
+
+
+def test_an_empty_state_dir_or_quarantine_file_is_the_default_not_the_current_folder(tmp_path: Path) -> None:
+    """``--state-dir "$DIR"`` with the variable unset was the current folder (its state files among
+    whatever else was there), while an empty ``LITELLM_INGEST_STATE_DIR`` means the default."""
+    work, state = tmp_path / "work", tmp_path / "state"
+    work.mkdir()
+    log = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    proc = run(
+        "batch", log, "--state-dir", "", "--quarantine-file", "", "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}",
+        cwd=work, env={"LITELLM_INGEST_STATE_DIR": str(state)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert list(work.iterdir()) == [] and any(state.iterdir())
+    status = run("status", "--state-dir", "", "--json", cwd=work, env={"LITELLM_INGEST_STATE_DIR": str(state)})
+    assert status.returncode == 0 and json.loads(status.stdout), status.stderr
+
+
+@pytest.mark.parametrize("z", ["Z", "z"])
+def test_a_utc_time_may_end_in_either_z(z: str) -> None:
+    from ingest.cli import parse_time
+
+    assert parse_time(f"2026-11-27T14:02:00{z}") == parse_time("2026-11-27T14:02:00+00:00") == 1_795_788_120_000_000
