@@ -61,6 +61,18 @@ class _PathOrUnset(click.Path):
         return None if value == "" else super().convert(value, param, ctx)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _workers(n: int) -> int:
+    """Up to four per core (a server's requests wait on the network): each is a process of its own
+    with MLflow loaded, and ``--workers 999999`` started that many."""
+    if n > (most := max(8, 4 * _cores())):
+        raise click.BadParameter(f"{n} is more than this machine runs usefully (at most {most}: four per core)")
+    return n
+
+
 def default_state_dir() -> Path:
     from platformdirs import user_data_dir
 
@@ -406,7 +418,8 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+    default=lambda: _cores(),
+    callback=lambda ctx, param, value: _workers(value),
     show_default="the machine's cores",
     help="Processes that build (and, on PostgreSQL or a server, write) traces; calls are sharded by call id. "
     "Into SQLite this process is the one writer and N-1 workers build. The output is the same for any number.",
@@ -586,7 +599,13 @@ class _Progress:
     help="Seconds a file read to its end stays open without changing.",
 )
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /health on this port (127.0.0.1).")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for the metrics endpoint.")
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    callback=lambda ctx, param, value: value or "127.0.0.1",  # "" (a variable unset) bound every address
+    help="Address for the metrics endpoint (0.0.0.0 for every one).",
+)
 @click.option(
     "--shutdown-timeout",
     type=_Finite(min=0),

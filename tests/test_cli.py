@@ -976,3 +976,11 @@ def test_a_utc_time_may_end_in_either_z(z: str) -> None:
     from ingest.cli import parse_time
 
     assert parse_time(f"2026-11-27T14:02:00{z}") == parse_time("2026-11-27T14:02:00+00:00") == 1_795_788_120_000_000
+
+
+def test_workers_past_four_per_core_are_refused_before_any_starts(tmp_path: Path) -> None:
+    """``--workers 999999`` started that many processes, each with MLflow loaded."""
+    proc = run("backfill", str(SAMPLE_LOGS), "--workers", "999999", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and "--workers" in proc.stderr and "four per core" in proc.stderr, proc.stderr
+    ok = run("backfill", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--workers", "8", "--dry-run", "--json", cwd=tmp_path)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["calls"], ok.stderr

@@ -648,3 +648,20 @@ def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tm
     finally:
         if daemon.alive():
             daemon.stop(signal.SIGKILL)
+
+
+def test_an_empty_metrics_host_serves_on_loopback_only(tmp_path: Path) -> None:
+    """``--metrics-host "$HOST"`` with the variable unset bound every address (``""``), while the
+    default is 127.0.0.1: another loopback address stands in for the network here."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    daemon = Daemon(logdir, f"sqlite:///{tmp_path / 'store.db'}", f"mh-{uuid.uuid4().hex[:6]}", tmp_path / "state", "--metrics-host", "")
+    daemon.start()
+    try:
+        assert requests.get(f"http://127.0.0.1:{daemon.metrics_port}/health", timeout=5).ok
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.2:{daemon.metrics_port}/health", timeout=5)
+        assert daemon.stop() == 0
+    finally:
+        if daemon.alive():
+            daemon.stop(signal.SIGKILL)
