@@ -201,7 +201,11 @@ def test_a_state_dir_under_the_log_folder_is_never_read_as_logs(tmp_path: Path) 
     check = run("reconcile", str(logs / "*"), "--tracking-uri", uri, cwd=tmp_path, env=env)
     assert check.returncode == 0, check.stdout + check.stderr
     proc = subprocess.Popen(
-        [EXE, "tail", str(logs), "--tracking-uri", uri], cwd=tmp_path, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
+        [EXE, "tail", str(logs), "--tracking-uri", uri],
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(6)

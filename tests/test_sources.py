@@ -151,7 +151,8 @@ def test_files_of_one_modification_time_are_read_in_rotation_order(tmp_path: Pat
         os.utime(f, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     assert [f.name for f in discover([str(tmp_path / "logs")])] == names
     tail = Tailer.__new__(Tailer)  # its scan alone
-    tail.dirs, tail.opts, tail._unlisted, tail._absent = [tmp_path / "logs"], type("O", (), {"pattern": "*.jsonl*"})(), set(), set()
+    opts = type("O", (), {"pattern": "*.jsonl*", "own": lambda self: ()})()
+    tail.dirs, tail.opts, tail._unlisted, tail._absent = [tmp_path / "logs"], opts, set(), set()
     assert [Path(p).name for p, _ in tail._candidates()] == names
 
 
