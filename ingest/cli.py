@@ -65,7 +65,7 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _workers(n: int) -> int:
+def _workers(ctx: click.Context, param: click.Parameter, n: int) -> int:
     """Up to four per core (a server's requests wait on the network): each is a process of its own
     with MLflow loaded, and ``--workers 999999`` started that many."""
     if n > (most := max(8, 4 * _cores())):
@@ -418,8 +418,8 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=lambda: _cores(),
-    callback=lambda ctx, param, value: _workers(value),
+    default=_cores,
+    callback=_workers,
     show_default="the machine's cores",
     help="Processes that build (and, on PostgreSQL or a server, write) traces; calls are sharded by call id. "
     "Into SQLite this process is the one writer and N-1 workers build. The output is the same for any number.",
