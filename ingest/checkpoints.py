@@ -548,16 +548,12 @@ def settled_checkpoints(state_path: Path, generation: str) -> list[Checkpoint]:
     path = state_path.with_suffix(FILES_DB_SUFFIX)
     if not path.exists():
         return []
+    from ingest.ledger import _is_corrupt, read_state_db
+
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-        try:
-            rows = db.execute("SELECT doc FROM files WHERE generation = ?", (generation,)).fetchall()
-        finally:
-            db.close()
+        (rows,) = read_state_db(path, ("SELECT doc FROM files WHERE generation = ?", (generation,)), timeout=60)
         return [ck for (text,) in rows if (ck := _checkpoint(text)) is not None]
     except sqlite3.DatabaseError as e:
-        from ingest.ledger import _is_corrupt
-
         if _is_corrupt(e) or "no such table" in str(e):
             log.warning("the checkpoints database %s cannot be used (%s): its files are read again", path, e)
             return []

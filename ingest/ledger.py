@@ -53,6 +53,23 @@ def state_db(path: Path, *ddl: str) -> sqlite3.Connection:
         raise StateError(f"cannot open {path}: {e}") from e
 
 
+def read_state_db(path: Path, *queries: tuple[str, tuple[object, ...]], timeout: float = 10) -> list[list[tuple]]:
+    """The rows of each query on a state database, read-only (``status``, a dry run, a run's load).
+    A writer killed while it switched a new file to WAL leaves a hot journal that only a writable
+    connection may roll back (SQLITE_READONLY_ROLLBACK): the file is then opened writable, as any
+    run's own open would, rather than refused for ever."""
+    for mode in ("ro", "rw"):
+        db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=timeout)
+        try:
+            return [db.execute(sql, params).fetchall() for sql, params in queries]
+        except sqlite3.OperationalError as e:
+            if mode == "rw" or getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
+                raise
+        finally:
+            db.close()
+    raise AssertionError("unreachable")
+
+
 class _Corrupt(sqlite3.DatabaseError):
     pass
 
@@ -213,12 +230,9 @@ class Ledger:
         if not path.exists():
             return []
         try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-            try:
-                counts = db.execute("SELECT source, count(*), max(at) FROM items GROUP BY source").fetchall()
-                marks = db.execute("SELECT source, name, value FROM meta").fetchall()
-            finally:
-                db.close()
+            counts, marks = read_state_db(
+                path, ("SELECT source, count(*), max(at) FROM items GROUP BY source", ()), ("SELECT source, name, value FROM meta", ())
+            )
         except sqlite3.Error as e:
             return [{"source": str(path), "problem": str(e)}]
         out: dict[str, dict[str, object]] = {src: {"source": src, "items": n, "newest": at} for src, n, at in counts}
@@ -242,11 +256,8 @@ def nest_pending(state_path: Path) -> int | None:
     if not path.exists():
         return None
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            return int(db.execute("SELECT count(*) FROM pending").fetchone()[0])
-        finally:
-            db.close()
+        ((n,),) = read_state_db(path, ("SELECT count(*) FROM pending", ()))[0]
+        return int(n)
     except sqlite3.Error:
         return None
 

@@ -194,3 +194,62 @@ def test_status_lists_the_settled_checkpoints_with_the_document_s_own(tmp_path: 
     st.save()
     (doc,) = all_states(tmp_path)
     assert sorted((c["fingerprint"], c["offset"]) for c in doc["checkpoints"]) == sorted((k, c.offset) for k, c in st.checkpoints.items())
+
+
+_KILLED_MID_WRITE = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=DELETE")
+db.execute("PRAGMA cache_size=2")
+db.execute("BEGIN IMMEDIATE")
+db.executemany("INSERT INTO files VALUES (?, 'other', ?)", [(f"spill:{i}", "x" * 2000) for i in range(500)])
+print("spilled", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_hot_journal_a_killed_writer_left_is_rolled_back_not_a_stop(tmp_path: Path) -> None:
+    """A writer SIGKILLed while it switched a new files database to WAL (a backfill killed as it began
+    settling) leaves a hot rollback journal, which a read-only connection refuses
+    (SQLITE_READONLY_ROLLBACK): the re-run, ``status`` and the ledger's readers had said "cannot read the
+    checkpoints database" for ever. The journal is rolled back: the committed rows are read, the
+    killed transaction's are not."""
+    import signal
+    import subprocess
+    import sys
+
+    from ingest.ledger import Ledger, nest_pending
+
+    st = state_of(tmp_path / "batch-a.json", 5)
+    st.save()
+    st.close()
+    db = st.path.with_suffix(FILES_DB_SUFFIX)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_MID_WRITE, str(db)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "spilled"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert db.with_name(db.name + "-journal").exists(), "a hot journal is left"
+
+    (doc,) = all_states(tmp_path)
+    assert "problem" not in doc and len(doc["checkpoints"]) == 5
+    assert set(load(st).checkpoints) == {f"sha256:{i:02d}" for i in range(5)}
+    assert all(gen != "other" for gen, _ in rows(st).values()), "the killed transaction is rolled back"
+
+    ledger_ddl = "CREATE TABLE items (source TEXT, at TEXT); CREATE TABLE meta (source TEXT, name TEXT, value TEXT)"
+    for name, ddl, insert in (
+        (".ledger.sqlite", ledger_ddl, "items VALUES (?, ?)"),
+        (".nest.sqlite", "CREATE TABLE pending (doc TEXT, at TEXT)", "pending VALUES (?, ?)"),
+    ):
+        path = st.path.with_suffix(name)
+        with sqlite3.connect(path) as con:
+            con.executescript(ddl)
+            con.execute(f"INSERT INTO {insert}", ("s3://a", "2026-01-01"))
+        con.close()
+        script = _KILLED_MID_WRITE.replace("files VALUES (?, 'other', ?)", insert)
+        child = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline().strip() == "spilled"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        assert path.with_name(path.name + "-journal").exists()
+    assert [(d["source"], d["items"]) for d in Ledger.describe(st.path)] == [("s3://a", 1)]
+    assert nest_pending(st.path) == 1
