@@ -187,6 +187,18 @@ def _logged_json(value: Any) -> Any:
     return {} if value is None else value
 
 
+def _text_of(value: Any, shape: type) -> Any:
+    """``value`` decoded when it is JSON text of ``shape``, as other tools (and SpendLogs exports) write
+    a payload's objects and lists; anything else, JSON text of another shape included, as it is."""
+    if type(value) is not str or value.lstrip()[:1] not in ("{", "["):
+        return value
+    try:
+        decoded = loads_lenient(value)
+    except (ValueError, RecursionError):
+        return value
+    return decoded if isinstance(decoded, shape) else value
+
+
 def _contents(messages: Any) -> Any:
     """Embedding/text inputs are logged as user messages; give back what the client sent."""
     if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
@@ -384,7 +396,7 @@ def _llm_cost(a: _Attempt, breakdown: dict[str, Any] | None) -> dict[str, float]
 
 
 def _headers(a: _Attempt) -> dict[str, Any]:
-    hp = a.payload.get("hidden_params")
+    hp = _text_of(a.payload.get("hidden_params"), dict)
     headers = hp.get("additional_headers") if isinstance(hp, dict) else None
     return headers if isinstance(headers, dict) else {}
 

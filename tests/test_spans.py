@@ -384,6 +384,19 @@ def test_token_usage_equals_record_tokens(built: dict[str, BuiltTrace], rec: dic
     assert usage["total_tokens"] == rec["total_tokens"]
 
 
+def test_hidden_params_given_as_json_text_keeps_the_retry_and_fallback_counts() -> None:
+    """A tool or LiteLLM version writing ``hidden_params`` as JSON text (a string holding the object)
+    lost the counts read from its headers. Text of another shape, or no JSON, is left as it is."""
+    rec = next(r for r in CAPTURE if ((r["hidden_params"] or {}).get("additional_headers") or {}).get("x-litellm-attempted-retries"))
+    headers = rec["hidden_params"]["additional_headers"]
+    (span,) = spans(trace_of([copy.deepcopy(rec) | {"hidden_params": json.dumps(rec["hidden_params"])}]))
+    assert span.attributes["attempted_retries"] == headers["x-litellm-attempted-retries"]
+    assert span.attributes.get("attempted_fallbacks") == headers.get("x-litellm-attempted-fallbacks")
+    for odd in ('["not", "an", "object"]', '"{}"', "{broken", "plain text", ""):
+        (span,) = spans(trace_of([copy.deepcopy(rec) | {"hidden_params": odd}]))
+        assert "attempted_retries" not in span.attributes, odd
+
+
 @pytest.mark.parametrize("rec", CAPTURE, ids=rid)
 def test_llm_cost_total_is_response_cost_and_parts_from_cost_breakdown(built: dict[str, BuiltTrace], rec: dict) -> None:
     cost = attempt_span(built, rec).attributes["mlflow.llm.cost"]
