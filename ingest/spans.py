@@ -245,7 +245,7 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
     if row["format"] == "standard_logging_payload":
         mp = payload.get("model_parameters")
         params = mp if isinstance(mp, dict) else {}
-        messages = payload.get("messages")
+        messages = _text_of(payload.get("messages"), list)
     else:
         request = _json_value(payload.get("proxy_server_request"))
         request = request if isinstance(request, dict) else None

@@ -301,6 +301,21 @@ def test_tool_call_inputs_carry_tools_tool_choice_and_stream(built: dict[str, Bu
     assert inputs["stream"] == rec["model_parameters"]["stream"]
 
 
+def test_messages_given_as_json_text_are_the_chat_and_other_text_stays_text() -> None:
+    """A tool or LiteLLM version writing ``messages`` as JSON text (a string holding the list) left one
+    string in the inputs instead of the chat; an embedding's input was that text too. Text that is no
+    JSON list (an object, a quoted string, a plain prompt) is kept as it was logged."""
+    chat = next(r for r in CAPTURE if r["call_type"] == "acompletion" and r["status"] == "success")
+    embed = next(r for r in CAPTURE if r["call_type"] == "aembedding" and len(r["messages"]) > 1)
+    (span,) = spans(trace_of([copy.deepcopy(chat) | {"messages": json.dumps(chat["messages"])}]))
+    assert span.inputs["messages"] == chat["messages"]
+    (span,) = spans(trace_of([copy.deepcopy(embed) | {"messages": json.dumps(embed["messages"])}]))
+    assert span.inputs["input"] == [m["content"] for m in embed["messages"]]
+    for odd in ('{"role": "user"}', '"[]"', "[broken", "plain prompt"):
+        (span,) = spans(trace_of([copy.deepcopy(chat) | {"messages": odd}]))
+        assert span.inputs["messages"] == odd
+
+
 @pytest.mark.parametrize("rec", each_record(lambda r: r["call_type"] == "aembedding"), ids=rid)
 def test_embedding_inputs_carry_input_text(built: dict[str, BuiltTrace], rec: dict) -> None:
     texts = [m["content"] for m in rec["messages"]]
