@@ -596,6 +596,48 @@ def _path_text(raw: pl.Series, path: tuple[str, ...]) -> pl.Series:
     return text.scatter(idx, pl.Series(found, dtype=pl.String))
 
 
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_USAGE_COUNT = r'[{,]"%s":(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)[,}]'
+"""A count's JSON number in ``response.usage`` as the path reader writes it back (compact): a string
+or boolean there is no count, as at the top level."""
+
+
+def _tokens_from_usage(frame: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
+    """Token counts a record gives only in ``response.usage`` (absent or null at the top level, as
+    some tools and LiteLLM versions write them) are read from there, under the top level's rules: a
+    whole float is the count, a negative one or one beyond int64 is dropped with its warning. Only
+    rows missing a count, and naming a usage, are read for it (a path lookup parses the whole line):
+    a clean chunk costs a null count per column."""
+    if not frame.height or not any(frame[f].null_count() for f in TOKEN_FIELDS):
+        return frame
+    missing = pl.any_horizontal(pl.col(f).is_null() for f in TOKEN_FIELDS) & pl.col("raw").str.contains('"usage"', literal=True)
+    idx = frame.select(missing).to_series().arg_true()
+    if not len(idx):
+        return frame
+    usage = _path_text(frame["raw"].gather(idx), ("response", "usage"))
+    rows = frame.select(pl.col(f).gather(idx) for f in TOKEN_FIELDS).with_columns(_usage=usage)
+    columns: list[pl.Series] = []
+    for f in TOKEN_FIELDS:
+        text = pl.when(pl.col(f).is_null()).then(pl.col("_usage").str.extract(_USAGE_COUNT % f, 1))
+        whole, number = text.str.to_integer(strict=False), text.cast(pl.Float64, strict=False)
+        found = rows.select(
+            value=pl.coalesce(
+                pl.col(f),
+                pl.when(whole >= 0)
+                .then(whole)
+                .when(whole.is_null() & (number == number.floor()) & (number >= 0) & (number < 2.0**63))
+                .then(number.cast(pl.Int64)),
+            ),
+            negative=(number < 0).sum(),
+            huge=(number >= 2.0**63).sum(),
+        )
+        for kind in ("negative", "huge"):
+            if n := found[kind][0]:
+                _warn(warnings, f"{kind}_{f}", n)
+        columns.append(frame[f].scatter(idx, found["value"]))
+    return frame.with_columns(columns)
+
+
 def _quarantine_rows(
     frame: pl.DataFrame, reason: Reason | None, detail: str | Callable[[dict], tuple[Reason, str]]
 ) -> list[QuarantineRecord]:
@@ -916,6 +958,7 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool 
             canonical = _no_nul(canonical)
         canonical, bad = _validate(canonical)
         quarantined += bad
+        canonical = _tokens_from_usage(canonical, warnings)
         canonical = _parent_context(canonical, schema, warnings)
         unusable_first = pl.col("first_token_us").is_null() & pl.col("_first_raw").is_not_null()
         if warnings is not None and (dropped := canonical.select(unusable_first.sum()).item()):

@@ -1091,6 +1091,37 @@ def test_a_token_count_written_as_a_whole_float_is_the_count(capture: list[dict]
     assert out["total_tokens"].to_list() == [base[0]["total_tokens"], base[2]["total_tokens"], spend_rows(capture)[0]["total_tokens"]]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_token_counts_given_only_in_response_usage_are_the_counts(capture: list[dict], fast: bool) -> None:
+    """A tool or LiteLLM version logging the counts only in ``response.usage`` (absent or null at the
+    top level) left the call without token usage. They are read there under the top level's rules: a
+    whole float is the count; text or a fraction is none, a negative count none with a warning. A
+    count the top level gives wins, and a failure with no response has none."""
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    base = [r for r in capture if r["status"] == "success" and r["call_type"] == "acompletion"][:5]
+    rows = [*copy.deepcopy(base), copy.deepcopy(next(r for r in capture if r["status"] != "success"))]
+    for r in rows[:4] + rows[5:]:
+        for f in counts:
+            r[f] = None
+    for f in counts:
+        del rows[0][f]
+    rows[2]["response"]["usage"] |= {"prompt_tokens": 12.0, "completion_tokens": "3", "total_tokens": 7.5}
+    rows[3]["response"]["usage"]["completion_tokens"] = -1
+    rows[4]["response"]["usage"]["prompt_tokens"] = 999
+    frame, _ = frame_of(rows)
+    warnings: dict[str, int] = {}
+    out, quarantined = normalize(frame, warnings, fast)
+    assert quarantined == [] and out.height == 6
+    assert warnings == {"negative_completion_tokens": 1}
+    got = out.select(counts).rows()
+    usage = [tuple(r["response"]["usage"][f] for f in counts) for r in base]
+    assert got[:2] == usage[:2]
+    assert got[2] == (12, None, None)
+    assert got[3] == (usage[3][0], None, usage[3][2])
+    assert got[4] == tuple(base[4][f] for f in counts)
+    assert got[5] == (None, None, None)
+
+
 @pytest.mark.parametrize("value", ["1795788117.5", "2026-11-27T14:01:55Z", True])
 def test_a_first_token_time_of_another_type_keeps_the_call_without_it(good: list[dict], value: object) -> None:
     """A payload's completionStartTime as text quarantined the whole call, while an unparsable one
