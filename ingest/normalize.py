@@ -110,11 +110,13 @@ def _storable_us(us: pl.Expr) -> pl.Expr:
 
 
 def _iso_us(expr: pl.Expr) -> pl.Expr:
-    """ISO 8601 text -> epoch microseconds, UTC. Naive times are UTC (Prisma stores UTC)."""
+    """ISO 8601 text -> epoch microseconds, UTC. Naive times are UTC (Prisma stores UTC). The date
+    and time may be parted by ``T``, ``t`` or a space, and UTC written ``Z``, ``+00`` (psql's text
+    of a ``timestamptz``) or `` UTC``."""
     norm = (
         expr.str.strip_chars()
-        .str.replace(r"^(\d{4}-\d\d-\d\d)[ ]", "${1}T")
-        .str.replace(r"[Zz]$", "+00:00")
+        .str.replace(r"^(\d{4}-\d\d-\d\d)[ tT]", "${1}T")
+        .str.replace(r"(?:[Zz]|[ ]?UTC)$", "+00:00")
         .str.replace(r"([+-]\d\d)(\d\d)$", "${1}:${2}")
         .str.replace(r"([+-]\d\d)$", "${1}:00")
     )

@@ -396,13 +396,18 @@ TIME_FORMS = {
     "space_short_plus_00": lambda dt: _fmt(dt, sep=" ", tz="+00"),
     "short_plus_05": lambda dt: _fmt(_local(dt, 5), tz="+05"),
     "short_minus_03": lambda dt: _fmt(_local(dt, -3), tz="-03"),
+    "lowercase_t": lambda dt: _fmt(dt, sep="t"),
+    "lowercase_t_z": lambda dt: _fmt(dt, sep="t", tz="z"),
+    "space_UTC": lambda dt: _fmt(dt, sep=" ", tz=" UTC"),
+    "UTC": lambda dt: _fmt(dt, tz="UTC"),
+    "psql_timestamptz_ms": lambda dt: _fmt(dt, sep=" ", frac="ms", tz="+00"),
 }
 
 
 def _truncate(dt: datetime, form: str) -> datetime:
     if "no_fraction" in form:
         return dt.replace(microsecond=0)
-    if form.endswith("_ms"):
+    if form.endswith("_ms") or "_ms_" in form:
         return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
     return dt
 
