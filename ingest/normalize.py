@@ -125,9 +125,65 @@ def _iso_us(expr: pl.Expr) -> pl.Expr:
     return _storable_us(pl.coalesce(aware, naive).dt.epoch("us"))
 
 
-def _time_us(schema: RecordSchema, name: str) -> pl.Expr:
+EPOCH_S_BELOW, EPOCH_MS_BELOW, EPOCH_US_BELOW = 10**11, 10**14, 10**17
+"""``epoch_by_magnitude``: a number below 1e11 is epoch seconds (to the year 5138, so every time
+the store holds), below 1e14 milliseconds, below 1e17 microseconds, else nanoseconds. Each value is
+read on its own. Now is about 1.8e9 s, 1.8e12 ms, 1.8e15 us, 1.8e18 ns, so the unit is told apart
+for every time from 1973-03-03T09:46:40Z (1e11 ms) on; an earlier time in a finer unit is read in a
+coarser one (a time in 1970 in ms as seconds: some other year, no call's)."""
+_NUMBER = r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+_NUMBER_TEXT = rf"^{_NUMBER}$"
+
+
+def _epoch_by_magnitude_us(text: pl.Expr, name: str) -> pl.Expr:
+    """Field ``name`` decoded as text, where the line gave a JSON number (polars decodes a number
+    given for a text field as its digits) -> epoch microseconds, in the unit its size says
+    (``EPOCH_S_BELOW`` ...); null for anything else. Text of a number (``"1764923456.1"``) is no
+    number: the line is searched for the key holding such a string, which leaves it to be read as
+    ISO text (and fail). Whole numbers are scaled as integers, exactly (nanoseconds round to the
+    nearest microsecond, half up); fractional ones as doubles, rounded as payload times are."""
+    whole = text.str.to_integer(strict=False)
+    whole_us = (
+        pl.when(whole < EPOCH_S_BELOW)
+        .then(whole * 1_000_000)
+        .when(whole < EPOCH_MS_BELOW)
+        .then(whole * 1_000)
+        .when(whole < EPOCH_US_BELOW)
+        .then(whole)
+        .otherwise((whole - 500) // 1_000 + 1)  # round(whole / 1000), half up, without overflowing int64
+    )
+    value = text.cast(pl.Float64, strict=False)
+    value_us = (
+        pl.when(value < EPOCH_S_BELOW)
+        .then(value * 1e6)
+        .when(value < EPOCH_MS_BELOW)
+        .then(value * 1e3)
+        .when(value < EPOCH_US_BELOW)
+        .then(value)
+        .otherwise(value / 1e3)
+    )
+    quoted = pl.col("raw").str.contains(rf'"{name}"[ \t\r\n]*:[ \t\r\n]*"{_NUMBER}"')
+    us = pl.coalesce(whole_us, value_us.round().cast(pl.Int64, strict=False))
+    return _storable_us(pl.when(text.str.contains(_NUMBER_TEXT) & (value >= 0) & ~quoted).then(us))
+
+
+def _time_us(schema: RecordSchema, name: str, numbers: bool = False) -> pl.Expr:
+    """A time field -> epoch microseconds, null when it is none. ``numbers``: the part has number
+    times of a text-time format (``number_time_encoding``), read as that says."""
     raw = _field(name)
-    return _iso_us(raw) if schema.time_encoding == "iso8601" else _epoch_seconds_us(raw)
+    if schema.time_encoding != "iso8601":
+        return _epoch_seconds_us(raw)
+    if numbers and schema.number_time_encoding == "epoch_by_magnitude":
+        return pl.coalesce(_epoch_by_magnitude_us(raw, name), _iso_us(raw))
+    return _iso_us(raw)
+
+
+def _has_number_times(part: pl.DataFrame, schema: RecordSchema, names: list[str]) -> bool:
+    """Whether a decoded part of a text-time format holds a time that may be a JSON number: the
+    only part where ``_time_us`` reads numbers (and searches the lines for quoted ones)."""
+    if schema.time_encoding != "iso8601" or schema.number_time_encoding is None or not part.height:
+        return False
+    return bool(part.select(pl.any_horizontal([_field(n).str.contains(_NUMBER_TEXT) for n in names]).any()).item())
 
 
 def safe_decode(texts: pl.Series, dtype: pl.DataType) -> tuple[pl.Series, dict[int, str]]:
@@ -547,13 +603,17 @@ def detect_format(lines: pl.DataFrame) -> pl.Series:
 
     A literal search for the keys, then a regex over the lines that have them, finds candidate
     lines (a key cannot occur unescaped inside a JSON string). A candidate is the schema's when its
-    times have the JSON type the schema declares for ``startTime`` (a payload that gains SpendLogs'
-    key names still has number times). When that type is unknown (times absent, null or of mixed
-    types), a JSON path lookup must find one of the keys at the top level instead, since a nested
-    object (client metadata) may hold the same key names.
+    times have a JSON type only that schema declares for ``startTime`` (SpendLogs' ISO text: a
+    payload that gains SpendLogs' key names still has number times). When the type does not tell
+    (times absent, null or of mixed types; or numbers, which a payload has and a SpendLogs row
+    exported by pandas too), the top-level keys do, since a nested object (client metadata) may hold
+    the same key names: one of the schema's ``detect_keys`` must be at the top level (for numbers,
+    the regex's find is enough) and none of its ``excluded_keys`` (the payload's ``response_cost``
+    ...). Those are looked up by JSON path, only on lines holding the key's name at all.
     """
     schemas = all_schemas()
-    fmt = pl.repeat(schemas[-1].name, lines.height, eager=True, dtype=pl.String)
+    default = schemas[-1]
+    fmt = pl.repeat(default.name, lines.height, eager=True, dtype=pl.String)
     raw = pl.col("raw")
     for schema in reversed(schemas[:-1]):
         candidate = lines.select(pl.all_horizontal([raw.str.contains(f'"{k}"', literal=True) for k in schema.detect_keys])).to_series()
@@ -562,15 +622,41 @@ def detect_format(lines: pl.DataFrame) -> pl.Series:
             candidate.scatter(candidate.arg_true(), lines.filter(candidate).select(as_keys).to_series())
         if not candidate.any():
             continue
-        at_top = pl.any_horizontal([raw.str.json_path_match(f"$.{k}").is_not_null() for k in schema.detect_keys])
-        if (own := schema.scalar_types.get("startTime")) is not None:
-            time_type = _time_json_type(raw)
-            at_top = pl.when(time_type.is_null()).then(at_top).otherwise(time_type == own)
-        confirmed = lines.filter(candidate).select(at_top)
+        texts = lines["raw"].filter(candidate)
+        time_type = texts.to_frame().select(_time_json_type(raw)).to_series()
+        shared = pl.Series(sorted(schema.time_types & default.time_types), dtype=pl.String)
+        by_keys = (time_type.is_null() | time_type.is_in(shared)).fill_null(True)
+        confirmed = time_type.is_in(pl.Series(sorted(schema.time_types), dtype=pl.String)).fill_null(False) & ~by_keys
+        if by_keys.any():
+            idx = by_keys.arg_true()
+            confirmed.scatter(idx, _keys_say(texts.gather(idx), time_type.gather(idx), schema))
         hit = candidate.clone()
-        hit.scatter(candidate.arg_true(), confirmed.to_series())
+        hit.scatter(candidate.arg_true(), confirmed)
         fmt = pl.select(pl.when(hit).then(pl.lit(schema.name)).otherwise(fmt)).to_series()
     return fmt
+
+
+def _keys_say(texts: pl.Series, time_type: pl.Series, schema: RecordSchema) -> pl.Series:
+    """Whether lines whose times do not tell their format are ``schema``'s by their top-level keys
+    (see ``detect_format``)."""
+    ok = pl.repeat(True, texts.len(), eager=True, dtype=pl.Boolean)
+    unknown = time_type.is_null()
+    if unknown.any() and schema.detect_keys:
+        idx = unknown.arg_true()
+        ok.scatter(idx, _any_at_top(texts.gather(idx), schema.detect_keys))
+    if schema.excluded_keys:
+        names = [pl.col(texts.name).str.contains(f'"{k}"', literal=True) for k in schema.excluded_keys]
+        named = texts.to_frame().select(pl.any_horizontal(names)).to_series()
+        if named.any():
+            idx = named.arg_true()
+            ok.scatter(idx, ok.gather(idx) & ~_any_at_top(texts.gather(idx), schema.excluded_keys))
+    return ok
+
+
+def _any_at_top(texts: pl.Series, keys: tuple[str, ...]) -> pl.Series:
+    """Whether each line has one of ``keys`` at its top level, with a value other than null."""
+    found = pl.DataFrame([_path_text(texts, (k,)).is_not_null().alias(k) for k in keys])
+    return found.select(pl.any_horizontal(pl.all())).to_series()
 
 
 def _path_text(raw: pl.Series, path: tuple[str, ...]) -> pl.Series:
@@ -779,6 +865,7 @@ def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
     key_hash = meta("user_api_key_hash") if "user_api_key_hash" in meta_has else _text(opt("api_key"))
     request_id = opt("request_id") if "request_id" in has else opt("id")
     cost = opt("response_cost", pl.Float64()) if "response_cost" in has else opt("spend", pl.Float64())
+    numbers = _has_number_times(part, schema, [n for n in ("startTime", "endTime", "completionStartTime") if n in has])
     return part.select(
         "file",
         "source",
@@ -794,9 +881,9 @@ def _canonical(part: pl.DataFrame, schema: RecordSchema) -> pl.DataFrame:
         litellm_trace_id=_text(opt("trace_id")),
         call_type=pl.coalesce(_text(opt("call_type")), pl.lit("completion")),
         status=pl.coalesce(_text(opt("status")).str.to_lowercase(), pl.lit("success")),
-        start_us=_time_us(schema, "startTime"),
-        end_us=_time_us(schema, "endTime"),
-        first_token_us=_time_us(schema, "completionStartTime") if "completionStartTime" in has else pl.lit(None, dtype=pl.Int64),
+        start_us=_time_us(schema, "startTime", numbers),
+        end_us=_time_us(schema, "endTime", numbers),
+        first_token_us=_time_us(schema, "completionStartTime", numbers) if "completionStartTime" in has else pl.lit(None, dtype=pl.Int64),
         stream=pl.coalesce(opt("stream", pl.Boolean()), pl.lit(False)),
         model=_text(opt("model")),
         model_group=_text(opt("model_group")),

@@ -13,6 +13,14 @@ Derivation rules (JSON Schema -> polars):
   are not decoded columnar: the span builder reads them whole from the raw line.
 - ``x-json-text: true``: the value may be JSON text holding the declared shape (SpendLogs
   exports store ``metadata`` and ``request_tags`` that way); it is extracted and decoded.
+
+``x-ingest`` says what JSON Schema cannot: ``format``; ``detect_keys``, the top-level keys a line
+of the format has (none for the default format); ``excluded_keys``, top-level keys a line of it
+never has (the default format's own), which decide when its times' JSON type does not (numbers,
+which both formats may have); ``time_encoding``, how text times are read (``iso8601``) or number
+ones (``epoch_seconds``), and ``number_time_encoding``, how number times are read by a format whose
+times may also be text (``epoch_by_magnitude``: epoch seconds, milliseconds, microseconds or
+nanoseconds, as the value's size says); ``required``; ``id_fields``; ``request_headers``.
 """
 
 from __future__ import annotations
@@ -73,6 +81,13 @@ class RecordSchema:
     """Top-level fields declared as exactly one scalar JSON type (or null): name -> that type."""
     request_headers: tuple[str, ...] = ()
     """Path to the object of the client's request headers (its W3C ``traceparent``); () if not logged."""
+    excluded_keys: tuple[str, ...] = ()
+    """Top-level keys a line of this format never has: another format's, told apart by them when the
+    JSON type of the times does not tell (see ``detect_format``)."""
+    time_types: frozenset[str] = frozenset()
+    """The JSON types ``startTime`` may have (besides null)."""
+    number_time_encoding: str | None = None
+    """How a number time is read where ``time_encoding`` is for text (``epoch_by_magnitude``), else None."""
 
     @property
     def decode_dtype(self) -> pl.Struct:
@@ -115,6 +130,9 @@ def load_schema(path: Path) -> RecordSchema:
         json_text=json_text,
         scalar_types=scalar_types,
         request_headers=tuple(meta.get("request_headers", [])),
+        excluded_keys=tuple(meta.get("excluded_keys", [])),
+        time_types=frozenset(_types(doc.get("properties", {}).get("startTime", {}))),
+        number_time_encoding=meta.get("number_time_encoding"),
     )
 
 

@@ -170,6 +170,20 @@ def test_spend_meta_from_file(spend: RecordSchema) -> None:
     assert spend.id_fields == ("litellm_call_id", "request_id")
 
 
+def test_spend_number_times_from_file(spend: RecordSchema, slp: RecordSchema) -> None:
+    """SpendLogs times may be numbers (pandas' to_json): read by magnitude; the payload keys tell such rows from payloads."""
+    d = doc(SPEND_FILE)
+    meta, props = d["x-ingest"], d["properties"]
+    assert spend.time_types == frozenset(props["startTime"]["type"]) == {"string", "number"}
+    assert set(props["endTime"]["type"]) == {"string", "number"}
+    assert set(props["completionStartTime"]["type"]) == {"string", "number", "null"}
+    assert spend.number_time_encoding == meta["number_time_encoding"] == "epoch_by_magnitude"
+    assert spend.excluded_keys == tuple(meta["excluded_keys"])
+    assert set(spend.excluded_keys) <= set(doc(SLP_FILE)["properties"]) - set(props)
+    assert spend.direct["startTime"] == pl.String()  # numbers decode as their text
+    assert slp.time_types == {"number"} and slp.number_time_encoding is None and slp.excluded_keys == ()
+
+
 def test_required_falls_back_to_json_schema_required(tmp_path: Path) -> None:
     d = doc(SPEND_FILE)
     del d["x-ingest"]["required"]
