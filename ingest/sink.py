@@ -956,6 +956,8 @@ class StoreSink(_Synchronous):
         self.deadline_s = deadline_s
         self.on_retry: Callable[[Exception], None] | None = None
         self.pause: Callable[[float], object] = time.sleep
+        self.cutoff: float | None = None
+        """``time.monotonic()`` past which no database call is waited for (a stopping daemon's deadline)."""
         self.bulk: BulkSpanWriter | None = None
         if writer == "bulk":
             reason = unsupported_reason(self.store)
@@ -964,6 +966,50 @@ class StoreSink(_Synchronous):
             else:
                 log.warning("writing through MLflow's log_spans (slower): %s", reason)
         self.settles = self.bulk is not None
+
+    def give_up_at(self, deadline: float) -> None:
+        self.cutoff = deadline
+
+    def _answered(self, call: Callable[[], T], what: str, give_up_s: float | None = None) -> T:
+        """``call`` (database work), run in a thread of its own and waited for in short slices. A
+        database that does not answer at all (a frozen host, a network partition: no error, the
+        socket just stays silent) held the daemon in a read for ever, ``/health`` "ok" and
+        SIGTERM unheeded. Now: once it has not answered for ``deadline_s`` that is reported as an
+        outage (``on_retry``), and waiting ends, unacknowledged, at ``cutoff`` ("stopped"), or after
+        ``give_up_s`` when given (a ping). The thread is a daemon: it does not keep the process alive."""
+        if self.cutoff is not None and time.monotonic() >= self.cutoff:
+            raise self._abandoned(what)
+        answer: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                answer.append(call())
+            except BaseException as e:
+                answer.append(e)
+            finally:
+                done.set()
+
+        try:
+            threading.Thread(target=run, name="mlflow-db", daemon=True).start()
+        except RuntimeError as e:
+            raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {first_line(e)}") from e
+        started, said = time.monotonic(), False
+        while not done.wait(0.25):
+            waited = time.monotonic() - started
+            if self.cutoff is not None and time.monotonic() >= self.cutoff:
+                raise self._abandoned(what)
+            if give_up_s is not None and waited >= give_up_s:
+                raise SinkError(f"{what}: the MLflow store {self.target.shown_uri} did not answer within {give_up_s:.0f}s")
+            if not said and waited >= self.deadline_s and self.on_retry is not None:
+                said = True
+                self.on_retry(TimeoutError(f"{what}: the MLflow store {self.target.shown_uri} has not answered for {waited:.0f}s"))
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
+
+    def _abandoned(self, what: str) -> SinkError:
+        return SinkError(f"{what} in the MLflow store {self.target.shown_uri} left unanswered: stopping", kind="stopped")
 
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span
@@ -991,7 +1037,11 @@ class StoreSink(_Synchronous):
                     time.sleep(random.uniform(0.02, 0.1) * 2**attempt)
 
         try:
-            with_retries(write_merging, "log spans", self.deadline_s, _transient_db, self.on_retry, self.pause)
+            with_retries(
+                lambda: self._answered(write_merging, "log spans"), "log spans", self.deadline_s, _transient_db, self.on_retry, self.pause
+            )
+        except SinkError:
+            raise
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
@@ -1024,13 +1074,17 @@ class StoreSink(_Synchronous):
             return 0
         try:
             with_retries(
-                lambda: self.store.log_spans(experiment_id, [Span.from_otel_proto(d.to_otlp()) for d in spans]),
+                lambda: self._answered(
+                    lambda: self.store.log_spans(experiment_id, [Span.from_otel_proto(d.to_otlp()) for d in spans]), "log spans"
+                ),
                 "log spans",
                 self.deadline_s,
                 lambda e: _transient_db(e) or is_conflict(e),
                 self.on_retry,
                 self.pause,
             )
+        except SinkError:
+            raise
         except Exception as e:
             kind = "rejected" if _data_error(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
@@ -1038,7 +1092,14 @@ class StoreSink(_Synchronous):
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
         try:
-            return with_retries(lambda: self._trace_infos(trace_ids), "look up traces", self.deadline_s, _transient_db)
+            return with_retries(
+                lambda: self._answered(lambda: self._trace_infos(trace_ids), "look up traces"),
+                "look up traces",
+                self.deadline_s,
+                _transient_db,
+            )
+        except SinkError:
+            raise
         except Exception as e:
             raise SinkError(f"looking up traces in {self.target.shown_uri} failed: {first_line(e)}") from e
 
@@ -1059,19 +1120,25 @@ class StoreSink(_Synchronous):
     def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
         try:
             with_retries(
-                lambda: self.store.delete_traces(experiment_id or self.target.experiment_id, trace_ids=trace_ids),
+                lambda: self._answered(
+                    lambda: self.store.delete_traces(experiment_id or self.target.experiment_id, trace_ids=trace_ids), "delete traces"
+                ),
                 "delete traces",
                 self.deadline_s,
                 _transient_db,
                 self.on_retry,
                 self.pause,
             )
+        except SinkError:
+            raise
         except Exception as e:
             raise SinkError(f"deleting traces in {self.target.shown_uri} failed: {first_line(e)}") from e
 
     def ping(self) -> None:
         try:
-            self.store.get_experiment(self.target.experiment_id)
+            self._answered(lambda: self.store.get_experiment(self.target.experiment_id), "ping", give_up_s=self.deadline_s)
+        except SinkError:
+            raise
         except Exception as e:
             raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {first_line(e)}") from e
 
