@@ -861,7 +861,7 @@ _DB_TRANSIENT_TEXT = (
     "database is locked", "deadlock", "could not connect", "connection refused", "connection failed", "server closed the connection",
     "terminating connection", "the database system is", "could not receive data", "connection timed out", "connection is closed",
     "ssl connection has been closed", "too many clients already", "remaining connection slots are reserved",
-    "canceling statement due to statement timeout",
+    "canceling statement due to statement timeout", "has not answered for",
 )  # fmt: skip
 """A database that is busy, restarting or failing over (PostgreSQL's own messages for a crash, an
 administrator's shutdown, crash recovery): worth retrying until ``--mlflow-timeout`` runs out."""
@@ -881,6 +881,10 @@ def _transient_db(e: BaseException) -> bool:
             return True
     return False
 
+
+DB_SILENCE_S = 10.0
+"""A run (batch, backfill) abandons a database call unanswered for ``--mlflow-timeout``, this at least
+(SQLite's own wait for a lock is 5 s), and tries again as after a lost connection."""
 
 CONFLICT_RETRIES = 6
 _CONFLICT_SQLSTATES = frozenset({"23505", "40001", "40P01"})
@@ -976,7 +980,9 @@ class StoreSink(_Synchronous):
         socket just stays silent) held the daemon in a read for ever, ``/health`` "ok" and
         SIGTERM unheeded. Now: once it has not answered for ``deadline_s`` that is reported as an
         outage (``on_retry``), and waiting ends, unacknowledged, at ``cutoff`` ("stopped"), or after
-        ``give_up_s`` when given (a ping). The thread is a daemon: it does not keep the process alive."""
+        ``give_up_s`` when given (a ping). Without ``on_retry`` (a run, not a daemon) it is abandoned
+        after ``--mlflow-timeout`` (``DB_SILENCE_S`` at least) and retried within the same deadline,
+        so a run ends with exit 4. The thread is a daemon: it does not keep the process alive."""
         if self.cutoff is not None and time.monotonic() >= self.cutoff:
             raise self._abandoned(what)
         answer: list[Any] = []
@@ -1001,6 +1007,9 @@ class StoreSink(_Synchronous):
                 raise self._abandoned(what)
             if give_up_s is not None and waited >= give_up_s:
                 raise SinkError(f"{what}: the MLflow store {self.target.shown_uri} did not answer within {give_up_s:.0f}s")
+            if self.on_retry is None and waited >= max(self.deadline_s, DB_SILENCE_S):
+                # a run, not a daemon: nobody to tell; an unanswered call is a failure, retried as a lost connection is
+                raise TimeoutError(f"{what}: the MLflow store {self.target.shown_uri} has not answered for {waited:.0f}s")
             if not said and waited >= self.deadline_s and self.on_retry is not None:
                 said = True
                 self.on_retry(TimeoutError(f"{what}: the MLflow store {self.target.shown_uri} has not answered for {waited:.0f}s"))

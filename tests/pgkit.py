@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -58,6 +59,15 @@ class PgCluster(Postgres):
         """Start it again on the same port and data (crash recovery runs first)."""
         data, log = str(self.base / "data"), str(self.base / "server.log")
         self._pg(pg_bin("pg_ctl") or "pg_ctl", "-D", data, "-o", _options(self), "-l", log, "-w", "start")
+
+    def freeze(self, sig: int = signal.SIGSTOP) -> None:
+        """SIGSTOP the postmaster and every backend: a database that does not answer at all (a frozen
+        host, a network partition), as opposed to one that refuses or drops connections.
+        ``freeze(signal.SIGCONT)`` thaws it."""
+        pm = int((self.base / "data" / "postmaster.pid").read_text().split()[0])
+        kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True).stdout.split()
+        for pid in (pm, *map(int, kids)):
+            os.kill(pid, sig)
 
     def stop(self) -> None:
         self.halt()

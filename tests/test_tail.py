@@ -399,17 +399,6 @@ def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path,
         pg.stop()
 
 
-def _freeze(pg, sig: int) -> None:
-    """SIGSTOP or SIGCONT PostgreSQL's postmaster and every backend: a database that does not answer at
-    all (a frozen host, a network partition), as opposed to one that refuses or drops connections."""
-    import subprocess
-
-    pm = int((pg.base / "data" / "postmaster.pid").read_text().split()[0])
-    kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True).stdout.split()
-    for pid in (pm, *map(int, kids)):
-        os.kill(pid, sig)
-
-
 def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop(tmp_path: Path, capture) -> None:
     """PostgreSQL frozen (SIGSTOP: no error, the socket just stays silent) under the bulk writer: the
     daemon sat in a read for as long as it lasted, ``/health`` "ok" and nothing said, and SIGTERM was
@@ -431,7 +420,7 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
         writer = Writer(logdir / "proxy.jsonl")
         writer.write_calls(calls[:10])
         wait_for_calls(uri, experiment, calls[:10])
-        _freeze(pg, signal.SIGSTOP)
+        pg.freeze()
         frozen = True
         writer.write_calls(calls[10:30])
         health = lambda: requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).json()["status"]  # noqa: E731
@@ -443,7 +432,7 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
         code = d.proc.wait(timeout=30)
         assert code == 0 and time.monotonic() - started < 3 + 5, "the stop waited for the frozen database"
         d.proc = None
-        _freeze(pg, signal.SIGCONT)
+        pg.freeze(signal.SIGCONT)
         frozen = False
         writer.write_calls(calls[30:])
         d = daemon().start()
@@ -452,7 +441,7 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
         assert "Traceback" not in d.log.read_text()
     finally:
         if frozen:
-            _freeze(pg, signal.SIGCONT)
+            pg.freeze(signal.SIGCONT)
         if d.alive():
             d.stop(signal.SIGKILL)
         pg.stop()

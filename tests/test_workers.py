@@ -25,7 +25,7 @@ from ingest.quarantine import QuarantineWriter
 from ingest.workers import Emitted
 from tests.conftest import Postgres, copies, sqlite_trace_count, write_log
 from tests.followkit import RecordingSink
-from tests.storekit import assert_same_as_one_writer, store_rows
+from tests.storekit import assert_same_as_one_writer, store_rows, trace_and_span_counts
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -347,6 +347,51 @@ def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_mid
         assert counted("SELECT count(*) FROM trace_info") == len(calls)
         assert counted("SELECT count(*) FROM spans") == spans_of(list(calls.values()))
     finally:
+        pg.stop()
+
+
+def test_a_backfill_into_a_postgresql_that_stops_answering_ends_with_exit_4_and_a_rerun_completes(
+    capture: list[dict], tmp_path: Path, own_postgres: Any
+) -> None:
+    """PostgreSQL frozen mid-run (SIGSTOP: no error, the socket just stays silent): the backfill sat in
+    a read for as long as it lasted, saying nothing, whatever ``--mlflow-timeout``. Now it gives up
+    in one line (exit 4), and a run after the database answers again writes every call once."""
+    import sqlalchemy
+
+    from tests.tailkit import spans_of
+
+    def traces() -> int:
+        try:
+            return trace_and_span_counts(uri, "fleet")[0]
+        except sqlalchemy.exc.ProgrammingError:  # no schema yet
+            return 0
+
+    pg, frozen = own_postgres, False
+    try:
+        uri = pg.new_database()
+        records = [r for b in copies(capture, 100, "pg-frozen") for r in b]
+        write_log(tmp_path / "logs" / "proxy.jsonl", records)
+        calls = {r["litellm_call_id"] for r in records}
+        args = [*backfill_args(uri, tmp_path / "logs", tmp_path / "state", 1), "--workers", "1", "--mlflow-timeout", "3"]
+        p = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while traces() < 100 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, "the backfill ended before the database froze: " + p.communicate()[1][-2000:]
+        pg.freeze()
+        frozen = True
+        _, err = p.communicate(timeout=40)
+        assert p.returncode == 4 and "has not answered" in err and "Traceback" not in err, err[-2000:]
+        pg.freeze(signal.SIGCONT)
+        frozen = False
+        backfill(uri, tmp_path / "logs", tmp_path / "state", 1)
+        by_call: dict[str, list[dict]] = {}
+        for r in records:
+            by_call.setdefault(r["litellm_call_id"], []).append(r)
+        assert trace_and_span_counts(uri, "fleet") == (len(calls), spans_of(list(by_call.values())))
+    finally:
+        if frozen:
+            pg.freeze(signal.SIGCONT)
         pg.stop()
 
 
