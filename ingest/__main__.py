@@ -15,6 +15,12 @@ download the provider's price list from GitHub (three retries: about 7 s per pro
 without a network). A replay prices from the catalog MLflow ships instead: the same cost on every
 run, nothing fetched from an air-gapped host. Set the variable to a URL to have MLflow fetch it."""
 
+DATABASE_DEFAULTS = {"PGCONNECT_TIMEOUT": "10"}
+"""libpq waits for ever for a PostgreSQL that accepts the connection and never answers (a frozen
+host, a network partition): a run hung in opening its store, saying nothing, whatever
+``--mlflow-timeout``. Ten seconds without an answer is a failed connection instead, retried as
+one is; set the variable to change it (0 waits for ever)."""
+
 
 def _interrupted(signum: int, frame: Any) -> None:
     """SIGINT or SIGTERM before a command took them over (it loads polars and MLflow first, for
@@ -45,7 +51,7 @@ def run() -> None:
         signal.signal(sig, _interrupted)
     from ingest.allocator import COMMANDS, command_of, tune
 
-    for name, value in OFFLINE_DEFAULTS.items():
+    for name, value in {**OFFLINE_DEFAULTS, **DATABASE_DEFAULTS}.items():
         os.environ.setdefault(name, value)
     if command_of(sys.argv[1:]) in COMMANDS:
         tune()

@@ -350,12 +350,14 @@ def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_mid
         pg.stop()
 
 
+@pytest.mark.parametrize("when", ["at_its_start", "mid_run"])
 def test_a_backfill_into_a_postgresql_that_stops_answering_ends_with_exit_4_and_a_rerun_completes(
-    capture: list[dict], tmp_path: Path, own_postgres: Any
+    capture: list[dict], tmp_path: Path, own_postgres: Any, when: str
 ) -> None:
-    """PostgreSQL frozen mid-run (SIGSTOP: no error, the socket just stays silent): the backfill sat in
-    a read for as long as it lasted, saying nothing, whatever ``--mlflow-timeout``. Now it gives up
-    in one line (exit 4), and a run after the database answers again writes every call once."""
+    """PostgreSQL frozen (SIGSTOP: no error, the socket just stays silent) before the backfill opens
+    its store, or mid-run: the backfill sat in a connect or a read for as long as it lasted, saying
+    nothing, whatever ``--mlflow-timeout``. Now it gives up in one line (exit 4), and a run after
+    the database answers again writes every call once."""
     import sqlalchemy
 
     from tests.tailkit import spans_of
@@ -373,15 +375,20 @@ def test_a_backfill_into_a_postgresql_that_stops_answering_ends_with_exit_4_and_
         write_log(tmp_path / "logs" / "proxy.jsonl", records)
         calls = {r["litellm_call_id"] for r in records}
         args = [*backfill_args(uri, tmp_path / "logs", tmp_path / "state", 1), "--workers", "1", "--mlflow-timeout", "3"]
+        if when == "at_its_start":
+            pg.freeze()
+            frozen = True
         p = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while traces() < 100 and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert p.poll() is None, "the backfill ended before the database froze: " + p.communicate()[1][-2000:]
-        pg.freeze()
-        frozen = True
+        if not frozen:
+            deadline = time.monotonic() + 60
+            while traces() < 100 and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert p.poll() is None, "the backfill ended before the database froze: " + p.communicate()[1][-2000:]
+            pg.freeze()
+            frozen = True
         _, err = p.communicate(timeout=40)
-        assert p.returncode == 4 and "has not answered" in err and "Traceback" not in err, err[-2000:]
+        said = "connection timeout expired" if when == "at_its_start" else "has not answered"
+        assert p.returncode == 4 and said in err and "Traceback" not in err, err[-2000:]
         pg.freeze(signal.SIGCONT)
         frozen = False
         backfill(uri, tmp_path / "logs", tmp_path / "state", 1)
