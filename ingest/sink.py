@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -233,30 +233,42 @@ class _Http:
         thread that cannot start (a pids limit such as systemd's ``TasksMax``) is an outage, waited out."""
         if self.cutoff is not None and time.monotonic() >= self.cutoff:
             raise self._abandoned(what)
-        answer: list[Any] = []
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                answer.append(call())
-            except BaseException as e:
-                answer.append(e)
-            finally:
-                done.set()
-
         try:
-            threading.Thread(target=run, name="mlflow-request", daemon=True).start()
+            watched = _Watched(call, "mlflow-request")
         except RuntimeError as e:
             raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)}: {first_line(e)}") from e
-        while not done.wait(0.25 if self.cutoff is None else max(0.0, min(0.25, self.cutoff - time.monotonic()))):
+        while not watched.done.wait(0.25 if self.cutoff is None else max(0.0, min(0.25, self.cutoff - time.monotonic()))):
             if self.cutoff is not None and time.monotonic() >= self.cutoff:
                 raise self._abandoned(what)
-        if isinstance(answer[0], BaseException):
-            raise answer[0]
-        return answer[0]
+        return watched.result()
 
     def _abandoned(self, what: str) -> SinkError:
         return SinkError(f"{what} to MLflow at {shown_uri(self.base)} left unanswered: stopping", kind="stopped")
+
+
+class _Watched(Generic[T]):
+    """``call`` run in a daemon thread of its own, so that waiting for it can end (a stop, a silence)
+    while it is under way: neither requests nor a database driver can cut short a read in progress.
+    Raises RuntimeError when no thread can start (a pids limit such as systemd's ``TasksMax``)."""
+
+    def __init__(self, call: Callable[[], T], name: str) -> None:
+        self._answer: list[Any] = []
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(call,), name=name, daemon=True).start()
+
+    def _run(self, call: Callable[[], T]) -> None:
+        try:
+            self._answer.append(call())
+        except BaseException as e:
+            self._answer.append(e)
+        finally:
+            self.done.set()
+
+    def result(self) -> T:
+        """What the call returned, or its exception raised (once ``done``)."""
+        if isinstance(answer := self._answer[0], BaseException):
+            raise answer
+        return answer
 
 
 def _transient_http(e: Exception) -> bool:
@@ -985,23 +997,12 @@ class StoreSink(_Synchronous):
         so a run ends with exit 4. The thread is a daemon: it does not keep the process alive."""
         if self.cutoff is not None and time.monotonic() >= self.cutoff:
             raise self._abandoned(what)
-        answer: list[Any] = []
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                answer.append(call())
-            except BaseException as e:
-                answer.append(e)
-            finally:
-                done.set()
-
         try:
-            threading.Thread(target=run, name="mlflow-db", daemon=True).start()
+            watched = _Watched(call, "mlflow-db")
         except RuntimeError as e:
             raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {first_line(e)}") from e
         started, said = time.monotonic(), False
-        while not done.wait(0.25):
+        while not watched.done.wait(0.25):
             waited = time.monotonic() - started
             if self.cutoff is not None and time.monotonic() >= self.cutoff:
                 raise self._abandoned(what)
@@ -1013,9 +1014,7 @@ class StoreSink(_Synchronous):
             if not said and waited >= self.deadline_s and self.on_retry is not None:
                 said = True
                 self.on_retry(TimeoutError(f"{what}: the MLflow store {self.target.shown_uri} has not answered for {waited:.0f}s"))
-        if isinstance(answer[0], BaseException):
-            raise answer[0]
-        return answer[0]
+        return watched.result()
 
     def _abandoned(self, what: str) -> SinkError:
         return SinkError(f"{what} in the MLflow store {self.target.shown_uri} left unanswered: stopping", kind="stopped")
