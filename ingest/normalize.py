@@ -690,6 +690,27 @@ _USAGE_COUNT = r'[{,]"%s":(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)[,}]'
 or boolean there is no count, as at the top level."""
 
 
+def _tags_from_text(frame: pl.DataFrame) -> pl.DataFrame:
+    """A payload's ``request_tags`` given as JSON text of a list (``"[\"team-a\", \"prod\"]"``, as
+    SpendLogs exports and tools that stringify lists write it) decodes as one tag, the whole text:
+    it is read as the list it holds. Text that is no list of strings stays the one tag it was."""
+    if not frame.height:
+        return frame
+    first = pl.col("request_tags").list.first().str.strip_chars()
+    texty = (pl.col("request_tags").list.len() == 1) & first.str.starts_with("[") & first.str.ends_with("]")
+    rows = frame.with_row_index("_i").filter(texty.fill_null(False))
+    if not rows.height:
+        return frame
+    values, _ = safe_decode(rows["request_tags"].list.first(), pl.List(pl.String()))
+    decoded = pl.DataFrame({"_i": rows["_i"], "_tags": values})
+    return (
+        frame.with_row_index("_i")
+        .join(decoded, on="_i", how="left", maintain_order="left")
+        .with_columns(request_tags=pl.coalesce("_tags", "request_tags"))
+        .drop("_i", "_tags")
+    )
+
+
 def _tokens_from_usage(frame: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
     """Token counts a record gives only in ``response.usage`` (absent or null at the top level, as
     some tools and LiteLLM versions write them) are read from there, under the top level's rules: a
@@ -1047,7 +1068,7 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool 
             canonical = _no_nul(canonical)
         canonical, bad = _validate(canonical)
         quarantined += bad
-        canonical = _tokens_from_usage(canonical, warnings)
+        canonical = _tags_from_text(_tokens_from_usage(canonical, warnings))
         canonical = _parent_context(canonical, schema, warnings)
         unusable_first = pl.col("first_token_us").is_null() & pl.col("_first_raw").is_not_null()
         if warnings is not None and (dropped := canonical.select(unusable_first.sum()).item()):

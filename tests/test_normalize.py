@@ -1139,3 +1139,27 @@ def test_a_first_token_time_of_another_type_keeps_the_call_without_it(good: list
     assert warnings == {"bad_completionStartTime": 1}
     row = out.to_dicts()[1]
     assert (row["first_token_us"], row["start_us"], row["total_tokens"]) == (None, epoch_us(r["startTime"]), r["total_tokens"])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_payload_request_tags_given_as_json_text_of_a_list_are_the_tags(capture: list[dict], fast: bool) -> None:
+    """``"request_tags": "[\\"team-a\\", \\"prod\\"]"`` had become one tag, the whole text (``__team-a__
+    _prod__`` in MLflow). Text of a list of strings is that list, in order with the rows around it;
+    a plain string, broken JSON or a list of other things stays the one tag it was."""
+    rows = copy.deepcopy([r for r in capture if r["status"] == "success"][:6])
+    rows[1]["request_tags"] = json.dumps(["team-a", "prod"])
+    rows[2]["request_tags"] = " [] "
+    rows[3]["request_tags"] = "team-b"
+    rows[4]["request_tags"] = "[not json"
+    rows[5]["request_tags"] = json.dumps([{"k": "v"}])
+    frame, _ = frame_of(rows)
+    out, quarantined = normalize(frame, {}, fast)
+    assert quarantined == []
+    assert out["request_tags"].to_list() == [
+        rows[0]["request_tags"],
+        ["team-a", "prod"],
+        [],
+        ["team-b"],
+        ["[not json"],
+        [json.dumps([{"k": "v"}])],
+    ]
