@@ -871,7 +871,7 @@ def _print_summary(s: Any) -> None:
         at = rows.index(("calls", s.calls)) + 1
         rows.insert(at, ("calls of other shards", f"{s.calls_other_shards} (the other --shard runs write them)"))
     if s.files_skipped:
-        why = "no complete line yet: read once a line ends, or the file is unchanged for --partial-timeout"
+        why = "a last line without its newline: read once it ends, quarantined once the file is unchanged for --partial-timeout"
         rows.insert(1, ("files waiting", f"{s.files_skipped} ({why})"))
     if s.state_replaced:
         rows.insert(0, ("state", f"started over: {s.state_replaced}; every file was read again"))

@@ -988,3 +988,19 @@ def test_workers_past_four_per_core_are_refused_before_any_starts(tmp_path: Path
     assert proc.returncode == 2 and "--workers" in proc.stderr and "four per core" in proc.stderr, proc.stderr
     ok = run("backfill", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--workers", "8", "--dry-run", "--json", cwd=tmp_path)
     assert ok.returncode == 0 and json.loads(ok.stdout)["calls"], ok.stderr
+
+
+def test_the_summary_says_why_a_file_with_a_cut_last_line_waits(tmp_path: Path) -> None:
+    """The quick start's first run: bad_input.jsonl's last line has no newline yet, and the summary
+    said the file had "no complete line yet" beside the records read from it."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    line = (SAMPLE_LOGS / "proxy_calls.jsonl").read_bytes().split(b"\n", 1)[0]
+    (logs / "cut.jsonl").write_bytes(line + b"\n" + line[:100])
+    (logs / "started.jsonl").write_bytes(line[:100])
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 's.db'}", "--state-dir", str(tmp_path / "st")]
+    proc = run("batch", str(logs), *store, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    waiting = next(row for row in proc.stdout.splitlines() if row.startswith("files waiting"))
+    assert waiting.split()[2] == "2" and "no complete line" not in waiting, waiting
+    assert "a last line without its newline" in waiting and "--partial-timeout" in waiting, waiting
