@@ -649,12 +649,18 @@ def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
     return target
 
 
-def open_target(opts: RunOptions, find_timeout_s: float | None = None) -> tuple[Target, Sink]:
+def open_target(opts: RunOptions, find_timeout_s: float | None = None, *, stateful: bool = False) -> tuple[Target, Sink]:
     """The destination and its sink. ``find_timeout_s``: how long finding it may retry, when shorter
-    than the sink's ``--mlflow-timeout`` (the daemon probing at start)."""
+    than the sink's ``--mlflow-timeout`` (the daemon probing at start). ``stateful``: a dry run that
+    reads a state looks the experiment up, creating nothing, so it reads the state a run keeps."""
     if opts.dry_run:
         name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
         check_uri(uri := tracking_uri_from(opts.tracking_uri))
+        if stateful:
+            try:
+                return resolve_run_target(replace(opts, mlflow_timeout_s=0.0), create=False), NullSink()
+            except SinkError as e:  # no store or experiment yet, or MLflow away: read as a first run would
+                log.info("dry run: no state of a run read (%s)", e)
         # the experiment a real run would write to, not None: the summary names it
         return Target(uri, exp_id or "dry-run", name or (None if exp_id else DEFAULT_EXPERIMENT_NAME)), NullSink()
     finding = opts if find_timeout_s is None else replace(opts, mlflow_timeout_s=find_timeout_s)
@@ -826,7 +832,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     files = inputs.files
     warm = _prestart(opts, files) if mode == "backfill" else []
     try:
-        target, sink = open_target(opts)
+        target, sink = open_target(opts, stateful=True)
     except BaseException:
         shutdown(warm)
         raise

@@ -162,11 +162,12 @@ def test_a_dry_run_quarantines_into_no_file_unless_given_one(tmp_path: Path, com
     assert real.returncode == 3, real.stderr
     assert len((tmp_path / "st" / "quarantine.jsonl").read_text().splitlines()) == json.loads(real.stdout)["quarantined"] == bad
 
-    # a dry run takes no lock: it neither fails for a run holding it nor makes a run fail
+    # a dry run takes no lock: it neither fails for a run holding it nor makes a run fail (it reads
+    # that run's state, so nothing is new: exit 0)
     (lock,) = (tmp_path / "st").glob(f"{command}-*.lock")
     with lock.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert run(command, str(logs), *store, *state, "--dry-run", "-q", cwd=tmp_path).returncode == 3
+        assert run(command, str(logs), *store, *state, "--dry-run", "-q", cwd=tmp_path).returncode == 0
         assert run(command, str(logs), *store, *state, "-q", cwd=tmp_path).returncode == 5
 
 
@@ -1004,3 +1005,19 @@ def test_the_summary_says_why_a_file_with_a_cut_last_line_waits(tmp_path: Path) 
     waiting = next(row for row in proc.stdout.splitlines() if row.startswith("files waiting"))
     assert waiting.split()[2] == "2" and "no complete line" not in waiting, waiting
     assert "a last line without its newline" in waiting and "--partial-timeout" in waiting, waiting
+
+
+@pytest.mark.parametrize("command", ["batch", "backfill"])
+def test_a_dry_run_beside_a_run_reads_that_runs_state(tmp_path: Path, command: str) -> None:
+    """A dry run never opened MLflow, so its state was that of an experiment named "dry-run", which
+    no run writes: beside a cron job it read every file again (unless given --experiment-id), not
+    "the state as it is"."""
+    logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    args = [logs, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--state-dir", str(tmp_path / "st"), "--json"]
+    assert run(command, *args, cwd=tmp_path).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "st").iterdir())
+    dry = run(command, *args, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    s = json.loads(dry.stdout)
+    assert (s["records_read"], s["files_unchanged"], s["experiment_id"]) == (0, 1, "1"), s
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == before
