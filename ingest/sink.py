@@ -473,8 +473,16 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
                 exp = store.get_experiment(_create_experiment(store, name or DEFAULT_EXPERIMENT_NAME))
             return exp
 
+    def answered() -> Any:
+        """A database server may stop answering without closing anything (a frozen host, a network
+        partition): what finding the experiment reads is then abandoned as a write is (a SQLite file
+        cannot go silent so, and its first schema may take a while to build)."""
+        if sqlite_path(uri) is not None:
+            return find()
+        return answered_by_database(find, "open the MLflow store", shown_uri(uri), deadline_s)
+
     try:
-        exp = with_retries(find, "open the MLflow store", deadline_s, _transient_db)
+        exp = with_retries(answered, "open the MLflow store", deadline_s, _transient_db)
     except StoreSetupError as e:
         raise SinkError(str(e), kind=e.kind) from e
     except Exception as e:
@@ -898,6 +906,54 @@ DB_SILENCE_S = 10.0
 """A run (batch, backfill) abandons a database call unanswered for ``--mlflow-timeout``, this at least
 (SQLite's own wait for a lock is 5 s), and tries again as after a lost connection."""
 
+
+def answered_by_database(
+    call: Callable[[], T],
+    what: str,
+    shown: str,
+    deadline_s: float,
+    *,
+    on_retry: Callable[[Exception], None] | None = None,
+    cutoff: Callable[[], float | None] = lambda: None,
+    give_up_s: float | None = None,
+) -> T:
+    """``call`` (database work on the store ``shown``), run in a thread of its own and waited for in
+    short slices. A database that does not answer at all (a frozen host, a network partition: no
+    error, the socket just stays silent) held the daemon in a read for ever, ``/health`` "ok" and
+    SIGTERM unheeded. Now: once it has not answered for ``deadline_s`` that is reported as an outage
+    (``on_retry``), and waiting ends, unacknowledged, at ``cutoff()`` ("stopped"), or after
+    ``give_up_s`` when given (a ping). Without ``on_retry`` (a run, not a daemon) it is abandoned
+    after ``--mlflow-timeout`` (``DB_SILENCE_S`` at least) and retried within the same deadline, so a
+    run ends with exit 4. The thread is a daemon: it does not keep the process alive."""
+
+    def past_cutoff() -> bool:
+        return (at := cutoff()) is not None and time.monotonic() >= at
+
+    def abandoned() -> SinkError:
+        return SinkError(f"{what} in the MLflow store {shown} left unanswered: stopping", kind="stopped")
+
+    if past_cutoff():
+        raise abandoned()
+    try:
+        watched = _Watched(call, "mlflow-db")
+    except RuntimeError as e:
+        raise SinkError(f"cannot reach the MLflow store {shown}: {first_line(e)}") from e
+    started, said = time.monotonic(), False
+    while not watched.done.wait(0.25):
+        waited = time.monotonic() - started
+        if past_cutoff():
+            raise abandoned()
+        if give_up_s is not None and waited >= give_up_s:
+            raise SinkError(f"{what}: the MLflow store {shown} did not answer within {give_up_s:.0f}s")
+        if on_retry is None and waited >= max(deadline_s, DB_SILENCE_S):
+            # a run, not a daemon: nobody to tell; an unanswered call is a failure, retried as a lost connection is
+            raise TimeoutError(f"{what}: the MLflow store {shown} has not answered for {waited:.0f}s")
+        if not said and waited >= deadline_s and on_retry is not None:
+            said = True
+            on_retry(TimeoutError(f"{what}: the MLflow store {shown} has not answered for {waited:.0f}s"))
+    return watched.result()
+
+
 CONFLICT_RETRIES = 6
 _CONFLICT_SQLSTATES = frozenset({"23505", "40001", "40P01"})
 """unique_violation, serialization_failure, deadlock_detected."""
@@ -961,63 +1017,53 @@ class StoreSink(_Synchronous):
         from ingest.sql_bulk import BulkSpanWriter, unsupported_reason
 
         self.target = target
+        self.deadline_s = deadline_s
+        self.on_retry: Callable[[Exception], None] | None = None
+        self.pause: Callable[[float], object] = time.sleep
+        self.cutoff: float | None = None
+        """``time.monotonic()`` past which no database call is waited for (a stopping daemon's deadline)."""
+
+        def opened() -> tuple[Any, BulkSpanWriter | None, str | None]:
+            """The store, and its bulk writer or why there is none: each reads the database (the
+            store kept from finding the experiment reads it on a connection that may have gone silent)."""
+            store = store_for(target.tracking_uri)
+            reason = unsupported_reason(store) if writer == "bulk" else None
+            bulk = BulkSpanWriter(store, target.experiment_id) if writer == "bulk" and reason is None else None
+            return store, bulk, reason
+
         try:  # a backfill's worker opens its own: a database restarting or full of clients then is waited out too
-            self.store = with_retries(lambda: store_for(target.tracking_uri), "open the MLflow store", deadline_s, _transient_db)
+            self.store, self.bulk, reason = with_retries(
+                lambda: self._answered(opened, "open the MLflow store"), "open the MLflow store", deadline_s, _transient_db
+            )
         except StoreSetupError as e:
             raise SinkError(str(e), kind=e.kind) from e
         except SinkError:
             raise
         except Exception as e:
             raise _store_failure(target.tracking_uri, target.experiment_id, e) from e
-        self.deadline_s = deadline_s
-        self.on_retry: Callable[[Exception], None] | None = None
-        self.pause: Callable[[float], object] = time.sleep
-        self.cutoff: float | None = None
-        """``time.monotonic()`` past which no database call is waited for (a stopping daemon's deadline)."""
-        self.bulk: BulkSpanWriter | None = None
-        if writer == "bulk":
-            reason = unsupported_reason(self.store)
-            if reason is None:
-                self.bulk = BulkSpanWriter(self.store, target.experiment_id)
-            else:
-                log.warning("writing through MLflow's log_spans (slower): %s", reason)
+        if reason is not None:
+            log.warning("writing through MLflow's log_spans (slower): %s", reason)
         self.settles = self.bulk is not None
 
     def give_up_at(self, deadline: float) -> None:
         self.cutoff = deadline
 
     def _answered(self, call: Callable[[], T], what: str, give_up_s: float | None = None) -> T:
-        """``call`` (database work), run in a thread of its own and waited for in short slices. A
-        database that does not answer at all (a frozen host, a network partition: no error, the
-        socket just stays silent) held the daemon in a read for ever, ``/health`` "ok" and
-        SIGTERM unheeded. Now: once it has not answered for ``deadline_s`` that is reported as an
-        outage (``on_retry``), and waiting ends, unacknowledged, at ``cutoff`` ("stopped"), or after
-        ``give_up_s`` when given (a ping). Without ``on_retry`` (a run, not a daemon) it is abandoned
-        after ``--mlflow-timeout`` (``DB_SILENCE_S`` at least) and retried within the same deadline,
-        so a run ends with exit 4. The thread is a daemon: it does not keep the process alive."""
-        if self.cutoff is not None and time.monotonic() >= self.cutoff:
-            raise self._abandoned(what)
-        try:
-            watched = _Watched(call, "mlflow-db")
-        except RuntimeError as e:
-            raise SinkError(f"cannot reach the MLflow store {self.target.shown_uri}: {first_line(e)}") from e
-        started, said = time.monotonic(), False
-        while not watched.done.wait(0.25):
-            waited = time.monotonic() - started
-            if self.cutoff is not None and time.monotonic() >= self.cutoff:
-                raise self._abandoned(what)
-            if give_up_s is not None and waited >= give_up_s:
-                raise SinkError(f"{what}: the MLflow store {self.target.shown_uri} did not answer within {give_up_s:.0f}s")
-            if self.on_retry is None and waited >= max(self.deadline_s, DB_SILENCE_S):
-                # a run, not a daemon: nobody to tell; an unanswered call is a failure, retried as a lost connection is
-                raise TimeoutError(f"{what}: the MLflow store {self.target.shown_uri} has not answered for {waited:.0f}s")
-            if not said and waited >= self.deadline_s and self.on_retry is not None:
-                said = True
-                self.on_retry(TimeoutError(f"{what}: the MLflow store {self.target.shown_uri} has not answered for {waited:.0f}s"))
-        return watched.result()
+        """``call`` (database work), watched as ``answered_by_database`` watches it, with this sink's
+        ``--mlflow-timeout``, outage report (``on_retry``) and stop deadline (``cutoff``)."""
+        return answered_by_database(
+            call, what, self.target.shown_uri, self.deadline_s, on_retry=self.on_retry, cutoff=lambda: self.cutoff, give_up_s=give_up_s
+        )
 
-    def _abandoned(self, what: str) -> SinkError:
-        return SinkError(f"{what} in the MLflow store {self.target.shown_uri} left unanswered: stopping", kind="stopped")
+    def read(self, call: Callable[[], T], what: str) -> T:
+        """``call`` (a read of the store outside this sink's own methods: reconcile's search), watched and
+        retried as the sink's own lookups are; a failure is a SinkError (exit 4, a daemon's outage)."""
+        try:
+            return with_retries(lambda: self._answered(call, what), what, self.deadline_s, _transient_db, self.on_retry, self.pause)
+        except SinkError:
+            raise
+        except Exception as e:
+            raise SinkError(f"{what} in {self.target.shown_uri} failed: {first_line(e)}") from e
 
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span
@@ -1155,7 +1201,7 @@ class StoreSink(_Synchronous):
 
         t = self.target
         try:
-            exp = self.store.get_experiment(t.experiment_id)
+            exp = self._answered(lambda: self.store.get_experiment(t.experiment_id), "get experiment", give_up_s=self.deadline_s)
         except MlflowException as e:
             gone = e.error_code == "RESOURCE_DOES_NOT_EXIST"
             return f"experiment id {t.experiment_id} no longer exists in {t.shown_uri}" if gone else None

@@ -3,6 +3,7 @@ the ``postgres`` fixture and for bench/bench.py."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -10,7 +11,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +71,38 @@ class PgCluster(Postgres):
         kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True).stdout.split()
         for pid in (pm, *map(int, kids)):
             os.kill(pid, sig)
+
+    @contextlib.contextmanager
+    def frozen_at(self, uri: str, table: str) -> Iterator[Callable[[subprocess.Popen], None]]:
+        """A process frozen out at exactly its first read of ``table``: the table is held locked (ACCESS
+        EXCLUSIVE) by a session of ours, and the function given, called with the process, waits until
+        one of its queries waits for that lock and then freezes the cluster (``freeze``), so that query
+        is never answered. On exit the cluster is thawed and the lock released."""
+        import psycopg
+
+        dbname = uri.rsplit("/", 1)[1]
+        holder = psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
+        frozen = False
+
+        def freeze_when_waiting(proc: subprocess.Popen) -> None:
+            nonlocal frozen
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+            deadline = time.monotonic() + 60
+            with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True) as watch:
+                while not watch.execute(query, (dbname,)).fetchone()[0]:  # type: ignore[index]
+                    assert proc.poll() is None, f"the process ended before it read {table}"
+                    assert time.monotonic() < deadline, f"the process never read {table}"
+                    time.sleep(0.05)
+            self.freeze()
+            frozen = True
+
+        try:
+            holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield freeze_when_waiting
+        finally:
+            if frozen:
+                self.freeze(signal.SIGCONT)
+            holder.close()
 
     def stop(self) -> None:
         self.halt()

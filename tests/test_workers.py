@@ -402,6 +402,37 @@ def test_a_backfill_into_a_postgresql_that_stops_answering_ends_with_exit_4_and_
         pg.stop()
 
 
+def test_a_batch_whose_postgresql_stops_answering_while_it_finds_its_experiment_ends_with_exit_4(
+    capture: list[dict], tmp_path: Path, own_postgres: Any
+) -> None:
+    """PostgreSQL frozen (SIGSTOP) as a cron batch reads the experiment on the connection it opened
+    (held at that read by a lock, then frozen): finding the experiment was no watched call, and the
+    run sat in that read for ever. Now it gives up after ``--mlflow-timeout`` (10 s at least) in one
+    line, exit 4."""
+    pg = own_postgres
+    try:
+        uri = pg.new_database()
+        write_log(tmp_path / "logs" / "proxy.jsonl", [r for b in copies(capture, 3, "pg-frozen-find") for r in b])
+        args = [EXE, "batch", str(tmp_path / "logs"), "--tracking-uri", uri, "--experiment-name", "fleet", "--mlflow-timeout", "3"]
+        first = subprocess.run([*args, "--state-dir", str(tmp_path / "s1")], env=_env(), capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr[-2000:]
+        with pg.frozen_at(uri, "experiments") as freeze_when_waiting:
+            p = subprocess.Popen(
+                [*args, "--state-dir", str(tmp_path / "s2")], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            freeze_when_waiting(p)
+            try:
+                _, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                pytest.fail("the batch still waits for the frozen database 30 s on")
+        assert p.returncode == 4, err[-2000:]
+        assert "has not answered" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    finally:
+        pg.stop()
+
+
 def test_a_workers_account_of_joined_calls_counts_each_call_once() -> None:
     """A worker reports the calls it first wrote, its joined ones apart (counted when first
     written): this process adds them as they are, not taking the joined ones off twice."""
