@@ -47,7 +47,7 @@ from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter, first_line
-from ingest.sink import Sink, SinkError, Target
+from ingest.sink import Sink, SinkError, Target, _Watched
 from ingest.sources import Chunk, age_order, descriptor_limit, is_own, path_kind, shown, walk
 
 log = logging.getLogger("litellm-ingest.tail")
@@ -727,7 +727,16 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
     failures, said = 0, 0.0
     while not stopping.is_set():
         try:
-            return open_target(opts, find_timeout_s=min(PROBE_S, opts.mlflow_timeout_s))
+            # in a thread of its own: a database that stops answering while it is found (a frozen host,
+            # a network partition) held the daemon there, SIGTERM unheeded
+            try:
+                opening = _Watched(lambda: open_target(opts, find_timeout_s=min(PROBE_S, opts.mlflow_timeout_s)), "mlflow-open")
+            except RuntimeError as e:
+                raise SinkError(f"cannot look for MLflow: {first_line(e)}") from e
+            while not opening.done.wait(0.25):
+                if stopping.is_set():
+                    return None
+            return opening.result()
         except SinkError as e:
             if e.kind not in ("unreachable", "server"):  # a 5xx, 429 or a locked store: waited for too
                 raise

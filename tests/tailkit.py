@@ -83,7 +83,8 @@ class Daemon:
         self.metrics_port = free_port()
         self.log = state_dir.parent / f"tail-{uuid.uuid4().hex[:6]}.log"
 
-    def start(self) -> Daemon:
+    def start(self, ready: bool = True) -> Daemon:
+        """Start it; ``ready``: wait until ``/health`` is past "starting" (it is not while finding MLflow)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         args = [
@@ -105,6 +106,8 @@ class Daemon:
             start_new_session=True,
             preexec_fn=limited,
         )
+        if not ready:
+            return self
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -442,6 +443,51 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
     finally:
         if frozen:
             pg.freeze(signal.SIGCONT)
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        pg.stop()
+
+
+def test_a_daemon_whose_postgresql_stops_answering_while_it_finds_its_experiment_still_stops_on_sigterm(tmp_path: Path, capture) -> None:
+    """PostgreSQL frozen (SIGSTOP) just as a starting daemon reads the experiment on a connection it
+    has open (held there by a lock, then frozen): finding the experiment was no watched call, and
+    the daemon sat in that read for ever, SIGTERM unheeded. Now it stops within
+    ``--shutdown-timeout``, and the next start writes every call once."""
+    try:
+        pg = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    uri = pg.new_database()
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    experiment = "pg-frozen-start"
+    calls = fresh_calls(capture)[:20]
+    daemon = lambda: Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "2", "--shutdown-timeout", "3")  # noqa: E731
+    d = daemon().start()
+    try:
+        writer = Writer(logdir / "proxy.jsonl")
+        writer.write_calls(calls[:10])
+        wait_for_calls(uri, experiment, calls[:10])
+        assert d.stop() == 0
+        with pg.frozen_at(uri, "experiments") as freeze_when_waiting:
+            d = daemon().start(ready=False)
+            assert d.proc is not None
+            freeze_when_waiting(d.proc)
+            time.sleep(1)
+            started = time.monotonic()
+            os.killpg(d.proc.pid, signal.SIGTERM)
+            try:
+                code = d.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail("SIGTERM unheeded while the daemon waits for the frozen database: " + d.log.read_text()[-2000:])
+            assert code == 0 and time.monotonic() - started < 3 + 5, "the stop waited for the frozen database"
+            d.proc = None
+        writer.write_calls(calls[10:])
+        d = daemon().start()
+        assert_exactly(wait_for_calls(uri, experiment, calls), calls)
+        assert d.stop() == 0
+        assert "Traceback" not in d.log.read_text()
+    finally:
         if d.alive():
             d.stop(signal.SIGKILL)
         pg.stop()
