@@ -7,7 +7,7 @@ listed through its own search API (no spans loaded). Calls are compared by call 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -99,11 +99,15 @@ def _chunks(inputs: Inputs, opts: RunOptions, unread: list[str]) -> Iterator[Chu
         yield from unit.chunks
 
 
-def traces_in_mlflow(uri: str, experiment_id: str, since_us: int | None, until_us: int | None) -> dict[str, str]:
-    """trace id -> litellm call id, for the traces this tool wrote (they carry ``litellm.call_id``)."""
+def traces_in_mlflow(
+    uri: str, experiment_id: str, since_us: int | None, until_us: int | None, read: Reader | None = None
+) -> dict[str, str]:
+    """trace id -> litellm call id, for the traces this tool wrote (they carry ``litellm.call_id``).
+    ``read`` runs each read of MLflow (a database store's sink watches it: see ``StoreSink.read``)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    read = read or _direct
+    client = read(lambda: MlflowClient(tracking_uri=uri), "open the MLflow store")
     clauses = []
     if since_us is not None:
         clauses.append(f"trace.timestamp_ms >= {since_us // 1000}")
@@ -112,29 +116,39 @@ def traces_in_mlflow(uri: str, experiment_id: str, since_us: int | None, until_u
     out: dict[str, str] = {}
     token = None
     while True:
-        page = client.search_traces(
-            locations=[experiment_id],
-            filter_string=" AND ".join(clauses) or None,
-            max_results=500,
-            page_token=token,
-            include_spans=False,
+        page = read(
+            lambda token=token: client.search_traces(
+                locations=[experiment_id],
+                filter_string=" AND ".join(clauses) or None,
+                max_results=500,
+                page_token=token,
+                include_spans=False,
+            ),
+            "search traces",
         )
         for t in page:
-            if (cid := t.info.tags.get("litellm.call_id")) is not None and not _past_edge(client, t.info, since_us, until_us):
+            if (cid := t.info.tags.get("litellm.call_id")) is not None and not _past_edge(client, t.info, since_us, until_us, read):
                 out[t.info.trace_id] = cid
         token = page.token
         if not token:
             return out
 
 
-def _past_edge(client: Any, info: Any, since_us: int | None, until_us: int | None) -> bool:
+Reader = Callable[[Callable[[], Any], str], Any]
+
+
+def _direct(call: Callable[[], Any], what: str) -> Any:
+    return call()
+
+
+def _past_edge(client: Any, info: Any, since_us: int | None, until_us: int | None, read: Reader = _direct) -> bool:
     """A trace of the window's first or last millisecond (all MLflow's search can tell) that starts
     outside the window by its spans' microseconds, as the logs' side is cut: it is not in the window."""
     ms = info.timestamp_ms
     edge = (since_us is not None and ms == since_us // 1000) or (until_us is not None and ms == (until_us - 1) // 1000)
     if not edge:
         return False
-    spans = client.get_trace(info.trace_id).data.spans
+    spans = read(lambda: client.get_trace(info.trace_id), "read a trace").data.spans
     if not spans:
         return False
     start_us = min(s.start_time_ns for s in spans) // 1000
@@ -151,11 +165,20 @@ def reconcile(opts: RunOptions) -> Report:
         since, until = int(calls["start_us"].min()), int(calls["start_us"].max()) + 1  # type: ignore[arg-type]
     # no call and no --since/--until: no window, and a search without one made every trace extra
     unbounded = since is None and until is None
-    actual = {} if unbounded else traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until)
+    from ingest.sink import make_sink
+
+    # a database store is read through a sink: a database that stops answering (a frozen host, a
+    # network partition) held reconcile in a read for ever; now it is exit 4 after --mlflow-timeout
+    sink = make_sink(target, opts.mlflow_timeout_s)
+    try:
+        read = getattr(sink, "read", None)
+        actual = {} if unbounded else traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until, read)
+        found = _held(sink, target, sorted(expected.keys() - actual.keys()))
+    finally:
+        sink.close()
     report = Report(target.shown_uri, target.experiment_id, quarantined=quarantined, window=(since, until), unreadable=unreadable)
     report.calls_in_logs = len(expected)
     report.traces_in_mlflow = len(actual)
-    found = _held(target, sorted(expected.keys() - actual.keys()), opts.mlflow_timeout_s)
     report.traces_in_mlflow += len(found)
     report.matched = len(expected.keys() & (actual.keys() | found))
     missing = {expected[t] for t in expected.keys() - actual.keys() - found}
@@ -166,21 +189,20 @@ def reconcile(opts: RunOptions) -> Report:
     return report
 
 
-def _held(target: Any, trace_ids: list[str], timeout_s: float) -> set[str]:
+def _held(sink: Any, target: Any, trace_ids: list[str]) -> set[str]:
     """Those of ``trace_ids`` the experiment holds, looked up by id: a call's trace starts with its
     earliest attempt, which may lie outside the window the logs given span (a rotated file not given,
     a SpendLogs export's times rounded to the millisecond), and the window search passed it over."""
     if not trace_ids:
         return set()
-    from ingest.sink import SinkError, looked_up, make_sink
+    from ingest.sink import SinkError, looked_up
 
-    sink = make_sink(target, timeout_s)
     try:
         return {info.trace_id for info in looked_up(sink, trace_ids) if str(info.experiment_id) == target.experiment_id}
-    except SinkError:  # a server that does not serve the lookup: the window's answer stands
-        return set()
-    finally:
-        sink.close()
+    except SinkError as e:
+        if e.kind in ("unreachable", "server", "stopped"):  # not there now: no answer to report
+            raise
+        return set()  # a server that does not serve the lookup: the window's answer stands
 
 
 def repair(opts: RunOptions, report: Report, now_us: int) -> Summary:

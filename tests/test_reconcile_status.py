@@ -375,6 +375,45 @@ def test_reconcile_of_the_default_experiment_creates_nothing_even_when_the_store
     assert experiments(f"sqlite:///{db}") == before
 
 
+def test_reconcile_of_a_postgresql_that_stops_answering_ends_with_exit_4_in_one_line(tmp_path: Path, capture: list[dict]) -> None:
+    """PostgreSQL frozen (SIGSTOP) as reconcile searches the traces (held at that read by a lock, then
+    frozen): the search went to the store directly, not through the sink's watched calls, and a
+    cron reconcile sat in it for ever. Now it gives up after ``--mlflow-timeout`` (10 s at least)
+    in one line, exit 4."""
+    from tests.pgkit import start_postgres
+
+    try:
+        pg = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    try:
+        uri = pg.new_database()
+        write_log(tmp_path / "logs" / "proxy.jsonl", [r for b in copies(capture, 3, "pg-frozen") for r in b])
+        target = ["--tracking-uri", uri, "--experiment-name", "fleet", "--mlflow-timeout", "3"]
+        batch = run("batch", str(tmp_path / "logs"), *target, "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+        assert batch.returncode == 0, batch.stderr[-2000:]
+        with pg.frozen_at(uri, "trace_info") as freeze_when_waiting:
+            p = subprocess.Popen(
+                [EXE, "reconcile", str(tmp_path / "logs"), *target],
+                cwd=tmp_path,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            freeze_when_waiting(p)
+            try:
+                _, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                pytest.fail("reconcile still waits for the frozen database 30 s on")
+        assert p.returncode == 4, err[-2000:]
+        assert "has not answered" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    finally:
+        pg.stop()
+
+
 def test_status_after_batch_shows_each_file_its_offset_and_lag(tmp_path: Path, capture: list[dict]) -> None:
     cs = copies(capture, 3, "status")
     plain = [write_log(tmp_path / "logs" / "a.jsonl", cs[0]), write_log(tmp_path / "logs" / "b.jsonl", cs[1])]
