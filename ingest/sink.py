@@ -234,7 +234,7 @@ class _Http:
         if self.cutoff is not None and time.monotonic() >= self.cutoff:
             raise self._abandoned(what)
         try:
-            watched = _Watched(call, "mlflow-request")
+            watched = Watched(call, "mlflow-request")
         except RuntimeError as e:
             raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)}: {first_line(e)}") from e
         while not watched.done.wait(0.25 if self.cutoff is None else max(0.0, min(0.25, self.cutoff - time.monotonic()))):
@@ -246,7 +246,7 @@ class _Http:
         return SinkError(f"{what} to MLflow at {shown_uri(self.base)} left unanswered: stopping", kind="stopped")
 
 
-class _Watched(Generic[T]):
+class Watched(Generic[T]):
     """``call`` run in a daemon thread of its own, so that waiting for it can end (a stop, a silence)
     while it is under way: neither requests nor a database driver can cut short a read in progress.
     Raises RuntimeError when no thread can start (a pids limit such as systemd's ``TasksMax``)."""
@@ -935,7 +935,7 @@ def answered_by_database(
     if past_cutoff():
         raise abandoned()
     try:
-        watched = _Watched(call, "mlflow-db")
+        watched = Watched(call, "mlflow-db")
     except RuntimeError as e:
         raise SinkError(f"cannot reach the MLflow store {shown}: {first_line(e)}") from e
     started, said = time.monotonic(), False

@@ -47,7 +47,7 @@ from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
 from ingest.quarantine import QuarantineWriter, first_line
-from ingest.sink import Sink, SinkError, Target, _Watched
+from ingest.sink import Sink, SinkError, Target, Watched
 from ingest.sources import Chunk, age_order, descriptor_limit, is_own, path_kind, shown, walk
 
 log = logging.getLogger("litellm-ingest.tail")
@@ -730,7 +730,7 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
             # in a thread of its own: a database that stops answering while it is found (a frozen host,
             # a network partition) held the daemon there, SIGTERM unheeded
             try:
-                opening = _Watched(lambda: open_target(opts, find_timeout_s=min(PROBE_S, opts.mlflow_timeout_s)), "mlflow-open")
+                opening = Watched(lambda: open_target(opts, find_timeout_s=min(PROBE_S, opts.mlflow_timeout_s)), "mlflow-open")
             except RuntimeError as e:
                 raise SinkError(f"cannot look for MLflow: {first_line(e)}") from e
             while not opening.done.wait(0.25):
