@@ -104,6 +104,20 @@ class PgCluster(Postgres):
                 self.freeze(signal.SIGCONT)
             holder.close()
 
+    def run_frozen_at(self, uri: str, table: str, args: list[str], what: str, **popen: object) -> tuple[int, str]:
+        """``args`` run as a process frozen out at its first read of ``table`` (``frozen_at``): its exit
+        code and stderr, or a test failure naming ``what`` if it still waits 30 s after the freeze."""
+        with self.frozen_at(uri, table) as freeze_when_waiting:
+            p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
+            freeze_when_waiting(p)
+            try:
+                _, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                raise AssertionError(f"{what} still waits for the frozen database 30 s on") from None
+        return p.returncode, err
+
     def stop(self) -> None:
         self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
