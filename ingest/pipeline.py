@@ -214,8 +214,10 @@ class Pipeline:
             pool_for(workers, sink, target, target.experiment_id, opts, batch, warm),
         )
 
-    def normalize(self, chunk: Chunk) -> Normalized:
-        return normalize_isolating(chunk.lines, self.warnings)
+    def normalize(self, chunk: Chunk, warnings: dict[str, int] | None = None) -> Normalized:
+        """``warnings``: where this chunk's are counted (a thread normalizing ahead keeps its own,
+        so the counts are never raced)."""
+        return normalize_isolating(chunk.lines, self.warnings if warnings is None else warnings)
 
     def feed(self, chunk: Chunk, normalized: Normalized | None = None) -> None:
         """Normalize (unless ``normalized`` already is, see :func:`normalized_ahead`), dedupe and write
@@ -571,13 +573,20 @@ def normalized_ahead(pipe: Pipeline, chunks: Iterable[Chunk]) -> Iterator[tuple[
     spans: on two cores they overlap. Only one chunk is read ahead, and only its reading is ahead of
     the checkpoint, which moves as ever once the caller returns from a chunk."""
     it = iter(chunks)
+
+    def normalize(chunk: Chunk) -> tuple[Normalized, dict[str, int]]:
+        warnings: dict[str, int] = {}
+        return pipe.normalize(chunk, warnings), warnings
+
     with ThreadPoolExecutor(1, thread_name_prefix="normalize") as ahead:
         chunk = next(it, None)
-        pending = ahead.submit(pipe.normalize, chunk) if chunk is not None else None
+        pending = ahead.submit(normalize, chunk) if chunk is not None else None
         while chunk is not None and pending is not None:
-            normalized = pending.result()
+            normalized, warnings = pending.result()
             following = next(it, None)
-            pending = ahead.submit(pipe.normalize, following) if following is not None else None
+            pending = ahead.submit(normalize, following) if following is not None else None
+            for kind, n in warnings.items():
+                pipe.warnings[kind] = pipe.warnings.get(kind, 0) + n
             yield chunk, normalized
             chunk = following
 
@@ -781,8 +790,8 @@ def run_batch(opts: RunOptions) -> Summary:
                 if opts.stop.is_set():
                     raise KeyboardInterrupt
                 continue
-            for chunk in read_chunks(group[0], chunk_bytes=opts.chunk_bytes):
-                pipe.feed(chunk)
+            for chunk, normalized in normalized_ahead(pipe, read_chunks(group[0], chunk_bytes=opts.chunk_bytes)):
+                pipe.feed(chunk, normalized)
                 if opts.stop.is_set():
                     raise KeyboardInterrupt
         for unit in remote_units(inputs, Ledger(None), opts, pipe.summary, mode="backfill"):

@@ -383,3 +383,19 @@ def test_over_long_session_user_call_type_and_tags_are_cut_to_fit_postgresql(
     code, summary, stderr = cli_batch([write_jsonl(tmp_path / "long.jsonl", good)], uri, "long", "--sql-writer", writer)
     assert code == 0, (stderr, quarantine_lines(tmp_path))
     assert summary["traces_written"] == len(good) == len(all_traces(uri, "long", include_spans=False))
+
+
+@pytest.mark.parametrize("stateful", [False, True], ids=["no-state", "with-state"])
+def test_warnings_of_chunks_normalized_ahead_are_each_counted_once(capture: list[dict], tmp_path: Path, stateful: bool) -> None:
+    """Each chunk is normalized in a thread while the one before it is built: its warnings reach the
+    summary once each, whichever thread counted them, with or without state."""
+    from ingest.pipeline import RunOptions, run_batch, run_incremental
+
+    records = reidentify([r | {"completion_tokens": -3} for r in capture], salt="ahead")
+    for i in range(1, 8):
+        records += reidentify([r | {"completion_tokens": -3} for r in capture], shift_s=i * 3600.0, salt=f"ahead-{i}")
+    path = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    opts = RunOptions(paths=[str(path)], dry_run=True, chunk_bytes=64 * 1024, state_dir=tmp_path / "state")
+    summary = run_incremental(opts, "batch") if stateful else run_batch(opts)
+    assert summary.records_read == len(records) and path.stat().st_size > 20 * opts.chunk_bytes
+    assert summary.warnings_by_kind == {"negative_completion_tokens": len(records)}
