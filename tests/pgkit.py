@@ -73,11 +73,15 @@ class PgCluster(Postgres):
             os.kill(pid, sig)
 
     @contextlib.contextmanager
-    def frozen_at(self, uri: str, table: str) -> Iterator[Callable[[subprocess.Popen], None]]:
+    def frozen_at(self, uri: str, table: str, after: str | None = None) -> Iterator[Callable[[subprocess.Popen], None]]:
         """A process frozen out at exactly its first read of ``table``: the table is held locked (ACCESS
         EXCLUSIVE) by a session of ours, and the function given, called with the process, waits until
         one of its queries waits for that lock and then freezes the cluster (``freeze``), so that query
-        is never answered. On exit the cluster is thawed and the lock released."""
+        is never answered. On exit the cluster is thawed and the lock released.
+
+        ``after`` (a LIKE pattern): the lock is taken only once a query of the process matching it is
+        seen, so it is frozen out at its next read of ``table`` (one under way finishes first: a later
+        read queues behind the lock), mid-read rather than at its first."""
         import psycopg
 
         dbname = uri.rsplit("/", 1)[1]
@@ -86,28 +90,38 @@ class PgCluster(Postgres):
 
         def freeze_when_waiting(proc: subprocess.Popen) -> None:
             nonlocal frozen
-            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+            seen = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() AND query LIKE %s"
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
             deadline = time.monotonic() + 60
             with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True) as watch:
-                while not watch.execute(query, (dbname,)).fetchone()[0]:  # type: ignore[index]
-                    assert proc.poll() is None, f"the process ended before it read {table}"
-                    assert time.monotonic() < deadline, f"the process never read {table}"
-                    time.sleep(0.05)
+
+                def wait_for(query: str, args: tuple[str, ...]) -> None:
+                    while not watch.execute(query, args).fetchone()[0]:  # type: ignore[index]
+                        assert proc.poll() is None, f"the process ended before it read {table}"
+                        assert time.monotonic() < deadline, f"the process never read {table}"
+                        time.sleep(0.01)
+
+                if after is not None:
+                    wait_for(seen, (dbname, after))
+                    holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                wait_for(waiting, (dbname,))
             self.freeze()
             frozen = True
 
         try:
-            holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            if after is None:
+                holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
             yield freeze_when_waiting
         finally:
             if frozen:
                 self.freeze(signal.SIGCONT)
             holder.close()
 
-    def run_frozen_at(self, uri: str, table: str, args: list[str], what: str, **popen: object) -> tuple[int, str]:
-        """``args`` run as a process frozen out at its first read of ``table`` (``frozen_at``): its exit
-        code and stderr, or a test failure naming ``what`` if it still waits 30 s after the freeze."""
-        with self.frozen_at(uri, table) as freeze_when_waiting:
+    def run_frozen_at(self, uri: str, table: str, args: list[str], what: str, after: str | None = None, **popen: object) -> tuple[int, str]:
+        """``args`` run as a process frozen out at its first read of ``table`` (``frozen_at``; at its
+        first after a query matching ``after`` when given): its exit code and stderr, or a test failure
+        naming ``what`` if it still waits 30 s after the freeze."""
+        with self.frozen_at(uri, table, after) as freeze_when_waiting:
             p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
             freeze_when_waiting(p)
             try:
