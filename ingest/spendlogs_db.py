@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import polars as pl
@@ -29,6 +30,7 @@ from psycopg.adapt import Loader
 from ingest.buckets import WINDOW_SLACK
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import QuarantineRecord, Reason
+from ingest.sink import Watched
 from ingest.sources import DEFAULT_MAX_LINE_BYTES, Chunk, SourceUnavailable
 from ingest.stores import QUERY_PASSWORD, shown_uri
 
@@ -42,6 +44,7 @@ TIME_KINDS = frozenset({"timestamp without time zone", "timestamp with time zone
 TEXT_KINDS = frozenset({"text", "character varying", "character", "name", "citext"})
 NATIVE_KINDS = frozenset({"integer", "bigint", "smallint", "double precision", "real", "boolean"})
 CONNECT_TIMEOUT_S = 10
+"""libpq's wait for a connection, and the longest the database may leave a read unanswered (``SpendLogsDB._answered``)."""
 log = logging.getLogger("litellm-ingest.spendlogs_db")
 EPOCH = datetime(1970, 1, 1)
 REREAD = timedelta(hours=1)
@@ -49,6 +52,8 @@ REREAD = timedelta(hours=1)
 ended, from a queue flushed in batches (longer while its database was away), so a row can appear
 behind rows already read; rows read before are skipped by request_id (the ledger remembers them
 for twice this long)."""
+
+T = TypeVar("T")
 
 _URL = re.compile(r"^postgres(?:ql)?(?:\+[A-Za-z0-9_.-]+)?://", re.IGNORECASE)
 
@@ -101,6 +106,17 @@ class Page:
     quarantined: list[QuarantineRecord] = field(default_factory=list)
     quarantined_keys: list[tuple[str, int | None]] = field(default_factory=list)
     """(request_id, start) of each ``quarantined`` row: marked read like the others, so it is quarantined once."""
+
+
+class _Heard:
+    """When the database last answered a watched read (``SpendLogsDB._answered``): set by the thread
+    reading, looked at by the one waiting for it."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+    def beat(self) -> None:
+        self.at = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -174,13 +190,40 @@ class SpendLogsDB:
         conn.read_only = True
         for kind in ("text", "varchar", "bpchar", "name"):
             conn.adapters.register_loader(kind, _LenientTextLoader)
-        try:
-            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        except psycopg.Error as e:
-            conn.close()
-            raise self._error("cannot set up a read-only session on", e) from None
+
+        def read_only(heard: _Heard) -> None:
+            try:
+                conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            except psycopg.Error as e:
+                conn.close()
+                raise self._error("cannot set up a read-only session on", e) from None
+
+        self._answered("cannot set up a read-only session on", read_only)
         self._conn = conn
         return conn
+
+    def _answered(self, what: str, call: Callable[[_Heard], T]) -> T:
+        """``call`` (one read of the proxy database) run watched (:class:`ingest.sink.Watched`), and
+        what it returned or raised. A database that stops answering without closing anything (a
+        frozen host, a network partition: no error, the socket just stays silent) held a read for
+        ever: a cron run or backfill never ended. Now a read left unanswered for ``CONNECT_TIMEOUT_S``
+        is ``SourceUnavailable`` (exit 8, one line), as a lost connection is here: a source is not
+        retried within a run (nothing unread is marked read; the next run reads it), so the bound is
+        the one libpq already gives a connection that does not answer, not the MLflow store's
+        ``--mlflow-timeout`` (``DB_SILENCE_S`` at least), which is how long a lost connection to the
+        store is retried. Silence is counted from the last answer (``call`` tells each row to
+        ``heard``): a large page read steadily is not cut short. The connection is abandoned, neither
+        closed nor used again (the thread may still be blocked in it): the next read opens another."""
+        heard = _Heard()
+        try:
+            watched = Watched(lambda: call(heard), "spendlogs-db")
+        except RuntimeError as e:  # no thread can start (a pids limit): unavailable for now, as an unreachable database is
+            raise self._error(what, e) from None
+        while not watched.done.wait(max(0.0, heard.at + CONNECT_TIMEOUT_S - time.monotonic())):
+            if (silent := time.monotonic() - heard.at) >= CONNECT_TIMEOUT_S:
+                self._conn = None
+                raise SourceUnavailable(f"{what} {self.shown}: no answer for {silent:.0f}s (a frozen host or a network partition?)")
+        return watched.result()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -203,6 +246,11 @@ class SpendLogsDB:
     def check(self) -> None:
         """Connect, find the table and its columns, and read nothing: fail early, in one line, on what a user must fix."""
         conn = self._connect()
+        what = f"cannot read table {self.table!r} in"
+        self._schema, self._columns = self._answered(what, lambda heard: self._find_table(conn, what))
+
+    def _find_table(self, conn: psycopg.Connection, what: str) -> tuple[str, list[_Column]]:
+        """The table's schema and columns (``check``; in a watched thread: it changes nothing of ``self``)."""
         try:
             with conn.transaction():
                 self._begin(conn)
@@ -228,8 +276,8 @@ class SpendLogsDB:
                         f"table {self.table!r} in {self.shown} has no column {', '.join(repr(m) for m in missing)} (or it cannot be read)"
                     )
         except psycopg.Error as e:
-            raise self._error(f"cannot read table {self.table!r} in", e) from None
-        self._schema, self._columns = str(schema[0]), columns
+            raise self._error(what, e) from None
+        return str(schema[0]), columns
 
     @property
     def columns(self) -> list[str]:
@@ -286,6 +334,15 @@ class SpendLogsDB:
         """One page in one read-only transaction; whether it stopped for its row limit or byte budget (more may follow)."""
         conn = self._connect()
         query, params = self._query(after, since_us, until_us)
+        what = f"cannot read table {self.table!r} in"
+        page, full, self.rows_read = self._answered(what, lambda heard: self._read_page(conn, query, params, what, heard))
+        return page, full
+
+    def _read_page(
+        self, conn: psycopg.Connection, query: sql.Composed, params: list[Any], what: str, heard: _Heard
+    ) -> tuple[Page | None, bool, int]:
+        """``_page``'s read, in a watched thread: it changes nothing of ``self`` (one abandoned may go on
+        once the database answers again), and gives the rows read so far with the page."""
         assert self._columns is not None
         lines: list[str] = []
         keys: list[tuple[str, int | None]] = []
@@ -295,6 +352,7 @@ class SpendLogsDB:
         size = fetched = 0
         full = False
         first_line = self.rows_read + 1
+        read = first_line - 1
         try:
             with conn.transaction():
                 self._begin(conn)
@@ -302,14 +360,14 @@ class SpendLogsDB:
                     cur.itersize = min(self.page_rows, 500)
                     cur.execute(query, params)
                     for row in cur:
+                        heard.beat()
                         fetched += 1
                         start_text, request_id, start_us = row[0], row[1], row[2]
                         last = (start_text, request_id)
                         raw, odd = self._raw(row[3:])
-                        line_no = self.rows_read + 1
-                        self.rows_read += 1
+                        read += 1
                         if odd is not None:
-                            bad.append(QuarantineRecord.of(self.source, line_no, line_no - 1, odd[0], odd[1], raw))
+                            bad.append(QuarantineRecord.of(self.source, read, read - 1, odd[0], odd[1], raw))
                             bad_keys.append((request_id, start_us))
                             continue
                         lines.append(raw)
@@ -319,14 +377,13 @@ class SpendLogsDB:
                             full = True
                             break
         except psycopg.Error as e:
-            self.rows_read = first_line - 1
-            raise self._error(f"cannot read table {self.table!r} in", e) from None
+            raise self._error(what, e) from None
         if last is None:
-            return None, False
+            return None, False, first_line - 1
         full = full or fetched >= self.page_rows
         n = len(lines)
         skipped = {r.line for r in bad}
-        numbers = [i for i in range(first_line, self.rows_read + 1) if i not in skipped]
+        numbers = [i for i in range(first_line, read + 1) if i not in skipped]
         frame = pl.DataFrame(
             {
                 "source": pl.Series([self.source] * n, dtype=pl.String),
@@ -339,7 +396,7 @@ class SpendLogsDB:
         key_frame = pl.DataFrame(
             {"request_id": [k[0] for k in keys], "start_us": [k[1] for k in keys]}, schema={"request_id": pl.String, "start_us": pl.Int64}
         )
-        return Page(frame, key_frame, last, bad, bad_keys), full
+        return Page(frame, key_frame, last, bad, bad_keys), full, read
 
     def _raw(self, values: tuple[Any, ...]) -> tuple[str, tuple[Reason, str] | None]:
         """The row as one JSON object (request_id first, so a quarantine reader sees it first), and why it
