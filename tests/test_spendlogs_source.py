@@ -154,11 +154,13 @@ def test_a_run_killed_mid_table_resumes_and_loses_and_doubles_nothing(litellm_db
     assert len(got) == len(set(got)) and set(got) == _calls(records)
 
 
-def test_a_batch_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["batch", "backfill"])
+def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_in_one_line(tmp_path: Path, command: str) -> None:
     """The proxy's PostgreSQL frozen (SIGSTOP) once a first page of rows was read, at the run's read of
     the next (held there by a lock, then frozen): a read on an open connection had no bound (libpq's
-    connect timeout only), and the cron run sat in it for ever. Now it is an unavailable source after
-    ``CONNECT_TIMEOUT_S``: one line, exit 8; and the next run, the database thawed, writes every call once."""
+    connect timeout only), and a cron run or backfill sat in it for ever. Now it is an unavailable
+    source after ``CONNECT_TIMEOUT_S``: one line, exit 8; and the next run, the database thawed,
+    reads what was left and writes every call once."""
     from tests.pgkit import start_postgres
 
     try:
@@ -174,11 +176,11 @@ def test_a_batch_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8
         insert_rows(url, [row_from_payload(r) for r in records])
         uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        args = [EXE, "batch", url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
-        code, err = pg.run_frozen_at(url, f'"{TABLE}"', args, "the batch", after="%litellm_ingest_spendlogs%", env=env)
+        args = [EXE, command, url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
+        code, err = pg.run_frozen_at(url, f'"{TABLE}"', args, f"the {command}", after="%litellm_ingest_spendlogs%", env=env)
         assert code == 8, err[-2000:]
         assert "no answer for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
-        _, s, _ = run("batch", url, state=state, uri=uri)
+        _, s, _ = run(command, url, state=state, uri=uri)
         assert 0 < s["db_rows"] < len(records)  # the first page was kept as read
         got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
         assert len(got) == len(set(got)) and set(got) == _calls(records)
