@@ -47,7 +47,16 @@ from ingest.sink import (
     refused_for_its_data,
     resolve_target,
 )
-from ingest.sources import DEFAULT_CHUNK_BYTES, Chunk, compressed_otherwise, descriptor_limit, discover, own_paths, read_chunks
+from ingest.sources import (
+    DEFAULT_CHUNK_BYTES,
+    Chunk,
+    compressed_otherwise,
+    descriptor_limit,
+    discover,
+    is_database_url,
+    own_paths,
+    read_chunks,
+)
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 from ingest.stores import tracking_uri_from
 from ingest.warm import for_files, shutdown
@@ -693,14 +702,15 @@ class Inputs:
     @classmethod
     def of(cls, paths: list[str], own: tuple[Path, ...] = ()) -> Inputs:
         """``own``: this run's state dir and quarantine file, never read as logs (:func:`~ingest.sources.is_own`)."""
-        from ingest.spendlogs_db import SpendLogsDB, is_database_url
-
         local = [p for p in paths if not is_bucket_url(p) and not is_database_url(p)]
         unreadable: list[Path] = []
+        databases = [p for p in paths if is_database_url(p)]
+        if databases:
+            from ingest.spendlogs_db import SpendLogsDB
         return cls(
             discover(local, unreadable, own) if local else [],
             [Bucket.parse(p) for p in paths if is_bucket_url(p)],
-            [SpendLogsDB(p) for p in paths if is_database_url(p)],
+            [SpendLogsDB(p) for p in databases],
             unreadable,
         )
 
@@ -723,7 +733,6 @@ class Inputs:
 
 def input_id(spec: str) -> str:
     """How a backfill's state names an input: files by absolute path, URLs as given (passwords hidden)."""
-    from ingest.spendlogs_db import is_database_url
     from ingest.stores import shown_uri
 
     if is_bucket_url(spec):
@@ -741,8 +750,6 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
     with ``WINDOW_SLACK`` either side (the pipeline selects the calls). With ``--shard`` every
     shard reads them whole (attempts of one call are spread over objects and rows) and writes the
     calls whose id hashes to it."""
-    from ingest.spendlogs_db import db_units
-
     lo, hi = days_window(opts.since_us, opts.until_us)
 
     def listed(objects: int, new: int, size: int) -> None:
@@ -760,6 +767,8 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
                 start = date.fromisoformat(newest) - timedelta(days=1)
         yield from b.units(ledger, start, hi, opts.chunk_bytes, on_listed=listed)
     for db in inputs.databases:
+        from ingest.spendlogs_db import db_units
+
         yield from db_units(db, ledger, opts.since_us, opts.until_us, timedelta(seconds=opts.reread_s))
 
 

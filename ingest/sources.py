@@ -12,6 +12,7 @@ import glob
 import gzip
 import logging
 import os
+import re
 import resource
 import stat
 import zlib
@@ -73,6 +74,15 @@ class SourceError(Exception):
 class SourceUnavailable(SourceError):
     """A bucket or database that cannot be reached or read now (network, credentials, access):
     nothing of it is marked read, so the next run tries again."""
+
+
+_DATABASE_URL = re.compile(r"^postgres(?:ql)?(?:\+[A-Za-z0-9_.-]+)?://", re.IGNORECASE)
+
+
+def is_database_url(spec: str) -> bool:
+    """``postgresql://``, ``postgres://`` or a SQLAlchemy ``postgresql+driver://`` URL (what LiteLLM's
+    DATABASE_URL holds): here, not in :mod:`ingest.spendlogs_db`, so a run of files never imports psycopg."""
+    return bool(_DATABASE_URL.match(spec.strip()))
 
 
 def shown(path: Path | str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,13 +53,6 @@ behind rows already read; rows read before are skipped by request_id (the ledger
 for twice this long)."""
 
 T = TypeVar("T")
-
-_URL = re.compile(r"^postgres(?:ql)?(?:\+[A-Za-z0-9_.-]+)?://", re.IGNORECASE)
-
-
-def is_database_url(spec: str) -> bool:
-    """``postgresql://``, ``postgres://`` or a SQLAlchemy ``postgresql+driver://`` URL (what LiteLLM's DATABASE_URL holds)."""
-    return bool(_URL.match(spec.strip()))
 
 
 def _libpq_url(url: str) -> str:

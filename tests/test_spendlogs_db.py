@@ -11,9 +11,9 @@ import psycopg
 import pytest
 
 from ingest.normalize import normalize_isolating
-from ingest.sources import SourceError, SourceUnavailable, read_chunks
+from ingest.sources import SourceError, SourceUnavailable, is_database_url, read_chunks
 from ingest.spans import _json_value, build_traces
-from ingest.spendlogs_db import Page, SpendLogsDB, is_database_url
+from ingest.spendlogs_db import Page, SpendLogsDB
 from tests.conftest import Postgres, free_port
 from tests.litellm_db import EXPORT, create_spendlogs_table, export_rows, insert_rows
 
