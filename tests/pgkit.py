@@ -73,55 +73,81 @@ class PgCluster(Postgres):
             os.kill(pid, sig)
 
     @contextlib.contextmanager
-    def frozen_at(self, uri: str, table: str, after: str | None = None) -> Iterator[Callable[[subprocess.Popen], None]]:
+    def frozen_at(
+        self,
+        uri: str,
+        table: str,
+        after_table: str | None = None,
+        stop: Callable[[], None] | None = None,
+        after_query: str | None = None,
+    ) -> Iterator[Callable[[subprocess.Popen], None]]:
         """A process frozen out at exactly its first read of ``table``: the table is held locked (ACCESS
         EXCLUSIVE) by a session of ours, and the function given, called with the process, waits until
-        one of its queries waits for that lock and then freezes the cluster (``freeze``), so that query
-        is never answered. On exit the cluster is thawed and the lock released.
+        one of its queries waits for that lock and then freezes the cluster (``freeze``; ``stop``: does
+        that instead, e.g. ``halt``), so that query is never answered. On exit a frozen cluster is
+        thawed and the lock released.
 
-        ``after`` (a LIKE pattern): the lock is taken only once a query of the process matching it is
-        seen, so it is frozen out at its next read of ``table`` (one under way finishes first: a later
-        read queues behind the lock), mid-read rather than at its first."""
+        Later than its first read: ``after_table``, at its first read of ``table`` after its first
+        read of that other table (held there the same way until ``table`` is locked); ``after_query``
+        (a LIKE pattern), at its next read of ``table`` once a query of it matching the pattern was
+        seen (one under way finishes first: mid-table rather than at its first read)."""
         import psycopg
 
         dbname = uri.rsplit("/", 1)[1]
-        holder = psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
+        connect = lambda: psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)  # noqa: E731
+        holder = connect()
         frozen = False
+
+        def wait_until(proc: subprocess.Popen, query: str, arg: str, what: str) -> None:
+            deadline = time.monotonic() + 60
+            with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, autocommit=True) as watch:
+                while not watch.execute(query, (arg,)).fetchone()[0]:  # type: ignore[index]
+                    assert proc.poll() is None, f"the process ended before it {what}"
+                    assert time.monotonic() < deadline, f"the process never {what}"
+                    time.sleep(0.01)
+
+        def wait_for_lock(proc: subprocess.Popen, on: str) -> None:
+            wait_until(proc, "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted", on, f"read {on}")
+
+        def lock_table() -> None:
+            nonlocal holder
+            (second := connect()).execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            holder.close()
+            holder = second
 
         def freeze_when_waiting(proc: subprocess.Popen) -> None:
             nonlocal frozen
-            seen = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() AND query LIKE %s"
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
-            deadline = time.monotonic() + 60
-            with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True) as watch:
-
-                def wait_for(query: str, args: tuple[str, ...]) -> None:
-                    while not watch.execute(query, args).fetchone()[0]:  # type: ignore[index]
-                        assert proc.poll() is None, f"the process ended before it read {table}"
-                        assert time.monotonic() < deadline, f"the process never read {table}"
-                        time.sleep(0.01)
-
-                if after is not None:
-                    wait_for(seen, (dbname, after))
-                    holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-                wait_for(waiting, (dbname,))
-            self.freeze()
-            frozen = True
+            if after_table is not None:
+                wait_for_lock(proc, after_table)  # held at ``after_table``: ``table`` is locked before it reads on
+                lock_table()
+            elif after_query is not None:
+                seen = "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE %s"
+                wait_until(proc, seen, after_query, f"ran a query like {after_query}")
+                lock_table()
+            wait_for_lock(proc, table)
+            if stop is None:
+                self.freeze()
+                frozen = True
+            else:
+                stop()
 
         try:
-            if after is None:
-                holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            if after_query is None:
+                holder.execute(f"LOCK TABLE {after_table or table} IN ACCESS EXCLUSIVE MODE")
             yield freeze_when_waiting
         finally:
             if frozen:
                 self.freeze(signal.SIGCONT)
-            holder.close()
+            with contextlib.suppress(Exception):  # a halted cluster took its session with it
+                holder.close()
 
-    def run_frozen_at(self, uri: str, table: str, args: list[str], what: str, after: str | None = None, **popen: object) -> tuple[int, str]:
+    def run_frozen_at(
+        self, uri: str, table: str, args: list[str], what: str, after_query: str | None = None, **popen: object
+    ) -> tuple[int, str]:
         """``args`` run as a process frozen out at its first read of ``table`` (``frozen_at``; at its
-        first after a query matching ``after`` when given): its exit code and stderr, or a test failure
-        naming ``what`` if it still waits 30 s after the freeze."""
-        with self.frozen_at(uri, table, after) as freeze_when_waiting:
+        next one after a query matching ``after_query`` when given): its exit code and stderr, or a
+        test failure naming ``what`` if it still waits 30 s after the freeze."""
+        with self.frozen_at(uri, table, after_query=after_query) as freeze_when_waiting:
             p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
             freeze_when_waiting(p)
             try:

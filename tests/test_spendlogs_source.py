@@ -177,7 +177,7 @@ def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_i
         uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         args = [EXE, command, url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
-        code, err = pg.run_frozen_at(url, f'"{TABLE}"', args, f"the {command}", after="%litellm_ingest_spendlogs%", env=env)
+        code, err = pg.run_frozen_at(url, f'"{TABLE}"', args, f"the {command}", after_query="%litellm_ingest_spendlogs%", env=env)
         assert code == 8, err[-2000:]
         assert "no answer for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
         _, s, _ = run(command, url, state=state, uri=uri)
