@@ -109,14 +109,37 @@ def _mlflow_parts() -> Any:
     return store_module
 
 
+_NO_SUCH_TABLE_TEXT = ("no such table", "no such column")
+"""SQLite's answer to a query on a table or column its schema lacks (an ``OperationalError`` there, as
+a lost connection is elsewhere: told apart by what it says)."""
+
+
 def schema_revision(store: Any) -> str | None:
+    """The store's alembic revision; None when its schema records none (no ``alembic_version`` table,
+    an empty one, or one this role may not read). A database that cannot be reached or does not
+    answer raises instead: that is an outage (retried, then exit 4), not a schema to fall back for."""
     from sqlalchemy import text
 
     try:
         with store.engine.connect() as conn:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except Exception:
-        return None
+    except Exception as e:
+        if _schema_lacks_it(e):
+            return None
+        raise
+
+
+def _schema_lacks_it(e: BaseException) -> bool:
+    """The database answered, refusing the query for what its schema is: PostgreSQL's class 42
+    (undefined table or column, insufficient privilege), or SQLite's "no such table"."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(e, DBAPIError) or e.connection_invalidated:
+        return False
+    code = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
+    if isinstance(code, str):
+        return code.startswith("42")
+    return any(t in str(e.orig).lower() for t in _NO_SUCH_TABLE_TEXT)
 
 
 def unsupported_reason(store: Any) -> str | None:
@@ -129,6 +152,8 @@ def unsupported_reason(store: Any) -> str | None:
     if dialect not in TESTED_DIALECTS:
         return f"the bulk writer is not tested on {dialect}"
     revision = schema_revision(store)
+    if revision is None:
+        return "the store's schema records no revision (no readable alembic_version table)"
     if revision not in TESTED_REVISIONS:
         return f"schema revision {revision} is not one the bulk writer was tested against"
     for name in _STORE_METHODS:

@@ -9,6 +9,10 @@ every table must match (experiments aside, whose creation times differ), and so 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +21,14 @@ from ingest.pipeline import RunOptions, run_batch
 from ingest.sink import StoreSink, Target, resolve_target
 from ingest.spans import Redaction, build_traces
 from tests.conftest import all_traces, copy_samples, past_shift, reidentify, spend_row, write_log
+from tests.pgkit import PgCluster, start_postgres
 
 EXPERIMENT = "bulk-equivalence"
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
 
 
 def varied_input(capture: list[dict], tmp_path: Path) -> list[str]:
@@ -192,6 +202,86 @@ def test_store_sink_uses_bulk_writer_on_the_tested_stores(stores):
     target: Target = resolve_target(stores[1], EXPERIMENT, None)
     assert StoreSink(target).bulk is not None
     assert StoreSink(target, writer="mlflow").bulk is None
+
+
+def test_a_store_whose_schema_records_no_revision_falls_back_to_log_spans_saying_so(stores, caplog):
+    """No ``alembic_version`` table (SQLite's "no such table", PostgreSQL's undefined table): the one
+    case of an unknown revision, so the sink falls back to ``log_spans`` and says why (it said
+    "schema revision None", as for a database that was merely unreachable at that moment)."""
+    import sqlalchemy as sa
+
+    uri = stores[1]
+    target: Target = resolve_target(uri, EXPERIMENT, None)  # the store opened, and kept by this process
+    engine = sa.create_engine(uri)
+    with engine.begin() as c:
+        c.execute(sa.text("DROP TABLE alembic_version"))
+    engine.dispose()
+    with caplog.at_level(logging.WARNING, logger="ingest.sink"):
+        assert StoreSink(target, deadline_s=5).bulk is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "records no revision" in warnings[0], warnings
+
+
+def _halted_at_schema_revision(pg: PgCluster, tmp_path: Path, capture: list[dict], timeout_s: str, back_after_s: float | None) -> tuple:
+    """A batch into PostgreSQL whose database is halted (``pg_ctl -m immediate``: its connection
+    dropped, new ones refused) exactly as the sink reads the schema revision (held there by a lock on
+    ``alembic_version``, taken once the store was opened and the experiment read), and started again
+    ``back_after_s`` later (never: None). Its exit code, stderr and the calls it had to write."""
+    uri = pg.new_database()
+    ingest(uri, [str(write_log(tmp_path / "first" / "calls.jsonl", reidentify(capture, past_shift(capture), "first")))], "bulk")
+    records = reidentify(capture, past_shift(capture, days=10), "halted")
+    logs = write_log(tmp_path / "logs" / "calls.jsonl", records)
+    args = [EXE, "-v", "batch", str(logs), "--tracking-uri", uri, "--experiment-name", EXPERIMENT, "--state-dir", str(tmp_path / "st")]
+    with pg.frozen_at(uri, "alembic_version", after="experiments", stop=pg.halt) as halt_when_reading:
+        p = subprocess.Popen([*args, "--mlflow-timeout", timeout_s], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        halt_when_reading(p)
+        if back_after_s is not None:
+            time.sleep(back_after_s)
+            pg.resume()
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise AssertionError("the batch still runs 120 s after its database was halted: " + p.communicate()[1][-2000:]) from None
+    return p.returncode, err, uri, {r["litellm_call_id"] for r in records}
+
+
+def test_a_postgresql_down_while_the_schema_revision_is_read_is_waited_for_and_keeps_the_bulk_writer(capture, tmp_path):
+    """The database goes down just as the sink reads its schema revision and is back 2 s later: that
+    read failing was taken for an unknown revision, and the whole run wrote through the slower
+    ``log_spans``, its one warning blaming "schema revision None". Now it is an outage like any
+    other, retried within ``--mlflow-timeout``: the run keeps the bulk writer and writes every call."""
+    pg = _own_postgres()
+    try:
+        code, err, uri, calls = _halted_at_schema_revision(pg, tmp_path, capture, "60", back_after_s=2.0)
+        assert code == 0 and "Traceback" not in err, err[-3000:]
+        assert "log_spans" not in err and "open the MLflow store failed" in err, err[-3000:]
+        assert len(all_traces(uri, EXPERIMENT, include_spans=False)) == len(calls) + len({r["litellm_call_id"] for r in capture})
+    finally:
+        pg.stop()
+
+
+def test_a_postgresql_that_stays_down_from_the_schema_revision_read_ends_the_run_with_exit_4_in_one_line(capture, tmp_path):
+    """The database goes down as the schema revision is read and stays down: the run switched to
+    ``log_spans`` with a misleading warning, then failed its writes. Now it is the outage it is:
+    retried for ``--mlflow-timeout``, then exit 4 in one line, naming the store."""
+    pg = _own_postgres()
+    try:
+        code, err, _, _ = _halted_at_schema_revision(pg, tmp_path, capture, "3", back_after_s=None)
+        lines = [line for line in err.strip().splitlines() if " INFO " not in line]
+        assert code == 4 and "Traceback" not in err, err[-3000:]
+        assert len(lines) == 1 and "cannot open the MLflow store" in lines[0] and "log_spans" not in err, err[-3000:]
+        pg.resume()
+    finally:
+        pg.stop()
+
+
+def _own_postgres() -> PgCluster:
+    """A cluster of this test's own (it is halted: the session's shared one must not be)."""
+    try:
+        return start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 def test_with_sql_trace_rollups_on_the_rebuild_queue_matches_log_spans_too(capture, tmp_path, monkeypatch):
