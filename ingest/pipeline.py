@@ -668,9 +668,10 @@ def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
 
 
 def open_target(opts: RunOptions, find_timeout_s: float | None = None, *, stateful: bool = False) -> tuple[Target, Sink]:
-    """The destination and its sink. ``find_timeout_s``: how long finding it may retry, when shorter
-    than the sink's ``--mlflow-timeout`` (the daemon probing at start). ``stateful``: a dry run that
-    reads a state looks the experiment up, creating nothing, so it reads the state a run keeps."""
+    """The destination and its sink. ``find_timeout_s``: how long finding it and opening its sink may
+    retry, when shorter than the sink's ``--mlflow-timeout`` (the daemon probing at start). ``stateful``:
+    a dry run that reads a state looks the experiment up, creating nothing, so it reads the state a
+    run keeps."""
     if opts.dry_run:
         name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
         check_uri(uri := tracking_uri_from(opts.tracking_uri))
@@ -683,7 +684,7 @@ def open_target(opts: RunOptions, find_timeout_s: float | None = None, *, statef
         return Target(uri, exp_id or "dry-run", name or (None if exp_id else DEFAULT_EXPERIMENT_NAME)), NullSink()
     finding = opts if find_timeout_s is None else replace(opts, mlflow_timeout_s=find_timeout_s)
     target = resolve_run_target(finding, create=True)
-    return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer)
+    return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer, find_timeout_s)
 
 
 Progress = Callable[[str, Chunk | None, Summary], None]

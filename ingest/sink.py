@@ -1013,7 +1013,9 @@ class StoreSink(_Synchronous):
     leaves the rows MLflow's own ``log_spans`` would; ``writer="mlflow"`` (or a store the bulk
     writer was not tested on) uses ``log_spans`` itself, the server's path minus HTTP."""
 
-    def __init__(self, target: Target, deadline_s: float = 300.0, writer: str = "bulk") -> None:
+    def __init__(self, target: Target, deadline_s: float = 300.0, writer: str = "bulk", open_timeout_s: float | None = None) -> None:
+        """``open_timeout_s``: how long opening may retry, when shorter than ``deadline_s`` (the daemon
+        probing at start, which says it waits and tries again)."""
         from ingest.sql_bulk import BulkSpanWriter, unsupported_reason
 
         self.target = target
@@ -1025,15 +1027,21 @@ class StoreSink(_Synchronous):
 
         def opened() -> tuple[Any, BulkSpanWriter | None, str | None]:
             """The store, and its bulk writer or why there is none: each reads the database (the
-            store kept from finding the experiment reads it on a connection that may have gone silent)."""
+            store kept from finding the experiment reads it on a connection that may have gone silent).
+            A database down or silent while its schema revision is read is an outage like any other,
+            never a reason to fall back to ``log_spans``."""
             store = store_for(target.tracking_uri)
             reason = unsupported_reason(store) if writer == "bulk" else None
             bulk = BulkSpanWriter(store, target.experiment_id) if writer == "bulk" and reason is None else None
             return store, bulk, reason
 
+        opening_s = deadline_s if open_timeout_s is None else min(open_timeout_s, deadline_s)
         try:  # a backfill's worker opens its own: a database restarting or full of clients then is waited out too
             self.store, self.bulk, reason = with_retries(
-                lambda: self._answered(opened, "open the MLflow store"), "open the MLflow store", deadline_s, _transient_db
+                lambda: answered_by_database(opened, "open the MLflow store", target.shown_uri, opening_s),
+                "open the MLflow store",
+                opening_s,
+                _transient_db,
             )
         except StoreSetupError as e:
             raise SinkError(str(e), kind=e.kind) from e
@@ -1250,5 +1258,5 @@ def looked_up(sink: Sink, trace_ids: list[str]) -> list[Any]:
     return [info for i in range(0, len(trace_ids), LOOKUP_CHUNK) for info in sink.trace_infos(trace_ids[i : i + LOOKUP_CHUNK])]
 
 
-def make_sink(target: Target, deadline_s: float = 300.0, sql_writer: str = "bulk") -> Sink:
-    return OtlpSink(target, deadline_s) if target.is_server else StoreSink(target, deadline_s, sql_writer)
+def make_sink(target: Target, deadline_s: float = 300.0, sql_writer: str = "bulk", open_timeout_s: float | None = None) -> Sink:
+    return OtlpSink(target, deadline_s) if target.is_server else StoreSink(target, deadline_s, sql_writer, open_timeout_s)

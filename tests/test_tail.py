@@ -493,6 +493,51 @@ def test_a_daemon_whose_postgresql_stops_answering_while_it_finds_its_experiment
         pg.stop()
 
 
+@pytest.mark.parametrize("how", ["halted", "frozen"])
+def test_a_daemon_whose_postgresql_goes_down_as_it_reads_the_schema_revision_reports_it_and_keeps_the_bulk_writer(
+    tmp_path: Path, capture, how: str
+) -> None:
+    """PostgreSQL halted (``pg_ctl -m immediate``: the connection dropped, new ones refused) or frozen
+    (SIGSTOP: no answer at all) just as a starting daemon's sink reads the schema revision (held there
+    by a lock on ``alembic_version``, taken once the experiment was read). Halted, that read failing
+    was taken for an unknown revision, and the daemon wrote through the slower ``log_spans`` for as
+    long as it ran, blaming "schema revision None"; either way opening the sink then retried for the
+    whole ``--mlflow-timeout`` saying nothing. Now it is an outage at start, said within seconds and
+    waited for, and once the database answers the daemon writes every call with the bulk writer."""
+    try:
+        pg = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    uri = pg.new_database()
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    experiment = "pg-down-at-revision"
+    calls = fresh_calls(capture)[:20]
+    daemon = lambda: Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "120")  # noqa: E731
+    d = daemon().start()
+    try:
+        writer = Writer(logdir / "proxy.jsonl")
+        writer.write_calls(calls[:10])
+        wait_for_calls(uri, experiment, calls[:10])
+        assert d.stop() == 0
+        with pg.frozen_at(uri, "alembic_version", after="experiments", stop=pg.halt if how == "halted" else None) as stop_when_reading:
+            d = daemon().start(ready=False)
+            assert d.proc is not None
+            stop_when_reading(d.proc)
+            wait_for(lambda: "MLflow unavailable at start" in d.log.read_text(), 30, "the daemon to say the database is down")
+        if how == "halted":
+            pg.resume()
+        writer.write_calls(calls[10:])
+        assert_exactly(wait_for_calls(uri, experiment, calls), calls)
+        assert d.stop() == 0
+        log = d.log.read_text()
+        assert "log_spans" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        pg.stop()
+
+
 def test_metrics_health_and_status_while_running(setup, mlflow_server, capture, tmp_path: Path) -> None:
     import subprocess
 
