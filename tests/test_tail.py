@@ -15,7 +15,7 @@ import requests
 
 from tests.conftest import all_traces, fill, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
 from tests.pgkit import start_postgres
-from tests.tailkit import Daemon, Writer, assert_sent_once, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
+from tests.tailkit import Daemon, Writer, assert_sent_once, call_ids_in, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
 
 
 def assert_exactly(traces: list, calls: list[list[dict]]) -> None:
@@ -535,6 +535,56 @@ def test_a_daemon_whose_postgresql_goes_down_as_it_reads_the_schema_revision_rep
     finally:
         if d.alive():
             d.stop(signal.SIGKILL)
+        pg.stop()
+
+
+def test_the_daemons_experiment_check_on_a_postgresql_that_stops_answering_does_not_stall_it(tmp_path: Path, capture, monkeypatch) -> None:
+    """The running daemon asks every ``EXPERIMENT_CHECK_S`` (60 s, shortened here in-process) whether
+    its experiment was deleted: with PostgreSQL frozen (SIGSTOP) that read must not hold the loop.
+    A pass of it, the check included, ends within ``--mlflow-timeout`` (and a little), the check
+    saying "cannot tell" rather than stopping the daemon; once thawed, the calls are written."""
+    import threading
+
+    import ingest.tail as tail
+
+    try:
+        pg = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    uri = pg.new_database()
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    experiment = "pg-frozen-check"
+    calls = fresh_calls(capture)[:10]
+    opts = tail.TailOptions(
+        paths=[str(logdir)], tracking_uri=uri, experiment_name=experiment, state_dir=tmp_path / "state", mlflow_timeout_s=2, settle_s=0
+    )
+    tailer, frozen = tail.Tailer(opts, [logdir]), False
+    try:
+        tailer.step()  # a first pass while the database answers (the store keeps its connections pooled)
+        monkeypatch.setattr(tail, "EXPERIMENT_CHECK_S", 0.0)
+        checked = tailer._experiment_checked
+        pg.freeze()
+        frozen = True
+        started = time.monotonic()
+        stepping = threading.Thread(target=tailer.step, daemon=True)
+        stepping.start()
+        stepping.join(timeout=2 + 10)
+        assert not stepping.is_alive(), "the daemon's experiment check waits for the frozen database"
+        assert tailer._experiment_checked > checked and time.monotonic() - started < 2 + 10
+        assert tailer.refused is None and not tailer.stopping.is_set()
+        pg.freeze(signal.SIGCONT)
+        frozen = False
+        Writer(logdir / "proxy.jsonl").write_calls(calls)
+        deadline = time.monotonic() + 60
+        while len(call_ids_in(uri, experiment)) < len(calls) and time.monotonic() < deadline:
+            tailer.step()
+            time.sleep(0.2)
+        assert_exactly(wait_for_calls(uri, experiment, calls, timeout=5), calls)
+    finally:
+        if frozen:
+            pg.freeze(signal.SIGCONT)
+        tailer.close()
         pg.stop()
 
 
