@@ -232,7 +232,7 @@ def _halted_at_schema_revision(pg: PgCluster, tmp_path: Path, capture: list[dict
     records = reidentify(capture, past_shift(capture, days=10), "halted")
     logs = write_log(tmp_path / "logs" / "calls.jsonl", records)
     args = [EXE, "-v", "batch", str(logs), "--tracking-uri", uri, "--experiment-name", EXPERIMENT, "--state-dir", str(tmp_path / "st")]
-    with pg.frozen_at(uri, "alembic_version", after="experiments", stop=pg.halt) as halt_when_reading:
+    with pg.frozen_at(uri, "alembic_version", after_table="experiments", stop=pg.halt) as halt_when_reading:
         p = subprocess.Popen([*args, "--mlflow-timeout", timeout_s], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
         halt_when_reading(p)
         if back_after_s is not None:

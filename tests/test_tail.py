@@ -520,7 +520,8 @@ def test_a_daemon_whose_postgresql_goes_down_as_it_reads_the_schema_revision_rep
         writer.write_calls(calls[:10])
         wait_for_calls(uri, experiment, calls[:10])
         assert d.stop() == 0
-        with pg.frozen_at(uri, "alembic_version", after="experiments", stop=pg.halt if how == "halted" else None) as stop_when_reading:
+        stop = pg.halt if how == "halted" else None
+        with pg.frozen_at(uri, "alembic_version", after_table="experiments", stop=stop) as stop_when_reading:
             d = daemon().start(ready=False)
             assert d.proc is not None
             stop_when_reading(d.proc)
