@@ -8,13 +8,14 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import all_traces, fill, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
-from tests.pgkit import start_postgres
+from tests.pgkit import PgCluster, start_postgres
 from tests.tailkit import Daemon, Writer, assert_sent_once, call_ids_in, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
 
 
@@ -365,16 +366,29 @@ def test_an_experiment_purged_under_the_daemon_stops_it_and_its_calls_wait_for_t
             d.stop(signal.SIGKILL)
 
 
-def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path, capture) -> None:
-    """MLflow on PostgreSQL written directly: the database crashes (``pg_ctl -m immediate``) and comes
-    back on the same port while the proxy keeps logging; the daemon waits, then writes every call once."""
+OwnPg = tuple[PgCluster, str, Path]
+
+
+@pytest.fixture
+def own_pg(tmp_path: Path) -> Iterator[OwnPg]:
+    """A PostgreSQL cluster of the test's own (it halts, freezes or stops it), a database in it and an
+    empty log folder; the cluster is stopped after the test (which thaws what it froze)."""
     try:
         pg = start_postgres()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    uri = pg.new_database()
     logdir = tmp_path / "logs"
     logdir.mkdir()
+    try:
+        yield pg, pg.new_database(), logdir
+    finally:
+        pg.stop()
+
+
+def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path, capture, own_pg: OwnPg) -> None:
+    """MLflow on PostgreSQL written directly: the database crashes (``pg_ctl -m immediate``) and comes
+    back on the same port while the proxy keeps logging; the daemon waits, then writes every call once."""
+    pg, uri, logdir = own_pg
     experiment = "pg-outage"
     calls = fresh_calls(capture, copies=2)
     d = Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "120").start()
@@ -397,22 +411,15 @@ def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path,
     finally:
         if d.alive():
             d.stop(signal.SIGKILL)
-        pg.stop()
 
 
-def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop(tmp_path: Path, capture) -> None:
+def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop(tmp_path: Path, capture, own_pg: OwnPg) -> None:
     """PostgreSQL frozen (SIGSTOP: no error, the socket just stays silent) under the bulk writer: the
     daemon sat in a read for as long as it lasted, ``/health`` "ok" and nothing said, and SIGTERM was
     unheeded until the database answered again. Now the silence is an outage past
     ``--mlflow-timeout``, a stop ends within ``--shutdown-timeout``, and the next start writes every
     call once."""
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    uri = pg.new_database()
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
+    pg, uri, logdir = own_pg
     experiment = "pg-frozen"
     calls = fresh_calls(capture)
     daemon = lambda: Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "2", "--shutdown-timeout", "3")  # noqa: E731
@@ -445,21 +452,16 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
             pg.freeze(signal.SIGCONT)
         if d.alive():
             d.stop(signal.SIGKILL)
-        pg.stop()
 
 
-def test_a_daemon_whose_postgresql_stops_answering_while_it_finds_its_experiment_still_stops_on_sigterm(tmp_path: Path, capture) -> None:
+def test_a_daemon_whose_postgresql_stops_answering_while_it_finds_its_experiment_still_stops_on_sigterm(
+    tmp_path: Path, capture, own_pg: OwnPg
+) -> None:
     """PostgreSQL frozen (SIGSTOP) just as a starting daemon reads the experiment on a connection it
     has open (held there by a lock, then frozen): finding the experiment was no watched call, and
     the daemon sat in that read for ever, SIGTERM unheeded. Now it stops within
     ``--shutdown-timeout``, and the next start writes every call once."""
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    uri = pg.new_database()
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
+    pg, uri, logdir = own_pg
     experiment = "pg-frozen-start"
     calls = fresh_calls(capture)[:20]
     daemon = lambda: Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "2", "--shutdown-timeout", "3")  # noqa: E731
@@ -490,12 +492,11 @@ def test_a_daemon_whose_postgresql_stops_answering_while_it_finds_its_experiment
     finally:
         if d.alive():
             d.stop(signal.SIGKILL)
-        pg.stop()
 
 
 @pytest.mark.parametrize("how", ["halted", "frozen"])
 def test_a_daemon_whose_postgresql_goes_down_as_it_reads_the_schema_revision_reports_it_and_keeps_the_bulk_writer(
-    tmp_path: Path, capture, how: str
+    tmp_path: Path, capture, how: str, own_pg: OwnPg
 ) -> None:
     """PostgreSQL halted (``pg_ctl -m immediate``: the connection dropped, new ones refused) or frozen
     (SIGSTOP: no answer at all) just as a starting daemon's sink reads the schema revision (held there
@@ -504,13 +505,7 @@ def test_a_daemon_whose_postgresql_goes_down_as_it_reads_the_schema_revision_rep
     long as it ran, blaming "schema revision None"; either way opening the sink then retried for the
     whole ``--mlflow-timeout`` saying nothing. Now it is an outage at start, said within seconds and
     waited for, and once the database answers the daemon writes every call with the bulk writer."""
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    uri = pg.new_database()
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
+    pg, uri, logdir = own_pg
     experiment = "pg-down-at-revision"
     calls = fresh_calls(capture)[:20]
     daemon = lambda: Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "120")  # noqa: E731
@@ -536,10 +531,11 @@ def test_a_daemon_whose_postgresql_goes_down_as_it_reads_the_schema_revision_rep
     finally:
         if d.alive():
             d.stop(signal.SIGKILL)
-        pg.stop()
 
 
-def test_the_daemons_experiment_check_on_a_postgresql_that_stops_answering_does_not_stall_it(tmp_path: Path, capture, monkeypatch) -> None:
+def test_the_daemons_experiment_check_on_a_postgresql_that_stops_answering_does_not_stall_it(
+    tmp_path: Path, capture, monkeypatch, own_pg: OwnPg
+) -> None:
     """The running daemon asks every ``EXPERIMENT_CHECK_S`` (60 s, shortened here in-process) whether
     its experiment was deleted: with PostgreSQL frozen (SIGSTOP) that read must not hold the loop.
     A pass of it, the check included, ends within ``--mlflow-timeout`` (and a little), the check
@@ -548,13 +544,7 @@ def test_the_daemons_experiment_check_on_a_postgresql_that_stops_answering_does_
 
     import ingest.tail as tail
 
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    uri = pg.new_database()
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
+    pg, uri, logdir = own_pg
     experiment = "pg-frozen-check"
     calls = fresh_calls(capture)[:10]
     opts = tail.TailOptions(
@@ -586,7 +576,6 @@ def test_the_daemons_experiment_check_on_a_postgresql_that_stops_answering_does_
         if frozen:
             pg.freeze(signal.SIGCONT)
         tailer.close()
-        pg.stop()
 
 
 def test_metrics_health_and_status_while_running(setup, mlflow_server, capture, tmp_path: Path) -> None:
