@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.pgkit import Postgres, free_port, start_postgres
+from tests.pgkit import PgCluster, Postgres, free_port, start_postgres
 
 # s3_server, gcs_server, s3_env, gcs_env: one of each per session, for every module (a module that imports them
 # instead gets its own)
@@ -222,6 +222,20 @@ def spans_ingested(server: MlflowServer) -> int:
 def postgres() -> Iterator[Postgres]:
     """A real PostgreSQL cluster for the session (initdb + pg_ctl in a temp dir, trust auth on
     127.0.0.1, fsync off; tests/pgkit.py). As root it runs as the `postgres` user."""
+    try:
+        cluster = start_postgres()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster of the test's own, to crash, freeze or restart (the session's is shared);
+    stopped after the test, which thaws what it froze."""
     try:
         cluster = start_postgres()
     except FileNotFoundError as e:

@@ -159,7 +159,11 @@ class PgCluster(Postgres):
         return p.returncode, err
 
     def stop(self) -> None:
-        self.halt()
+        """Idempotent: a test may stop its cluster itself, and its fixture then stops it again."""
+        if not self.base.exists():
+            return
+        with contextlib.suppress(subprocess.CalledProcessError):  # halted by the test already
+            self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import all_traces, client_for, copies, reidentify, write_log
+from tests.pgkit import PgCluster
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -375,30 +376,24 @@ def test_reconcile_of_the_default_experiment_creates_nothing_even_when_the_store
     assert experiments(f"sqlite:///{db}") == before
 
 
-def test_reconcile_of_a_postgresql_that_stops_answering_ends_with_exit_4_in_one_line(tmp_path: Path, capture: list[dict]) -> None:
+def test_reconcile_of_a_postgresql_that_stops_answering_ends_with_exit_4_in_one_line(
+    tmp_path: Path, capture: list[dict], own_postgres: PgCluster
+) -> None:
     """PostgreSQL frozen (SIGSTOP) as reconcile searches the traces (held at that read by a lock, then
     frozen): the search went to the store directly, not through the sink's watched calls, and a
     cron reconcile sat in it for ever. Now it gives up after ``--mlflow-timeout`` (10 s at least)
     in one line, exit 4."""
-    from tests.pgkit import start_postgres
-
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    try:
-        uri = pg.new_database()
-        write_log(tmp_path / "logs" / "proxy.jsonl", [r for b in copies(capture, 3, "pg-frozen") for r in b])
-        target = ["--tracking-uri", uri, "--experiment-name", "fleet", "--mlflow-timeout", "3"]
-        batch = run("batch", str(tmp_path / "logs"), *target, "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
-        assert batch.returncode == 0, batch.stderr[-2000:]
-        code, err = pg.run_frozen_at(
-            uri, "trace_info", [EXE, "reconcile", str(tmp_path / "logs"), *target], "reconcile", cwd=tmp_path, env=_env()
-        )
-        assert code == 4, err[-2000:]
-        assert "has not answered" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
-    finally:
-        pg.stop()
+    pg = own_postgres
+    uri = pg.new_database()
+    write_log(tmp_path / "logs" / "proxy.jsonl", [r for b in copies(capture, 3, "pg-frozen") for r in b])
+    target = ["--tracking-uri", uri, "--experiment-name", "fleet", "--mlflow-timeout", "3"]
+    batch = run("batch", str(tmp_path / "logs"), *target, "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    code, err = pg.run_frozen_at(
+        uri, "trace_info", [EXE, "reconcile", str(tmp_path / "logs"), *target], "reconcile", cwd=tmp_path, env=_env()
+    )
+    assert code == 4, err[-2000:]
+    assert "has not answered" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
 
 
 def test_status_after_batch_shows_each_file_its_offset_and_lag(tmp_path: Path, capture: list[dict]) -> None:

@@ -18,6 +18,7 @@ import pytest
 from ingest.spendlogs_db import DEFAULT_PAGE_ROWS
 from tests.conftest import Postgres, all_traces, read_capture, reidentify, write_jsonl
 from tests.litellm_db import TABLE, create_spendlogs_table, insert_rows, row_from_payload
+from tests.pgkit import PgCluster
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EXP = "spendlogs-db"
@@ -155,37 +156,31 @@ def test_a_run_killed_mid_table_resumes_and_loses_and_doubles_nothing(litellm_db
 
 
 @pytest.mark.parametrize("command", ["batch", "backfill"])
-def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_in_one_line(tmp_path: Path, command: str) -> None:
+def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_in_one_line(
+    tmp_path: Path, command: str, own_postgres: PgCluster
+) -> None:
     """The proxy's PostgreSQL frozen (SIGSTOP) once a first page of rows was read, at the run's read of
     the next (held there by a lock, then frozen): a read on an open connection had no bound (libpq's
     connect timeout only), and a cron run or backfill sat in it for ever. Now it is an unavailable
     source after ``CONNECT_TIMEOUT_S``: one line, exit 8; and the next run, the database thawed,
     reads what was left and writes every call once."""
-    from tests.pgkit import start_postgres
-
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    try:
-        url = pg.new_database()
-        create_spendlogs_table(url)
-        capture = read_capture()
-        copies = math.ceil(1.25 * DEFAULT_PAGE_ROWS / len(capture))  # a full page, then a quarter page more
-        records = [r for i in range(copies) for r in reidentify(capture, shift_s=-86400 * 20 + i * 120, salt=f"f{i}")]
-        insert_rows(url, [row_from_payload(r) for r in records])
-        uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        args = [EXE, command, url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
-        code, err = pg.run_frozen_at(url, f'"{TABLE}"', args, f"the {command}", after_query="%litellm_ingest_spendlogs%", env=env)
-        assert code == 8, err[-2000:]
-        assert "no answer for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
-        _, s, _ = run(command, url, state=state, uri=uri)
-        assert 0 < s["db_rows"] < len(records)  # the first page was kept as read
-        got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
-        assert len(got) == len(set(got)) and set(got) == _calls(records)
-    finally:
-        pg.stop()
+    pg = own_postgres
+    url = pg.new_database()
+    create_spendlogs_table(url)
+    capture = read_capture()
+    copies = math.ceil(1.25 * DEFAULT_PAGE_ROWS / len(capture))  # a full page, then a quarter page more
+    records = [r for i in range(copies) for r in reidentify(capture, shift_s=-86400 * 20 + i * 120, salt=f"f{i}")]
+    insert_rows(url, [row_from_payload(r) for r in records])
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, command, url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
+    code, err = pg.run_frozen_at(url, f'"{TABLE}"', args, f"the {command}", after_query="%litellm_ingest_spendlogs%", env=env)
+    assert code == 8, err[-2000:]
+    assert "no answer for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    _, s, _ = run(command, url, state=state, uri=uri)
+    assert 0 < s["db_rows"] < len(records)  # the first page was kept as read
+    got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
+    assert len(got) == len(set(got)) and set(got) == _calls(records)
 
 
 def _insert_one(url: str, request_id: str, start: str, column_type: str = "timestamp", response: str | None = None) -> None:

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import all_traces, fill, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
-from tests.pgkit import PgCluster, start_postgres
+from tests.pgkit import PgCluster
 from tests.tailkit import Daemon, Writer, assert_sent_once, call_ids_in, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
 
 
@@ -370,19 +369,11 @@ OwnPg = tuple[PgCluster, str, Path]
 
 
 @pytest.fixture
-def own_pg(tmp_path: Path) -> Iterator[OwnPg]:
-    """A PostgreSQL cluster of the test's own (it halts, freezes or stops it), a database in it and an
-    empty log folder; the cluster is stopped after the test (which thaws what it froze)."""
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+def own_pg(tmp_path: Path, own_postgres: PgCluster) -> OwnPg:
+    """A PostgreSQL cluster of the test's own (``own_postgres``), a database in it and an empty log folder."""
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    try:
-        yield pg, pg.new_database(), logdir
-    finally:
-        pg.stop()
+    return own_postgres, own_postgres.new_database(), logdir
 
 
 def test_a_postgresql_outage_under_the_bulk_writer_loses_nothing(tmp_path: Path, capture, own_pg: OwnPg) -> None:

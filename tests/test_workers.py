@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -281,18 +280,6 @@ def test_sizing_a_backfill_for_an_early_start_reads_no_more_of_the_listing_than_
     assert 4 * mib <= _local_bytes([str(tmp_path)], 4 * mib) < 7 * mib
     assert _local_bytes([str(tmp_path / "a.jsonl"), str(tmp_path / "missing.jsonl")], 1) == 0
     assert _local_bytes([str(tmp_path / "a.jsonl"), str(tmp_path / "*.gz")], 1) == 0
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[Any]:
-    """A PostgreSQL of the test's own, to crash and restart (the session's is shared)."""
-    from tests.pgkit import start_postgres
-
-    try:
-        pg = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield pg
 
 
 def test_a_backfill_rides_through_a_postgresql_crash_at_its_start_and_in_its_middle(
