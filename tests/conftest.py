@@ -218,10 +218,10 @@ def spans_ingested(server: MlflowServer) -> int:
     return 0
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """A real PostgreSQL cluster for the session (initdb + pg_ctl in a temp dir, trust auth on
-    127.0.0.1, fsync off; tests/pgkit.py). As root it runs as the `postgres` user."""
+def _cluster() -> Iterator[PgCluster]:
+    """A real PostgreSQL cluster (initdb + pg_ctl in a temp dir, trust auth on 127.0.0.1, fsync off;
+    tests/pgkit.py), stopped after its tests; skipped where PostgreSQL is not installed. As root it
+    runs as the `postgres` user."""
     try:
         cluster = start_postgres()
     except FileNotFoundError as e:
@@ -230,20 +230,18 @@ def postgres() -> Iterator[Postgres]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One cluster for the session, shared: a database each (``new_database``)."""
+    yield from _cluster()
 
 
 @pytest.fixture
 def own_postgres() -> Iterator[PgCluster]:
-    """A PostgreSQL cluster of the test's own, to crash, freeze or restart (the session's is shared);
-    stopped after the test, which thaws what it froze."""
-    try:
-        cluster = start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    """A cluster of the test's own, to crash, freeze or restart (the test thaws what it froze)."""
+    yield from _cluster()
 
 
 def sqlite_trace_count(db: Path) -> int:
