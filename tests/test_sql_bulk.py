@@ -21,7 +21,7 @@ from ingest.pipeline import RunOptions, run_batch
 from ingest.sink import StoreSink, Target, resolve_target
 from ingest.spans import Redaction, build_traces
 from tests.conftest import all_traces, copy_samples, past_shift, reidentify, spend_row, write_log
-from tests.pgkit import PgCluster, start_postgres
+from tests.pgkit import PgCluster
 
 EXPERIMENT = "bulk-equivalence"
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -246,42 +246,27 @@ def _halted_at_schema_revision(pg: PgCluster, tmp_path: Path, capture: list[dict
     return p.returncode, err, uri, {r["litellm_call_id"] for r in records}
 
 
-def test_a_postgresql_down_while_the_schema_revision_is_read_is_waited_for_and_keeps_the_bulk_writer(capture, tmp_path):
+def test_a_postgresql_down_while_the_schema_revision_is_read_is_waited_for_and_keeps_the_bulk_writer(capture, tmp_path, own_postgres):
     """The database goes down just as the sink reads its schema revision and is back 2 s later: that
     read failing was taken for an unknown revision, and the whole run wrote through the slower
     ``log_spans``, its one warning blaming "schema revision None". Now it is an outage like any
     other, retried within ``--mlflow-timeout``: the run keeps the bulk writer and writes every call."""
-    pg = _own_postgres()
-    try:
-        code, err, uri, calls = _halted_at_schema_revision(pg, tmp_path, capture, "60", back_after_s=2.0)
-        assert code == 0 and "Traceback" not in err, err[-3000:]
-        assert "log_spans" not in err and "open the MLflow store failed" in err, err[-3000:]
-        assert len(all_traces(uri, EXPERIMENT, include_spans=False)) == len(calls) + len({r["litellm_call_id"] for r in capture})
-    finally:
-        pg.stop()
+    pg = own_postgres
+    code, err, uri, calls = _halted_at_schema_revision(pg, tmp_path, capture, "60", back_after_s=2.0)
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert "log_spans" not in err and "open the MLflow store failed" in err, err[-3000:]
+    assert len(all_traces(uri, EXPERIMENT, include_spans=False)) == len(calls) + len({r["litellm_call_id"] for r in capture})
 
 
-def test_a_postgresql_that_stays_down_from_the_schema_revision_read_ends_the_run_with_exit_4_in_one_line(capture, tmp_path):
+def test_a_postgresql_that_stays_down_from_the_schema_revision_read_ends_the_run_with_exit_4_in_one_line(capture, tmp_path, own_postgres):
     """The database goes down as the schema revision is read and stays down: the run switched to
     ``log_spans`` with a misleading warning, then failed its writes. Now it is the outage it is:
     retried for ``--mlflow-timeout``, then exit 4 in one line, naming the store."""
-    pg = _own_postgres()
-    try:
-        code, err, _, _ = _halted_at_schema_revision(pg, tmp_path, capture, "3", back_after_s=None)
-        lines = [line for line in err.strip().splitlines() if " INFO " not in line]
-        assert code == 4 and "Traceback" not in err, err[-3000:]
-        assert len(lines) == 1 and "cannot open the MLflow store" in lines[0] and "log_spans" not in err, err[-3000:]
-        pg.resume()
-    finally:
-        pg.stop()
-
-
-def _own_postgres() -> PgCluster:
-    """A cluster of this test's own (it is halted: the session's shared one must not be)."""
-    try:
-        return start_postgres()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    pg = own_postgres
+    code, err, _, _ = _halted_at_schema_revision(pg, tmp_path, capture, "3", back_after_s=None)
+    lines = [line for line in err.strip().splitlines() if " INFO " not in line]
+    assert code == 4 and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and "cannot open the MLflow store" in lines[0] and "log_spans" not in err, err[-3000:]
 
 
 def test_with_sql_trace_rollups_on_the_rebuild_queue_matches_log_spans_too(capture, tmp_path, monkeypatch):
