@@ -793,6 +793,8 @@ def main() -> None:
     ap.add_argument("--scaling-server-workers", type=int, default=2, help="--workers of the PostgreSQL-backed server")
     ap.add_argument("--call-rates", default="10,100,1000", help="calls/s to size daemons and server workers for")
     args = ap.parse_args()
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(name, None)  # every run names a store of the bench's own: an inherited experiment id is in none of them
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="litellm-ingest-bench-"))
     rows: list[tuple[str, str, str, str, str]] = []
