@@ -38,7 +38,8 @@ os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="litellm-ingest-tests-cache-")
 """Tests keep their empty MLflow schema (``ingest.stores``) out of the user's own cache (removed at exit)."""
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
-for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+MLFLOW_TARGET_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+for var in MLFLOW_TARGET_VARS:
     os.environ.pop(var, None)
 
 
@@ -288,9 +289,14 @@ def all_traces(uri: str, experiment_name: str, include_spans: bool = True, missi
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cwd_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the default state dir (quarantine file) inside the test's tmp dir."""
+def _isolated_cwd_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep the default state dir (quarantine file) inside the test's tmp dir; and no MLflow target
+    left in the environment for the next test of this worker (``mlflow.set_experiment`` sets
+    ``MLFLOW_EXPERIMENT_ID`` there, and the processes a test starts inherit it)."""
     monkeypatch.setenv("LITELLM_INGEST_STATE_DIR", str(tmp_path / "state"))
+    yield
+    for name in MLFLOW_TARGET_VARS:
+        os.environ.pop(name, None)
 
 
 def copy_samples(dest: Path) -> Path:
