@@ -20,7 +20,7 @@ NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 
 def bench(*args: str, timeout: float = 300) -> str:
-    env = {**os.environ, "MLFLOW_EXPERIMENT_ID": "3"}  # as mlflow.set_experiment in another test of this worker leaves it
+    env = {**os.environ, "MLFLOW_EXPERIMENT_ID": "3"}  # an inherited experiment (mlflow.set_experiment sets it) is in none of its stores
     proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
