@@ -479,7 +479,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
         cannot go silent so, and its first schema may take a while to build)."""
         if sqlite_path(uri) is not None:
             return find()
-        return answered_by_database(find, "open the MLflow store", shown_uri(uri), deadline_s)
+        return answered_in_time(find, "open the MLflow store", shown_uri(uri), deadline_s)
 
     try:
         exp = with_retries(answered, "open the MLflow store", deadline_s, _transient_db)
@@ -836,6 +836,25 @@ class OtlpSink:
         uri = self.target.tracking_uri
         return RestStore(lambda: get_default_host_creds(uri))
 
+    def read(self, call: Callable[[], T], what: str) -> T:
+        """``call`` (reconcile's search, through MLflow's own client), watched as a database read is:
+        a server that takes the request and never answers held a cron reconcile through the client's
+        120 s timeout and its retries; now it is given up after ``--mlflow-timeout``."""
+        shown = self.target.shown_uri
+        try:
+            return with_retries(
+                lambda: answered_in_time(call, what, shown, self.deadline_s),
+                what,
+                self.deadline_s,
+                _transient_any,
+                self.on_retry,
+                self.pause,
+            )
+        except SinkError:
+            raise
+        except Exception as e:
+            raise _read_failure(what, shown, e) from e
+
     def ping(self) -> None:
         _check(self.http.request("GET", "/health", timeout_s=5.0), "health check")
 
@@ -902,12 +921,18 @@ def _transient_db(e: BaseException) -> bool:
     return False
 
 
+def _read_failure(what: str, shown: str, e: Exception) -> SinkError:
+    """A read that failed, in one line: a silence already says what went unanswered, and where."""
+    said = first_line(e)
+    return SinkError(said if isinstance(e, TimeoutError) else f"{what} in {shown} failed: {said}")
+
+
 DB_SILENCE_S = 10.0
 """A run (batch, backfill) abandons a database call unanswered for ``--mlflow-timeout``, this at least
 (SQLite's own wait for a lock is 5 s), and tries again as after a lost connection."""
 
 
-def answered_by_database(
+def answered_in_time(
     call: Callable[[], T],
     what: str,
     shown: str,
@@ -917,8 +942,8 @@ def answered_by_database(
     cutoff: Callable[[], float | None] = lambda: None,
     give_up_s: float | None = None,
 ) -> T:
-    """``call`` (database work on the store ``shown``), run in a thread of its own and waited for in
-    short slices. A database that does not answer at all (a frozen host, a network partition: no
+    """``call`` (database work on the store ``shown``, or a request through MLflow's own client), run
+    in a thread of its own and waited for in short slices. A database that does not answer at all (a frozen host, a network partition: no
     error, the socket just stays silent) held the daemon in a read for ever, ``/health`` "ok" and
     SIGTERM unheeded. Now: once it has not answered for ``deadline_s`` that is reported as an outage
     (``on_retry``), and waiting ends, unacknowledged, at ``cutoff()`` ("stopped"), or after
@@ -1038,7 +1063,7 @@ class StoreSink(_Synchronous):
         opening_s = deadline_s if open_timeout_s is None else min(open_timeout_s, deadline_s)
         try:  # a backfill's worker opens its own: a database restarting or full of clients then is waited out too
             self.store, self.bulk, reason = with_retries(
-                lambda: answered_by_database(opened, "open the MLflow store", target.shown_uri, opening_s),
+                lambda: answered_in_time(opened, "open the MLflow store", target.shown_uri, opening_s),
                 "open the MLflow store",
                 opening_s,
                 _transient_db,
@@ -1057,9 +1082,9 @@ class StoreSink(_Synchronous):
         self.cutoff = deadline
 
     def _answered(self, call: Callable[[], T], what: str, give_up_s: float | None = None) -> T:
-        """``call`` (database work), watched as ``answered_by_database`` watches it, with this sink's
+        """``call`` (database work), watched as ``answered_in_time`` watches it, with this sink's
         ``--mlflow-timeout``, outage report (``on_retry``) and stop deadline (``cutoff``)."""
-        return answered_by_database(
+        return answered_in_time(
             call, what, self.target.shown_uri, self.deadline_s, on_retry=self.on_retry, cutoff=lambda: self.cutoff, give_up_s=give_up_s
         )
 
@@ -1071,7 +1096,7 @@ class StoreSink(_Synchronous):
         except SinkError:
             raise
         except Exception as e:
-            raise SinkError(f"{what} in {self.target.shown_uri} failed: {first_line(e)}") from e
+            raise _read_failure(what, self.target.shown_uri, e) from e
 
     def write(self, traces: list[BuiltTrace]) -> int:
         from mlflow.entities.span import Span

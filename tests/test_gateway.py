@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -164,3 +165,24 @@ def test_a_daemon_behind_a_gateway_that_redirects_its_writes_holds_them_until_it
     finally:
         if d.alive():
             d.stop()
+
+
+def test_a_reconcile_whose_server_stops_answering_its_search_ends_with_exit_4_in_one_line(
+    gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path
+) -> None:
+    """The server takes reconcile's trace search and never answers it (a stalled worker): the search
+    went through MLflow's own client, whose 120 s timeout and retries held a cron reconcile for
+    minutes. Now it is watched as a write is: given up after ``--mlflow-timeout`` (10 s
+    at least), in one line, exit 4."""
+    experiment = f"gateway-{uuid.uuid4().hex[:8]}"
+    logs = write_jsonl(tmp_path / "logs" / "proxy.jsonl", copies(capture, 1, experiment)[0]).parent
+    assert _batch(mlflow_server.url, logs, tmp_path / "state", experiment).returncode == 0
+    g = gateway("stall", lambda method, path: path.startswith("/api/3.0/mlflow/traces/search"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, "reconcile", str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--mlflow-timeout", "3"]
+    started = time.monotonic()
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert g.stalled.is_set(), "the search never reached the server"
+    assert proc.returncode == 4 and time.monotonic() - started < 60, (time.monotonic() - started, proc.stderr[-2000:])
+    assert "has not answered" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
