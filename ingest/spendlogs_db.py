@@ -43,7 +43,13 @@ TIME_KINDS = frozenset({"timestamp without time zone", "timestamp with time zone
 TEXT_KINDS = frozenset({"text", "character varying", "character", "name", "citext"})
 NATIVE_KINDS = frozenset({"integer", "bigint", "smallint", "double precision", "real", "boolean"})
 CONNECT_TIMEOUT_S = 10
-"""libpq's wait for a connection, and the longest the database may leave a read unanswered (``SpendLogsDB._answered``)."""
+"""libpq's wait for a connection, and the longest the database may leave a read unanswered (``SpendLogsDB._answered``)
+before it is asked, on a connection of its own, whether it still answers at all."""
+PING_S = 5
+"""How long that question may go unanswered (libpq's connect timeout takes 2 s at least)."""
+SLOW_READ_S = 300
+"""The longest one read may run on a database that still answers (PostgreSQL's ``statement_timeout``,
+unless the role or database sets one)."""
 log = logging.getLogger("litellm-ingest.spendlogs_db")
 EPOCH = datetime(1970, 1, 1)
 REREAD = timedelta(hours=1)
@@ -204,18 +210,50 @@ class SpendLogsDB:
         the one libpq already gives a connection that does not answer, not the MLflow store's
         ``--mlflow-timeout`` (``DB_SILENCE_S`` at least), which is how long a lost connection to the
         store is retried. Silence is counted from the last answer (``call`` tells each row to
-        ``heard``): a large page read steadily is not cut short. The connection is abandoned, neither
-        closed nor used again (the thread may still be blocked in it): the next read opens another."""
+        ``heard``): a large page read steadily is not cut short. A database that still answers a
+        ``SELECT 1`` on a new connection (:meth:`_answers`) is busy, not lost (a table locked by a
+        migration, a sort of a large table without LiteLLM's index): it is waited for, within
+        ``SLOW_READ_S``. The connection is abandoned, neither closed nor used again (the thread may
+        still be blocked in it): the next read opens another."""
         heard = _Heard()
         try:
             watched = Watched(lambda: call(heard), "spendlogs-db")
         except RuntimeError as e:  # no thread can start (a pids limit): unavailable for now, as an unreachable database is
             raise self._error(what, e) from None
+        started, said = heard.at, False
         while not watched.done.wait(max(0.0, heard.at + CONNECT_TIMEOUT_S - time.monotonic())):
-            if (silent := time.monotonic() - heard.at) >= CONNECT_TIMEOUT_S:
-                self._conn = None
-                raise SourceUnavailable(f"{what} {self.shown}: no answer for {silent:.0f}s (a frozen host or a network partition?)")
+            if (silent := time.monotonic() - heard.at) < CONNECT_TIMEOUT_S:
+                continue
+            if time.monotonic() - started < SLOW_READ_S + CONNECT_TIMEOUT_S and self._answers():
+                if not said:
+                    log.info(
+                        "%s %s: no rows for %.0fs, but the database answers: waiting (a lock or a slow query)", what, self.shown, silent
+                    )
+                    said = True
+                heard.beat()
+                continue
+            self._conn = None
+            raise SourceUnavailable(f"{what} {self.shown}: no answer for {silent:.0f}s (a frozen host or a network partition?)")
         return watched.result()
+
+    def _answers(self) -> bool:
+        """Whether the database answers ``SELECT 1`` on a connection of its own within ``PING_S``."""
+
+        def ping() -> None:
+            with psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=PING_S, application_name="litellm-ingest") as c:
+                c.execute("SELECT 1")
+
+        try:
+            watched = Watched(ping, "spendlogs-db-ping")
+        except RuntimeError:
+            return False
+        if not watched.done.wait(PING_S):
+            return False
+        try:
+            watched.result()
+        except Exception:
+            return False
+        return True
 
     def close(self) -> None:
         if self._conn is not None:
@@ -232,6 +270,9 @@ class SpendLogsDB:
         """Per transaction, not per session: a transaction-pooling pgbouncer does not keep session settings."""
         conn.execute("SET LOCAL TimeZone = 'UTC'")
         conn.execute("SET LOCAL DateStyle = 'ISO, MDY'")
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, true) WHERE current_setting('statement_timeout') = '0'", [f"{SLOW_READ_S}s"]
+        )
 
     # --- table ----------------------------------------------------------------------------------
 

@@ -9,13 +9,15 @@ import math
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ingest.spendlogs_db import DEFAULT_PAGE_ROWS
+from ingest.sources import SourceUnavailable
+from ingest.spendlogs_db import CONNECT_TIMEOUT_S, DEFAULT_PAGE_ROWS, PING_S
 from tests.conftest import Postgres, all_traces, read_capture, reidentify, write_jsonl
 from tests.litellm_db import TABLE, create_spendlogs_table, insert_rows, row_from_payload
 from tests.pgkit import PgCluster
@@ -181,6 +183,58 @@ def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_i
     assert 0 < s["db_rows"] < len(records)  # the first page was kept as read
     got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
     assert len(got) == len(set(got)) and set(got) == _calls(records)
+
+
+@pytest.mark.parametrize("command", ["batch", "backfill"])
+def test_a_proxy_database_busy_past_the_silence_bound_is_waited_for_not_taken_for_a_frozen_one(
+    tmp_path: Path, command: str, own_postgres: PgCluster
+) -> None:
+    """The SpendLogs table locked mid-read (a LiteLLM migration, a VACUUM FULL) for longer than
+    ``CONNECT_TIMEOUT_S``: the read waits for the lock, the database answers everything else. That
+    silence was taken for a frozen host, and every run over a busy database ended with exit 8. Now a
+    database that answers a ``SELECT 1`` on a connection of its own is waited for: the run reads every
+    row once the lock is gone."""
+    pg = own_postgres
+    url = pg.new_database()
+    create_spendlogs_table(url)
+    capture = read_capture()
+    copies = math.ceil(1.25 * DEFAULT_PAGE_ROWS / len(capture))
+    records = [r for i in range(copies) for r in reidentify(capture, shift_s=-86400 * 20 + i * 120, salt=f"b{i}")]
+    insert_rows(url, [row_from_payload(r) for r in records])
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, command, url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
+    with pg.frozen_at(url, f'"{TABLE}"', stop=lambda: None, after_query="%litellm_ingest_spendlogs%") as held:
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        held(p)
+        time.sleep(CONNECT_TIMEOUT_S + PING_S)
+        assert p.poll() is None, p.communicate()[1][-2000:]
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert json.loads(out)["db_rows"] == len(records)
+    got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
+    assert len(got) == len(set(got)) and set(got) == _calls(records)
+
+
+def test_a_read_the_database_keeps_working_on_is_given_up_after_the_slow_read_bound(
+    litellm_db: str, postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that answers but never finishes the read: PostgreSQL's own ``statement_timeout``
+    (``SLOW_READ_S``) ends it, in one line that says so."""
+    import psycopg
+
+    from ingest import spendlogs_db
+
+    insert_rows(litellm_db, [row_from_payload(r) for r in reidentify(read_capture()[:3], shift_s=-3600, salt="slow")])
+    monkeypatch.setattr(spendlogs_db, "SLOW_READ_S", 2)
+    with psycopg.connect(litellm_db) as holder:
+        holder.execute(f'LOCK TABLE "{TABLE}" IN ACCESS EXCLUSIVE MODE')
+        db = spendlogs_db.SpendLogsDB(litellm_db)
+        started = time.monotonic()
+        with pytest.raises(SourceUnavailable, match="statement timeout"):
+            db.check()
+        assert time.monotonic() - started < CONNECT_TIMEOUT_S
+        db.close()
 
 
 def _insert_one(url: str, request_id: str, start: str, column_type: str = "timestamp", response: str | None = None) -> None:
