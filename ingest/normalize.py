@@ -1036,6 +1036,18 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
+def _first_token_within(canonical: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
+    """Drop a ``completionStartTime`` that is no time, or falls outside the call's start and end (a
+    clock stepped mid-call): kept, it was a first-token event outside its span and a negative
+    ``time_to_first_token_ms``. Counted under ``bad_completionStartTime``."""
+    first = pl.col("first_token_us")
+    outside = first.is_not_null() & ((first < pl.col("start_us")) | (first > pl.col("end_us")))
+    unusable = (first.is_null() & pl.col("_first_raw").is_not_null()) | outside
+    if warnings is not None and (dropped := canonical.select(unusable.sum()).item()):
+        _warn(warnings, "bad_completionStartTime", dropped)
+    return canonical.with_columns(first_token_us=pl.when(outside).then(None).otherwise(first))
+
+
 def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool = True) -> tuple[pl.DataFrame, list[QuarantineRecord]]:
     """Raw line frame (source, line_no, offset, raw, truncated) -> canonical frame + quarantine.
 
@@ -1070,14 +1082,11 @@ def normalize(lines: pl.DataFrame, warnings: Warnings | None = None, fast: bool 
         quarantined += bad
         canonical = _tags_from_text(_tokens_from_usage(canonical, warnings))
         canonical = _parent_context(canonical, schema, warnings)
-        unusable_first = pl.col("first_token_us").is_null() & pl.col("_first_raw").is_not_null()
-        if warnings is not None and (dropped := canonical.select(unusable_first.sum()).item()):
-            _warn(warnings, "bad_completionStartTime", dropped)
         # An end before the start (a clock stepped back mid-call) is taken as a call of no duration:
         # the call happened, and a negative duration is no time any store or UI means.
         if warnings is not None and (backwards := canonical.select((pl.col("end_us") < pl.col("start_us")).sum()).item()):
             _warn(warnings, "end_before_start", backwards)
-        canonical = canonical.with_columns(end_us=pl.max_horizontal("start_us", "end_us"))
+        canonical = _first_token_within(canonical.with_columns(end_us=pl.max_horizontal("start_us", "end_us")), warnings)
         frames.append(canonical.drop("_first_raw"))
     if not frames:
         return empty_canonical(), quarantined

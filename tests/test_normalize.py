@@ -741,11 +741,32 @@ def test_an_end_before_the_start_is_the_start_with_a_warning(good: list[dict], c
     warnings: dict[str, int] = {}
     out, q = normalize(frame, warnings)
     assert q == []
-    assert warnings == {"end_before_start": 2}
+    assert warnings == {"end_before_start": 2, "bad_completionStartTime": 2}  # each first token now past its end
     got = by_line(out)
     assert got[pos[0][0]]["end_us"] == epoch_us(good[0]["endTime"])
     assert got[pos[1][0]]["end_us"] == got[pos[1][0]]["start_us"] == epoch_us(slp["startTime"])
     assert got[pos[2][0]]["end_us"] == got[pos[2][0]]["start_us"] == iso_us("2026-01-01T10:00:05+00:00")
+
+
+def test_a_first_token_time_outside_the_call_is_dropped_with_a_warning(good: list[dict], capture: list[dict]) -> None:
+    """A completionStartTime before the start or after the end (a clock stepped mid-call) became a
+    first-token event outside its span and a negative time_to_first_token_ms: dropped, and said."""
+    start = good[1]["startTime"]
+    before = copy.deepcopy(good[1]) | {"endTime": start + 2.0, "completionStartTime": start - 10.0, "stream": True}
+    after = copy.deepcopy(good[2]) | {"startTime": start, "endTime": start + 2.0, "completionStartTime": start + 10.0, "stream": True}
+    inside = copy.deepcopy(good[0]) | {"startTime": start, "endTime": start + 2.0, "completionStartTime": start + 0.5, "stream": True}
+    span = {"startTime": "2026-01-01T10:00:05Z", "endTime": "2026-01-01T10:00:06Z"}
+    rows = spend_rows(capture)
+    early = rows[2] | span | {"completionStartTime": "2026-01-01T09:59:05Z"}
+    backwards = rows[3] | span | {"endTime": "2026-01-01T10:00:00Z", "completionStartTime": "2026-01-01T10:00:00Z"}
+    frame, pos = frame_of([before, after, inside, early, backwards])
+    warnings: dict[str, int] = {}
+    out, q = normalize(frame, warnings)
+    assert q == []
+    assert warnings == {"bad_completionStartTime": 4, "end_before_start": 1}
+    got = by_line(out)
+    assert [got[line]["first_token_us"] for line, _ in pos] == [None, None, epoch_us(start + 0.5), None, None]
+    assert got[pos[0][0]]["start_us"] == epoch_us(start) and got[pos[4][0]]["end_us"] == iso_us("2026-01-01T10:00:05+00:00")
 
 
 def test_slp_all_ids_null(good: list[dict]) -> None:
