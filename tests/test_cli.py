@@ -985,6 +985,23 @@ def test_a_utc_time_may_end_in_either_z(z: str) -> None:
     assert parse_time(f"2026-11-27T14:02:00{z}") == parse_time("2026-11-27T14:02:00+00:00") == 1_795_788_120_000_000
 
 
+@pytest.mark.parametrize(
+    ("when", "us"),
+    [
+        ("1970-02-19T08:22:25.641580", 4_263_745_641_580),
+        ("2250-04-17T13:29:19.606051Z", 8_845_162_159_606_051),
+        ("2252-01-20T22:01:40.372239+02:00", 8_900_740_900_372_239),
+    ],
+)
+def test_a_bound_with_microseconds_is_read_to_the_microsecond(when: str, us: int) -> None:
+    """``--since``/``--until`` bound calls to the microsecond: read through a float timestamp, these
+    came out one early: a call a microsecond before ``--until`` was left out, one a microsecond
+    before ``--since`` taken in."""
+    from ingest.cli import parse_time
+
+    assert parse_time(when) == us
+
+
 def test_workers_past_four_per_core_are_refused_before_any_starts(tmp_path: Path) -> None:
     """``--workers 999999`` started that many processes, each with MLflow loaded."""
     proc = run("backfill", str(SAMPLE_LOGS), "--workers", "999999", "--dry-run", cwd=tmp_path)
