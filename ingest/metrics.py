@@ -53,6 +53,9 @@ class Metrics:
     last_write: float = 0.0
     mlflow_up: bool = True
     down_since: float | None = None
+    down_at: float | None = None
+    """``time.monotonic()`` when the outage ``down_since`` dates began: how long it lasts is measured
+    here, as the wall clock may step (NTP, a VM resumed) while MLflow is away."""
     ready: bool = True
     """False from the daemon's start until its first pass over the files (``/health`` says "starting")."""
     lag: dict[str, int] = field(default_factory=dict)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import os
 import signal
 import stat
@@ -143,7 +144,7 @@ class Tailer:
         self._restored = False
         self._failures = 0
         self.pins = pins
-        self._last_down_log = self._last_error_log = self._last_state_log = 0.0
+        self._last_down_log = self._last_error_log = self._last_state_log = -math.inf  # time.monotonic() may be under 60 s at boot
         self._experiment_checked = time.monotonic()
         self.refused: SinkError | None = None
         """Set when the experiment is gone or deleted: the daemon stops, and :meth:`run` raises it (exit 4)."""
@@ -284,14 +285,15 @@ class Tailer:
     def _write_failed(self, e: Exception) -> None:
         """A write to MLflow failed and will be retried: say so now, not when the retries run out."""
         if self.metrics.down_since is None:
-            self.metrics.down_since = self._last_down_log = time.time()
+            self.metrics.down_since, self.metrics.down_at = time.time(), time.monotonic()
+            self._last_down_log = self.metrics.down_at
             log.warning("MLflow unavailable (%s); holding checkpoints and retrying", first_line(e))
         self.metrics.mlflow_up = False
 
     def _up(self) -> None:
         if self.metrics.down_since is not None:
-            log.warning("MLflow is back after %.0fs; resumed", time.time() - self.metrics.down_since)
-        self.metrics.down_since = None
+            log.warning("MLflow is back after %.0fs; resumed", time.monotonic() - (self.metrics.down_at or time.monotonic()))
+        self.metrics.down_since = self.metrics.down_at = None
         self.metrics.mlflow_up = True
         self._failures = 0
 
@@ -320,10 +322,10 @@ class Tailer:
         self.metrics.send_errors += 1
         self.metrics.send_retries += 1
         self._write_failed(e)
-        if time.time() - self._last_down_log >= 60:
-            self._last_down_log = time.time()
-            assert self.metrics.down_since is not None
-            log.warning("MLflow unavailable for %.0fs (%s); nothing is read until it answers", time.time() - self.metrics.down_since, e)
+        if (now := time.monotonic()) - self._last_down_log >= 60:
+            self._last_down_log = now
+            assert self.metrics.down_at is not None
+            log.warning("MLflow unavailable for %.0fs (%s); nothing is read until it answers", now - self.metrics.down_at, e)
         self.follower.rewind()
         self.metrics.buffer_bytes = 0
         self._failures += 1
@@ -357,8 +359,8 @@ class Tailer:
         daemon: what was in flight waits again, as in an outage, and the pass is tried again after
         a back-off; its traceback is logged once a minute."""
         self.metrics.errors += 1
-        if time.time() - self._last_error_log >= 60:
-            self._last_error_log = time.time()
+        if time.monotonic() - self._last_error_log >= 60:
+            self._last_error_log = time.monotonic()
             log.error("a pass failed (%s: %s); retrying", type(e).__name__, first_line(e), exc_info=e)
         self.follower.rewind()
         self._failures += 1
@@ -372,8 +374,8 @@ class Tailer:
             (save or self.follower.save)()
         except StateError as e:
             self.metrics.state_errors += 1
-            if self.metrics.state_saved or time.time() - self._last_state_log >= 60:
-                self._last_state_log = time.time()
+            if self.metrics.state_saved or time.monotonic() - self._last_state_log >= 60:
+                self._last_state_log = time.monotonic()
                 log.warning("%s; ingesting on, and trying again every pass", e)
             self.metrics.state_saved = False
             return
@@ -724,7 +726,7 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
     for the same way. MLflow refusing us (credentials, a database's password, role or name, a
     deleted experiment, a name it does not take, a store it cannot use) is a configuration error,
     and stops it (exit 4). None: stopped while waiting."""
-    failures, said = 0, 0.0
+    failures, said = 0, -math.inf
     while not stopping.is_set():
         try:
             # in a thread of its own: a database that stops answering while it is found (a frozen host,
@@ -740,13 +742,13 @@ def wait_for_mlflow(opts: TailOptions, metrics: Metrics, stopping: threading.Eve
         except SinkError as e:
             if e.kind not in ("unreachable", "server"):  # a 5xx, 429 or a locked store: waited for too
                 raise
-            now = time.time()
+            now = time.monotonic()
             if metrics.down_since is None:
-                metrics.down_since = now
+                metrics.down_since, metrics.down_at = time.time(), now
             metrics.mlflow_up = False
             if now - said >= 60:
                 said = now
-                waited = f" for {now - metrics.down_since:.0f}s" if failures else ""
+                waited = f" for {now - (metrics.down_at or now):.0f}s" if failures else ""
                 why = first_line(e)
                 log.warning("MLflow unavailable at start%s (%s); waiting for it, nothing is read until it answers", waited, why)
             failures += 1

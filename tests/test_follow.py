@@ -1216,3 +1216,26 @@ def test_a_pipe_named_as_the_quarantine_file_holds_back_no_good_call(tmp_path: P
     assert sorted(sink.calls()) == [f"p-{i}" for i in range(5)]
     assert t.quarantine.failing is not None and len(t.quarantine.unwritten) == 1
     t.close()
+
+
+def test_an_outage_is_timed_and_said_by_the_monotonic_clock_when_the_wall_clock_steps_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NTP step back of an hour mid-outage: timed by the wall clock, the minute's reminder was not
+    said for an hour, and the daemon said MLflow was back after -3600s."""
+    from ingest.sink import SinkError
+
+    *_, t = daemon_at(tmp_path, 1_800_000_000.0)
+    t.step()
+    down = SinkError("connection refused", kind="unreachable")
+    wall, mono = time.time, time.monotonic
+    with caplog.at_level(logging.WARNING):
+        t._outage(down)
+        monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+        monkeypatch.setattr(time, "monotonic", lambda: mono() + 61)
+        t._outage(down)
+        t._up()
+    t.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("MLflow unavailable for 61s") for m in said), said
+    assert any(m.startswith("MLflow is back after 61s") for m in said), said
