@@ -218,11 +218,14 @@ class _Attempt:
 
     @functools.cached_property
     def stream(self) -> bool:
-        """Streamed: LiteLLM's flag, or the request's when it logged none (a failure's is null). A
+        """Streamed: the request's flag, else LiteLLM's (a failure's is null). The request's comes
+        first: LiteLLM 1.60 to 1.72 logged ``stream: true`` for every chat success, streamed or not. A
         SpendLogs row has no flag, and the request only where the proxy stores prompts; without it,
         a first token before the end says so (LiteLLM stamps a whole answer's with its end)."""
         r = self.row
-        if r["stream"] or self.params.get("stream") is True:
+        if isinstance(self.params.get("stream"), bool):
+            return self.params["stream"]
+        if r["stream"]:
             return True
         return r["format"] == "spend_logs" and "stream" not in self.params and (r["first_token_us"] or r["end_us"]) < r["end_us"]
 
