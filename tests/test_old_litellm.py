@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,9 @@ def us(t: float) -> int:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_an_older_litellm_capture_becomes_one_trace_per_call_as_logged(version, sqlite_uri, experiment_name, tmp_path):
+def test_an_older_litellm_capture_becomes_one_trace_per_call_as_logged(
+    version: str, sqlite_uri: str, experiment_name: str, tmp_path: Path
+) -> None:
     recs = records(version)
     calls: dict[str, list[dict]] = defaultdict(list)
     for r in recs:
