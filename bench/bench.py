@@ -475,6 +475,11 @@ def parse_figures(path: Path, env: dict[str, str], repeat: int = 7) -> list[tupl
     t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(path)], env)
     summary = json.loads(out)
     rows += measured(f"ours, no sink (batch --dry-run), {recs} records", recs, summary["calls"], mb, t, rss, summary["seconds"])
+    text = path.with_name("proxy-text.log")  # the proxy's own log in a folder read: every line quarantined
+    text.write_text("".join(f"2026-11-27 14:01:{i % 60:02d} INFO litellm.proxy: POST /v1/chat/completions 200 OK\n" for i in range(recs)))
+    t, rss, out = run_measured([EXE, "batch", "--no-state", "--dry-run", "--json", str(text)], env)
+    seconds = json.loads(out)["seconds"]
+    rows.append((f"a text log (no record, every line quarantined), {recs} lines, run time", f"{recs / seconds:,.0f}", "-", "-", "-"))
     return rows
 
 

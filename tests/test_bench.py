@@ -47,6 +47,7 @@ def test_the_parse_figures_print_every_stage_against_the_orjson_loops() -> None:
         "normalize in process, read_ndjson bisected",
         "ours, no sink (batch --dry-run), 300 records",
         "  same run, without process start-up",
+        "a text log (no record, every line quarantined), 300 lines, run time",
     ):
         row(out, label)
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from ingest import normalize as norm
-from ingest.normalize import fast_decode, normalize_isolating, safe_decode
+from ingest.normalize import decode_objects, fast_decode, normalize_isolating, safe_decode
 from ingest.schemas import all_schemas
 from ingest.sources import read_chunks
 from tests.conftest import SAMPLE_LOGS
@@ -214,6 +214,45 @@ def test_bad_lines_cost_a_bisection_not_the_chunk(monkeypatch: pytest.MonkeyPatc
     calls.clear()
     assert fast_decode(pl.Series("raw", good * 10), schema.decode_dtype)[1] == {}
     assert calls == []
+
+
+TEXT_LOG = [  # blank lines never reach normalize (``sources._drop_blank``)
+    "2026-11-27 14:01:49 INFO litellm.proxy: POST /v1/chat/completions 200 OK",
+    'INFO:     127.0.0.1:51234 - "POST /v1/chat/completions HTTP/1.1" 200 OK',
+    "Traceback (most recent call last):",
+    '  File "/app/proxy_server.py", line 10, in <module> {',
+    "}",
+    "[1, 2]",
+    "\ufeff" + '{"startTime": 1.5}',
+]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_lines_that_cannot_be_objects_decode_as_the_reference_does_without_being_decoded(
+    monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """A proxy's text log in a folder read: its lines were bisected down to one by one, a polars
+    pass or more each (~1,000 lines/s). Now only lines inside ``{`` … ``}`` reach the decoder, and
+    every line comes out as ``json_decode`` alone gives it: the same values and nulls, and a row
+    that fails there fails here."""
+    schema = all_schemas()[-1]
+    lines = [*TEXT_LOG * 40, *CORPUS[:200], *BAD_LINES]
+    random.Random(5).shuffle(lines)
+    texts = pl.Series("raw", lines)
+    want, want_err = safe_decode(texts, schema.decode_dtype)
+    seen: list[str] = []
+    real = norm.fast_decode if fast else norm.safe_decode
+
+    def watching(part: pl.Series, dtype: pl.DataType) -> tuple[pl.Series, dict[int, str]]:
+        seen.extend(part.to_list())
+        return real(part, dtype)
+
+    monkeypatch.setattr(norm, "fast_decode" if fast else "safe_decode", watching)
+    got, got_err = decode_objects(texts, schema.decode_dtype, fast)
+    assert got.to_list() == want.to_list()
+    null_rows = set(want.is_null().arg_true().to_list())  # a ``null`` line: no error, no record, quarantined as "not an object"
+    assert set(want_err) <= set(got_err) <= set(want_err) | null_rows
+    assert not set(seen) & set(TEXT_LOG), "a line that cannot be an object was decoded"
 
 
 def test_new_fields_need_no_schema_change(tmp_path: Path) -> None:
