@@ -231,7 +231,7 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
                 f"the MLflow store {db} has an incomplete or outdated schema and holds data: "
                 "take a backup and run `mlflow db upgrade sqlite:///<path>`"
             )
-        aside = db.with_name(f"{db.name}.incomplete-{time.strftime('%Y%m%dT%H%M%S')}")
+        aside = db.with_name(f"{db.name}.incomplete-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         log.warning("the MLflow store %s was left half-created (it holds no data): moved to %s and created anew", db, aside)
         db.rename(aside)
     _create_sqlite_aside(db)

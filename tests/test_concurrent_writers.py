@@ -252,7 +252,7 @@ def test_a_store_left_half_created_and_empty_is_moved_aside_and_created_anew(tmp
     p = start(f"sqlite:///{db}", fleet_logs, tmp_path / "state", tmp_path)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    (aside,) = tmp_path.glob("broken.db.incomplete-*")
+    (aside,) = tmp_path.glob("broken.db.incomplete-*Z")  # named by UTC time, as a corrupt state is
     assert "half-created" in err and str(aside.name) in err
     assert "_alembic_tmp_experiments" in {r[0] for r in sqlite3.connect(aside).execute("SELECT name FROM sqlite_master")}
     assert_same_as_one_writer(f"sqlite:///{db}", reference)
