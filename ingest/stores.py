@@ -200,6 +200,8 @@ def open_store(uri: str, *, create: bool = True, busy_s: float = 30.0) -> Any:
                 raise StoreSetupError(_not_a_store(path, state, foreign))
             if state != "complete":
                 raise StoreSetupError(f"{path} is not a complete MLflow store (missing, or its schema is incomplete or outdated)")
+        if path is None:
+            _refuse_other_schema(uri)
         from mlflow.tracking._tracking_service.utils import _get_store
 
         _STORES[uri] = _get_store(uri)
@@ -361,6 +363,68 @@ def _create_sqlite_aside(db: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+RELEASE_HEADS = {
+    "bda7b8c39065": "3.1",
+    "71994744cf8e": "3.4",
+    "1bd49d398cd2": "3.8",
+    "7d34483879f0": "3.12",
+    "da6fb0208061": "3.13",
+    "b7e2c1a4d9f3": "3.16",
+}
+"""Schema revisions of MLflow releases (measured), to name the MLflow that made a store."""
+
+
+def _refuse_other_schema(uri: str) -> None:
+    """A database server's store is opened only with no MLflow schema yet or with this MLflow's own:
+    MLflow upgrades an older schema in place when it opens it (a table of its own is missing), and the
+    older MLflow server on that database can then no longer open it (measured: a 3.4 store after one
+    run of ours)."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    from ingest.sql_bulk import _schema_lacks_it
+
+    engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            revision = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
+    except Exception as e:
+        if _schema_lacks_it(e):
+            return
+        raise
+    finally:
+        engine.dispose()
+    if revision is not None and revision != _latest_revision():
+        raise StoreSetupError(other_schema_message(shown_uri(uri), revision), kind="rejected")
+
+
+def other_schema_message(store: str, revision: str) -> str:
+    """The one line for a store whose schema another MLflow made: which, and what to do."""
+    import mlflow
+
+    mine = mlflow.__version__
+    made_by = f"MLflow {RELEASE_HEADS[revision]}'s" if revision in RELEASE_HEADS else "another MLflow's"
+    if _older_revision(revision):
+        return (f"the MLflow store {store} has {made_by} schema (revision {revision}), older than this litellm-ingest's "
+                f"MLflow {mine} writes; left as it is, since opening it would upgrade it and that MLflow could no longer "
+                f"open it: upgrade that MLflow to {mine} and the store with it (`mlflow db upgrade`), or give its "
+                "server's http:// address (MLflow 3.14 or newer)")  # fmt: skip
+    return (f"the MLflow store {store} has schema revision {revision}, which this litellm-ingest's MLflow {mine} does not "
+            "know (a newer MLflow made it?): install that MLflow beside litellm-ingest, or give its server's http:// "
+            "address; it was left as it is")  # fmt: skip
+
+
+def _older_revision(revision: str) -> bool:
+    """``revision`` is one of this MLflow's own migrations (so the store is older)."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    try:
+        return ScriptDirectory.from_config(_get_alembic_config("sqlite://")).get_revision(revision) is not None
+    except Exception:
+        return False
 
 
 def _schema_template() -> Path:

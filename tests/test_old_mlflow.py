@@ -1,0 +1,60 @@
+"""MLflow stores and servers of other versions than the MLflow litellm-ingest installs.
+
+A store an older MLflow made is built here with this MLflow's own migrations, stopped at that
+release's revision: the tables and ``alembic_version`` that release leaves.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy
+
+from tests.conftest import SAMPLE_LOGS, Postgres
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+MLFLOW_3_4 = "71994744cf8e"
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run([EXE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _schema_of(uri: str, revision: str) -> None:
+    """The schema an MLflow whose last migration is ``revision`` creates (its first tables, then its migrations)."""
+    from alembic import command
+    from mlflow.store.db.utils import _get_alembic_config
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+
+    engine = sqlalchemy.create_engine(uri)
+    InitialBase.metadata.create_all(engine)
+    config = _get_alembic_config(uri)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+    engine.dispose()
+
+
+def _revision(uri: str) -> str:
+    engine = sqlalchemy.create_engine(uri)
+    with engine.connect() as conn:
+        revision = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar_one()
+    engine.dispose()
+    return revision
+
+
+def test_an_older_mlflows_postgresql_store_is_left_as_it_is_in_one_line(postgres: Postgres, tmp_path: Path) -> None:
+    """MLflow upgrades an older schema in place when it opens it: one run into MLflow 3.4's database
+    left it at 3.17's revision, which MLflow 3.4 cannot open (its server no longer starts)."""
+    uri = postgres.new_database()
+    _schema_of(uri, MLFLOW_3_4)
+    for command in (["batch", "--state-dir", str(tmp_path / "st")], ["reconcile"]):
+        proc = _run(*command, str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--tracking-uri", uri, cwd=tmp_path)
+        assert proc.returncode == 4, (command, proc.stdout, proc.stderr)
+        (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+        assert line.startswith("litellm-ingest: error: ") and "MLflow 3.4's schema" in line and MLFLOW_3_4 in line, line
+        assert _revision(uri) == MLFLOW_3_4
