@@ -53,6 +53,10 @@ DEFAULT_EXPERIMENT_NAME = "LiteLLM Proxy"
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 LOOKUP_CHUNK = 500
 FETCH_CHUNK = 50
+OLDEST_SERVER = (3, 14)
+"""The oldest MLflow server our traces arrive whole in (measured): 3.13 stores session and user ids
+JSON-quoted and drops some tags, 3.7 to 3.12 drop every trace tag (call id, trace name), 3.4 to 3.6
+refuse gzip'd OTLP, and before 3.4 there is no ``/v1/traces``."""
 """Trace ids per ``batchGet`` (a GET: the ids go in its query string)."""
 T = TypeVar("T")
 
@@ -214,7 +218,7 @@ class _Http:
                 "address MLflow answers at (nothing was written)",
                 kind="unauthorized",
             )
-        if resp.ok and path != "/health" and "text/html" in resp.headers.get("content-type", ""):
+        if resp.ok and path not in ("/health", "/version") and "text/html" in resp.headers.get("content-type", ""):
             raise SinkError(
                 f"{shown_uri(self.base)} answered {method} {path} with a web page, not MLflow's API: a login or proxy page "
                 "in front of MLflow? (nothing was written)",
@@ -388,6 +392,10 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
     def call(method: str, path: str, what: str, **kw: Any) -> requests.Response:
         return with_retries(lambda: _check(http.request(method, path, **kw), what), what, deadline_s, _transient_http)
 
+    asked = lambda: _answered(http.request("GET", "/version"), "server version")  # noqa: E731
+    version = with_retries(asked, "server version", deadline_s, _transient_http)
+    if problem := too_old(version.text if version.ok else "", uri):
+        raise SinkError(problem, kind="rejected")
     if exp_id is not None:
         resp = with_retries(
             lambda: _answered(http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp_id}), "get experiment"),
@@ -426,6 +434,23 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
     exp = _check(resp, "find experiment").json()["experiment"]
     _refuse_deleted(exp, uri)
     return Target(uri, exp["experiment_id"], name, _created_ms(exp.get("creation_time")))
+
+
+def too_old(version: str, uri: str) -> str | None:
+    """The one line for a server older than ``OLDEST_SERVER`` by its ``/version`` answer (None: not
+    older, or no version told: a gateway in front, a build that does not say)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(version.strip()).release
+    except InvalidVersion:
+        return None
+    if release[:2] >= OLDEST_SERVER:
+        return None
+    oldest = ".".join(map(str, OLDEST_SERVER))
+    return (f"MLflow {version.strip()} at {shown_uri(uri)} is older than {oldest}, the oldest server that keeps these traces "
+            "whole (older ones drop their tags, quote their session and user, or refuse them): upgrade the server; "
+            "nothing was written")  # fmt: skip
 
 
 def _no_such_experiment(resp: requests.Response) -> bool:

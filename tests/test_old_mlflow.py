@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy
 
 from tests.conftest import SAMPLE_LOGS, Postgres
@@ -58,3 +59,19 @@ def test_an_older_mlflows_postgresql_store_is_left_as_it_is_in_one_line(postgres
         (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
         assert line.startswith("litellm-ingest: error: ") and "MLflow 3.4's schema" in line and MLFLOW_3_4 in line, line
         assert _revision(uri) == MLFLOW_3_4
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"),
+    [("3.1.4", True), ("3.8.1", True), ("3.13.0", True), ("3.14.0", False), ("3.17.2", False), ("3.18.0.dev0", False), ("", False)],
+)
+def test_a_server_older_than_3_14_is_refused_by_its_version(version: str, refused: bool) -> None:
+    """Measured on real servers: 3.13 quotes session and user ids and drops tags, 3.7 to 3.12 drop
+    every tag (call id, trace name: reconcile finds none), 3.4 to 3.6 refuse gzip'd OTLP, 3.1 has no
+    /v1/traces. A version that cannot be read (a gateway, a build that does not say) is not refused."""
+    from ingest.sink import too_old
+
+    said = too_old(version, "http://mlflow:5000")
+    assert (said is not None) == refused
+    if refused:
+        assert said is not None and said.startswith(f"MLflow {version} at http://mlflow:5000 is older than 3.14")
