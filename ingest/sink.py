@@ -53,11 +53,11 @@ DEFAULT_EXPERIMENT_NAME = "LiteLLM Proxy"
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 LOOKUP_CHUNK = 500
 FETCH_CHUNK = 50
+"""Trace ids per ``batchGet`` (a GET: the ids go in its query string)."""
 OLDEST_SERVER = (3, 14)
 """The oldest MLflow server our traces arrive whole in (measured): 3.13 stores session and user ids
 JSON-quoted and drops some tags, 3.7 to 3.12 drop every trace tag (call id, trace name), 3.4 to 3.6
 refuse gzip'd OTLP, and before 3.4 there is no ``/v1/traces``."""
-"""Trace ids per ``batchGet`` (a GET: the ids go in its query string)."""
 T = TypeVar("T")
 
 
