@@ -186,3 +186,20 @@ def test_a_reconcile_whose_server_stops_answering_its_search_ends_with_exit_4_in
     assert proc.returncode == 4 and time.monotonic() - started < 60, (time.monotonic() - started, proc.stderr[-2000:])
     assert "has not answered" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_server_started_with_gunicorn_opts_is_named_as_having_no_otlp_route(tmp_path: Path, capture: list[dict]) -> None:
+    """``mlflow server --gunicorn-opts …`` (a common way to set its timeouts) serves MLflow's Flask app
+    alone, without ``/v1/traces``: the run said only "MLflow answered 404" and the server's page.
+    Now the one line says why and what to start the server with."""
+    from tests.conftest import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path / "server", extra_args=("--gunicorn-opts", "--timeout 60"))
+    try:
+        logs = write_jsonl(tmp_path / "logs" / "proxy.jsonl", copies(capture, 1, "gunicorn")[0]).parent
+        proc = _batch(server.url, logs, tmp_path / "state", "gunicorn")
+    finally:
+        server.stop()
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "no OTLP route at /v1/traces" in proc.stderr and "--gunicorn-opts" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
