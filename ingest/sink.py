@@ -55,9 +55,10 @@ LOOKUP_CHUNK = 500
 FETCH_CHUNK = 50
 """Trace ids per ``batchGet`` (a GET: the ids go in its query string)."""
 NO_OTLP_ROUTE = (
-    "no OTLP route at /v1/traces: MLflow serves it from its default server only, not from one started with "
-    "--gunicorn-opts or --waitress-opts (use --uvicorn-opts, or none), nor before 3.4; is something in front of MLflow?"
+    "no OTLP route at /v1/traces: a server run with --gunicorn-opts or --waitress-opts has none (use "
+    "--uvicorn-opts), nor one before 3.4, or a proxy in front drops it"
 )
+"""What a 404 or 405 to the spans means, said first: a daemon's log line keeps 200 characters."""
 OLDEST_SERVER = (3, 14)
 """The oldest MLflow server our traces arrive whole in (measured): 3.13 stores session and user ids
 JSON-quoted and drops some tags, 3.7 to 3.12 drop every trace tag (call id, trace name), 3.4 to 3.6
@@ -821,7 +822,7 @@ class OtlpSink:
             )
         except SinkError as e:
             if e.status in (404, 405):  # no route for traces here (or no experiment): no trace's fault
-                said = str(e) if "RESOURCE_DOES_NOT_EXIST" in str(e) else f"{e} ({NO_OTLP_ROUTE})"
+                said = str(e) if "RESOURCE_DOES_NOT_EXIST" in str(e) else f"send traces: MLflow answered {e.status}, {NO_OTLP_ROUTE}"
                 raise SinkError(said, kind="refused", status=e.status) from e
             raise
 
