@@ -872,19 +872,19 @@ class OtlpSink:
         a server that takes the request and never answers held a cron reconcile through the client's
         120 s timeout and its retries; now it is given up after ``--mlflow-timeout``."""
         shown = self.target.shown_uri
+        return self._through_client(
+            lambda: answered_in_time(call, what, shown, self.deadline_s), what, lambda e: _read_failure(what, shown, e)
+        )
+
+    def _through_client(self, call: Callable[[], T], what: str, failed: Callable[[Exception], SinkError]) -> T:
+        """``call`` (a request through MLflow's own REST client), retried as this sink's own requests are;
+        what is not a SinkError already becomes ``failed(e)``."""
         try:
-            return with_retries(
-                lambda: answered_in_time(call, what, shown, self.deadline_s),
-                what,
-                self.deadline_s,
-                _transient_any,
-                self.on_retry,
-                self.pause,
-            )
+            return with_retries(call, what, self.deadline_s, _transient_any, self.on_retry, self.pause)
         except SinkError:
             raise
         except Exception as e:
-            raise _read_failure(what, shown, e) from e
+            raise failed(e) from e
 
     def ping(self) -> None:
         _check(self.http.request("GET", "/health", timeout_s=5.0), "health check")
@@ -903,19 +903,11 @@ class OtlpSink:
         """Through MLflow's own REST store (its DeleteTraces call)."""
         store = self._rest()
         exp_id = experiment_id or self.target.experiment_id
-        try:
-            with_retries(
-                lambda: self.http.within_cutoff(lambda: store.delete_traces(exp_id, trace_ids=trace_ids), "DeleteTraces"),
-                "delete traces",
-                self.deadline_s,
-                _transient_any,
-                self.on_retry,
-                self.pause,
-            )
-        except SinkError:
-            raise
-        except Exception as e:
-            raise SinkError(f"deleting traces on {self.target.shown_uri} failed: {first_line(e)}") from e
+        self._through_client(
+            lambda: self.http.within_cutoff(lambda: store.delete_traces(exp_id, trace_ids=trace_ids), "DeleteTraces"),
+            "delete traces",
+            lambda e: SinkError(f"deleting traces on {self.target.shown_uri} failed: {first_line(e)}"),
+        )
 
     def close(self) -> None:
         self._senders.shutdown(wait=True)
