@@ -351,7 +351,8 @@ class _Escaped:
 
 _CACHED_LENGTH = 512
 _CACHED_STRINGS = 16384
-"""Bounds the caches of scrubbed texts and keys (a daemon runs for months): at most ~16 MB."""
+"""Bounds the caches of scrubbed texts, keys and request tags (a daemon runs for months): at most
+~16 MB each, ~25 MB for tags (key, value and tag of each)."""
 _KEY_AS_NAME = 8
 """A name this long before a separator may be a key with a credential word in it (``sk-…Key…:``)."""
 _NOT_A_VALUE = frozenset({"null", "none", "true", "false", "undefined", "nil"})
@@ -402,6 +403,7 @@ class Scrubber:
         self._fingerprints: dict[str, str] = {}
         self._texts: dict[str, str] = {}
         self._keys: dict[str, tuple[str, int]] = {}
+        self._tags: dict[str, tuple[str, str, str]] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         """The same scrubber in a backfill worker (same patterns, same salt, so the same markers)."""
@@ -447,6 +449,24 @@ class Scrubber:
                 self._texts.clear()
             self._texts[s] = out
         return out
+
+    def tag(self, tag: str) -> tuple[str, str, str]:
+        """(key, value, tag) of a ``k:v`` request tag: scrubbed whole before it is split (a URL's
+        password sits past a colon), then its value by its key's name (``API Key: ...``), as a dict's.
+        Remembered: a call's tags are read for its span and for its trace's tags, and the same few
+        come call after call."""
+        done = self._tags.get(tag)
+        if done is not None:
+            return done
+        text = self.text(tag)
+        k, v = _split_tag(text)
+        kept = self.field(k, v)
+        done = (k, kept, text if kept == v else f"{k}:{kept}")
+        if len(tag) <= _CACHED_LENGTH:
+            if len(self._tags) >= _CACHED_STRINGS:
+                self._tags.clear()
+            self._tags[tag] = done
+        return done
 
     def secret(self, value: str) -> str:
         """A value known to be a credential (by its name): a leading auth scheme stays visible, and
@@ -743,6 +763,17 @@ class Scrubber:
             else:
                 out[self.text(k)] = self._field_at(k, v)
         return out
+
+
+_TAG_SPLIT = re.compile(rf"{MARKER.pattern}|:")
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """``k:v`` at the first colon that is not inside a scrubbing marker."""
+    for m in _TAG_SPLIT.finditer(tag):
+        if m.group(0) == ":":
+            return tag[: m.start()].strip(), tag[m.end() :].strip()
+    return tag.strip(), ""
 
 
 def _json_text(value: Any) -> str:

@@ -29,7 +29,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 from ingest.dedupe import MAX_ATTEMPTS, format_rank
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
 from ingest.normalize import loads_lenient
-from ingest.scrub import MARKER, Scrubber, default_scrubber
+from ingest.scrub import Scrubber, default_scrubber
 
 REDACTED = "[redacted]"
 PROMPT_KEYS = ("messages", "input", "prompt")
@@ -515,28 +515,12 @@ def _tag(key: str, value: str) -> tuple[str, str] | None:
     return None if valid is None else (valid, value[:MAX_TRACE_TAG_VAL_LENGTH])
 
 
-_TAG_SPLIT = re.compile(rf"{MARKER.pattern}|:")
-
-
-def _split_tag(tag: str) -> tuple[str, str]:
-    """``k:v`` at the first colon that is not inside a scrubbing marker."""
-    for m in _TAG_SPLIT.finditer(tag):
-        if m.group(0) == ":":
-            return tag[: m.start()].strip(), tag[m.end() :].strip()
-    return tag.strip(), ""
-
-
 def scrubbed_tags(tags: list[str] | None, scrub: Scrubber) -> Iterator[tuple[str, str, str]]:
-    """(key, value, tag) of each ``k:v`` request tag: scrubbed whole before it is split (a URL's
-    password sits past a colon), then its value by its key's name (``API Key: ...``), as a dict's.
-    A tag that is not text (a client's ``null``) is no tag."""
+    """(key, value, tag) of each ``k:v`` request tag (:meth:`Scrubber.tag`). A tag that is not text
+    (a client's ``null``) is no tag."""
     for t in tags or []:
-        if type(t) is not str:
-            continue
-        text = scrub.text(t)
-        k, v = _split_tag(text)
-        kept = scrub.field(k, v)
-        yield k, kept, text if kept == v else f"{k}:{kept}"
+        if type(t) is str:
+            yield scrub.tag(t)
 
 
 def trace_tags(rows: list[dict[str, Any]], scrub: Scrubber | None = None) -> dict[str, str]:
