@@ -98,10 +98,13 @@ class RecordSchema:
 
 
 def _schema_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "schemas"
-    if here.is_dir():
-        return here
-    return Path(str(resources.files("ingest") / "schemas"))
+    """The wheel's own copy first: installed, the folder beside the package is site-packages'
+    ``schemas``, another distribution's if one ships a package of that name, and every record read
+    was quarantined as unbuildable. A source checkout has the repository's."""
+    packaged = Path(str(resources.files("ingest") / "schemas"))
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "schemas"
 
 
 def load_schema(path: Path) -> RecordSchema:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -324,3 +328,19 @@ def test_added_json_text_property_is_picked_up(tmp_path: Path) -> None:
     assert s.json_text["mcp_info"] == pl.Struct({"tool": pl.String()})
     assert "mcp_info" not in s.direct
     assert s.detect_keys == ("request_id", "spend", "mcp_info")
+
+
+def test_an_installed_package_reads_its_own_schemas_beside_a_foreign_schemas_package(tmp_path: Path) -> None:
+    """The wheel puts ``schemas/`` at ``ingest/schemas``; the folder beside ``ingest`` is then
+    site-packages' ``schemas``, which another distribution may ship (PyPI has one of that name): it
+    was read instead, and a run quarantined every record as unbuildable (exit 3)."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(ROOT / "ingest", site / "ingest", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(SCHEMA_DIR, site / "ingest" / "schemas")
+    (site / "schemas").mkdir()
+    (site / "schemas" / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = "from ingest.schemas import all_schemas; print(' '.join(sorted(s.name for s in all_schemas())))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == sorted(s.name for s in all_schemas())
