@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -66,7 +66,7 @@ def is_bucket_url(spec: str) -> bool:
 def mark_horizon() -> date:
     """The latest folder day that may move a cron run's start: a replica whose clock is years ahead
     writes a folder of that day, and a run that started from it listed nothing of today's again."""
-    return (datetime.now(timezone.utc) + timedelta(days=1)).date()
+    return (datetime.now(UTC) + timedelta(days=1)).date()
 
 
 def _day(name: str) -> date | None:
@@ -93,7 +93,7 @@ def days_window(since_us: int | None, until_us: int | None) -> tuple[date | None
         if us is None:
             return None
         try:
-            return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).date() + side * WINDOW_SLACK
+            return datetime.fromtimestamp(us / 1e6, tz=UTC).date() + side * WINDOW_SLACK
         except (OverflowError, OSError, ValueError):
             return None
 
@@ -433,7 +433,7 @@ def _modified(e: dict[str, Any]) -> str:
     for k in ("LastModified", "updated", "mtime", "timeCreated"):
         v = e.get(k)
         if isinstance(v, datetime):
-            return v.astimezone(timezone.utc).isoformat()
+            return v.astimezone(UTC).isoformat()
         if v:
             return str(v)
     return ""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -109,7 +109,7 @@ def _inode(path: Path) -> int | None:
 def _set_aside(path: Path) -> Path:
     """The database and its WAL and shared-memory files renamed ``<name>.corrupt-<UTC time>`` (a stale
     WAL beside a new file would be replayed into it)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     for suffix in ("-wal", "-shm", ""):
         p = path.with_name(path.name + suffix)
         if p.exists():

@@ -16,7 +16,7 @@ import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -33,7 +33,7 @@ def first_line(e: BaseException | str, limit: int = 200) -> str:
     return (text.splitlines() or [""])[0][:limit] or type(e).__name__
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     INVALID_UTF8 = "invalid_utf8"
     MALFORMED_JSON = "malformed_json"
     TRUNCATED_LINE = "truncated_line"
@@ -116,7 +116,7 @@ class QuarantineWriter:
                 self.counts[r.reason] = self.counts.get(r.reason, 0) + 1
             if self.path is None:
                 return
-            at = datetime.now(timezone.utc).isoformat()
+            at = datetime.now(UTC).isoformat()
             self.unwritten += [(orjson.dumps({**asdict(r), "quarantined_at": at}) + b"\n", r) for r in records]
             self._flush()
 

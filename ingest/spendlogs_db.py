@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -470,7 +470,7 @@ def db_units(
     the window's next run (within ``reread``): a call it dropped as started before ``since`` is still
     whole there when its retry has been inserted since, not that retry alone."""
     after: tuple[str, str] | None = None
-    horizon = datetime.now(timezone.utc).replace(tzinfo=None) + MARK_AHEAD
+    horizon = datetime.now(UTC).replace(tzinfo=None) + MARK_AHEAD
     if newest := ledger.meta(db.source, "newest_start"):
         mark = _mark_time(newest)
         if mark is None or mark > horizon:
@@ -482,7 +482,7 @@ def db_units(
             start = mark - reread
             after = (start.isoformat(sep=" ", timespec="microseconds"), "")
             ledger.prune(db.source, _at(int((start - reread - EPOCH) / timedelta(microseconds=1))))
-    now_us = int((datetime.now(timezone.utc).replace(tzinfo=None) - EPOCH) / timedelta(microseconds=1))
+    now_us = int((datetime.now(UTC).replace(tzinfo=None) - EPOCH) / timedelta(microseconds=1))
     slack_us = WINDOW_SLACK // timedelta(microseconds=1)
     lo = None if since_us is None else since_us - slack_us
     hi = None if until_us is None else until_us + slack_us
@@ -516,7 +516,7 @@ def _mark_time(text: str) -> datetime | None:
         at = datetime.fromisoformat(text.replace(" ", "T"))
     except ValueError:
         return None
-    return at.astimezone(timezone.utc).replace(tzinfo=None) if at.tzinfo is not None else at
+    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo is not None else at
 
 
 def _inside(items: pl.DataFrame, since_us: int | None, until_us: int | None) -> pl.DataFrame:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +27,7 @@ CAPTURE = HERE.parent.parent / "shared" / "litellm-capture" / "proxy_calls.jsonl
 def iso_ms(epoch: float | None, naive: bool = True) -> str | None:
     if epoch is None:
         return None
-    dt = datetime.fromtimestamp(round(epoch, 3), tz=timezone.utc)
+    dt = datetime.fromtimestamp(round(epoch, 3), tz=UTC)
     text = dt.isoformat(timespec="milliseconds")
     return text.replace("+00:00", "") if naive else text
 

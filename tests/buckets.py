@@ -52,7 +52,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -316,7 +316,7 @@ def call_start(record: Mapping[str, Any]) -> datetime:
 
 def flushed_at(record: Mapping[str, Any]) -> datetime:
     """A plausible flush time for a record: its ``endTime`` in UTC (LiteLLM uses the wall clock at flush)."""
-    return datetime.fromtimestamp(record["endTime"], timezone.utc)
+    return datetime.fromtimestamp(record["endTime"], UTC)
 
 
 def _truncate_utf8(value: str, max_bytes: int) -> str:
@@ -452,7 +452,7 @@ def put_s3_v2_batch_file(
 
     `now` is the flush time (UTC; LiteLLM's wall clock, the default). Returns the keys, in LiteLLM's (sorted parent) order.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
         key = s3_v2_key(record, s3_path, prefix, granularity, use_team_prefix, use_key_prefix)
@@ -498,7 +498,7 @@ def _upload_gcs(fs: Any, bucket: str, name: str, body: str) -> dict:
 
 def _day(now: datetime | Callable[[Mapping[str, Any]], datetime] | None, record: Mapping[str, Any]) -> datetime:
     if now is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     return now(record) if callable(now) else now
 
 
@@ -532,7 +532,7 @@ def put_gcs_batch(
     now: datetime | None = None,
 ) -> str:
     """gcs_bucket's batched (default) mode: one flush of `records` as one NDJSON object; returns its name."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     name = f"{now.strftime('%Y-%m-%d')}/batch-{int(now.timestamp() * 1000)}-{uuid.uuid4().hex[:8]}.ndjson"
     folder = folder.strip("/")
     name = f"{folder}/{name}" if folder else name

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,8 +89,8 @@ def _utc_text(value: Any) -> Any:
     except ValueError:
         return value
     if at.tzinfo is None:
-        at = at.replace(tzinfo=timezone.utc)
-    return at.astimezone(timezone.utc).isoformat()
+        at = at.replace(tzinfo=UTC)
+    return at.astimezone(UTC).isoformat()
 
 
 def stored(row: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import all_traces, copies, reidentify, spans_ingested, sqlite_trace_count, write_jsonl, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SETTLE_S = 120  # README: a call whose latest attempt failed is held until the input moved 120 s past it
 
 
@@ -246,7 +246,7 @@ def retime(rec: dict, start_us: int, duration_us: int = 200_000) -> dict:
     return r
 
 
-def iso(t_us: int, tz: timezone = timezone.utc) -> str:
+def iso(t_us: int, tz: timezone = UTC) -> str:
     return (EPOCH + timedelta(microseconds=t_us)).astimezone(tz).isoformat()
 
 

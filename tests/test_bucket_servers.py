@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -114,7 +114,7 @@ def test_s3_env_only(s3_server: BucketServer) -> None:
 def test_gcs_env_only(gcs_server: BucketServer) -> None:
     fs = gcs_server.fs()
     bucket = gcs_server.new_bucket()
-    day = datetime(2026, 11, 27, 23, 59, tzinfo=timezone.utc)
+    day = datetime(2026, 11, 27, 23, 59, tzinfo=UTC)
     names = put_gcs_objects(fs, bucket, RECORDS, folder="logs/dev/", now=day)
     batch = put_gcs_batch(fs, bucket, RECORDS, folder="logs/dev", now=day)
     out = run_client(
@@ -272,7 +272,7 @@ def test_s3_writers_match_litellm(s3_server: BucketServer, litellm_oracle: subpr
         assert info["ContentType"] == put["headers"]["Content-Type"]
         assert call_start(record).strftime("%H-%M-%S-%f") in key
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     batch = put_s3_v2_batch_file(fs, bucket, records, s3_path="litellm/", granularity="hour", now=now)
     assert len(batch) == len(want["batch"])
     for key, element in zip(batch, want["batch"], strict=True):

@@ -8,7 +8,7 @@ import gzip
 import json
 import lzma
 from collections.abc import Callable
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import fsspec
@@ -93,11 +93,11 @@ def test_a_window_lists_only_its_date_partitions_at_any_depth() -> None:
 
 
 def test_days_window_has_a_day_of_slack_for_the_proxy_clock() -> None:
-    since = int(datetime(2026, 11, 3, 0, 30, tzinfo=timezone.utc).timestamp() * 1_000_000)
+    since = int(datetime(2026, 11, 3, 0, 30, tzinfo=UTC).timestamp() * 1_000_000)
     lo, hi = days_window(since, since + 3600 * 1_000_000)
     assert lo == date(2026, 11, 2) and hi == date(2026, 11, 4)
     assert days_window(None, None) == (None, None)
-    midnight = int(datetime(2026, 11, 4, tzinfo=timezone.utc).timestamp() * 1_000_000)
+    midnight = int(datetime(2026, 11, 4, tzinfo=UTC).timestamp() * 1_000_000)
     assert days_window(since, midnight) == (date(2026, 11, 2), date(2026, 11, 4))
 
 

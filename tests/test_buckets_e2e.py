@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +156,11 @@ def test_since_until_list_only_the_days_they_cover(s3_server: BucketServer, tmp_
     per_day = {n: days_ago(n) for n in (2, 4, 6, 8, 10)}
     keys = {n: put_s3_v2_objects(fs, bucket, recs, s3_path="logs") for n, recs in per_day.items()}
     day6 = min(r["startTime"] for r in per_day[6])
-    since = datetime.fromtimestamp(day6, tz=timezone.utc).date()
+    since = datetime.fromtimestamp(day6, tz=UTC).date()
     until = since + timedelta(days=1)
     window = ("--since", since.isoformat(), "--until", until.isoformat())
     _, s, _ = run(s3_server, "backfill", f"s3://{bucket}/logs/", *window, state=state, uri=uri)
-    inside = {r["litellm_call_id"] for r in per_day[6] if datetime.fromtimestamp(r["startTime"], tz=timezone.utc).date() == since}
+    inside = {r["litellm_call_id"] for r in per_day[6] if datetime.fromtimestamp(r["startTime"], tz=UTC).date() == since}
     assert s["objects"] == len(keys[6]), "listed partitions beyond the day asked for (and its slack)"
     assert sorted(trace_calls(uri)) == sorted(inside)
 

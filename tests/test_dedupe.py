@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -126,7 +126,7 @@ def test_spend_logs_copy_at_half_millisecond_collapses(capture: list[dict], sub_
     assert us(slp["startTime"]) == start_us
     row = spend_row(slp, store_prompts=True, naive=True)
     ms = int((Decimal(start_us) / 1000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
-    row["startTime"] = datetime.fromtimestamp(ms // 1000, tz=timezone.utc).replace(tzinfo=None).isoformat() + f".{ms % 1000:03d}"
+    row["startTime"] = datetime.fromtimestamp(ms // 1000, tz=UTC).replace(tzinfo=None).isoformat() + f".{ms % 1000:03d}"
     for records in ([slp, row], [row, slp]):
         out, dups = dedupe(frame_of(records))
         assert (out.height, dups) == (1, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from tests.conftest import spend_row
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = "logs/proxy.jsonl"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SLP = "standard_logging_payload"
 SPEND = "spend_logs"
 
@@ -64,7 +64,7 @@ def iso_us(text: str | None) -> int | None:
         return None
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return (dt - EPOCH) // timedelta(microseconds=1)
 
 
@@ -363,7 +363,7 @@ def _spend_times(capture: list[dict], start: str, end: str, first: str | None = 
     return s
 
 
-START = datetime(2026, 11, 27, 10, 11, 12, 345678, tzinfo=timezone.utc)
+START = datetime(2026, 11, 27, 10, 11, 12, 345678, tzinfo=UTC)
 END = START + timedelta(seconds=1, microseconds=654321)
 
 

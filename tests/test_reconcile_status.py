@@ -18,7 +18,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tests.conftest import all_traces, client_for, copies, reidentify, write_log
 from tests.pgkit import PgCluster
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _env() -> dict[str, str]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.test_normalize import EPOCH, SLP, SPEND, assert_quarantined, epoch_us, iso_us, run, spend_rows
 
-START = datetime(2026, 11, 27, 10, 11, 12, 345678, tzinfo=timezone.utc)
+START = datetime(2026, 11, 27, 10, 11, 12, 345678, tzinfo=UTC)
 FIRST = START + timedelta(milliseconds=250, microseconds=1)
 END = START + timedelta(seconds=1, microseconds=654321)
 

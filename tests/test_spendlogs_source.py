@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -337,9 +337,9 @@ def _retried(records: list[dict]) -> tuple[dict, dict]:
 
 
 def _iso(epoch_s: float) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat()
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat()
 
 
 def test_a_retry_across_since_or_until_is_one_call_in_the_window_of_its_first_attempt(litellm_db: str, tmp_path: Path) -> None:
