@@ -124,12 +124,12 @@ def schema_revision(store: Any) -> str | None:
         with store.engine.connect() as conn:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     except Exception as e:
-        if _schema_lacks_it(e):
+        if schema_lacks_it(e):
             return None
         raise
 
 
-def _schema_lacks_it(e: BaseException) -> bool:
+def schema_lacks_it(e: BaseException) -> bool:
     """The database answered, refusing the query for what its schema is: PostgreSQL's class 42
     (undefined table or column, insufficient privilege), or SQLite's "no such table"."""
     from sqlalchemy.exc import DBAPIError

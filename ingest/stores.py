@@ -384,14 +384,14 @@ def _refuse_other_schema(uri: str) -> None:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    from ingest.sql_bulk import _schema_lacks_it
+    from ingest.sql_bulk import schema_lacks_it
 
     engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
     try:
         with engine.connect() as conn:
             revision = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
     except Exception as e:
-        if _schema_lacks_it(e):
+        if schema_lacks_it(e):
             return
         raise
     finally:
