@@ -244,8 +244,8 @@ _JSON_SPACE = " \t\r\n"
 def decode_objects(texts: pl.Series, dtype: pl.Struct, fast: bool = True) -> tuple[pl.Series, dict[int, str]]:
     """``fast_decode`` (``safe_decode`` unless ``fast``) of the lines that may be JSON objects; the
     others (no ``{`` … ``}`` inside JSON's whitespace: a text log's lines, say the proxy's own log
-    in a folder read) are errors at once, null in the result. Bisected down to, each of them cost
-    a polars pass or more: a text log was read at about 1,000 lines/s."""
+    in a folder read) are errors at once, null in the result. Bisecting down to each of them cost a
+    polars pass or more a line: a text log was read at about 1,000 lines/s."""
     stripped = texts.str.strip_chars(_JSON_SPACE)
     shaped = (stripped.str.starts_with("{") & stripped.str.ends_with("}")).fill_null(False)
     decode = fast_decode if fast else safe_decode
