@@ -966,9 +966,9 @@ def answered_in_time(
     give_up_s: float | None = None,
 ) -> T:
     """``call`` (database work on the store ``shown``, or a request through MLflow's own client), run
-    in a thread of its own and waited for in short slices. A database that does not answer at all (a frozen host, a network partition: no
-    error, the socket just stays silent) held the daemon in a read for ever, ``/health`` "ok" and
-    SIGTERM unheeded. Now: once it has not answered for ``deadline_s`` that is reported as an outage
+    in a thread of its own and waited for in short slices. A database that does not answer at all (a
+    frozen host, a network partition: no error, the socket just stays silent) held the daemon in a
+    read for ever, ``/health`` "ok" and SIGTERM unheeded. Now: once it has not answered for ``deadline_s`` that is reported as an outage
     (``on_retry``), and waiting ends, unacknowledged, at ``cutoff()`` ("stopped"), or after
     ``give_up_s`` when given (a ping). Without ``on_retry`` (a run, not a daemon) it is abandoned
     after ``--mlflow-timeout`` (``DB_SILENCE_S`` at least) and retried within the same deadline, so a
