@@ -228,6 +228,9 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
             return
         if state in ("foreign", "not-sqlite"):
             raise StoreSetupError(_not_a_store(db, state, foreign))
+        if (revision := _sqlite_revision(db)) in RELEASE_HEADS:
+            # an older MLflow's store, empty or not: moved aside, it was a file its server no longer saw written
+            raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
         if state == "has-data":
             raise StoreSetupError(
                 f"the MLflow store {db} has an incomplete or outdated schema and holds data: "
@@ -237,6 +240,22 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
         log.warning("the MLflow store %s was left half-created (it holds no data): moved to %s and created anew", db, aside)
         db.rename(aside)
     _create_sqlite_aside(db)
+
+
+def _sqlite_revision(db: Path) -> str | None:
+    """The schema revision ``db`` records (None: none, or it cannot be read)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        return next(iter(con.execute("SELECT version_num FROM alembic_version")), (None,))[0]
+    except sqlite3.Error:
+        return None
+    finally:
+        con.close()
 
 
 def _refuse_not_a_store(db: Path) -> None:

@@ -61,6 +61,24 @@ def test_an_older_mlflows_postgresql_store_is_left_as_it_is_in_one_line(postgres
         assert _revision(uri) == MLFLOW_3_4
 
 
+@pytest.mark.parametrize("holds_data", [False, True])
+def test_an_older_mlflows_sqlite_store_is_left_as_it_is_in_one_line(tmp_path: Path, holds_data: bool) -> None:
+    """MLflow 3.4's SQLite store (``mlflow ui`` run once in that folder by an older MLflow): empty,
+    it was taken for a half-created one, moved aside and made anew, and that MLflow's server went on
+    with the file moved aside; holding data, it was refused with advice that locks that MLflow out."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    _schema_of(uri, MLFLOW_3_4)
+    if holds_data:
+        with sqlalchemy.create_engine(uri).begin() as conn:
+            conn.execute(sqlalchemy.text("INSERT INTO experiments (experiment_id, name, lifecycle_stage) VALUES (7, 'mine', 'active')"))
+    proc = _run("batch", "--state-dir", str(tmp_path / "st"), str(SAMPLE_LOGS / "proxy_calls.jsonl"), cwd=tmp_path)
+    assert proc.returncode == 4, (proc.stdout, proc.stderr)
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert "MLflow 3.4's schema" in line and MLFLOW_3_4 in line, line
+    assert _revision(uri) == MLFLOW_3_4 and not list(tmp_path.glob("mlflow.db.incomplete-*"))
+
+
 @pytest.mark.parametrize(
     ("version", "refused"),
     [("3.1.4", True), ("3.8.1", True), ("3.13.0", True), ("3.14.0", False), ("3.17.2", False), ("3.18.0.dev0", False), ("", False)],
