@@ -185,15 +185,14 @@ def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_i
     assert len(got) == len(set(got)) and set(got) == _calls(records)
 
 
-@pytest.mark.parametrize("command", ["batch", "backfill"])
 def test_a_proxy_database_busy_past_the_silence_bound_is_waited_for_not_taken_for_a_frozen_one(
-    tmp_path: Path, command: str, own_postgres: PgCluster
+    tmp_path: Path, own_postgres: PgCluster
 ) -> None:
     """The SpendLogs table locked mid-read (a LiteLLM migration, a VACUUM FULL) for longer than
     ``CONNECT_TIMEOUT_S``: the read waits for the lock, the database answers everything else. That
     silence was taken for a frozen host, and every run over a busy database ended with exit 8. Now a
     database that answers a ``SELECT 1`` on a connection of its own is waited for: the run reads every
-    row once the lock is gone."""
+    row once the lock is gone (a backfill reads the database the same way: ``SpendLogsDB``)."""
     pg = own_postgres
     url = pg.new_database()
     create_spendlogs_table(url)
@@ -203,7 +202,7 @@ def test_a_proxy_database_busy_past_the_silence_bound_is_waited_for_not_taken_fo
     insert_rows(url, [row_from_payload(r) for r in records])
     uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [EXE, command, url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
+    args = [EXE, "batch", url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
     with pg.frozen_at(url, f'"{TABLE}"', stop=lambda: None, after_query="%litellm_ingest_spendlogs%") as held:
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         held(p)
