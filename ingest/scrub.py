@@ -353,6 +353,15 @@ _CACHED_LENGTH = 512
 _CACHED_STRINGS = 16384
 """Bounds the caches of scrubbed texts, keys and request tags (a daemon runs for months): at most
 ~16 MB each, ~25 MB for tags (key, value and tag of each)."""
+
+
+def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
+    """A bounded cache: emptied whole when full, which costs less per hit than keeping an order."""
+    if len(cache) >= _CACHED_STRINGS:
+        cache.clear()
+    cache[key] = value
+
+
 _KEY_AS_NAME = 8
 """A name this long before a separator may be a key with a credential word in it (``sk-…Key…:``)."""
 _NOT_A_VALUE = frozenset({"null", "none", "true", "false", "undefined", "nil"})
@@ -445,9 +454,7 @@ class Scrubber:
         except Exception:
             out = self.marker(_safe_str(s))
         if short:
-            if len(self._texts) >= _CACHED_STRINGS:
-                self._texts.clear()
-            self._texts[s] = out
+            _remember(self._texts, s, out)
         return out
 
     def tag(self, tag: str) -> tuple[str, str, str]:
@@ -463,9 +470,7 @@ class Scrubber:
         kept = self.field(k, v)
         done = (k, kept, text if kept == v else f"{k}:{kept}")
         if len(tag) <= _CACHED_LENGTH:
-            if len(self._tags) >= _CACHED_STRINGS:
-                self._tags.clear()
-            self._tags[tag] = done
+            _remember(self._tags, tag, done)
         return done
 
     def secret(self, value: str) -> str:
@@ -721,9 +726,7 @@ class Scrubber:
     def _key(self, k: str) -> tuple[str, int]:
         entry = (self.text(k), name_kind(k))
         if len(k) <= _CACHED_LENGTH:
-            if len(self._keys) >= _CACHED_STRINGS:
-                self._keys.clear()
-            self._keys[k] = entry
+            _remember(self._keys, k, entry)
         return entry
 
     def _field_at(self, name: str, value: Any) -> Any:

@@ -1032,3 +1032,16 @@ def test_a_credential_names_type_is_no_value() -> None:
     secret = rand(32)
     for template in ("token: {s}", "password: {s}\n", 'token: "{s}",'):
         assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_the_caches_of_scrubbed_texts_keys_and_tags_stay_bounded_over_a_daemons_months() -> None:
+    from ingest.scrub import _CACHED_STRINGS
+
+    s = Scrubber()
+    for i in range(_CACHED_STRINGS + 10):
+        s.value({f"k{i}": f"v{i}"})
+        s.tag(f"team:t{i}")
+    assert 0 < len(s._texts) <= _CACHED_STRINGS
+    assert 0 < len(s._keys) <= _CACHED_STRINGS
+    assert 0 < len(s._tags) <= _CACHED_STRINGS
+    assert s.text("v1") == "v1" and s.tag("team:t1") == ("team", "t1", "team:t1")
