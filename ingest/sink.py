@@ -35,6 +35,7 @@ from ingest.dedupe import FORMAT_PRIORITY, format_rank
 from ingest.quarantine import first_line
 from ingest.spans import BuiltTrace, SpanData, stored_span, with_stored_attempts
 from ingest.stores import (
+    OLDEST_SERVER,
     StoreSetupError,
     causes,
     locked_message,
@@ -59,10 +60,6 @@ NO_OTLP_ROUTE = (
     "--uvicorn-opts), nor one before 3.4, or a proxy in front drops it"
 )
 """What a 404 or 405 to the spans means, said first: a daemon's log line keeps 200 characters."""
-OLDEST_SERVER = (3, 14)
-"""The oldest MLflow server our traces arrive whole in (measured): 3.13 stores session and user ids
-JSON-quoted and drops some tags, 3.7 to 3.12 drop every trace tag (call id, trace name), 3.4 to 3.6
-refuse gzip'd OTLP, and before 3.4 there is no ``/v1/traces``."""
 T = TypeVar("T")
 
 

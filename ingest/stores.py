@@ -195,7 +195,7 @@ def open_store(uri: str, *, create: bool = True, busy_s: float = 30.0) -> Any:
         if path is not None and create:
             _prepare_sqlite(path, busy_s)
         elif path is not None:
-            state, foreign = _inspect(path, busy_s) if path.is_file() else ("missing", [])
+            state, foreign, _ = _inspect(path, busy_s) if path.is_file() else ("missing", [], None)
             if state in ("foreign", "not-sqlite"):
                 raise StoreSetupError(_not_a_store(path, state, foreign))
             if state != "complete":
@@ -223,12 +223,12 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
         db = Path(os.path.realpath(db))
     _refuse_not_a_file(db)
     if db.is_file() and db.stat().st_size > 0:
-        state, foreign = _inspect(db, busy_s)
+        state, foreign, revision = _inspect(db, busy_s)
         if state == "complete":
             return
         if state in ("foreign", "not-sqlite"):
             raise StoreSetupError(_not_a_store(db, state, foreign))
-        if (revision := _sqlite_revision(db)) in RELEASE_HEADS:
+        if revision in RELEASE_HEADS:
             # an older MLflow's store, empty or not: moved aside, it was a file its server no longer saw written
             raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
         if state == "has-data":
@@ -242,22 +242,6 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
     _create_sqlite_aside(db)
 
 
-def _sqlite_revision(db: Path) -> str | None:
-    """The schema revision ``db`` records (None: none, or it cannot be read)."""
-    import sqlite3
-
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return None
-    try:
-        return next(iter(con.execute("SELECT version_num FROM alembic_version")), (None,))[0]
-    except sqlite3.Error:
-        return None
-    finally:
-        con.close()
-
-
 def _refuse_not_a_store(db: Path) -> None:
     """Another application's database, or a file that is no database, is refused before our lock file
     is made beside it: it is left alone, and nothing of ours is left next to it."""
@@ -268,7 +252,7 @@ def _refuse_not_a_store(db: Path) -> None:
         return
     if held:
         try:
-            state, foreign = _inspect(db, busy_s=0.1)
+            state, foreign, _ = _inspect(db, busy_s=0.1)
         except StoreSetupError:  # locked, or unreadable: told under the lock, with the run's patience
             return
         if state in ("foreign", "not-sqlite"):
@@ -310,8 +294,9 @@ def _sqlite_schema_state(db: Path) -> str:
     return _inspect(db)[0]
 
 
-def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str]]:
-    """:func:`_sqlite_schema_state`, and the names of what MLflow does not make in ``db``."""
+def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str], str | None]:
+    """:func:`_sqlite_schema_state`, the names of what MLflow does not make in ``db``, and the schema
+    revision it records (None: none)."""
     import sqlite3
 
     mlflow_tables = _mlflow_tables()
@@ -327,15 +312,15 @@ def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str]]:
             version = next(iter(con.execute("SELECT version_num FROM alembic_version")), (None,))[0]
         partial = any(t.startswith("_alembic_tmp_") for t in tables)
         if not partial and version == _latest_revision() and mlflow_tables <= tables:
-            return "complete", []
+            return "complete", [], version
         # Each table, view, index and trigger belongs to a table (a view to itself).
         foreign = sorted({table for _, _, table in schema if not _is_mlflow_table(table, mlflow_tables)})
         if foreign:
-            return "foreign", foreign
-        return ("has-data" if _holds(con, tables) else "empty"), []
+            return "foreign", foreign, version
+        return ("has-data" if _holds(con, tables) else "empty"), [], version
     except sqlite3.DatabaseError as e:
         if "not a database" in str(e) or "malformed" in str(e):
-            return "not-sqlite", []
+            return "not-sqlite", [], None
         if locked_sqlite(e):  # never a schema's state: retried, then said so (a daemon waits for it)
             raise StoreSetupError(locked_message(db, e), kind="unreachable") from e
         raise StoreSetupError(f"cannot read the SQLite store {db}: {first_line(e)}") from e
@@ -384,6 +369,10 @@ def _create_sqlite_aside(db: Path) -> None:
         os.close(dir_fd)
 
 
+OLDEST_SERVER = (3, 14)
+"""The oldest MLflow server our traces arrive whole in (measured): 3.13 stores session and user ids
+JSON-quoted and drops some tags, 3.7 to 3.12 drop every trace tag (call id, trace name), 3.4 to 3.6
+refuse gzip'd OTLP, and before 3.4 there is no ``/v1/traces``."""
 RELEASE_HEADS = {
     "bda7b8c39065": "3.1",
     "71994744cf8e": "3.4",
@@ -429,7 +418,7 @@ def other_schema_message(store: str, revision: str) -> str:
         return (f"the MLflow store {store} has {made_by} schema (revision {revision}), older than this litellm-ingest's "
                 f"MLflow {mine} writes; left as it is, since opening it would upgrade it and that MLflow could no longer "
                 f"open it: upgrade that MLflow to {mine} and the store with it (`mlflow db upgrade`), or give its "
-                "server's http:// address (MLflow 3.14 or newer)")  # fmt: skip
+                f"server's http:// address (MLflow {'.'.join(map(str, OLDEST_SERVER))} or newer)")  # fmt: skip
     return (f"the MLflow store {store} has schema revision {revision}, which this litellm-ingest's MLflow {mine} does not "
             "know (a newer MLflow made it?): install that MLflow beside litellm-ingest, or give its server's http:// "
             "address; it was left as it is")  # fmt: skip
