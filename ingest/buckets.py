@@ -18,7 +18,6 @@ than a day older than the newest one a previous run finished.
 from __future__ import annotations
 
 import glob
-import gzip
 import io
 import logging
 import re
@@ -35,13 +34,14 @@ from fsspec.asyn import sync
 from ingest.ledger import Ledger, Unit, items_frame
 from ingest.quarantine import first_line
 from ingest.sources import (
-    GZIP_MAGIC,
+    DAMAGED,
     HOLE,
     Chunk,
     SourceError,
     SourceUnavailable,
+    compression,
+    decompressed,
     is_document,
-    other_compression,
     read_chunks,
     unreadable_chunk,
 )
@@ -331,9 +331,7 @@ class Bucket:
                 continue
             read.append(key)
             size += len(body)
-            if other_compression(body[:6], self.url_of(key)) is not None:
-                continue
-            if len(body) < SMALL_OBJECT and body[:2] != GZIP_MAGIC:
+            if len(body) < SMALL_OBJECT and compression(body[:6]) is None:
                 small.append((self.url_of(key), body))
             else:
                 chunks.extend(object_chunks(self.url_of(key), body, chunk_bytes))
@@ -344,17 +342,15 @@ class Bucket:
 
 
 def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) -> list[Chunk]:
-    """An object's records as chunks (gzip by its magic bytes); a damaged one is quarantined whole,
+    """An object's records as chunks (compressed by its magic bytes); a damaged one is quarantined whole,
     after the records it gave before the damage."""
-    fileobj: Any = io.BytesIO(body)
-    if body[:2] == GZIP_MAGIC:
-        fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    fileobj = decompressed(io.BytesIO(body), compression(body[:6]))
     chunks: list[Chunk] = []
     try:
         for chunk in read_chunks(name, chunk_bytes=chunk_bytes, final=True, fileobj=fileobj):
             chunk.lines = chunk.lines.with_columns(file=pl.lit(name))
             chunks.append(chunk)
-    except (EOFError, OSError, gzip.BadGzipFile) as e:
+    except DAMAGED as e:
         line = chunks[-1].end_line if chunks else 1
         offset = chunks[-1].end_offset if chunks else 0
         chunks.append(unreadable_chunk(name, name, line, offset, f"object cannot be read past byte {offset}: {first_line(e)}", body[:4096]))

@@ -348,13 +348,25 @@ def _still_there(path: Path, fingerprint: str) -> bool:
     """The file at a checkpoint's path is still the one it was taken on (a rotation puts a new one
     there, whose size said nothing of the lag: 0 while the rotated file had lines unread)."""
     from ingest.fingerprint import fingerprints_of
-    from ingest.sources import open_log
+    from ingest.sources import DAMAGED, open_log
 
     try:
         with open_log(path) as f:
             return fingerprint.split("@", 1)[0] in fingerprints_of(f, unterminated_ok=True)
-    except (OSError, EOFError):
+    except DAMAGED:
         return True
+
+
+def _compression(path: Path) -> str | None:
+    """What ``path`` is compressed with: its offset counts the content, its size the bytes on disk, so
+    their difference is no lag."""
+    from ingest.sources import compression
+
+    try:
+        with open(path, "rb") as f:
+            return compression(f.read(6))
+    except OSError:
+        return None
 
 
 def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
@@ -434,7 +446,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
     "Buckets and databases are read by every shard, each writing the calls whose id hashes to it.",
 )
 def backfill(paths: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> None:
-    """Ingest historical logs (many files, gzip, GBs): resumable, with progress.
+    """Ingest historical logs (many files, compressed or not, GBs): resumable, with progress.
 
     Keeps its own resume point, separate from the cron state (a backfill reads archives cron never
     sees, and must not move the live checkpoints); interrupt it (Ctrl-C, kill) and run the same
@@ -676,7 +688,8 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                 size = None
             replaced = size is not None and not ck.get("done") and not _still_there(Path(ck["path"]), ck["fingerprint"])
             size = None if replaced else size
-            lag = None if size is None or ck.get("done") else max(size - ck["offset"], 0)
+            packed = _compression(Path(ck["path"])) if size is not None else None
+            lag = 0 if ck.get("done") and size is not None else None if size is None or packed else max(size - ck["offset"], 0)
             rows.append(
                 {
                     "mode": st["mode"],
@@ -685,6 +698,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                     "fingerprint": ck["fingerprint"],
                     "offset": ck["offset"],
                     "size": size,
+                    "compressed": packed,
                     "lag_bytes": lag,
                     "held_lines": held.get(ck["fingerprint"], 0) + len(ck.get("held", [])),
                     "updated_at": ck.get("updated_at"),
@@ -745,7 +759,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             r["mode"],
             r["path"] + (" (another file now: rotated)" if r["replaced"] else "" if r["exists"] else " (gone)"),
             r["fingerprint"][7:19],
-            f"{r['offset']} / {r['size'] if r['size'] is not None else '-'}",
+            f"{r['offset']} / {r['size'] if r['size'] is not None else '-'}" + (f" {r['compressed']}" if r["compressed"] else ""),
             str(r["lag_bytes"]) if r["lag_bytes"] is not None else "-",
             str(r["held_lines"]),
             r["updated_at"] or "-",

@@ -8,7 +8,8 @@ format wins (StandardLoggingPayload over SpendLogs), then the first one read.
 
 Calls are handed on only when final: a call whose latest attempt failed may still get its retry
 or fallback record, and MLflow keeps a trace's first state and previews on a re-send, so such a
-call is held until the stream has moved ``settle`` past it (or the input ends).
+call is held until the stream or this machine's clock has moved ``settle`` past it, it has been
+held ``settle`` by the monotonic clock, or the input ends.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Deduped:
     """Attempts of calls past their first ``MAX_ATTEMPTS`` (in the order they ran): not written."""
     full: list[str]
     """Ready calls with all the attempts a call keeps: any later attempt of theirs is excess."""
+    held_calls: pl.DataFrame
+    """A row per held call: ``call_key``, ``last_end`` (what its wait is measured from)."""
 
 
 def _format_order() -> dict[str, int]:
@@ -176,6 +179,8 @@ def split_final(
     now_us: int | None = None,
     horizon_us: int | None = None,
     calls: pl.DataFrame | None = None,
+    waited: pl.DataFrame | None = None,
+    hold_ahead: bool = False,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split deduped rows into calls that are final now and calls to hold for a retry/fallback.
 
@@ -183,11 +188,12 @@ def split_final(
     original request's start time, earlier than the failed primary it replaced. The watermark is
     the newest end time read, or ``now_us`` (wall clock) at the end of a run: history older than
     the settle window is final, a failure from the last minutes may still get its retry (unless it
-    has all the attempts a call keeps).
-    A call that ends past ``horizon_us`` (a proxy clock far ahead of this one, a bogus time) is
-    final at once and moves no watermark: held, it would wait until the wall clock got there, and
-    it would make every other failure final without its wait. ``calls``: the rows' :func:`per_call`,
-    when known.
+    has all the attempts a call keeps). ``waited`` (``call_key``, ``last_end``): calls held for
+    ``settle`` already, by a clock that does not step; they are final whatever the watermark says.
+    A call that ends past ``horizon_us`` (a proxy clock far ahead of this one, a bogus time) moves
+    no watermark: it would make every other failure final without its wait. It is final at once,
+    unless ``hold_ahead`` (a process that lives to see ``waited``): by the watermark alone it would
+    wait until the wall clock got there. ``calls``: the rows' :func:`per_call`, when known.
     """
     if final or not frame.height:
         return frame, frame.clear()
@@ -195,8 +201,10 @@ def split_final(
     plausible = calls if horizon_us is None else calls.filter(pl.col("last_end") <= horizon_us)
     watermark = max(int(plausible["last_end"].max() or 0), now_us or 0)  # type: ignore[arg-type]
     waits = (pl.col("last_status") != "success") & (pl.col("last_end") > watermark - int(settle_s * 1_000_000))
-    hold = plausible.filter(waits & (pl.col("attempts") < MAX_ATTEMPTS))["call_key"]
-    held = pl.col("call_key").is_in(hold.implode())
+    hold = (calls if hold_ahead else plausible).filter(waits & (pl.col("attempts") < MAX_ATTEMPTS))
+    if waited is not None and waited.height:
+        hold = hold.join(waited, on=["call_key", "last_end"], how="anti")
+    held = pl.col("call_key").is_in(hold["call_key"].implode())
     return frame.filter(~held), frame.filter(held)
 
 
@@ -208,6 +216,8 @@ def dedupe_and_split(
     sent: SentIndex | None = None,
     now_us: int | None = None,
     horizon_us: int | None = None,
+    waited: pl.DataFrame | None = None,
+    hold_ahead: bool = False,
 ) -> Deduped:
     """Merge held rows with a new chunk, dedupe (against what was sent too), split into ready and held calls.
 
@@ -222,6 +232,8 @@ def dedupe_and_split(
     deduped, excess = cut_attempts(deduped, calls=calls)
     if excess.height:
         calls = per_call(deduped)
-    ready, held = split_final(deduped, settle_s, final, now_us, horizon_us, calls)
-    full = calls.filter(pl.col("attempts") >= MAX_ATTEMPTS, ~pl.col("call_key").is_in(held["call_key"].implode()))["call_key"]
-    return Deduped(ready, held, dups + resent, excess, full.to_list())
+    ready, held = split_final(deduped, settle_s, final, now_us, horizon_us, calls, waited, hold_ahead)
+    held_keys = held["call_key"].implode()
+    full = calls.filter(pl.col("attempts") >= MAX_ATTEMPTS, ~pl.col("call_key").is_in(held_keys))["call_key"]
+    held_calls = calls.filter(pl.col("call_key").is_in(held_keys)).select("call_key", "last_end")
+    return Deduped(ready, held, dups + resent, excess, full.to_list(), held_calls)

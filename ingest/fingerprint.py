@@ -3,9 +3,9 @@
 A file is identified by a checksum of its first line (uncompressed), not by inode or name:
 inodes are reused after rotation, names move (``x.jsonl`` -> ``x.jsonl.1`` -> ``x.jsonl.2.gz``),
 and the first record of a LiteLLM log is unique (call ids, timestamps). So a renamed file keeps
-its checkpoint, a gzip copy of a file already read continues where the plain file stopped, and a
-truncated or replaced file (new first line) starts again from 0. A file without a complete first
-line yet has no fingerprint and is left for later.
+its checkpoint, a compressed copy (gzip, xz, bzip2, zstd) of a file already read continues where
+the plain file stopped, and a truncated or replaced file (new first line) starts again from 0. A
+file without a complete first line yet has no fingerprint and is left for later.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
 
 
 def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ...]:
-    """The fingerprint of an open log, read from its start in small steps (a gzip that ends early
-    still has one if its first line is whole), then the one an earlier version gave a first line
+    """The fingerprint of an open log, read from its start in small steps (a compressed one that ends
+    early still has one if its first line is whole), then the one an earlier version gave a first line
     of two records (:func:`_first_record`), by which a state it wrote knows the file; () without a
     complete first line.
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import logging
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,20 +32,20 @@ import polars as pl
 
 from ingest.checkpoints import Checkpoint, State, encode_state, now_iso
 from ingest.fingerprint import fingerprint_of, fingerprints_of, head_before, tail_digest
-from ingest.quarantine import first_line
 from ingest.sources import (
+    CORRUPT,
+    DAMAGED,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
-    GZIP_MAGIC,
     LINE_WINDOW,
     TAIL_BYTES,
     Chunk,
-    other_compression,
+    compression,
+    damaged_rest,
+    decompressed,
     read_chunks,
     read_lines_at,
     read_through,
-    shown,
-    unreadable_chunk,
 )
 
 if TYPE_CHECKING:
@@ -69,12 +67,13 @@ class Followed:
     ck: Checkpoint
     path: Path
     fd: int
-    gz: bool
+    compressed: str | None
+    """The compression it is in (gzip, xz, bzip2, zstd); None for a plain file."""
     gone_since: float | None = None
     stale: bool = False
 
     def reader(self) -> BinaryIO:
-        return _reader(self.fd, self.gz)
+        return _reader(self.fd, self.compressed)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -84,7 +83,7 @@ class Followed:
 
     def first_line(self) -> str | None:
         """The fingerprint its descriptor shows now (changes when the file was truncated and rewritten in place)."""
-        if self.gz:
+        if self.compressed:
             return self.fp
         with self.reader() as f:
             return fingerprint_of(f)
@@ -98,7 +97,7 @@ def stat_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _reader(fd: int, gz: bool) -> BinaryIO:
+def _reader(fd: int, compressed: str | None) -> BinaryIO:
     """A reader of the file ``fd`` is open on (renamed or deleted since, still the same), from its
     start and with an offset of its own: a ``dup`` shares the offset, so reading through one while
     another reader is mid-file (the chunk reader, a chunk ahead) would move that one."""
@@ -108,7 +107,7 @@ def _reader(fd: int, gz: bool) -> BinaryIO:
         own = os.dup(fd)
     f = os.fdopen(own, "rb")
     f.seek(0)
-    return gzip.GzipFile(fileobj=f, mode="rb") if gz else f  # type: ignore[return-value]
+    return decompressed(f, compressed)
 
 
 def _inode(fd: int) -> tuple[int, int]:
@@ -116,16 +115,16 @@ def _inode(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _tail_at(fd: int, gz: bool, offset: int, with_head: bool = True) -> str | None:
+def _tail_at(fd: int, compressed: str | None, offset: int, with_head: bool = True) -> str | None:
     """The digest of the bytes just before ``offset`` as the file holds them now
     (:func:`~ingest.fingerprint.tail_digest`; ``with_head`` False: an older state's kind); None if
     it is shorter.
 
-    Raises EOFError for a compressed stream that ends early: a gzip copy still being written."""
+    Raises EOFError for a compressed stream that ends early: a compressed copy still being written."""
     want = min(LINE_WINDOW + 1, offset) if with_head else min(TAIL_BYTES, offset)
     try:
-        if gz:
-            with _reader(fd, gz) as f:
+        if compressed:
+            with _reader(fd, compressed) as f:
                 before, reached = read_through(f, offset, want)
             if not reached:
                 return None
@@ -136,14 +135,17 @@ def _tail_at(fd: int, gz: bool, offset: int, with_head: bool = True) -> str | No
                 return None
             if first < want and before.rfind(b"\n", 0, first - 1) < 0:
                 before = os.pread(fd, want, offset - want)
-    except (OSError, zlib.error):
+    except CORRUPT:
         return None
     if not with_head:
         return tail_digest(before)
     return tail_digest(before[-TAIL_BYTES:], head_before(before, at_start=len(before) == offset))
 
 
-def _gzip_size_mod32(fd: int) -> int:
+def _gzip_size_mod32(fd: int, compressed: str | None) -> int:
+    """The uncompressed size mod 2**32 a gzip's trailer holds (of its last member); -1 for another compression."""
+    if compressed != "gzip":
+        return -1
     size = os.fstat(fd).st_size
     return int.from_bytes(os.pread(fd, 4, size - 4), "little") if size >= 4 else -1
 
@@ -204,7 +206,6 @@ class Follower:
         """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
         too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
         self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
-        self._other_compression: set[str] = set()
         self._whole: dict[str, tuple[str, int]] = {}
         """Compressed files decompressed to a clean end: their stat key then, and the offset of that end."""
         self._damaged: dict[str, tuple[str, bool]] = {}
@@ -238,34 +239,29 @@ class Follower:
                     self.out_of_descriptors = e
                 return None
         try:
-            magic = os.pread(fd, 6, 0)
-            if other_compression(magic, None if str(path) in self._other_compression else str(path)) is not None:
-                os.close(fd)
-                self._other_compression.add(str(path))
-                return None
-            gz = magic[:2] == GZIP_MAGIC
-            finished = not gz and self.quiet(os.fstat(fd))
-            with _reader(fd, gz) as f:
+            packed = compression(os.pread(fd, 6, 0))
+            finished = not packed and self.quiet(os.fstat(fd))
+            with _reader(fd, packed) as f:
                 fp, *older = fingerprints_of(f, unterminated_ok=finished) or (None,)
-        except (OSError, EOFError):
+        except DAMAGED:
             fp = None
         if fp is None:
             os.close(fd)
             return None
         key, ck = fp, self.state.checkpoints.get(fp)
         try:
-            ck = self._adopt(fp, older, ck, fd, gz)
-            continues = ck is None or self._continues(ck, fd, gz)
+            ck = self._adopt(fp, older, ck, fd, packed)
+            continues = ck is None or self._continues(ck, fd, packed)
         except EOFError:
             os.close(fd)
             return None
         if not continues:
-            shorter = not gz and ck is not None and os.fstat(fd).st_size < ck.offset
+            shorter = not packed and ck is not None and os.fstat(fd).st_size < ck.offset
             key = f"{fp}@{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:12]}"
             ck = self.state.checkpoints.get(key)
             stale = False
             with contextlib.suppress(EOFError):
-                stale = ck is not None and not self._continues(ck, fd, gz)
+                stale = ck is not None and not self._continues(ck, fd, packed)
             if (ck is None or stale) and shorter and not finished:
                 os.close(fd)
                 return None
@@ -273,40 +269,40 @@ class Follower:
                 self._restart(ck)
         if ck is None:
             ck = Checkpoint(key, str(path.resolve()))
-            if self.from_end and not gz and (self.from_end_files is None or _inode(fd) in self.from_end_files):
+            if self.from_end and not packed and (self.from_end_files is None or _inode(fd) in self.from_end_files):
                 ck.offset, ck.line = _last_newline(fd), 1
-        return Followed(key, fp, ck, path, fd, gz)
+        return Followed(key, fp, ck, path, fd, packed)
 
-    def _adopt(self, fp: str, older: list[str], ck: Checkpoint | None, fd: int, gz: bool) -> Checkpoint | None:
+    def _adopt(self, fp: str, older: list[str], ck: Checkpoint | None, fd: int, compressed: str | None) -> Checkpoint | None:
         """The checkpoint an earlier version kept for this file under the fingerprint it gave it,
         taken under ``fp`` when it is further on than ``ck`` and the file holds what it was taken
         on; else ``ck``. Read from 0 as a new file, its bad first line was quarantined again."""
         for key in older:
             prev = self.state.checkpoints.get(key)
-            if prev is not None and prev.offset > (ck.offset if ck is not None else 0) and self._continues(prev, fd, gz):
+            if prev is not None and prev.offset > (ck.offset if ck is not None else 0) and self._continues(prev, fd, compressed):
                 return Checkpoint.from_dict({**prev.as_dict(), "fingerprint": fp})
         return ck
 
-    def _continues(self, ck: Checkpoint, fd: int, gz: bool) -> bool:
+    def _continues(self, ck: Checkpoint, fd: int, compressed: str | None) -> bool:
         """This file holds the bytes the checkpoint was taken on (not a copy that diverged, nor rewritten shorter)."""
         if not ck.offset:
             return True
-        if not gz and os.fstat(fd).st_size < ck.offset:
+        if not compressed and os.fstat(fd).st_size < ck.offset:
             return False
-        if gz and _gzip_size_mod32(fd) == ck.offset % 2**32:
+        if _gzip_size_mod32(fd, compressed) == ck.offset % 2**32:
             return True
-        return ck.tail is None or _tail_at(fd, gz, ck.offset, with_head=ck.tail.startswith("2:")) == ck.tail
+        return ck.tail is None or _tail_at(fd, compressed, ck.offset, with_head=ck.tail.startswith("2:")) == ck.tail
 
     def _restart(self, ck: Checkpoint) -> None:
         self._reset.add(ck.fingerprint)
         ck.offset, ck.line, ck.tail, ck.done, ck.legacy_held, ck.end_stat = 0, 1, None, False, [], None
 
     def stamp(self, f: Followed) -> None:
-        """At the end of a read: whether ``f`` is done (a gzip read whole), and its stat key if it is
+        """At the end of a read: whether ``f`` is done (a compressed file read whole), and its stat key if it is
         read to its end (its checkpoint at its size, or done), for :meth:`unchanged` and :meth:`park`."""
         st = os.fstat(f.fd)
         f.ck.done = self.is_done(f)
-        whole = (f.ck.done or self.given_up(f, st)) if f.gz else f.ck.offset == st.st_size
+        whole = (f.ck.done or self.given_up(f, st)) if f.compressed else f.ck.offset == st.st_size
         f.ck.end_stat = stat_key(st) if whole else None
 
     def unchanged(self, paths: list[Path]) -> dict[Path, Checkpoint]:
@@ -364,19 +360,20 @@ class Follower:
         return stat_key(st) in self.parked
 
     def is_done(self, f: Followed) -> bool:
-        """A compressed file read to its end before: its trailer's size is the checkpoint's offset, or
-        (several gzip members, whose last trailer counts only the last) it was decompressed to a
-        clean end at the checkpoint's offset, unchanged since."""
-        if not f.gz or f.ck.offset <= 0:
+        """A compressed file read to its end before: its gzip trailer's size is the checkpoint's offset,
+        or (several gzip members, whose last trailer counts only the last; xz, bzip2 and zstd, which
+        have no such trailer) it was decompressed to a clean end at the checkpoint's offset,
+        unchanged since."""
+        if not f.compressed or f.ck.offset <= 0:
             return False
-        if _gzip_size_mod32(f.fd) == f.ck.offset % 2**32:
+        if _gzip_size_mod32(f.fd, f.compressed) == f.ck.offset % 2**32:
             return True
         now = stat_key(os.fstat(f.fd))
         return self._whole.get(f.key) == (now, f.ck.offset) or (f.ck.done and f.ck.end_stat == now)
 
     def read_to_end(self, f: Followed) -> bool:
         """Nothing of ``f`` is left to read: its checkpoint is at its end, or its descriptor no longer holds its lines."""
-        return f.stale or ((self.is_done(f) or self.given_up(f, os.fstat(f.fd))) if f.gz else f.ck.offset >= f.size())
+        return f.stale or ((self.is_done(f) or self.given_up(f, os.fstat(f.fd))) if f.compressed else f.ck.offset >= f.size())
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -392,14 +389,14 @@ class Follower:
         compressed or has not changed for ``partial_timeout_s``. A plain file at its checkpoint's size
         has nothing to read: one ``fstat``, not the reads that check it still holds its lines (a
         daemon keeps up to a thousand files open and passes over them every second)."""
-        if f.stale or (not f.gz and f.size() == f.ck.offset) or not self._still_holds(f):
+        if f.stale or (not f.compressed and f.size() == f.ck.offset) or not self._still_holds(f):
             return
         st = os.fstat(f.fd)
         damaged = self._damaged.get(f.key)
         if damaged is not None and damaged[0] == stat_key(st) and (damaged[1] or not self.quiet(st)):
             return
         if final is None:
-            final = f.gz or (self.quiet(st) and not self._seen_changing(f.ck, st))
+            final = bool(f.compressed) or (self.quiet(st) and not self._seen_changing(f.ck, st))
         offset, line = f.ck.offset, max(f.ck.line, 1)
         try:
             with f.reader() as fh:
@@ -407,27 +404,20 @@ class Follower:
                     chunk.lines = chunk.lines.with_columns(file=pl.lit(f.key))
                     offset, line = chunk.end_offset, chunk.end_line
                     yield chunk
-        except (EOFError, OSError, zlib.error) as e:
-            # A gzip copy still being written waits for the file to change (decompressed again and
+        except DAMAGED as e:
+            # A compressed copy still being written waits for the file to change (decompressed again and
             # said again every pass before). One that stays so (a truncated or damaged archive) has
             # given every record before the damage; the rest is quarantined, once.
-            given_up = f.gz and self.quiet(st)
+            given_up = bool(f.compressed) and self.quiet(st)
             self._damaged[f.key] = (stat_key(st), given_up)
             if not given_up:
                 log.warning("%s cannot be read past byte %d (%s); reading it again once it changes", f.path, offset, e)
                 return
-            why = first_line(e)
-            log.warning("%s cannot be read past line %d (%s); the rest is quarantined as unreadable", f.path, line, why)
-            detail = f"compressed file cannot be read past line {line} (byte {offset} of its content): {why}"
-            yield unreadable_chunk(shown(f.path), f.key, line, offset, detail)
+            yield damaged_rest(f.path, f.key, line, offset, e)
         else:
             self._damaged.pop(f.key, None)
-            if f.gz:
+            if f.compressed:
                 self._whole[f.key] = (stat_key(st), offset)
-
-    def not_read(self, path: Path) -> bool:
-        """``path`` is compressed with something other than gzip: never read."""
-        return str(path) in self._other_compression
 
     def given_up(self, f: Followed, st: os.stat_result) -> bool:
         """``f``, as ``st`` describes it, is a damaged archive whose unreadable rest was quarantined."""
@@ -465,7 +455,7 @@ class Follower:
         """The descriptor still holds the lines the checkpoint counts. A copytruncate that regrew the
         file past the checkpoint before anyone looked (no scan runs at shutdown) would otherwise be
         read from the middle of a line: it is marked stale, and the next scan identifies it anew."""
-        if f.gz or not f.ck.offset:
+        if f.compressed or not f.ck.offset:
             return True
         try:
             holds = f.first_line() in (f.fp, None) and self._continues(f.ck, f.fd, False)
@@ -484,11 +474,11 @@ class Follower:
             ck.tail = tail_digest(chunk.tail, chunk.head) if ck.offset > 0 else None
         else:
             try:
-                ck.tail = _tail_at(f.fd, f.gz, ck.offset)
+                ck.tail = _tail_at(f.fd, f.compressed, ck.offset)
             except EOFError:
                 ck.tail = None
         ck.updated_at = now_iso()
-        if not f.gz:
+        if not f.compressed:
             ck.size = f.size()
 
     # --- saving ------------------------------------------------------------------------------------

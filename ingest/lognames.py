@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import re
 
-LOG_NAME = re.compile(r"\.(jsonl|ndjson|json|log)(\.\d+)?(\.gz)?$|\.(jsonl|ndjson|log)[.-][\w.-]*$")
+COMPRESSED_SUFFIX = r"(?:\.(?:gz|xz|bz2|zst))?"
+"""What rotation's compression appends to a name (gzip, xz, bzip2, zstd)."""
+LOG_NAME = re.compile(rf"\.(jsonl|ndjson|json|log)(\.\d+)?{COMPRESSED_SUFFIX}$|\.(jsonl|ndjson|log)[.-][\w.-]*$")
 SCRATCH_SUFFIXES = (".lock", ".tmp")
 """A logger's lock file and half-written rotation copies (``proxy.jsonl.lock`` of ours): never logs."""
 
 
 def is_log_file(name: str) -> bool:
-    """Names LiteLLM loggers and rotation tools produce: x.jsonl, x.jsonl.1, x.jsonl.2.gz, x.log-20260101."""
+    """Names LiteLLM loggers and rotation tools produce: x.jsonl, x.jsonl.1, x.jsonl.2.gz (or .xz, .bz2, .zst), x.log-20260101."""
     return bool(LOG_NAME.search(name)) and not name.endswith(SCRATCH_SUFFIXES)
 
 
 _ROTATED = re.compile(r"\.(?:jsonl|ndjson|json|log)(?P<rest>(?:[.-].*)?)$")
-_NUMBERED = re.compile(r"\.(\d+)(?:\.gz)?$")
+_NUMBERED = re.compile(rf"\.(\d+){COMPRESSED_SUFFIX}$")
 
 
 def rotation_rank(name: str) -> tuple[int, int]:

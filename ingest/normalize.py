@@ -10,6 +10,7 @@ response, ...) stay in the raw line and are read only when a span is built.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -790,6 +791,8 @@ def _decode_part(
         errors.setdefault(i, "not an object")
     if errors:
         decoded, errors = _without_odd_fields(part["raw"], decoded, errors, schema, warnings)
+    if not polars_stops_at_depth():
+        errors |= {i: "too deep" for i in too_deep(part["raw"]) if i not in errors}
     part = part.with_columns(rec=decoded)
     bad_idx = set(errors)
     quarantined: list[QuarantineRecord] = []
@@ -805,6 +808,46 @@ def _decode_part(
         part = part.with_columns(pl.col("rec").struct.with_fields(values.alias(key)))
     keep = part.with_row_index("_i").filter(~pl.col("_i").is_in(sorted(bad_idx))).drop("_i")
     return keep, quarantined
+
+
+MAX_DEPTH = 1024
+"""Levels of nesting a record is read to: orjson's limit, and polars' from 2.1 on. Older polars
+reads past it (the deep part kept as JSON text), so there ``too_deep`` looks for such lines."""
+
+
+@functools.cache
+def polars_stops_at_depth() -> bool:
+    """Whether both polars decoders refuse a line past ``MAX_DEPTH`` (2.1 on), so no line needs
+    ``too_deep``; asked once, when a first chunk is decoded."""
+    line = '{"a": ' + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "}"
+    for decode in (
+        lambda: pl.read_ndjson(line.encode(), schema={"b": pl.String()}),
+        lambda: pl.Series([line]).str.json_decode(pl.Struct({"b": pl.String()})),
+    ):
+        try:
+            decode()
+        except (Exception, PanicException):
+            continue
+        return False
+    return True
+
+
+def too_deep(raw: pl.Series) -> list[int]:
+    """Lines nested past ``MAX_DEPTH``, which orjson refuses, whatever the installed polars read.
+    Only a line with more ``[`` and ``{`` than that can be one, and only a line twice as long can
+    hold them closed; counting them is about 1% of a chunk's normalize, so polars 2.1 skips it."""
+    idx = raw.str.len_bytes().gt(2 * MAX_DEPTH).arg_true()
+    if not len(idx):
+        return []
+    idx = idx.filter(raw.gather(idx).str.count_matches(r"[\[{]").gt(MAX_DEPTH))
+    deep = []
+    for i, line in zip(idx.to_list(), raw.gather(idx).to_list(), strict=True):
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            if str(e).startswith("depth limit exceeded"):
+                deep.append(i)
+    return deep
 
 
 def _odd_fields_dropped(text: str, schema: RecordSchema) -> tuple[str, list[str]] | None:

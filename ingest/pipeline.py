@@ -50,12 +50,11 @@ from ingest.sink import (
 from ingest.sources import (
     DEFAULT_CHUNK_BYTES,
     Chunk,
-    compressed_otherwise,
     descriptor_limit,
     discover,
+    file_chunks,
     is_database_url,
     own_paths,
-    read_chunks,
 )
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
 from ingest.stores import tracking_uri_from
@@ -73,9 +72,10 @@ FULL_CALLS_KEPT = 100_000
 """Ids of calls a run remembers in each set that only grows: calls that reached ``MAX_ATTEMPTS``
 (their later attempts are quarantined), calls left out of ``--since/--until`` that may come back."""
 FUTURE_TOLERANCE_S = 3600.0
-"""How far past this machine's clock a call may end and still be held for its retry (a proxy clock
-somewhat ahead); beyond it, or beyond ``--settle`` if longer, the call is final at once and counted
-under the ``end_in_future`` warning."""
+"""How far past this machine's clock a call may end and still move the point the others wait from (a
+proxy clock somewhat ahead); beyond it, or beyond ``--settle`` if longer, it is counted under the
+``end_in_future`` warning and final at once, unless ``hold_ahead`` (a daemon holds it ``--settle``
+by the monotonic clock)."""
 
 
 log = logging.getLogger("litellm-ingest.pipeline")
@@ -187,6 +187,10 @@ class Pipeline:
         self.sent = SentIndex()
         self.summary = Summary()
         self.clock: Callable[[], int] = now_us
+        self.ticks: Callable[[], float] = time.monotonic
+        self.hold_ahead = False
+        """Hold calls that end past the horizon too (a daemon: it lives to see their wait end)."""
+        self._held_since = pl.DataFrame(schema={"call_key": pl.String, "last_end": pl.Int64, "since": pl.Float64})
         self.before_write: Callable[[], None] | None = None
         self.shard: Shard | None = None
         self.only_calls: frozenset[str] | None = None
@@ -303,8 +307,10 @@ class Pipeline:
         horizon = self.clock() + int(max(self.settle_s, FUTURE_TOLERANCE_S) * 1_000_000)
         if new.height and (ahead := int((new["end_us"] > horizon).sum())):
             self.warnings["end_in_future"] = self.warnings.get("end_in_future", 0) + ahead
-        d = dedupe_and_split(pending, new, self.settle_s, final, None, at, horizon)
+        waited = None if at is None else self._held_since.filter(pl.col("since") <= self.ticks() - self.settle_s)
+        d = dedupe_and_split(pending, new, self.settle_s, final, None, at, horizon, waited, self.hold_ahead)
         self.pending = self._pending_kept.keep(d.held, text_bytes(new))
+        self._note_held(d.held_calls)
         self.summary.duplicates_dropped += d.duplicates + resent
         excess = pl.concat([excess, d.excess]) if excess is not None else d.excess
         self._quarantine_excess(list(self._in_shard(excess, count=False).iter_rows(named=True)) if excess.height else [])
@@ -319,6 +325,14 @@ class Pipeline:
             self.emit(emitted)
             self.sent.add(ready)
             self.inflight = self.inflight.clear()
+
+    def _note_held(self, held: pl.DataFrame) -> None:
+        """When each held call's wait began, by the monotonic clock: a wall clock stepped back (NTP, a
+        VM resumed) while the proxy is quiet held a failure that much longer than ``settle``, and one
+        stepped back past the horizon wrote the proxy's failures at once. A call whose last attempt
+        changed waits anew from then."""
+        joined = held.join(self._held_since, on=["call_key", "last_end"], how="left")
+        self._held_since = joined.with_columns(pl.col("since").fill_null(self.ticks()))
 
     def _remember_full(self, calls: Iterable[str]) -> None:
         if len(self.full_calls) > FULL_CALLS_KEPT:
@@ -793,14 +807,13 @@ def run_batch(opts: RunOptions) -> Summary:
     pipe.only_calls = opts.only_calls
     inputs.report_unreadable(pipe.summary)
     try:
-        files = [f for f in inputs.files if compressed_otherwise(f) is None]
-        for group in small_file_groups(files, opts.chunk_bytes, group_max_files()):
+        for group in small_file_groups(inputs.files, opts.chunk_bytes, group_max_files()):
             if len(group) > 1:
-                pipe.feed_many([c for path in group for c in read_chunks(path, chunk_bytes=opts.chunk_bytes)])
+                pipe.feed_many([c for path in group for c in _counted(file_chunks(path, opts.chunk_bytes), pipe.summary)])
                 if opts.stop.is_set():
                     raise KeyboardInterrupt
                 continue
-            for chunk, normalized in normalized_ahead(pipe, read_chunks(group[0], chunk_bytes=opts.chunk_bytes)):
+            for chunk, normalized in normalized_ahead(pipe, _counted(file_chunks(group[0], opts.chunk_bytes), pipe.summary)):
                 pipe.feed(chunk, normalized)
                 if opts.stop.is_set():
                     raise KeyboardInterrupt
@@ -816,6 +829,16 @@ def run_batch(opts: RunOptions) -> Summary:
     finally:
         sink.close()
     return _close(summary, inputs.files, target, opts, started)
+
+
+def _counted(chunks: Iterator[Chunk], summary: Summary) -> Iterator[Chunk]:
+    """A file's chunks, their bytes on disk counted as they are read (a stateful run counts them as
+    its checkpoints move)."""
+    disk = 0
+    for chunk in chunks:
+        summary.bytes_read += max(chunk.disk_offset - disk, 0)
+        disk = max(disk, chunk.disk_offset)
+        yield chunk
 
 
 def outcome(summary: Summary) -> str:
@@ -840,7 +863,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
 
     Per file (by fingerprint, :mod:`ingest.follow`): continue after the last acknowledged line,
     after first feeding the lines the last run left unacknowledged. An unterminated last line is
-    left for later unless the file is gzip (complete) or has not been written to for
+    left for later unless the file is compressed (complete) or has not been written to for
     ``partial_timeout_s`` (then it is quarantined as truncated).
     """
     from ingest.follow import Follower
@@ -967,7 +990,7 @@ def _ingest_unit(unit: Unit, follower: Follower, ledger: Ledger, opts: RunOption
 def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: RunOptions, progress: Progress | None) -> list[Path]:
     """This shard's files, each between the edges of its neighbours from other shards (:mod:`ingest.shard`);
     returns this shard's files. A file it read to its end before and untouched since is neither
-    fingerprinted nor opened (a gzip would be decompressed whole to find its end); only this
+    fingerprinted nor opened (a compressed one would be decompressed whole to find its end); only this
     shard reads a file, so it is this shard's. Which foreign file followed each of its files is
     kept in that file's checkpoint (``edge``), settled with it (a state of an older version kept
     them all in its document: read once, then dropped)."""
@@ -1106,7 +1129,7 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
         if chunks := [c for _, got in read for c in got]:
             pipe.feed_many(chunks)
         for f, got in read:
-            disk = 0 if f.gz else f.ck.offset
+            disk = 0 if f.compressed else f.ck.offset
             for chunk in got:
                 disk = _advanced(follower, f, chunk, disk)
             _stamped(follower, f)
@@ -1121,12 +1144,11 @@ def _feed_files(read: list[tuple[Followed, list[Chunk]]], follower: Follower, op
 
 
 def _identified(follower: Follower, path: Path) -> Followed | None:
-    """``path`` opened and matched to its checkpoint; None (counted as waiting) until it has a first
-    line, or for good if it is compressed with something other than gzip (named once, not waiting)."""
+    """``path`` opened and matched to its checkpoint; None (counted as waiting) until it has a first line."""
     f = follower.identify(path)
     if f is None and (e := follower.out_of_descriptors) is not None:
         raise OSError(e.errno, f"{e.strerror} (the descriptor limit, ulimit -n, is too low for this run)", str(path))
-    if f is None and not follower.not_read(path):
+    if f is None:
         follower.pipeline.summary.files_skipped += 1
     return f
 
@@ -1135,7 +1157,7 @@ def _stamped(follower: Follower, f: Followed) -> None:
     """``f`` read as far as it can be now; one whose last line waits for its newline counts as
     waiting, as one with no first line does."""
     follower.stamp(f)
-    if not f.gz and f.ck.offset < f.size():
+    if not f.compressed and f.ck.offset < f.size():
         follower.pipeline.summary.files_skipped += 1
 
 
@@ -1170,7 +1192,7 @@ def _ingest_file(
     try:
         if not _taken_on(follower, f):
             return f.key, False
-        disk = 0 if f.gz else f.ck.offset
+        disk = 0 if f.compressed else f.ck.offset
         for chunk, normalized in normalized_ahead(pipe, follower.chunks(f)):
             if not read and before is not None:
                 before()

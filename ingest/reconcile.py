@@ -19,7 +19,7 @@ from ingest.ledger import Ledger
 from ingest.normalize import normalize_isolating
 from ingest.pipeline import Inputs, RunOptions, Summary, remote_units, resolve_run_target, run_batch
 from ingest.quarantine import QuarantineWriter
-from ingest.sources import Chunk, compressed_otherwise, read_chunks, shown
+from ingest.sources import Chunk, file_chunks, shown
 
 
 @dataclass
@@ -89,10 +89,7 @@ def _chunks(inputs: Inputs, opts: RunOptions, unread: list[str]) -> Iterator[Chu
     """Every chunk of the logs; objects that could not be fetched (each named in a warning) are
     added to ``unread``, as files that may not be read are."""
     for path in inputs.files:
-        if (kind := compressed_otherwise(path)) is not None:
-            unread.append(f"{shown(path)} ({kind})")
-            continue
-        yield from read_chunks(path, chunk_bytes=opts.chunk_bytes)
+        yield from file_chunks(path, opts.chunk_bytes)
     for unit in remote_units(inputs, Ledger(None), opts, Summary(), mode="backfill"):
         if unit.failed:
             unread.append(f"{unit.failed} object(s) of {unit.source}")

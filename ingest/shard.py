@@ -1,7 +1,7 @@
 """``--shard I/N``: N machines split one archive of log files into one MLflow.
 
 A file belongs to shard ``blake2b(fingerprint) mod N``: the fingerprint (:mod:`ingest.fingerprint`)
-is what the checkpoints already know a file by, so a renamed or gzipped copy of a file lands on the
+is what the checkpoints already know a file by, so a renamed or compressed copy of a file lands on the
 same machine as the original (and continues its checkpoint there), and every machine computes the
 same split from the same bytes whatever the paths are mounted as. ``hashlib``, not ``hash()``:
 Python salts the latter per process. A file without a fingerprint (empty, or no line yet) has no
@@ -19,10 +19,8 @@ machines share.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import re
-import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ import polars as pl
 
 from ingest.fingerprint import fingerprint_of
 from ingest.normalize import normalize_isolating
-from ingest.sources import GZIP_MAGIC, Chunk, read_chunks
+from ingest.sources import DAMAGED, Chunk, open_log, read_chunks
 
 EDGE_CHUNKS = 8
 """At most this many chunks of a neighbour's edge are read as context (bounded memory and time)."""
@@ -65,12 +63,9 @@ class Shard:
 def file_fingerprint(path: Path) -> str | None:
     """The fingerprint a backfill identifies ``path`` by (an archive is finished: no line is awaited)."""
     try:
-        with open(path, "rb") as raw:
-            gz = raw.read(2) == GZIP_MAGIC
-            raw.seek(0)
-            f = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
-            return fingerprint_of(f, unterminated_ok=True)  # type: ignore[arg-type]
-    except (OSError, EOFError):
+        with open_log(path) as f:
+            return fingerprint_of(f, unterminated_ok=True)
+    except DAMAGED:
         return None
 
 
@@ -94,7 +89,7 @@ def edge_head(path: Path, key: str, window_us: int, chunk_bytes: int) -> Iterato
 
 
 def edge_tail(path: Path, key: str, window_us: int, chunk_bytes: int) -> pl.DataFrame | None:
-    """The records of ``path``'s last ``window_us`` (by end time): the whole file is read (a gzip
+    """The records of ``path``'s last ``window_us`` (by end time): the whole file is read (a compressed file
     has no other way to its end), only the last chunks are parsed."""
     last: deque[Chunk] = deque(maxlen=EDGE_CHUNKS)
     for chunk in _safe_chunks(path, chunk_bytes):
@@ -116,5 +111,5 @@ def _safe_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
     """A neighbour that cannot be read whole gives what it can: it is its own shard's to report."""
     try:
         yield from read_chunks(path, chunk_bytes=chunk_bytes)
-    except (OSError, EOFError, ValueError, zlib.error):
+    except (*DAMAGED, ValueError):
         return

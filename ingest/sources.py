@@ -7,10 +7,13 @@ line that was fully handled. Memory is bounded by the chunk size plus one line (
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import glob
 import gzip
+import io
 import logging
+import lzma
 import os
 import re
 import resource
@@ -19,45 +22,105 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 import polars as pl
+import zstandard
 
 from ingest.lognames import is_log_file, rotation_rank
-from ingest.quarantine import QuarantineRecord, Reason
+from ingest.quarantine import QuarantineRecord, Reason, first_line
 
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 log = logging.getLogger("litellm-ingest.sources")
 GZIP_MAGIC = b"\x1f\x8b"
-OTHER_COMPRESSION = {b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
-"""What logrotate's ``compresscmd`` (or an archiving job) may make instead of gzip: read as text,
-such a file or object was a flood of ``invalid_utf8`` quarantine lines."""
+COMPRESSION = {GZIP_MAGIC: "gzip", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", **{b"BZh%d" % n: "bzip2" for n in range(1, 10)}}
+"""What rotation compresses a log with (gzip, or logrotate's ``compresscmd xz``, ``bzip2``,
+``zstd``), by its first bytes: each is read by content, as gzip is."""
 TAIL_BYTES = 256
 HEAD_BYTES = 512
 LINE_WINDOW = 1 << 20
 """A last line longer than this has no head in its checkpoint's digest (only its last bytes)."""
 
 
-def other_compression(head: bytes, name: str | None = None) -> str | None:
-    """The compression other than gzip that ``head`` (a file's or object's first bytes) starts with;
-    with ``name``, the file or object so compressed is named in a warning."""
-    kind = next((kind for magic, kind in OTHER_COMPRESSION.items() if head.startswith(magic)), None)
-    if kind is not None and name is not None:
-        log.warning("%s is compressed with %s, which is not read (gzip is): decompress it to ingest it", name, kind)
-    return kind
+def compression(head: bytes) -> str | None:
+    """The compression ``head`` (a file's or object's first bytes) starts with; None for plain text."""
+    return next((kind for magic, kind in COMPRESSION.items() if head.startswith(magic)), None)
 
 
-def compressed_otherwise(path: Path) -> str | None:
-    """The compression other than gzip ``path`` is in (xz, bzip2, zstd), named in a warning; None
-    for a file that can be read (or cannot be opened: its reader says so)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError:
-        return None
-    return other_compression(head, shown(path))
+class _OnFile:
+    """A decompressing reader that names the compressed file it reads ``fileobj``, as
+    :class:`gzip.GzipFile` does: progress is counted in that file's bytes."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        super().__init__(fileobj)  # type: ignore[call-arg]
+        self.fileobj = fileobj
+
+
+class XzFile(_OnFile, lzma.LZMAFile):
+    """An xz file, its streams one after another."""
+
+
+class Bz2File(_OnFile, bz2.BZ2File):
+    """A bzip2 file, its streams one after another."""
+
+
+class _ZstdFrames(io.RawIOBase):
+    """zstd frames one after another (zstd's CLI and logrotate can write several), a read of the
+    file at a time. A stream cut inside a frame raises EOFError, as gzip's does: zstandard's own
+    reader takes it as ended (a copy still being written would be taken as read to its end)."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        super().__init__()
+        self.fileobj = fileobj
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame: Any = None
+        self._input = b""
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._out:
+            data, self._input = self._input or self.fileobj.read(io.DEFAULT_BUFFER_SIZE), b""
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                return 0
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            self._out = memoryview(self._frame.decompress(data))
+            if self._frame.eof:
+                self._input, self._frame = self._frame.unused_data, None
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
+class ZstdFile(io.BufferedReader):
+    """A zstd file, every frame of it."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        super().__init__(_ZstdFrames(fileobj))
+        self.fileobj = fileobj
+
+
+READERS = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), "xz": XzFile, "bzip2": Bz2File, "zstd": ZstdFile}
+DECOMPRESSED = (gzip.GzipFile, XzFile, Bz2File, ZstdFile)
+"""The readers of compressed files: none can seek (they are read through to an offset)."""
+CORRUPT = (OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+"""What reading a damaged compressed stream raises (a bad CRC, corrupt data, bytes after its end;
+gzip's BadGzipFile and bzip2's errors are OSErrors)."""
+DAMAGED = (EOFError, *CORRUPT)
+"""... and one that ends early (EOFError: a copy still being written, or cut short)."""
+
+
+def decompressed(f: BinaryIO, kind: str | None) -> BinaryIO:
+    """``f`` (at its start) read through the decompressor of ``kind``; ``f`` itself for None."""
+    return f if kind is None else READERS[kind](f)  # type: ignore[return-value]
 
 
 def line_head(line: bytes) -> bytes:
@@ -259,13 +322,11 @@ def age_order(mtime_ns: int, path: str) -> tuple[int, tuple[int, int], str]:
 
 
 def open_log(path: Path) -> BinaryIO:
-    """Open plain or gzip files by content, not by name: rotated copies are often renamed."""
+    """Open plain or compressed files by content, not by name: rotated copies are often renamed."""
     f = open(path, "rb")  # noqa: SIM115
-    magic = f.read(2)
+    magic = f.read(6)
     f.seek(0)
-    if magic == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
-    return f
+    return decompressed(f, compression(magic))
 
 
 @dataclass
@@ -406,7 +467,7 @@ def read_chunks(
     """
     name = shown(path)
     with open_log(Path(path)) if fileobj is None else fileobj as f:
-        raw_file = f.fileobj if isinstance(f, gzip.GzipFile) else f
+        raw_file = f.fileobj if isinstance(f, DECOMPRESSED) else f
         tail = skip_to(f, start_offset, chunk_bytes)
         offset, line_no = start_offset, start_line
         carry = b""
@@ -469,18 +530,17 @@ def read_chunks(
 
 
 def _read_block(f: BinaryIO, size: int) -> bytes:
-    """Up to ``size`` bytes. From gzip, in the decompressor's own steps: a stream that ends early
-    (a copy still being written) or is damaged (a bad CRC, corrupt data, bytes after its end) gives
-    every byte decompressed before the damage, and the next call raises (EOFError, BadGzipFile,
-    zlib.error): the block read so far is not lost with it."""
-    if not isinstance(f, gzip.GzipFile):
+    """Up to ``size`` bytes. From a compressed file, in the decompressor's own steps: a stream that
+    ends early (a copy still being written) or is damaged gives every byte decompressed before the
+    damage, and the next call raises (``DAMAGED``): the block read so far is not lost with it."""
+    if not isinstance(f, DECOMPRESSED):
         return f.read(size)
     parts: list[bytes] = []
     got = 0
     while got < size:
         try:
             part = f.read1(size - got)
-        except (EOFError, OSError, zlib.error):
+        except DAMAGED:
             if parts:
                 break
             raise
@@ -492,7 +552,7 @@ def _read_block(f: BinaryIO, size: int) -> bytes:
 
 
 def _at_disk(chunk: Chunk, raw_file: BinaryIO, tail: bytes, head: bytes | None = None) -> Chunk:
-    """Where reading stands on disk (compressed bytes for gzip, for progress) and the bytes just before it."""
+    """Where reading stands on disk (compressed bytes for a compressed file, for progress) and the bytes just before it."""
     chunk.disk_offset = raw_file.tell()  # type: ignore[union-attr]
     chunk.tail, chunk.head = tail, head
     return chunk
@@ -505,7 +565,7 @@ def read_lines_at(path: Path, positions: list[tuple[int, int]], fileobj: BinaryI
     with open_log(path) if fileobj is None else fileobj as f:
         pos = 0
         for offset, line_no in sorted(positions):
-            if isinstance(f, gzip.GzipFile):
+            if isinstance(f, DECOMPRESSED):
                 if offset < pos:
                     continue
                 skip_to(f, offset - pos, DEFAULT_CHUNK_BYTES)
@@ -535,11 +595,11 @@ def _drop_blank(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> bytes:
-    """Position at an uncompressed offset (seek in plain files, read through gzip ones); returns the
+    """Position at an uncompressed offset (seek in plain files, read through compressed ones); returns the
     bytes just before it, so every chunk's ``tail`` covers the bytes a checkpoint's digest is taken on."""
     if not start_offset:
         return b""
-    if not isinstance(f, gzip.GzipFile):
+    if not isinstance(f, DECOMPRESSED):
         before = max(0, start_offset - TAIL_BYTES)
         f.seek(before)
         return f.read(start_offset - before)
@@ -547,7 +607,7 @@ def skip_to(f: BinaryIO, start_offset: int, chunk_bytes: int) -> bytes:
 
 
 def read_through(f: BinaryIO, offset: int, keep: int, step: int = 1 << 20) -> tuple[bytes, bool]:
-    """Read a stream from where it is to ``offset`` (a gzip cannot seek); returns the last ``keep``
+    """Read a stream from where it is to ``offset`` (a compressed one cannot seek); returns the last ``keep``
     bytes before it, and whether the stream reached it."""
     remaining, last = offset, b""
     while remaining > 0 and (got := f.read(min(remaining, step))):
@@ -559,6 +619,35 @@ def read_through(f: BinaryIO, offset: int, keep: int, step: int = 1 << 20) -> tu
 def empty_lines(name: str, file: str) -> pl.DataFrame:
     """A line frame of no lines, for a chunk that carries only quarantine records."""
     return _frame(name, [], pl.Series([], dtype=pl.UInt32), 0, 1).with_columns(file=pl.lit(file))
+
+
+def damaged_rest(path: Path | str, file: str, line: int, offset: int, e: BaseException) -> Chunk:
+    """The rest of a compressed file past its last good line (``line``, at ``offset`` of its
+    content) as one ``unreadable`` quarantine record, said in a warning."""
+    why = first_line(e)
+    log.warning("%s cannot be read past line %d (%s); the rest is quarantined as unreadable", path, line, why)
+    detail = f"compressed file cannot be read past line {line} (byte {offset} of its content): {why}"
+    return unreadable_chunk(shown(path), file, line, offset, detail)
+
+
+def file_chunks(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """:func:`read_chunks` of a file read whole, with no checkpoint (``batch --no-state``,
+    ``reconcile``): a damaged compressed file gives its lines up to the damage, then
+    :func:`damaged_rest`, as a followed one does (it stopped the run as "unexpected EOFError")."""
+    line, offset = 1, 0
+    try:
+        for chunk in read_chunks(path, chunk_bytes=chunk_bytes):
+            line, offset = chunk.end_line, chunk.end_offset
+            yield chunk
+    except DAMAGED as e:
+        try:
+            with open(path, "rb") as f:
+                kind = compression(f.read(6))
+        except OSError:
+            kind = None
+        if kind is None:
+            raise
+        yield damaged_rest(path, shown(path), line, offset, e)
 
 
 def unreadable_chunk(name: str, file: str, line: int, offset: int, detail: str, raw: bytes = b"") -> Chunk:

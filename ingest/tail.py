@@ -129,6 +129,7 @@ class Tailer:
             from_end=opts.from_end,
         )
         self.follower.own_clock = True
+        self.pipeline.hold_ahead = True
         self.pipeline.before_write = self._save
         self.sink.on_retry = self._write_failed
         self.sink.pause = self._pause
@@ -448,7 +449,7 @@ class Tailer:
                 continue
             if current is not None:
                 unchanged = st.st_size == current.ck.offset  # a rewrite shows when it grows: chunks() checks then
-                if current.gz or unchanged or (st.st_size > current.ck.offset and current.first_line() in (current.fp, None)):
+                if current.compressed or unchanged or (st.st_size > current.ck.offset and current.first_line() in (current.fp, None)):
                     seen.add(current.key)
                     if current.path != path and not _same_file(current.path, st):
                         log.info("rotated: %s -> %s", current.path, path)
@@ -588,7 +589,7 @@ class Tailer:
         m.held_lines, m.files = len(self.state.held), len(self.follower.files) + len(self.follower.parked)
         m.files_open = len(self.follower.files)
         for f in self.follower.files.values():
-            if not f.gz and not f.stale:
+            if not f.compressed and not f.stale:
                 m.lag[shown(f.path)] = max(f.size() - f.ck.offset, 0)
 
 

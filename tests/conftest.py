@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +91,47 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def zstd_frames(data: bytes) -> bytes:
+    """``data`` as two zstd frames with their checksums, the second without its size (as ``zstd``
+    writes from a pipe, logrotate's way)."""
+    import zstandard
+
+    c, half = zstandard.ZstdCompressor(write_checksum=True), len(data) // 2
+    stream = c.compressobj()
+    return c.compress(data[:half]) + stream.compress(data[half:]) + stream.flush()
+
+
+def compressor(kind: str) -> Callable[[bytes], bytes]:
+    """How rotation compresses a log: by ``gzip``, ``xz``, ``bzip2`` (its smallest, 100 kB blocks: a
+    cut file still holds whole ones) or ``zstd`` (several frames)."""
+    import bz2
+    import functools
+    import gzip
+    import lzma
+
+    bzip2 = functools.partial(bz2.compress, compresslevel=1)
+    return {"gzip": gzip.compress, "xz": lzma.compress, "bzip2": bzip2, "zstd": zstd_frames}[kind]
+
+
+def decompressor(kind: str) -> Callable[[bytes], bytes]:
+    """The inverse of :func:`compressor`, by each format's own library (zstandard's reader told to read every frame)."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    import zstandard
+
+    def zstd(data: bytes) -> bytes:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
+
+    return {"gzip": gzip.decompress, "xz": lzma.decompress, "bzip2": bz2.decompress, "zstd": zstd}[kind]
+
+
+COMPRESSIONS = ["gzip", "xz", "bzip2", "zstd"]
+SUFFIX = {"gzip": ".gz", "xz": ".xz", "bzip2": ".bz2", "zstd": ".zst"}
 
 
 def write_log(path: Path, records: list[dict]) -> Path:

@@ -1040,3 +1040,25 @@ def test_a_dry_run_beside_a_run_reads_that_runs_state(tmp_path: Path, command: s
     s = json.loads(dry.stdout)
     assert (s["records_read"], s["files_unchanged"], s["experiment_id"]) == (0, 1, "1"), s
     assert sorted(p.name for p in (tmp_path / "st").iterdir()) == before
+
+
+def test_a_stateless_batch_counts_the_bytes_it_read(tmp_path: Path) -> None:
+    """Its summary said ``bytes_read: 0`` whatever it read (a stateful run counts them as its checkpoints move)."""
+    proc = run("batch", "--no-state", "--dry-run", "--json", str(SAMPLE_LOGS), cwd=tmp_path)
+    on_disk = sum(p.stat().st_size for p in SAMPLE_LOGS.iterdir() if ".jsonl" in p.name)
+    assert json.loads(proc.stdout)["bytes_read"] == on_disk, proc.stderr
+
+
+def test_the_quick_starts_first_run_on_a_fresh_clone_quarantines_the_bad_lines_and_exits_3(tmp_path: Path) -> None:
+    """In a fresh clone every sample file has just been written. bad_input.jsonl started with the
+    gzip's first line, so it was taken for a truncated copy of that file and waited whole for
+    ``--partial-timeout``: the README's first command exited 0 and quarantined nothing."""
+    logs = shutil.copytree(SAMPLE_LOGS, tmp_path / "sample_logs")
+    for p in logs.iterdir():
+        os.utime(p)
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--state-dir", str(tmp_path / "st")]
+    proc = run("batch", str(logs), "--json", *store, cwd=tmp_path)
+    s = json.loads(proc.stdout)
+    assert proc.returncode == 3, proc.stderr
+    assert s["calls"] == s["traces_written"] == 45 and s["files_skipped"] == 1, s
+    assert s["quarantined"] == 6 and "truncated_line" not in s["quarantined_by_reason"], s

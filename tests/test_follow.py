@@ -37,6 +37,7 @@ from ingest.follow import Follower
 from ingest.pipeline import Pipeline
 from ingest.quarantine import QuarantineWriter
 from ingest.tail import Tailer
+from tests.conftest import COMPRESSIONS, SUFFIX, compressor, decompressor
 from tests.followkit import Crash, RecordingSink, line, record, tailer
 
 SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
@@ -175,10 +176,18 @@ def _rename(log: Path) -> Path:
     return log.rename(log.with_name("proxy.jsonl.1"))
 
 
-def _gzip_rotated(log: Path) -> Path:
-    _gzip(log, log.with_name("proxy.jsonl.1.gz"))
+def _compress(src: Path, dst: Path, kind: str) -> None:
+    """``src`` compressed by rotation with ``kind`` (logrotate's ``compresscmd``), keeping its mtime."""
+    dst.write_bytes(compressor(kind)(src.read_bytes()))
+    st = src.stat()
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _gzip_rotated(log: Path, kind: str = "gzip") -> Path:
+    rotated = log.with_name("proxy.jsonl.1" + SUFFIX[kind])
+    _gzip(log, rotated) if kind == "gzip" else _compress(log, rotated, kind)
     log.unlink()
-    return log.with_name("proxy.jsonl.1.gz")
+    return rotated
 
 
 def _copy_then_more(log: Path) -> Path:
@@ -208,7 +217,7 @@ def _rewritten_same_length(log: Path) -> Path:
 MATCHING = [
     # (what happened after the first three lines were read, its checkpoint: the same one, or its own from the start)
     ("renamed", _rename, "same", 3),
-    ("renamed then gzipped", lambda log: _gzip_rotated(_rename(log)), "same", 3),
+    *((f"renamed then {kind}", lambda log, kind=kind: _gzip_rotated(_rename(log), kind), "same", 3) for kind in COMPRESSIONS),
     ("copied and grown", _copy_then_more, "same", 3),
     ("a copy that diverged after the first line", _diverging_copy, "own", 0),
     ("truncated and rewritten shorter", _rewritten_shorter, "own", 0),
@@ -230,7 +239,7 @@ def test_the_matching_rule(tmp_path: Path, case: str, change, match: str, resume
     follower.forget(f.key)
     first_key = f.key
     moved = change(log)
-    if moved.suffix != ".gz" and moved.stat().st_size < f.ck.offset:
+    if moved.suffix not in SUFFIX.values() and moved.stat().st_size < f.ck.offset:
         assert follower.identify(moved) is None, "a shorter file still changing may be a copy being made"
         os.utime(moved, (time.time() - 301, time.time() - 301))
     g = follower.identify(moved)
@@ -241,7 +250,7 @@ def test_the_matching_rule(tmp_path: Path, case: str, change, match: str, resume
     else:
         assert g.key.startswith(first_key + "@") and g.ck.offset == 0
     lines = [json.loads(c.lines["raw"][i])["id"] for c in follower.chunks(g) for i in range(c.lines.height)]
-    expected = moved.read_bytes() if not g.gz else gzip.decompress(moved.read_bytes())
+    expected = moved.read_bytes() if not g.compressed else decompressor(g.compressed)(moved.read_bytes())
     assert lines == [json.loads(x)["id"] for x in expected.decode().splitlines()[resume_line if match == "same" else 0 :]]
     g.close()
 
@@ -309,7 +318,10 @@ def test_a_file_is_known_once_it_has_a_complete_first_line(tmp_path: Path, conte
         f.close()
 
 
-def test_a_gzip_copy_of_a_file_read_to_its_end_is_done_without_reading(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", COMPRESSIONS)
+def test_a_compressed_copy_of_a_file_read_to_its_end_is_not_read_again(tmp_path: Path, kind: str) -> None:
+    """A gzip's trailer tells it is read to its end without reading it; xz, bzip2 and zstd have no
+    such trailer: they are decompressed to the checkpoint, once, and give no line."""
     log = tmp_path / "proxy.jsonl"
     log.write_text("".join(LINES))
     state = State(tmp_path / "s.json", "batch", {})
@@ -318,8 +330,14 @@ def test_a_gzip_copy_of_a_file_read_to_its_end_is_done_without_reading(tmp_path:
     for chunk in follower.chunks(f):
         follower.advance(f, chunk)
     follower.forget(f.key)
-    g = follower.identify(_gzip_rotated(log))
-    assert g is not None and g.gz and follower.is_done(g)
+    g = follower.identify(_gzip_rotated(log, kind))
+    assert g is not None and g.key == f.key and g.compressed == kind
+    follower.follow(g)
+    assert follower.is_done(g) == (kind == "gzip")
+    assert [c for c in follower.chunks(g) if c.lines.height or c.quarantined] == []
+    assert follower.is_done(g)
+    follower.stamp(g)
+    assert follower.read_to_end(g) and g.ck.end_stat is not None
     g.close()
 
 
@@ -663,7 +681,8 @@ def _noisy_lines(n: int) -> str:
     return "".join(line(record(f"g-{i}", "success", 100.0 + i, 101.0 + i) | {"noise": os.urandom(600).hex()}) for i in range(n))
 
 
-def test_a_gzip_copy_still_being_written_is_left_for_later_then_continues(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", COMPRESSIONS)
+def test_a_compressed_copy_still_being_written_is_left_for_later_then_continues(tmp_path: Path, kind: str) -> None:
     log = tmp_path / "proxy.jsonl"
     log.write_text(_noisy_lines(8))
     follower = Follower(State(tmp_path / "s.json", "batch", {}), Pipeline(RecordingSink(), "1", QuarantineWriter(None)))  # type: ignore[arg-type]
@@ -671,24 +690,37 @@ def test_a_gzip_copy_still_being_written_is_left_for_later_then_continues(tmp_pa
     for chunk in follower.chunks(f):
         follower.advance(f, chunk)
     follower.forget(f.key)
-    whole = gzip.compress(log.read_bytes())
-    gz = tmp_path / "proxy.jsonl.1.gz"
+    whole = compressor(kind)(log.read_bytes())
+    gz = tmp_path / ("proxy.jsonl.1" + SUFFIX[kind])
     gz.write_bytes(whole[: len(whole) * 3 // 4])
-    assert follower.identify(gz) is None, "a half-written gzip copy was taken for another file"
+    assert follower.identify(gz) is None, "a half-written compressed copy was taken for another file"
     gz.write_bytes(whole)
-    g = follower.identify(gz)
-    assert g is not None and g.key == f.key and follower.is_done(g)
+    g = follower.follow(follower.identify(gz))  # type: ignore[arg-type]
+    assert g.key == f.key
+    assert [c for c in follower.chunks(g) if c.lines.height or c.quarantined] == [] and follower.is_done(g)
     g.close()
 
 
-def test_a_damaged_gzip_is_read_as_far_as_it_goes_and_never_raises(tmp_path: Path) -> None:
-    gz = tmp_path / "old.jsonl.gz"
-    whole = gzip.compress(_noisy_lines(8).encode())
-    gz.write_bytes(whole[: len(whole) // 2])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+@pytest.mark.parametrize("kind", COMPRESSIONS)
+def test_a_damaged_compressed_file_is_read_as_far_as_it_goes_and_never_raises(tmp_path: Path, kind: str, damage: str) -> None:
+    """Cut short, or a byte changed: every line decompressed before the damage is found (at the
+    latest by a checksum), the rest quarantined as unreadable once the file is quiet; never an
+    exception out of the reader."""
+    n = 240
+    gz = tmp_path / ("old.jsonl" + SUFFIX[kind])
+    whole = bytearray(compressor(kind)(_noisy_lines(n).encode()))
+    if damage == "corrupt":
+        whole[len(whole) * 3 // 4] ^= 0x55
+    gz.write_bytes(whole[: len(whole) * 3 // 4] if damage == "truncated" else whole)
+    os.utime(gz, (time.time() - 600, time.time() - 600))
     follower = Follower(State(tmp_path / "s.json", "batch", {}), Pipeline(RecordingSink(), "1", QuarantineWriter(None)))  # type: ignore[arg-type]
     f = follower.follow(follower.identify(gz))  # type: ignore[arg-type]
-    got = [i for c in follower.chunks(f) for i in c.lines["line_no"].to_list()]
-    assert 1 <= len(got) < 8 and got == list(range(1, len(got) + 1))
+    chunks = list(follower.chunks(f))
+    got = [i for c in chunks for i in c.lines["line_no"].to_list()]
+    assert 1 <= len(got) <= n and got == list(range(1, len(got) + 1))
+    assert damage == "corrupt" or len(got) < n
+    assert [q.reason for c in chunks for q in c.quarantined][-1:] == ["unreadable"]
     f.close()
 
 
@@ -1065,28 +1097,36 @@ def test_files_that_start_with_a_blank_line_are_told_apart_by_their_first_record
     t.close()
 
 
-@pytest.mark.parametrize("kind", ["xz", "bzip2"])
-def test_a_rotated_file_compressed_otherwise_than_gzip_is_said_once_and_not_read_as_text(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
-) -> None:
-    """logrotate's ``compresscmd xz`` (or bzip2, zstd) made ``x.jsonl.1.xz``: read as text, it was a
-    flood of invalid_utf8 quarantine lines in the daemon, and exit 3 for every cron run."""
-    import bz2
-    import lzma
-
+@pytest.mark.parametrize("kind", ["xz", "bzip2", "zstd"])
+def test_a_rotated_file_compressed_otherwise_is_read_as_gzip_is(tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    """logrotate's ``compresscmd xz`` (or bzip2, zstd) made ``x.jsonl.1.xz``: it was named in a
+    warning and never read (read as text, it had been a flood of invalid_utf8 quarantine lines).
+    Now an archive is read, and a file rotated and compressed while the daemon was stopped is read
+    on from its checkpoint inside the archive, nothing twice."""
     logdir, state_dir = tmp_path / "logs", tmp_path / "state"
     logdir.mkdir()
-    rotated = "".join(line(record(f"r-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(20)).encode()
-    squeeze = lzma.compress if kind == "xz" else bz2.compress
-    (logdir / f"proxy.jsonl.1.{'xz' if kind == 'xz' else 'bz2'}").write_bytes(squeeze(rotated))
-    (logdir / "proxy.jsonl").write_text(line(record("live-0", "success", 200.0, 201.0)))
+    archive = "".join(line(record(f"r-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(20)).encode()
+    (logdir / ("proxy.jsonl.2" + SUFFIX[kind])).write_bytes(compressor(kind)(archive))
+    log = logdir / "proxy.jsonl"
+    live = [line(record(f"live-{i}", "success", 200.0 + i, 201.0 + i)) for i in range(8)]
+    log.write_text("".join(live[:5]))
     sink = RecordingSink()
     t = tailer(logdir, state_dir, sink, SETTLE_S)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             t.step()
-    assert list(sink.calls()) == ["live-0"] and t.quarantine.total == 0
-    assert caplog.text.count(f"is compressed with {kind}, which is not read") == 1, caplog.text
+        t.shutdown()
+        t.close()
+        with log.open("a") as f:
+            f.write("".join(live[5:]))
+        _gzip_rotated(log, kind)
+        log.write_text(line(record("new-0", "success", 300.0, 301.0)))
+        t = tailer(logdir, state_dir, sink, SETTLE_S)
+        for _ in range(3):
+            t.step()
+    assert t.pipeline.summary.records_read == 3 + 1, "the archive read on from its checkpoint, and the new file"
+    assert sorted(sink.calls()) == sorted([f"r-{i}" for i in range(20)] + [f"live-{i}" for i in range(8)] + ["new-0"])
+    assert t.quarantine.total == 0 and caplog.text == ""
     t.close()
 
 
@@ -1239,3 +1279,43 @@ def test_an_outage_is_timed_and_said_by_the_monotonic_clock_when_the_wall_clock_
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("MLflow unavailable for 61s") for m in said), said
     assert any(m.startswith("MLflow is back after 61s") for m in said), said
+
+
+def test_a_failed_call_waits_settle_by_the_monotonic_clock_when_the_wall_clock_steps_back(tmp_path: Path) -> None:
+    """An NTP step back of 50 minutes while the proxy is quiet: timed by the wall clock, the failed
+    call waited 50 minutes on top of --settle for a retry that never came."""
+    now, mono = 1_800_000_000.0, [1000.0]
+    *_, log, sink, t = daemon_at(tmp_path, now)
+    t.pipeline.ticks = lambda: mono[0]
+    log.write_text(line(record("f", "failure", now - 1, now)))
+    t.step()
+    t.pipeline.clock = lambda: int((now - 3000) * 1_000_000)
+    mono[0] += SETTLE_S - 1
+    t.step()
+    assert not sink.traces
+    mono[0] += 2
+    t.step()
+    t.close()
+    assert sink.calls()["f"]["state"] == "ERROR" and len(sink.calls()["f"]["spans"]) == 1
+
+
+def test_a_failed_call_ahead_of_a_clock_stepped_back_over_an_hour_is_still_held_for_its_retry(tmp_path: Path) -> None:
+    """This machine's clock stepped back two hours: the proxy's calls end past the hour a call may be
+    ahead, and were written at once (``end_in_future``), their retry joined only by a rewrite. They
+    are held as any, --settle by the monotonic clock, and move no watermark."""
+    now, mono = 1_800_000_000.0, [1000.0]
+    *_, log, sink, t = daemon_at(tmp_path, now - 7200)
+    t.pipeline.ticks = lambda: mono[0]
+    log.write_text(line(record("f", "failure", now - 2, now - 1)) + line(record("g", "failure", now - 1, now)))
+    t.step()
+    assert not sink.traces
+    mono[0] += 1
+    with log.open("a") as f:
+        f.write(line(record("f", "success", now, now + 1, 1)))
+    t.step()
+    assert sink.calls()["f"]["state"] == "OK" and len(sink.calls()["f"]["spans"]) == 3 and "g" not in sink.calls()
+    mono[0] += SETTLE_S
+    t.step()
+    t.close()
+    assert sink.calls()["g"]["state"] == "ERROR" and t.pipeline.summary.traces_rewritten == 0
+    assert t.pipeline.warnings == {"end_in_future": 3}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest.pipeline import RunOptions, run_incremental
-from tests.conftest import all_traces, reidentify, spans_ingested, write_jsonl
+from ingest.pipeline import RunOptions, run_batch, run_incremental
+from tests.conftest import SUFFIX, all_traces, compressor, reidentify, spans_ingested, write_jsonl
 
 
 def expected_spans(records: list[dict]) -> int:
@@ -290,14 +290,14 @@ def test_file_without_a_complete_first_line_waits(cron: Cron, batches, tmp_path:
     second = cron.run(logdir)
     assert second.records_read == len(batches[0]) and second.files_skipped == 0
 
-    # a last line waiting for its newline is a file waiting too; one compressed with xz is never read, so not waiting
+    # a last line waiting for its newline is a file waiting too; one compressed with xz is read as gzip is
     with log.open("a") as f:
         f.write(json.dumps(batches[1][0])[:50])
     third = cron.run(logdir)
     assert (third.files, third.files_skipped, third.records_read) == (1, 1, 0)
     (logdir / "proxy.jsonl.1.xz").write_bytes(lzma.compress(lines(batches[1]).encode()))
     fourth = cron.run(logdir)
-    assert (fourth.files, fourth.files_skipped, fourth.records_read) == (2, 1, 0)
+    assert (fourth.files, fourth.files_skipped, fourth.records_read) == (2, 1, len(batches[1]))
 
 
 def test_small_files_are_read_a_group_per_step_and_the_state_saved_once_per_group(tmp_path: Path, capture, monkeypatch) -> None:
@@ -430,3 +430,19 @@ def test_a_damaged_archive_gives_every_record_before_the_damage_and_quarantines_
     assert (mended.quarantined, mended.records_read) == (0, len(records) - len(before))
     assert_present_exactly(cron, records)
     assert len((tmp_path / "st" / "q.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz"])
+def test_a_damaged_archive_read_without_a_state_gives_every_record_before_the_damage(tmp_path: Path, capture, kind: str) -> None:
+    """``batch --no-state`` and ``reconcile`` read files whole, outside the follower: a cut archive
+    stopped the run as "unexpected EOFError" (exit 1), the records before the damage with it."""
+    records = [r | {"noise": os.urandom(300).hex()} for r in reidentify(whole_calls(capture, 0, 60))]
+    whole = compressor(kind)(lines(records).encode())
+    archive = tmp_path / "logs" / ("proxy.jsonl.1" + SUFFIX[kind])
+    archive.parent.mkdir()
+    archive.write_bytes(whole[: len(whole) * 3 // 4])
+    quarantine = tmp_path / "q.jsonl"
+    summary = run_batch(RunOptions(paths=[str(archive.parent)], dry_run=True, quarantine_file=quarantine))
+    (q,) = [json.loads(x) for x in quarantine.read_text().splitlines()]
+    assert (q["source"], q["reason"]) == (str(archive), "unreadable") and 1 < q["line"] < len(records)
+    assert summary.quarantined_by_reason == {"unreadable": 1} and summary.records_read == q["line"], "each record, and the rest"

@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
+import orjson
 import polars as pl
 import pytest
 
-from ingest.normalize import CANONICAL, MAX_EPOCH_S, clean, normalize
+from ingest.normalize import CANONICAL, MAX_DEPTH, MAX_EPOCH_S, clean, normalize, too_deep
 from ingest.quarantine import QuarantineRecord
 from ingest.sources import read_chunks, split_lines
 from tests.conftest import spend_row
@@ -564,6 +565,49 @@ def test_json_nested_deeper_than_a_record_is_read_to_says_so(good: list[dict]) -
     assert_quarantined(q, *pos[1], "too_deep", raw=bad)
     assert "1,024 levels" in q[0].detail
     assert_kept(out, pos, {0: good[0], 2: good[1]})
+
+
+def nested(depth: int, opener: str = "[") -> str:
+    """A record whose message content takes it to ``depth`` levels (the record is one, messages two, the message three)."""
+    closer = {"[": "]", '{"a": ': "}"}[opener]
+    record = {"litellm_call_id": f"0000-depth-{depth}", "messages": [{"role": "user", "content": "@x@"}]}
+    inner = depth - 3
+    return json.dumps(record).replace('"@x@"', opener * inner + '"x"' + closer * inner)
+
+
+def test_one_level_past_the_limit_is_too_deep_on_every_polars(good: list[dict]) -> None:
+    """polars before 2.1 reads a line past orjson's 1,024 levels: such a record was ingested, its
+    deep part kept as JSON text, where 2.1 quarantines it."""
+    past = json.dumps(good[0] | json.loads(nested(MAX_DEPTH + 1)))
+    out, q, pos = run([good[0], past, good[1]])
+    assert_quarantined(q, *pos[1], "too_deep", raw=past)
+    assert_kept(out, pos, {0: good[0], 2: good[1]})
+
+
+def orjson_depth_refused(line: str) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        return str(e).startswith("depth limit exceeded")
+    return False
+
+
+def test_too_deep_finds_exactly_the_lines_orjson_refuses_for_depth() -> None:
+    """The check normalize runs where polars reads past the limit (before 2.1; 2.1 refuses these lines
+    itself), run here on any polars: brackets inside strings, or a line cut short, are not depth."""
+    lines = [
+        nested(MAX_DEPTH),
+        nested(MAX_DEPTH + 1),
+        nested(MAX_DEPTH, '{"a": '),
+        nested(MAX_DEPTH + 1, '{"a": '),
+        nested(5000),
+        json.dumps({"content": "{[" * 5000}),
+        json.dumps({"a": [[1]] * 3000}),
+        nested(MAX_DEPTH + 1)[:-600],
+        '{"a": 1}',
+    ]
+    deep = too_deep(pl.Series("raw", lines))
+    assert deep == [i for i, line in enumerate(lines) if orjson_depth_refused(line)] == [1, 3, 4]
 
 
 def test_malformed_json(good: list[dict]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import os
@@ -14,7 +13,7 @@ import pytest
 from ingest.lognames import is_log_file
 from ingest.quarantine import QuarantineRecord
 from ingest.sources import Chunk, SourceError, discover, read_chunks, split_lines
-from tests.conftest import write_jsonl
+from tests.conftest import COMPRESSIONS, SUFFIX, compressor, write_jsonl
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -58,7 +57,21 @@ def assert_raw_at_offsets(frame: pl.DataFrame, data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["a.jsonl", "a.ndjson", "a.log", "a.json", "a.jsonl.1", "a.jsonl.2.gz", "a.log-20260101", "a.jsonl.gz", "a.log.3", "a.ndjson.10.gz"],
+    [
+        "a.jsonl",
+        "a.ndjson",
+        "a.log",
+        "a.json",
+        "a.jsonl.1",
+        "a.jsonl.2.gz",
+        "a.log-20260101",
+        "a.jsonl.gz",
+        "a.log.3",
+        "a.ndjson.10.gz",
+        "a.json.1.xz",
+        "a.json.bz2",
+        "a.json.2.zst",
+    ],
 )
 def test_is_log_file_yes(name: str) -> None:
     assert is_log_file(name)
@@ -143,7 +156,7 @@ def test_files_of_one_modification_time_are_read_in_rotation_order(tmp_path: Pat
     failed primary that ends ``x.jsonl.1``."""
     from ingest.tail import Tailer
 
-    names = ["x.jsonl.10.gz", "x.jsonl.2.gz", "x.jsonl.1", "x.jsonl-20261201", "x.jsonl"]
+    names = ["x.jsonl.10.gz", "x.jsonl.3.zst", "x.jsonl.2.xz", "x.jsonl.1", "x.jsonl-20261201", "x.jsonl"]
     for name in reversed(names):
         f = tmp_path / "logs" / name
         f.parent.mkdir(exist_ok=True)
@@ -272,18 +285,30 @@ def test_a_hole_before_a_line_is_not_part_of_it(tmp_path: Path, n: int) -> None:
     assert frame["offset"].to_list() == [o for _, o in expected_positions(holed)]
 
 
-def test_gzip_detected_by_content_not_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", COMPRESSIONS)
+def test_compression_detected_by_content_not_name(tmp_path: Path, kind: str) -> None:
     lines = varied_lines(40)
     data = b"".join(line + b"\n" for line in lines)
-    f = tmp_path / "proxy.jsonl.1"  # a rotated copy, gzipped, without .gz
-    f.write_bytes(gzip.compress(data))
-    assert f.read_bytes()[:2] == b"\x1f\x8b"
+    f = tmp_path / "proxy.jsonl.1"  # a rotated copy, compressed, without its suffix
+    f.write_bytes(compressor(kind)(data))
     frame, q, chunks = read_all(f, chunk_bytes=100)
     assert q == []
     assert frame["raw"].to_list() == [line.decode() for line in lines]
     assert list(zip(frame["line_no"], frame["offset"], strict=True)) == expected_positions(lines)
     assert_raw_at_offsets(frame, data)  # offsets are in the uncompressed stream
     assert chunks[-1].end_offset == len(data)
+    assert chunks[-1].disk_offset == f.stat().st_size, "progress counts compressed bytes"
+
+
+def test_a_text_log_starting_like_bzip2s_magic_is_read_as_text(tmp_path: Path) -> None:
+    """bzip2 is told by ``BZh`` and its block size digit, not by ``BZh`` alone: a text line starting
+    so is quarantined as a line, not the whole file as a damaged archive."""
+    lines = [b"BZh: proxy started", *varied_lines(3)]
+    f = tmp_path / "proxy.log"
+    f.write_bytes(b"".join(line + b"\n" for line in lines))
+    frame, q, _ = read_all(f)
+    assert q == []
+    assert frame["raw"].to_list() == [line.decode() for line in lines]
 
 
 def test_plain_file_named_gz_read_as_plain(tmp_path: Path) -> None:
@@ -295,13 +320,13 @@ def test_plain_file_named_gz_read_as_plain(tmp_path: Path) -> None:
     assert frame["raw"].to_list() == [line.decode() for line in lines]
 
 
-@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("kind", [None, *COMPRESSIONS])
 @pytest.mark.parametrize("resume_at", [1, 17, 39])
-def test_start_offset_resumes_mid_file(tmp_path: Path, compressed: bool, resume_at: int) -> None:
+def test_start_offset_resumes_mid_file(tmp_path: Path, kind: str | None, resume_at: int) -> None:
     lines = varied_lines(40)
     data = b"".join(line + b"\n" for line in lines)
-    f = tmp_path / ("a.jsonl.gz" if compressed else "a.jsonl")
-    f.write_bytes(gzip.compress(data) if compressed else data)
+    f = tmp_path / ("a.jsonl" + (SUFFIX[kind] if kind else ""))
+    f.write_bytes(compressor(kind)(data) if kind else data)
     positions = expected_positions(lines)
     line_no, offset = positions[resume_at]
     frame, q, chunks = read_all(f, start_offset=offset, start_line=line_no, chunk_bytes=64)
