@@ -66,6 +66,12 @@ class Bz2File(_OnFile, bz2.BZ2File):
     """A bzip2 file, its streams one after another."""
 
 
+ZSTD_FEED = 256
+"""Compressed bytes handed to zstd at a time. A block of 4 bytes can stand for 128 KiB, so a slice
+this size comes out as 8 MiB at most, where 8 KiB read at once came out as 256 MiB; gzip's, xz's and
+bzip2's readers bound their output by asking for a size, which zstandard's decompressobj cannot."""
+
+
 class _ZstdFrames(io.RawIOBase):
     """zstd frames one after another (zstd's CLI and logrotate can write several), a read of the
     file at a time. A stream cut inside a frame raises EOFError, as gzip's does: zstandard's own
@@ -76,7 +82,7 @@ class _ZstdFrames(io.RawIOBase):
         self.fileobj = fileobj
         self._dctx = zstandard.ZstdDecompressor()
         self._frame: Any = None
-        self._input = b""
+        self._input = memoryview(b"")
         self._out = memoryview(b"")
 
     def readable(self) -> bool:
@@ -84,16 +90,18 @@ class _ZstdFrames(io.RawIOBase):
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._out:
-            data, self._input = self._input or self.fileobj.read(io.DEFAULT_BUFFER_SIZE), b""
-            if not data:
-                if self._frame is not None:
-                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
-                return 0
+            if not self._input:
+                self._input = memoryview(self.fileobj.read(io.DEFAULT_BUFFER_SIZE))
+                if not self._input:
+                    if self._frame is not None:
+                        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                    return 0
             if self._frame is None:
                 self._frame = self._dctx.decompressobj()
+            data, self._input = self._input[:ZSTD_FEED], self._input[ZSTD_FEED:]
             self._out = memoryview(self._frame.decompress(data))
             if self._frame.eof:
-                self._input, self._frame = self._frame.unused_data, None
+                self._input, self._frame = memoryview(self._frame.unused_data + self._input), None
         n = min(len(b), len(self._out))
         b[:n] = self._out[:n]
         self._out = self._out[n:]

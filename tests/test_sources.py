@@ -311,6 +311,31 @@ def test_a_text_log_starting_like_bzip2s_magic_is_read_as_text(tmp_path: Path) -
     assert frame["raw"].to_list() == [line.decode() for line in lines]
 
 
+def test_a_zstd_bomb_between_good_lines_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """A zstd block of 4 bytes stands for 128 KiB, and zstandard's decompressobj has no output
+    bound: 8 KiB fed at once came out as up to 256 MiB. Fed in slices, 128 MiB of zeros is read a
+    few MiB at a time, as one over-long line, the lines around it read."""
+    import tracemalloc
+
+    import zstandard
+
+    before, after = varied_lines(3), varied_lines(2)
+    c = zstandard.ZstdCompressor(level=1)
+    f = tmp_path / "proxy.jsonl.1.zst"
+    f.write_bytes(c.compress(b"".join(x + b"\n" for x in before)) + c.compress(b"\0" * (128 << 20) + b"\n")
+                  + c.compress(b"".join(x + b"\n" for x in after)))  # fmt: skip
+    assert f.stat().st_size < 64 << 10
+    tracemalloc.start()
+    try:
+        frame, q, _ = read_all(f, chunk_bytes=1 << 20, max_line_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert frame["raw"].to_list() == [x.decode() for x in before + after]
+    assert [x.reason for x in q] == ["line_too_long"]
+    assert peak < 64 << 20, f"peak {peak >> 20} MiB"
+
+
 def test_plain_file_named_gz_read_as_plain(tmp_path: Path) -> None:
     lines = varied_lines(5)
     f = tmp_path / "odd.jsonl.gz"
