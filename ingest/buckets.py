@@ -331,7 +331,7 @@ class Bucket:
                 continue
             read.append(key)
             size += len(body)
-            if len(body) < SMALL_OBJECT and compression(body[:6]) is None:
+            if len(body) < SMALL_OBJECT and compression(body) is None:
                 small.append((self.url_of(key), body))
             else:
                 chunks.extend(object_chunks(self.url_of(key), body, chunk_bytes))
@@ -344,7 +344,7 @@ class Bucket:
 def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) -> list[Chunk]:
     """An object's records as chunks (compressed by its magic bytes); a damaged one is quarantined whole,
     after the records it gave before the damage."""
-    fileobj = decompressed(io.BytesIO(body), compression(body[:6]))
+    fileobj = decompressed(io.BytesIO(body), compression(body))
     chunks: list[Chunk] = []
     try:
         for chunk in read_chunks(name, chunk_bytes=chunk_bytes, final=True, fileobj=fileobj):

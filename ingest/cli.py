@@ -357,16 +357,14 @@ def _still_there(path: Path, fingerprint: str) -> bool:
         return True
 
 
-def _compression(path: Path) -> str | None:
-    """What ``path`` is compressed with: its offset counts the content, its size the bytes on disk, so
-    their difference is no lag."""
-    from ingest.sources import compression
-
-    try:
-        with open(path, "rb") as f:
-            return compression(f.read(6))
-    except OSError:
+def _lag(ck: dict[str, Any], size: int | None, packed: str | None) -> int | None:
+    """Bytes of a checkpoint's file still to read; None when unknown: the file is gone, or compressed
+    and not done (its offset counts the content, its size the bytes on disk)."""
+    if size is None:
         return None
+    if ck.get("done"):
+        return 0
+    return None if packed else max(size - ck["offset"], 0)
 
 
 def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
@@ -669,6 +667,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     exit code is 7; copies of corrupt states that runs kept aside are listed.
     """
     from ingest.checkpoints import all_states, corrupt_copies
+    from ingest.sources import compression_of
 
     state_dir = state_dir or default_state_dir()
     if state_dir.exists() and not state_dir.is_dir():  # said "no state in" it, exit 0; batch refuses it (7)
@@ -688,8 +687,8 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                 size = None
             replaced = size is not None and not ck.get("done") and not _still_there(Path(ck["path"]), ck["fingerprint"])
             size = None if replaced else size
-            packed = _compression(Path(ck["path"])) if size is not None else None
-            lag = 0 if ck.get("done") and size is not None else None if size is None or packed else max(size - ck["offset"], 0)
+            packed = compression_of(Path(ck["path"])) if size is not None else None
+            lag = _lag(ck, size, packed)
             rows.append(
                 {
                     "mode": st["mode"],

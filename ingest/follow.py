@@ -38,6 +38,7 @@ from ingest.sources import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
     LINE_WINDOW,
+    MAGIC_BYTES,
     TAIL_BYTES,
     Chunk,
     compression,
@@ -239,7 +240,7 @@ class Follower:
                     self.out_of_descriptors = e
                 return None
         try:
-            packed = compression(os.pread(fd, 6, 0))
+            packed = compression(os.pread(fd, MAGIC_BYTES, 0))
             finished = not packed and self.quiet(os.fstat(fd))
             with _reader(fd, packed) as f:
                 fp, *older = fingerprints_of(f, unterminated_ok=finished) or (None,)

@@ -38,6 +38,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 COMPRESSION = {GZIP_MAGIC: "gzip", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", **{b"BZh%d" % n: "bzip2" for n in range(1, 10)}}
 """What rotation compresses a log with (gzip, or logrotate's ``compresscmd xz``, ``bzip2``,
 ``zstd``), by its first bytes: each is read by content, as gzip is."""
+MAGIC_BYTES = max(map(len, COMPRESSION))
+"""How much of a file's start tells its compression."""
 TAIL_BYTES = 256
 HEAD_BYTES = 512
 LINE_WINDOW = 1 << 20
@@ -47,6 +49,15 @@ LINE_WINDOW = 1 << 20
 def compression(head: bytes) -> str | None:
     """The compression ``head`` (a file's or object's first bytes) starts with; None for plain text."""
     return next((kind for magic, kind in COMPRESSION.items() if head.startswith(magic)), None)
+
+
+def compression_of(path: Path) -> str | None:
+    """The compression of the file at ``path``; None for plain text, or a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return compression(f.read(MAGIC_BYTES))
+    except OSError:
+        return None
 
 
 class _OnFile:
@@ -332,7 +343,7 @@ def age_order(mtime_ns: int, path: str) -> tuple[int, tuple[int, int], str]:
 def open_log(path: Path) -> BinaryIO:
     """Open plain or compressed files by content, not by name: rotated copies are often renamed."""
     f = open(path, "rb")  # noqa: SIM115
-    magic = f.read(6)
+    magic = f.read(MAGIC_BYTES)
     f.seek(0)
     return decompressed(f, compression(magic))
 
@@ -648,12 +659,7 @@ def file_chunks(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[
             line, offset = chunk.end_line, chunk.end_offset
             yield chunk
     except DAMAGED as e:
-        try:
-            with open(path, "rb") as f:
-                kind = compression(f.read(6))
-        except OSError:
-            kind = None
-        if kind is None:
+        if compression_of(path) is None:
             raise
         yield damaged_rest(path, shown(path), line, offset, e)
 
