@@ -193,6 +193,32 @@ def test_never_completed_line_and_overlong_line_go_to_quarantine(setup, mlflow_s
     assert reasons == ["line_too_long", "truncated_line"]
 
 
+def test_the_quarantine_file_rotated_under_a_running_daemon_loses_and_doubles_no_record(
+    setup, mlflow_server, capture, tmp_path: Path
+) -> None:
+    """The quarantine file is opened for each write (``O_APPEND``): logrotate's rename (with or
+    without ``create``) rotates it under a running daemon, as the README says, and a record goes to
+    one file or the other, once."""
+    logdir, experiment, daemon = setup
+    log, q = logdir / "proxy.jsonl", tmp_path / "state" / "quarantine.jsonl"
+    calls = fresh_calls(capture)[:2]
+    writer = Writer(log)
+    d = daemon().start()
+    with log.open("a") as f:
+        f.write("not json, first\n")
+    wait_for(lambda: q.exists() and len(q.read_text().splitlines()) == 1, 20, "the first quarantine record")
+    q.rename(q.with_name("quarantine.jsonl.1"))
+    with log.open("a") as f:
+        f.write("not json, second\n")
+    writer.write_calls(calls)
+    wait_for_calls(mlflow_server.url, experiment, calls)
+    wait_for(lambda: q.exists() and len(q.read_text().splitlines()) == 1, 20, "the second record in a new file")
+    assert d.stop() == 0
+    rotated = [json.loads(line)["line"] for line in q.with_name("quarantine.jsonl.1").read_text().splitlines()]
+    current = [json.loads(line)["line"] for line in q.read_text().splitlines()]
+    assert (rotated, current) == ([1], [2])
+
+
 def test_mlflow_outage_loses_nothing(tmp_path: Path, capture) -> None:
     server = start_mlflow_server(tmp_path / "outage-server")
     logdir = tmp_path / "logs"
