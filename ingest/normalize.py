@@ -839,9 +839,10 @@ def too_deep(raw: pl.Series) -> list[int]:
     idx = raw.str.len_bytes().gt(2 * MAX_DEPTH).arg_true()
     if not len(idx):
         return []
-    idx = idx.filter(raw.gather(idx).str.count_matches(r"[\[{]").gt(MAX_DEPTH))
+    long = raw.gather(idx)
+    nested = long.str.count_matches(r"[\[{]").gt(MAX_DEPTH)
     deep = []
-    for i, line in zip(idx.to_list(), raw.gather(idx).to_list(), strict=True):
+    for i, line in zip(idx.filter(nested).to_list(), long.filter(nested).to_list(), strict=True):
         try:
             orjson.loads(line)
         except orjson.JSONDecodeError as e:
