@@ -41,6 +41,13 @@ def _text_of(content: object) -> str:
     return str(content)
 
 
+def _form_field(raw: bytes, name: str) -> str:
+    """One text field of a multipart form (an audio upload's ``model``)."""
+    marker = f'name="{name}"'.encode()
+    _, _, rest = raw.partition(marker)
+    return rest.split(b"\r\n\r\n", 1)[-1].split(b"\r\n", 1)[0].decode(errors="replace") if rest else ""
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -59,7 +66,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._json(200, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        multipart = self.headers.get("Content-Type", "").startswith("multipart/")
+        body = {"model": _form_field(raw, "model")} if multipart else json.loads(raw or b"{}")
         model = str(body.get("model", ""))
         if "FAIL_500" in model:
             return self._json(500, {"error": {"message": f"fake upstream: deterministic internal error ({model})", "type": "server_error"}})
@@ -164,6 +173,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    def _moderations(self, body: dict, model: str) -> None:
+        """OpenAI's moderation: flagged when the input says "kill"."""
+        given = body.get("input")
+        texts = [given] if isinstance(given, str) else list(given or [])
+        results = [{"flagged": "kill" in str(t), "categories": {"violence": "kill" in str(t)},
+                    "category_scores": {"violence": 0.9 if "kill" in str(t) else 0.01}} for t in texts]  # fmt: skip
+        self._json(200, {"id": "modr-e2e", "model": model, "results": results})
+
+    def _speech(self, body: dict, model: str) -> None:
+        """Text to speech: a few bytes of "audio"."""
+        data = b"ID3fake-mp3-" + str(body.get("input", "")).encode()[:32]
+        self.send_response(200)
+        self.send_header("Content-Type", "audio/mpeg")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _transcription(self, body: dict, model: str) -> None:
+        self._json(200, {"text": "a fake transcript of the upload", "usage": {"type": "duration", "seconds": 3}})
+
     def _chat(self, body: dict, model: str) -> None:
         messages = body.get("messages") or []
         last = str(messages[-1].get("content", "")) if messages else ""
@@ -224,6 +253,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("/rerank", _rerank),
         ("/responses", _responses),
         ("/completions", _text),
+        ("/moderations", _moderations),
+        ("/audio/speech", _speech),
+        ("/audio/transcriptions", _transcription),
     )
 
 
