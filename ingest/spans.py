@@ -45,20 +45,38 @@ APP_TRACE_TAG = "litellm.app_trace_id"
 PROXY_TRACE_ATTRIBUTE = "litellm.proxy_trace_id"
 """Attribute of the proxy span nested in the app's trace: our standalone trace of the call."""
 
-_CHAT = {"completion", "acompletion", "anthropic_messages", "responses", "aresponses", "generate_content", "agenerate_content"}
+_CHAT = {
+    "completion",
+    "acompletion",
+    "anthropic_messages",
+    "aanthropic_messages",
+    "responses",
+    "aresponses",
+    "generate_content",
+    "agenerate_content",
+    "generate_content_stream",
+    "agenerate_content_stream",
+}
 _TEXT = {"text_completion", "atext_completion"}
 _EMBED = {"embedding", "aembedding"}
 _RERANK = {"rerank", "arerank"}
+_TOOL = {"call_mcp_tool"}
+_PASS_THROUGH = {"pass_through_endpoint"}
+NO_PROMPT = "default-message-value"
+"""What LiteLLM logs as the prompt of a call that has none (an MCP tool call or listing)."""
 
 
 def span_type(call_type: str) -> str:
-    """CHAT_MODEL as MLflow's OpenAI autolog types chat; EMBEDDING for (a)embedding (LiteLLM's callback says LLM)."""
+    """CHAT_MODEL as MLflow's OpenAI autolog types chat; EMBEDDING for (a)embedding (LiteLLM's callback says LLM);
+    TOOL for a tool the proxy's MCP gateway ran."""
     if call_type in _CHAT:
         return SpanType.CHAT_MODEL
     if call_type in _EMBED:
         return SpanType.EMBEDDING
     if call_type in _RERANK:
         return SpanType.RERANKER
+    if call_type in _TOOL:
+        return SpanType.TOOL
     return SpanType.LLM
 
 
@@ -207,6 +225,26 @@ def _contents(messages: Any) -> Any:
     return messages
 
 
+def _body_of(messages: Any) -> dict[str, Any] | None:
+    """A pass-through call's request body: LiteLLM logs it as the JSON text of one user message. As
+    the inputs, MLflow reads a chat request's messages from it as from a chat call's."""
+    if isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict):
+        body = _text_of(messages[0].get("content"), dict)
+        if isinstance(body, dict):
+            return body
+    return None
+
+
+def _mcp_call(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """An MCP tool call's request as MCP's ``tools/call`` names it (tool and arguments), from the
+    ``mcp_tool_call_metadata`` LiteLLM keeps in the metadata (its logged prompt is a placeholder)."""
+    md = _text_of(payload.get("metadata"), dict)
+    call = md.get("mcp_tool_call_metadata") if isinstance(md, dict) else None
+    if not isinstance(call, dict) or not call.get("name"):
+        return None
+    return {"name": call.get("namespaced_tool_name") or call["name"], "arguments": call.get("arguments")}
+
+
 @dataclass
 class _Attempt:
     row: dict[str, Any]
@@ -257,7 +295,11 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
             params = {k: v for k, v in request.items() if k not in ("messages", "input", "prompt", "model")}
             messages = messages or request.get("messages") or request.get("input") or request.get("prompt")
     kind = row["call_type"]
+    if messages == [{"role": "user", "content": NO_PROMPT}]:
+        messages = None
     inputs: dict[str, Any] = {"model": row["model_group"] or row["model"]}
+    if kind in _PASS_THROUGH and not redact.messages and (body := _body_of(messages)) is not None:
+        inputs, messages = {**inputs, **body}, None
     if messages is not None or redact.messages:  # no prompt logged: a null under its key was the whole request preview
         if kind in _EMBED:
             inputs["input"] = _contents(messages)
@@ -269,7 +311,11 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
     if row["end_user"] and "user" not in inputs:
         inputs["user"] = row["end_user"]
     outputs = _json_value(payload.get("response")) if row["status"] == "success" else None
-    if redact.messages:
+    if kind in _PASS_THROUGH and isinstance(outputs, dict) and list(outputs) == ["response"]:
+        outputs = _text_of(outputs["response"], dict)
+    if kind in _TOOL and (call := _mcp_call(payload)) is not None:
+        inputs = {**call, "arguments": REDACTED} if redact.messages else call
+    elif redact.messages:
         inputs = _redacted_prompt(inputs)
     raw_response = _logged_json(payload.get("response"))
     if redact.responses:

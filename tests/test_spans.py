@@ -256,6 +256,59 @@ def test_span_type_atext_completion_is_llm() -> None:
     assert span_type("aembedding") == SpanType.EMBEDDING
 
 
+CALL_TYPES = [json.loads(line) for line in (SAMPLE_LOGS.parent / "tests/data/litellm-1.110.2-calltypes.jsonl").read_text().splitlines()]
+"""Real records of a LiteLLM 1.110.2 proxy (our logger) for moderation, speech, transcription, two
+pass-through routes (a configured ``pass_through_endpoints`` path, ``/openai/...``), MCP tool calls
+(``/mcp-rest/tools/call`` and JSON-RPC ``tools/call`` at ``/mcp/``) and an MCP tool listing, against
+tests/e2e/fake_upstream.py and tests/e2e/fake_mcp.py; made with tests/e2e/capture_calltypes.py.
+``model_map_information`` (9 KB of LiteLLM's price map each) and a cost traceback are cut."""
+
+
+def of_type(*kinds: str) -> list[dict]:
+    return [r for r in CALL_TYPES if r["call_type"] in kinds]
+
+
+@pytest.mark.parametrize("rec", CALL_TYPES, ids=lambda r: r["call_type"])
+def test_every_other_call_type_is_one_span_with_litellms_tokens_and_cost(rec: dict) -> None:
+    (root,) = spans(trace_of([rec]))
+    assert root.attributes["mlflow.chat.tokenUsage"]["total_tokens"] == rec["total_tokens"]
+    assert root.attributes["mlflow.llm.cost"]["total_cost"] == rec["response_cost"]
+    assert root.outputs is not None
+    assert "default-message-value" not in json.dumps(root.inputs), "LiteLLM's placeholder for no prompt is no prompt"
+
+
+def test_span_type_of_the_other_chat_routes_and_of_an_mcp_tool_call() -> None:
+    for kind in ("anthropic_messages", "aanthropic_messages", "generate_content_stream", "agenerate_content_stream"):
+        assert span_type(kind) == SpanType.CHAT_MODEL, kind
+    assert span_type("call_mcp_tool") == SpanType.TOOL
+    for kind in ("amoderation", "aspeech", "atranscription", "pass_through_endpoint", "list_mcp_tools"):
+        assert span_type(kind) == SpanType.LLM, kind
+
+
+@pytest.mark.parametrize("rec", of_type("call_mcp_tool"), ids=lambda r: r["metadata"]["user_api_key_request_route"])
+def test_an_mcp_tool_call_is_a_tool_span_with_the_tool_and_its_arguments(rec: dict) -> None:
+    call = rec["metadata"]["mcp_tool_call_metadata"]
+    (root,) = spans(trace_of([rec]))
+    assert root.span_type == SpanType.TOOL
+    assert root.inputs == {"name": call["namespaced_tool_name"], "arguments": call["arguments"]}
+    assert root.outputs == rec["response"]
+    (redacted,) = spans(trace_of([rec], Redaction(messages=True)))
+    assert redacted.inputs == {"name": call["namespaced_tool_name"], "arguments": "[redacted]"}
+
+
+@pytest.mark.parametrize("rec", of_type("pass_through_endpoint"), ids=lambda r: r["metadata"]["user_api_key_request_route"])
+def test_a_pass_through_call_shows_the_request_and_response_bodies(rec: dict) -> None:
+    """LiteLLM logs the body as the JSON text of one user message and the answer as JSON text under
+    ``response``; decoded, MLflow's previews read the question and the answer from them."""
+    body, answer = json.loads(rec["messages"][0]["content"]), json.loads(rec["response"]["response"])
+    (root,) = spans(trace_of([rec]))
+    assert root.inputs == {"model": rec["model"], **body}
+    assert root.outputs == answer
+    assert body["messages"] and answer["choices"][0]["message"]["content"]
+    (redacted,) = spans(trace_of([rec], Redaction(messages=True)))
+    assert redacted.inputs == {"model": rec["model"], "messages": [{"role": "user", "content": "[redacted]"}]}
+
+
 # --- times -------------------------------------------------------------------------------
 
 
