@@ -334,6 +334,9 @@ class Follower:
         return f
 
     def forget(self, key: str) -> None:
+        """Stop following a file gone for good (what is known of its being whole goes with it: a
+        daemon through months of rotations would keep an entry per archive)."""
+        self._whole.pop(key, None)
         f = self.files.pop(key, None)
         if f is not None:
             f.close()
@@ -347,6 +350,7 @@ class Follower:
         if f.ck.end_stat is None:
             return False
         self.files.pop(f.key, None)
+        self._whole.pop(f.key, None)  # reopened only once its stat changed, which this no longer matches
         self.parked.add(f.ck.end_stat)
         f.close()
         return True

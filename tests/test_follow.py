@@ -1130,6 +1130,30 @@ def test_a_rotated_file_compressed_otherwise_is_read_as_gzip_is(tmp_path: Path, 
     t.close()
 
 
+def test_a_daemon_through_many_rotations_keeps_nothing_of_archives_deleted_long_ago(tmp_path: Path) -> None:
+    """What the daemon knows of an archive it read whole (xz, bzip2 and zstd have no trailer that
+    says so) goes when the archive does: through months of logrotate's ``rotate N`` it kept an
+    entry per archive ever read."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    for n in range(12):
+        log.write_text(line(record(f"c-{n}", "success", 100.0 + n, 101.0 + n)))
+        t.step()
+        archive = _gzip_rotated(log, "zstd").rename(logdir / f"proxy-{n:02d}.jsonl.zst")
+        t.step()
+        t.step()
+        assert t.follower.is_done(next(f for f in t.follower.files.values() if f.path == archive)), "read whole"
+        archive.unlink()
+        t.step()
+        t.step()
+    assert sorted(sink.calls()) == sorted(f"c-{n}" for n in range(12))
+    assert len(t.follower._whole) <= 1
+    t.close()
+
+
 def test_a_first_record_left_without_its_newline_keeps_the_file_known_when_the_next_writer_appends(tmp_path: Path) -> None:
     """A writer died between its record and the newline on a file's first line, and the next one
     appended its own: the first line became ``{A}{B}``, a new fingerprint, the file was taken as
