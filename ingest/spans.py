@@ -61,6 +61,7 @@ _TEXT = {"text_completion", "atext_completion"}
 _EMBED = {"embedding", "aembedding"}
 _RERANK = {"rerank", "arerank"}
 _TOOL = {"call_mcp_tool"}
+_GUARDRAIL = {"moderation", "amoderation"}
 _PASS_THROUGH = {"pass_through_endpoint"}
 NO_PROMPT = "default-message-value"
 """What LiteLLM logs as the prompt of a call that has none (an MCP tool call or listing)."""
@@ -68,7 +69,7 @@ NO_PROMPT = "default-message-value"
 
 def span_type(call_type: str) -> str:
     """CHAT_MODEL as MLflow's OpenAI autolog types chat; EMBEDDING for (a)embedding (LiteLLM's callback says LLM);
-    TOOL for a tool the proxy's MCP gateway ran."""
+    TOOL for a tool the proxy's MCP gateway ran; GUARDRAIL for a moderation check."""
     if call_type in _CHAT:
         return SpanType.CHAT_MODEL
     if call_type in _EMBED:
@@ -77,6 +78,8 @@ def span_type(call_type: str) -> str:
         return SpanType.RERANKER
     if call_type in _TOOL:
         return SpanType.TOOL
+    if call_type in _GUARDRAIL:
+        return SpanType.GUARDRAIL
     return SpanType.LLM
 
 

@@ -281,7 +281,8 @@ def test_span_type_of_the_other_chat_routes_and_of_an_mcp_tool_call() -> None:
     for kind in ("anthropic_messages", "aanthropic_messages", "generate_content_stream", "agenerate_content_stream"):
         assert span_type(kind) == SpanType.CHAT_MODEL, kind
     assert span_type("call_mcp_tool") == SpanType.TOOL
-    for kind in ("amoderation", "aspeech", "atranscription", "pass_through_endpoint", "list_mcp_tools"):
+    assert span_type("moderation") == span_type("amoderation") == SpanType.GUARDRAIL
+    for kind in ("aspeech", "atranscription", "pass_through_endpoint", "list_mcp_tools"):
         assert span_type(kind) == SpanType.LLM, kind
 
 
