@@ -21,9 +21,11 @@ A state of more than ``SETTLE_ABOVE`` files (a synced bucket of a per-call logge
 call) would make every step rewrite a document that grows with every file ever read. Its
 checkpoints are settled instead into a SQLite file beside it (``<state>.files.sqlite``), and the
 document keeps only those changed since: it is written first, then they are upserted, so a crash
-between the two finds them in the document, which wins on load. The rows belong to the document
-that names their generation: a state deleted, replaced or bound to a new experiment starts from
-none of them.
+between the two finds them in the document, which wins on load. They are read when a run asks for
+them, by fingerprint or by ``end_stat`` (an index on the row's JSON, so a version that writes rows
+without knowing it keeps it right), never all at a load: a run costs what its files do, not every
+file the state ever read. The rows belong to the document that names their generation: a state
+deleted, replaced or bound to a new experiment starts from none of them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import shutil
 import sqlite3
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +52,12 @@ STATE_VERSION = 3
 SETTLE_ABOVE = 1000
 """More checkpoints than this are settled into the files database (see the module doc)."""
 FILES_DB_SUFFIX = ".files.sqlite"
+END_STAT = "CASE WHEN json_valid(doc) THEN json_extract(doc, '$.end_stat') END"
+FILES_DDL = (
+    "CREATE TABLE IF NOT EXISTS files (fingerprint TEXT PRIMARY KEY, generation TEXT NOT NULL, doc TEXT NOT NULL) WITHOUT ROWID",
+    f"CREATE INDEX IF NOT EXISTS files_end_stat ON files (generation, {END_STAT})",
+)
+"""The files database; its index on an expression of ``doc`` is kept right by any version that writes a row."""
 
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +109,7 @@ class Checkpoint:
         object.__setattr__(self, name, value)
         object.__setattr__(self, "changes", self.changes + 1)
         owner = self.__dict__.get("_owner")
-        if owner is not None and owner.get(self.fingerprint) is self:
+        if owner is not None and owner._held.get(self.fingerprint) is self:
             owner.changed[self.fingerprint] = self
 
     @classmethod
@@ -142,22 +150,84 @@ class Checkpoint:
         return d
 
 
-class Checkpoints(dict[str, Checkpoint]):
+class Checkpoints(MutableMapping[str, Checkpoint]):
     """A state's checkpoints by key, with those set or changed since they were last settled
-    (``changed``): a save finds them without a walk over every file the state knows."""
+    (``changed``): a save finds them without a walk over every file the state knows. Those settled
+    in the files database are read when asked for (by key, or by :meth:`with_end_stats`): a run
+    costs what its files do, not every file the state ever read. A walk reads them all."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, settled: Settled | None = None) -> None:
+        self._held: dict[str, Checkpoint] = {}
         self.changed: dict[str, Checkpoint] = {}
+        self._settled = settled
+        self._new: set[str] = set()
+        """Keys held here that the files database did not have (``len`` is its count and theirs)."""
+
+    def _take(self, ck: Checkpoint) -> Checkpoint:
+        """A checkpoint read from the files database, held unchanged from now on."""
+        self._held[ck.fingerprint] = ck
+        object.__setattr__(ck, "_owner", self)
+        return ck
+
+    def __getitem__(self, key: str) -> Checkpoint:
+        if (ck := self._held.get(key)) is not None:
+            return ck
+        if self._settled is not None and (ck := self._settled.get(key)) is not None:
+            return self._take(ck)
+        raise KeyError(key)
 
     def __setitem__(self, key: str, ck: Checkpoint) -> None:
-        super().__setitem__(key, ck)
+        if self._settled is not None and key not in self and key not in self._settled.bad:
+            self._new.add(key)
+        self._held[key] = ck
         object.__setattr__(ck, "_owner", self)
         self.changed[key] = ck
 
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("checkpoints are never dropped: a returning copy of a deleted file would be read again")
+
+    def __iter__(self) -> Iterator[str]:
+        if self._settled is not None:
+            for ck in self._settled.all():
+                if ck.fingerprint not in self._held:
+                    self._take(ck)
+        return iter(list(self._held))
+
+    def __len__(self) -> int:
+        return len(self._held) if self._settled is None else self._settled.count + len(self._new)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
     def clear(self) -> None:
-        super().clear()
+        self.close()
+        self._held.clear()
         self.changed.clear()
+        self._settled = None
+        self._new.clear()
+
+    def with_end_stats(self, keys: set[str]) -> dict[str, Checkpoint]:
+        """The checkpoints whose ``end_stat`` is one of ``keys``, by it: an indexed look-up, not a walk."""
+        out = {c.end_stat: c for c in self._held.values() if c.end_stat in keys}
+        if self._settled is not None and keys:
+            for ck in self._settled.with_end_stats(keys):
+                if ck.fingerprint not in self._held and ck.end_stat is not None:
+                    out.setdefault(ck.end_stat, self._take(ck))
+        return out
+
+    def end_stats(self) -> dict[str, str]:
+        """Every ``end_stat`` with its key (a daemon's start), read as text: no checkpoint is built."""
+        out = {} if self._settled is None else {s: fp for fp, s in self._settled.end_stats() if fp not in self._held}
+        out.update((c.end_stat, c.fingerprint) for c in self._held.values() if c.end_stat)
+        return out
+
+    def close(self) -> None:
+        """Close the files database (opened again when asked)."""
+        if self._settled is not None:
+            self._settled.close()
 
     def settled(self, ck: Checkpoint, changes: int) -> None:
         """``ck`` as it was at ``changes`` is in the files database: unless it changed since, no document needs it."""
@@ -234,9 +304,7 @@ class State:
                 doc = {}
         if (generation := _generation(doc)) is not None:
             state.files_db = generation
-            for ck in settled_checkpoints(path, state.files_db):
-                state.checkpoints[ck.fingerprint] = ck
-                state.checkpoints.settled(ck, ck.changes)
+            state.checkpoints = Checkpoints(Settled(path.with_suffix(FILES_DB_SUFFIX), generation))
         for d in doc.get("checkpoints", []):
             ck = Checkpoint.from_dict(d)
             state.checkpoints[ck.fingerprint] = ck
@@ -337,11 +405,7 @@ class State:
             if self._db is None:
                 from ingest.ledger import state_db
 
-                self._db = state_db(
-                    self.db_path,
-                    "CREATE TABLE IF NOT EXISTS files "
-                    "(fingerprint TEXT PRIMARY KEY, generation TEXT NOT NULL, doc TEXT NOT NULL) WITHOUT ROWID",
-                )
+                self._db = state_db(self.db_path, *FILES_DDL)
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 if self._db_generation != self.files_db:
@@ -357,7 +421,19 @@ class State:
         for c, changes, _ in pending:
             self.checkpoints.settled(c, changes)
 
+    def _index(self) -> None:
+        """A files database written before it was looked up by ``end_stat`` gets its index (a run
+        with nothing to settle would otherwise scan it every time)."""
+        settled = self.checkpoints._settled
+        if self.files_db is None or self._db is not None or settled is None or settled.indexed():
+            return
+        from ingest.ledger import state_db
+
+        with contextlib.suppress(StateError):  # a database that cannot be opened is said on its first settle
+            self._db = state_db(self.db_path, *FILES_DDL)
+
     def close(self) -> None:
+        self.checkpoints.close()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -388,6 +464,7 @@ class State:
                 raise LockedError(f"another run holds the lock {lock_path} (pid {holder})") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._index()
             yield self
         finally:
             self.close()
@@ -558,6 +635,79 @@ def settled_checkpoints(state_path: Path, generation: str) -> list[Checkpoint]:
             log.warning("the checkpoints database %s cannot be used (%s): its files are read again", path, e)
             return []
         raise StateError(f"cannot read the checkpoints database {path}: {e}") from e
+
+
+class Settled:
+    """The checkpoints of one generation in the files database beside a state, read when asked for
+    (read-only). A missing or corrupt database has none (said once as a warning: their files are
+    read again, which doubles nothing); one that cannot be read is a StateError."""
+
+    def __init__(self, path: Path, generation: str) -> None:
+        self.path, self.generation = path, generation
+        self._db: sqlite3.Connection | None = None
+        self._unusable = not path.exists()
+        self.bad: set[str] = set()
+        """Fingerprints whose row was found to be no checkpoint (counted in ``count``)."""
+        counted = self._rows("SELECT count(*) FROM files WHERE generation = ?")
+        self.count: int = counted[0][0] if counted else 0
+        """Its rows, a row that is no checkpoint among them (left out when read: its file is read again)."""
+
+    def _rows(self, sql: str, *params: object) -> list[tuple]:
+        if self._unusable:
+            return []
+        from ingest.ledger import _is_corrupt
+
+        try:
+            if self._db is None:
+                self._db = _read_only(self.path)
+            return self._db.execute(sql, (self.generation, *params)).fetchall()
+        except sqlite3.DatabaseError as e:
+            if _is_corrupt(e) or "no such table" in str(e):
+                log.warning("the checkpoints database %s cannot be used (%s): its files are read again", self.path, e)
+                self._unusable = True
+                self.close()
+                return []
+            raise StateError(f"cannot read the checkpoints database {self.path}: {e}") from e
+
+    def indexed(self) -> bool:
+        """Missing, unusable, or with its ``end_stat`` index."""
+        return self._unusable or bool(self._rows("SELECT 1 FROM sqlite_master WHERE name = 'files_end_stat' AND ? IS NOT NULL"))
+
+    def get(self, fingerprint: str) -> Checkpoint | None:
+        rows = self._rows("SELECT doc FROM files WHERE generation = ? AND fingerprint = ?", fingerprint)
+        if (ck := _checkpoint(rows[0][0]) if rows else None) is None and rows:
+            self.bad.add(fingerprint)
+        return ck
+
+    def with_end_stats(self, keys: set[str]) -> list[Checkpoint]:
+        sql = f"SELECT doc FROM files WHERE generation = ? AND {END_STAT} IN (SELECT value FROM json_each(?))"
+        return [ck for (text,) in self._rows(sql, json.dumps(sorted(keys))) if (ck := _checkpoint(text)) is not None]
+
+    def end_stats(self) -> list[tuple[str, str]]:
+        sql = f"SELECT fingerprint, {END_STAT} FROM files WHERE generation = ? AND {END_STAT} IS NOT NULL"
+        return [(fp, s) for fp, s in self._rows(sql) if isinstance(s, str)]
+
+    def all(self) -> list[Checkpoint]:
+        return [ck for (text,) in self._rows("SELECT doc FROM files WHERE generation = ?") if (ck := _checkpoint(text)) is not None]
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection; a writable one where a killed writer left a hot journal only it may
+    roll back (see :func:`ingest.ledger.read_state_db`)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError as e:
+        db.close()
+        if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
+            raise
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+    return db
 
 
 def corrupt_copies(state_dir: Path) -> list[Path]:

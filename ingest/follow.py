@@ -310,15 +310,14 @@ class Follower:
         """The files read to their end before and untouched since, with their checkpoints: the same
         device, inode, size and mtime (Filebeat's "offset equals size", by stat). A cron run over a
         folder of a per-call logger's files, hundreds of thousands of them, opens only the new ones."""
-        stamps = {c.end_stat: c for c in self.state.checkpoints.values() if c.end_stat}
-        if not stamps:
+        if not self.state.checkpoints:
             return {}
-        out: dict[Path, Checkpoint] = {}
+        keys: dict[Path, str] = {}
         for path in paths:
             with contextlib.suppress(OSError):
-                if (ck := stamps.get(stat_key(os.stat(path)))) is not None:
-                    out[path] = ck
-        return out
+                keys[path] = stat_key(os.stat(path))
+        stamps = self.state.checkpoints.with_end_stats(set(keys.values()))
+        return {path: stamps[key] for path, key in keys.items() if key in stamps}
 
     def follow(self, f: Followed) -> Followed:
         """Take ``f`` on: its checkpoint joins the state, and held lines named by a version-1 state are fed."""
@@ -358,7 +357,7 @@ class Follower:
     def park_stamped(self) -> None:
         """At a start, the files read to their end by an earlier run count as closed: a daemon over
         a folder of a hundred thousand files opens only those that changed since."""
-        self.parked = {c.end_stat for c in self.state.checkpoints.values() if c.end_stat and c.fingerprint not in self._reset}
+        self.parked = {s for s, key in self.state.checkpoints.end_stats().items() if key not in self._reset}
 
     def still_parked(self, st: os.stat_result) -> bool:
         """The file under ``st`` is a parked one, unchanged since it was read to its end."""
