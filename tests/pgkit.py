@@ -69,8 +69,10 @@ class PgCluster(Postgres):
         ``freeze(signal.SIGCONT)`` thaws it."""
         pm = int((self.base / "data" / "postmaster.pid").read_text().split()[0])
         kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True).stdout.split()
-        for pid in (pm, *map(int, kids)):
-            os.kill(pid, sig)
+        os.kill(pm, sig)
+        for pid in map(int, kids):
+            with contextlib.suppress(ProcessLookupError):  # a backend that ended since it was listed
+                os.kill(pid, sig)
 
     @contextlib.contextmanager
     def frozen_at(
