@@ -619,22 +619,12 @@ def _generation(doc: dict[str, Any]) -> str | None:
 
 
 def settled_checkpoints(state_path: Path, generation: str) -> list[Checkpoint]:
-    """The checkpoints of this generation in the files database beside a state, read-only: [] if it
-    is missing or corrupt (said as a warning; its files are read again, which doubles nothing),
-    StateError if it cannot be read."""
-    path = state_path.with_suffix(FILES_DB_SUFFIX)
-    if not path.exists():
-        return []
-    from ingest.ledger import _is_corrupt, read_state_db
-
+    """The checkpoints of this generation in the files database beside a state, all of them (see :class:`Settled`)."""
+    settled = Settled(state_path.with_suffix(FILES_DB_SUFFIX), generation)
     try:
-        (rows,) = read_state_db(path, ("SELECT doc FROM files WHERE generation = ?", (generation,)), timeout=60)
-        return [ck for (text,) in rows if (ck := _checkpoint(text)) is not None]
-    except sqlite3.DatabaseError as e:
-        if _is_corrupt(e) or "no such table" in str(e):
-            log.warning("the checkpoints database %s cannot be used (%s): its files are read again", path, e)
-            return []
-        raise StateError(f"cannot read the checkpoints database {path}: {e}") from e
+        return settled.all()
+    finally:
+        settled.close()
 
 
 class Settled:
@@ -655,11 +645,11 @@ class Settled:
     def _rows(self, sql: str, *params: object) -> list[tuple]:
         if self._unusable:
             return []
-        from ingest.ledger import _is_corrupt
+        from ingest.ledger import _is_corrupt, open_read_only
 
         try:
             if self._db is None:
-                self._db = _read_only(self.path)
+                self._db = open_read_only(self.path, timeout=60)
             return self._db.execute(sql, (self.generation, *params)).fetchall()
         except sqlite3.DatabaseError as e:
             if _is_corrupt(e) or "no such table" in str(e):
@@ -694,20 +684,6 @@ class Settled:
         if self._db is not None:
             self._db.close()
             self._db = None
-
-
-def _read_only(path: Path) -> sqlite3.Connection:
-    """A read-only connection; a writable one where a killed writer left a hot journal only it may
-    roll back (see :func:`ingest.ledger.read_state_db`)."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    except sqlite3.OperationalError as e:
-        db.close()
-        if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
-            raise
-        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
-    return db
 
 
 def corrupt_copies(state_dir: Path) -> list[Path]:

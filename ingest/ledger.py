@@ -54,20 +54,28 @@ def state_db(path: Path, *ddl: str) -> sqlite3.Connection:
 
 
 def read_state_db(path: Path, *queries: tuple[str, tuple[object, ...]], timeout: float = 10) -> list[list[tuple]]:
-    """The rows of each query on a state database, read-only (``status``, a dry run, a run's load).
-    A writer killed while it switched a new file to WAL leaves a hot journal that only a writable
-    connection may roll back (SQLITE_READONLY_ROLLBACK): the file is then opened writable, as any
-    run's own open would, rather than refused for ever."""
-    for mode in ("ro", "rw"):
-        db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=timeout)
-        try:
-            return [db.execute(sql, params).fetchall() for sql, params in queries]
-        except sqlite3.OperationalError as e:
-            if mode == "rw" or getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
-                raise
-        finally:
-            db.close()
-    raise AssertionError("unreachable")
+    """The rows of each query on a state database, read-only (``status``, a dry run, a run's load)."""
+    db = open_read_only(path, timeout)
+    try:
+        return [db.execute(sql, params).fetchall() for sql, params in queries]
+    finally:
+        db.close()
+
+
+def open_read_only(path: Path, timeout: float = 10) -> sqlite3.Connection:
+    """A read-only connection to a state database. A writer killed while it switched a new file to
+    WAL leaves a hot journal that only a writable connection may roll back
+    (SQLITE_READONLY_ROLLBACK): the file is then opened writable, as any run's own open would,
+    rather than refused for ever."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError as e:
+        db.close()
+        if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
+            raise
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+    return db
 
 
 class _Corrupt(sqlite3.DatabaseError):
