@@ -6,6 +6,7 @@ or .proxy-venv built once from the pinned requirements. Our JSONL logger is alwa
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -13,6 +14,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,7 +47,9 @@ model_list:
     litellm_params: {{model: openai/dall-e-3, api_base: "{up}", api_key: fake-key}}
   - model_name: rerank-english
     litellm_params: {{model: cohere/rerank-english-v3.0, api_base: "{up}", api_key: fake-key}}
-router_settings:
+  - model_name: omni-moderation-latest
+    litellm_params: {{model: openai/omni-moderation-latest, api_base: "{up}", api_key: fake-key}}
+{mcp}router_settings:
   num_retries: 2
   retry_after: 0
   fallbacks: [{{"broken-primary": ["gpt-4o-mini"]}}]
@@ -53,7 +57,13 @@ litellm_settings:
   callbacks: {callbacks}
 general_settings:
   master_key: {key}
+  pass_through_endpoints:
+    - {{path: "/fake-pt", target: "{up}/chat/completions"}}
 """
+MCP = """mcp_servers:
+  weather: {{url: "http://127.0.0.1:{port}/mcp", transport: http}}
+"""
+"""With ``mcp=True``: the proxy's MCP gateway in front of tests/e2e/fake_mcp.py (one tool, ``get_weather``)."""
 
 SHIM = "from ingest.proxy_logger import JsonlFileLogger\nlogger = JsonlFileLogger()\n"
 
@@ -87,6 +97,17 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not come up: {log.read_text()[-4000:]}")
+
+
+def wait_mcp(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Until the MCP server accepts connections (it answers no plain GET)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"the MCP server did not come up: {log.read_text()[-4000:]}")
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
@@ -142,31 +163,39 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def running_proxy(work: Path, callbacks: list[str], env: dict[str, str] | None = None) -> Iterator[Proxy]:
-    """The fake upstream and a LiteLLM proxy (1 worker, a fresh master key) logging JSONL into ``work/logs``.
+def running_proxy(work: Path, callbacks: list[str], env: dict[str, str] | None = None, mcp: bool = False) -> Iterator[Proxy]:
+    """The fake upstream and a LiteLLM proxy (1 worker, a fresh master key) logging JSONL into ``work/logs``,
+    with a pass-through route (``/fake-pt``) to the upstream's chat completions.
 
     ``callbacks`` name the proxy's callbacks (OUR_LOGGER is ours); ``env`` is added to the proxy's
-    environment (log rotation, LiteLLM's own mlflow callback's settings). Both are stopped on exit.
+    environment (log rotation, LiteLLM's own mlflow callback's settings); ``mcp``: an MCP server
+    behind the proxy's gateway (``weather``). All are stopped on exit.
     """
     logdir, confdir = work / "logs", work / "conf"
     logdir.mkdir()
     confdir.mkdir()
-    up_port, proxy_port = free_port(), free_port()
+    up_port, proxy_port, mcp_port = free_port(), free_port(), free_port()
     key = "sk-" + secrets.token_hex(16)
-    (confdir / "config.yaml").write_text(CONFIG.format(up=f"http://127.0.0.1:{up_port}/v1", key=key, callbacks=json.dumps(callbacks)))
+    servers = MCP.format(port=mcp_port) if mcp else ""
+    config = CONFIG.format(up=f"http://127.0.0.1:{up_port}/v1", key=key, callbacks=json.dumps(callbacks), mcp=servers)
+    (confdir / "config.yaml").write_text(config)
     (confdir / f"{OUR_LOGGER.split('.')[0]}.py").write_text(SHIM)
     py = proxy_python()
-    up_log, proxy_log = work / "upstream.log", work / "proxy.log"
+    up_log, proxy_log, mcp_log = work / "upstream.log", work / "proxy.log", work / "mcp.log"
     procs = [subprocess.Popen([sys.executable, str(E2E / "fake_upstream.py"), str(up_port)], stdout=up_log.open("w"),
                               stderr=subprocess.STDOUT, start_new_session=True)]  # fmt: skip
     try:
+        if mcp:
+            procs.append(subprocess.Popen([str(py), str(E2E / "fake_mcp.py"), str(mcp_port)], stdout=mcp_log.open("w"),
+                                          stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            wait_mcp(mcp_port, procs[-1], mcp_log)
         proxy_env = _clean_env({"PYTHONPATH": str(ROOT), "LITELLM_INGEST_LOG_PATH": str(logdir / "proxy.jsonl"), **(env or {})})
         args = [str(py.parent / "litellm"), "--config", str(confdir / "config.yaml"), "--host", "127.0.0.1", "--port", str(proxy_port),
                 "--num_workers", "1"]  # fmt: skip
         procs.append(subprocess.Popen(args, stdout=proxy_log.open("w"), stderr=subprocess.STDOUT, env=proxy_env, cwd=work,
                                       start_new_session=True))  # fmt: skip
         wait_http(f"http://127.0.0.1:{up_port}/v1/models", 30, procs[0], up_log)
-        wait_http(f"http://127.0.0.1:{proxy_port}/health/liveliness", 240, procs[1], proxy_log)
+        wait_http(f"http://127.0.0.1:{proxy_port}/health/liveliness", 240, procs[-1], proxy_log)
         yield Proxy(f"http://127.0.0.1:{proxy_port}", key, logdir, py, proxy_log)
     finally:
         _stop(procs)

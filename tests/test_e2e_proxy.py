@@ -18,10 +18,26 @@ import pytest
 import requests
 
 from tests.conftest import all_traces
-from tests.proxykit import E2E, OUR_LOGGER, by_call, running_proxy
+from tests.proxykit import E2E, OUR_LOGGER, Proxy, by_call, running_proxy
 from tests.tailkit import Daemon, wait_for
 
 pytestmark = pytest.mark.proxy
+
+LOGGED_ONLY = {"mcp_tool": "call_mcp_tool", "pass_through": "pass_through_endpoint", "moderation": "moderation"}
+"""Call kinds whose response may name no call id (LiteLLM's MCP gateway sends none): found in the log by call type."""
+
+
+def _named_from_the_log(calls: list[dict], proxy: Proxy) -> None:
+    for c in calls:
+        if c["call_id"] is None and c["kind"] in LOGGED_ONLY:
+            kind = LOGGED_ONLY[c["kind"]]
+
+            def logged(kind: str = kind) -> list[dict]:
+                return [r for r in proxy.records() if r["call_type"].removeprefix("a") == kind]
+
+            wait_for(lambda: logged(), 30, f"the {kind} call in the proxy's log")
+            (record,) = logged()
+            c["call_id"] = record["litellm_call_id"]
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +53,12 @@ def e2e_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "MLFLOW_EXPERIMENT_NAME": theirs,
         "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false",
     }
-    with running_proxy(work, [OUR_LOGGER, "mlflow"], env) as proxy:
+    with running_proxy(work, [OUR_LOGGER, "mlflow"], env, mcp=True) as proxy:
         # --settle: 3 x the router's ~5 s backoff before a retry or fallback, so every call's attempts join in its first write
         daemon = Daemon(proxy.logdir, mlflow_server.url, ours, work / "state", "--settle", "15").start()
         try:
             calls = json.loads(proxy.run_client(E2E / "drive_calls.py", proxy.url, proxy.key))
+            _named_from_the_log(calls, proxy)
             want = {c["call_id"] for c in calls}
             assert None not in want, [c for c in calls if c["call_id"] is None]
 
@@ -182,3 +199,25 @@ def test_image_generation_and_rerank_calls_are_traced_with_their_prompt_and_span
     assert root.inputs["query"] == rr["query"] and root.inputs["documents"][0] == "Paris is the capital of France"
     assert json.dumps(root.outputs["results"]) == rr["answer"]
     assert t.info.trace_metadata["mlflow.trace.cost"], "LiteLLM prices a rerank per search unit"
+
+
+def test_moderation_pass_through_and_mcp_tool_calls_are_traced_with_their_span_type_and_previews(e2e_run: dict) -> None:
+    """The proxy's other gateways: a moderation is a guardrail; a pass-through route's body and answer
+    (logged as JSON text) read as the question and the answer; a tool called through the MCP gateway
+    (logged with a placeholder prompt) is a TOOL span whose inputs are the tool and its arguments."""
+    ours = by_call(e2e_run["ours"])
+    kinds = {c["kind"]: c for c in e2e_run["calls"]}
+    roots = {k: next(s for s in ours[kinds[k]["call_id"]].data.spans if s.parent_id is None) for k in LOGGED_ONLY}
+    assert roots["moderation"].span_type == "GUARDRAIL"
+    assert roots["moderation"].inputs["messages"] == [{"role": "user", "content": "I will kill the process"}]
+    assert ours[kinds["moderation"]["call_id"]].info.request_preview == "I will kill the process"
+    pt = ours[kinds["pass_through"]["call_id"]]
+    assert roots["pass_through"].inputs["messages"] == [{"role": "user", "content": "straight through"}]
+    assert kinds["pass_through"]["answer"] and kinds["pass_through"]["answer"] in pt.info.response_preview, pt.info.response_preview
+    assert "straight through" in pt.info.request_preview
+    mcp = kinds["mcp_tool"]
+    tool = roots["mcp_tool"]
+    assert tool.span_type == "TOOL"
+    assert tool.inputs["arguments"] == {"city": mcp["city"]} and "get_weather" in tool.inputs["name"], tool.inputs
+    assert mcp["answer"] == f"Sunny in {mcp['city']}" and mcp["answer"] in json.dumps(tool.outputs), tool.outputs
+    assert "default-message-value" not in ours[mcp["call_id"]].info.request_preview

@@ -142,6 +142,41 @@ def rerank(query: str, documents: list[str]) -> dict[str, Any]:
     return {**_other("rerank", False, r.headers.get("x-litellm-call-id"), None, json.dumps(r.json()["results"])), "query": query}
 
 
+def moderation(text: str) -> dict[str, Any]:
+    raw = client.moderations.with_raw_response.create(model="omni-moderation-latest", input=text)
+    return {**_other("moderation", False, raw.headers.get("x-litellm-call-id"), None, str(raw.parse().results[0].flagged)),
+            "model": "omni-moderation-latest"}  # fmt: skip
+
+
+def pass_through(question: str) -> dict[str, Any]:
+    """A pass-through route (``/fake-pt``): LiteLLM forwards the body as it came and logs it as text."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": question}]}
+    r = httpx.post(BASE.removesuffix("/v1") + "/fake-pt", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r.raise_for_status()
+    return _other("pass_through", False, r.headers.get("x-litellm-call-id"), None, r.json()["choices"][0]["message"]["content"])
+
+
+def mcp_tool(city: str) -> dict[str, Any]:
+    """A tool call through the proxy's MCP gateway (streamable HTTP, as an MCP client speaks it). Its
+    response names no call id: the test finds it in the log by its call type."""
+    url = BASE.removesuffix("/v1") + "/mcp/"
+    h = {"Authorization": f"Bearer {KEY}", "Accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-06-18"}
+
+    def rpc(body: dict[str, Any]) -> httpx.Response:
+        r = httpx.post(url, json={"jsonrpc": "2.0", **body}, headers=h, timeout=60)
+        r.raise_for_status()
+        return r
+
+    init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "e2e", "version": "1"}}
+    h["mcp-session-id"] = rpc({"id": 1, "method": "initialize", "params": init}).headers["mcp-session-id"]
+    rpc({"method": "notifications/initialized"})
+    r = rpc({"id": 2, "method": "tools/call", "params": {"name": "weather-get_weather", "arguments": {"city": city}}})
+    data = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")] or [r.json()]
+    answer = "".join(c.get("text", "") for d in data for c in d.get("result", {}).get("content", []))
+    return {**_other("mcp_tool", False, r.headers.get("x-litellm-call-id"), None, answer), "model": "MCP: weather-get_weather",
+            "city": city}  # fmt: skip
+
+
 def backed_off() -> list[dict[str, Any]]:
     """The calls the proxy's router retries or falls back (each waits out its backoff, ~5 s for a 500), all at once."""
     jobs = [("retried_429", "flaky", f"flaky {i}") for i in range(2)]
@@ -181,6 +216,7 @@ def main() -> None:
     calls += [messages("what is the capital of France?"), messages("stream a haiku", stream=True)]
     calls.append(text_completion("Once upon a time"))
     calls += [image("a red square on white"), rerank("capital of France", ["Paris is the capital of France", "Berlin", "Madrid"])]
+    calls += [moderation("I will kill the process"), pass_through("straight through"), mcp_tool("Rome")]
     calls += slow.result()
     print(json.dumps(calls))
 
