@@ -6,7 +6,7 @@ records to remote sinks). In the proxy config::
     litellm_settings:
       callbacks: ["ingest.proxy_logger.jsonl_logger"]
 
-with this package installed in the proxy's environment (``pip install 'litellm-mlflow-ingest[proxy]'``),
+with this package installed in the proxy's environment (``pip install '/path/to/clone[proxy]'``: not on PyPI),
 or, without installing it there, a one-line file next to the config (the proxy resolves
 ``module.instance`` relative to the config file's folder first)::
 
