@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import sqlalchemy
 
 from tests.conftest import Postgres, copies, write_log
@@ -135,6 +136,91 @@ def test_writers_at_once_through_one_server_create_the_experiment_once(fleet_log
     assert [e.name for e in client.search_experiments(filter_string=f"name = '{name}'")] == [name]
     traces = all_traces(mlflow_server.url, name, include_spans=False)
     assert len(traces) == len({t.info.trace_id for t in traces}) > 100
+
+
+APP = """
+import sys, time
+from pathlib import Path
+import mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_experiment("my-app")
+running, stop = Path(sys.argv[2]), Path(sys.argv[3])
+
+@mlflow.trace
+def answer(q):
+    with mlflow.start_span("retrieve") as s:
+        s.set_inputs({"q": q})
+    return q.upper()
+
+during = 0
+while not stop.exists():
+    answer("question")
+    print(mlflow.get_last_active_trace_id(), flush=True)
+    during += running.exists()
+    time.sleep(0.05)
+mlflow.flush_trace_async_logging()
+print("during", during, flush=True)
+"""
+
+
+def test_an_app_tracing_into_the_same_sqlite_file_and_the_ui_reading_it_lose_nothing_while_a_backfill_writes(
+    fleet_logs: Path, reference: dict, tmp_path: Path
+) -> None:
+    """The quick start's ``sqlite:///mlflow.db`` is also where the user's own app traces (MLflow's fluent
+    API, a trace every 50 ms) and what ``mlflow ui`` reads. Our commits hold SQLite's write lock well
+    under MLflow's 20 s busy timeout, so no app trace is lost or raises, and no search fails."""
+    from tests.conftest import start_mlflow_server
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    prepare(uri, tmp_path)
+    server = start_mlflow_server(tmp_path / "ui", backend_uri=uri)
+    running, stop = tmp_path / "running", tmp_path / "stop"
+    app = subprocess.Popen(
+        [sys.executable, "-c", APP, uri, str(running), str(stop)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert app.stdout is not None
+        first = app.stdout.readline().strip()
+        assert first.startswith("tr-"), "the app traces"
+        running.touch()
+        args = [
+            EXE,
+            "backfill",
+            str(fleet_logs),
+            "--tracking-uri",
+            uri,
+            "--experiment-name",
+            EXPERIMENT,
+            "--state-dir",
+            str(tmp_path / "s"),
+            "-q",
+        ]
+        ours = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        search = {"locations": [{"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": "1"}}], "max_results": 100}
+        answers = []
+        while ours.poll() is None:
+            answers.append(requests.post(f"{server.url}/api/3.0/mlflow/traces/search", json=search, timeout=120).status_code)
+        running.unlink()
+        _, err = ours.communicate()
+        stop.touch()
+        out, app_err = app.communicate(timeout=120)
+    finally:
+        stop.touch()
+        if app.poll() is None:
+            app.kill()
+        server.stop()
+    assert ours.returncode == 0 and not err, err[-2000:]
+    assert answers and set(answers) == {200}, answers
+    assert app.returncode == 0 and "Traceback" not in app_err and "Failed to send" not in app_err, app_err[-2000:]
+    assert int(out.split()[-1]) > 0, "the app traced while the backfill wrote"
+    app_ids = {first, *(w for w in out.split() if w.startswith("tr-"))}
+    with sqlite3.connect(db) as con:
+        spans = dict(con.execute("SELECT trace_id, count(*) FROM spans GROUP BY trace_id").fetchall())
+    assert {t: spans.get(t) for t in app_ids} == dict.fromkeys(app_ids, 2), "every app trace is stored whole"
+    rows = {table: {r for r in found if r[0] not in app_ids} for table, found in store_rows(uri).items()}
+    assert rows["experiments"] == reference["experiments"] | {("my-app",)}
+    assert all(rows[t] == reference[t] for t in ("info", "spans", "tags", "metadata")), "our traces: as one writer alone leaves them"
 
 
 # --- kills while the schema is being created ------------------------------------------------------
