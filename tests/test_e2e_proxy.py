@@ -35,7 +35,7 @@ def _named_from_the_log(calls: list[dict], proxy: Proxy) -> None:
             def logged(kind: str = kind) -> list[dict]:
                 return [r for r in proxy.records() if r["call_type"].removeprefix("a") == kind]
 
-            wait_for(lambda: logged(), 30, f"the {kind} call in the proxy's log")
+            wait_for(logged, 30, f"the {kind} call in the proxy's log")
             (record,) = logged()
             c["call_id"] = record["litellm_call_id"]
 
