@@ -949,7 +949,7 @@ def _read_failure(what: str, shown: str, e: Exception) -> SinkError:
 
 DB_SILENCE_S = 10.0
 """A run (batch, backfill) abandons a database call unanswered for ``--mlflow-timeout``, this at least
-(SQLite's own wait for a lock is 5 s), and tries again as after a lost connection."""
+(SQLite waits 5 s for a lock, MLflow sets 20 s on the connections its sessions use), and tries again as after a lost connection."""
 
 
 def answered_in_time(
