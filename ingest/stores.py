@@ -238,6 +238,9 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
             )
         aside = db.with_name(f"{db.name}.incomplete-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         log.warning("the MLflow store %s was left half-created (it holds no data): moved to %s and created anew", db, aside)
+        for suffix in ("-wal", "-shm"):  # its write-ahead log goes with it (see _drop_orphan_wal)
+            if (part := db.with_name(db.name + suffix)).exists():
+                part.rename(aside.with_name(aside.name + suffix))
         db.rename(aside)
     _create_sqlite_aside(db)
 
@@ -356,6 +359,7 @@ def _create_sqlite_aside(db: Path) -> None:
             _keep_template(tmp, template)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        _drop_orphan_wal(db)
         os.replace(tmp, db)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -367,6 +371,19 @@ def _create_sqlite_aside(db: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _drop_orphan_wal(db: Path) -> None:
+    """A ``-wal`` (and ``-shm``) left where no store is (a WAL-mode store deleted after a crash left
+    committed frames in its log) is removed before the new store takes that name: SQLite opens any
+    file beside a ``-wal`` in WAL mode and would replay the old store's pages into the new one (a
+    malformed store). SQLite drops such a log itself when it creates a database; a file renamed
+    into place is not created by SQLite."""
+    for suffix in ("-wal", "-shm"):
+        orphan = db.with_name(db.name + suffix)
+        if orphan.exists():
+            log.warning("removed %s, left by a store that is no longer there: the new store would have read it", orphan)
+            orphan.unlink(missing_ok=True)
 
 
 OLDEST_SERVER = (3, 14)

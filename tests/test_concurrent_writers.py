@@ -377,6 +377,38 @@ def test_a_half_created_store_holds_data_in_any_of_mlflows_tables(tmp_path: Path
     assert _sqlite_schema_state(db) == "has-data"
 
 
+_KILLED_WITH_FRAMES_IN_ITS_WAL = """
+import os, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA journal_mode=WAL")
+con.execute("PRAGMA wal_autocheckpoint=0")  # the commits stay in the -wal, as a crashed server's last ones do
+for _ in range(20):
+    con.execute("UPDATE trace_tags SET value = value || 'x'")
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_new_store_never_reads_the_wal_a_deleted_store_left_behind(tmp_path: Path, fleet_logs: Path, reference: dict) -> None:
+    """A WAL-mode store whose writer crashed, then deleted (``rm mlflow.db`` to start over) leaves its
+    ``-wal`` and ``-shm``: the store created under that name must not take the old store's pages
+    from them (it did: a malformed store, the run failing)."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    p = start(uri, fleet_logs, tmp_path / "state-1", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WITH_FRAMES_IN_ITS_WAL, str(db)], capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    wal = db.with_name(db.name + "-wal")
+    assert wal.stat().st_size > 1_000_000, "the kill must leave committed frames in the WAL, or this test tests nothing"
+    db.unlink()
+    p = start(uri, fleet_logs, tmp_path / "state-2", tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert_same_as_one_writer(uri, reference)
+
+
 _KILLED_MID_COMMIT = """
 import os, sqlite3, sys
 con = sqlite3.connect(sys.argv[1], isolation_level=None)
