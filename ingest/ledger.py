@@ -66,16 +66,35 @@ def open_read_only(path: Path, timeout: float = 10) -> sqlite3.Connection:
     """A read-only connection to a state database. A writer killed while it switched a new file to
     WAL leaves a hot journal that only a writable connection may roll back
     (SQLITE_READONLY_ROLLBACK): the file is then opened writable, as any run's own open would,
-    rather than refused for ever."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+    rather than refused for ever. In a folder it may not write (``status`` on a read-only state dir),
+    SQLite reads a WAL database only through its ``-shm``, which it cannot make there: with no
+    ``-wal`` beside it, no writer has it open and the file alone is the whole database, read as
+    immutable."""
+    try:
+        return _probed(path, "mode=ro", timeout)
+    except sqlite3.OperationalError as e:
+        if not _readonly(e):
+            raise
+    try:
+        return _probed(path, "mode=rw", timeout)
+    except sqlite3.OperationalError as e:
+        if not _readonly(e) or path.with_name(path.name + "-wal").exists():
+            raise
+    return _probed(path, "mode=ro&immutable=1", timeout)
+
+
+def _probed(path: Path, mode: str, timeout: float) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{path}?{mode}", uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
     try:
         db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    except sqlite3.OperationalError as e:
+    except BaseException:
         db.close()
-        if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
-            raise
-        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+        raise
     return db
+
+
+def _readonly(e: sqlite3.OperationalError) -> bool:
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY
 
 
 class _Corrupt(sqlite3.DatabaseError):

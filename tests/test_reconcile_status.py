@@ -460,6 +460,28 @@ def test_status_after_batch_shows_each_file_its_offset_and_lag(tmp_path: Path, c
     assert not problems, "\n".join([*problems, human.stdout])
 
 
+def test_status_of_a_state_dir_it_may_not_write_reads_its_wal_databases(tmp_path: Path, capture: list[dict]) -> None:
+    """The state databases are in WAL mode, which SQLite reads only through a ``-shm`` file it makes
+    beside them: ``status`` on a read-only state dir (a sidecar's read-only mount, another user) said
+    "0 read (problem attempt to write a readonly database)" for the ledger, once a run had closed it."""
+    from tests.test_cli import unprivileged
+
+    state = tmp_path / "state"
+    b = run("batch", str(write_log(tmp_path / "a.jsonl", copies(capture, 1, "ro")[0])), "--tracking-uri",
+            f"sqlite:///{tmp_path / 's.db'}", "--state-dir", str(state), "-q", cwd=tmp_path)  # fmt: skip
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert next(state.glob("*.ledger.sqlite")) and not list(state.glob("*-shm")), "WAL databases, closed"
+    state.chmod(0o555)
+    try:
+        ro = subprocess.run(unprivileged([EXE, "status", "--state-dir", str(state), "--json"]), cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        state.chmod(0o755)
+    assert ro.returncode == 0 and "readonly" not in ro.stdout + ro.stderr, (ro.stdout[-2000:], ro.stderr[-2000:])
+    writable = run("status", "--state-dir", str(state), "--json", cwd=tmp_path)
+    assert json.loads(ro.stdout) == json.loads(writable.stdout)
+
+
 def test_status_with_nothing_ingested_yet(tmp_path: Path) -> None:
     state = tmp_path / "never-used"
     js = run("status", "--state-dir", str(state), "--json", cwd=tmp_path)
