@@ -163,17 +163,21 @@ print("during", during, flush=True)
 """
 
 
+@pytest.mark.parametrize("journal", ["delete", "wal"])
 def test_an_app_tracing_into_the_same_sqlite_file_and_the_ui_reading_it_lose_nothing_while_a_backfill_writes(
-    fleet_logs: Path, reference: dict, tmp_path: Path
+    fleet_logs: Path, reference: dict, tmp_path: Path, journal: str
 ) -> None:
     """The quick start's ``sqlite:///mlflow.db`` is also where the user's own app traces (MLflow's fluent
     API, a trace every 50 ms) and what ``mlflow ui`` reads. Our commits hold SQLite's write lock well
-    under MLflow's 20 s busy timeout, so no app trace is lost or raises, and no search fails."""
+    under MLflow's 20 s busy timeout, so no app trace is lost or raises, and no search fails. A store
+    its user switched to WAL (for readers beside a writer) stays in WAL."""
     from tests.conftest import start_mlflow_server
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     prepare(uri, tmp_path)
+    with sqlite3.connect(db) as con:
+        assert con.execute(f"PRAGMA journal_mode={journal}").fetchone() == (journal,)
     server = start_mlflow_server(tmp_path / "ui", backend_uri=uri)
     running, stop = tmp_path / "running", tmp_path / "stop"
     app = subprocess.Popen(
@@ -221,6 +225,9 @@ def test_an_app_tracing_into_the_same_sqlite_file_and_the_ui_reading_it_lose_not
     rows = {table: {r for r in found if r[0] not in app_ids} for table, found in store_rows(uri).items()}
     assert rows["experiments"] == reference["experiments"] | {("my-app",)}
     assert all(rows[t] == reference[t] for t in ("info", "spans", "tags", "metadata")), "our traces: as one writer alone leaves them"
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone() == (journal,)
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
 # --- kills while the schema is being created ------------------------------------------------------
@@ -420,24 +427,33 @@ os.kill(os.getpid(), 9)
 """
 
 
-def test_a_store_whose_writer_was_killed_mid_commit_opens_as_of_its_last_commit(tmp_path: Path, fleet_logs: Path, reference: dict) -> None:
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_store_whose_writer_was_killed_mid_commit_opens_as_of_its_last_commit(
+    tmp_path: Path, fleet_logs: Path, reference: dict, journal: str
+) -> None:
     """A writer SIGKILLed inside a transaction leaves a hot journal, which only a connection that may
     write can roll back: the next run (and a reader) must roll it back and go on, not take the store
-    for one with an incomplete schema and refuse it."""
+    for one with an incomplete schema and refuse it. In WAL mode it leaves a ``-wal`` holding frames
+    of no commit, which the next run must ignore, the store left in WAL."""
     db = tmp_path / "store.db"
     uri = f"sqlite:///{db}"
     p = start(uri, fleet_logs, tmp_path / "state-1", tmp_path)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
+    with sqlite3.connect(db) as con:
+        con.execute(f"PRAGMA journal_mode={journal}")
     killed = subprocess.run([sys.executable, "-c", _KILLED_MID_COMMIT, str(db)], capture_output=True, timeout=60)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    journal = db.with_name(db.name + "-journal")
-    assert journal.exists() and journal.stat().st_size > 0, "the kill must leave a hot journal, or this test tests nothing"
+    journal_file = db.with_name(db.name + ("-wal" if journal == "wal" else "-journal"))
+    assert journal_file.exists() and journal_file.stat().st_size > 0, "the kill must leave a hot journal, or this test tests nothing"
     p = start(uri, fleet_logs, tmp_path / "state-2", tmp_path)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
     assert_same_as_one_writer(uri, reference)
-    assert sqlite3.connect(db).execute("SELECT count(*) FROM trace_tags WHERE request_id = 'tr-killed'").fetchone() == (0,)
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM trace_tags WHERE request_id = 'tr-killed'").fetchone() == (0,)
+        assert con.execute("PRAGMA journal_mode").fetchone() == (journal,)
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
 # --- the tight race: the same traces inserted by several writers in the same instant -------------
