@@ -238,7 +238,7 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
             )
         aside = db.with_name(f"{db.name}.incomplete-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         log.warning("the MLflow store %s was left half-created (it holds no data): moved to %s and created anew", db, aside)
-        for suffix in ("-wal", "-shm"):  # its write-ahead log goes with it (see _drop_orphan_wal)
+        for suffix in JOURNALS:  # its journal or write-ahead log goes with it (see _drop_orphan_journals)
             if (part := db.with_name(db.name + suffix)).exists():
                 part.rename(aside.with_name(aside.name + suffix))
         db.rename(aside)
@@ -359,7 +359,7 @@ def _create_sqlite_aside(db: Path) -> None:
             _keep_template(tmp, template)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        _drop_orphan_wal(db)
+        _drop_orphan_journals(db)
         os.replace(tmp, db)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -373,13 +373,20 @@ def _create_sqlite_aside(db: Path) -> None:
         os.close(dir_fd)
 
 
-def _drop_orphan_wal(db: Path) -> None:
-    """A ``-wal`` (and ``-shm``) left where no store is (a WAL-mode store deleted after a crash left
-    committed frames in its log) is removed before the new store takes that name: SQLite opens any
-    file beside a ``-wal`` in WAL mode and would replay the old store's pages into the new one (a
-    malformed store). SQLite drops such a log itself when it creates a database; a file renamed
-    into place is not created by SQLite."""
-    for suffix in ("-wal", "-shm"):
+JOURNALS = ("-journal", "-wal", "-shm")
+"""What SQLite keeps beside a database file, and reads as that file's whatever file has its name."""
+
+
+def _drop_orphan_journals(db: Path) -> None:
+    """A ``-journal``, ``-wal`` or ``-shm`` left where no store is (a store deleted after a writer died
+    in a commit: a hot journal, or committed frames in its write-ahead log) is removed before the new
+    store takes that name: SQLite would roll the old store's pages back into the new one, or replay
+    them from the log (a malformed store). SQLite drops such files itself when it creates a database;
+    a file renamed into place is not created by SQLite."""
+    with contextlib.suppress(OSError):
+        if db.stat().st_size > 0:  # another process made a store there meanwhile: its journals are its own
+            return
+    for suffix in JOURNALS:
         orphan = db.with_name(db.name + suffix)
         if orphan.exists():
             log.warning("removed %s, left by a store that is no longer there: the new store would have read it", orphan)

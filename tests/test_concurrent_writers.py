@@ -395,19 +395,24 @@ os.kill(os.getpid(), 9)
 """
 
 
-def test_a_new_store_never_reads_the_wal_a_deleted_store_left_behind(tmp_path: Path, fleet_logs: Path, reference: dict) -> None:
-    """A WAL-mode store whose writer crashed, then deleted (``rm mlflow.db`` to start over) leaves its
-    ``-wal`` and ``-shm``: the store created under that name must not take the old store's pages
-    from them (it did: a malformed store, the run failing)."""
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_new_store_never_reads_the_journal_or_wal_a_deleted_store_left_behind(
+    tmp_path: Path, fleet_logs: Path, reference: dict, journal: str
+) -> None:
+    """A store whose writer died in a commit, then deleted (``rm mlflow.db`` to start over), leaves its
+    hot ``-journal`` (or, in WAL mode, its ``-wal`` and ``-shm``): the store created under that name
+    must not take the old store's pages from them (it did: a malformed store, the run failing with
+    exit 4 and the new store broken for good)."""
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     p = start(uri, fleet_logs, tmp_path / "state-1", tmp_path)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    killed = subprocess.run([sys.executable, "-c", _KILLED_WITH_FRAMES_IN_ITS_WAL, str(db)], capture_output=True, timeout=60)
+    killer = _KILLED_WITH_FRAMES_IN_ITS_WAL if journal == "wal" else _KILLED_MID_COMMIT
+    killed = subprocess.run([sys.executable, "-c", killer, str(db)], capture_output=True, timeout=60)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    wal = db.with_name(db.name + "-wal")
-    assert wal.stat().st_size > 1_000_000, "the kill must leave committed frames in the WAL, or this test tests nothing"
+    left = db.with_name(db.name + ("-wal" if journal == "wal" else "-journal"))
+    assert left.stat().st_size > 10_000, "the kill must leave the old store's pages beside it, or this test tests nothing"
     db.unlink()
     p = start(uri, fleet_logs, tmp_path / "state-2", tmp_path)
     _, err = p.communicate(timeout=300)
