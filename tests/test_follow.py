@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import orjson
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
@@ -36,6 +36,7 @@ from ingest.checkpoints import STATE_VERSION, Checkpoint, State, StateError
 from ingest.follow import Follower
 from ingest.pipeline import Pipeline
 from ingest.quarantine import QuarantineWriter
+from ingest.sources import file_chunks
 from ingest.tail import Tailer
 from tests.conftest import COMPRESSIONS, SUFFIX, compressor, decompressor
 from tests.followkit import Crash, RecordingSink, line, record, tailer
@@ -728,6 +729,52 @@ def test_a_damaged_compressed_file_is_read_as_far_as_it_goes_and_never_raises(tm
     assert len(numbers) == len(set(numbers)) and max(numbers) == quarantined[-1][0], "none twice, the unreadable rest last"
     assert damage == "corrupt" or (len(quarantined) == 1 and len(got) < n), "a cut file's lines are whole up to the cut"
     f.close()
+
+
+_ARCHIVES: dict[str, bytes] = {}
+"""One compressed log per kind, made once for the fuzz below (compressing is most of its time)."""
+
+
+@pytest.mark.parametrize("kind", COMPRESSIONS)
+@settings(max_examples=40 * max(SOAK, 1), deadline=None, derandomize=not SOAK, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_no_damage_to_a_compressed_file_raises_loses_a_line_before_it_or_reads_one_twice(kind: str, data: st.DataObject) -> None:
+    """Any bytes changed or cut anywhere in a compressed log (its header, a block's middle, a checksum,
+    the end): the reader never raises; it reads every line before the damage, none twice, and the
+    rest is one ``unreadable`` line, last (followed, or read whole by a run without a state); a file
+    damaged before its first line is no file yet to the follower, and one
+    whose magic bytes are gone is read as text (its lines quarantined as ``invalid_utf8``)."""
+    import tempfile
+
+    n = 60
+    whole = _ARCHIVES.setdefault(kind, compressor(kind)(_noisy_lines(n).encode()))
+    damaged = bytearray(whole)
+    for _ in range(data.draw(st.integers(1, 3), label="bytes changed")):
+        at = data.draw(st.integers(0, len(damaged) - 1), label="at")
+        damaged[at] ^= data.draw(st.integers(1, 255), label="xor")
+    cut = data.draw(st.one_of(st.none(), st.integers(1, len(damaged))), label="cut at")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ("old.jsonl" + SUFFIX[kind])
+        path.write_bytes(bytes(damaged[:cut]))
+        os.utime(path, (time.time() - 600, time.time() - 600))
+        follower = Follower(State(Path(tmp) / "s.json", "batch", {}), Pipeline(RecordingSink(), "1", QuarantineWriter(None)))  # type: ignore[arg-type]
+        whole_read = list(file_chunks(path))  # batch --no-state, reconcile
+        found = follower.identify(path)
+        if found is None:
+            return
+        f = follower.follow(found)
+        chunks = list(follower.chunks(f))
+        f.close()
+    got = [i for c in chunks for i in c.lines["line_no"].to_list()]
+    quarantined = [(q.line, q.reason) for c in chunks for q in c.quarantined]
+    assert [i for c in whole_read for i in c.lines["line_no"].to_list()] == got, "a run without a state reads the same"
+    assert [(q.line, q.reason) for c in whole_read for q in c.quarantined] == quarantined
+    numbers = got + [line for line, _ in quarantined]
+    assert len(numbers) == len(set(numbers)), "no line twice"
+    first_bad = quarantined[0][0] if quarantined else n + 1
+    assert got[: first_bad - 1] == list(range(1, min(first_bad, len(got) + 1))), "every line before the damage is read, in order"
+    unreadable = [q for q in quarantined if q[1] == "unreadable"]
+    assert unreadable[:-1] == [] and (not unreadable or (unreadable[-1] == quarantined[-1] and max(numbers) == unreadable[-1][0]))
 
 
 def test_a_damaged_gzip_is_said_once_and_read_again_only_once_it_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
