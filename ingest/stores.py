@@ -326,9 +326,22 @@ def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str], str | None
             return "not-sqlite", [], None
         if locked_sqlite(e):  # never a schema's state: retried, then said so (a daemon waits for it)
             raise StoreSetupError(locked_message(db, e), kind="unreachable") from e
-        raise StoreSetupError(f"cannot read the SQLite store {db}: {first_line(e)}") from e
+        raise StoreSetupError(f"cannot read the SQLite store {db}: {first_line(e)}{_wal_hint(db, e)}") from e
     finally:
         con.close()
+
+
+def _wal_hint(db: Path, e: Exception) -> str:
+    """Why a store in WAL mode may not be read: SQLite reads one only through a ``-shm`` file beside
+    it, which it must make when no process has the store open (`mlflow ui` fails there the same way)."""
+    if "readonly" not in str(e):
+        return ""
+    try:
+        with open(db, "rb") as f:
+            wal = f.read(20)[18:20] == b"\x02\x02"
+    except OSError:
+        return ""
+    return f" (a store in WAL mode is read through {db.name}-shm beside it: its folder must be writable by this user)" if wal else ""
 
 
 @functools.cache

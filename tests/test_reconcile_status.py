@@ -482,6 +482,33 @@ def test_status_of_a_state_dir_it_may_not_write_reads_its_wal_databases(tmp_path
     assert json.loads(ro.stdout) == json.loads(writable.stdout)
 
 
+def test_reconcile_of_a_wal_store_in_a_folder_it_may_not_write_says_why(tmp_path: Path, capture: list[dict]) -> None:
+    """SQLite reads a store in WAL mode only through a ``-shm`` file it makes beside it: in a folder the
+    user may not write (and no process holding the store open) reconcile said only SQLite's "attempt
+    to write a readonly database". Now the line says what the folder needs."""
+    import sqlite3
+
+    from tests.test_cli import unprivileged
+
+    store = tmp_path / "store"
+    log = write_log(tmp_path / "a.jsonl", copies(capture, 1, "wal")[0])
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    b = run("batch", str(log), "--tracking-uri", uri, "--state-dir", str(tmp_path / "s"), "-q", cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    with sqlite3.connect(store / "mlflow.db") as con:
+        assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    con.close()
+    assert not (store / "mlflow.db-shm").exists(), "closed: no -shm to read it through"
+    store.chmod(0o555)
+    try:
+        ro = subprocess.run(unprivileged([EXE, "reconcile", str(log), "--tracking-uri", uri]), cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    finally:
+        store.chmod(0o755)
+    assert ro.returncode == 4 and "Traceback" not in ro.stderr, ro.stderr[-2000:]
+    assert "WAL mode" in ro.stderr and "folder must be writable" in ro.stderr, ro.stderr[-2000:]
+
+
 def test_status_with_nothing_ingested_yet(tmp_path: Path) -> None:
     state = tmp_path / "never-used"
     js = run("status", "--state-dir", str(state), "--json", cwd=tmp_path)
