@@ -196,12 +196,6 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
     def __len__(self) -> int:
         return len(self._held) if self._settled is None else self._settled.count + len(self._new)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
     def clear(self) -> None:
         self.close()
         self._held.clear()
