@@ -239,6 +239,13 @@ nest_options = _options(
     ),
 )
 
+callback_option = click.option(
+    "--replace-callback-traces",
+    is_flag=True,
+    help="Delete the trace LiteLLM's own mlflow callback wrote of each call written here (same experiment, same call id): "
+    "one trace per call, ours. Without it, a run that finds them says each such call is shown twice.",
+)
+
 window_options = _options(
     click.option("--since", callback=_time, help="Only calls that started at or after this ISO date/time (UTC unless an offset is given)."),
     click.option(
@@ -295,6 +302,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         workers=kw.get("workers") or 1,
         shard=kw.get("shard"),
         reread_s=kw.get("reread_window", 3600.0),
+        replace_callback_traces=kw.get("replace_callback_traces", False),
     )
 
 
@@ -387,6 +395,7 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
 @target_options
 @run_options
 @nest_options
+@callback_option
 @click.option("--no-state", is_flag=True, help="Read everything given, keep no checkpoints (a one-off replay).")
 @click.option(
     "--partial-timeout",
@@ -425,6 +434,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 @target_options
 @run_options
 @nest_options
+@callback_option
 @window_options
 @click.option(
     "--workers",
@@ -574,6 +584,7 @@ class _Progress:
 @click.option("--redact", type=click.Choice(["messages", "responses", "all"]), help="Keep prompts and/or completions out of MLflow.")
 @scrub_options
 @nest_options
+@callback_option
 @click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_HELP)
 @click.option(
     "--batch-wait",
@@ -820,6 +831,11 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
         )
         if report.window == (None, None):
             click.echo("the logs hold no call: no time window, so no trace is extra (--since/--until give one)")
+        if report.callback_traces:
+            click.echo(
+                f"also in the window: {report.callback_traces} trace(s) of LiteLLM's own mlflow callback (not compared; "
+                "each call it traced is shown twice, its trace and ours)"
+            )
         if report.unreadable:
             click.echo("not compared (could not be read; named on stderr):")
             for what in report.unreadable[:limit]:
@@ -865,6 +881,16 @@ def _print_summary(s: Any) -> None:
         *([("workers", f"{s.workers} worker processes built (and wrote) the calls")] if s.workers else []),
         ("MLflow", f"{s.tracking_uri}  experiment {s.experiment_name!r} (id {s.experiment_id})"),
     ]
+    if s.callback_traces or s.callback_traces_replaced:
+        from ingest.callback_traces import SAMPLE as CALLBACK_SAMPLE
+
+        many = f"{s.callback_traces}+" if s.callback_traces >= CALLBACK_SAMPLE else str(s.callback_traces)
+        said = (
+            f"{s.callback_traces_replaced} of LiteLLM's own mlflow callback deleted (their calls' traces are ours)"
+            if s.callback_traces_replaced
+            else f"{many} of LiteLLM's own mlflow callback among these calls: each is shown twice (--replace-callback-traces)"
+        )
+        rows.insert(rows.index(("spans written", s.spans_written)) + 1, ("callback traces", said))
     if s.calls_joined:
         joined = f"{s.calls_joined} call(s) joined to attempts MLflow held of them (counted in calls when first written)"
         rows.insert(5, ("joined in MLflow", joined))

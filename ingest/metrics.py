@@ -50,6 +50,9 @@ class Metrics:
     nested_calls: int = 0
     app_traces_missing: int = 0
     nest_pending: int = 0
+    callback_traces: int = 0
+    """Traces of LiteLLM's own mlflow callback found among the calls written (each such call is shown twice)."""
+    callback_traces_replaced: int = 0
     last_write: float = 0.0
     mlflow_up: bool = True
     down_since: float | None = None
@@ -78,6 +81,8 @@ class Metrics:
             ("nested_calls_total", "counter", self.nested_calls),
             ("app_traces_missing_total", "counter", self.app_traces_missing),
             ("nest_pending", "gauge", self.nest_pending),
+            ("callback_traces_seen", "gauge", self.callback_traces),
+            ("callback_traces_replaced_total", "counter", self.callback_traces_replaced),
             ("buffer_bytes", "gauge", self.buffer_bytes),
             ("held_lines", "gauge", self.held_lines),
             ("files_followed", "gauge", self.files),

@@ -26,6 +26,7 @@ import polars as pl
 
 from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
+from ingest.callback_traces import CallbackWatch
 from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, MAX_ATTEMPTS, Kept, SentIndex, dedupe_and_split, text_bytes
 from ingest.ids import mlflow_trace_id, otel_trace_id
@@ -42,6 +43,7 @@ from ingest.sink import (
     Sink,
     SinkError,
     Target,
+    answered_in_time,
     check_uri,
     make_sink,
     refused_for_its_data,
@@ -124,6 +126,10 @@ class Summary:
     app_traces_missing: int = 0
     nest_failed: int = 0
     nest_pending: int = 0
+    callback_traces: int = 0
+    """Traces of LiteLLM's own mlflow callback found among the calls written (up to ``callback_traces.SAMPLE``)."""
+    callback_traces_replaced: int = 0
+    """With ``--replace-callback-traces``: the callback's traces deleted, their calls' traces ours."""
     workers: int = 0
     bytes_read: int = 0
     first_start: str | None = None
@@ -197,6 +203,8 @@ class Pipeline:
         self.warnings: dict[str, int] = {}
         self._first: int | None = None
         self._last: int | None = None
+        self.callbacks: CallbackWatch | None = None
+        """Looks for LiteLLM's own callback writing the same calls into the experiment (:mod:`ingest.callback_traces`)."""
 
     @classmethod
     def for_run(
@@ -213,7 +221,7 @@ class Pipeline:
         ``workers``: processes that build and write big steps (a backfill's ``--workers``)."""
         nester = Nester(sink, nest_queue, opts.nest_grace_s) if opts.nest and not isinstance(sink, NullSink) else None
         batch = opts.batch_traces or (DEFAULT_BATCH_TRACES if target.is_server else DEFAULT_BATCH_TRACES_SQL)
-        return cls(
+        pipe = cls(
             sink,
             target.experiment_id,
             quarantine or QuarantineWriter(opts.quarantine_file),
@@ -226,6 +234,9 @@ class Pipeline:
             nester,
             pool_for(workers, sink, target, target.experiment_id, opts, batch, warm),
         )
+        if not isinstance(sink, NullSink):
+            pipe.callbacks = CallbackWatch(sink, target, _quick_read(sink, target), opts.replace_callback_traces)
+        return pipe
 
     def normalize(self, chunk: Chunk, warnings: dict[str, int] | None = None) -> Normalized:
         """``warnings``: where this chunk's are counted (a thread normalizing ahead keeps its own,
@@ -577,6 +588,29 @@ class Pipeline:
         if lo is not None and hi is not None:
             self._first = lo if self._first is None else min(self._first, lo)
             self._last = hi if self._last is None else max(self._last, hi)
+            if traces and self.callbacks is not None:
+                self.callbacks.wrote(lo, hi)
+                if self.callbacks.replace:
+                    self.look_for_callback_traces()
+
+    def look_for_callback_traces(self, every_s: float | None = None) -> None:
+        """LiteLLM's own callback writing these calls into this experiment too (:mod:`ingest.callback_traces`)."""
+        if self.callbacks is not None:
+            self.callbacks.look(every_s)
+            self.summary.callback_traces = self.callbacks.found
+            self.summary.callback_traces_replaced = self.callbacks.replaced
+
+
+def _quick_read(sink: Sink, target: Target) -> Callable[[Callable[[], Any], str], Any]:
+    """A read of MLflow that is tried once and given up after ``--mlflow-timeout`` (30 s at most),
+    outside the sink's outage reports: an answer that is only nice to have."""
+    limit = min(sink.deadline_s, 30.0)
+
+    def cutoff() -> float | None:
+        """A stopping daemon's deadline (:meth:`Sink.give_up_at`), which this read keeps too."""
+        return getattr(sink, "cutoff", None) or getattr(getattr(sink, "http", None), "cutoff", None)
+
+    return lambda call, what: answered_in_time(call, what, target.shown_uri, limit, cutoff=cutoff, give_up_s=limit)
 
 
 def _batches(traces: Iterable[BuiltTrace], size: int) -> Iterator[list[BuiltTrace]]:
@@ -652,6 +686,7 @@ class RunOptions:
     nest: bool = True
     nest_grace_s: float = DEFAULT_GRACE_S
     workers: int = 1
+    replace_callback_traces: bool = False
     warm: list[Any] | None = None
     """Worker processes the command line started before it loaded MLflow (``warm.for_backfill``):
     the run takes them over."""
@@ -824,6 +859,7 @@ def run_batch(opts: RunOptions) -> Summary:
             if opts.stop.is_set():
                 raise KeyboardInterrupt
         pipe.flush(final=True)
+        pipe.look_for_callback_traces()
         summary = pipe.finish()
         summary.result = outcome(summary)
     finally:
@@ -926,6 +962,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 pipe.flush(final=False)
                 if pipe.nester is not None:
                     pipe.nester.poll(force=True)
+                pipe.look_for_callback_traces()
                 summary = pipe.finish()
                 summary.result = outcome(summary)
             except KeyboardInterrupt:

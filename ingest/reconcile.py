@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 
+from ingest.callback_traces import is_callback_trace
 from ingest.dedupe import dedupe
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger
@@ -32,6 +33,8 @@ class Report:
     missing: list[str] = field(default_factory=list)
     """Call ids as the ``litellm.call_id`` tag holds them (scrubbed: a client may send its key as the id)."""
     extra: list[str] = field(default_factory=list)
+    callback_traces: int = 0
+    """Traces LiteLLM's own mlflow callback wrote in the window: not compared (they are not ours), counted."""
     quarantined: int = 0
     window: tuple[int | None, int | None] = (None, None)
     """The start times compared: --since/--until, else the logs' calls'; (None, None) when neither
@@ -97,10 +100,16 @@ def _chunks(inputs: Inputs, opts: RunOptions, unread: list[str]) -> Iterator[Chu
 
 
 def traces_in_mlflow(
-    uri: str, experiment_id: str, since_us: int | None, until_us: int | None, read: Reader | None = None
+    uri: str,
+    experiment_id: str,
+    since_us: int | None,
+    until_us: int | None,
+    read: Reader | None = None,
+    callbacks: list[str] | None = None,
 ) -> dict[str, str]:
     """trace id -> litellm call id, for the traces this tool wrote (they carry ``litellm.call_id``).
-    ``read`` runs each read of MLflow (a database store's sink watches it: see ``StoreSink.read``)."""
+    ``read`` runs each read of MLflow (a database store's sink watches it: see ``StoreSink.read``);
+    the ids of LiteLLM's own callback's traces in the window go to ``callbacks``."""
     from mlflow import MlflowClient
 
     read = read or _direct
@@ -126,6 +135,8 @@ def traces_in_mlflow(
         for t in page:
             if (cid := t.info.tags.get("litellm.call_id")) is not None and not _past_edge(client, t.info, since_us, until_us, read):
                 out[t.info.trace_id] = cid
+            elif callbacks is not None and is_callback_trace(t.info):
+                callbacks.append(t.info.trace_id)
         token = page.token
         if not token:
             return out
@@ -169,12 +180,14 @@ def reconcile(opts: RunOptions) -> Report:
     sink = make_sink(target, opts.mlflow_timeout_s)
     try:
         read = getattr(sink, "read", None)
-        actual = {} if unbounded else traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until, read)
+        callbacks: list[str] = []
+        actual = {} if unbounded else traces_in_mlflow(target.tracking_uri, target.experiment_id, since, until, read, callbacks)
         found = _held(sink, target, sorted(expected.keys() - actual.keys()))
     finally:
         sink.close()
     report = Report(target.shown_uri, target.experiment_id, quarantined=quarantined, window=(since, until), unreadable=unreadable)
     report.calls_in_logs = len(expected)
+    report.callback_traces = len(callbacks)
     report.traces_in_mlflow = len(actual)
     report.traces_in_mlflow += len(found)
     report.matched = len(expected.keys() & (actual.keys() | found))

@@ -40,6 +40,7 @@ from watchdog.observers.polling import PollingObserver
 
 from ingest import STOP_SIGNALS
 from ingest.allocator import tune_collector
+from ingest.callback_traces import EVERY_S as CALLBACK_LOOK_S
 from ingest.checkpoints import State, StateError, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower, stat_key
 from ingest.ledger import drop_nest_queue
@@ -258,6 +259,9 @@ class Tailer:
             self._up()
             if time.monotonic() - self._experiment_checked >= EXPERIMENT_CHECK_S:
                 self._check_experiment()
+            self.pipeline.look_for_callback_traces(every_s=CALLBACK_LOOK_S)
+            self.metrics.callback_traces = self.pipeline.summary.callback_traces
+            self.metrics.callback_traces_replaced = self.pipeline.summary.callback_traces_replaced
         except SinkError as e:
             self._outage(e)
         except (Exception, PanicException) as e:

@@ -1,0 +1,177 @@
+"""LiteLLM's own ``mlflow`` callback writing into the experiment we write: each call it traced is then
+shown twice, its trace and ours (README, "LiteLLM's own callback in the same experiment").
+
+Both read ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_NAME``, so a proxy with the callback on and
+this tool pointed as the README says end up in one experiment. The callback's traces are told from
+ours by MLflow's own search: named ``litellm-<call type>`` as ours are, but without the
+``litellm.call_id`` tag every trace of ours carries (the callback keeps the call id in its one span).
+
+Looking is a search over the times of the calls just written; it never fails a run. With
+``--replace-callback-traces`` the callback's trace of a call is deleted once the experiment holds
+ours of it, found by its id and covering the callback's start: one trace per call, ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ingest.ids import mlflow_trace_id, otel_trace_id
+from ingest.quarantine import first_line
+from ingest.spans import TAG_PREFIX
+
+log = logging.getLogger(__name__)
+
+CALL_ID_TAG = f"{TAG_PREFIX}call_id"
+CALLBACK_FILTER = f"trace.name LIKE 'litellm-%' AND tags.`{CALL_ID_TAG}` IS NULL"
+SAMPLE = 100
+"""At most this many of the callback's traces are counted per look: enough to say they are there."""
+PAGE = 100
+"""Traces read (with their spans) per page when replacing."""
+EVERY_S = 3600.0
+"""How often a daemon that does not replace them looks again (over the calls it wrote since)."""
+
+Reader = Callable[[Callable[[], Any], str], Any]
+
+
+def is_callback_trace(info: Any) -> bool:
+    """A trace LiteLLM's callback wrote (reconcile's search pages hold them beside ours)."""
+    tags = info.tags or {}
+    return str(tags.get("mlflow.traceName", "")).startswith("litellm-") and CALL_ID_TAG not in tags
+
+
+@dataclass(frozen=True)
+class CallbackTrace:
+    trace_id: str
+    call_id: str | None
+    """The ``litellm_call_id`` of its one span; None for a trace of another shape (never replaced)."""
+    start_ms: int
+
+
+def _searched(uri: str, experiment_id: str, lo_us: int, hi_us: int, read: Reader, spans: bool, limit: int | None) -> list[CallbackTrace]:
+    from mlflow import MlflowClient
+
+    client = read(lambda: MlflowClient(tracking_uri=uri), "open the MLflow store")
+    window = f"trace.timestamp_ms >= {lo_us // 1000} AND trace.timestamp_ms <= {hi_us // 1000}"
+    out: list[CallbackTrace] = []
+    token = None
+    while True:
+        page = read(
+            lambda token=token: client.search_traces(
+                locations=[experiment_id],
+                filter_string=f"{CALLBACK_FILTER} AND {window}",
+                max_results=PAGE if limit is None else min(PAGE, limit),
+                page_token=token,
+                include_spans=spans,
+            ),
+            "search for the callback's traces",
+        )
+        theirs = (t for t in page if is_callback_trace(t.info))
+        out += [CallbackTrace(t.info.trace_id, _call_id(t) if spans else None, t.info.request_time) for t in theirs]
+        token = page.token
+        if not token or (limit is not None and len(out) >= limit):
+            return out
+
+
+def _call_id(trace: Any) -> str | None:
+    """The call id of a trace of the callback's shape: one span, named as the trace, that carries it."""
+    spans = trace.data.spans if trace.data else []
+    if len(spans) != 1 or spans[0].parent_id is not None or spans[0].name != trace.info.tags.get("mlflow.traceName"):
+        return None
+    cid = spans[0].attributes.get("litellm_call_id")
+    return cid if isinstance(cid, str) and cid else None
+
+
+def callback_traces(uri: str, experiment_id: str, lo_us: int, hi_us: int, read: Reader) -> list[str]:
+    """Ids of (up to ``SAMPLE``) traces of LiteLLM's callback in the experiment that start between
+    ``lo_us`` and ``hi_us``, by MLflow's search (a SQL store or a server alike)."""
+    return [t.trace_id for t in _searched(uri, experiment_id, lo_us, hi_us, read, spans=False, limit=SAMPLE)]
+
+
+class CallbackWatch:
+    """Looks for the callback's traces over the times of the calls a run (or a daemon) wrote: says
+    so once per process, or (``replace``) deletes each one whose call the experiment holds of ours."""
+
+    def __init__(self, sink: Any, target: Any, read: Reader, replace: bool = False) -> None:
+        self.sink, self.target, self.read, self.replace = sink, target, read, replace
+        self.lo: int | None = None
+        self.hi: int | None = None
+        self.found = 0
+        self.replaced = 0
+        self.said = False
+        self._failed = False
+        self._looked: float | None = None
+
+    def wrote(self, lo_us: int, hi_us: int) -> None:
+        self.lo = lo_us if self.lo is None else min(self.lo, lo_us)
+        self.hi = hi_us if self.hi is None else max(self.hi, hi_us)
+
+    def look(self, every_s: float | None = None) -> None:
+        """Search the times written since the last look (no sooner than ``every_s`` after it; every
+        time when replacing). A search that fails (MLflow away, a server too old for the filter)
+        keeps its window for the next look."""
+        if self.lo is None or self.hi is None:
+            return
+        now = time.monotonic()
+        if not self.replace and every_s is not None and self._looked is not None and now - self._looked < every_s:
+            return
+        self._looked = now
+        t = self.target
+        try:
+            if self.replace:
+                self.replaced += self._replace(self.lo, self.hi)
+            else:
+                found = callback_traces(t.tracking_uri, t.experiment_id, self.lo, self.hi, self.read)
+                self.found = max(self.found, len(found))
+                self._say(found)
+        except Exception as e:
+            level = logging.WARNING if self.replace and not self._failed else logging.DEBUG
+            self._failed = True
+            what = "replace LiteLLM's callback traces (tried again after each write)" if self.replace else "look for the callback's traces"
+            log.log(level, "could not %s: %s", what, first_line(e))
+            return
+        self.lo = self.hi = None
+
+    def _replace(self, lo_us: int, hi_us: int) -> int:
+        """Delete the callback's traces in the window whose call the experiment holds of ours: our
+        trace's id is the call's, and its time covers the callback's start (a call id reused later
+        names another call). The rest (calls not in these logs) are left."""
+        from ingest.sink import looked_up
+
+        t = self.target
+        found = _searched(t.tracking_uri, t.experiment_id, lo_us, hi_us, self.read, spans=True, limit=None)
+        by_ours: dict[str, list[CallbackTrace]] = {}
+        for cb in found:
+            if cb.call_id is not None:
+                by_ours.setdefault(mlflow_trace_id(otel_trace_id(t.experiment_id, cb.call_id)), []).append(cb)
+        if not by_ours:
+            return 0
+        held = {i.trace_id: i for i in looked_up(self.sink, sorted(by_ours)) if str(i.experiment_id) == str(t.experiment_id)}
+        doomed = [
+            cb.trace_id
+            for tid, info in held.items()
+            for cb in by_ours[tid]
+            if info.request_time <= cb.start_ms <= info.request_time + (info.execution_duration or 0) + 1
+        ]
+        for i in range(0, len(doomed), PAGE):
+            self.sink.delete(doomed[i : i + PAGE])
+        return len(doomed)
+
+    def _say(self, found: list[str]) -> None:
+        if not found or self.said:
+            return
+        self.said = True
+        t = self.target
+        many = f"{len(found)}+" if len(found) >= SAMPLE else str(len(found))
+        name = f"{t.experiment_name!r} (id {t.experiment_id})" if t.experiment_name else f"id {t.experiment_id}"
+        log.warning(
+            "experiment %s also holds %s trace(s) of LiteLLM's own mlflow callback (e.g. %s) among the calls written: "
+            "each call it traced is shown twice, its trace and ours. Turn the callback off and pass --replace-callback-traces "
+            "(deletes its trace of each call written), or send ours to another experiment (MLFLOW_EXPERIMENT_NAME)",
+            name,
+            many,
+            found[0],
+        )

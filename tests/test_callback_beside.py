@@ -1,0 +1,175 @@
+"""LiteLLM's own `mlflow` callback writing the same calls into the experiment we write (both read
+MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME, so following the README with the callback on does
+this): each such call is shown twice, and every run, the daemon and reconcile say so.
+
+The callback's traces are made by LiteLLM's own ``MlflowLogger`` (tests/e2e/callback_replay.py,
+run in the proxy's venv) replaying the same log; what is expected is counted from MLflow's own
+search, never from the ingester's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tests.conftest import all_traces, reidentify, write_jsonl
+from tests.proxykit import E2E, _clean_env, proxy_python
+from tests.tailkit import Daemon, metric, wait_for
+
+EXE = str(Path(sys.executable).parent / "litellm-ingest")
+SAID = "trace(s) of LiteLLM's own mlflow callback"
+
+
+def replay_callback(log: Path, uri: str, experiment: str) -> int:
+    """LiteLLM's callback replays ``log`` into ``experiment``; the number of its traces there."""
+    env = _clean_env({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"})
+    proc = subprocess.run([str(proxy_python()), str(E2E / "callback_replay.py"), str(log)], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return len(callback_traces(uri, experiment))
+
+
+def callback_traces(uri: str, experiment: str) -> list:
+    return [t for t in all_traces(uri, experiment, include_spans=False, missing_ok=True) if "litellm.call_id" not in t.info.tags]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run([EXE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def window(records: list[dict]) -> tuple[str, str]:
+    start = datetime.fromtimestamp(min(r["startTime"] for r in records), tz=UTC)
+    end = datetime.fromtimestamp(max(r["endTime"] for r in records), tz=UTC)
+    return (start - timedelta(hours=1)).isoformat(), (end + timedelta(hours=1)).isoformat()
+
+
+def test_a_run_into_the_experiment_litellms_callback_writes_says_each_call_it_traced_is_shown_twice(
+    tmp_path: Path, capture: list[dict]
+) -> None:
+    records = reidentify(capture)
+    log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    theirs = replay_callback(log, uri, "shared")
+    assert theirs == len(records), "the callback traced every attempt"
+
+    shared = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "shared", "--no-state", "--json", cwd=tmp_path)
+    assert shared.returncode == 0, shared.stderr
+    assert shared.stderr.count(SAID) == 1, shared.stderr
+    assert "'shared'" in shared.stderr and "pass --replace-callback-traces" in shared.stderr
+    summary = json.loads(shared.stdout)
+    assert summary["callback_traces"] == theirs
+    assert summary["traces_written"] == len({r["litellm_call_id"] for r in records}), "ours are written all the same"
+
+    dry = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "shared", "--dry-run", "--json", cwd=tmp_path)
+    assert dry.returncode == 0 and SAID not in dry.stderr, "a dry run writes nothing, so it looks for nothing"
+    assert json.loads(dry.stdout)["callback_traces"] == 0
+
+    apart = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "ours", "--no-state", "--json", cwd=tmp_path)
+    assert apart.returncode == 0 and SAID not in apart.stderr, apart.stderr
+    assert json.loads(apart.stdout)["callback_traces"] == 0
+
+    since, until = window(records)
+    for experiment, expected in (("shared", theirs), ("ours", 0)):
+        args = ("reconcile", str(log), "--tracking-uri", uri, "--experiment-name", experiment, "--since", since, "--until", until)
+        report = run(*args, "--json", cwd=tmp_path)
+        assert report.returncode == 0, (report.stdout, report.stderr)
+        assert json.loads(report.stdout)["callback_traces"] == expected
+        text = run(*args, cwd=tmp_path).stdout
+        assert (f"also in the window: {theirs} trace(s) of LiteLLM's own mlflow callback" in text) == bool(expected), text
+
+
+def test_a_daemon_into_a_server_the_callback_writes_too_says_it_once_and_counts_them(
+    mlflow_server, tmp_path: Path, capture: list[dict], experiment_name: str
+) -> None:
+    records = reidentify(capture)
+    log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    theirs = replay_callback(log, mlflow_server.url, experiment_name)
+    assert theirs == len(records)
+    d = Daemon(log.parent, mlflow_server.url, experiment_name, tmp_path / "state").start()
+    try:
+        calls = len({r["litellm_call_id"] for r in records})
+        wait_for(lambda: metric(d.metrics(), "litellm_ingest_traces_written_total") >= calls, 60, "every call written")
+        wait_for(lambda: metric(d.metrics(), "litellm_ingest_callback_traces_seen") > 0, 30, "the callback's traces seen")
+        assert metric(d.metrics(), "litellm_ingest_callback_traces_seen") <= theirs
+    finally:
+        assert d.stop() == 0
+    assert d.log.read_text().count(SAID) == 1, d.log.read_text()[-3000:]
+    assert len(callback_traces(mlflow_server.url, experiment_name)) == theirs, "the callback's traces are left as they are"
+
+
+def shifted(record: dict, by_s: float) -> dict:
+    r = {**record}
+    for k in ("startTime", "endTime", "completionStartTime"):
+        if r.get(k) is not None:
+            r[k] = r[k] + by_s
+    return r
+
+
+def test_replace_deletes_the_callbacks_trace_of_each_call_written_and_nothing_else(tmp_path: Path, capture: list[dict]) -> None:
+    """Migrating: the callback traced every call, then the user replays the logs with
+    --replace-callback-traces. Each call ends as one trace, ours; the callback's traces of calls not
+    in these logs, and of a call id it reused at another time, stay; a re-run deletes nothing more."""
+    records = reidentify(capture)
+    log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    elsewhere = reidentify(capture[:5])
+    first = min(records, key=lambda r: r["startTime"])
+    reused = shifted(first, max(r["endTime"] for r in records) - first["startTime"] - 1)  # same id, later, inside the window
+    assert reused["startTime"] > max(r["endTime"] for r in records if r["litellm_call_id"] == first["litellm_call_id"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    replayed = write_jsonl(tmp_path / "callback.jsonl", [*records, *elsewhere, reused])
+    theirs = replay_callback(replayed, uri, "shared")
+    assert theirs == len(records) + len(elsewhere) + 1
+
+    proc = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "shared", "--no-state", "--json",
+               "--replace-callback-traces", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and SAID not in proc.stderr, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["callback_traces_replaced"] == len(records)
+    calls = {r["litellm_call_id"] for r in records}
+    ours = [t for t in all_traces(uri, "shared", include_spans=False) if "litellm.call_id" in t.info.tags]
+    assert sorted(t.info.tags["litellm.call_id"] for t in ours) == sorted(calls), "one trace per call, ours"
+    left = callback_traces(uri, "shared")
+    assert len(left) == len(elsewhere) + 1, "the calls not in these logs and the reused id keep the callback's trace"
+    assert {t.info.request_time for t in left} >= {int(reused["startTime"] * 1000)}
+
+    again = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "shared", "--no-state", "--json",
+                "--replace-callback-traces", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0 and json.loads(again.stdout)["callback_traces_replaced"] == 0
+    assert len(callback_traces(uri, "shared")) == len(elsewhere) + 1
+
+
+def test_replace_in_a_backfill_with_workers_and_a_daemon_through_a_server(
+    mlflow_server, tmp_path: Path, capture: list[dict], experiment_name: str
+) -> None:
+    """The same through a real server: a backfill whose workers build the calls, and a daemon that
+    replaces the callback's trace after each write (its metrics count them)."""
+    records = reidentify(capture)
+    archive = write_jsonl(tmp_path / "archive" / "old.jsonl", records)
+    live = reidentify(capture)
+    log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", live)
+    both = write_jsonl(tmp_path / "callback.jsonl", [*records, *live])
+    assert replay_callback(both, mlflow_server.url, experiment_name) == len(records) + len(live)
+
+    proc = run("backfill", str(archive), "--tracking-uri", mlflow_server.url, "--experiment-name", experiment_name, "--workers", "2",
+               "--batch-size", "5", "--json", "--replace-callback-traces", "--state-dir", str(tmp_path / "bf"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["callback_traces_replaced"] == len(records)
+    assert len(callback_traces(mlflow_server.url, experiment_name)) == len(live)
+
+    d = Daemon(log.parent, mlflow_server.url, experiment_name, tmp_path / "state", "--replace-callback-traces").start()
+    try:
+        wait_for(lambda: metric(d.metrics(), "litellm_ingest_callback_traces_replaced_total") >= len(live), 60, "the callback's replaced")
+        assert metric(d.metrics(), "litellm_ingest_callback_traces_replaced_total") == len(live)
+    finally:
+        assert d.stop() == 0
+    assert callback_traces(mlflow_server.url, experiment_name) == []
+    ours = [t for t in all_traces(mlflow_server.url, experiment_name, include_spans=False) if "litellm.call_id" in t.info.tags]
+    assert len(ours) == len({r["litellm_call_id"] for r in [*records, *live]})
+    assert SAID not in d.log.read_text()
