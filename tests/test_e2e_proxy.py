@@ -9,10 +9,13 @@ with ``-m "not proxy"``; CI runs it.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -71,7 +74,7 @@ def e2e_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             wait_for(ours_complete, 120, "every call in our experiment")
             time.sleep(3)
             yield {"calls": calls, "ours": all_traces(mlflow_server.url, ours), "theirs": all_traces(mlflow_server.url, theirs),
-                   "logdir": proxy.logdir, "records": proxy.records()}  # fmt: skip
+                   "logdir": proxy.logdir, "records": proxy.records(), "names": (ours, theirs), "url": mlflow_server.url}  # fmt: skip
         finally:
             if daemon.alive():
                 assert daemon.stop() == 0
@@ -221,3 +224,20 @@ def test_moderation_pass_through_and_mcp_tool_calls_are_traced_with_their_span_t
     assert tool.inputs["arguments"] == {"city": mcp["city"]} and "get_weather" in tool.inputs["name"], tool.inputs
     assert mcp["answer"] == f"Sunny in {mcp['city']}" and mcp["answer"] in json.dumps(tool.outputs), tool.outputs
     assert "default-message-value" not in ours[mcp["call_id"]].info.request_preview
+
+
+def test_migrating_off_the_callback_leaves_one_trace_per_call_ours(e2e_run: dict, tmp_path: Path) -> None:
+    """The callback's experiment (every call the live proxy made, traced live by LiteLLM's own
+    callback: streamed, failed, retried, embeddings, MCP...) replayed from the proxy's logs with
+    ``--replace-callback-traces``: every callback trace is deleted, and each call is one trace, ours."""
+    theirs, url = e2e_run["names"][1], e2e_run["url"]
+    before = all_traces(url, theirs, include_spans=False)
+    assert before and not any("litellm.call_id" in t.info.tags for t in before)
+    exe = str(Path(sys.executable).parent / "litellm-ingest")
+    args = [exe, "batch", str(e2e_run["logdir"]), "--tracking-uri", url, "--experiment-name", theirs, "--no-state", "--json",
+            "--replace-callback-traces"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["callback_traces_replaced"] == len(before)
+    after = all_traces(url, theirs, include_spans=False)
+    assert sorted(t.info.tags.get("litellm.call_id") for t in after) == sorted(c["call_id"] for c in e2e_run["calls"])
