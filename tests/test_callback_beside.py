@@ -16,7 +16,9 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.conftest import all_traces, reidentify, write_jsonl
+import pytest
+
+from tests.conftest import all_traces, copies, reidentify, write_jsonl
 from tests.proxykit import E2E, _clean_env, proxy_python
 from tests.tailkit import Daemon, metric, wait_for
 
@@ -112,37 +114,49 @@ def shifted(record: dict, by_s: float) -> dict:
     return r
 
 
-def test_replace_deletes_the_callbacks_trace_of_each_call_written_and_nothing_else(tmp_path: Path, capture: list[dict]) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_replace_deletes_the_callbacks_trace_of_each_call_written_and_nothing_else(
+    request: pytest.FixtureRequest, tmp_path: Path, capture: list[dict], store: str
+) -> None:
     """Migrating: the callback traced every call, then the user replays the logs with
-    --replace-callback-traces. Each call ends as one trace, ours; the callback's traces of calls not
-    in these logs, and of a call id it reused at another time, stay; a re-run deletes nothing more."""
-    records = reidentify(capture)
+    --replace-callback-traces (a batch into SQLite; a backfill whose two workers write into
+    PostgreSQL). Each call ends as one trace, ours; the callback's traces of calls not in these
+    logs, and of a call id it reused at another time, stay; a re-run deletes nothing more."""
+    # PostgreSQL: past the 256 calls after which a backfill's workers take the steps, and write them
+    records = reidentify(capture) if store == "sqlite" else [r for c in copies(capture, 12, "pg", spacing_s=60) for r in c]
     log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
-    elsewhere = reidentify(capture[:5])
+    elsewhere = reidentify(capture[:5], shift_s=records[0]["startTime"] - capture[0]["startTime"])
     first = min(records, key=lambda r: r["startTime"])
     reused = shifted(first, max(r["endTime"] for r in records) - first["startTime"] - 1)  # same id, later, inside the window
     assert reused["startTime"] > max(r["endTime"] for r in records if r["litellm_call_id"] == first["litellm_call_id"])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if store == "sqlite":
+        uri = callback_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        uri = request.getfixturevalue("postgres").new_database()
+        callback_uri = uri.replace("postgresql://", "postgresql+psycopg://")  # the proxy's venv has psycopg 3
     replayed = write_jsonl(tmp_path / "callback.jsonl", [*records, *elsewhere, reused])
-    theirs = replay_callback(replayed, uri, "shared")
+    theirs = replay_callback(replayed, callback_uri, "shared")
     assert theirs == len(records) + len(elsewhere) + 1
 
-    proc = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "shared", "--no-state", "--json",
-               "--replace-callback-traces", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0 and SAID not in proc.stderr, proc.stderr
-    summary = json.loads(proc.stdout)
+    def replace(state: str) -> dict:
+        how = ["batch", "--no-state"] if store == "sqlite" else ["backfill", "--workers", "2", "--batch-size", "5", "--state-dir", state]
+        target = ("--tracking-uri", uri, "--experiment-name", "shared")
+        proc = run(*how, str(log), *target, "--json", "--replace-callback-traces", cwd=tmp_path)
+        assert proc.returncode == 0 and SAID not in proc.stderr, proc.stderr
+        return json.loads(proc.stdout)
+
+    summary = replace(str(tmp_path / "one"))
     assert summary["callback_traces_replaced"] == len(records)
+    assert store == "sqlite" or summary["workers"] == 2
     calls = {r["litellm_call_id"] for r in records}
-    ours = [t for t in all_traces(uri, "shared", include_spans=False) if "litellm.call_id" in t.info.tags]
+    ours = [t for t in all_traces(callback_uri, "shared", include_spans=False) if "litellm.call_id" in t.info.tags]
     assert sorted(t.info.tags["litellm.call_id"] for t in ours) == sorted(calls), "one trace per call, ours"
-    left = callback_traces(uri, "shared")
+    left = callback_traces(callback_uri, "shared")
     assert len(left) == len(elsewhere) + 1, "the calls not in these logs and the reused id keep the callback's trace"
     assert {t.info.request_time for t in left} >= {int(reused["startTime"] * 1000)}
 
-    again = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "shared", "--no-state", "--json",
-                "--replace-callback-traces", cwd=tmp_path)  # fmt: skip
-    assert again.returncode == 0 and json.loads(again.stdout)["callback_traces_replaced"] == 0
-    assert len(callback_traces(uri, "shared")) == len(elsewhere) + 1
+    assert replace(str(tmp_path / "two"))["callback_traces_replaced"] == 0
+    assert len(callback_traces(callback_uri, "shared")) == len(elsewhere) + 1
 
 
 def test_replace_in_a_backfill_with_workers_and_a_daemon_through_a_server(
