@@ -33,6 +33,9 @@ PAGE = 100
 """Traces read (with their spans) per page when replacing."""
 EVERY_S = 3600.0
 """How often a daemon that does not replace them looks again (over the calls it wrote since)."""
+REPLACE_EVERY_S = 30.0
+"""How often a run or a daemon that replaces them does (a look per write searched the same times
+over and over: a backfill's workers each write calls from all over a step's time range)."""
 
 Reader = Callable[[Callable[[], Any], str], Any]
 
@@ -109,14 +112,15 @@ class CallbackWatch:
         self.lo = lo_us if self.lo is None else min(self.lo, lo_us)
         self.hi = hi_us if self.hi is None else max(self.hi, hi_us)
 
-    def look(self, every_s: float | None = None) -> None:
-        """Search the times written since the last look (no sooner than ``every_s`` after it; every
-        time when replacing). A search that fails (MLflow away, a server too old for the filter)
-        keeps its window for the next look."""
+    def look(self, force: bool = False) -> None:
+        """Search the times written since the last look, at most every ``EVERY_S`` (``REPLACE_EVERY_S``
+        when replacing) unless ``force``d (a run's end, a daemon's stop). A search that fails (MLflow
+        away, a server too old for the filter) keeps its window for the next look."""
         if self.lo is None or self.hi is None:
             return
         now = time.monotonic()
-        if not self.replace and every_s is not None and self._looked is not None and now - self._looked < every_s:
+        every = REPLACE_EVERY_S if self.replace else EVERY_S
+        if not force and self._looked is not None and now - self._looked < every:
             return
         self._looked = now
         t = self.target

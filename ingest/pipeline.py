@@ -590,13 +590,12 @@ class Pipeline:
             self._last = hi if self._last is None else max(self._last, hi)
             if traces and self.callbacks is not None:
                 self.callbacks.wrote(lo, hi)
-                if self.callbacks.replace:
-                    self.look_for_callback_traces()
+                self.look_for_callback_traces()
 
-    def look_for_callback_traces(self, every_s: float | None = None) -> None:
+    def look_for_callback_traces(self, force: bool = False) -> None:
         """LiteLLM's own callback writing these calls into this experiment too (:mod:`ingest.callback_traces`)."""
         if self.callbacks is not None:
-            self.callbacks.look(every_s)
+            self.callbacks.look(force)
             self.summary.callback_traces = self.callbacks.found
             self.summary.callback_traces_replaced = self.callbacks.replaced
 
@@ -859,7 +858,7 @@ def run_batch(opts: RunOptions) -> Summary:
             if opts.stop.is_set():
                 raise KeyboardInterrupt
         pipe.flush(final=True)
-        pipe.look_for_callback_traces()
+        pipe.look_for_callback_traces(force=True)
         summary = pipe.finish()
         summary.result = outcome(summary)
     finally:
@@ -962,7 +961,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 pipe.flush(final=False)
                 if pipe.nester is not None:
                     pipe.nester.poll(force=True)
-                pipe.look_for_callback_traces()
+                pipe.look_for_callback_traces(force=True)
                 summary = pipe.finish()
                 summary.result = outcome(summary)
             except KeyboardInterrupt:

@@ -40,7 +40,6 @@ from watchdog.observers.polling import PollingObserver
 
 from ingest import STOP_SIGNALS
 from ingest.allocator import tune_collector
-from ingest.callback_traces import EVERY_S as CALLBACK_LOOK_S
 from ingest.checkpoints import State, StateError, destination_key, now_iso, state_path
 from ingest.follow import Followed, Follower, stat_key
 from ingest.ledger import drop_nest_queue
@@ -228,6 +227,7 @@ class Tailer:
             self._restore()
             self._read_and_send(deadline)
             self._nest(force=True)
+            self._look_for_callback_traces(force=True)
         except SinkError as e:
             self.follower.rewind()
             log.warning("MLflow unavailable at shutdown (%s); what it did not acknowledge is saved for the next start", e)
@@ -259,14 +259,17 @@ class Tailer:
             self._up()
             if time.monotonic() - self._experiment_checked >= EXPERIMENT_CHECK_S:
                 self._check_experiment()
-            self.pipeline.look_for_callback_traces(every_s=CALLBACK_LOOK_S)
-            self.metrics.callback_traces = self.pipeline.summary.callback_traces
-            self.metrics.callback_traces_replaced = self.pipeline.summary.callback_traces_replaced
+            self._look_for_callback_traces()
         except SinkError as e:
             self._outage(e)
         except (Exception, PanicException) as e:
             self._failed(e)
         self.metrics.ready = True
+
+    def _look_for_callback_traces(self, force: bool = False) -> None:
+        self.pipeline.look_for_callback_traces(force)
+        self.metrics.callback_traces = self.pipeline.summary.callback_traces
+        self.metrics.callback_traces_replaced = self.pipeline.summary.callback_traces_replaced
 
     def _restore(self) -> None:
         if not self._restored:

@@ -179,7 +179,7 @@ def test_replace_in_a_backfill_with_workers_and_a_daemon_through_a_server(
 
     d = Daemon(log.parent, mlflow_server.url, experiment_name, tmp_path / "state", "--replace-callback-traces").start()
     try:
-        wait_for(lambda: metric(d.metrics(), "litellm_ingest_callback_traces_replaced_total") >= len(live), 60, "the callback's replaced")
+        wait_for(lambda: metric(d.metrics(), "litellm_ingest_callback_traces_replaced_total") >= len(live), 120, "the callback's replaced")
         assert metric(d.metrics(), "litellm_ingest_callback_traces_replaced_total") == len(live)
     finally:
         assert d.stop() == 0
