@@ -37,7 +37,21 @@ REPLACE_EVERY_S = 30.0
 """How often a run or a daemon that replaces them does (a look per write searched the same times
 over and over: a backfill's workers each write calls from all over a step's time range)."""
 
+LOOK_THREAD = "callback-traces"
+"""The threads a look reads MLflow in: what MLflow's database layer logs in them (a query that failed
+for want of the database, dumped with its traceback even before it raises) is dropped, as the look
+says its own failure in one line (:func:`ingest.stores.quiet_dependency_logs` does so for the rest
+unless ``-v``)."""
+
 Reader = Callable[[Callable[[], Any], str], Any]
+
+
+def _not_a_look(record: logging.LogRecord) -> bool:
+    return record.threadName != LOOK_THREAD
+
+
+for _name in ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "mlflow.tracing.client", "mlflow.utils.rest_utils"):
+    logging.getLogger(_name).addFilter(_not_a_look)
 
 
 def is_callback_trace(info: Any) -> bool:

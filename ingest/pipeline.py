@@ -26,7 +26,7 @@ import polars as pl
 
 from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
-from ingest.callback_traces import CallbackWatch
+from ingest.callback_traces import LOOK_THREAD, CallbackWatch
 from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, MAX_ATTEMPTS, Kept, SentIndex, dedupe_and_split, text_bytes
 from ingest.ids import mlflow_trace_id, otel_trace_id
@@ -609,7 +609,7 @@ def _quick_read(sink: Sink, target: Target) -> Callable[[Callable[[], Any], str]
         """A stopping daemon's deadline (:meth:`Sink.give_up_at`), which this read keeps too."""
         return getattr(sink, "cutoff", None) or getattr(getattr(sink, "http", None), "cutoff", None)
 
-    return lambda call, what: answered_in_time(call, what, target.shown_uri, limit, cutoff=cutoff, give_up_s=limit)
+    return lambda call, what: answered_in_time(call, what, target.shown_uri, limit, cutoff=cutoff, give_up_s=limit, thread=LOOK_THREAD)
 
 
 def _batches(traces: Iterable[BuiltTrace], size: int) -> Iterator[list[BuiltTrace]]:

@@ -961,6 +961,7 @@ def answered_in_time(
     on_retry: Callable[[Exception], None] | None = None,
     cutoff: Callable[[], float | None] = lambda: None,
     give_up_s: float | None = None,
+    thread: str = "mlflow-db",
 ) -> T:
     """``call`` (database work on the store ``shown``, or a request through MLflow's own client), run
     in a thread of its own and waited for in short slices. A database that does not answer at all (a
@@ -969,7 +970,7 @@ def answered_in_time(
     (``on_retry``), and waiting ends, unacknowledged, at ``cutoff()`` ("stopped"), or after
     ``give_up_s`` when given (a ping). Without ``on_retry`` (a run, not a daemon) it is abandoned
     after ``--mlflow-timeout`` (``DB_SILENCE_S`` at least) and retried within the same deadline, so a
-    run ends with exit 4. The thread is a daemon: it does not keep the process alive."""
+    run ends with exit 4. The thread (named ``thread``) is a daemon: it does not keep the process alive."""
 
     def past_cutoff() -> bool:
         return (at := cutoff()) is not None and time.monotonic() >= at
@@ -980,7 +981,7 @@ def answered_in_time(
     if past_cutoff():
         raise abandoned()
     try:
-        watched = Watched(call, "mlflow-db")
+        watched = Watched(call, thread)
     except RuntimeError as e:
         raise SinkError(f"cannot reach the MLflow store {shown}: {first_line(e)}") from e
     started, said = time.monotonic(), False

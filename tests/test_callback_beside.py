@@ -187,3 +187,32 @@ def test_replace_in_a_backfill_with_workers_and_a_daemon_through_a_server(
     ours = [t for t in all_traces(mlflow_server.url, experiment_name, include_spans=False) if "litellm.call_id" in t.info.tags]
     assert len(ours) == len({r["litellm_call_id"] for r in [*records, *live]})
     assert SAID not in d.log.read_text()
+
+
+def test_a_look_while_the_database_is_down_says_one_line_and_no_traceback(
+    own_postgres, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The look is the last thing a run does: a database that went down since its last write (or
+    crashes under it) fails it, and MLflow's own database layer dumps the failed query with its
+    traceback before raising (a backfill riding out a PostgreSQL crash printed one with ``-v``).
+    The look says its failure in one line, and keeps its window for the next look."""
+    import logging
+
+    from ingest.callback_traces import CallbackWatch
+    from ingest.pipeline import _quick_read
+    from ingest.sink import make_sink, resolve_target
+
+    caplog.set_level(logging.DEBUG, logger="mlflow")  # as `litellm-ingest -v`, and more: all MLflow says shows
+    target = resolve_target(own_postgres.new_database(), "shared", None)
+    sink = make_sink(target, deadline_s=5)
+    watch = CallbackWatch(sink, target, _quick_read(sink, target))
+    watch.wrote(1_700_000_000_000_000, 1_700_000_100_000_000)
+    own_postgres.stop()
+    with caplog.at_level(logging.DEBUG):
+        watch.look(force=True)
+    sink.close()
+    ours = [r for r in caplog.records if r.name == "ingest.callback_traces"]
+    assert len(ours) == 1 and "could not look for the callback's traces" in ours[0].getMessage(), caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("mlflow") and r.levelno >= logging.WARNING], caplog.text
+    assert "Traceback" not in caplog.text
+    assert (watch.lo, watch.hi) == (1_700_000_000_000_000, 1_700_000_100_000_000), "the window waits for the next look"
