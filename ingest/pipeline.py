@@ -590,7 +590,8 @@ class Pipeline:
             self._last = hi if self._last is None else max(self._last, hi)
             if traces and self.callbacks is not None:
                 self.callbacks.wrote(lo, hi)
-                self.look_for_callback_traces()
+                if self.callbacks.replace:  # else a run looks at its end, a daemon after each pass
+                    self.look_for_callback_traces()
 
     def look_for_callback_traces(self, force: bool = False) -> None:
         """LiteLLM's own callback writing these calls into this experiment too (:mod:`ingest.callback_traces`)."""
