@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 CALL_ID_TAG = f"{TAG_PREFIX}call_id"
 CALLBACK_FILTER = f"trace.name LIKE 'litellm-%' AND tags.`{CALL_ID_TAG}` IS NULL"
+SLACK_MS = 1
+"""The callback's start may be a millisecond before ours of the same call: both read one float, ours
+rounds it to the microsecond, the callback truncates ``int(start.timestamp() * 1e9)``."""
 SAMPLE = 100
 """At most this many of the callback's traces are counted per look: enough to say they are there."""
 PAGE = 100
@@ -72,7 +75,7 @@ def _searched(uri: str, experiment_id: str, lo_us: int, hi_us: int, read: Reader
     from mlflow import MlflowClient
 
     client = read(lambda: MlflowClient(tracking_uri=uri), "open the MLflow store")
-    window = f"trace.timestamp_ms >= {lo_us // 1000} AND trace.timestamp_ms <= {hi_us // 1000}"
+    window = f"trace.timestamp_ms >= {lo_us // 1000 - SLACK_MS} AND trace.timestamp_ms <= {hi_us // 1000}"
     out: list[CallbackTrace] = []
     token = None
     while True:
@@ -156,7 +159,7 @@ class CallbackWatch:
     def _replace(self, lo_us: int, hi_us: int) -> int:
         """Delete the callback's traces in the window whose call the experiment holds of ours: our
         trace's id is the call's, and its time covers the callback's start (a call id reused later
-        names another call). The rest (calls not in these logs) are left."""
+        names another call; ``SLACK_MS`` either side). The rest (calls not in these logs) are left."""
         from ingest.sink import looked_up
 
         t = self.target
@@ -172,7 +175,7 @@ class CallbackWatch:
             cb.trace_id
             for tid, info in held.items()
             for cb in by_ours[tid]
-            if info.request_time <= cb.start_ms <= info.request_time + (info.execution_duration or 0) + 1
+            if info.request_time - SLACK_MS <= cb.start_ms <= info.request_time + (info.execution_duration or 0) + SLACK_MS
         ]
         for i in range(0, len(doomed), PAGE):
             self.sink.delete(doomed[i : i + PAGE])

@@ -216,3 +216,35 @@ def test_a_look_while_the_database_is_down_says_one_line_and_no_traceback(
     assert not [r for r in caplog.records if r.name.startswith("mlflow") and r.levelno >= logging.WARNING], caplog.text
     assert "Traceback" not in caplog.text
     assert (watch.lo, watch.hi) == (1_700_000_000_000_000, 1_700_000_100_000_000), "the window waits for the next look"
+
+
+def on_a_millisecond_the_callback_floors_below(record: dict) -> dict:
+    """``record`` moved (by under 50 ms) to start on a whole millisecond whose float LiteLLM's
+    callback turns into the millisecond before (``int(start.timestamp() * 1e9)``, truncated), as
+    about one call in 2,700 of a live proxy starts; ours reads the same float as that millisecond."""
+    ms = int(record["startTime"] * 1000) + 1
+    while int((ms / 1000) * 1e9) // 1_000_000 == ms:
+        ms += 1
+    moved = shifted(record, ms / 1000 - record["startTime"])
+    moved["startTime"] = ms / 1000
+    return moved
+
+
+def test_replace_deletes_the_callbacks_trace_that_starts_a_truncated_millisecond_before_ours(tmp_path: Path, capture: list[dict]) -> None:
+    """Both read the call's start from one float: ours rounds it to the microsecond, the callback
+    truncates its nanoseconds, so its trace may start 1 ms before ours. It is still the call's."""
+    calls: dict[str, list[dict]] = {}
+    for r in reidentify(capture):
+        calls.setdefault(r["litellm_call_id"], []).append(r)
+    records = [on_a_millisecond_the_callback_floors_below(rs[0]) for rs in calls.values() if len(rs) == 1]
+    log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert replay_callback(log, uri, "shared") == len(records)
+    theirs = {t.info.request_time for t in callback_traces(uri, "shared")}
+    assert theirs == {round(r["startTime"] * 1000) - 1 for r in records}, "each starts 1 ms before the call"
+
+    proc = run("batch", str(log), "--tracking-uri", uri, "--experiment-name", "shared", "--no-state", "--json",
+               "--replace-callback-traces", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["callback_traces_replaced"] == len(records)
+    assert callback_traces(uri, "shared") == []
