@@ -149,12 +149,27 @@ class CallbackWatch:
                 self.found = max(self.found, len(found))
                 self._say(found)
         except Exception as e:
+            if self.replace and getattr(e, "kind", None) == "unauthorized":
+                self._refused(e)
+                return
             level = logging.WARNING if self.replace and not self._failed else logging.DEBUG
             self._failed = True
             what = "replace LiteLLM's callback traces (tried again after each write)" if self.replace else "look for the callback's traces"
             log.log(level, "could not %s: %s", what, first_line(e))
             return
         self.lo = self.hi = None
+
+    def _refused(self, e: Exception) -> None:
+        """MLflow refuses this user deletes (a server's auth, EDIT but not MANAGE): say so once and go
+        on as without the option, counting what is left. Asked again after each write, each look
+        searched every callback trace written so far again, and was refused again."""
+        self.replace, self.said = False, True
+        log.warning(
+            "may not delete LiteLLM's callback traces in experiment %s (%s): they stay, each call it traced shown twice; "
+            "--replace-callback-traces needs a user who may delete traces (MANAGE)",
+            self.target.experiment_id,
+            first_line(e),
+        )
 
     def _replace(self, lo_us: int, hi_us: int) -> int:
         """Delete the callback's traces in the window whose call the experiment holds of ours: our

@@ -903,12 +903,19 @@ class OtlpSink:
         self._through_client(
             lambda: self.http.within_cutoff(lambda: store.delete_traces(exp_id, trace_ids=trace_ids), "DeleteTraces"),
             "delete traces",
-            lambda e: SinkError(f"deleting traces on {self.target.shown_uri} failed: {first_line(e)}"),
+            lambda e: SinkError(f"deleting traces on {self.target.shown_uri} failed: {first_line(e)}", *_refusal(e)),
         )
 
     def close(self) -> None:
         self._senders.shutdown(wait=True)
         self.http.session.close()
+
+
+def _refusal(e: Exception) -> tuple[str, int | None]:
+    """The kind and status of a SinkError for MLflow's client raising ``e``: a server's auth refusing
+    this user (401, 403) is "unauthorized", as our own requests' refusals are."""
+    status = e.get_http_status_code() if getattr(e, "error_code", None) in ("PERMISSION_DENIED", "UNAUTHENTICATED") else None
+    return ("unauthorized", status) if status in (401, 403) else ("unreachable", None)
 
 
 def _transient_any(e: Exception) -> bool:

@@ -112,3 +112,39 @@ def test_a_call_nests_into_an_app_trace_the_user_may_edit(auth_server: MlflowSer
         for k, v in as_admin(auth_server).items():
             mp.setenv(k, v)
         assert len(spans_by_id(auth_server.url, call["trace_id"])) == 2 + 2, "the proxy span and its attempt"
+
+
+def test_a_user_who_may_not_delete_replaces_nothing_and_the_run_counts_the_callbacks_traces_as_without_the_option(
+    auth_server: MlflowServer, capture: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--replace-callback-traces by a user with EDIT (writes, may not delete): the first delete is
+    refused, said once, and the run goes on as it would without the option (it counts the
+    callback's traces, which stay); every later write used to search the callback's traces of all
+    it wrote so far again, look each up one request at a time, and be refused again."""
+    from tests.test_callback_beside import SAID, callback_traces, replay_callback
+
+    grant(auth_server, "proxy-no-delete", "EDIT")
+    records = reidentify(capture)
+    log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
+    for k, v in as_admin(auth_server).items():
+        monkeypatch.setenv(k, v)  # the reads here are the admin's
+    theirs = replay_callback(log, auth_server.url, "proxy-no-delete", as_admin(auth_server))
+    assert theirs == len(records)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_USERNAME": USER[0], "MLFLOW_TRACKING_PASSWORD": USER[1]}
+    p = subprocess.run(
+        [EXE, "batch", str(log), "--tracking-uri", auth_server.url, "--experiment-name", "proxy-no-delete", "--no-state", "--json",
+         "--batch-size", "5", "--replace-callback-traces"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.count("may not delete LiteLLM's callback traces") == 1, p.stderr
+    assert SAID not in p.stderr, "said once"
+    summary = json.loads(p.stdout)
+    assert summary["callback_traces"] == theirs and summary["callback_traces_replaced"] == 0
+    calls = {r["litellm_call_id"] for r in records}
+    assert summary["traces_written"] == len(calls)
+    ours = [t for t in all_traces(auth_server.url, "proxy-no-delete", include_spans=False) if "litellm.call_id" in t.info.tags]
+    assert sorted(t.info.tags["litellm.call_id"] for t in ours) == sorted(calls)
+    assert len(callback_traces(auth_server.url, "proxy-no-delete")) == theirs

@@ -26,9 +26,10 @@ EXE = str(Path(sys.executable).parent / "litellm-ingest")
 SAID = "trace(s) of LiteLLM's own mlflow callback"
 
 
-def replay_callback(log: Path, uri: str, experiment: str) -> int:
-    """LiteLLM's callback replays ``log`` into ``experiment``; the number of its traces there."""
-    env = _clean_env({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"})
+def replay_callback(log: Path, uri: str, experiment: str, creds: dict[str, str] | None = None) -> int:
+    """LiteLLM's callback replays ``log`` into ``experiment`` (as the user ``creds`` name); the number of its traces there."""
+    mlflow_env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
+    env = _clean_env(mlflow_env | (creds or {}))
     proc = subprocess.run([str(proxy_python()), str(E2E / "callback_replay.py"), str(log)], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
