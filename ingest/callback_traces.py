@@ -154,15 +154,15 @@ class CallbackWatch:
                 return
             level = logging.WARNING if self.replace and not self._failed else logging.DEBUG
             self._failed = True
-            what = "replace LiteLLM's callback traces (tried again after each write)" if self.replace else "look for the callback's traces"
+            what = "replace LiteLLM's callback traces (tried again at the next look)" if self.replace else "look for the callback's traces"
             log.log(level, "could not %s: %s", what, first_line(e))
             return
         self.lo = self.hi = None
 
     def _refused(self, e: Exception) -> None:
         """MLflow refuses this user deletes (a server's auth, EDIT but not MANAGE): say so once and go
-        on as without the option, counting what is left. Asked again after each write, each look
-        searched every callback trace written so far again, and was refused again."""
+        on as without the option, counting what is left. Asked again at each look, each searched every
+        callback trace written so far again, and was refused again."""
         self.replace, self.said = False, True
         log.warning(
             "may not delete LiteLLM's callback traces in experiment %s (%s): they stay, each call it traced shown twice; "
