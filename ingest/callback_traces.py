@@ -71,44 +71,62 @@ class CallbackTrace:
     start_ms: int
 
 
-def _searched(uri: str, experiment_id: str, lo_us: int, hi_us: int, read: Reader, spans: bool, limit: int | None) -> list[CallbackTrace]:
+Page = tuple[list[tuple[Any, list[Any] | None]], str | None]
+"""(TraceInfo, its spans or None) of each trace of a page of a search, and the next page's token."""
+
+
+def searcher(uri: str, experiment_id: str, store: Any | None) -> Callable[[str, int, str | None, bool], Page]:
+    """MLflow's search of the experiment, spans optional: through the database store the sink has
+    open (a client of its own opened it again, a sixth of a small cron run), else MLflow's client."""
+    if store is not None:
+
+        def in_store(flt: str, n: int, token: str | None, spans: bool) -> Page:
+            infos, after = store.search_traces(locations=[experiment_id], filter_string=flt, max_results=n, page_token=token)
+            if not spans:
+                return [(i, None) for i in infos], after
+            held = {t.info.trace_id: t.data.spans for t in store.batch_get_traces([i.trace_id for i in infos if is_callback_trace(i)])}
+            return [(i, held.get(i.trace_id, [])) for i in infos], after
+
+        return in_store
     from mlflow import MlflowClient
 
-    client = read(lambda: MlflowClient(tracking_uri=uri), "open the MLflow store")
-    window = f"trace.timestamp_ms >= {lo_us // 1000 - SLACK_MS} AND trace.timestamp_ms <= {hi_us // 1000}"
+    client = MlflowClient(tracking_uri=uri)
+
+    def through_client(flt: str, n: int, token: str | None, spans: bool) -> Page:
+        page = client.search_traces(locations=[experiment_id], filter_string=flt, max_results=n, page_token=token, include_spans=spans)
+        return [(t.info, t.data.spans if spans and t.data else None) for t in page], page.token
+
+    return through_client
+
+
+def _searched(
+    search: Callable[[str, int, str | None, bool], Page], lo_us: int, hi_us: int, read: Reader, spans: bool, limit: int | None
+) -> list[CallbackTrace]:
+    flt = f"{CALLBACK_FILTER} AND trace.timestamp_ms >= {lo_us // 1000 - SLACK_MS} AND trace.timestamp_ms <= {hi_us // 1000}"
+    n = PAGE if limit is None else min(PAGE, limit)
     out: list[CallbackTrace] = []
     token = None
     while True:
-        page = read(
-            lambda token=token: client.search_traces(
-                locations=[experiment_id],
-                filter_string=f"{CALLBACK_FILTER} AND {window}",
-                max_results=PAGE if limit is None else min(PAGE, limit),
-                page_token=token,
-                include_spans=spans,
-            ),
-            "search for the callback's traces",
-        )
-        theirs = (t for t in page if is_callback_trace(t.info))
-        out += [CallbackTrace(t.info.trace_id, _call_id(t) if spans else None, t.info.request_time) for t in theirs]
-        token = page.token
+        page, token = read(lambda token=token: search(flt, n, token, spans), "search for the callback's traces")
+        theirs = ((info, s) for info, s in page if is_callback_trace(info))
+        out += [CallbackTrace(info.trace_id, _call_id(info, s) if spans else None, info.request_time) for info, s in theirs]
         if not token or (limit is not None and len(out) >= limit):
             return out
 
 
-def _call_id(trace: Any) -> str | None:
+def _call_id(info: Any, spans: list[Any] | None) -> str | None:
     """The call id of a trace of the callback's shape: one span, named as the trace, that carries it."""
-    spans = trace.data.spans if trace.data else []
-    if len(spans) != 1 or spans[0].parent_id is not None or spans[0].name != trace.info.tags.get("mlflow.traceName"):
+    spans = spans or []
+    if len(spans) != 1 or spans[0].parent_id is not None or spans[0].name != info.tags.get("mlflow.traceName"):
         return None
     cid = spans[0].attributes.get("litellm_call_id")
     return cid if isinstance(cid, str) and cid else None
 
 
-def callback_traces(uri: str, experiment_id: str, lo_us: int, hi_us: int, read: Reader) -> list[str]:
+def callback_traces(search: Callable[[str, int, str | None, bool], Page], lo_us: int, hi_us: int, read: Reader) -> list[str]:
     """Ids of (up to ``SAMPLE``) traces of LiteLLM's callback in the experiment that start between
     ``lo_us`` and ``hi_us``, by MLflow's search (a SQL store or a server alike)."""
-    return [t.trace_id for t in _searched(uri, experiment_id, lo_us, hi_us, read, spans=False, limit=SAMPLE)]
+    return [t.trace_id for t in _searched(search, lo_us, hi_us, read, spans=False, limit=SAMPLE)]
 
 
 class CallbackWatch:
@@ -123,7 +141,14 @@ class CallbackWatch:
         self.replaced = 0
         self.said = False
         self._failed = False
+        self._search: Callable[[str, int, str | None, bool], Page] | None = None
         self._looked: float | None = None
+
+    @property
+    def search(self) -> Callable[[str, int, str | None, bool], Page]:
+        if self._search is None:
+            self._search = searcher(self.target.tracking_uri, self.target.experiment_id, getattr(self.sink, "store", None))
+        return self._search
 
     def wrote(self, lo_us: int, hi_us: int) -> None:
         self.lo = lo_us if self.lo is None else min(self.lo, lo_us)
@@ -140,12 +165,11 @@ class CallbackWatch:
         if not force and self._looked is not None and now - self._looked < every:
             return
         self._looked = now
-        t = self.target
         try:
             if self.replace:
                 self.replaced += self._replace(self.lo, self.hi)
             else:
-                found = callback_traces(t.tracking_uri, t.experiment_id, self.lo, self.hi, self.read)
+                found = callback_traces(self.search, self.lo, self.hi, self.read)
                 self.found = max(self.found, len(found))
                 self._say(found)
         except Exception as e:
@@ -178,7 +202,7 @@ class CallbackWatch:
         from ingest.sink import looked_up
 
         t = self.target
-        found = _searched(t.tracking_uri, t.experiment_id, lo_us, hi_us, self.read, spans=True, limit=None)
+        found = _searched(self.search, lo_us, hi_us, self.read, spans=True, limit=None)
         by_ours: dict[str, list[CallbackTrace]] = {}
         for cb in found:
             if cb.call_id is not None:
