@@ -142,6 +142,8 @@ class CallbackWatch:
         self.said = False
         self._failed = False
         self._search: Callable[[str, int, str | None, bool], Page] | None = None
+        self._again: tuple[int, int] | None = None
+        """Times looked over once: looked over again at the next look."""
         self._looked: float | None = None
 
     @property
@@ -157,8 +159,13 @@ class CallbackWatch:
     def look(self, force: bool = False) -> None:
         """Search the times written since the last look, at most every ``EVERY_S`` (``REPLACE_EVERY_S``
         when replacing) unless ``force``d (a run's end, a daemon's stop). A search that fails (MLflow
-        away, a server too old for the filter) keeps its window for the next look."""
-        if self.lo is None or self.hi is None:
+        away, a server too old for the filter) keeps its window for the next look.
+
+        Replacing, each time is looked over twice, at two looks in a row: the callback's export
+        is asynchronous, so a daemon's write can reach MLflow before the callback's trace of the
+        same call, which the first look then cannot see."""
+        again = self._again if self.replace else None
+        if (self.lo is None or self.hi is None) and again is None:
             return
         now = time.monotonic()
         every = REPLACE_EVERY_S if self.replace else EVERY_S
@@ -167,7 +174,10 @@ class CallbackWatch:
         self._looked = now
         try:
             if self.replace:
-                self.replaced += self._replace(self.lo, self.hi)
+                new = None if self.lo is None or self.hi is None else (self.lo, self.hi)
+                lo, hi = min(w[0] for w in (new, again) if w), max(w[1] for w in (new, again) if w)
+                self.replaced += self._replace(lo, hi)
+                self._again = new
             else:
                 found = callback_traces(self.search, self.lo, self.hi, self.read)
                 self.found = max(self.found, len(found))
