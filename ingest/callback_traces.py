@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.tracing.constant import TraceTagKey
+
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.quarantine import first_line
 from ingest.spans import TAG_PREFIX
@@ -47,6 +49,7 @@ says its own failure in one line (:func:`ingest.stores.quiet_dependency_logs` do
 unless ``-v``)."""
 
 Reader = Callable[[Callable[[], Any], str], Any]
+"""Runs one read of MLflow (``call``, described as ``what``): watched, given up on time."""
 
 
 def _not_a_look(record: logging.LogRecord) -> bool:
@@ -60,7 +63,7 @@ for _name in ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store",
 def is_callback_trace(info: Any) -> bool:
     """A trace LiteLLM's callback wrote (reconcile's search pages hold them beside ours)."""
     tags = info.tags or {}
-    return str(tags.get("mlflow.traceName", "")).startswith("litellm-") and CALL_ID_TAG not in tags
+    return str(tags.get(TraceTagKey.TRACE_NAME, "")).startswith("litellm-") and CALL_ID_TAG not in tags
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def _searched(
 def _call_id(info: Any, spans: list[Any] | None) -> str | None:
     """The call id of a trace of the callback's shape: one span, named as the trace, that carries it."""
     spans = spans or []
-    if len(spans) != 1 or spans[0].parent_id is not None or spans[0].name != info.tags.get("mlflow.traceName"):
+    if len(spans) != 1 or spans[0].parent_id is not None or spans[0].name != info.tags.get(TraceTagKey.TRACE_NAME):
         return None
     cid = spans[0].attributes.get("litellm_call_id")
     return cid if isinstance(cid, str) and cid else None

@@ -608,7 +608,7 @@ def _quick_read(sink: Sink, target: Target) -> Callable[[Callable[[], Any], str]
 
     def cutoff() -> float | None:
         """A stopping daemon's deadline (:meth:`Sink.give_up_at`), which this read keeps too."""
-        return getattr(sink, "cutoff", None) or getattr(getattr(sink, "http", None), "cutoff", None)
+        return getattr(sink, "cutoff", None)
 
     return lambda call, what: answered_in_time(call, what, target.shown_uri, limit, cutoff=cutoff, give_up_s=limit, thread=LOOK_THREAD)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from ingest.callback_traces import is_callback_trace
+from ingest.callback_traces import CALL_ID_TAG, Reader, is_callback_trace
 from ingest.dedupe import dedupe
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger
@@ -133,16 +133,13 @@ def traces_in_mlflow(
             "search traces",
         )
         for t in page:
-            if (cid := t.info.tags.get("litellm.call_id")) is not None and not _past_edge(client, t.info, since_us, until_us, read):
+            if (cid := t.info.tags.get(CALL_ID_TAG)) is not None and not _past_edge(client, t.info, since_us, until_us, read):
                 out[t.info.trace_id] = cid
             elif callbacks is not None and is_callback_trace(t.info):
                 callbacks.append(t.info.trace_id)
         token = page.token
         if not token:
             return out
-
-
-Reader = Callable[[Callable[[], Any], str], Any]
 
 
 def _direct(call: Callable[[], Any], what: str) -> Any:

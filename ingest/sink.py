@@ -889,6 +889,11 @@ class OtlpSink:
     def give_up_at(self, deadline: float) -> None:
         self.http.cutoff = deadline
 
+    @property
+    def cutoff(self) -> float | None:
+        """The deadline :meth:`give_up_at` set (its requests keep it), for reads outside this sink."""
+        return self.http.cutoff
+
     def experiment_problem(self) -> str | None:
         try:
             resp = self.http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": self.target.experiment_id})
