@@ -515,6 +515,8 @@ class Pipeline:
         sent: list[tuple[list[BuiltTrace], Future[int]]] = []
         try:
             for batch in batches:
+                if any(_failed_for_the_store(future) for _, future in sent):
+                    break  # each further batch would wait out the same outage (a locked SQLite store: 20 s each)
                 sent.append((batch, self.sink.submit(batch)))
         finally:
             failure: BaseException | None = None
@@ -611,6 +613,14 @@ def _quick_read(sink: Sink, target: Target) -> Callable[[Callable[[], Any], str]
         return getattr(sink, "cutoff", None)
 
     return lambda call, what: answered_in_time(call, what, target.shown_uri, limit, cutoff=cutoff, give_up_s=limit, thread=LOOK_THREAD)
+
+
+def _failed_for_the_store(future: Future[int]) -> bool:
+    """A write that failed for the store's sake (an outage, a lock), not for what its traces hold."""
+    if not future.done():
+        return False
+    e = future.exception()
+    return e is not None and not (isinstance(e, SinkError) and e.kind == "rejected")
 
 
 def _batches(traces: Iterable[BuiltTrace], size: int) -> Iterator[list[BuiltTrace]]:

@@ -974,6 +974,7 @@ def answered_in_time(
     cutoff: Callable[[], float | None] = lambda: None,
     give_up_s: float | None = None,
     thread: str = "mlflow-db",
+    since: float | None = None,
 ) -> T:
     """``call`` (database work on the store ``shown``, or a request through MLflow's own client), run
     in a thread of its own and waited for in short slices. A database that does not answer at all (a
@@ -982,7 +983,9 @@ def answered_in_time(
     (``on_retry``), and waiting ends, unacknowledged, at ``cutoff()`` ("stopped"), or after
     ``give_up_s`` when given (a ping). Without ``on_retry`` (a run, not a daemon) it is abandoned
     after ``--mlflow-timeout`` (``DB_SILENCE_S`` at least) and retried within the same deadline, so a
-    run ends with exit 4. The thread (named ``thread``) is a daemon: it does not keep the process alive."""
+    run ends with exit 4. ``since``: when the caller's retries began; a run's wait counts from there,
+    so a try begun late is abandoned at the run's deadline, not one of MLflow's 20 s SQLite lock waits
+    past it. The thread (named ``thread``) is a daemon: it does not keep the process alive."""
 
     def past_cutoff() -> bool:
         return (at := cutoff()) is not None and time.monotonic() >= at
@@ -997,15 +1000,16 @@ def answered_in_time(
     except RuntimeError as e:
         raise SinkError(f"cannot reach the MLflow store {shown}: {first_line(e)}") from e
     started, said = time.monotonic(), False
+    tried_from = started if since is None else since
     while not watched.done.wait(0.25):
         waited = time.monotonic() - started
         if past_cutoff():
             raise abandoned()
         if give_up_s is not None and waited >= give_up_s:
             raise SinkError(f"{what}: the MLflow store {shown} did not answer within {give_up_s:.0f}s")
-        if on_retry is None and waited >= max(deadline_s, DB_SILENCE_S):
+        if on_retry is None and (trying := time.monotonic() - tried_from) >= max(deadline_s, DB_SILENCE_S):
             # a run, not a daemon: nobody to tell; an unanswered call is a failure, retried as a lost connection is
-            raise TimeoutError(f"{what}: the MLflow store {shown} has not answered for {waited:.0f}s")
+            raise TimeoutError(f"{what}: the MLflow store {shown} has not answered for {trying:.0f}s")
         if not said and waited >= deadline_s and on_retry is not None:
             said = True
             on_retry(TimeoutError(f"{what}: the MLflow store {shown} has not answered for {waited:.0f}s"))
@@ -1114,18 +1118,48 @@ class StoreSink(_Synchronous):
     def give_up_at(self, deadline: float) -> None:
         self.cutoff = deadline
 
-    def _answered(self, call: Callable[[], T], what: str, give_up_s: float | None = None) -> T:
+    def _answered(self, call: Callable[[], T], what: str, give_up_s: float | None = None, since: float | None = None) -> T:
         """``call`` (database work), watched as ``answered_in_time`` watches it, with this sink's
         ``--mlflow-timeout``, outage report (``on_retry``) and stop deadline (``cutoff``)."""
         return answered_in_time(
-            call, what, self.target.shown_uri, self.deadline_s, on_retry=self.on_retry, cutoff=lambda: self.cutoff, give_up_s=give_up_s
+            call,
+            what,
+            self.target.shown_uri,
+            self.deadline_s,
+            on_retry=self.on_retry,
+            cutoff=lambda: self.cutoff,
+            give_up_s=give_up_s,
+            since=since,
         )
+
+    def _retried(self, call: Callable[[], T], what: str, transient: Callable[[Exception], bool] = _transient_db, hooks: bool = True) -> T:
+        """``call`` watched and retried within ``--mlflow-timeout``, every try's wait counted from the
+        first: a run ends at its deadline however the tries fell (``hooks``: report and pause as the
+        daemon does; a lookup has neither)."""
+        since, locked = time.monotonic(), False
+
+        def retried(e: Exception) -> bool:
+            nonlocal locked
+            locked = locked or locked_sqlite(e)
+            return transient(e)
+
+        watched = lambda: self._answered(call, what, since=since)  # noqa: E731
+        try:
+            if hooks:
+                return with_retries(watched, what, self.deadline_s, retried, self.on_retry, self.pause)
+            return with_retries(watched, what, self.deadline_s, retried)
+        except TimeoutError as e:
+            if locked:  # the last try was abandoned waiting for the lock the first ones were refused
+                waited = TimeoutError(f"{what} waited {self.deadline_s:.0f}s for it (--mlflow-timeout)")
+                line = locked_message(self.target.shown_uri, waited, "what was not written waits for the next run")
+                raise SinkError(line, kind="unreachable") from e
+            raise
 
     def read(self, call: Callable[[], T], what: str) -> T:
         """``call`` (a read of the store outside this sink's own methods: reconcile's search), watched and
         retried as the sink's own lookups are; a failure is a SinkError (exit 4, a daemon's outage)."""
         try:
-            return with_retries(lambda: self._answered(call, what), what, self.deadline_s, _transient_db, self.on_retry, self.pause)
+            return self._retried(call, what)
         except SinkError:
             raise
         except Exception as e:
@@ -1157,9 +1191,7 @@ class StoreSink(_Synchronous):
                     time.sleep(random.uniform(0.02, 0.1) * 2**attempt)
 
         try:
-            with_retries(
-                lambda: self._answered(write_merging, "log spans"), "log spans", self.deadline_s, _transient_db, self.on_retry, self.pause
-            )
+            self._retried(write_merging, "log spans")
         except SinkError:
             raise
         except Exception as e:
@@ -1193,15 +1225,10 @@ class StoreSink(_Synchronous):
         if not spans:
             return 0
         try:
-            with_retries(
-                lambda: self._answered(
-                    lambda: self.store.log_spans(experiment_id, [Span.from_otel_proto(d.to_otlp()) for d in spans]), "log spans"
-                ),
+            self._retried(
+                lambda: self.store.log_spans(experiment_id, [Span.from_otel_proto(d.to_otlp()) for d in spans]),
                 "log spans",
-                self.deadline_s,
                 lambda e: _transient_db(e) or is_conflict(e),
-                self.on_retry,
-                self.pause,
             )
         except SinkError:
             raise
@@ -1212,12 +1239,7 @@ class StoreSink(_Synchronous):
 
     def trace_infos(self, trace_ids: list[str]) -> list[Any]:
         try:
-            return with_retries(
-                lambda: self._answered(lambda: self._trace_infos(trace_ids), "look up traces"),
-                "look up traces",
-                self.deadline_s,
-                _transient_db,
-            )
+            return self._retried(lambda: self._trace_infos(trace_ids), "look up traces", hooks=False)
         except SinkError:
             raise
         except Exception as e:
@@ -1239,15 +1261,8 @@ class StoreSink(_Synchronous):
 
     def delete(self, trace_ids: list[str], experiment_id: str | None = None) -> None:
         try:
-            with_retries(
-                lambda: self._answered(
-                    lambda: self.store.delete_traces(experiment_id or self.target.experiment_id, trace_ids=trace_ids), "delete traces"
-                ),
-                "delete traces",
-                self.deadline_s,
-                _transient_db,
-                self.on_retry,
-                self.pause,
+            self._retried(
+                lambda: self.store.delete_traces(experiment_id or self.target.experiment_id, trace_ids=trace_ids), "delete traces"
             )
         except SinkError:
             raise

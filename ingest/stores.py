@@ -284,10 +284,10 @@ def _not_a_store(db: Path, state: str, foreign: list[str]) -> str:
     return f"{what}; it was left alone (check --tracking-uri / MLFLOW_TRACKING_URI)"
 
 
-def locked_message(db: Path | str, e: BaseException) -> str:
+def locked_message(db: Path | str, e: BaseException, outcome: str = "nothing was written") -> str:
     """The one line for a SQLite store another process holds locked past our patience."""
     return (f"the MLflow store {db} is locked by another process (a long write, a backup, `mlflow gc`?): "
-            f"{first_line(e)}; nothing was written")  # fmt: skip
+            f"{first_line(e)}; {outcome}")  # fmt: skip
 
 
 def _sqlite_schema_state(db: Path) -> str:

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from ingest.sink import OtlpSink, SinkError, Target
-from tests.conftest import free_port, write_jsonl
+from tests.conftest import all_traces, copies, free_port, sqlite_trace_count, write_jsonl
 from tests.tailkit import EXE, Daemon, Writer, fresh_calls, wait_for, wait_for_calls
 from tests.test_gateway import Gateway
 from tests.test_tail import assert_exactly
@@ -193,6 +193,40 @@ def test_a_sqlite_store_locked_past_the_timeout_is_said_so_and_never_given_migra
     line = _one_error_line(err)
     assert code == 4 and "locked by another process" in line and "upgrade" not in line, err
     assert took < 20, (took, err)
+
+
+def test_a_lock_taken_while_a_run_writes_ends_it_at_its_timeout_and_the_next_run_writes_the_rest(
+    locked_store: tuple[str, Path], tmp_path: Path, capture: list[dict]
+) -> None:
+    """Another process locks the store after the run wrote some traces. Each try of a write waits 20 s
+    for the lock (MLflow's SQLite sessions), and the run looked at its deadline only between tries:
+    with --mlflow-timeout 21 it ended 40 s after the lock, saying "database is locked". Now the
+    tries share one deadline, and the line names the lock; the next run writes every call once."""
+    uri, db = locked_store
+    logs = tmp_path / "logs"
+    records = [r for copy in copies(capture, 30, "lock") for r in copy]
+    write_jsonl(logs / "proxy.jsonl", records)
+    args = [EXE, "batch", str(logs), "--tracking-uri", uri, "--state-dir", str(tmp_path / "state"), "--experiment-name", "locked"]
+    proc = subprocess.Popen([*args, "--batch-size", "20", "--mlflow-timeout", "21"], env=_env(), stderr=subprocess.PIPE, text=True)
+    holder = None
+    try:
+        wait_for(lambda: sqlite_trace_count(db) > 0 or proc.poll() is not None, 60, "the run's first traces")
+        holder = _hold_sqlite_lock(db, 120)
+        locked_at = time.monotonic()
+        assert proc.poll() is None, "the run ended before the lock: give it more calls"
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - locked_at
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        proc.kill()
+    line = _one_error_line(err)
+    assert proc.returncode == 4 and "locked by another process" in line and "21s" in line, err
+    assert took < 21 + 8, (took, err)
+    assert subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120).returncode == 0
+    got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, "locked", include_spans=False)]
+    assert sorted(got) == sorted({r["litellm_call_id"] for r in records})
 
 
 def test_a_daemon_started_while_its_sqlite_store_is_locked_waits_and_then_writes_everything(
