@@ -463,12 +463,19 @@ class Pipeline:
             self._send_batches(itertools.chain(_batches(self._built(here), self.batch_traces), built_there))
             return
         remote = pool.write(there)
+        stop_the_rest = _cancels_the_rest(remote)
+        for future in remote:
+            future.add_done_callback(stop_the_rest)
         failure: BaseException | None = None
         try:
             self._send(self._built(here))
         except BaseException as e:
             failure = e
+            for future in remote:
+                future.cancel()
         for done in remote:
+            if done.cancelled():
+                continue  # not written: the failure that cancelled it raises below, and the calls are held
             try:
                 self._account_emitted(pool.result(done))
             except BaseException as e:
@@ -513,14 +520,21 @@ class Pipeline:
         A call whose spans cannot be built, or that the store rejects, is quarantined and the rest
         written: no record can stop the run. Outages still raise (the calls are held for a retry)."""
         sent: list[tuple[list[BuiltTrace], Future[int]]] = []
+        futures: list[Future[int]] = []
+        stop_the_rest = _cancels_the_rest(futures)
         try:
             for batch in batches:
-                if any(_failed_for_the_store(future) for _, future in sent):
-                    break  # each further batch would wait out the same outage (a locked SQLite store: 20 s each)
-                sent.append((batch, self.sink.submit(batch)))
+                if any(_failed_for_the_store(future) for future in futures):
+                    break
+                future = self.sink.submit(batch)
+                futures.append(future)
+                future.add_done_callback(stop_the_rest)
+                sent.append((batch, future))
         finally:
             failure: BaseException | None = None
             for written, future in sent:
+                if future.cancelled():
+                    continue  # not written: the failure that cancelled it raises below, and the calls are held
                 try:
                     try:
                         spans = future.result()
@@ -615,12 +629,25 @@ def _quick_read(sink: Sink, target: Target) -> Callable[[Callable[[], Any], str]
     return lambda call, what: answered_in_time(call, what, target.shown_uri, limit, cutoff=cutoff, give_up_s=limit, thread=LOOK_THREAD)
 
 
-def _failed_for_the_store(future: Future[int]) -> bool:
+def _failed_for_the_store(future: Future[Any]) -> bool:
     """A write that failed for the store's sake (an outage, a lock), not for what its traces hold."""
-    if not future.done():
+    if not future.done() or future.cancelled():
         return False
     e = future.exception()
     return e is not None and not (isinstance(e, SinkError) and e.kind == "rejected")
+
+
+def _cancels_the_rest(futures: list[Future[Any]]) -> Callable[[Future[Any]], None]:
+    """A done-callback: once a write fails for the store's sake, the writes still queued beside it are
+    cancelled. Each would wait out the same outage (a locked SQLite store, a server gone) for a whole
+    ``--mlflow-timeout`` in turn, and a run past its timeout by that many times."""
+
+    def stop(done: Future[Any]) -> None:
+        if _failed_for_the_store(done):
+            for queued in list(futures):
+                queued.cancel()
+
+    return stop
 
 
 def _batches(traces: Iterable[BuiltTrace], size: int) -> Iterator[list[BuiltTrace]]:

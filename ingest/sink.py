@@ -676,6 +676,7 @@ class OtlpSink:
         self.target = target
         self.http = _Http(target.tracking_uri, timeout_s=120.0)
         self.deadline_s = deadline_s
+        self.patience = Patience(self)
         self.on_retry: Callable[[Exception], None] | None = None
         self.pause: Callable[[float], object] = time.sleep
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
@@ -794,8 +795,21 @@ class OtlpSink:
         """One call of MLflow's trace REST API through this sink's session, retried as a write is
         (an outage is reported at its first failure, not after the MLflow client's own retries)."""
         path = f"/api/3.0/mlflow/traces/{call}".removesuffix("/")
-        send = lambda: _check(self.http.request(method, path, **kw), what)  # noqa: E731
-        return with_retries(send, what, self.deadline_s, _transient_http, self.on_retry, self.pause).json()
+        return self._retried(lambda timeout_s: _check(self.http.request(method, path, timeout_s, **kw), what), what).json()
+
+    def _retried(self, send: Callable[[float | None], T], what: str) -> T:
+        """``send(timeout_s)`` retried within ``--mlflow-timeout``. A run's request waits only what is
+        left of it (``DB_SILENCE_S`` at least): a server that took the request and went silent held a
+        cron run for the session's 120 s a try. A daemon waits the whole 120 s (its outage report and
+        stop deadline do not depend on it)."""
+        since = time.monotonic()
+
+        def once() -> T:
+            if self.on_retry is not None:
+                return send(None)
+            return send(min(self.http.timeout, max(DB_SILENCE_S, self.deadline_s - (time.monotonic() - since))))
+
+        return self.patience.spent_on(lambda transient: with_retries(once, what, self.deadline_s, transient, self.on_retry, self.pause))
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         if spans:
@@ -809,13 +823,11 @@ class OtlpSink:
             raise SinkError(f"encoding traces as OTLP failed: {first_line(e)}", kind="rejected") from e
         headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip", EXPERIMENT_HEADER: experiment_id}
         try:
-            with_retries(
-                lambda: _otlp_answer(_check(self.http.request("POST", "/v1/traces", data=body, headers=headers), "send traces")),
+            self._retried(
+                lambda timeout_s: _otlp_answer(
+                    _check(self.http.request("POST", "/v1/traces", timeout_s, data=body, headers=headers), "send traces")
+                ),
                 "send traces",
-                self.deadline_s,
-                _transient_http,
-                self.on_retry,
-                self.pause,
             )
         except SinkError as e:
             if e.status in (404, 405):  # no route for traces here (or no experiment): no trace's fault
@@ -959,6 +971,35 @@ def _read_failure(what: str, shown: str, e: Exception) -> SinkError:
     return SinkError(said if isinstance(e, TimeoutError) else f"{what} in {shown} failed: {said}")
 
 
+class Patience:
+    """A run gives MLflow one ``--mlflow-timeout``: once a call has retried it out, every later call
+    of the run fails at once with that call's error. Writes queued behind it (the step's next batch,
+    a backfill worker's next part) each waited out the whole timeout again, and a run ended that
+    many times past it. A daemon (``on_retry`` set) never runs out: it waits for MLflow."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.spent: Exception | None = None
+
+    def spent_on(self, call: Callable[[Callable[[Exception], bool]], T], transient: Callable[[Exception], bool] = _transient_http) -> T:
+        """``call(is_transient)``, a ``with_retries`` loop: a transient error it raises ran out its deadline."""
+        if self.spent is not None:
+            raise self.spent
+        ran_out = False
+
+        def noted(e: Exception) -> bool:
+            nonlocal ran_out
+            ran_out = transient(e)
+            return ran_out
+
+        try:
+            return call(noted)
+        except Exception as e:
+            if ran_out and self.sink.on_retry is None:
+                self.spent = e
+            raise
+
+
 DB_SILENCE_S = 10.0
 """A run (batch, backfill) abandons a database call unanswered for ``--mlflow-timeout``, this at least
 (SQLite waits 5 s for a lock, MLflow sets 20 s on the connections its sessions use), and tries again as after a lost connection."""
@@ -1082,6 +1123,7 @@ class StoreSink(_Synchronous):
 
         self.target = target
         self.deadline_s = deadline_s
+        self.patience = Patience(self)
         self.on_retry: Callable[[Exception], None] | None = None
         self.pause: Callable[[float], object] = time.sleep
         self.cutoff: float | None = None
@@ -1143,17 +1185,20 @@ class StoreSink(_Synchronous):
             locked = locked or locked_sqlite(e)
             return transient(e)
 
-        watched = lambda: self._answered(call, what, since=since)  # noqa: E731
-        try:
-            if hooks:
-                return with_retries(watched, what, self.deadline_s, retried, self.on_retry, self.pause)
-            return with_retries(watched, what, self.deadline_s, retried)
-        except TimeoutError as e:
-            if locked:  # the last try was abandoned waiting for the lock the first ones were refused
-                waited = TimeoutError(f"{what} waited {self.deadline_s:.0f}s for it (--mlflow-timeout)")
-                line = locked_message(self.target.shown_uri, waited, "what was not written waits for the next run")
-                raise SinkError(line, kind="unreachable") from e
-            raise
+        def tried(noted: Callable[[Exception], bool]) -> T:
+            watched = lambda: self._answered(call, what, since=since)  # noqa: E731
+            try:
+                if hooks:
+                    return with_retries(watched, what, self.deadline_s, noted, self.on_retry, self.pause)
+                return with_retries(watched, what, self.deadline_s, noted)
+            except TimeoutError as e:
+                if locked:  # the last try was abandoned waiting for the lock the first ones were refused
+                    waited = TimeoutError(f"{what} waited {self.deadline_s:.0f}s for it (--mlflow-timeout)")
+                    line = locked_message(self.target.shown_uri, waited, "what was not written waits for the next run")
+                    raise SinkError(line, kind="unreachable") from e
+                raise
+
+        return self.patience.spent_on(tried, retried)
 
     def read(self, call: Callable[[], T], what: str) -> T:
         """``call`` (a read of the store outside this sink's own methods: reconcile's search), watched and

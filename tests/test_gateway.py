@@ -203,3 +203,35 @@ def test_a_server_started_with_gunicorn_opts_is_named_as_having_no_otlp_route(tm
     assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "no OTLP route at /v1/traces" in proc.stderr and "--gunicorn-opts" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize(("how", "command"), [("stall", "batch"), ("503", "backfill")])
+def test_a_server_that_stops_answering_or_fails_mid_run_ends_the_run_within_its_timeout(
+    gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path, how: str, command: str
+) -> None:
+    """The server takes the spans of the first batches, then stops answering (a stalled worker) or
+    answers 503. A run waited 120 s (the request's own timeout) for each batch's silent POST, and
+    each batch queued in the step (in this process or a backfill worker) retried the outage for a
+    whole ``--mlflow-timeout`` in turn: minutes past it. Now a request waits what is left of the
+    timeout, and once one call has waited it out the rest of the run fails at once: exit 4 in one
+    line within the timeout, and the next run writes every call once."""
+    experiment = f"gateway-{uuid.uuid4().hex[:8]}"
+    records = [r for copy in copies(capture, 10, experiment) for r in copy]
+    logs = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records).parent
+    posts, blocking = iter(range(10**6)), {"on": True}
+    g = gateway(how, lambda method, path: blocking["on"] and path == "/v1/traces" and next(posts) >= 3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [EXE, command, str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--state-dir", str(tmp_path / "state")]
+    extra = ["--batch-size", "20", "--mlflow-timeout", "12", *(["--workers", "2"] if command == "backfill" else [])]
+    started = time.monotonic()
+    proc = subprocess.run([*args, *extra], env=env, capture_output=True, text=True, timeout=100)
+    took = time.monotonic() - started
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert took < 12 + 20, (took, proc.stderr)
+    blocking["on"] = False
+    g.released.set()
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    got = [t.info.tags["litellm.call_id"] for t in all_traces(mlflow_server.url, experiment, include_spans=False)]
+    assert sorted(got) == sorted({r["litellm_call_id"] for r in records})
