@@ -392,8 +392,9 @@ class Follower:
         """Chunks after ``f``'s checkpoint. An unterminated last line is taken as final when the file is
         compressed or has not changed for ``partial_timeout_s``. A plain file at its checkpoint's size
         has nothing to read: one ``fstat``, not the reads that check it still holds its lines (a
-        daemon keeps up to a thousand files open and passes over them every second)."""
-        if f.stale or (not f.compressed and f.size() == f.ck.offset) or not self._still_holds(f):
+        daemon keeps up to a thousand files open and passes over them every second); a compressed one
+        read whole has nothing either (it was decompressed again every pass until closed as idle)."""
+        if f.stale or (f.size() == f.ck.offset if not f.compressed else self.is_done(f)) or not self._still_holds(f):
             return
         st = os.fstat(f.fd)
         damaged = self._damaged.get(f.key)

@@ -86,11 +86,16 @@ def open_files_budget(asked: int | None) -> int:
 
 
 class _Wake(FileSystemEventHandler):
+    """Wakes the loop on a change. Not on a file opened or closed unwritten: the daemon's own reads
+    are such events, and every pass that opened a file (one still without a whole first line, a
+    gzipped rotation) woke the next one after ``--batch-wait``, several passes a second while idle."""
+
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self.event.set()
+        if event.event_type not in ("opened", "closed_no_write"):  # as strings: a watchdog without them never sends them
+            self.event.set()
 
 
 EXPERIMENT_CHECK_S = 60.0
@@ -480,6 +485,7 @@ class Tailer:
                 f.close()
                 continue
             if known is None and self.follower.is_done(f):
+                parked.add(stat_key(st))  # a compressed copy of what was read: opened again only once it changes
                 f.close()
                 continue
             if known is None:

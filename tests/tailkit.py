@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -211,3 +212,33 @@ def wait_for_calls(uri: str, experiment: str, calls: list[list[dict]], timeout: 
         traces = all_traces(uri, experiment)
         if sum(len(t.data.spans) for t in traces) >= spans_of(calls) or time.monotonic() > deadline:
             return traces
+
+
+class Opens:
+    """Counts the opens of each file in a folder, by inotify (as any process sees them): what a daemon
+    reads while nothing changes shows here."""
+
+    def __init__(self, folder: Path) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        self.counts: Counter[str] = Counter()
+        counts = self.counts
+
+        class Handler(FileSystemEventHandler):
+            def on_opened(self, event: FileSystemEvent) -> None:
+                counts[os.path.basename(str(event.src_path))] += 1
+
+        self.observer = Observer()
+        self.observer.schedule(Handler(), str(folder))
+
+    def __enter__(self) -> Opens:
+        self.observer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=5)
+
+    def since(self, before: Counter[str]) -> Counter[str]:
+        return self.counts - before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -15,7 +16,19 @@ import requests
 
 from tests.conftest import all_traces, fill, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
 from tests.pgkit import PgCluster
-from tests.tailkit import Daemon, Writer, assert_sent_once, call_ids_in, fresh_calls, rotate, spans_of, wait_for, wait_for_calls
+from tests.tailkit import (
+    Daemon,
+    Opens,
+    Writer,
+    assert_sent_once,
+    call_ids_in,
+    fresh_calls,
+    metric,
+    rotate,
+    spans_of,
+    wait_for,
+    wait_for_calls,
+)
 
 
 def assert_exactly(traces: list, calls: list[list[dict]]) -> None:
@@ -861,3 +874,46 @@ def test_an_empty_metrics_host_serves_on_loopback_only(tmp_path: Path) -> None:
     finally:
         if daemon.alive():
             daemon.stop(signal.SIGKILL)
+
+
+def test_an_idle_daemon_opens_no_file_it_has_read_whole_nor_wakes_itself(tmp_path: Path, capture) -> None:
+    """Idle beside gzipped rotations, the daemon opened them several times a second: a gzip of a file
+    it had read was opened and decompressed at every scan (never parked), one it followed was
+    decompressed whole every pass until ``--close-inactive`` (300 s), and the inotify events of its own
+    opens woke the next pass after ``--batch-wait`` instead of the next rescan (1 s). A file still
+    without a whole first line is opened once a scan, no more."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    calls = fresh_calls(capture, copies=2)
+    live, unseen, partial = logdir / "proxy.jsonl", logdir / "older.jsonl.9.gz", logdir / "partial.jsonl"
+    with gzip.open(unseen, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for c in calls[:10] for r in c)
+    partial.write_text('{"litellm_call_id": "not yet')
+    live.touch()
+    uri, experiment = f"sqlite:///{tmp_path / 'store.db'}", f"idle-{uuid.uuid4().hex[:6]}"
+    daemon = Daemon(logdir, uri, experiment, tmp_path / "state", "--partial-timeout", "600").start()
+    try:
+        with Opens(logdir) as opens:
+            writer, lines = Writer(live), sum(len(c) for c in calls[:10])
+            for n, call in enumerate(calls[10:16], 1):
+                writer.write_calls([call])
+                lines += len(call)
+                wait_for(
+                    lambda lines=lines: metric(daemon.metrics(), "litellm_ingest_records_read_total") >= lines, 30, f"{lines} lines read"
+                )
+                rotate(live, "rename_create", "numbered", "gzipped", n)
+            wait_for_calls(uri, experiment, calls[:16])
+            # until then each gzip is a copy of a file still followed
+            wait_for(lambda: daemon.log.read_text().count("(rotated away, read to its end)") >= 6, 30, "the rotated files closed")
+            time.sleep(2)  # the scan that finds its gzip a copy of a file read
+            before = opens.counts.copy()
+            time.sleep(6)  # idle: six rescans
+            idle = opens.since(before)
+        assert daemon.stop() == 0
+    finally:
+        if daemon.alive():
+            daemon.stop(signal.SIGKILL)
+    assert all(before[f"proxy.jsonl.{n}.gz"] for n in range(1, 7)), f"the rotations seen: {before}"
+    assert not {name: n for name, n in idle.items() if name.endswith(".gz")}, f"gzips read whole opened while idle: {idle}"
+    # each scan opens it twice (by name, then its own reader); before, 14-70 times in the 6 s
+    assert idle[partial.name] <= 2 * (6 + 2), f"opened more than once a rescan: {idle}"
