@@ -795,7 +795,7 @@ class OtlpSink:
         """One call of MLflow's trace REST API through this sink's session, retried as a write is
         (an outage is reported at its first failure, not after the MLflow client's own retries)."""
         path = f"/api/3.0/mlflow/traces/{call}".removesuffix("/")
-        return self._retried(lambda timeout_s: _check(self.http.request(method, path, timeout_s, **kw), what), what).json()
+        return self._retried(lambda timeout_s: _check(self.http.request(method, path, timeout_s=timeout_s, **kw), what), what).json()
 
     def _retried(self, send: Callable[[float | None], T], what: str) -> T:
         """``send(timeout_s)`` retried within ``--mlflow-timeout``. A run's request waits only what is
@@ -825,7 +825,7 @@ class OtlpSink:
         try:
             self._retried(
                 lambda timeout_s: _otlp_answer(
-                    _check(self.http.request("POST", "/v1/traces", timeout_s, data=body, headers=headers), "send traces")
+                    _check(self.http.request("POST", "/v1/traces", timeout_s=timeout_s, data=body, headers=headers), "send traces")
                 ),
                 "send traces",
             )
