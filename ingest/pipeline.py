@@ -463,9 +463,9 @@ class Pipeline:
             self._send_batches(itertools.chain(_batches(self._built(here), self.batch_traces), built_there))
             return
         remote = pool.write(there)
-        stop_the_rest = _cancels_the_rest(remote)
+        stop_the_rest = _StopTheRest([])
         for future in remote:
-            future.add_done_callback(stop_the_rest)
+            stop_the_rest.watch(future)
         failure: BaseException | None = None
         try:
             self._send(self._built(here))
@@ -520,15 +520,13 @@ class Pipeline:
         A call whose spans cannot be built, or that the store rejects, is quarantined and the rest
         written: no record can stop the run. Outages still raise (the calls are held for a retry)."""
         sent: list[tuple[list[BuiltTrace], Future[int]]] = []
-        futures: list[Future[int]] = []
-        stop_the_rest = _cancels_the_rest(futures)
+        stop_the_rest = _StopTheRest([])
         try:
             for batch in batches:
-                if any(_failed_for_the_store(future) for future in futures):
+                if stop_the_rest.failed:
                     break
                 future = self.sink.submit(batch)
-                futures.append(future)
-                future.add_done_callback(stop_the_rest)
+                stop_the_rest.watch(future)
                 sent.append((batch, future))
         finally:
             failure: BaseException | None = None
@@ -637,17 +635,25 @@ def _failed_for_the_store(future: Future[Any]) -> bool:
     return e is not None and not (isinstance(e, SinkError) and e.kind == "rejected")
 
 
-def _cancels_the_rest(futures: list[Future[Any]]) -> Callable[[Future[Any]], None]:
+class _StopTheRest:
     """A done-callback: once a write fails for the store's sake, the writes still queued beside it are
     cancelled. Each would wait out the same outage (a locked SQLite store, a server gone) for a whole
-    ``--mlflow-timeout`` in turn, and a run past its timeout by that many times."""
+    ``--mlflow-timeout`` in turn, and a run past its timeout by that many times. ``failed`` tells the
+    sender to build and queue no more."""
 
-    def stop(done: Future[Any]) -> None:
+    def __init__(self, futures: list[Future[Any]]) -> None:
+        self.futures = futures
+        self.failed = False
+
+    def watch(self, future: Future[Any]) -> None:
+        self.futures.append(future)
+        future.add_done_callback(self)
+
+    def __call__(self, done: Future[Any]) -> None:
         if _failed_for_the_store(done):
-            for queued in list(futures):
+            self.failed = True
+            for queued in list(self.futures):
                 queued.cancel()
-
-    return stop
 
 
 def _batches(traces: Iterable[BuiltTrace], size: int) -> Iterator[list[BuiltTrace]]:

@@ -809,7 +809,8 @@ class OtlpSink:
                 return send(None)
             return send(min(self.http.timeout, max(DB_SILENCE_S, self.deadline_s - (time.monotonic() - since))))
 
-        return self.patience.spent_on(lambda transient: with_retries(once, what, self.deadline_s, transient, self.on_retry, self.pause))
+        retried = lambda: with_retries(once, what, self.deadline_s, _transient_http, self.on_retry, self.pause)  # noqa: E731
+        return self.patience.spent_on(retried, _transient_http)
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         if spans:
@@ -981,21 +982,14 @@ class Patience:
         self.sink = sink
         self.spent: Exception | None = None
 
-    def spent_on(self, call: Callable[[Callable[[Exception], bool]], T], transient: Callable[[Exception], bool] = _transient_http) -> T:
-        """``call(is_transient)``, a ``with_retries`` loop: a transient error it raises ran out its deadline."""
+    def spent_on(self, call: Callable[[], T], transient: Callable[[Exception], bool]) -> T:
+        """``call()``, a ``with_retries`` loop: the only transient error it lets out is one that ran out its deadline."""
         if self.spent is not None:
             raise self.spent
-        ran_out = False
-
-        def noted(e: Exception) -> bool:
-            nonlocal ran_out
-            ran_out = transient(e)
-            return ran_out
-
         try:
-            return call(noted)
+            return call()
         except Exception as e:
-            if ran_out and self.sink.on_retry is None:
+            if transient(e) and self.sink.on_retry is None:
                 self.spent = e
             raise
 
@@ -1185,12 +1179,12 @@ class StoreSink(_Synchronous):
             locked = locked or locked_sqlite(e)
             return transient(e)
 
-        def tried(noted: Callable[[Exception], bool]) -> T:
+        def tried() -> T:
             watched = lambda: self._answered(call, what, since=since)  # noqa: E731
             try:
                 if hooks:
-                    return with_retries(watched, what, self.deadline_s, noted, self.on_retry, self.pause)
-                return with_retries(watched, what, self.deadline_s, noted)
+                    return with_retries(watched, what, self.deadline_s, retried, self.on_retry, self.pause)
+                return with_retries(watched, what, self.deadline_s, retried)
             except TimeoutError as e:
                 if locked:  # the last try was abandoned waiting for the lock the first ones were refused
                     waited = TimeoutError(f"{what} waited {self.deadline_s:.0f}s for it (--mlflow-timeout)")
@@ -1198,7 +1192,7 @@ class StoreSink(_Synchronous):
                     raise SinkError(line, kind="unreachable") from e
                 raise
 
-        return self.patience.spent_on(tried, retried)
+        return self.patience.spent_on(tried, transient)
 
     def read(self, call: Callable[[], T], what: str) -> T:
         """``call`` (a read of the store outside this sink's own methods: reconcile's search), watched and
