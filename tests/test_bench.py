@@ -67,7 +67,7 @@ def test_the_scaling_figures_print_daemons_backfills_the_servers_ceiling_and_the
     server's own ceiling, backfill at 1 and 2 workers into SQLite, PostgreSQL and a server."""
     if pg_bin("initdb") is None:
         pytest.skip("PostgreSQL (initdb) is not installed")
-    out = bench("--only-scaling", "--scaling-records", "300", timeout=600)
+    out = bench("--only-scaling", "--scaling-records", "150", timeout=600)
     for n in (1, 2, 4):
         for sink in ("PostgreSQL directly (bulk)", "server --workers 2"):
             row(out, f"tail x{n} -> {sink}")
