@@ -221,6 +221,7 @@ class Follower:
         """The stat keys (``Checkpoint.end_stat``) of the files the daemon closed, read to their end."""
         self._reset: set[str] = set()
         self._saved: bytes | None = None
+        self._recent: tuple[pl.DataFrame, list[dict]] | None = None
         if pipeline is not None:
             pipeline.before_write = self.save
 
@@ -512,7 +513,9 @@ class Follower:
         pipe = self.pipeline
         unacked = pl.concat([pipe.pending, pipe.inflight]) if pipe.inflight.height else pipe.pending
         self.state.held = _rows(self._unacknowledged(unacked))
-        self.state.recent = _rows(_capped(pipe.recent))
+        if self._recent is None or self._recent[0] is not pipe.recent:
+            self._recent = (pipe.recent, _rows(_capped(pipe.recent)))
+        self.state.recent = list(self._recent[1])
         data = encode_state(self.state.document())
         if data == self._saved:
             return False
