@@ -463,7 +463,7 @@ class Pipeline:
             self._send_batches(itertools.chain(_batches(self._built(here), self.batch_traces), built_there))
             return
         remote = pool.write(there)
-        stop_the_rest = _StopTheRest([])
+        stop_the_rest = _StopTheRest()
         for future in remote:
             stop_the_rest.watch(future)
         failure: BaseException | None = None
@@ -520,7 +520,7 @@ class Pipeline:
         A call whose spans cannot be built, or that the store rejects, is quarantined and the rest
         written: no record can stop the run. Outages still raise (the calls are held for a retry)."""
         sent: list[tuple[list[BuiltTrace], Future[int]]] = []
-        stop_the_rest = _StopTheRest([])
+        stop_the_rest = _StopTheRest()
         try:
             for batch in batches:
                 if stop_the_rest.failed:
@@ -641,8 +641,8 @@ class _StopTheRest:
     ``--mlflow-timeout`` in turn, and a run past its timeout by that many times. ``failed`` tells the
     sender to build and queue no more."""
 
-    def __init__(self, futures: list[Future[Any]]) -> None:
-        self.futures = futures
+    def __init__(self) -> None:
+        self.futures: list[Future[Any]] = []
         self.failed = False
 
     def watch(self, future: Future[Any]) -> None:
