@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from ingest.pipeline import Pipeline
 
 log = logging.getLogger("litellm-ingest.follow")
+LEFT_OUT = "left_out"
+"""The state's list of calls a run left out of its window whose late attempt may still come: the next
+run over the same window leaves that attempt out too (alone, it starts inside the window)."""
 
 RECENT_CAP_ROWS = 2_000
 RECENT_CAP_BYTES = 8 * 1024 * 1024
@@ -383,7 +386,11 @@ class Follower:
     # --- reading ---------------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Feed the lines the last run left unacknowledged, before anything new is read."""
+        """Feed the lines the last run left unacknowledged, before anything new is read; and take back
+        the calls it left out of ``--since``/``--until`` whose late attempts may still come."""
+        left_out = self.state.extra.get(LEFT_OUT, [])
+        if isinstance(left_out, list):
+            self.pipeline.left_out.update(k for k in left_out if isinstance(k, str))
         if self.state.recent:
             self.pipeline.restore_recent(lines_frame(self.state.recent))
         if self.state.held:
@@ -516,6 +523,10 @@ class Follower:
         if self._recent is None or self._recent[0] is not pipe.recent:
             self._recent = (pipe.recent, _rows(_capped(pipe.recent)))
         self.state.recent = list(self._recent[1])
+        if pipe.left_out:
+            self.state.extra[LEFT_OUT] = sorted(pipe.left_out)
+        else:
+            self.state.extra.pop(LEFT_OUT, None)
         data = encode_state(self.state.document())
         if data == self._saved:
             return False
