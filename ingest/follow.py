@@ -250,7 +250,9 @@ class Follower:
                 fp, *older = fingerprints_of(f, unterminated_ok=finished) or (None,)
         except DAMAGED:
             fp = None
-        if fp is None:
+        if fp is None or (not packed and compression(os.pread(fd, MAGIC_BYTES, 0))):
+            # the second look: a compressed copy being made (``gzip`` of a rotated file) was empty at
+            # the first and holds its magic now; read as text, its bytes were quarantined line by line
             os.close(fd)
             return None
         key, ck = fp, self.state.checkpoints.get(fp)

@@ -133,6 +133,36 @@ def test_a_state_for_an_experiment_created_anew_at_the_same_address_starts_over(
     assert again.experiment_created == 1795000999000 and not again.bind(1795000999000)
 
 
+def test_a_gzip_copy_being_made_is_not_taken_for_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gzip`` of a rotated file, seen at the instant it was created: empty at the look for its
+    magic, its compressed bytes there by the read of its first line (a torture run quarantined 33
+    lines of gzip as invalid UTF-8). Its first look is no file yet; read once it is whole, it is the
+    records it holds."""
+    import ingest.follow as follow_module
+
+    rotated = tmp_path / "proxy.jsonl.3.gz"
+    rotated.touch()
+    records = [record(f"c-{i}", "success", 100.0 + i, 101.0 + i) for i in range(40)]
+    packed = gzip.compress("".join(line(r) for r in records).encode())
+    looks = {"n": 0}
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        head = real_pread(fd, n, offset)
+        looks["n"] += 1
+        if looks["n"] == 1:
+            rotated.write_bytes(packed)  # gzip's writer, between the magic and the first line
+        return head
+
+    follower = Follower(State(tmp_path / "s.json", "batch", {}), None)  # type: ignore[arg-type]
+    monkeypatch.setattr(follow_module.os, "pread", pread)
+    assert follower.identify(rotated) is None
+    monkeypatch.undo()
+    f = follower.identify(rotated)
+    assert f is not None and f.compressed == "gzip"
+    f.close()
+
+
 def test_a_version_1_state_is_upgraded_and_its_held_positions_are_replayed_from_the_file(tmp_path: Path) -> None:
     log = tmp_path / "proxy.jsonl"
     failed = record("c-1", "failure", 100.0, 101.0)
