@@ -501,6 +501,7 @@ class Tailer:
             seen.add(f.key)
         if hold:
             return
+        self._unreadable.intersection_update(name for name, _ in candidates)
         follower.parked = parked
         now = time.monotonic()
         for key, f in files.items():
