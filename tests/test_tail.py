@@ -852,7 +852,8 @@ def test_a_file_the_daemon_may_not_read_is_named_once_and_read_when_it_can_be(tm
         assert daemon.log.read_text().count(f"cannot list {folder}: permission denied") == 1
         locked.unlink()  # what the daemon kept of it goes with it (a dated rotation leaves a new name each time)
         time.sleep(2.5)
-        write_jsonl(locked, [r for c in calls[45:90] for r in c]).chmod(0)
+        write_jsonl(tmp_path / "b.jsonl", [r for c in calls[45:90] for r in c]).chmod(0)
+        (tmp_path / "b.jsonl").rename(locked)  # unreadable from its first sight
         time.sleep(2.5)
         assert daemon.log.read_text().count(f"cannot read {locked}: permission denied") == 2
         locked.chmod(0o644)
