@@ -40,6 +40,7 @@ import shutil
 import sqlite3
 import stat
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -109,8 +110,8 @@ class Checkpoint:
         object.__setattr__(self, name, value)
         object.__setattr__(self, "changes", self.changes + 1)
         owner = self.__dict__.get("_owner")
-        if owner is not None and owner._held.get(self.fingerprint) is self:
-            owner.changed[self.fingerprint] = self
+        if owner is not None:
+            owner._touched(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Checkpoint:
@@ -154,23 +155,47 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
     """A state's checkpoints by key, with those set or changed since they were last settled
     (``changed``): a save finds them without a walk over every file the state knows. Those settled
     in the files database are read when asked for (by key, or by :meth:`with_end_stats`): a run
-    costs what its files do, not every file the state ever read. A walk reads them all."""
+    costs what its files do, not every file the state ever read. A walk reads them all.
+
+    Once settled and unchanged, a checkpoint is held only weakly: a daemon over a folder of per-call
+    files keeps in memory the checkpoints of the files it follows (their ``Followed`` hold them), not
+    one for every file it ever read. A live one is always the one given out, so a change to it is
+    seen whoever holds it; one let go is read from the database again when asked for."""
 
     def __init__(self, settled: Settled | None = None) -> None:
         self._held: dict[str, Checkpoint] = {}
+        """Checkpoints the database lacks as they are (all of them while there is no database)."""
+        self._weak: weakref.WeakValueDictionary[str, Checkpoint] = weakref.WeakValueDictionary()
+        """Settled and unchanged since: the database has them as they are."""
         self.changed: dict[str, Checkpoint] = {}
         self._settled = settled
         self._new: set[str] = set()
-        """Keys held here that the files database did not have (``len`` is its count and theirs)."""
+        """Keys held here that the files database does not have yet (``len`` is its count and theirs)."""
+
+    def _live(self, key: str) -> Checkpoint | None:
+        ck = self._held.get(key)
+        return ck if ck is not None else self._weak.get(key)
 
     def _take(self, ck: Checkpoint) -> Checkpoint:
-        """A checkpoint read from the files database, held unchanged from now on."""
-        self._held[ck.fingerprint] = ck
+        """A checkpoint read from the files database: the live one of its key if there is one, else
+        this one, held weakly (it is as settled)."""
+        if (live := self._live(ck.fingerprint)) is not None:
+            return live
+        self._weak[ck.fingerprint] = ck
         object.__setattr__(ck, "_owner", self)
         return ck
 
+    def _touched(self, ck: Checkpoint) -> None:
+        """``ck`` changed: if it is this state's checkpoint of its key, the next save writes it."""
+        key = ck.fingerprint
+        if self._held.get(key) is ck:
+            self.changed[key] = ck
+        elif self._weak.get(key) is ck:
+            del self._weak[key]
+            self._held[key] = self.changed[key] = ck
+
     def __getitem__(self, key: str) -> Checkpoint:
-        if (ck := self._held.get(key)) is not None:
+        if (ck := self._live(key)) is not None:
             return ck
         if self._settled is not None and (ck := self._settled.get(key)) is not None:
             return self._take(ck)
@@ -179,6 +204,7 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
     def __setitem__(self, key: str, ck: Checkpoint) -> None:
         if self._settled is not None and key not in self and key not in self._settled.bad:
             self._new.add(key)
+        self._weak.pop(key, None)
         self._held[key] = ck
         object.__setattr__(ck, "_owner", self)
         self.changed[key] = ck
@@ -187,11 +213,20 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
         raise TypeError("checkpoints are never dropped: a returning copy of a deleted file would be read again")
 
     def __iter__(self) -> Iterator[str]:
+        keys = dict.fromkeys(self._held)
+        keys.update(dict.fromkeys(self._weak.keys()))
+        if self._settled is not None:
+            keys.update(dict.fromkeys(ck.fingerprint for ck in self._settled.all()))
+        return iter(list(keys))
+
+    def values(self) -> list[Checkpoint]:  # type: ignore[override]
+        """Every checkpoint, those settled read in one query (not one per key)."""
+        out = {**self._weak, **self._held}
         if self._settled is not None:
             for ck in self._settled.all():
-                if ck.fingerprint not in self._held:
-                    self._take(ck)
-        return iter(list(self._held))
+                if ck.fingerprint not in out:
+                    out[ck.fingerprint] = self._take(ck)
+        return list(out.values())
 
     def __len__(self) -> int:
         return len(self._held) if self._settled is None else self._settled.count + len(self._new)
@@ -199,9 +234,18 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
     def clear(self) -> None:
         self.close()
         self._held.clear()
+        self._weak.clear()
         self.changed.clear()
         self._settled = None
         self._new.clear()
+
+    def attach(self, settled: Settled, in_it: set[str]) -> None:
+        """The files database was just made, with the checkpoints of keys ``in_it`` (a run passed
+        ``SETTLE_ABOVE`` files): from now on those unchanged since are held weakly, as after a load."""
+        self._settled = settled
+        self._new = {k for k in self._held if k not in in_it}
+        for key in [k for k in self._held if k not in self.changed]:
+            self._weak[key] = self._held.pop(key)
 
     def with_end_stats(self, keys: set[str]) -> dict[str, Checkpoint]:
         """The checkpoints whose ``end_stat`` is one of ``keys``, by it: an indexed look-up, not a walk."""
@@ -224,9 +268,16 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
             self._settled.close()
 
     def settled(self, ck: Checkpoint, changes: int) -> None:
-        """``ck`` as it was at ``changes`` is in the files database: unless it changed since, no document needs it."""
-        if ck.changes == changes and self.changed.get(ck.fingerprint) is ck:
-            del self.changed[ck.fingerprint]
+        """``ck`` as it was at ``changes`` is in the files database: unless it changed since, no document
+        needs it, and it is held weakly."""
+        key = ck.fingerprint
+        if self._settled is not None and key in self._new:
+            self._new.discard(key)
+            self._settled.count += 1
+        if ck.changes == changes and self.changed.get(key) is ck:
+            del self.changed[key]
+            if self._settled is not None and self._held.get(key) is ck:
+                self._weak[key] = self._held.pop(key)
 
 
 HELD_FIELDS = ("file", "source", "line", "offset", "raw")
@@ -414,6 +465,8 @@ class State:
         self._db_generation = self.files_db
         for c, changes, _ in pending:
             self.checkpoints.settled(c, changes)
+        if self.checkpoints._settled is None:
+            self.checkpoints.attach(Settled(self.db_path, self.files_db), {c.fingerprint for c, _, _ in pending})
 
     def _index(self) -> None:
         """A files database written before it was looked up by ``end_stat`` gets its index (a run

@@ -13,6 +13,7 @@ LITELLM_INGEST_SOAK=20 pytest tests/test_follow.py
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import hashlib
 import json
@@ -1087,6 +1088,43 @@ def test_a_quarantine_file_on_a_full_disk_does_not_hold_back_the_good_calls(tmp_
     written = [json.loads(x) for x in (small_disk / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["reason"]) for q in written] == [(2, "malformed_json"), (4, "malformed_json")]
     assert t.metrics.quarantine_unwritten == 0 and t.metrics.health()[0] == 200
+
+
+def test_a_daemon_over_per_call_files_keeps_in_memory_the_checkpoints_of_the_files_it_reads_not_of_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synced bucket of a per-call logger: a new file for every call. The daemon kept the checkpoint
+    of every file it had seen for its whole life (about half a kilobyte each: 500 MB after a million
+    calls). Settled ones are let go (read again from the files database if their file changes), and
+    a restart reads nothing again."""
+    monkeypatch.setattr(checkpoints, "SETTLE_ABOVE", 20)
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S, close_inactive_s=0.0)
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is Checkpoint and o.__dict__.get("_owner") is t.state.checkpoints)
+
+    most = 0
+    for n in range(30):
+        for i in range(10):
+            (logdir / f"call-{n:02d}-{i}.jsonl").write_text(line(record(f"c-{n}-{i}", "success", 100.0 + n, 101.0 + n)))
+        t.step()
+        most = max(most, live())
+    assert len(t.state.checkpoints) == 300 and most <= 20, f"{most} checkpoints in memory for 10 files a pass"
+    early = logdir / "call-00-0.jsonl"
+    with early.open("a") as f:
+        f.write(line(record("c-late", "success", 200.0, 201.0)))
+    t.step()
+    t.close()
+    assert t.pipeline.summary.records_read == 301, "the grown file was read from its checkpoint, read again from the database"
+    assert len(sink.traces) == 301 and set(sink.calls()) == {f"c-{n}-{i}" for n in range(30) for i in range(10)} | {"c-late"}
+    again = tailer(logdir, state_dir, sink, SETTLE_S, close_inactive_s=0.0)
+    again.step()
+    again.close()
+    assert len(sink.traces) == 301 and again.pipeline.summary.records_read == 0
 
 
 def test_from_end_over_more_files_than_descriptors_reads_a_file_made_after_the_first_scan_whole(tmp_path: Path) -> None:

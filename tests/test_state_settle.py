@@ -4,6 +4,7 @@ with the threshold lowered; tests/test_backfill.py runs a real backfill past the
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sqlite3
@@ -72,6 +73,48 @@ def test_past_the_threshold_a_save_writes_only_the_checkpoints_that_moved_and_a_
     again.save()
     again.save()
     assert document(again)["checkpoints"] == [] and load(again).checkpoints == st.checkpoints
+
+
+def live(st: State) -> int:
+    """This state's checkpoints alive in memory, whoever holds them."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Checkpoint and o.__dict__.get("_owner") is st.checkpoints)
+
+
+def test_a_settled_checkpoint_no_one_holds_is_let_go_and_read_again_when_asked(tmp_path: Path) -> None:
+    """A daemon over a folder of per-call files kept every file's checkpoint in memory for its life
+    (about half a kilobyte each). Settled and unchanged, one nobody else holds is let go; one still
+    held (a file being followed) is the one given out, and a change to it is saved."""
+    st = state_of(tmp_path / "batch-a.json", 50)
+    assert live(st) == 50, "none settled yet"
+    st.save()
+    assert live(st) == 0 and len(st.checkpoints) == 50, "settled in the database the first save made"
+
+    held = st.checkpoints["sha256:07"]
+    assert st.checkpoints["sha256:07"] is held and live(st) == 1
+    held.offset = 4242
+    st.save()
+    assert [c["offset"] for c in document(st)["checkpoints"]] == [4242]
+    assert st.checkpoints["sha256:07"] is held
+    held.line = 99
+    st.save()
+    assert [(c["offset"], c["line"]) for c in document(st)["checkpoints"]] == [(4242, 99)], "changed again after it was settled"
+    del held
+    assert live(st) == 0
+    assert (st.checkpoints["sha256:07"].offset, st.checkpoints["sha256:07"].line) == (4242, 99)
+
+    st.checkpoints["sha256:new"] = Checkpoint("sha256:new", "/logs/new.json", offset=5)
+    assert len(st.checkpoints) == 51
+    st.save()
+    st.save()
+    assert live(st) == 0 and len(st.checkpoints) == 51 and document(st)["files_db"]["files"] == 51
+    assert {k: c.offset for k, c in st.checkpoints.items()} == {k: c.offset for k, c in load(st).checkpoints.items()}
+    assert len(st.checkpoints.values()) == 51 and st.checkpoints["sha256:new"].offset == 5
+
+    again = load(st)
+    again.save()
+    assert live(again) == 0, "as after a load"
+    assert {k: c.offset for k, c in again.checkpoints.items()} == {k: c.offset for k, c in st.checkpoints.items()}
 
 
 def test_a_checkpoint_replaced_by_another_of_the_same_key_is_the_one_written(tmp_path: Path) -> None:
