@@ -565,15 +565,22 @@ class FollowModel(RuleBasedStateMachine):
 
 
 @pytest.mark.parametrize(
-    "tailer_kw",
-    [{}, {"max_open_files": 1, "close_inactive_s": 0.0}],
-    ids=["files-kept-open", "idle-files-closed-at-once"],
+    ("tailer_kw", "settle_above"),
+    [
+        ({}, checkpoints.SETTLE_ABOVE),
+        ({"max_open_files": 1, "close_inactive_s": 0.0}, checkpoints.SETTLE_ABOVE),
+        ({"close_inactive_s": 0.0}, 1),
+    ],
+    ids=["files-kept-open", "idle-files-closed-at-once", "checkpoints-settled-past-one-file"],
 )
 def test_every_call_arrives_once_whole_through_rotations_kills_and_outages(
-    tmp_path_factory: pytest.TempPathFactory, tailer_kw: dict[str, Any]
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, tailer_kw: dict[str, Any], settle_above: int
 ) -> None:
     """Also with one file open at a time and every file read to its end closed at once: a rotation,
-    a copytruncate, a kill or an outage then meets files the daemon holds no descriptor of."""
+    a copytruncate, a kill or an outage then meets files the daemon holds no descriptor of. And with
+    the checkpoints settled into the files database past one file: those of closed files are let go
+    and read again from it."""
+    monkeypatch.setattr(checkpoints, "SETTLE_ABOVE", settle_above)
     root = tmp_path_factory.mktemp("follow-model")
     init = lambda self: FollowModel.__init__(self, root)  # noqa: E731
     machine = type("Model", (FollowModel,), {"__init__": init, "TAILER": tailer_kw})
