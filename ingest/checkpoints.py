@@ -221,7 +221,8 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
 
     def values(self) -> list[Checkpoint]:  # type: ignore[override]
         """Every checkpoint, those settled read in one query (not one per key)."""
-        out = {**self._weak, **self._held}
+        out = dict(self._weak.items())  # only the live ones, even if one dies meanwhile
+        out.update(self._held)
         if self._settled is not None:
             for ck in self._settled.all():
                 if ck.fingerprint not in out:
@@ -465,8 +466,11 @@ class State:
         self._db_generation = self.files_db
         for c, changes, _ in pending:
             self.checkpoints.settled(c, changes)
-        if self.checkpoints._settled is None:
-            self.checkpoints.attach(Settled(self.db_path, self.files_db), {c.fingerprint for c, _, _ in pending})
+        if (settled := self.checkpoints._settled) is None:
+            with contextlib.suppress(StateError):  # not attached: every checkpoint stays in memory, as before the database
+                self.checkpoints.attach(Settled(self.db_path, self.files_db), {c.fingerprint for c, _, _ in pending})
+        else:
+            settled.written()
 
     def _index(self) -> None:
         """A files database written before it was looked up by ``end_stat`` gets its index (a run
@@ -705,6 +709,13 @@ class Settled:
                 self.close()
                 return []
             raise StateError(f"cannot read the checkpoints database {self.path}: {e}") from e
+
+    def written(self) -> None:
+        """Rows were just written to the database: one missing or set aside as corrupt at the load is
+        there now, and is read (the checkpoints let go from memory are read from it)."""
+        if self._unusable:
+            self._unusable = False
+            self.close()
 
     def indexed(self) -> bool:
         """Missing, unusable, or with its ``end_stat`` index."""

@@ -215,6 +215,8 @@ def test_a_missing_or_corrupt_files_database_is_said_and_its_files_are_read_agai
     assert set(corrupt.checkpoints) == {"sha256:00"} and "cannot be used" in caplog.text
     corrupt.checkpoints["sha256:00"].offset = 2
     corrupt.save()
+    settled = corrupt.checkpoints._settled
+    assert settled is not None and settled.get("sha256:00").offset == 2, "a checkpoint let go is read from the database made anew"
     corrupt.close()
     assert list(tmp_path.glob(db.name + ".corrupt-*")), "set aside, as a corrupt ledger is"
     assert load(st).checkpoints["sha256:00"].offset == 2
