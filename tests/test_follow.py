@@ -561,6 +561,10 @@ class FollowModel(RuleBasedStateMachine):
             assert got[cid]["state"] == ("OK" if final["status"] == "success" else "ERROR"), (cid, got[cid])
         quarantine = self.state_dir / "quarantine.jsonl"
         assert not quarantine.exists() or not quarantine.read_text(), quarantine.read_text()
+        again = self._start()
+        again.step()
+        again.close()
+        assert again.pipeline.summary.records_read == 0, "a start once every call is written reads nothing again"
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
