@@ -26,6 +26,10 @@ them, by fingerprint or by ``end_stat`` (an index on the row's JSON, so a versio
 without knowing it keeps it right), never all at a load: a run costs what its files do, not every
 file the state ever read. The rows belong to the document that names their generation: a state
 deleted, replaced or bound to a new experiment starts from none of them.
+
+The checkpoint of a file gone from where it was last read is forgotten a grace after a look first
+found it gone (:meth:`State.forget_gone`), from the document and the database alike: a folder
+whose old logs are deleted keeps a state as small as what is left.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import sqlite3
 import stat
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Collection, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +56,12 @@ import orjson
 STATE_VERSION = 3
 SETTLE_ABOVE = 1000
 """More checkpoints than this are settled into the files database (see the module doc)."""
+FORGET_AFTER_S = 86400.0
+"""How long a file is gone from its last known path before its checkpoint is forgotten (``--forget-gone-after``)."""
+FORGET_LOOK_S = 3600.0
+"""Looks for files gone are at most this often (a stat per file the state knows)."""
+FILES_LOOKED = "files_looked"
+"""The state's ``extra`` key: when the last look for files gone was."""
 FILES_DB_SUFFIX = ".files.sqlite"
 END_STAT = "CASE WHEN json_valid(doc) THEN json_extract(doc, '$.end_stat') END"
 FILES_DDL = (
@@ -101,6 +111,8 @@ class Checkpoint:
     edge: str | None = None
     """``--shard``: the fingerprint of another shard's file that followed this one when its end was
     last read with that file's head (:func:`ingest.pipeline._ingest_shard`)."""
+    gone_at: str | None = None
+    """When a look first found nothing at ``path`` (:meth:`State.forget_gone`); cleared when it is back."""
 
     changes = 0
     """How many times a field was set (not a field itself)."""
@@ -127,6 +139,7 @@ class Checkpoint:
             tail=d.get("tail"),
             end_stat=d["end_stat"] if isinstance(d.get("end_stat"), str) else None,
             edge=d["edge"] if isinstance(d.get("edge"), str) else None,
+            gone_at=d["gone_at"] if isinstance(d.get("gone_at"), str) else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -148,6 +161,8 @@ class Checkpoint:
             d["end_stat"] = self.end_stat
         if self.edge is not None:
             d["edge"] = self.edge
+        if self.gone_at is not None:
+            d["gone_at"] = self.gone_at
         return d
 
 
@@ -171,6 +186,8 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
         self._settled = settled
         self._new: set[str] = set()
         """Keys held here that the files database does not have yet (``len`` is its count and theirs)."""
+        self._forgotten: set[str] = set()
+        """Keys forgotten (:meth:`forget`) whose rows the files database still has, until the next settle deletes them."""
 
     def _live(self, key: str) -> Checkpoint | None:
         ck = self._held.get(key)
@@ -197,7 +214,7 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
     def __getitem__(self, key: str) -> Checkpoint:
         if (ck := self._live(key)) is not None:
             return ck
-        if self._settled is not None and (ck := self._settled.get(key)) is not None:
+        if self._settled is not None and key not in self._forgotten and (ck := self._settled.get(key)) is not None:
             return self._take(ck)
         raise KeyError(key)
 
@@ -205,18 +222,51 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
         if self._settled is not None and key not in self and key not in self._settled.bad:
             self._new.add(key)
         self._weak.pop(key, None)
+        self._forgotten.discard(key)  # its file came back: the row is written anew, not deleted
         self._held[key] = ck
         object.__setattr__(ck, "_owner", self)
         self.changed[key] = ck
 
     def __delitem__(self, key: str) -> None:
-        raise TypeError("checkpoints are never dropped: a returning copy of a deleted file would be read again")
+        raise TypeError("checkpoints are dropped only by forget(): a file gone for good, whose copy returning would be read again")
+
+    def forget(self, key: str) -> None:
+        """Drop the checkpoint of a file gone for good (:meth:`State.forget_gone`); its row in the files
+        database is deleted at the next settle, after the document that no longer counts it."""
+        ck = self._held.pop(key, None) or self._weak.pop(key, None)
+        if ck is not None:
+            object.__setattr__(ck, "_owner", None)
+        self.changed.pop(key, None)
+        if self._settled is not None and key not in self._new and key not in self._forgotten:
+            self._forgotten.add(key)
+            self._settled.count -= 1
+        self._new.discard(key)
+
+    def take_forgotten(self) -> set[str]:
+        """The keys whose rows are to be deleted now (given back by :meth:`unforget` if that fails)."""
+        out, self._forgotten = self._forgotten, set()
+        return out
+
+    def unforget(self, keys: set[str]) -> None:
+        self._forgotten |= keys
+
+    def places(self) -> Iterator[tuple[str, Any, Any, Any]]:
+        """(key, path, gone_at, end_stat) of every checkpoint, those settled read from the files database
+        a page at a time, as text (no checkpoint is built): a look over a million files costs their stats."""
+        seen = set(self._held)
+        for key, ck in [*self._held.items(), *self._weak.items()]:
+            seen.add(key)
+            yield key, ck.path, ck.gone_at, ck.end_stat
+        if self._settled is not None:
+            for key, path, gone_at, end_stat in self._settled.places():
+                if key not in seen and key not in self._forgotten:
+                    yield key, path, gone_at, end_stat
 
     def __iter__(self) -> Iterator[str]:
         keys = dict.fromkeys(self._held)
         keys.update(dict.fromkeys(self._weak.keys()))
         if self._settled is not None:
-            keys.update(dict.fromkeys(ck.fingerprint for ck in self._settled.all()))
+            keys.update(dict.fromkeys(ck.fingerprint for ck in self._settled.all() if ck.fingerprint not in self._forgotten))
         return iter(list(keys))
 
     def values(self) -> list[Checkpoint]:  # type: ignore[override]
@@ -225,7 +275,7 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
         out.update(self._held)
         if self._settled is not None:
             for ck in self._settled.all():
-                if ck.fingerprint not in out:
+                if ck.fingerprint not in out and ck.fingerprint not in self._forgotten:
                     out[ck.fingerprint] = self._take(ck)
         return list(out.values())
 
@@ -239,6 +289,7 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
         self.changed.clear()
         self._settled = None
         self._new.clear()
+        self._forgotten.clear()
 
     def attach(self, settled: Settled, in_it: set[str]) -> None:
         """The files database was just made, with the checkpoints of keys ``in_it`` (a run passed
@@ -253,13 +304,14 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
         out = {c.end_stat: c for c in self._held.values() if c.end_stat in keys}
         if self._settled is not None and keys:
             for ck in self._settled.with_end_stats(keys):
-                if ck.fingerprint not in self._held and ck.end_stat is not None:
+                if ck.fingerprint not in self._held and ck.fingerprint not in self._forgotten and ck.end_stat is not None:
                     out.setdefault(ck.end_stat, self._take(ck))
         return out
 
     def end_stats(self) -> dict[str, str]:
         """Every ``end_stat`` with its key (a daemon's start), read as text: no checkpoint is built."""
-        out = {} if self._settled is None else {s: fp for fp, s in self._settled.end_stats() if fp not in self._held}
+        skip = self._held.keys() | self._forgotten
+        out = {} if self._settled is None else {s: fp for fp, s in self._settled.end_stats() if fp not in skip}
         out.update((c.end_stat, c.fingerprint) for c in self._held.values() if c.end_stat)
         return out
 
@@ -441,11 +493,57 @@ class State:
                 os.close(dir_fd)
         self._settle()
 
+    def forget_gone(self, after_s: float, busy: Collection[str] = (), listed: Collection[str] = (), now: datetime | None = None) -> int:
+        """Forget the checkpoints of files gone from their last known path for ``after_s`` (Filebeat's
+        ``clean_removed``, Vector's expiry of removed files): a folder whose old logs are deleted
+        keeps a state as small as what is left. A file gone is stamped at a look (``gone_at``) and
+        forgotten at the first look ``after_s`` later that still finds nothing there; one back by
+        then keeps its checkpoint. A forgotten file that comes back is read again, which doubles
+        nothing (the trace ids are fixed). A file is there when its path holds it (:func:`holds`), or
+        (``listed``: the stat keys of the files a daemon's scan found read to their end, unopened)
+        when its ``end_stat`` is listed: a closed file renamed, the old name a rotation's new file. A
+        run that finds a file under a new name (renamed, compressed) moves its path there.
+        ``busy``: the keys of files a daemon still has open.
+        Looks are at most ``min(after_s, FORGET_LOOK_S)`` apart, whatever runs them; ``after_s``
+        0 never forgets. The number forgotten."""
+        if after_s <= 0:
+            return 0
+        now = now or datetime.now(UTC)
+        last = _when(self.extra.get(FILES_LOOKED))
+        if last is not None and last <= now and (now - last).total_seconds() < min(after_s, FORGET_LOOK_S):
+            return 0
+        self.extra[FILES_LOOKED] = now.isoformat(timespec="milliseconds")
+        gone: list[tuple[str, datetime | None]] = []
+        back: list[str] = []
+        for key, path, gone_at, end_stat in self.checkpoints.places():
+            if key in busy or not isinstance(path, str) or not os.path.isabs(path):
+                continue
+            there = holds(path, end_stat)
+            if there is None:  # unreadable is not gone: a folder without permission, a mount away
+                continue
+            if not there and end_stat not in listed:
+                gone.append((key, _when(gone_at)))
+            elif gone_at is not None:
+                back.append(key)
+        for key in back:
+            if (ck := self.checkpoints.get(key)) is not None:
+                ck.gone_at = None
+        forgotten = 0
+        for key, since in gone:
+            if since is not None and since <= now and (now - since).total_seconds() >= after_s:
+                self.checkpoints.forget(key)
+                forgotten += 1
+            elif (since is None or since > now) and (ck := self.checkpoints.get(key)) is not None:
+                ck.gone_at = now.isoformat(timespec="milliseconds")
+        return forgotten
+
     def _settle(self) -> None:
         """Upsert the checkpoints the document just written holds into the files database, after it:
-        the next document can leave them out. Rows of an older generation are dropped."""
+        the next document can leave them out. Rows of an older generation are dropped, and those of
+        checkpoints forgotten (the document no longer counts them)."""
         pending, self._pending = self._pending, []
-        if self.files_db is None or not pending:
+        forgotten = self.checkpoints.take_forgotten()
+        if self.files_db is None or not (pending or forgotten):
             return
         try:
             if self._db is None:
@@ -456,12 +554,14 @@ class State:
                 self._db.execute("BEGIN IMMEDIATE")
                 if self._db_generation != self.files_db:
                     self._db.execute("DELETE FROM files WHERE generation <> ?", (self.files_db,))
+                self._db.executemany("DELETE FROM files WHERE fingerprint = ?", [(k,) for k in sorted(forgotten)])
                 self._db.executemany(
                     "INSERT INTO files (fingerprint, generation, doc) VALUES (?, ?, ?) "
                     "ON CONFLICT (fingerprint) DO UPDATE SET generation = excluded.generation, doc = excluded.doc",
                     [(c.fingerprint, self.files_db, orjson.dumps(d).decode()) for c, _, d in pending],
                 )
         except sqlite3.Error as e:
+            self.checkpoints.unforget(forgotten)
             raise StateError(f"cannot write the checkpoints database {self.db_path}: {e}") from e
         self._db_generation = self.files_db
         for c, changes, _ in pending:
@@ -520,6 +620,31 @@ class State:
         finally:
             self.close()
             os.close(fd)
+
+
+def holds(path: str, end_stat: Any) -> bool | None:
+    """Whether ``path`` holds the file a checkpoint was taken on: one of its inode when it was read
+    to its end (``end_stat``; a rotation's new file under the old name is another), else any file;
+    None when it cannot be told. The device is not compared: an NFS mount may get another number."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):
+        return None
+    if not isinstance(end_stat, str):
+        return True
+    inode = end_stat.split(":")[1:2]
+    return not inode or inode[0] == str(st.st_ino)
+
+
+def _when(text: Any) -> datetime | None:
+    """An ISO time this module wrote; None for anything else."""
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _iso_ms(ms: int) -> str:
@@ -737,6 +862,18 @@ class Settled:
 
     def all(self) -> list[Checkpoint]:
         return [ck for (text,) in self._rows("SELECT doc FROM files WHERE generation = ?") if (ck := _checkpoint(text)) is not None]
+
+    def places(self, page: int = 10_000) -> Iterator[tuple[str, Any, Any, Any]]:
+        """(fingerprint, path, gone_at, end_stat) of each row, a page at a time (by key: a page is one indexed range)."""
+        after = ""
+        fields = ", ".join(f"CASE WHEN json_valid(doc) THEN json_extract(doc, '$.{k}') END" for k in ("path", "gone_at", "end_stat"))
+        while rows := self._rows(
+            f"SELECT fingerprint, {fields} FROM files WHERE generation = ? AND fingerprint > ? ORDER BY fingerprint LIMIT ?",
+            after,
+            page,
+        ):
+            yield from rows
+            after = rows[-1][0]
 
     def close(self) -> None:
         if self._db is not None:

@@ -239,6 +239,15 @@ nest_options = _options(
     ),
 )
 
+forget_option = click.option(
+    "--forget-gone-after",
+    type=_Finite(min=0),
+    default=86400.0,
+    show_default=True,
+    help="Seconds a file is gone from where it was last read before its checkpoint is forgotten (a state stays as small "
+    "as the folders it reads); one that comes back later is read again, which doubles nothing. 0: never forget.",
+)
+
 callback_option = click.option(
     "--replace-callback-traces",
     is_flag=True,
@@ -302,6 +311,7 @@ def _run_options(paths: tuple[str, ...], kw: dict[str, Any]) -> Any:
         workers=kw.get("workers") or 1,
         shard=kw.get("shard"),
         reread_s=kw.get("reread_window", 3600.0),
+        forget_gone_s=kw.get("forget_gone_after", 86400.0),
         replace_callback_traces=kw.get("replace_callback_traces", False),
     )
 
@@ -396,6 +406,7 @@ def _finish(summary: Any, as_json: bool, quiet: bool) -> None:
 @run_options
 @nest_options
 @callback_option
+@forget_option
 @click.option("--no-state", is_flag=True, help="Read everything given, keep no checkpoints (a one-off replay).")
 @click.option(
     "--partial-timeout",
@@ -435,6 +446,7 @@ def batch(paths: tuple[str, ...], no_state: bool, as_json: bool, quiet: bool, **
 @run_options
 @nest_options
 @callback_option
+@forget_option
 @window_options
 @click.option(
     "--workers",
@@ -585,6 +597,7 @@ class _Progress:
 @scrub_options
 @nest_options
 @callback_option
+@forget_option
 @click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_HELP)
 @click.option(
     "--batch-wait",
@@ -866,6 +879,8 @@ def _print_summary(s: Any) -> None:
     """Two columns of plain lines: a value (a path) is never cut to a terminal's or cron's 80
     columns, and no line is padded to the longest."""
     unchanged = f" ({s.files_unchanged} unchanged since they were read)" if s.files_unchanged else ""
+    if s.files_forgotten:
+        unchanged += f" ({s.files_forgotten} checkpoint(s) of files gone forgotten)"
     kept = s.quarantine_file or "not written (dry run)"
     rows: list[tuple[str, Any]] = [
         *([("files", f"{s.files}" + unchanged)] if s.files or not (s.objects or s.db_rows) else []),

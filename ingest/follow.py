@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import polars as pl
 
-from ingest.checkpoints import Checkpoint, State, encode_state, now_iso
+from ingest.checkpoints import Checkpoint, State, encode_state, holds, now_iso
 from ingest.fingerprint import fingerprint_of, fingerprints_of, head_before, tail_digest
 from ingest.sources import (
     CORRUPT,
@@ -323,11 +323,25 @@ class Follower:
             with contextlib.suppress(OSError):
                 keys[path] = stat_key(os.stat(path))
         stamps = self.state.checkpoints.with_end_stats(set(keys.values()))
-        return {path: stamps[key] for path, key in keys.items() if key in stamps}
+        found = {path: stamps[key] for path, key in keys.items() if key in stamps}
+        for path, ck in found.items():
+            self.found(ck, path)
+        return found
+
+    def found(self, ck: Checkpoint, path: Path, renamed: bool = False) -> None:
+        """``ck``'s file is at ``path``: it is not gone, and its path follows it where the old one no
+        longer holds it (``renamed``: known to be the same file; a compressed copy, the original
+        deleted), so a look for files gone (:meth:`forget_gone`) finds it there."""
+        if ck.gone_at is not None:
+            ck.gone_at = None
+        if ck.path != os.path.abspath(path) and (renamed or not holds(ck.path, ck.end_stat)):
+            ck.path = str(path.resolve())
 
     def follow(self, f: Followed) -> Followed:
         """Take ``f`` on: its checkpoint joins the state, and held lines named by a version-1 state are fed."""
         f.ck.path = str(f.path.resolve())
+        if f.ck.gone_at is not None:
+            f.ck.gone_at = None
         self.state.checkpoints[f.key] = f.ck
         self.files[f.key] = f
         if f.ck.legacy_held:
@@ -345,6 +359,11 @@ class Follower:
         f = self.files.pop(key, None)
         if f is not None:
             f.close()
+
+    def forget_gone(self, after_s: float) -> int:
+        """Forget the checkpoints of files gone for ``after_s`` (:meth:`State.forget_gone`), not of
+        one still open here (a daemon reads a deleted file to its end); the number forgotten."""
+        return 0 if self.dry_run else self.state.forget_gone(after_s, busy=self.files.keys(), listed=self.parked)
 
     def park(self, f: Followed) -> bool:
         """Close the descriptor of a file read to its end (Filebeat's ``close_inactive``): a daemon over

@@ -53,6 +53,8 @@ class Metrics:
     callback_traces: int = 0
     """Traces of LiteLLM's own mlflow callback found among the calls written (each such call is shown twice)."""
     callback_traces_replaced: int = 0
+    files_forgotten: int = 0
+    """Checkpoints of files gone for ``--forget-gone-after``, forgotten."""
     last_write: float = 0.0
     mlflow_up: bool = True
     down_since: float | None = None
@@ -87,6 +89,7 @@ class Metrics:
             ("held_lines", "gauge", self.held_lines),
             ("files_followed", "gauge", self.files),
             ("files_open", "gauge", self.files_open),
+            ("files_forgotten_total", "counter", self.files_forgotten),
             ("quarantine_unwritten", "gauge", self.quarantine_unwritten),
             ("last_successful_write_timestamp_seconds", "gauge", self.last_write),
             ("mlflow_up", "gauge", int(self.mlflow_up)),

@@ -27,7 +27,7 @@ import polars as pl
 from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
 from ingest.callback_traces import LOOK_THREAD, CallbackWatch
-from ingest.checkpoints import Checkpoint, State, destination_key, now_iso, state_path
+from ingest.checkpoints import FORGET_AFTER_S, Checkpoint, State, destination_key, now_iso, state_path
 from ingest.dedupe import DEFAULT_SETTLE_S, MAX_ATTEMPTS, Kept, SentIndex, dedupe_and_split, text_bytes
 from ingest.ids import mlflow_trace_id, otel_trace_id
 from ingest.ledger import Ledger, Unit, drop_nest_queue
@@ -102,6 +102,7 @@ class Summary:
     files_resumed: int = 0
     files_unchanged: int = 0
     files_other_shards: int = 0
+    files_forgotten: int = 0
     objects: int = 0
     objects_read: int = 0
     objects_failed: int = 0
@@ -736,6 +737,8 @@ class RunOptions:
     shard: Shard | None = None
     reread_s: float = 3600.0
     """The proxy's database: how far before the newest row start read a cron run reads again (``--reread-window``)."""
+    forget_gone_s: float = FORGET_AFTER_S
+    """How long a file is gone before its checkpoint is forgotten (``--forget-gone-after``; 0 never)."""
     stop: threading.Event = field(default_factory=threading.Event)
     only_calls: frozenset[str] | None = None
     """Write these calls only (``reconcile --repair``: the ones missing from MLflow)."""
@@ -1008,6 +1011,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 pipe.look_for_callback_traces(force=True)
                 summary = pipe.finish()
                 summary.result = outcome(summary)
+                summary.files_forgotten = follower.forget_gone(opts.forget_gone_s)  # after every file this run saw was matched
             except KeyboardInterrupt:
                 summary = pipe.finish()
                 summary.result = "interrupted"

@@ -257,6 +257,9 @@ class Tailer:
             self._scan()
             if not self._more:
                 self.follower.from_end = False
+            if forgotten := self.follower.forget_gone(self.opts.forget_gone_s):
+                self.metrics.files_forgotten += forgotten
+                log.info("forgot the checkpoints of %d file(s) gone for %gs", forgotten, self.opts.forget_gone_s)
             self._read_and_send(None)
             self._nest()
             self._close_idle()
@@ -466,6 +469,7 @@ class Tailer:
                     if current.path != path and not _same_file(current.path, st):
                         log.info("rotated: %s -> %s", current.path, path)
                         current.path = path
+                        follower.found(current.ck, path, renamed=True)
                     continue
                 log.info("%s was truncated or rewritten in place", path)
                 current.stale = True
@@ -486,6 +490,8 @@ class Tailer:
                 continue
             if known is None and self.follower.is_done(f):
                 parked.add(stat_key(st))  # a compressed copy of what was read: opened again only once it changes
+                follower.stamp(f)  # and after a restart, not opened at all
+                follower.found(f.ck, path)
                 f.close()
                 continue
             if known is None:
