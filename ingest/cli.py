@@ -727,6 +727,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
                     "updated_at": ck.get("updated_at"),
                     "exists": size is not None,
                     "replaced": replaced,
+                    "gone_since": ck.get("gone_at"),
                 }
             )
     from ingest.ledger import Ledger, nest_pending
@@ -780,7 +781,9 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     for r in rows:
         t.add_row(
             r["mode"],
-            r["path"] + (" (another file now: rotated)" if r["replaced"] else "" if r["exists"] else " (gone)"),
+            r["path"]
+            + (" (another file now: rotated)" if r["replaced"] else "" if r["exists"] else " (gone)")
+            + (f" (gone since {r['gone_since']}: forgotten after --forget-gone-after)" if r["gone_since"] else ""),
             r["fingerprint"][7:19],
             f"{r['offset']} / {r['size'] if r['size'] is not None else '-'}" + (f" {r['compressed']}" if r["compressed"] else ""),
             str(r["lag_bytes"]) if r["lag_bytes"] is not None else "-",

@@ -16,9 +16,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from ingest import checkpoints
 from ingest.checkpoints import FILES_DB_SUFFIX, Checkpoint, State
+from ingest.cli import main
 from ingest.follow import stat_key
 from ingest.pipeline import RunOptions, run_incremental
 from tests.conftest import all_traces, reidentify, write_jsonl
@@ -193,6 +195,9 @@ def test_cron_runs_forget_files_deleted_not_those_renamed_or_compressed_and_one_
     files[3][0].unlink()
     first = run()
     assert (first["records_read"], first["files_forgotten"]) == (0, 0), "the first look finds them gone and waits"
+    shown = CliRunner().invoke(main, ["status", "--json", "--state-dir", str(tmp_path / "st")])
+    gone = {Path(r["path"]).name for r in json.loads(shown.output)["files"] if r["gone_since"]}
+    assert gone == {"calls-1.jsonl"}, shown.output
     second = run()
     assert (second["records_read"], second["files_forgotten"]) == (0, 1), "calls-1 is gone: calls-0 lives on in kept/"
     state = json.loads(next((tmp_path / "st").glob("batch-*.json")).read_text())
