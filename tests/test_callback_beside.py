@@ -125,7 +125,7 @@ def test_replace_deletes_the_callbacks_trace_of_each_call_written_and_nothing_el
     PostgreSQL). Each call ends as one trace, ours; the callback's traces of calls not in these
     logs, and of a call id it reused at another time, stay; a re-run deletes nothing more."""
     # PostgreSQL: past the 256 calls after which a backfill's workers take the steps, and write them
-    records = reidentify(capture) if store == "sqlite" else [r for c in copies(capture, 12, "pg", spacing_s=60) for r in c]
+    records = reidentify(capture) if store == "sqlite" else [r for c in copies(capture, 7, "pg", spacing_s=60) for r in c]
     log = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records)
     elsewhere = reidentify(capture[:5], shift_s=records[0]["startTime"] - capture[0]["startTime"])
     first = min(records, key=lambda r: r["startTime"])

@@ -243,11 +243,11 @@ def test_a_daemon_forgets_the_files_deleted_under_it_not_those_rotated_and_a_res
         write_jsonl(log, later)
         settled(len({r["litellm_call_id"] for r in [*everything, *later]}))
         wait_for(lambda: forgotten() >= 2, 30, "the deleted files forgotten")
-        time.sleep(3)
+        time.sleep(2.5)  # two looks at least
         assert forgotten() == 2, "the renamed ones are not gone"
         (logs / "proxy.jsonl.1").unlink()
         wait_for(lambda: forgotten() >= 3, 30, "the rotated log's checkpoint forgotten once it is deleted")
-        time.sleep(2)
+        time.sleep(1.5)
         assert forgotten() == 3
     finally:
         assert d.stop() == 0
@@ -255,7 +255,7 @@ def test_a_daemon_forgets_the_files_deleted_under_it_not_those_rotated_and_a_res
     assert sum(map(int, said)) == 3, d.log.read_text()[-3000:]
     again = Daemon(logs, uri, experiment_name, tmp_path / "state", *args).start()
     try:
-        time.sleep(3)
+        time.sleep(2)
         assert metric(again.metrics(), "litellm_ingest_records_read_total") == 0
     finally:
         assert again.stop() == 0
