@@ -114,13 +114,19 @@ def test_a_file_still_open_or_found_renamed_by_its_stat_is_not_gone_and_0_never_
     assert st.checkpoints[key(0)].gone_at is None and st.checkpoints[key(1)].gone_at is None
 
 
-def test_a_crash_before_the_rows_are_deleted_forgets_them_at_the_next_look(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def first_forgotten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[State, list[Path]]:
+    """A settled state whose first file was deleted, its checkpoint just forgotten (not saved yet)."""
     monkeypatch.setattr(checkpoints, "SETTLE_ABOVE", 3)
     st, paths = files_state(tmp_path)
     paths[0].unlink()
     st.forget_gone(3600, now=T0)
     st.save()
     assert st.forget_gone(3600, now=T0 + HOUR) == 1
+    return st, paths
+
+
+def test_a_crash_before_the_rows_are_deleted_forgets_them_at_the_next_look(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st, _ = first_forgotten(tmp_path, monkeypatch)
     monkeypatch.setattr(State, "_settle", lambda self: None)  # killed between the document and the database
     st.save()
     monkeypatch.undo()
@@ -133,12 +139,7 @@ def test_a_crash_before_the_rows_are_deleted_forgets_them_at_the_next_look(tmp_p
 
 
 def test_a_forgotten_file_taken_on_again_before_the_save_is_written_not_deleted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoints, "SETTLE_ABOVE", 3)
-    st, paths = files_state(tmp_path)
-    paths[0].unlink()
-    st.forget_gone(3600, now=T0)
-    st.save()
-    assert st.forget_gone(3600, now=T0 + HOUR) == 1
+    st, paths = first_forgotten(tmp_path, monkeypatch)
     st.checkpoints[key(0)] = Checkpoint(key(0), str(paths[0]), offset=99)
     st.save()
     again = load(st)
