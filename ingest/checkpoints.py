@@ -253,7 +253,7 @@ class Checkpoints(MutableMapping[str, Checkpoint]):
     def places(self) -> Iterator[tuple[str, Any, Any, Any]]:
         """(key, path, gone_at, end_stat) of every checkpoint, those settled read from the files database
         a page at a time, as text (no checkpoint is built): a look over a million files costs their stats."""
-        seen = set(self._held)
+        seen: set[str] = set()
         for key, ck in [*self._held.items(), *self._weak.items()]:
             seen.add(key)
             yield key, ck.path, ck.gone_at, ck.end_stat
