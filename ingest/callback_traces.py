@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow.tracing.constant import TraceTagKey
-
 from ingest.ids import mlflow_trace_id, otel_trace_id
+from ingest.mlflow_names import TraceTagKey
 from ingest.quarantine import first_line
 from ingest.spans import TAG_PREFIX
 

@@ -38,9 +38,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracing.constant import SpanAttributeKey, SpansLocation, TraceMetadataKey, TraceTagKey
-
 from ingest.ledger import NEST_QUEUE_SUFFIX, state_db
+from ingest.mlflow_names import SPANS_IN_TRACKING_STORE, SpanAttributeKey, TraceMetadataKey, TraceTagKey
 from ingest.sink import LOOKUP_CHUNK, Sink, SinkError, looked_up
 from ingest.spans import BuiltTrace, SpanData, nested_spans
 
@@ -71,7 +70,7 @@ class AppTrace:
     def of(cls, info: Any) -> AppTrace | None:
         """From MLflow's TraceInfo; None for a trace that must not be written into (yet)."""
         state = getattr(info.state, "value", str(info.state))
-        if state not in FINISHED or info.tags.get(TraceTagKey.SPANS_LOCATION) != SpansLocation.TRACKING_STORE.value:
+        if state not in FINISHED or info.tags.get(TraceTagKey.SPANS_LOCATION) != SPANS_IN_TRACKING_STORE:
             return None
         finalized = info.trace_metadata.get(TraceMetadataKey.TRACE_INFO_FINALIZED) == "true"
         start_ms = int(info.request_time)

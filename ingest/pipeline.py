@@ -953,6 +953,11 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     started = time.monotonic()
     inputs = Inputs.of(opts.paths, opts.own())
     inputs.check()
+    if mode == "batch":
+        from ingest.idle import idle_run
+
+        if (idle := idle_run(opts, inputs, started)) is not None:
+            return idle
     files = inputs.files
     warm = _prestart(opts, files) if mode == "backfill" else []
     try:

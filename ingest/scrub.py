@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from mlflow.tracing.constant import SpanAttributeKey
+from ingest.mlflow_names import SpanAttributeKey
 
 SALT_ENV = "LITELLM_INGEST_SCRUB_SALT"
 DEFAULT_SALT = "litellm-ingest/scrub/v1"

@@ -19,15 +19,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
-from mlflow.entities.span import SpanType
-from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, SpanAttributeKey, TokenUsageKey, TraceTagKey
-from mlflow.utils.validation import MAX_TRACE_TAG_VAL_LENGTH, _validate_trace_tag
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
 from ingest.dedupe import MAX_ATTEMPTS, format_rank
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
+from ingest.mlflow_names import (
+    MAX_CHARS_IN_TRACE_INFO_METADATA,
+    MAX_TRACE_TAG_VAL_LENGTH,
+    SpanAttributeKey,
+    SpanType,
+    TokenUsageKey,
+    TraceTagKey,
+)
 from ingest.normalize import loads_lenient
 from ingest.scrub import Scrubber, default_scrubber
 
@@ -552,6 +557,8 @@ _TAG_BAD_CHARS = re.compile(r"[^/\w.\- :]")
 @functools.lru_cache(maxsize=4096)
 def _tag_key(key: str) -> str | None:
     """A tag key MLflow accepts (bad characters replaced), validated once per distinct key."""
+    from mlflow.utils.validation import _validate_trace_tag
+
     key = _TAG_BAD_CHARS.sub("_", key.strip())[:250] or "_"
     try:
         return _validate_trace_tag(key, "")[0]

@@ -1,0 +1,59 @@
+"""The names MLflow reads from a trace (span attributes, tags, metadata keys, span types, limits), as
+its stores keep them: a wire format, fixed once traces carry it.
+
+Copied from ``mlflow.tracing.constant`` and friends rather than imported, because importing any part
+of MLflow runs its whole ``__init__`` (1.3 s and about 230 MB here): a cron run that finds nothing
+new must not pay that (:mod:`ingest.idle`). ``tests/test_mlflow_names.py`` checks every name against
+the MLflow installed, so a rename there fails the suite instead of misplacing data.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class SpanType:
+    CHAT_MODEL: Final = "CHAT_MODEL"
+    EMBEDDING: Final = "EMBEDDING"
+    GUARDRAIL: Final = "GUARDRAIL"
+    LLM: Final = "LLM"
+    RERANKER: Final = "RERANKER"
+    TOOL: Final = "TOOL"
+    UNKNOWN: Final = "UNKNOWN"
+
+
+class SpanAttributeKey:
+    CHAT_TOOLS: Final = "mlflow.chat.tools"
+    CHAT_USAGE: Final = "mlflow.chat.tokenUsage"
+    INPUTS: Final = "mlflow.spanInputs"
+    LLM_COST: Final = "mlflow.llm.cost"
+    MESSAGE_FORMAT: Final = "mlflow.message.format"
+    MODEL: Final = "mlflow.llm.model"
+    MODEL_PROVIDER: Final = "mlflow.llm.provider"
+    OUTPUTS: Final = "mlflow.spanOutputs"
+    REQUEST_ID: Final = "mlflow.traceRequestId"
+    SESSION_ID: Final = "session.id"
+    SPAN_TYPE: Final = "mlflow.spanType"
+    TRACE_TAG_PREFIX: Final = "mlflow.traceTag."
+    USER_ID: Final = "user.id"
+
+
+class TokenUsageKey:
+    CACHE_CREATION_INPUT_TOKENS: Final = "cache_creation_input_tokens"
+    CACHE_READ_INPUT_TOKENS: Final = "cache_read_input_tokens"
+
+
+class TraceTagKey:
+    SPANS_LOCATION: Final = "mlflow.trace.spansLocation"
+    TRACE_NAME: Final = "mlflow.traceName"
+
+
+class TraceMetadataKey:
+    TRACE_INFO_FINALIZED: Final = "mlflow.trace.infoFinalized"
+    TRACE_USER: Final = "mlflow.trace.user"
+
+
+SPANS_IN_TRACKING_STORE: Final = "TRACKING_STORE"
+"""``SpansLocation.TRACKING_STORE``: the spans are in the tracking store's own tables."""
+MAX_CHARS_IN_TRACE_INFO_METADATA: Final = 250
+MAX_TRACE_TAG_VAL_LENGTH: Final = 8000
