@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ingest.checkpoints import CorruptState, State, StateError, destination_key, now_iso, read_state, state_path
@@ -99,16 +100,25 @@ def _nothing_new(state: State, target: Target, opts: RunOptions, inputs: Inputs,
             return None
     else:
         drop_nest_queue(state.path)
+    empty = [p for p in inputs.files if _empty(p)]  # a rotation's new file, not written yet: no run reads it
     follower = Follower(state, None, partial_timeout_s=opts.partial_timeout_s)  # type: ignore[arg-type]
-    unchanged = follower.unchanged(inputs.files)
-    if len(unchanged) != len(inputs.files):
+    unchanged = follower.unchanged([p for p in inputs.files if p not in set(empty)] if empty else inputs.files)
+    if len(unchanged) + len(empty) != len(inputs.files):
         return None
     run_started = now_iso()
     state.bind(target.created_ms)
-    summary = Summary(files_unchanged=len(unchanged))
+    summary = Summary(files_unchanged=len(unchanged), files_skipped=len(empty))
     summary.files_forgotten = follower.forget_gone(opts.forget_gone_s)
     _close(summary, inputs.files, target, opts, started)
     summary.state_file = str(state.path)
     state.last_run = {"started": run_started, "finished": now_iso(), "result": summary.result, "summary": summary.as_dict()}
     state.save()
     return summary
+
+
+def _empty(path: Path) -> bool:
+    """A file with no byte yet, which a run counts as waiting for its first line."""
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False

@@ -71,10 +71,11 @@ def without(summary: dict) -> dict:
 def test_a_run_with_nothing_new_opens_no_mlflow_and_says_what_the_full_run_says(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
     traces = sqlite_trace_count(runs.db)
     (runs.logs / "b.jsonl").rename(runs.logs / "b.jsonl.1")  # rotated while no run was looking: the same file
+    (runs.logs / "b.jsonl").touch()  # and logrotate's `create`: a new file the proxy has not written yet
     before = runs.last_run()["finished"]
     idle = runs.run()
     assert runs.opened == 1, "nothing new: MLflow is not opened"
-    assert (idle["files"], idle["files_unchanged"], idle["records_read"], idle["result"]) == (2, 2, 0, "ok")
+    assert (idle["files"], idle["files_unchanged"], idle["files_skipped"], idle["records_read"], idle["result"]) == (3, 2, 1, 0, "ok")
     assert runs.last_run()["finished"] >= before and runs.last_run()["summary"] == idle
     st = State.load(runs.state_path, "batch", json.loads(runs.state_path.read_text())["destination"])
     assert sorted(Path(c.path).name for c in st.checkpoints.values()) == ["a.jsonl", "b.jsonl.1"], "the checkpoint follows the rename"
