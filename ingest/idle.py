@@ -100,9 +100,9 @@ def _nothing_new(state: State, target: Target, opts: RunOptions, inputs: Inputs,
             return None
     else:
         drop_nest_queue(state.path)
-    empty = [p for p in inputs.files if _empty(p)]  # a rotation's new file, not written yet: no run reads it
+    empty = {p for p in inputs.files if _empty(p)}  # a rotation's new file, not written yet: no run reads it
     follower = Follower(state, None, partial_timeout_s=opts.partial_timeout_s)  # type: ignore[arg-type]
-    unchanged = follower.unchanged([p for p in inputs.files if p not in set(empty)] if empty else inputs.files)
+    unchanged = follower.unchanged([p for p in inputs.files if p not in empty])
     if len(unchanged) + len(empty) != len(inputs.files):
         return None
     run_started = now_iso()
