@@ -379,7 +379,7 @@ class State:
 
         Raises StateError for a newer or unreadable file; a corrupt one is copied aside (see module doc).
         """
-        state = cls(path, mode, destination)
+        corrupt_copy = None
         try:
             doc = read_state(path.with_suffix(path.suffix + ".tmp"))
         except (StateError, CorruptState):
@@ -388,18 +388,26 @@ class State:
             try:
                 doc = read_state(path) or {}
             except CorruptState as e:
-                state.corrupt_copy = path.with_name(f"{path.name}.corrupt-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+                corrupt_copy = path.with_name(f"{path.name}.corrupt-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
                 try:
-                    shutil.copy2(path, state.corrupt_copy)
+                    shutil.copy2(path, corrupt_copy)
                 except OSError as copy_error:
                     raise StateError(f"the state file {path} is corrupt ({e}) and cannot be copied aside: {copy_error}") from e
                 log.warning(
                     "the state file %s is corrupt (%s): a copy is kept as %s; starting from an empty state (every file is read again)",
                     path,
                     e,
-                    state.corrupt_copy,
+                    corrupt_copy,
                 )
                 doc = {}
+        state = cls.from_document(path, mode, destination, doc)
+        state.corrupt_copy = corrupt_copy
+        return state
+
+    @classmethod
+    def from_document(cls, path: Path, mode: str, destination: dict[str, Any], doc: dict[str, Any]) -> State:
+        """The state a document :func:`read_state` returned holds."""
+        state = cls(path, mode, destination)
         if (generation := _generation(doc)) is not None:
             state.files_db = generation
             state.checkpoints = Checkpoints(Settled(path.with_suffix(FILES_DB_SUFFIX), generation))

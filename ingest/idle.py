@@ -74,11 +74,11 @@ def idle_run(opts: RunOptions, inputs: Inputs, started: float) -> Summary | None
         return None
     with State(path, "batch", key).locked():
         try:
-            if read_state(path) is None or read_state(path.with_suffix(path.suffix + ".tmp")) is not None:
-                return None  # a state set aside as corrupt, or a save a crash cut short: the full run says so
+            if read_state(path.with_suffix(path.suffix + ".tmp")) is not None or (doc := read_state(path)) is None:
+                return None  # a save a crash cut short, or a state set aside as corrupt: the full run says so
         except (CorruptState, StateError):
             return None
-        state = State.load(path, "batch", key)
+        state = State.from_document(path, "batch", key, doc)
         try:
             return _nothing_new(state, target, opts, inputs, started)
         finally:
