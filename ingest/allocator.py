@@ -84,7 +84,5 @@ def tune_collector() -> None:
     global _tuned
     if not _tuned:
         _tuned = True
-        import mlflow.utils.validation  # noqa: F401  (span building checks tags with it: part of every run's start-up heap)
-
         gc.freeze()
         gc.set_threshold(YOUNG_THRESHOLD, 10, 10)

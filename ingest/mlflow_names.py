@@ -9,6 +9,8 @@ the MLflow installed, so a rename there fails the suite instead of misplacing da
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Final
 
 
@@ -57,3 +59,16 @@ SPANS_IN_TRACKING_STORE: Final = "TRACKING_STORE"
 """``SpansLocation.TRACKING_STORE``: the spans are in the tracking store's own tables."""
 MAX_CHARS_IN_TRACE_INFO_METADATA: Final = 250
 MAX_TRACE_TAG_VAL_LENGTH: Final = 8000
+MAX_TRACE_TAG_KEY_LENGTH: Final = 250
+_TAG_KEY_CHARS: Final = re.compile(r"^[/\w.\- :]*$")
+
+
+def tag_key_refused(key: str) -> bool:
+    """Whether MLflow's store refuses ``key`` as a trace tag's key (``_validate_trace_tag``): a
+    character outside its set, a name that reads as another path (``a//b``, ``./a``, ``/a``), or
+    one too long. Span building checks every tag key with it, and a dry run or a worker must not
+    load MLflow for that."""
+    norm = posixpath.normpath(key)
+    return (
+        len(key) > MAX_TRACE_TAG_KEY_LENGTH or not _TAG_KEY_CHARS.match(key) or norm != key or norm == "." or norm.startswith(("..", "/"))
+    )

@@ -27,11 +27,13 @@ from ingest.dedupe import MAX_ATTEMPTS, format_rank
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
 from ingest.mlflow_names import (
     MAX_CHARS_IN_TRACE_INFO_METADATA,
+    MAX_TRACE_TAG_KEY_LENGTH,
     MAX_TRACE_TAG_VAL_LENGTH,
     SpanAttributeKey,
     SpanType,
     TokenUsageKey,
     TraceTagKey,
+    tag_key_refused,
 )
 from ingest.normalize import loads_lenient
 from ingest.scrub import Scrubber, default_scrubber
@@ -556,14 +558,9 @@ _TAG_BAD_CHARS = re.compile(r"[^/\w.\- :]")
 
 @functools.lru_cache(maxsize=4096)
 def _tag_key(key: str) -> str | None:
-    """A tag key MLflow accepts (bad characters replaced), validated once per distinct key."""
-    from mlflow.utils.validation import _validate_trace_tag
-
-    key = _TAG_BAD_CHARS.sub("_", key.strip())[:250] or "_"
-    try:
-        return _validate_trace_tag(key, "")[0]
-    except Exception:
-        return None
+    """A tag key MLflow accepts (bad characters replaced), or None; checked once per distinct key."""
+    key = _TAG_BAD_CHARS.sub("_", key.strip())[:MAX_TRACE_TAG_KEY_LENGTH] or "_"
+    return None if tag_key_refused(key) else key
 
 
 def _tag(key: str, value: str) -> tuple[str, str] | None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,7 +79,7 @@ import gc, json, sys
 from pathlib import Path
 from ingest.pipeline import RunOptions, run_batch
 before = gc.get_freeze_count()
-run_batch(RunOptions(paths=[sys.argv[1]], dry_run=True))
+run_batch(RunOptions(paths=[sys.argv[1]], tracking_uri="sqlite:///" + sys.argv[2]))
 after_run = gc.get_freeze_count()
 from ingest.allocator import tune_collector
 tune_collector()
@@ -91,11 +92,12 @@ print(json.dumps({"before": before, "after_run": after_run, "again": gc.get_free
 """
 
 
-def test_a_run_freezes_its_start_up_heap_once_and_still_collects_what_it_drops() -> None:
+def test_a_run_freezes_its_start_up_heap_once_and_still_collects_what_it_drops(tmp_path: Path) -> None:
     """MLflow's, SQLAlchemy's and polars' objects are taken out of every full collection once the
     store is open, and young objects are collected less often; a second call freezes nothing more
     (what a run holds by then stays collectable), and a cycle dropped afterwards is still freed."""
-    p = subprocess.run([sys.executable, "-c", _FREEZE, str(CAPTURE_FILES[1])], capture_output=True, text=True, timeout=300)
+    args = [sys.executable, "-c", _FREEZE, str(CAPTURE_FILES[1]), str(tmp_path / "mlflow.db")]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["before"] == 0 and out["after_run"] > 100_000, out

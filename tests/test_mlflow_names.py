@@ -7,11 +7,14 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow.entities.span import SpanType
 from mlflow.tracing import constant
 from mlflow.utils import validation
 
 from ingest import mlflow_names
+from tests.conftest import CAPTURE_FILES
 
 CLASSES = {
     mlflow_names.SpanType: SpanType,
@@ -42,3 +45,39 @@ def test_the_engine_imports_without_mlflow() -> None:
     code = f"import sys, ingest.cli, ingest.pipeline, ingest.idle; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _mlflow_refuses(key: str) -> bool:
+    try:
+        validation._validate_trace_tag(key, "")
+    except Exception:
+        return True
+    return False
+
+
+TAG_KEYS = ["a", "a/b", "a//b", "./a", "a/.", "a/../b", "..a", "/a", "a/", ".", "..", "a:b c-d.e_f", "a\n", "a\tb", "ü"]
+TAG_KEYS += ["a" * 250, "a" * 251, "", " "]
+
+
+@pytest.mark.parametrize("key", TAG_KEYS)
+def test_tag_keys_refused_as_mlflow_refuses_them(key: str) -> None:
+    assert mlflow_names.tag_key_refused(key) == _mlflow_refuses(key)
+
+
+@given(st.text(alphabet=st.sampled_from("ab/.:- _\n\tü#"), max_size=12) | st.text(max_size=300))
+@settings(max_examples=400, deadline=None)
+def test_any_tag_key_refused_as_mlflow_refuses_it(key: str) -> None:
+    assert mlflow_names.tag_key_refused(key) == _mlflow_refuses(key)
+
+
+def test_a_dry_run_builds_its_spans_without_mlflow(tmp_path) -> None:
+    """The no-sink stage (and a ``--dry-run`` worker) checks tag keys with the copy, so it never pays MLflow's import."""
+    heavy = "('mlflow', 'pandas')"
+    code = (
+        "import sys\nfrom ingest.pipeline import RunOptions, run_batch\n"
+        "s = run_batch(RunOptions(paths=[sys.argv[1]], dry_run=True))\nassert s.calls > 0, s\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(CAPTURE_FILES[1])], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
