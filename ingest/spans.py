@@ -67,7 +67,8 @@ _CHAT = {
 _TEXT = {"text_completion", "atext_completion"}
 _EMBED = {"embedding", "aembedding"}
 _RERANK = {"rerank", "arerank"}
-_TOOL = {"call_mcp_tool"}
+_TOOL = {"call_mcp_tool", "list_mcp_tools"}
+"""Operations of the MCP servers behind the proxy's gateway: a tool called, or their tools listed."""
 _GUARDRAIL = {"moderation", "amoderation"}
 _PASS_THROUGH = {"pass_through_endpoint"}
 NO_PROMPT = "default-message-value"
@@ -76,7 +77,8 @@ NO_PROMPT = "default-message-value"
 
 def span_type(call_type: str) -> str:
     """CHAT_MODEL as MLflow's OpenAI autolog types chat; EMBEDDING for (a)embedding (LiteLLM's callback says LLM);
-    TOOL for a tool the proxy's MCP gateway ran; GUARDRAIL for a moderation check."""
+    TOOL for what the proxy's MCP gateway asked its servers (a tool run, their tools listed: no
+    model ran); GUARDRAIL for a moderation check."""
     if call_type in _CHAT:
         return SpanType.CHAT_MODEL
     if call_type in _EMBED:
@@ -323,7 +325,7 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
     outputs = _json_value(payload.get("response")) if row["status"] == "success" else None
     if kind in _PASS_THROUGH and isinstance(outputs, dict) and list(outputs) == ["response"]:
         outputs = _text_of(outputs["response"], dict)
-    if kind in _TOOL and (call := _mcp_call(payload)) is not None:
+    if kind == "call_mcp_tool" and (call := _mcp_call(payload)) is not None:
         inputs = {**call, "arguments": REDACTED} if redact.messages else call
     elif redact.messages:
         inputs = _redacted_prompt(inputs)

@@ -277,12 +277,12 @@ def test_every_other_call_type_is_one_span_with_litellms_tokens_and_cost(rec: di
     assert "default-message-value" not in json.dumps(root.inputs), "LiteLLM's placeholder for no prompt is no prompt"
 
 
-def test_span_type_of_the_other_chat_routes_and_of_an_mcp_tool_call() -> None:
+def test_span_type_of_the_other_chat_routes_and_of_mcp_operations() -> None:
     for kind in ("anthropic_messages", "aanthropic_messages", "generate_content_stream", "agenerate_content_stream"):
         assert span_type(kind) == SpanType.CHAT_MODEL, kind
-    assert span_type("call_mcp_tool") == SpanType.TOOL
+    assert span_type("call_mcp_tool") == span_type("list_mcp_tools") == SpanType.TOOL
     assert span_type("moderation") == span_type("amoderation") == SpanType.GUARDRAIL
-    for kind in ("aspeech", "atranscription", "pass_through_endpoint", "list_mcp_tools"):
+    for kind in ("aspeech", "atranscription", "pass_through_endpoint"):
         assert span_type(kind) == SpanType.LLM, kind
 
 
@@ -295,6 +295,16 @@ def test_an_mcp_tool_call_is_a_tool_span_with_the_tool_and_its_arguments(rec: di
     assert root.outputs == rec["response"]
     (redacted,) = spans(trace_of([rec], Redaction(messages=True)))
     assert redacted.inputs == {"name": call["namespaced_tool_name"], "arguments": "[redacted]"}
+
+
+@pytest.mark.parametrize("rec", of_type("list_mcp_tools"), ids=lambda r: r["metadata"]["user_api_key_request_route"])
+def test_an_mcp_tool_listing_is_a_tool_span_with_the_tools_listed(rec: dict) -> None:
+    """No model runs when the gateway lists its servers' tools: not an LLM span, and no chat to render."""
+    (root,) = spans(trace_of([rec]))
+    assert root.span_type == SpanType.TOOL
+    assert root.outputs == rec["response"] and rec["response"][0]["name"]
+    assert "mlflow.message.format" not in root.attributes
+    assert "default-message-value" not in json.dumps(root.inputs)
 
 
 @pytest.mark.parametrize("rec", of_type("pass_through_endpoint"), ids=lambda r: r["metadata"]["user_api_key_request_route"])
