@@ -173,9 +173,9 @@ class _Http:
     """A requests session that carries MLflow's usual credentials (token, basic auth, TLS settings)."""
 
     def __init__(self, base: str, timeout_s: float = 30.0) -> None:
-        from mlflow.utils.credentials import get_default_host_creds
+        from ingest.mlflow_creds import host_creds
 
-        creds = get_default_host_creds(base)
+        creds = host_creds()
         self.base = base.rstrip("/")
         self.timeout = timeout_s
         self.cutoff: float | None = None
@@ -380,8 +380,12 @@ def _refuse_malformed_server(uri: str) -> None:
         raise SinkError(f"tracking URI {shown_uri(uri)} is not a server's address ({why}): use http://<host>[:<port>]", kind="rejected")
 
 
+class MissingExperiment(SinkError):
+    """No experiment of that name: a reader's error, where a writer creates it."""
+
+
 def _missing_experiment(name: str, uri: str) -> SinkError:
-    return SinkError(
+    return MissingExperiment(
         f"experiment {name!r} does not exist on {shown_uri(uri)} (nothing was ingested there under this name; "
         "check --experiment-name / MLFLOW_EXPERIMENT_NAME)",
         kind="rejected",

@@ -19,7 +19,8 @@ from ingest.checkpoints import State
 from ingest.ledger import NEST_QUEUE_SUFFIX
 from ingest.nesting import NestQueue
 from ingest.pipeline import RunOptions, run_incremental
-from tests.conftest import reidentify, sqlite_trace_count, write_jsonl
+from ingest.sink import SinkError
+from tests.conftest import MlflowServer, free_port, reidentify, sqlite_trace_count, write_jsonl
 
 VARYING = ("seconds", "records_per_second")
 """What differs between two runs that did the same."""
@@ -189,3 +190,53 @@ def test_a_store_that_is_no_mlflow_store_goes_to_the_full_run(tmp_path: Path) ->
     assert sqlite_target(f"sqlite:///{tmp_path / 'not-a-db.db'}", "idle", None) is None
     assert sqlite_target(f"sqlite:///{tmp_path / 'missing.db'}", "idle", None) is None
     assert sqlite_target("postgresql://u@localhost/db", "idle", None) is None
+
+
+class ServerRuns(Runs):
+    """The same cron runs, into an MLflow server."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+        super().__init__(tmp_path, monkeypatch)
+        self.uri, self.experiment = url, f"idle-{tmp_path.name[-24:]}"
+
+
+@pytest.fixture
+def server_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capture: list[dict], mlflow_server: MlflowServer) -> ServerRuns:
+    r = ServerRuns(tmp_path, monkeypatch, mlflow_server.url)
+    write_jsonl(r.logs / "a.jsonl", reidentify(capture[:6], shift_s=-86400))
+    assert r.run()["traces_written"] > 0 and r.opened == 1, "no experiment of that name yet: the full run makes it"
+    return r
+
+
+def test_a_cron_run_into_a_server_with_nothing_new_asks_it_without_mlflow(server_runs: ServerRuns, capture: list[dict]) -> None:
+    """The server is asked for the experiment (so a deleted one is said, as the full run says it), with
+    MLflow's credentials read as MLflow reads them; nothing new, nothing else is sent."""
+    r = server_runs
+    env = {**os.environ, "MLFLOW_TRACKING_URI": r.uri, "MLFLOW_EXPERIMENT_NAME": r.experiment}
+    args = ["batch", str(r.logs), "--state-dir", str(r.state_dir), "--json"]
+    idle = subprocess.run([sys.executable, "-c", BLOCKED, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert idle.returncode == 0, idle.stderr
+    assert (json.loads(idle.stdout)["files_unchanged"], json.loads(idle.stdout)["experiment_name"]) == (1, r.experiment)
+
+    write_jsonl(r.logs / "b.jsonl", reidentify(capture[6:7], shift_s=-3600))
+    blocked = subprocess.run([sys.executable, "-c", BLOCKED, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert blocked.returncode != 0, "with work to do, the run needs MLflow: the block is real"
+    assert r.run()["traces_written"] == 1 and r.opened == 2
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(r.uri)
+    client.delete_experiment(client.get_experiment_by_name(r.experiment).experiment_id)
+    deleted = subprocess.run([sys.executable, "-c", BLOCKED, *args], env=env, capture_output=True, text=True, timeout=120)
+    full = subprocess.run([sys.executable, "-m", "ingest", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert deleted.returncode == full.returncode == 4, (deleted.stderr, full.stderr)
+    assert deleted.stderr == full.stderr and "is deleted" in full.stderr
+
+
+def test_a_server_that_cannot_be_reached_is_waited_for_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capture: list[dict]) -> None:
+    """The lookup is the full run's own: its failure ends the run, not a second wait in the full run."""
+    r = ServerRuns(tmp_path, monkeypatch, f"http://127.0.0.1:{free_port()}")
+    write_jsonl(r.logs / "a.jsonl", capture[:1])
+    with pytest.raises(SinkError, match="cannot reach MLflow"):
+        r.run(mlflow_timeout_s=0.5)
+    assert r.opened == 0

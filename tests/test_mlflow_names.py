@@ -3,6 +3,7 @@ as traces whose chat, tokens or type MLflow no longer reads."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -81,3 +82,41 @@ def test_a_dry_run_builds_its_spans_without_mlflow(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", code, str(CAPTURE_FILES[1])], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+CREDENTIALS = "[mlflow]\nmlflow_tracking_username = file-user\nmlflow_tracking_password = file-pass\n"
+ENVS = [
+    {},
+    {"MLFLOW_TRACKING_USERNAME": "env-user"},
+    {"MLFLOW_TRACKING_USERNAME": "env-user", "MLFLOW_TRACKING_PASSWORD": "env-pass", "MLFLOW_TRACKING_TOKEN": "tok"},
+    {"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_INSECURE_TLS": "TRUE"},
+    {"MLFLOW_TRACKING_INSECURE_TLS": "0", "MLFLOW_TRACKING_SERVER_CERT_PATH": "/ca.pem", "MLFLOW_TRACKING_CLIENT_CERT_PATH": "/c.pem"},
+    {"MLFLOW_TRACKING_INSECURE_TLS": "1"},
+    {"MLFLOW_TRACKING_INSECURE_TLS": "yes"},
+]
+
+
+@pytest.mark.parametrize("file", [None, CREDENTIALS, "[other]\nx = 1\n"], ids=["no file", "file", "no section"])
+@pytest.mark.parametrize("env", ENVS, ids=lambda e: ",".join(f"{k[16:]}={v}" for k, v in e.items()) or "none")
+def test_credentials_are_read_as_mlflow_reads_them(tmp_path, monkeypatch: pytest.MonkeyPatch, env: dict, file: str | None) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+
+    from ingest.mlflow_creds import host_creds
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in [n for n in os.environ if n.startswith("MLFLOW_TRACKING_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if file is not None:
+        (tmp_path / ".mlflow").mkdir()
+        (tmp_path / ".mlflow" / "credentials").write_text(file)
+
+    def read(fn):  # type: ignore[no-untyped-def]
+        try:
+            c = fn()
+        except ValueError as e:
+            return str(e)
+        return (c.username, c.password, c.token, c.ignore_tls_verification, c.client_cert_path, c.server_cert_path)
+
+    assert read(host_creds) == read(lambda: get_default_host_creds("http://x"))
