@@ -2,12 +2,12 @@
 
 Most runs of a cron job every few minutes find every file where the last run left it. Loading
 MLflow to learn that cost 2.1 s and 283 MB a run (``import mlflow`` alone takes 1.3 s). The
-experiment is looked up without it: in a SQLite store with the standard library, on an MLflow server
-with the requests the full run makes. A run whose every file ends where its checkpoint says, with
-no line held, no call waiting to nest and no experiment made anew, then only records that it ran
-(and forgets files gone, as any run does). Anything else, or any doubt, is left to the full run,
-which then does exactly what it did before. A PostgreSQL store is left to the full run: a frozen
-database must end the run within ``--mlflow-timeout``, which only the full run's store is built for.
+experiment is looked up without it: in a SQLite store with the standard library, in PostgreSQL with
+SQLAlchemy, on an MLflow server with the requests the full run makes, each waited for as the full
+run waits. A run whose every file ends where its checkpoint says, with no line held, no call
+waiting to nest and no experiment made anew, then only records that it ran (and forgets files
+gone, as any run does). Anything else, or any doubt, is left to the full run, which then does
+exactly what it did before.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from ingest.checkpoints import CorruptState, State, StateError, destination_key, now_iso, read_state, state_path
 from ingest.ledger import Ledger, drop_nest_queue
 from ingest.nesting import NestQueue
-from ingest.sink import MissingExperiment, Target
+from ingest.sink import MissingExperiment, Target, postgresql_target
 from ingest.stores import sqlite_path
 
 if TYPE_CHECKING:
@@ -80,11 +80,16 @@ def idle_run(opts: RunOptions, inputs: Inputs, started: float) -> Summary | None
         return None
     if inputs.buckets or inputs.databases or inputs.unreadable:
         return None
+    if not any(opts.state_dir.glob("batch-*.json")):
+        return None  # a first run here: no lookup the full run would only make again
     uri = tracking_uri_from(opts.tracking_uri)
+    name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
     if uri.startswith(("http://", "https://")):
         target = server_target(opts)
+    elif uri.startswith("postgresql") and not any(os.environ.get(v) for v in WORKSPACE_ENV):
+        target = postgresql_target(uri, name, exp_id, opts.mlflow_timeout_s)
     else:
-        target = sqlite_target(uri, *experiment_from(opts.experiment_name, opts.experiment_id))
+        target = sqlite_target(uri, name, exp_id)
     if target is None:
         return None
     key = destination_key(target.tracking_uri, target.experiment_id)

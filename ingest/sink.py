@@ -504,25 +504,67 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
                 exp = store.get_experiment(_create_experiment(store, name or DEFAULT_EXPERIMENT_NAME))
             return exp
 
-    def answered() -> Any:
-        """A database server may stop answering without closing anything (a frozen host, a network
-        partition): what finding the experiment reads is then abandoned as a write is (a SQLite file
-        cannot go silent so, and its first schema may take a while to build)."""
-        if sqlite_path(uri) is not None:
-            return find()
-        return answered_in_time(find, "open the MLflow store", shown_uri(uri), deadline_s)
-
-    try:
-        exp = with_retries(answered, "open the MLflow store", deadline_s, _transient_db)
-    except StoreSetupError as e:
-        raise SinkError(str(e), kind=e.kind) from e
-    except Exception as e:
-        raise _store_failure(uri, exp_id, e) from e
+    exp = _store_read(uri, exp_id, find, deadline_s)
     if exp is None:
         raise _missing_experiment(name or DEFAULT_EXPERIMENT_NAME, uri)
     if exp.lifecycle_stage == "deleted":
         raise SinkError(f"experiment {exp.name!r} (id {exp.experiment_id}) in {shown_uri(uri)} is deleted", kind="rejected")
     return Target(uri, exp.experiment_id, exp.name, _created_ms(exp.creation_time))
+
+
+def _store_read(uri: str, exp_id: str | None, read: Callable[[], T], deadline_s: float) -> T:
+    """``read`` of the store at ``uri``, retried within ``deadline_s``. A database server may stop
+    answering without closing anything (a frozen host, a network partition): the read is then
+    abandoned as a write is (a SQLite file cannot go silent so, and its first schema may take a
+    while to build). Failures in one line (:func:`_store_failure`)."""
+
+    def answered() -> T:
+        if sqlite_path(uri) is not None:
+            return read()
+        return answered_in_time(read, "open the MLflow store", shown_uri(uri), deadline_s)
+
+    try:
+        return with_retries(answered, "open the MLflow store", deadline_s, _transient_db)
+    except StoreSetupError as e:
+        raise SinkError(str(e), kind=e.kind) from e
+    except Exception as e:
+        raise _store_failure(uri, exp_id, e) from e
+
+
+def postgresql_target(uri: str, name: str | None, exp_id: str | None, deadline_s: float) -> Target | None:
+    """The experiment a run would write to in the PostgreSQL store at ``uri``, read with SQLAlchemy
+    alone, for a cron run with nothing new (:mod:`ingest.idle`). None where the full run has more
+    to do or to say: no schema or no such experiment yet (it makes them), a deleted one, a name two
+    workspaces share, a URI SQLAlchemy cannot open. A store that does not answer is waited for as
+    :func:`_resolve_store` waits, and fails as it fails: the run ends after one wait, not two."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    if exp_id is not None and not exp_id.isdigit():
+        return None
+    where, value = ("experiment_id = :v", int(exp_id)) if exp_id is not None else ("name = :v", name or DEFAULT_EXPERIMENT_NAME)
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    except Exception:
+        return None
+
+    def read() -> list[Any] | None:
+        with engine.connect() as conn:
+            if conn.execute(sqlalchemy.text("SELECT to_regclass('experiments')")).scalar() is None:
+                return None
+            query = f"SELECT experiment_id, name, lifecycle_stage, creation_time FROM experiments WHERE {where}"
+            return list(conn.execute(sqlalchemy.text(query), {"v": value}).fetchall())
+
+    try:
+        rows = _store_read(uri, exp_id, read, deadline_s)
+    finally:
+        engine.dispose()
+    if rows is None or len(rows) != 1:
+        return None
+    eid, ename, stage, created = rows[0]
+    if stage != "active" or (name and ename != name):
+        return None
+    return Target(uri, str(eid), ename, _created_ms(created))
 
 
 def _store_failure(uri: str, exp_id: str | None, e: Exception) -> SinkError:

@@ -20,7 +20,7 @@ from ingest.ledger import NEST_QUEUE_SUFFIX
 from ingest.nesting import NestQueue
 from ingest.pipeline import RunOptions, run_incremental
 from ingest.sink import SinkError
-from tests.conftest import MlflowServer, free_port, reidentify, sqlite_trace_count, write_jsonl
+from tests.conftest import MlflowServer, Postgres, free_port, reidentify, sqlite_trace_count, write_jsonl
 
 VARYING = ("seconds", "records_per_second")
 """What differs between two runs that did the same."""
@@ -233,10 +233,41 @@ def test_a_cron_run_into_a_server_with_nothing_new_asks_it_without_mlflow(server
     assert deleted.stderr == full.stderr and "is deleted" in full.stderr
 
 
-def test_a_server_that_cannot_be_reached_is_waited_for_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capture: list[dict]) -> None:
+def test_a_server_that_cannot_be_reached_is_waited_for_once(server_runs: ServerRuns) -> None:
     """The lookup is the full run's own: its failure ends the run, not a second wait in the full run."""
-    r = ServerRuns(tmp_path, monkeypatch, f"http://127.0.0.1:{free_port()}")
-    write_jsonl(r.logs / "a.jsonl", capture[:1])
+    server_runs.uri = f"http://127.0.0.1:{free_port()}"  # the server moved away
     with pytest.raises(SinkError, match="cannot reach MLflow"):
-        r.run(mlflow_timeout_s=0.5)
-    assert r.opened == 0
+        server_runs.run(mlflow_timeout_s=0.5)
+    assert server_runs.opened == 1
+
+
+def test_a_cron_run_into_postgresql_with_nothing_new_reads_it_without_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capture: list[dict], postgres: Postgres
+) -> None:
+    """The experiment is read with SQLAlchemy alone. While another session holds the experiments
+    table (a migration, a frozen host's silence), the run waits ``--mlflow-timeout`` (10 s at least)
+    and ends as the full run would, without a second wait in it."""
+    import sqlalchemy
+
+    r = ServerRuns(tmp_path, monkeypatch, postgres.new_database())
+    write_jsonl(r.logs / "a.jsonl", reidentify(capture[:6], shift_s=-86400))
+    assert r.run()["traces_written"] > 0 and r.opened == 1
+    env = {**os.environ, "MLFLOW_TRACKING_URI": r.uri, "MLFLOW_EXPERIMENT_NAME": r.experiment}
+    args = ["batch", str(r.logs), "--state-dir", str(r.state_dir), "--json"]
+    idle = subprocess.run([sys.executable, "-c", BLOCKED, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert idle.returncode == 0, idle.stderr
+    assert json.loads(idle.stdout)["files_unchanged"] == 1
+
+    engine = sqlalchemy.create_engine(r.uri)
+    with engine.connect() as holder:
+        holder.execute(sqlalchemy.text("LOCK TABLE experiments IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(SinkError, match=r"cannot open the MLflow store .*has not answered"):
+            r.run(mlflow_timeout_s=0.5)
+        assert r.opened == 1, "one wait, the lookup's: the full run was not started to wait again"
+    engine.dispose()
+
+    write_jsonl(r.logs / "b.jsonl", reidentify(capture[6:7], shift_s=-3600))
+    blocked = subprocess.run([sys.executable, "-c", BLOCKED, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert blocked.returncode != 0, "with work to do, the run needs MLflow: the block is real"
+    assert r.run()["traces_written"] == 1 and r.opened == 2
+    assert r.run()["records_read"] == 0 and r.opened == 2
