@@ -75,6 +75,9 @@ class Followed:
     """The compression it is in (gzip, xz, bzip2, zstd); None for a plain file."""
     gone_since: float | None = None
     stale: bool = False
+    ends_at: tuple[str, int] | None = None
+    """A compressed file seen to end cleanly when it was told apart: its stat key then, and that end's
+    offset (:meth:`Follower.is_done`)."""
 
     def reader(self) -> BinaryIO:
         return _reader(self.fd, self.compressed)
@@ -125,13 +128,21 @@ def _tail_at(fd: int, compressed: str | None, offset: int, with_head: bool = Tru
     it is shorter.
 
     Raises EOFError for a compressed stream that ends early: a compressed copy still being written."""
+    return _tail_and_end(fd, compressed, offset, with_head)[0]
+
+
+def _tail_and_end(fd: int, compressed: str | None, offset: int, with_head: bool = True) -> tuple[str | None, bool]:
+    """:func:`_tail_at`, and whether a compressed stream ends cleanly right at ``offset``: decompressed
+    through to there, it is known whole without a second pass (False for a plain file)."""
     want = min(LINE_WINDOW + 1, offset) if with_head else min(TAIL_BYTES, offset)
+    ended = False
     try:
         if compressed:
             with _reader(fd, compressed) as f:
                 before, reached = read_through(f, offset, want)
+                ended = reached and _at_clean_end(f)
             if not reached:
-                return None
+                return None, False
         else:
             first = min(want, 1 << 16)
             before = os.pread(fd, first, offset - first)
@@ -140,10 +151,19 @@ def _tail_at(fd: int, compressed: str | None, offset: int, with_head: bool = Tru
             if first < want and before.rfind(b"\n", 0, first - 1) < 0:
                 before = os.pread(fd, want, offset - want)
     except CORRUPT:
-        return None
+        return None, False
     if not with_head:
-        return tail_digest(before)
-    return tail_digest(before[-TAIL_BYTES:], head_before(before, at_start=len(before) == offset))
+        return tail_digest(before), ended
+    return tail_digest(before[-TAIL_BYTES:], head_before(before, at_start=len(before) == offset)), ended
+
+
+def _at_clean_end(f: BinaryIO) -> bool:
+    """Nothing follows in the decompressed stream, and its end checks out (a damaged or unfinished
+    end is for the reading pass to find and say)."""
+    try:
+        return f.read(1) == b""
+    except DAMAGED:
+        return False
 
 
 def _gzip_size_mod32(fd: int, compressed: str | None) -> int:
@@ -212,6 +232,8 @@ class Follower:
         self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
         self._whole: dict[str, tuple[str, int]] = {}
         """Compressed files decompressed to a clean end: their stat key then, and the offset of that end."""
+        self._clean_end: tuple[str, int] | None = None
+        """The last compressed file :meth:`_continues` decompressed to a clean end, as ``Followed.ends_at``."""
         self._damaged: dict[str, tuple[str, bool]] = {}
         """The stat keys of the files that could not be read to their end, as they were then, and
         whether the rest was given up on (quarantined as unreadable)."""
@@ -236,6 +258,7 @@ class Follower:
         it is a whole JSON object, or when the file has not changed for ``partial_timeout_s``: then it
         is read, and quarantined if bad), and while it is shorter than the checkpoint of its first
         line and still changing (a copy being made: read from 0 now, its lines would be read twice)."""
+        self._clean_end = None
         if fd is None:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -278,7 +301,10 @@ class Follower:
             ck = Checkpoint(key, str(path.resolve()))
             if self.from_end and not packed and (self.from_end_files is None or _inode(fd) in self.from_end_files):
                 ck.offset, ck.line = _last_newline(fd), 1
-        return Followed(key, fp, ck, path, fd, packed)
+        f = Followed(key, fp, ck, path, fd, packed)
+        if packed and self._clean_end == (stat_key(os.fstat(fd)), ck.offset):
+            f.ends_at = self._clean_end
+        return f
 
     def _adopt(self, fp: str, older: list[str], ck: Checkpoint | None, fd: int, compressed: str | None) -> Checkpoint | None:
         """The checkpoint an earlier version kept for this file under the fingerprint it gave it,
@@ -291,14 +317,25 @@ class Follower:
         return ck
 
     def _continues(self, ck: Checkpoint, fd: int, compressed: str | None) -> bool:
-        """This file holds the bytes the checkpoint was taken on (not a copy that diverged, nor rewritten shorter)."""
+        """This file holds the bytes the checkpoint was taken on (not a copy that diverged, nor rewritten
+        shorter). A compressed one (no gzip trailer to tell) is decompressed to the checkpoint to tell it;
+        if it ends cleanly there, that is kept for :meth:`identify` (``Followed.ends_at``): a rotation's
+        xz, bzip2 or zstd copy of a file read to its end was decompressed a second time to learn it held
+        no more."""
         if not ck.offset:
             return True
         if not compressed and os.fstat(fd).st_size < ck.offset:
             return False
         if _gzip_size_mod32(fd, compressed) == ck.offset % 2**32:
             return True
-        return ck.tail is None or _tail_at(fd, compressed, ck.offset, with_head=ck.tail.startswith("2:")) == ck.tail
+        if ck.tail is None:
+            return True
+        tail, ended = _tail_and_end(fd, compressed, ck.offset, with_head=ck.tail.startswith("2:"))
+        if tail != ck.tail:
+            return False
+        if ended:
+            self._clean_end = (stat_key(os.fstat(fd)), ck.offset)
+        return True
 
     def _restart(self, ck: Checkpoint) -> None:
         self._reset.add(ck.fingerprint)
@@ -398,7 +435,8 @@ class Follower:
         if _gzip_size_mod32(f.fd, f.compressed) == f.ck.offset % 2**32:
             return True
         now = stat_key(os.fstat(f.fd))
-        return self._whole.get(f.key) == (now, f.ck.offset) or (f.ck.done and f.ck.end_stat == now)
+        end = (now, f.ck.offset)
+        return self._whole.get(f.key) == end or f.ends_at == end or (f.ck.done and f.ck.end_stat == now)
 
     def read_to_end(self, f: Followed) -> bool:
         """Nothing of ``f`` is left to read: its checkpoint is at its end, or its descriptor no longer holds its lines."""

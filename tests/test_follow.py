@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import orjson
 import polars as pl
@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from ingest import checkpoints
+from ingest import checkpoints, sources
 from ingest.checkpoints import STATE_VERSION, Checkpoint, State, StateError
 from ingest.fingerprint import fingerprints_of
-from ingest.follow import Follower, _reader
+from ingest.follow import Follower, _reader, stat_key
 from ingest.pipeline import Pipeline
 from ingest.quarantine import QuarantineWriter
 from ingest.sources import MAGIC_BYTES, compression, file_chunks
@@ -352,23 +352,45 @@ def test_a_file_is_known_once_it_has_a_complete_first_line(tmp_path: Path, conte
 
 
 @pytest.mark.parametrize("kind", COMPRESSIONS)
-def test_a_compressed_copy_of_a_file_read_to_its_end_is_not_read_again(tmp_path: Path, kind: str) -> None:
+def test_a_compressed_copy_of_a_file_read_to_its_end_is_not_read_again(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A gzip's trailer tells it is read to its end without reading it; xz, bzip2 and zstd have no
-    such trailer: they are decompressed to the checkpoint, once, and give no line."""
+    such trailer: they are decompressed to the checkpoint once, to tell the copy is the file read
+    (it was then decompressed a second time to learn it held no more), and give no line."""
     log = tmp_path / "proxy.jsonl"
-    log.write_text("".join(LINES))
+    log.write_text("".join(line(record(hashlib.sha256(b"%d" % i).hexdigest(), "success", 100.0 + i, 101.0 + i)) for i in range(3000)))
     state = State(tmp_path / "s.json", "batch", {})
     follower = Follower(state, Pipeline(RecordingSink(), "1", QuarantineWriter(None)))  # type: ignore[arg-type]
     f = follower.follow(follower.identify(log))  # type: ignore[arg-type]
     for chunk in follower.chunks(f):
         follower.advance(f, chunk)
     follower.forget(f.key)
+    read_from_disk = 0
+    real_reader = sources.READERS[kind]
+
+    class Counted:
+        """The compressed file as its decompressor reads it, its bytes counted."""
+
+        def __init__(self, raw: BinaryIO) -> None:
+            self.raw = raw
+
+        def read(self, n: int = -1) -> bytes:
+            nonlocal read_from_disk
+            got = self.raw.read(n)
+            read_from_disk += len(got)
+            return got
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.raw, name)
+
+    monkeypatch.setitem(sources.READERS, kind, lambda raw: real_reader(Counted(raw)))
     g = follower.identify(_gzip_rotated(log, kind))
     assert g is not None and g.key == f.key and g.compressed == kind
     follower.follow(g)
-    assert follower.is_done(g) == (kind == "gzip")
+    assert follower.is_done(g)
     assert [c for c in follower.chunks(g) if c.lines.height or c.quarantined] == []
     assert follower.is_done(g)
+    archive = g.path.stat().st_size
+    assert read_from_disk < (0.1 if kind == "gzip" else 1.5) * archive, (read_from_disk, archive)
     follower.stamp(g)
     assert follower.read_to_end(g) and g.ck.end_stat is not None
     g.close()
@@ -1308,7 +1330,9 @@ def test_a_daemon_through_many_rotations_keeps_nothing_of_archives_deleted_long_
         archive = _gzip_rotated(log, "zstd").rename(logdir / f"proxy-{n:02d}.jsonl.zst")
         t.step()
         t.step()
-        assert t.follower.is_done(next(f for f in t.follower.files.values() if f.path == archive)), "read whole"
+        still_open = next((f for f in t.follower.files.values() if f.path == archive), None)
+        parked = stat_key(archive.stat()) in t.follower.parked  # known whole at first sight: closed at once
+        assert parked or (still_open is not None and t.follower.is_done(still_open)), "read whole"
         archive.unlink()
         t.step()
         t.step()
