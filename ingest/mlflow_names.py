@@ -1,5 +1,6 @@
 """The names MLflow reads from a trace (span attributes, tags, metadata keys, span types, limits), as
-its stores keep them: a wire format, fixed once traces carry it.
+its stores keep them: a wire format, fixed once traces carry it; and the rule its stores check a
+trace tag's key by.
 
 Copied from ``mlflow.tracing.constant`` and friends rather than imported, because importing any part
 of MLflow runs its whole ``__init__`` (1.3 s and about 230 MB here): a cron run that finds nothing
