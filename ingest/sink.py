@@ -175,7 +175,10 @@ class _Http:
     def __init__(self, base: str, timeout_s: float = 30.0) -> None:
         from ingest.mlflow_creds import host_creds
 
-        creds = host_creds()
+        try:
+            creds = host_creds()
+        except ValueError as e:  # MLFLOW_TRACKING_INSECURE_TLS=yes: the setting's fault, said as such
+            raise SinkError(str(e), kind="rejected") from e
         self.base = base.rstrip("/")
         self.timeout = timeout_s
         self.cutoff: float | None = None
@@ -538,6 +541,7 @@ def postgresql_target(uri: str, name: str | None, exp_id: str | None, deadline_s
     workspaces share, a URI SQLAlchemy cannot open. A store that does not answer is waited for as
     :func:`_resolve_store` waits, and fails as it fails: the run ends after one wait, not two."""
     import sqlalchemy
+    from sqlalchemy.exc import DataError, NotSupportedError, ProgrammingError
     from sqlalchemy.pool import NullPool
 
     if exp_id is not None and not exp_id.isdigit():
@@ -550,10 +554,13 @@ def postgresql_target(uri: str, name: str | None, exp_id: str | None, deadline_s
 
     def read() -> list[Any] | None:
         with engine.connect() as conn:
-            if conn.execute(sqlalchemy.text("SELECT to_regclass('experiments')")).scalar() is None:
-                return None
-            query = f"SELECT experiment_id, name, lifecycle_stage, creation_time FROM experiments WHERE {where}"
-            return list(conn.execute(sqlalchemy.text(query), {"v": value}).fetchall())
+            try:
+                if conn.execute(sqlalchemy.text("SELECT to_regclass('experiments')")).scalar() is None:
+                    return None
+                query = f"SELECT experiment_id, name, lifecycle_stage, creation_time FROM experiments WHERE {where}"
+                return list(conn.execute(sqlalchemy.text(query), {"v": value}).fetchall())
+            except (ProgrammingError, DataError, NotSupportedError):
+                return None  # answered, but not as MLflow's schema would (a privilege, a look-alike database): the full run's to say
 
     try:
         rows = _store_read(uri, exp_id, read, deadline_s)

@@ -271,3 +271,30 @@ def test_a_cron_run_into_postgresql_with_nothing_new_reads_it_without_mlflow(
     assert blocked.returncode != 0, "with work to do, the run needs MLflow: the block is real"
     assert r.run()["traces_written"] == 1 and r.opened == 2
     assert r.run()["records_read"] == 0 and r.opened == 2
+
+
+def test_a_postgresql_that_is_no_mlflow_store_goes_to_the_full_run(postgres: Postgres) -> None:
+    """No schema yet, a table of that name that is not MLflow's, an id MLflow never gives: the full
+    run makes, refuses or says them."""
+    import sqlalchemy
+
+    from ingest.sink import postgresql_target
+
+    uri = postgres.new_database()
+    assert postgresql_target(uri, "idle", None, 5) is None
+    engine = sqlalchemy.create_engine(uri)
+    with engine.begin() as con:
+        con.execute(sqlalchemy.text("CREATE TABLE experiments (x int)"))
+    engine.dispose()
+    assert postgresql_target(uri, "idle", None, 5) is None
+    assert postgresql_target(uri, None, "not-a-number", 5) is None
+    assert postgresql_target("postgresql+nosuchdriver://u@127.0.0.1/db", "idle", None, 5) is None
+
+
+def test_a_tls_setting_mlflow_would_refuse_is_said_as_such(tmp_path: Path, capture: list[dict]) -> None:
+    write_jsonl(tmp_path / "logs" / "a.jsonl", capture[:1])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_TRACKING_INSECURE_TLS": "yes"}
+    args = [sys.executable, "-m", "ingest", "batch", str(tmp_path / "logs"), "--state-dir", str(tmp_path / "st")]
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 4 and "MLFLOW_TRACKING_INSECURE_TLS value must be one of" in p.stderr, p.stderr
+    assert "a bug" not in p.stderr and "Traceback" not in p.stderr
