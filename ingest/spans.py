@@ -67,6 +67,9 @@ _CHAT = {
 _TEXT = {"text_completion", "atext_completion"}
 _EMBED = {"embedding", "aembedding"}
 _RERANK = {"rerank", "arerank"}
+_TRANSCRIBE = {"transcription", "atranscription"}
+"""LiteLLM logs the audio a client sent as one user message holding the upload's name (a sha256 of
+its bytes from the proxy): in the inputs it is the request's ``file``, not something a user said."""
 _TOOL = {"call_mcp_tool", "list_mcp_tools"}
 """Operations of the MCP servers behind the proxy's gateway: a tool called, or their tools listed."""
 _GUARDRAIL = {"moderation", "amoderation"}
@@ -317,6 +320,8 @@ def _attempt(row: dict[str, Any], redact: Redaction) -> _Attempt:
             inputs["input"] = _contents(messages)
         elif kind in _TEXT:
             inputs["prompt"] = _contents(messages)
+        elif kind in _TRANSCRIBE and not redact.messages:
+            inputs["file"] = _contents(messages)
         else:
             inputs["messages"] = messages
     inputs.update({k: v for k, v in params.items() if v is not None})

@@ -297,6 +297,15 @@ def test_an_mcp_tool_call_is_a_tool_span_with_the_tool_and_its_arguments(rec: di
     assert redacted.inputs == {"name": call["namespaced_tool_name"], "arguments": "[redacted]"}
 
 
+@pytest.mark.parametrize("rec", of_type("atranscription"), ids=lambda r: r["metadata"]["user_api_key_request_route"])
+def test_a_transcription_shows_the_file_sent_not_a_user_message(rec: dict) -> None:
+    (root,) = spans(trace_of([rec]))
+    assert root.inputs == {"model": rec["model_group"] or rec["model"], "file": rec["messages"][0]["content"]}
+    assert root.outputs["text"] == rec["response"]["text"]
+    (redacted,) = spans(trace_of([rec], Redaction(messages=True)))
+    assert rec["messages"][0]["content"] not in json.dumps(redacted.inputs)
+
+
 @pytest.mark.parametrize("rec", of_type("list_mcp_tools"), ids=lambda r: r["metadata"]["user_api_key_request_route"])
 def test_an_mcp_tool_listing_is_a_tool_span_with_the_tools_listed(rec: dict) -> None:
     """No model runs when the gateway lists its servers' tools: not an LLM span, and no chat to render."""
