@@ -764,6 +764,11 @@ def state_path(state_dir: Path, mode: str, key: dict[str, Any]) -> Path:
     return state_dir / f"{mode}-{digest}.json"
 
 
+def has_state(state_dir: Path, mode: str) -> bool:
+    """Whether ``state_dir`` holds a state of ``mode`` for any destination (:func:`state_path`'s names)."""
+    return any(state_dir.glob(f"{mode}-*.json"))
+
+
 def all_states(state_dir: Path) -> list[dict[str, Any]]:
     """Every state file in a state dir (for ``status``); one that cannot be used says why in ``problem``."""
     out: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ingest.checkpoints import CorruptState, State, StateError, destination_key, now_iso, read_state, state_path
+from ingest.checkpoints import CorruptState, State, StateError, destination_key, has_state, now_iso, read_state, state_path
 from ingest.ledger import Ledger, drop_nest_queue
 from ingest.nesting import NestQueue
 from ingest.sink import MissingExperiment, Target, postgresql_target
@@ -80,7 +80,7 @@ def idle_run(opts: RunOptions, inputs: Inputs, started: float) -> Summary | None
         return None
     if inputs.buckets or inputs.databases or inputs.unreadable:
         return None
-    if not any(opts.state_dir.glob("batch-*.json")):
+    if not has_state(opts.state_dir, "batch"):
         return None  # a first run here: no lookup the full run would only make again
     uri = tracking_uri_from(opts.tracking_uri)
     name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
@@ -124,14 +124,14 @@ def _nothing_new(state: State, target: Target, opts: RunOptions, inputs: Inputs,
             return None
     else:
         drop_nest_queue(state.path)
-    empty = {p for p in inputs.files if _empty(p)}  # a rotation's new file, not written yet: no run reads it
     follower = Follower(state, None, partial_timeout_s=opts.partial_timeout_s)  # type: ignore[arg-type]
-    unchanged = follower.unchanged([p for p in inputs.files if p not in empty])
-    if len(unchanged) + len(empty) != len(inputs.files):
+    unchanged = follower.unchanged(inputs.files)
+    waiting = [p for p in inputs.files if p not in unchanged]
+    if not all(_empty(p) for p in waiting):  # a rotation's new file, not written yet: no run reads it
         return None
     run_started = now_iso()
     state.bind(target.created_ms)
-    summary = Summary(files_unchanged=len(unchanged), files_skipped=len(empty))
+    summary = Summary(files_unchanged=len(unchanged), files_skipped=len(waiting))
     summary.files_forgotten = follower.forget_gone(opts.forget_gone_s)
     _close(summary, inputs.files, target, opts, started)
     summary.state_file = str(state.path)
