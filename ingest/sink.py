@@ -494,6 +494,12 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
     if not create and (db := sqlite_path(uri)) is not None and not db.is_file():
         raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
 
+    # MLflow's store modules are imported here, not in the watched thread: an import is no silent
+    # database (on a busy machine it outlasted the silence bound), and a retry's thread importing
+    # what the abandoned one still imports dies of Python's import deadlock check.
+    import mlflow.store.tracking.sqlalchemy_store
+    import mlflow.tracking._tracking_service.utils  # noqa: F401
+
     started = time.monotonic()
 
     def find() -> Any:
