@@ -76,8 +76,9 @@ class Followed:
     gone_since: float | None = None
     stale: bool = False
     ends_at: tuple[str, int] | None = None
-    """A compressed file seen to end cleanly when it was told apart: its stat key then, and that end's
-    offset (:meth:`Follower.is_done`)."""
+    """A compressed file seen to end cleanly (when it was told apart, or read to its end): its stat key
+    then, and that end's offset (:meth:`Follower.is_done`). It goes with the file: a daemon through
+    months of rotations keeps nothing of an archive it no longer follows."""
 
     def reader(self) -> BinaryIO:
         return _reader(self.fd, self.compressed)
@@ -230,8 +231,6 @@ class Follower:
         """Take a file as finished only once this process saw it unchanged for ``partial_timeout_s``
         too (a daemon): a file server's clock running behind ours makes a file look quiet at once."""
         self._unchanged: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
-        self._whole: dict[str, tuple[str, int]] = {}
-        """Compressed files decompressed to a clean end: their stat key then, and the offset of that end."""
         self._clean_end: tuple[str, int] | None = None
         """The last compressed file :meth:`_continues` decompressed to a clean end, as ``Followed.ends_at``."""
         self._damaged: dict[str, tuple[str, bool]] = {}
@@ -390,9 +389,7 @@ class Follower:
         return f
 
     def forget(self, key: str) -> None:
-        """Stop following a file gone for good (what is known of its being whole goes with it: a
-        daemon through months of rotations would keep an entry per archive)."""
-        self._whole.pop(key, None)
+        """Stop following a file gone for good."""
         f = self.files.pop(key, None)
         if f is not None:
             f.close()
@@ -411,7 +408,6 @@ class Follower:
         if f.ck.end_stat is None:
             return False
         self.files.pop(f.key, None)
-        self._whole.pop(f.key, None)  # reopened only once its stat changed, which this no longer matches
         self.parked.add(f.ck.end_stat)
         f.close()
         return True
@@ -436,7 +432,7 @@ class Follower:
             return True
         now = stat_key(os.fstat(f.fd))
         end = (now, f.ck.offset)
-        return self._whole.get(f.key) == end or f.ends_at == end or (f.ck.done and f.ck.end_stat == now)
+        return f.ends_at == end or (f.ck.done and f.ck.end_stat == now)
 
     def read_to_end(self, f: Followed) -> bool:
         """Nothing of ``f`` is left to read: its checkpoint is at its end, or its descriptor no longer holds its lines."""
@@ -489,7 +485,7 @@ class Follower:
         else:
             self._damaged.pop(f.key, None)
             if f.compressed:
-                self._whole[f.key] = (stat_key(st), offset)
+                f.ends_at = (stat_key(st), offset)
 
     def given_up(self, f: Followed, st: os.stat_result) -> bool:
         """``f``, as ``st`` describes it, is a damaged archive whose unreadable rest was quarantined."""
