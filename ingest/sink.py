@@ -255,10 +255,24 @@ class _Http:
         return SinkError(f"{what} to MLflow at {shown_uri(self.base)} left unanswered: stopping", kind="stopped")
 
 
+IMPORT_DEADLOCK_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+
+
+def import_deadlock(e: BaseException) -> bool:
+    """``e`` (or an error under it) is Python's import deadlock check (``_DeadlockError``), raised in
+    the thread that would close a cycle of module locks."""
+    return any(type(node).__name__ == "_DeadlockError" and isinstance(node, RuntimeError) for node in causes(e))
+
+
 class Watched(Generic[T]):
     """``call`` run in a daemon thread of its own, so that waiting for it can end (a stop, a silence)
     while it is under way: neither requests nor a database driver can cut short a read in progress.
-    Raises RuntimeError when no thread can start (a pids limit such as systemd's ``TasksMax``)."""
+    Raises RuntimeError when no thread can start (a pids limit such as systemd's ``TasksMax``).
+
+    A call that dies of Python's import deadlock check is run again: a call abandoned while it
+    imported a module (an import is slow on a busy machine) still imports it, and its retry, importing
+    the same modules in another order, met it in a cycle that one of them must lose. Waiting for the
+    other import to end is all it takes."""
 
     def __init__(self, call: Callable[[], T], name: str) -> None:
         self._answer: list[Any] = []
@@ -267,6 +281,14 @@ class Watched(Generic[T]):
 
     def _run(self, call: Callable[[], T]) -> None:
         try:
+            for pause in IMPORT_DEADLOCK_PAUSES_S:
+                try:
+                    self._answer.append(call())
+                    return
+                except RuntimeError as e:
+                    if not import_deadlock(e):
+                        raise
+                time.sleep(pause)
             self._answer.append(call())
         except BaseException as e:
             self._answer.append(e)
@@ -495,8 +517,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
         raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
 
     # MLflow's store modules are imported here, not in the watched thread: an import is no silent
-    # database (on a busy machine it outlasted the silence bound), and a retry's thread importing
-    # what the abandoned one still imports dies of Python's import deadlock check.
+    # database (on a busy machine it outlasted the silence bound, and the lookup was abandoned).
     import mlflow.store.tracking.sqlalchemy_store
     import mlflow.tracking._tracking_service.utils  # noqa: F401
 
