@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ingest.sink import SinkError, Watched, answered_in_time, import_deadlock
+from ingest.sink import Watched, answered_in_time, import_deadlock
 
 
 class _Cycle(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -111,6 +111,4 @@ def test_any_other_runtime_error_is_answered_at_once() -> None:
 
     with pytest.raises(RuntimeError, match="not an import"):
         answered_in_time(fails, "open the MLflow store", "postgresql://db", 10.0)
-    assert calls == [1]
-    with pytest.raises(SinkError):
-        answered_in_time(fails, "x", "y", 10.0, cutoff=lambda: 0.0)
+    assert calls == [1], "run once"
