@@ -285,7 +285,7 @@ class Watched(Generic[T]):
                 try:
                     self._answer.append(call())
                     return
-                except RuntimeError as e:
+                except Exception as e:
                     if not import_deadlock(e):
                         raise
                 time.sleep(pause)

@@ -102,6 +102,22 @@ def test_a_run_waiting_on_a_watched_store_read_that_meets_an_import_deadlock_get
     assert module.__name__ == cycle.package  # type: ignore[attr-defined]
 
 
+def test_an_import_deadlock_under_the_stores_own_error_is_run_again_too(cycle: _Cycle) -> None:
+    """MLflow and SQLAlchemy raise their own errors from a failed import (``raise … from e``)."""
+
+    def wrapped(imp: Callable[[], types.ModuleType]) -> object:
+        def call() -> types.ModuleType:
+            try:
+                return imp()
+            except RuntimeError as e:
+                raise ValueError("the store failed") from e
+
+        return answered_in_time(call, "open the MLflow store", "postgresql://db", 10.0)
+
+    module, _ = _import_both(cycle, wrapped)
+    assert module.__name__ == cycle.package  # type: ignore[attr-defined]
+
+
 def test_any_other_runtime_error_is_answered_at_once() -> None:
     calls: list[int] = []
 
