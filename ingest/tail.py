@@ -240,11 +240,20 @@ class Tailer:
             if f.gone_since is None and not f.stale:
                 with contextlib.suppress(OSError):
                     self.follower.stamp(f)
+        _say_lost(
+            [f.path for f in self.follower.files.values() if not f.stale and _deleted(f.fd) and not self._read_whole(f)],
+            "not read to their end",
+        )
         self.state.last_run = {**self.state.last_run, "finished": now_iso(), "result": "stopped"}
         self._save()
         self.quarantine.retry()
         self.quarantine.abandon()
         log.info("stopped")
+
+    def _read_whole(self, f: Followed) -> bool:
+        with contextlib.suppress(OSError):
+            return self.follower.read_to_end(f)
+        return False
 
     def step(self) -> None:
         """One pass: (while MLflow is down, probe it first) scan the directories, read what is new,
@@ -692,9 +701,32 @@ class Pins:
         _, fd = self.held.pop(key)
         os.close(fd)
 
+    def deleted(self) -> list[Path]:
+        """The held files deleted since they were taken: this process's descriptor is all that is left of them."""
+        return [path for path, fd in self.held.values() if _deleted(fd)]
+
     def close(self) -> None:
         for key in list(self.held):
             self.release(key)
+
+
+def _deleted(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
+def _say_lost(paths: list[Path], how: str) -> None:
+    """A stop while MLflow did not answer: log files deleted (a rotation that keeps no copy) live on
+    only in this process's descriptors, and what of them was not sent goes with it. Said, never
+    silent: the lines are not in the state, and no later run can find them."""
+    if paths:
+        log.warning(
+            "%d log file(s) deleted by a rotation that kept no copy, %s: what of them was not sent is lost with this stop (%s). "
+            "Keep rotated copies (logrotate's rotate 1 or more), or stop the daemon once MLflow has taken them",
+            len(paths), how, ", ".join(map(str, paths)),
+        )  # fmt: skip
 
 
 def _same_file(path: Path, st: os.stat_result) -> bool:
@@ -727,6 +759,7 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
             pins.close()
             raise
         if destination is None:
+            _say_lost(pins.deleted(), "held unread while MLflow did not answer")
             pins.close()
             log.info("stopped while waiting for MLflow")
             return

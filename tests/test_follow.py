@@ -1530,3 +1530,36 @@ def test_a_failed_call_ahead_of_a_clock_stepped_back_over_an_hour_is_still_held_
     t.close()
     assert sink.calls()["g"]["state"] == "ERROR" and t.pipeline.summary.traces_rewritten == 0
     assert t.pipeline.warnings == {"end_in_future": 3}
+
+
+@pytest.mark.parametrize("mlflow_up_at_stop", [False, True])
+def test_a_stop_while_mlflow_is_down_says_what_a_deleted_log_loses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mlflow_up_at_stop: bool
+) -> None:
+    """A rotation that keeps no copy deletes a log the daemon holds open while MLflow is down; a
+    stop then takes what was not sent of it along, since only this process's descriptor holds it.
+    That was silent ("what it did not acknowledge is saved for the next start"). It is said,
+    naming the file; a stop once MLflow answers again sends it and says nothing."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    log.write_text(line(record("d-0", "success", 100.0, 101.0)))
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.step()
+    sink.up = False
+    with log.open("a") as f:
+        f.write(line(record("d-1", "success", 102.0, 103.0)))
+    t.step()
+    log.rename(logdir / "proxy.jsonl.1")
+    (logdir / "proxy.jsonl.1").unlink()
+    sink.up = mlflow_up_at_stop
+    with caplog.at_level(logging.WARNING):
+        t.shutdown()
+    t.close()
+    said = [r.getMessage() for r in caplog.records if "deleted by a rotation that kept no copy" in r.getMessage()]
+    if mlflow_up_at_stop:
+        assert said == [] and sorted(sink.calls()) == ["d-0", "d-1"]
+    else:
+        assert len(said) == 1 and "1 log file(s)" in said[0] and "proxy.jsonl" in said[0], caplog.text
+        assert list(sink.calls()) == ["d-0"]

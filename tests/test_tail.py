@@ -324,6 +324,28 @@ def test_a_daemon_told_to_stop_while_it_waits_for_mlflow_stops_at_once(tmp_path:
     assert 3 <= time.monotonic() - started < 10 and metrics.mlflow_up is False and metrics.down_since is not None
 
 
+def test_a_daemon_stopped_while_it_waits_for_mlflow_says_what_a_deleted_log_loses(tmp_path: Path, capture) -> None:
+    """Stopped while it waits for MLflow, a daemon lets go of the files it held: one a rotation
+    deleted meanwhile (keeping no copy) is gone with its lines. That was silent, exit 0 and
+    "stopped while waiting"; it is said, naming the file. A file still there loses nothing and is
+    not named."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    Writer(log).write_calls(fresh_calls(capture)[:3])
+    Writer(logdir / "other.jsonl").write_calls(fresh_calls(capture)[:2])
+    d = Daemon(logdir, f"http://127.0.0.1:{free_port()}", "late", tmp_path / "state").start()
+    try:
+        wait_for(lambda: "litellm_ingest_files_open 2\n" in d.metrics(), 30, "the daemon to hold both files")
+        rotate(log, "rename_create", "numbered", "deleted")
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+    said = [line for line in d.log.read_text().splitlines() if "deleted by a rotation that kept no copy" in line]
+    assert len(said) == 1 and "1 log file(s)" in said[0] and str(log) in said[0] and "other.jsonl" not in said[0], d.log.read_text()
+
+
 def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capture) -> None:
     """A reboot that brings the proxy and its daemon up before MLflow: the daemon serves /health
     (503), says once that it waits, and sends everything once MLflow answers (stopped while it
