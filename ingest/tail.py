@@ -23,6 +23,7 @@ import fnmatch
 import logging
 import math
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -116,8 +117,10 @@ class Tailer:
     ) -> None:
         self.opts = opts
         self.dirs = directories
-        self.target, self.sink = destination or open_target(opts)
         assert opts.state_dir is not None
+        self.kept = kept_dir(opts.state_dir) if kept_dir(opts.state_dir).is_dir() else None
+        """The copies an earlier stop kept of deleted logs (:func:`keep`): read as logs, though in the state dir."""
+        self.target, self.sink = destination or open_target(opts)
         key = destination_key(self.target.tracking_uri, self.target.experiment_id)
         self.state = State.load(state_path(opts.state_dir, "batch", key), "batch", key)
         self.quarantine = QuarantineWriter(opts.quarantine_file, hold=True)
@@ -149,6 +152,8 @@ class Tailer:
         self._absent: set[str] = set()
         self._restored = False
         self._failures = 0
+        self._kept: dict[str, Path] = {}
+        """The copies this process kept during an outage, by the key of the file they copy."""
         self.pins = pins
         self._last_down_log = self._last_error_log = self._last_state_log = -math.inf  # time.monotonic() may be under 60 s at boot
         self._experiment_checked = time.monotonic()
@@ -240,8 +245,10 @@ class Tailer:
             if f.gone_since is None and not f.stale:
                 with contextlib.suppress(OSError):
                     self.follower.stamp(f)
-        _say_lost(
-            [f.path for f in self.follower.files.values() if not f.stale and _deleted(f.fd) and not self._read_whole(f)],
+        assert self.opts.state_dir is not None
+        keep_or_say(
+            [(f.path, f.fd) for f in self.follower.files.values() if not f.stale and _deleted(f.fd) and not self._read_whole(f)],
+            self.opts.state_dir,
             "not read to their end",
         )
         self.state.last_run = {**self.state.last_run, "finished": now_iso(), "result": "stopped"}
@@ -249,6 +256,31 @@ class Tailer:
         self.quarantine.retry()
         self.quarantine.abandon()
         log.info("stopped")
+
+    def _drop_kept(self) -> None:
+        """Delete the kept copies (:func:`keep`) read to their end (or whose file this process read to
+        its end once MLflow was back), once the state that says so is saved."""
+        done = {copy for key, copy in self._kept.items() if (f := self.follower.files.get(key)) is not None and self._read_whole(f)}
+        if (kept := self.kept) is not None:
+            done |= {
+                f.path
+                for f in self.follower.files.values()
+                if f.path.is_relative_to(kept) and os.path.lexists(f.path) and self._read_whole(f)
+            }
+            for path, st in log_files([kept], self.opts.pattern, []):
+                if self.follower.still_parked(st):  # closed, read to its end, by this process or an earlier one
+                    done.add(Path(path))
+        if not done:
+            return
+        self._save()
+        if not self.metrics.state_saved:
+            return
+        self._kept = {key: copy for key, copy in self._kept.items() if copy not in done}
+        for path in sorted(done):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                path.parent.rmdir()
+            log.info("the lines of the kept copy %s are in MLflow; deleted it", path)
 
     def _read_whole(self, f: Followed) -> bool:
         with contextlib.suppress(OSError):
@@ -270,6 +302,7 @@ class Tailer:
                 self.metrics.files_forgotten += forgotten
                 log.info("forgot the checkpoints of %d file(s) gone for %gs", forgotten, self.opts.forget_gone_s)
             self._read_and_send(None)
+            self._drop_kept()
             self._nest()
             self._close_idle()
             self._park_idle()
@@ -376,8 +409,21 @@ class Tailer:
             if self._restored and not self.stopping.is_set():
                 try:
                     self._scan(hold=True)
+                    self._keep_deleted()
                 except Exception as e:
                     log.debug("a scan during the outage failed: %s", e)
+
+    def _keep_deleted(self) -> None:
+        """During an outage: a copy in the state dir (:func:`keep`), once, of each log a rotation
+        deleted before it was read to its end. A stop copies them too, but a crash or a SIGKILL
+        before MLflow is back would take their lines with this process's descriptors."""
+        assert self.opts.state_dir is not None
+        for f in list(self.follower.files.values()):
+            if f.key in self._kept or f.stale or not _deleted(f.fd) or self._read_whole(f):
+                continue
+            if (copy := keep(f.path, f.fd, kept_dir(self.opts.state_dir))) is not None:
+                self._kept[f.key] = copy
+                log.info("%s was deleted before it was read to its end: kept a copy in %s", f.path, kept_dir(self.opts.state_dir))
 
     def _failed(self, e: Exception) -> None:
         """Anything else a pass raised (a full disk under the nesting queue, a bug) does not stop the
@@ -416,6 +462,8 @@ class Tailer:
             self._note_absent(d)
         unlisted: list[str] = []
         found = log_files(self.dirs, self.opts.pattern, unlisted, self.opts.own())
+        if self.kept is not None and (copies := log_files([self.kept], self.opts.pattern, unlisted)):
+            found = sorted([*found, *copies], key=lambda p: age_order(p[1].st_mtime_ns, p[0]))
         for folder in sorted(set(unlisted) - self._unlisted - self._absent):
             log.warning("cannot list %s: permission denied; its files are read once it can be", folder)
         self._unlisted = set(unlisted)
@@ -659,7 +707,16 @@ class Pins:
     def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
         self.limit = limit
         self.held: dict[tuple[int, int], tuple[Path, int]] = {}
+        self.kept: set[tuple[int, int]] = set()
         self.metrics = metrics
+
+    def keep_deleted(self, state_dir: Path) -> None:
+        """A copy (:func:`keep`), once, of each held file deleted since it was taken: a crash or a
+        SIGKILL while MLflow is down would take it with this process."""
+        for key, (path, fd) in list(self.held.items()):
+            if key not in self.kept and _deleted(fd) and keep(path, fd, kept_dir(state_dir)) is not None:
+                self.kept.add(key)
+                log.info("%s was deleted while MLflow did not answer: kept a copy in %s", path, kept_dir(state_dir))
 
     def take(self, dirs: list[Path], pattern: str, own: tuple[Path, ...] = ()) -> None:
         for name, st in log_files(dirs, pattern, [], own):
@@ -676,15 +733,19 @@ class Pins:
             self.metrics.files_open = len(self.held)
 
     @contextlib.contextmanager
-    def holding(self, dirs: list[Path], pattern: str, every_s: float, own: tuple[Path, ...] = ()) -> Iterator[None]:
+    def holding(
+        self, dirs: list[Path], pattern: str, every_s: float, own: tuple[Path, ...] = (), state_dir: Path | None = None
+    ) -> Iterator[None]:
         """Take the files every ``every_s`` in a thread of its own while the block runs (probing
-        MLflow blocks for seconds at a time)."""
+        MLflow blocks for seconds at a time), and keep a copy of those deleted meanwhile in ``state_dir``."""
         done = threading.Event()
 
         def loop() -> None:
             while not done.is_set():
                 try:
                     self.take(dirs, pattern, own)
+                    if state_dir is not None:
+                        self.keep_deleted(state_dir)
                 except Exception as e:
                     log.debug("holding the log files failed: %s", e)
                 done.wait(every_s)
@@ -701,9 +762,9 @@ class Pins:
         _, fd = self.held.pop(key)
         os.close(fd)
 
-    def deleted(self) -> list[Path]:
-        """The held files deleted since they were taken: this process's descriptor is all that is left of them."""
-        return [path for path, fd in self.held.values() if _deleted(fd)]
+    def deleted(self) -> list[tuple[Path, int]]:
+        """The held files deleted since they were taken, with their descriptors: all that is left of them."""
+        return [(path, fd) for path, fd in self.held.values() if _deleted(fd)]
 
     def close(self) -> None:
         for key in list(self.held):
@@ -717,15 +778,59 @@ def _deleted(fd: int) -> bool:
         return False
 
 
-def _say_lost(paths: list[Path], how: str) -> None:
-    """A stop while MLflow did not answer: log files deleted (a rotation that keeps no copy) live on
-    only in this process's descriptors, and what of them was not sent goes with it. Said, never
-    silent: the lines are not in the state, and no later run can find them."""
-    if paths:
+KEPT_DIR = "kept-logs"
+
+
+def kept_dir(state_dir: Path) -> Path:
+    """Where a stopping daemon keeps copies of deleted log files it had not read to their end."""
+    return state_dir / KEPT_DIR
+
+
+def keep(path: Path, fd: int, into: Path) -> Path | None:
+    """A copy, byte for byte, of the deleted file ``fd`` holds (once named ``path``), under ``into``
+    by its own name (the daemon's pattern matches it) in a folder named after its inode: the next
+    start follows it as the rotated file it was, from its checkpoint (same first line, same bytes).
+    Written aside, synced, then renamed, with the file's modification time. None if it cannot be."""
+    try:
+        st = os.fstat(fd)
+        folder = into / f"{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}"
+        dest = folder / path.name
+        if dest.is_file() and dest.stat().st_size == st.st_size:
+            return dest
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch = folder / f"{path.name}.tmp"
+        out = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(f"/proc/self/fd/{fd}", "rb") as src, os.fdopen(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.utime(scratch, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(scratch, dest)
+        return dest
+    except OSError as e:
+        log.debug("could not keep a copy of %s: %s", path, e)
+        return None
+
+
+def keep_or_say(held: list[tuple[Path, int]], state_dir: Path, how: str) -> None:
+    """A stop while MLflow did not answer: log files deleted by a rotation that keeps no copy live on
+    only in this process's descriptors, and what of them was not sent would go with it. Each is
+    copied into the state dir for the next start to read; one that cannot be is said lost, never
+    in silence (its lines are not in the state, and no later run can find them)."""
+    kept, lost = [], []
+    for path, fd in held:
+        (kept if keep(path, fd, kept_dir(state_dir)) is not None else lost).append(path)
+    if kept:
         log.warning(
-            "%d log file(s) deleted by a rotation that kept no copy, %s: what of them was not sent is lost with this stop (%s). "
-            "Keep rotated copies (logrotate's rotate 1 or more), or stop the daemon once MLflow has taken them",
-            len(paths), how, ", ".join(map(str, paths)),
+            "%d log file(s) deleted by a rotation that kept no copy, %s: kept a copy in %s, which the next start reads (%s)",
+            len(kept), how, kept_dir(state_dir), ", ".join(map(str, kept)),
+        )  # fmt: skip
+    if lost:
+        log.warning(
+            "%d log file(s) deleted by a rotation that kept no copy, %s, could not be copied into %s: what of them was not "
+            "sent is lost with this stop (%s). Keep rotated copies (logrotate's rotate 1 or more), or stop the daemon once "
+            "MLflow has taken them",
+            len(lost), how, kept_dir(state_dir), ", ".join(map(str, lost)),
         )  # fmt: skip
 
 
@@ -753,13 +858,14 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
     try:
         pins = Pins(open_files_budget(opts.max_open_files), metrics)
         try:
-            with pins.holding(directories, opts.pattern, opts.rescan_s, opts.own()):
+            with pins.holding(directories, opts.pattern, opts.rescan_s, opts.own(), opts.state_dir):
                 destination = wait_for_mlflow(opts, metrics, stopping)
         except BaseException:
             pins.close()
             raise
         if destination is None:
-            _say_lost(pins.deleted(), "held unread while MLflow did not answer")
+            assert opts.state_dir is not None
+            keep_or_say(pins.deleted(), opts.state_dir, "held unread while MLflow did not answer")
             pins.close()
             log.info("stopped while waiting for MLflow")
             return

@@ -1532,14 +1532,13 @@ def test_a_failed_call_ahead_of_a_clock_stepped_back_over_an_hour_is_still_held_
     assert t.pipeline.warnings == {"end_in_future": 3}
 
 
-@pytest.mark.parametrize("mlflow_up_at_stop", [False, True])
-def test_a_stop_while_mlflow_is_down_says_what_a_deleted_log_loses(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, mlflow_up_at_stop: bool
-) -> None:
+@pytest.mark.parametrize("case", ["kept", "cannot_keep", "mlflow_up_at_stop"])
+def test_a_stop_while_mlflow_is_down_keeps_a_copy_of_a_deleted_log(tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
     """A rotation that keeps no copy deletes a log the daemon holds open while MLflow is down; a
-    stop then takes what was not sent of it along, since only this process's descriptor holds it.
-    That was silent ("what it did not acknowledge is saved for the next start"). It is said,
-    naming the file; a stop once MLflow answers again sends it and says nothing."""
+    stop then took what was not sent of it along (only this process's descriptor held it), in
+    silence ("what it did not acknowledge is saved for the next start"). The stop now copies it
+    into the state dir, the next start reads the rest from there and deletes the copy; one that
+    cannot be copied is said lost, by name. A stop once MLflow answers again sends it, keeps nothing."""
     logdir, state_dir = tmp_path / "logs", tmp_path / "state"
     logdir.mkdir()
     log = logdir / "proxy.jsonl"
@@ -1549,17 +1548,38 @@ def test_a_stop_while_mlflow_is_down_says_what_a_deleted_log_loses(
     t.step()
     sink.up = False
     with log.open("a") as f:
-        f.write(line(record("d-1", "success", 102.0, 103.0)))
+        f.write(line(record("d-1", "success", 102.0, 103.0)) + line(record("d-2", "success", 104.0, 105.0)))
     t.step()
     log.rename(logdir / "proxy.jsonl.1")
     (logdir / "proxy.jsonl.1").unlink()
-    sink.up = mlflow_up_at_stop
+    sink.up = case == "mlflow_up_at_stop"
+    if case == "cannot_keep":
+        (state_dir / "kept-logs").write_text("not a folder")
     with caplog.at_level(logging.WARNING):
         t.shutdown()
     t.close()
     said = [r.getMessage() for r in caplog.records if "deleted by a rotation that kept no copy" in r.getMessage()]
-    if mlflow_up_at_stop:
-        assert said == [] and sorted(sink.calls()) == ["d-0", "d-1"]
-    else:
-        assert len(said) == 1 and "1 log file(s)" in said[0] and "proxy.jsonl" in said[0], caplog.text
-        assert list(sink.calls()) == ["d-0"]
+    if case == "mlflow_up_at_stop":
+        assert said == [] and sorted(sink.calls()) == ["d-0", "d-1", "d-2"]
+        assert not (state_dir / "kept-logs").exists()
+        return
+    assert list(sink.calls()) == ["d-0"]
+    assert len(said) == 1 and "1 log file(s)" in said[0] and "proxy.jsonl" in said[0], caplog.text
+    if case == "cannot_keep":
+        assert "is lost with this stop" in said[0]
+        return
+    assert "kept a copy" in said[0]
+    (copy,) = (state_dir / "kept-logs").rglob("proxy.jsonl")
+    assert copy.stat().st_mode & 0o777 == 0o600
+    sink.up = True
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    for _ in range(3):
+        t.step()
+    assert sorted(sink.calls()) == ["d-0", "d-1", "d-2"], "the rest, once"
+    assert not copy.exists(), "the copy goes once read"
+    t.shutdown()
+    t.close()
+    t = tailer(logdir, state_dir, sink, SETTLE_S)
+    t.step()
+    t.close()
+    assert sorted(sink.calls()) == ["d-0", "d-1", "d-2"] and t.pipeline.summary.records_read == 0

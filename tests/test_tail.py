@@ -324,26 +324,79 @@ def test_a_daemon_told_to_stop_while_it_waits_for_mlflow_stops_at_once(tmp_path:
     assert 3 <= time.monotonic() - started < 10 and metrics.mlflow_up is False and metrics.down_since is not None
 
 
-def test_a_daemon_stopped_while_it_waits_for_mlflow_says_what_a_deleted_log_loses(tmp_path: Path, capture) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_daemon_stopped_while_it_waits_for_mlflow_keeps_a_copy_of_a_deleted_log(tmp_path: Path, capture, sig: int) -> None:
     """Stopped while it waits for MLflow, a daemon lets go of the files it held: one a rotation
-    deleted meanwhile (keeping no copy) is gone with its lines. That was silent, exit 0 and
-    "stopped while waiting"; it is said, naming the file. A file still there loses nothing and is
-    not named."""
+    deleted meanwhile (keeping no copy) was gone with its lines, in silence (exit 0, "stopped
+    while waiting"). It is copied into the state dir as soon as it is seen deleted (a SIGKILL
+    after that takes nothing) and at the stop, which says so; the next start (MLflow up) writes
+    every call once and deletes the copy. A file still there is not copied."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     logdir = tmp_path / "logs"
     logdir.mkdir()
     log = logdir / "proxy.jsonl"
-    Writer(log).write_calls(fresh_calls(capture)[:3])
-    Writer(logdir / "other.jsonl").write_calls(fresh_calls(capture)[:2])
-    d = Daemon(logdir, f"http://127.0.0.1:{free_port()}", "late", tmp_path / "state").start()
+    calls = fresh_calls(capture)
+    Writer(log).write_calls(calls[:3])
+    Writer(logdir / "other.jsonl").write_calls(calls[3:5])
+    d = Daemon(logdir, url, "late", tmp_path / "state").start()
+    server = None
     try:
         wait_for(lambda: "litellm_ingest_files_open 2\n" in d.metrics(), 30, "the daemon to hold both files")
         rotate(log, "rename_create", "numbered", "deleted")
+        kept = tmp_path / "state" / "kept-logs"
+        if sig == signal.SIGKILL:
+            wait_for(lambda: [p.name for p in kept.rglob("*.jsonl")] == ["proxy.jsonl"], 30, "the copy of the deleted file")
+            d.stop(signal.SIGKILL)
+        else:
+            assert d.stop() == 0
+            said = [line for line in d.log.read_text().splitlines() if "deleted by a rotation that kept no copy" in line]
+            assert len(said) == 1 and "kept a copy" in said[0] and str(log) in said[0] and "other.jsonl" not in said[0], d.log.read_text()
+        assert [p.name for p in kept.rglob("*.jsonl")] == ["proxy.jsonl"]
+        server = start_mlflow_server(tmp_path / "late-server", port=port)
+        d = Daemon(logdir, url, "late", tmp_path / "state").start()
+        assert_exactly(wait_for_calls(url, "late", calls[:5], timeout=120), calls[:5])
+        wait_for(lambda: not list(kept.rglob("*.jsonl")), 30, "the copy to be deleted once read")
         assert d.stop() == 0
     finally:
         if d.alive():
             d.stop(signal.SIGKILL)
-    said = [line for line in d.log.read_text().splitlines() if "deleted by a rotation that kept no copy" in line]
-    assert len(said) == 1 and "1 log file(s)" in said[0] and str(log) in said[0] and "other.jsonl" not in said[0], d.log.read_text()
+        if server is not None:
+            server.stop()
+
+
+def test_a_daemon_killed_during_an_outage_loses_nothing_of_a_log_deleted_meanwhile(tmp_path: Path, capture) -> None:
+    """MLflow goes down under a running daemon, calls are logged, and a rotation deletes the log
+    keeping no copy: the daemon holds it open, unread. SIGKILLed then, it took those lines with it.
+    It now copies such a file into the state dir while the outage lasts, and the next start writes
+    every call once and deletes the copy."""
+    server = start_mlflow_server(tmp_path / "srv")
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)
+    writer = Writer(log)
+    writer.write_calls(calls[:3])
+    d = Daemon(logdir, server.url, "kill", tmp_path / "state").start()
+    try:
+        wait_for_calls(server.url, "kill", calls[:3])
+        server.stop()
+        writer.write_calls(calls[3:8])
+        wait_for(lambda: "litellm_ingest_mlflow_up 0" in d.metrics(), 30, "the daemon to notice the outage")
+        with writer.lock:
+            rotate(log, "rename_create", "numbered", "deleted")
+        kept = tmp_path / "state" / "kept-logs"
+        wait_for(lambda: [p.name for p in kept.rglob("*.jsonl")] == ["proxy.jsonl"], 30, "the copy of the deleted file")
+        d.stop(signal.SIGKILL)
+        server = start_mlflow_server(tmp_path / "srv", port=server.port, backend_uri=server.backend_uri)
+        d = Daemon(logdir, server.url, "kill", tmp_path / "state").start()
+        assert_exactly(wait_for_calls(server.url, "kill", calls[:8], timeout=120), calls[:8])
+        wait_for(lambda: not list(kept.rglob("*.jsonl")), 30, "the copy to be deleted once read")
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        server.stop()
 
 
 def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capture) -> None:
