@@ -165,7 +165,7 @@ def test_files_of_one_modification_time_are_read_in_rotation_order(tmp_path: Pat
     assert [f.name for f in discover([str(tmp_path / "logs")])] == names
     tail = Tailer.__new__(Tailer)  # its scan alone
     opts = type("O", (), {"pattern": "*.jsonl*", "own": lambda self: ()})()
-    tail.dirs, tail.opts, tail._unlisted, tail._absent = [tmp_path / "logs"], opts, set(), set()
+    tail.dirs, tail.opts, tail._unlisted, tail._absent, tail.kept = [tmp_path / "logs"], opts, set(), set(), None
     assert [Path(p).name for p, _ in tail._candidates()] == names
 
 
