@@ -828,7 +828,8 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
     """Compare the calls in the logs with the traces in MLflow: what is missing, what is extra (by call id).
 
     Exit 0 when they agree (after --repair: when every missing call was written), 6 otherwise;
-    8 when they agree but some files could not be read or folders listed (named on stderr).
+    8 when some files, folders or objects could not be read (named on stderr) and no call read is
+    missing: a trace that matches no call read may then be a call of what was not read.
     """
     from ingest.pipeline import now_us
     from ingest.reconcile import reconcile as run
@@ -858,7 +859,8 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
                 click.echo(f"  {what}")
             if len(report.unreadable) > limit:
                 click.echo(f"  ... and {len(report.unreadable) - limit} more")
-        lists = [("missing from MLflow", report.missing), ("in MLflow, not in the logs", report.extra)]
+        extra = "in MLflow, not in the logs" if not report.unreadable else "in MLflow, not in the logs read (may be calls of what was not read)"
+        lists = [("missing from MLflow", report.missing), (extra, report.extra)]
         if report.repaired is not None:
             click.echo(f"repaired: {report.repaired} of the {len(report.missing)} missing written")
             whole = report.repaired + len(report.too_recent) >= len(report.missing)
@@ -872,7 +874,7 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
                     click.echo(f"  {cid}")
                 if len(ids) > limit:
                     click.echo(f"  ... and {len(ids) - limit} more")
-    repaired = report.repaired is not None and report.repaired == len(report.missing) and not report.extra
+    repaired = report.repaired is not None and report.repaired == len(report.missing) and not report.differences
     if not (report.ok or repaired):
         sys.exit(Exit.DIFFERENCES)
     sys.exit(Exit.SOURCE if report.unreadable else Exit.OK)

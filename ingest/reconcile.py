@@ -53,14 +53,21 @@ class Report:
     """Raw call key -> as it is shown."""
 
     @property
+    def differences(self) -> list[str]:
+        """The extra traces that count as a difference: none while something could not be read,
+        since each may be a call of what was not read (they are still listed)."""
+        return [] if self.unreadable else self.extra
+
+    @property
     def ok(self) -> bool:
-        return not self.missing and not self.extra
+        return not self.missing and not self.differences
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("ended")
         d.pop("shown")
         d["missing_count"], d["extra_count"] = len(self.missing), len(self.extra)
+        d["extra_confirmed"] = not self.unreadable
         return d
 
 
