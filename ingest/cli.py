@@ -859,7 +859,9 @@ def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, *
                 click.echo(f"  {what}")
             if len(report.unreadable) > limit:
                 click.echo(f"  ... and {len(report.unreadable) - limit} more")
-        extra = "in MLflow, not in the logs" if not report.unreadable else "in MLflow, not in the logs read (may be calls of what was not read)"
+        extra = "in MLflow, not in the logs"
+        if report.unreadable:
+            extra += " read (may be calls of what was not read)"
         lists = [("missing from MLflow", report.missing), (extra, report.extra)]
         if report.repaired is not None:
             click.echo(f"repaired: {report.repaired} of the {len(report.missing)} missing written")
