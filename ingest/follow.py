@@ -342,10 +342,11 @@ class Follower:
 
     def stamp(self, f: Followed) -> None:
         """At the end of a read: whether ``f`` is done (a compressed file read whole), and its stat key if it is
-        read to its end (its checkpoint at its size, or done), for :meth:`unchanged` and :meth:`park`."""
+        read to its end (its checkpoint at its size, or done), for :meth:`unchanged` and :meth:`park`. A file
+        truncated and written again to its checkpoint's size is not: stamped, the next start passed it over."""
         st = os.fstat(f.fd)
         f.ck.done = self.is_done(f)
-        whole = (f.ck.done or self.given_up(f, st)) if f.compressed else f.ck.offset == st.st_size
+        whole = (f.ck.done or self.given_up(f, st)) if f.compressed else f.ck.offset == st.st_size and f.first_line() in (f.fp, None)
         f.ck.end_stat = stat_key(st) if whole else None
 
     def unchanged(self, paths: list[Path]) -> dict[Path, Checkpoint]:

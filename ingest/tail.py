@@ -154,6 +154,9 @@ class Tailer:
         self._failures = 0
         self._kept: dict[str, Path] = {}
         """The copies this process kept during an outage, by the key of the file they copy."""
+        self._spares: dict[tuple[int, int], Followed] = {}
+        """Byte copies of followed files found during an outage (a copytruncate's copy), by inode, held
+        open unread: a rotation that deletes one before MLflow is back takes nothing (:meth:`_use_spares`)."""
         self.pins = pins
         self._last_down_log = self._last_error_log = self._last_state_log = -math.inf  # time.monotonic() may be under 60 s at boot
         self._experiment_checked = time.monotonic()
@@ -224,6 +227,9 @@ class Tailer:
     def close(self) -> None:
         if self.pins is not None:
             self.pins.close()
+        for spare in self._spares.values():
+            spare.close()
+        self._spares.clear()
         self.follower.close()
         self.sink.close()
         if self.nest_queue is not None:
@@ -247,7 +253,7 @@ class Tailer:
                     self.follower.stamp(f)
         assert self.opts.state_dir is not None
         keep_or_say(
-            [(f.path, f.fd) for f in self.follower.files.values() if not f.stale and _deleted(f.fd) and not self._read_whole(f)],
+            [(f.path, f.fd) for f in self._unread_deleted()],
             self.opts.state_dir,
             "not read to their end",
         )
@@ -418,12 +424,40 @@ class Tailer:
         deleted before it was read to its end. A stop copies them too, but a crash or a SIGKILL
         before MLflow is back would take their lines with this process's descriptors."""
         assert self.opts.state_dir is not None
-        for f in list(self.follower.files.values()):
-            if f.key in self._kept or f.stale or not _deleted(f.fd) or self._read_whole(f):
+        for f in self._unread_deleted():
+            if f.key in self._kept:
                 continue
             if (copy := keep(f.path, f.fd, kept_dir(self.opts.state_dir))) is not None:
                 self._kept[f.key] = copy
                 log.info("%s was deleted before it was read to its end: kept a copy in %s", f.path, kept_dir(self.opts.state_dir))
+
+    def _unread_deleted(self) -> list[Followed]:
+        """The files, followed or held as spares, that live on only in this process's descriptors with
+        lines not read: deleted, and (a spare) the file it copies no longer holds them."""
+        files = [f for f in self.follower.files.values() if not f.stale]
+        files += [f for f in self._spares.values() if not self._twin_holds(f)]
+        return [f for f in files if _deleted(f.fd) and not self._read_whole(f)]
+
+    def _twin_holds(self, spare: Followed) -> bool:
+        """The followed file ``spare`` is a copy of still holds its lines (not truncated or rewritten)."""
+        known = self.follower.files.get(spare.key)
+        try:
+            return known is not None and not known.stale and known.first_line() == known.fp
+        except OSError:
+            return False
+
+    def _use_spares(self) -> None:
+        """At the first whole scan after an outage: a file truncated meanwhile (copytruncate) whose copy
+        no scan found now (deleted at once, ``rotate 0``) carries on in the copy held unread since."""
+        for spare in self._spares.values():
+            known = self.follower.files.get(spare.key)
+            if known is None or known is spare or self._twin_holds(spare):
+                spare.close()
+                continue
+            log.info("copytruncate: %s continues in %s (held while MLflow was down) at byte %d", known.path, spare.path, spare.ck.offset)
+            known.close()
+            self.follower.follow(spare)
+        self._spares.clear()
 
     def _failed(self, e: Exception) -> None:
         """Anything else a pass raised (a full disk under the nesting queue, a bug) does not stop the
@@ -517,7 +551,7 @@ class Tailer:
                 continue
             path = Path(name)
             current = by_inode.get((st.st_dev, st.st_ino))
-            if current is not None and hold:
+            if hold and (current is not None or (st.st_dev, st.st_ino) in self._spares):
                 continue
             if current is not None:
                 unchanged = st.st_size == current.ck.offset  # a rewrite shows when it grows: chunks() checks then
@@ -530,7 +564,7 @@ class Tailer:
                     continue
                 log.info("%s was truncated or rewritten in place", path)
                 current.stale = True
-            if len(files) >= self.max_open:
+            if len(files) + len(self._spares) >= self.max_open:
                 if not hold:
                     self._more = True
                 continue
@@ -542,7 +576,11 @@ class Tailer:
                 continue
             self._unreadable.discard(name)
             known = files.get(f.key)
-            if hold and (known is not None or f.ck.legacy_held):
+            if hold and known is not None and not f.ck.legacy_held:
+                self._spares[(st.st_dev, st.st_ino)] = f
+                log.info("holding %s, a copy of %s, unread until MLflow is back", path, known.path)
+                continue
+            if hold and f.ck.legacy_held:
                 f.close()
                 continue
             if known is None and self.follower.is_done(f):
@@ -564,6 +602,7 @@ class Tailer:
             seen.add(f.key)
         if hold:
             return
+        self._use_spares()
         self._unreadable.intersection_update(name for name, _ in candidates)
         follower.parked = parked
         now = time.monotonic()

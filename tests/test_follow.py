@@ -1583,3 +1583,55 @@ def test_a_stop_while_mlflow_is_down_keeps_a_copy_of_a_deleted_log(tmp_path: Pat
     t.step()
     t.close()
     assert sorted(sink.calls()) == ["d-0", "d-1", "d-2"] and t.pipeline.summary.records_read == 0
+
+
+@pytest.mark.parametrize("case", ["mlflow_back", "stopped", "killed", "copy_not_deleted"])
+def test_a_copytruncate_whose_copy_is_deleted_during_an_outage_loses_nothing(tmp_path: Path, case: str) -> None:
+    """During an MLflow outage logrotate copies the log, truncates it and deletes the copy at once
+    (``copytruncate`` with ``rotate 0``). The daemon, holding the original open, passed the copy
+    over (a copy of a file it follows is read once the original is done), so the unsent lines
+    lived only in the copy, and its deletion took them. The copy is now held open, unread, from the
+    outage's scans: read once MLflow is back, or kept in the state dir for the next start."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log, copy = logdir / "proxy.jsonl", logdir / "proxy.jsonl.1"
+    log.write_text(line(record("c-0", "success", 100.0, 101.0)))
+    sink = RecordingSink()
+    written: list[str] = []
+    write = sink.write
+
+    def counted(traces: list) -> int:
+        n = write(traces)
+        written.extend(t.call_key for t in traces)
+        return n
+
+    sink.write = counted  # type: ignore[method-assign]
+    t = tailer(logdir, state_dir, sink, SETTLE_S, rescan_s=0.05)
+    t.step()
+    sink.up = False
+    with log.open("a") as f:
+        f.write(line(record("c-1", "success", 102.0, 103.0)) + line(record("c-2", "success", 104.0, 105.0)))
+    t.step()
+    shutil.copyfile(log, copy)
+    with log.open("r+") as f:
+        f.truncate(0)
+    t._hold_files_until(time.monotonic() + 0.2)
+    if case != "copy_not_deleted":
+        copy.unlink()
+    log.write_text(line(record("c-3", "success", 106.0, 107.0)))
+    t._hold_files_until(time.monotonic() + 0.2)
+    kept = list((state_dir / "kept-logs").rglob("proxy.jsonl.1"))
+    assert len(kept) == (0 if case == "copy_not_deleted" else 1), "a deleted copy is kept during the outage, as a deleted log is"
+    if case == "stopped":
+        t.shutdown()
+    if case in ("stopped", "killed"):
+        t.close()
+        sink.up = True
+        t = tailer(logdir, state_dir, sink, SETTLE_S)
+    sink.up = True
+    for _ in range(3):
+        t.step()
+    t.shutdown()
+    t.close()
+    assert sorted(written) == ["c-0", "c-1", "c-2", "c-3"], "every call once"
+    assert not list((state_dir / "kept-logs").rglob("*.jsonl*")), "the kept copy goes once read"

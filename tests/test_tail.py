@@ -365,11 +365,13 @@ def test_a_daemon_stopped_while_it_waits_for_mlflow_keeps_a_copy_of_a_deleted_lo
             server.stop()
 
 
-def test_a_daemon_killed_during_an_outage_loses_nothing_of_a_log_deleted_meanwhile(tmp_path: Path, capture) -> None:
+@pytest.mark.parametrize("how", ["rename_create", "copytruncate"])
+def test_a_daemon_killed_during_an_outage_loses_nothing_of_a_log_deleted_meanwhile(tmp_path: Path, capture, how: str) -> None:
     """MLflow goes down under a running daemon, calls are logged, and a rotation deletes the log
     keeping no copy: the daemon holds it open, unread. SIGKILLed then, it took those lines with it.
     It now copies such a file into the state dir while the outage lasts, and the next start writes
-    every call once and deletes the copy."""
+    every call once and deletes the copy. A copytruncate whose copy is deleted at once (``rotate
+    0``) lost them even without the kill: the daemon passed over a copy of the file it held."""
     server = start_mlflow_server(tmp_path / "srv")
     logdir = tmp_path / "logs"
     logdir.mkdir()
@@ -384,14 +386,20 @@ def test_a_daemon_killed_during_an_outage_loses_nothing_of_a_log_deleted_meanwhi
         writer.write_calls(calls[3:8])
         wait_for(lambda: "litellm_ingest_mlflow_up 0" in d.metrics(), 30, "the daemon to notice the outage")
         with writer.lock:
-            rotate(log, "rename_create", "numbered", "deleted")
+            copy = rotate(log, how, "numbered", "deleted")
+        if copy is not None:
+            wait_for(lambda: f"holding {copy}" in d.log.read_text(), 30, "the daemon to hold the copy")
+            copy.unlink()
+            writer.write_calls(calls[8:10])
         kept = tmp_path / "state" / "kept-logs"
-        wait_for(lambda: [p.name for p in kept.rglob("*.jsonl")] == ["proxy.jsonl"], 30, "the copy of the deleted file")
+        name = "proxy.jsonl" if copy is None else copy.name
+        wait_for(lambda: [p.name for p in kept.rglob("*.jsonl*")] == [name], 30, "the copy of the deleted file")
         d.stop(signal.SIGKILL)
         server = start_mlflow_server(tmp_path / "srv", port=server.port, backend_uri=server.backend_uri)
         d = Daemon(logdir, server.url, "kill", tmp_path / "state").start()
-        assert_exactly(wait_for_calls(server.url, "kill", calls[:8], timeout=120), calls[:8])
-        wait_for(lambda: not list(kept.rglob("*.jsonl")), 30, "the copy to be deleted once read")
+        written = calls[:8] if copy is None else calls[:10]
+        assert_exactly(wait_for_calls(server.url, "kill", written, timeout=120), written)
+        wait_for(lambda: not list(kept.rglob("*.jsonl*")), 30, "the copy to be deleted once read")
         assert d.stop() == 0
     finally:
         if d.alive():
