@@ -253,7 +253,7 @@ class Tailer:
                     self.follower.stamp(f)
         assert self.opts.state_dir is not None
         keep_or_say(
-            [(f.path, f.fd) for f in self._unread_deleted()],
+            [(f.path, f.fd) for f in self._unread_deleted()] + (self.pins.deleted() if self.pins is not None else []),
             self.opts.state_dir,
             "not read to their end",
         )
@@ -424,6 +424,8 @@ class Tailer:
         deleted before it was read to its end. A stop copies them too, but a crash or a SIGKILL
         before MLflow is back would take their lines with this process's descriptors."""
         assert self.opts.state_dir is not None
+        if self.pins is not None:
+            self.pins.keep_deleted(self.opts.state_dir)
         for f in self._unread_deleted():
             if f.key in self._kept:
                 continue
@@ -573,6 +575,8 @@ class Tailer:
                 if name not in self._unreadable and os.path.lexists(path) and not os.access(path, os.R_OK):
                     self._unreadable.add(name)
                     log.warning("cannot read %s: permission denied; it is read once it can be", path)
+                else:
+                    self._pin(name, st)
                 continue
             self._unreadable.discard(name)
             known = files.get(f.key)
@@ -614,8 +618,9 @@ class Tailer:
                 log.info("%s was rotated away or deleted; reading it to its end", f.path)
 
     def _follow_pinned(self, listed: set[tuple[int, int]]) -> None:
-        """The files held while MLflow was down at start: those still in a folder are the scan's;
-        those gone (a rotation deleted them) are read through the held descriptor, oldest first."""
+        """The files held unread (while MLflow was down at start, or waiting for a first line): those
+        still in a folder are the scan's; those gone (a rotation deleted them) are read through the
+        held descriptor, oldest first."""
         assert self.pins is not None
         gone = []
         for key, (path, fd) in list(self.pins.held.items()):
@@ -636,9 +641,18 @@ class Tailer:
                 f.close()
                 continue
             self.follower.follow(f).gone_since = time.monotonic()
-            log.info("following %s (deleted while MLflow was down) from byte %d", path, f.ck.offset)
+            log.info("following %s (deleted before it was read) from byte %d", path, f.ck.offset)
         if not self.pins.held:
             self.pins = None
+
+    def _pin(self, name: str, st: os.stat_result) -> None:
+        """Hold open a file not followed yet for want of a whole first line (empty, or its first line
+        being written): a rotation that deletes it before the next scan (the proxy fills it and
+        logrotate's ``rotate 0`` runs within the second) took its lines; the next scan reads them
+        through this descriptor (:meth:`_follow_pinned`)."""
+        if self.pins is None:
+            self.pins = Pins(max(1, self.max_open // 4))
+        self.pins.hold(name, st)
 
     def _close_idle(self) -> None:
         for key, f in list(self.follower.files.items()):
@@ -752,22 +766,14 @@ class Pins:
     def keep_deleted(self, state_dir: Path) -> None:
         """A copy (:func:`keep`), once, of each held file deleted since it was taken: a crash or a
         SIGKILL while MLflow is down would take it with this process."""
-        for key, (path, fd) in list(self.held.items()):
-            if key not in self.kept and _deleted(fd) and keep(path, fd, kept_dir(state_dir)) is not None:
+        for key, (path, fd) in self.deleted_with_lines():
+            if key not in self.kept and keep(path, fd, kept_dir(state_dir)) is not None:
                 self.kept.add(key)
                 log.info("%s was deleted while MLflow did not answer: kept a copy in %s", path, kept_dir(state_dir))
 
     def take(self, dirs: list[Path], pattern: str, own: tuple[Path, ...] = ()) -> None:
         for name, st in log_files(dirs, pattern, [], own):
-            key = (st.st_dev, st.st_ino)
-            if key in self.held or len(self.held) >= self.limit:
-                continue
-            with contextlib.suppress(OSError):
-                fd = os.open(name, os.O_RDONLY)
-                if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == key:
-                    self.held[key] = (Path(name), fd)
-                else:
-                    os.close(fd)
+            self.hold(name, st)
         if self.metrics is not None:
             self.metrics.files_open = len(self.held)
 
@@ -797,13 +803,34 @@ class Pins:
             done.set()
             thread.join()
 
+    def hold(self, name: str, st: os.stat_result) -> None:
+        """Open the file ``st`` describes, once, while there is room."""
+        key = (st.st_dev, st.st_ino)
+        if key in self.held or len(self.held) >= self.limit:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(name, os.O_RDONLY)
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == key:
+                self.held[key] = (Path(name), fd)
+            else:
+                os.close(fd)
+
     def release(self, key: tuple[int, int]) -> None:
         _, fd = self.held.pop(key)
         os.close(fd)
 
     def deleted(self) -> list[tuple[Path, int]]:
         """The held files deleted since they were taken, with their descriptors: all that is left of them."""
-        return [(path, fd) for path, fd in self.held.values() if _deleted(fd)]
+        return [(path, fd) for _, (path, fd) in self.deleted_with_lines()]
+
+    def deleted_with_lines(self) -> list[tuple[tuple[int, int], tuple[Path, int]]]:
+        """As :meth:`deleted`, by key, leaving out the empty ones (nothing to keep)."""
+        out = []
+        for key, (path, fd) in list(self.held.items()):
+            with contextlib.suppress(OSError):
+                if _deleted(fd) and os.fstat(fd).st_size:
+                    out.append((key, (path, fd)))
+        return out
 
     def close(self) -> None:
         for key in list(self.held):

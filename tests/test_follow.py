@@ -1635,3 +1635,37 @@ def test_a_copytruncate_whose_copy_is_deleted_during_an_outage_loses_nothing(tmp
     t.close()
     assert sorted(written) == ["c-0", "c-1", "c-2", "c-3"], "every call once"
     assert not list((state_dir / "kept-logs").rglob("*.jsonl*")), "the kept copy goes once read"
+
+
+@pytest.mark.parametrize("case", ["mlflow_up", "killed_during_an_outage"])
+def test_a_log_filled_and_deleted_between_two_scans_loses_nothing(tmp_path: Path, case: str) -> None:
+    """The daemon saw the log empty (just made by ``create``), so it did not open it; the proxy then
+    wrote calls and a rotation deleted the file (``rotate 0``) before the next scan: its lines were
+    gone with it (found by the real-process soak). A file waiting for its first line is now held
+    open: the next scan reads it through that descriptor, or, during an outage, it is kept in the
+    state dir as any deleted log is."""
+    logdir, state_dir = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    log.touch()
+    sink = RecordingSink()
+    t = tailer(logdir, state_dir, sink, SETTLE_S, rescan_s=0.05)
+    t.step()
+    sink.up = case == "mlflow_up"
+    log.write_text("".join(line(record(f"e-{i}", "success", 100.0 + i, 101.0 + i)) for i in range(3)))
+    log.rename(logdir / "proxy.jsonl.1")
+    (logdir / "proxy.jsonl.1").unlink()
+    log.touch()
+    if case == "killed_during_an_outage":
+        t.step()
+        t._hold_files_until(time.monotonic() + 0.2)
+        assert len(list((state_dir / "kept-logs").rglob("proxy.jsonl"))) == 1, "kept during the outage"
+        t.close()
+        sink.up = True
+        t = tailer(logdir, state_dir, sink, SETTLE_S)
+    for _ in range(3):
+        t.step()
+    t.shutdown()
+    t.close()
+    assert sorted(sink.calls()) == ["e-0", "e-1", "e-2"]
+    assert not list((state_dir / "kept-logs").rglob("*.jsonl*")), "the kept copy goes once read"
