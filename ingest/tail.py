@@ -118,7 +118,8 @@ class Tailer:
         self.opts = opts
         self.dirs = directories
         assert opts.state_dir is not None
-        self.kept = kept_dir(opts.state_dir) if kept_dir(opts.state_dir).is_dir() else None
+        kept = kept_dir(opts.state_dir)
+        self.kept = kept if kept.is_dir() else None
         """The copies an earlier stop kept of deleted logs (:func:`keep`): read as logs, though in the state dir."""
         self.target, self.sink = destination or open_target(opts)
         key = destination_key(self.target.tracking_uri, self.target.experiment_id)
