@@ -96,6 +96,10 @@ class Followed:
         with self.reader() as f:
             return fingerprint_of(f)
 
+    def holds_its_lines(self) -> bool:
+        """Its descriptor still shows the lines it was known by: not truncated (copytruncate) or rewritten in place."""
+        return not self.stale and self.first_line() == self.fp
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)

@@ -254,7 +254,7 @@ class Tailer:
                     self.follower.stamp(f)
         assert self.opts.state_dir is not None
         keep_or_say(
-            [(f.path, f.fd) for f in self._unread_deleted()] + (self.pins.deleted() if self.pins is not None else []),
+            [(f.path, f.fd) for f in self._unread_deleted()] + (list(self.pins.deleted().values()) if self.pins is not None else []),
             self.opts.state_dir,
             "not read to their end",
         )
@@ -445,7 +445,7 @@ class Tailer:
         """The followed file ``spare`` is a copy of still holds its lines (not truncated or rewritten)."""
         known = self.follower.files.get(spare.key)
         try:
-            return known is not None and not known.stale and known.first_line() == known.fp
+            return known is not None and known.holds_its_lines()
         except OSError:
             return False
 
@@ -597,7 +597,7 @@ class Tailer:
             if known is None:
                 self.follower.follow(f)
                 log.info("following %s from byte %d", path, f.ck.offset)
-            elif known.stale or known.first_line() != known.fp:
+            elif not known.holds_its_lines():
                 log.info("copytruncate: %s continues in %s at byte %d", known.path, path, known.ck.offset)
                 known.close()
                 self.follower.follow(f)
@@ -642,6 +642,8 @@ class Tailer:
                 f.close()
                 continue
             self.follower.follow(f).gone_since = time.monotonic()
+            if (copy := self.pins.kept.get(key)) is not None:
+                self._kept[f.key] = copy  # deleted once this descriptor is read to its end (:meth:`_drop_kept`)
             log.info("following %s (deleted before it was read) from byte %d", path, f.ck.offset)
         if not self.pins.held:
             self.pins = None
@@ -761,15 +763,16 @@ class Pins:
     def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
         self.limit = limit
         self.held: dict[tuple[int, int], tuple[Path, int]] = {}
-        self.kept: set[tuple[int, int]] = set()
+        self.kept: dict[tuple[int, int], Path] = {}
+        """The copies :meth:`keep_deleted` made, by the inode of the file they copy."""
         self.metrics = metrics
 
     def keep_deleted(self, state_dir: Path) -> None:
         """A copy (:func:`keep`), once, of each held file deleted since it was taken: a crash or a
         SIGKILL while MLflow is down would take it with this process."""
-        for key, (path, fd) in self.deleted_with_lines():
-            if key not in self.kept and keep(path, fd, kept_dir(state_dir)) is not None:
-                self.kept.add(key)
+        for key, (path, fd) in self.deleted().items():
+            if key not in self.kept and (copy := keep(path, fd, kept_dir(state_dir))) is not None:
+                self.kept[key] = copy
                 log.info("%s was deleted while MLflow did not answer: kept a copy in %s", path, kept_dir(state_dir))
 
     def take(self, dirs: list[Path], pattern: str, own: tuple[Path, ...] = ()) -> None:
@@ -820,17 +823,14 @@ class Pins:
         _, fd = self.held.pop(key)
         os.close(fd)
 
-    def deleted(self) -> list[tuple[Path, int]]:
-        """The held files deleted since they were taken, with their descriptors: all that is left of them."""
-        return [(path, fd) for _, (path, fd) in self.deleted_with_lines()]
-
-    def deleted_with_lines(self) -> list[tuple[tuple[int, int], tuple[Path, int]]]:
-        """As :meth:`deleted`, by key, leaving out the empty ones (nothing to keep)."""
-        out = []
+    def deleted(self) -> dict[tuple[int, int], tuple[Path, int]]:
+        """The held files deleted since they were taken, with lines in them, and their descriptors: all
+        that is left of them (an empty one has nothing to keep)."""
+        out = {}
         for key, (path, fd) in list(self.held.items()):
             with contextlib.suppress(OSError):
                 if _deleted(fd) and os.fstat(fd).st_size:
-                    out.append((key, (path, fd)))
+                    out[key] = (path, fd)
         return out
 
     def close(self) -> None:
@@ -932,7 +932,7 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
             raise
         if destination is None:
             assert opts.state_dir is not None
-            keep_or_say(pins.deleted(), opts.state_dir, "held unread while MLflow did not answer")
+            keep_or_say(list(pins.deleted().values()), opts.state_dir, "held unread while MLflow did not answer")
             pins.close()
             log.info("stopped while waiting for MLflow")
             return

@@ -1637,13 +1637,14 @@ def test_a_copytruncate_whose_copy_is_deleted_during_an_outage_loses_nothing(tmp
     assert not list((state_dir / "kept-logs").rglob("*.jsonl*")), "the kept copy goes once read"
 
 
-@pytest.mark.parametrize("case", ["mlflow_up", "killed_during_an_outage"])
+@pytest.mark.parametrize("case", ["mlflow_up", "killed_during_an_outage", "kept_during_an_outage_then_read"])
 def test_a_log_filled_and_deleted_between_two_scans_loses_nothing(tmp_path: Path, case: str) -> None:
     """The daemon saw the log empty (just made by ``create``), so it did not open it; the proxy then
     wrote calls and a rotation deleted the file (``rotate 0``) before the next scan: its lines were
     gone with it (found by the real-process soak). A file waiting for its first line is now held
     open: the next scan reads it through that descriptor, or, during an outage, it is kept in the
-    state dir as any deleted log is."""
+    state dir as any deleted log is, and the copy goes once the descriptor is read (it stayed until
+    the next start)."""
     logdir, state_dir = tmp_path / "logs", tmp_path / "state"
     logdir.mkdir()
     log = logdir / "proxy.jsonl"
@@ -1656,6 +1657,10 @@ def test_a_log_filled_and_deleted_between_two_scans_loses_nothing(tmp_path: Path
     log.rename(logdir / "proxy.jsonl.1")
     (logdir / "proxy.jsonl.1").unlink()
     log.touch()
+    if case == "kept_during_an_outage_then_read":
+        t._hold_files_until(time.monotonic() + 0.2)
+        assert len(list((state_dir / "kept-logs").rglob("proxy.jsonl"))) == 1, "kept during the outage"
+        sink.up = True
     if case == "killed_during_an_outage":
         t.step()
         t._hold_files_until(time.monotonic() + 0.2)
