@@ -829,12 +829,12 @@ class Inputs:
 
 def input_id(spec: str) -> str:
     """How a backfill's state names an input: files by absolute path, URLs as given (passwords hidden)."""
-    from ingest.stores import shown_uri
-
     if is_bucket_url(spec):
         return spec
     if is_database_url(spec):
-        return shown_uri(spec)
+        from ingest.spendlogs_db import shown_database
+
+        return shown_database(spec)
     return str(Path(spec).resolve())
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import polars as pl
 import psycopg
 from psycopg import sql
 from psycopg.adapt import Loader
+from psycopg.conninfo import conninfo_to_dict
 
 from ingest.buckets import WINDOW_SLACK
 from ingest.ledger import Ledger, Unit, items_frame
@@ -44,9 +47,12 @@ TEXT_KINDS = frozenset({"text", "character varying", "character", "name", "citex
 NATIVE_KINDS = frozenset({"integer", "bigint", "smallint", "double precision", "real", "boolean"})
 CONNECT_TIMEOUT_S = 10
 """libpq's wait for a connection, and the longest the database may leave a read unanswered (``SpendLogsDB._answered``)
-before it is asked, on a connection of its own, whether it still answers at all."""
+before it is asked, on a connection of its own, whether it still answers at all; a ``connect_timeout`` in the
+URL (or ``PGCONNECT_TIMEOUT``) sets both instead (:func:`silence_bound`)."""
 PING_S = 5
 """How long that question may go unanswered (libpq's connect timeout takes 2 s at least)."""
+MIN_CONNECT_TIMEOUT_S = 2
+"""libpq's floor for ``connect_timeout``."""
 SLOW_READ_S = 300
 """The longest one read may run on a database that still answers (PostgreSQL's ``statement_timeout``,
 unless the role or database sets one)."""
@@ -65,6 +71,25 @@ def _libpq_url(url: str) -> str:
     """libpq knows ``postgresql://`` and ``postgres://`` only: drop a SQLAlchemy ``+driver``."""
     scheme, sep, rest = url.strip().partition("://")
     return f"{scheme.split('+', 1)[0].lower()}{sep}{rest}"
+
+
+def silence_bound(url: str) -> int:
+    """The URL's ``connect_timeout`` (else ``PGCONNECT_TIMEOUT``, else ``CONNECT_TIMEOUT_S``), at libpq's 2 s floor:
+    a user who set one for the proxy's database gets that bound, not ours over it (psycopg's keyword wins
+    over the URL's parameter)."""
+    try:
+        given = conninfo_to_dict(_libpq_url(url)).get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
+        seconds = int(str(given).strip()) if given is not None else CONNECT_TIMEOUT_S
+    except (psycopg.Error, ValueError):
+        seconds = CONNECT_TIMEOUT_S
+    return CONNECT_TIMEOUT_S if seconds <= 0 else max(MIN_CONNECT_TIMEOUT_S, seconds)
+
+
+def shown_database(url: str) -> str:
+    """The database as said and as known by the state and ledger: password hidden, and without its
+    ``connect_timeout`` (setting one must not make a run read the whole table again, nor a backfill
+    start over)."""
+    return shown_uri(re.sub(r"(?<=[?&])connect_timeout=[^&]*(&|$)", "", url).rstrip("?&"))
 
 
 def _password(url: str) -> str | None:
@@ -158,10 +183,13 @@ class SpendLogsDB:
         self.page_rows = max(1, page_rows)
         self.page_bytes = page_bytes
         self.max_row_bytes = DEFAULT_MAX_LINE_BYTES
-        self.shown = shown_uri(url)
+        self.shown = shown_database(url)
         self.source = f"{self.shown}#{table}"
+        """What the ledger and the state know the table by: not its ``connect_timeout`` (set one, and a run
+        would read the whole table again)."""
         self.rows_read = 0
         self._secret = _password(url)
+        self.silence_s = silence_bound(url)
         self._conn: psycopg.Connection | None = None
         self._schema: str | None = None
         self._columns: list[_Column] | None = None
@@ -180,9 +208,7 @@ class SpendLogsDB:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         try:
-            conn = psycopg.connect(
-                _libpq_url(self.url), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="litellm-ingest"
-            )
+            conn = psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=self.silence_s, application_name="litellm-ingest")
         except psycopg.Error as e:
             raise self._error("cannot connect to", e) from None
         conn.read_only = True
@@ -204,7 +230,7 @@ class SpendLogsDB:
         """``call`` (one read of the proxy database) run watched (:class:`ingest.sink.Watched`), and
         what it returned or raised. A database that stops answering without closing anything (a
         frozen host, a network partition: no error, the socket just stays silent) held a read for
-        ever: a cron run or backfill never ended. Now a read left unanswered for ``CONNECT_TIMEOUT_S``
+        ever: a cron run or backfill never ended. Now a read left unanswered for ``silence_s``
         is ``SourceUnavailable`` (exit 8, one line), as a lost connection is here: a source is not
         retried within a run (nothing unread is marked read; the next run reads it), so the bound is
         the one libpq already gives a connection that does not answer, not the MLflow store's
@@ -221,10 +247,10 @@ class SpendLogsDB:
         except RuntimeError as e:  # no thread can start (a pids limit): unavailable for now, as an unreachable database is
             raise self._error(what, e) from None
         started, said = heard.at, False
-        while not watched.done.wait(max(0.0, heard.at + CONNECT_TIMEOUT_S - time.monotonic())):
-            if (silent := time.monotonic() - heard.at) < CONNECT_TIMEOUT_S:
+        while not watched.done.wait(max(0.0, heard.at + self.silence_s - time.monotonic())):
+            if (silent := time.monotonic() - heard.at) < self.silence_s:
                 continue
-            if time.monotonic() - started < SLOW_READ_S + CONNECT_TIMEOUT_S and self._answers():
+            if time.monotonic() - started < SLOW_READ_S + self.silence_s and self._answers():
                 if not said:
                     log.info(
                         "%s %s: no rows for %.0fs, but the database answers: waiting (a lock or a slow query)", what, self.shown, silent
@@ -237,7 +263,8 @@ class SpendLogsDB:
         return watched.result()
 
     def _answers(self) -> bool:
-        """Whether the database answers ``SELECT 1`` on a connection of its own within ``PING_S``."""
+        """Whether the database answers ``SELECT 1`` on a connection of its own within ``PING_S`` (whatever
+        the silence bound: a loaded host may take seconds to start a backend)."""
 
         def ping() -> None:
             with psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=PING_S, application_name="litellm-ingest") as c:

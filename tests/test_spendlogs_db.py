@@ -13,7 +13,7 @@ import pytest
 from ingest.normalize import normalize_isolating
 from ingest.sources import SourceError, SourceUnavailable, is_database_url, read_chunks
 from ingest.spans import _json_value, build_traces
-from ingest.spendlogs_db import Page, SpendLogsDB
+from ingest.spendlogs_db import CONNECT_TIMEOUT_S, Page, SpendLogsDB, shown_database, silence_bound
 from tests.conftest import Postgres, free_port
 from tests.litellm_db import EXPORT, create_spendlogs_table, export_rows, insert_rows
 
@@ -445,3 +445,30 @@ def test_page_byte_budget_ends_a_page_early(spendlogs: str) -> None:
     pages = read_all(SpendLogsDB(spendlogs, page_rows=100, page_bytes=12_000))
     assert [p.lines.height for p in pages] == [3, 3]
     assert ids_of(pages) == [f"r{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "bound"),
+    [
+        ("postgresql://u:pw@h/db", None, CONNECT_TIMEOUT_S),
+        ("postgresql+psycopg://u:pw@h/db?sslmode=disable&connect_timeout=3", None, 3),
+        ("postgresql://h/db?connect_timeout=1", None, 2),
+        ("postgresql://h/db?connect_timeout=soon", None, CONNECT_TIMEOUT_S),
+        ("postgresql://h/db?connect_timeout=0", None, CONNECT_TIMEOUT_S),
+        ("postgresql://h/db", "4", 4),
+        ("postgresql://h/db?connect_timeout=6", "4", 6),
+    ],
+)
+def test_the_urls_connect_timeout_bounds_a_silent_read_and_is_not_part_of_the_tables_name(
+    url: str, env: str | None, bound: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg's keyword argument overrode a ``connect_timeout`` the user gave in the URL; it is the
+    silence bound now (libpq's 2 s floor; 0 or no number: ours). The table's name in the state and
+    ledger leaves it out, so setting one does not read the table again."""
+    if env is None:
+        monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("PGCONNECT_TIMEOUT", env)
+    assert silence_bound(url) == bound
+    assert "connect_timeout" not in shown_database(url) and "pw" not in shown_database(url)
+    assert SpendLogsDB(url).source == SpendLogsDB(url.partition("?")[0]).source or "sslmode" in url

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,13 +18,15 @@ from typing import Any
 import pytest
 
 from ingest.sources import SourceUnavailable
-from ingest.spendlogs_db import CONNECT_TIMEOUT_S, DEFAULT_PAGE_ROWS, PING_S
+from ingest.spendlogs_db import CONNECT_TIMEOUT_S, DEFAULT_PAGE_ROWS, MIN_CONNECT_TIMEOUT_S, PING_S
 from tests.conftest import Postgres, all_traces, read_capture, reidentify, write_jsonl
 from tests.litellm_db import TABLE, create_spendlogs_table, insert_rows, row_from_payload
 from tests.pgkit import PgCluster
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EXP = "spendlogs-db"
+SILENCE_S = MIN_CONNECT_TIMEOUT_S
+"""The silence bound the frozen-database tests give in the URL (``connect_timeout``): the shortest libpq takes."""
 
 
 def run(*args: str, state: Path, uri: str, check: bool = True) -> tuple[int, dict[str, Any], str]:
@@ -164,8 +167,9 @@ def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_i
     """The proxy's PostgreSQL frozen (SIGSTOP) once a first page of rows was read, at the run's read of
     the next (held there by a lock, then frozen): a read on an open connection had no bound (libpq's
     connect timeout only), and a cron run or backfill sat in it for ever. Now it is an unavailable
-    source after ``CONNECT_TIMEOUT_S``: one line, exit 8; and the next run, the database thawed,
-    reads what was left and writes every call once."""
+    source once silent for the URL's ``connect_timeout`` (``CONNECT_TIMEOUT_S`` without one; psycopg's
+    keyword argument overrode the user's): one line, exit 8; and the next run, the database thawed
+    and the URL without its ``connect_timeout``, reads what was left and writes every call once."""
     pg = own_postgres
     url = pg.new_database()
     create_spendlogs_table(url)
@@ -175,10 +179,13 @@ def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_i
     insert_rows(url, [row_from_payload(r) for r in records])
     uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [EXE, command, url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
+    timed = f"{url}?connect_timeout={SILENCE_S}"  # the state knows the table without it: the next run reads on
+    args = [EXE, command, timed, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
     code, err = pg.run_frozen_at(url, f'"{TABLE}"', args, f"the {command}", after_query="%litellm_ingest_spendlogs%", env=env)
     assert code == 8, err[-2000:]
     assert "no answer for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    silent = int(re.search(r"no answer for (\d+)s", err).group(1))  # type: ignore[union-attr]
+    assert SILENCE_S <= silent < CONNECT_TIMEOUT_S, err
     _, s, _ = run(command, url, state=state, uri=uri)
     assert 0 < s["db_rows"] < len(records)  # the first page was kept as read
     got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, EXP, include_spans=False)]
@@ -202,11 +209,12 @@ def test_a_proxy_database_busy_past_the_silence_bound_is_waited_for_not_taken_fo
     insert_rows(url, [row_from_payload(r) for r in records])
     uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [EXE, "batch", url, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
+    timed = f"{url}?connect_timeout={SILENCE_S}"  # the state knows the table without it: the next run reads on
+    args = [EXE, "batch", timed, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"]
     with pg.frozen_at(url, f'"{TABLE}"', stop=lambda: None, after_query="%litellm_ingest_spendlogs%") as held:
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         held(p)
-        time.sleep(CONNECT_TIMEOUT_S + PING_S)
+        time.sleep(SILENCE_S + PING_S + 1)  # past the silence bound and a ping's wait
         assert p.poll() is None, p.communicate()[1][-2000:]
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
