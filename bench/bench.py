@@ -548,7 +548,12 @@ def rate_cell(rate: float) -> str:
 
 
 def scaling_figures(
-    work: Path, n_records: int, env: dict[str, str], server_workers: int = 2, call_rates: tuple[float, ...] = (10, 100, 1000)
+    work: Path,
+    n_records: int,
+    env: dict[str, str],
+    server_workers: int = 2,
+    call_rates: tuple[float, ...] = (10, 100, 1000),
+    daemon_counts: tuple[int, ...] = (1, 2, 4),
 ) -> tuple[list[tuple[str, str, str, str, str]], list[str]]:
     """Scaling out, on one PostgreSQL (fsync=off) on this machine: 1, 2 and 4 ``tail`` daemons at once
     (the same records split over their files) directly and through an ``mlflow server --workers``
@@ -574,7 +579,7 @@ def scaling_figures(
         server_ceiling(url, warm, batch=10, clients=clients)  # every worker's first requests (lazy imports) out of the figures
         before, n_ceiling = server_ceiling(url, ceiling_path, clients=clients)
         per_k: dict[tuple[str, int], float] = {}
-        for k in (1, 2, 4):
+        for k in daemon_counts:
             dirs = [work / f"daemons-{k}-{i}" for i in range(k)]
             calls = recs = 0
             for i, d in enumerate(dirs):
@@ -796,6 +801,7 @@ def main() -> None:
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--scaling-records", type=int, default=20000, help="records per daemons run (split over the daemons) and per backfill")
     ap.add_argument("--scaling-server-workers", type=int, default=2, help="--workers of the PostgreSQL-backed server")
+    ap.add_argument("--scaling-daemons", default="1,2,4", help="how many daemons run at once, comma-separated (1 comes first)")
     ap.add_argument("--call-rates", default="10,100,1000", help="calls/s to size daemons and server workers for")
     args = ap.parse_args()
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
@@ -836,8 +842,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         return
     rates = tuple(float(r) for r in args.call_rates.split(","))
+    daemon_counts = tuple(sorted({1, *(int(k) for k in args.scaling_daemons.split(","))}))
     if args.only_scaling:
-        scaling_rows, scaling_lines = scaling_figures(work, args.scaling_records, env, args.scaling_server_workers, rates)
+        scaling_rows, scaling_lines = scaling_figures(work, args.scaling_records, env, args.scaling_server_workers, rates, daemon_counts)
         print_rows(scaling_rows)
         print("\n".join(scaling_lines))
         shutil.rmtree(work, ignore_errors=True)
@@ -922,7 +929,7 @@ def main() -> None:
         rows += bucket_figures(work, args.bucket_records, env)
     scaling_lines: list[str] = []
     if not args.skip_scaling:
-        scaling_rows, scaling_lines = scaling_figures(work, args.scaling_records, env, args.scaling_server_workers, rates)
+        scaling_rows, scaling_lines = scaling_figures(work, args.scaling_records, env, args.scaling_server_workers, rates, daemon_counts)
         rows += scaling_rows
     print_rows(rows)
     if len(rss_by_size) > 1:

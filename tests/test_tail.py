@@ -55,9 +55,19 @@ def setup(mlflow_server, tmp_path: Path):  # type: ignore[no-untyped-def]
             d.stop(signal.SIGKILL)
 
 
-@pytest.mark.parametrize("keep", ["kept", "gzipped", "deleted"])
-@pytest.mark.parametrize("naming", ["numbered", "timestamped"])
-@pytest.mark.parametrize("how", ["rename_create", "copytruncate"])
+ROTATIONS = [
+    ("rename_create", "numbered", "kept"),
+    ("copytruncate", "timestamped", "kept"),
+    ("rename_create", "timestamped", "gzipped"),
+    ("copytruncate", "numbered", "gzipped"),
+    ("rename_create", "numbered", "deleted"),
+    ("copytruncate", "timestamped", "deleted"),
+]
+"""Every pair of a move, a naming and what becomes of the rotated file, in 6 real daemons rather than
+all 12 triples: the logic under them is the in-process model's (``tests/test_follow.py``)."""
+
+
+@pytest.mark.parametrize(("how", "naming", "keep"), ROTATIONS, ids=["-".join(r) for r in ROTATIONS])
 def test_rotation_matrix_with_a_writer_appending(setup, mlflow_server, capture, how: str, naming: str, keep: str) -> None:
     logdir, experiment, daemon = setup
     log = logdir / "proxy.jsonl"
