@@ -148,6 +148,30 @@ class Bucket:
         the first's newest day, and its older partitions were never listed)."""
         return f"newest_day /{self.prefix}"
 
+    def partition_day(self, key: str) -> date | None:
+        """The day of the date partition a listed key lies in, below this URL's root, found as
+        :meth:`_walk` finds partitions (None: a loose object, listed by every run)."""
+        if not key.startswith(f"{self.root}/"):
+            return None
+        for part in key[len(self.root) + 1 :].split("/")[:-1][: MAX_DEPTH + 1]:
+            if (day := _day(part)) is not None:
+                return day
+        return None
+
+    def forget_before(self, ledger: Ledger, start: date) -> int:
+        """Once a day, a cron run starting from ``start``: forget the objects of date partitions before
+        the day ahead of it, which no cron run of this URL lists again. The ledger kept every object
+        ever read (about 650 MB a year for a proxy making a call a second)."""
+        before = (start - timedelta(days=1)).isoformat()
+        mark = f"forgotten_before /{self.prefix}"
+        if (done := ledger.meta(self.source, mark)) is not None and done >= before:
+            return 0
+        n = ledger.forget_where(self.source, f"{self.root}/", lambda key: str(self.partition_day(key) or "9999") < before)
+        ledger.mark(self.source, items_frame([], [], []), {mark: before})
+        if n:
+            log.info("%s: forgot %d object(s) of partitions before %s, which no cron run lists again", self.url, n, before)
+        return n
+
     def open(self) -> Bucket:
         if self.fs is None:
             self.fs = filesystem(self.scheme)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -230,6 +231,27 @@ class Ledger:
             return None
         row = self._db.execute("SELECT value FROM meta WHERE source = ? AND name = ?", (source, name)).fetchone()
         return row[0] if row else None
+
+    def forget_where(self, source: str, prefix: str, stale: Callable[[str], bool], batch: int = 10_000) -> int:
+        """Forget the items of ``source`` whose key starts with ``prefix`` and that ``stale`` picks (read
+        by primary key, a batch at a time: a ledger of millions of keys is never held whole)."""
+        if self._db is None:
+            return 0
+        forgotten, after, past = 0, prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)  # the keys in between start with it
+        while True:
+            keys = [
+                k
+                for (k,) in self._db.execute(
+                    "SELECT key FROM items WHERE source = ? AND key > ? AND key < ? ORDER BY key LIMIT ?", (source, after, past, batch)
+                )
+            ]
+            if not keys:
+                return forgotten
+            after = keys[-1]
+            if old := [k for k in keys if stale(k)]:
+                with self._db:
+                    self._db.executemany("DELETE FROM items WHERE source = ? AND key = ?", [(source, k) for k in old])
+                forgotten += len(old)
 
     def prune(self, source: str, before: str) -> None:
         """Forget items whose ``at`` is before ``before`` (database rows older than the re-read window);

@@ -861,6 +861,7 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
                 ledger.drop_meta(b.source, b.day_mark)
             else:
                 start = date.fromisoformat(newest) - timedelta(days=1)
+                b.forget_before(ledger, start)
         yield from b.units(ledger, start, hi, opts.chunk_bytes, on_listed=listed)
     for db in inputs.databases:
         from ingest.spendlogs_db import db_units

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sqlite3
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -252,3 +253,44 @@ def test_a_prefix_that_holds_no_object_is_said(tmp_path: Path, caplog: pytest.Lo
     b.prefix = "logs"
     assert [u for u in b.units(Ledger(tmp_path / "l.sqlite")) if u.items.height]
     assert "holds no object" not in caplog.text
+
+
+def test_a_cron_run_forgets_the_objects_of_partitions_it_no_longer_lists_and_reads_nothing_again(tmp_path: Path) -> None:
+    """The ledger kept every object a cron run ever read (hundreds of MB a year for a busy proxy's
+    bucket), though a cron run lists only the partitions from a day before the newest it read. Once
+    a day, the objects of partitions before the day ahead of that are forgotten; loose objects (listed
+    by every run), other prefixes' and the recent partitions' stay, and a run after it reads nothing."""
+    from ingest.pipeline import Inputs, RunOptions, Summary, remote_units
+
+    capture = read_capture()
+    days = ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04", "2026-11-05"]
+    files = {f"logs/{d}/{h}/{i}.json": json.dumps(capture[i]).encode() for i, d in enumerate(days) for h in ("00", "13")}
+    files |= {"logs/loose.json": json.dumps(capture[10]).encode(), "logs/team-a/2026-10-01/x.json": json.dumps(capture[11]).encode()}
+    b = memory_bucket(files)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.mark(b.source, items_frame(["/bk/other/2026-10-01/y.json"], ["v"], [""]))
+    inputs, opts = Inputs([], [b]), RunOptions(paths=[])
+
+    def cron() -> int:
+        n = 0
+        for u in remote_units(inputs, ledger, opts, Summary()):
+            ledger.mark(u.source, u.items, u.meta)
+            n += u.items.height
+        return n
+
+    assert cron() == len(files) and ledger.meta(b.source, b.day_mark) == "2026-11-05"
+    assert ledger.count(b.source) == len(files) + 1
+    assert cron() == 0, "the next run reads nothing again"
+    kept = {k.split("/bk/")[1] for k in keys(tmp_path / "l.sqlite", b.source)}
+    assert kept == {f"logs/{d}/{h}/{i}.json" for i, d in enumerate(days) for h in ("00", "13") if d >= "2026-11-03"} | {
+        "logs/loose.json",
+        "other/2026-10-01/y.json",
+    }, "before 2026-11-03 (the day ahead of the run's start, 2026-11-04) forgotten, in any team's folder"
+    assert ledger.meta(b.source, "forgotten_before /logs") == "2026-11-03"
+    ledger.mark(b.source, items_frame(["/bk/logs/2026-11-01/late.json"], ["v"], [""]))
+    assert cron() == 0 and "/bk/logs/2026-11-01/late.json" in keys(tmp_path / "l.sqlite", b.source), "once a day, not every run"
+
+
+def keys(ledger: Path, source: str) -> list[str]:
+    with sqlite3.connect(ledger) as c:
+        return [k for (k,) in c.execute("SELECT key FROM items WHERE source = ?", (source,))]
