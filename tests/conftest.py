@@ -340,6 +340,49 @@ def _isolated_cwd_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
         os.environ.pop(name, None)
 
 
+IN_PROCESS_COMMANDS = ("batch", "reconcile", "status")
+"""Commands :func:`run_cli` runs in this process: they end on their own and start no process."""
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``litellm-ingest args`` with exactly ``env`` in ``cwd``: what it prints and exits with.
+    ``batch``, ``reconcile`` and ``status`` run in this process, through click's runner, as the
+    script's own entry does (its environment defaults set), without the 2-3 s of CPU a process
+    spends importing MLflow; the suite runs hundreds. A traceback out of the command is printed to
+    ``stderr`` as the script would print it. ``-v`` (logging, set up once per process) and the
+    other commands start the real script, as do tests of the process itself (signals, kills,
+    start-up), which call it themselves."""
+    from ingest.__main__ import DATABASE_DEFAULTS, OFFLINE_DEFAULTS
+
+    exe = str(Path(sys.executable).parent / "litellm-ingest")
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command not in IN_PROCESS_COMMANDS or {"--help", "-v", "--verbose"} & set(args):  # logging is the process's
+        return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    import traceback
+    from contextlib import chdir
+
+    from click.testing import CliRunner
+
+    from ingest import STOP_SIGNALS
+    from ingest.cli import main
+
+    saved_env, saved_signals = dict(os.environ), {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    os.environ.clear()
+    os.environ.update({**OFFLINE_DEFAULTS, **DATABASE_DEFAULTS, **env})
+    try:
+        with chdir(cwd):
+            result = CliRunner().invoke(main, list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+    stderr = result.stderr
+    if result.exc_info is not None and not isinstance(result.exc_info[1], SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess([exe, *args], result.exit_code, result.stdout, stderr)
+
+
 def copy_samples(dest: Path) -> Path:
     shutil.copytree(SAMPLE_LOGS, dest, ignore=shutil.ignore_patterns("*.py", "README*"))
     return dest

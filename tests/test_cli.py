@@ -1,4 +1,5 @@
-"""The `litellm-ingest` command as a user runs it: real processes, real exit codes, real stores."""
+"""The `litellm-ingest` command as a user runs it: real exit codes, real stores, real servers; the
+script itself where the process matters (start-up, signals, limits, the quick start)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_LOGS, MlflowServer, all_traces, copies, fill, free_port, start_mlflow_server, write_jsonl
+from tests.conftest import SAMPLE_LOGS, MlflowServer, all_traces, copies, fill, free_port, run_cli, start_mlflow_server, write_jsonl
 
 EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
 
 
-def run(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def run(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180, process: bool = False
+) -> subprocess.CompletedProcess:
+    """The command as cron runs it (no MLflow variables but ``env``); in this process unless
+    ``process`` (see ``run_cli``)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     full_env.update(env or {})
-    return subprocess.run([EXE, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if process:
+        return subprocess.run([EXE, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_cli(list(args), cwd, full_env, timeout)
 
 
 def nonblank_lines(path: Path) -> int:
@@ -42,7 +49,7 @@ def assert_one_clean_error_line(proc: subprocess.CompletedProcess, code: int, ne
 
 
 def test_default_store_is_local_sqlite_mlflow_db_that_mlflow_reads(tmp_path: Path, capture: list[dict]) -> None:
-    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--json", cwd=tmp_path)
+    proc = run("batch", str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--json", cwd=tmp_path, process=True)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert (tmp_path / "mlflow.db").exists()
@@ -1057,7 +1064,7 @@ def test_the_quick_starts_first_run_on_a_fresh_clone_quarantines_the_bad_lines_a
     for p in logs.iterdir():
         os.utime(p)
     store = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--state-dir", str(tmp_path / "st")]
-    proc = run("batch", str(logs), "--json", *store, cwd=tmp_path)
+    proc = run("batch", str(logs), "--json", *store, cwd=tmp_path, process=True)
     s = json.loads(proc.stdout)
     assert proc.returncode == 3, proc.stderr
     assert s["calls"] == s["traces_written"] == 45 and s["files_skipped"] == 1, s

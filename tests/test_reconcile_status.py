@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import all_traces, client_for, copies, reidentify, write_log
+from tests.conftest import all_traces, client_for, copies, reidentify, run_cli, write_log
 from tests.pgkit import PgCluster
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -37,7 +37,7 @@ def _env() -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([EXE, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return run_cli(list(args), cwd, _env(), timeout)
 
 
 def no_traceback(proc: subprocess.CompletedProcess) -> None:
@@ -308,7 +308,7 @@ def first_line_digest(path: Path) -> str:
 
 def run_with(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """As `run`, with these MLflow variables set (and no flags naming the target)."""
-    proc = subprocess.run([EXE, *args], cwd=cwd, env=_env() | env, capture_output=True, text=True, timeout=240)
+    proc = run_cli(list(args), cwd, _env() | env)
     no_traceback(proc)
     return proc
 
