@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
+import faulthandler
 import json
 import os
 import shutil
@@ -343,40 +345,114 @@ def _isolated_cwd_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 IN_PROCESS_COMMANDS = ("batch", "reconcile", "status")
 """Commands :func:`run_cli` runs in this process: they end on their own and start no process."""
 
+PYTHON_WARNING_FILTERS = (
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+)
+"""The interpreter's own warning filters (no ``-W``): what the script runs with."""
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """``litellm-ingest args`` with exactly ``env`` in ``cwd``: what it prints and exits with.
-    ``batch``, ``reconcile`` and ``status`` run in this process, through click's runner, as the
-    script's own entry does (its environment defaults set), without the 2-3 s of CPU a process
-    spends importing MLflow; the suite runs hundreds. A traceback out of the command is printed to
-    ``stderr`` as the script would print it. ``-v`` (logging, set up once per process) and the
-    other commands start the real script, as do tests of the process itself (signals, kills,
-    start-up), which call it themselves."""
-    from ingest.__main__ import DATABASE_DEFAULTS, OFFLINE_DEFAULTS
 
-    exe = str(Path(sys.executable).parent / "litellm-ingest")
-    command = next((a for a in args if not a.startswith("-")), None)
-    if command not in IN_PROCESS_COMMANDS or {"--help", "-v", "--verbose"} & set(args):  # logging is the process's
-        return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    import traceback
-    from contextlib import chdir
+class _Stderr:
+    """``sys.stderr`` as it is when written to (click's runner swaps it in)."""
 
-    from click.testing import CliRunner
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _as_a_new_process(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """What a new ``litellm-ingest`` process starts with, for a command run in this one: exactly
+    ``env`` (with the script's own defaults) and ``cwd``; no store open (MLflow keeps an engine per
+    database URI for the process's life, and one on a store deleted since writes into the deleted
+    file); warnings and log records of WARNING and up printed to stderr, as the script's
+    ``logging.basicConfig`` and the interpreter's filters print them; the stop signals given back
+    after. A command that hangs ends this test worker after ``timeout`` (see :func:`run_cli`)."""
+    import logging
+    import warnings
 
     from ingest import STOP_SIGNALS
-    from ingest.cli import main
+    from ingest.__main__ import DATABASE_DEFAULTS, OFFLINE_DEFAULTS
 
+    _forget_stores()
     saved_env, saved_signals = dict(os.environ), {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    root = logging.getLogger()
+    saved_level, said = root.level, logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
+    said.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     os.environ.clear()
     os.environ.update({**OFFLINE_DEFAULTS, **DATABASE_DEFAULTS, **env})
+    root.addHandler(said)
+    root.setLevel(logging.WARNING)
     try:
-        with chdir(cwd):
-            result = CliRunner().invoke(main, list(args))
+        with warnings.catch_warnings(), contextlib.chdir(cwd):
+            warnings.resetwarnings()
+            for action, category, module in reversed(PYTHON_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line)
+            )
+            yield
     finally:
+        root.removeHandler(said)
+        root.setLevel(saved_level)
         os.environ.clear()
         os.environ.update(saved_env)
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
+        _forget_stores()
+
+
+MLFLOW_STORES = (
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "mlflow.store.jobs.sqlalchemy_store",
+)
+
+
+def _forget_stores() -> None:
+    """The stores this process opened (ours and MLflow's, by URI) and MLflow's engines (by database
+    URI) closed and forgotten: a process keeps them for its life."""
+    if (ours := sys.modules.get("ingest.stores")) is not None:
+        ours._STORES.clear()
+    if (registry := sys.modules.get("mlflow.tracking._tracking_service.registry")) is not None:
+        registry.TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    for name in MLFLOW_STORES:
+        engines = getattr(getattr(sys.modules.get(name), "SqlAlchemyStore", None), "_engine_map", None)
+        for engine in list(engines.values()) if engines else []:
+            engine.dispose()
+        if engines:
+            engines.clear()
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``litellm-ingest args`` with exactly ``env`` in ``cwd``: what it prints and exits with.
+    ``batch``, ``reconcile`` and ``status`` run in this process through click's runner, set up as a
+    new process would be (:func:`_as_a_new_process`), without the 2-3 s of CPU each process spends
+    importing MLflow: the suite runs hundreds. A traceback out of the command is printed to
+    ``stderr`` as the script would print it. ``-v`` (logging set up for the process) and the other
+    commands start the real script, as do the tests of the process itself (signals, kills,
+    start-up, the quick start), which call it themselves."""
+    exe = str(Path(sys.executable).parent / "litellm-ingest")
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command not in IN_PROCESS_COMMANDS or {"--help", "-v", "--verbose"} & set(args):
+        return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    import traceback
+
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+
+    faulthandler.dump_traceback_later(timeout, exit=True)  # a hung run ends this worker, not the suite
+    try:
+        with _as_a_new_process(cwd, env):
+            result = CliRunner().invoke(main, list(args))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     stderr = result.stderr
     if result.exc_info is not None and not isinstance(result.exc_info[1], SystemExit):
         stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(*result.exc_info))

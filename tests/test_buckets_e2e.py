@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.buckets import BucketServer, put_gcs_batch, put_gcs_objects, put_s3_v2_batch_file, put_s3_v2_objects, server_env
-from tests.conftest import all_traces, read_capture, reidentify, write_jsonl
+from tests.conftest import all_traces, read_capture, reidentify, run_cli, write_jsonl
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EXP = "buckets"
@@ -28,10 +28,7 @@ EXP = "buckets"
 def run(server: BucketServer, *args: str, state: Path, uri: str, codes: tuple[int, ...] = (0,)) -> tuple[int, dict[str, Any], str]:
     env = {k: v for k, v in server.environ().items() if not k.startswith("MLFLOW_")}
     state_args = ("--state-dir", str(state)) if args[0] != "reconcile" else ()
-    p = subprocess.run(
-        [EXE, *args, "--tracking-uri", uri, "--experiment-name", EXP, "--json", *state_args],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    p = run_cli([*args, "--tracking-uri", uri, "--experiment-name", EXP, "--json", *state_args], Path.cwd(), env, 600)
     assert "Traceback" not in p.stderr, p.stderr
     assert p.returncode in codes, (p.returncode, p.stderr)
     return p.returncode, (json.loads(p.stdout) if p.stdout.strip() else {}), p.stderr

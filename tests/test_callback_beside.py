@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import all_traces, copies, reidentify, write_jsonl
+from tests.conftest import all_traces, copies, reidentify, run_cli, write_jsonl
 from tests.proxykit import E2E, _clean_env, proxy_python
 from tests.tailkit import Daemon, metric, wait_for
 
@@ -43,7 +43,7 @@ def callback_traces(uri: str, experiment: str) -> list:
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.run([EXE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli(list(args), cwd, env, 300)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tests.conftest import Postgres, copies, spend_row, start_mlflow_server, write_log
+from tests.conftest import Postgres, copies, run_cli, spend_row, start_mlflow_server, write_log
 from tests.storekit import store_rows
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -29,8 +28,8 @@ SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
 
 def _run(command: str, uri: str, state: Path, *paths: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [EXE, command, *map(str, paths), "--tracking-uri", uri, "--experiment-name", "late", "--state-dir", str(state), "--json"]
-    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    args = [command, *map(str, paths), "--tracking-uri", uri, "--experiment-name", "late", "--state-dir", str(state), "--json"]
+    p = run_cli(args, Path.cwd(), env, 300)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     return json.loads(p.stdout)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import all_traces, reidentify, spend_row, sqlite_trace_count, write_jsonl
+from tests.conftest import all_traces, reidentify, run_cli, spend_row, sqlite_trace_count, write_jsonl
 from tests.tailkit import Daemon, wait_for
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -40,7 +40,7 @@ def _env() -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([EXE, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = run_cli(list(args), cwd, _env())
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     return proc

@@ -19,7 +19,7 @@ import pytest
 
 from ingest.sources import SourceUnavailable
 from ingest.spendlogs_db import CONNECT_TIMEOUT_S, DEFAULT_PAGE_ROWS, MIN_CONNECT_TIMEOUT_S, PING_S
-from tests.conftest import Postgres, all_traces, read_capture, reidentify, write_jsonl
+from tests.conftest import Postgres, all_traces, read_capture, reidentify, run_cli, write_jsonl
 from tests.litellm_db import TABLE, create_spendlogs_table, insert_rows, row_from_payload
 from tests.pgkit import PgCluster
 
@@ -31,10 +31,7 @@ SILENCE_S = MIN_CONNECT_TIMEOUT_S
 
 def run(*args: str, state: Path, uri: str, check: bool = True) -> tuple[int, dict[str, Any], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    p = subprocess.run(
-        [EXE, *args, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    p = run_cli([*args, "--tracking-uri", uri, "--experiment-name", EXP, "--state-dir", str(state), "--json"], Path.cwd(), env, 300)
     assert "Traceback" not in p.stderr, p.stderr
     if check:
         assert p.returncode == 0, p.stderr

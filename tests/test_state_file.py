@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ingest.checkpoints import STATE_VERSION, Checkpoint, State
-from tests.conftest import copies, sqlite_trace_count, write_log
+from tests.conftest import copies, run_cli, sqlite_trace_count, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -72,7 +72,7 @@ STATE_V1 = """{
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k not in ("COLUMNS", "LINES")}
-    proc = subprocess.run([EXE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_cli(list(args), cwd, env)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
 
