@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -66,7 +67,7 @@ T = TypeVar("T")
 class SinkError(Exception):
     """MLflow could not be reached, refused us, or rejected data: one line for the user. ``kind``:
     "unreachable" and "server" are retried, "rejected" may be the data's fault (a batch is split to
-    find the trace), "unauthorized" and "refused" are the destination's (a route it does not serve),
+    find the trace), "unauthorized" and "refused" are the destination's (a route it does not serve, an experiment or store gone),
     "stopped": a request abandoned at a daemon's shutdown deadline (unacknowledged, not retried)."""
 
     def __init__(self, message: str, kind: str = "unreachable", status: int | None = None) -> None:
@@ -489,10 +490,13 @@ def _no_such_experiment(resp: requests.Response) -> bool:
     return resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text)
 
 
+EXPERIMENT_REMEDY = "restore it or pick another experiment"
+
+
 def _experiment_problem(resp: requests.Response, target: Target) -> str | None:
     """What a server's answer to GetExperiment says of the target's experiment, if it is gone."""
     if _no_such_experiment(resp):
-        return f"experiment id {target.experiment_id} no longer exists on {target.shown_uri}"
+        return f"experiment id {target.experiment_id} no longer exists on {target.shown_uri}: {EXPERIMENT_REMEDY}"
     if not resp.ok:
         return None
     try:
@@ -500,7 +504,7 @@ def _experiment_problem(resp: requests.Response, target: Target) -> str | None:
     except (ValueError, KeyError, TypeError):
         return None
     if exp.get("lifecycle_stage") == "deleted":
-        return f"experiment {exp.get('name')!r} (id {target.experiment_id}) on {target.shown_uri} was deleted"
+        return f"experiment {exp.get('name')!r} (id {target.experiment_id}) on {target.shown_uri} was deleted: {EXPERIMENT_REMEDY}"
     return None
 
 
@@ -618,6 +622,15 @@ def _store_failure(uri: str, exp_id: str | None, e: Exception) -> SinkError:
     if isinstance(e, MlflowException) and e.error_code == "INVALID_PARAMETER_VALUE" and not _transient_db(e):
         return SinkError(said, kind="rejected")
     return SinkError(said)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode); None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _created_ms(value: Any) -> int | None:
@@ -1230,6 +1243,19 @@ class StoreSink(_Synchronous):
         if reason is not None:
             log.warning("writing through MLflow's log_spans (slower): %s", reason)
         self.settles = self.bulk is not None
+        self._file = (db := sqlite_path(target.tracking_uri)) and _identity(db.resolve())
+
+    def _store_gone(self) -> str | None:
+        """Why the SQLite file this process opened is no longer the store at its path (deleted, or
+        replaced: a backup restored, ``rm mlflow.db`` to start over). SQLite then refuses every write
+        to the open file (``readonly``), which was an outage held for ever; a new process opens
+        what is there now."""
+        if not self._file:
+            return None
+        db = sqlite_path(self.target.tracking_uri).resolve()  # type: ignore[union-attr]
+        if _identity(db) == self._file:
+            return None
+        return f"the store {db} was deleted or replaced while this process had it open: start again to write into the one there now"
 
     def give_up_at(self, deadline: float) -> None:
         self.cutoff = deadline
@@ -1314,6 +1340,8 @@ class StoreSink(_Synchronous):
         except SinkError:
             raise
         except Exception as e:
+            if gone := self._store_gone():
+                raise SinkError(gone, kind="refused") from e
             kind = "rejected" if _data_error(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
         return sum(t.span_count for t in traces)
@@ -1400,15 +1428,17 @@ class StoreSink(_Synchronous):
         from mlflow.exceptions import MlflowException
 
         t = self.target
+        if gone := self._store_gone():
+            return gone
         try:
             exp = self._answered(lambda: self.store.get_experiment(t.experiment_id), "get experiment", give_up_s=self.deadline_s)
         except MlflowException as e:
             gone = e.error_code == "RESOURCE_DOES_NOT_EXIST"
-            return f"experiment id {t.experiment_id} no longer exists in {t.shown_uri}" if gone else None
+            return f"experiment id {t.experiment_id} no longer exists in {t.shown_uri}: {EXPERIMENT_REMEDY}" if gone else None
         except Exception:
             return None
         if exp.lifecycle_stage == "deleted":
-            return f"experiment {exp.name!r} (id {exp.experiment_id}) in {t.shown_uri} was deleted"
+            return f"experiment {exp.name!r} (id {exp.experiment_id}) in {t.shown_uri} was deleted: {EXPERIMENT_REMEDY}"
         return None
 
     def close(self) -> None:

@@ -241,10 +241,13 @@ class Tailer:
         deadline = self._stop_deadline()
         self.sink.deadline_s = max(1.0, self.opts.shutdown_timeout_s)
         try:
-            self._restore()
-            self._read_and_send(deadline)
-            self._nest(force=True)
-            self._look_for_callback_traces(force=True)
+            if self.refused is not None:  # the destination is gone: what was read waits for the next start
+                self.follower.rewind()
+            else:
+                self._restore()
+                self._read_and_send(deadline)
+                self._nest(force=True)
+                self._look_for_callback_traces(force=True)
         except SinkError as e:
             self.follower.rewind()
             log.warning("MLflow unavailable at shutdown (%s); what it did not acknowledge is saved for the next start", e)
@@ -364,13 +367,14 @@ class Tailer:
 
     def _check_experiment(self) -> bool:
         """Stop (exit 4, as at start) if the experiment was deleted, or is gone with its store made
-        anew: MLflow takes traces into a deleted experiment, and refuses them once it is purged or
-        gone, which would otherwise be an outage held for ever. True when it is."""
+        anew, or the SQLite file open is no longer the store: MLflow takes traces into a deleted
+        experiment, and refuses them once it is purged or gone, which would otherwise be an outage
+        held for ever. True when it is."""
         self._experiment_checked = time.monotonic()
         if (problem := self.sink.experiment_problem()) is None:
             return False
         log.error("%s: stopping; what was read and not written is kept for the next start", problem)
-        self.refused = SinkError(f"{problem}: restore it or pick another experiment", kind="rejected")
+        self.refused = SinkError(problem, kind="rejected")
         self.stop()
         return True
 

@@ -379,7 +379,7 @@ def _as_a_new_process(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     from ingest import STOP_SIGNALS
     from ingest.__main__ import DATABASE_DEFAULTS, OFFLINE_DEFAULTS
 
-    _forget_stores()
+    forget_stores()
     saved_env, saved_signals = dict(os.environ), {s: signal.getsignal(s) for s in STOP_SIGNALS}
     root = logging.getLogger()
     saved_level, said = root.level, logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
@@ -404,7 +404,7 @@ def _as_a_new_process(cwd: Path, env: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved_env)
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
-        _forget_stores()
+        forget_stores()
 
 
 MLFLOW_STORES = (
@@ -414,7 +414,7 @@ MLFLOW_STORES = (
 )
 
 
-def _forget_stores() -> None:
+def forget_stores() -> None:
     """The stores this process opened (ours and MLflow's, by URI) and MLflow's engines (by database
     URI) closed and forgotten: a process keeps them for its life."""
     if (ours := sys.modules.get("ingest.stores")) is not None:

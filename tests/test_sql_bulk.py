@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -282,3 +283,36 @@ def test_with_sql_trace_rollups_on_the_rebuild_queue_matches_log_spans_too(captu
     assert queued, sorted(rows_b)
     for table in rows_a:
         assert rows_a[table] == rows_b[table], table
+
+
+@pytest.mark.parametrize("fate", ["deleted", "replaced"])
+def test_a_write_into_a_sqlite_store_deleted_or_replaced_since_it_was_opened_is_refused_at_once(
+    capture: list[dict], tmp_path: Path, fate: str
+) -> None:
+    """SQLite refuses every write to a file unlinked or renamed over while open (``readonly``):
+    retried as an outage, a run waited out its whole ``--mlflow-timeout`` for nothing. The sink
+    tells it from an outage by the file at the path, and the run stops at once, naming the store."""
+    from ingest.normalize import normalize
+    from ingest.sink import SinkError
+    from ingest.sources import discover, read_chunks
+
+    db = tmp_path / "m.db"
+    target = resolve_target(f"sqlite:///{db}", EXPERIMENT, None)
+    sink = StoreSink(target, deadline_s=60)
+    logs = write_log(tmp_path / "logs" / "calls.jsonl", reidentify(capture, past_shift(capture), "gone"))
+    (chunk,) = [c for p in discover([str(logs)]) for c in read_chunks(p)]
+    traces = list(build_traces(normalize(chunk.lines)[0].sort("call_key", "start_us"), target.experiment_id))
+    assert sink.experiment_problem() is None
+    sink.write(traces[:2])
+    if fate == "deleted":
+        db.unlink()
+    else:
+        shutil.copy(db, tmp_path / "backup.db")
+        os.replace(tmp_path / "backup.db", db)  # a backup restored in its place
+    started = time.monotonic()
+    with pytest.raises(SinkError) as refused:
+        sink.write(traces[2:])
+    assert time.monotonic() - started < 10, "not retried as an outage"
+    said = f"the store {db} was deleted or replaced while this process had it open"
+    assert refused.value.kind == "refused" and said in str(refused.value)
+    assert said in (sink.experiment_problem() or "")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import all_traces, fill, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
+from tests.conftest import all_traces, fill, forget_stores, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
 from tests.pgkit import PgCluster
 from tests.tailkit import (
     Daemon,
@@ -491,6 +491,39 @@ def test_an_experiment_purged_under_the_daemon_stops_it_and_its_calls_wait_for_t
         writer.write_calls(calls[3:])
         d = Daemon(logdir, uri, "purged", state).start()
         assert_exactly(wait_for_calls(uri, "purged", calls), calls)
+        assert d.stop() == 0
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+
+
+def test_a_sqlite_store_deleted_under_the_daemon_stops_it_and_the_next_start_writes_every_call_into_the_new_one(
+    tmp_path: Path, capture
+) -> None:
+    """``rm mlflow.db`` (or a backup moved into its place) while the daemon runs: SQLite refuses
+    every write to the file the daemon still has open (``attempt to write a readonly database``),
+    and the daemon held that outage for ever, saying MLflow was unavailable. Now it stops, exit 4,
+    naming the store; the next start makes the store anew and writes every call into it."""
+    db = tmp_path / "m.db"
+    uri = f"sqlite:///{db}"
+    logdir, state = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    calls = fresh_calls(capture)[:4]
+    writer = Writer(logdir / "proxy.jsonl")
+    writer.write_calls(calls[:2])
+    d = Daemon(logdir, uri, "gone", state).start()
+    try:
+        wait_for_calls(uri, "gone", calls[:2])
+        db.unlink()
+        writer.write_calls(calls[2:3])
+        assert d.proc is not None
+        assert d.proc.wait(timeout=90) == 4, d.log.read_text()[-3000:]
+        assert f"the store {db} was deleted or replaced while this process had it open" in d.log.read_text()
+        assert "MLflow unavailable" not in d.log.read_text()
+        writer.write_calls(calls[3:])
+        d = Daemon(logdir, uri, "gone", state).start()
+        forget_stores()  # this process's MLflow client still reads the deleted file
+        assert_exactly(wait_for_calls(uri, "gone", calls), calls)
         assert d.stop() == 0
     finally:
         if d.alive():
