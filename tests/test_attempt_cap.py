@@ -7,7 +7,7 @@ went on; one that kept succeeding was read back and rewritten whole at every chu
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from ingest.dedupe import MAX_ATTEMPTS, cut_attempts, split_final
-from tests.conftest import all_traces
+from tests.conftest import all_traces, run_cli
 from tests.followkit import RecordingSink, line, record
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -62,9 +62,9 @@ def test_a_failing_storm_fed_chunk_by_chunk_is_never_held_past_the_attempts_a_ca
 
 
 def _batch(tmp_path: Path, uri: str, experiment: str, log: Path) -> dict:
-    args = [EXE, "batch", str(log), "--tracking-uri", uri, "--experiment-name", experiment, "--json", "--settle", "0"]
+    args = ["batch", str(log), "--tracking-uri", uri, "--experiment-name", experiment, "--json", "--settle", "0"]
     args += ["--state-dir", str(tmp_path / "state"), "--quarantine-file", str(tmp_path / "quarantine.jsonl")]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_cli(args, tmp_path, dict(os.environ), 300)
     assert proc.returncode in (0, 3) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

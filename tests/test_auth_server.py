@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import mlflow
 import pytest
 import requests
 
-from tests.conftest import MlflowServer, all_traces, reidentify, start_mlflow_server, write_jsonl
+from tests.conftest import MlflowServer, all_traces, reidentify, run_cli, start_mlflow_server, write_jsonl
 from tests.test_nesting import app, app_call, proxy_records, spans_by_id
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
@@ -58,10 +57,10 @@ def grant(server: MlflowServer, experiment: str, permission: str) -> str:
 def batch(server: MlflowServer, logs: Path, state: Path, experiment: str, *extra: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env |= {"MLFLOW_TRACKING_USERNAME": USER[0], "MLFLOW_TRACKING_PASSWORD": USER[1]}
-    p = subprocess.run(
-        [EXE, "batch", str(logs), "--tracking-uri", server.url, "--experiment-name", experiment, "--state-dir", str(state),
+    p = run_cli(
+        ["batch", str(logs), "--tracking-uri", server.url, "--experiment-name", experiment, "--state-dir", str(state),
          "--json", "--mlflow-timeout", "20", *extra],
-        env=env, capture_output=True, text=True, timeout=300,
+        Path.cwd(), env, 300,
     )  # fmt: skip
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     return json.loads(p.stdout)
@@ -133,10 +132,10 @@ def test_a_user_who_may_not_delete_replaces_nothing_and_the_run_counts_the_callb
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env |= {"MLFLOW_TRACKING_USERNAME": USER[0], "MLFLOW_TRACKING_PASSWORD": USER[1]}
-    p = subprocess.run(
-        [EXE, "batch", str(log), "--tracking-uri", auth_server.url, "--experiment-name", "proxy-no-delete", "--no-state", "--json",
+    p = run_cli(
+        ["batch", str(log), "--tracking-uri", auth_server.url, "--experiment-name", "proxy-no-delete", "--no-state", "--json",
          "--batch-size", "5", "--replace-callback-traces"],
-        env=env, capture_output=True, text=True, timeout=300,
+        Path.cwd(), env, 300,
     )  # fmt: skip
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.count("may not delete LiteLLM's callback traces") == 1, p.stderr

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import all_traces, copies, reidentify, spans_ingested, sqlite_trace_count, write_jsonl, write_log
+from tests.conftest import all_traces, copies, reidentify, run_cli, spans_ingested, sqlite_trace_count, write_jsonl, write_log
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -39,7 +39,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([EXE, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return run_cli(list(args), cwd, _env(), timeout)
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
