@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -17,8 +16,6 @@ import pytest
 from ingest.dedupe import MAX_ATTEMPTS, cut_attempts, split_final
 from tests.conftest import all_traces, run_cli
 from tests.followkit import RecordingSink, line, record
-
-EXE = str(Path(sys.executable).parent / "litellm-ingest")
 
 
 def _rows(n: int, status: str = "failure") -> pl.DataFrame:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import requests
 from tests.conftest import MlflowServer, all_traces, reidentify, run_cli, start_mlflow_server, write_jsonl
 from tests.test_nesting import app, app_call, proxy_records, spans_by_id
 
-EXE = str(Path(sys.executable).parent / "litellm-ingest")
 ADMIN = ("admin", "Admin-Pass-12345")
 USER = ("ingest", "Ingest-Pass-12345")
 

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from tests.conftest import all_traces, copies, reidentify, run_cli, write_jsonl
 from tests.proxykit import E2E, _clean_env, proxy_python
 from tests.tailkit import Daemon, metric, wait_for
 
-EXE = str(Path(sys.executable).parent / "litellm-ingest")
 SAID = "trace(s) of LiteLLM's own mlflow callback"
 
 

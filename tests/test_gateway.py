@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,10 +19,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import all_traces, copies, write_jsonl
+from tests.conftest import all_traces, copies, run_cli, write_jsonl
 from tests.tailkit import Daemon, metric, wait_for, wait_for_calls
 
-EXE = str(Path(sys.executable).parent / "litellm-ingest")
 LOGIN = b"<!doctype html><html><body><form action='/login'>Sign in</form></body></html>"
 
 
@@ -102,8 +100,8 @@ def gateway(mlflow_server: Any) -> Iterator[Callable[..., Gateway]]:
 
 def _batch(uri: str, logs: Path, state: Path, experiment: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [EXE, "batch", str(logs), "--tracking-uri", uri, "--experiment-name", experiment, "--state-dir", str(state), "--json"]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    args = ["batch", str(logs), "--tracking-uri", uri, "--experiment-name", experiment, "--state-dir", str(state), "--json"]
+    return run_cli(args, Path.cwd(), env, 180)
 
 
 @pytest.mark.parametrize(
@@ -179,9 +177,9 @@ def test_a_reconcile_whose_server_stops_answering_its_search_ends_with_exit_4_in
     assert _batch(mlflow_server.url, logs, tmp_path / "state", experiment).returncode == 0
     g = gateway("stall", lambda method, path: path.startswith("/api/3.0/mlflow/traces/search"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [EXE, "reconcile", str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--mlflow-timeout", "3"]
+    args = ["reconcile", str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--mlflow-timeout", "3"]
     started = time.monotonic()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_cli(args, Path.cwd(), env, 120)
     assert g.stalled.is_set(), "the search never reached the server"
     assert proc.returncode == 4 and time.monotonic() - started < 60, (time.monotonic() - started, proc.stderr[-2000:])
     assert "has not answered" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -221,17 +219,17 @@ def test_a_server_that_stops_answering_or_fails_mid_run_ends_the_run_within_its_
     posts, blocking = iter(range(10**6)), {"on": True}
     g = gateway(how, lambda method, path: blocking["on"] and path == "/v1/traces" and next(posts) >= 3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [EXE, command, str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--state-dir", str(tmp_path / "state")]
+    args = [command, str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--state-dir", str(tmp_path / "state")]
     extra = ["--batch-size", "20", "--mlflow-timeout", "12", *(["--workers", "2"] if command == "backfill" else [])]
     started = time.monotonic()
-    proc = subprocess.run([*args, *extra], env=env, capture_output=True, text=True, timeout=100)
+    proc = run_cli([*args, *extra], tmp_path, env, 100)
     took = time.monotonic() - started
     assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert took < 12 + 20, (took, proc.stderr)
     blocking["on"] = False
     g.released.set()
-    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    again = run_cli(args, tmp_path, env, 180)
     assert again.returncode == 0, again.stderr[-2000:]
     got = [t.info.tags["litellm.call_id"] for t in all_traces(mlflow_server.url, experiment, include_spans=False)]
     assert sorted(got) == sorted({r["litellm_call_id"] for r in records})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import pytest
 from tests.conftest import Postgres, copies, run_cli, spend_row, start_mlflow_server, write_log
 from tests.storekit import store_rows
 
-EXE = str(Path(sys.executable).parent / "litellm-ingest")
 SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +15,6 @@ import pytest
 
 from ingest.checkpoints import STATE_VERSION, Checkpoint, State
 from tests.conftest import copies, run_cli, sqlite_trace_count, write_log
-
-EXE = str(Path(sys.executable).parent / "litellm-ingest")
 
 # A version-1 document exactly as `State.save` wrote it (json.dump, indent=1); the current format is
 # pinned byte for byte in tests/test_follow.py.
