@@ -67,8 +67,9 @@ T = TypeVar("T")
 class SinkError(Exception):
     """MLflow could not be reached, refused us, or rejected data: one line for the user. ``kind``:
     "unreachable" and "server" are retried, "rejected" may be the data's fault (a batch is split to
-    find the trace), "unauthorized" and "refused" are the destination's (a route it does not serve, an experiment or store gone),
-    "stopped": a request abandoned at a daemon's shutdown deadline (unacknowledged, not retried)."""
+    find the trace), "unauthorized" and "refused" are the destination's (a route it does not serve,
+    an experiment or a store gone), "stopped": a request abandoned at a daemon's shutdown deadline
+    (unacknowledged, not retried)."""
 
     def __init__(self, message: str, kind: str = "unreachable", status: int | None = None) -> None:
         super().__init__(message)

@@ -372,7 +372,7 @@ def _as_a_new_process(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     database URI for the process's life, and one on a store deleted since writes into the deleted
     file); warnings and log records of WARNING and up printed to stderr, as the script's
     ``logging.basicConfig`` and the interpreter's filters print them; the stop signals given back
-    after. A command that hangs ends this test worker after ``timeout`` (see :func:`run_cli`)."""
+    after."""
     import logging
     import warnings
 
@@ -434,9 +434,10 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 24
     ``batch``, ``reconcile`` and ``status`` run in this process through click's runner, set up as a
     new process would be (:func:`_as_a_new_process`), without the 2-3 s of CPU each process spends
     importing MLflow: the suite runs hundreds. A traceback out of the command is printed to
-    ``stderr`` as the script would print it. ``-v`` (logging set up for the process) and the other
-    commands start the real script, as do the tests of the process itself (signals, kills,
-    start-up, the quick start), which call it themselves."""
+    ``stderr`` as the script would print it; one that hangs past ``timeout`` ends this test worker.
+    ``-v`` (logging set up for the process) and the other commands start the real script, as do
+    the tests of the process itself (signals, kills, start-up, the quick start), which call it
+    themselves."""
     exe = str(Path(sys.executable).parent / "litellm-ingest")
     command = next((a for a in args if not a.startswith("-")), None)
     if command not in IN_PROCESS_COMMANDS or {"--help", "-v", "--verbose"} & set(args):
@@ -455,7 +456,7 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 24
         faulthandler.cancel_dump_traceback_later()
     stderr = result.stderr
     if result.exc_info is not None and not isinstance(result.exc_info[1], SystemExit):
-        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(*result.exc_info))
+        stderr += "".join(traceback.format_exception(*result.exc_info))
     return subprocess.CompletedProcess([exe, *args], result.exit_code, result.stdout, stderr)
 
 
