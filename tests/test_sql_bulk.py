@@ -289,9 +289,10 @@ def test_with_sql_trace_rollups_on_the_rebuild_queue_matches_log_spans_too(captu
 def test_a_write_into_a_sqlite_store_deleted_or_replaced_since_it_was_opened_is_refused_at_once(
     capture: list[dict], tmp_path: Path, fate: str
 ) -> None:
-    """SQLite refuses every write to a file unlinked or renamed over while open (``readonly``):
-    retried as an outage, a run waited out its whole ``--mlflow-timeout`` for nothing. The sink
-    tells it from an outage by the file at the path, and the run stops at once, naming the store."""
+    """SQLite refuses every write to a file unlinked or renamed over while open (``readonly``): a
+    run said "attempt to write a readonly database", and a daemon took it for an outage, held for
+    ever. The sink tells it from an outage by the file at the path: refused at once, naming the
+    store, and the experiment check says the same."""
     from ingest.normalize import normalize
     from ingest.sink import SinkError
     from ingest.sources import discover, read_chunks
