@@ -134,6 +134,43 @@ def test_anything_to_do_goes_to_the_full_run(runs: Runs, capture: list[dict], ch
         assert runs.run()["records_read"] == 0 and runs.opened == opened + (2 if change == "nest queue" else 1), "then idle again"
 
 
+@pytest.mark.parametrize("where", ["last line", "first line"])
+def test_a_line_waiting_for_its_newline_is_answered_idle_until_it_ends_or_the_file_goes_quiet(
+    runs: Runs, capture: list[dict], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A line without its newline is read once it ends, or once its file is unchanged for
+    ``--partial-timeout`` (then quarantined if bad): until then the full run reads nothing of it, so
+    the runs in between are idle. They went to the full path (MLflow loaded) every time."""
+    more = reidentify(capture[:2], shift_s=-3600)
+    head = json.dumps(more[0]) + "\n" if where == "last line" else ""
+    line = json.dumps(more[1])
+    full = int(bool(head))  # a file's first run is a full one when it has a line to read
+    c = runs.logs / "c.jsonl"
+    c.write_text(head + line[: len(line) // 2])
+    first = runs.run()
+    assert (runs.opened, first["records_read"], first["files_skipped"]) == (1 + full, full, 1)
+    idle = runs.run()
+    assert runs.opened == 1 + full, "the line still waits: nothing to read"
+    assert (idle["records_read"], idle["files_skipped"], idle["result"]) == (0, 1, "ok")
+    with monkeypatch.context() as m:
+        m.setattr("ingest.idle.idle_run", lambda *a: None)
+        assert without(runs.run()) == without(idle), "what the full run says"
+    with c.open("a") as f:
+        f.write(line[len(line) // 2 :] + "\n")
+    ended = runs.run()
+    assert (runs.opened, ended["records_read"], ended["files_skipped"]) == (3 + full, 1, 0)
+    d = runs.logs / "d.jsonl"
+    d.write_text(head.replace(more[0]["litellm_call_id"], "d-first") + '{"litellm_call_id": "cut-short", "startTime": 1')
+    runs.run()
+    runs.run()
+    assert runs.opened == 3 + 2 * full, "read once if it has a line, then idle"
+    os.utime(d, (time.time() - 400, time.time() - 400))  # unchanged past --partial-timeout (300 s)
+    quiet = runs.run()
+    assert (runs.opened, quiet["quarantined"], quiet["files_skipped"]) == (4 + 2 * full, 1, 0), "the full run quarantines it"
+    assert runs.run()["records_read"] == 0 and runs.opened == 4 + 2 * full
+    assert sqlite_trace_count(runs.db) == len({r["litellm_call_id"] for r in capture}) + 1 + 2 * full
+
+
 def test_a_deleted_experiment_is_said_by_the_full_run(runs: Runs) -> None:
     from mlflow import MlflowClient
 
