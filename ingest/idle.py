@@ -22,6 +22,7 @@ from ingest.checkpoints import CorruptState, State, StateError, destination_key,
 from ingest.ledger import Ledger, drop_nest_queue
 from ingest.nesting import NestQueue
 from ingest.sink import MissingExperiment, Target, postgresql_target
+from ingest.sources import is_document
 from ingest.stores import sqlite_path
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def _nothing_new(state: State, target: Target, opts: RunOptions, inputs: Inputs,
 def _waiting_at(follower: Follower, path: Path) -> int | None:
     """The offset ``path`` waits at (0: no checkpoint), when the full run would read nothing of it now and
     count it as waiting, else None: its first line or its
-    last one has no newline yet, after the lines its checkpoint counts, and the file has not been quiet
+    last one has no newline yet and is no whole record, after the lines its checkpoint counts, and the file has not been quiet
     for ``--partial-timeout`` (then the full run reads that line, and quarantines it if bad). Such a
     file (the quick start's ``bad_input.jsonl``) sent every cron run to the full path until then."""
     try:
@@ -165,9 +166,10 @@ def _waiting_at(follower: Follower, path: Path) -> int | None:
             return None  # read whole each time, new, or taken from an earlier version's key
         st = os.fstat(f.fd)
         rest = st.st_size - f.ck.offset
-        if not 0 < rest <= follower.max_line_bytes or follower.quiet(st) or b"\n" in os.pread(f.fd, rest, f.ck.offset):
+        if not 0 < rest <= follower.max_line_bytes or follower.quiet(st):
             return None
-        return f.ck.offset
+        data = os.pread(f.fd, rest, f.ck.offset)
+        return None if b"\n" in data or is_document(data) else f.ck.offset  # a whole record is read at once
     finally:
         f.close()
 

@@ -159,16 +159,19 @@ def test_a_line_waiting_for_its_newline_is_answered_idle_until_it_ends_or_the_fi
         f.write(line[len(line) // 2 :] + "\n")
     ended = runs.run()
     assert (runs.opened, ended["records_read"], ended["files_skipped"]) == (3 + full, 1, 0)
+    with c.open("a") as f:
+        f.write(json.dumps(reidentify(capture[:1], salt=f"whole-{where}")[0]))  # a whole record, no newline yet
+    assert runs.run()["records_read"] == 1 and runs.opened == 4 + full, "read at once, as the full run reads it"
     d = runs.logs / "d.jsonl"
     d.write_text(head.replace(more[0]["litellm_call_id"], "d-first") + '{"litellm_call_id": "cut-short", "startTime": 1')
     runs.run()
     runs.run()
-    assert runs.opened == 3 + 2 * full, "read once if it has a line, then idle"
+    assert runs.opened == 4 + 2 * full, "read once if it has a line, then idle"
     os.utime(d, (time.time() - 400, time.time() - 400))  # unchanged past --partial-timeout (300 s)
     quiet = runs.run()
-    assert (runs.opened, quiet["quarantined"], quiet["files_skipped"]) == (4 + 2 * full, 1, 0), "the full run quarantines it"
-    assert runs.run()["records_read"] == 0 and runs.opened == 4 + 2 * full
-    assert sqlite_trace_count(runs.db) == len({r["litellm_call_id"] for r in capture}) + 1 + 2 * full
+    assert (runs.opened, quiet["quarantined"], quiet["files_skipped"]) == (5 + 2 * full, 1, 0), "the full run quarantines it"
+    assert runs.run()["records_read"] == 0 and runs.opened == 5 + 2 * full
+    assert sqlite_trace_count(runs.db) == len({r["litellm_call_id"] for r in capture}) + 2 + 2 * full
 
 
 def test_a_deleted_experiment_is_said_by_the_full_run(runs: Runs) -> None:
