@@ -30,6 +30,7 @@ class SpanAttributeKey:
     CHAT_USAGE: Final = "mlflow.chat.tokenUsage"
     INPUTS: Final = "mlflow.spanInputs"
     LLM_COST: Final = "mlflow.llm.cost"
+    LOG_LEVEL: Final = "mlflow.spanLogLevel"
     MESSAGE_FORMAT: Final = "mlflow.message.format"
     MODEL: Final = "mlflow.llm.model"
     MODEL_PROVIDER: Final = "mlflow.llm.provider"
@@ -39,6 +40,17 @@ class SpanAttributeKey:
     SPAN_TYPE: Final = "mlflow.spanType"
     TRACE_TAG_PREFIX: Final = "mlflow.traceTag."
     USER_ID: Final = "user.id"
+
+
+class SpanLogLevel:
+    DEBUG: Final = 10
+    INFO: Final = 20
+    ERROR: Final = 40
+
+
+INFO_SPAN_TYPES: Final = frozenset({"LLM", "CHAT_MODEL", "TOOL", "RETRIEVER", "AGENT", "EMBEDDING"})
+"""The span types MLflow gives the INFO level by default (``default_log_level_for_span_type``); the
+others DEBUG. Its UI hides spans below the level a user picks, and a span without one counts as DEBUG."""
 
 
 class TokenUsageKey:

@@ -26,10 +26,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 from ingest.dedupe import MAX_ATTEMPTS, format_rank
 from ingest.ids import attempt_identity, mlflow_trace_id, otel_span_id, otel_trace_id
 from ingest.mlflow_names import (
+    INFO_SPAN_TYPES,
     MAX_CHARS_IN_TRACE_INFO_METADATA,
     MAX_TRACE_TAG_KEY_LENGTH,
     MAX_TRACE_TAG_VAL_LENGTH,
     SpanAttributeKey,
+    SpanLogLevel,
     SpanType,
     TokenUsageKey,
     TraceTagKey,
@@ -659,8 +661,22 @@ def build_trace(
         spans = [root]
     else:
         spans = _joined(root, [_attempt_span(tid, a, scrub) for a in attempts], root_attrs)
+    for span in spans:
+        _set_log_level(span)
     scrub.spans(spans)
     return BuiltTrace(call_key, mlflow_trace_id(tid), spans, len(rows), start_us, end_us, rows, parent)
+
+
+def _set_log_level(span: SpanData) -> None:
+    """The level MLflow gives a span it finishes: ERROR for one that failed, else by its type (INFO for
+    a model call). Its UI hides spans below the level a user picks, and one without a level counts as
+    DEBUG: at INFO a call's only span vanished. A failed call's root is ERROR too, not only its attempt."""
+    if span.error is not None:
+        level = SpanLogLevel.ERROR
+    else:
+        level = SpanLogLevel.INFO if span.attributes.get(SpanAttributeKey.SPAN_TYPE) in INFO_SPAN_TYPES else SpanLogLevel.DEBUG
+    span.attributes.pop(SpanAttributeKey.LOG_LEVEL, None)  # last, as one build puts it: a rebuilt call is stored byte for byte
+    span.attributes[SpanAttributeKey.LOG_LEVEL] = level
 
 
 def _attempt_span(tid: bytes, a: _Attempt, scrub: Scrubber) -> SpanData:
@@ -703,6 +719,7 @@ def _joined(root: SpanData, attempts: list[SpanData], root_attrs: dict[str, Any]
 _PROXY_SPAN_KEYS = frozenset(
     {
         SpanAttributeKey.SPAN_TYPE,
+        SpanAttributeKey.LOG_LEVEL,
         SpanAttributeKey.INPUTS,
         SpanAttributeKey.OUTPUTS,
         SpanAttributeKey.MESSAGE_FORMAT,
@@ -821,6 +838,7 @@ def with_stored_attempts(trace: BuiltTrace, stored: list[SpanData]) -> bool:
         trace.excess = [r for r in trace.rows if otel_span_id(tid, attempt_identity(r["start_us"], r["status"])) in left]
     if len(attempts) == 1:
         trace.data = [old_root]
+        _set_log_level(old_root)
         trace.start_us, trace.end_us = old_root.start_us, old_root.end_us
         trace._otlp, trace.derived, trace.joined = None, None, True
         return True
@@ -829,6 +847,8 @@ def with_stored_attempts(trace: BuiltTrace, stored: list[SpanData]) -> bool:
     root_attrs = _with_attempts_tag(trace_level[1] | trace_level[0], len(attempts))
     root = SpanData(tid, root_id, None, last.name, min(a.start_us for a in attempts), max(a.end_us for a in attempts))
     trace.data = _joined(root, attempts, root_attrs)
+    for span in trace.data:
+        _set_log_level(span)
     trace.start_us, trace.end_us = root.start_us, root.end_us
     trace._otlp, trace.derived, trace.joined = None, None, True
     return True

@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from mlflow.entities.span_log_level import SpanLogLevel
 
 from ingest.pipeline import RunOptions, run_batch
 from tests.conftest import SAMPLE_LOGS, all_traces, client_for
@@ -83,7 +84,8 @@ def assert_matches_capture(traces: list, capture: list[dict]) -> None:
         assert root.start_time_ns == start_us * 1000 and root.end_time_ns == end_us * 1000, cid
         assert root.name == f"litellm-{final['call_type']}"
         want_type = "EMBEDDING" if final["call_type"] == "aembedding" else "CHAT_MODEL"
-        assert root.span_type == want_type, cid
+        assert root.span_type == want_type, cid  # and the level MLflow's UI filters spans by:
+        assert root.log_level == (SpanLogLevel.INFO if final["status"] == "success" else SpanLogLevel.ERROR), cid
         if len(recs) == 1:
             assert len(spans) == 1, cid
         else:
@@ -92,6 +94,7 @@ def assert_matches_capture(traces: list, capture: list[dict]) -> None:
             for child, rec in zip(children, recs, strict=True):
                 assert child.start_time_ns == us(rec["startTime"]) * 1000, cid
                 assert child.status.status_code.value == ("OK" if rec["status"] == "success" else "ERROR"), cid
+                assert child.log_level == (SpanLogLevel.INFO if rec["status"] == "success" else SpanLogLevel.ERROR), cid
         if final["stream"] and final["status"] == "success":
             attempt = next(s for s in spans if s.start_time_ns == us(final["startTime"]) * 1000 and (len(recs) == 1 or s.parent_id))
             ev = [e for e in attempt.events if e.name == "first_token"]

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow.entities.span import SpanType
+from mlflow.entities.span_log_level import SpanLogLevel
 from mlflow.tracing import constant
 from mlflow.utils import validation
 
@@ -20,6 +21,7 @@ from tests.conftest import CAPTURE_FILES
 CLASSES = {
     mlflow_names.SpanType: SpanType,
     mlflow_names.SpanAttributeKey: constant.SpanAttributeKey,
+    mlflow_names.SpanLogLevel: SpanLogLevel,
     mlflow_names.TokenUsageKey: constant.TokenUsageKey,
     mlflow_names.TraceTagKey: constant.TraceTagKey,
     mlflow_names.TraceMetadataKey: constant.TraceMetadataKey,
@@ -32,6 +34,16 @@ def test_every_name_copied_is_mlflows(ours: type) -> None:
     assert names
     for name in names:
         assert getattr(ours, name) == getattr(CLASSES[ours], name), f"{ours.__name__}.{name}"
+
+
+def test_the_default_log_level_of_each_span_type_is_mlflows() -> None:
+    from mlflow.tracing.utils.default_log_level import default_log_level_for_span_type
+
+    types = [v for k, v in vars(SpanType).items() if k.isupper() and isinstance(v, str)]
+    assert len(types) > len(mlflow_names.INFO_SPAN_TYPES)
+    for kind in types:
+        ours = mlflow_names.SpanLogLevel.INFO if kind in mlflow_names.INFO_SPAN_TYPES else mlflow_names.SpanLogLevel.DEBUG
+        assert ours == default_log_level_for_span_type(kind), kind
 
 
 def test_the_location_and_limits_are_mlflows() -> None:
