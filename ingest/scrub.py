@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ingest.mlflow_names import SpanAttributeKey
+from ingest.mlflow_names import SpanAttributeKey, TraceTagKey
 
 SALT_ENV = "LITELLM_INGEST_SCRUB_SALT"
 DEFAULT_SALT = "litellm-ingest/scrub/v1"
@@ -34,6 +34,20 @@ sets its own salt (the same on every host, or fingerprints will not match across
 keys unguessable from their fingerprint."""
 MARKER = re.compile(r"\[REDACTED:[0-9a-f]{8}\]")
 CONTENT_KEYS = frozenset({"messages", "input", "prompt"})
+OWN_VALUES = frozenset(
+    {
+        SpanAttributeKey.CHAT_USAGE,
+        SpanAttributeKey.LLM_COST,
+        SpanAttributeKey.LOG_LEVEL,
+        SpanAttributeKey.MESSAGE_FORMAT,
+        SpanAttributeKey.SPAN_TYPE,
+        SpanAttributeKey.TRACE_TAG_PREFIX + TraceTagKey.TRACE_NAME,
+        "litellm.log_format",
+    }
+)
+"""Span attributes whose values are ours or MLflow's words and numbers (the trace name's call type is
+scrubbed as it is built): never rewritten by a ``--scrub-pattern``, or MLflow would lose the trace's
+tokens, cost, type or name."""
 """The prompt inside the inputs attribute; with ``content=False`` it, the outputs and
 ``raw_llm_response`` pass verbatim."""
 
@@ -681,13 +695,15 @@ class Scrubber:
         stack: list[tuple[Any, Any, Any]] | None = None,
         verbatim: frozenset[str] = frozenset(),
         shared: dict[int, tuple[Any, Any]] | None = None,
+        own_keys: bool = False,
     ) -> dict[Any, Any]:
         """The hot loop (a trace has a few hundred values): one cached lookup per key gives its
         scrubbed text and what its name says, one per short text value its result. Containers are
         pushed on ``stack`` for :meth:`value`, or without one scrubbed whole here. ``shared``: the
         containers already scrubbed among a span's attributes, by identity (a span's outputs and its
         ``raw_llm_response`` are one object, an attempt's inputs are the root's too), with the
-        original kept so its id stays its own."""
+        original kept so its id stays its own. ``own_keys``: the keys are ours or MLflow's (a span's
+        attributes, an event's), kept as they are whatever a ``--scrub-pattern`` matches."""
         texts, keys = self._texts, self._keys
         logprob = "logprob" in d
         out: dict[Any, Any] = {}
@@ -696,7 +712,7 @@ class Scrubber:
                 entry = keys.get(k)
                 if entry is None:
                     entry = self._key(k)
-                key, kind = entry
+                key, kind = (k, entry[1]) if own_keys else entry
             else:
                 key, kind = k, _NOT_SECRET
             if kind != _NOT_SECRET and not (logprob and k == "token"):
@@ -745,26 +761,28 @@ class Scrubber:
     # --- spans ------------------------------------------------------------------------------------
 
     def spans(self, spans: Iterable[Any]) -> None:
-        """Scrub built spans in place: names, attributes (keys and values), events, status messages."""
+        """Scrub built spans in place: attribute and event values, status messages. Their names and
+        keys are ours or MLflow's (the name's call type was scrubbed as it was built): a
+        ``--scrub-pattern`` that matched ``token`` or ``session`` cost every trace its token counts
+        or its session, and one matching ``a`` nearly every key."""
         shared: dict[int, tuple[Any, Any]] = {}
         for span in spans:
-            span.name = self.text(span.name)
             span.attributes = self._attributes(span.attributes, shared)
-            span.events = [(self.text(name), t, self._items(attrs)) for name, t, attrs in span.events]
+            span.events = [(name, t, self._items(attrs, own_keys=True)) for name, t, attrs in span.events]
             if span.error is not None:
                 span.error = self.text(span.error)
 
     def _attributes(self, attrs: dict[str, Any], shared: dict[int, tuple[Any, Any]]) -> dict[str, Any]:
         if self.content:
-            return self._items(attrs, shared=shared)
+            return self._items(attrs, shared=shared, verbatim=OWN_VALUES, own_keys=True)
         out: dict[str, Any] = {}
         for k, v in attrs.items():
-            if k in (SpanAttributeKey.OUTPUTS, "raw_llm_response"):
+            if k in (SpanAttributeKey.OUTPUTS, "raw_llm_response") or k in OWN_VALUES:
                 out[k] = v
             elif k == SpanAttributeKey.INPUTS and type(v) is dict:
                 out[k] = self._items(v, verbatim=CONTENT_KEYS)
             else:
-                out[self.text(k)] = self._field_at(k, v)
+                out[k] = self._field_at(k, v)
         return out
 
 

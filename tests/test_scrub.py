@@ -1045,3 +1045,38 @@ def test_the_caches_of_scrubbed_texts_keys_and_tags_stay_bounded_over_a_daemons_
     assert 0 < len(s._keys) <= _CACHED_STRINGS
     assert 0 < len(s._tags) <= _CACHED_STRINGS
     assert s.text("v1") == "v1" and s.tag("team:t1") == ("team", "t1", "team:t1")
+
+
+@pytest.mark.parametrize("content", [True, False], ids=["content scrubbed", "content verbatim"])
+def test_added_patterns_leave_the_keys_and_words_mlflow_reads_as_they_are(content: bool) -> None:
+    """``--scrub-pattern token`` rewrote ``mlflow.chat.tokenUsage`` and every trace lost its token
+    counts; ``session`` its session, ``Inputs`` its inputs, ``a`` nearly every key (the trace's cost
+    read 0). The patterns scrub values and the client's tag keys; the keys and words of ours and
+    MLflow's in spans and events stay."""
+    from ingest.dedupe import dedupe
+    from ingest.normalize import normalize
+    from ingest.sources import split_lines
+    from ingest.spans import build_traces
+
+    data = "".join(json.dumps(r) + "\n" for r in read_capture()).encode()
+    lines, _ = split_lines("calls.jsonl", data, 0, 1)
+    frame = dedupe(normalize(lines)[0])[0]
+    plain = build_traces(frame, "1")
+    wild = Scrubber(["token", "session", "Inputs", "a", "A", "e", "exception"], content=content)
+    scrubbed = build_traces(frame, "1", scrub=wild)
+    own = ("mlflow.chat.tokenUsage", "mlflow.llm.cost", "mlflow.spanType", "mlflow.spanLogLevel", "mlflow.message.format")
+    name = "mlflow.traceTag.mlflow.traceName"
+
+    def request_tag(key: str) -> bool:  # a request tag's key is the client's, scrubbed as its tags are
+        return key.startswith("mlflow.traceTag.") and key != name
+
+    changed = 0
+    for p, s in zip(plain, scrubbed, strict=True):
+        for a, b in zip(p.data, s.data, strict=True):
+            assert a.name == b.name or MARKER.search(b.name)  # only the call type in it, scrubbed as built
+            assert [k for k in a.attributes if not request_tag(k)] == [k for k in b.attributes if not request_tag(k)]
+            assert {k: a.attributes.get(k) for k in own} == {k: b.attributes.get(k) for k in own}
+            assert b.attributes.get(name) in (None, s.data[0].name), "the trace's name is its root span's"
+            assert [(n, t, list(x)) for n, t, x in a.events] == [(n, t, list(x)) for n, t, x in b.events]
+            changed += a.attributes != b.attributes
+    assert changed, "the patterns still scrub what they match in values"
