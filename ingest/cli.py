@@ -322,6 +322,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
     from polars.exceptions import PanicException
 
     from ingest.metrics import MetricsError
+    from ingest.quarantine import QuarantineUnwritable
     from ingest.sink import SinkError
     from ingest.sources import SourceError, SourceUnavailable
     from ingest.stores import StoreSetupError
@@ -336,7 +337,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         _fail(str(e), Exit.MLFLOW)
     except LockedError as e:
         _fail(str(e), Exit.LOCKED)
-    except StateError as e:
+    except (StateError, QuarantineUnwritable) as e:
         _fail(str(e), Exit.STATE)
     except sqlite3.Error as e:
         _fail(f"a state database (ledger or nesting queue) failed: {e}", Exit.STATE)

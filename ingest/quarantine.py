@@ -83,11 +83,38 @@ def _refuse_a_pipe(path: Path) -> None:
             raise OSError(errno.EINVAL, "a pipe or a socket is no quarantine file", str(path))
 
 
+class QuarantineUnwritable(Exception):
+    """The quarantine file cannot take records: a run must not go on and leave them unsaid (exit 7,
+    as for a state that cannot be written)."""
+
+
+REMEDY = "(--quarantine-file; default <state dir>/quarantine.jsonl)"
+
+
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot take quarantine records, told before a run reads a line; None when it can,
+    or may (a full disk is met only by the write). The file is not made: a run that quarantines
+    nothing leaves none."""
+    try:
+        _refuse_a_pipe(path)
+        if path.is_dir():
+            return "it is a folder"
+        if path.exists():
+            return None if os.access(path, os.W_OK) else "permission denied"
+        folder = next((p for p in path.parents if os.path.lexists(p)), None)
+        if folder is None or not folder.is_dir():
+            return f"{folder} is no folder"
+        return None if os.access(folder, os.W_OK | os.X_OK) else f"permission denied in {folder}"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 class QuarantineWriter:
     """Appends quarantine records; a run that quarantines nothing creates no file.
 
-    A file that cannot be written (disk full, read-only) stops a cron run (one line; its checkpoint
-    stays, so the next run quarantines the same lines again). The daemon (``hold``) must not stop
+    A file that cannot be written (disk full, read-only) stops a cron run (one line, exit 7; its
+    checkpoint stays, so the next run quarantines the same lines again); one that cannot be written
+    at all (a folder, no permission) stops it before it reads a line (:func:`unwritable`). The daemon (``hold``) must not stop
     sending the good calls for it: what cannot be written is kept in memory, up to
     ``HOLD_CAP_BYTES``, and written by the next pass that can; every record it has to let go of
     is named in the log with its file, line and reason, never dropped in silence."""
@@ -147,7 +174,10 @@ class QuarantineWriter:
         except OSError as e:
             self._torn = True
             if not self.hold:
-                raise OSError(e.errno, e.strerror, str(self.path)) from e
+                raise QuarantineUnwritable(
+                    f"cannot write the quarantine file {self.path}: {e.strerror or e} {REMEDY}; the run stops "
+                    "here, and the next run reads these lines again"
+                ) from e
             self._held_back(e)
             return
         if self.failing is not None:

@@ -18,7 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_LOGS, MlflowServer, all_traces, copies, fill, free_port, run_cli, start_mlflow_server, write_jsonl
+from tests.conftest import (
+    SAMPLE_LOGS,
+    MlflowServer,
+    all_traces,
+    copies,
+    copy_samples,
+    fill,
+    free_port,
+    run_cli,
+    start_mlflow_server,
+    write_jsonl,
+)
 
 EXE = shutil.which("litellm-ingest") or str(Path(sys.executable).parent / "litellm-ingest")
 
@@ -738,7 +749,9 @@ def test_a_cron_run_whose_quarantine_file_cannot_be_written_stops_and_the_next_o
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     args = ["batch", str(log), "--tracking-uri", uri, "--state-dir", str(tmp_path / "st"), "--quarantine-file", str(small_disk / "q.jsonl")]
     filler = fill(small_disk)
-    assert_one_clean_error_line(run(*args, cwd=tmp_path), 1, f"No space left on device: {small_disk / 'q.jsonl'}")
+    assert_one_clean_error_line(
+        run(*args, cwd=tmp_path), 7, f"cannot write the quarantine file {small_disk / 'q.jsonl'}: No space left on device"
+    )
     filler.unlink()
     again = run(*args, cwd=tmp_path)
     assert again.returncode == 3, again.stderr
@@ -1069,3 +1082,32 @@ def test_the_quick_starts_first_run_on_a_fresh_clone_quarantines_the_bad_lines_a
     assert proc.returncode == 3, proc.stderr
     assert s["calls"] == s["traces_written"] == 45 and s["files_skipped"] == 1, s
     assert s["quarantined"] == 6 and "truncated_line" not in s["quarantined_by_reason"], s
+
+
+@pytest.mark.parametrize("what", ["folder", "under a file"])
+def test_a_quarantine_file_that_cannot_be_written_is_said_before_a_line_is_read_and_the_next_run_reads_every_line(
+    tmp_path: Path, what: str
+) -> None:
+    """A folder, or a path under a file, named as ``--quarantine-file``: the run wrote the calls
+    before the first bad line, then ended with "Is a directory: …", exit 1 (a bug, said the README),
+    every run after the same. Now it is told before a line is read, naming the option, exit 7 (a
+    disk that fills under it: ``test_a_cron_run_whose_quarantine_file_cannot_be_written_…``), and a
+    run with a file that can be written quarantines the bad lines once and writes every call."""
+    logs = copy_samples(tmp_path / "logs")
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    if what == "folder":
+        where = tmp_path / "q"
+        where.mkdir()
+    else:
+        (tmp_path / "f").write_text("x")
+        where = tmp_path / "f" / "q.jsonl"
+    args = ["batch", str(logs), "--tracking-uri", uri, "--state-dir", str(state), "--partial-timeout", "0", "--json"]
+    proc = run(*args, "--quarantine-file", str(where), cwd=tmp_path)
+    assert_one_clean_error_line(proc, 7, f"cannot write the quarantine file {where}")
+    assert "--quarantine-file" in proc.stderr
+    assert not (tmp_path / "m.db").exists() or not all_traces(uri, "LiteLLM Proxy", include_spans=False), "told before a line is read"
+    ok = run(*args, "--quarantine-file", str(tmp_path / "q.jsonl"), cwd=tmp_path)
+    assert ok.returncode == 3, ok.stderr
+    assert nonblank_lines(tmp_path / "q.jsonl") == json.loads(ok.stdout)["quarantined"] == 7
+    got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, "LiteLLM Proxy", include_spans=False)]
+    assert len(got) == len(set(got)) == 45

@@ -1444,10 +1444,11 @@ def test_a_shorter_file_with_a_known_first_line_is_its_own_once_it_stops_changin
     g.close()
 
 
-def test_a_pipe_named_as_the_quarantine_file_holds_back_no_good_call(tmp_path: Path) -> None:
+def test_a_pipe_named_as_the_quarantine_file_holds_back_no_good_call(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A FIFO with no reader as ``--quarantine-file``: the first bad line blocked the daemon in
     ``open`` for good (no call ingested, SIGTERM unheard). The bad line's record is held back, as on
-    a full disk, and the good calls go on."""
+    a full disk, and the good calls go on; the daemon says at its start that the file cannot be
+    written (a cron run stops there, exit 7)."""
     import threading
 
     logdir = tmp_path / "logs"
@@ -1460,6 +1461,10 @@ def test_a_pipe_named_as_the_quarantine_file_holds_back_no_good_call(tmp_path: P
     os.mkfifo(state / "quarantine.jsonl")
     sink = RecordingSink()
     t = tailer(logdir, state, sink, settle_s=0.0)
+    assert [r.message for r in caplog.records if "cannot write the quarantine file" in r.message] == [
+        f"cannot write the quarantine file {state / 'quarantine.jsonl'}: a pipe or a socket is no quarantine file "
+        "(--quarantine-file; default <state dir>/quarantine.jsonl); its records wait in memory until it can be"
+    ]
     stepping = threading.Thread(target=t.step, daemon=True)
     stepping.start()
     stepping.join(30)
