@@ -14,7 +14,7 @@ import hashlib
 import json
 from typing import BinaryIO
 
-from ingest.sources import HEAD_BYTES, TAIL_BYTES, is_document, line_head
+from ingest.sources import CORRUPT, HEAD_BYTES, TAIL_BYTES, is_document, line_head
 
 FIRST_LINE_CAP = 64 * 1024
 
@@ -32,19 +32,27 @@ def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ..
 
     A first line without its newline counts as whole when it is a complete JSON document (LiteLLM's
     bucket loggers write one per object, or join a batch with no final newline) or when the caller
-    knows the file is finished (``unterminated_ok``). It is fingerprinted as if the newline were
-    there, so the fingerprint stays the same if one is appended later.
+    knows the file is finished (``unterminated_ok``; then a compressed one damaged inside its first
+    line is known by what decompresses before the damage, and read: its rest is quarantined as
+    unreadable. One that gives nothing raises). It is fingerprinted as if the newline were there, so the fingerprint stays the
+    same if one is appended later.
 
     Blank lines before it are passed over (up to ``FIRST_LINE_CAP`` bytes of them): they are no
     record, and a logger that starts every file with one gave every generation of a rotated log one
     fingerprint, so the new file was taken for the rotated one and not read."""
     head = b""
     skipped = 0
+    broken: Exception | None = None
     while True:
         while len(head) < FIRST_LINE_CAP and b"\n" not in head:
             try:
                 block = f.read1(min(8192, FIRST_LINE_CAP - len(head)))  # type: ignore[attr-defined]
             except EOFError:
+                break
+            except CORRUPT as e:
+                if not unterminated_ok:
+                    raise
+                broken = e  # a finished archive damaged inside its first line: known by what it gives
                 break
             if not block:
                 break
@@ -58,6 +66,8 @@ def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ..
     if nl >= 0:
         head = head[: nl + 1]
     elif len(head) < FIRST_LINE_CAP:
+        if broken is not None and not head.strip():
+            raise broken
         if not head.strip() or not (unterminated_ok or is_document(head)):
             return ()
         head += b"\n"
@@ -98,3 +108,9 @@ def head_before(buf: bytes, at_start: bool) -> bytes:
     if i >= 0:
         return line_head(buf[i + 1 :])
     return line_head(buf) if at_start else b""
+
+
+def raw_fingerprint(head: bytes) -> str:
+    """A finished archive damaged before it gives a byte, known by its first compressed bytes: read,
+    its whole content is quarantined as unreadable (it waited for a first line for ever)."""
+    return "raw:" + hashlib.sha256(head).hexdigest()[:32]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import polars as pl
 
 from ingest.checkpoints import Checkpoint, State, encode_state, holds, now_iso
-from ingest.fingerprint import fingerprint_of, fingerprints_of, head_before, tail_digest
+from ingest.fingerprint import FIRST_LINE_CAP, fingerprint_of, fingerprints_of, head_before, raw_fingerprint, tail_digest
 from ingest.sources import (
     CORRUPT,
     DAMAGED,
@@ -271,11 +271,11 @@ class Follower:
                 return None
         try:
             packed = compression(os.pread(fd, MAGIC_BYTES, 0))
-            finished = not packed and self.quiet(os.fstat(fd))
+            finished = self.quiet(os.fstat(fd))
             with _reader(fd, packed) as f:
                 fp, *older = fingerprints_of(f, unterminated_ok=finished) or (None,)
         except DAMAGED:
-            fp = None
+            fp, older = (raw_fingerprint(os.pread(fd, FIRST_LINE_CAP, 0)) if packed and finished else None), []
         if fp is None or (not packed and compression(os.pread(fd, MAGIC_BYTES, 0))):
             # the second look: a compressed copy being made (``gzip`` of a rotated file) was empty at
             # the first and holds its magic now; read as text, its bytes were quarantined line by line

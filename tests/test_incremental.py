@@ -432,6 +432,30 @@ def test_a_damaged_archive_gives_every_record_before_the_damage_and_quarantines_
     assert len((tmp_path / "st" / "q.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize("damage", ["cut_in_its_first_line", "damaged_at_its_start"])
+def test_an_archive_damaged_before_its_first_newline_is_quarantined_once_it_is_quiet(tmp_path: Path, capture, damage: str) -> None:
+    """An archive cut short inside its first line, or damaged before it gives a byte, had no first
+    line to be known by: every run counted it as waiting ("quarantined once unchanged for
+    --partial-timeout"), exit 0, for ever, even long after it last changed. Now, quiet, it is known
+    by what it gives (or its first compressed bytes) and quarantined as unreadable, once; while it
+    may still be being written it waits, as a plain file's first line does."""
+    whole = gzip.compress(lines(reidentify(whole_calls(capture, 0, 10))).encode())
+    damaged = whole[:1500] if damage == "cut_in_its_first_line" else whole[:40] + bytes([whole[40] ^ 0xFF]) + whole[41:]
+    archive = tmp_path / "logs" / "proxy.jsonl.1.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(damaged)
+    cron = Cron(f"sqlite:///{tmp_path / 'm.db'}", "damaged", tmp_path / "st")
+    fresh = cron.run(archive.parent, partial_timeout_s=300)
+    assert (fresh.files_skipped, fresh.quarantined) == (1, 0), "it may still be being written"
+    os.utime(archive, (time.time() - 600, time.time() - 600))
+    quiet = cron.run(archive.parent, partial_timeout_s=300)
+    assert (quiet.quarantined_by_reason, quiet.files_skipped, quiet.result) == ({"unreadable": 1}, 0, "quarantined")
+    (q,) = [json.loads(x) for x in (tmp_path / "st" / "q.jsonl").read_text().splitlines()]
+    assert (q["source"], q["line"], q["reason"]) == (str(archive), 1, "unreadable")
+    again = cron.run(archive.parent, partial_timeout_s=300)
+    assert (again.records_read, again.quarantined, again.files_skipped) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("kind", ["gzip", "xz"])
 def test_a_damaged_archive_read_without_a_state_gives_every_record_before_the_damage(tmp_path: Path, capture, kind: str) -> None:
     """``batch --no-state`` and ``reconcile`` read files whole, outside the follower: a cut archive
