@@ -736,16 +736,21 @@ def _tags_from_text(frame: pl.DataFrame) -> pl.DataFrame:
 def _tokens_from_usage(frame: pl.DataFrame, warnings: Warnings | None) -> pl.DataFrame:
     """Token counts a record gives only in ``response.usage`` (absent or null at the top level, as
     some tools and LiteLLM versions write them) are read from there, under the top level's rules: a
-    whole float is the count, a negative one or one beyond int64 is dropped with its warning. Only
-    rows missing a count, and naming a usage, are read for it (a path lookup parses the whole line):
+    whole float is the count, a negative one or one beyond int64 is dropped with its warning; a
+    ``response`` that is JSON text (a SpendLogs row's) is read inside. Only rows missing a count,
+    and naming a usage, are read for it (a path lookup parses the whole line):
     a clean chunk costs a null count per column."""
     if not frame.height or not any(frame[f].null_count() for f in TOKEN_FIELDS):
         return frame
-    missing = pl.any_horizontal(pl.col(f).is_null() for f in TOKEN_FIELDS) & pl.col("raw").str.contains('"usage"', literal=True)
+    named = pl.col("raw").str.contains('"usage"', literal=True) | pl.col("raw").str.contains('\\"usage\\"', literal=True)
+    missing = pl.any_horizontal(pl.col(f).is_null() for f in TOKEN_FIELDS) & named
     idx = frame.select(missing).to_series().arg_true()
     if not len(idx):
         return frame
-    usage = _path_text(frame["raw"].gather(idx), ("response", "usage"))
+    raw = frame["raw"].gather(idx)
+    usage = _path_text(raw, ("response", "usage"))
+    if usage.null_count():  # a SpendLogs row's response is JSON text: its usage is inside that text
+        usage = usage.fill_null(_path_text(raw, ("response",)).str.json_path_match("$.usage"))
     rows = frame.select(pl.col(f).gather(idx) for f in TOKEN_FIELDS).with_columns(_usage=usage)
     columns: list[pl.Series] = []
     for f in TOKEN_FIELDS:

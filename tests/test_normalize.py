@@ -1192,6 +1192,26 @@ def test_token_counts_given_only_in_response_usage_are_the_counts(capture: list[
     assert got[5] == (None, None, None)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("as_text", [True, False], ids=["response as JSON text", "response as an object"])
+def test_a_spend_logs_rows_counts_missing_are_read_from_its_response_as_text_or_object(
+    capture: list[dict], fast: bool, as_text: bool
+) -> None:
+    """A SpendLogs row's ``response`` is JSON text, as LiteLLM stores it: its ``usage`` was looked for
+    only in an object (and the prefilter missed its escaped ``\\"usage\\"``), so a row with its
+    counts null at the top level had none."""
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    base = next(r for r in capture if r["status"] == "success" and r["call_type"] == "acompletion")
+    row = spend_row(base, store_prompts=True, naive=False)
+    row["prompt_tokens"] = None
+    del row["total_tokens"], row["completion_tokens"]
+    if not as_text:
+        row["response"] = json.loads(row["response"])
+    frame, _ = frame_of([row])
+    out, quarantined = normalize(frame, None, fast)
+    assert quarantined == [] and out.select(counts).rows() == [tuple(base["response"]["usage"][f] for f in counts)]
+
+
 @pytest.mark.parametrize("value", ["1795788117.5", "2026-11-27T14:01:55Z", True])
 def test_a_first_token_time_of_another_type_keeps_the_call_without_it(good: list[dict], value: object) -> None:
     """A payload's completionStartTime as text quarantined the whole call, while an unparsable one
