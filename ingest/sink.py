@@ -436,6 +436,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
             deadline_s,
             _transient_http,
         )
+        _refuse_a_foreign_404(resp, uri, "get experiment")
         if _no_such_experiment(resp):
             raise SinkError(f"experiment id {exp_id} does not exist on {shown_uri(uri)}", kind="rejected")
         exp = _check(resp, "get experiment").json()["experiment"]
@@ -450,6 +451,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
         deadline_s,
         _transient_http,
     )
+    _refuse_a_foreign_404(resp, uri, "find experiment")
     if resp.status_code == 404 or "RESOURCE_DOES_NOT_EXIST" in resp.text:
         if not create:
             raise _missing_experiment(name, uri)
@@ -487,8 +489,31 @@ def too_old(version: str, uri: str) -> str | None:
 
 
 def _no_such_experiment(resp: requests.Response) -> bool:
-    """A server's answer to GetExperiment for an id it does not hold."""
-    return resp.status_code == 404 or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text)
+    """A server's answer to GetExperiment for an id it does not hold (MLflow's own 404, not a web
+    server's or an ingress's for a path it does not serve: that one is no answer of MLflow's)."""
+    return (resp.status_code == 404 and not _foreign_404(resp)) or (resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text)
+
+
+def _foreign_404(resp: requests.Response) -> bool:
+    """A 404 without MLflow's JSON error: the address serves no MLflow API there."""
+    if resp.status_code != 404:
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and "error_code" in body)
+
+
+def _refuse_a_foreign_404(resp: requests.Response, uri: str, what: str) -> None:
+    """A wrong path (``http://host/mlflow`` for a server at the root, or the root of one served under
+    a prefix) or another web server was said as "experiment does not exist": it names the address."""
+    if _foreign_404(resp):
+        raise SinkError(
+            f"{shown_uri(uri)} answered {what} 404 without MLflow's error ({_said(resp, 120) or 'no body'}): no MLflow API "
+            "at that address; check --tracking-uri / MLFLOW_TRACKING_URI (a server behind a path prefix is given with it)",
+            kind="rejected",
+        )
 
 
 EXPERIMENT_REMEDY = "restore it or pick another experiment"

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1111,3 +1112,22 @@ def test_a_quarantine_file_that_cannot_be_written_is_said_before_a_line_is_read_
     assert nonblank_lines(tmp_path / "q.jsonl") == json.loads(ok.stdout)["quarantined"] == 7
     got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, "LiteLLM Proxy", include_spans=False)]
     assert len(got) == len(set(got)) == 45
+
+
+@pytest.mark.parametrize("command", [("batch",), ("batch", "--experiment-id", "0"), ("reconcile",)], ids=["by name", "by id", "reconcile"])
+def test_a_tracking_uri_with_a_wrong_path_names_the_address_not_the_experiment(mlflow_server, tmp_path: Path, command: tuple) -> None:
+    """A server behind a path prefix given without it (or a prefix where there is none) answers every
+    API path with its web server's 404 page: that was "experiment 'LiteLLM Proxy' does not exist"
+    (check --experiment-name), or "create experiment: MLflow answered 404: <!doctype html>…". Now the
+    address is named; a missing experiment on the right address is still said as such."""
+    wrong = f"{mlflow_server.url}/mlflow"
+    logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    state = ("--state-dir", str(tmp_path / "st")) if command[0] == "batch" else ()
+    proc = run(*command, logs, "--tracking-uri", wrong, *state, cwd=tmp_path)
+    assert_one_clean_error_line(proc, 4, "answered")
+    assert "no MLflow API at that address" in proc.stderr and "--tracking-uri" in proc.stderr and "does not exist" not in proc.stderr
+    if command[0] == "reconcile":
+        right = run(
+            "reconcile", logs, "--tracking-uri", mlflow_server.url, "--experiment-name", f"none-{uuid.uuid4().hex[:8]}", cwd=tmp_path
+        )
+        assert_one_clean_error_line(right, 4, "does not exist")
