@@ -120,6 +120,16 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     return parse_time(value)
 
 
+def _experiment_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """MLflow's experiment ids are numbers: another value (or ``$MLFLOW_EXPERIMENT_ID``) was said as
+    a store that could not be opened (exit 4), after the run had started."""
+    given = value if value is not None else (os.environ.get("MLFLOW_EXPERIMENT_ID") or "").strip() or None
+    if given is not None and not given.strip().isdigit():
+        where = "" if value is not None else " (from MLFLOW_EXPERIMENT_ID)"
+        raise click.BadParameter(f"{given!r}{where} is no experiment id: MLflow's are numbers (or give --experiment-name)")
+    return value
+
+
 def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     from ingest.shard import Shard
 
@@ -179,7 +189,9 @@ target_options = _options(
         "--experiment-name",
         help='Experiment to write to (created if missing, except by reconcile). Default: $MLFLOW_EXPERIMENT_NAME, else "LiteLLM Proxy".',
     ),
-    click.option("--experiment-id", help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."),
+    click.option(
+        "--experiment-id", callback=_experiment_id, help="Existing experiment id (instead of a name). Default: $MLFLOW_EXPERIMENT_ID."
+    ),
     click.option(
         "--mlflow-timeout",
         type=_Finite(min=0),

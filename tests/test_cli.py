@@ -1131,3 +1131,14 @@ def test_a_tracking_uri_with_a_wrong_path_names_the_address_not_the_experiment(m
             "reconcile", logs, "--tracking-uri", mlflow_server.url, "--experiment-name", f"none-{uuid.uuid4().hex[:8]}", cwd=tmp_path
         )
         assert_one_clean_error_line(right, 4, "does not exist")
+
+
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_an_experiment_id_that_is_no_number_is_a_usage_error(tmp_path: Path, how: str) -> None:
+    """``--experiment-id abc`` was "cannot open the MLflow store …: Invalid experiment ID 'abc'", exit
+    4, once the run had opened the store; now it is a usage error naming the option (and the variable)."""
+    logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
+    flag, env = (("--experiment-id", "abc"), {}) if how == "flag" else ((), {"MLFLOW_EXPERIMENT_ID": "abc"})
+    proc = run("batch", logs, *flag, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-state", cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "'abc'" in proc.stderr and "--experiment-id" in proc.stderr, proc.stderr
+    assert ("MLFLOW_EXPERIMENT_ID" in proc.stderr) == (how == "variable") and not (tmp_path / "m.db").exists()
