@@ -90,7 +90,11 @@ def _text(expr: pl.Expr) -> pl.Expr:
 
 
 def _usable_id(expr: pl.Expr) -> pl.Expr:
-    return pl.when(expr.is_not_null() & ~expr.str.strip_chars().str.to_lowercase().is_in(UNUSABLE_IDS)).then(expr)
+    """An id that names one call: not a placeholder, and holding no NUL or replacement character
+    (a lone surrogate decodes to U+FFFD: ``req-\\ud800`` and ``req-\\udc00`` read as one id, and two
+    calls were joined into one trace, or one dropped as the other's copy)."""
+    usable = expr.is_not_null() & ~expr.str.strip_chars().str.to_lowercase().is_in(UNUSABLE_IDS)
+    return pl.when(usable & ~expr.str.contains(r"[\x00\x{FFFD}]")).then(expr)
 
 
 MAX_EPOCH_S = (2**63 - 1) // 10**9

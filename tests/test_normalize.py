@@ -1248,3 +1248,14 @@ def test_payload_request_tags_given_as_json_text_of_a_list_are_the_tags(capture:
         ["[not json"],
         [json.dumps([{"k": "v"}])],
     ]
+
+
+def test_call_ids_that_differ_only_in_what_cannot_be_stored_are_not_taken_for_one(good: list[dict]) -> None:
+    """``req-\\ud800``, ``req-\\udc00`` and ``req-\\u0000`` all read as ``req-\\ufffd``: three calls were
+    one, two joined as attempts and the third dropped as a copy. Such an id names no call: each is
+    known by its next id (``id``) as a call without ``litellm_call_id`` is."""
+    rows = [copy.deepcopy(good[0]) | {"litellm_call_id": f"req-{c}", "id": f"resp-{i}"} for i, c in enumerate(["\ud800", "\udc00", "\x00"])]
+    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    frame, _ = split_lines("calls.jsonl", lines, 0, 1)
+    out, quarantined = normalize(frame)
+    assert quarantined == [] and out["call_key"].to_list() == ["resp-0", "resp-1", "resp-2"]
