@@ -781,7 +781,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             continue
         dest = r["destination"]
         console.print(
-            f"[bold]{r['mode']}[/bold] -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
+            f"[bold]{r['mode']}[/bold]{escape(_window(dest))} -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
             f"last run {r.get('started') or '-'} .. {r.get('finished') or '(running or killed)'} " + escape(f"[{r.get('result')}]")
         )
         n = r["nesting"]
@@ -793,7 +793,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     t = Table("mode", "path", "fingerprint", "offset / size", "lag", "held", "updated")
     for r in rows:
         t.add_row(
-            r["mode"],
+            r["mode"] + _window(r["destination"]),
             r["path"]
             + (" (another file now: rotated)" if r["replaced"] else "" if r["exists"] else " (gone)")
             + (f" (gone since {r['gone_since']}: forgotten after --forget-gone-after)" if r["gone_since"] else ""),
@@ -813,6 +813,20 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     for k in kept:
         console.print(f"corrupt state kept aside: {escape(k)}")
     sys.exit(code)
+
+
+def _window(dest: dict[str, Any]) -> str:
+    """A backfill's ``--since``/``--until``, which keep a state of their own: two backfills of one
+    folder over other windows showed as two identical lines."""
+    bounds = [f"{flag} {_iso_us(dest[k])}" for k, flag in (("since", "--since"), ("until", "--until")) if isinstance(dest.get(k), int)]
+    return f" [{' '.join(bounds)}]" if bounds else ""
+
+
+def _iso_us(us: int) -> str:
+    try:
+        return datetime.fromtimestamp(us / 1e6, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return str(us)
 
 
 @main.command()

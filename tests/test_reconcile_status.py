@@ -757,3 +757,22 @@ def test_status_does_not_measure_a_rotated_files_lag_against_the_file_now_at_its
     assert row["replaced"] and row["lag_bytes"] is None and row["size"] is None, row
     table = run("status", "--state-dir", str(tmp_path / "st"), cwd=tmp_path)
     assert "another file now" in table.stdout, table.stdout
+
+
+def test_status_tells_backfills_of_other_windows_apart(tmp_path: Path, capture: list[dict]) -> None:
+    """Each ``--since``/``--until`` window keeps a state of its own: two backfills of one folder showed
+    as two identical header lines and two identical file rows (the window only in ``--json``, as
+    epoch microseconds)."""
+    from ingest.pipeline import RunOptions, run_incremental
+
+    log = write_log(tmp_path / "logs" / "a.jsonl", copies(capture, 1, "windows")[0])
+    store, state = f"sqlite:///{tmp_path / 's.db'}", tmp_path / "state"
+    for since, until in ((None, None), (1_000_000_000_000_000, 2_000_000_000_000_000)):
+        opts = RunOptions(paths=[str(log)], tracking_uri=store, state_dir=state, since_us=since, until_us=until)
+        run_incremental(opts, "backfill")
+    st = run("status", "--state-dir", str(state), cwd=tmp_path)
+    assert st.returncode == 0, st.stderr[-3000:]
+    window = "[--since 2001-09-09T01:46:40Z --until 2033-05-18T03:33:20Z]"
+    assert sum(line.startswith(f"backfill {window} -> ") for line in st.stdout.splitlines()) == 1, st.stdout
+    assert sum(line.startswith("backfill -> ") for line in st.stdout.splitlines()) == 1, st.stdout
+    assert sum(f"backfill {window}" in line and str(log) in line for line in st.stdout.splitlines()) == 1, st.stdout
