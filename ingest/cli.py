@@ -923,7 +923,7 @@ def _print_summary(s: Any) -> None:
         ("duplicates dropped", s.duplicates_dropped),
         ("calls", s.calls),
         ("traces written" if not s.dry_run else "traces (dry run)", s.traces_written if not s.dry_run else s.calls),
-        ("spans written", s.spans_written),
+        *([("spans written", s.spans_written)] if not s.dry_run else []),
         ("time range", f"{s.first_start} .. {s.last_end}" if s.first_start else "-"),
         ("seconds", s.seconds),
         ("records/s", s.records_per_second),

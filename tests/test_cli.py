@@ -148,12 +148,14 @@ def test_dry_run_builds_everything_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_dry_run_names_the_experiment_a_run_would_write_to(tmp_path: Path) -> None:
-    """Without --experiment-name its summary said ``experiment None``, not the default a real run takes."""
+    """Without --experiment-name its summary said ``experiment None``, not the default a real run takes
+    (nor "spans written 0" beside the traces it would write)."""
     logs = str(SAMPLE_LOGS / "proxy_calls.jsonl")
     proc = run("batch", logs, "--dry-run", "--json", cwd=tmp_path)
     assert proc.returncode == 0 and json.loads(proc.stdout)["experiment_name"] == "LiteLLM Proxy", proc.stdout + proc.stderr
     proc = run("batch", logs, "--dry-run", cwd=tmp_path, env={"MLFLOW_EXPERIMENT_NAME": "from env"})
     assert proc.returncode == 0 and "experiment 'from env'" in proc.stdout, proc.stdout + proc.stderr
+    assert re.search(r"^traces \(dry run\) +25$", proc.stdout, re.M) and "spans written" not in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("command", ["batch", "backfill"])
