@@ -34,8 +34,8 @@ def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ..
     bucket loggers write one per object, or join a batch with no final newline) or when the caller
     knows the file is finished (``unterminated_ok``; then a compressed one damaged inside its first
     line is known by what decompresses before the damage, and read: its rest is quarantined as
-    unreadable. One that gives nothing raises). It is fingerprinted as if the newline were there, so the fingerprint stays the
-    same if one is appended later.
+    unreadable; one that gives nothing raises). It is fingerprinted as if the newline were there,
+    so the fingerprint stays the same if one is appended later.
 
     Blank lines before it are passed over (up to ``FIRST_LINE_CAP`` bytes of them): they are no
     record, and a logger that starts every file with one gave every generation of a rotated log one

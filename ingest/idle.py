@@ -147,10 +147,10 @@ def _nothing_new(state: State, target: Target, opts: RunOptions, inputs: Inputs,
 
 
 def _waiting_at(follower: Follower, path: Path) -> int | None:
-    """The offset ``path`` waits at (0: no checkpoint), when the full run would read nothing of it now and
-    count it as waiting, else None: its first line or its
-    last one has no newline yet and is no whole record, after the lines its checkpoint counts, and the file has not been quiet
-    for ``--partial-timeout`` (then the full run reads that line, and quarantines it if bad). Such a
+    """The offset ``path`` waits at (0: no checkpoint) when the full run would read nothing of it now
+    and count it as waiting, else None: after the lines its checkpoint counts, its first or last line
+    has no newline yet and is no whole record, and the file has not been quiet for
+    ``--partial-timeout`` (then the full run reads that line, and quarantines it if bad). Such a
     file (the quick start's ``bad_input.jsonl``) sent every cron run to the full path until then."""
     try:
         with open(path, "rb") as fh:

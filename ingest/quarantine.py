@@ -113,11 +113,11 @@ class QuarantineWriter:
     """Appends quarantine records; a run that quarantines nothing creates no file.
 
     A file that cannot be written (disk full, read-only) stops a cron run (one line, exit 7; its
-    checkpoint stays, so the next run quarantines the same lines again); one that cannot be written
-    at all (a folder, no permission) stops it before it reads a line (:func:`unwritable`). The daemon (``hold``) must not stop
-    sending the good calls for it: what cannot be written is kept in memory, up to
-    ``HOLD_CAP_BYTES``, and written by the next pass that can; every record it has to let go of
-    is named in the log with its file, line and reason, never dropped in silence."""
+    checkpoint stays, so the next run quarantines the same lines again); one that cannot be
+    written at all (a folder, no permission) stops it before it reads a line (:func:`unwritable`).
+    The daemon (``hold``) must not stop sending the good calls for it: what cannot be written is
+    kept in memory, up to ``HOLD_CAP_BYTES``, and written by the next pass that can; every record it
+    has to let go of is named in the log with its file, line and reason, never dropped in silence."""
 
     HOLD_CAP_BYTES = 8 * 1024 * 1024
 
