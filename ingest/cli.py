@@ -121,10 +121,13 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 
 
 def _experiment_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """MLflow's experiment ids are numbers: another value (or ``$MLFLOW_EXPERIMENT_ID``) was said as
-    a store that could not be opened (exit 4), after the run had started."""
-    given = value if value is not None else (os.environ.get("MLFLOW_EXPERIMENT_ID") or "").strip() or None
-    if given is not None and not given.strip().isdigit():
+    """MLflow's experiment ids are numbers in its stores: another value (or ``$MLFLOW_EXPERIMENT_ID``,
+    when it is the one a run takes: no ``--experiment-name`` either) was said as a store that could
+    not be opened (exit 4), after the run had started. Without the flag this runs after every option
+    given on the command line, so the name is known by then."""
+    env = None if ctx.params.get("experiment_name") else (os.environ.get("MLFLOW_EXPERIMENT_ID") or "").strip() or None
+    given = value if value is not None else env
+    if given is not None and not re.fullmatch(r"\s*[0-9]+\s*", given):
         where = "" if value is not None else " (from MLFLOW_EXPERIMENT_ID)"
         raise click.BadParameter(f"{given!r}{where} is no experiment id: MLflow's are numbers (or give --experiment-name)")
     return value

@@ -24,7 +24,7 @@ def fingerprint_of(f: BinaryIO, unterminated_ok: bool = False) -> str | None:
     return next(iter(fingerprints_of(f, unterminated_ok)), None)
 
 
-def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ...]:
+def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False, damaged_ok: bool = False) -> tuple[str, ...]:
     """The fingerprint of an open log, read from its start in small steps (a compressed one that ends
     early still has one if its first line is whole), then the one an earlier version gave a first line
     of two records (:func:`_first_record`), by which a state it wrote knows the file; () without a
@@ -32,10 +32,10 @@ def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ..
 
     A first line without its newline counts as whole when it is a complete JSON document (LiteLLM's
     bucket loggers write one per object, or join a batch with no final newline) or when the caller
-    knows the file is finished (``unterminated_ok``; then a compressed one damaged inside its first
-    line is known by what decompresses before the damage, and read: its rest is quarantined as
-    unreadable; one that gives nothing raises). It is fingerprinted as if the newline were there,
-    so the fingerprint stays the same if one is appended later.
+    knows the file is finished (``unterminated_ok``). It is fingerprinted as if the newline were
+    there, so the fingerprint stays the same if one is appended later. ``damaged_ok``: a finished
+    archive damaged or cut short inside its first line is known by what decompresses before the
+    damage, and read (its rest is quarantined as unreadable); one that gives nothing raises.
 
     Blank lines before it are passed over (up to ``FIRST_LINE_CAP`` bytes of them): they are no
     record, and a logger that starts every file with one gave every generation of a rotated log one
@@ -47,12 +47,13 @@ def fingerprints_of(f: BinaryIO, unterminated_ok: bool = False) -> tuple[str, ..
         while len(head) < FIRST_LINE_CAP and b"\n" not in head:
             try:
                 block = f.read1(min(8192, FIRST_LINE_CAP - len(head)))  # type: ignore[attr-defined]
-            except EOFError:
+            except EOFError as e:
+                broken = e if damaged_ok else None
                 break
             except CORRUPT as e:
-                if not unterminated_ok:
+                if not damaged_ok:
                     raise
-                broken = e  # a finished archive damaged inside its first line: known by what it gives
+                broken = e
                 break
             if not block:
                 break

@@ -269,13 +269,17 @@ class Follower:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
                     self.out_of_descriptors = e
                 return None
+        packed, finished = None, False
         try:
             packed = compression(os.pread(fd, MAGIC_BYTES, 0))
             finished = self.quiet(os.fstat(fd))
             with _reader(fd, packed) as f:
-                fp, *older = fingerprints_of(f, unterminated_ok=finished) or (None,)
+                fp, *older = fingerprints_of(f, unterminated_ok=finished, damaged_ok=bool(packed) and finished) or (None,)
         except DAMAGED:
-            fp, older = (raw_fingerprint(os.pread(fd, FIRST_LINE_CAP, 0)) if packed and finished else None), []
+            fp, older = None, []
+            if packed and finished:  # an archive that gives no first line, however long it is left
+                with contextlib.suppress(OSError):
+                    fp = raw_fingerprint(os.pread(fd, FIRST_LINE_CAP, 0))
         if fp is None or (not packed and compression(os.pread(fd, MAGIC_BYTES, 0))):
             # the second look: a compressed copy being made (``gzip`` of a rotated file) was empty at
             # the first and holds its magic now; read as text, its bytes were quarantined line by line

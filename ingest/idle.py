@@ -22,7 +22,7 @@ from ingest.checkpoints import CorruptState, State, StateError, destination_key,
 from ingest.ledger import Ledger, drop_nest_queue
 from ingest.nesting import NestQueue
 from ingest.sink import MissingExperiment, Target, postgresql_target
-from ingest.sources import is_document
+from ingest.sources import MAGIC_BYTES, compression, is_document
 from ingest.stores import sqlite_path
 
 if TYPE_CHECKING:
@@ -154,22 +154,26 @@ def _waiting_at(follower: Follower, path: Path) -> int | None:
     file (the quick start's ``bad_input.jsonl``) sent every cron run to the full path until then."""
     try:
         with open(path, "rb") as fh:
-            if os.pread(fh.fileno(), 1, os.fstat(fh.fileno()).st_size - 1) == b"\n":
-                return None  # lines to read, the common case: told without a fingerprint
+            fd = fh.fileno()
+            if os.pread(fd, 1, os.fstat(fd).st_size - 1) == b"\n" or compression(os.pread(fd, MAGIC_BYTES, 0)):
+                return None  # lines to read (the common case), or an archive: told without decompressing it
     except OSError:
         return None
     f = follower.identify(path)
     if f is None:
         return 0 if follower.out_of_descriptors is None else None
     try:
-        if f.compressed or f.ck is not follower.state.checkpoints.get(f.key):
-            return None  # read whole each time, new, or taken from an earlier version's key
+        if f.compressed or f.ck is not follower.state.checkpoints.get(f.key) or f.ck.legacy_held:
+            return None  # new, taken from an earlier version's key, or with lines an old state held
         st = os.fstat(f.fd)
         rest = st.st_size - f.ck.offset
         if not 0 < rest <= follower.max_line_bytes or follower.quiet(st):
             return None
         data = os.pread(f.fd, rest, f.ck.offset)
-        return None if b"\n" in data or is_document(data) else f.ck.offset  # a whole record is read at once
+        if b"\n" in data or is_document(data):
+            return None  # a whole record is read at once
+        follower.found(f.ck, path, renamed=True)  # where the full run's follow() puts it: not gone, and at this path
+        return f.ck.offset
     finally:
         f.close()
 

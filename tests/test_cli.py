@@ -1144,3 +1144,5 @@ def test_an_experiment_id_that_is_no_number_is_a_usage_error(tmp_path: Path, how
     proc = run("batch", logs, *flag, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-state", cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "'abc'" in proc.stderr and "--experiment-id" in proc.stderr, proc.stderr
     assert ("MLFLOW_EXPERIMENT_ID" in proc.stderr) == (how == "variable") and not (tmp_path / "m.db").exists()
+    named = run("batch", logs, *flag, "--experiment-name", "named", "--dry-run", "-q", cwd=tmp_path, env=env)
+    assert (named.returncode == 0) == (how == "variable"), "a run given a name does not read the variable's id"

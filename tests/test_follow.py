@@ -13,6 +13,7 @@ LITELLM_INGEST_SOAK=20 pytest tests/test_follow.py
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import gzip
 import hashlib
@@ -163,6 +164,25 @@ def test_a_gzip_copy_being_made_is_not_taken_for_text(tmp_path: Path, monkeypatc
     f = follower.identify(rotated)
     assert f is not None and f.compressed == "gzip"
     f.close()
+
+
+def test_a_file_whose_first_read_fails_is_no_file_to_follow_yet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error at the first read of a file (a bad disk, a mount gone; a folder opened as one) is a
+    file not identified yet, as before: it raised ``UnboundLocalError`` out of the run (exit 1) and
+    out of the daemon's loop once archives damaged before their first line were told from waiting."""
+    follower = Follower(State(tmp_path / "s.json", "batch", {}), None)  # type: ignore[arg-type]
+    assert follower.identify(tmp_path) is None
+    log = tmp_path / "proxy.jsonl"
+    log.write_text(line(record("c-1", "success", 100.0, 101.0)))
+    real = os.pread
+
+    def failing(fd: int, n: int, offset: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "pread", failing)
+    assert follower.identify(log) is None
+    monkeypatch.setattr(os, "pread", real)
+    assert follower.identify(log) is not None
 
 
 def test_a_version_1_state_is_upgraded_and_its_held_positions_are_replayed_from_the_file(tmp_path: Path) -> None:

@@ -167,6 +167,15 @@ def test_a_line_waiting_for_its_newline_is_answered_idle_until_it_ends_or_the_fi
     runs.run()
     runs.run()
     assert runs.opened == 4 + 2 * full, "read once if it has a line, then idle"
+    if head:  # renamed while its line waits: the checkpoint follows it, as the full run's follow() moves it
+        d = d.rename(d.with_name("d.jsonl.1"))
+        runs.run(forget_gone_s=1e-6)
+        runs.run(forget_gone_s=1e-6)
+        assert runs.opened == 4 + 2 * full, "still nothing to read"
+        st = State.load(runs.state_path, "batch", json.loads(runs.state_path.read_text())["destination"])
+        (ck,) = [c for c in st.checkpoints.values() if Path(c.path).name.startswith("d.")]
+        assert (Path(ck.path).name, ck.gone_at) == ("d.jsonl.1", None), "not taken for gone, nor forgotten"
+        st.close()
     os.utime(d, (time.time() - 400, time.time() - 400))  # unchanged past --partial-timeout (300 s)
     quiet = runs.run()
     assert (runs.opened, quiet["quarantined"], quiet["files_skipped"]) == (5 + 2 * full, 1, 0), "the full run quarantines it"

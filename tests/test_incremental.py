@@ -432,7 +432,7 @@ def test_a_damaged_archive_gives_every_record_before_the_damage_and_quarantines_
     assert len((tmp_path / "st" / "q.jsonl").read_text().splitlines()) == 1
 
 
-@pytest.mark.parametrize("damage", ["cut_in_its_first_line", "damaged_at_its_start"])
+@pytest.mark.parametrize("damage", ["cut_in_its_first_line", "damaged_at_its_start", "cut_before_a_byte"])
 def test_an_archive_damaged_before_its_first_newline_is_quarantined_once_it_is_quiet(tmp_path: Path, capture, damage: str) -> None:
     """An archive cut short inside its first line, or damaged before it gives a byte, had no first
     line to be known by: every run counted it as waiting ("quarantined once unchanged for
@@ -440,7 +440,11 @@ def test_an_archive_damaged_before_its_first_newline_is_quarantined_once_it_is_q
     by what it gives (or its first compressed bytes) and quarantined as unreadable, once; while it
     may still be being written it waits, as a plain file's first line does."""
     whole = gzip.compress(lines(reidentify(whole_calls(capture, 0, 10))).encode())
-    damaged = whole[:1500] if damage == "cut_in_its_first_line" else whole[:40] + bytes([whole[40] ^ 0xFF]) + whole[41:]
+    damaged = {
+        "cut_in_its_first_line": whole[:1500],
+        "damaged_at_its_start": whole[:40] + bytes([whole[40] ^ 0xFF]) + whole[41:],
+        "cut_before_a_byte": whole[:20],
+    }[damage]
     archive = tmp_path / "logs" / "proxy.jsonl.1.gz"
     archive.parent.mkdir()
     archive.write_bytes(damaged)
