@@ -357,6 +357,8 @@ def _guarded(fn: Callable[[], Any]) -> Any:
     except sqlite3.Error as e:
         _fail(f"a state database (ledger or nesting queue) failed: {e}", Exit.STATE)
     except OSError as e:
+        if _verbose():
+            traceback.print_exc()
         _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), Exit.FAILURE)
     except (Exception, PanicException) as e:
         from mlflow.exceptions import MlflowException

@@ -485,12 +485,13 @@ def test_a_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [expected]
 
 
-@pytest.mark.parametrize("kind", ["KeyError", "PanicException"])
+@pytest.mark.parametrize("kind", ["KeyError", "PanicException", "OSError"])
 def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """PanicException is polars' report of an internal failure (out of descriptors, a bug): a
-    BaseException, it went past ``except Exception`` as a traceback."""
+    BaseException, it went past ``except Exception`` as a traceback. An unforeseen OSError is one
+    line too, and ``-v`` printed no traceback for it, as the README says it does for exit 1."""
     from click.testing import CliRunner
     from polars.exceptions import PanicException
 
@@ -498,6 +499,8 @@ def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(
     from ingest.cli import main
 
     def broken(*args: object) -> None:
+        if kind == "OSError":
+            raise OSError(5, "Input/output error", "/some/file")
         raise KeyError("a bug") if kind == "KeyError" else PanicException("a bug")
 
     monkeypatch.setattr(pipeline, "run_batch", broken)
@@ -506,9 +509,12 @@ def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_with_v(
     assert quiet.exit_code == 1 and "Traceback" not in quiet.stderr, quiet.stderr
     shown = "'a bug'" if kind == "KeyError" else "a bug"
     expected = f"litellm-ingest: error: unexpected {kind}: {shown} (a bug: please report it with the traceback -v prints)"
+    if kind == "OSError":
+        expected = "litellm-ingest: error: Input/output error: /some/file"
     assert quiet.stderr.strip().splitlines() == [expected]
     loud = CliRunner().invoke(main, ["-v", *args])
-    assert loud.exit_code == 1 and "Traceback" in loud.stderr and "raise KeyError" in loud.stderr
+    raised = "raise OSError" if kind == "OSError" else "raise KeyError"
+    assert loud.exit_code == 1 and "Traceback" in loud.stderr and raised in loud.stderr
 
 
 def test_unknown_experiment_id_is_refused_not_silently_accepted(mlflow_server, tmp_path: Path) -> None:
