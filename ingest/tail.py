@@ -608,6 +608,7 @@ class Tailer:
             elif not known.holds_its_lines():
                 log.info("copytruncate: %s continues in %s at byte %d", known.path, path, known.ck.offset)
                 known.close()
+                by_inode = {k: v for k, v in by_inode.items() if v is not known}  # the truncated file, met later, is a new one
                 self.follower.follow(f)
             else:
                 f.close()

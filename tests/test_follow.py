@@ -1444,6 +1444,32 @@ def test_a_copy_still_being_made_by_copytruncate_is_left_for_later_then_continue
     t.close()
 
 
+def test_a_copytruncate_met_copy_first_reads_the_truncated_file_as_a_new_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The copy sorts first (older), and its copytruncate branch closed the original's descriptor; the
+    scan then met the truncated original by its inode and read its first line through the closed
+    descriptor: "a pass failed (OSError: [Errno 9] Bad file descriptor)" with a traceback, a pass lost
+    (or, the number reused by another open, another file's first line read as its own)."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    lines = [line(record(f"cf-{i}", "success", 1_700_000_000 + i, 1_700_000_000.5 + i)) for i in range(7)]
+    log.write_text("".join(lines[:2]))
+    sink = RecordingSink()
+    t = tailer(logdir, tmp_path / "state", sink, settle_s=0.0)
+    t.step()
+    copy = logdir / "proxy.jsonl.1"
+    copy.write_bytes(log.read_bytes())
+    os.utime(copy, (time.time() - 60, time.time() - 60))
+    with log.open("r+") as f:
+        f.truncate(0)
+    log.write_text("".join(lines[2:]))  # longer than what was read: not told from the original by its size
+    t.step()
+    t.step()
+    assert sorted(sink.calls()) == sorted(f"cf-{i}" for i in range(7)) and t.pipeline.summary.records_read == 7
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    t.close()
+
+
 def test_a_shorter_file_with_a_known_first_line_is_its_own_once_it_stops_changing(tmp_path: Path) -> None:
     """The wait has an end: a file rewritten shorter (a re-delivery of part of a log) is read whole
     as its own once it has not changed for the partial timeout."""
