@@ -828,8 +828,10 @@ def _window(dest: dict[str, Any]) -> str:
 
 
 def _iso_us(us: int) -> str:
+    from ingest.checkpoints import _iso_ms
+
     try:
-        return datetime.fromtimestamp(us / 1e6, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return _iso_ms(us // 1000)
     except (OverflowError, OSError, ValueError):
         return str(us)
 
