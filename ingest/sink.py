@@ -103,6 +103,9 @@ class Sink(Protocol):
     deadline_s: float
     on_retry: Callable[[Exception], None] | None
     pause: Callable[[float], object]
+    waiting: Callable[[float], object] | None
+    """Told, every slice, how long a call to MLflow has been waited for so far: a daemon keeps
+    watching its files while one hangs (a SQLite lock's 20 s, a server that took the request and went silent)."""
     settles: bool
     """A trace written again ends with the trace row one write of its spans leaves (state and
     previews too), so a call written as failed needs no delete before its success is written."""
@@ -185,6 +188,7 @@ class _Http:
         self.timeout = timeout_s
         self.cutoff: float | None = None
         """``time.monotonic()`` past which no request waits for its answer (a daemon's shutdown deadline)."""
+        self.waiting: Callable[[float], object] | None = None
         self.session = requests.Session()
         if creds.token:
             self.session.headers["Authorization"] = f"Bearer {creds.token}"
@@ -248,9 +252,12 @@ class _Http:
             watched = Watched(call, "mlflow-request")
         except RuntimeError as e:
             raise SinkError(f"cannot reach MLflow at {shown_uri(self.base)}: {first_line(e)}") from e
+        started = time.monotonic()
         while not watched.done.wait(0.25 if self.cutoff is None else max(0.0, min(0.25, self.cutoff - time.monotonic()))):
             if self.cutoff is not None and time.monotonic() >= self.cutoff:
                 raise self._abandoned(what)
+            if self.waiting is not None:
+                self.waiting(time.monotonic() - started)
         return watched.result()
 
     def _abandoned(self, what: str) -> SinkError:
@@ -809,6 +816,14 @@ class OtlpSink:
     def settles(self) -> bool:
         return self.joining and self.settling
 
+    @property
+    def waiting(self) -> Callable[[float], object] | None:
+        return self.http.waiting
+
+    @waiting.setter
+    def waiting(self, hook: Callable[[float], object] | None) -> None:
+        self.http.waiting = hook
+
     def submit(self, traces: list[BuiltTrace]) -> Future[int]:
         return self._senders.submit(self.write, traces)
 
@@ -1129,6 +1144,7 @@ def answered_in_time(
     give_up_s: float | None = None,
     thread: str = "mlflow-db",
     since: float | None = None,
+    waiting: Callable[[float], object] | None = None,
 ) -> T:
     """``call`` (database work on the store ``shown``, or a request through MLflow's own client), run
     in a thread of its own and waited for in short slices. A database that does not answer at all (a
@@ -1139,7 +1155,8 @@ def answered_in_time(
     after ``--mlflow-timeout`` (``DB_SILENCE_S`` at least) and retried within the same deadline, so a
     run ends with exit 4. ``since``: when the caller's retries began; a run's wait counts from there,
     so a try begun late is abandoned at the run's deadline, not one of MLflow's 20 s SQLite lock waits
-    past it. The thread (named ``thread``) is a daemon: it does not keep the process alive."""
+    past it. ``waiting`` hears how long the call has been waited for, every slice (a daemon holds its
+    files meanwhile). The thread (named ``thread``) is a daemon: it does not keep the process alive."""
 
     def past_cutoff() -> bool:
         return (at := cutoff()) is not None and time.monotonic() >= at
@@ -1167,6 +1184,8 @@ def answered_in_time(
         if not said and waited >= deadline_s and on_retry is not None:
             said = True
             on_retry(TimeoutError(f"{what}: the MLflow store {shown} has not answered for {waited:.0f}s"))
+        if waiting is not None:
+            waiting(waited)
     return watched.result()
 
 
@@ -1239,6 +1258,7 @@ class StoreSink(_Synchronous):
         self.patience = Patience(self)
         self.on_retry: Callable[[Exception], None] | None = None
         self.pause: Callable[[float], object] = time.sleep
+        self.waiting: Callable[[float], object] | None = None
         self.cutoff: float | None = None
         """``time.monotonic()`` past which no database call is waited for (a stopping daemon's deadline)."""
 
@@ -1298,6 +1318,7 @@ class StoreSink(_Synchronous):
             cutoff=lambda: self.cutoff,
             give_up_s=give_up_s,
             since=since,
+            waiting=self.waiting,
         )
 
     def _retried(self, call: Callable[[], T], what: str, transient: Callable[[Exception], bool] = _transient_db, hooks: bool = True) -> T:
@@ -1477,6 +1498,7 @@ class NullSink(_Synchronous):
     deadline_s = 0.0
     on_retry = None
     pause = staticmethod(time.sleep)
+    waiting = None
     settles = False
 
     def ping(self) -> None:

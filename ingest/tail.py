@@ -146,6 +146,7 @@ class Tailer:
         self.pipeline.before_write = self._save
         self.sink.on_retry = self._write_failed
         self.sink.pause = self._pause
+        self.sink.waiting = self._waiting
         self.wake = threading.Event()
         self.stopping = stopping or threading.Event()
         self.metrics = metrics or Metrics()
@@ -168,6 +169,9 @@ class Tailer:
         self.refused: SinkError | None = None
         """Set when the experiment is gone or deleted: the daemon stops, and :meth:`run` raises it (exit 4)."""
         self._stop_by: float | None = None
+        self._holding = threading.Lock()
+        """One outage scan at a time: a write's retries pause, and hung calls wait, in the sending threads too."""
+        self._held_at = -math.inf
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -421,12 +425,31 @@ class Tailer:
         back cannot take its lines."""
         while not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
             self.stopping.wait(min(left, self.opts.rescan_s))
-            if self._restored and not self.stopping.is_set():
-                try:
-                    self._scan(hold=True)
-                    self._keep_deleted()
-                except Exception as e:
-                    log.debug("a scan during the outage failed: %s", e)
+            self._hold_files()
+
+    def _waiting(self, waited: float) -> None:
+        """A call to MLflow unanswered for ``waited`` s (a write waiting up to 20 s for a SQLite lock,
+        a server that took the request and went silent, for the request's 120 s): past
+        ``--mlflow-timeout`` that is an outage, said and shown on ``/health``; and the files are held
+        as between a write's retries, every ``rescan_s``. Only the retries' pauses held them, and a
+        copytruncate's copy deleted while one call hung took the lines written after the last read."""
+        if waited >= self.sink.deadline_s and not self.stopping.is_set():
+            self._write_failed(TimeoutError(f"MLflow at {self.target.shown_uri} has not answered for {waited:.0f}s"))
+        if waited >= self.opts.rescan_s and time.monotonic() - self._held_at >= self.opts.rescan_s:
+            self._hold_files()
+
+    def _hold_files(self) -> None:
+        """One outage scan (:meth:`_scan` ``hold``, then :meth:`_keep_deleted`); never raises."""
+        if not self._restored or self.stopping.is_set() or not self._holding.acquire(blocking=False):
+            return
+        try:
+            self._scan(hold=True)
+            self._keep_deleted()
+        except Exception as e:
+            log.debug("a scan during the outage failed: %s", e)
+        finally:
+            self._held_at = time.monotonic()
+            self._holding.release()
 
     def _keep_deleted(self) -> None:
         """During an outage: a copy in the state dir (:func:`keep`), once, of each log a rotation

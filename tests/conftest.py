@@ -299,6 +299,18 @@ def sqlite_trace_count(db: Path) -> int:
         return 0
 
 
+def hold_sqlite_lock(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding a SQLite store's write lock (a long write transaction) for ``seconds``."""
+    code = (
+        "import sqlite3, sys, time\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True); time.sleep(float(sys.argv[2]))\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(db), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 @pytest.fixture
 def sqlite_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"

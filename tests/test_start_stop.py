@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ import pytest
 import requests
 
 from ingest.sink import OtlpSink, SinkError, Target
-from tests.conftest import all_traces, copies, free_port, sqlite_trace_count, write_jsonl
+from tests.conftest import all_traces, copies, free_port, hold_sqlite_lock, sqlite_trace_count, write_jsonl
 from tests.tailkit import EXE, Daemon, Writer, fresh_calls, wait_for, wait_for_calls
 from tests.test_gateway import Gateway
 from tests.test_tail import assert_exactly
@@ -152,18 +151,6 @@ def test_a_daemon_started_while_the_server_answers_5xx_waits_for_it(
         gateway.close()
 
 
-def _hold_sqlite_lock(db: Path, seconds: float) -> subprocess.Popen:
-    """Another process holding the store's write lock (a long write transaction) for ``seconds``."""
-    code = (
-        "import sqlite3, sys, time\n"
-        "c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN EXCLUSIVE')\n"
-        "print('locked', flush=True); time.sleep(float(sys.argv[2]))\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(db), str(seconds)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 @pytest.fixture
 def locked_store(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A complete SQLite store with the experiment "locked": its URI and file."""
@@ -184,7 +171,7 @@ def test_a_sqlite_store_locked_past_the_timeout_is_said_so_and_never_given_migra
     uri, db = locked_store
     logs = tmp_path / "logs"
     write_jsonl(logs / "proxy.jsonl", capture[:5])
-    holder = _hold_sqlite_lock(db, 40)
+    holder = hold_sqlite_lock(db, 40)
     try:
         code, err, took = _run("batch", logs, uri, tmp_path / "state", "--experiment-name", "locked", "--mlflow-timeout", "4", timeout=30)
     finally:
@@ -211,7 +198,7 @@ def test_a_lock_taken_while_a_run_writes_ends_it_at_its_timeout_and_the_next_run
     holder = None
     try:
         wait_for(lambda: sqlite_trace_count(db) > 0 or proc.poll() is not None, 60, "the run's first traces")
-        holder = _hold_sqlite_lock(db, 120)
+        holder = hold_sqlite_lock(db, 120)
         locked_at = time.monotonic()
         assert proc.poll() is None, "the run ended before the lock: give it more calls"
         _, err = proc.communicate(timeout=90)
@@ -239,7 +226,7 @@ def test_a_daemon_started_while_its_sqlite_store_is_locked_waits_and_then_writes
     logdir.mkdir()
     calls = fresh_calls(capture)[:6]
     Writer(logdir / "proxy.jsonl").write_calls(calls)
-    holder = _hold_sqlite_lock(db, 12)
+    holder = hold_sqlite_lock(db, 12)
     d = Daemon(logdir, uri, "locked", tmp_path / "state").start()
     try:
         wait_for(lambda: "waiting for it" in d.log.read_text(), 30, "the daemon to say it waits for the store")

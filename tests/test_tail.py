@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import all_traces, fill, forget_stores, free_port, spans_ingested, sqlite_trace_count, start_mlflow_server, write_jsonl
+from tests.conftest import (
+    all_traces,
+    fill,
+    forget_stores,
+    free_port,
+    hold_sqlite_lock,
+    spans_ingested,
+    sqlite_trace_count,
+    start_mlflow_server,
+    write_jsonl,
+)
 from tests.pgkit import PgCluster
 from tests.tailkit import (
     Daemon,
@@ -417,6 +427,87 @@ def test_a_daemon_killed_during_an_outage_loses_nothing_of_a_log_deleted_meanwhi
         server.stop()
 
 
+def test_a_copytruncate_copy_deleted_while_a_write_waits_on_a_sqlite_lock_takes_nothing(tmp_path: Path, capture) -> None:
+    """Another process holds the SQLite store's write lock (a backup, an app tracing into the same
+    file): the daemon's write waits up to 20 s for it, in one call. The daemon held its files only
+    between a write's tries, so a copytruncate whose copy was deleted within that wait (``rotate 0``)
+    took the lines written after the last read. Now a call waited for longer than a rescan holds the
+    files as the pauses do: the copy is opened unread, and read once the lock is released."""
+    db = tmp_path / "m.db"
+    uri = f"sqlite:///{db}"
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)[:11]
+    writer = Writer(log)
+    writer.write_calls(calls[:3])
+    d = Daemon(logdir, uri, "locked", tmp_path / "state", "--mlflow-timeout", "2").start()
+    holder = None
+    try:
+        wait_for_calls(uri, "locked", calls[:3])
+        holder = hold_sqlite_lock(db, 60)
+        writer.write_calls(calls[3:6])
+        wait_for(lambda: "MLflow unavailable" in d.log.read_text(), 15, "the write to wait on the lock")
+        writer.write_calls(calls[6:9])
+        with writer.lock:
+            copy = rotate(log, "copytruncate", "numbered", "deleted")
+        assert copy is not None
+        wait_for(lambda: f"holding {copy}" in d.log.read_text(), 8, "the daemon to hold the copy while its write waits")
+        assert "database is locked" not in d.log.read_text(), "still in the first try: its pauses held nothing yet"
+        copy.unlink()
+        writer.write_calls(calls[9:])
+        holder.terminate()
+        holder.wait(timeout=10)
+        assert_exactly(wait_for_calls(uri, "locked", calls, timeout=90), calls)
+        assert d.stop() == 0
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        if d.alive():
+            d.stop(signal.SIGKILL)
+
+
+def test_a_server_that_takes_a_write_and_goes_silent_is_an_outage_and_its_files_are_held(tmp_path: Path, capture) -> None:
+    """The MLflow server is frozen (SIGSTOP: the connection is taken, no answer comes) under a daemon
+    sending traces: the send waited out the request's 120 s with ``/health`` "ok", and held no file
+    meanwhile, so a copytruncate's copy deleted then took the lines written after the last read. Now
+    the silence is an outage past ``--mlflow-timeout``, the files are held while the request hangs,
+    and once the server answers every call is written once."""
+    server = start_mlflow_server(tmp_path / "srv")
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    calls = fresh_calls(capture)[:11]
+    writer = Writer(log)
+    writer.write_calls(calls[:3])
+    d = Daemon(logdir, server.url, "silent", tmp_path / "state", "--mlflow-timeout", "2").start()
+    frozen = False
+    try:
+        wait_for_calls(server.url, "silent", calls[:3])
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        frozen = True
+        writer.write_calls(calls[3:6])
+        health = lambda: requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).json()["status"]  # noqa: E731
+        wait_for(lambda: health() == "mlflow_unavailable", 20, "the daemon to call the silence an outage")
+        writer.write_calls(calls[6:9])
+        with writer.lock:
+            copy = rotate(log, "copytruncate", "numbered", "deleted")
+        assert copy is not None
+        wait_for(lambda: f"holding {copy}" in d.log.read_text(), 10, "the daemon to hold the copy while its send hangs")
+        copy.unlink()
+        writer.write_calls(calls[9:])
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        frozen = False
+        assert_exactly(wait_for_calls(server.url, "silent", calls, timeout=90), calls)
+        assert d.stop() == 0
+    finally:
+        if frozen:
+            os.killpg(server.proc.pid, signal.SIGCONT)
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        server.stop()
+
+
 def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capture) -> None:
     """A reboot that brings the proxy and its daemon up before MLflow: the daemon serves /health
     (503), says once that it waits, and sends everything once MLflow answers (stopped while it
@@ -574,14 +665,16 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
     daemon sat in a read for as long as it lasted, ``/health`` "ok" and nothing said, and SIGTERM was
     unheeded until the database answered again. Now the silence is an outage past
     ``--mlflow-timeout``, a stop ends within ``--shutdown-timeout``, and the next start writes every
-    call once."""
+    call once. The files are held while that one call hangs: a copytruncate's copy deleted meanwhile
+    is opened unread, and copied into the state dir once deleted."""
     pg, uri, logdir = own_pg
     experiment = "pg-frozen"
     calls = fresh_calls(capture)
     daemon = lambda: Daemon(logdir, uri, experiment, tmp_path / "state", "--mlflow-timeout", "2", "--shutdown-timeout", "3")  # noqa: E731
     d, frozen = daemon().start(), False
     try:
-        writer = Writer(logdir / "proxy.jsonl")
+        log = logdir / "proxy.jsonl"
+        writer = Writer(log)
         writer.write_calls(calls[:10])
         wait_for_calls(uri, experiment, calls[:10])
         pg.freeze()
@@ -590,6 +683,14 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
         health = lambda: requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).json()["status"]  # noqa: E731
         wait_for(lambda: health() == "mlflow_unavailable", 20, "the daemon to say the database does not answer")
         assert "MLflow unavailable" in d.log.read_text()
+        writer.write_calls(calls[30:33])
+        with writer.lock:
+            copy = rotate(log, "copytruncate", "numbered", "deleted")
+        assert copy is not None
+        wait_for(lambda: f"holding {copy}" in d.log.read_text(), 10, "the daemon to hold the copy while a call hangs")
+        copy.unlink()
+        kept = tmp_path / "state" / "kept-logs"
+        wait_for(lambda: [p.name for p in kept.rglob("*.jsonl*")] == [copy.name], 10, "a copy of the deleted copy")
         assert d.proc is not None
         started = time.monotonic()
         os.killpg(d.proc.pid, signal.SIGTERM)
@@ -598,7 +699,7 @@ def test_a_postgresql_that_stops_answering_is_an_outage_and_does_not_hold_a_stop
         d.proc = None
         pg.freeze(signal.SIGCONT)
         frozen = False
-        writer.write_calls(calls[30:])
+        writer.write_calls(calls[33:])
         d = daemon().start()
         assert_exactly(wait_for_calls(uri, experiment, calls), calls)
         assert d.stop() == 0
