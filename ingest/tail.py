@@ -191,10 +191,10 @@ class Tailer:
     def run(self) -> None:
         tune_collector()
         observer = self._watch()
-        log.info("following %s (pattern %s) -> %s experiment %s", ", ".join(map(str, self.dirs)), self.opts.pattern,
-                 self.target.shown_uri, self.target.experiment_id)  # fmt: skip
         try:
             with self.state.locked():
+                log.info("following %s (pattern %s) -> %s experiment %s", ", ".join(map(str, self.dirs)), self.opts.pattern,
+                         self.target.shown_uri, self.target.experiment_id)  # fmt: skip
                 self.state.last_run = {"started": now_iso(), "result": "running", "pid": os.getpid(), "mode": "tail"}
                 self._save(self.state.save)
                 while not self.stopping.is_set():
@@ -648,7 +648,8 @@ class Tailer:
                 f.gone_since = None
             elif f.gone_since is None:
                 f.gone_since = now
-                log.info("%s was rotated away or deleted; reading it to its end", f.path)
+                if not f.stale:  # a file truncated in place was said so, and has no end left to read
+                    log.info("%s was rotated away or deleted; reading it to its end", f.path)
 
     def _follow_pinned(self, listed: set[tuple[int, int]]) -> None:
         """The files held unread (while MLflow was down at start, or waiting for a first line): those
@@ -966,7 +967,7 @@ def run_tail(opts: TailOptions, directories: list[Path]) -> None:
             assert opts.state_dir is not None
             keep_or_say(list(pins.deleted().values()), opts.state_dir, "held unread while MLflow did not answer")
             pins.close()
-            log.info("stopped while waiting for MLflow")
+            log.info("stopped while waiting for MLflow" if metrics.down_since is not None else "stopped before MLflow answered")
             return
         tailer = Tailer(opts, directories, destination, metrics, stopping, pins if pins.held else None)
         for sig in STOP_SIGNALS:

@@ -935,6 +935,41 @@ def test_one_file_under_two_names_is_no_rotation(tmp_path: Path, caplog: pytest.
     t.close()
 
 
+def test_a_log_truncated_in_place_is_said_so_not_called_rotated_away(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A log emptied in place (``: > proxy.jsonl``) and written again was said to be truncated, then
+    also "rotated away or deleted; reading it to its end": it is neither, and has no end left."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "proxy.jsonl"
+    log.write_text("".join(line(record(f"cut-{i}", "success", 1_700_000_000 + i, 1_700_000_001 + i)) for i in range(3)))
+    sink = RecordingSink()
+    t = tailer(logdir, tmp_path / "state", sink, settle_s=0.0)
+    with caplog.at_level(logging.INFO):
+        t.step()
+        log.write_text(line(record("cut-3", "success", 1_700_000_003, 1_700_000_004)))
+        t.step()
+        t.step()
+    assert caplog.text.count("was truncated or rewritten in place") == 1, caplog.text
+    assert "rotated away or deleted" not in caplog.text, caplog.text
+    assert sorted(sink.calls()) == [f"cut-{i}" for i in range(4)]
+    t.close()
+
+
+def test_a_second_daemon_on_one_state_is_refused_before_it_says_it_follows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second daemon given the same state dir logged "following …" and then stopped (exit 5),
+    which read as if two were running."""
+    from ingest.checkpoints import LockedError
+
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    first = tailer(logdir, tmp_path / "state", RecordingSink(), settle_s=0.0)
+    second = tailer(logdir, tmp_path / "state", RecordingSink(), settle_s=0.0)
+    with first.state.locked(), caplog.at_level(logging.INFO), pytest.raises(LockedError, match="another run holds the lock"):
+        second.run()
+    assert "following" not in caplog.text, caplog.text
+    first.close()
+
+
 def test_a_file_gone_between_the_listing_and_the_open_is_not_called_unreadable(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -372,6 +372,7 @@ def test_a_daemon_stopped_while_it_waits_for_mlflow_keeps_a_copy_of_a_deleted_lo
             assert d.stop() == 0
             said = [line for line in d.log.read_text().splitlines() if "deleted by a rotation that kept no copy" in line]
             assert len(said) == 1 and "kept a copy" in said[0] and str(log) in said[0] and "other.jsonl" not in said[0], d.log.read_text()
+            assert "stopped while waiting for MLflow" in d.log.read_text()
         assert [p.name for p in kept.rglob("*.jsonl")] == ["proxy.jsonl"]
         server = start_mlflow_server(tmp_path / "late-server", port=port)
         d = Daemon(logdir, url, "late", tmp_path / "state").start()
