@@ -34,8 +34,7 @@ from ingest.ledger import Ledger, Unit, drop_nest_queue
 from ingest.lognames import stream_of
 from ingest.nesting import DEFAULT_GRACE_S, Nester, NestQueue
 from ingest.normalize import empty_canonical, error_text, normalize_isolating
-from ingest.quarantine import REMEDY as QUARANTINE_REMEDY
-from ingest.quarantine import QuarantineRecord, QuarantineUnwritable, QuarantineWriter, Reason, first_line, unwritable
+from ingest.quarantine import QuarantineRecord, QuarantineUnwritable, QuarantineWriter, Reason, cannot_write, first_line
 from ingest.scrub import Scrubber, default_scrubber
 from ingest.shard import Shard, edge_head, edge_tail, file_fingerprint
 from ingest.sink import (
@@ -221,8 +220,8 @@ class Pipeline:
     ) -> Pipeline:
         """``nest_queue``: where calls wait for their app trace between runs (none: looked up once, at write time).
         ``workers``: processes that build and write big steps (a backfill's ``--workers``)."""
-        if quarantine is None and opts.quarantine_file is not None and (why := unwritable(opts.quarantine_file)) is not None:
-            raise QuarantineUnwritable(f"cannot write the quarantine file {opts.quarantine_file}: {why} {QUARANTINE_REMEDY}")
+        if quarantine is None and (said := cannot_write(opts.quarantine_file)) is not None:
+            raise QuarantineUnwritable(said)
         nester = Nester(sink, nest_queue, opts.nest_grace_s) if opts.nest and not isinstance(sink, NullSink) else None
         batch = opts.batch_traces or (DEFAULT_BATCH_TRACES if target.is_server else DEFAULT_BATCH_TRACES_SQL)
         pipe = cls(

@@ -109,6 +109,13 @@ def unwritable(path: Path) -> str | None:
         return e.strerror or str(e)
 
 
+def cannot_write(path: Path | None) -> str | None:
+    """The line that says ``path`` cannot take quarantine records (:func:`unwritable`); None when it can."""
+    if path is None or (why := unwritable(path)) is None:
+        return None
+    return f"cannot write the quarantine file {path}: {why} {REMEDY}"
+
+
 class QuarantineWriter:
     """Appends quarantine records; a run that quarantines nothing creates no file.
 

@@ -48,8 +48,7 @@ from ingest.lognames import SCRATCH_SUFFIXES
 from ingest.metrics import Metrics, serve
 from ingest.nesting import NestQueue
 from ingest.pipeline import Pipeline, RunOptions, open_target
-from ingest.quarantine import REMEDY as QUARANTINE_REMEDY
-from ingest.quarantine import QuarantineWriter, first_line, unwritable
+from ingest.quarantine import QuarantineWriter, cannot_write, first_line
 from ingest.sink import Sink, SinkError, Target, Watched
 from ingest.sources import Chunk, age_order, descriptor_limit, is_own, path_kind, shown, walk
 
@@ -126,9 +125,8 @@ class Tailer:
         key = destination_key(self.target.tracking_uri, self.target.experiment_id)
         self.state = State.load(state_path(opts.state_dir, "batch", key), "batch", key)
         self.quarantine = QuarantineWriter(opts.quarantine_file, hold=True)
-        if opts.quarantine_file is not None and (why := unwritable(opts.quarantine_file)) is not None:
-            log.warning("cannot write the quarantine file %s: %s %s; its records wait in memory until it can be",
-                        opts.quarantine_file, why, QUARANTINE_REMEDY)  # fmt: skip
+        if (said := cannot_write(opts.quarantine_file)) is not None:
+            log.warning("%s; its records wait in memory until it can be", said)
         self.nest_queue = NestQueue.beside(self.state.path) if opts.nest else None
         if not opts.nest:
             drop_nest_queue(self.state.path)
