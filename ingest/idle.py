@@ -153,13 +153,18 @@ def _waiting_at(follower: Follower, path: Path) -> int | None:
     ``--partial-timeout`` (then the full run reads that line, and quarantines it if bad). Such a
     file (the quick start's ``bad_input.jsonl``) sent every cron run to the full path until then."""
     try:
-        with open(path, "rb") as fh:
-            fd = fh.fileno()
-            if os.pread(fd, 1, os.fstat(fd).st_size - 1) == b"\n" or compression(os.pread(fd, MAGIC_BYTES, 0)):
-                return None  # lines to read (the common case), or an archive: told without decompressing it
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    f = follower.identify(path)
+    try:
+        # lines to read (the common case), or an archive: told without decompressing it
+        passed = os.pread(fd, 1, os.fstat(fd).st_size - 1) == b"\n" or bool(compression(os.pread(fd, MAGIC_BYTES, 0)))
+    except OSError:
+        passed = True
+    if passed:
+        os.close(fd)
+        return None
+    f = follower.identify(path, fd=fd)
     if f is None:
         return 0 if follower.out_of_descriptors is None else None
     try:
