@@ -381,25 +381,20 @@ class State:
         """
         corrupt_copy = None
         try:
-            doc = read_state(path.with_suffix(path.suffix + ".tmp"))
-        except (StateError, CorruptState):
-            doc = None
-        if doc is None:
+            doc = saved_document(path) or {}
+        except CorruptState as e:
+            corrupt_copy = path.with_name(f"{path.name}.corrupt-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
             try:
-                doc = read_state(path) or {}
-            except CorruptState as e:
-                corrupt_copy = path.with_name(f"{path.name}.corrupt-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-                try:
-                    shutil.copy2(path, corrupt_copy)
-                except OSError as copy_error:
-                    raise StateError(f"the state file {path} is corrupt ({e}) and cannot be copied aside: {copy_error}") from e
-                log.warning(
-                    "the state file %s is corrupt (%s): a copy is kept as %s; starting from an empty state (every file is read again)",
-                    path,
-                    e,
-                    corrupt_copy,
-                )
-                doc = {}
+                shutil.copy2(path, corrupt_copy)
+            except OSError as copy_error:
+                raise StateError(f"the state file {path} is corrupt ({e}) and cannot be copied aside: {copy_error}") from e
+            log.warning(
+                "the state file %s is corrupt (%s): a copy is kept as %s; starting from an empty state (every file is read again)",
+                path,
+                e,
+                corrupt_copy,
+            )
+            doc = {}
         state = cls.from_document(path, mode, destination, doc)
         state.corrupt_copy = corrupt_copy
         return state
@@ -669,6 +664,16 @@ def encode_state(doc: dict[str, Any]) -> bytes:
         return json.dumps(doc, indent=1).encode()
 
 
+def saved_document(path: Path) -> dict[str, Any] | None:
+    """The state document saved at ``path``, as a run loads it: a whole ``<path>.tmp`` that survived
+    its rename (the crash came after it was written) wins. Raises as :func:`read_state` for ``path``."""
+    try:
+        doc = read_state(path.with_suffix(path.suffix + ".tmp"))
+    except (StateError, CorruptState):
+        doc = None
+    return doc if doc is not None else read_state(path)
+
+
 def read_state(path: Path) -> dict[str, Any] | None:
     """A state document at the current version (older ones upgraded), None if there is no file.
 
@@ -770,27 +775,45 @@ def has_state(state_dir: Path, mode: str) -> bool:
 
 
 def all_states(state_dir: Path) -> list[dict[str, Any]]:
-    """Every state file in a state dir (for ``status``); one that cannot be used says why in ``problem``."""
+    """Every state in a state dir (for ``status``), read as a run reads it (a surviving tmp file wins,
+    a field a run defaults is defaulted) and left as it is (a corrupt one is not copied aside). One
+    that cannot be used says why in ``problem``; ``files_lost`` counts the checkpoints its files
+    database no longer has (a run reads their files again). A state dir that cannot be listed is a
+    StateError: "no state" would say nothing was ever ingested."""
+    try:
+        names = os.listdir(state_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StateError(f"cannot read the state dir {state_dir}: {e.strerror or e}") from e
     out: list[dict[str, Any]] = []
-    for p in sorted(state_dir.glob("*.json")):
+    for name in sorted({n.removesuffix(".tmp") for n in names if n.endswith((".json", ".json.tmp"))}):
+        p = state_dir / name
+        mode = name.split("-")[0]
         try:
-            doc = read_state(p)
-        except CorruptState as e:
-            out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": f"corrupt: {e}"})
-        except StateError as e:
-            out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": str(e)})
-        else:
+            doc = saved_document(p)
             if doc is not None:
-                if (generation := _generation(doc)) is not None:
-                    inline = {d["fingerprint"] for d in doc["checkpoints"]}
-                    try:
-                        settled = [c.as_dict() for c in settled_checkpoints(p, generation) if c.fingerprint not in inline]
-                    except StateError as e:
-                        out.append({"file": str(p), "mode": p.name.split("-")[0], "problem": str(e)})
-                        continue
-                    doc = {**doc, "checkpoints": settled + doc["checkpoints"]}
-                out.append({"file": str(p), **doc})
+                out.append({"file": str(p), **_as_shown(p, doc), "mode": doc.get("mode") or mode})
+        except CorruptState as e:
+            out.append({"file": str(p), "mode": mode, "problem": f"corrupt: {e}"})
+        except StateError as e:
+            out.append({"file": str(p), "mode": mode, "problem": str(e)})
     return out
+
+
+def _as_shown(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with every checkpoint (those settled in the files database too) as a run reads it."""
+    checkpoints = [Checkpoint.from_dict(d).as_dict() for d in doc.get("checkpoints", [])]
+    last_run = doc.get("last_run", {})
+    if not isinstance(last_run.get("summary", {}), dict):
+        last_run = {k: v for k, v in last_run.items() if k != "summary"}
+    lost = 0
+    if (generation := _generation(doc)) is not None:
+        inline = {d["fingerprint"] for d in checkpoints}
+        checkpoints = [c.as_dict() for c in settled_checkpoints(path, generation) if c.fingerprint not in inline] + checkpoints
+        counted = doc["files_db"].get("files")
+        lost = max(counted - len(checkpoints), 0) if isinstance(counted, int) and not isinstance(counted, bool) else 0
+    return {**doc, "checkpoints": checkpoints, "last_run": last_run, "files_lost": lost}
 
 
 def _checkpoint(text: str) -> Checkpoint | None:

@@ -708,6 +708,10 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     A state file that cannot be used (corrupt, newer version, unreadable) is shown as such and the
     exit code is 7; copies of corrupt states that runs kept aside are listed.
     """
+    _guarded(lambda: _status(state_dir, as_json))
+
+
+def _status(state_dir: Path | None, as_json: bool) -> None:
     from ingest.checkpoints import all_states, corrupt_copies
     from ingest.sources import compression_of
 
@@ -762,6 +766,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             "state_file": st["file"],
             **({"problem": st["problem"]} if "problem" in st else {}),
             **{k: v for k, v in st.get("last_run", {}).items() if k != "summary"},
+            "files_lost": st.get("files_lost", 0),
             "nesting": {
                 **{k: st.get("last_run", {}).get("summary", {}).get(k, 0) for k in ("nested_calls", "app_traces_missing")},
                 "nest_pending": nest_pending(Path(st["file"])) or 0,
@@ -789,6 +794,11 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             f"[bold]{r['mode']}[/bold]{escape(_window(dest))} -> {dest.get('tracking_uri')} (experiment {dest.get('experiment_id')}): "
             f"last run {r.get('started') or '-'} .. {r.get('finished') or '(running or killed)'} " + escape(f"[{r.get('result')}]")
         )
+        if r["files_lost"]:
+            console.print(
+                f"  [bold yellow]its files database lost {r['files_lost']} file checkpoint(s)[/bold yellow]: "
+                "the next run reads those files again (their traces are written again, not doubled)"
+            )
         n = r["nesting"]
         if any(n.values()):
             console.print(

@@ -374,3 +374,102 @@ def test_a_state_naming_a_file_whose_name_is_not_utf8_is_saved_and_read_back(tmp
     state.save()
     assert "caf\u00e9" in plain.read_text(encoding="utf-8"), "written as UTF-8 by orjson"
     assert State.load(plain, "batch", state.destination).held == state.held
+
+
+def status_of(state_dir: Path, *extra: str) -> tuple[int, str]:
+    """``status --state-dir`` in process: its exit code and output."""
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+
+    result = CliRunner().invoke(main, ["status", "--state-dir", str(state_dir), *extra])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    return result.exit_code, result.output
+
+
+ACCEPTED = {
+    "no field but the version": ({"version": 3}, {"mode": "batch", "files": 0}),
+    "a checkpoint with no offset": (
+        {"version": 3, "mode": "batch", "checkpoints": [{"fingerprint": "sha256:0123456789abcdef0123", "path": "/no/such.jsonl"}]},
+        {"mode": "batch", "files": 1, "offset": 0},
+    ),
+    "a summary that is no object": (
+        {"version": 3, "mode": "batch", "last_run": {"summary": "x", "result": "ok"}},
+        {"mode": "batch", "files": 0},
+    ),
+    "a files database named, no checkpoints listed": (
+        {"version": 3, "mode": "batch", "files_db": {"generation": "g"}},
+        {"mode": "batch", "files": 0},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED), ids=list(ACCEPTED))
+def test_status_reads_a_state_a_run_accepts_as_the_run_reads_it(tmp_path: Path, case: str) -> None:
+    """Fields a run defaults (a checkpoint's offset, the mode, the checkpoint list) were indexed by
+    ``status``: a KeyError or AttributeError traceback, exit 1, over a state the runs go on using."""
+    doc, shown = ACCEPTED[case]
+    (tmp_path / "batch-0123456789ab.json").write_text(json.dumps(doc))
+    code, out = status_of(tmp_path, "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert [r["mode"] for r in report["runs"]] == [shown["mode"]] and "problem" not in report["runs"][0]
+    assert len(report["files"]) == shown["files"]
+    if "offset" in shown:
+        assert report["files"][0]["offset"] == shown["offset"]
+    code, out = status_of(tmp_path)
+    assert code == 0 and "unexpected" not in out, out
+
+
+def test_status_shows_the_state_a_run_would_load_a_whole_tmp_file_winning(tmp_path: Path) -> None:
+    """A run killed between writing its state's tmp file and the rename leaves the newer state in
+    ``<state>.json.tmp``, and the next run loads it; ``status`` showed the older one beside it (a lag
+    the next run did not read), and a state never renamed at all not at all."""
+    ck = {"fingerprint": "sha256:0123456789abcdef0123", "path": str(tmp_path / "a.jsonl"), "offset": 10}
+    older = {"version": 3, "mode": "batch", "checkpoints": [ck], "last_run": {"result": "ok", "started": "older"}}
+    newer = {**older, "checkpoints": [{**ck, "offset": 20}], "last_run": {"result": "ok", "started": "newer"}}
+    (tmp_path / "batch-0123456789ab.json").write_text(json.dumps(older))
+    (tmp_path / "batch-0123456789ab.json.tmp").write_text(json.dumps(newer))
+    (tmp_path / "backfill-ba9876543210.json.tmp").write_text(json.dumps({**newer, "mode": "backfill"}))
+    (tmp_path / "batch-ffffffffffff.json").write_text(json.dumps(older))
+    (tmp_path / "batch-ffffffffffff.json.tmp").write_text(json.dumps(newer)[:-9])  # torn: the rename never came
+    state = State.load(tmp_path / "batch-0123456789ab.json", "batch", {})
+    assert state.checkpoints[ck["fingerprint"]].offset == 20, "what a run loads"
+    code, out = status_of(tmp_path, "--json")
+    assert code == 0, out
+    runs = {Path(r["state_file"]).name: r for r in json.loads(out)["runs"]}
+    assert sorted(runs) == ["backfill-ba9876543210.json", "batch-0123456789ab.json", "batch-ffffffffffff.json"]
+    assert runs["batch-0123456789ab.json"]["started"] == "newer" and runs["backfill-ba9876543210.json"]["started"] == "newer"
+    assert runs["batch-ffffffffffff.json"]["started"] == "older"
+    assert sorted(f["offset"] for f in json.loads(out)["files"]) == [10, 20, 20]
+
+
+def test_status_says_a_files_database_lost_its_checkpoints(tmp_path: Path) -> None:
+    """A state of more than a thousand files keeps their checkpoints in ``<state>.files.sqlite``; with
+    it deleted or corrupt every run warns and reads those files again, while ``status`` listed no
+    file and said nothing."""
+    doc = {"version": 3, "mode": "batch", "checkpoints": [], "files_db": {"generation": "g", "files": 1005}, "last_run": {"result": "ok"}}
+    (tmp_path / "batch-0123456789ab.json").write_text(json.dumps(doc))
+    code, out = status_of(tmp_path, "--json")
+    assert code == 0 and json.loads(out)["runs"][0]["files_lost"] == 1005, out
+    code, out = status_of(tmp_path)
+    assert code == 0 and "lost 1005 file checkpoint(s)" in out and "reads those files again" in out, out
+
+
+def test_status_of_a_state_dir_it_may_not_list_fails_with_exit_7(tmp_path: Path, capture: list[dict]) -> None:
+    """A state dir this user may not read was "no state in …", exit 0: as if nothing was ever
+    ingested, while a run over it fails (exit 7)."""
+    from tests.test_cli import unprivileged
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "batch-0123456789ab.json").write_text(json.dumps({"version": 3, "mode": "batch"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"LITELLM_INGEST_STATE_DIR": str(state)}
+    exe = str(Path(shutil.which("litellm-ingest") or "litellm-ingest"))
+    state.chmod(0o300)
+    try:
+        proc = subprocess.run(unprivileged([exe, "status", "--json"]), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        state.chmod(0o755)
+    assert proc.returncode == 7 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert f"cannot read the state dir {state}: Permission denied" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
