@@ -868,6 +868,14 @@ def _iso_us(us: int) -> str:
     show_default=True,
     help="With --repair: calls that ended less than this many seconds ago are left (a daemon may hold them for a retry).",
 )
+@click.option(
+    "--state-dir",
+    type=_PathOrUnset(path_type=Path),
+    help="The runs' state dir, passed over when under a folder given; --repair quarantines into it. Default as for batch.",
+)
+@click.option(
+    "--quarantine-file", type=_PathOrUnset(path_type=Path), help="Passed over as the runs' own. Default: <state dir>/quarantine.jsonl."
+)
 def reconcile(paths: tuple[str, ...], as_json: bool, limit: int, repair: bool, **kw: Any) -> None:
     """Compare the calls in the logs with the traces in MLflow: what is missing, what is extra (by call id).
 

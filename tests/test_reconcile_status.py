@@ -172,6 +172,22 @@ def test_reconcile_shows_a_call_id_that_is_a_key_as_its_tag_holds_it_and_repairs
     assert marker in {t.info.tags["litellm.call_id"] for t in all_traces(uri, experiment_name)}
 
 
+def test_reconcile_passes_over_the_state_dir_it_is_given_under_the_logs(tmp_path: Path, capture: list[dict]) -> None:
+    """A state dir kept under the logs folder (``--state-dir logs/state``) is passed over by the runs,
+    but reconcile had no ``--state-dir``: it read the state files and every quarantined line as bad
+    input, and counted them as quarantined."""
+    logs = tmp_path / "logs"
+    recs = copies(capture, 1, "rec-own")[0]
+    write_log(logs / "calls.jsonl", recs)
+    (logs / "bad.jsonl").write_text('{"not": "a record"\n' * 3)
+    uri, state = f"sqlite:///{tmp_path / 'store.db'}", logs / "state"
+    b = run("batch", str(logs), "--tracking-uri", uri, "--experiment-name", "own", "--state-dir", str(state), "--json", cwd=tmp_path)
+    assert b.returncode == 3 and json.loads(b.stdout)["quarantined"] == 3, b.stderr[-3000:]
+    assert (state / "quarantine.jsonl").exists()
+    code, report = reconcile([str(logs)], uri, "own", tmp_path, "--state-dir", str(state))
+    assert code == 0 and report["quarantined"] == 3 and report["calls_in_logs"] == len(calls_of(recs)), report
+
+
 def test_reconcile_reports_traces_of_other_logs_in_the_window_as_extra(
     tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str
 ) -> None:
