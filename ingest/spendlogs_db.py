@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode
 
 import orjson
 import polars as pl
@@ -67,9 +68,40 @@ for twice this long)."""
 T = TypeVar("T")
 
 
+PRISMA_ONLY = frozenset(
+    {
+        "schema",
+        "connection_limit",
+        "pool_timeout",
+        "pgbouncer",
+        "socket_timeout",
+        "statement_cache_size",
+        "sslaccept",
+        "sslidentity",
+        "max_connection_lifetime",
+        "max_idle_connection_lifetime",
+    }
+)
+"""Parameters of a Prisma URL that libpq refuses ("invalid URI query parameter"). LiteLLM's
+``DATABASE_URL`` is one: it writes ``?schema=`` itself, and its CLI appends ``connection_limit`` and
+``pool_timeout``."""
+
+
 def _libpq_url(url: str) -> str:
-    """libpq knows ``postgresql://`` and ``postgres://`` only: drop a SQLAlchemy ``+driver``."""
+    """libpq knows ``postgresql://`` and ``postgres://`` only: drop a SQLAlchemy ``+driver``. A Prisma
+    URL (LiteLLM's ``DATABASE_URL``) is read as Prisma reads it: its own parameters are dropped, and
+    its ``schema`` is where the table is looked for (the ``search_path``)."""
     scheme, sep, rest = url.strip().partition("://")
+    base, question, query = rest.partition("?")
+    if question:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        schema = next((v for k, v in reversed(pairs) if k == "schema" and v), None)
+        kept = [(k, v) for k, v in pairs if k not in PRISMA_ONLY and not (schema and k == "options")]
+        if schema:
+            quoted = '"' + schema.replace('"', '""') + '"'
+            path = "-csearch_path=" + re.sub(r"([\\\s])", r"\\\1", quoted)
+            kept.append(("options", " ".join([*(v for k, v in pairs if k == "options" and v), path])))
+        rest = base + ("?" + urlencode(kept, quote_via=quote) if kept else "")
     return f"{scheme.split('+', 1)[0].lower()}{sep}{rest}"
 
 
@@ -85,11 +117,14 @@ def silence_bound(url: str) -> int:
     return CONNECT_TIMEOUT_S if seconds <= 0 else max(MIN_CONNECT_TIMEOUT_S, seconds)
 
 
+_TUNING = "|".join(sorted({"connect_timeout", *PRISMA_ONLY} - {"schema"}))
+
+
 def shown_database(url: str) -> str:
     """The database as said and as known by the state and ledger: password hidden, and without its
-    ``connect_timeout`` (setting one must not make a run read the whole table again, nor a backfill
-    start over)."""
-    return shown_uri(re.sub(r"(?<=[?&])connect_timeout=[^&]*(&|$)", "", url).rstrip("?&"))
+    ``connect_timeout`` or Prisma's pool settings (setting one must not make a run read the whole
+    table again, nor a backfill start over)."""
+    return shown_uri(re.sub(rf"(?<=[?&])(?:{_TUNING})=[^&]*(&|$)", "", url).rstrip("?&"))
 
 
 def _password(url: str) -> str | None:

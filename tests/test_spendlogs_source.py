@@ -119,6 +119,33 @@ def test_the_database_password_stays_in_the_url(litellm_db: str, tmp_path: Path)
     assert code == 8 and "cannot connect" in err and secret not in err and len(err.strip().splitlines()) == 1
 
 
+def test_litellms_own_database_url_is_read_as_prisma_reads_it(litellm_db: str, tmp_path: Path) -> None:
+    """LiteLLM's ``DATABASE_URL`` is a Prisma URL: LiteLLM writes ``?schema=`` into it (its tables in
+    that schema, ``DATABASE_SCHEMA``) and its CLI appends ``connection_limit`` and ``pool_timeout``.
+    libpq refused each (exit 8, "invalid URI query parameter"), and the table was looked for on the
+    default search_path only. Pool settings do not change which rows a state has read."""
+    import psycopg
+
+    records = reidentify(read_capture(), shift_s=-3600)
+    insert_rows(litellm_db, [row_from_payload(r) for r in records[:3]])
+    with psycopg.connect(litellm_db, autocommit=True) as con:
+        con.execute('CREATE SCHEMA "LiteLLM Proxy"')
+        con.execute(f'ALTER TABLE "{TABLE}" SET SCHEMA "LiteLLM Proxy"')
+    uri, state = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "st"
+    prisma = f"{litellm_db}?schema=LiteLLM%20Proxy&connection_limit=10&pool_timeout=60"
+    _, first, _ = run("batch", prisma, state=state, uri=uri)
+    assert first["db_rows"] == 3 and first["traces_written"] == len(_calls(records[:3]))
+    with psycopg.connect(litellm_db, autocommit=True) as con:  # insert_rows writes into public
+        con.execute(f'ALTER TABLE "LiteLLM Proxy"."{TABLE}" SET SCHEMA public')
+    insert_rows(litellm_db, [row_from_payload(records[3])])
+    with psycopg.connect(litellm_db, autocommit=True) as con:
+        con.execute(f'ALTER TABLE "{TABLE}" SET SCHEMA "LiteLLM Proxy"')
+    _, second, _ = run("batch", f"{litellm_db}?schema=LiteLLM%20Proxy&pgbouncer=true", state=state, uri=uri)
+    assert second["db_rows"] == 1, "the same database and schema: only the new row"
+    code, _, err = run("batch", litellm_db, state=tmp_path / "st2", uri=uri, check=False)
+    assert code == 8 and "no table" in err, "without the schema the table is not on the search path"
+
+
 def test_a_run_killed_mid_table_resumes_and_loses_and_doubles_nothing(litellm_db: str, tmp_path: Path) -> None:
     import signal
     import sqlite3
