@@ -49,7 +49,11 @@ from ingest.sources import (
 log = logging.getLogger("litellm-ingest.buckets")
 
 URL = re.compile(r"^(s3|s3a|gs|gcs)://([^/]+)/?(.*)$")
-DATE_DIR = re.compile(r"(\d{4})-(\d{2})-(\d{2})$")
+DATE_DIR = re.compile(r"^(?:[A-Za-z_][\w.-]*=)?(\d{4})-(\d{2})-(\d{2})$")
+"""A date partition's folder: a date, as both loggers name it (``2026-01-15``), or a Hive-style
+``dt=2026-01-15``. A name that only ends in a date is another folder: LiteLLM's S3 logger puts its
+team and key aliases in the key (``launch-2026-01-15/<day>/…``), and one taken for a partition of
+its day was never listed again once cron runs had moved past that day."""
 SKIPPED_DIRS = {"batch_line_items", "audit_logs"}
 """LiteLLM writes batch jobs' output lines and audit logs beside the call logs: not call records."""
 GROUP_OBJECTS = 256

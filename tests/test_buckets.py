@@ -90,6 +90,23 @@ def test_a_window_lists_only_its_date_partitions_at_any_depth() -> None:
     assert listed(b, date(2026, 11, 5), None) == ["2026-11-05/00/c.json", "2026-11-05/13/d.json", "batch_2026-11-04_abc.jsonl"]
 
 
+def test_a_folder_that_only_ends_in_a_date_is_walked_into_not_taken_for_a_partition() -> None:
+    """LiteLLM's S3 logger puts team and key aliases in the key: a team named ``launch-2026-01-15``
+    was a partition of that day, and once cron runs had moved past it its calls were never listed
+    again. A folder named a date, or ``dt=`` one (Hive), is still a partition."""
+    b = memory_bucket(
+        {
+            "logs/launch-2026-01-15/2026-11-03/g.json": b"{}",
+            "logs/launch-2026-01-15/2026-10-01/old.json": b"{}",
+            "logs/dt=2026-11-03/h.json": b"{}",
+            "logs/dt=2026-10-01/i.json": b"{}",
+            "logs/2026-11-03/j.json": b"{}",
+        }
+    )
+    assert listed(b, date(2026, 11, 2), None) == ["2026-11-03/j.json", "dt=2026-11-03/h.json", "launch-2026-01-15/2026-11-03/g.json"]
+    assert b.partition_day("/bk/logs/launch-2026-01-15/2026-10-01/old.json") == date(2026, 10, 1)
+
+
 def test_days_window_has_a_day_of_slack_for_the_proxy_clock() -> None:
     since = int(datetime(2026, 11, 3, 0, 30, tzinfo=UTC).timestamp() * 1_000_000)
     lo, hi = days_window(since, since + 3600 * 1_000_000)
