@@ -583,14 +583,17 @@ def test_a_call_whose_wait_ends_as_its_success_arrives_is_counted_missing_once(
 ) -> None:
     """A fallback's failure queued by one run, its success read by the next after the grace: the call
     was counted as missing by the write and again when its stale queue entry expired."""
+    from ingest.sink import resolve_target
+
+    resolve_target(sqlite_uri, "proxy", None)  # the store made beforehand: making it takes seconds, past the grace
     failure, success = proxy_records(capture, nowhere_call(), "fallback")
     logs, state = tmp_path / "logs", tmp_path / "state"
     write_jsonl(logs / "proxy.jsonl", [failure])
-    first = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0, nest_grace_s=1.0)
+    first = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0, nest_grace_s=2.0)
     assert (first.traces_written, first.nest_pending) == (1, 1)
-    time.sleep(1.2)
+    time.sleep(2.2)
     write_jsonl(logs / "proxy.jsonl", [failure, success])
-    second = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0, nest_grace_s=1.0)
+    second = ingest(sqlite_uri, logs, state, "proxy", settle_s=0.0, nest_grace_s=2.0)
     assert (second.traces_rewritten, second.app_traces_missing, second.nest_pending) == (1, 1, 0)
 
 
