@@ -570,11 +570,14 @@ def test_a_server_that_does_not_serve_trace_lookups_leaves_calls_standalone_and_
 def test_a_proxy_clock_ahead_does_not_stretch_the_wait_for_an_app_trace(capture: list[dict], tmp_path: Path, sqlite_uri: str) -> None:
     """The wait was measured from the call's end by the proxy's clock: a day ahead, the call waited
     (shown as waiting) a day past ``--nest-grace``."""
+    from ingest.sink import resolve_target
+
+    resolve_target(sqlite_uri, "proxy", None)  # the store made beforehand: making it takes seconds, past the grace
     write_jsonl(tmp_path / "logs" / "proxy.jsonl", proxy_records(capture, nowhere_call(offset_s=86400)))
-    first = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=1.0)
+    first = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=2.0)
     assert (first.nest_pending, first.app_traces_missing) == (1, 0)
-    time.sleep(1.2)
-    second = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=1.0)
+    time.sleep(2.2)
+    second = ingest(sqlite_uri, tmp_path / "logs", tmp_path / "state", "proxy", nest_grace_s=2.0)
     assert (second.nest_pending, second.app_traces_missing) == (0, 1)
 
 
