@@ -191,7 +191,7 @@ def test_no_record_of_any_shape_raises_out_of_a_run_into_sqlite(workdir: Path, w
     uri = f"sqlite:///{db}"
 
     @settings(
-        max_examples=(SOAK * 100) or (300 if writer == "bulk" else 40),
+        max_examples=(SOAK * 100) or (200 if writer == "bulk" else 40),
         deadline=None,
         derandomize=not SOAK,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
