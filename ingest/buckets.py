@@ -13,10 +13,16 @@ and bytes, while the next group downloads. Memory is bounded by a page plus two 
 outside the days asked for are never listed: ``--since/--until`` (with a day of slack either
 side: the loggers date a partition by the proxy's clock), or for a cron run, partitions more
 than a day older than the newest one a previous run finished.
+
+On S3 and GCS a directory is an exact key prefix ending in "/", listed with the provider's own
+delimiter listing, and an object is its exact key: an empty segment (``logs/team-b//2026-12-06/``,
+a team alias ending in "/"; ``/logs/...``, an ``s3_path`` of "/logs") is a directory like any other,
+and a key ending in "/" (gcs_bucket's embedding objects, ``YYYY-MM-DD/``) an object like any other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import io
 import logging
@@ -25,7 +31,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from pathlib import PurePosixPath
 from typing import Any
 
 import polars as pl
@@ -204,7 +209,8 @@ class Bucket:
     # --- listing ---------------------------------------------------------------------------------
 
     def partitions(self, lo: date | None = None, hi: date | None = None) -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
-        """(path, entries): a level's loose objects as listed, or a date partition to list page by page (None)."""
+        """(path, entries): a level's loose objects as listed, or a date partition to list page by page
+        (None). A path is a directory's: the bucket, "/" and its exact key prefix, which ends in "/"."""
         self.open()
         try:
             single = [self.fs.info(self.root)] if self.prefix and self.fs.isfile(self.root) else None
@@ -215,20 +221,19 @@ class Bucket:
         if single:
             yield self.root, single
             return
-        yield from self._walk(self.root, lo, hi, 0)
+        yield from self._walk(f"{self.root}/", lo, hi, 0)
 
     def _walk(self, path: str, lo: date | None, hi: date | None, depth: int) -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
         try:
-            entries = self.fs.ls(path, detail=True)
+            files, dirs = self._level(path)
         except FileNotFoundError:
             return
         except Exception as e:
             raise SourceUnavailable(f"cannot list {self.url_of(path)}: {first_line(e)}") from e
-        files = [e for e in entries if e.get("type") != "directory"]
         if files:
             yield path, files
-        for d in sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory"):
-            name = PurePosixPath(d).name
+        for d in sorted(dirs):
+            name = _name(d)
             if name in SKIPPED_DIRS or d == path:
                 continue
             day = _day(name)
@@ -240,13 +245,37 @@ class Bucket:
             else:
                 yield d, None
 
+    def _level(self, path: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """A directory's objects and subdirectories (their paths, ending in "/"), one level. S3 and GCS
+        through their delimiter listings, whose prefixes are exact: fsspec's ``ls`` strips a trailing
+        "/", and a prefix ``a//`` (an empty segment) was listed as ``a/`` again, its objects never."""
+        bucket, _, prefix = path.partition("/")
+        if self.scheme == "s3" and hasattr(self.fs, "_iterdir"):
+            entries = sync(self.fs.loop, _take, self.fs._iterdir(bucket, delimiter="/", prefix=prefix), None, True)
+            # a directory's entry is named by its common prefix less the "/" (s3fs's ``_iterdir``)
+            return [e for e in entries if e.get("type") == "file"], [f"{e['name']}/" for e in entries if e.get("type") == "directory"]
+        if self.scheme == "gs" and hasattr(self.fs, "_call_list_objects"):
+            files: list[dict[str, Any]] = []
+            dirs: list[str] = []
+            token = None
+            while True:
+                got = sync(self.fs.loop, self.fs._call_list_objects, bucket, prefix=prefix, delimiter="/", maxResults=1000, pageToken=token)
+                files += [self.fs._process_object(bucket, item) for item in got.get("items", [])]
+                dirs += [f"{bucket}/{p}" for p in got.get("prefixes", [])]
+                if not (token := got.get("nextPageToken")):
+                    return files, dirs
+        # another fsspec filesystem: names as it gives them (it has no empty segment)
+        entries = self.fs.ls(path.rstrip("/"), detail=True)
+        files = [e for e in entries if e.get("type") != "directory"]
+        return files, [f"{e['name'].rstrip('/')}/" for e in entries if e.get("type") == "directory"]
+
     def listing(self, path: str) -> Iterator[list[dict[str, Any]]]:
         """A partition's objects, a page at a time: a busy proxy's day is a million objects, whose
         listing must not be held whole. S3 and GCS are paged through their list APIs (s3fs's and
         gcsfs's own page calls); another fsspec filesystem is listed whole."""
         self.open()
         bucket, _, key = path.partition("/")
-        prefix = f"{key.rstrip('/')}/" if key else ""
+        prefix = key if not key or key.endswith("/") else f"{key}/"
         try:
             if self.scheme == "s3" and hasattr(self.fs, "_iterdir"):
                 pages = self.fs._iterdir(bucket, delimiter="", prefix=prefix)
@@ -260,7 +289,7 @@ class Bucket:
                     if not (token := got.get("nextPageToken")):
                         return
             else:
-                yield list(self.fs.find(path, detail=True).values())
+                yield list(self.fs.find(path.rstrip("/"), detail=True).values())
         except FileNotFoundError:
             return
         except SourceUnavailable:
@@ -270,8 +299,15 @@ class Bucket:
 
     def objects(self, entries: list[dict[str, Any]]) -> pl.DataFrame:
         """Listed objects as a frame: key (full path), version (ETag or generation), at, size; oldest
-        first, so a call's attempts (one object each) are read in about the order they ended."""
-        entries = [e for e in entries if e.get("type", "file") == "file" and not SKIPPED_DIRS & set(e["name"].split("/"))]
+        first, so a call's attempts (one object each) are read in about the order they ended. An empty
+        object whose key ends in "/" is a folder marker (the S3 console's "Create folder"), not a log."""
+        entries = [
+            e
+            for e in entries
+            if e.get("type", "file") == "file"
+            and not SKIPPED_DIRS & set(e["name"].split("/"))
+            and not (e["name"].endswith("/") and not int(e.get("size") or 0))
+        ]
         frame = items_frame([e["name"] for e in entries], [_version(e) for e in entries], [_modified(e) for e in entries])
         frame = frame.with_columns(size=pl.Series([int(e.get("size") or 0) for e in entries], dtype=pl.Int64))
         return frame.sort("at", "key")
@@ -282,18 +318,35 @@ class Bucket:
         """Many objects at once (fsspec fetches them concurrently); a failure is returned, not raised."""
         if not keys:
             return {}
-        plain = [k for k in keys if not glob.has_magic(k)]
+        # s3fs's ``cat`` strips a trailing "/" from a key: such an object (``YYYY-MM-DD/``, gcs_bucket's
+        # embedding objects, synced to S3) was not found, and taken for deleted. It is got by its key.
+        exact = [k for k in keys if k.endswith("/")] if self.scheme == "s3" and hasattr(self.fs, "_call_s3") else []
+        plain = [k for k in keys if not glob.has_magic(k) and k not in exact]
         try:
             got: dict[str, Any] = self.fs.cat(plain, on_error="return") if plain else {}
         except Exception as e:
             got = dict.fromkeys(plain, e)
-        for k in keys:
-            if glob.has_magic(k):  # ``cat`` expands ``*?[``: a key with them (a team alias "ml [eu]") matched nothing, read as gone
+        if exact:
+            try:
+                got.update(zip(exact, sync(self.fs.loop, _gather, [self._get_object(k) for k in exact]), strict=True))
+            except Exception as e:
+                got.update(dict.fromkeys(exact, e))
+        for k in keys:  # ``cat`` expands ``*?[``: a key with them (a team alias "ml [eu]") matched nothing, read as gone
+            if glob.has_magic(k) and k not in exact:
                 try:
                     got[k] = self.fs.cat_file(k)
                 except Exception as e:
                     got[k] = e
         return {k: got.get(k, FileNotFoundError(k)) for k in keys}
+
+    async def _get_object(self, key: str) -> bytes:
+        """An S3 object by its exact key (s3fs's paths lose a trailing "/")."""
+        bucket, _, name = key.partition("/")
+        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=name)
+        try:
+            return bytes(await resp["Body"].read())
+        finally:
+            resp["Body"].close()
 
     def units(
         self,
@@ -316,7 +369,7 @@ class Bucket:
         latest = mark_horizon()
         with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
             for path, entries in self.partitions(lo, hi):
-                day = _day(PurePosixPath(path).name) if entries is None else None
+                day = _day(_name(path)) if entries is None else None
                 day = day if day is None or day <= latest else None
                 newest = max(newest, day) if newest and day else (newest or day)
                 for page in [entries] if entries is not None else self.listing(path):
@@ -385,15 +438,32 @@ def object_chunks(name: str, body: bytes, chunk_bytes: int = 8 * 1024 * 1024) ->
     return chunks
 
 
-async def _take(pages: Any, n: int) -> list[dict[str, Any]]:
-    """Up to ``n`` entries from an async listing (the generator is resumed by the next call)."""
+def _name(path: str) -> str:
+    """A directory's name: the last segment of its path (ending in "/"), exactly; "" for an empty one."""
+    return path.removesuffix("/").rpartition("/")[2]
+
+
+async def _take(pages: Any, n: int | None, dirs: bool = False) -> list[dict[str, Any]]:
+    """Up to ``n`` (None: all) file entries, and directories' too if ``dirs``, from an async listing
+    (the generator is resumed by the next call)."""
     out: list[dict[str, Any]] = []
     async for entry in pages:
-        if entry.get("type") == "file":
+        if entry.get("type") == "file" or dirs:
             out.append(entry)
-            if len(out) >= n:
+            if n is not None and len(out) >= n:
                 break
     return out
+
+
+async def _gather(coros: list[Any], at_once: int = 32) -> list[Any]:
+    """The coroutines' results, or the exceptions they raised, at most ``at_once`` running."""
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(coro: Any) -> Any:
+        async with gate:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
 
 
 def small_objects_chunks(objects: list[tuple[str, bytes]]) -> list[Chunk]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import json
 import sqlite3
-from datetime import UTC, date, datetime
+import time
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import fsspec
@@ -17,7 +19,8 @@ from ingest.buckets import Bucket, _groups, days_window, is_bucket_url, object_c
 from ingest.ledger import Ledger, items_frame
 from ingest.normalize import normalize_isolating
 from ingest.sources import SourceError
-from tests.conftest import COMPRESSIONS, compressor, read_capture
+from tests.buckets import BucketServer, _upload_gcs, s3_v2_key, server_env
+from tests.conftest import COMPRESSIONS, compressor, read_capture, reidentify
 
 
 def memory_bucket(files: dict[str, bytes]) -> Bucket:
@@ -311,3 +314,95 @@ def test_a_cron_run_forgets_the_objects_of_partitions_it_no_longer_lists_and_rea
 def keys(ledger: Path, source: str) -> list[str]:
     with sqlite3.connect(ledger) as c:
         return [k for (k,) in c.execute("SELECT key FROM items WHERE source = ?", (source,))]
+
+
+# --- against real servers (moto's S3 server, fake-gcs-server): keys as exact strings -------------------------
+
+
+def days_ago(n: float) -> list[dict]:
+    capture = read_capture()
+    return reidentify(capture, shift_s=round(time.time() - n * 86400 - min(r["startTime"] for r in capture)))
+
+
+def writer(server: BucketServer, bucket: str) -> Callable[[str, bytes], None]:
+    """Put an object under its exact key (fsspec's paths would drop a trailing "/" or a leading one)."""
+    fs = server.fs()
+    if server.kind == "s3":
+        return lambda key, body: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+    return lambda key, body: _upload_gcs(fs, bucket, key, body.decode())
+
+
+def cron_run(server: BucketServer, url: str, ledger: Ledger) -> tuple[list[str], list]:
+    """One cron run of ``url`` as the pipeline makes it (from the day before the newest it finished,
+    forgetting older partitions once a day), a fresh filesystem each: the keys it read, its chunks."""
+    from ingest.pipeline import Inputs, RunOptions, Summary, remote_units
+
+    keys, chunks = [], []
+    with server_env(server):
+        for u in remote_units(Inputs([], [Bucket.parse(url)]), ledger, RunOptions(paths=[]), Summary()):
+            ledger.mark(u.source, u.items, u.meta)
+            keys += u.items["key"].to_list()
+            chunks += u.chunks
+    return sorted(keys), chunks
+
+
+def day_of(record: dict) -> str:
+    return datetime.fromtimestamp(record["startTime"]).strftime("%Y-%m-%d")
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_keys_with_an_empty_segment_are_read_once_each_across_cron_runs(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """s3_v2 builds keys as ``s3_path.rstrip('/') + '/' + team alias + '/' + key alias + '/' + day``: a team
+    alias ending in "/" makes ``logs/team-b//<day>/...``, an s3_path "/logs" makes ``/logs/<day>/...``.
+    fsspec's ``ls`` named the directory ``logs/team-b//`` as ``logs/team-b/`` (its trailing "/" stripped),
+    the one being listed, and it was skipped: those objects were never read, exit 0. They are read, once;
+    their old partitions are forgotten by the ledger and not listed again, as any other's."""
+    server: BucketServer = request.getfixturevalue(f"{kind}_server")
+    bucket = server.new_bucket()
+    put = writer(server, bucket)
+    old, recent, later = days_ago(10)[:4], days_ago(1)[4:10], days_ago(0.1)[10:11]
+
+    def key_of(i: int, r: dict) -> str:
+        if kind == "gcs":
+            return [f"proxy//{day_of(r)}/{r['id']}", f"/proxy/{day_of(r)}/{r['id']}", f"proxy/{day_of(r)}/{r['id']}"][i % 3]
+        team = {"metadata": {**(r.get("metadata") or {}), "user_api_key_team_alias": "team-b/"}}
+        return [s3_v2_key({**r, **team}, "logs", use_team_prefix=True), s3_v2_key(r, "/logs"), s3_v2_key(r, "logs")][i % 3]
+
+    written = {key_of(i, r): r for i, r in enumerate(old + recent)}
+    assert any("//" in k for k in written) and any(k.startswith("/") for k in written)
+    for key, r in written.items():
+        put(key, json.dumps(r).encode())
+    ledger = Ledger(tmp_path / "l.sqlite")
+    url = f"{'s3' if kind == 's3' else 'gs'}://{bucket}"
+    read, chunks = cron_run(server, url, ledger)
+    assert read == sorted(f"{bucket}/{k}" for k in written), "every object under the prefix, once"
+    assert sorted(_records(chunks)["litellm_call_id"].to_list()) == sorted(r["litellm_call_id"] for r in written.values())
+
+    new = key_of(0, later[0])
+    put(new, json.dumps(later[0]).encode())
+    read, _ = cron_run(server, url, ledger)
+    assert read == [f"{bucket}/{new}"], "the next cron run reads the new object alone"
+    kept = keys(tmp_path / "l.sqlite", f"{'s3' if kind == 's3' else 'gs'}://{bucket}")
+    assert not [k for k in kept if day_of(old[0]) in k], "the old partitions, behind empty segments too, are forgotten"
+    assert cron_run(server, url, ledger)[0] == [], "and not listed again"
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_an_object_whose_key_ends_in_a_slash_is_read_not_taken_for_gone(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """gcs_bucket names an embedding's object ``<folder>/<YYYY-MM-DD>/`` (the response has no id), and a
+    copy of the bucket to S3 keeps the name: s3fs's ``cat`` stripped the "/" and found nothing, the
+    object was taken for deleted before it could be read and marked read, its call lost. An empty one
+    is a folder marker (the S3 console's "Create folder"), nothing to read."""
+    server: BucketServer = request.getfixturevalue(f"{kind}_server")
+    bucket = server.new_bucket()
+    put = writer(server, bucket)
+    (embedding,) = [r for r in days_ago(1) if r["call_type"] == "aembedding"][:1]
+    day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    put(f"proxy/{day}/", json.dumps(embedding).encode())
+    put("proxy/", b"")
+    url = f"{'s3' if kind == 's3' else 'gs'}://{bucket}/proxy/"
+    ledger = Ledger(tmp_path / "l.sqlite")
+    read, chunks = cron_run(server, url, ledger)
+    assert chunks and _records(chunks)["litellm_call_id"].to_list() == [embedding["litellm_call_id"]], "its call is read, not lost"
+    assert read == [f"{bucket}/proxy/{day}/"], "the folder marker is not an object to read"
+    assert cron_run(server, url, ledger)[0] == [], "once"
