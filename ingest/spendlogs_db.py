@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import unquote
 
 import orjson
 import polars as pl
@@ -89,20 +89,27 @@ PRISMA_ONLY = frozenset(
 
 def _libpq_url(url: str) -> str:
     """libpq knows ``postgresql://`` and ``postgres://`` only: drop a SQLAlchemy ``+driver``. A Prisma
-    URL (LiteLLM's ``DATABASE_URL``) is read as Prisma reads it: its own parameters are dropped, and
-    its ``schema`` is where the table is looked for (the ``search_path``)."""
+    URL (LiteLLM's ``DATABASE_URL``) loses the parameters only Prisma knows (its ``schema`` is
+    where the table is looked for: :func:`prisma_schema`); the rest of a URL is kept byte for byte
+    (a ``+`` in a password stays a ``+``)."""
     scheme, sep, rest = url.strip().partition("://")
     base, question, query = rest.partition("?")
-    if question:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        schema = next((v for k, v in reversed(pairs) if k == "schema" and v), None)
-        kept = [(k, v) for k, v in pairs if k not in PRISMA_ONLY and not (schema and k == "options")]
-        if schema:
-            quoted = '"' + schema.replace('"', '""') + '"'
-            path = "-csearch_path=" + re.sub(r"([\\\s])", r"\\\1", quoted)
-            kept.append(("options", " ".join([*(v for k, v in pairs if k == "options" and v), path])))
-        rest = base + ("?" + urlencode(kept, quote_via=quote) if kept else "")
+    if question and PRISMA_ONLY & {name for name, _ in _query(query)}:
+        kept = [part for part, (name, _) in zip(query.split("&"), _query(query), strict=True) if part and name not in PRISMA_ONLY]
+        rest = base + ("?" + "&".join(kept) if kept else "")
     return f"{scheme.split('+', 1)[0].lower()}{sep}{rest}"
+
+
+def _query(query: str) -> list[tuple[str, str]]:
+    """A URL's query as (name, value) pairs, one per ``&`` part, percent-decoded as libpq decodes them."""
+    return [(unquote(name), unquote(value)) for name, _, value in (part.partition("=") for part in query.split("&"))]
+
+
+def prisma_schema(url: str) -> str | None:
+    """The schema a Prisma URL names (``?schema=``, LiteLLM's ``DATABASE_SCHEMA``), the table's; None
+    for none (the table is then looked for on the ``search_path``)."""
+    named = [value for name, value in _query(url.partition("?")[2]) if name == "schema" and value]
+    return named[-1] if named else None
 
 
 def silence_bound(url: str) -> int:
@@ -219,6 +226,7 @@ class SpendLogsDB:
         self.page_bytes = page_bytes
         self.max_row_bytes = DEFAULT_MAX_LINE_BYTES
         self.shown = shown_database(url)
+        self.named_schema = prisma_schema(url)
         self.source = f"{self.shown}#{table}"
         """What the ledger and the state know the table by: not its ``connect_timeout`` (set one, and a run
         would read the whole table again)."""
@@ -349,13 +357,16 @@ class SpendLogsDB:
         try:
             with conn.transaction():
                 self._begin(conn)
+                named = (self.named_schema, self.table) if self.named_schema is not None else (self.table,)
                 schema = conn.execute(
                     "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
-                    [sql.Identifier(self.table).as_string(conn)],
+                    [sql.Identifier(*named).as_string(conn)],
                 ).fetchone()
                 if schema is None:
                     raise SourceUnavailable(
-                        f"no table {self.table!r} in {self.shown} (is this LiteLLM's database, with its migrations applied?)"
+                        f"no table {self.table!r} in {self.shown}"
+                        + (f" in schema {self.named_schema!r}" if self.named_schema is not None else "")
+                        + " (is this LiteLLM's database, with its migrations applied?)"
                     )
                 # A role without SELECT sees no column in information_schema: said as the grant it lacks.
                 conn.execute(sql.SQL("SELECT 1 FROM {}.{} LIMIT 0").format(sql.Identifier(schema[0]), sql.Identifier(self.table)))

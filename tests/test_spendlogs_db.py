@@ -13,7 +13,7 @@ import pytest
 from ingest.normalize import normalize_isolating
 from ingest.sources import SourceError, SourceUnavailable, is_database_url, read_chunks
 from ingest.spans import _json_value, build_traces
-from ingest.spendlogs_db import CONNECT_TIMEOUT_S, Page, SpendLogsDB, shown_database, silence_bound
+from ingest.spendlogs_db import CONNECT_TIMEOUT_S, Page, SpendLogsDB, _libpq_url, prisma_schema, shown_database, silence_bound
 from tests.conftest import Postgres, free_port
 from tests.litellm_db import EXPORT, create_spendlogs_table, export_rows, insert_rows
 
@@ -472,3 +472,15 @@ def test_the_urls_connect_timeout_bounds_a_silent_read_and_is_not_part_of_the_ta
     assert silence_bound(url) == bound
     assert "connect_timeout" not in shown_database(url) and "pw" not in shown_database(url)
     assert SpendLogsDB(url).source == SpendLogsDB(url.partition("?")[0]).source or "sslmode" in url
+
+
+def test_a_prisma_url_loses_only_prismas_own_parameters_and_any_other_url_is_kept_byte_for_byte() -> None:
+    """libpq refuses Prisma's parameters; a URL without them is not rewritten (decoding and encoding it
+    again turned a ``+`` in a password into a space)."""
+    plain = "postgresql://u:p@h/db?sslmode=require&password=s3cr+t&application_name=a%2Bb"
+    assert _libpq_url(plain) == plain and prisma_schema(plain) is None
+    prisma = "postgresql+psycopg://u@h/db?schema=LiteLLM%20Proxy&connection_limit=10&password=s3cr+t&pool_timeout=60&pgbouncer=true"
+    assert _libpq_url(prisma) == "postgresql://u@h/db?password=s3cr+t"
+    assert prisma_schema(prisma) == "LiteLLM Proxy"
+    assert _libpq_url("postgresql://h/db?schema=x") == "postgresql://h/db"
+    assert shown_database(prisma) == shown_database("postgresql+psycopg://u@h/db?schema=LiteLLM%20Proxy&password=s3cr+t")
