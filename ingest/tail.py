@@ -341,8 +341,8 @@ class Tailer:
         if not self._restored:
             self._restored = True
             self.state.bind(self.target.created_ms)
+            self.follower.park_stamped()  # first: restore() writes, and a scan while it waits must not open the finished files
             self.follower.restore()
-            self.follower.park_stamped()
 
     def _nest(self, force: bool = False) -> None:
         """Calls waiting for their app trace: nest those that arrived, give up on those past the grace."""
@@ -437,12 +437,14 @@ class Tailer:
             self._hold_files()
 
     def _hold_files(self) -> None:
-        """One outage scan (:meth:`_scan` ``hold``, then :meth:`_keep_deleted`); never raises."""
+        """One outage scan (:meth:`_scan` ``hold``; and once the outage is declared, :meth:`_keep_deleted`:
+        a write that is only slow copies no file); never raises."""
         if not self._restored or self.stopping.is_set() or not self._holding.acquire(blocking=False):
             return
         try:
             self._scan(hold=True)
-            self._keep_deleted()
+            if self.metrics.down_since is not None:
+                self._keep_deleted()
         except Exception as e:
             log.debug("a scan during the outage failed: %s", e)
         finally:

@@ -970,6 +970,71 @@ def test_a_second_daemon_on_one_state_is_refused_before_it_says_it_follows(tmp_p
     first.close()
 
 
+class SlowSink(RecordingSink):
+    """A sink whose writes take ``slow_s`` and succeed, telling the daemon how long it has waited
+    (``waiting``) as the real sinks do while a call is under way."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+        self.waiting: Any = None
+        self.deadline_s = 60.0
+
+    def write(self, traces: list[Any]) -> int:
+        started = time.monotonic()
+        while (waited := time.monotonic() - started) < self.slow_s:
+            time.sleep(0.25)
+            if self.waiting is not None:
+                self.waiting(waited + 0.25)
+        return super().write(traces)
+
+
+def test_a_slow_write_that_succeeds_copies_no_file_and_opens_no_finished_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The files are held while one call hangs (a SQLite lock, a silent server), and that scan ran
+    for any write slower than a rescan: at a restart, before the finished files were parked, it
+    opened every one of them (each then said "rotated away or deleted"); and a log deleted under a
+    slow, healthy write was copied into the state dir as in an outage."""
+    logdir, state = tmp_path / "logs", tmp_path / "state"
+    logdir.mkdir()
+    for i in range(4):
+        (logdir / f"done-{i}.jsonl").write_text(line(record(f"done-{i}", "success", 1_700_000_000 + i, 1_700_000_001 + i)))
+    first = tailer(logdir, state, RecordingSink(), settle_s=0.0)
+    first.step()
+    first.stop()
+    first.shutdown()
+    first.close()
+    log = logdir / "proxy.jsonl"
+    log.write_text(line(record("late-0", "success", 1_700_000_010, 1_700_000_011)))
+    sink = SlowSink(slow_s=1.6)
+    second = tailer(logdir, state, sink, settle_s=0.0)
+    held = line(record("held-0", "success", 1_700_000_005, 1_700_000_006)).strip()
+    second.state.held = [{"file": "f", "source": str(log), "line": 1, "offset": 0, "raw": held}]
+    with caplog.at_level(logging.INFO):
+        second.step()  # the restart's first pass: the held line is written (slowly) before any file is read
+        assert "held-0" in sink.calls()
+        opened = sorted(f.path.name for f in second.follower.files.values())
+        assert not any(name.startswith("done-") for name in opened), opened
+        with log.open("a") as f:
+            f.write(line(record("late-1", "success", 1_700_000_012, 1_700_000_013)))
+        sink.slow_s, unlink = 1.6, log.unlink
+        real_write = sink.write
+
+        def write_then_rotate(traces: list[Any]) -> int:
+            if log.exists():  # a line logged, then logrotate's ``rotate 0``, while the healthy write is under way
+                with log.open("a") as f:
+                    f.write(line(record("late-2", "success", 1_700_000_014, 1_700_000_015)))
+                unlink()
+            return real_write(traces)
+
+        sink.write = write_then_rotate  # type: ignore[method-assign]
+        second.step()
+        second.step()
+    assert not [said for said in caplog.text.splitlines() if "rotated away" in said and "done-" in said], caplog.text
+    assert second.metrics.mlflow_up and "kept a copy" not in caplog.text, "no outage: no copy"
+    assert {"late-0", "late-1", "late-2"} <= set(sink.calls()), "the deleted file read to its end through its descriptor"
+    second.close()
+
+
 def test_a_file_gone_between_the_listing_and_the_open_is_not_called_unreadable(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
