@@ -871,7 +871,7 @@ def _iso_us(us: int) -> str:
 @click.option(
     "--state-dir",
     type=_PathOrUnset(path_type=Path),
-    help="The runs' state dir, passed over when under a folder given; --repair quarantines into it. Default as for batch.",
+    help="The runs' state dir, passed over when under a folder given. Default as for batch.",
 )
 @click.option(
     "--quarantine-file", type=_PathOrUnset(path_type=Path), help="Passed over as the runs' own. Default: <state dir>/quarantine.jsonl."

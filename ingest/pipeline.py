@@ -745,9 +745,12 @@ class RunOptions:
     only_calls: frozenset[str] | None = None
     """Write these calls only (``reconcile --repair``: the ones missing from MLflow)."""
 
+    passed_over: tuple[Path, ...] = ()
+    """More files of ours to pass over (a repair writes no quarantine file, but must not read the runs' as logs)."""
+
     def own(self) -> tuple[Path, ...]:
         """This run's own files, never read as logs: its state dir and quarantine file."""
-        return own_paths(self.state_dir, self.quarantine_file)
+        return (*own_paths(self.state_dir, self.quarantine_file), *self.passed_over)
 
 
 def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:

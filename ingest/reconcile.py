@@ -230,6 +230,6 @@ def repair(opts: RunOptions, report: Report, now_us: int) -> Summary:
     }  # ahead of our clock: written at once, as batch does
     report.too_recent = sorted(report.shown[k] for k in recent)
     wanted = frozenset(report.shown.keys() - recent)
-    summary = run_batch(replace(opts, only_calls=wanted, quarantine_file=None)) if wanted else Summary()
+    summary = run_batch(replace(opts, only_calls=wanted, quarantine_file=None, passed_over=opts.own())) if wanted else Summary()
     report.repaired = summary.calls  # each call once: one written as failed, then rewritten whole with its retry, is one
     return summary

@@ -188,6 +188,23 @@ def test_reconcile_passes_over_the_state_dir_it_is_given_under_the_logs(tmp_path
     assert code == 0 and report["quarantined"] == 3 and report["calls_in_logs"] == len(calls_of(recs)), report
 
 
+def test_a_repair_passes_over_the_runs_quarantine_file_though_it_writes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--repair`` writes no quarantine file (bad lines were quarantined by the runs that read them),
+    and so passed over only the state dir: a ``--quarantine-file`` under the logs was read as logs."""
+    from ingest import reconcile as reconciling
+    from ingest.pipeline import RunOptions, Summary
+    from ingest.reconcile import Report, repair
+
+    quarantine = tmp_path / "logs" / "bad" / "quarantine.jsonl"
+    opts = RunOptions(paths=[str(tmp_path / "logs")], state_dir=tmp_path / "state", quarantine_file=quarantine)
+    seen: list[RunOptions] = []
+    monkeypatch.setattr(reconciling, "run_batch", lambda o: seen.append(o) or Summary())
+    report = Report("sqlite:///x.db", "1", shown={"call-1": "call-1"}, ended={"call-1": 0})
+    repair(opts, report, now_us=10**18)
+    (used,) = seen
+    assert used.quarantine_file is None and Path(os.path.realpath(quarantine)) in used.own() and used.only_calls == {"call-1"}
+
+
 def test_reconcile_reports_traces_of_other_logs_in_the_window_as_extra(
     tmp_path: Path, capture: list[dict], store_uri: str, experiment_name: str
 ) -> None:
