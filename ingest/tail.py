@@ -423,7 +423,7 @@ class Tailer:
         back cannot take its lines."""
         while not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
             self.stopping.wait(min(left, self.opts.rescan_s))
-            self._hold_files()
+            self._hold_files(keep=True)
 
     def _waiting(self, waited: float) -> None:
         """A call to MLflow unanswered for ``waited`` s (a write waiting up to 20 s for a SQLite lock,
@@ -434,16 +434,16 @@ class Tailer:
         if waited >= self.sink.deadline_s and not self.stopping.is_set():
             self._write_failed(TimeoutError(f"MLflow at {self.target.shown_uri} has not answered for {waited:.0f}s"))
         if waited >= self.opts.rescan_s and time.monotonic() - self._held_at >= self.opts.rescan_s:
-            self._hold_files()
+            self._hold_files(keep=self.metrics.down_since is not None)
 
-    def _hold_files(self) -> None:
-        """One outage scan (:meth:`_scan` ``hold``; and once the outage is declared, :meth:`_keep_deleted`:
+    def _hold_files(self, keep: bool) -> None:
+        """One outage scan (:meth:`_scan` ``hold``; and, in an outage (``keep``), :meth:`_keep_deleted`:
         a write that is only slow copies no file); never raises."""
         if not self._restored or self.stopping.is_set() or not self._holding.acquire(blocking=False):
             return
         try:
             self._scan(hold=True)
-            if self.metrics.down_since is not None:
+            if keep:
                 self._keep_deleted()
         except Exception as e:
             log.debug("a scan during the outage failed: %s", e)

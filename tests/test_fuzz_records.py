@@ -107,8 +107,8 @@ def set_path(record: dict, path: tuple[str, ...], value: Any) -> None:
             if last:
                 node[0] = value
                 return
-            if not isinstance(node[0], (dict, list)):
-                node[0] = {}
+            if not isinstance(node[0], dict if not path[n + 1].isdigit() else list):
+                node[0] = {} if not path[n + 1].isdigit() else [{}]
             node = node[0]
             continue
         if last:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -428,6 +429,24 @@ def test_a_daemon_killed_during_an_outage_loses_nothing_of_a_log_deleted_meanwhi
         server.stop()
 
 
+def rotated_while_a_call_hangs(
+    d: Daemon, writer: Writer, calls: list[list[dict]], hang: Callable[[], object], hung: Callable[[], bool]
+) -> None:
+    """Calls 3-5 logged as one call to MLflow starts to hang (``hang``; ``hung`` once the daemon says
+    so), 6-8 logged and not read, a copytruncate whose copy the daemon must hold while the call
+    hangs, the copy deleted (``rotate 0``), the rest logged: what ends the hang is the caller's."""
+    hang()
+    writer.write_calls(calls[3:6])
+    wait_for(hung, 20, "the daemon to say a call to MLflow hangs")
+    writer.write_calls(calls[6:9])
+    with writer.lock:
+        copy = rotate(writer.log, "copytruncate", "numbered", "deleted")
+    assert copy is not None
+    wait_for(lambda: f"holding {copy}" in d.log.read_text(), 10, "the daemon to hold the copy while the call hangs")
+    copy.unlink()
+    writer.write_calls(calls[9:])
+
+
 def test_a_copytruncate_copy_deleted_while_a_write_waits_on_a_sqlite_lock_takes_nothing(tmp_path: Path, capture) -> None:
     """Another process holds the SQLite store's write lock (a backup, an app tracing into the same
     file): the daemon's write waits up to 20 s for it, in one call. The daemon held its files only
@@ -438,31 +457,23 @@ def test_a_copytruncate_copy_deleted_while_a_write_waits_on_a_sqlite_lock_takes_
     uri = f"sqlite:///{db}"
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    log = logdir / "proxy.jsonl"
     calls = fresh_calls(capture)[:11]
-    writer = Writer(log)
+    writer = Writer(logdir / "proxy.jsonl")
     writer.write_calls(calls[:3])
     d = Daemon(logdir, uri, "locked", tmp_path / "state", "--mlflow-timeout", "2").start()
-    holder = None
+    holders: list[subprocess.Popen] = []
     try:
         wait_for_calls(uri, "locked", calls[:3])
-        holder = hold_sqlite_lock(db, 60)
-        writer.write_calls(calls[3:6])
-        wait_for(lambda: "MLflow unavailable" in d.log.read_text(), 15, "the write to wait on the lock")
-        writer.write_calls(calls[6:9])
-        with writer.lock:
-            copy = rotate(log, "copytruncate", "numbered", "deleted")
-        assert copy is not None
-        wait_for(lambda: f"holding {copy}" in d.log.read_text(), 8, "the daemon to hold the copy while its write waits")
+        rotated_while_a_call_hangs(
+            d, writer, calls, lambda: holders.append(hold_sqlite_lock(db, 60)), lambda: "MLflow unavailable" in d.log.read_text()
+        )
         assert "database is locked" not in d.log.read_text(), "still in the first try: its pauses held nothing yet"
-        copy.unlink()
-        writer.write_calls(calls[9:])
-        holder.terminate()
-        holder.wait(timeout=10)
+        holders[0].terminate()
+        holders[0].wait(timeout=10)
         assert_exactly(wait_for_calls(uri, "locked", calls, timeout=90), calls)
         assert d.stop() == 0
     finally:
-        if holder is not None and holder.poll() is None:
+        for holder in holders:
             holder.kill()
         if d.alive():
             d.stop(signal.SIGKILL)
@@ -477,33 +488,21 @@ def test_a_server_that_takes_a_write_and_goes_silent_is_an_outage_and_its_files_
     server = start_mlflow_server(tmp_path / "srv")
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    log = logdir / "proxy.jsonl"
     calls = fresh_calls(capture)[:11]
-    writer = Writer(log)
+    writer = Writer(logdir / "proxy.jsonl")
     writer.write_calls(calls[:3])
     d = Daemon(logdir, server.url, "silent", tmp_path / "state", "--mlflow-timeout", "2").start()
-    frozen = False
+    health = lambda: requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).json()["status"]  # noqa: E731
     try:
         wait_for_calls(server.url, "silent", calls[:3])
-        os.killpg(server.proc.pid, signal.SIGSTOP)
-        frozen = True
-        writer.write_calls(calls[3:6])
-        health = lambda: requests.get(f"http://127.0.0.1:{d.metrics_port}/health", timeout=5).json()["status"]  # noqa: E731
-        wait_for(lambda: health() == "mlflow_unavailable", 20, "the daemon to call the silence an outage")
-        writer.write_calls(calls[6:9])
-        with writer.lock:
-            copy = rotate(log, "copytruncate", "numbered", "deleted")
-        assert copy is not None
-        wait_for(lambda: f"holding {copy}" in d.log.read_text(), 10, "the daemon to hold the copy while its send hangs")
-        copy.unlink()
-        writer.write_calls(calls[9:])
+        rotated_while_a_call_hangs(
+            d, writer, calls, lambda: os.killpg(server.proc.pid, signal.SIGSTOP), lambda: health() == "mlflow_unavailable"
+        )
         os.killpg(server.proc.pid, signal.SIGCONT)
-        frozen = False
         assert_exactly(wait_for_calls(server.url, "silent", calls, timeout=90), calls)
         assert d.stop() == 0
     finally:
-        if frozen:
-            os.killpg(server.proc.pid, signal.SIGCONT)
+        os.killpg(server.proc.pid, signal.SIGCONT)
         if d.alive():
             d.stop(signal.SIGKILL)
         server.stop()
