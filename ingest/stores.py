@@ -195,7 +195,9 @@ def open_store(uri: str, *, create: bool = True, busy_s: float = 30.0) -> Any:
         if path is not None and create:
             _prepare_sqlite(path, busy_s)
         elif path is not None:
-            state, foreign, _ = _inspect(path, busy_s) if path.is_file() else ("missing", [], None)
+            state, foreign, revision = _inspect(path, busy_s) if path.is_file() else ("missing", [], None)
+            if state == "newer" and revision is not None:
+                raise StoreSetupError(other_schema_message(str(path), revision), kind="rejected")
             if state in ("foreign", "not-sqlite"):
                 raise StoreSetupError(_not_a_store(path, state, foreign))
             if state != "complete":
@@ -228,7 +230,7 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
             return
         if state in ("foreign", "not-sqlite"):
             raise StoreSetupError(_not_a_store(db, state, foreign))
-        if revision in RELEASE_HEADS:
+        if revision in RELEASE_HEADS or (state == "newer" and revision is not None):
             # an older MLflow's store, empty or not: moved aside, it was a file its server no longer saw written
             raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
         if state == "has-data":
@@ -255,9 +257,11 @@ def _refuse_not_a_store(db: Path) -> None:
         return
     if held:
         try:
-            state, foreign, _ = _inspect(db, busy_s=0.1)
+            state, foreign, revision = _inspect(db, busy_s=0.1)
         except StoreSetupError:  # locked, or unreadable: told under the lock, with the run's patience
             return
+        if state == "newer" and revision is not None:
+            raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
         if state in ("foreign", "not-sqlite"):
             raise StoreSetupError(_not_a_store(db, state, foreign))
 
@@ -293,8 +297,14 @@ def locked_message(db: Path | str, e: BaseException, outcome: str = "nothing was
 def _sqlite_schema_state(db: Path) -> str:
     """``complete``; ``empty`` (no schema, or a half-built one holding nothing); ``has-data`` (an
     incomplete or outdated schema holding data); ``foreign`` (tables, views or triggers MLflow does
-    not make beside an incomplete schema: another application's database); ``not-sqlite``."""
+    not make beside an incomplete schema: another application's database); ``newer`` (a newer MLflow's
+    store: a revision this MLflow does not know); ``not-sqlite``."""
     return _inspect(db)[0]
+
+
+_CORE_TABLES = frozenset({"experiments", "trace_info", "alembic_version"})
+"""Tables every MLflow 3 store has: with a revision this MLflow's migrations do not know, a newer MLflow's
+store (3.18 adds tables of its own), not another application's database."""
 
 
 def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str], str | None]:
@@ -316,6 +326,8 @@ def _inspect(db: Path, busy_s: float = 30.0) -> tuple[str, list[str], str | None
         partial = any(t.startswith("_alembic_tmp_") for t in tables)
         if not partial and version == _latest_revision() and mlflow_tables <= tables:
             return "complete", [], version
+        if version is not None and version != _latest_revision() and tables >= _CORE_TABLES and not _older_revision(version):
+            return "newer", [], version
         # Each table, view, index and trigger belongs to a table (a view to itself).
         foreign = sorted({table for _, _, table in schema if not _is_mlflow_table(table, mlflow_tables)})
         if foreign:

@@ -79,6 +79,27 @@ def test_an_older_mlflows_sqlite_store_is_left_as_it_is_in_one_line(tmp_path: Pa
     assert _revision(uri) == MLFLOW_3_4 and not list(tmp_path.glob("mlflow.db.incomplete-*"))
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_newer_mlflows_store_is_left_as_it_is_in_one_line(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """MLflow 3.18 made its stores with a revision (``f4a9b2c7d1e6``) and tables 3.17 does not know; its
+    SQLite store was called "not an MLflow store" holding "tables MLflow does not make". The store
+    here is this MLflow's schema moved on the way 3.18's is: a table of its own and its revision."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}" if store == "sqlite" else request.getfixturevalue("postgres").new_database()
+    _schema_of(uri, "heads")
+    with sqlalchemy.create_engine(uri).begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE skill_tags (skill_id VARCHAR(36) PRIMARY KEY)"))
+        conn.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = 'f4a9b2c7d1e6'"))
+    logs, state = str(SAMPLE_LOGS / "proxy_calls.jsonl"), str(tmp_path / "st")
+    for command in (["batch", logs, "--state-dir", state], ["reconcile", logs], ["tail", str(SAMPLE_LOGS), "--state-dir", state]):
+        proc = _run(*command, "--tracking-uri", uri, cwd=tmp_path)
+        assert proc.returncode == 4, (command, proc.stdout, proc.stderr)
+        (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+        assert line.startswith("litellm-ingest: error: ") and "schema revision f4a9b2c7d1e6, which this" in line, line
+        assert "does not know (a newer MLflow made it?)" in line, line
+    assert _revision(uri) == "f4a9b2c7d1e6" and not list(tmp_path.glob("mlflow.db.incomplete-*"))
+
+
 @pytest.mark.parametrize(
     ("version", "refused"),
     [("3.1.4", True), ("3.8.1", True), ("3.13.0", True), ("3.14.0", False), ("3.17.2", False), ("3.18.0.dev0", False), ("", False)],
