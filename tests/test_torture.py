@@ -450,10 +450,10 @@ class Torture:
 
 
 def knobs() -> dict:
-    """CI: about 25 s of writing and >= 8 kills (a restart costs the daemon's start-up, 2-5 s on 2 cores, so
-    the kills set the length: 45-70 s); LITELLM_INGEST_SOAK=N: N times 240 calls and 20 kills, and the time."""
+    """CI: about 18 s of writing and >= 6 kills (a restart costs the daemon's start-up, 2-5 s on 2 cores, so
+    the kills set the length: 35-55 s); LITELLM_INGEST_SOAK=N: N times 240 calls and 20 kills, and the time."""
     if not SOAK:
-        return {"calls": 160, "kills": 8, "rotate_s": (1.0, 3.0), "pace_s": 0.15}
+        return {"calls": 120, "kills": 6, "rotate_s": (1.0, 3.0), "pace_s": 0.15}
     return {"calls": 240 * SOAK, "kills": 20 * SOAK, "rotate_s": (1.0, 3.0), "pace_s": 0.15}
 
 
