@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,11 +92,17 @@ def _libpq_url(url: str) -> str:
     where the table is looked for: :func:`prisma_schema`); the rest of a URL is kept byte for byte
     (a ``+`` in a password stays a ``+``)."""
     scheme, sep, rest = url.strip().partition("://")
-    base, question, query = rest.partition("?")
-    if question and PRISMA_ONLY & {name for name, _ in _query(query)}:
-        kept = [part for part, (name, _) in zip(query.split("&"), _query(query), strict=True) if part and name not in PRISMA_ONLY]
-        rest = base + ("?" + "&".join(kept) if kept else "")
-    return f"{scheme.split('+', 1)[0].lower()}{sep}{rest}"
+    return f"{scheme.split('+', 1)[0].lower()}{sep}{_without(rest, PRISMA_ONLY)}"
+
+
+def _without(url: str, names: frozenset[str] | set[str]) -> str:
+    """``url`` without the query parameters named ``names`` (by their decoded names), the rest byte for byte."""
+    base, question, query = url.partition("?")
+    parts = query.split("&")
+    if not question or not names & {name for name, _ in _query(query)}:
+        return url
+    kept = [part for part, (name, _) in zip(parts, _query(query), strict=True) if part and name not in names]
+    return base + ("?" + "&".join(kept) if kept else "")
 
 
 def _query(query: str) -> list[tuple[str, str]]:
@@ -124,14 +129,14 @@ def silence_bound(url: str) -> int:
     return CONNECT_TIMEOUT_S if seconds <= 0 else max(MIN_CONNECT_TIMEOUT_S, seconds)
 
 
-_TUNING = "|".join(sorted({"connect_timeout", *PRISMA_ONLY} - {"schema"}))
+_TUNING = frozenset({"connect_timeout", *PRISMA_ONLY} - {"schema"})
 
 
 def shown_database(url: str) -> str:
     """The database as said and as known by the state and ledger: password hidden, and without its
     ``connect_timeout`` or Prisma's pool settings (setting one must not make a run read the whole
     table again, nor a backfill start over)."""
-    return shown_uri(re.sub(rf"(?<=[?&])(?:{_TUNING})=[^&]*(&|$)", "", url).rstrip("?&"))
+    return shown_uri(_without(url, _TUNING))
 
 
 def _password(url: str) -> str | None:

@@ -484,3 +484,7 @@ def test_a_prisma_url_loses_only_prismas_own_parameters_and_any_other_url_is_kep
     assert prisma_schema(prisma) == "LiteLLM Proxy"
     assert _libpq_url("postgresql://h/db?schema=x") == "postgresql://h/db"
     assert shown_database(prisma) == shown_database("postgresql+psycopg://u@h/db?schema=LiteLLM%20Proxy&password=s3cr+t")
+    # a parameter's name is read as libpq reads it, percent-decoded, by what is sent and what is kept alike
+    encoded = "postgresql://h/db?connection%5Flimit=10&connect%5Ftimeout=5&sslmode=require"
+    assert _libpq_url(encoded) == "postgresql://h/db?connect%5Ftimeout=5&sslmode=require"
+    assert shown_database(encoded) == shown_database("postgresql://h/db?sslmode=require") == "postgresql://h/db?sslmode=require"
