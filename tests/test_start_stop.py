@@ -276,6 +276,27 @@ def test_sigterm_ends_the_daemon_within_the_shutdown_timeout_while_mlflow_does_n
         gateway.close()
 
 
+def test_a_daemon_stopped_before_mlflow_first_answered_says_so_not_that_it_waited(tmp_path: Path) -> None:
+    """SIGTERM while the first request to MLflow is still unanswered (not yet an outage): out within
+    --shutdown-timeout, exit 0, and the log says it stopped before MLflow answered, not that it was
+    waiting for an MLflow it never found down."""
+    gateway = Gateway("http://127.0.0.1:9", "stall", lambda method, path: True)
+    (tmp_path / "logs").mkdir()
+    d = Daemon(tmp_path / "logs", gateway.url, "never", tmp_path / "state", "--mlflow-timeout", "60", "--shutdown-timeout", "3")
+    try:
+        d.start(ready=False)
+        assert gateway.stalled.wait(60), d.log.read_text()
+        started = time.monotonic()
+        assert d.stop(timeout=20) == 0
+        assert time.monotonic() - started < 3 + 3, "out within --shutdown-timeout (and the time to exit)"
+        said = d.log.read_text()
+        assert "stopped before MLflow answered" in said and "waiting for MLflow" not in said, said
+    finally:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        gateway.close()
+
+
 @pytest.mark.parametrize("request_kind", ["OTLP POST", "DeleteTraces"])
 def test_no_request_outlives_the_shutdown_deadline_a_delete_neither(request_kind: str) -> None:
     """A server that takes connections and never answers (a stalled ``mlflow server``): once the
