@@ -185,6 +185,9 @@ _ANNOTATION = rf"(?::{_GAP}{{0,4}}{_TYPE}|string)(?:{_GAP}{{1,16}}=|=(?={_GAP}{{
 """A type between a name and its ``=`` in code (``apiKey: string =``, ``api_key: &'static str =``, ``api_key:
 str | None =``, Go's ``var apiKey string =``): the value is after the ``=``, the type is no value. Taken
 before a ``=`` after space, or before a quoted value (``token: abc=def`` is a value with ``=`` in it)."""
+_FAT_ARROW = rf"=>(?={_GAP}{{0,16}}[bBuUrRfF]{{0,2}}\\{{0,3}}[\"'])"
+"""A PHP array's, a Ruby or Perl hash's ``=>`` (``'api_key' => '…'``): a separator only before a quoted
+value, so a JS arrow (``token => token.trim()``) and code that reads a key (``=> env('…')``) are kept."""
 _QUERY_NAMES = (
     r"key|api(?:[_-]|%5[Ff])?key|apikey|token|access(?:[_-]|%5[Ff])?token|id(?:[_-]|%5[Ff])?token|auth|sig|signature"
     r"|x-amz-signature|x-amz-security-token|x-amz-credential|x-goog-signature|x-goog-credential|code"
@@ -242,7 +245,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (
         "pair",
         rf"(?<!{_NAME})(?P<pair_n>(?:{_NAME}{{1,32}}[ +])?(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
-        rf"(?P<pair_sep>\\{{0,3}}[\"']?(?:{_GAP}{{0,4}}\])?{_GAP}{{0,16}}(?:{_ANNOTATION}|:=|={{2,3}}|<<?-|[:=\uff1a\uff1d]){_GAP}{{0,16}})(?P<pair_q>(?:\[{_GAP}{{0,4}})?(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"']|`)?",
+        rf"(?P<pair_sep>\\{{0,3}}[\"']?(?:{_GAP}{{0,4}}\])?{_GAP}{{0,16}}(?:{_ANNOTATION}|:=|={{2,3}}|{_FAT_ARROW}|<<?-|[:=\uff1a\uff1d]){_GAP}{{0,16}})(?P<pair_q>(?:\[{_GAP}{{0,4}})?(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"']|`)?",
     ),
     (
         "xml",

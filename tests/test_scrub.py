@@ -924,6 +924,21 @@ def test_an_arrow_that_assigns_no_key_keeps_its_code() -> None:
 
 @pytest.mark.parametrize(
     "template",
+    ["'api_key' => '{s}',", '"OPENAI_API_KEY" => "{s}"', ":api_key => '{s}'", "api_key=>'{s}'", 'my %cfg = (password => "{s}");'],
+)
+def test_a_key_in_a_php_ruby_or_perl_hash_is_its_marker(template: str) -> None:
+    """``=>`` was no separator: a PHP array's, a Ruby hash's or a Perl hash's key was kept."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_fat_arrow_that_gives_no_quoted_key_keeps_its_code() -> None:
+    for text in ("tokens.map(token => token.trim())", "'api_key' => env('OPENAI_API_KEY'),", ":token => nil", "password => $pw"):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
     [
         'ENV OPENAI_API_KEY "{s}"',
         "ENV OPENAI_API_KEY {s}",
