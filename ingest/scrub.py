@@ -267,6 +267,27 @@ _BUILTIN_ENV = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in
 """Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
 _VALUE_GROUPS = {"query": ("query_v", "matrix_v"), "auth": ("auth_v",), "bearer": ("bearer_v", "basic_v")}
 """The alternatives whose secret is one group of their match (the rest of it kept)."""
+_CAP = 4096
+_REST = {
+    _VALUE.pattern: re.compile(r"[^\s\"',&<>{}\[\]()\\]*"),
+    _LINE.pattern: re.compile(r"[^\r\n\"'\\]*"),
+    **{q.pattern: re.compile(q.pattern.rpartition("{")[0] + "*") for q in _QUOTED.values()},
+    "bearer_v": re.compile(r"(?:[A-Za-z0-9._~+/=\-]|%2[BbFf]|%3[Dd])*"),
+    "query_v": re.compile(r"[^&#\s\"'<>\\\[\]]*"),
+    "matrix_v": re.compile(r"[^/;?&#\s\"'<>\\\[\]]*"),
+}
+"""How a value that filled its pattern's cap (``_CAP`` characters) runs on: a longer token (an Azure AD
+JWT with its groups) is one marker, not a marker and the rest of itself in clear. Single character
+classes, so it stays linear."""
+
+
+def _run_on(s: str, start: int, end: int, pattern: str) -> int:
+    """Where a value matched at ``s[start:end]`` really ends: past the cap, as far as it runs on."""
+    if end - start < _CAP or (rest := _REST.get(pattern)) is None or (more := rest.match(s, end)) is None:
+        return end
+    return more.end()
+
+
 _LITERALS = (
     "-----BEGIN", "://", "earer", "Basic", "sk-", "AKIA", "ASIA", "ABIA", "ACCA", "k_live_", "k_test_", "AIza", "ya29.", "eyJ",
     "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "hf_", "gsk_", "xai-", "r8_", "pplx-", "tvly-", "npm_",
@@ -563,7 +584,8 @@ class Scrubber:
             value = m.group(group)
             if MARKER.fullmatch(value) or (kind == "bearer" and not _looks_random(value)):
                 return whole, m.end()
-            return whole[: m.start(group) - m.start()] + self.marker(value), m.end(group)
+            end = _run_on(m.string, m.start(group), m.end(group), group)
+            return whole[: m.start(group) - m.start()] + self.marker(m.string[m.start(group) : end]), end
         if kind == "sk" and not any(c.isdigit() or c.isupper() for c in whole[3:]):
             return whole, m.end()
         return self.marker(whole), m.end()
@@ -605,6 +627,7 @@ class Scrubber:
         if v is None:
             return m.group(0), start
         value_start, end = v.span("v") if v.re is _VALUE else v.span()
+        end = _run_on(s, value_start, end, v.re.pattern)
         if v.re is _VALUE and _reads_a_key(s, value_start, end):
             return s[m.start() : value_start], value_start  # scanned on: os.getenv("NAME", "<a key as its default>")
         if v.re is _VALUE and colon and n.endswith(_PHRASE_NAMES):

@@ -924,6 +924,17 @@ def test_an_arrow_that_assigns_no_key_keeps_its_code() -> None:
 
 @pytest.mark.parametrize(
     "template",
+    ["Authorization: Bearer {s}", "Bearer {s}", "token={s}", 'api_key="{s}"', "api_key: '{s}'", "https://x.io/v1?key={s}&a=1"],
+)
+def test_a_credential_longer_than_a_values_cap_is_one_marker_not_a_marker_and_its_tail(template: str) -> None:
+    """A value runs at most 4096 characters per match: a longer token (an Azure AD JWT with its groups)
+    became a marker followed by the rest of itself, in clear."""
+    secret = rand(6000)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+@pytest.mark.parametrize(
+    "template",
     ["'api_key' => '{s}',", '"OPENAI_API_KEY" => "{s}"', ":api_key => '{s}'", "api_key=>'{s}'", 'my %cfg = (password => "{s}");'],
 )
 def test_a_key_in_a_php_ruby_or_perl_hash_is_its_marker(template: str) -> None:
