@@ -21,8 +21,12 @@ Settings (constructor arguments, else environment):
   replaced by the host name (a Kubernetes pod's name), so replicas sharing one volume never write
   the same file (``flock`` does not hold over NFS): ``/logs/litellm-{host}.jsonl``;
 - ``LITELLM_INGEST_LOG_MAX_BYTES``: rotate when the file would grow past this (default 100 MiB;
-  0 disables rotation); ``LITELLM_INGEST_LOG_BACKUPS``: rotated files kept (default 5);
-- ``LITELLM_INGEST_LOG_GZIP``: ``1`` to gzip rotated files (``x.jsonl.1.gz``, in the background).
+  ``100M``, ``64KiB``: units of 1024; 0 disables rotation); ``LITELLM_INGEST_LOG_BACKUPS``: rotated
+  files kept (default 5);
+- ``LITELLM_INGEST_LOG_GZIP``: ``1`` (or ``true``, ``yes``, ``on``) to gzip rotated files
+  (``x.jsonl.1.gz``, in the background).
+
+A setting that cannot be read is said in the proxy's log and its default used.
 
 Each record is one ``write()`` of one whole line on an ``O_APPEND`` descriptor, under a process
 lock and an ``flock`` shared by all proxy workers, so lines never interleave or tear. Rotation
@@ -64,11 +68,30 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()).strip(".") or "host"
 
 
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
 def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
+    """A count or size from the environment (``100M``, ``64KiB``: units of 1024); one that cannot be read
+    is said once in the proxy's log, naming the default used instead, never an error in the proxy."""
+    given = os.environ.get(name, "").strip()
+    if not given:
         return default
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", given, re.IGNORECASE)
+    if m is None:
+        log.warning("%s=%r is not a count or size (such as 100M): using %d", name, given, default)
+        return default
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _env_flag(name: str) -> bool:
+    given = os.environ.get(name, "").strip().lower()
+    if given in ("", "0", "false", "no", "off"):
+        return False
+    if given not in ("1", "true", "yes", "on"):
+        log.warning("%s=%r is neither 1 nor 0: taken as 0", name, os.environ[name])
+        return False
+    return True
 
 
 def encode_line(payload: Any) -> bytes:
@@ -108,7 +131,7 @@ class JsonlFileLogger(CustomLogger):
         self.path = Path(str(path or os.environ.get("LITELLM_INGEST_LOG_PATH") or "litellm-requests.jsonl").replace("{host}", _host()))
         self.max_bytes = max_bytes if max_bytes is not None else _env_int("LITELLM_INGEST_LOG_MAX_BYTES", 100 * 1024 * 1024)
         self.backups = max(1, backups if backups is not None else _env_int("LITELLM_INGEST_LOG_BACKUPS", 5))
-        self.compress = compress if compress is not None else os.environ.get("LITELLM_INGEST_LOG_GZIP", "") in ("1", "true", "yes")
+        self.compress = compress if compress is not None else _env_flag("LITELLM_INGEST_LOG_GZIP")
         self.written = 0
         self.errors = 0
         self._lock = threading.Lock()

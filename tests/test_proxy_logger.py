@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import multiprocessing
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 from ingest.proxy_logger import JsonlFileLogger
 from ingest.sources import discover
@@ -130,6 +133,31 @@ def test_host_in_the_path_gives_each_replica_its_own_file(tmp_path: Path, monkey
         lines = read_all_lines(lg.path.parent, lg.path.name)
         assert sorted(json.loads(line)["id"] for line in lines) == sorted(f"{i}-{n}" for n in range(20))
         assert list(lg.path.parent.glob(lg.path.name + ".1")), "rotated under its own name"
+
+
+@pytest.mark.parametrize(
+    ("gzip_given", "size_given", "compress", "max_bytes", "said"),
+    [
+        ("True", "100MB", True, 100 * 1024**2, 0),
+        ("ON", "64KiB", True, 64 * 1024, 0),
+        ("0", " 5000 ", False, 5000, 0),
+        ("enabled", "-1", False, 100 * 1024**2, 2),
+        ("", "a lot", False, 100 * 1024**2, 1),
+    ],
+)
+def test_the_settings_are_read_as_people_write_them_and_one_not_read_is_said(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch, caplog, gzip_given: str, size_given: str, compress: bool, max_bytes: int, said: int
+) -> None:
+    """``LITELLM_INGEST_LOG_GZIP=True`` left rotated files unzipped and ``100MB`` rotated at 100 MiB by
+    chance (it fell back to the default), in silence; ``-1`` rotated at every line."""
+    monkeypatch.setenv("LITELLM_INGEST_LOG_GZIP", gzip_given)
+    monkeypatch.setenv("LITELLM_INGEST_LOG_MAX_BYTES", size_given)
+    with caplog.at_level(logging.WARNING, logger="litellm-ingest.proxy-logger"):
+        logger = JsonlFileLogger(tmp_path / "x.jsonl")
+    assert (logger.compress, logger.max_bytes) == (compress, max_bytes)
+    warned = [r.getMessage() for r in caplog.records if r.name == "litellm-ingest.proxy-logger"]
+    assert len(warned) == said, warned
+    assert all(w.startswith("LITELLM_INGEST_LOG_") for w in warned), warned
 
 
 def test_never_raises_into_the_proxy(tmp_path: Path) -> None:
