@@ -19,6 +19,7 @@ from concurrent.futures import InvalidStateError, ProcessPoolExecutor
 from itertools import chain
 from pathlib import Path
 
+from ingest import STOP_SIGNALS
 from ingest.lognames import is_log_file
 from ingest.stores import quiet_dependency_logs, tracking_uri_from
 
@@ -108,12 +109,28 @@ def executor() -> ProcessPoolExecutor:
         global _previous_hook
         _previous_hook = threading.excepthook
         threading.excepthook = _quiet_manager_crash
+    _tracker_ignoring_hangups()
     return ProcessPoolExecutor(
         1,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init,
         initargs=(os.getpid(), logging.getLogger("litellm-ingest").getEffectiveLevel() <= logging.INFO),
     )
+
+
+def _tracker_ignoring_hangups() -> None:
+    """Start multiprocessing's resource tracker (the executor's queues register with it) with SIGHUP
+    ignored, as it ignores SIGINT and SIGTERM itself: a hangup of the process group killed it, the
+    next queue started another, and that one printed a traceback for every semaphore it never knew."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import resource_tracker
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def shutdown(executors: list[ProcessPoolExecutor]) -> None:
@@ -166,14 +183,16 @@ def processes(ex: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProce
 
 
 def _init(parent: int, verbose: bool = False) -> None:
-    """A worker ignores Ctrl-C (the main process stops it), dies with its parent, and leaves
+    """A worker ignores the stop signals (the main process finishes the step in hand, saves and stops
+    it; ``timeout``, a closed terminal and systemd signal the whole process group, and a worker that
+    died of SIGTERM or SIGHUP failed the run as a crash, exit 1), dies with its parent, and leaves
     reporting a database outage to the main process, which gets its error; with ``-v`` it logs its
     retries as the main process does (a spawned process has no logging set up of its own)."""
     quiet_dependency_logs(verbose=False)
     if verbose:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
     def orphaned() -> None:
         while os.getppid() == parent:

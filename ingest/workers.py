@@ -16,7 +16,7 @@ with one process, and the output is that of one process, row for row (determinis
 builder). Calls that may nest into a client's trace stay in this process, beside the nester.
 
 Workers start once a backfill has made a few hundred calls final: a small one never pays for
-starting processes. They ignore SIGINT (this process decides when to stop) and exit when it dies.
+starting processes. They ignore the stop signals (this process decides when to stop) and exit when it dies.
 """
 
 from __future__ import annotations

@@ -198,6 +198,36 @@ def _marked(mark: str) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_backfills_process_group_stops_it_as_interrupted_and_it_resumes_to_the_same_rows(
+    capture: list[dict], tmp_path: Path, sig: signal.Signals
+) -> None:
+    """``timeout``, a closed terminal and systemd's stop signal the whole process group, workers
+    included: they died of it (SIGTERM, SIGHUP), and the run ended with exit 1, "a backfill worker
+    process died", instead of finishing the step in hand, saving and exiting 130."""
+    logs, db = tmp_path / "logs", tmp_path / "stopped.db"
+    batches = copies(capture, 36, "group")
+    for i in range(9):
+        write_log(logs / f"proxy-{i}.jsonl", [r for b in batches[i * 4 : i * 4 + 4] for r in b])
+    uri = f"sqlite:///{db}"
+    args = [*backfill_args(uri, logs, tmp_path / "state", 3), "--workers", "3", "-q"]
+    proc = subprocess.Popen(args, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, workers = time.monotonic() + 120, []
+    while time.monotonic() < deadline and proc.poll() is None and not (len(workers) == 2 and sqlite_trace_count(db) > 300):
+        workers = _workers(proc.pid)
+        time.sleep(0.02)
+    assert proc.poll() is None, "the backfill ended before it could be stopped: give it more input"
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "progress is saved" in err and "Traceback" not in err, err[-2000:]
+    assert _gone(workers), "a worker outlived its backfill"
+
+    backfill(uri, logs, tmp_path / "state", 2)
+    reference = f"sqlite:///{tmp_path / 'ref.db'}"
+    backfill(reference, logs, tmp_path / "ref-state", 1)
+    assert_same_as_one_writer(uri, store_rows(reference))
+
+
 def test_workers_started_before_a_store_that_cannot_be_opened_are_gone_with_the_run(capture: list[dict], tmp_path: Path) -> None:
     """A big backfill starts its workers before it opens the store; when that fails it says so in
     one line and leaves no worker behind."""
