@@ -563,13 +563,17 @@ class _Progress:
             self.task = self.bar.add_task("backfill", total=self.total, records=0, rate=0, quarantined=0)
             self.bar.start()
 
+    def to_read(self, summary: Any) -> int:
+        """Bytes this run reads: not those of files read before or of other shards (``bytes_skipped``)."""
+        return max(self.total + summary.bytes_listed - summary.bytes_skipped, 0)
+
     def update(self, path: str, chunk: Any, summary: Any) -> None:
         if self.silent:
             return
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = int(summary.records_read / elapsed)
         quarantined = sum(summary.quarantined_by_reason.values()) if summary.quarantined_by_reason else 0
-        total = self.total + summary.bytes_listed
+        total = self.to_read(summary)
         if self.bar is not None:
             self.bar.update(
                 self.task, total=total, completed=summary.bytes_read, records=summary.records_read, rate=rate, quarantined=quarantined

@@ -239,3 +239,43 @@ def test_a_retry_across_a_rotation_is_joined_when_another_replicas_file_sits_bet
     got = spans_by_call(uri)
     assert got[a[cut]["litellm_call_id"]] == 3, "the failure and its retry, under one root"
     assert got == expected_spans(a + b)
+
+
+def test_a_shards_progress_counts_only_the_bytes_it_reads(tmp_path: Path, capture: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shard 1 of 2 (and a resumed run with a new file) counted every file of the archive as to be
+    read: the bar ended at a fraction of it, its ETA as many times too long. Each run's progress now
+    ends at 100% of what it read."""
+    import re
+
+    from click.testing import CliRunner
+
+    from ingest import cli
+    from ingest.shard import Shard, file_fingerprint
+
+    logs = tmp_path / "logs"
+    files = [write_log(logs / f"proxy-{i}.jsonl", recs) for i, recs in enumerate(copies(capture, 4, "progress"))]
+    assert len({Shard(1, 2).owns(file_fingerprint(f)) for f in files}) == 2, "both shards own a file"  # type: ignore[arg-type]
+    update = cli._Progress.update
+
+    def every_time(self: cli._Progress, path: str, chunk: object, summary: object) -> None:
+        self.last_line = 0.0  # a plain line at every update, not every 10 s
+        update(self, path, chunk, summary)
+
+    monkeypatch.setattr(cli._Progress, "update", every_time)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+
+    def backfill() -> None:
+        target = ["--tracking-uri", uri, "--experiment-name", "shard", "--state-dir", str(tmp_path / "st")]
+        result = CliRunner().invoke(cli.main, ["backfill", str(logs), "--shard", "1/2", *target])
+        assert result.exit_code == 0, result.output
+        said = re.findall(r"^backfill: ([0-9.]+)% of ([0-9]+) bytes", result.output, re.M)
+        assert said and said[-1][0] == "100.0", said
+
+    backfill()
+    new = next(
+        f
+        for n in range(50)
+        if Shard(1, 2).owns(file_fingerprint(f := write_log(tmp_path / f"new-{n}.jsonl", copies(capture, 1, f"again-{n}")[0])))  # type: ignore[arg-type]
+    )
+    new.rename(logs / "proxy-9.jsonl")
+    backfill()  # resumed: the files read before are not to read again
