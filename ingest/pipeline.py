@@ -1029,6 +1029,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 summary.result = outcome(summary)
                 summary.files_forgotten = follower.forget_gone(opts.forget_gone_s)  # after every file this run saw was matched
             except KeyboardInterrupt:
+                if opts.stop.is_set() and opts.replace_callback_traces:  # Ctrl-C, SIGTERM: the last look, as at an end
+                    pipe.look_for_callback_traces(force=True)
                 summary = pipe.finish()
                 summary.result = "interrupted"
                 raise

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import all_traces, copies, reidentify, run_cli, write_jsonl
+from tests.conftest import all_traces, copies, reidentify, run_cli, write_jsonl, write_log
 from tests.proxykit import E2E, _clean_env, proxy_python
 from tests.tailkit import Daemon, metric, wait_for
 
@@ -256,3 +256,42 @@ def test_replace_deletes_the_callbacks_trace_that_starts_a_truncated_millisecond
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["callback_traces_replaced"] == len(records)
     assert callback_traces(uri, "shared") == []
+
+
+def test_a_backfill_stopped_by_ctrl_c_replaces_the_callbacks_traces_of_what_it_wrote_before_it_stopped(
+    tmp_path: Path, capture: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) finishes the step in hand and saves: its calls are written, and the run
+    continued after them never writes them again. It stopped without the last look, so the
+    callback's traces of the calls written since the one before stayed, for good."""
+    from click.testing import CliRunner
+
+    from ingest import STOP_SIGNALS, cli
+
+    first, second = (write_log(tmp_path / "logs" / f"proxy-{i}.jsonl", [r for c in cs for r in c]) for i, cs in
+                     enumerate((copies(capture, 3, "first"), copies(capture, 3, "second", spacing_s=7200))))  # fmt: skip
+    assert min(f.stat().st_size for f in (first, second)) > 1 << 20, "each file a step of its own"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    theirs = replay_callback(second, uri, "shared")
+    assert theirs == sum(1 for line in second.open() if line.strip())
+    update = cli._Progress.update
+
+    def ctrl_c_in_the_second_file(self: cli._Progress, path: str, chunk: object, summary: object) -> None:
+        update(self, path, chunk, summary)
+        if path == str(second):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli._Progress, "update", ctrl_c_in_the_second_file)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    args = ["backfill", str(tmp_path / "logs"), "--tracking-uri", uri, "--experiment-name", "shared", "--workers", "1",
+            "--state-dir", str(tmp_path / "state"), "--replace-callback-traces", "-q"]  # fmt: skip
+    try:
+        stopped = CliRunner().invoke(cli.main, args)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert stopped.exit_code == 130 and "progress is saved" in stopped.output, stopped.output
+    monkeypatch.setattr(cli._Progress, "update", update)
+    resumed = CliRunner().invoke(cli.main, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert callback_traces(uri, "shared") == [], "the calls written before the stop are one trace each, ours"
