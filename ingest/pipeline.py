@@ -302,9 +302,9 @@ class Pipeline:
         self.count_nesting()
         return s
 
-    def close_workers(self) -> None:
+    def close_workers(self, at_once: bool = False) -> None:
         if self.pool is not None:
-            self.pool.close()
+            self.pool.close(at_once)
             self.summary.workers = self.pool.started
 
     def count_nesting(self) -> None:
@@ -485,6 +485,8 @@ class Pipeline:
                 continue  # not written: the failure that cancelled it raises below, and the calls are held
             try:
                 self._account_emitted(pool.result(done))
+            except KeyboardInterrupt:
+                raise  # a second Ctrl-C: not the rest of the workers' writes awaited (the step is read again)
             except BaseException as e:
                 failure = failure or e
         if failure is not None:
@@ -1029,6 +1031,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 summary.result = outcome(summary)
                 summary.files_forgotten = follower.forget_gone(opts.forget_gone_s)  # after every file this run saw was matched
             except KeyboardInterrupt:
+                pipe.close_workers(at_once=True)  # a second Ctrl-C stops at once, whatever the workers wait on
                 if opts.stop.is_set() and opts.replace_callback_traces:  # Ctrl-C, SIGTERM: the last look, as at an end
                     pipe.look_for_callback_traces(force=True)
                 summary = pipe.finish()

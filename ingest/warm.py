@@ -133,11 +133,13 @@ def _tracker_ignoring_hangups() -> None:
         signal.signal(signal.SIGHUP, previous)
 
 
-def shutdown(executors: list[ProcessPoolExecutor]) -> None:
+def shutdown(executors: list[ProcessPoolExecutor], at_once: bool = False) -> None:
     """Stop executors; one whose worker died is not waited for (its manager thread may be stuck
-    reading the half-sent result of the killed worker, or dead): its other workers are killed."""
+    reading the half-sent result of the killed worker, or dead): its other workers are killed.
+    ``at_once`` (a run interrupted): every worker is killed, not waited for; one writing to a server
+    or a database that stopped answering held a second Ctrl-C up to ``--mlflow-timeout``."""
     for ex in executors:
-        if dead(ex):
+        if at_once or dead(ex):
             for proc in processes(ex):
                 with contextlib.suppress(Exception):
                     proc.kill()

@@ -186,11 +186,12 @@ class WorkerPool:
         """Worker processes started (0 until a step was worth them)."""
         return len(self._shards) or len(self._closed)
 
-    def close(self) -> None:
-        shutdown(self._shards)
+    def close(self, at_once: bool = False) -> None:
+        """``at_once``: the workers are killed, not waited for (see :func:`ingest.warm.shutdown`)."""
+        shutdown(self._shards, at_once)
         self._closed += self._shards
         self._shards = []
-        shutdown(self._warm)
+        shutdown(self._warm, at_once)
         self._warm = []
 
     def _submit(self, shard: int, fn: Any, part: pl.DataFrame) -> Future[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -233,3 +234,41 @@ def test_a_server_that_stops_answering_or_fails_mid_run_ends_the_run_within_its_
     assert again.returncode == 0, again.stderr[-2000:]
     got = [t.info.tags["litellm.call_id"] for t in all_traces(mlflow_server.url, experiment, include_spans=False)]
     assert sorted(got) == sorted({r["litellm_call_id"] for r in records})
+
+
+def test_a_second_ctrl_c_stops_a_backfill_whose_workers_wait_on_a_silent_server_at_once(
+    gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path
+) -> None:
+    """Ctrl-C twice stops at once (README): the workers ignore it, and the run waited for each
+    worker's request to a server that stopped answering, up to ``--mlflow-timeout``."""
+    import signal
+
+    experiment = f"gateway-{uuid.uuid4().hex[:8]}"
+    records = [r for copy in copies(capture, 10, experiment) for r in copy]
+    logs = write_jsonl(tmp_path / "logs" / "proxy.jsonl", records).parent
+    blocking = {"on": True}
+    g = gateway("stall", lambda method, path: blocking["on"] and path == "/v1/traces")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = ["backfill", str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--state-dir", str(tmp_path / "state"),
+            "--workers", "2", "--batch-size", "20"]  # fmt: skip
+    exe = str(Path(sys.executable).parent / "litellm-ingest")
+    proc = subprocess.Popen([exe, *args, "--mlflow-timeout", "120"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert g.stalled.wait(120), "no write reached the server"
+        time.sleep(2)
+        for _ in range(2):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=100)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert took < 10, (took, err[-2000:])
+    blocking["on"] = False
+    g.released.set()
+    again = run_cli(args, tmp_path, env, 180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    got = [t.info.tags["litellm.call_id"] for t in all_traces(mlflow_server.url, experiment, include_spans=False)]
+    assert sorted(got) == sorted({r["litellm_call_id"] for r in records}), "every call once"
