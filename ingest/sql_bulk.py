@@ -38,7 +38,7 @@ from ingest.spans import MAX_ATTRIBUTE_DEPTH, BuiltTrace, SpanData, set_any
 
 log = logging.getLogger(__name__)
 
-TESTED_REVISIONS = frozenset({"dc11669786a5"})  # MLflow 3.17.x
+TESTED_REVISIONS = frozenset({"dc11669786a5", "f4a9b2c7d1e6"})  # MLflow 3.17.x, 3.18.x
 TESTED_DIALECTS = frozenset({"sqlite", "postgresql"})
 SETTLED_COLUMNS = ("timestamp_ms", "execution_time_ms", "status", "request_preview", "response_preview", "trace_name", "session_id")
 """With the token and cost columns: the trace row's columns one write of a call sets from its spans
@@ -311,6 +311,7 @@ class RowDeriver:
         self._info_columns = [c.name for c in table.columns if c.server_default is None and c.computed is None]
         self._experiment = SimpleNamespace(artifact_location=self.artifact_location)
         self._artifact_uri = self._artifact_template()
+        self._kind = _stored_kind()
 
     def derive(self, trace: BuiltTrace) -> _TraceRows:
         """Every row a new trace ends with, computed as ``_log_spans_once`` computes it."""
@@ -411,12 +412,17 @@ class RowDeriver:
                 attributes[k] = self._attribute(v)
                 encoded[id(v)] = (v, attributes[k])
         attributes[ak.REQUEST_ID] = self._encode(request_id)
+        head = {
+            "trace_id": _b64(span.trace_id),
+            "span_id": _b64(span.span_id),
+            "parent_span_id": _b64(span.parent_id) if span.parent_id else None,
+            "name": span.name,
+        }
+        if self._kind is not None:
+            head["kind"] = self._kind
         return translate_for_storage(
             {
-                "trace_id": _b64(span.trace_id),
-                "span_id": _b64(span.span_id),
-                "parent_span_id": _b64(span.parent_id) if span.parent_id else None,
-                "name": span.name,
+                **head,
                 "start_time_unix_nano": span.start_us * 1000,
                 "end_time_unix_nano": span.end_us * 1000,
                 "events": [
@@ -487,6 +493,16 @@ class RowDeriver:
         tags = {artifact[0]: artifact[1], m.TraceTagKey.SPANS_LOCATION: m.SpansLocation.TRACKING_STORE.value}
         tags.update({k: v for k, v in trace_tags.items() if k != m.TraceTagKey.TRACE_NAME})
         return tags
+
+
+@functools.cache
+def _stored_kind() -> str | None:
+    """The ``kind`` MLflow's ``Span.to_dict`` stores for our spans (all sent as CLIENT), after
+    ``name``; None where it stores none (3.17: the key arrived in 3.18)."""
+    from mlflow.entities.span import Span
+
+    probe = SpanData(trace_id=b"\x01" * 16, span_id=b"\x01" * 8, parent_id=None, name="probe", start_us=1, end_us=2)
+    return Span.from_otel_proto(probe.to_otlp()).to_dict().get("kind")
 
 
 def _mlflow_spans(traces: list[BuiltTrace]) -> list[Any]:
