@@ -83,5 +83,9 @@ def tag_key_refused(key: str) -> bool:
     load MLflow for that."""
     norm = posixpath.normpath(key)
     return (
-        len(key) > MAX_TRACE_TAG_KEY_LENGTH or not _TAG_KEY_CHARS.match(key) or norm != key or norm == "." or norm.startswith(("..", "/"))
+        len(key) > MAX_TRACE_TAG_KEY_LENGTH
+        or not _TAG_KEY_CHARS.fullmatch(key)
+        or norm != key
+        or norm == "."
+        or norm.startswith(("..", "/"))
     )
