@@ -63,6 +63,14 @@ class TraceTagKey:
     TRACE_NAME: Final = "mlflow.traceName"
 
 
+SYSTEM_TRACE_TAGS: Final = frozenset(
+    {"mlflow.artifactLocation", "mlflow.trace.spansLocation", "mlflow.trace.archiveLocation", "mlflow.trace.archivalFailure"}
+)
+"""Trace tags MLflow sets itself (its handlers' ``_HANDLER_BLOCKED_TRACE_TAGS``). MLflow 3.18's
+``/v1/traces`` drops them from a root span's ``mlflow.traceTag.*``; ``log_spans`` takes them, so a
+client's request tag could point the trace's spans or artifacts elsewhere. No request tag becomes one."""
+
+
 class TraceMetadataKey:
     TRACE_INFO_FINALIZED: Final = "mlflow.trace.infoFinalized"
     TRACE_USER: Final = "mlflow.trace.user"

@@ -30,6 +30,7 @@ from ingest.mlflow_names import (
     MAX_CHARS_IN_TRACE_INFO_METADATA,
     MAX_TRACE_TAG_KEY_LENGTH,
     MAX_TRACE_TAG_VAL_LENGTH,
+    SYSTEM_TRACE_TAGS,
     SpanAttributeKey,
     SpanLogLevel,
     SpanType,
@@ -567,9 +568,10 @@ _TAG_BAD_CHARS = re.compile(r"[^/\w.\- :]")
 
 @functools.lru_cache(maxsize=4096)
 def _tag_key(key: str) -> str | None:
-    """A tag key MLflow accepts (bad characters replaced), or None; checked once per distinct key."""
+    """A tag key MLflow accepts (bad characters replaced), or None (also for a tag MLflow sets
+    itself); checked once per distinct key."""
     key = _TAG_BAD_CHARS.sub("_", key.strip())[:MAX_TRACE_TAG_KEY_LENGTH] or "_"
-    return None if tag_key_refused(key) else key
+    return None if key in SYSTEM_TRACE_TAGS or tag_key_refused(key) else key
 
 
 def _tag(key: str, value: str) -> tuple[str, str] | None:

@@ -52,6 +52,12 @@ def test_the_location_and_limits_are_mlflows() -> None:
     assert mlflow_names.MAX_TRACE_TAG_VAL_LENGTH == validation.MAX_TRACE_TAG_VAL_LENGTH
 
 
+def test_the_tags_mlflow_sets_itself_are_mlflows() -> None:
+    from mlflow.server.handlers import _HANDLER_BLOCKED_TRACE_TAGS
+
+    assert _HANDLER_BLOCKED_TRACE_TAGS <= mlflow_names.SYSTEM_TRACE_TAGS
+
+
 def test_the_engine_imports_without_mlflow() -> None:
     """What a cron run with nothing new loads: the command line, the engine and its state."""
     heavy = "('mlflow', 'sqlalchemy', 'pandas')"

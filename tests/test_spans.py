@@ -631,6 +631,16 @@ def test_client_tags_become_trace_tags(built: dict[str, BuiltTrace]) -> None:
     assert attrs["mlflow.traceTag.feature"] == "stream"
 
 
+def test_a_request_tag_naming_a_tag_mlflow_sets_itself_is_no_trace_tag() -> None:
+    """MLflow 3.18's ``/v1/traces`` drops these; ``log_spans`` (and so the bulk writer) would let them
+    move the trace's spans or artifacts, so no sink gets them."""
+    rec = reidentify([CAPTURE[0]])[0]
+    rec["request_tags"] = ["mlflow.trace.spansLocation:ARTIFACT_REPO", "mlflow.artifactLocation:file:///x", "team:a"]
+    (root,) = spans(trace_of([rec]))
+    assert root.attributes["mlflow.traceTag.team"] == "a"
+    assert not {k for k in root.attributes if k.startswith(("mlflow.traceTag.mlflow.artifact", "mlflow.traceTag.mlflow.trace."))}
+
+
 def test_bare_tag_gets_empty_value() -> None:
     rec = reidentify([CAPTURE[0]])[0]
     rec["request_tags"] = ["prod", "team:a", *rec["request_tags"]]
