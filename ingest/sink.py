@@ -1358,7 +1358,7 @@ class StoreSink(_Synchronous):
             raise _read_failure(what, self.target.shown_uri, e) from e
 
     def write(self, traces: list[BuiltTrace]) -> int:
-        from mlflow.entities.span import Span
+        from ingest.sql_bulk import mlflow_span
 
         if not any(t.span_count for t in traces):
             return 0
@@ -1368,7 +1368,7 @@ class StoreSink(_Synchronous):
             if self.bulk is not None:
                 self.bulk.write(traces)
             else:
-                self.store.log_spans(self.target.experiment_id, [Span.from_otel_proto(s) for t in traces for s in t.spans])
+                self.store.log_spans(self.target.experiment_id, [mlflow_span(s) for t in traces for s in t.spans])
 
         def write_merging() -> None:
             """A conflict means another writer stored some of these traces first: writing the batch
@@ -1414,13 +1414,13 @@ class StoreSink(_Synchronous):
 
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         """MLflow's own ``log_spans``: its merge into a trace it holds is the contract."""
-        from mlflow.entities.span import Span
+        from ingest.sql_bulk import mlflow_span
 
         if not spans:
             return 0
         try:
             self._retried(
-                lambda: self.store.log_spans(experiment_id, [Span.from_otel_proto(d.to_otlp()) for d in spans]),
+                lambda: self.store.log_spans(experiment_id, [mlflow_span(d.to_otlp()) for d in spans]),
                 "log spans",
                 lambda e: _transient_db(e) or is_conflict(e),
             )

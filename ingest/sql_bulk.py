@@ -506,9 +506,26 @@ def _stored_kind() -> str | None:
 
 
 def _mlflow_spans(traces: list[BuiltTrace]) -> list[Any]:
+    return [mlflow_span(s) for t in traces for s in t.spans]
+
+
+def mlflow_span(proto: Any) -> Any:
+    """An OTLP span as MLflow's ``/v1/traces`` hands it to ``log_spans``, so a database store gets
+    what a server stores: ``Span.from_otel_proto``, then (3.18) one JSON layer off a text attribute
+    that is itself JSON. Up to 3.17 ``log_spans`` did that step in every case (``sanitize_attributes``)."""
     from mlflow.entities.span import Span
 
-    return [Span.from_otel_proto(s) for t in traces for s in t.spans]
+    span = Span.from_otel_proto(proto)
+    if (strip := _strip_otlp_double_encoding()) is not None:
+        span._span._attributes = strip(span._span._attributes)
+    return span
+
+
+@functools.cache
+def _strip_otlp_double_encoding() -> Any:
+    from mlflow.tracing.otel import translation
+
+    return getattr(translation, "strip_otlp_double_encoding", None)
 
 
 def _b64(raw: bytes) -> str:

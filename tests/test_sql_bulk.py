@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 
 
 def varied_input(capture: list[dict], tmp_path: Path) -> list[str]:
-    """The sample logs plus copies that carry sessions, users, odd tags and cache hits."""
+    """The sample logs plus copies that carry sessions, users, odd tags (one of JSON text) and cache hits."""
     logs = copy_samples(tmp_path / "logs")
     (logs / "bad_input.jsonl").unlink()
     shift = past_shift(capture, days=20)
@@ -47,7 +47,8 @@ def varied_input(capture: list[dict], tmp_path: Path) -> list[str]:
             meta["user_api_key_end_user_id"] = f"user-{n % 5}"
             r["end_user"] = f"user-{n % 5}"
         if n % 5 == 0:
-            r["request_tags"] = [*(r.get("request_tags") or []), "team:a", "team:b", "odd key!:é", "plain"]
+            # A value that is JSON text: MLflow 3.18's log_spans no longer takes a JSON layer off it, its /v1/traces does.
+            r["request_tags"] = [*(r.get("request_tags") or []), "team:a", "team:b", "odd key!:é", "plain", 'json:{"k": [1, "x"]}']
         if n % 7 == 0:
             r["cache_hit"] = True
     write_log(logs / "varied.jsonl", extra)
