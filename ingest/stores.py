@@ -429,6 +429,7 @@ RELEASE_HEADS = {
     "7d34483879f0": "3.12",
     "da6fb0208061": "3.13",
     "b7e2c1a4d9f3": "3.16",
+    "dc11669786a5": "3.17",
 }
 """Schema revisions of MLflow releases (measured), to name the MLflow that made a store."""
 

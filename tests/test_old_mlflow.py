@@ -18,6 +18,8 @@ from tests.conftest import SAMPLE_LOGS, Postgres
 
 EXE = str(Path(sys.executable).parent / "litellm-ingest")
 MLFLOW_3_4 = "71994744cf8e"
+MLFLOW_3_17 = "dc11669786a5"
+MLFLOW_3_18 = "f4a9b2c7d1e6"
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -61,22 +63,36 @@ def test_an_older_mlflows_postgresql_store_is_left_as_it_is_in_one_line(postgres
         assert _revision(uri) == MLFLOW_3_4
 
 
+@pytest.mark.parametrize(("release", "head"), [("3.4", MLFLOW_3_4), ("3.17", MLFLOW_3_17)])
 @pytest.mark.parametrize("holds_data", [False, True])
-def test_an_older_mlflows_sqlite_store_is_left_as_it_is_in_one_line(tmp_path: Path, holds_data: bool) -> None:
+def test_an_older_mlflows_sqlite_store_is_left_as_it_is_in_one_line(tmp_path: Path, holds_data: bool, release: str, head: str) -> None:
     """MLflow 3.4's SQLite store (``mlflow ui`` run once in that folder by an older MLflow): empty,
     it was taken for a half-created one, moved aside and made anew, and that MLflow's server went on
-    with the file moved aside; holding data, it was refused with advice that locks that MLflow out."""
+    with the file moved aside; holding data, it was refused with advice that locks that MLflow out.
+    3.17's too, once a newer MLflow is installed (its head is in ``RELEASE_HEADS``)."""
+    from ingest.stores import _latest_revision
+
+    if head == _latest_revision():
+        pytest.skip(f"MLflow {release} is the MLflow installed")
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    _schema_of(uri, MLFLOW_3_4)
+    _schema_of(uri, head)
     if holds_data:
         with sqlalchemy.create_engine(uri).begin() as conn:
             conn.execute(sqlalchemy.text("INSERT INTO experiments (experiment_id, name, lifecycle_stage) VALUES (7, 'mine', 'active')"))
     proc = _run("batch", "--state-dir", str(tmp_path / "st"), str(SAMPLE_LOGS / "proxy_calls.jsonl"), cwd=tmp_path)
     assert proc.returncode == 4, (proc.stdout, proc.stderr)
     (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert "MLflow 3.4's schema" in line and MLFLOW_3_4 in line, line
-    assert _revision(uri) == MLFLOW_3_4 and not list(tmp_path.glob("mlflow.db.incomplete-*"))
+    assert f"MLflow {release}'s schema" in line and head in line, line
+    assert _revision(uri) == head and not list(tmp_path.glob("mlflow.db.incomplete-*"))
+
+
+def _newer() -> tuple[str, str]:
+    """A revision and a table of an MLflow newer than this one: 3.18's while this MLflow is older,
+    else ones no release has (yet)."""
+    from ingest.stores import _older_revision
+
+    return (MLFLOW_3_18, "skill_tags") if not _older_revision(MLFLOW_3_18) else ("0a1b2c3d4e5f", "a_newer_mlflows_table")
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
@@ -86,18 +102,19 @@ def test_a_newer_mlflows_store_is_left_as_it_is_in_one_line(store: str, tmp_path
     here is this MLflow's schema moved on the way 3.18's is: a table of its own and its revision."""
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}" if store == "sqlite" else request.getfixturevalue("postgres").new_database()
+    revision, table = _newer()
     _schema_of(uri, "heads")
     with sqlalchemy.create_engine(uri).begin() as conn:
-        conn.execute(sqlalchemy.text("CREATE TABLE skill_tags (skill_id VARCHAR(36) PRIMARY KEY)"))
-        conn.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = 'f4a9b2c7d1e6'"))
+        conn.execute(sqlalchemy.text(f"CREATE TABLE {table} (skill_id VARCHAR(36) PRIMARY KEY)"))
+        conn.execute(sqlalchemy.text(f"UPDATE alembic_version SET version_num = '{revision}'"))
     logs, state = str(SAMPLE_LOGS / "proxy_calls.jsonl"), str(tmp_path / "st")
     for command in (["batch", logs, "--state-dir", state], ["reconcile", logs], ["tail", str(SAMPLE_LOGS), "--state-dir", state]):
         proc = _run(*command, "--tracking-uri", uri, cwd=tmp_path)
         assert proc.returncode == 4, (command, proc.stdout, proc.stderr)
         (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
-        assert line.startswith("litellm-ingest: error: ") and "schema revision f4a9b2c7d1e6, which this" in line, line
+        assert line.startswith("litellm-ingest: error: ") and f"schema revision {revision}, which this" in line, line
         assert "does not know (a newer MLflow made it?)" in line, line
-    assert _revision(uri) == "f4a9b2c7d1e6" and not list(tmp_path.glob("mlflow.db.incomplete-*"))
+    assert _revision(uri) == revision and not list(tmp_path.glob("mlflow.db.incomplete-*"))
 
 
 @pytest.mark.parametrize(
