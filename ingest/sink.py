@@ -1224,6 +1224,14 @@ def _data_error(e: Exception) -> bool:
     return isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError, UnicodeError, OverflowError, RecursionError))
 
 
+def _missing_experiment(e: Exception) -> bool:
+    """``log_spans`` into an experiment that is gone (purged): MLflow's answer, not an outage. The bulk
+    writer meets it as a foreign-key refusal (a data error); both then ask what became of it."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
 def refused_for_its_data(e: BaseException) -> bool:
     """``e`` (or an error under it) says this very trace cannot be stored (a number past the column's
     range, nesting past the encoder's, text the database cannot encode), whatever the store: a batch
@@ -1389,7 +1397,7 @@ class StoreSink(_Synchronous):
         except Exception as e:
             if gone := self._store_gone():
                 raise SinkError(gone, kind="refused") from e
-            kind = "rejected" if _data_error(e) else "unreachable"
+            kind = "rejected" if _data_error(e) or _missing_experiment(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
         return sum(t.span_count for t in traces)
 
@@ -1427,7 +1435,7 @@ class StoreSink(_Synchronous):
         except SinkError:
             raise
         except Exception as e:
-            kind = "rejected" if _data_error(e) else "unreachable"
+            kind = "rejected" if _data_error(e) or _missing_experiment(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
         return len(spans)
 

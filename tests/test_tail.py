@@ -548,11 +548,15 @@ def test_a_daemon_started_while_mlflow_is_down_waits_for_it(tmp_path: Path, capt
             server.stop()
 
 
-def test_an_experiment_purged_under_the_daemon_stops_it_and_its_calls_wait_for_the_next_start(tmp_path: Path, capture) -> None:
+@pytest.mark.parametrize("sql_writer", ["bulk", "mlflow"])
+def test_an_experiment_purged_under_the_daemon_stops_it_and_its_calls_wait_for_the_next_start(
+    tmp_path: Path, capture, sql_writer: str
+) -> None:
     """The experiment deleted and purged (``mlflow gc``) while the daemon writes: each call arriving
     alone was quarantined as unwritable (no log line, /health ok) and lost; several at once were an
     outage held for ever. Now it stops, exit 4, as at start, and the next start (the experiment
-    made anew under its name) writes them."""
+    made anew under its name) writes them. Through ``log_spans`` too (MLflow's "no experiment" was
+    taken for an outage there)."""
     import subprocess
     import sys
 
@@ -564,7 +568,7 @@ def test_an_experiment_purged_under_the_daemon_stops_it_and_its_calls_wait_for_t
     calls = fresh_calls(capture)[:4]
     writer = Writer(logdir / "proxy.jsonl")
     writer.write_calls(calls[:2])
-    d = Daemon(logdir, uri, "purged", state).start()
+    d = Daemon(logdir, uri, "purged", state, "--sql-writer", sql_writer).start()
     try:
         wait_for_calls(uri, "purged", calls[:2])
         client = MlflowClient(uri)
@@ -580,7 +584,7 @@ def test_an_experiment_purged_under_the_daemon_stops_it_and_its_calls_wait_for_t
         assert f"experiment id {exp.experiment_id} no longer exists" in d.log.read_text()
         assert not (state / "quarantine.jsonl").exists() or not (state / "quarantine.jsonl").read_text().strip()
         writer.write_calls(calls[3:])
-        d = Daemon(logdir, uri, "purged", state).start()
+        d = Daemon(logdir, uri, "purged", state, "--sql-writer", sql_writer).start()
         assert_exactly(wait_for_calls(uri, "purged", calls), calls)
         assert d.stop() == 0
     finally:
