@@ -243,6 +243,13 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         rf"(?P<call_sep>\\{{0,3}}[\"']{_GAP}{{0,4}},{_GAP}{{0,16}})(?P<call_q>(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'])",
     ),
     (
+        "nv",
+        rf"(?<![A-Za-z0-9_])(?i:name|key)\\{{0,3}}[\"']?{_GAP}{{0,16}}[:=]{_GAP}{{0,16}}\\{{0,3}}[\"']?"
+        rf"(?P<nv_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
+        rf"(?P<nv_sep>\\{{0,3}}[\"']?{_GAP}{{0,16}}[,;]?\s{{0,64}}?(?:-{_GAP}{{1,16}})?\\{{0,3}}[\"']?"
+        rf"(?i:value)\\{{0,3}}[\"']?{_GAP}{{0,16}}[:=]{_GAP}{{0,16}})(?P<nv_q>\\{{0,3}}[\"'])?",
+    ),
+    (
         "pair",
         rf"(?<!{_NAME})(?P<pair_n>(?:{_NAME}{{1,32}}[ +])?(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
         rf"(?P<pair_sep>\\{{0,3}}[\"']?(?:{_GAP}{{0,4}}\])?{_GAP}{{0,16}}(?:{_ANNOTATION}|:=|={{2,3}}|{_FAT_ARROW}|<<?-|[:=\uff1a\uff1d]){_GAP}{{0,16}})(?P<pair_q>(?:\[{_GAP}{{0,4}})?(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"']|`)?",
@@ -262,9 +269,15 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?:(?<![A-Za-z0-9]....)|(?<=%[0-9A-Fa-f]{2}....))[A-Z0-9]{16}(?![A-Za-z0-9])"),
     ("shape", rf"(?:(?<![{_KEY}])|(?<=%[0-9A-Fa-f]{{2}}))(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
-_BUILTIN = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS if name != "env"))
-_BUILTIN_ENV = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS))
+_BUILTINS = {
+    (env, nv): re.compile(
+        "|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS if (env or name != "env") and (nv or name != "nv"))
+    )
+    for env in (False, True)
+    for nv in (False, True)
+}
 """Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
+_BUILTIN = _BUILTINS[False, False]
 _VALUE_GROUPS = {"query": ("query_v", "matrix_v"), "auth": ("auth_v",), "bearer": ("bearer_v", "basic_v")}
 """The alternatives whose secret is one group of their match (the rest of it kept)."""
 _CAP = 4096
@@ -301,9 +314,9 @@ _WIDE_SEPARATORS = ("\uff1a", "\uff1d")
 
 
 def _builtin(s: str) -> re.Pattern[str]:
-    """``_BUILTIN``, with ``env`` where the text has ``ENV`` in it: one more alternative tried at every
-    position cost every text's pass ~10%."""
-    return _BUILTIN_ENV if "ENV" in s else _BUILTIN
+    """``_BUILTIN``, with ``env`` where the text has ``ENV`` in it and ``nv`` where it has a ``value``
+    label: one more alternative tried at every position cost every text's pass ~10%."""
+    return _BUILTINS["ENV" in s, "alue" in s or "ALUE" in s]
 
 
 def _may_hold_secret(s: str) -> bool:
@@ -562,7 +575,7 @@ class Scrubber:
         whole = m.group(0)
         if kind == "env" and m.string[m.string.rfind("\n", 0, m.start()) + 1 : m.start()].strip(" \t"):
             return whole[:3], m.start() + 3  # ENV not at a line's start: no Dockerfile's
-        if kind == "pair" or kind == "call" or kind == "env":
+        if kind == "pair" or kind == "call" or kind == "env" or kind == "nv":
             out, end = self._pair(m, kind)
             group = kind + "_n"
             a, b = m.span(group)
@@ -732,8 +745,12 @@ class Scrubber:
         attributes, an event's), kept as they are whatever a ``--scrub-pattern`` matches."""
         texts, keys = self._texts, self._keys
         logprob = "logprob" in d
+        label = _secret_label(d) if "value" in d else None
         out: dict[Any, Any] = {}
         for k, v in d.items():
+            if label is not None and k == "value" and k not in verbatim:
+                out[k] = self.field(label, v)
+                continue
             if type(k) is str:
                 entry = keys.get(k)
                 if entry is None:
@@ -813,6 +830,13 @@ class Scrubber:
 
 
 _TAG_SPLIT = re.compile(rf"{MARKER.pattern}|:")
+
+
+def _secret_label(d: dict[Any, Any]) -> str | None:
+    """The credential name a name/value pair gives its ``value`` (HAR's and Kubernetes' ``{"name": "X-Api-Key",
+    "value": "…"}``, Postman's ``key``), or None: the value sits under that name, not under ``value``."""
+    label = d.get("name", d.get("key"))
+    return label if type(label) is str and name_kind(label) == _SECRET else None
 
 
 def _split_tag(tag: str) -> tuple[str, str]:

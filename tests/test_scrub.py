@@ -1106,3 +1106,46 @@ def test_added_patterns_leave_the_keys_and_words_mlflow_reads_as_they_are(conten
             assert [(n, t, list(x)) for n, t, x in a.events] == [(n, t, list(x)) for n, t, x in b.events]
             changed += a.attributes != b.attributes
     assert changed, "the patterns still scrub what they match in values"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{{"name": "x-api-key", "value": "{s}"}}',
+        '[{{"name":"Authorization","value":"{s}"}},{{"name":"accept","value":"*/*"}}]',
+        "env:\n  - name: AZURE_OPENAI_API_KEY\n    value: {s}\n  - name: MODEL\n    value: gpt-4o\n",
+        '- {{name: OPENAI_API_KEY, value: "{s}"}}',
+        '{{"key": "x-api-key", "value": "{s}", "type": "text"}}',
+        '{{\\"name\\": \\"api_key\\", \\"value\\": \\"{s}\\"}}',
+    ],
+)
+def test_a_key_given_as_a_name_value_pair_in_text_is_its_marker(template: str) -> None:
+    """HAR headers, Kubernetes and ECS env lists, Postman's key/value: the name and the value are two
+    fields (``name: OPENAI_API_KEY`` then ``value: …``), and the key was kept."""
+    secret = rand(32)
+    assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
+
+
+def test_a_name_value_pair_that_gives_no_key_keeps_its_value() -> None:
+    for text in (
+        '{"name": "max_tokens", "value": "100"}',
+        "- name: OPENAI_API_KEY\n  valueFrom:\n    secretKeyRef: {name: llm, key: api-key}",
+        '{"name": "x-api-key", "value": ""}',
+        '{"name": "accept", "value": "application/json"}',
+    ):
+        assert S.text(text) == text
+
+
+def test_a_key_given_as_a_name_value_pair_in_data_is_its_marker() -> None:
+    """The same pairs as data (a tool call's arguments, metadata): the value sits under the name the pair gives it."""
+    secret = rand(32)
+    given = {
+        "headers": [{"name": "X-Api-Key", "value": secret}, {"name": "accept", "value": "*/*"}],
+        "env": [{"name": "OPENAI_API_KEY", "value": secret}, {"name": "MAX_TOKENS", "value": "100"}],
+        "postman": {"key": "api_key", "value": secret},
+    }
+    assert S.value(given) == {
+        "headers": [{"name": "X-Api-Key", "value": fingerprint(secret)}, {"name": "accept", "value": "*/*"}],
+        "env": [{"name": "OPENAI_API_KEY", "value": fingerprint(secret)}, {"name": "MAX_TOKENS", "value": "100"}],
+        "postman": {"key": "api_key", "value": fingerprint(secret)},
+    }
