@@ -1224,7 +1224,7 @@ def _data_error(e: Exception) -> bool:
     return isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError, UnicodeError, OverflowError, RecursionError))
 
 
-def _missing_experiment(e: Exception) -> bool:
+def _experiment_gone(e: Exception) -> bool:
     """``log_spans`` into an experiment that is gone (purged): MLflow's answer, not an outage. The bulk
     writer meets it as a foreign-key refusal (a data error); both then ask what became of it."""
     from mlflow.exceptions import MlflowException
@@ -1397,7 +1397,7 @@ class StoreSink(_Synchronous):
         except Exception as e:
             if gone := self._store_gone():
                 raise SinkError(gone, kind="refused") from e
-            kind = "rejected" if _data_error(e) or _missing_experiment(e) else "unreachable"
+            kind = "rejected" if _data_error(e) or _experiment_gone(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
         return sum(t.span_count for t in traces)
 
@@ -1435,7 +1435,7 @@ class StoreSink(_Synchronous):
         except SinkError:
             raise
         except Exception as e:
-            kind = "rejected" if _data_error(e) or _missing_experiment(e) else "unreachable"
+            kind = "rejected" if _data_error(e) or _experiment_gone(e) else "unreachable"
             raise SinkError(f"writing to {self.target.shown_uri} failed: {first_line(e)}", kind=kind) from e
         return len(spans)
 
