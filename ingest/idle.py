@@ -113,7 +113,7 @@ def idle_run(opts: RunOptions, inputs: Inputs, started: float) -> Summary | None
 
 def _nothing_new(state: State, target: Target, opts: RunOptions, inputs: Inputs, started: float) -> Summary | None:
     from ingest.follow import Follower
-    from ingest.pipeline import Summary, _close
+    from ingest.pipeline import Summary, _close, size_of
 
     if state.held or state.settled_lost or state.experiment_created not in (None, target.created_ms):
         return None
@@ -138,6 +138,7 @@ def _nothing_new(state: State, target: Target, opts: RunOptions, inputs: Inputs,
     run_started = now_iso()
     state.bind(target.created_ms)
     summary = Summary(files_unchanged=len(unchanged), files_skipped=len(waiting), files_resumed=sum(1 for n in at if n))
+    summary.bytes_skipped = sum(map(size_of, unchanged))
     summary.files_forgotten = follower.forget_gone(opts.forget_gone_s)
     _close(summary, inputs.files, target, opts, started)
     summary.state_file = str(state.path)

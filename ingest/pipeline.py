@@ -1012,7 +1012,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 if opts.shard is None:
                     unchanged = follower.unchanged(files)
                     pipe.summary.files_unchanged = len(unchanged)
-                    pipe.summary.bytes_skipped = sum(map(_size_of, unchanged))
+                    pipe.summary.bytes_skipped = sum(map(size_of, unchanged))
                     groups = small_file_groups([p for p in files if p not in unchanged], follower.chunk_bytes, group_max_files())
                     for group in groups:
                         if len(group) == 1:
@@ -1105,7 +1105,7 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
     pipe.summary.files_unchanged = len(unchanged)
     fps = [None if p in unchanged else file_fingerprint(p) for p in files]
     foreign = [fp is not None and not shard.owns(fp) for fp in fps]
-    pipe.summary.bytes_skipped = sum(_size_of(p) for p, other in zip(files, foreign, strict=True) if other or p in unchanged)
+    pipe.summary.bytes_skipped = sum(size_of(p) for p, other in zip(files, foreign, strict=True) if other or p in unchanged)
     legacy: dict[str, str] = follower.state.extra.pop("shard_edges", None) or {}
 
     prev_in_stream, next_in_stream = _stream_neighbours(files)
@@ -1152,7 +1152,7 @@ def _ingest_shard(files: list[Path], shard: Shard, follower: Follower, opts: Run
     return mine
 
 
-def _size_of(path: Path) -> int:
+def size_of(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
