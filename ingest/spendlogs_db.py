@@ -98,10 +98,10 @@ def _libpq_url(url: str) -> str:
 def _without(url: str, names: frozenset[str] | set[str]) -> str:
     """``url`` without the query parameters named ``names`` (by their decoded names), the rest byte for byte."""
     base, question, query = url.partition("?")
-    parts = query.split("&")
-    if not question or not names & {name for name, _ in _query(query)}:
+    pairs = _query(query)
+    if not question or not names & {name for name, _ in pairs}:
         return url
-    kept = [part for part, (name, _) in zip(parts, _query(query), strict=True) if part and name not in names]
+    kept = [part for part, (name, _) in zip(query.split("&"), pairs, strict=True) if part and name not in names]
     return base + ("?" + "&".join(kept) if kept else "")
 
 
