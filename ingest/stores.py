@@ -196,10 +196,7 @@ def open_store(uri: str, *, create: bool = True, busy_s: float = 30.0) -> Any:
             _prepare_sqlite(path, busy_s)
         elif path is not None:
             state, foreign, revision = _inspect(path, busy_s) if path.is_file() else ("missing", [], None)
-            if state == "newer" and revision is not None:
-                raise StoreSetupError(other_schema_message(str(path), revision), kind="rejected")
-            if state in ("foreign", "not-sqlite"):
-                raise StoreSetupError(_not_a_store(path, state, foreign))
+            _refuse_unusable(path, state, foreign, revision)
             if state != "complete":
                 raise StoreSetupError(f"{path} is not a complete MLflow store (missing, or its schema is incomplete or outdated)")
         if path is None:
@@ -260,10 +257,15 @@ def _refuse_not_a_store(db: Path) -> None:
             state, foreign, revision = _inspect(db, busy_s=0.1)
         except StoreSetupError:  # locked, or unreadable: told under the lock, with the run's patience
             return
-        if state == "newer" and revision is not None:
-            raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
-        if state in ("foreign", "not-sqlite"):
-            raise StoreSetupError(_not_a_store(db, state, foreign))
+        _refuse_unusable(db, state, foreign, revision)
+
+
+def _refuse_unusable(db: Path, state: str, foreign: list[str], revision: str | None) -> None:
+    """A store no run may open or create over: a newer MLflow's, another application's database, no SQLite file."""
+    if state == "newer" and revision is not None:
+        raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
+    if state in ("foreign", "not-sqlite"):
+        raise StoreSetupError(_not_a_store(db, state, foreign))
 
 
 def _refuse_not_a_file(db: Path) -> None:
