@@ -13,3 +13,8 @@ sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """What stops every command, flushed and saved as far as it got. SIGHUP too: the terminal of a
 foreground daemon closed (an ssh session ended); it had died at once, its state unsaved."""
+
+
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: stop at once. Nothing in flight is awaited (a server gone silent held
+    each write up to ``--mlflow-timeout``); what was not acknowledged is read again by the next run."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from ingest import STOP_SIGNALS
+from ingest import STOP_SIGNALS, StopNow
 from ingest.checkpoints import LockedError, StateError
 from ingest.quarantine import first_line
 from ingest.stores import quiet_dependency_logs
@@ -521,7 +521,7 @@ def _stop_gracefully(stop: threading.Event, quiet: bool) -> None:
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
+            raise StopNow
         stop.set()
         if not quiet:
             click.echo("litellm-ingest: stopping after the current chunk (again to stop now)", err=True)
@@ -1015,8 +1015,8 @@ def run() -> None:
     """The ``litellm-ingest`` script: :func:`main`, then the exit it asks for, without the
     interpreter's teardown of a heap that is about to go anyway (~1 s after a big run). Only once
     no other thread is left (or those left belong to the pool of a worker that died, which would
-    never be joined) and every ``atexit`` handler ran (stores, logs, workers closed as on any exit);
-    otherwise the usual exit."""
+    never be joined, or wait on requests a second Ctrl-C abandoned) and every ``atexit`` handler ran
+    (stores, logs, workers closed as on any exit); otherwise the usual exit."""
     try:
         main()
         code: Any = 0
@@ -1024,7 +1024,7 @@ def run() -> None:
         code = e.code
         from ingest.warm import abandoned
 
-        if (threading.active_count() > 1 and not abandoned()) or not (code is None or isinstance(code, int)):
+        if (threading.active_count() > 1 and not abandoned() and code != Exit.INTERRUPTED) or not (code is None or isinstance(code, int)):
             raise
     import atexit
 

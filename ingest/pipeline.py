@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from ingest import StopNow
 from ingest.allocator import tune_collector
 from ingest.buckets import Bucket, days_window, is_bucket_url, mark_horizon
 from ingest.callback_traces import LOOK_THREAD, CallbackWatch
@@ -485,8 +486,8 @@ class Pipeline:
                 continue  # not written: the failure that cancelled it raises below, and the calls are held
             try:
                 self._account_emitted(pool.result(done))
-            except KeyboardInterrupt:
-                raise  # a second Ctrl-C: not the rest of the workers' writes awaited (the step is read again)
+            except StopNow:
+                raise
             except BaseException as e:
                 failure = failure or e
         if failure is not None:
@@ -537,25 +538,36 @@ class Pipeline:
                 future = self.sink.submit(batch)
                 stop_the_rest.watch(future)
                 sent.append((batch, future))
-        finally:
-            failure: BaseException | None = None
-            for written, future in sent:
-                if future.cancelled():
-                    continue  # not written: the failure that cancelled it raises below, and the calls are held
+        except StopNow:
+            raise
+        except BaseException:
+            self._settle(sent)
+            raise
+        self._settle(sent)
+
+    def _settle(self, sent: list[tuple[list[BuiltTrace], Future[int]]]) -> None:
+        """Await every batch sent and count what was written; then raise the first failure. A second
+        stop signal is not swallowed meanwhile: it raises at once (the step is read again)."""
+        failure: BaseException | None = None
+        for written, future in sent:
+            if future.cancelled():
+                continue  # not written: the failure that cancelled it raises below, and the calls are held
+            try:
                 try:
-                    try:
-                        spans = future.result()
-                    except SinkError as e:
-                        if e.kind != "rejected":
-                            raise
-                        written, spans = self._write_isolating(written, e)
-                    self._account(written, spans)
-                    if self.nester is not None:
-                        self.nester.after_write(written)
-                except BaseException as e:
-                    failure = failure or e
-            if failure is not None:
-                raise failure
+                    spans = future.result()
+                except SinkError as e:
+                    if e.kind != "rejected":
+                        raise
+                    written, spans = self._write_isolating(written, e)
+                self._account(written, spans)
+                if self.nester is not None:
+                    self.nester.after_write(written)
+            except StopNow:
+                raise
+            except BaseException as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     def _write_isolating(self, batch: list[BuiltTrace], error: SinkError) -> tuple[list[BuiltTrace], int]:
         """A batch the store rejected, written in halves down to the traces it will not take, which are
@@ -920,6 +932,9 @@ def run_batch(opts: RunOptions) -> Summary:
         pipe.look_for_callback_traces(force=True)
         summary = pipe.finish()
         summary.result = outcome(summary)
+    except StopNow:
+        sink.close(at_once=True)
+        raise
     finally:
         sink.close()
     return _close(summary, inputs.files, target, opts, started)
@@ -1030,9 +1045,11 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 summary = pipe.finish()
                 summary.result = outcome(summary)
                 summary.files_forgotten = follower.forget_gone(opts.forget_gone_s)  # after every file this run saw was matched
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 pipe.close_workers(at_once=True)  # a second Ctrl-C stops at once, whatever the workers wait on
-                if opts.stop.is_set() and opts.replace_callback_traces:  # Ctrl-C, SIGTERM: the last look, as at an end
+                if isinstance(e, StopNow):
+                    sink.close(at_once=True)
+                elif opts.stop.is_set() and opts.replace_callback_traces:  # Ctrl-C, SIGTERM: the last look, as at an end
                     pipe.look_for_callback_traces(force=True)
                 summary = pipe.finish()
                 summary.result = "interrupted"

@@ -140,7 +140,10 @@ class Sink(Protocol):
         anew), asked when writes fail; None when it is there or MLflow cannot say now."""
         ...
 
-    def close(self) -> None: ...
+    def close(self, at_once: bool = False) -> None:
+        """``at_once`` (a second stop signal): requests in flight are abandoned, not awaited, by this
+        close and any after it."""
+        ...
 
 
 def with_retries(
@@ -806,6 +809,7 @@ class OtlpSink:
         self.on_retry: Callable[[Exception], None] | None = None
         self.pause: Callable[[float], object] = time.sleep
         self._senders = ThreadPoolExecutor(max_workers=self.IN_FLIGHT, thread_name_prefix="otlp-send")
+        self._abandoned = False
         self.joining = True
         self.settling = True
         self.one_by_one = False
@@ -1058,8 +1062,9 @@ class OtlpSink:
             lambda e: SinkError(f"deleting traces on {self.target.shown_uri} failed: {first_line(e)}", *_refusal(e)),
         )
 
-    def close(self) -> None:
-        self._senders.shutdown(wait=True)
+    def close(self, at_once: bool = False) -> None:
+        self._abandoned = self._abandoned or at_once
+        self._senders.shutdown(wait=not self._abandoned, cancel_futures=self._abandoned)
         self.http.session.close()
 
 
@@ -1496,7 +1501,7 @@ class StoreSink(_Synchronous):
             return f"experiment {exp.name!r} (id {exp.experiment_id}) in {t.shown_uri} was deleted: {EXPERIMENT_REMEDY}"
         return None
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
         pass
 
 
@@ -1527,7 +1532,7 @@ class NullSink(_Synchronous):
     def write_spans(self, spans: list[SpanData], experiment_id: str) -> int:
         return 0
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
         pass
 
 

@@ -236,11 +236,14 @@ def test_a_server_that_stops_answering_or_fails_mid_run_ends_the_run_within_its_
     assert sorted(got) == sorted({r["litellm_call_id"] for r in records})
 
 
-def test_a_second_ctrl_c_stops_a_backfill_whose_workers_wait_on_a_silent_server_at_once(
-    gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path
+@pytest.mark.parametrize("run", [["backfill", "--workers", "2"], ["backfill", "--workers", "1"], ["batch"]], ids=" ".join)
+def test_a_second_ctrl_c_stops_a_run_whose_writes_wait_on_a_silent_server_at_once(
+    run: list[str], gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path
 ) -> None:
-    """Ctrl-C twice stops at once (README): the workers ignore it, and the run waited for each
-    worker's request to a server that stopped answering, up to ``--mlflow-timeout``."""
+    """Ctrl-C twice stops at once (README). With workers, they ignore it and the run waited for each
+    one's request to a server that stopped answering, up to ``--mlflow-timeout``; in one process the
+    second Ctrl-C was swallowed while the other writes in flight were awaited, then the sender
+    threads were joined, at the close and again at the interpreter's exit."""
     import signal
 
     experiment = f"gateway-{uuid.uuid4().hex[:8]}"
@@ -249,8 +252,8 @@ def test_a_second_ctrl_c_stops_a_backfill_whose_workers_wait_on_a_silent_server_
     blocking = {"on": True}
     g = gateway("stall", lambda method, path: blocking["on"] and path == "/v1/traces")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = ["backfill", str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--state-dir", str(tmp_path / "state"),
-            "--workers", "2", "--batch-size", "20"]  # fmt: skip
+    args = [run[0], str(logs), "--tracking-uri", g.url, "--experiment-name", experiment, "--state-dir", str(tmp_path / "state"),
+            *run[1:], "--batch-size", "20"]  # fmt: skip
     exe = str(Path(sys.executable).parent / "litellm-ingest")
     proc = subprocess.Popen([exe, *args, "--mlflow-timeout", "120"], env=env, stderr=subprocess.PIPE, text=True)
     try:
