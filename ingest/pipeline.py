@@ -60,7 +60,7 @@ from ingest.sources import (
     own_paths,
 )
 from ingest.spans import BuiltTrace, Redaction, build_trace, group_calls
-from ingest.stores import tracking_uri_from
+from ingest.stores import StoreSetupError, tracking_uri_from
 from ingest.warm import for_files, shutdown
 from ingest.workers import Built, Emitted, WorkerPool, pool_for
 
@@ -892,6 +892,13 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
         yield from db_units(db, ledger, opts.since_us, opts.until_us, timedelta(seconds=opts.reread_s))
 
 
+def _mlflow_failed(e: Exception) -> bool:
+    """MLflow itself failed the run: a last look would only wait on it again."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, SinkError | StoreSetupError | MlflowException)
+
+
 def _count(unit: Unit, summary: Summary) -> None:
     if unit.kind == "rows":
         summary.db_rows += unit.items.height if unit.read is None else unit.read
@@ -1055,6 +1062,8 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
                 summary.result = "interrupted"
                 raise
             except Exception as e:
+                if opts.replace_callback_traces and not _mlflow_failed(e):  # what was written before it failed
+                    pipe.look_for_callback_traces(force=True)
                 summary = pipe.finish()
                 summary.result = f"failed: {first_line(e)}"
                 raise

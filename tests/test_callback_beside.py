@@ -258,15 +258,18 @@ def test_replace_deletes_the_callbacks_trace_that_starts_a_truncated_millisecond
     assert callback_traces(uri, "shared") == []
 
 
-def test_a_backfill_stopped_by_ctrl_c_replaces_the_callbacks_traces_of_what_it_wrote_before_it_stopped(
-    tmp_path: Path, capture: list[dict], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("stop", ["ctrl_c", "failure"])
+def test_a_backfill_stopped_by_ctrl_c_or_a_failure_replaces_the_callbacks_traces_of_what_it_wrote_before_it_stopped(
+    stop: str, tmp_path: Path, capture: list[dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C (or SIGTERM) finishes the step in hand and saves: its calls are written, and the run
-    continued after them never writes them again. It stopped without the last look, so the
-    callback's traces of the calls written since the one before stayed, for good."""
+    """Ctrl-C (or SIGTERM) finishes the step in hand and saves; a run that fails (its state or
+    quarantine unwritable, a worker dead: not MLflow away) saves what it wrote. Those calls are
+    written, and the run continued after them never writes them again. It stopped without the last
+    look, so the callback's traces of the calls written since the one before stayed, for good."""
     from click.testing import CliRunner
 
     from ingest import STOP_SIGNALS, cli
+    from ingest.checkpoints import StateError
 
     first, second = (write_log(tmp_path / "logs" / f"proxy-{i}.jsonl", [r for c in cs for r in c]) for i, cs in
                      enumerate((copies(capture, 3, "first"), copies(capture, 3, "second", spacing_s=7200))))  # fmt: skip
@@ -279,6 +282,8 @@ def test_a_backfill_stopped_by_ctrl_c_replaces_the_callbacks_traces_of_what_it_w
     def ctrl_c_in_the_second_file(self: cli._Progress, path: str, chunk: object, summary: object) -> None:
         update(self, path, chunk, summary)
         if path == str(second):
+            if stop == "failure":
+                raise StateError("cannot save the state: No space left on device")
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(cli._Progress, "update", ctrl_c_in_the_second_file)
@@ -290,7 +295,10 @@ def test_a_backfill_stopped_by_ctrl_c_replaces_the_callbacks_traces_of_what_it_w
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    assert stopped.exit_code == 130 and "progress is saved" in stopped.output, stopped.output
+    if stop == "failure":
+        assert stopped.exit_code == 7 and "No space left" in stopped.output, stopped.output
+    else:
+        assert stopped.exit_code == 130 and "progress is saved" in stopped.output, stopped.output
     monkeypatch.setattr(cli._Progress, "update", update)
     resumed = CliRunner().invoke(cli.main, args)
     assert resumed.exit_code == 0, resumed.output
