@@ -238,8 +238,9 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "call",
-        r"(?i:setdefault|putenv|setenv|set_var|setenvironmentvariable|getenv|environ\.get|env\.fetch|setproperty|getproperty|(?<![A-Za-z0-9_])put)\("
-        rf"{_GAP}{{0,4}}\\{{0,3}}[\"'](?P<call_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
+        r"(?:(?i:setdefault|putenv|setenv|set_var|setenvironmentvariable|getenv|environ\.get|env\.fetch|setproperty|getproperty|(?<![A-Za-z0-9_])put)\("
+        r"|(?<![A-Za-z0-9_$)\]])[(\[])"
+        rf"{_GAP}{{0,4}}(?:[bB](?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'](?P<call_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
         rf"(?P<call_sep>\\{{0,3}}[\"']{_GAP}{{0,4}},{_GAP}{{0,16}})(?P<call_q>(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'])",
     ),
     (
@@ -248,6 +249,16 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         rf"(?P<nv_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
         rf"(?P<nv_sep>\\{{0,3}}[\"']?{_GAP}{{0,16}}[,;]?\s{{0,64}}?(?:-{_GAP}{{1,16}})?\\{{0,3}}[\"']?"
         rf"(?i:value)\\{{0,3}}[\"']?{_GAP}{{0,16}}[:=]{_GAP}{{0,16}})(?P<nv_q>\\{{0,3}}[\"'])?",
+    ),
+    (
+        "user",
+        r"(?<![^\s\"'])(?:-[uU][ \t]{0,4}|--(?:proxy-)?user(?:[ \t]{1,4}|=))(?P<user_q>\\{0,3}[\"'])?(?P<user_u>[^\s:\"'\\\[\]]{0,256}):"
+        r"(?P<user_v>(?(user_q)[^\"'\\\n]{1,1024}|[^\s\"'\\;&|()<>`]{1,1024}))",
+    ),
+    (
+        "flag",
+        rf"(?<![^\s\"'(\[,])--(?P<flag_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,64}})"
+        r"(?P<flag_sep>[ \t]{1,4})(?P<flag_q>\\{0,3}[\"'])?",
     ),
     (
         "pair",
@@ -269,15 +280,23 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?:(?<![A-Za-z0-9]....)|(?<=%[0-9A-Fa-f]{2}....))[A-Z0-9]{16}(?![A-Za-z0-9])"),
     ("shape", rf"(?:(?<![{_KEY}])|(?<=%[0-9A-Fa-f]{{2}}))(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
-_BUILTINS = {
-    (env, nv): re.compile(
-        "|".join(f"(?P<{name}>{pattern})" for name, pattern in _PATTERNS if (env or name != "env") and (nv or name != "nv"))
-    )
-    for env in (False, True)
-    for nv in (False, True)
-}
+_GATED = ("env", "nv", "flag", "user")
+"""The alternatives tried only in a text that may hold them (see :func:`_builtin`)."""
+_BUILTINS: dict[tuple[bool, ...], re.Pattern[str]] = {}
 """Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
-_BUILTIN = _BUILTINS[False, False]
+
+
+def _compiled(gates: tuple[bool, ...]) -> re.Pattern[str]:
+    """The alternatives, with those of ``_GATED`` whose gate is on: compiled at first use (~20 ms each,
+    16 variants)."""
+    pattern = _BUILTINS.get(gates)
+    if pattern is None:
+        off = {name for name, on in zip(_GATED, gates, strict=True) if not on}
+        pattern = _BUILTINS[gates] = re.compile("|".join(f"(?P<{n}>{p})" for n, p in _PATTERNS if n not in off))
+    return pattern
+
+
+_BUILTIN = _compiled((False,) * len(_GATED))
 _VALUE_GROUPS = {"query": ("query_v", "matrix_v"), "auth": ("auth_v",), "bearer": ("bearer_v", "basic_v")}
 """The alternatives whose secret is one group of their match (the rest of it kept)."""
 _CAP = 4096
@@ -314,9 +333,10 @@ _WIDE_SEPARATORS = ("\uff1a", "\uff1d")
 
 
 def _builtin(s: str) -> re.Pattern[str]:
-    """``_BUILTIN``, with ``env`` where the text has ``ENV`` in it and ``nv`` where it has a ``value``
-    label: one more alternative tried at every position cost every text's pass ~10%."""
-    return _BUILTINS["ENV" in s, "alue" in s or "ALUE" in s]
+    """``_BUILTIN``, with ``env`` where the text has ``ENV`` in it, ``nv`` where it has a ``value``
+    label, ``flag`` where it has a ``--`` and ``user`` where it has ``curl``: one more alternative
+    tried at every position cost every text's pass ~10%."""
+    return _compiled(("ENV" in s, "alue" in s or "ALUE" in s, "--" in s, "curl" in s))
 
 
 def _may_hold_secret(s: str) -> bool:
@@ -328,11 +348,16 @@ def _may_hold_secret(s: str) -> bool:
     eq = "=" in s
     if eq and ("?" in s or "&" in s or ";" in s):
         return True
+    colon = ":" in s
+    if colon and ("-u" in s or "-U" in s) and "curl" in s:
+        return True
     if (
         not eq
-        and ":" not in s
+        and not colon
         and "</" not in s
         and "(" not in s
+        and "[" not in s
+        and "--" not in s
         and "<-" not in s
         and "ENV" not in s
         and (s.isascii() or not any(c in s for c in _WIDE_SEPARATORS))
@@ -437,6 +462,38 @@ def _reads_a_key(s: str, start: int, end: int) -> bool:
         s.startswith(_READ_OPENERS, end)
         and _CODE_PATH.fullmatch(s, start, end) is not None
         and ("." in s[start:end] or "::" in s[start:end])
+    )
+
+
+_PAIR_END = re.compile(r"\\{0,3}[\"'][ \t]{0,16}[)\]]")
+"""What closes a name and its value as a pair: ``("x-api-key", "…")``, ``["token", "…"]``."""
+_CURL_REACH = 1024
+"""How far before ``-u user:password`` a ``curl`` is looked for: docker's ``-u 1000:1000`` is a user and a group."""
+_FLAG_WORDS = frozenset(
+    {"flag", "flags", "option", "options", "argument", "arguments", "arg", "args", "parameter", "param", "switch", "value"}
+)
+"""After a flag, words about it: ``the --token option``."""
+_SHELL_REFERENCE = re.compile(r"\$\{?[A-Z_][A-Z0-9_]{0,127}\}?")
+"""A shell variable that holds the secret (``--api-key "$OPENAI_API_KEY"``): no value."""
+
+
+def _names_no_value(value: str) -> bool:
+    """Whether the second string of a pair is another name, not a value: a list of names
+    (``["api_key", "api_base"]``, ``("Authorization", "Content-Type")``, ``("password", "token")``)."""
+    words = value.replace("-", "_").split("_")
+    return (len(words) > 1 and value.isascii() and all(w.isalpha() for w in words)) or name_kind(value) != _NOT_SECRET
+
+
+def _flag_word(value: str) -> bool:
+    """Whether the word after a command-line flag is no value: the next flag, a placeholder (``--token
+    TOKEN``, ``--api-key $OPENAI_API_KEY``), or prose about the flag (``the --token flag``)."""
+    low = value.lower()
+    return (
+        value[:1] == "-"
+        or low in _FLAG_WORDS
+        or _prose([low])
+        or (value.isupper() and value.replace("_", "").isalpha())
+        or _SHELL_REFERENCE.fullmatch(value) is not None
     )
 
 
@@ -575,8 +632,12 @@ class Scrubber:
         whole = m.group(0)
         if kind == "env" and m.string[m.string.rfind("\n", 0, m.start()) + 1 : m.start()].strip(" \t"):
             return whole[:3], m.start() + 3  # ENV not at a line's start: no Dockerfile's
-        if kind == "pair" or kind == "call" or kind == "env" or kind == "nv":
+        if kind == "user":
+            return self._user(m, level)
+        if kind == "pair" or kind == "call" or kind == "env" or kind == "nv" or kind == "flag":
             out, end = self._pair(m, kind)
+            if kind == "call" and whole[0] in "([" and (_PAIR_END.match(m.string, end) is None or _names_no_value(m.string[m.end() : end])):
+                out, end = whole, m.end()  # a bracket's strings, not one name and its value: ("api_key", "model", …)
             group = kind + "_n"
             a, b = m.span(group)
             a, b = a - m.start(), b - m.start()
@@ -603,6 +664,17 @@ class Scrubber:
             return whole, m.end()
         return self.marker(whole), m.end()
 
+    def _user(self, m: re.Match[str], level: int) -> tuple[str, int]:
+        """curl's ``-u user:password`` (``--user``, ``-U``/``--proxy-user``): the password, the user
+        scrubbed as text (Stripe's ``-u sk_test_…:``). Elsewhere (docker's ``-u 1000:1000``) scanned on."""
+        s, start = m.string, m.start()
+        value = m.group("user_v")
+        if s.rfind("curl", max(0, start - _CURL_REACH), start) < 0 or MARKER.fullmatch(value) or _SHELL_REFERENCE.fullmatch(value):
+            return s[start : start + 2], start + 2
+        user = m.group("user_u")
+        user = self._sub(user, level + 1) if level < 4 and user else user
+        return s[start : m.start("user_u")] + user + ":" + self.marker(value), m.end()
+
     def _pair(self, m: re.Match[str], kind: str = "pair") -> tuple[str, int]:
         """A value under a name: up to its closing quote if the separator opened one, the rest of the
         line for a header, words to the line's end for a password after ``:``, else one word; after a
@@ -610,9 +682,9 @@ class Scrubber:
         prose, not a value. What follows another name is scanned on from the separator. ``kind``
         ``call``: the name and its value are a setter's arguments (``os.putenv("NAME", "…")``,
         ``props.put("api.key", "…")``); ``env``: a Dockerfile's legacy ``ENV NAME value``, its value
-        the rest of the line."""
+        the rest of the line; ``flag``: a command line's ``--api-key …``, its value the next shell word."""
         n_group, sep_group, q_group = kind + "_n", kind + "_sep", kind + "_q"
-        env = kind == "env"
+        env, flag = kind == "env", kind == "flag"
         name = m.group(n_group)
         kind = name_kind(name)
         s, start = m.string, m.end()
@@ -633,7 +705,7 @@ class Scrubber:
         if quote:
             quote = quote.lstrip("[" + _GAP_CHARS).lstrip("bBuUrRfF")  # a list's first ("X-Api-Key":["…"]), a Python literal (b'…')
             v = _QUOTED["\\" if len(quote) > 1 else quote].match(s, pos)
-        elif env or n in _HEADER_NAMES or n.endswith(("_cookie", "_authorization")):
+        elif env or (not flag and (n in _HEADER_NAMES or n.endswith(("_cookie", "_authorization")))):
             v = _LINE.match(s, pos)
         else:
             v = _VALUE.match(s, pos)
@@ -662,6 +734,8 @@ class Scrubber:
                 return m.group(0), start
         if not value or value.lower() in _NOT_A_VALUE:
             return s[m.start() : end], end
+        if flag and (n.startswith("no_") or (_SHELL_REFERENCE.fullmatch(value) if quote else _flag_word(value))):
+            return m.group(0), start  # --no-password, --api-key "$KEY", --api-key YOUR_KEY, the --token flag
         if colon and v.re is _VALUE and value.lower() in _TYPE_NAMES:
             return m.group(0), start  # a parameter's or a field's type: def f(token: str), password: String
         return s[m.start() : value_start] + (self._hash(value) if kind == _HASH else self.secret(value)), end

@@ -609,6 +609,16 @@ def test_odd_values_never_raise() -> None:
         "\\u0022" * 100000,
         "password:\n " * 20000,
         "password: " + "a " * 200000,
+        '("api_key", ' * 40000,
+        '("api_key", "' + "a" * 500_000,
+        "('api_key', 'a (\"token\", \"b " * 15000,
+        '["token", "abc1" ' * 30000,
+        "--api-key " * 50000,
+        '--api-key "' + "a" * 500_000,
+        "--password a1 " * 35000,
+        "curl " + "-u a:b1 " * 60000,
+        "curl -u 'a:" + "b" * 500_000,
+        "curl " + "x" * 2000 + " -u a:b" * 70000,
     ],
 )
 def test_adversarial_text_is_scrubbed_in_bounded_time(attack: str) -> None:
@@ -685,7 +695,8 @@ _SHAPES = [
     "github_pat_" + "d" * 40, "glpat-" + "e" * 20, "xoxb-" + "1" * 10, "hf_" + "f" * 20, "gsk_" + "g" * 20, "xai-" + "h" * 20,
     "r8_" + "i" * 20, "pplx-" + "j" * 20, "tvly-" + "k" * 20, "npm_" + "l" * 36, "dapi" + "a" * 32, "lsv2_pt_" + "a" * 32 + "_" + "b" * 10,
     "SG." + "m" * 22 + "." + "n" * 43, "auth=('u', 'p4ss')", "AUTH: [\"u\", \"p4ss\"]", "HTTPBasicAuth('u', 'p4ss')", "/v1;sig=abc",
-    "/x;jsessionid=abc", "?h=Basic%20dXNlcjpwYXNz", "%20Bearer%20abcdef123456",
+    "/x;jsessionid=abc", "?h=Basic%20dXNlcjpwYXNz", "%20Bearer%20abcdef123456", "('x-api-key', 'v4lue')", '["Token", "v4lue"]',
+    "[(b'authorization', b'v4lue')]", "--api-key v4lue", "--PASSWORD 'v4lue'", "curl -u u:p4ss", "curl --proxy-user=u:p4ss",
 ]  # fmt: skip
 _CASED = str.maketrans({"i": "\u0131", "s": "\u017f", "k": "\u212a"})
 
@@ -1149,3 +1160,123 @@ def test_a_key_given_as_a_name_value_pair_in_data_is_its_marker() -> None:
         "env": [{"name": "OPENAI_API_KEY", "value": fingerprint(secret)}, {"name": "MAX_TOKENS", "value": "100"}],
         "postman": {"key": "api_key", "value": fingerprint(secret)},
     }
+
+
+# --- command lines and pairs pasted into prompts ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "value"),
+    [
+        ("headers=[('x-api-key', '{s}')]", "{s}"),
+        ('("api_key", "{s}")', "{s}"),
+        ('["Authorization", "Token {s}"]', "{s}"),
+        ("[(b'authorization', b'{s}'), (b'accept', b'*/*')]", "{s}"),
+        ('{{"headers": [[\\"X-Api-Key\\", \\"{s}\\"]]}}', "{s}"),
+        ("( 'password' , 'two words {s}' )", "two words {s}"),
+    ],
+)
+def test_a_key_given_as_a_tuple_or_list_pair_in_text_is_its_marker(template: str, value: str) -> None:
+    """Headers as a list of pairs (``headers=[("x-api-key", "…")]``, ASGI's ``(b"authorization", b"…")``):
+    a credential name, a comma, a quoted value, closed by the bracket."""
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=secret).replace(value.format(s=secret), fingerprint(value.format(s=secret)))
+    assert S.text(out) == out
+
+
+def test_a_tuple_or_list_that_pairs_no_name_with_a_key_keeps_its_strings() -> None:
+    """Names listed (``["api_key", "api_base"]``, CORS's headers), more than two strings, a call's
+    arguments, a subscript, an empty or a null value: no credential."""
+    for text in (
+        "('role', 'user')",
+        'fields = ["api_key", "api_base"]',
+        'allow_headers=["Authorization", "Content-Type"]',
+        '("password", "token")',
+        'if k in ("api_key", "api_base", "model"):',
+        'print("password", "abc123")',
+        'parser.add_argument("--api-key", "-k")',
+        'x["token", "abc123"]',
+        '("token", "")',
+        "('api_key', None)",
+    ):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    ("template", "value"),
+    [
+        ("openai --api-key {s} api chat.completions.create", "{s}"),
+        ("llm --api-key sk-live-{s}", "sk-live-{s}"),
+        ("--token '{s}' --model gpt-4o", "{s}"),
+        ('--password "two words {s}"', "two words {s}"),
+        ("tool --openai-api-key\t{s}", "{s}"),
+        ("run(--auth-token {s})", "{s}"),
+        ("--cookie session={s} --url https://x", "session={s}"),
+        ("--api-key={s}", "{s}"),
+        ('curl -H "Authorization: Bearer {s}" https://x', "{s}"),
+        ("curl --header 'x-api-key: {s}' https://x", "{s}"),
+    ],
+)
+def test_a_key_given_to_a_command_line_flag_is_its_marker(template: str, value: str) -> None:
+    """``--api-key …`` with a space: the value is the next shell word, quoted or not (``sk-live-…`` has
+    no digit or capital, so no ``sk-`` shape)."""
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=secret).replace(value.format(s=secret), fingerprint(value.format(s=secret)))
+    assert S.text(out) == out
+
+
+def test_a_flag_that_names_no_key_or_is_given_none_keeps_its_words() -> None:
+    """Another flag's number, the next flag, a placeholder, a shell variable, prose about the flag."""
+    for text in (
+        "--max-tokens 100 --token-limit 5 --tokenizer bpe",
+        "--password-file /etc/pw --secret-name prod",
+        "use the --token flag to pass it",
+        "pass --api-key or set OPENAI_API_KEY",
+        "--api-key YOUR_API_KEY",
+        "--token TOKEN",
+        "--api-key $OPENAI_API_KEY",
+        '--api-key "${OPENAI_API_KEY}"',
+        "--password --verbose",
+        "--no-password run",
+        "`--api-key` sets it",
+    ):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "curl -u admin:{s} https://x",
+        "curl --user admin:{s} https://x",
+        "curl -u 'admin:{s}' https://x",
+        "curl -uadmin:{s} https://x",
+        "curl https://x \\\n  -u admin:{s}",
+        "curl -x http://proxy -U proxy:{s} https://x",
+        "curl --proxy-user=proxy:{s} https://x",
+    ],
+)
+def test_curl_s_user_gives_its_password_away_and_keeps_its_user(template: str) -> None:
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=fingerprint(secret))
+    assert S.text(out) == out
+
+
+def test_curl_s_user_that_is_a_key_is_its_marker_with_its_password() -> None:
+    """Stripe's docs: ``curl -u sk_test_…:``; the user is scrubbed as any text is."""
+    k, password = f"sk_test_{rand(24)}", rand(12, string.ascii_lowercase)
+    assert S.text(f"curl -u {k}:{password} x") == f"curl -u {fingerprint(k)}:{fingerprint(password)} x"
+    assert S.text(f"curl -u {k}: x") == f"curl -u {fingerprint(k)}: x"
+
+
+def test_a_user_flag_that_is_no_curl_s_or_gives_no_password_keeps_its_words() -> None:
+    for text in (
+        "docker run -u 1000:1000 image",
+        "git push -u origin main",
+        "sudo -u postgres psql -c 'select 1'",
+        "curl -u admin https://x",
+        'curl -u "$USER:$PASSWORD" https://x',
+    ):
+        assert S.text(text) == text
