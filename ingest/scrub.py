@@ -367,13 +367,15 @@ def _may_hold_secret(s: str) -> bool:
     return any(p in low for p in _NAME_PARTS)
 
 
-_ESCAPE = re.compile(r"\\(?:u00(?P<hex>[2-7][0-9a-fA-F])|(?P<ws>[nrt])|/)")
+_ESCAPE = re.compile(r"\\(?:u00(?P<hex>[2-7][0-9a-fA-F])|(?P<ws>[nrt])|/)|(?P<html>&(?:quot|#34|#x22|apos|#39|#x27);)")
 """A JSON escape of a printable ASCII character, of a line break or tab, or ``\\/``: JSON text inside
 a string (an error body quoted in another, a tool call's arguments) writes ``"`` as ``\\u0022``, ``_``
 may be written ``\\u005f``, and a key on a line of its own follows a ``\\n`` (read as ``nsk-…``, a
-name as ``napi_key``, it was no key)."""
+name as ``napi_key``, it was no key); and HTML's quotes (``&quot;api_key&quot;: &quot;…&quot;``, JSON
+in a page or an HTML-escaped log)."""
 _WHITESPACE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
-_ESCAPE_MARKS = ("\\u00", "\\/", "\\n", "\\r", "\\t")
+_HTML_QUOTES = {"&quot;": '"', "&#34;": '"', "&#x22;": '"', "&apos;": "'", "&#39;": "'", "&#x27;": "'"}
+_ESCAPE_MARKS = ("\\u00", "\\/", "\\n", "\\r", "\\t", *_HTML_QUOTES)
 
 
 class _Escaped:
@@ -387,7 +389,12 @@ class _Escaped:
         self.text, self.escapes, self.shifts = text, [], []
         pos = length = shift = 0
         for m in _ESCAPE.finditer(text):
-            c = chr(int(m.group("hex"), 16)) if m.group("hex") else _WHITESPACE_ESCAPES[m.group("ws")] if m.group("ws") else "/"
+            if m.group("hex"):
+                c = chr(int(m.group("hex"), 16))
+            elif m.group("html"):
+                c = _HTML_QUOTES[m.group("html")]
+            else:
+                c = _WHITESPACE_ESCAPES[m.group("ws")] if m.group("ws") else "/"
             if c in "\\\x7f":
                 continue
             parts.append(text[pos : m.start()])
@@ -549,7 +556,7 @@ class Scrubber:
             return done
         try:
             out = s
-            escaped = _Escaped(s) if "\\" in s and any(e in s for e in _ESCAPE_MARKS) else None
+            escaped = _Escaped(s) if ("\\" in s or "&" in s) and any(e in s for e in _ESCAPE_MARKS) else None
             if escaped is not None and escaped.escapes:
                 d = escaped.decoded
                 if _may_hold_secret(d) and _builtin(d).search(d) is not None:

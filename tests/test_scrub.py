@@ -619,6 +619,8 @@ def test_odd_values_never_raise() -> None:
         "curl " + "-u a:b1 " * 60000,
         "curl -u 'a:" + "b" * 500_000,
         "curl " + "x" * 2000 + " -u a:b" * 70000,
+        "&quot;" * 80000,
+        "&quot;api_key&quot;: " * 25000,
     ],
 )
 def test_adversarial_text_is_scrubbed_in_bounded_time(attack: str) -> None:
@@ -1279,4 +1281,23 @@ def test_a_user_flag_that_is_no_curl_s_or_gives_no_password_keeps_its_words() ->
         "curl -u admin https://x",
         'curl -u "$USER:$PASSWORD" https://x',
     ):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "<pre>{{&quot;api_key&quot;: &quot;{s}&quot;}}</pre>",
+        "{{&#34;token&#34;: &#34;{s}&#34;}}",
+        "{{&#x27;password&#x27;: &#x27;{s}&#x27;}}",
+        "&quot;headers&quot;: [[&quot;x-api-key&quot;, &quot;{s}&quot;]]",
+    ],
+)
+def test_html_escaped_quotes_hide_no_name(template: str) -> None:
+    """JSON in a web page or an HTML-escaped log: read with its quotes decoded, written as it was."""
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=fingerprint(secret))
+    assert S.text(out) == out
+    for text in ("&quot;the token&quot;: is missing", "a &quot;quote&quot; &amp; more"):
         assert S.text(text) == text
