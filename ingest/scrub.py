@@ -239,7 +239,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (
         "call",
         r"(?:(?i:setdefault|putenv|setenv|set_var|setenvironmentvariable|getenv|environ\.get|env\.fetch|setproperty|getproperty|(?<![A-Za-z0-9_])put)\("
-        r"|(?<![A-Za-z0-9_$)\]])[(\[])"
+        r"|[(\[](?<![A-Za-z0-9_$)\]][(\[]))"
         rf"{_GAP}{{0,4}}(?:[bB](?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'](?P<call_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
         rf"(?P<call_sep>\\{{0,3}}[\"']{_GAP}{{0,4}},{_GAP}{{0,16}})(?P<call_q>(?:[bBuUrRfF]{{1,2}}(?=\\{{0,3}}[\"']))?\\{{0,3}}[\"'])",
     ),
