@@ -5,7 +5,8 @@ upstream 401 quotes the key it was sent, a client tags a request with one, Gemin
 URL, model parameters carry ``api_key`` or an ``Authorization`` header, a misconfigured proxy logs
 the key in place of its hash. So every string a trace carries is scrubbed on its way out, found by
 where it sits (a value under a credential-like name, in a dict or as ``name=value`` in text, a URL
-password or query key) and by its shape (``sk-…``, ``AKIA…``, JWTs, PEM blocks, …).
+password or query key, a command line's ``--api-key …`` or ``curl -u user:…``) and by its shape
+(``sk-…``, ``AKIA…``, JWTs, PEM blocks, …).
 
 A secret becomes ``[REDACTED:<fingerprint>]``: the first 8 hex digits of an HMAC-SHA256 of the
 secret, so traces that used the same key can still be matched without revealing it. Scrubbing runs
@@ -480,15 +481,21 @@ _FLAG_WORDS = frozenset(
     {"flag", "flags", "option", "options", "argument", "arguments", "arg", "args", "parameter", "param", "switch", "value"}
 )
 """After a flag, words about it: ``the --token option``."""
-_SHELL_REFERENCE = re.compile(r"\$\{?[A-Z_][A-Z0-9_]{0,127}\}?")
-"""A shell variable that holds the secret (``--api-key "$OPENAI_API_KEY"``): no value."""
+_SHELL_REFERENCE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]{0,127}\}?")
+"""A shell variable that holds the secret (``--api-key "$OPENAI_API_KEY"``, ``--password $clientSecret``): no
+value, unless single quotes make it literal."""
 
 
 def _names_no_value(value: str) -> bool:
     """Whether the second string of a pair is another name, not a value: a list of names
-    (``["api_key", "api_base"]``, ``("Authorization", "Content-Type")``, ``("password", "token")``)."""
+    (``["api_key", "api_base"]``, ``("Authorization", "Content-Type")``, ``("password", "token")``), or
+    punctuation (botocore's ``('CreateOAuth2Token', '_')``)."""
     words = value.replace("-", "_").split("_")
-    return (len(words) > 1 and value.isascii() and all(w.isalpha() for w in words)) or name_kind(value) != _NOT_SECRET
+    return (
+        (len(words) > 1 and value.isascii() and all(w.isalpha() for w in words))
+        or not any(c.isalnum() for c in value)
+        or name_kind(value) != _NOT_SECRET
+    )
 
 
 def _flag_word(value: str) -> bool:
@@ -676,7 +683,12 @@ class Scrubber:
         scrubbed as text (Stripe's ``-u sk_test_…:``). Elsewhere (docker's ``-u 1000:1000``) scanned on."""
         s, start = m.string, m.start()
         value = m.group("user_v")
-        if s.rfind("curl", max(0, start - _CURL_REACH), start) < 0 or MARKER.fullmatch(value) or _SHELL_REFERENCE.fullmatch(value):
+        literal = (m.group("user_q") or "").endswith("'")
+        if (
+            s.rfind("curl", max(0, start - _CURL_REACH), start) < 0
+            or MARKER.fullmatch(value)
+            or (not literal and _SHELL_REFERENCE.fullmatch(value))
+        ):
             return s[start : start + 2], start + 2
         user = m.group("user_u")
         user = self._sub(user, level + 1) if level < 4 and user else user
@@ -741,7 +753,7 @@ class Scrubber:
                 return m.group(0), start
         if not value or value.lower() in _NOT_A_VALUE:
             return s[m.start() : end], end
-        if flag and (n.startswith("no_") or (_SHELL_REFERENCE.fullmatch(value) if quote else _flag_word(value))):
+        if flag and (n.startswith("no_") or (quote != "'" and _SHELL_REFERENCE.fullmatch(value) if quote else _flag_word(value))):
             return m.group(0), start  # --no-password, --api-key "$KEY", --api-key YOUR_KEY, the --token flag
         if colon and v.re is _VALUE and value.lower() in _TYPE_NAMES:
             return m.group(0), start  # a parameter's or a field's type: def f(token: str), password: String

@@ -1199,6 +1199,7 @@ def test_a_tuple_or_list_that_pairs_no_name_with_a_key_keeps_its_strings() -> No
         'print("password", "abc123")',
         'parser.add_argument("--api-key", "-k")',
         'x["token", "abc123"]',
+        "('CreateOAuth2Token', '_'): 'create_oauth2_token',",
         '("token", "")',
         "('api_key', None)",
     ):
@@ -1216,6 +1217,7 @@ def test_a_tuple_or_list_that_pairs_no_name_with_a_key_keeps_its_strings() -> No
         ("run(--auth-token {s})", "{s}"),
         ("--cookie session={s} --url https://x", "session={s}"),
         ("--api-key={s}", "{s}"),
+        ("--password '${s}'", "${s}"),
         ('curl -H "Authorization: Bearer {s}" https://x', "{s}"),
         ("curl --header 'x-api-key: {s}' https://x", "{s}"),
     ],
@@ -1240,6 +1242,7 @@ def test_a_flag_that_names_no_key_or_is_given_none_keeps_its_words() -> None:
         "--token TOKEN",
         "--api-key $OPENAI_API_KEY",
         '--api-key "${OPENAI_API_KEY}"',
+        "az login --service-principal --user $clientID --password $clientSecret",
         "--password --verbose",
         "--no-password run",
         "`--api-key` sets it",
@@ -1282,6 +1285,7 @@ def test_a_user_flag_that_is_no_curl_s_or_gives_no_password_keeps_its_words() ->
         'curl -u "$USER:$PASSWORD" https://x',
     ):
         assert S.text(text) == text
+    assert S.text("curl -u 'admin:$ecret1' x") == f"curl -u 'admin:{fingerprint('$ecret1')}' x", "single quotes: no variable"
 
 
 @pytest.mark.parametrize(
