@@ -227,6 +227,11 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         rf"|;(?!(?i:code)=)(?i:(?:{_QUERY_NAMES}|jsessionid)=)(?P<matrix_v>[^/;?&#\s\"'<>\\\[\]]{{1,4096}})",
     ),
     (
+        "encoded",
+        rf"(?:(?<=%26)|(?<=%3[Ff])|(?<![A-Za-z0-9_%\-]))(?i:{_QUERY_NAMES})%3[Dd]"
+        r"(?P<encoded_v>(?:[^%&#\s\"'<>\\\[\]]|%(?!26)){1,4096})",
+    ),
+    (
         "auth",
         r"(?i:auth)(?:\\{0,3}[\"']?[ \t]{0,16}[:=][ \t]{0,16}[(\[]|(?<=Auth)\()[ \t]{0,16}"
         r"(?:\\{0,3}[\"'][^\"'\\\n]{0,256}\\{0,3}[\"']|[A-Za-z_][A-Za-z0-9_.]{0,64})[ \t]{0,16},[ \t]{0,16}"
@@ -281,7 +286,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?:(?<![A-Za-z0-9]....)|(?<=%[0-9A-Fa-f]{2}....))[A-Z0-9]{16}(?![A-Za-z0-9])"),
     ("shape", rf"(?:(?<![{_KEY}])|(?<=%[0-9A-Fa-f]{{2}}))(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
-_GATED = ("env", "nv", "flag", "user")
+_GATED = ("env", "nv", "flag", "user", "encoded")
 """The alternatives tried only in a text that may hold them (see :func:`_builtin`)."""
 _BUILTINS: dict[tuple[bool, ...], re.Pattern[str]] = {}
 """Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
@@ -289,7 +294,7 @@ _BUILTINS: dict[tuple[bool, ...], re.Pattern[str]] = {}
 
 def _compiled(gates: tuple[bool, ...]) -> re.Pattern[str]:
     """The alternatives, with those of ``_GATED`` whose gate is on: compiled at first use (~20 ms each,
-    16 variants)."""
+    32 variants)."""
     pattern = _BUILTINS.get(gates)
     if pattern is None:
         off = {name for name, on in zip(_GATED, gates, strict=True) if not on}
@@ -298,7 +303,12 @@ def _compiled(gates: tuple[bool, ...]) -> re.Pattern[str]:
 
 
 _BUILTIN = _compiled((False,) * len(_GATED))
-_VALUE_GROUPS = {"query": ("query_v", "matrix_v"), "auth": ("auth_v",), "bearer": ("bearer_v", "basic_v")}
+_VALUE_GROUPS = {
+    "query": ("query_v", "matrix_v"),
+    "encoded": ("encoded_v",),
+    "auth": ("auth_v",),
+    "bearer": ("bearer_v", "basic_v"),
+}
 """The alternatives whose secret is one group of their match (the rest of it kept)."""
 _CAP = 4096
 _REST = {
@@ -335,9 +345,9 @@ _WIDE_SEPARATORS = ("\uff1a", "\uff1d")
 
 def _builtin(s: str) -> re.Pattern[str]:
     """``_BUILTIN``, with ``env`` where the text has ``ENV`` in it, ``nv`` where it has a ``value``
-    label, ``flag`` where it has a ``--`` and ``user`` where it has ``curl``: one more alternative
-    tried at every position cost every text's pass ~10%."""
-    return _compiled(("ENV" in s, "alue" in s or "ALUE" in s, "--" in s, "curl" in s))
+    label, ``flag`` where it has a ``--``, ``user`` where it has ``curl`` and ``encoded`` where it has
+    a ``%3D``: one more alternative tried at every position cost every text's pass ~10%."""
+    return _compiled(("ENV" in s, "alue" in s or "ALUE" in s, "--" in s, "curl" in s, "%3D" in s or "%3d" in s))
 
 
 def _may_hold_secret(s: str) -> bool:
@@ -352,6 +362,8 @@ def _may_hold_secret(s: str) -> bool:
     colon = ":" in s
     if colon and ("-u" in s or "-U" in s) and "curl" in s:
         return True
+    if ("%3D" in s or "%3d" in s) and ("%26" in s or "%3F" in s or "%3f" in s):
+        return True  # a URL-encoded query or form in a value: ?next=%2Fcb%3Fcode%3D…
     if (
         not eq
         and not colon
@@ -359,6 +371,7 @@ def _may_hold_secret(s: str) -> bool:
         and "(" not in s
         and "[" not in s
         and "--" not in s
+        and "%3" not in s
         and "<-" not in s
         and "ENV" not in s
         and (s.isascii() or not any(c in s for c in _WIDE_SEPARATORS))

@@ -621,6 +621,8 @@ def test_odd_values_never_raise() -> None:
         "curl " + "x" * 2000 + " -u a:b" * 70000,
         "&quot;" * 80000,
         "&quot;api_key&quot;: " * 25000,
+        "api_key%3D" * 60000,
+        "%26token%3D" + "a%" * 250000,
     ],
 )
 def test_adversarial_text_is_scrubbed_in_bounded_time(attack: str) -> None:
@@ -699,6 +701,7 @@ _SHAPES = [
     "SG." + "m" * 22 + "." + "n" * 43, "auth=('u', 'p4ss')", "AUTH: [\"u\", \"p4ss\"]", "HTTPBasicAuth('u', 'p4ss')", "/v1;sig=abc",
     "/x;jsessionid=abc", "?h=Basic%20dXNlcjpwYXNz", "%20Bearer%20abcdef123456", "('x-api-key', 'v4lue')", '["Token", "v4lue"]',
     "[(b'authorization', b'v4lue')]", "--api-key v4lue", "--PASSWORD 'v4lue'", "curl -u u:p4ss", "curl --proxy-user=u:p4ss",
+    "body=api_key%3Dv4lue", "%26token%3Dv4lue", "%3fsig%3dv4lue",
 ]  # fmt: skip
 _CASED = str.maketrans({"i": "\u0131", "s": "\u017f", "k": "\u212a"})
 
@@ -1304,4 +1307,24 @@ def test_html_escaped_quotes_hide_no_name(template: str) -> None:
     assert out == template.format(s=fingerprint(secret))
     assert S.text(out) == out
     for text in ("&quot;the token&quot;: is missing", "a &quot;quote&quot; &amp; more"):
+        assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "body=model%3Dgpt-4o%26api_key%3D{s}%26stream%3Dtrue",
+        "next=%2Fcb%3Fcode%3D{s}%26state%3D1",
+        "api_key%3D{s}",
+        "q=1&payload=password%3D{s}",
+    ],
+)
+def test_a_url_encoded_form_in_a_value_gives_its_credentials_away(template: str) -> None:
+    """A query or form URL-encoded inside another (a redirect, a logged body): the URL's names after
+    ``%26`` or ``%3F``, a value up to the next ``%26``."""
+    secret = rand(18, string.ascii_lowercase)
+    out = S.text(template.format(s=secret))
+    assert out == template.format(s=fingerprint(secret))
+    assert S.text(out) == out
+    for text in ("sort_key%3Dname%26max_tokens%3D5", "monkey%3Dx", "password%3D%26x"):
         assert S.text(text) == text
