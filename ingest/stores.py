@@ -229,7 +229,7 @@ def _prepare_sqlite(db: Path, busy_s: float = 30.0) -> None:
             raise StoreSetupError(_not_a_store(db, state, foreign))
         if revision in RELEASE_HEADS or (state == "newer" and revision is not None):
             # an older MLflow's store, empty or not: moved aside, it was a file its server no longer saw written
-            raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
+            raise StoreSetupError(other_schema_message(str(db), revision, f"sqlite:///{db}"), kind="rejected")
         if state == "has-data":
             raise StoreSetupError(
                 f"the MLflow store {db} has an incomplete or outdated schema and holds data: "
@@ -263,7 +263,7 @@ def _refuse_not_a_store(db: Path) -> None:
 def _refuse_unusable(db: Path, state: str, foreign: list[str], revision: str | None) -> None:
     """A store no run may open or create over: a newer MLflow's, another application's database, no SQLite file."""
     if state == "newer" and revision is not None:
-        raise StoreSetupError(other_schema_message(str(db), revision), kind="rejected")
+        raise StoreSetupError(other_schema_message(str(db), revision, f"sqlite:///{db}"), kind="rejected")
     if state in ("foreign", "not-sqlite"):
         raise StoreSetupError(_not_a_store(db, state, foreign))
 
@@ -457,11 +457,13 @@ def _refuse_other_schema(uri: str) -> None:
     finally:
         engine.dispose()
     if revision is not None and revision != _latest_revision():
-        raise StoreSetupError(other_schema_message(shown_uri(uri), revision), kind="rejected")
+        raise StoreSetupError(other_schema_message(shown_uri(uri), revision, shown_uri(uri)), kind="rejected")
 
 
-def other_schema_message(store: str, revision: str) -> str:
-    """The one line for a store whose schema another MLflow made: which, and what to do."""
+def other_schema_message(store: str, revision: str, uri: str) -> str:
+    """The one line for a store whose schema another MLflow made: which, and what to do. An older one
+    is most often an earlier litellm-ingest's own (its MLflow pinned one release back): the command
+    that upgrades it is given whole."""
     import mlflow
 
     mine = mlflow.__version__
@@ -469,8 +471,8 @@ def other_schema_message(store: str, revision: str) -> str:
     if _older_revision(revision):
         return (f"the MLflow store {store} has {made_by} schema (revision {revision}), older than this litellm-ingest's "
                 f"MLflow {mine} writes; left as it is, since opening it would upgrade it and that MLflow could no longer "
-                f"open it: upgrade that MLflow to {mine} and the store with it (`mlflow db upgrade`), or give its "
-                f"server's http:// address (MLflow {'.'.join(map(str, OLDEST_SERVER))} or newer)")  # fmt: skip
+                f"open it: take a backup and run `mlflow db upgrade {uri}` (and upgrade to MLflow {mine} any server on it), "
+                f"or give its server's http:// address (MLflow {'.'.join(map(str, OLDEST_SERVER))} or newer)")  # fmt: skip
     return (f"the MLflow store {store} has schema revision {revision}, which this litellm-ingest's MLflow {mine} does not "
             "know (a newer MLflow made it?): install that MLflow beside litellm-ingest, or give its server's http:// "
             "address; it was left as it is")  # fmt: skip

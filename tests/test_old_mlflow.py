@@ -6,7 +6,9 @@ release's revision: the tables and ``alembic_version`` that release leaves.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +62,7 @@ def test_an_older_mlflows_postgresql_store_is_left_as_it_is_in_one_line(postgres
         assert proc.returncode == 4, (command, proc.stdout, proc.stderr)
         (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
         assert line.startswith("litellm-ingest: error: ") and "MLflow 3.4's schema" in line and MLFLOW_3_4 in line, line
+        assert "`mlflow db upgrade postgresql://" in line, line
         assert _revision(uri) == MLFLOW_3_4
 
 
@@ -85,6 +88,12 @@ def test_an_older_mlflows_sqlite_store_is_left_as_it_is_in_one_line(tmp_path: Pa
     (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
     assert f"MLflow {release}'s schema" in line and head in line, line
     assert _revision(uri) == head and not list(tmp_path.glob("mlflow.db.incomplete-*"))
+    upgrade = re.search(r"`mlflow (db upgrade sqlite:///mlflow\.db)`", line)
+    assert upgrade, f"no command that upgrades the store whole in: {line}"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    subprocess.run([str(mlflow), *upgrade.group(1).split()], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    again = _run("batch", "--state-dir", str(tmp_path / "st"), str(SAMPLE_LOGS / "proxy_calls.jsonl"), "--json", cwd=tmp_path)
+    assert again.returncode == 0 and json.loads(again.stdout)["traces_written"] > 0, again.stderr
 
 
 def _newer() -> tuple[str, str]:
