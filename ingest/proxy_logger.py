@@ -47,6 +47,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ except ImportError:  # outside a proxy (tests, tools): the same writer, without 
 
 
 log = logging.getLogger("litellm-ingest.proxy-logger")
+SAY_EVERY_S = 60.0
+"""While writes fail, how often the proxy's log says how many lines were lost meanwhile."""
 
 
 def _host() -> str:
@@ -135,6 +138,8 @@ class JsonlFileLogger(CustomLogger):
         self.written = 0
         self.errors = 0
         self._lock = threading.Lock()
+        self._unsaid = 0
+        self._said_at: float | None = None
 
     # LiteLLM's hooks: the proxy calls the async ones; library users may call the sync ones.
     async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
@@ -157,9 +162,26 @@ class JsonlFileLogger(CustomLogger):
                 return
             self._append(encode_line(payload))
             self.written += 1
+        except OSError as e:
+            self._lost(e)
+            return
         except Exception:
             self.errors += 1
             log.exception("litellm-ingest: could not write a request log line to %s", self.path)
+            return
+        if self._said_at is not None:
+            log.warning("litellm-ingest: writing request log lines to %s again (%d more not written)", self.path, self._unsaid)
+            self._said_at, self._unsaid = None, 0
+
+    def _lost(self, e: OSError) -> None:
+        """A write the system refused (a full disk, a mount gone read-only or away): one line, not a
+        traceback for every request, then one a minute at most counting the lines not written."""
+        self.errors += 1
+        self._unsaid += 1
+        now = time.monotonic()
+        if self._said_at is None or now - self._said_at >= SAY_EVERY_S:
+            log.error("litellm-ingest: could not write %d request log line(s) to %s: %s", self._unsaid, self.path, e.strerror or e)
+            self._said_at, self._unsaid = now, 0
 
     def _append(self, line: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -190,35 +190,45 @@ def test_tail_daemon_follows_the_logger_through_its_rotations(mlflow_server, cap
 
 
 _FULL_DISK_CHILD = r"""
-import json, os, resource, signal, sys
+import json, logging, os, resource, signal, sys
 from ingest.proxy_logger import JsonlFileLogger
+logging.basicConfig(level=logging.INFO)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 records = json.loads(sys.argv[2])
 lg = JsonlFileLogger(sys.argv[1], max_bytes=0)
 lg.write_record({"standard_logging_object": records[0]})
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(sys.argv[1]) + 200, hard))
-lg.write_record({"standard_logging_object": records[1]})
+for r in records[1:-1]:
+    lg.write_record({"standard_logging_object": r})
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-lg.write_record({"standard_logging_object": records[2]})
+lg.write_record({"standard_logging_object": records[-1]})
 print(lg.written, lg.errors)
 """
 
 
-def test_a_full_disk_tears_no_line_for_the_next_record_to_join(tmp_path: Path, capture: list[dict]) -> None:
+def test_a_full_disk_tears_no_line_for_the_next_record_to_join_and_is_said_once_not_per_request(
+    tmp_path: Path, capture: list[dict]
+) -> None:
     """A write the disk could hold only part of left half a line: the next record, once there was
     room, was appended to it, and both were one malformed line (the call logged after the outage
-    lost too). The full disk is a file-size limit in a child process: the same short write, then an error."""
+    lost too). The full disk is a file-size limit in a child process: the same short write, then an
+    error. Each request then logged a traceback in the proxy's log; now one line says it, and one
+    more, once lines are written again, how many were lost after it."""
     import subprocess
     import sys
 
-    records = [dict(r, litellm_call_id=f"full-{i}") for i, r in enumerate(capture[:3])]
+    records = [dict(r, litellm_call_id=f"full-{i}") for i, r in enumerate(capture[:6])]
     path = tmp_path / "logs" / "requests.jsonl"
     args = [sys.executable, "-c", _FULL_DISK_CHILD, str(path), json.dumps(records)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["2", "1"], out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "4"], out.stderr[-2000:]
     lines = path.read_bytes().splitlines()
-    assert [json.loads(x)["litellm_call_id"] for x in lines] == ["full-0", "full-2"]
+    assert [json.loads(x)["litellm_call_id"] for x in lines] == ["full-0", "full-5"]
+    said = [x for x in out.stderr.splitlines() if "litellm-ingest" in x]
+    assert "Traceback" not in out.stderr and len(said) == 2, out.stderr[-2000:]
+    assert "could not write 1 request log line(s)" in said[0] and "File too large" in said[0], said
+    assert "again (3 more not written)" in said[1], said
 
 
 def test_text_the_ingester_could_not_read_is_written_so_it_can(tmp_path: Path, capture: list[dict]) -> None:
