@@ -415,10 +415,12 @@ class Pipeline:
         shard = self.shard
         if shard is None or not ready.height:
             return ready
-        first = ready.group_by("call_key").agg(pl.col("file", "source").sort_by("start_us", "file").first())
-        owned = [k for k, f, src in first.iter_rows() if (shard.owns(k) if "://" in (src or "") else not f or shard.owns(f))]
-        if count:
-            self.summary.calls_other_shards += first.height - len(owned)
+        files = [f for f in ready["file"].unique().to_list() if f and shard.owns(f)]
+        read_here = pl.col("file").is_null() | pl.col("file").is_in(files) | pl.col("source").str.contains("://", literal=True)
+        first = ready.group_by("call_key").agg(pl.col("file", "source").sort_by("start_us", "file").first(), read_here.any().alias("here"))
+        owned = [k for k, f, src, _ in first.iter_rows() if (shard.owns(k) if "://" in (src or "") else not f or shard.owns(f))]
+        if count:  # not the calls only another shard's edges hold: read again whenever a file beside them is
+            self.summary.calls_other_shards += int(first["here"].sum()) - len(owned)
         return ready if len(owned) == first.height else ready.filter(pl.col("call_key").is_in(owned))
 
     def _selected(self, ready: pl.DataFrame) -> pl.DataFrame:

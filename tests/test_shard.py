@@ -56,7 +56,7 @@ def test_shard_over_three_runs_covers_every_file_once_and_every_call_once(tmp_pa
         assert p.returncode == 0, p.stderr[-3000:]
         s = json.loads(p.stdout)
         assert s["files"] + s["files_other_shards"] == len(files)
-        for k in ("files", "records_read", "traces_written"):
+        for k in ("files", "records_read", "traces_written", "calls_other_shards"):
             totals[k] += s[k]
         for st in all_states(state):
             assert st["mode"] == "backfill"
@@ -67,7 +67,7 @@ def test_shard_over_three_runs_covers_every_file_once_and_every_call_once(tmp_pa
     owner = {f.name: read_by[f.name][0] for f in files}
     crossing = [c for i, c in enumerate(straddles) if owner[files[i].name] != owner[files[i + 1].name]]
     assert crossing, "no straddling call crosses two shards"
-    assert totals == {"files": len(files), "records_read": len(records), "traces_written": len(want)}
+    assert totals == {"files": len(files), "records_read": len(records), "traces_written": len(want), "calls_other_shards": len(crossing)}
 
     got = spans_by_call(sharded)
     assert got == want, {c: (got.get(c), n) for c, n in want.items() if got.get(c) != n}
@@ -82,9 +82,10 @@ def test_shard_over_three_runs_covers_every_file_once_and_every_call_once(tmp_pa
         assert p.returncode == 0, p.stderr[-3000:]
         s = json.loads(p.stdout)
         assert s["files_unchanged"] == sum(o == i for o in owner.values()), s
-        for k in ("files", "records_read", "files_unchanged"):
+        for k in ("files", "records_read", "files_unchanged", "calls_other_shards"):
             again[k] += s[k]
-    assert again == {"files": len(files) + 1, "records_read": sum(1 for line in new.open() if line.strip()), "files_unchanged": len(files)}
+    assert again == {"files": len(files) + 1, "records_read": sum(1 for line in new.open() if line.strip()), "files_unchanged": len(files),
+                     "calls_other_shards": 0}  # fmt: skip
 
 
 @pytest.mark.parametrize("value", ["0/3", "4/3", "1/3x", "1/0", "abc"])
