@@ -24,7 +24,10 @@ Settings (constructor arguments, else environment):
   ``100M``, ``64KiB``: units of 1024; 0 disables rotation); ``LITELLM_INGEST_LOG_BACKUPS``: rotated
   files kept (default 5);
 - ``LITELLM_INGEST_LOG_GZIP``: ``1`` (or ``true``, ``yes``, ``on``) to gzip rotated files
-  (``x.jsonl.1.gz``, in the background).
+  (``x.jsonl.1.gz``, in the background);
+- ``LITELLM_INGEST_LOG_MODE``: the files' permissions, in octal (default ``640``: they hold every
+  prompt and response, so not for every user of the host; a tail sidecar reads them through the
+  group, as Kubernetes' ``fsGroup`` gives it). The umask still applies.
 
 A setting that cannot be read is said in the proxy's log and its default used.
 
@@ -46,6 +49,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -62,6 +66,7 @@ except ImportError:  # outside a proxy (tests, tools): the same writer, without 
 
 
 log = logging.getLogger("litellm-ingest.proxy-logger")
+DEFAULT_MODE = 0o640
 SAY_EVERY_S = 60.0
 """While writes fail, how often the proxy's log says how many lines were lost meanwhile."""
 
@@ -85,6 +90,18 @@ def _env_int(name: str, default: int) -> int:
         log.warning("%s=%r is not a count or size (such as 100M): using %d", name, given, default)
         return default
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _env_mode(name: str, default: int) -> int:
+    """File permissions in octal (``640``, ``0o600``); others are said and the default used."""
+    given = os.environ.get(name, "").strip()
+    if not given:
+        return default
+    m = re.fullmatch(r"0?o?([0-7]{3})", given, re.IGNORECASE)
+    if m is None or int(m.group(1), 8) & 0o600 != 0o600:
+        log.warning("%s=%r is not permissions in octal that let the proxy read and write (such as 640): using %o", name, given, default)
+        return default
+    return int(m.group(1), 8)
 
 
 def _env_flag(name: str) -> bool:
@@ -128,6 +145,7 @@ class JsonlFileLogger(CustomLogger):
         max_bytes: int | None = None,
         backups: int | None = None,
         compress: bool | None = None,
+        mode: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
@@ -135,6 +153,7 @@ class JsonlFileLogger(CustomLogger):
         self.max_bytes = max_bytes if max_bytes is not None else _env_int("LITELLM_INGEST_LOG_MAX_BYTES", 100 * 1024 * 1024)
         self.backups = max(1, backups if backups is not None else _env_int("LITELLM_INGEST_LOG_BACKUPS", 5))
         self.compress = compress if compress is not None else _env_flag("LITELLM_INGEST_LOG_GZIP")
+        self.mode = mode if mode is not None else _env_mode("LITELLM_INGEST_LOG_MODE", DEFAULT_MODE)
         self.written = 0
         self.errors = 0
         self._lock = threading.Lock()
@@ -192,7 +211,7 @@ class JsonlFileLogger(CustomLogger):
                     with contextlib.suppress(FileNotFoundError):
                         if os.path.getsize(self.path) + len(line) > self.max_bytes:
                             self._rotate()
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, self.mode)
                 try:
                     start = os.fstat(fd).st_size
                     if start and os.pread(fd, 1, start - 1) != b"\n":
@@ -239,7 +258,10 @@ class JsonlFileLogger(CustomLogger):
         try:
             with os.fdopen(fd, "rb") as src:
                 st = os.fstat(src.fileno())
-                with gzip.open(tmp, "wb") as dst:
+                with (
+                    os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IMODE(st.st_mode)), "wb") as raw,
+                    gzip.GzipFile(fileobj=raw, mode="wb") as dst,
+                ):
                     shutil.copyfileobj(src, dst)
                 os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
                 with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:

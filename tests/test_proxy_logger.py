@@ -160,6 +160,30 @@ def test_the_settings_are_read_as_people_write_them_and_one_not_read_is_said(  #
     assert all(w.startswith("LITELLM_INGEST_LOG_") for w in warned), warned
 
 
+@pytest.mark.parametrize(("given", "mode", "said"), [("", 0o640, 0), ("600", 0o600, 0), ("0o660", 0o660, 0), ("rw-r-----", 0o640, 1),
+                                                     ("200", 0o640, 1)])  # fmt: skip
+def test_the_logs_are_not_for_every_user_of_the_host_rotated_and_gzipped_alike(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch, caplog, given: str, mode: int, said: int
+) -> None:
+    """The files hold every prompt and response; they were made 0644, readable by every user of the
+    host. Now 0640 unless ``LITELLM_INGEST_LOG_MODE`` says otherwise, the gzipped copies too."""
+    monkeypatch.setenv("LITELLM_INGEST_LOG_MODE", given)
+    old = os.umask(0o002)
+    try:
+        with caplog.at_level(logging.WARNING, logger="litellm-ingest.proxy-logger"):
+            logger = JsonlFileLogger(tmp_path / "x.jsonl", max_bytes=2_000, backups=3, compress=True)
+        for i in range(8):
+            logger.write_record({"standard_logging_object": {"id": f"m-{i}", "pad": "x" * 600}})
+        wait_for(lambda: len(list(tmp_path.glob("x.jsonl.*.gz"))) >= 2, 10, "two rotated files gzipped")
+    finally:
+        os.umask(old)
+    logs = [f for f in tmp_path.iterdir() if not f.name.endswith(".lock")]
+    assert {f.name for f in logs} >= {"x.jsonl", "x.jsonl.1.gz", "x.jsonl.2.gz"}, logs
+    assert {f.name: f.stat().st_mode & 0o777 for f in logs} == {f.name: mode for f in logs}
+    warned = [r.getMessage() for r in caplog.records if r.name == "litellm-ingest.proxy-logger"]
+    assert len(warned) == said and all("LITELLM_INGEST_LOG_MODE" in w for w in warned), warned
+
+
 def test_never_raises_into_the_proxy(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
