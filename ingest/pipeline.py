@@ -483,17 +483,7 @@ class Pipeline:
             failure = e
             for future in remote:
                 future.cancel()
-        for done in remote:
-            if done.cancelled():
-                continue  # not written: the failure that cancelled it raises below, and the calls are held
-            try:
-                self._account_emitted(pool.result(done))
-            except StopNow:
-                raise
-            except BaseException as e:
-                failure = failure or e
-        if failure is not None:
-            raise failure
+        _settle([(done, lambda done: self._account_emitted(pool.result(done))) for done in remote], failure)
 
     def _built(self, ready: pl.DataFrame) -> Iterator[BuiltTrace]:
         return built_traces(ready, self.experiment_id, self.redact, self.scrub, self.quarantine.write)
@@ -543,33 +533,20 @@ class Pipeline:
         except StopNow:
             raise
         except BaseException:
-            self._settle(sent)
+            _settle([(future, functools.partial(self._account_sent, batch)) for batch, future in sent])
             raise
-        self._settle(sent)
+        _settle([(future, functools.partial(self._account_sent, batch)) for batch, future in sent])
 
-    def _settle(self, sent: list[tuple[list[BuiltTrace], Future[int]]]) -> None:
-        """Await every batch sent and count what was written; then raise the first failure. A second
-        stop signal is not swallowed meanwhile: it raises at once (the step is read again)."""
-        failure: BaseException | None = None
-        for written, future in sent:
-            if future.cancelled():
-                continue  # not written: the failure that cancelled it raises below, and the calls are held
-            try:
-                try:
-                    spans = future.result()
-                except SinkError as e:
-                    if e.kind != "rejected":
-                        raise
-                    written, spans = self._write_isolating(written, e)
-                self._account(written, spans)
-                if self.nester is not None:
-                    self.nester.after_write(written)
-            except StopNow:
+    def _account_sent(self, written: list[BuiltTrace], future: Future[int]) -> None:
+        try:
+            spans = future.result()
+        except SinkError as e:
+            if e.kind != "rejected":
                 raise
-            except BaseException as e:
-                failure = failure or e
-        if failure is not None:
-            raise failure
+            written, spans = self._write_isolating(written, e)
+        self._account(written, spans)
+        if self.nester is not None:
+            self.nester.after_write(written)
 
     def _write_isolating(self, batch: list[BuiltTrace], error: SinkError) -> tuple[list[BuiltTrace], int]:
         """A batch the store rejected, written in halves down to the traces it will not take, which are
@@ -892,6 +869,22 @@ def remote_units(inputs: Inputs, ledger: Ledger, opts: RunOptions, summary: Summ
         from ingest.spendlogs_db import db_units
 
         yield from db_units(db, ledger, opts.since_us, opts.until_us, timedelta(seconds=opts.reread_s))
+
+
+def _settle(sent: list[tuple[Future[Any], Callable[[Future[Any]], None]]], failure: BaseException | None = None) -> None:
+    """Await every write sent and account for each; then raise the first failure (``failure`` first).
+    A second stop signal is not swallowed meanwhile: it raises at once (the step is read again)."""
+    for future, account in sent:
+        if future.cancelled():
+            continue  # not written: the failure that cancelled it raises below, and the calls are held
+        try:
+            account(future)
+        except StopNow:
+            raise
+        except BaseException as e:
+            failure = failure or e
+    if failure is not None:
+        raise failure
 
 
 def _mlflow_failed(e: Exception) -> bool:
