@@ -17,7 +17,9 @@ def is_log_file(name: str) -> bool:
     return bool(LOG_NAME.search(name)) and not name.endswith(SCRATCH_SUFFIXES)
 
 
-_ROTATED = re.compile(r"\.(?:jsonl|ndjson|json|log)(?P<rest>(?:[.-].*)?)$")
+_ROTATED = re.compile(r"^.*\.(?:jsonl|ndjson|json|log)(?P<rest>(?:[.-].*)?)$", re.DOTALL)
+"""The last log extension and what rotation appended to it: a host name in the file's name
+(``litellm-api.log-collector.jsonl``, the logger's ``{host}``) is no rotation suffix."""
 _NUMBERED = re.compile(rf"\.(\d+){COMPRESSED_SUFFIX}$")
 
 

@@ -169,6 +169,27 @@ def test_files_of_one_modification_time_are_read_in_rotation_order(tmp_path: Pat
     assert [Path(p).name for p, _ in tail._candidates()] == names
 
 
+@pytest.mark.parametrize(
+    ("name", "stream", "live"),
+    [
+        ("x.jsonl.2.gz", "x.jsonl", False),
+        ("x.jsonl-20261201", "x.jsonl", False),
+        ("requests.log-20261207.gz", "requests.log", False),
+        ("litellm-api.log-collector.internal.jsonl", "litellm-api.log-collector.internal.jsonl", True),
+        ("litellm-web.log-1.jsonl", "litellm-web.log-1.jsonl", True),
+        ("litellm-web.log-1.jsonl.3.gz", "litellm-web.log-1.jsonl", False),
+        ("litellm-db.json-api.jsonl-20261201", "litellm-db.json-api.jsonl", False),
+    ],
+)
+def test_a_host_name_in_a_files_name_is_no_rotation_suffix(name: str, stream: str, live: bool) -> None:
+    """The logger's ``{host}`` puts a host name in the file's name; one holding ``.log-`` or ``.json-``
+    (``api.log-collector``) made the live file a dated generation of another log (``litellm-api.log``)."""
+    from ingest.lognames import rotation_rank, stream_of
+
+    assert stream_of(name) == stream
+    assert (rotation_rank(name) == (1, 0)) is live
+
+
 def test_discover_is_deterministic_and_deduplicated(tmp_path: Path) -> None:
     logs, _ = make_tree(tmp_path / "logs")
     first = discover([str(tmp_path / "logs")])
