@@ -29,6 +29,10 @@ from tests.pgkit import PgCluster, Postgres, free_port, start_postgres
 pytest_plugins = ["tests.buckets"]
 
 ROOT = Path(__file__).resolve().parent.parent
+SOAK = int(os.environ.get("LITELLM_INGEST_SOAK", "0"))
+soak_only = pytest.mark.skipif(not SOAK, reason="the same code as a sibling variant CI runs: LITELLM_INGEST_SOAK=1 runs it too")
+"""A variant of a real-process test that differs from a sibling only in a path the sibling runs
+too: CI's time goes to the variants that differ."""
 SAMPLE_LOGS = ROOT / "sample_logs"
 CAPTURE_FILES = [SAMPLE_LOGS / "proxy_calls.jsonl.1.gz", SAMPLE_LOGS / "proxy_calls.jsonl"]
 

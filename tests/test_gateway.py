@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import all_traces, copies, run_cli, write_jsonl
+from tests.conftest import all_traces, copies, run_cli, soak_only, write_jsonl
 from tests.tailkit import Daemon, metric, wait_for, wait_for_calls
 
 LOGIN = b"<!doctype html><html><body><form action='/login'>Sign in</form></body></html>"
@@ -236,7 +236,9 @@ def test_a_server_that_stops_answering_or_fails_mid_run_ends_the_run_within_its_
     assert sorted(got) == sorted({r["litellm_call_id"] for r in records})
 
 
-@pytest.mark.parametrize("run", [["backfill", "--workers", "2"], ["backfill", "--workers", "1"], ["batch"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "run", [["backfill", "--workers", "2"], ["backfill", "--workers", "1"], pytest.param(["batch"], marks=soak_only)], ids=" ".join
+)  # batch writes from one process as backfill --workers 1 does
 def test_a_second_ctrl_c_stops_a_run_whose_writes_wait_on_a_silent_server_at_once(
     run: list[str], gateway: Callable[..., Gateway], mlflow_server: Any, capture: list[dict], tmp_path: Path
 ) -> None:

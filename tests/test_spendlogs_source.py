@@ -19,7 +19,7 @@ import pytest
 
 from ingest.sources import SourceUnavailable
 from ingest.spendlogs_db import CONNECT_TIMEOUT_S, DEFAULT_PAGE_ROWS, MIN_CONNECT_TIMEOUT_S, PING_S
-from tests.conftest import Postgres, all_traces, read_capture, reidentify, run_cli, write_jsonl
+from tests.conftest import Postgres, all_traces, read_capture, reidentify, run_cli, soak_only, write_jsonl
 from tests.litellm_db import TABLE, create_spendlogs_table, insert_rows, row_from_payload
 from tests.pgkit import PgCluster
 
@@ -184,7 +184,7 @@ def test_a_run_killed_mid_table_resumes_and_loses_and_doubles_nothing(litellm_db
     assert len(got) == len(set(got)) and set(got) == _calls(records)
 
 
-@pytest.mark.parametrize("command", ["batch", "backfill"])
+@pytest.mark.parametrize("command", [pytest.param("batch", marks=soak_only), "backfill"])  # one SpendLogsDB reads for both
 def test_a_run_whose_proxy_database_stops_answering_mid_table_ends_with_exit_8_in_one_line(
     tmp_path: Path, command: str, own_postgres: PgCluster
 ) -> None:
