@@ -27,12 +27,17 @@ Settings (constructor arguments, else environment):
   (``x.jsonl.1.gz``, in the background);
 - ``LITELLM_INGEST_LOG_MODE``: the files' permissions, in octal (default ``640``: they hold every
   prompt and response, so not for every user of the host; a tail sidecar reads them through the
-  group, as Kubernetes' ``fsGroup`` gives it). The umask still applies.
+  group, as Kubernetes' ``fsGroup`` gives it). The umask still applies;
+- ``LITELLM_INGEST_LOG_BUFFER``: how many bytes of lines may wait for a slow disk (default 64M);
+  past it, lines are counted as not written, as with a full disk.
 
 A setting that cannot be read is said in the proxy's log and its default used.
 
 Each record is one ``write()`` of one whole line on an ``O_APPEND`` descriptor, under a process
-lock and an ``flock`` shared by all proxy workers, so lines never interleave or tear. Rotation
+lock and an ``flock`` shared by all proxy workers, so lines never interleave or tear. The proxy's
+async hooks encode the line on its event loop and hand the write to one writer thread, so a wait
+for the ``flock`` (another worker rotating), a slow or network disk, never holds the loop that
+serves every request. Rotation
 (``x.jsonl`` -> ``x.jsonl.1`` -> ... ``x.jsonl.N``) happens under the same ``flock``, the way the
 tail daemon expects (rename, then a new file). Nothing here ever raises into the proxy: a failure
 is counted (``errors``) and logged.
@@ -40,6 +45,7 @@ is counted (``errors``) and logged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import gzip
@@ -53,6 +59,7 @@ import stat
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +76,7 @@ log = logging.getLogger("litellm-ingest.proxy-logger")
 DEFAULT_MODE = 0o640
 SAY_EVERY_S = 60.0
 """While writes fail, how often the proxy's log says how many lines were lost meanwhile."""
+DEFAULT_BUFFER = 64 * 1024 * 1024
 
 
 def _host() -> str:
@@ -146,6 +154,7 @@ class JsonlFileLogger(CustomLogger):
         backups: int | None = None,
         compress: bool | None = None,
         mode: int | None = None,
+        buffer: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
@@ -154,18 +163,22 @@ class JsonlFileLogger(CustomLogger):
         self.backups = max(1, backups if backups is not None else _env_int("LITELLM_INGEST_LOG_BACKUPS", 5))
         self.compress = compress if compress is not None else _env_flag("LITELLM_INGEST_LOG_GZIP")
         self.mode = mode if mode is not None else _env_mode("LITELLM_INGEST_LOG_MODE", DEFAULT_MODE)
+        self.buffer = buffer if buffer is not None else _env_int("LITELLM_INGEST_LOG_BUFFER", DEFAULT_BUFFER)
         self.written = 0
         self.errors = 0
         self._lock = threading.Lock()
         self._unsaid = 0
         self._said_at: float | None = None
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        self._writer: tuple[int, ThreadPoolExecutor] | None = None
 
     # LiteLLM's hooks: the proxy calls the async ones; library users may call the sync ones.
     async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self.write_record(kwargs)
+        await self.write_record_off_loop(kwargs)
 
     async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self.write_record(kwargs)
+        await self.write_record_off_loop(kwargs)
 
     def log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         self.write_record(kwargs)
@@ -174,12 +187,60 @@ class JsonlFileLogger(CustomLogger):
         self.write_record(kwargs)
 
     def write_record(self, kwargs: dict[str, Any]) -> None:
-        """Write one record; never raise."""
+        """Write one record here and now; never raise."""
+        line = self._encode(kwargs)
+        if line is not None:
+            self._write_line(line)
+
+    async def write_record_off_loop(self, kwargs: dict[str, Any]) -> None:
+        """Write one record from the writer thread, returning once it is written; never raise.
+
+        Lines are written in the order they were handed over. LiteLLM gives each callback a time
+        limit and cancels it past that: the line is still written (the wait is shielded), and a
+        disk that stays slow shows as LiteLLM's callback timeouts, not as a stalled proxy.
+        """
+        line = self._encode(kwargs)
+        if line is None:
+            return
+        with self._waiting_lock:
+            waiting = self._waiting
+            if waiting + len(line) <= self.buffer:
+                self._waiting += len(line)
+        if waiting + len(line) > self.buffer:
+            self._lost(OSError(f"{waiting:,} bytes of earlier lines still wait for the disk"))
+            return
+        try:
+            done = self._executor().submit(self._write_line, line)
+        except RuntimeError:  # the interpreter is shutting down: written here, as before
+            self._done_waiting(len(line))
+            self._write_line(line)
+            return
+        done.add_done_callback(lambda _: self._done_waiting(len(line)))
+        await asyncio.shield(asyncio.wrap_future(done))
+
+    def _done_waiting(self, size: int) -> None:
+        with self._waiting_lock:
+            self._waiting -= size
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """One writer thread per process, made in the process that writes (a proxy worker forked
+        after the logger was made has none of its parent's threads)."""
+        if self._writer is None or self._writer[0] != os.getpid():
+            self._writer = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="litellm-ingest-log"))
+        return self._writer[1]
+
+    def _encode(self, kwargs: dict[str, Any]) -> bytes | None:
         try:
             payload = kwargs.get("standard_logging_object")
-            if payload is None:
-                return
-            self._append(encode_line(payload))
+            return None if payload is None else encode_line(payload)
+        except Exception:
+            self.errors += 1
+            log.exception("litellm-ingest: could not encode a request log line for %s", self.path)
+            return None
+
+    def _write_line(self, line: bytes) -> None:
+        try:
+            self._append(line)
             self.written += 1
         except OSError as e:
             self._lost(e)

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,3 +270,88 @@ def test_text_the_ingester_could_not_read_is_written_so_it_can(tmp_path: Path, c
     assert (lg.written, lg.errors) == (2, 0)
     frame, bad = normalize(next(read_chunks(tmp_path / "requests.jsonl")).lines)
     assert not bad and sorted(frame["call_key"].to_list()) == ["cut", "keyed"]
+
+
+def _held_lock(path: Path) -> Any:
+    """The logger's ``flock`` taken as another proxy worker rotating would hold it."""
+    import fcntl
+
+    lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def test_a_write_waiting_for_the_lock_leaves_the_proxys_event_loop_serving(tmp_path: Path) -> None:
+    """The async hooks wrote on the proxy's event loop: a wait for the ``flock`` (another worker
+    rotating or gzipping, a slow or network disk) held every request the loop serves. Now the loop
+    ticks on while the write waits, and the line is written once the lock is free."""
+    path = tmp_path / "requests.jsonl"
+    logger = JsonlFileLogger(path, max_bytes=0)
+    lock = _held_lock(path)
+    threading.Timer(1.5, lock.close).start()  # frees the lock even if the loop is held
+
+    async def drive() -> tuple[int, bytes]:
+        hook = asyncio.create_task(logger.async_log_success_event({"standard_logging_object": {"id": "held"}}, None, None, None))
+        ticks, until = 0, time.monotonic() + 0.8
+        while time.monotonic() < until:
+            await asyncio.sleep(0.01)
+            ticks += 1
+        before = path.read_bytes() if path.exists() else b""
+        await hook
+        return ticks, before
+
+    ticks, before = asyncio.run(drive())
+    assert ticks >= 20, f"the event loop ran {ticks} times in 0.8 s while a write waited"
+    assert before == b""
+    assert [json.loads(x)["id"] for x in path.read_bytes().splitlines()] == ["held"]
+    assert (logger.written, logger.errors) == (1, 0)
+
+
+def test_a_hook_litellm_cancels_for_its_time_limit_still_writes_its_line_in_order(tmp_path: Path) -> None:
+    """LiteLLM cancels a callback past its time limit (20 s): cancelling the wait must not cancel
+    the write, of that line or of the lines queued behind it."""
+    path = tmp_path / "requests.jsonl"
+    logger = JsonlFileLogger(path, max_bytes=0)
+    lock = _held_lock(path)
+    threading.Timer(3, lock.close).start()  # frees the lock even if the loop is held
+
+    async def drive() -> int:
+        hooks = [logger.async_log_success_event({"standard_logging_object": {"id": i}}, None, None, None) for i in range(5)]
+        results = await asyncio.gather(*(asyncio.wait_for(h, 0.3) for h in hooks), return_exceptions=True)
+        return sum(isinstance(r, (asyncio.TimeoutError, asyncio.CancelledError)) for r in results)
+
+    assert asyncio.run(drive()) == 5, "the hooks held the loop: none was cancelled"
+    assert not path.exists()
+    lock.close()
+    wait_for(lambda: logger.written == 5, 10, "the five lines written")
+    assert [json.loads(x)["id"] for x in path.read_bytes().splitlines()] == [0, 1, 2, 3, 4]
+
+
+def test_lines_past_what_may_wait_for_a_stuck_disk_are_counted_once_not_held_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that does not answer (a dead NFS server) would let lines pile up in the proxy's
+    memory for ever; past ``LITELLM_INGEST_LOG_BUFFER`` they are not written, said as a full disk is."""
+    monkeypatch.setenv("LITELLM_INGEST_LOG_BUFFER", "2KiB")
+    path = tmp_path / "requests.jsonl"
+    logger = JsonlFileLogger(path, max_bytes=0)
+    assert logger.buffer == 2048
+    lock = _held_lock(path)
+    threading.Timer(3, lock.close).start()
+    pad = "p" * 900
+
+    async def drive() -> None:
+        hooks = [logger.async_log_success_event({"standard_logging_object": {"id": i, "pad": pad}}, None, None, None) for i in range(6)]
+        await asyncio.gather(*(asyncio.wait_for(h, 0.3) for h in hooks), return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger="litellm-ingest.proxy-logger"):
+        asyncio.run(drive())
+        lock.close()
+        wait_for(lambda: logger.written == 2, 10, "the two lines that could wait written")
+        logger.write_record({"standard_logging_object": {"id": "after"}})
+    assert [json.loads(x)["id"] for x in path.read_bytes().splitlines()] == [0, 1, "after"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert "could not write 1 request log line(s)" in said[0] and "bytes of earlier lines still wait for the disk" in said[0], said
+    assert "again (3 more not written)" in said[1], said
+    assert logger.errors == 4
