@@ -213,6 +213,12 @@ _TOKEN_SHAPES = (
     r"dapi[a-f0-9]{32}",
     r"lsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}",
     r"SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}",
+    r"csk-[A-Za-z0-9]{20,255}",
+    r"nvapi-[A-Za-z0-9_\-]{20,255}",
+    r"jina_[A-Za-z0-9]{40,255}(?![A-Za-z0-9_\-])",
+    r"pcsk_[A-Za-z0-9]{4,12}_[A-Za-z0-9]{30,255}",
+    r"fw_[A-Za-z0-9]{20,255}(?![A-Za-z0-9_\-])",
+    r"esecret_[A-Za-z0-9]{20,255}",
 )
 _PATTERNS: tuple[tuple[str, str], ...] = (
     (
@@ -334,7 +340,7 @@ def _run_on(s: str, start: int, end: int, pattern: str) -> int:
 _LITERALS = (
     "-----BEGIN", "://", "earer", "Basic", "sk-", "AKIA", "ASIA", "ABIA", "ACCA", "k_live_", "k_test_", "AIza", "ya29.", "eyJ",
     "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "hf_", "gsk_", "xai-", "r8_", "pplx-", "tvly-", "npm_",
-    "dapi", "lsv2_", "SG.", "Auth(",
+    "dapi", "lsv2_", "SG.", "Auth(", "csk-", "nvapi-", "jina_", "pcsk_", "fw_", "esecret_",
 )  # fmt: skip
 """What every alternative of ``_BUILTIN`` but ``query``, ``pair``, ``xml`` and ``auth`` (after a separator) has
 in it, as plain text."""

@@ -121,6 +121,12 @@ SHAPES = {
     "xai": lambda: f"xai-{rand(60)}",
     "stripe": lambda: f"sk_live_{rand(24)}",
     "stripe restricted": lambda: f"rk_live_{rand(24)}",
+    "cerebras": lambda: f"csk-{rand(48, string.ascii_lowercase + string.digits)}",
+    "nvidia": lambda: f"nvapi-{rand(64)}",
+    "jina": lambda: f"jina_{rand(60, string.ascii_letters + string.digits)}",
+    "pinecone": lambda: f"pcsk_{rand(6)}_{rand(60)}",
+    "fireworks": lambda: f"fw_{rand(24, string.ascii_letters + string.digits)}",
+    "anyscale": lambda: f"esecret_{rand(24)}",
     "pem": lambda: f"-----BEGIN RSA PRIVATE KEY-----\nMIIE{rand(60)}\n{rand(60)}==\n-----END RSA PRIVATE KEY-----",
     "pem in json text": lambda: f"-----BEGIN PRIVATE KEY-----\\nMIIE{rand(60)}\\n{rand(40)}\\n-----END PRIVATE KEY-----",
 }
@@ -139,6 +145,9 @@ def test_a_credential_shape_inside_any_text_becomes_its_marker(kind: str) -> Non
 def test_the_docs_master_key_is_a_key_and_prose_is_not() -> None:
     assert S.text("use sk-1234 as the master key") == f"use {fingerprint('sk-1234')} as the master key"
     for prose in ("pip install sk-learn", "a task-1234 ticket", "the risk-2 level", "sk-image filters"):
+        assert S.text(prose) == prose
+    identifiers = ("fw_version_of_the_board_firmware", "jina_embeddings_v2_base_en_and_more", "pcsk_rotation_is_monthly_for_each")
+    for prose in (*identifiers, "model: jina-embeddings-v3", "mask_" + "ab" * 24, "task_" + "0" * 48):
         assert S.text(prose) == prose
 
 
@@ -698,7 +707,9 @@ _SHAPES = [
     "eyJabcdef.eyJab.sig", "ghp_" + "c" * 20, "gho_" + "c" * 20, "ghu_" + "c" * 20, "ghs_" + "c" * 20, "ghr_" + "c" * 20,
     "github_pat_" + "d" * 40, "glpat-" + "e" * 20, "xoxb-" + "1" * 10, "hf_" + "f" * 20, "gsk_" + "g" * 20, "xai-" + "h" * 20,
     "r8_" + "i" * 20, "pplx-" + "j" * 20, "tvly-" + "k" * 20, "npm_" + "l" * 36, "dapi" + "a" * 32, "lsv2_pt_" + "a" * 32 + "_" + "b" * 10,
-    "SG." + "m" * 22 + "." + "n" * 43, "auth=('u', 'p4ss')", "AUTH: [\"u\", \"p4ss\"]", "HTTPBasicAuth('u', 'p4ss')", "/v1;sig=abc",
+    "SG." + "m" * 22 + "." + "n" * 43, "csk-" + "o" * 20, "nvapi-" + "p" * 20, "jina_" + "q" * 40, "pcsk_r4r4_" + "r" * 30,
+    "fw_" + "s" * 20, "esecret_" + "t" * 20,
+    "auth=('u', 'p4ss')", "AUTH: [\"u\", \"p4ss\"]", "HTTPBasicAuth('u', 'p4ss')", "/v1;sig=abc",
     "/x;jsessionid=abc", "?h=Basic%20dXNlcjpwYXNz", "%20Bearer%20abcdef123456", "('x-api-key', 'v4lue')", '["Token", "v4lue"]',
     "[(b'authorization', b'v4lue')]", "--api-key v4lue", "--PASSWORD 'v4lue'", "curl -u u:p4ss", "curl --proxy-user=u:p4ss",
     "body=api_key%3Dv4lue", "%26token%3Dv4lue", "%3fsig%3dv4lue",
