@@ -258,7 +258,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (
         "nv",
         rf"(?<![A-Za-z0-9_])(?i:name|key)\\{{0,3}}[\"']?{_GAP}{{0,16}}[:=]{_GAP}{{0,16}}\\{{0,3}}[\"']?"
-        rf"(?P<nv_n>(?={_NAME}{{0,64}}?(?i:{'|'.join(_PAIR_PARTS)})){_NAME}{{1,128}})"
+        rf"(?P<nv_n>(?=(?:{_NAME}|:){{0,64}}?(?i:{'|'.join(_PAIR_PARTS)}))(?:{_NAME}|:){{1,128}})"
         rf"(?P<nv_sep>\\{{0,3}}[\"']?{_GAP}{{0,16}}[,;]?\s{{0,64}}?(?:-{_GAP}{{1,16}})?\\{{0,3}}[\"']?"
         rf"(?i:value)\\{{0,3}}[\"']?{_GAP}{{0,16}}[:=]{_GAP}{{0,16}})(?P<nv_q>\\{{0,3}}[\"'])?",
     ),
@@ -292,6 +292,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("aws", r"(?:AKIA|ASIA|ABIA|ACCA)(?:(?<![A-Za-z0-9]....)|(?<=%[0-9A-Fa-f]{2}....))[A-Z0-9]{16}(?![A-Za-z0-9])"),
     ("shape", rf"(?:(?<![{_KEY}])|(?<=%[0-9A-Fa-f]{{2}}))(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
+_NV = re.compile(dict(_PATTERNS)["nv"])
 _GATED = ("env", "nv", "flag", "user", "encoded")
 """The alternatives tried only in a text that may hold them (see :func:`_builtin`)."""
 _BUILTINS: dict[tuple[bool, ...], re.Pattern[str]] = {}
@@ -500,6 +501,7 @@ _FLAG_WORDS = frozenset(
     {"flag", "flags", "option", "options", "argument", "arguments", "arg", "args", "parameter", "param", "switch", "value"}
 )
 """After a flag, words about it: ``the --token option``."""
+_WORD_GAP = re.compile(r"[ +]")
 _SHELL_REFERENCE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]{0,127}\}?")
 """A shell variable that holds the secret (``--api-key "$OPENAI_API_KEY"``, ``--password $clientSecret``): no
 value, unless single quotes make it literal."""
@@ -676,6 +678,10 @@ class Scrubber:
             a, b = a - m.start(), b - m.start()
             if b - a >= _KEY_AS_NAME and out[a:b] == whole[a:b] and (name := self.text(whole[a:b])) != whole[a:b]:
                 out = out[:a] + name + out[b:]  # a key that reads as a name (``sk-…PWD…:``): its shape still counts
+            if kind == "pair" and end == m.end() and out == whole and (gap := _WORD_GAP.search(m.group("pair_n"))) is not None:
+                cut = m.start("pair_n") - m.start() + gap.end()
+                if _NV.match(m.string, m.start() + cut):
+                    return whole[:cut], m.start() + cut  # its second word starts a name and value: add key="ApiKey" value="…"
             return out, end
         if kind == "xml":
             start, end = m.start("xml_v") - m.start(), m.end("xml_v") - m.start()

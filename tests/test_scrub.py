@@ -1144,11 +1144,13 @@ def test_added_patterns_leave_the_keys_and_words_mlflow_reads_as_they_are(conten
         '- {{name: OPENAI_API_KEY, value: "{s}"}}',
         '{{"key": "x-api-key", "value": "{s}", "type": "text"}}',
         '{{\\"name\\": \\"api_key\\", \\"value\\": \\"{s}\\"}}',
+        '<appSettings>\n  <add key="ApiKey" value="{s}" />\n</appSettings>',
+        '<add key="OpenAI:ApiKey" value="{s}"/>',
     ],
 )
 def test_a_key_given_as_a_name_value_pair_in_text_is_its_marker(template: str) -> None:
-    """HAR headers, Kubernetes and ECS env lists, Postman's key/value: the name and the value are two
-    fields (``name: OPENAI_API_KEY`` then ``value: …``), and the key was kept."""
+    """HAR headers, Kubernetes and ECS env lists, Postman's key/value, .NET's ``<add key= value=/>``: the
+    name and the value are two fields (``name: OPENAI_API_KEY`` then ``value: …``), and the key was kept."""
     secret = rand(32)
     assert S.text(template.format(s=secret)) == template.format(s=fingerprint(secret))
 
@@ -1159,6 +1161,7 @@ def test_a_name_value_pair_that_gives_no_key_keeps_its_value() -> None:
         "- name: OPENAI_API_KEY\n  valueFrom:\n    secretKeyRef: {name: llm, key: api-key}",
         '{"name": "x-api-key", "value": ""}',
         '{"name": "accept", "value": "application/json"}',
+        '<add key="MaxTokens" value="100" />',
     ):
         assert S.text(text) == text
 
