@@ -139,7 +139,7 @@ class Bucket:
         if not m:
             raise SourceError(f"not a bucket URL: {url}")
         scheme = {"s3a": "s3", "gcs": "gs"}.get(m[1], m[1])
-        return cls(url, scheme, m[2], m[3].strip("/"))
+        return cls(url, scheme, m[2], m[3].rstrip("/"))  # s3://b//logs: the keys of an s3_path "/logs" start with "/"
 
     @property
     def root(self) -> str:

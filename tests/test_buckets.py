@@ -388,6 +388,26 @@ def test_keys_with_an_empty_segment_are_read_once_each_across_cron_runs(kind: st
 
 
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_url_whose_prefix_starts_with_a_slash_reads_the_keys_that_do(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """An s3_path of "/logs" writes keys ``/logs/<day>/…``; their URL is ``s3://bucket//logs``. Its
+    leading "/" was dropped: the run listed ``logs/`` instead, and read another prefix's objects, or
+    none ("holds no object"), never its own."""
+    server: BucketServer = request.getfixturevalue(f"{kind}_server")
+    bucket = server.new_bucket()
+    put = writer(server, bucket)
+    recs = days_ago(1)[:6]
+    written = {f"{'/' if i % 2 else ''}logs/{day_of(r)}/{r['id']}": r for i, r in enumerate(recs)}
+    for key, r in written.items():
+        put(key, json.dumps(r).encode())
+    scheme = "s3" if kind == "s3" else "gs"
+    for url, lead in ((f"{scheme}://{bucket}//logs", "/"), (f"{scheme}://{bucket}/logs/", "")):
+        read, chunks = cron_run(server, url, Ledger(tmp_path / f"{len(lead)}.sqlite"))
+        mine = sorted(k for k in written if k.startswith(f"{lead}logs/"))
+        assert read == [f"{bucket}/{k}" for k in mine], url
+        assert sorted(_records(chunks)["litellm_call_id"].to_list()) == sorted(written[k]["litellm_call_id"] for k in mine)
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
 def test_an_object_whose_key_ends_in_a_slash_is_read_not_taken_for_gone(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """gcs_bucket names an embedding's object ``<folder>/<YYYY-MM-DD>/`` (the response has no id), and a
     copy of the bucket to S3 keeps the name: s3fs's ``cat`` stripped the "/" and found nothing, the
