@@ -66,7 +66,7 @@ def server_target(opts: RunOptions) -> Target | None:
     from ingest.pipeline import resolve_run_target
 
     try:
-        return resolve_run_target(opts, create=False)
+        return resolve_run_target(opts, create=False, stoppable=True)
     except MissingExperiment:
         return None
 

@@ -750,11 +750,13 @@ class RunOptions:
         return (*own_paths(self.state_dir, self.quarantine_file), *self.passed_over)
 
 
-def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
+def resolve_run_target(opts: RunOptions, *, create: bool, stoppable: bool = False) -> Target:
     """The one place a command's destination is resolved (flags, then ``MLFLOW_*``), so reconcile
-    checks exactly where batch, backfill and tail write; only writers may ``create`` the experiment."""
+    checks exactly where batch, backfill and tail write; only writers may ``create`` the experiment.
+    ``stoppable``: a run's first Ctrl-C (``opts.stop``) ends the wait for MLflow, at once."""
     name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
-    target = resolve_target(tracking_uri_from(opts.tracking_uri), name, exp_id, opts.mlflow_timeout_s, create=create)
+    stop = opts.stop if stoppable else None
+    target = resolve_target(tracking_uri_from(opts.tracking_uri), name, exp_id, opts.mlflow_timeout_s, create=create, stop=stop)
     if name and exp_id and target.experiment_name != name:
         raise SinkError(
             f"experiment id {exp_id} is {target.experiment_name!r}, not {name!r}: the experiment name and id given "
@@ -764,23 +766,25 @@ def resolve_run_target(opts: RunOptions, *, create: bool) -> Target:
     return target
 
 
-def open_target(opts: RunOptions, find_timeout_s: float | None = None, *, stateful: bool = False) -> tuple[Target, Sink]:
+def open_target(
+    opts: RunOptions, find_timeout_s: float | None = None, *, stateful: bool = False, stoppable: bool = False
+) -> tuple[Target, Sink]:
     """The destination and its sink. ``find_timeout_s``: how long finding it and opening its sink may
     retry, when shorter than the sink's ``--mlflow-timeout`` (the daemon probing at start). ``stateful``:
     a dry run that reads a state looks the experiment up, creating nothing, so it reads the state a
-    run keeps."""
+    run keeps. ``stoppable``: see :func:`resolve_run_target` (a run's, not the daemon's)."""
     if opts.dry_run:
         name, exp_id = experiment_from(opts.experiment_name, opts.experiment_id)
         check_uri(uri := tracking_uri_from(opts.tracking_uri))
         if stateful:
             try:
-                return resolve_run_target(replace(opts, mlflow_timeout_s=0.0), create=False), NullSink()
+                return resolve_run_target(replace(opts, mlflow_timeout_s=0.0), create=False, stoppable=stoppable), NullSink()
             except SinkError as e:  # no store or experiment yet, or MLflow away: read as a first run would
                 log.info("dry run: no state of a run read (%s)", e)
         # the experiment a real run would write to, not None: the summary names it
         return Target(uri, exp_id or "dry-run", name or (None if exp_id else DEFAULT_EXPERIMENT_NAME)), NullSink()
     finding = opts if find_timeout_s is None else replace(opts, mlflow_timeout_s=find_timeout_s)
-    target = resolve_run_target(finding, create=True)
+    target = resolve_run_target(finding, create=True, stoppable=stoppable)
     return target, make_sink(target, opts.mlflow_timeout_s, opts.sql_writer, find_timeout_s)
 
 
@@ -908,7 +912,7 @@ def run_batch(opts: RunOptions) -> Summary:
     started = time.monotonic()
     inputs = Inputs.of(opts.paths, opts.own())
     inputs.check()
-    target, sink = open_target(opts)
+    target, sink = open_target(opts, stoppable=True)
     tune_collector()
     pipe = Pipeline.for_run(sink, target, opts)
     pipe.only_calls = opts.only_calls
@@ -990,7 +994,7 @@ def run_incremental(opts: RunOptions, mode: str, progress: Progress | None = Non
     files = inputs.files
     warm = _prestart(opts, files) if mode == "backfill" else []
     try:
-        target, sink = open_target(opts, stateful=True)
+        target, sink = open_target(opts, stateful=True, stoppable=True)
     except BaseException:
         shutdown(warm)
         raise

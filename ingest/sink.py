@@ -153,14 +153,19 @@ def with_retries(
     is_transient: Callable[[Exception], bool],
     on_retry: Callable[[Exception], None] | None = None,
     pause: Callable[[float], object] = time.sleep,
+    stop: threading.Event | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, a non-transient error, or ``deadline_s`` of trying.
 
     ``on_retry`` hears of every transient failure at once, so a daemon can report an outage at its
     first failed write rather than when the deadline runs out; ``pause`` waits between tries (a
-    daemon keeps watching its files meanwhile)."""
+    daemon keeps watching its files meanwhile). ``stop`` set (a run's first Ctrl-C) ends the tries
+    with KeyboardInterrupt: nothing is under way yet to finish first."""
     start, delay = time.monotonic(), 0.25
+    if stop is not None:
+        pause = functools.partial(_pause_unless_stopped, stop)
     while True:
+        _check_stop(stop)
         try:
             return fn()
         except Exception as e:
@@ -314,6 +319,27 @@ class Watched(Generic[T]):
         return answer
 
 
+def heeding_signals(call: Callable[[], T], thread: str, stop: threading.Event | None = None) -> T:
+    """``call`` in a thread of its own, waited for as long as it takes but in slices. SQLite waits for
+    another process's lock inside its C code, where Python runs no signal handler until it returns:
+    a Ctrl-C went unheard for the whole wait (up to the run's deadline), and two of them were one.
+    ``stop`` set meanwhile ends the wait with KeyboardInterrupt (see :func:`with_retries`)."""
+    watched = Watched(call, thread)
+    while not watched.done.wait(0.25):
+        _check_stop(stop)
+    return watched.result()
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise KeyboardInterrupt
+
+
+def _pause_unless_stopped(stop: threading.Event, seconds: float) -> None:
+    if stop.wait(seconds):
+        raise KeyboardInterrupt
+
+
 def _transient_http(e: Exception) -> bool:
     return isinstance(e, SinkError) and e.kind in ("unreachable", "server")
 
@@ -352,18 +378,25 @@ def _otlp_answer(resp: requests.Response) -> requests.Response:
 
 
 def resolve_target(
-    tracking_uri: str, experiment_name: str | None, experiment_id: str | None, deadline_s: float = 10.0, *, create: bool = True
+    tracking_uri: str,
+    experiment_name: str | None,
+    experiment_id: str | None,
+    deadline_s: float = 10.0,
+    *,
+    create: bool = True,
+    stop: threading.Event | None = None,
 ) -> Target:
     """Find the experiment, proving on the way that MLflow is there and lets us in.
 
     ``create``: a missing experiment (by name) is created, as writers want. A reader (reconcile)
     passes False: it must never change the destination, so a missing experiment, or a SQLite
-    store file that does not exist, is an error naming what is missing.
+    store file that does not exist, is an error naming what is missing. ``stop`` (a run's): once
+    set, waiting for MLflow ends with KeyboardInterrupt.
     """
     check_uri(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
-        return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create)
-    return _resolve_store(tracking_uri, experiment_name, experiment_id, create, deadline_s)
+        return _resolve_rest(tracking_uri, experiment_name, experiment_id, deadline_s, create, stop)
+    return _resolve_store(tracking_uri, experiment_name, experiment_id, create, deadline_s, stop)
 
 
 def check_uri(tracking_uri: str) -> None:
@@ -429,18 +462,19 @@ def _missing_experiment(name: str, uri: str) -> SinkError:
     )
 
 
-def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: float, create: bool) -> Target:
+def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: float, create: bool, stop: threading.Event | None) -> Target:
     http = _Http(uri)
+    retried = functools.partial(with_retries, stop=stop)
 
     def call(method: str, path: str, what: str, **kw: Any) -> requests.Response:
-        return with_retries(lambda: _check(http.request(method, path, **kw), what), what, deadline_s, _transient_http)
+        return retried(lambda: _check(http.request(method, path, **kw), what), what, deadline_s, _transient_http)
 
     asked = lambda: _answered(http.request("GET", "/version"), "server version")  # noqa: E731
-    version = with_retries(asked, "server version", deadline_s, _transient_http)
+    version = retried(asked, "server version", deadline_s, _transient_http)
     if problem := too_old(version.text if version.ok else "", uri):
         raise SinkError(problem, kind="rejected")
     if exp_id is not None:
-        resp = with_retries(
+        resp = retried(
             lambda: _answered(http.request("GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp_id}), "get experiment"),
             "get experiment",
             deadline_s,
@@ -453,7 +487,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
         _refuse_deleted(exp, uri)
         return Target(uri, exp["experiment_id"], exp.get("name"), _created_ms(exp.get("creation_time")))
     name = name or DEFAULT_EXPERIMENT_NAME
-    resp = with_retries(
+    resp = retried(
         lambda: _answered(
             http.request("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}), "find experiment"
         ),
@@ -470,7 +504,7 @@ def _resolve_rest(uri: str, name: str | None, exp_id: str | None, deadline_s: fl
             resp = http.request("POST", "/api/2.0/mlflow/experiments/create", json={"name": name})
             return resp if "RESOURCE_ALREADY_EXISTS" in resp.text else _check(resp, "create experiment")
 
-        created = with_retries(create_once, "create experiment", deadline_s, _transient_http)
+        created = retried(create_once, "create experiment", deadline_s, _transient_http)
         if "RESOURCE_ALREADY_EXISTS" not in created.text:
             exp_id = created.json()["experiment_id"]
             resp = call("GET", "/api/2.0/mlflow/experiments/get", "get experiment", params={"experiment_id": exp_id})
@@ -552,7 +586,7 @@ def _refuse_deleted(exp: dict[str, Any], uri: str) -> None:
         )
 
 
-def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool, deadline_s: float) -> Target:
+def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool, deadline_s: float, stop: threading.Event | None) -> Target:
     if not create and (db := sqlite_path(uri)) is not None and not db.is_file():
         raise SinkError(f"no MLflow store at {shown_uri(uri)} (the file does not exist)", kind="rejected")
 
@@ -574,7 +608,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
                 exp = store.get_experiment(_create_experiment(store, name or DEFAULT_EXPERIMENT_NAME))
             return exp
 
-    exp = _store_read(uri, exp_id, find, deadline_s)
+    exp = _store_read(uri, exp_id, find, deadline_s, stop)
     if exp is None:
         raise _missing_experiment(name or DEFAULT_EXPERIMENT_NAME, uri)
     if exp.lifecycle_stage == "deleted":
@@ -582,7 +616,7 @@ def _resolve_store(uri: str, name: str | None, exp_id: str | None, create: bool,
     return Target(uri, exp.experiment_id, exp.name, _created_ms(exp.creation_time))
 
 
-def _store_read(uri: str, exp_id: str | None, read: Callable[[], T], deadline_s: float) -> T:
+def _store_read(uri: str, exp_id: str | None, read: Callable[[], T], deadline_s: float, stop: threading.Event | None = None) -> T:
     """``read`` of the store at ``uri``, retried within ``deadline_s``. A database server may stop
     answering without closing anything (a frozen host, a network partition): the read is then
     abandoned as a write is (a SQLite file cannot go silent so, and its first schema may take a
@@ -590,11 +624,11 @@ def _store_read(uri: str, exp_id: str | None, read: Callable[[], T], deadline_s:
 
     def answered() -> T:
         if sqlite_path(uri) is not None:
-            return read()
-        return answered_in_time(read, "open the MLflow store", shown_uri(uri), deadline_s)
+            return heeding_signals(read, "mlflow-db", stop)
+        return answered_in_time(read, "open the MLflow store", shown_uri(uri), deadline_s, waiting=lambda _: _check_stop(stop))
 
     try:
-        return with_retries(answered, "open the MLflow store", deadline_s, _transient_db)
+        return with_retries(answered, "open the MLflow store", deadline_s, _transient_db, stop=stop)
     except StoreSetupError as e:
         raise SinkError(str(e), kind=e.kind) from e
     except Exception as e:

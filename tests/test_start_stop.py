@@ -216,6 +216,71 @@ def test_a_lock_taken_while_a_run_writes_ends_it_at_its_timeout_and_the_next_run
     assert sorted(got) == sorted({r["litellm_call_id"] for r in records})
 
 
+def _opened(pid: int, path: Path) -> bool:
+    """Has process ``pid`` a descriptor open on ``path``?"""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.path.realpath(fd) == str(path.resolve()) for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("waits_on", ["sqlite-locked", "server-503"])
+def test_one_ctrl_c_while_a_run_waits_for_mlflow_before_reading_stops_it_at_once(
+    waits_on: str, locked_store: tuple[str, Path], request: pytest.FixtureRequest, tmp_path: Path, capture: list[dict]
+) -> None:
+    """A run that has read nothing has nothing to finish. A Ctrl-C while it waited for MLflow at its
+    start (a store another process holds locked, a server answering 503) was heard only when the wait
+    ended, a whole ``--mlflow-timeout`` later, and the run then exited 4 as if MLflow had failed it;
+    SQLite waits in its C code, where a second Ctrl-C was merged with the first. Now one stops it at
+    once (exit 130), and the next run writes every call once."""
+    uri, db = locked_store
+    logs = tmp_path / "logs"
+    records = [r for copy in copies(capture, 2, "stop-at-start") for r in copy]
+    write_jsonl(logs / "proxy.jsonl", records)
+    holder = gateway = None
+    if waits_on == "sqlite-locked":
+        holder = hold_sqlite_lock(db, 120)
+        command, waiting = ["batch", "--no-state"], None
+    else:
+        mlflow_server = request.getfixturevalue("mlflow_server")
+        uri, asked = mlflow_server.url, threading.Event()
+        down = {"on": True}
+        gateway = Gateway(uri, "503", lambda method, path: asked.set() or down["on"])
+        uri, command, waiting = gateway.url, ["backfill", "--state-dir", str(tmp_path / "state")], asked
+    args = [EXE, *command, str(logs), "--tracking-uri", uri, "--experiment-name", "locked"]
+    proc = subprocess.Popen([*args, "--mlflow-timeout", "60"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        if waiting is None:
+            wait_for(lambda: _opened(proc.pid, db) or proc.poll() is not None, 60, "the run to open the locked store")
+        else:
+            assert waiting.wait(60), "the run asked the server nothing"
+        time.sleep(1.5)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        proc.kill()
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted" in _one_error_line(err), err
+    assert took < 10, (took, err[-2000:])
+    if gateway is not None:
+        down["on"] = False
+    try:
+        again = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=180)
+        assert again.returncode == 0, again.stderr[-2000:]
+        got = [t.info.tags["litellm.call_id"] for t in all_traces(uri, "locked", include_spans=False)]
+        assert sorted(got) == sorted({r["litellm_call_id"] for r in records}), "every call once"
+    finally:
+        if gateway is not None:
+            gateway.close()
+
+
 def test_a_daemon_started_while_its_sqlite_store_is_locked_waits_and_then_writes_everything(
     locked_store: tuple[str, Path], tmp_path: Path, capture: list[dict]
 ) -> None:
