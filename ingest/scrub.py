@@ -478,6 +478,8 @@ _ENV_READS = ("process.env.", "import.meta.env.", "os.environ/")
 (``os.environ["OPENAI_API_KEY"]``, ``os.getenv("…")``, ``System.getenv("…")``, ``env::var("…")``),
 Node's environment, or LiteLLM's own ``api_key: os.environ/AZURE_API_KEY``; the name it reads is no
 value, and stays readable."""
+_ENV_READ = re.compile(r"(?:os\.environ/|process\.env\.|import\.meta\.env\.)[A-Za-z_][A-Za-z0-9_]{0,127}")
+"""One of ``_ENV_READS`` as a whole value (``{"api_key": "os.environ/AZURE_API_KEY"}``, a LiteLLM config as data)."""
 _TUPLE = object()
 """On :meth:`Scrubber.value`'s stack: the list below it, now filled, becomes a tuple."""
 
@@ -502,6 +504,13 @@ _FLAG_WORDS = frozenset(
 )
 """After a flag, words about it: ``the --token option``."""
 _WORD_GAP = re.compile(r"[ +]")
+_ENV_REFERENCE = re.compile(
+    r"(?:\$\{[A-Za-z_][A-Za-z0-9_]{0,127}\}|\$[A-Z][A-Z0-9]{0,63}_[A-Z0-9_]{1,64}|%[A-Z][A-Z0-9]{0,63}_[A-Z0-9_]{1,64}%)"
+    r"(?=[\s\"'`,;)\]}]|\Z)"
+)
+"""A variable named as the value (``OPENAI_API_KEY=${OPENAI_API_KEY}`` in a compose file, ``api_key:
+$OPENAI_API_KEY``, Windows' ``%DB_PASSWORD%``): no value. Bare ``$name`` only in an environment
+variable's upper case with an ``_``: a password may start with ``$``."""
 _SHELL_REFERENCE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]{0,127}\}?")
 """A shell variable that holds the secret (``--api-key "$OPENAI_API_KEY"``, ``--password $clientSecret``): no
 value, unless single quotes make it literal."""
@@ -620,7 +629,7 @@ class Scrubber:
         """A value known to be a credential (by its name): a leading auth scheme stays visible, and
         the fingerprint is the credential's own, as for the same key found bare elsewhere."""
         v = value.strip()
-        if not MARKER.sub("", v).strip(" ,;"):
+        if not MARKER.sub("", v).strip(" ,;") or _ENV_REFERENCE.fullmatch(v) or _ENV_READ.fullmatch(v):
             return value
         m = _SCHEME.match(value)
         if m and m.group("scheme") and (rest := value[m.end() :].strip()):
@@ -778,6 +787,8 @@ class Scrubber:
                 return m.group(0), start
         if not value or value.lower() in _NOT_A_VALUE:
             return s[m.start() : end], end
+        if (ref := _ENV_REFERENCE.match(s, value_start)) is not None:
+            return s[m.start() : ref.end()], ref.end()
         if flag and (n.startswith("no_") or (quote != "'" and _SHELL_REFERENCE.fullmatch(value) if quote else _flag_word(value))):
             return m.group(0), start  # --no-password, --api-key "$KEY", --api-key YOUR_KEY, the --token flag
         if colon and v.re is _VALUE and value.lower() in _TYPE_NAMES:

@@ -1342,3 +1342,31 @@ def test_a_url_encoded_form_in_a_value_gives_its_credentials_away(template: str)
     assert S.text(out) == out
     for text in ("sort_key%3Dname%26max_tokens%3D5", "monkey%3Dx", "password%3D%26x"):
         assert S.text(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "environment:\n  - OPENAI_API_KEY=${OPENAI_API_KEY}\n  - MODEL=gpt-4o",
+        'api_key: "${OPENAI_API_KEY}"',
+        "api_key=$OPENAI_API_KEY python app.py",
+        "set DB_PASSWORD=%DB_PASSWORD%",
+        "password: %DB_PASSWORD%",
+    ],
+)
+def test_a_variable_named_as_the_value_is_kept_readable(text: str) -> None:
+    """A compose file's ``${OPENAI_API_KEY}``, a shell's ``$OPENAI_API_KEY``, Windows' ``%DB_PASSWORD%``
+    hold no key: they became a marker (``${…}`` a marker and ``{OPENAI_API_KEY}`` after it), and the
+    trace no longer said which variable the app read."""
+    assert S.text(text) == text
+
+
+def test_a_value_that_only_starts_like_a_variable_is_still_a_secret() -> None:
+    for text, secret in (("password=$ecretPa55", "$ecretPa55"), ("api_key=$OPENAI_API_KEYx9Zq", "$OPENAI_API_KEYx9Zq")):
+        assert S.text(text) == text.replace(secret, fingerprint(secret))
+    assert "sk-abcDEF123456" not in S.text("api_key=${OPENAI_API_KEY:-sk-abcDEF123456}")
+
+
+def test_a_variable_or_litellms_os_environ_as_a_value_in_data_is_kept() -> None:
+    given = {"api_key": "os.environ/AZURE_API_KEY", "password": "${DB_PASSWORD}", "x-api-key": "$OPENAI_API_KEY", "token": "$ecret"}
+    assert S.value(given) == {**given, "token": fingerprint("$ecret")}
