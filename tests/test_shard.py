@@ -254,8 +254,15 @@ def test_a_shards_progress_counts_only_the_bytes_it_reads(tmp_path: Path, captur
     from ingest.shard import Shard, file_fingerprint
 
     logs = tmp_path / "logs"
-    files = [write_log(logs / f"proxy-{i}.jsonl", recs) for i, recs in enumerate(copies(capture, 4, "progress"))]
-    assert len({Shard(1, 2).owns(file_fingerprint(f)) for f in files}) == 2, "both shards own a file"  # type: ignore[arg-type]
+    owned: dict[bool, list[Path]] = {True: [], False: []}
+    for i in range(64):  # the records' times follow today's date, and so do the files' shards
+        f = write_log(tmp_path / "pool" / f"proxy-{i}.jsonl", copies(capture, 1, f"progress-{i}")[0])
+        owned[Shard(1, 2).owns(file_fingerprint(f))].append(f)  # type: ignore[arg-type]
+        if min(len(v) for v in owned.values()) >= 2:
+            break
+    logs.mkdir()
+    for i, f in enumerate(owned[True][:2] + owned[False][:2]):
+        f.rename(logs / f"proxy-{i}.jsonl")
     update = cli._Progress.update
 
     def every_time(self: cli._Progress, path: str, chunk: object, summary: object) -> None:
