@@ -650,9 +650,8 @@ def detect_format(lines: pl.DataFrame) -> pl.Series:
             continue
         texts = lines["raw"].filter(candidate)
         time_type = texts.to_frame().select(_time_json_type(raw)).to_series()
-        shared = pl.Series(sorted(schema.time_types & default.time_types), dtype=pl.String)
-        by_keys = (time_type.is_null() | time_type.is_in(shared)).fill_null(True)
-        confirmed = time_type.is_in(pl.Series(sorted(schema.time_types), dtype=pl.String)).fill_null(False) & ~by_keys
+        by_keys = (time_type.is_null() | time_type.is_in(sorted(schema.time_types & default.time_types))).fill_null(True)
+        confirmed = time_type.is_in(sorted(schema.time_types)).fill_null(False) & ~by_keys
         if by_keys.any():
             idx = by_keys.arg_true()
             confirmed.scatter(idx, _keys_say(texts.gather(idx), time_type.gather(idx), schema))
