@@ -264,8 +264,14 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "user",
-        r"(?<![^\s\"'])(?:-[uU][ \t]{0,4}|--(?:proxy-)?user(?:[ \t]{1,4}|=))(?P<user_q>\\{0,3}[\"'])?(?P<user_u>[^\s:\"'\\\[\]]{0,256}):"
+        r"(?<![^\s\"'])(?:(?P<user_o>-[uUa])[ \t]{0,4}|--(?P<user_l>(?:proxy-)?user|auth)(?:[ \t]{1,4}|=))"
+        r"(?P<user_q>\\{0,3}[\"'])?(?P<user_u>[^\s:\"'\\\[\]]{0,256}):"
         r"(?P<user_v>(?(user_q)[^\"'\\\n]{1,1024}|[^\s\"'\\;&|()<>`]{1,1024}))",
+    ),
+    (
+        "pw",
+        r"(?<![^\s\"'])-(?P<pw_o>[pa])(?P<pw_sp>[ \t]{1,4})?(?P<pw_q>\\{0,3}[\"'])?"
+        r"(?P<pw_v>(?(pw_q)[^\"'\\\n]{1,1024}|[^\s\"'\\;&|()<>`]{1,1024}))",
     ),
     (
         "flag",
@@ -293,7 +299,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("shape", rf"(?:(?<![{_KEY}])|(?<=%[0-9A-Fa-f]{{2}}))(?:{'|'.join(_TOKEN_SHAPES)})"),
 )
 _NV = re.compile(dict(_PATTERNS)["nv"])
-_GATED = ("env", "nv", "flag", "user", "encoded")
+_GATED = ("env", "nv", "flag", "user", "encoded", "pw")
 """The alternatives tried only in a text that may hold them (see :func:`_builtin`)."""
 _BUILTINS: dict[tuple[bool, ...], re.Pattern[str]] = {}
 """Lookbehinds after a literal where they can be: ``re`` tries every alternative at every position."""
@@ -352,9 +358,20 @@ _WIDE_SEPARATORS = ("\uff1a", "\uff1d")
 
 def _builtin(s: str) -> re.Pattern[str]:
     """``_BUILTIN``, with ``env`` where the text has ``ENV`` in it, ``nv`` where it has a ``value``
-    label, ``flag`` where it has a ``--``, ``user`` where it has ``curl`` and ``encoded`` where it has
-    a ``%3D``: one more alternative tried at every position cost every text's pass ~10%."""
-    return _compiled(("ENV" in s, "alue" in s or "ALUE" in s, "--" in s, "curl" in s, "%3D" in s or "%3d" in s))
+    label, ``flag`` where it has a ``--``, ``user`` where it has ``curl`` or may run HTTPie, ``encoded``
+    where it has a ``%3D`` and ``pw`` where it names a command that takes a password after ``-p`` or
+    ``-a``: one more alternative tried at every position cost every text's pass ~10%."""
+    return _compiled(
+        ("ENV" in s, "alue" in s or "ALUE" in s, "--" in s, "curl" in s or _httpie(s), "%3D" in s or "%3d" in s, _names_pw_command(s))
+    )
+
+
+def _httpie(s: str) -> bool:
+    return ("-a" in s or "--auth" in s) and "http" in s
+
+
+def _names_pw_command(s: str) -> bool:
+    return ("-p" in s or "-a" in s) and any(c in s for c in _PW_COMMANDS)
 
 
 def _may_hold_secret(s: str) -> bool:
@@ -367,7 +384,9 @@ def _may_hold_secret(s: str) -> bool:
     if eq and ("?" in s or "&" in s or ";" in s):
         return True
     colon = ":" in s
-    if colon and ("-u" in s or "-U" in s) and "curl" in s:
+    if colon and ((("-u" in s or "-U" in s) and "curl" in s) or _httpie(s)):
+        return True
+    if _names_pw_command(s):
         return True
     if ("%3D" in s or "%3d" in s) and ("%26" in s or "%3F" in s or "%3f" in s):
         return True  # a URL-encoded query or form in a value: ?next=%2Fcb%3Fcode%3D…
@@ -497,6 +516,12 @@ def _reads_a_key(s: str, start: int, end: int) -> bool:
 
 _PAIR_END = re.compile(r"\\{0,3}[\"'][ \t]{0,16}[)\]]")
 """What closes a name and its value as a pair: ``("x-api-key", "…")``, ``["token", "…"]``."""
+_PW_COMMANDS = ("mysql", "mariadb", "sshpass", "redis-cli")
+_PW_COMMAND = re.compile(r"(?<![\w.-])(?:mysql(?:dump|admin)?|mariadb(?:-dump|-admin)?|sshpass|redis-cli)(?![\w.-])")
+_COMMAND_BREAK = re.compile(r"[;|&(`]")
+"""Where one command of a shell line ends and the next begins (``mysql …; docker run -p8080:80``)."""
+_HTTPIE = re.compile(r"(?<![\w./-])(?:https?|httpie)[ \t]")
+"""HTTPie's command (``http -a user:password example.org``), not a URL's scheme."""
 _CURL_REACH = 1024
 """How far before ``-u user:password`` a ``curl`` is looked for: docker's ``-u 1000:1000`` is a user and a group."""
 _FLAG_WORDS = frozenset(
@@ -678,6 +703,8 @@ class Scrubber:
             return whole[:3], m.start() + 3  # ENV not at a line's start: no Dockerfile's
         if kind == "user":
             return self._user(m, level)
+        if kind == "pw":
+            return self._pw(m)
         if kind == "pair" or kind == "call" or kind == "env" or kind == "nv" or kind == "flag":
             out, end = self._pair(m, kind)
             if kind == "call" and whole[0] in "([" and (_PAIR_END.match(m.string, end) is None or _names_no_value(m.string[m.end() : end])):
@@ -713,13 +740,19 @@ class Scrubber:
         return self.marker(whole), m.end()
 
     def _user(self, m: re.Match[str], level: int) -> tuple[str, int]:
-        """curl's ``-u user:password`` (``--user``, ``-U``/``--proxy-user``): the password, the user
-        scrubbed as text (Stripe's ``-u sk_test_…:``). Elsewhere (docker's ``-u 1000:1000``) scanned on."""
+        """curl's ``-u user:password`` (``--user``, ``-U``/``--proxy-user``), HTTPie's ``-a``/``--auth``:
+        the password, the user scrubbed as text (Stripe's ``-u sk_test_…:``). Elsewhere (docker's
+        ``-u 1000:1000``) scanned on."""
         s, start = m.string, m.start()
         value = m.group("user_v")
         literal = (m.group("user_q") or "").endswith("'")
+        httpie = m.group("user_o") == "-a" or m.group("user_l") == "auth"
         if (
-            s.rfind("curl", max(0, start - _CURL_REACH), start) < 0
+            (
+                _HTTPIE.search(s, max(0, start - _CURL_REACH), start) is None
+                if httpie
+                else s.rfind("curl", max(0, start - _CURL_REACH), start) < 0
+            )
             or MARKER.fullmatch(value)
             or (not literal and _SHELL_REFERENCE.fullmatch(value))
         ):
@@ -727,6 +760,27 @@ class Scrubber:
         user = m.group("user_u")
         user = self._sub(user, level + 1) if level < 4 and user else user
         return s[start : m.start("user_u")] + user + ":" + self.marker(value), m.end()
+
+    def _pw(self, m: re.Match[str]) -> tuple[str, int]:
+        """A password given to a command line as its option's value: MySQL's and MariaDB's ``-p<password>``
+        (joined: ``-p db`` asks for it and names a database), ``sshpass -p``, ``redis-cli -a``. The
+        command is the last one named before it on its line; any other's ``-p`` (``docker run -p
+        8080:80``, ``mkdir -p``) is scanned on."""
+        s, start = m.string, m.start()
+        line = s[max(s.rfind("\n", 0, start) + 1, start - _CURL_REACH) : start]
+        this = _COMMAND_BREAK.split(line)[-1]
+        command = next(reversed([c.group(0) for c in _PW_COMMAND.finditer(this)]), None)
+        option, joined, value = m.group("pw_o"), m.group("pw_sp") is None, m.group("pw_v")
+        takes = (
+            command is not None
+            and (option, command.startswith(("mysql", "mariadb")), command == "sshpass", command == "redis-cli")
+            in (("p", True, False, False), ("p", False, True, False), ("a", False, False, True))
+            and (joined or not command.startswith(("mysql", "mariadb")))
+        )
+        literal = (m.group("pw_q") or "").endswith("'")
+        if not takes or MARKER.fullmatch(value) or (not literal and _SHELL_REFERENCE.fullmatch(value)):
+            return s[start : start + 2], start + 2
+        return s[start : m.start("pw_v")] + self.marker(value), m.end()
 
     def _pair(self, m: re.Match[str], kind: str = "pair") -> tuple[str, int]:
         """A value under a name: up to its closing quote if the separator opened one, the rest of the

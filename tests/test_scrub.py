@@ -712,6 +712,7 @@ _SHAPES = [
     "auth=('u', 'p4ss')", "AUTH: [\"u\", \"p4ss\"]", "HTTPBasicAuth('u', 'p4ss')", "/v1;sig=abc",
     "/x;jsessionid=abc", "?h=Basic%20dXNlcjpwYXNz", "%20Bearer%20abcdef123456", "('x-api-key', 'v4lue')", '["Token", "v4lue"]',
     "[(b'authorization', b'v4lue')]", "--api-key v4lue", "--PASSWORD 'v4lue'", "curl -u u:p4ss", "curl --proxy-user=u:p4ss",
+    "http -a u:p4ss x.io", "https --auth=u:p4ss x.io", "mysql -pp4ss", "sshpass -p p4ss ssh h", "redis-cli -a p4ss",
     "body=api_key%3Dv4lue", "%26token%3Dv4lue", "%3fsig%3dv4lue",
 ]  # fmt: skip
 _CASED = str.maketrans({"i": "\u0131", "s": "\u017f", "k": "\u212a"})
@@ -1370,3 +1371,36 @@ def test_a_value_that_only_starts_like_a_variable_is_still_a_secret() -> None:
 def test_a_variable_or_litellms_os_environ_as_a_value_in_data_is_kept() -> None:
     given = {"api_key": "os.environ/AZURE_API_KEY", "password": "${DB_PASSWORD}", "x-api-key": "$OPENAI_API_KEY", "token": "$ecret"}
     assert S.value(given) == {**given, "token": fingerprint("$ecret")}
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("mysql -h db.internal -u root -pS3cretPw litellm", "S3cretPw"),
+        ("cd /srv && mysqldump -uroot -p'S3 cret!' litellm > dump.sql", "S3 cret!"),
+        ("mariadb -u app -pS3cretPw", "S3cretPw"),
+        ("sshpass -p S3cretPw ssh deploy@10.0.0.5", "S3cretPw"),
+        ("redis-cli -h cache -p 6379 -a S3cretPw ping", "S3cretPw"),
+        ("http -a alice:S3cretPw POST api.example.com/v1/x", "S3cretPw"),
+        ("https --auth=alice:S3cretPw api.example.com", "S3cretPw"),
+    ],
+)
+def test_a_password_an_agent_gives_a_command_line_is_its_marker(text: str, secret: str) -> None:
+    """A coding agent's tool call runs shell commands through the proxy, and each is logged: MySQL's
+    ``-p<password>``, ``sshpass -p``, ``redis-cli -a`` and HTTPie's ``-a user:password`` were kept."""
+    out = S.text(text)
+    assert secret not in out and fingerprint(secret) in out, out
+    assert out == text.replace(secret, fingerprint(secret))
+
+
+def test_the_same_options_of_other_commands_keep_their_value() -> None:
+    for text in (
+        "mysql -u root -p litellm",  # -p alone asks for it; litellm is the database
+        "mysql -h db; docker run -p8080:80 app",
+        "mkdir -p /tmp/x && redis-cli ping",
+        "sshpass -f ~/.pw ssh deploy@h",
+        'mysql -p"$MYSQL_PWD" litellm',
+        "see http://example.com -a b:c",
+        "tar -a x.tar:y",
+    ):
+        assert S.text(text) == text
