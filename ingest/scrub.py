@@ -516,8 +516,10 @@ def _reads_a_key(s: str, start: int, end: int) -> bool:
 
 _PAIR_END = re.compile(r"\\{0,3}[\"'][ \t]{0,16}[)\]]")
 """What closes a name and its value as a pair: ``("x-api-key", "…")``, ``["token", "…"]``."""
-_PW_COMMANDS = ("mysql", "mariadb", "sshpass", "redis-cli")
-_PW_COMMAND = re.compile(r"(?<![\w.-])(?:mysql(?:dump|admin)?|mariadb(?:-dump|-admin)?|sshpass|redis-cli)(?![\w.-])")
+_PW_COMMANDS = ("mysql", "mariadb", "sshpass", "redis-cli", "login")
+_PW_COMMAND = re.compile(
+    r"(?<![\w.-])(?:mysql(?:dump|admin)?|mariadb(?:-dump|-admin)?|sshpass|redis-cli|(?:docker|podman|nerdctl)[ \t]+login)(?![\w.-])"
+)
 _COMMAND_BREAK = re.compile(r"[;|&(`]")
 """Where one command of a shell line ends and the next begins (``mysql …; docker run -p8080:80``)."""
 _HTTPIE = re.compile(r"(?<![\w./-])(?:https?|httpie)[ \t]")
@@ -763,20 +765,17 @@ class Scrubber:
 
     def _pw(self, m: re.Match[str]) -> tuple[str, int]:
         """A password given to a command line as its option's value: MySQL's and MariaDB's ``-p<password>``
-        (joined: ``-p db`` asks for it and names a database), ``sshpass -p``, ``redis-cli -a``. The
-        command is the last one named before it on its line; any other's ``-p`` (``docker run -p
-        8080:80``, ``mkdir -p``) is scanned on."""
+        (joined: ``-p db`` asks for it and names a database), ``sshpass -p``, ``docker login -p``,
+        ``redis-cli -a``. The command is the last one named before it in its command of the line; any
+        other's ``-p`` (``docker run -p 8080:80``, ``mkdir -p``) is scanned on."""
         s, start = m.string, m.start()
         line = s[max(s.rfind("\n", 0, start) + 1, start - _CURL_REACH) : start]
         this = _COMMAND_BREAK.split(line)[-1]
         command = next(reversed([c.group(0) for c in _PW_COMMAND.finditer(this)]), None)
         option, joined, value = m.group("pw_o"), m.group("pw_sp") is None, m.group("pw_v")
-        takes = (
-            command is not None
-            and (option, command.startswith(("mysql", "mariadb")), command == "sshpass", command == "redis-cli")
-            in (("p", True, False, False), ("p", False, True, False), ("a", False, False, True))
-            and (joined or not command.startswith(("mysql", "mariadb")))
-        )
+        mysql = command is not None and command.startswith(("mysql", "mariadb"))
+        wants = None if command is None else "a" if command == "redis-cli" else "p"
+        takes = option == wants and (joined or not mysql)
         literal = (m.group("pw_q") or "").endswith("'")
         if not takes or MARKER.fullmatch(value) or (not literal and _SHELL_REFERENCE.fullmatch(value)):
             return s[start : start + 2], start + 2

@@ -1383,6 +1383,7 @@ def test_a_variable_or_litellms_os_environ_as_a_value_in_data_is_kept() -> None:
         ("redis-cli -h cache -p 6379 -a S3cretPw ping", "S3cretPw"),
         ("http -a alice:S3cretPw POST api.example.com/v1/x", "S3cretPw"),
         ("https --auth=alice:S3cretPw api.example.com", "S3cretPw"),
+        ("docker login -u ci -p S3cretPw registry.example.com", "S3cretPw"),
     ],
 )
 def test_a_password_an_agent_gives_a_command_line_is_its_marker(text: str, secret: str) -> None:
