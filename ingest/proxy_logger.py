@@ -51,6 +51,7 @@ import fcntl
 import gzip
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -62,6 +63,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+try:
+    import orjson
+except ImportError:  # on the proxy's PYTHONPATH without this package's dependencies: the standard library's
+    orjson = None  # type: ignore[assignment]
 
 try:
     from litellm.integrations.custom_logger import CustomLogger
@@ -125,22 +131,35 @@ def _env_flag(name: str) -> bool:
 def encode_line(payload: Any) -> bytes:
     """One JSON line, UTF-8 as the ingester reads it: a lone surrogate (half an emoji a client cut)
     stays a ``\\ud83d`` escape (written raw it was invalid UTF-8, and the call was quarantined), and a
-    key that is no string is written as text (``json`` refused the record, and the call was not logged)."""
+    key that is no string is written as text (``json`` refused the record, and the call was not logged).
+
+    orjson first: it runs on the proxy's event loop, ~11 µs for a 15 KB record against ~70 µs. NaN
+    and infinities are written null either way (``json``'s ``NaN`` is no JSON to jq or a log
+    shipper; the ingester reads it as null). What orjson refuses (a lone surrogate, an integer past
+    64 bits) goes the standard library's way."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+        except TypeError:
+            pass
     try:
-        text = json.dumps(payload, default=str, ensure_ascii=False)
-    except TypeError:
-        text = json.dumps(_text_keys(payload), default=str, ensure_ascii=False)
+        text = json.dumps(payload, default=str, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        text = json.dumps(_plain(payload), default=str, ensure_ascii=False)
     try:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:
         return "".join(f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text).encode("utf-8") + b"\n"
 
 
-def _text_keys(value: Any) -> Any:
+def _plain(value: Any) -> Any:
+    """Keys as text, NaN and infinities as null: what JSON can hold."""
     if isinstance(value, dict):
-        return {k if isinstance(k, str) else str(k): _text_keys(v) for k, v in value.items()}
+        return {k if isinstance(k, str) else str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_text_keys(v) for v in value]
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from ingest.proxy_logger import JsonlFileLogger
@@ -256,20 +257,32 @@ def test_a_full_disk_tears_no_line_for_the_next_record_to_join_and_is_said_once_
     assert "again (3 more not written)" in said[1], said
 
 
-def test_text_the_ingester_could_not_read_is_written_so_it_can(tmp_path: Path, capture: list[dict]) -> None:
+@pytest.mark.parametrize("encoder", ["orjson", "json"])
+def test_text_the_ingester_could_not_read_is_written_so_it_can(
+    tmp_path: Path, capture: list[dict], encoder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Half an emoji a client cut (a lone surrogate) was written as raw bytes, invalid UTF-8, and the
-    call quarantined; a dict with a key that is no string made ``json`` refuse the record, not logged."""
+    call quarantined; a dict with a key that is no string made ``json`` refuse the record, not logged.
+    A NaN cost is written null (``NaN`` is no JSON to other readers). With orjson (the proxy has it)
+    and without (the logger on the proxy's path alone)."""
+    from ingest import proxy_logger
     from ingest.normalize import normalize
     from ingest.sources import read_chunks
 
+    if encoder == "json":
+        monkeypatch.setattr(proxy_logger, "orjson", None)
     lg = JsonlFileLogger(tmp_path / "requests.jsonl", max_bytes=0)
     cut = dict(capture[0], litellm_call_id="cut", messages=[{"role": "user", "content": "hi \ud83d"}])
     keyed = dict(capture[0], litellm_call_id="keyed", metadata={**capture[0]["metadata"], "by_id": {7: "x"}})
-    for r in (cut, keyed):
+    nan = dict(capture[0], litellm_call_id="no-cost", response_cost=float("nan"), metadata={**capture[0]["metadata"], "x": [float("inf")]})
+    both = dict(cut, litellm_call_id="both", response_cost=float("nan"))
+    for r in (cut, keyed, nan, both):
         lg.write_record({"standard_logging_object": r})
-    assert (lg.written, lg.errors) == (2, 0)
+    assert (lg.written, lg.errors) == (4, 0)
     frame, bad = normalize(next(read_chunks(tmp_path / "requests.jsonl")).lines)
-    assert not bad and sorted(frame["call_key"].to_list()) == ["cut", "keyed"]
+    assert not bad and sorted(frame["call_key"].to_list()) == ["both", "cut", "keyed", "no-cost"]
+    assert frame.filter(pl.col("call_key").is_in(["no-cost", "both"]))["cost"].is_null().all()
+    assert b"NaN" not in (tmp_path / "requests.jsonl").read_bytes() and b"Infinity" not in (tmp_path / "requests.jsonl").read_bytes()
 
 
 def _held_lock(path: Path) -> Any:
