@@ -368,3 +368,32 @@ def test_lines_past_what_may_wait_for_a_stuck_disk_are_counted_once_not_held_in_
     assert "could not write 1 request log line(s)" in said[0] and "bytes of earlier lines still wait for the disk" in said[0], said
     assert "again (3 more not written)" in said[1], said
     assert logger.errors == 4
+
+
+_STOPPING_PROXY = """
+import asyncio, fcntl, sys, threading
+from ingest.proxy_logger import JsonlFileLogger
+lg = JsonlFileLogger(sys.argv[1], max_bytes=0)
+lock = open(sys.argv[1] + ".lock", "a")
+fcntl.flock(lock, fcntl.LOCK_EX)  # another worker rotating: every write waits
+threading.Timer(1.0, lock.close).start()
+
+async def serve() -> None:
+    for i in range(50):
+        asyncio.ensure_future(lg.async_log_success_event({"standard_logging_object": {"id": i}}, None, None, None))
+    await asyncio.sleep(0.2)
+
+asyncio.run(serve())  # the proxy stops: its loop is gone, the hooks cancelled, the lines still wait
+"""
+
+
+def test_lines_waiting_for_the_disk_when_the_proxy_stops_are_written_before_it_exits(tmp_path: Path) -> None:
+    """The writer thread is no daemon: a proxy stopping (its event loop closed, the hooks awaiting their
+    writes cancelled) exits once the lines handed over are written, all of them, in order."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "requests.jsonl"
+    out = subprocess.run([sys.executable, "-c", _STOPPING_PROXY, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert [json.loads(x)["id"] for x in path.read_bytes().splitlines()] == list(range(50))
