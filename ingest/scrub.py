@@ -520,7 +520,7 @@ _PW_COMMANDS = ("mysql", "mariadb", "sshpass", "redis-cli", "login")
 _PW_COMMAND = re.compile(
     r"(?<![\w.-])(?:mysql(?:dump|admin)?|mariadb(?:-dump|-admin)?|sshpass|redis-cli|(?:docker|podman|nerdctl)[ \t]+login)(?![\w.-])"
 )
-_COMMAND_BREAK = re.compile(r"[;|&(`]")
+_COMMAND_BREAKS = (";", "|", "&", "(", "`")
 """Where one command of a shell line ends and the next begins (``mysql …; docker run -p8080:80``)."""
 _HTTPIE = re.compile(r"(?<![\w./-])(?:https?|httpie)[ \t]")
 """HTTPie's command (``http -a user:password example.org``), not a URL's scheme."""
@@ -770,8 +770,9 @@ class Scrubber:
         other's ``-p`` (``docker run -p 8080:80``, ``mkdir -p``) is scanned on."""
         s, start = m.string, m.start()
         line = s[max(s.rfind("\n", 0, start) + 1, start - _CURL_REACH) : start]
-        this = _COMMAND_BREAK.split(line)[-1]
-        command = next(reversed([c.group(0) for c in _PW_COMMAND.finditer(this)]), None)
+        this = line[max(line.rfind(c) for c in _COMMAND_BREAKS) + 1 :]
+        named = any(c in this for c in _PW_COMMANDS)
+        command = next(reversed([c.group(0) for c in _PW_COMMAND.finditer(this)]), None) if named else None
         option, joined, value = m.group("pw_o"), m.group("pw_sp") is None, m.group("pw_v")
         mysql = command is not None and command.startswith(("mysql", "mariadb"))
         wants = None if command is None else "a" if command == "redis-cli" else "p"
