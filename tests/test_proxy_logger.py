@@ -397,3 +397,39 @@ def test_lines_waiting_for_the_disk_when_the_proxy_stops_are_written_before_it_e
     out = subprocess.run([sys.executable, "-c", _STOPPING_PROXY, str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert [json.loads(x)["id"] for x in path.read_bytes().splitlines()] == list(range(50))
+
+
+def _forked_worker(path: str, start: int) -> None:
+    from ingest.proxy_logger import jsonl_logger_for_test  # type: ignore[attr-defined]
+
+    async def serve() -> None:
+        for i in range(start, start + 5):
+            await jsonl_logger_for_test.async_log_success_event({"standard_logging_object": {"id": i}}, None, None, None)
+
+    asyncio.run(serve())
+
+
+def test_a_worker_forked_after_the_logger_wrote_has_a_writer_thread_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy whose workers fork from a parent that already logged (a preloaded app) inherits the
+    parent's writer thread as a dead one: lines handed to it were never written and each hook waited
+    for ever. Each process makes its own."""
+    from ingest import proxy_logger
+
+    path = tmp_path / "requests.jsonl"
+    logger = JsonlFileLogger(path, max_bytes=0)
+    monkeypatch.setattr(proxy_logger, "jsonl_logger_for_test", logger, raising=False)
+    asyncio.run(logger.async_log_success_event({"standard_logging_object": {"id": 0}}, None, None, None))
+    fork = multiprocessing.get_context("fork")
+    workers = [fork.Process(target=_forked_worker, args=(str(path), 10 * (n + 1)), daemon=True) for n in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        for w in workers:
+            w.join(30)
+            assert w.exitcode == 0, "a forked worker's hooks never returned"
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+    ids = sorted(json.loads(x)["id"] for x in path.read_bytes().splitlines())
+    assert ids == [0, *range(10, 15), *range(20, 25)]
