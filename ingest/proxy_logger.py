@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import gzip
 import json
 import logging
@@ -60,6 +61,7 @@ import stat
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _after_fork(ref: weakref.ref[JsonlFileLogger]) -> None:
+    """A forked process (a proxy worker) starts with no writer thread, nothing waiting and its locks
+    free: its parent's writer may have held them at the fork, for good in the child."""
+    if (logger := ref()) is not None:
+        logger._lock, logger._waiting_lock = threading.Lock(), threading.Lock()
+        logger._writer, logger._waiting = None, 0
+
+
 class JsonlFileLogger(CustomLogger):
     """Appends ``kwargs["standard_logging_object"]`` of every success and failure event as a JSON line."""
 
@@ -190,7 +200,8 @@ class JsonlFileLogger(CustomLogger):
         self._said_at: float | None = None
         self._waiting = 0
         self._waiting_lock = threading.Lock()
-        self._writer: tuple[int, ThreadPoolExecutor] | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
 
     # LiteLLM's hooks: the proxy calls the async ones; library users may call the sync ones.
     async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
@@ -242,11 +253,10 @@ class JsonlFileLogger(CustomLogger):
             self._waiting -= size
 
     def _executor(self) -> ThreadPoolExecutor:
-        """One writer thread per process, made in the process that writes (a proxy worker forked
-        after the logger was made has none of its parent's threads)."""
-        if self._writer is None or self._writer[0] != os.getpid():
-            self._writer = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="litellm-ingest-log"))
-        return self._writer[1]
+        """The writer thread, made at the first write of each process (see :func:`_after_fork`)."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="litellm-ingest-log")
+        return self._writer
 
     def _encode(self, kwargs: dict[str, Any]) -> bytes | None:
         try:

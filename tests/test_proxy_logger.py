@@ -409,20 +409,30 @@ def _forked_worker(path: str, start: int) -> None:
     asyncio.run(serve())
 
 
-def test_a_worker_forked_after_the_logger_wrote_has_a_writer_thread_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy whose workers fork from a parent that already logged (a preloaded app) inherits the
-    parent's writer thread as a dead one: lines handed to it were never written and each hook waited
-    for ever. Each process makes its own."""
+def test_a_worker_forked_while_the_logger_writes_has_a_writer_and_locks_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy whose workers fork from a parent that logs (a preloaded app) inherited the parent's
+    writer thread as a dead one, and its lock as held if the fork came mid-write: lines handed over
+    were never written and each hook waited for ever. Each process starts with its own."""
+    import fcntl
+
     from ingest import proxy_logger
 
     path = tmp_path / "requests.jsonl"
     logger = JsonlFileLogger(path, max_bytes=0)
     monkeypatch.setattr(proxy_logger, "jsonl_logger_for_test", logger, raising=False)
-    asyncio.run(logger.async_log_success_event({"standard_logging_object": {"id": 0}}, None, None, None))
+    flock = _held_lock(path)
+    loop = asyncio.new_event_loop()
+    writing = loop.create_task(logger.async_log_success_event({"standard_logging_object": {"id": 0}}, None, None, None))
+    loop.run_until_complete(asyncio.sleep(0.1))
+    wait_for(lambda: logger._lock.locked(), 10, "the parent's writer inside its write")
     fork = multiprocessing.get_context("fork")
     workers = [fork.Process(target=_forked_worker, args=(str(path), 10 * (n + 1)), daemon=True) for n in range(2)]
     for w in workers:
         w.start()
+    fcntl.flock(flock, fcntl.LOCK_UN)  # the workers hold the same open lock file: closing it here alone frees nothing
+    flock.close()
+    loop.run_until_complete(writing)
+    loop.close()
     try:
         for w in workers:
             w.join(30)
