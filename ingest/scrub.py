@@ -270,7 +270,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "pw",
-        r"(?<![^\s\"'])-(?P<pw_o>[pa])(?P<pw_sp>[ \t]{1,4})?(?P<pw_q>\\{0,3}[\"'])?"
+        r"(?<![^\s\"'])-(?P<pw_o>[paPw])(?P<pw_sp>[ \t]{1,4})?(?P<pw_q>\\{0,3}[\"'])?"
         r"(?P<pw_v>(?(pw_q)[^\"'\\\n]{1,1024}|[^\s\"'\\;&|()<>`]{1,1024}))",
     ),
     (
@@ -371,7 +371,7 @@ def _httpie(s: str) -> bool:
 
 
 def _names_pw_command(s: str) -> bool:
-    return ("-p" in s or "-a" in s) and any(c in s for c in _PW_COMMANDS)
+    return ("-p" in s or "-a" in s or "-P" in s or "-w" in s) and any(c in s for c in _PW_COMMANDS)
 
 
 def _may_hold_secret(s: str) -> bool:
@@ -516,10 +516,13 @@ def _reads_a_key(s: str, start: int, end: int) -> bool:
 
 _PAIR_END = re.compile(r"\\{0,3}[\"'][ \t]{0,16}[)\]]")
 """What closes a name and its value as a pair: ``("x-api-key", "…")``, ``["token", "…"]``."""
-_PW_COMMANDS = ("mysql", "mariadb", "sshpass", "redis-cli", "login")
+_PW_COMMANDS = ("mysql", "mariadb", "sshpass", "redis-cli", "login", "sqlcmd", "ldap", "mongo")
 _PW_COMMAND = re.compile(
-    r"(?<![\w.-])(?:mysql(?:dump|admin)?|mariadb(?:-dump|-admin)?|sshpass|redis-cli|(?:docker|podman|nerdctl)[ \t]+login)(?![\w.-])"
+    r"(?<![\w.-])(?:mysql(?:dump|admin)?|mariadb(?:-dump|-admin)?|sshpass|redis-cli|(?:docker|podman|nerdctl)[ \t]+login"
+    r"|sqlcmd|ldap(?:search|add|modify|delete|whoami|passwd)|mongo(?:sh|dump|restore|import|export)?)(?![\w.-])"
 )
+_PW_OPTION = {"redis-cli": "a", "sqlcmd": "P"}
+"""The option each command takes its password after, where it is not ``-p`` (``ldap…``: ``-w``)."""
 _COMMAND_BREAKS = (";", "|", "&", "(", "`")
 """Where one command of a shell line ends and the next begins (``mysql …; docker run -p8080:80``)."""
 _HTTPIE = re.compile(r"(?<![\w./-])(?:https?|httpie)[ \t]")
@@ -764,10 +767,11 @@ class Scrubber:
         return s[start : m.start("user_u")] + user + ":" + self.marker(value), m.end()
 
     def _pw(self, m: re.Match[str]) -> tuple[str, int]:
-        """A password given to a command line as its option's value: MySQL's and MariaDB's ``-p<password>``
-        (joined: ``-p db`` asks for it and names a database), ``sshpass -p``, ``docker login -p``,
-        ``redis-cli -a``. The command is the last one named before it in its command of the line; any
-        other's ``-p`` (``docker run -p 8080:80``, ``mkdir -p``) is scanned on."""
+        """A password given to a command line as its option's value: MySQL's and MariaDB's
+        ``-p<password>`` (joined: ``-p db`` asks for it and names a database), ``sshpass -p``,
+        ``docker login -p``, ``mongosh -p``, ``redis-cli -a``, ``sqlcmd -P``, ``ldapsearch -w``. The
+        command is the last one named before it in its command of the line; any other's ``-p``
+        (``docker run -p 8080:80``, ``mkdir -p``) is scanned on."""
         s, start = m.string, m.start()
         line = s[max(s.rfind("\n", 0, start) + 1, start - _CURL_REACH) : start]
         this = line[max(line.rfind(c) for c in _COMMAND_BREAKS) + 1 :]
@@ -775,7 +779,7 @@ class Scrubber:
         command = next(reversed([c.group(0) for c in _PW_COMMAND.finditer(this)]), None) if named else None
         option, joined, value = m.group("pw_o"), m.group("pw_sp") is None, m.group("pw_v")
         mysql = command is not None and command.startswith(("mysql", "mariadb"))
-        wants = None if command is None else "a" if command == "redis-cli" else "p"
+        wants = None if command is None else "w" if command.startswith("ldap") else _PW_OPTION.get(command, "p")
         takes = option == wants and (joined or not mysql)
         literal = (m.group("pw_q") or "").endswith("'")
         if not takes or MARKER.fullmatch(value) or (not literal and _SHELL_REFERENCE.fullmatch(value)):

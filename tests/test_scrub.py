@@ -1387,6 +1387,9 @@ def test_a_variable_or_litellms_os_environ_as_a_value_in_data_is_kept() -> None:
         ("http -a alice:S3cretPw POST api.example.com/v1/x", "S3cretPw"),
         ("https --auth=alice:S3cretPw api.example.com", "S3cretPw"),
         ("docker login -u ci -p S3cretPw registry.example.com", "S3cretPw"),
+        ("sqlcmd -S db.internal -U sa -P S3cretPw -Q 'SELECT 1'", "S3cretPw"),
+        ("ldapsearch -x -D cn=admin,dc=ex -w S3cretPw -b dc=ex", "S3cretPw"),
+        ("mongosh mongodb.internal -u app -p S3cretPw", "S3cretPw"),
     ],
 )
 def test_a_password_an_agent_gives_a_command_line_is_its_marker(text: str, secret: str) -> None:
@@ -1406,5 +1409,8 @@ def test_the_same_options_of_other_commands_keep_their_value() -> None:
         'mysql -p"$MYSQL_PWD" litellm',
         "see http://example.com -a b:c",
         "tar -a x.tar:y",
+        "sqlcmd -S db -p -Q 'SELECT 1'",
+        "ldapsearch -x -W -b dc=ex",
+        "wc -w notes.txt | sqlcmd -i x.sql",
     ):
         assert S.text(text) == text
