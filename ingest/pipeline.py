@@ -521,7 +521,7 @@ class Pipeline:
 
         A call whose spans cannot be built, or that the store rejects, is quarantined and the rest
         written: no record can stop the run. Outages still raise (the calls are held for a retry)."""
-        sent: list[tuple[list[BuiltTrace], Future[int]]] = []
+        sent: list[tuple[Future[Any], Callable[[Future[Any]], None]]] = []
         stop_the_rest = _StopTheRest()
         try:
             for batch in batches:
@@ -529,13 +529,13 @@ class Pipeline:
                     break
                 future = self.sink.submit(batch)
                 stop_the_rest.watch(future)
-                sent.append((batch, future))
+                sent.append((future, functools.partial(self._account_sent, batch)))
         except StopNow:
             raise
         except BaseException:
-            _settle([(future, functools.partial(self._account_sent, batch)) for batch, future in sent])
+            _settle(sent)
             raise
-        _settle([(future, functools.partial(self._account_sent, batch)) for batch, future in sent])
+        _settle(sent)
 
     def _account_sent(self, written: list[BuiltTrace], future: Future[int]) -> None:
         try:

@@ -234,9 +234,9 @@ class JsonlFileLogger(CustomLogger):
             return
         with self._waiting_lock:
             waiting = self._waiting
-            if waiting + len(line) <= self.buffer:
+            if fits := waiting + len(line) <= self.buffer:
                 self._waiting += len(line)
-        if waiting + len(line) > self.buffer:
+        if not fits:
             self._lost(OSError(f"{waiting:,} bytes of earlier lines still wait for the disk"))
             return
         try:
